@@ -1,0 +1,13 @@
+"""megatrain: distributed LLM pretraining with DeepSpeed ZeRO, tensor parallelism and fused Triton kernels."""
+
+__version__ = "0.1.0"
+
+
+def load(path, device="cpu"):
+    """Load `(model, tokenizer, config)` from a run directory, a checkpoint directory or an export.
+
+    `model(input_ids)` returns logits [B, N, V]; the tokenizer has encode(str) and decode(list[int]).
+    """
+    from megatrain.engine.checkpoint import load_for_inference
+
+    return load_for_inference(path, device=device)

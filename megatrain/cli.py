@@ -1,0 +1,188 @@
+"""`megatrain {pretrain,tokenizer,config,export}`.
+
+User errors (MegatrainError) end as one line on stderr and exit code 2; no traceback.
+`megatrain pretrain` runs in this process for one process, or starts torchrun's elastic agent for
+several; under a launcher (torchrun / deepspeed set WORLD_SIZE) it runs the worker directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+from megatrain.errors import MegatrainError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line with exit code 2 (as it does) but names the program."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"megatrain: error: {message}\n")
+
+
+def _add_pretrain(sub):
+    p = sub.add_parser("pretrain", help="pretrain a model (one YAML config plus a.b=c overrides)")
+    p.add_argument("--config", "-c", help="YAML run config (launch/configs/*.yaml)")
+    p.add_argument("--deepspeed", dest="deepspeed_json", help="DeepSpeed JSON merged into the config's deepspeed section")
+    p.add_argument("--resume", nargs="?", const=True, default=False,
+                   help="continue from run.dir's latest checkpoint (or from the checkpoint/run dir given)")
+    p.add_argument("--nproc-per-node", type=int, default=None,
+                   help="processes to start on this machine (default: the number of GPUs, or 1 on CPU)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="config overrides such as train.steps=100 model.dim=256")
+    return p
+
+
+def _add_tokenizer(sub):
+    p = sub.add_parser("tokenizer", help="train a sentencepiece tokenizer on local text/jsonl/parquet files")
+    p.add_argument("--input", nargs="+", required=True, help="files, globs or directories ('embedded' for the corpus)")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--type", choices=["bpe", "unigram"], default="bpe")
+    p.add_argument("--output", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
+    p.add_argument("--text-field", default="text", help="field holding the text in jsonl/parquet records")
+
+
+def _add_config(sub):
+    p = sub.add_parser("config", help="print the resolved config, or the reference of every key")
+    p.add_argument("--config", "-c")
+    p.add_argument("--reference", action="store_true", help="print the markdown table of every key")
+    p.add_argument("overrides", nargs="*")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="megatrain", description="Distributed LLM pretraining on DeepSpeed.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_pretrain(sub)
+    _add_tokenizer(sub)
+    _add_config(sub)
+    p = sub.add_parser("export", help="write a run's weights as a Hugging Face Llama folder (safetensors)")
+    p.add_argument("path", help="run directory or checkpoint directory")
+    p.add_argument("--output", "-o", required=True, help="output folder (must not exist or be empty)")
+    return parser
+
+
+def _under_launcher() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def _cmd_pretrain(args) -> int:
+    from megatrain.config import load_config
+
+    cfg = load_config(args.config, args.overrides, args.deepspeed_json)
+    if _under_launcher():
+        from megatrain.engine.trainer import pretrain
+
+        pretrain(cfg, resume=args.resume)
+        return 0
+    nproc = args.nproc_per_node
+    if nproc is None:
+        import torch
+
+        nproc = torch.cuda.device_count() or 1
+    if nproc < 1:
+        raise MegatrainError(f"--nproc-per-node must be >= 1, got {nproc}")
+    if nproc == 1:
+        from megatrain.engine.trainer import pretrain
+
+        pretrain(cfg, resume=args.resume)
+        return 0
+    # Check everything that needs no process group here, so a bad config is one line, not N.
+    from megatrain.engine.trainer import preflight
+
+    preflight(cfg, args.resume, nproc)
+    return _spawn_torchrun(nproc, ["pretrain", *_argv_of(args)])
+
+
+def _argv_of(args) -> list[str]:
+    out = []
+    if args.config:
+        out += ["--config", args.config]
+    if args.deepspeed_json:
+        out += ["--deepspeed", args.deepspeed_json]
+    if args.resume is True:
+        out += ["--resume"]
+    elif args.resume:
+        out += ["--resume", str(args.resume)]
+    return out + list(args.overrides)
+
+
+def _spawn_torchrun(nproc: int, argv: list[str]) -> int:
+    """Start `nproc` workers through torchrun's elastic agent on this machine."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    from megatrain.engine.deepspeed import _free_port
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    targs = get_args_parser().parse_args([
+        "--nnodes", "1", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+        "--master-port", str(_free_port()), "--module", "megatrain.cli", *argv])
+    try:
+        run(targs)
+    except ChildFailedError as exc:
+        codes = [f.exitcode for f in exc.failures.values()]
+        return EXIT_USAGE if EXIT_USAGE in codes else (codes[0] or 1)
+    return 0
+
+
+def _cmd_tokenizer(args) -> int:
+    from megatrain.data.dataset import check_files, resolve_sources
+    from megatrain.data.tokenizer import Tokenizer, train_tokenizer
+
+    files: list[str] = []
+    for item in args.input:
+        found = resolve_sources(item, key="--input")
+        if not isinstance(found, list):
+            raise MegatrainError("--input: hub datasets are not supported for tokenizer training; give local files")
+        files.extend(found)
+    check_files(files, key="--input")
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(out_dir, exist_ok=True)
+    path = train_tokenizer(files, args.output, args.vocab_size, model_type=args.type, text_field=args.text_field)
+    tok = Tokenizer(path)
+    print(f"wrote {path} (vocab {tok.vocab_size}, {args.type}, trained on {len(files)} file(s))")
+    return 0
+
+
+def _cmd_config(args) -> int:
+    import yaml
+
+    from megatrain.config import config_reference, load_config
+
+    if args.reference:
+        print(config_reference())
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from megatrain.engine.export import export_hf_llama
+
+    out = export_hf_llama(args.path, args.output)
+    print(f"wrote Hugging Face Llama checkpoint to {out}")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"pretrain": _cmd_pretrain, "tokenizer": _cmd_tokenizer, "config": _cmd_config, "export": _cmd_export}
+    try:
+        return handlers[args.command](args)
+    except MegatrainError as exc:
+        rank = os.environ.get("RANK")
+        prefix = "megatrain: error: " if rank in (None, "0") else f"megatrain: error (rank {rank}): "
+        print(prefix + str(exc), file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("megatrain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""Checkpoints: DeepSpeed state plus megatrain's own files, committed through an atomic `latest`.
+
+Layout of `run.dir/checkpoints/step_N/`:
+  DeepSpeed's files      model / optimizer / ZeRO shards (engine.save_checkpoint, tag step_N)
+  rng_rank{R}.pt         each rank's RNG states (tensors only: loads with weights_only=True)
+  model.safetensors      consolidated model weights (ZeRO-3 shards gathered first), for
+                         `megatrain.load` and `megatrain export` without unpickling anything
+  megatrain.json         step, data position, model config, layout, and a manifest of file sizes
+
+`checkpoints/latest` names the newest complete checkpoint. It is replaced (write + os.replace)
+only after every rank finished writing and megatrain.json is on disk, so a crash mid-save leaves
+the previous checkpoint as `latest`. Pruning to `checkpoint.keep` happens after that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatrain.errors import CheckpointError
+
+META_FILE = "megatrain.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+
+# Model-config keys that must match for a checkpoint to load into a model.
+_MODEL_KEYS = ("dim", "layers", "heads", "kv_heads", "vocab_size", "ffn_dim", "tie_embeddings", "linear",
+               "attention")
+
+
+def checkpoint_root(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def read_latest(root: str) -> Optional[str]:
+    """The tag named by `root/latest`, or None when there is none."""
+    path = os.path.join(root, "latest")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        tag = fh.read().strip()
+    return tag or None
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def find_resume_checkpoint(run_dir: str, resume) -> Optional[str]:
+    """Directory of the checkpoint to resume from.
+
+    resume: False/None -> None, and a run dir that already holds checkpoints is refused so nothing
+    is overwritten; True -> `latest` if there is one, else None (a fresh start); a path -> that
+    checkpoint directory (or a run directory, meaning its latest).
+    """
+    root = checkpoint_root(run_dir)
+    if not resume:
+        tag = read_latest(root)
+        if tag is not None:
+            raise CheckpointError(
+                f"run.dir '{run_dir}' already holds checkpoints (latest: {tag}); pass --resume to continue "
+                f"it or choose another run.dir")
+        return None
+    if resume is True:
+        tag = read_latest(root)
+        if tag is None:
+            return None
+        path = os.path.join(root, tag)
+        if not os.path.isdir(path):
+            raise CheckpointError(f"checkpoint '{path}' named by '{root}/latest' does not exist")
+        return path
+    path = str(resume)
+    if os.path.isfile(os.path.join(path, "checkpoints", "latest")):
+        path = os.path.join(path, "checkpoints", read_latest(os.path.join(path, "checkpoints")))
+    if not os.path.isdir(path):
+        raise CheckpointError(f"--resume: checkpoint directory '{path}' does not exist")
+    return path
+
+
+def read_meta(path: str) -> dict:
+    """megatrain.json of checkpoint `path`, with its manifest checked against the files on disk."""
+    meta_path = os.path.join(path, META_FILE)
+    if not os.path.isfile(meta_path):
+        raise CheckpointError(f"checkpoint '{path}' is incomplete or not a megatrain checkpoint: no {META_FILE}")
+    try:
+        with open(meta_path, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint '{path}' is corrupt: {META_FILE} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint '{path}' has an unknown format (expected megatrain format {FORMAT_VERSION})")
+    for rel, size in meta.get("files", {}).items():
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            raise CheckpointError(f"checkpoint '{path}' is incomplete: file '{rel}' is missing")
+        if os.path.getsize(full) != size:
+            raise CheckpointError(f"checkpoint '{path}' is corrupt: file '{rel}' has {os.path.getsize(full)} bytes, "
+                                  f"expected {size}")
+    return meta
+
+
+def check_compatible(meta: dict, path: str, model_cfg, zero_stage: int, dp_size: int, tensor: int) -> None:
+    """Refuse a checkpoint whose model or sharded state cannot load into this run (one line)."""
+    saved = meta["model"]
+    current = dataclasses.asdict(model_cfg)
+    for key in _MODEL_KEYS:
+        if saved.get(key) != current.get(key):
+            raise CheckpointError(f"checkpoint '{path}' was written with model.{key}={saved.get(key)!r} but this run "
+                                  f"has model.{key}={current.get(key)!r}")
+    layout = meta["layout"]
+    if layout["tensor"] != tensor:
+        raise CheckpointError(f"checkpoint '{path}' was written with parallel.tensor={layout['tensor']}, this run has "
+                              f"{tensor}; resharding tensor-parallel checkpoints is not supported in this version")
+    if layout["zero_stage"] != zero_stage:
+        raise CheckpointError(f"checkpoint '{path}' was written with parallel.zero_stage={layout['zero_stage']}, this "
+                              f"run has {zero_stage}; resume with the same ZeRO stage")
+    if zero_stage > 0 and layout["dp"] != dp_size:
+        raise CheckpointError(f"checkpoint '{path}' holds ZeRO-{zero_stage} optimizer shards for {layout['dp']} "
+                              f"data-parallel ranks, this run has {dp_size}; resume with the same number of processes")
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(),
+             "python": torch.tensor(list(random.getstate()[1]), dtype=torch.int64),
+             "python_pos": random.getstate()[2],
+             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+             "numpy_pos": int(np.random.get_state()[2])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(int(x) for x in state["python"].tolist()), state["python_pos"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(engine, *, run_dir: str, step: int, client_state: dict, meta: dict, keep: int,
+                    rank: int, tokenizer_path: Optional[str] = None) -> str:
+    """Collective: every rank calls it. Returns the checkpoint directory.
+
+    The tokenizer model is copied in, so a checkpoint directory is self-contained for `megatrain.load`.
+    """
+    root = checkpoint_root(run_dir)
+    tag = f"step_{step}"
+    path = os.path.join(root, tag)
+    if read_latest(root) == tag:
+        return path  # already saved at this step (a resumed run stopping where it started)
+    engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+    torch.save(_rng_state(), os.path.join(path, f"rng_rank{rank}.pt"))
+    _save_consolidated_weights(engine, os.path.join(path, WEIGHTS_FILE), rank)
+    _barrier()
+    if rank == 0:
+        if tokenizer_path:
+            shutil.copyfile(tokenizer_path, os.path.join(path, "tokenizer.model"))
+        files = {}
+        for dirpath, _, names in os.walk(path):
+            for name in names:
+                if name == META_FILE or ".tmp" in name:
+                    continue
+                full = os.path.join(dirpath, name)
+                files[os.path.relpath(full, path)] = os.path.getsize(full)
+        _write_atomic(os.path.join(path, META_FILE), json.dumps({**meta, "format": FORMAT_VERSION, "step": step,
+                                                                  "files": files}, indent=1))
+        _write_atomic(os.path.join(root, "latest"), tag)
+        _prune(root, keep, current=tag)
+    _barrier()
+    return path
+
+
+def _save_consolidated_weights(engine, path: str, rank: int) -> None:
+    from safetensors.torch import save_model
+
+    module = engine.module
+    if engine.zero_optimization_partition_weights():
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            if rank == 0:
+                save_model(module, path)
+    elif rank == 0:
+        save_model(module, path)
+
+
+def _prune(root: str, keep: int, current: str) -> None:
+    if keep <= 0:
+        return
+    tags = []
+    for name in os.listdir(root):
+        if name.startswith("step_") and name[5:].isdigit() and os.path.isdir(os.path.join(root, name)):
+            tags.append((int(name[5:]), name))
+    tags.sort()
+    for _, name in tags[:-keep]:
+        if name != current:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def load_checkpoint(engine, path: str, rank: int) -> dict:
+    """Load DeepSpeed state and this rank's RNG from checkpoint dir `path`; returns the client state."""
+    root, tag = os.path.split(os.path.normpath(path))
+    try:
+        load_path, client_state = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
+                                                         load_lr_scheduler_states=False)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # DeepSpeed raises many types for truncated/garbled files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointError(f"checkpoint '{path}' could not be loaded ({type(exc).__name__}: {first})") from None
+    if load_path is None:
+        raise CheckpointError(f"checkpoint '{path}' could not be loaded (DeepSpeed found no model states in it)")
+    rng_path = os.path.join(path, f"rng_rank{rank}.pt")
+    if os.path.isfile(rng_path):
+        try:
+            _set_rng_state(torch.load(rng_path, weights_only=True))
+        except Exception as exc:
+            raise CheckpointError(f"checkpoint '{path}': '{os.path.basename(rng_path)}' is corrupt ({type(exc).__name__})") from None
+    return client_state or {}
+
+
+def load_for_inference(path: str, device="cpu"):
+    """`megatrain.load`: (model, tokenizer, model_config) from a run dir, checkpoint dir or export dir."""
+    from safetensors.torch import load_model
+
+    from megatrain.config import ModelConfig
+    from megatrain.data.tokenizer import Tokenizer
+    from megatrain.models.transformer import Transformer
+
+    path = os.path.normpath(path)
+    if os.path.isfile(os.path.join(path, "checkpoints", "latest")):
+        path = os.path.join(path, "checkpoints", read_latest(os.path.join(path, "checkpoints")))
+    if os.path.isfile(os.path.join(path, META_FILE)):
+        meta = read_meta(path)
+    else:
+        raise CheckpointError(f"'{path}' is not a megatrain run, checkpoint or export directory (no {META_FILE})")
+    weights = os.path.join(path, WEIGHTS_FILE)
+    if not os.path.isfile(weights):
+        raise CheckpointError(f"'{path}' has no {WEIGHTS_FILE}")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    model_cfg = ModelConfig(**{k: v for k, v in meta["model"].items() if k in fields})
+    model = Transformer(model_cfg)
+    try:
+        load_model(model, weights, strict=True, device=str(device))
+    except Exception as exc:
+        raise CheckpointError(f"'{weights}' does not match the model config ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200]})") from None
+    model.to(device).eval()
+    tok_path = os.path.join(path, "tokenizer.model")
+    if not os.path.isfile(tok_path):
+        raise CheckpointError(f"'{path}' has no tokenizer.model next to its weights")
+    return model, Tokenizer(tok_path), model_cfg

@@ -1,0 +1,135 @@
+"""DeepSpeed glue: the generated config, process-group start-up, and `deepspeed.initialize`.
+
+megatrain hands DeepSpeed its own optimizer (megatrain.optim.build_optimizer) and sets the learning
+rate itself each step, so the DeepSpeed config never carries `optimizer` or `scheduler` sections.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatrain.errors import ConfigError
+
+# Keys megatrain derives from `train.*`; a user DeepSpeed section may repeat them only with equal values.
+_BATCH_KEYS = {"train_micro_batch_size_per_gpu": "micro_batch", "gradient_accumulation_steps": "grad_accum",
+               "train_batch_size": "global_batch"}
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def use_bf16(cfg) -> bool:
+    if cfg.train.dtype == "auto":
+        return torch.cuda.is_available()
+    return cfg.train.dtype == "bf16"
+
+
+def build_ds_config(cfg) -> dict:
+    """DeepSpeed config from `train.*` / `parallel.*`, with the user's `deepspeed` section merged over it."""
+    t = cfg.train
+    generated = {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.global_batch,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": use_bf16(cfg)},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    user = copy.deepcopy(cfg.deepspeed)
+    for key in ("optimizer", "scheduler"):
+        if key in user:
+            raise ConfigError(f"deepspeed.{key} is not used: megatrain builds the optimizer from optim.* and the "
+                              f"schedule from train.lr/warmup_steps/schedule; remove deepspeed.{key}")
+    if user.get("fp16", {}).get("enabled") is True:
+        raise ConfigError("deepspeed.fp16.enabled=true is not supported (allowed: train.dtype=bf16 or fp32)")
+    for ds_key, train_key in _BATCH_KEYS.items():
+        if ds_key in user and user[ds_key] != "auto" and user[ds_key] != getattr(t, train_key):
+            raise ConfigError(f"deepspeed.{ds_key}={user[ds_key]} disagrees with train.{train_key}="
+                              f"{getattr(t, train_key)}; set it in one place")
+    stage = user.get("zero_optimization", {}).get("stage", cfg.parallel.zero_stage)
+    if stage != cfg.parallel.zero_stage:
+        raise ConfigError(f"deepspeed.zero_optimization.stage={stage} disagrees with parallel.zero_stage="
+                          f"{cfg.parallel.zero_stage}; set it in one place")
+    merged = _merge_auto(generated, user)
+    return merged
+
+
+def _merge_auto(base: dict, user: dict) -> dict:
+    """User values win, except "auto" (the Hugging Face convention), which keeps megatrain's."""
+    out = copy.deepcopy(base)
+    for key, value in user.items():
+        if value == "auto":
+            continue
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge_auto(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def init_distributed(cfg) -> DistEnv:
+    """Start the process group from the launcher's environment (torchrun / deepspeed / one process)."""
+    import deepspeed
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    local_rank = int(os.environ["LOCAL_RANK"])
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    backend = cfg.parallel.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("parallel.backend=nccl needs GPUs (allowed on CPU: auto, gloo)")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        # Processes sharing a node split its cores instead of each spawning one thread per core.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False,
+                                   timeout=datetime.timedelta(minutes=int(os.environ.get("MEGATRAIN_DIST_TIMEOUT_MIN", "30"))))
+    return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
+                   local_world_size=local_world, device=device)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def initialize(cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """deepspeed.initialize with the generated config; returns the engine."""
+    import deepspeed
+
+    ds_config = build_ds_config(cfg)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine

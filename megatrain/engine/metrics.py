@@ -1,0 +1,162 @@
+"""FLOPs / MFU accounting and the three log sinks: metrics.jsonl, tensorboard, the progress bar.
+
+Only rank 0 writes. `MetricsLogger.log` takes one dict per logged step; keys that every record has:
+step, loss, lr, grad_norm, tokens_per_s, mfu (null where the device has no known peak), and
+val_loss / val_ppl on evaluation steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Optional
+
+import torch
+
+# Dense bf16 tensor-core peak FLOP/s per device (no sparsity), from the vendors' data sheets.
+PEAK_BF16_FLOPS: dict[str, float] = {
+    "H100 SXM": 989e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H200": 989e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "A10G": 70e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "RTX 4090": 165e12,
+}
+
+
+def device_peak_flops(device: Optional[torch.device] = None) -> Optional[float]:
+    """Peak bf16 FLOP/s of the current CUDA device, or None (CPU, or a GPU not in the table).
+
+    `MEGATRAIN_PEAK_FLOPS` overrides the table (for GPUs it does not know).
+    """
+    override = os.environ.get("MEGATRAIN_PEAK_FLOPS")
+    if override:
+        return float(override)
+    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    # "NVIDIA H100 80GB HBM3" is the SXM part; PCIe and NVL say so in their names.
+    if "H100" in name:
+        if "PCIe" in name:
+            return PEAK_BF16_FLOPS["H100 PCIe"]
+        if "NVL" in name:
+            return PEAK_BF16_FLOPS["H100 NVL"]
+        return PEAK_BF16_FLOPS["H100 SXM"]
+    for key in ("GH200", "H200", "B200", "A100", "A10G", "L40S", "L4", "RTX 4090"):
+        if key in name:
+            return PEAK_BF16_FLOPS[key]
+    return None
+
+
+def flops_per_token(num_params_non_embedding: int, layers: int, heads: int, head_dim: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N + 12·L·H·Q·T (forward + backward; the attention term of PaLM's
+    appendix B), N = parameters without the input embedding."""
+    return 6.0 * num_params_non_embedding + 12.0 * layers * heads * head_dim * seq_len
+
+
+def mfu(tokens_per_s: float, flops_per_tok: float, num_devices: int, peak: Optional[float]) -> Optional[float]:
+    """Model FLOPs utilisation over all `num_devices`, or None without a known peak."""
+    if peak is None or tokens_per_s <= 0:
+        return None
+    return tokens_per_s * flops_per_tok / (peak * num_devices)
+
+
+def _clean(value):
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else value  # json has no NaN; inf survives as Infinity
+    return value
+
+
+class MetricsLogger:
+    """Rank-0 sink for metrics.jsonl, tensorboard events and a tqdm progress bar."""
+
+    def __init__(self, run_dir: str, *, enabled: bool, tensorboard: bool, progress: bool,
+                 total_steps: int, start_step: int):
+        self.enabled = enabled
+        self.jsonl = None
+        self.tb = None
+        self.bar = None
+        if not enabled:
+            return
+        path = os.path.join(run_dir, "metrics.jsonl")
+        _truncate_after(path, start_step)
+        self.jsonl = open(path, "a", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start_step + 1)
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
+                            mininterval=1.0)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {k: _clean(v) for k, v in record.items()}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        step = record["step"]
+        if self.tb is not None:
+            names = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+                     "tokens_per_s": "perf/tokens_per_s", "mfu": "perf/mfu", "val_loss": "val/loss",
+                     "val_ppl": "val/perplexity"}
+            for key, tag in names.items():
+                value = record.get(key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(tag, value, step)
+        if self.bar is not None:
+            shown = {"loss": record.get("loss"), "tok/s": record.get("tokens_per_s")}
+            if record.get("mfu") is not None:
+                shown["mfu"] = record["mfu"]
+            if record.get("val_ppl") is not None:
+                shown["val_ppl"] = record["val_ppl"]
+            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in shown.items()},
+                                 refresh=False)
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+def _truncate_after(path: str, step: int) -> None:
+    """On resume, drop records past the resumed step so the log describes one trajectory."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash mid-write
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.writelines(kept)
+    os.replace(tmp, path)

@@ -1,0 +1,138 @@
+"""Config loading, overrides and every config error (one line, naming the key)."""
+
+import json
+
+import pytest
+
+from megatrain.config import Config, config_reference, load_config, parse_overrides
+from megatrain.engine.deepspeed import build_ds_config
+from megatrain.errors import ConfigError
+
+
+def write(tmp_path, text, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def test_defaults_yaml_and_overrides_layer(tmp_path):
+    path = write(tmp_path, "train:\n  lr: 1.0e-3\n  steps: 50\nmodel:\n  preset: tiny\n")
+    cfg = load_config(path, ["train.steps=70", "model.dim=128", "data.source=[a.txt, b.txt]", "train.lr=2e-3"])
+    assert cfg.train.steps == 70
+    assert cfg.train.lr == 2e-3  # YAML reads "2e-3" as a string; float fields accept it
+    assert cfg.model.dim == 128 and cfg.model.resolved().layers == 2
+    assert cfg.data.source == ["a.txt", "b.txt"]
+    assert cfg.optim.name == "adamw"
+
+
+def test_shipped_configs_load():
+    for name in ("tiny-cpu", "125m", "1.3b", "7b"):
+        cfg = load_config(f"launch/configs/{name}.yaml")
+        assert cfg.model.resolved().dim > 0
+
+
+@pytest.mark.parametrize("override, fragment", [
+    (["train.stepz=3"], "unknown config key 'train.stepz'"),
+    (["trian.steps=3"], "unknown config key 'trian'"),
+    (["train.steps=abc"], "train.steps must be an integer"),
+    (["train.steps=1.5"], "train.steps must be an integer"),
+    (["train.lr=fast"], "train.lr must be a number"),
+    (["model.tie_embeddings=maybe"], "model.tie_embeddings must be true or false"),
+    (["parallel.zero_stage=4"], "parallel.zero_stage=4 is not allowed (allowed: 0, 1, 2, 3)"),
+    (["model.preset=huge"], "model.preset='huge' is not allowed"),
+    (["model.heads=5"], "model.heads=5 does not divide model.dim=64"),
+    (["model.kv_heads=3"], "model.kv_heads=3 does not divide model.heads=4"),
+    (["data.seq_len=1"], "data.seq_len must be >= 2"),
+    (["train.warmup_steps=-1"], "train.warmup_steps must be >= 0"),
+    (["train.stop_after=0"], "train.stop_after must be in [1"),
+    (["train.steps"], "is not of the form section.key=value"),
+    (["model.linear=sparse"], "model.linear='sparse' is not allowed"),
+    (["optim.name=lion"], "optim.name='lion' is not allowed"),
+])
+def test_bad_values_raise_one_line(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, override)
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "train: [unclosed\n"))
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="train must be a mapping"):
+        load_config(write(tmp_path, "train: 3\n"))
+
+
+@pytest.mark.parametrize("world, kw, expect", [
+    (2, dict(micro_batch=4, global_batch=16), 2),
+    (1, dict(micro_batch=4, global_batch=16), 4),
+    (4, dict(micro_batch=2, grad_accum=3), 3),
+])
+def test_batch_arithmetic(world, kw, expect):
+    cfg = Config()
+    for k, v in kw.items():
+        setattr(cfg.train, k, v)
+    cfg.resolve_batch(world)
+    assert cfg.train.grad_accum == expect
+    assert cfg.train.global_batch == cfg.train.micro_batch * cfg.train.grad_accum * world
+
+
+def test_impossible_batch_arithmetic():
+    cfg = Config()
+    cfg.train.micro_batch, cfg.train.global_batch = 4, 18
+    with pytest.raises(ConfigError, match=r"train.global_batch=18 is not a multiple of train.micro_batch x DP = 4 x 2"):
+        cfg.resolve_batch(2)
+    cfg = Config()
+    cfg.train.micro_batch, cfg.train.grad_accum, cfg.train.global_batch = 4, 2, 16
+    with pytest.raises(ConfigError, match=r"train.global_batch=16 != train.micro_batch x train.grad_accum x DP"):
+        cfg.resolve_batch(1)
+
+
+def test_batch_checked_against_launcher_world_size(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match="not a multiple"):
+        load_config(None, ["train.micro_batch=2", "train.global_batch=8"])
+
+
+def test_deepspeed_section_and_json(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "overlap_comm": True},
+                              "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": "auto"}))
+    cfg = load_config(None, ["train.global_batch=8"], deepspeed_json=str(ds))
+    assert cfg.parallel.zero_stage == 3 and cfg.train.micro_batch == 2
+    cfg.resolve_batch(2)
+    out = build_ds_config(cfg)
+    assert out["zero_optimization"] == {"stage": 3, "overlap_comm": True}
+    assert out["gradient_accumulation_steps"] == 2 and out["train_batch_size"] == 8
+    assert out["zero_allow_untested_optimizer"] is True
+
+    cfg = load_config(None, ["deepspeed.optimizer.type=Adam"])
+    cfg.resolve_batch(1)
+    with pytest.raises(ConfigError, match="deepspeed.optimizer is not used"):
+        build_ds_config(cfg)
+    cfg = load_config(None, ["deepspeed.zero_optimization.stage=1", "parallel.zero_stage=2"])
+    cfg.resolve_batch(1)
+    with pytest.raises(ConfigError, match="disagrees with parallel.zero_stage=2"):
+        build_ds_config(cfg)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(None, None, deepspeed_json=str(bad))
+
+
+def test_parse_overrides_nested():
+    assert parse_overrides(["a.b.c=1", "a.d=x", "e=true"]) == {"a": {"b": {"c": 1}, "d": "x"}, "e": True}
+
+
+def test_reference_lists_every_contract_key():
+    ref = config_reference()
+    for key in ("run.dir", "model.preset", "model.dim", "model.layers", "model.heads", "model.kv_heads",
+                "model.vocab_size", "model.linear", "model.attention", "data.source", "data.seq_len",
+                "data.tokenizer", "train.steps", "train.micro_batch", "train.grad_accum", "train.global_batch",
+                "train.seed", "train.lr", "train.stop_after", "optim.name", "parallel.tensor",
+                "parallel.sequence", "parallel.zero_stage", "checkpoint.every", "checkpoint.keep"):
+        assert f"| `{key}` |" in ref, key
