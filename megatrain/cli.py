@@ -28,8 +28,10 @@ def _add_pretrain(sub):
     p = sub.add_parser("pretrain", help="pretrain a model (one YAML config plus a.b=c overrides)")
     p.add_argument("--config", "-c", help="YAML run config (launch/configs/*.yaml)")
     p.add_argument("--deepspeed", dest="deepspeed_json", help="DeepSpeed JSON merged into the config's deepspeed section")
-    p.add_argument("--resume", nargs="?", const=True, default=False,
-                   help="continue from run.dir's latest checkpoint (or from the checkpoint/run dir given)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from run.dir's latest checkpoint (a fresh start if it has none)")
+    p.add_argument("--resume-from", metavar="PATH", default=None,
+                   help="continue from this checkpoint directory (or this run directory's latest)")
     p.add_argument("--nproc-per-node", type=int, default=None,
                    help="processes to start on this machine (default: the number of GPUs, or 1 on CPU)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
@@ -73,6 +75,9 @@ def _cmd_pretrain(args) -> int:
     from megatrain.config import load_config
 
     cfg = load_config(args.config, args.overrides, args.deepspeed_json)
+    if args.resume and args.resume_from:
+        raise MegatrainError("give --resume or --resume-from PATH, not both")
+    args.resume = args.resume_from or args.resume
     if _under_launcher():
         from megatrain.engine.trainer import pretrain
 
@@ -106,7 +111,7 @@ def _argv_of(args) -> list[str]:
     if args.resume is True:
         out += ["--resume"]
     elif args.resume:
-        out += ["--resume", str(args.resume)]
+        out += ["--resume-from", str(args.resume)]
     return out + list(args.overrides)
 
 
@@ -170,7 +175,14 @@ def _cmd_export(args) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides (a.b=c) may stand anywhere, also after flags: argparse alone stops at the first flag.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     handlers = {"pretrain": _cmd_pretrain, "tokenizer": _cmd_tokenizer, "config": _cmd_config, "export": _cmd_export}
     try:
         return handlers[args.command](args)

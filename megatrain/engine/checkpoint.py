@@ -190,17 +190,31 @@ def save_checkpoint(engine, *, run_dir: str, step: int, client_state: dict, meta
 
 
 def _save_consolidated_weights(engine, path: str, rank: int) -> None:
-    from safetensors.torch import save_model
+    import deepspeed
 
     module = engine.module
     if engine.zero_optimization_partition_weights():
-        import deepspeed
-
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             if rank == 0:
-                save_model(module, path)
+                _write_weights(module, path)
     elif rank == 0:
-        save_model(module, path)
+        _write_weights(module, path)
+
+
+def _write_weights(module: torch.nn.Module, path: str) -> None:
+    """Copies of the full weights, each shared tensor once (a tied head is stored as embed.weight).
+
+    Copies, because ZeRO keeps parameters as views into flat buffers that safetensors will not save.
+    """
+    from safetensors.torch import save_file
+
+    tensors, seen = {}, set()
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        tensors[name] = param.detach().to("cpu", copy=True).contiguous()
+    save_file(tensors, path, metadata={"format": "pt"})
 
 
 def _prune(root: str, keep: int, current: str) -> None:
@@ -240,7 +254,7 @@ def load_checkpoint(engine, path: str, rank: int) -> dict:
 
 def load_for_inference(path: str, device="cpu"):
     """`megatrain.load`: (model, tokenizer, model_config) from a run dir, checkpoint dir or export dir."""
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file
 
     from megatrain.config import ModelConfig
     from megatrain.data.tokenizer import Tokenizer
@@ -249,21 +263,32 @@ def load_for_inference(path: str, device="cpu"):
     path = os.path.normpath(path)
     if os.path.isfile(os.path.join(path, "checkpoints", "latest")):
         path = os.path.join(path, "checkpoints", read_latest(os.path.join(path, "checkpoints")))
-    if os.path.isfile(os.path.join(path, META_FILE)):
-        meta = read_meta(path)
-    else:
+    meta_path = os.path.join(path, META_FILE)
+    if not os.path.isfile(meta_path):
         raise CheckpointError(f"'{path}' is not a megatrain run, checkpoint or export directory (no {META_FILE})")
+    with open(meta_path, encoding="utf-8") as fh:
+        exported = json.load(fh).get("export") == "hf-llama"
+    meta = json.load(open(meta_path, encoding="utf-8")) if exported else read_meta(path)
     weights = os.path.join(path, WEIGHTS_FILE)
     if not os.path.isfile(weights):
         raise CheckpointError(f"'{path}' has no {WEIGHTS_FILE}")
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     model_cfg = ModelConfig(**{k: v for k, v in meta["model"].items() if k in fields})
     model = Transformer(model_cfg)
+    state = load_file(weights)
+    if exported:
+        from megatrain.engine.export import megatrain_name
+
+        state = {megatrain_name(k): v for k, v in state.items()}
+    if model_cfg.tie_embeddings:
+        # safetensors stores a shared tensor once, under either name
+        shared = state.get("embed.weight", state.get("head.weight"))
+        if shared is not None:
+            state["embed.weight"] = state["head.weight"] = shared
     try:
-        load_model(model, weights, strict=True, device=str(device))
-    except Exception as exc:
-        raise CheckpointError(f"'{weights}' does not match the model config ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200]})") from None
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"'{weights}' does not match the model config ({str(exc).splitlines()[0][:200]})") from None
     model.to(device).eval()
     tok_path = os.path.join(path, "tokenizer.model")
     if not os.path.isfile(tok_path):

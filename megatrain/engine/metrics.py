@@ -1,4 +1,4 @@
-"""FLOPs / MFU accounting and the three log sinks: metrics.jsonl, tensorboard, the progress bar.
+"""MFU accounting (FLOPs per token come from Transformer.flops_per_token) and the three log sinks: metrics.jsonl, tensorboard, the progress bar.
 
 Only rank 0 writes. `MetricsLogger.log` takes one dict per logged step; keys that every record has:
 step, loss, lr, grad_norm, tokens_per_s, mfu (null where the device has no known peak), and
@@ -52,12 +52,6 @@ def device_peak_flops(device: Optional[torch.device] = None) -> Optional[float]:
         if key in name:
             return PEAK_BF16_FLOPS[key]
     return None
-
-
-def flops_per_token(num_params_non_embedding: int, layers: int, heads: int, head_dim: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N + 12·L·H·Q·T (forward + backward; the attention term of PaLM's
-    appendix B), N = parameters without the input embedding."""
-    return 6.0 * num_params_non_embedding + 12.0 * layers * heads * head_dim * seq_len
 
 
 def mfu(tokens_per_s: float, flops_per_tok: float, num_devices: int, peak: Optional[float]) -> Optional[float]:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from megatrain.config import Config, save_config
 from megatrain.engine import checkpoint as ckpt
 from megatrain.engine.deepspeed import DistEnv, init_distributed, initialize, use_bf16
-from megatrain.engine.metrics import MetricsLogger, device_peak_flops, flops_per_token, mfu
+from megatrain.engine.metrics import MetricsLogger, device_peak_flops, mfu
 from megatrain.errors import CheckpointError, ConfigError, MegatrainError
 from megatrain.optim import build_optimizer
 from megatrain.optim.schedules import lr_for_config
@@ -93,8 +93,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = Transformer(model_cfg)
         model.gradient_checkpointing = cfg.train.activation_checkpointing
-        self.flops_per_token = flops_per_token(model.num_params(non_embedding=True), model_cfg.layers,
-                                               model_cfg.heads, model_cfg.head_dim, cfg.data.seq_len)
+        self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
         self.num_params = model.num_params(non_embedding=False)
         self.optimizer = build_optimizer(cfg.optim, model, cfg.train.lr, on_cuda=env.device.type == "cuda")
         self.engine = initialize(cfg, model, self.optimizer)
@@ -202,16 +201,15 @@ class Trainer:
             while self.step < end:
                 record = self.train_step()
                 window_tokens += tokens_per_step
-                if record["skipped"]:
+                skipped = record["skipped"]
+                abort = skipped and self.nonfinite_streak >= t.max_nonfinite
+                if skipped:
                     self.logger.message(f"step {self.step}: non-finite loss, update skipped "
                                         f"({self.nonfinite_streak} in a row, limit {t.max_nonfinite})")
-                    if self.nonfinite_streak >= t.max_nonfinite:
-                        raise NonFiniteLossError(
-                            f"{self.nonfinite_streak} non-finite losses in a row at step {self.step} "
-                            f"(train.max_nonfinite={t.max_nonfinite}); lower train.lr or check the data")
                 final = self.step == end
-                do_eval = cfg.log.eval_every > 0 and self.step % cfg.log.eval_every == 0 or self.step == t.steps
-                if self.step % cfg.log.every == 0 or final or do_eval:
+                do_eval = not abort and (cfg.log.eval_every > 0 and self.step % cfg.log.eval_every == 0
+                                         or self.step == t.steps)
+                if self.step % cfg.log.every == 0 or final or do_eval or skipped:
                     if self.env.device.type == "cuda":
                         torch.cuda.synchronize()
                     elapsed = time.perf_counter() - window_start
@@ -225,6 +223,10 @@ class Trainer:
                     last = record
                     window_start, window_tokens = time.perf_counter(), 0
                 self.logger.advance()
+                if abort:
+                    raise NonFiniteLossError(
+                        f"{self.nonfinite_streak} non-finite losses in a row at step {self.step} "
+                        f"(train.max_nonfinite={t.max_nonfinite}); lower train.lr or check the data")
                 if final or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
                     self.save()
                     window_start, window_tokens = time.perf_counter(), 0

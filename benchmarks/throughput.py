@@ -1,0 +1,157 @@
+"""Trainer throughput against a plain PyTorch loop of the same model and batches, in one process.
+
+    python benchmarks/throughput.py --preset small-cpu --seq-len 256 --micro-batch 8 --steps 20
+
+Both sides train the same model (same seed, same init) on the same packed batches of the embedded
+corpus. "megatrain" is `Trainer.train_step` (DeepSpeed engine, sampler, schedule, loss reduction);
+"plain" is model -> loss -> backward -> clip -> AdamW.step. Measurement blocks alternate between
+the two so drift in machine speed hits both; the figure that matters is the ratio. On a GPU, MFU
+uses 6N + 12·L·H·Q·T FLOPs per token and the device's bf16 peak. Writes a markdown table and JSON
+to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatrain.config import load_config  # noqa: E402
+from megatrain.engine.deepspeed import init_distributed, use_bf16  # noqa: E402
+from megatrain.engine.metrics import device_peak_flops, mfu  # noqa: E402
+from megatrain.engine.trainer import Trainer  # noqa: E402
+from megatrain.models.transformer import Transformer  # noqa: E402
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="small-cpu")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--zero-stage", type=int, default=0)
+    p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary trained on the corpus")
+    p.add_argument("--steps", type=int, default=20, help="measured steps per side")
+    p.add_argument("--warmup", type=int, default=3, help="unmeasured steps per side first")
+    p.add_argument("--block", type=int, default=5, help="steps per alternating measurement block")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--tag", default=None, help="results file name stem (default: throughput-<device>)")
+    return p.parse_args()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class PlainLoop:
+    """The baseline: the same model and batches, eager PyTorch, no framework."""
+
+    def __init__(self, cfg, model_cfg, data, device, bf16: bool):
+        torch.manual_seed(cfg.train.seed)
+        self.model = Transformer(model_cfg).to(device)
+        self.model.gradient_checkpointing = cfg.train.activation_checkpointing
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95),
+                                     weight_decay=0.1, fused=device.type == "cuda" or None)
+        self.cfg, self.data, self.device, self.bf16 = cfg, data, device, bf16
+        self.position = 0
+
+    def step(self):
+        t = self.cfg.train
+        for _ in range(t.grad_accum):
+            idx = [(self.position + i) % len(self.data.train) for i in range(t.micro_batch)]
+            self.position += t.micro_batch
+            x, y = self.data.train.batch(idx)
+            x, y = x.to(self.device), y.to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                loss = self.model(x, labels=y)
+            (loss / t.grad_accum).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def main():
+    args = parse_args()
+    os.environ.setdefault("MEGATRAIN_CACHE", os.path.expanduser("~/.cache/megatrain"))
+    run_dir = os.path.join(os.environ["MEGATRAIN_CACHE"], "bench-run")
+    cfg = load_config(None, [
+        f"model.preset={args.preset}", f"model.max_seq_len={max(args.seq_len, 512)}", "data.source=embedded",
+        f"data.seq_len={args.seq_len}", f"data.vocab_size={args.vocab_size}", f"train.micro_batch={args.micro_batch}",
+        f"train.grad_accum={args.grad_accum}", f"train.steps={10**6}", "train.warmup_steps=10",
+        f"parallel.zero_stage={args.zero_stage}", f"run.dir={run_dir}", "log.progress=false",
+        "log.tensorboard=false", f"train.activation_checkpointing={str(args.activation_checkpointing).lower()}"])
+    env = init_distributed(cfg)
+    cfg.resolve_batch(env.world_size)
+    trainer = Trainer(cfg, env, resume_path=None)
+    bf16 = use_bf16(cfg)
+    plain = PlainLoop(cfg, trainer.model_cfg, trainer.data, env.device, bf16)
+
+    sides = {"megatrain": trainer.train_step, "plain": plain.step}
+    for fn in sides.values():
+        for _ in range(args.warmup):
+            fn()
+    _sync(env.device)
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    done = 0
+    while done < args.steps:
+        n = min(args.block, args.steps - done)
+        for name, fn in sides.items():
+            for _ in range(n):
+                t0 = time.perf_counter()
+                fn()
+                _sync(env.device)
+                times[name].append(time.perf_counter() - t0)
+        done += n
+    trainer.logger.close()
+
+    tokens = cfg.train.global_batch * cfg.data.seq_len
+    peak = device_peak_flops(env.device)
+    device_name = torch.cuda.get_device_name() if env.device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    rows = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        tps = tokens / med
+        rows.append({"side": name, "median_step_s": med, "tokens_per_s": tps,
+                     "mfu": mfu(tps, trainer.flops_per_token, 1, peak)})
+    ratio = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
+    mem = torch.cuda.max_memory_allocated() / 2**30 if env.device.type == "cuda" else None
+    result = {
+        "device": device_name, "torch": torch.__version__, "python": platform.python_version(),
+        "deepspeed": __import__("deepspeed").__version__,
+        "command": "python " + " ".join(sys.argv),
+        "preset": args.preset, "params": trainer.num_params, "seq_len": cfg.data.seq_len,
+        "micro_batch": cfg.train.micro_batch, "grad_accum": cfg.train.grad_accum, "zero_stage": cfg.parallel.zero_stage,
+        "dtype": "bf16" if bf16 else "fp32", "tokens_per_step": tokens, "measured_steps": args.steps,
+        "flops_per_token": trainer.flops_per_token, "rows": rows, "megatrain_over_plain": ratio,
+        "peak_memory_gib": mem,
+    }
+    lines = [f"Throughput, {args.preset} ({trainer.num_params / 1e6:.1f}M params), seq {cfg.data.seq_len}, "
+             f"batch {cfg.train.global_batch}, {result['dtype']}, ZeRO-{cfg.parallel.zero_stage}, on {device_name}",
+             "", "| loop | median step (s) | tokens/s | MFU |", "|---|---|---|---|"]
+    for r in rows:
+        shown_mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        lines.append(f"| {r['side']} | {r['median_step_s']:.4f} | {r['tokens_per_s']:,.0f} | {shown_mfu} |")
+    lines += ["", f"megatrain / plain tokens/s: **{ratio:.3f}**", "", f"Command: `{result['command']}`",
+              f"torch {torch.__version__}, deepspeed {result['deepspeed']}, Python {result['python']}"]
+    table = "\n".join(lines)
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    stem = args.tag or ("throughput-" + ("gpu" if env.device.type == "cuda" else "cpu"))
+    with open(os.path.join(args.out, stem + ".json"), "w") as fh:
+        json.dump(result, fh, indent=1)
+    with open(os.path.join(args.out, stem + ".md"), "w") as fh:
+        fh.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""`megatrain export`: a run's dense model as a Hugging Face Llama folder.
+
+Reads the consolidated `model.safetensors` every checkpoint carries (ZeRO-3 shards are gathered when
+the checkpoint is written), renames tensors to the Llama layout and writes config.json,
+model.safetensors and the sentencepiece tokenizer.model. megatrain's RoPE uses the half-split pairing
+of Hugging Face's `rotate_half`, so q/k weights need no permutation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+from megatrain.engine.checkpoint import META_FILE, WEIGHTS_FILE, read_latest, read_meta
+from megatrain.errors import CheckpointError
+
+_RENAMES = [
+    (r"^embed\.weight$", "model.embed_tokens.weight"),
+    (r"^blocks\.(\d+)\.attn_norm\.weight$", r"model.layers.\1.input_layernorm.weight"),
+    (r"^blocks\.(\d+)\.attn\.(q|k|v|o)_proj\.weight$", r"model.layers.\1.self_attn.\2_proj.weight"),
+    (r"^blocks\.(\d+)\.mlp_norm\.weight$", r"model.layers.\1.post_attention_layernorm.weight"),
+    (r"^blocks\.(\d+)\.mlp\.(gate|up|down)_proj\.weight$", r"model.layers.\1.mlp.\2_proj.weight"),
+    (r"^norm\.weight$", "model.norm.weight"),
+    (r"^head\.weight$", "lm_head.weight"),
+]
+
+
+_INVERSE = [
+    (r"^model\.embed_tokens\.weight$", "embed.weight"),
+    (r"^model\.layers\.(\d+)\.input_layernorm\.weight$", r"blocks.\1.attn_norm.weight"),
+    (r"^model\.layers\.(\d+)\.self_attn\.(q|k|v|o)_proj\.weight$", r"blocks.\1.attn.\2_proj.weight"),
+    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.weight$", r"blocks.\1.mlp_norm.weight"),
+    (r"^model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight$", r"blocks.\1.mlp.\2_proj.weight"),
+    (r"^model\.norm\.weight$", "norm.weight"),
+    (r"^lm_head\.weight$", "head.weight"),
+]
+
+
+def megatrain_name(name: str) -> str:
+    """Inverse of hf_name (for loading an exported folder back)."""
+    for pattern, repl in _INVERSE:
+        if re.match(pattern, name):
+            return re.sub(pattern, repl, name)
+    raise CheckpointError(f"tensor '{name}' is not part of a megatrain Llama export")
+
+
+def hf_name(name: str) -> str:
+    for pattern, repl in _RENAMES:
+        if re.match(pattern, name):
+            return re.sub(pattern, repl, name)
+    raise CheckpointError(f"tensor '{name}' has no Hugging Face Llama equivalent (only dense models export)")
+
+
+def _checkpoint_dir(path: str) -> str:
+    root = os.path.join(path, "checkpoints")
+    if os.path.isfile(os.path.join(root, "latest")):
+        return os.path.join(root, read_latest(root))
+    return path
+
+
+def hf_config(model: dict, dtype: str) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": model["dim"], "intermediate_size": model["ffn_dim"],
+        "num_hidden_layers": model["layers"], "num_attention_heads": model["heads"],
+        "num_key_value_heads": model["kv_heads"], "head_dim": model["dim"] // model["heads"],
+        "vocab_size": model["vocab_size"], "max_position_embeddings": model["max_seq_len"],
+        "rms_norm_eps": model["norm_eps"], "rope_theta": model["rope_theta"], "hidden_act": "silu",
+        "tie_word_embeddings": bool(model["tie_embeddings"]), "attention_bias": False, "mlp_bias": False,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "torch_dtype": dtype,
+    }
+
+
+def export_hf_llama(path: str, output: str) -> str:
+    """Write `output/` (config.json, model.safetensors, tokenizer.model) from a run or checkpoint dir."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    ckpt = _checkpoint_dir(os.path.normpath(path))
+    if not os.path.isfile(os.path.join(ckpt, META_FILE)):
+        raise CheckpointError(f"'{path}' is not a megatrain run or checkpoint directory (no {META_FILE})")
+    meta = read_meta(ckpt)
+    model = meta["model"]
+    if model.get("linear", "dense") != "dense" or model.get("attention", "mha") != "mha":
+        raise CheckpointError(f"'{ckpt}' holds a model.linear={model.get('linear')} / model.attention="
+                              f"{model.get('attention')} model; only dense MHA/GQA models export to Llama")
+    if os.path.exists(output) and os.listdir(output):
+        raise CheckpointError(f"--output '{output}' exists and is not empty; choose a new folder")
+    tensors = {}
+    with safe_open(os.path.join(ckpt, WEIGHTS_FILE), framework="pt") as fh:
+        for name in fh.keys():
+            if model["tie_embeddings"] and name == "head.weight":
+                name_out = "embed.weight"  # safetensors keeps a shared tensor under one of its names
+            else:
+                name_out = name
+            tensors[hf_name(name_out)] = fh.get_tensor(name).contiguous()
+    dtype = str(next(iter(tensors.values())).dtype).replace("torch.", "")
+    tmp = output.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(tmp, "config.json"), "w") as fh:
+        json.dump(hf_config(model, dtype), fh, indent=2)
+    shutil.copyfile(os.path.join(ckpt, "tokenizer.model"), os.path.join(tmp, "tokenizer.model"))
+    with open(os.path.join(tmp, "megatrain.json"), "w") as fh:
+        json.dump({"export": "hf-llama", "source_checkpoint": os.path.abspath(ckpt), "step": meta["step"],
+                   "model": model}, fh, indent=1)
+    if os.path.exists(output):
+        os.rmdir(output)
+    os.replace(tmp, output)
+    return output

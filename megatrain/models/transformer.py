@@ -1,0 +1,242 @@
+"""Llama-style decoder: token embedding -> pre-norm blocks (attention + SwiGLU MLP) -> norm -> head.
+
+The model takes an optional KV cache and explicit positions, so training, generation, RL rollouts
+and test-time training all run through the same forward. It holds pure math: no process groups
+(parallel/ swaps layers for tensor parallelism).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from megatrain import kernels
+from megatrain.config import ModelConfig
+from megatrain.errors import ConfigError
+from megatrain.models.attention import Attention, KVCache, position_mask
+from megatrain.models.layers import init_linear, make_linear
+
+__all__ = ["RMSNorm", "MLP", "Block", "LMHead", "Transformer", "build_model", "rope_tables"]
+
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last dim; x [..., dim]."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None):
+        """x [..., dim] -> [..., dim]; with residual, returns (norm(x + residual), x + residual)."""
+        return kernels.rms_norm(x, self.weight, self.eps, residual)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); [..., dim] -> [..., dim] via [..., ffn_dim]."""
+
+    def __init__(self, dim: int, ffn_dim: int, *, linear: str = "dense"):
+        super().__init__()
+        self.gate_proj = make_linear(dim, ffn_dim, kind=linear, role="mlp.gate")
+        self.up_proj = make_linear(dim, ffn_dim, kind=linear, role="mlp.up")
+        self.down_proj = make_linear(ffn_dim, dim, kind=linear, role="mlp.down")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: h + attn(norm(h)), then h + mlp(norm(h)); [B, N, D] -> [B, N, D]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg.dim, cfg.heads, cfg.kv_heads, linear=cfg.linear)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg.dim, cfg.ffn_dim, linear=cfg.linear)
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, *, mask: Optional[Tensor] = None,
+                cache: Optional[KVCache] = None, layer_idx: int = 0) -> Tensor:
+        """h [B, N, D]; cos, sin and mask as in `Attention.forward`."""
+        h = h + self.attn(self.attn_norm(h), cos, sin, mask=mask, cache=cache, layer_idx=layer_idx)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class LMHead(nn.Module):
+    """Output projection to the vocabulary, with the loss computed inside its own forward.
+
+    The loss must run here, not in the caller: ZeRO-3 gathers this module's weight only around
+    this module's forward, and the fused cross-entropy reads the weight directly.
+    """
+
+    def __init__(self, vocab_size: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, dim))
+
+    def forward(self, h: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        """h [..., D] -> logits [..., V]; with labels [...] (same leading shape), the mean loss.
+
+        The loss is the mean cross-entropy over labels != -100, a 0-dim fp32 tensor.
+        """
+        if labels is None:
+            return h @ self.weight.T
+        return kernels.fused_linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.weight, labels.reshape(-1),
+                                                  ignore_index=IGNORE_INDEX)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[Tensor, Tensor]:
+    """fp32 cos and sin, each [max_seq_len, head_dim / 2], for the half-split RoPE layout.
+
+    Pair i rotates at frequency theta^(-2i / head_dim); position n by angle n * that frequency.
+    """
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    angles = torch.arange(max_seq_len, dtype=torch.float64, device=device)[:, None] * inv_freq[None]
+    return angles.cos().float(), angles.sin().float()
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model.
+
+    forward(input_ids [B, N], labels=None, cache=None, positions=None) returns logits [B, N, V]
+    (in the model's dtype) or, with labels, the scalar mean loss.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg = cfg.resolved()
+        if cfg.vocab_size is None:
+            raise ConfigError("model.vocab_size is not set: give model.vocab_size or a tokenizer to take it from")
+        if cfg.dim % cfg.heads:
+            raise ConfigError(f"model.heads={cfg.heads} does not divide model.dim={cfg.dim}")
+        if cfg.heads % cfg.kv_heads:
+            raise ConfigError(f"model.kv_heads={cfg.kv_heads} does not divide model.heads={cfg.heads}")
+        if cfg.head_dim % 2:
+            raise ConfigError(f"head dim model.dim/model.heads={cfg.head_dim} must be even for RoPE")
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = LMHead(cfg.vocab_size, cfg.dim)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.gradient_checkpointing = False
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        # Non-persistent: derived from the config, so checkpoints and HF exports do not carry them.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(bf16) / .half() would round the RoPE angles; rebuild them in fp32 on the new device.
+        super()._apply(fn, *args, **kwargs)
+        cfg = self.config
+        self.rope_cos, self.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta,
+                                                   device=self.rope_cos.device)
+        return self
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Llama/GPT-2 init: weights ~ N(0, init_std); o and down projections use
+        init_std / sqrt(2 * layers) so the residual stream's variance does not grow with depth;
+        norm weights 1. Deterministic under torch.manual_seed."""
+        cfg = self.config
+        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.layers)
+        nn.init.normal_(self.embed.weight, mean=0.0, std=std)
+        for block in self.blocks:
+            for proj in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj,
+                         block.mlp.gate_proj, block.mlp.up_proj):
+                init_linear(proj, std)
+            init_linear(block.attn.o_proj, out_std)
+            init_linear(block.mlp.down_proj, out_std)
+            block.attn_norm.reset_parameters()
+            block.mlp_norm.reset_parameters()
+        self.norm.reset_parameters()
+        if self.head.weight is not self.embed.weight:
+            nn.init.normal_(self.head.weight, mean=0.0, std=std)
+
+    def _positions(self, batch: int, n: int, cache: Optional[KVCache], positions: Optional[Tensor],
+                   device) -> Tensor:
+        """Query positions as [1 or B, N] long."""
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + n, device=device)
+        if positions.dim() == 1:
+            positions = positions[None]
+        if positions.dim() != 2 or positions.shape[1] != n or positions.shape[0] not in (1, batch):
+            raise ValueError(f"positions must be [N] or [B, N] = [{batch}, {n}], got {tuple(positions.shape)}")
+        return positions.to(device=device, dtype=torch.long)
+
+    def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None, cache: Optional[KVCache] = None,
+                positions: Optional[Tensor] = None) -> Tensor:
+        """Run the decoder on N new tokens.
+
+        Args:
+            input_ids: [B, N] token ids.
+            labels: optional [B, N] target ids for each position (already shifted: the token that
+                should follow), -100 where no loss is wanted.
+            cache: optional KVCache; the new tokens attend to what it holds and (unless frozen)
+                are appended to it.
+            positions: optional [N] or [B, N] positions of the new tokens. Default:
+                cache.length + arange(N). A query at position p attends to keys at positions <= p.
+
+        Returns:
+            logits [B, N, V], or the 0-dim fp32 mean loss when labels are given.
+        """
+        batch, n = input_ids.shape
+        explicit = positions is not None
+        positions = self._positions(batch, n, cache, positions, input_ids.device)
+        if positions.device.type != "cuda":  # the bound check would force a sync on CUDA
+            if n and (positions.min() < 0 or positions.max() >= self.config.max_seq_len):
+                raise ValueError(f"positions must lie in [0, model.max_seq_len={self.config.max_seq_len})")
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [1 or B, N, d/2]
+        if positions.shape[0] == 1:
+            cos, sin = cos[0], sin[0]
+
+        mask = None
+        if cache is not None:
+            mask = position_mask(positions, cache.append_positions(positions))
+        elif explicit:
+            mask = position_mask(positions, positions)
+
+        # Recomputing a block in backward would append to a live cache a second time.
+        checkpointed = (self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+                        and (cache is None or cache.frozen))
+        h = self.embed(input_ids)
+        for idx, block in enumerate(self.blocks):
+            if checkpointed:
+                h = checkpoint(block, h, cos, sin, mask=mask, cache=cache, layer_idx=idx, use_reentrant=False)
+            else:
+                h = block(h, cos, sin, mask=mask, cache=cache, layer_idx=idx)
+        return self.head(self.norm(h), labels)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count, each shared Parameter once. non_embedding drops the input embedding
+        (so a tied head is dropped with it; an untied head is counted)."""
+        total = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            total -= self.embed.weight.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward) at sequence length seq_len.
+
+        6 * N for the matmuls with the N non-embedding parameters (2 forward, 4 backward), plus
+        12 * L * H * Q * T for the attention scores and weighted sum (L layers, H heads, head dim Q,
+        T = seq_len), as in the PaLM appendix's MFU accounting.
+        """
+        cfg = self.config
+        return 6 * self.num_params(non_embedding=True) + 12 * cfg.layers * cfg.heads * cfg.head_dim * seq_len
+
+
+def build_model(cfg: ModelConfig) -> Transformer:
+    """The Transformer described by `cfg` (resolved here; vocab_size must be set)."""
+    return Transformer(cfg)

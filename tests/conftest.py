@@ -1,0 +1,69 @@
+"""Shared test set-up: one token/tokenizer cache per session, and a runner for real CLI jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small enough that a step takes milliseconds on 2 cores, large enough to learn something.
+TINY_JOB = [
+    "model.preset=tiny", "data.source=embedded", "data.seq_len=32", "data.vocab_size=512",
+    "train.steps=8", "train.micro_batch=4", "train.global_batch=8", "train.lr=3e-3", "train.warmup_steps=2",
+    "train.seed=7", "log.every=1", "log.eval_every=4", "log.eval_batches=2", "log.progress=false",
+    "checkpoint.keep=0",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def megatrain_cache(tmp_path_factory):
+    """Every test (and every process it starts) shares one cache, so the tokenizer trains once."""
+    path = os.environ.get("MEGATRAIN_TEST_CACHE") or str(tmp_path_factory.mktemp("megatrain-cache"))
+    old = os.environ.get("MEGATRAIN_CACHE")
+    os.environ["MEGATRAIN_CACHE"] = path
+    yield path
+    if old is None:
+        os.environ.pop("MEGATRAIN_CACHE", None)
+    else:
+        os.environ["MEGATRAIN_CACHE"] = old
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def run_cli(args: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m megatrain.cli ARGS` in a fresh process (as a user would run `megatrain ARGS`)."""
+    proc = subprocess.run([sys.executable, "-m", "megatrain.cli", *args], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"megatrain {' '.join(args)} exited {proc.returncode}\n"
+                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def losses(run_dir) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir)]
