@@ -94,3 +94,22 @@ def test_two_node_torchrun_on_loopback(runs, tmp_path):
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-5000:]
     assert_close(reference, losses(run_dir), rtol=1e-5)
+
+
+def test_activation_checkpointing_keep_k_and_tensorboard(runs):
+    """Recomputing activations changes nothing in fp32; keep=2 leaves the last two checkpoints;
+    tensorboard has every scalar the README lists."""
+    single = losses(runs("single", 1, "parallel.zero_stage=0"))
+    run_dir = runs("ac", 1, "parallel.zero_stage=0", "train.activation_checkpointing=true",
+                   "checkpoint.every=2", "checkpoint.keep=2")
+    assert_close(single, losses(run_dir), rtol=1e-6)
+    ckpts = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
+    assert ckpts == ["latest", "step_6", "step_8"]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(run_dir, "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "val/loss", "val/perplexity"} <= tags
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 9))
