@@ -1,7 +1,6 @@
 """Tokenizer training, loading, round trips and the trained-tokenizer cache."""
 
 import os
-import random
 
 import pytest
 
@@ -10,20 +9,7 @@ from megatrain.data import tokenizer as tokenizer_module
 from megatrain.data.tokenizer import Tokenizer, cache_dir, get_tokenizer, tokenizer_cache_path, train_tokenizer
 from megatrain.errors import DataError
 
-WORDS = ("the of and to a in was her it that she had not be his with as you he for but at on "
-         "said Elizabeth Darcy sister letter house garden morning walked quickly very could would "
-         "Mr. Mrs. Bennet Jane ball evening happy family towards answered replied").split()
-
-
-def english_like(seed: int, lines: int) -> str:
-    """Deterministic sentences over a small vocabulary, one per line."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(lines):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(5, 14))]
-        words[0] = words[0].capitalize()
-        out.append(" ".join(words) + rng.choice([".", ".", ",", "!", "?"]))
-    return "\n".join(out) + "\n"
+from tests.data.synthetic import english_like
 
 
 @pytest.fixture(autouse=True)
