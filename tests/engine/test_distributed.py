@@ -84,13 +84,16 @@ def test_two_node_torchrun_on_loopback(runs, tmp_path):
     port = free_port()
     procs = []
     for node_rank in (0, 1):
+        # On one machine both agents match the endpoint's address and would race to host the c10d
+        # store (two can end up hosting, each waiting forever); on a cluster only one host matches.
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                "--node-rank", str(node_rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+               "--rdzv-conf", f"is_host={'true' if node_rank == 0 else 'false'}",
                "--rdzv-id", "megatrain-test", "launch/pretrain.py", *TINY_JOB, f"run.dir={run_dir}",
                "parallel.zero_stage=2"]
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-5000:]
     assert_close(reference, losses(run_dir), rtol=1e-5)
