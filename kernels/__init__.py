@@ -129,6 +129,4 @@ def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore
         from .cross_entropy import fused_linear_cross_entropy as triton_flce
 
         return triton_flce(h, weight, target, ignore_index, process_group=process_group)
-    if process_group is not None:
-        return reference.fused_linear_cross_entropy(h, weight, target, ignore_index, process_group=process_group)
-    return reference.fused_linear_cross_entropy(h, weight, target, ignore_index)
+    return reference.fused_linear_cross_entropy(h, weight, target, ignore_index, process_group=process_group)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -102,15 +103,29 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return (F.silu(gate.float()) * up.float()).to(gate.dtype)
 
 
+def _check_targets(target: Tensor, ignore_index: int, vocab_total: int) -> None:
+    """ValueError for a target outside [0, vocab_total) that is not ignore_index (syncs: fine here)."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab_total))
+    if bool(bad.any()):
+        pos = int(bad.nonzero()[0, 0])
+        raise ValueError(f"fused_linear_cross_entropy: argument 'target' has {int(target[pos])} at position "
+                         f"{pos}, outside [0, {vocab_total}) and not ignore_index={ignore_index}")
+
+
 def _linear_cross_entropy_chunks(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int,
-                                 chunk_size: int, grad_h: bool, grad_weight: bool):
+                                 chunk_size: int, grad_h: bool, grad_weight: bool, process_group=None):
     """Loss (and, when asked, its gradients) of mean CE(h @ weight.T, target), chunk by chunk.
 
     Only one [chunk_size, V] block of logits exists at a time. The gradient of the summed loss with
     respect to the logits is softmax(logits) - onehot(target) on counted rows and 0 on ignored rows;
     it is pushed through the matmul at once, so the backward pass needs no logits at all.
+
+    With a vocab-parallel `process_group`, weight holds rows [rank * V_local, (rank + 1) * V_local):
+    the row max (MAX), the sum of exponentials and the target logit (SUM, 0 on ranks that do not own
+    the target) are all-reduced per chunk, and the partial gradient for h is all-reduced at the end.
     """
-    num_tokens = h.shape[0]
+    num_tokens, vocab_local = h.shape[0], weight.shape[0]
+    vocab_start = 0 if process_group is None else dist.get_rank(process_group) * vocab_local
     weight32 = weight.float()
     counted = target != ignore_index
     # Clamped so an all-ignored batch gives a loss (and gradients) of exactly 0 instead of 0/0.
@@ -122,16 +137,28 @@ def _linear_cross_entropy_chunks(h: Tensor, weight: Tensor, target: Tensor, igno
         stop = min(start + chunk_size, num_tokens)
         h_chunk = h[start:stop].float()
         keep = counted[start:stop]
-        # Ignored rows may hold ignore_index (negative) or anything else: point them at class 0.
-        safe_target = torch.where(keep, target[start:stop], torch.zeros_like(target[start:stop]))[:, None]
-        logits = h_chunk @ weight32.T  # [C, V]
-        lse = torch.logsumexp(logits, dim=-1)
-        target_logit = logits.gather(1, safe_target).squeeze(1)
+        local_target = target[start:stop] - vocab_start
+        # Rows whose target column lives here. Without a group that is every counted row (targets
+        # are checked to be in range), so the non-parallel maths is unchanged.
+        owned = keep & (local_target >= 0) & (local_target < vocab_local)
+        # Ignored and not-owned rows may hold any id: point them at column 0 (masked out below).
+        safe_target = torch.where(owned, local_target, torch.zeros_like(local_target))[:, None]
+        logits = h_chunk @ weight32.T  # [C, V_local]
+        target_logit = logits.gather(1, safe_target).squeeze(1) * owned
+        if process_group is None:
+            lse = torch.logsumexp(logits, dim=-1)
+        else:
+            row_max = logits.max(dim=-1).values
+            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=process_group)
+            sum_exp = torch.exp(logits - row_max[:, None]).sum(dim=-1)
+            dist.all_reduce(sum_exp, op=dist.ReduceOp.SUM, group=process_group)
+            dist.all_reduce(target_logit, op=dist.ReduceOp.SUM, group=process_group)
+            lse = row_max + torch.log(sum_exp)
         loss_sum = loss_sum + torch.where(keep, lse - target_logit, torch.zeros_like(lse)).sum()
         if dh is None and dw is None:
             continue
         grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, reusing the logits' memory
-        grad_logits.scatter_add_(1, safe_target, -keep.float()[:, None])
+        grad_logits.scatter_add_(1, safe_target, -owned.float()[:, None])
         grad_logits.mul_(keep[:, None])
         if dh is not None:
             dh[start:stop] = grad_logits @ weight32
@@ -139,6 +166,9 @@ def _linear_cross_entropy_chunks(h: Tensor, weight: Tensor, target: Tensor, igno
             dw.addmm_(grad_logits.T, h_chunk)
     loss = loss_sum * scale
     if dh is not None:
+        if process_group is not None:
+            # Each rank pushed only its vocab columns through the matmul: the full gradient is the sum.
+            dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=process_group)
         dh = (dh * scale).to(h.dtype)
     if dw is not None:
         dw = (dw * scale).to(weight.dtype)
@@ -149,10 +179,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Autograd wrapper: gradients are computed in forward (chunked), scaled in backward."""
 
     @staticmethod
-    def forward(ctx, h, weight, target, ignore_index, chunk_size):
+    def forward(ctx, h, weight, target, ignore_index, chunk_size, process_group):
         loss, dh, dw = _linear_cross_entropy_chunks(
             h, weight, target, ignore_index, chunk_size,
-            grad_h=ctx.needs_input_grad[0], grad_weight=ctx.needs_input_grad[1])
+            grad_h=ctx.needs_input_grad[0], grad_weight=ctx.needs_input_grad[1], process_group=process_group)
         ctx.save_for_backward(dh, dw)
         return loss
 
@@ -162,11 +192,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dh, dw = ctx.saved_tensors
         grad_h = None if dh is None else dh * grad_loss.to(dh.dtype)
         grad_w = None if dw is None else dw * grad_loss.to(dw.dtype)
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
 def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int = -100,
-                               chunk_size: int = 4096) -> Tensor:
+                               chunk_size: int = 4096, process_group=None) -> Tensor:
     """Mean cross-entropy of the logits h @ weight.T, without holding all [T, V] logits.
 
         loss = mean over {t : target[t] != ignore_index} of  logsumexp(z_t) - z_t[target[t]],
@@ -182,6 +212,10 @@ def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore
         target: [T] class indices in [0, V), or ignore_index.
         ignore_index: targets with this value add no loss and are not counted in the mean.
         chunk_size: rows of logits materialised at once.
+        process_group: vocab-parallel group, or None. With a group, weight is this rank's [V_local, D]
+            shard (rows [rank * V_local, (rank + 1) * V_local) of the full head), target holds global
+            ids and h is the same on every rank; the returned loss and gradient for h are complete
+            (all-reduced), the gradient for weight is this shard's.
 
     Returns:
         0-dim fp32 loss. If every target is ignored the loss is 0 (still attached to the graph,
@@ -194,7 +228,15 @@ def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore
         raise ValueError(f"fused_linear_cross_entropy: target must be [T] = [{h.shape[0]}], got {tuple(target.shape)}")
     if chunk_size < 1:
         raise ValueError(f"fused_linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
+    world = 1
+    if process_group is not None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("fused_linear_cross_entropy: argument 'process_group' was given but "
+                             "torch.distributed is not initialised")
+        world = dist.get_world_size(process_group)
+    _check_targets(target, ignore_index, weight.shape[0] * world)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(h, weight, target, ignore_index, chunk_size)
+        return _LinearCrossEntropy.apply(h, weight, target, ignore_index, chunk_size, process_group)
     # Evaluation: skip the gradient work entirely.
-    return _linear_cross_entropy_chunks(h, weight, target, ignore_index, chunk_size, False, False)[0]
+    return _linear_cross_entropy_chunks(h, weight, target, ignore_index, chunk_size, False, False,
+                                        process_group)[0]

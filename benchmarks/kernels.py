@@ -1,0 +1,924 @@
+"""Fused-kernel benchmarks: megatrain's Triton ops against torch eager, torch.compile, Liger-Kernel and apex.
+
+    python benchmarks/kernels.py [--ops rms_norm,rope,swiglu,flce,adam] [--quick] [--out benchmarks/results]
+
+Needs a CUDA GPU. Without one it prints one line saying so and exits with status 2. On the lent GPU
+machine run it through benchmarks/gpu_suite.sh, which installs what the machine lacks first.
+
+Steps
+1. Two ceilings of this device, measured with CUDA events (median of 20 after 3 warm-ups): copy
+   bandwidth, `dst.copy_(src)` on a 1 GiB bf16 tensor counting bytes = 2 x size (one read, one write),
+   and the bf16 matmul rate of an 8192 x 8192 x 8192 product on random data (2 * 8192^3 FLOPs).
+2. Correctness pre-pass at the benchmark sizes: every Triton op on bf16 inputs against
+   `megatrain.kernels.reference` run on the same values upcast to fp32 (fp32 math), forward outputs and
+   every input gradient, as ||out - ref|| / ||ref|| <= --rtol (1e-2, the bf16 tolerance). Kernel outputs
+   are poisoned with NaN (MEGATRAIN_KERNELS_POISON=1) so an element a kernel never writes fails.
+3. Timings with triton.testing.do_bench (median, 20th and 80th percentile; the L2 cache is flushed
+   before every run) of: "megatrain-triton" (the public API with MEGATRAIN_KERNELS=triton),
+   "torch-eager" (kernels.reference; for flce the unfused `F.cross_entropy(h @ W.T, target)` on bf16
+   logits, with no fp32 upcast, the fastest plain form), "torch-compile" (torch.compile of that eager
+   function, default mode, static shapes), "liger" (Liger-Kernel, when `liger_kernel` imports), "apex"
+   (rms_norm only, `megatrain.kernels.apex_rms_norm`, when apex's CUDA extension imports). Modes: "fwd" runs under
+   torch.no_grad(); "fwd+bwd" runs the forward and backward (upstream gradients random, fixed).
+4. Adam: one optimizer step over the fp32 parameters of megatrain's 1.3b preset (vocab 32000; the shapes
+   come from building the model on the meta device): torch AdamW foreach, torch AdamW fused, apex
+   FusedAdam when importable.
+
+Byte accounting (memory-bound ops): every tensor the op must read or write, counted once; bf16 is 2
+bytes (e), the fp32 RoPE tables and Adam state 4. Extra traffic an implementation chooses (saved
+statistics, partial sums, fp32 copies) is not counted, so GB/s compares implementations on the same work.
+    rms_norm  fwd: read x [T, D] and weight [D], write y [T, D]            2*T*D*e + D*e
+              bwd: read dy, x, weight; write dx, dweight                   3*T*D*e + 2*D*e
+    rope      fwd: read q, k, cos, sin [N, d/2]; write q_rot, k_rot        2*(|q| + |k|)*e + 2*N*(d/2)*4
+              bwd: the same counts for the gradients
+    swiglu    fwd: read gate, up [T, F]; write out                         3*T*F*e
+              bwd: read dout, gate, up; write dgate, dup                   5*T*F*e
+    adam      read param, grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq   7*P*4
+"fwd+bwd" counts the forward's bytes plus the backward's.
+
+FLOP accounting (flce, h [T, D], W [V, D]): fwd 2*T*D*V (the logits); fwd+bwd 6*T*D*V (the logits,
+dh = dlogits @ W and dW = dlogits^T @ h). Softmax arithmetic is not counted, and an implementation that
+recomputes the logits in its backward does more work than is counted: the figure is useful work.
+
+Peak memory (flce, fwd+bwd): torch.cuda.max_memory_allocated() during one forward+backward minus the
+memory allocated just before it. The inputs h, W and target exist before and are not counted; the
+gradients dh and dW, which every version must produce, are counted.
+
+Targets (judged for megatrain-triton, printed PASS/FAIL, never assumed):
+- rms_norm, rope, swiglu, every shape and mode: achieved GB/s >= 85% of the measured copy bandwidth,
+  and not slower than torch.compile (median <= compile's median x (1 + --noise); --noise 0.02 allows
+  for the run-to-run spread of medians).
+- flce, every shape: speed >= 90% of the unfused torch-eager version in each mode (its median time
+  over ours), and fwd+bwd peak memory < 10% of the unfused version's.
+
+Writes benchmarks/results/kernels-<gpu-name-slug>.json and .md ("-quick" is added with --quick).
+Exit status: 0; 1 when a correctness check failed or the Triton path raised (after writing the
+results), and with --strict also when a target FAILed; 2 without a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from typing import Callable, Optional, Sequence
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(_HERE)
+if __name__ == "__main__":
+    # Run as a script, benchmarks/ comes first on sys.path, and this file would then answer any
+    # `import kernels` or find_spec("kernels") that a library makes.
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+OPS = ("rms_norm", "rope", "swiglu", "flce", "adam")
+MEMORY_BOUND_OPS = ("rms_norm", "rope", "swiglu")
+MODES = ("fwd", "fwd+bwd")
+BF16_BYTES = 2
+FP32_BYTES = 4
+
+TARGET_COPY_FRACTION = 0.85     # memory-bound ops: fraction of the measured copy bandwidth
+TARGET_FLCE_SPEED = 0.90        # flce: fraction of the unfused version's speed
+TARGET_FLCE_MEMORY = 0.10       # flce: fused peak memory below this fraction of the unfused one
+
+DEVICE = "cuda"
+EPS = 1e-6
+IGNORE_INDEX = -100
+TRITON = "megatrain-triton"
+EAGER = "torch-eager"
+COMPILE = "torch-compile"
+
+
+# ----------------------------------------------------------------------------------------------
+# shapes
+
+
+def sweep(op: str, quick: bool = False) -> list[dict]:
+    """The benchmark shapes of `op`: realistic bf16 training sizes.
+
+    Sequences of 2048-8192 tokens per batch row, the batch chosen so a step holds 4096-16384 tokens;
+    rope with 32 query heads, 8 key/value heads, head dim 128; flce with D = 4096. --quick keeps one
+    shape of the full sweep, so its numbers compare with a full run's.
+    """
+    if op == "rms_norm":
+        full = [dict(batch=b, seq=n, hidden=d) for d in (2048, 4096, 8192) for b, n in ((2, 2048), (2, 8192))]
+        pick = [dict(batch=2, seq=8192, hidden=4096)]
+    elif op == "rope":
+        full = [dict(batch=b, seq=n, heads=32, kv_heads=8, head_dim=128) for b, n in ((2, 2048), (1, 8192), (4, 4096))]
+        pick = [dict(batch=1, seq=8192, heads=32, kv_heads=8, head_dim=128)]
+    elif op == "swiglu":
+        full = [dict(batch=b, seq=n, ffn=f) for f in (11008, 14336) for b, n in ((2, 2048), (2, 8192))]
+        pick = [dict(batch=2, seq=8192, ffn=14336)]
+    elif op == "flce":
+        full = [dict(tokens=t, hidden=4096, vocab=v) for v in (32000, 128256) for t in (8192, 16384)]
+        pick = [dict(tokens=8192, hidden=4096, vocab=128256)]
+    elif op == "adam":
+        full = pick = [dict(preset="1.3b", vocab=32000)]
+    else:
+        raise ValueError(f"unknown op {op!r} (choose from {', '.join(OPS)})")
+    return pick if quick else full
+
+
+def tokens_of(shape: dict) -> int:
+    return shape["tokens"] if "tokens" in shape else shape["batch"] * shape["seq"]
+
+
+def shape_label(op: str, shape: dict) -> str:
+    """A short, unambiguous name of one benchmark shape, e.g. 'B2 N8192 D4096'."""
+    if op == "rms_norm":
+        return f"B{shape['batch']} N{shape['seq']} D{shape['hidden']}"
+    if op == "rope":
+        return f"B{shape['batch']} N{shape['seq']} H{shape['heads']}/{shape['kv_heads']} d{shape['head_dim']}"
+    if op == "swiglu":
+        return f"B{shape['batch']} N{shape['seq']} F{shape['ffn']}"
+    if op == "flce":
+        return f"T{shape['tokens']} D{shape['hidden']} V{shape['vocab']}"
+    if op == "adam":
+        return f"{shape['preset']} (V{shape['vocab']})"
+    raise ValueError(f"unknown op {op!r}")
+
+
+def parse_ops(text: str) -> list[str]:
+    """'rms_norm,flce' -> ['rms_norm', 'flce'], in the order given; unknown names raise ValueError."""
+    ops = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in ops if name not in OPS]
+    if unknown or not ops:
+        raise ValueError(f"--ops: unknown {', '.join(unknown) or '(empty list)'}; choose from {', '.join(OPS)}")
+    return list(dict.fromkeys(ops))
+
+
+# ----------------------------------------------------------------------------------------------
+# byte and FLOP accounting (see the module docstring)
+
+
+def rms_norm_bytes(tokens: int, hidden: int, backward: bool, elem: int = BF16_BYTES) -> int:
+    forward = 2 * tokens * hidden * elem + hidden * elem
+    grads = 3 * tokens * hidden * elem + 2 * hidden * elem
+    return forward + (grads if backward else 0)
+
+
+def rope_bytes(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, backward: bool,
+               elem: int = BF16_BYTES, table_elem: int = FP32_BYTES) -> int:
+    q_elems, k_elems = batch * heads * seq * head_dim, batch * kv_heads * seq * head_dim
+    one_pass = 2 * (q_elems + k_elems) * elem + 2 * seq * (head_dim // 2) * table_elem
+    return one_pass * (2 if backward else 1)
+
+
+def swiglu_bytes(tokens: int, ffn: int, backward: bool, elem: int = BF16_BYTES) -> int:
+    return (3 + (5 if backward else 0)) * tokens * ffn * elem
+
+
+def adam_bytes(num_params: int, elem: int = FP32_BYTES) -> int:
+    return 7 * num_params * elem
+
+
+def flce_flops(tokens: int, hidden: int, vocab: int, backward: bool) -> int:
+    return (6 if backward else 2) * tokens * hidden * vocab
+
+
+def op_cost(op: str, shape: dict, mode: str) -> int:
+    """Bytes moved (memory-bound ops) or FLOPs (flce) of one call of `op` at `shape` in `mode`."""
+    backward = mode == "fwd+bwd"
+    if op == "rms_norm":
+        return rms_norm_bytes(tokens_of(shape), shape["hidden"], backward)
+    if op == "rope":
+        return rope_bytes(shape["batch"], shape["seq"], shape["heads"], shape["kv_heads"], shape["head_dim"], backward)
+    if op == "swiglu":
+        return swiglu_bytes(tokens_of(shape), shape["ffn"], backward)
+    if op == "flce":
+        return flce_flops(shape["tokens"], shape["hidden"], shape["vocab"], backward)
+    raise ValueError(f"no cost model for {op!r}")
+
+
+def gb_per_s(nbytes: float, ms: float) -> float:
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+def tflop_per_s(flops: float, ms: float) -> float:
+    return flops / (ms * 1e-3) / 1e12
+
+
+# ----------------------------------------------------------------------------------------------
+# judging the targets
+
+
+@dataclasses.dataclass
+class Target:
+    op: str
+    shape: str
+    mode: str
+    name: str            # what is judged, e.g. ">= 85% of copy bandwidth"
+    value: str           # what was measured, formatted
+    ok: Optional[bool]   # None: could not be judged (a baseline is missing)
+
+    @property
+    def verdict(self) -> str:
+        return verdict(self.ok)
+
+
+def verdict(ok: Optional[bool]) -> str:
+    return "n/a" if ok is None else ("PASS" if ok else "FAIL")
+
+
+def not_slower(ms: float, baseline_ms: float, noise: float) -> bool:
+    """Whether a median time `ms` is no slower than `baseline_ms`, allowing `noise` relative spread."""
+    return ms <= baseline_ms * (1.0 + noise)
+
+
+def judge_memory_bound(op: str, shape: str, mode: str, triton_ms: Optional[float], compile_ms: Optional[float],
+                       nbytes: int, copy_gbps: float, noise: float) -> list[Target]:
+    """The two targets of a memory-bound op at one shape and mode.
+
+    A missing Triton time (it raised) FAILs both; a missing torch.compile time leaves that one n/a.
+    """
+    if triton_ms is None:
+        fraction = Target(op, shape, mode, f">= {TARGET_COPY_FRACTION:.0%} of copy bandwidth", "error", False)
+    else:
+        achieved = gb_per_s(nbytes, triton_ms) / copy_gbps
+        fraction = Target(op, shape, mode, f">= {TARGET_COPY_FRACTION:.0%} of copy bandwidth", f"{achieved:.1%}",
+                          achieved >= TARGET_COPY_FRACTION)
+    name = "not slower than torch.compile"
+    if triton_ms is None:
+        speed = Target(op, shape, mode, name, "error", False)
+    elif compile_ms is None:
+        speed = Target(op, shape, mode, name, "no torch.compile time", None)
+    else:
+        speed = Target(op, shape, mode, name, f"{compile_ms / triton_ms:.2f}x compile's speed",
+                       not_slower(triton_ms, compile_ms, noise))
+    return [fraction, speed]
+
+
+def judge_flce(shape: str, mode: str, fused_ms: Optional[float], unfused_ms: Optional[float],
+               fused_peak: Optional[int] = None, unfused_peak: Optional[int] = None) -> list[Target]:
+    """flce's targets at one shape and mode: speed in every mode, peak memory where it was measured."""
+    name = f">= {TARGET_FLCE_SPEED:.0%} of unfused speed"
+    if fused_ms is None:
+        targets = [Target("flce", shape, mode, name, "error", False)]
+    elif unfused_ms is None:
+        targets = [Target("flce", shape, mode, name, "no unfused time", None)]
+    else:
+        ratio = unfused_ms / fused_ms
+        targets = [Target("flce", shape, mode, name, f"{ratio:.1%}", ratio >= TARGET_FLCE_SPEED)]
+    if mode == "fwd+bwd":
+        name = f"< {TARGET_FLCE_MEMORY:.0%} of unfused peak memory"
+        if fused_peak is None:
+            targets.append(Target("flce", shape, mode, name, "error", False))
+        elif not unfused_peak:
+            targets.append(Target("flce", shape, mode, name, "no unfused peak", None))
+        else:
+            ratio = fused_peak / unfused_peak
+            targets.append(Target("flce", shape, mode, name, f"{ratio:.1%}", ratio < TARGET_FLCE_MEMORY))
+    return targets
+
+
+# ----------------------------------------------------------------------------------------------
+# formatting
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub markdown table; every cell through str()."""
+    lines = ["| " + " | ".join(str(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows:
+        if len(row) != len(headers):
+            raise ValueError(f"row {row!r} has {len(row)} cells for {len(headers)} headers")
+        lines.append("| " + " | ".join(str(cell) for cell in row) + " |")
+    return "\n".join(lines)
+
+
+def fmt(value: Optional[float], spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (file-name safe)."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def render_markdown(report: dict) -> str:
+    """The whole report as markdown: header, correctness, one table per op, Adam, targets."""
+    env = report["environment"]
+    ceilings = report["ceilings"]
+    out = [f"# megatrain kernel benchmarks on {env['device']}", "",
+           f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, Python {env['python']}; "
+           f"Liger-Kernel: {env['liger']}; apex: {env['apex']}",
+           f"Command: `{report['command']}`",
+           f"Measured ceilings: copy {ceilings['copy_gbps']:.0f} GB/s ({ceilings['copy_bytes'] / 2 / 2**30:g} GiB bf16 "
+           f"copy_, read + write counted), bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s "
+           f"({ceilings['matmul_n']}^3, random data)",
+           "Times are do_bench medians (L2 flushed before each run); fwd runs under no_grad."]
+
+    if report["correctness"]:
+        rows = [[c["op"], c["shape"], c["tensor"], fmt(c["rel_error"], ".2e", "error"),
+                 fmt(c["max_abs_error"], ".2e", "error"), "PASS" if c["ok"] else "FAIL"]
+                for c in report["correctness"]]
+        out += ["", f"## Correctness: Triton (bf16) vs reference (fp32 math), ||out - ref|| / ||ref|| <= {report['rtol']:g}",
+                "", markdown_table(["op", "shape", "tensor", "rel. error", "max abs error", "result"], rows)]
+        errors = [c for c in report["correctness"] if c.get("error")]
+        out += [f"- {c['op']} {c['shape']}: {c['error']}" for c in errors]
+
+    for op in OPS:
+        rows_of_op = [r for r in report["results"] if r["op"] == op]
+        if not rows_of_op:
+            continue
+        out += ["", f"## {op}", ""]
+        if op in MEMORY_BOUND_OPS:
+            headers = ["shape", "mode", "impl", "median ms (p20-p80)", "GB/s", "% copy BW", "speed vs compile"]
+        elif op == "flce":
+            headers = ["shape", "mode", "impl", "median ms (p20-p80)", "TFLOP/s", "% matmul peak", "speed vs unfused",
+                       "peak mem GiB", "mem vs unfused"]
+        else:
+            headers = ["shape", "impl", "median ms (p20-p80)", "GB/s", "% copy BW"]
+        rows = []
+        for r in rows_of_op:
+            if r.get("error"):
+                time_cell = "error: " + r["error"].replace("|", "/")[:80]
+            else:
+                time_cell = f"{r['median_ms']:.3f} ({r['p20_ms']:.3f}-{r['p80_ms']:.3f})"
+            if op in MEMORY_BOUND_OPS:
+                rows.append([r["shape"], r["mode"], r["impl"], time_cell, fmt(r.get("gbps"), ".0f"),
+                             fmt(None if r.get("copy_fraction") is None else 100 * r["copy_fraction"], ".1f"),
+                             fmt(r.get("speed_vs_compile"), ".2f")])
+            elif op == "flce":
+                peak = r.get("peak_mem_bytes")
+                rows.append([r["shape"], r["mode"], r["impl"], time_cell, fmt(r.get("tflops"), ".0f"),
+                             fmt(None if r.get("matmul_fraction") is None else 100 * r["matmul_fraction"], ".1f"),
+                             fmt(r.get("speed_vs_unfused"), ".2f"), fmt(None if peak is None else peak / 2**30, ".2f"),
+                             fmt(r.get("mem_vs_unfused"), ".3f")])
+            else:
+                rows.append([r["shape"], r["impl"], time_cell, fmt(r.get("gbps"), ".0f"),
+                             fmt(None if r.get("copy_fraction") is None else 100 * r["copy_fraction"], ".1f")])
+        out.append(markdown_table(headers, rows))
+        skipped = report.get("skipped", {}).get(op)
+        if skipped:
+            out += ["", "Not run: " + "; ".join(f"{k} ({v})" for k, v in skipped.items())]
+
+    if report["targets"]:
+        rows = [[t["op"], t["shape"], t["mode"], t["name"], t["value"], t["verdict"]] for t in report["targets"]]
+        counts = {v: sum(t["verdict"] == v for t in report["targets"]) for v in ("PASS", "FAIL", "n/a")}
+        out += ["", f"## Targets (megatrain-triton; not-slower allows {report['noise']:.0%} noise)", "",
+                markdown_table(["op", "shape", "mode", "target", "measured", "verdict"], rows), "",
+                f"{counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['n/a']} n/a"]
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# correctness helpers
+
+
+def rel_error(out: Tensor, ref: Tensor) -> float:
+    """||out - ref|| / ||ref|| in fp32; inf when `out` holds a NaN or an infinity."""
+    out32, ref32 = out.detach().float(), ref.detach().float()
+    if not bool(torch.isfinite(out32).all()):
+        return math.inf
+    denom = ref32.norm().item()
+    diff = (out32 - ref32).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def max_abs_error(out: Tensor, ref: Tensor) -> float:
+    return (out.detach().float() - ref.detach().float()).abs().max().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# everything below needs a CUDA GPU
+
+
+@dataclasses.dataclass
+class Case:
+    """One op at one shape: its inputs and every implementation to time."""
+    op: str
+    shape: dict
+    inputs: tuple                    # positional arguments (tensors; floats are bf16 or fp32 tables)
+    input_names: tuple
+    output_names: tuple
+    grad_outputs: Optional[tuple]    # upstream gradients; None when the output is a scalar loss
+    impls: dict                      # name -> fn(*inputs)
+    reference: Callable              # the fp32-math oracle, fn(*inputs upcast)
+
+    @property
+    def label(self) -> str:
+        return shape_label(self.op, self.shape)
+
+    @property
+    def grad_inputs(self) -> list:
+        return [t for t in self.inputs if isinstance(t, Tensor) and t.requires_grad]
+
+
+def _optional_backends() -> dict:
+    """Liger-Kernel's functional module and apex's RMSNorm where they import, with why not otherwise."""
+    found = {"liger": None, "liger_status": "not importable", "apex_rms_norm": None, "apex_status": "not importable",
+             "apex_adam": None}
+    try:
+        import liger_kernel
+        from liger_kernel.transformers import functional as liger_functional
+        found["liger"] = liger_functional
+        version = getattr(liger_kernel, "__version__", None)
+        if version is None:
+            from importlib import metadata
+            version = metadata.version("liger-kernel")
+        found["liger_status"] = str(version)
+    except Exception as exc:  # a broken install raises more than ImportError; it only costs the row
+        found["liger_status"] = f"not importable ({first_line(exc)})"
+    from megatrain import kernels
+
+    if getattr(kernels, "apex_rms_norm", None) is not None:
+        try:
+            probe = torch.ones(2, 8, device=DEVICE, dtype=torch.bfloat16)
+            kernels.apex_rms_norm(probe, torch.ones(8, device=DEVICE), EPS)
+            found["apex_rms_norm"] = kernels.apex_rms_norm
+            found["apex_status"] = "fused RMSNorm importable"
+        except Exception as exc:
+            found["apex_status"] = f"not importable ({first_line(exc)})"
+    try:
+        from apex.optimizers import FusedAdam
+        found["apex_adam"] = FusedAdam
+    except Exception:
+        pass
+    return found
+
+
+def _compiled(fn: Callable) -> Callable:
+    # Static shapes: each shape gets the kernels Inductor specialises for it, its best case.
+    return torch.compile(fn, dynamic=False)
+
+
+def build_case(op: str, shape: dict, backends: dict) -> Case:
+    """Inputs on the GPU (random, never zeros) and the implementations of `op` to time."""
+    from megatrain import kernels
+    from megatrain.kernels import reference
+
+    dev, bf16 = DEVICE, torch.bfloat16
+    liger = backends["liger"]
+    if op == "rms_norm":
+        b, n, d = shape["batch"], shape["seq"], shape["hidden"]
+        x = torch.randn(b, n, d, device=dev, dtype=bf16, requires_grad=True)
+        w = (1 + 0.1 * torch.randn(d, device=dev)).to(bf16).requires_grad_()
+
+        def eager(x, w):
+            return reference.rms_norm(x, w, EPS)
+
+        impls = {TRITON: lambda x, w: kernels.rms_norm(x, w, EPS), EAGER: eager, COMPILE: _compiled(eager)}
+        if liger is not None:
+            impls["liger"] = lambda x, w: liger.liger_rms_norm(x, w, EPS, in_place=False)
+        if backends["apex_rms_norm"] is not None:
+            impls["apex"] = lambda x, w: backends["apex_rms_norm"](x, w, EPS)
+        return Case(op, shape, (x, w), ("x", "weight"), ("y",), (torch.randn_like(x),), impls, eager)
+
+    if op == "rope":
+        from megatrain.models.transformer import rope_tables
+
+        b, n, h, hk, d = shape["batch"], shape["seq"], shape["heads"], shape["kv_heads"], shape["head_dim"]
+        q = torch.randn(b, h, n, d, device=dev, dtype=bf16, requires_grad=True)
+        k = torch.randn(b, hk, n, d, device=dev, dtype=bf16, requires_grad=True)
+        cos, sin = rope_tables(d, n, 10000.0, device=dev)  # fp32 [N, d/2], what the model passes
+
+        def eager(q, k, cos, sin):
+            return reference.rope(q, k, cos, sin)
+
+        impls = {TRITON: kernels.rope, EAGER: eager, COMPILE: _compiled(eager)}
+        if liger is not None:
+            # Liger takes Hugging Face's duplicated [N, d] tables in the activations' dtype.
+            cos_full, sin_full = torch.cat((cos, cos), -1).to(bf16), torch.cat((sin, sin), -1).to(bf16)
+            impls["liger"] = lambda q, k, cos, sin: liger.liger_rope(q, k, cos_full, sin_full)
+        grads = (torch.randn_like(q), torch.randn_like(k))
+        return Case(op, shape, (q, k, cos, sin), ("q", "k", "cos", "sin"), ("q_rot", "k_rot"), grads, impls, eager)
+
+    if op == "swiglu":
+        b, n, f = shape["batch"], shape["seq"], shape["ffn"]
+        gate = torch.randn(b, n, f, device=dev, dtype=bf16, requires_grad=True)
+        up = torch.randn(b, n, f, device=dev, dtype=bf16, requires_grad=True)
+
+        def eager(gate, up):
+            return reference.swiglu(gate, up)
+
+        impls = {TRITON: kernels.swiglu, EAGER: eager, COMPILE: _compiled(eager)}
+        if liger is not None:
+            impls["liger"] = liger.liger_swiglu
+        return Case(op, shape, (gate, up), ("gate", "up"), ("out",), (torch.randn_like(gate),), impls, eager)
+
+    if op == "flce":
+        t, d, v = shape["tokens"], shape["hidden"], shape["vocab"]
+        h = torch.randn(t, d, device=dev, dtype=bf16, requires_grad=True)
+        # Scaled like a trained head: logits of unit-order spread, so the softmax is neither flat nor one-hot.
+        w = (torch.randn(v, d, device=dev) * d ** -0.5).to(bf16).requires_grad_()
+        target = torch.randint(0, v, (t,), device=dev)
+        target[torch.rand(t, device=dev) < 0.05] = IGNORE_INDEX  # some ignored rows, as padding gives
+
+        def unfused(h, w, target):
+            return F.cross_entropy(h @ w.T, target, ignore_index=IGNORE_INDEX)
+
+        def chunked(h, w, target):
+            return reference.fused_linear_cross_entropy(h, w, target, IGNORE_INDEX)
+
+        # The chunked reference is the correctness oracle only: its fp32 matmuls take about a second per
+        # call at these sizes, and nothing runs it on a GPU.
+        impls = {TRITON: lambda h, w, target: kernels.fused_linear_cross_entropy(h, w, target, IGNORE_INDEX),
+                 EAGER: unfused, COMPILE: _compiled(unfused)}
+        if liger is not None:
+            impls["liger"] = lambda h, w, target: liger.liger_fused_linear_cross_entropy(
+                h, w, target, ignore_index=IGNORE_INDEX)
+        return Case(op, shape, (h, w, target), ("h", "weight", "target"), ("loss",), None, impls, chunked)
+
+    raise ValueError(f"no case builder for {op!r}")
+
+
+def _as_tuple(out) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _backward(outputs: tuple, grad_outputs: Optional[tuple]) -> None:
+    torch.autograd.backward(outputs, grad_outputs)
+
+
+def check_case(case: Case, rtol: float) -> list[dict]:
+    """Triton forward outputs and input gradients against the fp32-math reference at this shape."""
+    rows, base = [], dict(op=case.op, shape=case.label)
+    grad_positions = [i for i, t in enumerate(case.inputs) if isinstance(t, Tensor) and t.requires_grad]
+    old_poison = os.environ.get("MEGATRAIN_KERNELS_POISON")
+    os.environ["MEGATRAIN_KERNELS_POISON"] = "1"
+    try:
+        for t in case.grad_inputs:
+            t.grad = None
+        outputs = _as_tuple(case.impls[TRITON](*case.inputs))
+        _backward(outputs, case.grad_outputs)
+        got = [o.detach() for o in outputs] + [case.inputs[i].grad for i in grad_positions]
+    except Exception as exc:
+        return [dict(base, tensor="(all)", rel_error=None, max_abs_error=None, ok=False, error=first_line(exc))]
+    finally:
+        if old_poison is None:
+            os.environ.pop("MEGATRAIN_KERNELS_POISON", None)
+        else:
+            os.environ["MEGATRAIN_KERNELS_POISON"] = old_poison
+        for t in case.grad_inputs:
+            t.grad = None
+
+    # The same values upcast: the reference then computes in fp32 (no tf32 in its matmuls).
+    ref_inputs = tuple(t.detach().float().requires_grad_(t.requires_grad) if isinstance(t, Tensor) and t.is_floating_point()
+                       else t for t in case.inputs)
+    previous_precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        ref_outputs = _as_tuple(case.reference(*ref_inputs))
+        ref_grads = None if case.grad_outputs is None else tuple(g.float() for g in case.grad_outputs)
+        _backward(ref_outputs, ref_grads)
+    finally:
+        torch.set_float32_matmul_precision(previous_precision)
+    want = [o.detach() for o in ref_outputs] + [ref_inputs[i].grad for i in grad_positions]
+    names = list(case.output_names) + ["d" + case.input_names[i] for i in grad_positions]
+    for name, a, b in zip(names, got, want):
+        if a is None or b is None:
+            rows.append(dict(base, tensor=name, rel_error=None, max_abs_error=None, ok=False, error="gradient missing"))
+            continue
+        if a.shape != b.shape:
+            rows.append(dict(base, tensor=name, rel_error=None, max_abs_error=None, ok=False,
+                             error=f"shape {tuple(a.shape)} != reference {tuple(b.shape)}"))
+            continue
+        err = rel_error(a, b)
+        rows.append(dict(base, tensor=name, rel_error=err, max_abs_error=max_abs_error(a, b), ok=err <= rtol))
+    return rows
+
+
+def _timed(fn: Callable, grad_to_none: Optional[list], warmup_ms: int, rep_ms: int) -> tuple[float, float, float]:
+    from triton.testing import do_bench
+
+    median, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
+    return median, p20, p80
+
+
+def _peak_bytes(fn: Callable, grad_inputs: list) -> int:
+    """Peak allocated memory of one call of `fn` above what was allocated before it."""
+    for t in grad_inputs:
+        t.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    for t in grad_inputs:
+        t.grad = None
+    return peak
+
+
+def _runner(case: Case, impl: Callable, mode: str) -> Callable:
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                impl(*case.inputs)
+    else:
+        def run():
+            _backward(_as_tuple(impl(*case.inputs)), case.grad_outputs)
+    return run
+
+
+def _free_memory() -> None:
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+def time_case(case: Case, ceilings: dict, args, log: Callable) -> list[dict]:
+    """One row per (mode, impl) with the median time and what it achieves against the ceilings."""
+    rows = []
+    for mode in MODES:
+        cost = op_cost(case.op, case.shape, mode)
+        mode_rows = []
+        for name, impl in case.impls.items():
+            row = dict(op=case.op, shape=case.label, shape_params=case.shape, mode=mode, impl=name)
+            run = _runner(case, impl, mode)
+            try:
+                row["median_ms"], row["p20_ms"], row["p80_ms"] = _timed(
+                    run, case.grad_inputs if mode == "fwd+bwd" else None, args.warmup, args.rep)
+                if case.op == "flce":
+                    row["flops"] = cost
+                    row["tflops"] = tflop_per_s(cost, row["median_ms"])
+                    row["matmul_fraction"] = row["tflops"] / ceilings["matmul_tflops"]
+                    if mode == "fwd+bwd":
+                        row["peak_mem_bytes"] = _peak_bytes(run, case.grad_inputs)
+                else:
+                    row["bytes"] = cost
+                    row["gbps"] = gb_per_s(cost, row["median_ms"])
+                    row["copy_fraction"] = row["gbps"] / ceilings["copy_gbps"]
+                log(f"{case.op:8s} {case.label:28s} {mode:7s} {name:18s} {row['median_ms']:9.3f} ms")
+            except Exception as exc:  # one failing implementation (OOM, compile error) must not end the run
+                row["error"] = first_line(exc)
+                log(f"{case.op:8s} {case.label:28s} {mode:7s} {name:18s} error: {row['error']}")
+                for t in case.grad_inputs:
+                    t.grad = None
+                _free_memory()
+            mode_rows.append(row)
+        baseline = COMPILE if case.op in MEMORY_BOUND_OPS else EAGER
+        key = "speed_vs_compile" if case.op in MEMORY_BOUND_OPS else "speed_vs_unfused"
+        base = next((r for r in mode_rows if r["impl"] == baseline), {})
+        for r in mode_rows:
+            if base.get("median_ms") and r.get("median_ms"):
+                r[key] = base["median_ms"] / r["median_ms"]
+            if base.get("peak_mem_bytes") and r.get("peak_mem_bytes") is not None:
+                r["mem_vs_unfused"] = r["peak_mem_bytes"] / base["peak_mem_bytes"]
+        rows += mode_rows
+    return rows
+
+
+def targets_for(op: str, rows: list[dict], ceilings: dict, noise: float) -> list[Target]:
+    """Judge the targets of one op at every shape and mode from its timing rows."""
+    def find(shape, mode, impl, key):
+        return next((r.get(key) for r in rows if (r["shape"], r["mode"], r["impl"]) == (shape, mode, impl)), None)
+
+    targets = []
+    shapes = {r["shape"]: r["shape_params"] for r in rows}  # label -> parameters, in sweep order
+    for shape, params in shapes.items():
+        for mode in MODES:
+            if op in MEMORY_BOUND_OPS:
+                targets += judge_memory_bound(op, shape, mode, find(shape, mode, TRITON, "median_ms"),
+                                              find(shape, mode, COMPILE, "median_ms"), op_cost(op, params, mode),
+                                              ceilings["copy_gbps"], noise)
+            elif op == "flce":
+                targets += judge_flce(shape, mode, find(shape, mode, TRITON, "median_ms"),
+                                      find(shape, mode, EAGER, "median_ms"),
+                                      find(shape, mode, TRITON, "peak_mem_bytes"),
+                                      find(shape, mode, EAGER, "peak_mem_bytes"))
+    return targets
+
+
+def _event_median_ms(fn: Callable, iters: int = 20, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def measure_ceilings(copy_numel: int = 2**29, n: int = 8192) -> dict:
+    """The device's copy bandwidth and bf16 matmul rate, measured (datasheet figures are only leads).
+
+    Defaults: a 1 GiB bf16 copy, far past any L2, and an n^3 product of random bf16 matrices.
+    """
+    src = torch.randn(copy_numel, device=DEVICE, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    copy_bytes = 2 * src.numel() * src.element_size()
+    copy_ms = _event_median_ms(lambda: dst.copy_(src))
+    del src, dst
+    a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
+    mm_ms = _event_median_ms(lambda: torch.mm(a, b))
+    del a, b
+    _free_memory()
+    return dict(copy_gbps=gb_per_s(copy_bytes, copy_ms), copy_ms=copy_ms, copy_bytes=copy_bytes,
+                matmul_tflops=tflop_per_s(2 * n**3, mm_ms), matmul_ms=mm_ms, matmul_n=n)
+
+
+def adam_param_shapes(preset: str, vocab: int) -> list[tuple]:
+    """Parameter shapes of megatrain's model at `preset`, built on the meta device (no memory)."""
+    from megatrain.config import ModelConfig
+    from megatrain.models.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(ModelConfig(preset=preset, vocab_size=vocab))
+    return [tuple(p.shape) for p in model.parameters()]
+
+
+def bench_adam(shape: dict, ceilings: dict, backends: dict, args, log: Callable) -> list[dict]:
+    """One AdamW step over fp32 parameters and gradients of a 1.3B-parameter model, per implementation."""
+    shapes = adam_param_shapes(shape["preset"], shape["vocab"])
+    params = [torch.nn.Parameter(torch.randn(s, device=DEVICE) * 0.02) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    num_params = sum(p.numel() for p in params)
+    nbytes = adam_bytes(num_params)
+    label = shape_label("adam", shape) + f" {num_params / 1e9:.2f}B params"
+    makers = {
+        "torch-adamw-foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.1, foreach=True),
+        "torch-adamw-fused": lambda ps: torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.1, fused=True),
+    }
+    if backends["apex_adam"] is not None:
+        makers["apex-fusedadam"] = lambda ps: backends["apex_adam"](ps, lr=1e-4, weight_decay=0.1, adam_w_mode=True)
+    rows = []
+    for name, make in makers.items():
+        row = dict(op="adam", shape=label, shape_params=dict(shape, params=num_params), mode="step", impl=name,
+                   bytes=nbytes)
+        optimizer = None
+        try:
+            optimizer = make(params)
+            optimizer.step()  # the first step allocates exp_avg and exp_avg_sq; steady state is what counts
+            row["median_ms"], row["p20_ms"], row["p80_ms"] = _timed(optimizer.step, None, args.warmup, args.rep)
+            row["gbps"] = gb_per_s(nbytes, row["median_ms"])
+            row["copy_fraction"] = row["gbps"] / ceilings["copy_gbps"]
+            log(f"adam     {label:28s} step    {name:18s} {row['median_ms']:9.3f} ms")
+        except Exception as exc:
+            row["error"] = first_line(exc)
+            log(f"adam     {label:28s} step    {name:18s} error: {row['error']}")
+        del optimizer
+        _free_memory()
+        rows.append(row)
+    del params
+    _free_memory()
+    return rows
+
+
+def environment(backends: dict) -> dict:
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    try:
+        commit = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return dict(device=torch.cuda.get_device_name(0), multiprocessors=props.multi_processor_count,
+                memory_gib=round(props.total_memory / 2**30, 1), torch=torch.__version__, triton=triton.__version__,
+                cuda=torch.version.cuda, python=platform.python_version(), liger=backends["liger_status"],
+                apex=backends["apex_status"], git_commit=commit,
+                date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+
+
+def _ops_argument(text: str) -> list[str]:
+    try:
+        return parse_ops(text)
+    except ValueError as exc:  # argparse shows an ArgumentTypeError's own message
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--ops: ")) from None
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ops", type=_ops_argument, default=list(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    p.add_argument("--quick", action="store_true", help="one shape per op")
+    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"), help="results folder")
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up time per measurement (ms)")
+    p.add_argument("--rep", type=int, default=100, help="do_bench measuring time per measurement (ms)")
+    p.add_argument("--rtol", type=float, default=1e-2, help="correctness tolerance, relative L2 error")
+    p.add_argument("--noise", type=float, default=0.02, help="relative slack of the not-slower-than-compile target")
+    p.add_argument("--strict", action="store_true", help="also exit 1 when a performance target FAILs")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks/kernels.py: no CUDA GPU here; kernel timings need a GPU "
+              "(run benchmarks/gpu_suite.sh on the GPU machine)", file=sys.stderr)
+        return 2
+    # The public API dispatches on this at every call; reference and torch.compile rows call their
+    # functions directly, so only the megatrain-triton rows see it.
+    os.environ["MEGATRAIN_KERNELS"] = "triton"
+    from torch import _dynamo as dynamo
+
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
+
+    backends = _optional_backends()
+    env = environment(backends)
+    log(f"{env['device']}: torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; "
+        f"liger {env['liger']}; apex {env['apex']}")
+    ceilings = measure_ceilings()
+    log(f"ceilings: copy {ceilings['copy_gbps']:.0f} GB/s, bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s")
+
+    kernel_ops = [op for op in args.ops if op != "adam"]
+    correctness = []
+    for op in kernel_ops:
+        for shape in sweep(op, args.quick):
+            torch.manual_seed(0)
+            try:
+                case = build_case(op, shape, backends)
+                checked = check_case(case, args.rtol)
+            except Exception as exc:
+                checked = [dict(op=op, shape=shape_label(op, shape), tensor="(all)", rel_error=None,
+                                max_abs_error=None, ok=False, error=first_line(exc))]
+            case = None
+            _free_memory()
+            correctness += checked
+            worst = max((c["rel_error"] for c in checked if c["rel_error"] is not None), default=None)
+            log(f"check {op:8s} {shape_label(op, shape):28s} "
+                f"{'ok' if all(c['ok'] for c in checked) else 'FAILED'} (worst rel. error {fmt(worst, '.2e')})")
+
+    results, targets = [], []
+    skipped = {}
+    for op in args.ops:
+        if op == "adam":
+            for shape in sweep(op, args.quick):
+                results += bench_adam(shape, ceilings, backends, args, log)
+            if backends["apex_adam"] is None:
+                skipped["adam"] = {"apex-fusedadam": "apex not importable"}
+            continue
+        op_rows = []
+        for shape in sweep(op, args.quick):
+            torch.manual_seed(0)
+            dynamo.reset()  # every shape compiles afresh instead of filling one cache up to its limit
+            try:
+                case = build_case(op, shape, backends)
+                op_rows += time_case(case, ceilings, args, log)
+            except Exception as exc:
+                op_rows.append(dict(op=op, shape=shape_label(op, shape), shape_params=shape, mode="fwd", impl=TRITON,
+                                    error=first_line(exc)))
+                log(f"{op} {shape_label(op, shape)}: could not be set up: {first_line(exc)}")
+            case = None
+            _free_memory()
+        results += op_rows
+        targets += targets_for(op, op_rows, ceilings, args.noise)
+        missing = {}
+        if backends["liger"] is None:
+            missing["liger"] = backends["liger_status"]
+        if op == "rms_norm" and backends["apex_rms_norm"] is None:
+            missing["apex"] = backends["apex_status"]
+        if missing:
+            skipped[op] = missing
+
+    # What to type to repeat this run from the repository root.
+    command = "python " + shlex.join(["benchmarks/kernels.py"] + (sys.argv[1:] if argv is None else list(argv)))
+    report = dict(environment=env, command=command, quick=args.quick, ops=args.ops, rtol=args.rtol, noise=args.noise,
+                  ceilings=ceilings, correctness=correctness, results=results,
+                  targets=[dict(dataclasses.asdict(t), verdict=t.verdict) for t in targets], skipped=skipped,
+                  elapsed_s=round(time.perf_counter() - started, 1))
+    markdown = render_markdown(report)
+    print()
+    print(markdown)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"kernels-{slug(env['device'])}" + ("-quick" if args.quick else ""))
+    with open(stem + ".json", "w") as fh:
+        json.dump(report, fh, indent=1, default=str)
+    with open(stem + ".md", "w") as fh:
+        fh.write(markdown)
+    log(f"wrote {stem}.json and {stem}.md")
+
+    broken = [c for c in correctness if not c["ok"]]
+    triton_errors = [r for r in results if r["impl"] == TRITON and r.get("error")]
+    failed_targets = [t for t in targets if t.ok is False]
+    if broken or triton_errors:
+        print(f"FAILED: {len(broken)} correctness check(s), {len(triton_errors)} Triton timing error(s)", file=sys.stderr)
+        return 1
+    if args.strict and failed_targets:
+        print(f"FAILED: {len(failed_targets)} performance target(s) (--strict)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Fused SwiGLU gating in Triton.
+
+Math, elementwise over gate g and up u (any shape [..., F], flattened to [n] in the launchers):
+
+    s = sigmoid(g) = 1 / (1 + exp(-g))
+    y = silu(g) * u = g * s * u
+
+Backward, with incoming dy:
+
+    dg = dy * u * s * (1 + g * (1 - s))     (d silu / dg = s + g * s * (1 - s))
+    du = dy * g * s
+
+Only gate and up are saved; s is recomputed in backward (one exp per element is cheaper than
+storing and re-reading an extra [n] tensor). Arithmetic is fp32; outputs and gradients are stored
+in the inputs' dtype.
+
+Layout (see DESIGN.md, Kernels): private kernels by phase, host launchers that validate and pick
+block sizes, an autograd Function, and the public `swiglu`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._utils import check_device, check_same, check_tensor, new_output
+
+__all__ = ["swiglu"]
+
+OP = "swiglu"
+
+# Elements per program: large enough that each of the 4 warps issues several vector loads, small
+# enough that the grid covers every SM even for modest activations.
+BLOCK = 1024
+NUM_WARPS = 4
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _swiglu_fwd_kernel(G, U, Y, n, BLOCK: tl.constexpr):
+    """Y[i] = G[i] * sigmoid(G[i]) * U[i] for i in this program's block of the flat [n] tensors."""
+    # int64 block start: activations of a long-context batch can hold more than 2^31 elements.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+    # exp(-g) overflows to inf for very negative g, giving s = 0 and y = -0: the right limit.
+    s = 1.0 / (1.0 + tl.exp(-g))
+    tl.store(Y + offs, (g * s * u).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(DY, G, U, DG, DU, n, BLOCK: tl.constexpr):
+    """DG = DY * U * s * (1 + G * (1 - s)), DU = DY * G * s, with s = sigmoid(G) recomputed."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+    s = 1.0 / (1.0 + tl.exp(-g))
+    dg = dy * u * s * (1.0 + g * (1.0 - s))
+    du = dy * g * s
+    tl.store(DG + offs, dg.to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + offs, du.to(DU.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+
+
+def _validate(gate: Tensor, up: Tensor) -> None:
+    check_tensor(OP, "gate", gate)
+    check_tensor(OP, "up", up, shape=tuple(gate.shape))
+    check_same(OP, [("gate", gate), ("up", up)], device=True, dtype=True)
+    check_device(OP, gate)
+
+
+def _flat(t: Tensor) -> Tensor:
+    """Any shape -> [n], contiguous. The kernels index the flat storage, so a transposed or sliced
+    view is copied here (once) rather than handled with strides in the kernel."""
+    return t.contiguous().view(-1)
+
+
+def swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
+    """Forward launcher. gate, up [n] contiguous, same dtype. Returns y [n] in gate.dtype."""
+    n = gate.numel()
+    y = new_output((n,), dtype=gate.dtype, device=gate.device)
+    if n:
+        _swiglu_fwd_kernel[(triton.cdiv(n, BLOCK),)](gate, up, y, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return y
+
+
+def swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    """Backward launcher. dy, gate, up [n] contiguous. Returns (dgate, dup), [n] each, in gate.dtype."""
+    n = gate.numel()
+    dgate = new_output((n,), dtype=gate.dtype, device=gate.device)
+    dup = new_output((n,), dtype=up.dtype, device=up.device)
+    if n:
+        _swiglu_bwd_kernel[(triton.cdiv(n, BLOCK),)](dy, gate, up, dgate, dup, n, BLOCK=BLOCK,
+                                                     num_warps=NUM_WARPS)
+    return dgate, dup
+
+
+# --------------------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------------------
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """Autograd node for `swiglu`: saves the flat gate and up (not the output) for backward."""
+
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor):
+        gate_flat, up_flat = _flat(gate), _flat(up)
+        y = swiglu_fwd(gate_flat, up_flat)
+        ctx.save_for_backward(gate_flat, up_flat)
+        ctx.shape = gate.shape
+        return y.view(gate.shape)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        gate_flat, up_flat = ctx.saved_tensors
+        # The upstream gradient may be an expanded or strided view (e.g. from .sum().backward()).
+        dgate, dup = swiglu_bwd(_flat(dy.to(gate_flat.dtype)), gate_flat, up_flat)
+        return (dgate.view(ctx.shape) if ctx.needs_input_grad[0] else None,
+                dup.view(ctx.shape) if ctx.needs_input_grad[1] else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """Fused SwiGLU: silu(gate) * up = gate * sigmoid(gate) * up, elementwise.
+
+    Args:
+        gate: [..., F], float16/bfloat16/float32. Non-contiguous inputs are copied to a contiguous
+            layout first (the kernels index flat storage).
+        up: the same shape, dtype and device as gate.
+
+    Returns:
+        [..., F] in gate.dtype (contiguous). Gradients for gate and up come back in their dtype.
+
+    Raises:
+        ValueError naming 'swiglu' and the argument, for a wrong dtype, shape or device.
+    """
+    _validate(gate, up)
+    return SwiGLUFunction.apply(gate, up)

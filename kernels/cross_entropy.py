@@ -1,0 +1,358 @@
+"""Fused linear + cross-entropy: the mean cross-entropy of h @ weight.T without the [T, V] logits.
+
+For hidden states h [T, D], an output head weight [V, D] and targets y [T]:
+
+    z_t    = h[t] @ weight.T                       logits of token t, [V]
+    lse_t  = log(sum_v exp(z_t[v]))
+    loss   = (1 / N) * sum_{t counted} (lse_t - z_t[y_t]),   N = #{t : y_t != ignore_index}
+
+and the gradients, with g_t = (softmax(z_t) - onehot(y_t)) / N on counted rows and g_t = 0 on
+ignored rows (G = [g_t] is [T, V]):
+
+    dloss/dh      = G @ weight                     [T, D]
+    dloss/dweight = G.T @ h                        [V, D]
+
+How it runs: a host loop over chunks of C tokens. For each chunk
+
+1. logits = h_chunk @ weight.T with torch.mm (cuBLAS on a GPU) in the input dtype, [C, V];
+2. `_flce_stats_kernel` (phase 1) reads each row once, tile by tile, and writes its running max m,
+   its sum of exp(z - m) and its target logit (three [C] fp32 vectors);
+3. the host turns those into lse = m + log(sum) (with a vocab-parallel group: all-reduce first);
+4. `_flce_grad_kernel` (phase 2) overwrites the logits IN PLACE with g (so no second [C, V] buffer);
+5. dh[chunk] = g @ weight and dweight += g.T @ h_chunk (torch matmuls; dweight accumulates in fp32).
+
+Only one [C, V] block of logits exists at a time, and the gradients are finished during the forward
+pass, so backward only multiplies them by the upstream gradient. Without gradients (eval,
+torch.no_grad) steps 4 and 5 are skipped.
+
+Chunk size (when not given): the largest power of two C with C * V <= max(T * D, 2**25), capped at T.
+So the logits block is never bigger than h itself, except that small batches may use up to 2**25
+elements (64 MiB in bf16) so each matmul stays large enough to run efficiently.
+
+Vocab parallel (`process_group` given): `weight` holds this rank's rows [r * V_local, (r+1) * V_local)
+of the full head, `target` holds global ids and `h` is the same on every rank. Phase 1 runs on the
+local shard; the row maxima are all-reduced with MAX, then the rescaled sums, the target logits
+(zero on ranks that do not own the target) and a "target found" count are all-reduced with one SUM.
+Phase 2 uses the global lse, so each rank holds its columns of the true g; dweight is this shard's
+gradient and dh, a partial sum over the shard, is all-reduced (SUM, in h's dtype) at the end, so
+the returned gradient for h is complete.
+
+Targets that are neither ignore_index nor in [0, V_total): for CPU tensors the launcher raises a
+ValueError (the check is free there). For CUDA tensors checking would need a device-to-host sync, so
+instead such rows are never matched to a column and their loss is set to NaN, which makes the
+returned loss NaN: loud, but without a sync (the vocab-parallel "found" count does the same across
+ranks, since only the owning rank can see the target).
+
+Precision: logits and g are stored in the input dtype (as a plain bf16 matmul would), every reduction
+inside the kernels is fp32, the loss is fp32, dweight is accumulated in fp32 across chunks and returned
+in weight's dtype. Offsets inside the kernels are int64: C * V can exceed 2**31.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ._utils import FLOAT_DTYPES, check_device, check_same, check_tensor, new_output, next_power_of_2
+
+__all__ = ["fused_linear_cross_entropy", "default_chunk_size"]
+
+OP = "fused_linear_cross_entropy"
+
+# Columns one program handles per loop step. 4096 fp32 values over 8 warps is 16 registers a thread:
+# large enough to stream a row at full bandwidth, small enough not to spill. Not tuned per GPU.
+MAX_BLOCK_V = 4096
+# Lower bound on the logits elements of one chunk (see default_chunk_size).
+MIN_CHUNK_LOGITS = 1 << 25
+
+
+# ---- kernels -------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _flce_stats_kernel(logits_ptr, stride_row, target_ptr, row_max_ptr, row_sumexp_ptr, target_logit_ptr,
+                       n_cols, vocab_start, ignore_index, BLOCK_V: tl.constexpr):
+    """Phase 1, one program per row of a [C, n_cols] logits block.
+
+    Writes m = max_v z[v], s = sum_v exp(z[v] - m) (an online max/sum over tiles of BLOCK_V columns,
+    so a row of any length is read once) and z[target - vocab_start] when that column is in this
+    block and the row is not ignored, else 0. All three outputs are fp32 [C].
+    """
+    row = tl.program_id(0)
+    # int64: row * stride_row overflows int32 once a chunk holds more than 2**31 logits.
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    target = tl.load(target_ptr + row).to(tl.int64)
+    local_target = target - vocab_start
+    has_target = (target != ignore_index) & (local_target >= 0) & (local_target < n_cols)
+
+    running_max = float("-inf")
+    running_sum = 0.0
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        z = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        # Every tile has at least one real column, so new_max is finite and the first step's
+        # exp(-inf - new_max) is a clean 0 rather than a NaN.
+        new_max = tl.maximum(running_max, tl.max(z, axis=0))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+        running_max = new_max
+
+    # The pointer is clamped to column 0 when there is no target so no wild address is formed.
+    target_logit = tl.load(row_ptr + tl.where(has_target, local_target, 0), mask=has_target, other=0.0)
+    tl.store(row_max_ptr + row, running_max)
+    tl.store(row_sumexp_ptr + row, running_sum)
+    tl.store(target_logit_ptr + row, target_logit.to(tl.float32))
+
+
+@triton.jit
+def _flce_grad_kernel(logits_ptr, stride_row, target_ptr, lse_ptr, scale_ptr, n_cols, vocab_start, ignore_index,
+                      BLOCK_V: tl.constexpr):
+    """Phase 2, one program per row: z <- (exp(z - lse) - onehot(target - vocab_start)) * scale, in place.
+
+    lse [C] is the (global) log-sum-exp from phase 1; scale (one fp32 value, read from memory so the
+    host never has to sync to learn the token count) is 1 / N. Ignored rows are overwritten with 0.
+    A target outside this block's columns matches no column: softmax only, as vocab parallelism needs.
+    """
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    target = tl.load(target_ptr + row).to(tl.int64)
+    counted = target != ignore_index
+    local_target = target - vocab_start
+    lse = tl.load(lse_ptr + row)
+    scale = tl.load(scale_ptr)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_row = cols < n_cols
+        z = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+        grad = (tl.exp(z - lse) - tl.where(cols == local_target, 1.0, 0.0)) * scale
+        # where, not a multiply by 0: an ignored row's lse is never checked and could be inf.
+        grad = tl.where(counted, grad, 0.0)
+        tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=in_row)
+
+
+# ---- launchers -----------------------------------------------------------------------------------
+
+
+def _block_v(n_cols: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for rows of n_cols logits."""
+    block = min(next_power_of_2(n_cols), MAX_BLOCK_V)
+    return block, (8 if block >= 2048 else 4)
+
+
+def _row_stats(logits: Tensor, target: Tensor, vocab_start: int, ignore_index: int):
+    """Phase 1 on logits [C, V_local]: (row max, row sum of exp(z - max), target logit), each fp32 [C]."""
+    rows, n_cols = logits.shape
+    row_max = new_output((rows,), dtype=torch.float32, device=logits.device)
+    row_sumexp = new_output((rows,), dtype=torch.float32, device=logits.device)
+    target_logit = new_output((rows,), dtype=torch.float32, device=logits.device)
+    block, warps = _block_v(n_cols)
+    _flce_stats_kernel[(rows,)](logits, logits.stride(0), target, row_max, row_sumexp, target_logit,
+                                n_cols, vocab_start, ignore_index, BLOCK_V=block, num_warps=warps)
+    return row_max, row_sumexp, target_logit
+
+
+def _logits_to_grad_(logits: Tensor, target: Tensor, lse: Tensor, scale: Tensor, vocab_start: int,
+                     ignore_index: int) -> Tensor:
+    """Phase 2: overwrite logits [C, V_local] with their gradient (see _flce_grad_kernel); returns it."""
+    rows, n_cols = logits.shape
+    block, warps = _block_v(n_cols)
+    _flce_grad_kernel[(rows,)](logits, logits.stride(0), target, lse, scale, n_cols, vocab_start, ignore_index,
+                               BLOCK_V=block, num_warps=warps)
+    return logits
+
+
+def _global_lse(row_max: Tensor, row_sumexp: Tensor, target_logit: Tensor, found: Tensor, process_group):
+    """Combine per-shard row statistics into (lse, target logit, target found), each [C].
+
+    Without a group the local values are already global. With one: M = max_r m_r, then
+    S = sum_r s_r * exp(m_r - M) and lse = M + log(S); target logits and found flags are summed
+    (exactly one rank owns each valid target). Two all-reduces per chunk, the second one packed.
+    """
+    if process_group is None:
+        return row_max + torch.log(row_sumexp), target_logit, found
+    global_max = row_max.clone()
+    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=process_group)
+    packed = torch.stack((row_sumexp * torch.exp(row_max - global_max), target_logit, found.float()))
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=process_group)
+    return global_max + torch.log(packed[0]), packed[1], packed[2] > 0.5
+
+
+def default_chunk_size(num_tokens: int, hidden: int, vocab: int) -> int:
+    """Rows of logits per chunk: the largest power of two C with C * vocab <= max(num_tokens * hidden,
+    MIN_CHUNK_LOGITS), at least 1 and at most num_tokens.
+
+    The first bound keeps the [C, V] block no larger than h [T, D]; the floor keeps small batches
+    from being cut into matmuls too thin to run well. Powers of two give matmul-friendly shapes.
+    """
+    budget = max(num_tokens * hidden, MIN_CHUNK_LOGITS)
+    rows = max(1, budget // max(vocab, 1))
+    rows = 1 << (rows.bit_length() - 1)  # round down: never over budget
+    return max(1, min(rows, num_tokens))
+
+
+def _accumulate_mm_(acc: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
+    """acc (+)= a @ b, where acc may be fp32 while a and b are bf16/fp16 (cuBLAS accumulates in fp32
+    inside one matmul; acc carries the fp32 sum across chunks)."""
+    if acc.dtype == a.dtype:
+        if first:
+            torch.mm(a, b, out=acc)
+        else:
+            acc.addmm_(a, b)
+    elif first:
+        acc.copy_(torch.mm(a, b))
+    else:
+        acc.add_(torch.mm(a, b))
+
+
+def _forward_chunks(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int, process_group,
+                    chunk_size: int, need_dh: bool, need_dw: bool):
+    """The chunk loop (see the module docstring). Returns (loss, dh or None, dweight or None)."""
+    num_tokens = h.shape[0]
+    vocab_local = weight.shape[0]
+    vocab_start = 0 if process_group is None else dist.get_rank(process_group) * vocab_local
+    target = target.contiguous()
+    counted = target != ignore_index
+    # A device tensor, never .item(): the kernel reads it, so there is no host sync.
+    scale = (1.0 / counted.sum().clamp(min=1).to(torch.float32)).reshape(1)
+    local_target = target - vocab_start
+    in_shard = counted & (local_target >= 0) & (local_target < vocab_local)
+
+    loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+    dh = new_output(h.shape, dtype=h.dtype, device=h.device) if need_dh else None
+    dw_acc = None
+    if need_dw:
+        # fp32 whatever the weight dtype: the sum over chunks is not rounded to bf16 chunk by chunk.
+        dw_acc = new_output(weight.shape, dtype=torch.float32, device=h.device)
+        if num_tokens == 0:
+            dw_acc.zero_()  # no chunk will write it
+
+    for start in range(0, num_tokens, chunk_size):
+        stop = min(start + chunk_size, num_tokens)
+        h_chunk, target_chunk = h[start:stop], target[start:stop]
+        logits = torch.mm(h_chunk, weight.t())  # [C, V_local], input dtype
+        row_max, row_sumexp, target_logit = _row_stats(logits, target_chunk, vocab_start, ignore_index)
+        lse, target_logit, found = _global_lse(row_max, row_sumexp, target_logit, in_shard[start:stop],
+                                               process_group)
+        keep = counted[start:stop]
+        row_loss = torch.where(keep, lse - target_logit, torch.zeros_like(lse))
+        # A counted row whose target no rank owns (id outside [0, V_total)): NaN, see module docstring.
+        row_loss = torch.where(keep & ~found, torch.full_like(lse, float("nan")), row_loss)
+        loss_sum = loss_sum + row_loss.sum()
+        if need_dh or need_dw:
+            grad_logits = _logits_to_grad_(logits, target_chunk, lse, scale, vocab_start, ignore_index)
+            if dh is not None:
+                torch.mm(grad_logits, weight, out=dh[start:stop])
+            if dw_acc is not None:
+                _accumulate_mm_(dw_acc, grad_logits.t(), h_chunk, first=start == 0)
+            del grad_logits
+        # Freed before the next chunk's matmul allocates, so at most one [C, V] block is alive.
+        del logits
+
+    if dh is not None and process_group is not None:
+        dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=process_group)
+    dw = None if dw_acc is None else dw_acc.to(weight.dtype)
+    return loss_sum * scale[0], dh, dw
+
+
+def _forward(h, weight, target, ignore_index, process_group, chunk_size, need_dh, need_dw):
+    # The op fixes its own precision (matmuls in the input dtype, fp32 statistics): under an outer
+    # autocast region torch.mm would otherwise return bf16 logits for fp32 inputs, and the out= matmul
+    # into dh would see mismatched dtypes.
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        return _forward_chunks(h, weight, target, ignore_index, process_group, chunk_size, need_dh, need_dw)
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Gradients are computed in forward (chunk by chunk); backward scales them by grad_output."""
+
+    @staticmethod
+    def forward(ctx, h, weight, target, ignore_index, process_group, chunk_size):
+        loss, dh, dw = _forward(h, weight, target, ignore_index, process_group, chunk_size,
+                                need_dh=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1])
+        ctx.save_for_backward(dh, dw)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        dh, dw = ctx.saved_tensors
+        # Out of place: the saved gradients stay valid if backward runs again (retain_graph=True).
+        grad_h = None if dh is None else dh * grad_loss.to(dh.dtype)
+        grad_w = None if dw is None else dw * grad_loss.to(dw.dtype)
+        return grad_h, grad_w, None, None, None, None
+
+
+# ---- validation and the public entry point -------------------------------------------------------
+
+
+def _check_inputs(h, weight, target, ignore_index, process_group, chunk_size) -> None:
+    check_tensor(OP, "h", h, dtypes=FLOAT_DTYPES, ndim=2)
+    if isinstance(weight, Tensor) and weight.numel() == 0:
+        # The usual cause: a ZeRO-3 partitioned head read outside its module's forward (DESIGN.md).
+        raise ValueError(f"{OP}: argument 'weight' is empty (shape {tuple(weight.shape)}); a ZeRO-3 "
+                         f"partitioned weight must be read inside its owning module's forward")
+    check_tensor(OP, "weight", weight, dtypes=FLOAT_DTYPES, ndim=2, shape=(None, h.shape[1]))
+    check_same(OP, [("h", h), ("weight", weight)], dtype=True)
+    check_tensor(OP, "target", target, dtypes=(torch.int64, torch.int32), shape=(h.shape[0],))
+    check_same(OP, [("h", h), ("weight", weight), ("target", target)])
+    check_device(OP, h)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"{OP}: argument 'ignore_index' must be an int, got {ignore_index!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"{OP}: argument 'chunk_size' must be None or an int >= 1, got {chunk_size!r}")
+    if process_group is not None and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"{OP}: argument 'process_group' was given but torch.distributed is not initialised")
+
+
+def _check_targets_on_cpu(target: Tensor, ignore_index: int, vocab_total: int) -> None:
+    """Reject ids outside [0, vocab_total) that are not ignore_index. Only for CPU tensors, where it
+    costs no sync; on CUDA such rows make the loss NaN instead (see the module docstring)."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab_total))
+    if bool(bad.any()):
+        pos = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{OP}: argument 'target' has {int(target[pos])} at position {pos}, outside "
+                         f"[0, {vocab_total}) and not ignore_index={ignore_index}")
+
+
+def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int = -100,
+                               process_group=None, chunk_size: Optional[int] = None) -> Tensor:
+    """Mean cross-entropy of h @ weight.T over the targets that are not ignore_index (Triton).
+
+        loss = (1 / N) * sum_{t : target[t] != ignore_index} logsumexp(z_t) - z_t[target[t]],
+        z_t = h[t] @ weight.T,   N = max(1, #counted tokens)
+
+    Args:
+        h: [T, D] hidden states, fp32 / bf16 / fp16.
+        weight: [V, D] output head; with process_group, this rank's [V_local, D] shard
+            (rows [rank * V_local, (rank + 1) * V_local) of the full head). A weight of another float
+            dtype than h (fp32 master weights with bf16 activations) is cast to h's dtype first,
+            with the gradient flowing back through the cast, as the reference does.
+        target: [T] int64 or int32 global class ids in [0, V) (or [0, V_local * world)), or ignore_index.
+        ignore_index: targets with this value add no loss, no gradient and are not counted in N.
+        process_group: vocab-parallel group, or None. h and target must be the same on every rank;
+            the returned loss and gradient for h are complete on every rank.
+        chunk_size: rows of logits materialised at once; None picks `default_chunk_size(T, D, V)`.
+
+    Returns:
+        0-dim fp32 loss; exactly 0 (with zero gradients), not NaN, when every target is ignored.
+        Gradients are computed during this call only when h or weight requires grad.
+    """
+    if isinstance(weight, Tensor) and isinstance(h, Tensor) and weight.dtype != h.dtype \
+            and weight.is_floating_point() and h.is_floating_point():
+        weight = weight.to(h.dtype)
+    _check_inputs(h, weight, target, ignore_index, process_group, chunk_size)
+    world = 1 if process_group is None else dist.get_world_size(process_group)
+    if not target.is_cuda:
+        _check_targets_on_cpu(target, ignore_index, weight.shape[0] * world)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(h.shape[0], h.shape[1], weight.shape[0])
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _FusedLinearCrossEntropy.apply(h, weight, target, ignore_index, process_group, chunk_size)
+    # Evaluation: statistics only, no gradient kernel and no gradient matmuls.
+    return _forward(h, weight, target, ignore_index, process_group, chunk_size, False, False)[0]

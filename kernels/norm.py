@@ -1,0 +1,307 @@
+"""Fused RMSNorm (optionally fused with the residual add) in Triton.
+
+Math, per row of length D (rows = every leading index of x flattened):
+
+    h    = x                      (or x + residual, summed in fp32)
+    rstd = 1 / sqrt(mean(h^2) + eps)
+    y    = h * rstd * w
+
+Backward, with g = dy * w and n = h * rstd (the normalised row):
+
+    dh = rstd * (g - n * mean(g * n)) [+ dh_out, the gradient of the returned h]
+    dw = sum over rows of dy * n
+    dx = dresidual = dh
+
+Shapes: x, residual, y, h [rows, D] inside the launchers ([..., D] at the API); weight [D];
+rstd [rows] fp32. All arithmetic is fp32 in registers; y and h are stored in x.dtype, the weight
+gradient in weight.dtype.
+
+Layout (see DESIGN.md, Kernels): private kernels by phase, host launchers that validate and pick
+block sizes, an autograd Function, and the public `rms_norm`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._utils import check_device, check_same, check_tensor, interpreting, new_output, next_power_of_2
+
+__all__ = ["rms_norm"]
+
+OP = "rms_norm"
+
+# One row lives in registers; past this the kernel would spill so badly that a two-pass kernel is
+# needed, which no model here requires.
+MAX_D = 65536
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    X, R, W, Y, H, RSTD,            # X, R, Y, H [rows, D]; W [D]; RSTD [rows] fp32
+    stride_x, stride_r, stride_y, stride_h,
+    D, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program normalises one row: y = h * rstd * w with h = x (+ r)."""
+    # int64 before multiplying by the stride: rows * D can exceed 2^31 for long sequences.
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+
+    h = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        h += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        # The stream keeps the rounded sum, but the norm below uses the fp32 sum (as the reference).
+        tl.store(H + row * stride_h + cols, h.to(H.dtype.element_ty), mask=mask)
+
+    # Masked columns were loaded as 0, so they add nothing to the sum of squares.
+    mean_square = tl.sum(h * h, axis=0) / D
+    rstd = tl.rsqrt(mean_square + eps)
+    tl.store(RSTD + row, rstd)
+
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    y = h * rstd * w
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    DY, H, W, RSTD, DH_OUT, DX, DW_PARTIAL,   # DY, H, DH_OUT, DX [rows, D]; W [D]; RSTD [rows];
+    stride_dy, stride_h, stride_dh_out, stride_dx,   # DW_PARTIAL [num_programs, D] fp32
+    n_rows, D, rows_per_program,
+    HAS_DH_OUT: tl.constexpr, COMPUTE_DW: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program handles rows [pid * rows_per_program, ...) and writes its partial dw row.
+
+    dh = rstd * (g - n * mean(g * n)) with g = dy * w, n = h * rstd; dw_partial = sum_rows dy * n.
+    """
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+
+    # int64 loop bounds make the loop index int64 (see the forward kernel: no int32 overflow).
+    row_start = pid.to(tl.int64) * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    for row in range(row_start, row_end):
+        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        h = tl.load(H + row * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row)
+
+        n = h * rstd
+        g = dy * w
+        # Masked columns have g = n = 0, so the dot product only sees the D real columns.
+        dh = rstd * (g - n * (tl.sum(g * n, axis=0) / D))
+        if HAS_DH_OUT:
+            dh += tl.load(DH_OUT + row * stride_dh_out + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + row * stride_dx + cols, dh.to(DX.dtype.element_ty), mask=mask)
+        if COMPUTE_DW:
+            dw_acc += dy * n
+
+    if COMPUTE_DW:
+        # Every program writes its row (zeros if it got no rows), so the host sum sees no garbage.
+        tl.store(DW_PARTIAL + pid.to(tl.int64) * D + cols, dw_acc, mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+
+
+def _num_warps(block_d: int) -> int:
+    # About 256 columns per warp: enough independent loads per thread to hide latency without
+    # leaving most threads of a small row idle.
+    return min(16, max(1, block_d // 256))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _bwd_num_programs(n_rows: int, device: torch.device) -> int:
+    """Programs for the backward pass: each loops over a slice of rows and keeps one dw row.
+
+    On a GPU, two programs per SM fill the machine while keeping the [programs, D] partial buffer
+    (and its host-side sum) small. The interpreter runs programs one after another, so a few
+    programs suffice there, and a small number still exercises the uneven last slice.
+    """
+    if device.type == "cuda":
+        target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        target = 4
+    return max(1, min(n_rows, target))
+
+
+def _validate(x: Tensor, weight: Tensor, residual: Optional[Tensor], eps: float) -> None:
+    check_tensor(OP, "x", x, min_ndim=1)
+    d = x.shape[-1]
+    check_tensor(OP, "weight", weight, shape=(d,))
+    if residual is not None:
+        check_tensor(OP, "residual", residual, shape=tuple(x.shape))
+        check_same(OP, [("x", x), ("residual", residual)], device=False, dtype=True)
+    tensors = [("x", x), ("weight", weight)] + ([("residual", residual)] if residual is not None else [])
+    check_same(OP, tensors, device=True)
+    check_device(OP, x)
+    if d == 0:
+        raise ValueError(f"{OP}: argument 'x' has an empty last dim (shape {tuple(x.shape)})")
+    if d > MAX_D:
+        raise ValueError(f"{OP}: argument 'x' has last dim {d}, more than the {MAX_D} one block can hold")
+    if not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(f"{OP}: argument 'eps' must be a number >= 0, got {eps!r}")
+
+
+def _rows(t: Tensor) -> Tensor:
+    """[..., D] -> [rows, D], contiguous. The kernels assume unit column stride and one row stride,
+    so a transposed or sliced view is copied here (once) rather than handled in the kernel."""
+    return t.contiguous().view(-1, t.shape[-1])
+
+
+def rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, residual: Optional[Tensor] = None):
+    """Forward launcher. x, residual [rows, D] contiguous; weight [D].
+
+    Returns (y [rows, D] in x.dtype, h [rows, D] in x.dtype or None, rstd [rows] fp32).
+    """
+    n_rows, d = x.shape
+    y = new_output((n_rows, d), dtype=x.dtype, device=x.device)
+    h = new_output((n_rows, d), dtype=x.dtype, device=x.device) if residual is not None else None
+    rstd = new_output((n_rows,), dtype=torch.float32, device=x.device)
+    if n_rows == 0:
+        return y, h, rstd
+    block_d = next_power_of_2(d)
+    weight = weight.contiguous()
+    _rms_norm_fwd_kernel[(n_rows,)](
+        x, residual if residual is not None else x, weight, y, h if h is not None else y, rstd,
+        x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
+        h.stride(0) if h is not None else 0,
+        d, float(eps),
+        HAS_RESIDUAL=residual is not None, BLOCK_D=block_d, num_warps=_num_warps(block_d),
+    )
+    return y, h, rstd
+
+
+def rms_norm_bwd(dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, dh_out: Optional[Tensor],
+                 compute_dw: bool):
+    """Backward launcher. dy, h, dh_out [rows, D] contiguous (h is x when there is no residual);
+    weight [D]; rstd [rows] fp32.
+
+    Returns (dh [rows, D] in h.dtype, dweight [D] in weight.dtype or None). The weight gradient is
+    summed from per-program fp32 partials on the host: deterministic, unlike atomics.
+    """
+    n_rows, d = h.shape
+    dx = new_output((n_rows, d), dtype=h.dtype, device=h.device)
+    num_programs = _bwd_num_programs(n_rows, h.device)
+    rows_per_program = triton.cdiv(n_rows, num_programs) if n_rows else 0
+    if n_rows:
+        num_programs = triton.cdiv(n_rows, rows_per_program)  # no program without rows
+    dw_partial = new_output((num_programs, d), dtype=torch.float32, device=h.device) if compute_dw else None
+    if n_rows == 0:
+        dw = torch.zeros(d, dtype=weight.dtype, device=weight.device) if compute_dw else None
+        return dx, dw
+    block_d = next_power_of_2(d)
+    _rms_norm_bwd_kernel[(num_programs,)](
+        dy, h, weight.contiguous(), rstd, dh_out if dh_out is not None else dy, dx,
+        dw_partial if dw_partial is not None else rstd,
+        dy.stride(0), h.stride(0), dh_out.stride(0) if dh_out is not None else 0, dx.stride(0),
+        n_rows, d, rows_per_program,
+        HAS_DH_OUT=dh_out is not None, COMPUTE_DW=compute_dw, BLOCK_D=block_d,
+        num_warps=_num_warps(block_d),
+    )
+    dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
+    return dx, dw
+
+
+# --------------------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------------------
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """Autograd node for `rms_norm`. Saves rstd [rows] fp32 and the normalised input (x, or the
+    returned h when a residual is added) so backward never recomputes the sum or the reduction."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, residual: Optional[Tensor], eps: float):
+        shape = x.shape
+        x2d = _rows(x)
+        r2d = _rows(residual) if residual is not None else None
+        y, h, rstd = rms_norm_fwd(x2d, weight, eps, r2d)
+        y = y.view(shape)
+        # Lets backward tell "only y was used" / "only h was used" from zeros without allocating them.
+        ctx.set_materialize_grads(False)
+        ctx.has_residual = residual is not None
+        ctx.x_shape = shape
+        if residual is None:
+            ctx.save_for_backward(x2d, weight, rstd)
+            return y
+        h = h.view(shape)
+        # h is saved in x.dtype (the tensor the caller gets anyway) instead of an fp32 copy, which
+        # would cost two more bytes per element. For bf16 the backward then sees the rounded sum: dx
+        # is unaffected at bf16 precision, and dw (summed in fp32) is bf16-accurate, not fp32-exact.
+        ctx.save_for_backward(h, weight, rstd)
+        return y, h
+
+    @staticmethod
+    def backward(ctx, dy: Optional[Tensor], dh_out: Optional[Tensor] = None):
+        h, weight, rstd = ctx.saved_tensors
+        need_dx = ctx.needs_input_grad[0] or (ctx.has_residual and ctx.needs_input_grad[2])
+        need_dw = ctx.needs_input_grad[1]
+        if dy is None:
+            # Only h was used downstream: y contributes nothing, so dh is just the incoming dh_out.
+            dx = dh_out if need_dx else None
+            dw = torch.zeros_like(weight) if need_dw else None
+        else:
+            # Upstream gradients may be expanded or strided views (e.g. from .sum().backward()).
+            dy2d = _rows(dy.to(h.dtype))
+            dh2d = _rows(dh_out.to(h.dtype)) if dh_out is not None else None
+            dx, dw = rms_norm_bwd(dy2d, _rows(h), weight, rstd, dh2d, compute_dw=need_dw)
+            dx = dx.view(ctx.x_shape)
+        if not ctx.has_residual:
+            return (dx if ctx.needs_input_grad[0] else None), dw, None, None
+        # x and residual get the same gradient; autograd never writes into a gradient it receives,
+        # so one tensor serves both.
+        dx_out = dx if ctx.needs_input_grad[0] else None
+        dr_out = dx if ctx.needs_input_grad[2] else None
+        return dx_out, dw, dr_out, None
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Optional[Tensor] = None):
+    """Fused RMSNorm: y = h / sqrt(mean(h^2, dim=-1) + eps) * weight, with h = x or x + residual.
+
+    Args:
+        x: [..., D], float16/bfloat16/float32. Non-contiguous inputs are copied to a contiguous
+            layout first (the kernels read rows with unit column stride).
+        weight: [D], any float dtype (an fp32 weight with bf16 x is fine: it is read in fp32).
+        eps: added to the mean square before the square root.
+        residual: optional [..., D], same shape, dtype and device as x. The sum h = x + residual is
+            taken in fp32 and normalised before rounding; h is returned rounded to x.dtype.
+
+    Returns:
+        y [..., D] in x.dtype, or (y, h) with both [..., D] in x.dtype when residual is given.
+        Gradients: x and residual get the same gradient (that of h, including any gradient flowing
+        into the returned h); weight's gradient comes back in weight.dtype. With a residual, the
+        backward works from h rounded to x.dtype, so for bf16 x even an fp32 weight gets a
+        bf16-accurate gradient (the reference keeps an fp32 h alive instead).
+
+    Raises:
+        ValueError naming 'rms_norm' and the argument, for a wrong dtype, shape or device.
+    """
+    _validate(x, weight, residual, eps)
+    return RMSNormFunction.apply(x, weight, residual, float(eps))

@@ -1,0 +1,314 @@
+"""The GPU benchmark scripts on a CPU machine: the no-GPU exit, the shell scripts, the pure helpers.
+
+Timings need a GPU and are never taken here; what is checked is the accounting, the judgement and the
+formatting that turn timings into the report, on synthetic numbers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+KERNELS_SCRIPT = REPO / "benchmarks" / "kernels.py"
+SHELL_SCRIPTS = [REPO / "benchmarks" / "gpu_wheels.sh", REPO / "benchmarks" / "gpu_suite.sh"]
+
+
+def _load_bench():
+    # Loaded from its path under its own name: `kernels` is the repository's kernel package.
+    name = "megatrain_bench_kernels"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, KERNELS_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+
+
+# ----------------------------------------------------------------------------------------------
+# the scripts as programs
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the script would run the benchmarks")
+def test_kernels_script_without_gpu_exits_2_with_one_line():
+    proc = subprocess.run([sys.executable, str(KERNELS_SCRIPT), "--quick"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert len(lines) == 1, lines
+    assert "GPU" in lines[0] and "Traceback" not in lines[0]
+
+
+def test_kernels_script_rejects_unknown_op_by_name():
+    proc = subprocess.run([sys.executable, str(KERNELS_SCRIPT), "--ops", "rms_norm,softmax"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "softmax" in proc.stderr and "rms_norm, rope, swiglu, flce, adam" in proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)
+def test_shell_script_parses(script):
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_suite_rejects_unknown_stage_before_doing_anything(tmp_path):
+    proc = subprocess.run(["bash", str(SHELL_SCRIPTS[1]), "benchmark-everything"], capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ, OUT=str(tmp_path / "out"), SITE=str(tmp_path / "site")))
+    assert proc.returncode == 2
+    assert "unknown stage 'benchmark-everything'" in proc.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "site").exists()
+
+
+@pytest.mark.slow  # about 10 s: two fresh interpreters import torch
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_suite_setup_maps_megatrain_kernels_without_an_install(tmp_path):
+    """The GPU machine runs the checkout uninstalled: setup's shim must make megatrain.kernels import.
+
+    A throwaway virtual environment sees this interpreter's packages through a plain path line, so
+    torch imports but the editable install's finder (a .pth hook, not processed that way) is absent.
+    """
+    env_dir = tmp_path / "venv"
+    made = subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot make a virtual environment here: {made.stderr.strip()[:200]}")
+    python = env_dir / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    Path(purelib, "outer-packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    clean_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    control = subprocess.run([str(python), "-c", "import torch, megatrain.kernels"], cwd=tmp_path, env=clean_env,
+                             capture_output=True, text=True, timeout=120)
+    assert control.returncode != 0 and "megatrain" in control.stderr, "the check below would prove nothing"
+
+    site, out, wheels = tmp_path / "site", tmp_path / "out", tmp_path / "no-wheels"
+    wheels.mkdir()
+    proc = subprocess.run(["bash", str(SHELL_SCRIPTS[1]), "setup"], capture_output=True, text=True, timeout=300,
+                          env=dict(clean_env, PYTHON=str(python), SITE=str(site), WHEELS=str(wheels), OUT=str(out)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"megatrain.kernels -> {REPO / 'kernels' / '__init__.py'}" in proc.stdout
+    assert (site / "sitecustomize.py").is_file()
+    assert "megatrain.kernels ->" in (out / "suite.log").read_text()
+
+    # Anywhere, not only from the repository root, once PYTHONPATH holds the site and the checkout.
+    anywhere = subprocess.run([str(python), "-c", "import megatrain.kernels.reference as r; print(r.__file__)"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                              env=dict(clean_env, PYTHONPATH=f"{site}{os.pathsep}{REPO}"))
+    assert anywhere.returncode == 0, anywhere.stderr
+    assert anywhere.stdout.strip() == str(REPO / "kernels" / "reference.py")
+
+
+# ----------------------------------------------------------------------------------------------
+# accounting
+
+
+def test_byte_accounting_counts_each_tensor_once():
+    t, d, e = 16384, 4096, 2
+    assert bench.rms_norm_bytes(t, d, backward=False) == 2 * t * d * e + d * e
+    assert bench.rms_norm_bytes(t, d, backward=True) == (2 + 3) * t * d * e + 3 * d * e
+
+    q, k = 1 * 32 * 8192 * 128, 1 * 8 * 8192 * 128
+    tables = 2 * 8192 * 64 * 4  # fp32 cos and sin [N, d/2]
+    assert bench.rope_bytes(1, 8192, 32, 8, 128, backward=False) == 2 * (q + k) * e + tables
+    assert bench.rope_bytes(1, 8192, 32, 8, 128, backward=True) == 2 * (2 * (q + k) * e + tables)
+
+    f = 14336
+    assert bench.swiglu_bytes(t, f, backward=False) == 3 * t * f * e
+    assert bench.swiglu_bytes(t, f, backward=True) == 8 * t * f * e
+
+    assert bench.adam_bytes(1000) == 7 * 4 * 1000  # param, grad, m, v read; param, m, v written; fp32
+
+
+def test_flce_flops_forward_and_three_times_for_training():
+    forward = bench.flce_flops(8192, 4096, 128256, backward=False)
+    assert forward == 2 * 8192 * 4096 * 128256
+    assert bench.flce_flops(8192, 4096, 128256, backward=True) == 3 * forward
+
+
+def test_op_cost_dispatches_to_the_accounting():
+    rms = dict(batch=2, seq=8192, hidden=4096)
+    assert bench.op_cost("rms_norm", rms, "fwd+bwd") == bench.rms_norm_bytes(16384, 4096, True)
+    assert bench.op_cost("swiglu", dict(batch=2, seq=2048, ffn=11008), "fwd") == bench.swiglu_bytes(4096, 11008, False)
+    assert bench.op_cost("flce", dict(tokens=16384, hidden=4096, vocab=32000), "fwd") == 2 * 16384 * 4096 * 32000
+    with pytest.raises(ValueError):
+        bench.op_cost("adam", dict(preset="1.3b", vocab=32000), "fwd")
+
+
+def test_rates():
+    assert bench.gb_per_s(3e9, 1.0) == pytest.approx(3000.0)
+    assert bench.tflop_per_s(5e12, 10.0) == pytest.approx(500.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# shapes
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "rope", "swiglu"])
+def test_memory_bound_sweeps_are_realistic_training_sizes(op):
+    for shape in bench.sweep(op):
+        assert 2048 <= shape["seq"] <= 8192
+        assert 4096 <= bench.tokens_of(shape) <= 16384
+    assert {s.get("hidden") for s in bench.sweep("rms_norm")} == {2048, 4096, 8192}
+    assert {s["ffn"] for s in bench.sweep("swiglu")} == {11008, 14336}
+    assert all((s["heads"], s["kv_heads"], s["head_dim"]) == (32, 8, 128) for s in bench.sweep("rope"))
+
+
+def test_flce_sweep_and_quick_subsets():
+    shapes = bench.sweep("flce")
+    assert {s["vocab"] for s in shapes} == {32000, 128256}
+    assert all(s["hidden"] == 4096 and 8192 <= s["tokens"] <= 16384 for s in shapes)
+    for op in bench.OPS:
+        quick = bench.sweep(op, quick=True)
+        assert 1 <= len(quick) <= 2
+        assert all(s in bench.sweep(op) for s in quick), "quick numbers must compare with a full run's"
+    labels = [bench.shape_label(op, s) for op in bench.OPS for s in bench.sweep(op)]
+    assert len(labels) == len(set(labels))
+
+
+def test_parse_ops():
+    assert bench.parse_ops("flce, rms_norm,flce") == ["flce", "rms_norm"]
+    with pytest.raises(ValueError, match="layer_norm"):
+        bench.parse_ops("rms_norm,layer_norm")
+    with pytest.raises(ValueError):
+        bench.parse_ops(" , ")
+
+
+# ----------------------------------------------------------------------------------------------
+# judging the targets
+
+
+def test_memory_bound_targets_pass_and_fail_on_the_thresholds():
+    copy_gbps, nbytes = 3000.0, 3 * 10**9  # 3 GB at 3000 GB/s takes 1 ms
+    at_90 = bench.judge_memory_bound("swiglu", "s", "fwd", triton_ms=1 / 0.90, compile_ms=1.2, nbytes=nbytes,
+                                     copy_gbps=copy_gbps, noise=0.02)
+    assert [t.ok for t in at_90] == [True, True]
+    assert at_90[0].value == "90.0%"
+    at_80 = bench.judge_memory_bound("swiglu", "s", "fwd", triton_ms=1 / 0.80, compile_ms=1.0, nbytes=nbytes,
+                                     copy_gbps=copy_gbps, noise=0.02)
+    assert [t.ok for t in at_80] == [False, False]  # 80% of copy bandwidth; 25% slower than compile
+    within_noise = bench.judge_memory_bound("rope", "s", "fwd+bwd", triton_ms=1.01, compile_ms=1.0, nbytes=nbytes,
+                                            copy_gbps=copy_gbps, noise=0.02)
+    assert within_noise[1].ok is True
+    strict = bench.judge_memory_bound("rope", "s", "fwd+bwd", triton_ms=1.01, compile_ms=1.0, nbytes=nbytes,
+                                      copy_gbps=copy_gbps, noise=0.0)
+    assert strict[1].ok is False
+
+
+def test_memory_bound_targets_with_missing_times():
+    errored = bench.judge_memory_bound("rms_norm", "s", "fwd", None, 1.0, 10**9, 3000.0, 0.02)
+    assert [t.verdict for t in errored] == ["FAIL", "FAIL"]
+    no_compile = bench.judge_memory_bound("rms_norm", "s", "fwd", 1.0, None, 10**9, 3000.0, 0.02)
+    assert no_compile[1].ok is None and no_compile[1].verdict == "n/a"
+
+
+def test_flce_targets():
+    gib = 2**30
+    good = bench.judge_flce("s", "fwd+bwd", fused_ms=10.5, unfused_ms=10.0, fused_peak=gib, unfused_peak=12 * gib)
+    assert [t.ok for t in good] == [True, True]  # 95% of the speed, 8% of the memory
+    assert good[0].value == "95.2%" and good[1].value == "8.3%"
+    slow_fat = bench.judge_flce("s", "fwd+bwd", fused_ms=12.0, unfused_ms=10.0, fused_peak=2 * gib, unfused_peak=12 * gib)
+    assert [t.ok for t in slow_fat] == [False, False]
+    forward = bench.judge_flce("s", "fwd", fused_ms=1.0, unfused_ms=1.0)
+    assert len(forward) == 1 and forward[0].ok is True  # memory is judged on training (fwd+bwd) only
+    errored = bench.judge_flce("s", "fwd+bwd", fused_ms=None, unfused_ms=10.0, fused_peak=None, unfused_peak=gib)
+    assert [t.verdict for t in errored] == ["FAIL", "FAIL"]
+    no_baseline = bench.judge_flce("s", "fwd+bwd", fused_ms=1.0, unfused_ms=None, fused_peak=gib, unfused_peak=None)
+    assert [t.verdict for t in no_baseline] == ["n/a", "n/a"]
+
+
+def test_targets_for_reads_rows_of_every_shape_and_mode():
+    shape = dict(batch=2, seq=2048, hidden=4096)
+    label = bench.shape_label("rms_norm", shape)
+    nbytes = {mode: bench.op_cost("rms_norm", shape, mode) for mode in bench.MODES}
+    copy = 3000.0
+    rows = []
+    for mode in bench.MODES:
+        ideal_ms = nbytes[mode] / (copy * 1e9) * 1e3
+        rows.append(dict(op="rms_norm", shape=label, shape_params=shape, mode=mode, impl=bench.TRITON,
+                         median_ms=ideal_ms / 0.9))
+        rows.append(dict(op="rms_norm", shape=label, shape_params=shape, mode=mode, impl=bench.COMPILE,
+                         median_ms=ideal_ms / (0.8 if mode == "fwd" else 0.95)))
+    targets = bench.targets_for("rms_norm", rows, dict(copy_gbps=copy), noise=0.0)
+    assert [(t.mode, t.ok) for t in targets] == [("fwd", True), ("fwd", True), ("fwd+bwd", True), ("fwd+bwd", False)]
+
+
+def test_verdict_words():
+    assert (bench.verdict(True), bench.verdict(False), bench.verdict(None)) == ("PASS", "FAIL", "n/a")
+
+
+# ----------------------------------------------------------------------------------------------
+# formatting and correctness helpers
+
+
+def test_markdown_table():
+    table = bench.markdown_table(["a", "b"], [[1, "x"], [2.5, None]])
+    assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | x |", "| 2.5 | None |"]
+    with pytest.raises(ValueError):
+        bench.markdown_table(["a", "b"], [[1]])
+
+
+def test_slug_and_fmt():
+    assert bench.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert bench.slug("NVIDIA H200") == "nvidia-h200"
+    assert bench.fmt(None, ".2f") == "-" and bench.fmt(1.234, ".1f") == "1.2"
+
+
+def test_rel_error():
+    ref = torch.tensor([3.0, 4.0])
+    assert bench.rel_error(ref.clone(), ref) == 0.0
+    assert bench.rel_error(torch.tensor([3.0, 4.5]), ref) == pytest.approx(0.1)
+    assert bench.rel_error(torch.tensor([float("nan"), 4.0]), ref) == math.inf
+    assert bench.rel_error(torch.tensor([3.0, 4.0], dtype=torch.bfloat16), ref) == 0.0
+    assert bench.max_abs_error(torch.tensor([3.0, 4.5]), ref) == pytest.approx(0.5)
+
+
+def _synthetic_report():
+    targets = bench.judge_flce("T8192 D4096 V128256", "fwd+bwd", 11.0, 10.0, 2**30, 20 * 2**30)
+    return dict(
+        environment=dict(device="NVIDIA H100 80GB HBM3", torch="2.11.0", triton="3.6.0", cuda="13.0", python="3.12.3",
+                         liger="0.8.5", apex="not importable"),
+        command="python benchmarks/kernels.py --quick", rtol=1e-2, noise=0.02,
+        ceilings=dict(copy_gbps=3000.0, copy_bytes=2 * 2**30, matmul_tflops=790.0, matmul_n=8192),
+        correctness=[dict(op="flce", shape="T8192 D4096 V128256", tensor="loss", rel_error=1e-4, max_abs_error=1e-3,
+                          ok=True),
+                     dict(op="flce", shape="T8192 D4096 V128256", tensor="dweight", rel_error=0.5, max_abs_error=1.0,
+                          ok=False)],
+        results=[dict(op="flce", shape="T8192 D4096 V128256", mode="fwd+bwd", impl=bench.TRITON, median_ms=11.0,
+                      p20_ms=10.9, p80_ms=11.2, tflops=600.0, matmul_fraction=0.76, peak_mem_bytes=2**30,
+                      speed_vs_unfused=0.909, mem_vs_unfused=0.05),
+                 dict(op="flce", shape="T8192 D4096 V128256", mode="fwd+bwd", impl="liger", error="OutOfMemoryError: x"),
+                 dict(op="adam", shape="1.3b (V32000)", mode="step", impl="torch-adamw-fused", median_ms=12.0,
+                      p20_ms=11.9, p80_ms=12.1, gbps=3100.0, copy_fraction=1.03)],
+        targets=[dict(bench.dataclasses.asdict(t), verdict=t.verdict) for t in targets],
+        skipped={"adam": {"apex-fusedadam": "apex not importable"}})
+
+
+def test_render_markdown_report():
+    text = bench.render_markdown(_synthetic_report())
+    assert text.startswith("# megatrain kernel benchmarks on NVIDIA H100 80GB HBM3")
+    assert "copy 3000 GB/s (1 GiB bf16 copy_" in text and "bf16 matmul 790 TFLOP/s (8192^3" in text
+    assert "Command: `python benchmarks/kernels.py --quick`" in text
+    assert "| flce | T8192 D4096 V128256 | dweight | 5.00e-01 | 1.00e+00 | FAIL |" in text
+    assert ("| T8192 D4096 V128256 | fwd+bwd | megatrain-triton | 11.000 (10.900-11.200) | 600 | 76.0 | 0.91 | 1.00 "
+            "| 0.050 |") in text
+    assert "error: OutOfMemoryError: x" in text
+    assert "| 1.3b (V32000) | torch-adamw-fused | 12.000 (11.900-12.100) | 3100 | 103.0 |" in text
+    assert "Not run: apex-fusedadam (apex not importable)" in text
+    assert ">= 90% of unfused speed | 90.9% | PASS |" in text
+    assert "< 10% of unfused peak memory | 5.0% | PASS |" in text
+    assert text.rstrip().endswith("2 PASS, 0 FAIL, 0 n/a")
