@@ -7,7 +7,6 @@ are allocated NaN-filled (MEGATRAIN_KERNELS_POISON=1), so an element a kernel fo
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -18,33 +17,10 @@ from megatrain.kernels import reference
 # even though one test below switches the variable off.
 from megatrain.kernels import activation as triton_activation
 
-# (rtol, atol relative to the largest |element| of the expected tensor), by the dtype that limits the
-# kernel's accuracy. The atol is scaled by the tensor's magnitude because an element that is a sum of
-# cancelling terms (dw, dx) carries the rounding error of those terms, not of its own small value.
-TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1e-2, 1e-2)}
+from tests.kernels.kernel_testing import assert_matches, fresh_generator, randn
 
-
-@pytest.fixture(autouse=True)
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("MEGATRAIN_KERNELS", "triton")
-    monkeypatch.setenv("MEGATRAIN_KERNELS_POISON", "1")
-
-
-def fresh_generator() -> tuple[int, torch.Generator]:
-    seed = int.from_bytes(os.urandom(8), "little") >> 1
-    return seed, torch.Generator().manual_seed(seed)
-
-
-def randn(gen: torch.Generator, shape, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
-    return (scale * torch.randn(tuple(shape), generator=gen)).to(dtype)
-
-
-def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str, seed: int):
-    """actual (computed in `dtype`) against the fp32 reference, atol scaled by the reference's max."""
-    rtol, atol = TOLERANCE[dtype]
-    scale = expected.float().abs().max().item() if expected.numel() else 1.0
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol * max(scale, 1e-6),
-                               msg=lambda m: f"{what} (seed {seed}): {m}")
+pytestmark = pytest.mark.usefixtures("triton_backend")
+from tests.kernels.kernel_testing import triton_backend  # noqa: E402,F401  (the fixture)
 
 
 def check_against_reference(seed: int, gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor, view=None):
