@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -59,14 +58,12 @@ def test_kernels_script_rejects_unknown_op_by_name():
     assert "softmax" in proc.stderr and "rms_norm, rope, swiglu, flce, adam" in proc.stderr
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 @pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)
 def test_shell_script_parses(script):
     proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_gpu_suite_rejects_unknown_stage_before_doing_anything(tmp_path):
     proc = subprocess.run(["bash", str(SHELL_SCRIPTS[1]), "benchmark-everything"], capture_output=True, text=True,
                           timeout=60, env=dict(os.environ, OUT=str(tmp_path / "out"), SITE=str(tmp_path / "site")))
@@ -76,7 +73,6 @@ def test_gpu_suite_rejects_unknown_stage_before_doing_anything(tmp_path):
 
 
 @pytest.mark.slow  # about 10 s: two fresh interpreters import torch
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_gpu_suite_setup_maps_megatrain_kernels_without_an_install(tmp_path):
     """The GPU machine runs the checkout uninstalled: setup's shim must make megatrain.kernels import.
 
@@ -85,8 +81,7 @@ def test_gpu_suite_setup_maps_megatrain_kernels_without_an_install(tmp_path):
     """
     env_dir = tmp_path / "venv"
     made = subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], capture_output=True, text=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot make a virtual environment here: {made.stderr.strip()[:200]}")
+    assert made.returncode == 0, made.stderr
     python = env_dir / "bin" / "python"
     purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              capture_output=True, text=True, check=True).stdout.strip()
