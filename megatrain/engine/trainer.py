@@ -129,11 +129,11 @@ class Trainer:
         for i, indices in enumerate(micro):
             inputs, labels = self._batch(self.data.train, indices)
             loss = engine(inputs, labels=labels)
-            detached = loss.detach().float()
-            if torch.isfinite(detached):
-                local[0] += detached
-            else:
-                local[1] += 1
+            detached = loss.detach().double()
+            finite = torch.isfinite(detached)
+            # Tensor ops only: no host sync per micro-batch; one .item() after the all-reduce below.
+            local[0] += torch.where(finite, detached, torch.zeros_like(detached))
+            local[1] += (~finite).double()
             engine.backward(loss)
             if i == len(micro) - 1:
                 # Every DP rank must agree before the (collective) step whether to apply it.
