@@ -40,7 +40,23 @@ FLOP accounting (flce, h [T, D], W [V, D]): fwd 2*T*D*V (the logits); fwd+bwd 6*
 dh = dlogits @ W and dW = dlogits^T @ h). Softmax arithmetic is not counted, and an implementation that
 recomputes the logits in its backward does more work than is counted: the figure is useful work.
 
-Peak memory (flce, fwd+bwd): torch.cuda.max_memory_allocated() during one forward+backward minus the
+Low-rank ops (FLOPs, useful work only; x [T, D_in], a [D_in, r], b [r, D_out]): lowrank fwd
+2*T*r*(D_in + D_out), fwd+bwd three times that; its eager baseline is F.silu(x @ a) @ b (two cuBLAS
+matmuls plus a separate activation kernel) and "megatrain-triton-recompute" is CoLA-M. sparse_lowrank
+adds 2*T*nnz (fwd; x6 for fwd+bwd) for S with nnz = 0.03*D_in*D_out; its baseline materialises
+W = scale * a @ b + S densely (as SLTrain's reference code does) and does one [T, D_in] x [D_in, D_out]
+matmul. Target: lowrank faster than its eager baseline in both modes; sparse_lowrank is reported only.
+
+Interleaved head attention (iha; q, k, v [B, H, N, d], P pseudo-tokens, causal, rotary, bf16): FLOPs
+2*B*H*(N*P)^2*d for the causal QK^T and PV over the N*P virtual tokens plus the mixing and collapse,
+x3.5 for fwd+bwd (see iha_flops). Rows: megatrain-triton (the fused kernels), torch-eager (the unfused
+path in bf16: einsum mixing, interleave, rotary, torch SDPA with flash for the causal mask, collapse;
+kernels.reference.iha_attention with compute_dtype=bf16) and sdpa-mha (plain causal SDPA over the N
+tokens of the same heads; its TFLOP/s column counts IHA's work, it is a time bar only). Targets:
+>= 2x torch-eager's speed, at P = 2 at most 4.5x sdpa-mha's time, and fwd+bwd peak memory <= 1/P of
+torch-eager's.
+
+Peak memory (flce, lowrank, sparse_lowrank, iha, fwd+bwd): torch.cuda.max_memory_allocated() during one forward+backward minus the
 memory allocated just before it. The inputs h, W and target exist before and are not counted; the
 gradients dh and dW, which every version must produce, are counted.
 
@@ -85,7 +101,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-OPS = ("rms_norm", "rope", "swiglu", "flce", "adam")
+OPS = ("rms_norm", "rope", "swiglu", "flce", "adam", "lowrank", "sparse_lowrank", "iha")
+# Compute-bound ops, reported in TFLOP/s against an unfused eager baseline, with peak memory.
+FLOP_OPS = ("flce", "lowrank", "sparse_lowrank", "iha")
+SLTRAIN_DENSITY = 0.03         # sparse_lowrank: SLTrain's delta
+SLTRAIN_SCALE = 0.125          # sparse_lowrank: alpha / r (any value: the cost does not depend on it)
 MEMORY_BOUND_OPS = ("rms_norm", "rope", "swiglu")
 MODES = ("fwd", "fwd+bwd")
 BF16_BYTES = 2
@@ -94,6 +114,9 @@ FP32_BYTES = 4
 TARGET_COPY_FRACTION = 0.85     # memory-bound ops: fraction of the measured copy bandwidth
 TARGET_FLCE_SPEED = 0.90        # flce: fraction of the unfused version's speed
 TARGET_FLCE_MEMORY = 0.10       # flce: fused peak memory below this fraction of the unfused one
+TARGET_IHA_SPEED = 2.0          # iha: times the unfused reference path's speed
+TARGET_IHA_VS_SDPA = 4.5        # iha at P = 2: at most this many times plain causal SDPA's time
+IHA_SDPA = "sdpa-mha"           # iha: plain causal SDPA over the N tokens (a bar, not an IHA)
 
 DEVICE = "cuda"
 EPS = 1e-6
@@ -128,6 +151,19 @@ def sweep(op: str, quick: bool = False) -> list[dict]:
         pick = [dict(tokens=8192, hidden=4096, vocab=128256)]
     elif op == "adam":
         full = pick = [dict(preset="1.3b", vocab=32000)]
+    elif op == "lowrank":
+        # CoLA's ranks: r = d/4 and d/8 of square projections, 8192 tokens.
+        full = [dict(tokens=8192, d_in=d, d_out=d, rank=d // f) for d in (2048, 4096) for f in (4, 8)]
+        pick = [dict(tokens=8192, d_in=4096, d_out=4096, rank=1024)]
+    elif op == "sparse_lowrank":
+        full = [dict(tokens=8192, d_in=d, d_out=d, rank=d // 4) for d in (2048, 4096)]
+        pick = [dict(tokens=8192, d_in=2048, d_out=2048, rank=512)]
+    elif op == "iha":
+        # Interleaved head attention, d = 128, causal with rotary: the issue's 2k-16k, H 16-32, P 2 and 4.
+        full = [dict(batch=1, seq=n, heads=h, head_dim=128, pseudo=p)
+                for n, h, p in ((2048, 16, 2), (4096, 32, 2), (8192, 32, 2), (16384, 16, 2),
+                                (2048, 32, 4), (8192, 16, 4), (16384, 32, 4))]
+        pick = [dict(batch=1, seq=4096, heads=32, head_dim=128, pseudo=2)]
     else:
         raise ValueError(f"unknown op {op!r} (choose from {', '.join(OPS)})")
     return pick if quick else full
@@ -149,6 +185,12 @@ def shape_label(op: str, shape: dict) -> str:
         return f"T{shape['tokens']} D{shape['hidden']} V{shape['vocab']}"
     if op == "adam":
         return f"{shape['preset']} (V{shape['vocab']})"
+    if op == "lowrank":
+        return f"T{shape['tokens']} D{shape['d_in']}x{shape['d_out']} r{shape['rank']}"
+    if op == "sparse_lowrank":
+        return f"T{shape['tokens']} D{shape['d_in']}x{shape['d_out']} r{shape['rank']} delta{SLTRAIN_DENSITY:g}"
+    if op == "iha":
+        return f"B{shape['batch']} N{shape['seq']} H{shape['heads']} d{shape['head_dim']} P{shape['pseudo']}"
     raise ValueError(f"unknown op {op!r}")
 
 
@@ -190,6 +232,30 @@ def flce_flops(tokens: int, hidden: int, vocab: int, backward: bool) -> int:
     return (6 if backward else 2) * tokens * hidden * vocab
 
 
+def lowrank_flops(tokens: int, d_in: int, d_out: int, rank: int, backward: bool) -> int:
+    """x @ a and s @ b; backward three times that (dz, db; da, dx). The activation is not counted."""
+    return (6 if backward else 2) * tokens * rank * (d_in + d_out)
+
+
+def sparse_nnz(d_in: int, d_out: int) -> int:
+    return int(SLTRAIN_DENSITY * d_in * d_out)
+
+
+def sparse_lowrank_flops(tokens: int, d_in: int, d_out: int, rank: int, backward: bool) -> int:
+    """The low-rank matmuls plus 2 FLOPs per (token, support entry): x @ S; backward adds dy @ S^T and
+    dvalues. A dense-materialised version does T*D_in*D_out work instead: this is the useful work."""
+    return lowrank_flops(tokens, d_in, d_out, rank, backward) + (6 if backward else 2) * tokens * sparse_nnz(d_in, d_out)
+
+
+def iha_flops(batch: int, seq: int, heads: int, head_dim: int, pseudo: int, backward: bool) -> int:
+    """Causal attention over the N*P virtual tokens (QK^T and PV on half the pairs: 2*B*H*(NP)^2*d;
+    backward 2.5 times that) plus the q/k/v mixing and the collapse. Recomputation is not counted."""
+    virtual = seq * pseudo
+    attention = 2 * batch * heads * virtual * virtual * head_dim
+    mixing = 3 * 2 * batch * heads * heads * pseudo * seq * head_dim + 2 * batch * heads * virtual * head_dim
+    return (attention + mixing) * (7 if backward else 2) // 2
+
+
 def op_cost(op: str, shape: dict, mode: str) -> int:
     """Bytes moved (memory-bound ops) or FLOPs (flce) of one call of `op` at `shape` in `mode`."""
     backward = mode == "fwd+bwd"
@@ -201,6 +267,12 @@ def op_cost(op: str, shape: dict, mode: str) -> int:
         return swiglu_bytes(tokens_of(shape), shape["ffn"], backward)
     if op == "flce":
         return flce_flops(shape["tokens"], shape["hidden"], shape["vocab"], backward)
+    if op == "lowrank":
+        return lowrank_flops(shape["tokens"], shape["d_in"], shape["d_out"], shape["rank"], backward)
+    if op == "sparse_lowrank":
+        return sparse_lowrank_flops(shape["tokens"], shape["d_in"], shape["d_out"], shape["rank"], backward)
+    if op == "iha":
+        return iha_flops(shape["batch"], shape["seq"], shape["heads"], shape["head_dim"], shape["pseudo"], backward)
     raise ValueError(f"no cost model for {op!r}")
 
 
@@ -285,6 +357,46 @@ def judge_flce(shape: str, mode: str, fused_ms: Optional[float], unfused_ms: Opt
     return targets
 
 
+def judge_lowrank(shape: str, mode: str, fused_ms: Optional[float], unfused_ms: Optional[float]) -> list[Target]:
+    """lowrank's target: faster than two cuBLAS matmuls with a separate SiLU (torch-eager)."""
+    name = "faster than 2 matmuls + separate silu"
+    if fused_ms is None:
+        return [Target("lowrank", shape, mode, name, "error", False)]
+    if unfused_ms is None:
+        return [Target("lowrank", shape, mode, name, "no unfused time", None)]
+    return [Target("lowrank", shape, mode, name, f"{unfused_ms / fused_ms:.2f}x", fused_ms < unfused_ms)]
+
+
+def judge_iha(shape: str, mode: str, pseudo: int, fused_ms: Optional[float], unfused_ms: Optional[float],
+              sdpa_ms: Optional[float], fused_peak: Optional[int] = None,
+              unfused_peak: Optional[int] = None) -> list[Target]:
+    """iha's targets: >= 2x the unfused path's speed; at P = 2 within 4.5x of causal SDPA's time;
+    fwd+bwd peak memory <= 1/P of the unfused path's."""
+    def ratio_target(name, baseline_ms, value, ok):
+        if fused_ms is None:
+            return Target("iha", shape, mode, name, "error", False)
+        if baseline_ms is None:
+            return Target("iha", shape, mode, name, "no baseline time", None)
+        return Target("iha", shape, mode, name, value(baseline_ms), ok(baseline_ms))
+
+    targets = [ratio_target(f">= {TARGET_IHA_SPEED:g}x unfused speed", unfused_ms,
+                            lambda base: f"{base / fused_ms:.2f}x", lambda base: base / fused_ms >= TARGET_IHA_SPEED)]
+    if pseudo == 2:
+        targets.append(ratio_target(f"<= {TARGET_IHA_VS_SDPA:g}x causal SDPA time", sdpa_ms,
+                                    lambda base: f"{fused_ms / base:.2f}x",
+                                    lambda base: fused_ms <= TARGET_IHA_VS_SDPA * base))
+    if mode == "fwd+bwd":
+        name = f"<= 1/{pseudo} of unfused peak memory"
+        if fused_peak is None:
+            targets.append(Target("iha", shape, mode, name, "error", False))
+        elif not unfused_peak:
+            targets.append(Target("iha", shape, mode, name, "no unfused peak", None))
+        else:
+            ratio = fused_peak / unfused_peak
+            targets.append(Target("iha", shape, mode, name, f"{ratio:.1%}", ratio <= 1.0 / pseudo))
+    return targets
+
+
 # ----------------------------------------------------------------------------------------------
 # formatting
 
@@ -342,7 +454,7 @@ def render_markdown(report: dict) -> str:
         out += ["", f"## {op}", ""]
         if op in MEMORY_BOUND_OPS:
             headers = ["shape", "mode", "impl", "median ms (p20-p80)", "GB/s", "% copy BW", "speed vs compile"]
-        elif op == "flce":
+        elif op in FLOP_OPS:
             headers = ["shape", "mode", "impl", "median ms (p20-p80)", "TFLOP/s", "% matmul peak", "speed vs unfused",
                        "peak mem GiB", "mem vs unfused"]
         else:
@@ -357,7 +469,7 @@ def render_markdown(report: dict) -> str:
                 rows.append([r["shape"], r["mode"], r["impl"], time_cell, fmt(r.get("gbps"), ".0f"),
                              fmt(None if r.get("copy_fraction") is None else 100 * r["copy_fraction"], ".1f"),
                              fmt(r.get("speed_vs_compile"), ".2f")])
-            elif op == "flce":
+            elif op in FLOP_OPS:
                 peak = r.get("peak_mem_bytes")
                 rows.append([r["shape"], r["mode"], r["impl"], time_cell, fmt(r.get("tflops"), ".0f"),
                              fmt(None if r.get("matmul_fraction") is None else 100 * r["matmul_fraction"], ".1f"),
@@ -538,7 +650,78 @@ def build_case(op: str, shape: dict, backends: dict) -> Case:
                 h, w, target, ignore_index=IGNORE_INDEX)
         return Case(op, shape, (h, w, target), ("h", "weight", "target"), ("loss",), None, impls, chunked)
 
+    if op == "lowrank":
+        t, d_in, d_out, r = shape["tokens"], shape["d_in"], shape["d_out"], shape["rank"]
+        x = torch.randn(t, d_in, device=dev, dtype=bf16, requires_grad=True)
+        a = (torch.randn(d_in, r, device=dev) * d_in ** -0.5).to(bf16).requires_grad_()
+        b = (torch.randn(r, d_out, device=dev) * r ** -0.5).to(bf16).requires_grad_()
+
+        def unfused(x, a, b):
+            return F.silu(x @ a) @ b  # two cuBLAS matmuls and a separate activation kernel
+
+        impls = {TRITON: lambda x, a, b: kernels.lowrank_linear(x, a, b),
+                 TRITON + "-recompute": lambda x, a, b: kernels.lowrank_linear(x, a, b, recompute=True),
+                 EAGER: unfused, COMPILE: _compiled(unfused)}
+        return Case(op, shape, (x, a, b), ("x", "a", "b"), ("y",), (torch.randn(t, d_out, device=dev, dtype=bf16),),
+                    impls, lambda x, a, b: reference.lowrank_linear(x, a, b))
+
+    if op == "sparse_lowrank":
+        t, d_in, d_out, r = shape["tokens"], shape["d_in"], shape["d_out"], shape["rank"]
+        x = torch.randn(t, d_in, device=dev, dtype=bf16, requires_grad=True)
+        a = (torch.randn(d_in, r, device=dev) * d_in ** -0.5).to(bf16).requires_grad_()
+        b = (torch.randn(r, d_out, device=dev) * r ** -0.5).to(bf16).requires_grad_()
+        index = torch.randperm(d_in * d_out, device=dev)[:sparse_nnz(d_in, d_out)].sort().values
+        values = (torch.randn(index.numel(), device=dev) * d_in ** -0.5).to(bf16).requires_grad_()
+
+        def dense_materialised(x, a, b, values, index):
+            # SLTrain's own approach: W = scale * a @ b + S built densely, then one matmul.
+            sparse = torch.zeros(d_in * d_out, device=dev, dtype=bf16).index_put((index,), values).view(d_in, d_out)
+            return x @ torch.addmm(sparse, a, b, alpha=SLTRAIN_SCALE)
+
+        impls = {TRITON: lambda x, a, b, values, index: kernels.sparse_lowrank_linear(x, a, b, values, index,
+                                                                                      SLTRAIN_SCALE),
+                 EAGER: dense_materialised, COMPILE: _compiled(dense_materialised)}
+        return Case(op, shape, (x, a, b, values, index), ("x", "a", "b", "values", "index"), ("y",),
+                    (torch.randn(t, d_out, device=dev, dtype=bf16),), impls,
+                    lambda x, a, b, values, index: reference.sparse_lowrank_linear(x, a, b, values, index,
+                                                                                   SLTRAIN_SCALE))
+
+    if op == "iha":
+        return iha_case(shape, dev)
+
     raise ValueError(f"no case builder for {op!r}")
+
+
+def iha_case(shape: dict, device) -> Case:
+    """Interleaved head attention on `device` (a function of its own so the CPU tests can build it).
+
+    Near-MHA mixes (identity + noise) and collapse 1/P, as a layer starts; rotary tables over the
+    N*P virtual positions; causal mask. Implementations: the fused kernel, the unfused path in bf16
+    (einsum mixing + interleave + rotary + torch SDPA, which picks flash for the causal mask + the
+    collapse) and, as a bar, plain causal SDPA over the N tokens of the same heads.
+    """
+    from megatrain import kernels
+    from megatrain.kernels import reference
+    from megatrain.models.transformer import rope_tables
+
+    b, n, h, d, p = shape["batch"], shape["seq"], shape["heads"], shape["head_dim"], shape["pseudo"]
+    bf16 = torch.bfloat16
+    q, k, v = (torch.randn(b, h, n, d, device=device, dtype=bf16, requires_grad=True) for _ in range(3))
+    eye = torch.eye(h, device=device)[:, :, None].expand(h, h, p)
+    mixes = [(eye + 0.02 * torch.randn(h, h, p, device=device)).to(bf16).requires_grad_() for _ in range(3)]
+    collapse = torch.full((h, p), 1.0 / p, device=device, dtype=bf16, requires_grad=True)
+    cos, sin = rope_tables(d, n * p, 10000.0, device=device)
+
+    def unfused(*args):
+        return reference.iha_attention(*args, compute_dtype=args[0].dtype)
+
+    def sdpa(q, k, v, *_):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    impls = {TRITON: kernels.iha_attention, EAGER: unfused, IHA_SDPA: sdpa}
+    names = ("q", "k", "v", "mix_q", "mix_k", "mix_v", "collapse", "cos", "sin")
+    return Case("iha", shape, (q, k, v, *mixes, collapse, cos, sin), names, ("o",),
+                (torch.randn(b, h, n, d, device=device, dtype=bf16),), impls, reference.iha_attention)
 
 
 def _as_tuple(out) -> tuple:
@@ -648,7 +831,7 @@ def time_case(case: Case, ceilings: dict, args, log: Callable) -> list[dict]:
             try:
                 row["median_ms"], row["p20_ms"], row["p80_ms"] = _timed(
                     run, case.grad_inputs if mode == "fwd+bwd" else None, args.warmup, args.rep)
-                if case.op == "flce":
+                if case.op in FLOP_OPS:
                     row["flops"] = cost
                     row["tflops"] = tflop_per_s(cost, row["median_ms"])
                     row["matmul_fraction"] = row["tflops"] / ceilings["matmul_tflops"]
@@ -691,6 +874,14 @@ def targets_for(op: str, rows: list[dict], ceilings: dict, noise: float) -> list
                 targets += judge_memory_bound(op, shape, mode, find(shape, mode, TRITON, "median_ms"),
                                               find(shape, mode, COMPILE, "median_ms"), op_cost(op, params, mode),
                                               ceilings["copy_gbps"], noise)
+            elif op == "lowrank":
+                targets += judge_lowrank(shape, mode, find(shape, mode, TRITON, "median_ms"),
+                                         find(shape, mode, EAGER, "median_ms"))
+            elif op == "iha":
+                targets += judge_iha(shape, mode, params["pseudo"], find(shape, mode, TRITON, "median_ms"),
+                                     find(shape, mode, EAGER, "median_ms"), find(shape, mode, IHA_SDPA, "median_ms"),
+                                     find(shape, mode, TRITON, "peak_mem_bytes"),
+                                     find(shape, mode, EAGER, "peak_mem_bytes"))
             elif op == "flce":
                 targets += judge_flce(shape, mode, find(shape, mode, TRITON, "median_ms"),
                                       find(shape, mode, EAGER, "median_ms"),
@@ -884,7 +1075,7 @@ def main(argv=None) -> int:
         results += op_rows
         targets += targets_for(op, op_rows, ceilings, args.noise)
         missing = {}
-        if backends["liger"] is None:
+        if backends["liger"] is None and op != "iha":  # Liger-Kernel has no interleaved head attention
             missing["liger"] = backends["liger_status"]
         if op == "rms_norm" and backends["apex_rms_norm"] is None:
             missing["apex"] = backends["apex_status"]

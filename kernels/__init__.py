@@ -29,7 +29,9 @@ from torch import Tensor
 
 from . import reference
 
-__all__ = ["backend", "rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "reference", "apex_rms_norm"]
+__all__ = ["backend", "rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "lowrank_linear",
+           "sparse_lowrank_linear", "iha_attention", "projected_adam_update", "reference",
+           "apex_rms_norm"]
 
 ENV_VAR = "MEGATRAIN_KERNELS"
 BACKENDS = ("auto", "torch", "triton")
@@ -130,3 +132,84 @@ def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore
 
         return triton_flce(h, weight, target, ignore_index, process_group=process_group)
     return reference.fused_linear_cross_entropy(h, weight, target, ignore_index, process_group=process_group)
+
+
+def lowrank_linear(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor] = None,
+                   activation: Optional[str] = "silu", recompute: bool = False) -> Tensor:
+    """act(x @ a) @ b + bias: CoLA's low-rank projection (activation None: plain low-rank).
+
+    x [..., D_in], a [D_in, r], b [r, D_out], bias [D_out] or None; activation "silu" or None.
+    recompute=True (CoLA-M) saves only the inputs for backward and recomputes x @ a there instead
+    of keeping the [..., r] intermediate. Returns [..., D_out] in x.dtype; gradients for x, a, b, bias.
+    """
+    if _use_triton("lowrank_linear", x):
+        from .lowrank import lowrank_linear as triton_lowrank_linear
+
+        return triton_lowrank_linear(x, a, b, bias, activation, recompute)
+    return reference.lowrank_linear(x, a, b, bias, activation, recompute)
+
+
+def sparse_lowrank_linear(x: Tensor, a: Tensor, b: Tensor, values: Tensor, index: Tensor, scale: float) -> Tensor:
+    """x @ (scale * a @ b + S): SLTrain's sparse plus low-rank projection.
+
+    x [..., D_in], a [D_in, r], b [r, D_out]; S [D_in, D_out] is zero except at the flat row-major
+    positions `index` [nnz] (int64, sorted, unique), where it holds `values` [nnz]. The Triton path
+    never forms a dense [D_in, D_out] matrix; the gradient of `values` is computed only at the
+    support. Returns [..., D_out] in x.dtype; gradients for x, a, b, values.
+    """
+    if _use_triton("sparse_lowrank_linear", x):
+        from .sparse_lowrank import sparse_lowrank_linear as triton_sparse_lowrank_linear
+
+        return triton_sparse_lowrank_linear(x, a, b, values, index, scale)
+    return reference.sparse_lowrank_linear(x, a, b, values, index, scale)
+
+
+def iha_attention(q: Tensor, k: Tensor, v: Tensor, mix_q: Tensor, mix_k: Tensor, mix_v: Tensor, collapse: Tensor,
+                  cos: Optional[Tensor] = None, sin: Optional[Tensor] = None, mask: str = "causal",
+                  window: Optional[int] = None) -> Tensor:
+    """Interleaved head attention: P pseudo-tokens per token, mixed across heads, attended, collapsed.
+
+    q, k, v [B, H_in, N, d]; mix_q, mix_k, mix_v [H_in, H_out, P]: pseudo-token (n, p) of output
+    head h is q~[b, h, n*P + p] = sum_m mix_q[m, h, p] * q[b, m, n] (k~, v~ alike), at virtual
+    position n*P + p. Softmax attention (scale 1/sqrt(d)) runs over the N*P virtual tokens with
+    mask "causal" (flattened order) or "token_causal" (pseudo-tokens of one position see each
+    other), optionally limited to a sliding `window` of virtual tokens (a positive multiple of P;
+    see `reference.iha_allowed` for the exact rule). cos, sin [N*P, d/2] rotate q~ and k~ at their
+    virtual positions (half-split layout, as `rope`). The P outputs are collapsed with collapse
+    [H_out, P] (o[b,h,n] = sum_p collapse[h,p] o~[b,h,n*P+p]) or [H_out, H_out*P] (global:
+    o[b,h,n] = sum_{m,p} collapse[h, m*P+p] o~[b,m,n*P+p]). Returns o [B, H_out, N, d] in q.dtype,
+    differentiable in q, k, v, the mixes and collapse. The Triton kernel never writes the
+    [B, H_out, N*P, d] pseudo tensors to device memory (global collapse: see docs/kernels.md).
+    """
+    if _use_triton("iha_attention", q):
+        from .iha import iha_attention as triton_iha_attention
+
+        return triton_iha_attention(q, k, v, mix_q, mix_k, mix_v, collapse, cos, sin, mask, window)
+    return reference.iha_attention(q, k, v, mix_q, mix_k, mix_v, collapse, cos, sin, mask, window)
+
+
+def projected_adam_update(weight: Tensor, proj: Tensor, low_rank_grad: Tensor, exp_avg: Tensor,
+                          exp_avg_sq: Tensor, *, side: str, beta1: float, beta2: float, eps: float,
+                          step_size: float, scale: float, decay: float, update_moments: bool = True,
+                          grad: Optional[Tensor] = None, residual_scale: Optional[Tensor] = None,
+                          residual_coef: float = 1.0) -> tuple[Tensor, Tensor]:
+    """GaLore / Fira inner step: Adam in the projected space, back-projection, decoupled decay.
+
+    side "right": weight [M, N], proj [r, N], low_rank_grad / moments [M, r]; "left": proj [M, r],
+    low_rank_grad / moments [r, N]. With update_moments: m, v <- Adam moments of low_rank_grad;
+    psi = m / (sqrt(v) + eps); W <- (W - step_size * (scale * back(psi) + S)) * (1 - decay), where
+    S = residual_scale (.) (grad - residual_coef * back(low_rank_grad)) when grad is given (Fira).
+    `weight` is updated in place; returns the moments after the step (keep the returned tensors:
+    the Triton kernel writes new ones). Math and shapes: `reference.projected_adam_update`.
+    """
+    if _use_triton("projected_adam_update", weight):
+        from .projected_adam import projected_adam_update as triton_projected_adam_update
+
+        return triton_projected_adam_update(weight, proj, low_rank_grad, exp_avg, exp_avg_sq, side=side,
+                                            beta1=beta1, beta2=beta2, eps=eps, step_size=step_size, scale=scale,
+                                            decay=decay, update_moments=update_moments, grad=grad,
+                                            residual_scale=residual_scale, residual_coef=residual_coef)
+    return reference.projected_adam_update(weight, proj, low_rank_grad, exp_avg, exp_avg_sq, side=side, beta1=beta1,
+                                           beta2=beta2, eps=eps, step_size=step_size, scale=scale, decay=decay,
+                                           update_moments=update_moments, grad=grad, residual_scale=residual_scale,
+                                           residual_coef=residual_coef)

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["rms_norm", "rope", "swiglu", "fused_linear_cross_entropy"]
+__all__ = ["rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "lowrank_linear",
+           "sparse_lowrank_linear", "LOWRANK_ACTIVATIONS", "iha_attention", "iha_allowed", "iha_check_inputs",
+           "IHA_MASKS", "projected_adam_update"]
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Optional[Tensor] = None):
@@ -240,3 +242,278 @@ def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore
     # Evaluation: skip the gradient work entirely.
     return _linear_cross_entropy_chunks(h, weight, target, ignore_index, chunk_size, False, False,
                                         process_group)[0]
+
+
+LOWRANK_ACTIVATIONS = ("silu", None)
+
+
+def _check_lowrank(op: str, x: Tensor, a: Tensor, b: Tensor) -> None:
+    if x.dim() < 1 or a.dim() != 2 or b.dim() != 2 or x.shape[-1] != a.shape[0] or a.shape[1] != b.shape[0]:
+        raise ValueError(f"{op}: need x [..., D_in], a [D_in, r], b [r, D_out], got {tuple(x.shape)}, "
+                         f"{tuple(a.shape)}, {tuple(b.shape)}")
+
+
+def _lowrank_linear_math(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor], activation: Optional[str]) -> Tensor:
+    z = x.float() @ a.float()
+    if activation == "silu":
+        z = F.silu(z)
+    y = z @ b.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def lowrank_linear(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor] = None,
+                   activation: Optional[str] = "silu", recompute: bool = False) -> Tensor:
+    """Low-rank projection with an activation between the factors (CoLA): act(x @ a) @ b + bias.
+
+    Args:
+        x: [..., D_in].
+        a: [D_in, r] down-projection.
+        b: [r, D_out] up-projection.
+        bias: [D_out] or None.
+        activation: "silu" (CoLA) or None (plain low-rank x @ a @ b, as LoRA/ReLoRA use).
+        recompute: CoLA-M: keep only the inputs for backward and recompute the [..., r]
+            intermediate there (activation checkpointing of this op) instead of storing it.
+
+    Returns:
+        [..., D_out] in x.dtype (math in fp32).
+    """
+    _check_lowrank("lowrank_linear", x, a, b)
+    if activation not in LOWRANK_ACTIVATIONS:
+        raise ValueError(f"lowrank_linear: argument 'activation' must be one of {LOWRANK_ACTIVATIONS}, got {activation!r}")
+    if bias is not None and bias.shape != (b.shape[1],):
+        raise ValueError(f"lowrank_linear: argument 'bias' must have shape [{b.shape[1]}], got {tuple(bias.shape)}")
+    if recompute and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(_lowrank_linear_math, x, a, b, bias, activation, use_reentrant=False)
+    return _lowrank_linear_math(x, a, b, bias, activation)
+
+
+def check_sparse_support(op: str, values: Tensor, index: Tensor, d_in: int, d_out: int,
+                         check_order: bool = True) -> None:
+    """ValueError unless values [nnz] and index [nnz] (int64, sorted, unique, in [0, d_in*d_out))
+    describe a sparse [d_in, d_out] matrix. `check_order` reads the index on the host (a sync)."""
+    if values.dim() != 1 or index.dim() != 1 or values.shape != index.shape:
+        raise ValueError(f"{op}: arguments 'values' and 'index' must be 1-D of one length [nnz], got "
+                         f"{tuple(values.shape)} and {tuple(index.shape)}")
+    if index.dtype != torch.int64:
+        raise ValueError(f"{op}: argument 'index' must be int64, got {str(index.dtype).replace('torch.', '')}")
+    if check_order and index.numel():
+        if int(index[0]) < 0 or int(index[-1]) >= d_in * d_out:
+            raise ValueError(f"{op}: argument 'index' must lie in [0, D_in*D_out) = [0, {d_in * d_out}), got "
+                             f"[{int(index.min())}, {int(index.max())}]")
+        if index.numel() > 1 and not bool((index[1:] > index[:-1]).all()):
+            raise ValueError(f"{op}: argument 'index' must be sorted ascending without repeats")
+
+
+def sparse_lowrank_linear(x: Tensor, a: Tensor, b: Tensor, values: Tensor, index: Tensor, scale: float) -> Tensor:
+    """Sparse plus low-rank projection (SLTrain): y = x @ (scale * a @ b + S).
+
+    S is [D_in, D_out], zero except S.view(-1)[index] = values. This oracle builds the dense W
+    (the fused kernel never does); gradients for x, a, b and values (the last only at the support,
+    i.e. one number per entry of `values`) come from autograd.
+
+    Args:
+        x: [..., D_in].
+        a: [D_in, r], b: [r, D_out].
+        values: [nnz] the trainable entries of S.
+        index: [nnz] int64 flat row-major positions (i * D_out + j), sorted ascending, unique.
+        scale: the low-rank factor's scale (alpha / r in SLTrain).
+
+    Returns:
+        [..., D_out] in x.dtype (math in fp32).
+    """
+    _check_lowrank("sparse_lowrank_linear", x, a, b)
+    d_in, d_out = a.shape[0], b.shape[1]
+    check_sparse_support("sparse_lowrank_linear", values, index, d_in, d_out)
+    sparse = torch.zeros(d_in * d_out, dtype=torch.float32, device=x.device)
+    sparse = sparse.index_put((index,), values.float()).view(d_in, d_out)
+    weight = float(scale) * (a.float() @ b.float()) + sparse
+    return (x.float() @ weight).to(x.dtype)
+
+
+IHA_MASKS = ("causal", "token_causal")
+
+
+def iha_check_inputs(q: Tensor, k: Tensor, v: Tensor, mix_q: Tensor, mix_k: Tensor, mix_v: Tensor,
+                     collapse: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], mask: str,
+                     window: Optional[int]) -> tuple[int, int, int, int, int, int, bool]:
+    """Validate `iha_attention`'s arguments; returns (B, H_in, N, d, H_out, P, global_collapse).
+
+    Raises one ValueError("iha_attention: argument '<name>' ...") naming what is wrong.
+    """
+    op = "iha_attention"
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    for name, t in (("q", q), ("k", k), ("v", v), ("mix_q", mix_q), ("mix_k", mix_k), ("mix_v", mix_v),
+                    ("collapse", collapse)):
+        if not isinstance(t, Tensor) or t.dtype not in floats:
+            got = type(t).__name__ if not isinstance(t, Tensor) else str(t.dtype)
+            raise ValueError(f"{op}: argument '{name}' must be a float32/bfloat16/float16 tensor, got {got}")
+    if q.dim() != 4:
+        raise ValueError(f"{op}: argument 'q' must be [B, H_in, N, d], got shape {tuple(q.shape)}")
+    batch, heads_in, seq_len, head_dim = q.shape
+    for name, t in (("k", k), ("v", v)):
+        if tuple(t.shape) != tuple(q.shape):
+            raise ValueError(f"{op}: argument '{name}' must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{op}: argument '{name}' has dtype {t.dtype} but 'q' has {q.dtype}")
+    if mix_q.dim() != 3 or mix_q.shape[0] != heads_in or mix_q.shape[2] < 1:
+        raise ValueError(f"{op}: argument 'mix_q' must be [H_in, H_out, P] with H_in = {heads_in} and P >= 1, "
+                         f"got shape {tuple(mix_q.shape)}")
+    heads_out, pseudo = mix_q.shape[1], mix_q.shape[2]
+    if heads_out < 1:
+        raise ValueError(f"{op}: argument 'mix_q' must have H_out >= 1, got shape {tuple(mix_q.shape)}")
+    for name, t in (("mix_k", mix_k), ("mix_v", mix_v)):
+        if tuple(t.shape) != tuple(mix_q.shape):
+            raise ValueError(f"{op}: argument '{name}' must have mix_q's shape [H_in, H_out, P] = "
+                             f"{list(mix_q.shape)}, got {tuple(t.shape)}")
+    if tuple(collapse.shape) == (heads_out, pseudo):
+        global_collapse = False
+    elif tuple(collapse.shape) == (heads_out, heads_out * pseudo):
+        global_collapse = True
+    else:
+        raise ValueError(f"{op}: argument 'collapse' must be [H_out, P] = [{heads_out}, {pseudo}] (per head) or "
+                         f"[H_out, H_out*P] = [{heads_out}, {heads_out * pseudo}] (global), got {tuple(collapse.shape)}")
+    if (cos is None) != (sin is None):
+        raise ValueError(f"{op}: arguments 'cos' and 'sin' must be given together or both be None")
+    if cos is not None:
+        half = head_dim // 2
+        for name, t in (("cos", cos), ("sin", sin)):
+            if not isinstance(t, Tensor) or t.dtype not in floats:
+                raise ValueError(f"{op}: argument '{name}' must be a float tensor, got {type(t).__name__}")
+            if head_dim % 2 or tuple(t.shape) != (seq_len * pseudo, half):
+                raise ValueError(f"{op}: argument '{name}' must be [N*P, d/2] = [{seq_len * pseudo}, {half}] "
+                                 f"(even d) for q {tuple(q.shape)} and P = {pseudo}, got {tuple(t.shape)}")
+    if mask not in IHA_MASKS:
+        raise ValueError(f"{op}: argument 'mask' is {mask!r} (allowed: {', '.join(IHA_MASKS)})")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1
+                               or window % pseudo):
+        raise ValueError(f"{op}: argument 'window' must be None or a positive multiple of P = {pseudo} "
+                         f"(virtual tokens), got {window!r}")
+    devices = {t.device for t in (q, k, v, mix_q, mix_k, mix_v, collapse) + ((cos, sin) if cos is not None else ())}
+    if len(devices) > 1:
+        raise ValueError(f"{op}: all tensor arguments must be on one device, got {sorted(map(str, devices))}")
+    return batch, heads_in, seq_len, head_dim, heads_out, pseudo, global_collapse
+
+
+def iha_allowed(seq_len: int, pseudo: int, mask: str = "causal", window: Optional[int] = None,
+                device=None) -> Tensor:
+    """[N*P, N*P] bool: which virtual key j each virtual query i attends to (True = attends).
+
+    i = n*P + p, j = n'*P + p'. causal: j <= i. token_causal: n' <= n. With a window W (a multiple
+    of P): causal also needs j > i - W; token_causal also needs n' > n - W/P. Either way a query far
+    from the start sees exactly W keys, and every query sees at least itself.
+    """
+    pos = torch.arange(seq_len * pseudo, device=device)
+    i, j = pos[:, None], pos[None, :]
+    if mask == "causal":
+        allowed = j <= i
+        if window is not None:
+            allowed &= j > i - window
+    else:
+        ti, tj = i // pseudo, j // pseudo
+        allowed = tj <= ti
+        if window is not None:
+            allowed &= tj > ti - window // pseudo
+    return allowed
+
+
+def iha_attention(q: Tensor, k: Tensor, v: Tensor, mix_q: Tensor, mix_k: Tensor, mix_v: Tensor,
+                  collapse: Tensor, cos: Optional[Tensor] = None, sin: Optional[Tensor] = None,
+                  mask: str = "causal", window: Optional[int] = None, *,
+                  compute_dtype: torch.dtype = torch.float32) -> Tensor:
+    """Interleaved head attention, unfused: einsum mixing, interleave, rotary, SDPA, collapse.
+
+    With P pseudo-tokens per token and mixing tensors mix_* [H_in, H_out, P]:
+
+        q~[b, h, n*P + p] = sum_m mix_q[m, h, p] * q[b, m, n]        (same for k~ with mix_k, v~ with mix_v)
+        q~, k~ rotated by cos/sin [N*P, d/2] at their virtual positions (when given)
+        o~[b, h, i] = softmax_j(q~[b, h, i] . k~[b, h, j] / sqrt(d), over allowed j) @ v~[b, h, j]
+        o[b, h, n]  = sum_p collapse[h, p] * o~[b, h, n*P + p]                 collapse [H_out, P]
+                    = sum_{m, p} collapse[h, m*P + p] * o~[b, m, n*P + p]      collapse [H_out, H_out*P]
+
+    Which keys a query sees: see `iha_allowed` (mask "causal" over the flattened virtual order or
+    "token_causal"; `window` in virtual tokens, a positive multiple of P, or None).
+
+    Args:
+        q, k, v: [B, H_in, N, d].
+        mix_q, mix_k, mix_v: [H_in, H_out, P] (H_out may differ from H_in: a tensor-parallel rank
+            holds all H_in gathered heads and the mix columns of its own output heads).
+        collapse: [H_out, P] (per head) or [H_out, H_out*P] (global).
+        cos, sin: [N*P, d/2] rotary tables (half-split layout, as `rope`), or None.
+        compute_dtype: dtype of the intermediate tensors (fp32: the oracle; the input dtype: the
+            unfused baseline benchmarks compare against).
+
+    Returns:
+        o [B, H_out, N, d] in q.dtype. Differentiable with respect to every tensor argument
+        except cos and sin.
+    """
+    batch, _, seq_len, head_dim, heads_out, pseudo, global_collapse = iha_check_inputs(
+        q, k, v, mix_q, mix_k, mix_v, collapse, cos, sin, mask, window)
+    ct = compute_dtype
+
+    def pseudo_heads(x: Tensor, mix: Tensor) -> Tensor:  # [B, H_in, N, d] -> [B, H_out, N*P, d]
+        return torch.einsum("bmnd,mhp->bhnpd", x.to(ct), mix.to(ct)).reshape(batch, heads_out, seq_len * pseudo,
+                                                                            head_dim)
+
+    pq, pk, pv = pseudo_heads(q, mix_q), pseudo_heads(k, mix_k), pseudo_heads(v, mix_v)
+    if cos is not None:
+        c, s = cos.float()[None, None], sin.float()[None, None]
+        pq, pk = _rotate(pq, c, s), _rotate(pk, c, s)
+    if mask == "causal" and window is None:
+        o = F.scaled_dot_product_attention(pq, pk, pv, is_causal=True)
+    else:
+        allowed = iha_allowed(seq_len, pseudo, mask, window, device=q.device)
+        o = F.scaled_dot_product_attention(pq, pk, pv, attn_mask=allowed)
+    o = o.reshape(batch, heads_out, seq_len, pseudo, head_dim)
+    if global_collapse:
+        out = torch.einsum("bmnpd,hmp->bhnd", o, collapse.to(ct).reshape(heads_out, heads_out, pseudo))
+    else:
+        out = torch.einsum("bhnpd,hp->bhnd", o, collapse.to(ct))
+    return out.to(q.dtype)
+
+
+def projected_adam_update(weight: Tensor, proj: Tensor, low_rank_grad: Tensor, exp_avg: Tensor,
+                          exp_avg_sq: Tensor, *, side: str, beta1: float, beta2: float, eps: float,
+                          step_size: float, scale: float, decay: float, update_moments: bool = True,
+                          grad: Optional[Tensor] = None, residual_scale: Optional[Tensor] = None,
+                          residual_coef: float = 1.0) -> tuple[Tensor, Tensor]:
+    """One GaLore / Fira weight update from a projected gradient (the optimizer's inner step).
+
+    side "right": weight [M, N], proj P [r, N], low_rank_grad R and moments [M, r], back(X) = X @ P.
+    side "left":  weight [M, N], proj P [M, r], low_rank_grad R and moments [r, N], back(X) = P @ X.
+
+        m, v <- b1 m + (1 - b1) R,  b2 v + (1 - b2) R^2       (when update_moments)
+        psi   = m / (sqrt(v) + eps)
+        U     = scale * back(psi) [+ residual_scale (.) (grad - residual_coef * back(R))]
+        W    <- (W - step_size * U) * (1 - decay)
+
+    residual_scale ([M] for "right", [N] for "left") multiplies each index of the dimension the
+    projection keeps; with grad [M, N] it adds Fira's scaled residual. Moments are fp32; weight
+    and grad fp32 or bf16 (math in fp32). `weight` is updated in place (and the moments too, here);
+    returns the moments after the step, which the caller keeps (the fused kernel returns new ones).
+    """
+    if side not in ("right", "left"):
+        raise ValueError(f"projected_adam_update: side must be 'right' or 'left', got {side!r}")
+    if (grad is None) != (residual_scale is None):
+        raise ValueError("projected_adam_update: grad and residual_scale go together (Fira's residual)")
+    r = low_rank_grad.float()
+    if update_moments:
+        exp_avg.mul_(beta1).add_(r, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(r, r, value=1.0 - beta2)
+    psi = exp_avg / (exp_avg_sq.sqrt() + eps)
+    p = proj.float()
+
+    def back(x: Tensor) -> Tensor:
+        return x @ p if side == "right" else p @ x
+
+    update = back(psi) * scale
+    if grad is not None:
+        s = residual_scale.float()[:, None] if side == "right" else residual_scale.float()[None, :]
+        update = update + s * (grad.float() - residual_coef * back(r))
+    w = weight.float()
+    w = (w - step_size * update) * (1.0 - decay)
+    weight.copy_(w.to(weight.dtype))
+    return exp_avg, exp_avg_sq

@@ -1,0 +1,362 @@
+"""Fused low-rank projection act(x @ a) @ b + bias in Triton (CoLA; activation None = plain low-rank).
+
+Math, with rows t of x flattened to [T, D_in], a [D_in, r], b [r, D_out]:
+
+    z = x @ a                 [T, r]   (the r-wide intermediate)
+    s = silu(z) = z * sigmoid(z)       (or s = z without an activation)
+    y = s @ b + bias          [T, D_out]
+
+Backward, from dy [T, D_out]:
+
+    dz   = (dy @ b^T) * silu'(z),  silu'(z) = sigmoid(z) * (1 + z * (1 - sigmoid(z)))
+    db   = s^T @ dy,   da = x^T @ dz,   dx = dz @ a^T,   dbias = sum_t dy
+
+Kernels (private, by phase):
+
+- `_lowrank_fwd_fused_kernel`: one program owns BLOCK_T rows. It accumulates z = x @ a over D_in
+  tiles in registers, applies SiLU there and, without leaving the chip, multiplies s by b one
+  D_out tile at a time (adding the bias). z is written to memory only when backward needs it
+  (training without recompute); with recompute=True (CoLA-M) or in inference the r-wide
+  intermediate never reaches device memory. Used while the whole rank fits one register tile
+  (r <= MAX_FUSED_RANK = 256, CoLA's r = d/4 up to d = 1024, d/8 up to 2048).
+- `_lowrank_mm_kernel`: a tiled matmul C = P @ Q with three fusions that replace the separate
+  elementwise passes of the unfused op: SiLU applied to P tiles as they are loaded (prologue),
+  a bias added and a SiLU derivative multiplied in the epilogue. It serves the forward for larger
+  ranks (z = x @ a by cuBLAS, then y = silu(z) @ b + bias in one pass over z: s never exists),
+  and the backward: dz = (dy @ b^T) * silu'(z) and db = silu(z)^T @ dy (s never exists).
+
+The plain matmuls (x @ a for large ranks or recompute, da = x^T @ dz, dx = dz @ a^T) go to cuBLAS,
+as in the fused cross-entropy: Triton only where a fusion removes a pass over memory.
+
+Dtypes: x, a, b share one dtype (the public function casts a and b to x's dtype; autograd carries
+the gradients back through the cast). Dots accumulate in fp32; SiLU is computed in fp32 and s is
+rounded to x's dtype before it is multiplied by b (as a tensor-core matmul of s would). fp32 dots
+use TF32 only when torch.backends.cuda.matmul.allow_tf32 is set, as torch.matmul does.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._utils import check_device, check_same, check_tensor, interpreting, new_output, next_power_of_2
+
+__all__ = ["lowrank_linear", "MAX_FUSED_RANK"]
+
+OP = "lowrank_linear"
+ACTIVATIONS = ("silu", None)
+
+# Largest rank the single-kernel forward keeps in registers ([BLOCK_T, r] fp32 accumulator). Beyond
+# it the forward is cuBLAS x @ a followed by the fused silu(z) @ b + bias kernel.
+MAX_FUSED_RANK = 256
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lowrank_fwd_fused_kernel(
+    X, A, B, BIAS, Y, Z,             # X [T, D_in]; A [D_in, R]; B [R, D_out]; BIAS [D_out]; Y [T, D_out]; Z [T, R]
+    n_rows, D_IN, R, D_OUT,
+    stride_x, stride_a, stride_b, stride_y, stride_z,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_Z: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program: rows [pid*BLOCK_T, +BLOCK_T). z = x @ a in registers, s = act(z), y = s @ b + bias."""
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_mask = rows < n_rows
+    rr = tl.arange(0, BLOCK_R)
+    r_mask = rr < R
+
+    z = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, D_IN, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < D_IN
+        xt = tl.load(X + rows[:, None] * stride_x + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        at = tl.load(A + ks[:, None].to(tl.int64) * stride_a + rr[None, :], mask=k_mask[:, None] & r_mask[None, :],
+                     other=0.0)
+        if UPCAST_DOT:
+            xt = xt.to(tl.float32)
+            at = at.to(tl.float32)
+        z = tl.dot(xt, at, z, input_precision=PRECISION)
+
+    if STORE_Z:
+        tl.store(Z + rows[:, None] * stride_z + rr[None, :], z.to(Z.dtype.element_ty),
+                 mask=row_mask[:, None] & r_mask[None, :])
+    if ACT:
+        z = z * tl.sigmoid(z)
+    # Padded rank columns hold z = 0, silu(0) = 0, and their rows of b load as 0: they add nothing.
+    s = z.to(X.dtype.element_ty)
+    if UPCAST_DOT:
+        s = s.to(tl.float32)
+
+    for n0 in range(0, D_OUT, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        c_mask = cols < D_OUT
+        bt = tl.load(B + rr[:, None].to(tl.int64) * stride_b + cols[None, :], mask=r_mask[:, None] & c_mask[None, :],
+                     other=0.0)
+        if UPCAST_DOT:
+            bt = bt.to(tl.float32)
+        acc = tl.dot(s, bt, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + cols, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + rows[:, None] * stride_y + cols[None, :], acc.to(Y.dtype.element_ty),
+                 mask=row_mask[:, None] & c_mask[None, :])
+
+
+@triton.jit
+def _lowrank_mm_kernel(
+    P, Q, BIAS, ZE, C,               # P [M, K]; Q [K, N]; BIAS [N]; ZE, C [M, N] (any strides)
+    M, N, K,
+    stride_pm, stride_pk, stride_qk, stride_qn, stride_zm, stride_zn, stride_cm, stride_cn,
+    ACT_P: tl.constexpr, HAS_BIAS: tl.constexpr, DACT_EPILOGUE: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C = act?(P) @ Q (+ bias) (* silu'(ZE)), one [BLOCK_M, BLOCK_N] tile per program.
+
+    Programs are ordered in groups of GROUP_M row tiles so that neighbours reuse Q tiles from L2.
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_n = (pid % group_size) // rows_in_group
+
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        k_mask = rk < K
+        p = tl.load(P + rm[:, None] * stride_pm + rk[None, :] * stride_pk, mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0)
+        if ACT_P:
+            pf = p.to(tl.float32)
+            p = (pf * tl.sigmoid(pf)).to(P.dtype.element_ty)
+        q = tl.load(Q + rk[:, None] * stride_qk + rn[None, :] * stride_qn, mask=k_mask[:, None] & n_mask[None, :],
+                    other=0.0)
+        if UPCAST_DOT:
+            p = p.to(tl.float32)
+            q = q.to(tl.float32)
+        acc = tl.dot(p, q, acc, input_precision=PRECISION)
+
+    mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_BIAS:
+        acc += tl.load(BIAS + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if DACT_EPILOGUE:
+        z = tl.load(ZE + rm[:, None] * stride_zm + rn[None, :] * stride_zn, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(z)
+        acc = acc * (sig * (1.0 + z * (1.0 - sig)))
+    tl.store(C + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(C.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: fp32 operands use TF32 only when torch's matmuls would."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _fused_blocks(rank: int, device: torch.device) -> dict:
+    block_r = max(16, next_power_of_2(rank))
+    if device.type != "cuda":
+        # The interpreter runs programs one by one: small tiles keep it fast and make tiny test
+        # shapes span several row, reduction and output tiles.
+        return dict(BLOCK_T=16, BLOCK_K=16, BLOCK_R=block_r, BLOCK_N=16, num_warps=4)
+    # About 16K fp32 accumulator elements per program (64 registers per thread at 8 warps).
+    block_t = max(16, min(128, 16384 // block_r))
+    block_n = max(32, min(128, 16384 // block_r))
+    return dict(BLOCK_T=block_t, BLOCK_K=64, BLOCK_R=block_r, BLOCK_N=block_n,
+                num_warps=8 if block_t * block_r >= 8192 else 4, num_stages=3)
+
+
+def _mm_blocks(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def lowrank_fwd(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor], act: bool, store_z: bool):
+    """Forward launcher. x [T, D_in], a [D_in, R], b [R, D_out] contiguous, one dtype; bias [D_out].
+
+    Returns (y [T, D_out] in x.dtype, z [T, R] in x.dtype or None). z is returned only when
+    `store_z` (it is needed by backward); the fused kernel writes it only then.
+    """
+    n_rows, d_in = x.shape
+    rank, d_out = b.shape
+    y = new_output((n_rows, d_out), dtype=x.dtype, device=x.device)
+    if n_rows == 0:
+        return y, (new_output((0, rank), dtype=x.dtype, device=x.device) if store_z else None)
+    precision = _precision(x.dtype)
+    if rank <= MAX_FUSED_RANK:
+        z = new_output((n_rows, rank), dtype=x.dtype, device=x.device) if store_z else None
+        blocks = _fused_blocks(rank, x.device)
+        grid = (triton.cdiv(n_rows, blocks["BLOCK_T"]),)
+        _lowrank_fwd_fused_kernel[grid](
+            x, a, b, bias if bias is not None else y, y, z if z is not None else y,
+            n_rows, d_in, rank, d_out,
+            x.stride(0), a.stride(0), b.stride(0), y.stride(0), z.stride(0) if z is not None else 0,
+            HAS_BIAS=bias is not None, ACT=act, STORE_Z=store_z, UPCAST_DOT=interpreting(), PRECISION=precision,
+            **blocks,
+        )
+        return y, z
+    # Large rank: z by cuBLAS, then one fused pass for act(z) @ b + bias.
+    z = x @ a
+    _mm(z, b, y, act_p=act, bias=bias)
+    return y, (z if store_z else None)
+
+
+def _mm(p: Tensor, q: Tensor, out: Tensor, *, act_p: bool = False, bias: Optional[Tensor] = None,
+        dact: Optional[Tensor] = None) -> Tensor:
+    """out[M, N] = act?(p[M, K]) @ q[K, N] (+ bias[N]) (* silu'(dact[M, N])); any strides."""
+    m, k = p.shape
+    n = q.shape[1]
+    if m == 0 or n == 0:
+        return out
+    blocks = _mm_blocks(p.device)
+    grid = (triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(n, blocks["BLOCK_N"]),)
+    _lowrank_mm_kernel[grid](
+        p, q, bias if bias is not None else out, dact if dact is not None else out, out,
+        m, n, k,
+        p.stride(0), p.stride(1), q.stride(0), q.stride(1),
+        dact.stride(0) if dact is not None else 0, dact.stride(1) if dact is not None else 0,
+        out.stride(0), out.stride(1),
+        ACT_P=act_p, HAS_BIAS=bias is not None, DACT_EPILOGUE=dact is not None,
+        UPCAST_DOT=interpreting(), PRECISION=_precision(p.dtype), **blocks,
+    )
+    return out
+
+
+def lowrank_bwd(dy: Tensor, x: Tensor, a: Tensor, b: Tensor, z: Tensor, act: bool, need_dx: bool,
+                need_da: bool, need_db: bool):
+    """Backward launcher. dy [T, D_out], x [T, D_in], z = x @ a [T, R]; returns (dx, da, db) or Nones.
+
+    With SiLU: dz = (dy @ b^T) * silu'(z) and db = silu(z)^T @ dy are each one fused matmul pass.
+    """
+    dz = None
+    if need_dx or need_da:
+        if act:
+            dz = _mm(dy, b.t(), new_output(z.shape, dtype=z.dtype, device=z.device), dact=z)
+        else:
+            dz = dy @ b.t()
+    db = None
+    if need_db:
+        if act:
+            db = _mm(z.t(), dy, new_output(b.shape, dtype=b.dtype, device=b.device), act_p=True)
+        else:
+            db = z.t() @ dy
+    dx = dz @ a.t() if need_dx else None
+    da = x.t() @ dz if need_da else None
+    return dx, da, db
+
+
+# --------------------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------------------
+
+
+class LowRankLinearFunction(torch.autograd.Function):
+    """Autograd node for `lowrank_linear`. Saves x, a, b and z = x @ a [T, r] (or, with recompute,
+    only x, a, b: z is recomputed by cuBLAS in backward)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor], activation: Optional[str],
+                recompute: bool):
+        shape = x.shape
+        x2d = x.reshape(-1, shape[-1]).contiguous()
+        a_c, b_c = a.contiguous(), b.contiguous()
+        act = activation == "silu"
+        needs_grad = any(ctx.needs_input_grad[:4])
+        y, z = lowrank_fwd(x2d, a_c, b_c, bias.contiguous() if bias is not None else None, act,
+                           store_z=needs_grad and not recompute)
+        ctx.act, ctx.recompute, ctx.x_shape = act, recompute, shape
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        if recompute:
+            ctx.save_for_backward(x2d, a_c, b_c)
+        else:
+            ctx.save_for_backward(x2d, a_c, b_c, z)
+        return y.view(*shape[:-1], b.shape[1])
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        if ctx.recompute:
+            x2d, a, b = ctx.saved_tensors
+            z = x2d @ a
+        else:
+            x2d, a, b, z = ctx.saved_tensors
+        dy2d = dy.reshape(-1, dy.shape[-1]).to(x2d.dtype).contiguous()
+        need_dx, need_da, need_db, need_dbias = ctx.needs_input_grad[:4]
+        dx, da, db = lowrank_bwd(dy2d, x2d, a, b, z, ctx.act, need_dx, need_da, need_db)
+        dbias = dy2d.float().sum(0).to(ctx.bias_dtype) if need_dbias else None
+        if dx is not None:
+            dx = dx.view(ctx.x_shape)
+        return dx, da, db, dbias, None, None
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+
+def _validate(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor], activation, recompute) -> None:
+    check_tensor(OP, "x", x, min_ndim=1)
+    d_in = x.shape[-1]
+    check_tensor(OP, "a", a, ndim=2, shape=(d_in, None))
+    check_tensor(OP, "b", b, ndim=2, shape=(a.shape[1], None))
+    if bias is not None:
+        check_tensor(OP, "bias", bias, shape=(b.shape[1],))
+    check_same(OP, [("x", x), ("a", a), ("b", b)] + ([("bias", bias)] if bias is not None else []))
+    check_device(OP, x)
+    if min(d_in, a.shape[1], b.shape[1]) == 0:
+        raise ValueError(f"{OP}: D_in, r and D_out must be >= 1, got x {tuple(x.shape)}, a {tuple(a.shape)}, "
+                         f"b {tuple(b.shape)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{OP}: argument 'activation' must be one of {ACTIVATIONS}, got {activation!r}")
+    if not isinstance(recompute, bool):
+        raise ValueError(f"{OP}: argument 'recompute' must be a bool, got {recompute!r}")
+
+
+def lowrank_linear(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor] = None,
+                   activation: Optional[str] = "silu", recompute: bool = False) -> Tensor:
+    """Fused low-rank projection: act(x @ a) @ b + bias (CoLA; activation None = plain low-rank).
+
+    Args:
+        x: [..., D_in], float16/bfloat16/float32. Copied to a contiguous [T, D_in] layout if needed.
+        a: [D_in, r]; b: [r, D_out]. Another float dtype than x's is cast to x's dtype (the
+            gradient flows back through the cast).
+        bias: [D_out] or None, any float dtype (read in fp32; its gradient comes back in its dtype).
+        activation: "silu" or None.
+        recompute: True (CoLA-M) saves only x, a, b for backward and recomputes z = x @ a there;
+            False saves z [T, r] (r/D_out of the output's size).
+
+    Returns:
+        [..., D_out] in x.dtype.
+
+    Raises:
+        ValueError naming 'lowrank_linear' and the argument, for a wrong dtype, shape, device or option.
+    """
+    _validate(x, a, b, bias, activation, recompute)
+    if a.dtype != x.dtype:
+        a = a.to(x.dtype)
+    if b.dtype != x.dtype:
+        b = b.to(x.dtype)
+    return LowRankLinearFunction.apply(x, a, b, bias, activation, recompute)

@@ -1,0 +1,168 @@
+"""The sparse plus low-rank projection (kernels/sparse_lowrank.py) against kernels.reference.
+
+Forward and every gradient (x, a, b, values) under Triton's interpreter, fresh seeds, NaN-poisoned
+outputs; plus the support layout cache, input validation, and a check that no dense [D_in, D_out]
+tensor is ever created on the forward or backward path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from megatrain import kernels
+from megatrain.kernels import reference
+# Imported at collection time, while TRITON_INTERPRET=1, so the kernels are built for the interpreter.
+from megatrain.kernels import sparse_lowrank as triton_sparse
+
+from tests.kernels.kernel_testing import assert_matches, fresh_generator, randn
+
+pytestmark = pytest.mark.usefixtures("triton_backend")
+from tests.kernels.kernel_testing import triton_backend  # noqa: E402,F401  (the fixture)
+
+D_IN, RANK, D_OUT = 13, 5, 19
+
+
+def random_support(gen, d_in, d_out, density):
+    nnz = int(round(density * d_in * d_out))
+    return torch.randperm(d_in * d_out, generator=gen)[:nnz].sort().values
+
+
+def make_inputs(gen, lead, d_in, rank, d_out, density, dtype):
+    x = randn(gen, (*lead, d_in), dtype)
+    a = randn(gen, (d_in, rank), dtype, scale=1.0 / d_in ** 0.5)
+    b = randn(gen, (rank, d_out), dtype, scale=1.0 / rank ** 0.5)
+    index = random_support(gen, d_in, d_out, density)
+    values = randn(gen, (index.numel(),), dtype)
+    dy = randn(gen, (*lead, d_out), dtype)
+    return x, a, b, values, index, dy
+
+
+def check_against_reference(seed, x, a, b, values, index, scale, dy):
+    dtype = x.dtype
+    ours_in = [t.detach().clone().requires_grad_() for t in (x, a, b, values)]
+    ref_in = [t.detach().float().requires_grad_() for t in (x, a, b, values)]
+    ours = kernels.sparse_lowrank_linear(*ours_in, index, scale)
+    ref = reference.sparse_lowrank_linear(*ref_in, index, scale)
+    assert type(ours.grad_fn) is triton_sparse.SparseLowRankLinearFunction._backward_cls, ours.grad_fn
+    assert ours.dtype == dtype and ours.shape == ref.shape, f"{ours.dtype} {tuple(ours.shape)} (seed {seed})"
+    assert_matches(ours, ref, dtype, "output", seed)
+    grads_ours = torch.autograd.grad(ours, ours_in, dy)
+    grads_ref = torch.autograd.grad(ref, ref_in, dy.float())
+    for name, t, g, g_ref in zip(("x", "a", "b", "values"), ours_in, grads_ours, grads_ref):
+        assert g.dtype == t.dtype and g.shape == t.shape, f"d{name}: {g.dtype} {tuple(g.shape)} (seed {seed})"
+        assert_matches(g, g_ref, dtype, f"d{name}", seed)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.03, 0.3, 1.0], ids=lambda d: f"density{d}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sparse_lowrank_matches_reference(dtype, density):
+    """Odd sizes: D_in = 13, r = 5, D_out = 19 (two 16-column group blocks), 2x7 rows (one partial
+    16-row tile). density 0 is an empty support (S = 0, values [0]); 1.0 is a full one."""
+    seed, gen = fresh_generator()
+    x, a, b, values, index, dy = make_inputs(gen, (2, 7), D_IN, RANK, D_OUT, density, dtype)
+    check_against_reference(seed, x, a, b, values, index, 0.75, dy)
+
+
+def test_sparse_lowrank_many_tiles():
+    """37 rows (three row tiles, also three sddmm row slices), D_in = 41, D_out = 50, r = 3, scale 2:
+    groups and entries span several BLOCK_G / BLOCK_NZ chunks in both orderings."""
+    seed, gen = fresh_generator()
+    x, a, b, values, index, dy = make_inputs(gen, (37,), 41, 3, 50, 0.2, torch.float32)
+    check_against_reference(seed, x, a, b, values, index, 2.0, dy)
+
+
+def test_sparse_lowrank_clustered_support():
+    """All entries in one row and one column (maximally unbalanced groups), fp32."""
+    seed, gen = fresh_generator()
+    x, a, b, _, _, dy = make_inputs(gen, (11,), D_IN, RANK, D_OUT, 0.0, torch.float32)
+    flat = sorted(set([4 * D_OUT + j for j in range(D_OUT)] + [i * D_OUT + 7 for i in range(D_IN)]))
+    index = torch.tensor(flat, dtype=torch.int64)
+    values = randn(gen, (index.numel(),))
+    check_against_reference(seed, x, a, b, values, index, 0.5, dy)
+
+
+class _LargestAllocation(TorchDispatchMode):
+    """Records the largest numel of any floating-point tensor a torch op produces while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            # Floating point only: the interpreter moves kernel arguments around as raw byte tensors.
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_sparse_lowrank_never_builds_a_dense_matrix():
+    """Forward and backward allocate nothing of D_in * D_out elements (every other tensor here is
+    smaller); the dense reference does, which shows the probe can fail."""
+    gen = fresh_generator()[1]
+    x, a, b, values, index, dy = make_inputs(gen, (3,), 29, 2, 31, 0.3, torch.float32)
+    leaves = [t.requires_grad_() for t in (x, a, b, values)]
+    kernels.sparse_lowrank_linear(*leaves, index, 1.0)  # build the cached support outside the probe
+    for fn, dense in ((kernels.sparse_lowrank_linear, False), (reference.sparse_lowrank_linear, True)):
+        with _LargestAllocation() as probe:
+            y = fn(*leaves, index, 1.0)
+            torch.autograd.grad(y, leaves, dy)
+        assert (probe.largest >= 29 * 31) == dense, (fn.__module__, probe.largest)
+
+
+def test_sparse_support_layout_is_cached_and_correct():
+    gen = fresh_generator()[1]
+    index = random_support(gen, D_IN, D_OUT, 0.3)
+    layout = triton_sparse.sparse_support(index, D_IN, D_OUT)
+    assert triton_sparse.sparse_support(index, D_IN, D_OUT) is layout
+    rows, cols = index // D_OUT, index % D_OUT
+    assert torch.equal(layout.rows.long(), rows) and torch.equal(layout.cols.long(), cols)
+    assert torch.equal(layout.row_ptr, torch.cat([torch.zeros(1, dtype=torch.long),
+                                                  torch.bincount(rows, minlength=D_IN).cumsum(0)]))
+    # CSC order: columns ascending, rows ascending inside a column, and a permutation of the entries.
+    key = layout.csc_cols.long() * D_IN + layout.csc_rows.long()
+    assert bool((key[1:] > key[:-1]).all())
+    assert torch.equal(layout.csc_rows.long(), rows[layout.csc_perm])
+    assert torch.equal(layout.col_ptr[1:], torch.bincount(cols, minlength=D_OUT).cumsum(0))
+    # Written in place: rebuilt, not served stale.
+    index.copy_(torch.randperm(D_IN * D_OUT, generator=gen)[: index.numel()].sort().values)
+    rebuilt = triton_sparse.sparse_support(index, D_IN, D_OUT)
+    assert rebuilt is not layout and torch.equal(rebuilt.cols.long(), index % D_OUT)
+
+
+def _bad(name):
+    x, a, b = torch.randn(7, D_IN), torch.randn(D_IN, RANK), torch.randn(RANK, D_OUT)
+    index = torch.tensor([3, 20, 41], dtype=torch.int64)
+    values = torch.randn(3)
+    cases = {
+        "unsorted": ((x, a, b, values, torch.tensor([20, 3, 41])), "sorted"),
+        "repeated": ((x, a, b, values, torch.tensor([3, 3, 41])), "sorted"),
+        "out_of_range": ((x, a, b, values, torch.tensor([3, 20, D_IN * D_OUT])), r"\[0, D_in\*D_out\)"),
+        "negative": ((x, a, b, values, torch.tensor([-1, 20, 41])), r"\[0, D_in\*D_out\)"),
+        "index_int32": ((x, a, b, values, index.int()), "'index'"),
+        "lengths": ((x, a, b, torch.randn(4), index), "'index'"),
+        "a_shape": ((x, torch.randn(D_IN + 1, RANK), b, values, index), "'a'"),
+        "values_2d": ((x, a, b, values[None], index), "'values'"),
+    }
+    return cases[name]
+
+
+@pytest.mark.parametrize("case", ["unsorted", "repeated", "out_of_range", "negative", "index_int32", "lengths",
+                                  "a_shape", "values_2d"])
+def test_sparse_lowrank_bad_inputs_raise(case):
+    args, what = _bad(case)
+    with pytest.raises(ValueError, match=rf"^sparse_lowrank_linear: .*{what}"):
+        kernels.sparse_lowrank_linear(*args, 1.0)
+    with pytest.raises(ValueError, match=r"^sparse_lowrank_linear: "):
+        reference.sparse_lowrank_linear(*args, 1.0)
+
+
+def test_sparse_lowrank_auto_backend_on_cpu_is_reference(monkeypatch):
+    monkeypatch.setenv("MEGATRAIN_KERNELS", "auto")
+    x = torch.randn(4, D_IN, requires_grad=True)
+    y = kernels.sparse_lowrank_linear(x, torch.randn(D_IN, RANK), torch.randn(RANK, D_OUT), torch.randn(2),
+                                      torch.tensor([0, 5]), 1.0)
+    assert type(y.grad_fn) is not triton_sparse.SparseLowRankLinearFunction._backward_cls
