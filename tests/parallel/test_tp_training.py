@@ -1,0 +1,102 @@
+"""Tensor-parallel pretraining through the real trainer (DeepSpeed engine with the TP x DP `mpu`):
+per-step fp32 losses equal to one process on the same seed and global batch; checkpoints resharded
+between TP sizes continue the same trajectory."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import TINY_JOB, losses, run_cli
+
+pytestmark = pytest.mark.slow
+
+STEPS = ["train.steps=10", "log.eval_every=5"]
+
+
+@pytest.fixture(scope="module")
+def single_ckpt(tmp_path_factory):
+    """One process, ZeRO-1, checkpoint at step 5: (per-step losses, run dir)."""
+    run_dir = tmp_path_factory.mktemp("tp") / "single"
+    run_cli(["pretrain", *TINY_JOB, *STEPS, f"run.dir={run_dir}", "parallel.zero_stage=1", "checkpoint.every=5",
+             "checkpoint.keep=0"])
+    return losses(run_dir), run_dir
+
+
+@pytest.fixture(scope="module")
+def single(single_ckpt):
+    return single_ckpt[0]
+
+
+def assert_close(a, b, rtol=1e-5):
+    assert len(a) == len(b) == 10, (a, b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert abs(x - y) <= rtol * max(abs(x), abs(y)), f"step {i + 1}: {x} vs {y}\n{a}\n{b}"
+
+
+@pytest.mark.parametrize("nproc, zero, sequence", [
+    (2, 1, False),   # TP=2 x DP=1
+    (2, 2, True),    # TP=2 x DP=1, sequence parallel
+    (4, 1, True),    # TP=2 x DP=2, sequence parallel
+    (4, 2, False),   # TP=2 x DP=2
+])
+def test_tensor_parallel_matches_single_process(single, tmp_path, nproc, zero, sequence):
+    run_dir = tmp_path / "run"
+    run_cli(["pretrain", "--nproc-per-node", str(nproc), *TINY_JOB, *STEPS, f"run.dir={run_dir}",
+             "parallel.tensor=2", f"parallel.zero_stage={zero}", f"parallel.sequence={str(sequence).lower()}"])
+    assert_close(single, losses(run_dir))
+
+
+def test_bad_tensor_sizes_refused_before_any_process_group(tmp_path):
+    for extra, fragment in [(["parallel.tensor=3"], "parallel.tensor=3 does not divide model.heads=4"),
+                            (["parallel.tensor=2", "data.vocab_size=513"], "does not divide data.vocab_size=513"),
+                            (["parallel.tensor=4"], "parallel.tensor=4 does not divide the world size 2")]:
+        proc = run_cli(["pretrain", "--nproc-per-node", "2", *TINY_JOB, *extra, f"run.dir={tmp_path / 'r'}"],
+                       check=False, timeout=120)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        lines = [l for l in proc.stderr.splitlines() if l.startswith("megatrain: error")]
+        assert len(lines) == 1 and fragment in lines[0], proc.stderr[-3000:]
+        assert not (tmp_path / "r").exists()
+
+
+def test_reshard_tp2_to_tp1_continues_the_run(single_ckpt, tmp_path):
+    """TP=2 for 5 steps, checkpoint, resume at TP=1 (DeepSpeed universal checkpoint), 5 more steps:
+    the losses continue the uninterrupted single-process run; the TP checkpoint's consolidated
+    weights are the full ones; `megatrain reshard` converts ahead of time; TP=1 -> TP=2 resumes too."""
+    import torch
+    from safetensors.torch import load_file
+
+    single_losses, single_dir = single_ckpt
+    tp_dir, resumed = tmp_path / "tp2", tmp_path / "tp1"
+    run_cli(["pretrain", "--nproc-per-node", "2", *TINY_JOB, *STEPS, f"run.dir={tp_dir}", "parallel.tensor=2",
+             "parallel.zero_stage=1", "train.stop_after=5", "checkpoint.every=5"])
+    # Adam divides by sqrt(v): an element with a near-zero gradient moves ~lr on rounding noise alone.
+    full = load_file(str(single_dir / "checkpoints" / "step_5" / "model.safetensors"))
+    joined = load_file(str(tp_dir / "checkpoints" / "step_5" / "model.safetensors"))
+    assert full.keys() == joined.keys()
+    for name in full:
+        torch.testing.assert_close(joined[name], full[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+    proc = run_cli(["pretrain", *TINY_JOB, *STEPS, f"run.dir={resumed}", "parallel.zero_stage=1",
+                    "--resume-from", str(tp_dir)])
+    assert "resharded to parallel.tensor=1" in proc.stdout + proc.stderr
+    assert_close(single_losses, losses(tp_dir) + losses(resumed))
+    assert not (tp_dir / "checkpoints" / "step_5" / "universal").exists()  # the source is only read
+
+    # TP=1 -> TP=2 from a checkpoint converted ahead of time with `megatrain reshard`.
+    run_cli(["reshard", str(single_dir / "checkpoints" / "step_5")])
+    assert (single_dir / "checkpoints" / "step_5" / "universal" / "megatrain-universal.json").is_file()
+    back = tmp_path / "back"
+    run_cli(["pretrain", "--nproc-per-node", "2", *TINY_JOB, *STEPS, f"run.dir={back}", "parallel.tensor=2",
+             "parallel.zero_stage=1", "--resume-from", str(single_dir / "checkpoints" / "step_5")])
+    assert_close(single_losses, single_losses[:5] + losses(back))
+
+
+def test_layout_change_at_zero_stage_0_refused(tmp_path):
+    run_dir = tmp_path / "z0"
+    run_cli(["pretrain", *TINY_JOB, "train.steps=4", "train.stop_after=2", f"run.dir={run_dir}",
+             "parallel.zero_stage=0"])
+    proc = run_cli(["pretrain", "--nproc-per-node", "2", *TINY_JOB, "train.steps=4", f"run.dir={run_dir}",
+                    "parallel.zero_stage=0", "parallel.tensor=2", "--resume"], check=False, timeout=120)
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("megatrain: error")]
+    assert len(lines) == 1 and "needs parallel.zero_stage=1 or 2" in lines[0], proc.stderr[-2000:]
