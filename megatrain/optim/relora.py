@@ -1,0 +1,192 @@
+"""ReLoRA restarts: merge the adapters into W, re-initialise them, prune their Adam state.
+
+`model.linear=relora` builds every projection as `LoRALinear` (y = x W^T + alpha/r * x a b, W
+frozen). The trainer makes one `ReLoRA` object before it builds the optimizer (`relora_controller`)
+and calls `before_step(engine, step)` before every optimizer step. At the restart points of
+`megatrain.optim.schedules.last_restart` it then:
+
+1. merges: W <- W + alpha/r * (a b)^T, which leaves the model's function unchanged;
+2. re-initialises a (Kaiming-uniform) and b (zero), so the adapter term restarts at exactly zero;
+3. prunes the Adam moments (exp_avg, exp_avg_sq) of a and b: magnitude pruning keeps the largest
+   (1 - prune_ratio) of each tensor's entries and zeroes the rest, `reset` zeroes them all.
+
+The learning rate re-warms after each restart through `lr_for_config` (`lr_with_restarts`); with a
+warm start (train.relora.warm_start_steps > 0) W trains full-rank with the adapters off until that
+step, then the adapters switch on (fresh a, b and zeroed state) and W's parameter group gets lr 0.
+
+Under DeepSpeed ZeRO 1/2 (and bf16 at stage 0) the optimizer works on flat fp32 master partitions,
+which it copies back into the module after every step: the merge and the re-initialisation are
+therefore written to both the module parameter and its fp32 master (`safe_set_full_fp32_param`),
+and the Adam moments are read and written whole through DeepSpeed's fragment API
+(`safe_get_full_optimizer_state` / `safe_set_full_optimizer_state`, collectives over the DP group:
+every rank runs the same calls in the same order). At ZeRO stage 0 in fp32 the client optimizer
+updates the module parameters directly and its state is keyed by them. Re-initialisation draws from
+a generator seeded by (train.seed, step), so every rank and a resumed run draw the same values.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from megatrain.errors import ConfigError
+from megatrain.models.layers import LoRALinear
+from megatrain.optim.schedules import last_restart
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ReLoRA", "relora_controller", "magnitude_prune", "merge_and_reinit"]
+
+ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def magnitude_prune(t: torch.Tensor, ratio: float) -> torch.Tensor:
+    """A copy of `t` with its floor(ratio * numel) smallest-magnitude entries set to zero."""
+    k = int(ratio * t.numel())
+    if k <= 0:
+        return t.clone()
+    flat = t.detach().abs().flatten().float()
+    threshold = flat.kthvalue(k).values
+    return torch.where(t.abs().float() > threshold, t, torch.zeros_like(t))
+
+
+def _full_fp32(p: torch.nn.Parameter) -> torch.Tensor:
+    """The full fp32 value of `p`: DeepSpeed's master copy when it keeps one, else the parameter."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    value = safe_get_full_fp32_param(p) if hasattr(p, "_hp_mapping") else None
+    return p.detach().float() if value is None else value.to(p.device).reshape(p.shape)
+
+
+def _write(p: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Set `p` (module copy and, under ZeRO 1/2 or bf16, DeepSpeed's fp32 master) to `value`."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    with torch.no_grad():
+        p.data.copy_(value.to(dtype=p.dtype, device=p.device))
+    if hasattr(p, "_hp_mapping"):
+        safe_set_full_fp32_param(p, value.float())
+
+
+def _relink_optimizer_state(optimizer) -> None:
+    """Point DeepSpeed's per-parameter optimizer-state fragments at the current state tensors.
+
+    DeepSpeed links them lazily after its first step() and not after load_state_dict (a resumed
+    run), so a restart right after resuming would otherwise find no fragments or stale ones.
+    """
+    from deepspeed.utils import lazy_init_hp_params_optimizer_state
+
+    if hasattr(optimizer, "bit16_groups") and hasattr(optimizer, "single_partition_of_fp32_groups"):
+        pairs = zip(optimizer.bit16_groups, optimizer.single_partition_of_fp32_groups)  # ZeRO 1/2
+    elif hasattr(optimizer, "bf16_groups") and hasattr(optimizer, "fp32_groups_flat_partition"):
+        pairs = zip(optimizer.bf16_groups, optimizer.fp32_groups_flat_partition)  # bf16 at stage 0
+    else:
+        return
+    state = optimizer.optimizer.state
+    for lp_params, flat in pairs:
+        if flat in state and state[flat]:
+            lazy_init_hp_params_optimizer_state(lp_params, flat, state)
+
+
+def _torch_optimizer(optimizer) -> torch.optim.Optimizer:
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _prune_state(optimizer, p: torch.nn.Parameter, mode: str, ratio: float) -> None:
+    """Magnitude-prune (or zero, mode "reset") p's Adam moments wherever the optimizer keeps them."""
+    from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(t) if mode == "reset" else magnitude_prune(t, ratio)
+
+    if hasattr(p, "_hp_mapping"):  # ZeRO 1/2, bf16: flat fp32 partitions (collective calls)
+        mapping = p._hp_mapping
+        has_state = mapping is None or mapping.optim_fragment is not None
+        flag = torch.tensor([0.0 if has_state else 1.0], device=p.device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, group=getattr(p, "_dp_group", None))
+        if flag.item() > 0:  # no optimizer step yet: no state to prune
+            return
+        for key in ADAM_STATE_KEYS:
+            full = safe_get_full_optimizer_state(p, key)
+            safe_set_full_optimizer_state(p, reduce(full.reshape(p.shape)), key)
+        return
+    state = _torch_optimizer(optimizer).state.get(p)
+    if not state:
+        return
+    for key in ADAM_STATE_KEYS:
+        if key in state:
+            state[key].copy_(reduce(state[key]))
+
+
+@torch.no_grad()
+def merge_and_reinit(module: LoRALinear, generator: Optional[torch.Generator] = None) -> None:
+    """W <- W + alpha/r * (a b)^T, then a Kaiming-uniform and b = 0 (module tensors and, under
+    DeepSpeed ZeRO 1/2 or bf16, the fp32 masters). The module's function is unchanged."""
+    a, b = _full_fp32(module.lora_a), _full_fp32(module.lora_b)
+    merged = _full_fp32(module.weight) + module.scale * (a @ b).T
+    _write(module.weight, merged)
+    module.reset_adapters(generator)
+    _write(module.lora_a, module.lora_a.detach().float())
+    _write(module.lora_b, module.lora_b.detach().float())
+
+
+class ReLoRA:
+    """Drives the restarts of a model built with model.linear=relora (see the module docstring)."""
+
+    def __init__(self, cfg, model: torch.nn.Module):
+        rl = cfg.train.relora
+        if rl.every is None or rl.restart_warmup is None:
+            raise ConfigError("train.relora.every / train.relora.restart_warmup are not resolved: load the config "
+                              "with megatrain.config.load_config (it validates and fills them)")
+        self.every, self.warm_start = rl.every, rl.warm_start_steps
+        self.prune, self.prune_ratio, self.seed = rl.prune, rl.prune_ratio, cfg.train.seed
+        self.layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+        if not self.layers:
+            raise ConfigError("model.linear=relora but the model holds no ReLoRA projections")
+        if self.warm_start > 0:
+            # W trains during the warm start; it stays in the optimizer (own group, lr 0 afterwards).
+            for m in self.layers:
+                m.weight.requires_grad_(True)
+        self.restarts_done = 0
+
+    def _generator(self, step: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + step) % (2**63 - 1))
+
+    def before_step(self, engine, step: int) -> None:
+        """Call before optimizer step `step` (0-based), after the learning rate was set."""
+        restart = last_restart(step, every=self.every, warm_start_steps=self.warm_start)
+        optimizer = engine.optimizer
+        if restart == step:
+            _relink_optimizer_state(optimizer)
+            generator = self._generator(step)
+            switch_on = self.warm_start > 0 and step == self.warm_start
+            for m in self.layers:
+                if switch_on:  # end of the warm start: fresh adapters, W is kept as trained
+                    m.reset_adapters(generator)
+                    _write(m.lora_a, m.lora_a.detach().float())
+                    _write(m.lora_b, m.lora_b.detach().float())
+                else:
+                    merge_and_reinit(m, generator)
+                for p in (m.lora_a, m.lora_b):
+                    _prune_state(optimizer, p, "reset" if switch_on else self.prune, self.prune_ratio)
+            self.restarts_done += 1
+            log.info("ReLoRA %s at step %d", "adapters on" if switch_on else "merge and restart", step)
+        enabled = step >= self.warm_start
+        for m in self.layers:
+            m.adapters_enabled = enabled
+        if enabled and self.warm_start > 0:
+            for group in optimizer.param_groups:
+                if group.get("relora_base"):
+                    group["lr"] = 0.0
+
+
+def relora_controller(cfg, model: torch.nn.Module) -> Optional[ReLoRA]:
+    """A ReLoRA driver for model.linear=relora (None otherwise). Build it before the optimizer."""
+    if cfg.model.linear != "relora":
+        return None
+    return ReLoRA(cfg, model)
