@@ -6,7 +6,7 @@ training (new query spans against a context computed once) share.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from megatrain import kernels
 from megatrain.models.layers import make_linear
 
-__all__ = ["KVCache", "Attention", "position_mask"]
+__all__ = ["KVCache", "Attention", "position_mask", "InterleavedHeadAttention", "iha_position_mask",
+           "iha_rope_positions"]
 
 
 class KVCache:
@@ -157,4 +158,228 @@ class Attention(nn.Module):
                 k = k.repeat_interleave(repeat, dim=1)
                 v = v.repeat_interleave(repeat, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, **gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, n, self.heads * self.head_dim))
+
+
+# ----------------------------------------------------------------------------------------------
+# Interleaved head attention (docs/iha.md)
+
+
+def iha_rope_positions(positions: Tensor, pseudo: int, mode: str = "virtual") -> Tensor:
+    """Rotary positions of the pseudo-tokens of tokens at `positions` [Bp, N] -> [Bp, N*P].
+
+    mode "virtual": pseudo-token (n, p) sits at n*P + p; "original": at n (all P share it).
+    """
+    if mode == "virtual":
+        offsets = torch.arange(pseudo, device=positions.device)
+        return (positions[..., None] * pseudo + offsets).flatten(-2)
+    return positions.repeat_interleave(pseudo, dim=-1)
+
+
+def iha_position_mask(query_positions: Tensor, key_positions: Tensor, pseudo: int, mask: str = "causal",
+                      window: Optional[int] = None) -> Tensor:
+    """Boolean mask over virtual tokens from token positions; the rule of `kernels.reference.iha_allowed`.
+
+    Query pseudo-token (a, p) sees key pseudo-token (b, p') when, with i = a*P + p and j = b*P + p':
+    causal: j <= i (and j > i - window); token_causal: b <= a (and b > a - window/P).
+    At positions 0..N-1 this is exactly `iha_allowed(N, P, mask, window)`.
+
+    Args:
+        query_positions: [Bq, N]; key_positions: [Bk, S] (Bq, Bk are 1 or B).
+
+    Returns:
+        [max(Bq, Bk), 1, N*P, S*P], True where attention is allowed.
+    """
+    if mask == "causal":
+        q = iha_rope_positions(query_positions, pseudo)[:, None, :, None]
+        k = iha_rope_positions(key_positions, pseudo)[:, None, None, :]
+        span = window
+    else:
+        q = query_positions.repeat_interleave(pseudo, dim=-1)[:, None, :, None]
+        k = key_positions.repeat_interleave(pseudo, dim=-1)[:, None, None, :]
+        span = None if window is None else window // pseudo
+    allowed = k <= q
+    if span is not None:
+        allowed = allowed & (k > q - span)
+    return allowed
+
+
+class InterleavedHeadAttention(nn.Module):
+    """Interleaved head attention (IHA): each token becomes P pseudo-tokens per head, each a learned
+    mix of all heads, attended over the N*P interleaved virtual tokens, then collapsed back.
+
+    x [B, N, D] -> q [B, H, N, d], k and v [B, Hkv, N, d] (grouped-query k/v are repeated to H heads
+    before mixing, so mixing acts on H heads and the projections cost what GQA's do) ->
+    q~[b, h, n*P + p] = sum_m mix_q[m, h, p] q[b, m, n] (k~, v~ alike) -> RoPE at the virtual
+    positions (the Transformer passes tables for n*P + p, or n with model.iha.rope=original) ->
+    softmax attention over the virtual tokens (mask "causal" over the flattened order or
+    "token_causal"; optional sliding `window` in virtual tokens) -> o[b, h, n] = sum_p
+    collapse[h, p] o~[b, h, n*P + p] (or the global R [H, H*P] over all heads) -> o_proj.
+
+    Parameters beyond MHA's: mix_q, mix_k, mix_v [H, H, P] and collapse [H, P] (global: [H, H*P]),
+    initialised so the layer starts as MHA (mix = identity on its own head for every p, collapse 1/P).
+    With `head_groups` = G > 1 heads mix only inside G contiguous groups (the mixes and a global
+    collapse are masked block-diagonal; off-block entries stay zero and get no gradient).
+
+    Full sequences (no cache, default positions) run the fused `kernels.iha_attention`. With a KV
+    cache or explicit positions the same math runs unfused with a position-based virtual mask; the
+    cache then holds this layer's rotated pseudo keys/values as [B, H, S, P*d] (pseudo-token (n, p)
+    at [..., n, p*d:(p+1)*d]), so `KVCache.length` still counts tokens.
+
+    Tensor parallelism (set by megatrain.parallel.parallelize; models never communicate):
+
+    - ``heads`` / ``kv_heads``: the rank's local query / key-value heads (H_local = H / T).
+    - ``head_offset``: index of the rank's first query head in the full model (rank * H_local).
+      The rank computes output heads ``head_offset .. head_offset + heads - 1``.
+    - ``gather_heads``: None, or a callable ``(q, k, v) -> (q, k, v)`` that takes the local
+      [B, H_local, N, d] tensors (after GQA expansion) and returns all H heads [B, H, N, d] in
+      global head order (tp_mode=exact: an all-gather over the TP group whose backward
+      reduce-scatters). When set, `mix_and_attend` uses mix[:, local heads, :]; when None it uses
+      mix[local heads, local heads, :], which is exact when head_groups is a multiple of T
+      (tp_mode=local) and is plain single-process IHA when head_offset = 0 and heads = H.
+
+    The parameters always keep their full [H, H, P] / [H, P] shapes (replicated over TP ranks).
+    """
+
+    def __init__(self, dim: int, heads: int, kv_heads: Optional[int] = None, *, linear: str = "dense",
+                 pseudo_heads: int = 2, mask: str = "causal", collapse: str = "per_head",
+                 window: Optional[int] = None, head_groups: int = 1):
+        super().__init__()
+        kv_heads = heads if kv_heads is None else kv_heads
+        if dim % heads or heads % kv_heads:
+            raise ValueError(f"InterleavedHeadAttention: heads={heads} must divide dim={dim} and "
+                             f"kv_heads={kv_heads} must divide heads")
+        if pseudo_heads < 1:
+            raise ValueError(f"InterleavedHeadAttention: pseudo_heads must be >= 1, got {pseudo_heads}")
+        if mask not in ("causal", "token_causal") or collapse not in ("per_head", "global"):
+            raise ValueError(f"InterleavedHeadAttention: mask={mask!r} / collapse={collapse!r} not supported")
+        if window is not None and (window < 1 or window % pseudo_heads):
+            raise ValueError(f"InterleavedHeadAttention: window={window} must be a positive multiple of "
+                             f"pseudo_heads={pseudo_heads}")
+        if head_groups < 1 or heads % head_groups:
+            raise ValueError(f"InterleavedHeadAttention: head_groups={head_groups} must divide heads={heads}")
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.pseudo_heads, self.mask, self.window = pseudo_heads, mask, window
+        self.collapse_kind, self.head_groups = collapse, head_groups
+        self.q_proj = make_linear(dim, heads * self.head_dim, kind=linear, role="attn.q")
+        self.k_proj = make_linear(dim, kv_heads * self.head_dim, kind=linear, role="attn.k")
+        self.v_proj = make_linear(dim, kv_heads * self.head_dim, kind=linear, role="attn.v")
+        self.o_proj = make_linear(heads * self.head_dim, dim, kind=linear, role="attn.o")
+        self.mix_q = nn.Parameter(torch.empty(heads, heads, pseudo_heads))
+        self.mix_k = nn.Parameter(torch.empty(heads, heads, pseudo_heads))
+        self.mix_v = nn.Parameter(torch.empty(heads, heads, pseudo_heads))
+        width = pseudo_heads if collapse == "per_head" else heads * pseudo_heads
+        self.collapse = nn.Parameter(torch.empty(heads, width))
+        # Tensor-parallel hooks (see the class docstring); single process: all heads, no gather.
+        self.head_offset = 0
+        self.gather_heads: Optional[Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]] = None
+        self.reset_mixing()
+
+    @torch.no_grad()
+    def reset_mixing(self) -> None:
+        """DESIGN init: each pseudo-head copies its own head (mix = identity for every p) and the
+        collapse averages the P copies (1/P; global: 1/P on the head's own outputs, 0 elsewhere)."""
+        heads, pseudo = self.mix_q.shape[0], self.pseudo_heads
+        eye = torch.eye(heads, dtype=self.mix_q.dtype, device=self.mix_q.device)
+        for mix in (self.mix_q, self.mix_k, self.mix_v):
+            mix.copy_(eye[:, :, None].expand(heads, heads, pseudo))
+        if self.collapse_kind == "per_head":
+            self.collapse.fill_(1.0 / pseudo)
+        else:
+            self.collapse.copy_((eye[:, :, None] / pseudo).expand(heads, heads, pseudo).reshape(heads, -1))
+
+    def extra_repr(self) -> str:
+        return (f"pseudo_heads={self.pseudo_heads}, mask={self.mask}, collapse={self.collapse_kind}, "
+                f"window={self.window}, head_groups={self.head_groups}")
+
+    def _group_mask(self, mix: Tensor) -> Tensor:
+        """Zero the cross-group entries of a [H, H, ...] tensor (head_groups > 1)."""
+        if self.head_groups == 1:
+            return mix
+        heads = mix.shape[0]
+        group = torch.arange(heads, device=mix.device) // (heads // self.head_groups)
+        same = (group[:, None] == group[None, :]).to(mix.dtype)
+        return mix * same.view(heads, heads, *([1] * (mix.dim() - 2)))
+
+    def _local_weights(self, gathered: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(mix_q, mix_k, mix_v [H_in, H_out, P], collapse [H_out, P] or [H_out, H_out*P]) for this
+        rank's output heads; H_in is H when q/k/v were gathered, else the local heads."""
+        out = slice(self.head_offset, self.head_offset + self.heads)
+        rows = slice(None) if gathered else out
+        mixes = tuple(self._group_mask(m)[rows, out] for m in (self.mix_q, self.mix_k, self.mix_v))
+        pseudo = self.pseudo_heads
+        if self.collapse_kind == "per_head":
+            collapse = self.collapse[out]
+        else:
+            full = self.collapse.shape[0]
+            blocks = self._group_mask(self.collapse.view(full, full, pseudo))  # [h, m, p]
+            collapse = blocks[out, out].reshape(self.heads, self.heads * pseudo)
+        return (*mixes, collapse)
+
+    def mix_and_attend(self, q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], *,
+                       mask: Optional[Tensor] = None, cache: Optional[KVCache] = None, layer_idx: int = 0,
+                       positions: Optional[Tensor] = None, key_positions: Optional[Tensor] = None) -> Tensor:
+        """The head mixing, attention and collapse: q, k, v [B, H_local, N, d] -> o [B, H_local, N, d].
+
+        Runs `gather_heads` first when it is set (tensor parallelism, tp_mode=exact). cos, sin:
+        [N*P, d/2] or [B, N*P, d/2] tables at the pseudo-tokens' rotary positions, or None.
+        positions [1 or B, N] / key_positions [1 or B, S_total]: token positions of the queries and
+        of every key (cached + new); None = the new tokens follow the cached ones.
+        """
+        gathered = self.gather_heads is not None
+        if gathered:
+            q, k, v = self.gather_heads(q, k, v)
+        mix_q, mix_k, mix_v, collapse = self._local_weights(gathered)
+        batch, _, n, d = q.shape
+        pseudo, heads = self.pseudo_heads, self.heads
+        full_sequence = cache is None and mask is None and positions is None and key_positions is None
+        if full_sequence and (cos is None or cos.dim() == 2):
+            return kernels.iha_attention(q, k, v, mix_q, mix_k, mix_v, collapse, cos, sin, mask=self.mask,
+                                         window=self.window)
+
+        # Unfused path (decoding, explicit positions): the math of kernels.reference.iha_attention with
+        # queries and keys of different lengths and a mask built from token positions.
+        def pseudo_tokens(x: Tensor, mix: Tensor) -> Tensor:  # [B, H_in, N, d] -> [B, H_out, N*P, d]
+            return torch.einsum("bmnd,mhp->bhnpd", x, mix.to(x.dtype)).reshape(batch, heads, n * pseudo, d)
+
+        pq, pk, pv = pseudo_tokens(q, mix_q), pseudo_tokens(k, mix_k), pseudo_tokens(v, mix_v)
+        if cos is not None:
+            pq, pk = kernels.rope(pq, pk, cos, sin)
+        if cache is not None:
+            pk, pv = cache.update(layer_idx, pk.reshape(batch, heads, n, pseudo * d),
+                                  pv.reshape(batch, heads, n, pseudo * d))
+            pk, pv = (t.reshape(batch, heads, t.shape[2] * pseudo, d) for t in (pk, pv))
+        total = pk.shape[2] // pseudo
+        if key_positions is None:
+            key_positions = torch.arange(total, device=q.device)[None]
+        if positions is None:
+            positions = key_positions[:, total - n:]
+        allowed = iha_position_mask(positions, key_positions, pseudo, self.mask, self.window)
+        if mask is not None:  # a caller's token-level mask [B or 1, 1, N, S] restricts further
+            allowed = allowed & mask.repeat_interleave(pseudo, dim=-2).repeat_interleave(pseudo, dim=-1)
+        o = F.scaled_dot_product_attention(pq, pk, pv, attn_mask=allowed)
+        o = o.reshape(batch, heads, n, pseudo, d)
+        if self.collapse_kind == "per_head":
+            return torch.einsum("bhnpd,hp->bhnd", o, collapse.to(o.dtype))
+        return torch.einsum("bmnpd,hmp->bhnd", o, collapse.to(o.dtype).reshape(heads, heads, pseudo))
+
+    def forward(self, x: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], *, mask: Optional[Tensor] = None,
+                cache: Optional[KVCache] = None, layer_idx: int = 0, positions: Optional[Tensor] = None,
+                key_positions: Optional[Tensor] = None) -> Tensor:
+        """Attend from the N new tokens to the cached and new pseudo-tokens; x [B, N, D] -> [B, N, D].
+
+        Same contract as `Attention.forward`, except that cos and sin are the tables at the
+        pseudo-tokens' rotary positions ([N*P, d/2] or [B, N*P, d/2]) and that the causal structure
+        comes from token positions (`positions`, `key_positions`, see `mix_and_attend`); `mask`, when
+        given, is a token-level mask [B or 1, 1, N, S_total] that restricts attention further.
+        """
+        batch, n, _ = x.shape
+        q = self.q_proj(x).view(batch, n, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.kv_heads != self.heads:
+            repeat = self.heads // self.kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        out = self.mix_and_attend(q, k, v, cos, sin, mask=mask, cache=cache, layer_idx=layer_idx,
+                                  positions=positions, key_positions=key_positions)
         return self.o_proj(out.transpose(1, 2).reshape(batch, n, self.heads * self.head_dim))

@@ -17,10 +17,13 @@ from torch.utils.checkpoint import checkpoint
 from megatrain import kernels
 from megatrain.config import ModelConfig
 from megatrain.errors import ConfigError
-from megatrain.models.attention import Attention, KVCache, position_mask
-from megatrain.models.layers import init_linear, make_linear
+from megatrain.models.attention import (
+    Attention, InterleavedHeadAttention, KVCache, iha_rope_positions, position_mask,
+)
+from megatrain.models.layers import init_linear, linear_options, lowrank_options, make_linear
 
-__all__ = ["RMSNorm", "MLP", "Block", "LMHead", "Transformer", "build_model", "rope_tables"]
+__all__ = ["RMSNorm", "MLP", "Block", "LMHead", "Transformer", "build_model", "rope_tables", "make_attention",
+           "iha_layer_windows"]
 
 IGNORE_INDEX = -100
 
@@ -54,20 +57,44 @@ class MLP(nn.Module):
         return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
+def iha_layer_windows(cfg: ModelConfig) -> list[Optional[int]]:
+    """Each layer's IHA window in virtual tokens (None = full attention).
+
+    schedule uniform: model.iha.window on every layer. flop_matched: layers full_every-1,
+    2*full_every-1, ... attend fully and the others use model.iha.window (N/(2P) makes a short
+    layer cost what an MHA layer costs at sequence length N).
+    """
+    iha = cfg.iha
+    if iha.schedule == "uniform":
+        return [iha.window] * cfg.layers
+    return [None if (i + 1) % iha.full_every == 0 else iha.window for i in range(cfg.layers)]
+
+
+def make_attention(cfg: ModelConfig, layer_idx: int = 0) -> nn.Module:
+    """The attention module of layer `layer_idx` for a resolved config (model.attention, model.iha.*)."""
+    if cfg.attention == "iha":
+        iha = cfg.iha
+        return InterleavedHeadAttention(cfg.dim, cfg.heads, cfg.kv_heads, linear=cfg.linear,
+                                        pseudo_heads=iha.pseudo_heads, mask=iha.mask, collapse=iha.collapse,
+                                        window=iha_layer_windows(cfg)[layer_idx], head_groups=iha.head_groups)
+    return Attention(cfg.dim, cfg.heads, cfg.kv_heads, linear=cfg.linear)
+
+
 class Block(nn.Module):
     """Pre-norm decoder block: h + attn(norm(h)), then h + mlp(norm(h)); [B, N, D] -> [B, N, D]."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg.dim, cfg.heads, cfg.kv_heads, linear=cfg.linear)
+        self.attn = make_attention(cfg, layer_idx)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg.dim, cfg.ffn_dim, linear=cfg.linear)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, *, mask: Optional[Tensor] = None,
-                cache: Optional[KVCache] = None, layer_idx: int = 0) -> Tensor:
-        """h [B, N, D]; cos, sin and mask as in `Attention.forward`."""
-        h = h + self.attn(self.attn_norm(h), cos, sin, mask=mask, cache=cache, layer_idx=layer_idx)
+                cache: Optional[KVCache] = None, layer_idx: int = 0, **attn_kwargs) -> Tensor:
+        """h [B, N, D]; cos, sin and mask as in `Attention.forward`; attn_kwargs (IHA's positions,
+        key_positions) go to the attention module."""
+        h = h + self.attn(self.attn_norm(h), cos, sin, mask=mask, cache=cache, layer_idx=layer_idx, **attn_kwargs)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -123,13 +150,14 @@ class Transformer(nn.Module):
             raise ConfigError(f"head dim model.dim/model.heads={cfg.head_dim} must be even for RoPE")
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        with linear_options(lowrank_options(cfg)):  # model.lowrank.* for the low-rank projection kinds
+            self.blocks = nn.ModuleList(Block(cfg, idx) for idx in range(cfg.layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = LMHead(cfg.vocab_size, cfg.dim)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         self.gradient_checkpointing = False
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg.head_dim, self._rope_len(), cfg.rope_theta)
         # Non-persistent: derived from the config, so checkpoints and HF exports do not carry them.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -139,9 +167,16 @@ class Transformer(nn.Module):
         # .to(bf16) / .half() would round the RoPE angles; rebuild them in fp32 on the new device.
         super()._apply(fn, *args, **kwargs)
         cfg = self.config
-        self.rope_cos, self.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta,
+        self.rope_cos, self.rope_sin = rope_tables(cfg.head_dim, self._rope_len(), cfg.rope_theta,
                                                    device=self.rope_cos.device)
         return self
+
+    def _rope_len(self) -> int:
+        """Rows of the RoPE tables: max_seq_len, times P for IHA's virtual positions n*P + p."""
+        cfg = self.config
+        if cfg.attention == "iha" and cfg.iha.rope == "virtual":
+            return cfg.max_seq_len * cfg.iha.pseudo_heads
+        return cfg.max_seq_len
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -157,6 +192,8 @@ class Transformer(nn.Module):
                 init_linear(proj, std)
             init_linear(block.attn.o_proj, out_std)
             init_linear(block.mlp.down_proj, out_std)
+            if isinstance(block.attn, InterleavedHeadAttention):
+                block.attn.reset_mixing()
             block.attn_norm.reset_parameters()
             block.mlp_norm.reset_parameters()
         self.norm.reset_parameters()
@@ -197,15 +234,24 @@ class Transformer(nn.Module):
         if positions.device.type != "cuda":  # the bound check would force a sync on CUDA
             if n and (positions.min() < 0 or positions.max() >= self.config.max_seq_len):
                 raise ValueError(f"positions must lie in [0, model.max_seq_len={self.config.max_seq_len})")
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [1 or B, N, d/2]
+        iha = self.config.attention == "iha"
+        rope_positions = positions
+        if iha:  # IHA rotates its N*P pseudo-tokens: tables at n*P + p (or n, model.iha.rope=original)
+            rope_positions = iha_rope_positions(positions, self.config.iha.pseudo_heads, self.config.iha.rope)
+        cos, sin = self.rope_cos[rope_positions], self.rope_sin[rope_positions]  # [1 or B, N (IHA: N*P), d/2]
         if positions.shape[0] == 1:
             cos, sin = cos[0], sin[0]
 
-        mask = None
+        mask, key_positions, attn_kwargs = None, None, {}
         if cache is not None:
-            mask = position_mask(positions, cache.append_positions(positions))
+            key_positions = cache.append_positions(positions)
         elif explicit:
-            mask = position_mask(positions, positions)
+            key_positions = positions
+        if key_positions is not None:
+            if iha:  # IHA builds its virtual-token mask from token positions
+                attn_kwargs = {"positions": positions, "key_positions": key_positions}
+            else:
+                mask = position_mask(positions, key_positions)
 
         # Recomputing a block in backward would append to a live cache a second time.
         checkpointed = (self.gradient_checkpointing and self.training and torch.is_grad_enabled()
@@ -213,9 +259,10 @@ class Transformer(nn.Module):
         h = self.embed(input_ids)
         for idx, block in enumerate(self.blocks):
             if checkpointed:
-                h = checkpoint(block, h, cos, sin, mask=mask, cache=cache, layer_idx=idx, use_reentrant=False)
+                h = checkpoint(block, h, cos, sin, mask=mask, cache=cache, layer_idx=idx, use_reentrant=False,
+                               **attn_kwargs)
             else:
-                h = block(h, cos, sin, mask=mask, cache=cache, layer_idx=idx)
+                h = block(h, cos, sin, mask=mask, cache=cache, layer_idx=idx, **attn_kwargs)
         return self.head(self.norm(h), labels)
 
     def num_params(self, non_embedding: bool = True) -> int:
@@ -234,7 +281,27 @@ class Transformer(nn.Module):
         T = seq_len), as in the PaLM appendix's MFU accounting.
         """
         cfg = self.config
-        return 6 * self.num_params(non_embedding=True) + 12 * cfg.layers * cfg.heads * cfg.head_dim * seq_len
+        if cfg.attention != "iha":
+            return 6 * self.num_params(non_embedding=True) + 12 * cfg.layers * cfg.heads * cfg.head_dim * seq_len
+        return self._iha_flops_per_token(seq_len)
+
+    def _iha_flops_per_token(self, seq_len: int) -> int:
+        """flops_per_token for IHA. Per layer and token (forward + backward = 3 x forward):
+        mixing 3 x 2*H*H*P*Q, collapse 2*Q per collapse weight, attention 12*H*Q*P*K with K keys per
+        virtual query: N*P for a full layer (the PaLM convention: all keys counted for a causal layer,
+        twice what it attends on average) and min(2W, N*P) for a window of W virtual tokens (the same
+        convention). A full IHA layer thus costs P^2 times MHA's attention FLOPs."""
+        cfg = self.config
+        heads, head_dim, pseudo = cfg.heads, cfg.head_dim, cfg.iha.pseudo_heads
+        total = 6 * self.num_params(non_embedding=True)
+        virtual = seq_len * pseudo
+        for block in self.blocks:
+            attn = block.attn
+            iha_params = sum(p.numel() for p in (attn.mix_q, attn.mix_k, attn.mix_v, attn.collapse))
+            keys = virtual if attn.window is None else min(2 * attn.window, virtual)
+            total += (-6 * iha_params + 18 * heads * heads * pseudo * head_dim + 6 * attn.collapse.numel() * head_dim
+                      + 12 * heads * head_dim * pseudo * keys)
+        return total
 
 
 def build_model(cfg: ModelConfig) -> Transformer:

@@ -282,7 +282,7 @@ def test_flops_per_token():
 def test_make_linear_dense_and_unknown_kind():
     layer = make_linear(8, 4, role="attn.q")
     assert isinstance(layer, nn.Linear) and layer.bias is None and layer.weight.shape == (4, 8)
-    with pytest.raises(ConfigError, match=r"model.linear='nope' is not a known projection kind \(allowed: dense\)"):
+    with pytest.raises(ConfigError, match=r"model.linear='nope' is not a known projection kind \(allowed: dense, cola, sltrain, relora, lora\)"):
         make_linear(8, 4, kind="nope")
     with pytest.raises(ConfigError, match="model.linear"):
         Transformer(tiny(linear="nope"))
