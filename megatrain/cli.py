@@ -1,4 +1,4 @@
-"""`megatrain {pretrain,tokenizer,config,export}`.
+"""`megatrain {pretrain,tokenizer,config,export,reshard}`.
 
 User errors (MegatrainError) end as one line on stderr and exit code 2; no traceback.
 `megatrain pretrain` runs in this process for one process, or starts torchrun's elastic agent for
@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a run's weights as a Hugging Face Llama folder (safetensors)")
     p.add_argument("path", help="run directory or checkpoint directory")
     p.add_argument("--output", "-o", required=True, help="output folder (must not exist or be empty)")
+    p = sub.add_parser("reshard", help="convert a ZeRO 1/2 checkpoint to DeepSpeed's universal form, so it resumes "
+                                       "at any parallel.tensor and process count")
+    p.add_argument("path", help="run directory (its latest checkpoint) or checkpoint directory")
     return parser
 
 
@@ -174,6 +177,22 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_reshard(args) -> int:
+    from megatrain.engine.checkpoint import checkpoint_root, read_latest
+    from megatrain.errors import CheckpointError
+    from megatrain.parallel.reshard import convert_to_universal
+
+    path = os.path.normpath(args.path)
+    root = checkpoint_root(path)
+    if os.path.isfile(os.path.join(root, "latest")):
+        path = os.path.join(root, read_latest(root))
+    if not os.path.isdir(path):
+        raise CheckpointError(f"'{args.path}' is not a run or checkpoint directory")
+    out = convert_to_universal(path)
+    print(f"wrote {out}; resume from {path} at any parallel.tensor / process count (same ZeRO stage)")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     # Overrides (a.b=c) may stand anywhere, also after flags: argparse alone stops at the first flag.
@@ -183,7 +202,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = list(args.overrides) + extra
-    handlers = {"pretrain": _cmd_pretrain, "tokenizer": _cmd_tokenizer, "config": _cmd_config, "export": _cmd_export}
+    handlers = {"pretrain": _cmd_pretrain, "tokenizer": _cmd_tokenizer, "config": _cmd_config, "export": _cmd_export,
+                "reshard": _cmd_reshard}
     try:
         return handlers[args.command](args)
     except MegatrainError as exc:

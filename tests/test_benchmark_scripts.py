@@ -7,6 +7,7 @@ formatting that turn timings into the report, on synthetic numbers.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import subprocess
@@ -307,3 +308,76 @@ def test_render_markdown_report():
     assert ">= 90% of unfused speed | 90.9% | PASS |" in text
     assert "< 10% of unfused peak memory | 5.0% | PASS |" in text
     assert text.rstrip().endswith("2 PASS, 0 FAIL, 0 n/a")
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks/memory.py
+
+
+MEMORY_SCRIPT = REPO / "benchmarks" / "memory.py"
+
+
+def _load_memory():
+    name = "megatrain_bench_memory"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, MEMORY_SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the file executes
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def test_memory_measure_counts_each_storage_once():
+    """Tied weights, a view and a shared optimizer-state tensor are counted once; projections split out."""
+    mem = _load_memory()
+    model = torch.nn.Module()
+    model.embed = torch.nn.Embedding(10, 4)
+    model.head = torch.nn.Linear(4, 10, bias=False)
+    model.head.weight = model.embed.weight  # tied
+    model.blocks = torch.nn.ModuleList([torch.nn.Module()])
+    model.blocks[0].attn = torch.nn.Linear(4, 6, bias=False)
+    model.blocks[0].attn_norm = torch.nn.LayerNorm(4, elementwise_affine=False)
+    model.blocks[0].attn.register_buffer("index", torch.arange(5))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model.blocks[0].attn(model.embed(torch.tensor([1, 2]))).sum().backward()
+    opt.step()
+    shared = torch.zeros(3)
+    opt.state[model.blocks[0].attn.weight]["extra"] = [shared, shared[1:]]
+    m = mem.measure(model, opt)
+    assert (m.params.proj_bytes, m.params.other_bytes) == (24 * 4, 40 * 4)
+    assert (m.grads.proj_bytes, m.grads.other_bytes) == (24 * 4, 40 * 4)
+    assert m.buffers.proj_bytes == 5 * 8 and m.buffers.other_bytes == 0
+    # AdamW: exp_avg + exp_avg_sq (+ a 4-byte step tensor) per parameter; the extra list counts 3 floats.
+    assert m.state.proj_bytes == 2 * 24 * 4 + 4 + 3 * 4
+    assert m.state.other_bytes == 2 * 40 * 4 + 4
+    # A nested optimizer (GaLore/Fira keep the projected weights in `optimizer.projected`) is walked too.
+    opt.projected = torch.optim.SGD([model.blocks[0].attn.weight], lr=0.1, momentum=0.9)
+    model.blocks[0].attn.weight.grad = torch.ones(6, 4)
+    opt.projected.step()
+    assert mem.measure(model, opt).state.proj_bytes == m.state.proj_bytes + 24 * 4
+
+
+def test_memory_script_tiny_preset(tmp_path):
+    """Four methods at the tiny preset; relora is given a key it refuses, so it fails with one line and
+    the others are still measured and written (exit status 1)."""
+    proc = subprocess.run([sys.executable, str(MEMORY_SCRIPT), "--presets", "tiny", "--methods",
+                           "dense,cola,sltrain,relora", "--vocab-size", "512", "--seq-len", "8",
+                           "--set", "relora:model.lowrank.density=0.5", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "not measured" in line]
+    assert len(errors) == 1 and errors[0].startswith("tiny relora: not measured: ConfigError: "), proc.stderr
+    record = json.loads((tmp_path / "memory-tiny.json").read_text())
+    rows = record["methods"]
+    assert "error" in rows["relora"] and record["machine"]["torch"] == torch.__version__
+    dense, cola, sltrain = (rows[k]["measurement"] for k in ("dense", "cola", "sltrain"))
+    # Dense AdamW holds two moments per trainable element (+ 4-byte step counters).
+    assert dense["state"]["bytes"] >= 2 * dense["trainable"]["bytes"]
+    assert dense["grads"]["proj_bytes"] == dense["params"]["proj_bytes"] > 0
+    # Low-rank methods have fewer projection parameters, gradients and moments than dense.
+    for row in (cola, sltrain):
+        assert 0 < row["params"]["proj_bytes"] < dense["params"]["proj_bytes"]
+        assert 0 < row["state"]["proj_bytes"] < dense["state"]["proj_bytes"]
+    assert sltrain["buffers"]["proj_bytes"] > 0  # the sparse support (int64 index) is live memory too
+    text = (tmp_path / "memory-tiny.md").read_text()
+    assert "| dense |" in text and "| relora | not measured: ConfigError" in text

@@ -136,3 +136,16 @@ def test_reference_lists_every_contract_key():
                 "train.seed", "train.lr", "train.stop_after", "optim.name", "parallel.tensor",
                 "parallel.sequence", "parallel.zero_stage", "checkpoint.every", "checkpoint.keep"):
         assert f"| `{key}` |" in ref, key
+
+
+def test_galore_fira_on_lowrank_factors():
+    """GaLore/Fira project CoLA and SLTrain factors (rank up to the layers' rank); ReLoRA/LoRA refused."""
+    from megatrain.config import load_config
+
+    load_config(None, ["model.linear=cola", "model.lowrank.rank=16", "optim.name=galore", "optim.rank=8"])
+    load_config(None, ["model.linear=sltrain", "model.lowrank.rank=16", "optim.name=fira", "optim.rank=16"])
+    with pytest.raises(ConfigError, match=r"optim.rank=32 exceeds model.lowrank.rank=16"):
+        load_config(None, ["model.linear=cola", "model.lowrank.rank=16", "optim.name=galore", "optim.rank=32"])
+    for kind in ("relora", "lora"):
+        with pytest.raises(ConfigError, match=f"optim.name=galore with model.linear={kind} is not supported"):
+            load_config(None, [f"model.linear={kind}", "optim.name=galore", "optim.rank=8"])

@@ -762,7 +762,12 @@ def check_sources(cfg) -> tuple[Source, Optional[Source]]:
     """Resolve data.source / data.val_source and check the files (cheap; raises DataError).
 
     Run before any process group starts, so a missing or non-UTF-8 file is one line, not one per rank.
+    A synthetic task (data.source=task:NAME, megatrain.data.tasks) has no files: (None, None).
     """
+    from megatrain.data.tasks import is_task_source
+
+    if is_task_source(cfg.data.source):
+        return None, None
     train, val = _sources(cfg.data)
     check_files(train, "data.source")
     if val is not None:
@@ -778,7 +783,11 @@ def prepare_data(cfg) -> None:
 
     Heavy: run it in one process per node before a barrier, then `open_data` on every rank.
     """
+    from megatrain.data.tasks import is_task_source
+
     d = cfg.data
+    if is_task_source(d.source):  # generated on the fly: nothing to prepare
+        return
     train, val = _sources(d)
     if any(isinstance(s, HubSource) for s in (train, val)):
         _import_datasets(local_only=False)  # before any local read imports it offline
@@ -810,9 +819,14 @@ def open_data(cfg) -> PretrainData:
 
     Validation: data.val_source if given; the held-out novel for the embedded corpus; otherwise the
     last data.val_fraction of the training blocks (which training then excludes), or None if that is
-    less than one block.
+    less than one block. A synthetic task (data.source=task:NAME) opens through
+    `megatrain.data.tasks.open_task_data`.
     """
+    from megatrain.data.tasks import is_task_source, open_task_data
+
     d = cfg.data
+    if is_task_source(d.source):
+        return open_task_data(cfg)
     train_source, val_source = _sources(d)
     tokenizer = get_tokenizer(d, train_source, allow_train=False)
     root = cache_dir(d)

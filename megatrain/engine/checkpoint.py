@@ -3,9 +3,12 @@
 Layout of `run.dir/checkpoints/step_N/`:
   DeepSpeed's files      model / optimizer / ZeRO shards (engine.save_checkpoint, tag step_N)
   rng_rank{R}.pt         each rank's RNG states (tensors only: loads with weights_only=True)
-  model.safetensors      consolidated model weights (ZeRO-3 shards gathered first), for
+  model.safetensors      consolidated full model weights (ZeRO-3 shards gathered, TP slices joined), for
                          `megatrain.load` and `megatrain export` without unpickling anything
   megatrain.json         step, data position, model config, layout, and a manifest of file sizes
+
+  universal/             written on demand when a run resumes at another TP x DP layout (or by
+                         `megatrain reshard`): DeepSpeed's universal form of the ZeRO state
 
 `checkpoints/latest` names the newest complete checkpoint. It is replaced (write + os.replace)
 only after every rank finished writing and megatrain.json is on disk, so a crash mid-save leaves
@@ -112,24 +115,38 @@ def read_meta(path: str) -> dict:
     return meta
 
 
-def check_compatible(meta: dict, path: str, model_cfg, zero_stage: int, dp_size: int, tensor: int) -> None:
-    """Refuse a checkpoint whose model or sharded state cannot load into this run (one line)."""
+def check_compatible(meta: dict, path: str, model_cfg, zero_stage: int, dp_size: int, tensor: int) -> bool:
+    """Refuse a checkpoint whose model or sharded state cannot load into this run (one line).
+
+    Returns True when the checkpoint's layout (parallel.tensor, or the data-parallel size under ZeRO)
+    differs from this run's, so it must be resharded (megatrain.parallel.reshard) on load.
+    """
     saved = meta["model"]
     current = dataclasses.asdict(model_cfg)
     for key in _MODEL_KEYS:
         if saved.get(key) != current.get(key):
             raise CheckpointError(f"checkpoint '{path}' was written with model.{key}={saved.get(key)!r} but this run "
                                   f"has model.{key}={current.get(key)!r}")
+    for key, value in (saved.get("lowrank") or {}).items():  # model.lowrank.* (absent in older checkpoints)
+        if value != current.get("lowrank", {}).get(key):
+            raise CheckpointError(f"checkpoint '{path}' was written with model.lowrank.{key}={value!r} but this run "
+                                  f"has model.lowrank.{key}={current.get('lowrank', {}).get(key)!r}")
+    if saved.get("attention") == "iha":  # model.iha.* that change the model's math (tp_mode does not)
+        for key, value in (saved.get("iha") or {}).items():
+            if key != "tp_mode" and value != current.get("iha", {}).get(key):
+                raise CheckpointError(f"checkpoint '{path}' was written with model.iha.{key}={value!r} but this run "
+                                      f"has model.iha.{key}={current.get('iha', {}).get(key)!r}")
     layout = meta["layout"]
-    if layout["tensor"] != tensor:
-        raise CheckpointError(f"checkpoint '{path}' was written with parallel.tensor={layout['tensor']}, this run has "
-                              f"{tensor}; resharding tensor-parallel checkpoints is not supported in this version")
     if layout["zero_stage"] != zero_stage:
         raise CheckpointError(f"checkpoint '{path}' was written with parallel.zero_stage={layout['zero_stage']}, this "
                               f"run has {zero_stage}; resume with the same ZeRO stage")
-    if zero_stage > 0 and layout["dp"] != dp_size:
-        raise CheckpointError(f"checkpoint '{path}' holds ZeRO-{zero_stage} optimizer shards for {layout['dp']} "
-                              f"data-parallel ranks, this run has {dp_size}; resume with the same number of processes")
+    reshard = layout["tensor"] != tensor or (zero_stage > 0 and layout["dp"] != dp_size)
+    if reshard and zero_stage not in (1, 2):
+        change = (f"parallel.tensor={layout['tensor']} to {tensor}" if layout["tensor"] != tensor
+                  else f"{layout['dp']} to {dp_size} data-parallel ranks")
+        raise CheckpointError(f"checkpoint '{path}' was written at ZeRO stage {zero_stage}; changing the layout "
+                              f"({change}) needs parallel.zero_stage=1 or 2 (DeepSpeed universal checkpoints)")
+    return reshard
 
 
 def _rng_state() -> dict:
@@ -157,8 +174,10 @@ def _barrier():
 
 
 def save_checkpoint(engine, *, run_dir: str, step: int, client_state: dict, meta: dict, keep: int,
-                    rank: int, tokenizer_path: Optional[str] = None) -> str:
+                    rank: int, tokenizer_path: Optional[str] = None, groups=None, model_cfg=None) -> str:
     """Collective: every rank calls it. Returns the checkpoint directory.
+
+    With tensor parallelism (`groups`, `model_cfg`), model.safetensors holds the joined full weights.
 
     The tokenizer model is copied in, so a checkpoint directory is self-contained for `megatrain.load`.
     """
@@ -169,7 +188,7 @@ def save_checkpoint(engine, *, run_dir: str, step: int, client_state: dict, meta
         return path  # already saved at this step (a resumed run stopping where it started)
     engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
     torch.save(_rng_state(), os.path.join(path, f"rng_rank{rank}.pt"))
-    _save_consolidated_weights(engine, os.path.join(path, WEIGHTS_FILE), rank)
+    _save_consolidated_weights(engine, os.path.join(path, WEIGHTS_FILE), rank, groups, model_cfg)
     _barrier()
     if rank == 0:
         if tokenizer_path:
@@ -189,31 +208,65 @@ def save_checkpoint(engine, *, run_dir: str, step: int, client_state: dict, meta
     return path
 
 
-def _save_consolidated_weights(engine, path: str, rank: int) -> None:
+def _save_consolidated_weights(engine, path: str, rank: int, groups=None, model_cfg=None) -> None:
+    """model.safetensors with the full weights: ZeRO-3 shards gathered, tensor-parallel slices joined."""
     import deepspeed
 
     module = engine.module
     if engine.zero_optimization_partition_weights():
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             if rank == 0:
-                _write_weights(module, path)
+                _write_weights(_full_tensors(module), path)
+    elif groups is not None and groups.tp_size > 1:
+        if groups.dp_rank == 0:  # one TP group holds every slice; the others need not take part
+            tensors = _gather_tensor_parallel(module, groups, model_cfg)
+            if rank == 0:
+                _write_weights(tensors, path)
     elif rank == 0:
-        _write_weights(module, path)
+        _write_weights(_full_tensors(module), path)
 
 
-def _write_weights(module: torch.nn.Module, path: str) -> None:
-    """Copies of the full weights, each shared tensor once (a tied head is stored as embed.weight).
+def _full_tensors(module: torch.nn.Module) -> dict:
+    """name -> CPU copy of each parameter, each shared tensor once (a tied head as embed.weight).
 
     Copies, because ZeRO keeps parameters as views into flat buffers that safetensors will not save.
     """
-    from safetensors.torch import save_file
-
     tensors, seen = {}, set()
     for name, param in module.named_parameters(remove_duplicate=False):
         if id(param) in seen:
             continue
         seen.add(id(param))
         tensors[name] = param.detach().to("cpu", copy=True).contiguous()
+    for mod_name, mod in module.named_modules():  # persistent buffers too (SLTrain's sparse support)
+        for buf_name, buf in mod.named_buffers(recurse=False):
+            if buf is not None and buf_name not in mod._non_persistent_buffers_set:
+                tensors[f"{mod_name}.{buf_name}" if mod_name else buf_name] = buf.detach().to("cpu", copy=True).contiguous()
+    return tensors
+
+
+def _gather_tensor_parallel(module: torch.nn.Module, groups, model_cfg) -> dict:
+    """Join the tensor-parallel slices of every parameter over the TP group (collective in it)."""
+    from megatrain.parallel.parallelize import shard_specs
+
+    local = _full_tensors(module)
+    params = dict(module.named_parameters())
+    specs = shard_specs(list(local), model_cfg, groups.tp_size)
+    out = {}
+    for name, tensor in local.items():
+        dim, replicas = specs[name]
+        if dim is None:
+            out[name] = tensor
+            continue
+        param = params[name].detach().contiguous()
+        parts = [torch.empty_like(param) for _ in range(groups.tp_size)]
+        dist.all_gather(parts, param, group=groups.tp_group)
+        out[name] = torch.cat([p.cpu() for p in parts[::replicas]], dim=dim)
+    return out
+
+
+def _write_weights(tensors: dict, path: str) -> None:
+    from safetensors.torch import save_file
+
     save_file(tensors, path, metadata={"format": "pt"})
 
 
@@ -252,6 +305,20 @@ def load_checkpoint(engine, path: str, rank: int) -> dict:
     return client_state or {}
 
 
+def _model_config_from_dict(cls, data: dict):
+    """A config dataclass from its asdict() form; nested sections (model.lowrank) rebuilt too."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            value = _model_config_from_dict(type(default), value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
 def load_for_inference(path: str, device="cpu"):
     """`megatrain.load`: (model, tokenizer, model_config) from a run dir, checkpoint dir or export dir."""
     from safetensors.torch import load_file
@@ -272,8 +339,7 @@ def load_for_inference(path: str, device="cpu"):
     weights = os.path.join(path, WEIGHTS_FILE)
     if not os.path.isfile(weights):
         raise CheckpointError(f"'{path}' has no {WEIGHTS_FILE}")
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    model_cfg = ModelConfig(**{k: v for k, v in meta["model"].items() if k in fields})
+    model_cfg = _model_config_from_dict(ModelConfig, meta["model"])
     model = Transformer(model_cfg)
     state = load_file(weights)
     if exported:

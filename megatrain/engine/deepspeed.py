@@ -126,10 +126,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def initialize(cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-    """deepspeed.initialize with the generated config; returns the engine."""
+def initialize(cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, mpu=None, load_universal: bool = False):
+    """deepspeed.initialize with the generated config; returns the engine.
+
+    `mpu` (megatrain.parallel.groups.ParallelGroups) makes ZeRO shard and all-reduce over the
+    data-parallel group only, and count tensor-parallel shards correctly in the gradient norm.
+    `load_universal` makes the next load_checkpoint read a DeepSpeed universal checkpoint (a
+    checkpoint from another TP x DP layout, see megatrain.parallel.reshard).
+    """
     import deepspeed
 
     ds_config = build_ds_config(cfg)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if load_universal:
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
+    from megatrain.optim.zero_bridge import attach_projected
+
+    attach_projected(engine, optimizer, mpu)  # GaLore / Fira weights kept out of ZeRO (docs/galore-fira.md)
     return engine

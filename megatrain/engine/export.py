@@ -83,19 +83,33 @@ def export_hf_llama(path: str, output: str) -> str:
         raise CheckpointError(f"'{path}' is not a megatrain run or checkpoint directory (no {META_FILE})")
     meta = read_meta(ckpt)
     model = meta["model"]
-    if model.get("linear", "dense") != "dense" or model.get("attention", "mha") != "mha":
-        raise CheckpointError(f"'{ckpt}' holds a model.linear={model.get('linear')} / model.attention="
+    linear = model.get("linear", "dense")
+    if linear == "cola":
+        raise CheckpointError(f"'{ckpt}' holds a model.linear=cola model: silu(x @ a) @ b has no dense weight, so it "
+                              f"cannot export to Llama (dense, sltrain, relora and lora models can)")
+    if linear not in ("dense", "sltrain", "relora", "lora") or model.get("attention", "mha") != "mha":
+        raise CheckpointError(f"'{ckpt}' holds a model.linear={linear} / model.attention="
                               f"{model.get('attention')} model; only dense MHA/GQA models export to Llama")
     if os.path.exists(output) and os.listdir(output):
         raise CheckpointError(f"--output '{output}' exists and is not empty; choose a new folder")
-    tensors = {}
+    state = {}
     with safe_open(os.path.join(ckpt, WEIGHTS_FILE), framework="pt") as fh:
         for name in fh.keys():
             if model["tie_embeddings"] and name == "head.weight":
                 name_out = "embed.weight"  # safetensors keeps a shared tensor under one of its names
             else:
                 name_out = name
-            tensors[hf_name(name_out)] = fh.get_tensor(name).contiguous()
+            state[name_out] = fh.get_tensor(name)
+    if linear != "dense":
+        # sltrain / relora / lora merge exactly into one dense weight per projection.
+        from megatrain.config import ModelConfig
+        from megatrain.engine.checkpoint import _model_config_from_dict
+        from megatrain.models.layers import dense_state_dict, lowrank_options
+
+        options = lowrank_options(_model_config_from_dict(ModelConfig, model).resolved())
+        state = dense_state_dict(state, linear, options)
+        model = {**model, "linear": "dense", "lowrank": {}, "exported_from_linear": linear}
+    tensors = {hf_name(name): t.contiguous() for name, t in state.items()}
     dtype = str(next(iter(tensors.values())).dtype).replace("torch.", "")
     tmp = output.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -103,7 +103,8 @@ class MetricsLogger:
         if self.tb is not None:
             names = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
                      "tokens_per_s": "perf/tokens_per_s", "mfu": "perf/mfu", "val_loss": "val/loss",
-                     "val_ppl": "val/perplexity"}
+                     "val_ppl": "val/perplexity", "val_exact_match": "val/exact_match",
+                     "val_answer_acc": "val/answer_acc"}
             for key, tag in names.items():
                 value = record.get(key)
                 if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 import time
 from typing import Optional
 
@@ -21,7 +22,12 @@ from megatrain.engine.deepspeed import DistEnv, init_distributed, initialize, us
 from megatrain.engine.metrics import MetricsLogger, device_peak_flops, mfu
 from megatrain.errors import CheckpointError, ConfigError, MegatrainError
 from megatrain.optim import build_optimizer
+from megatrain.optim.relora import relora_controller
 from megatrain.optim.schedules import lr_for_config
+
+
+# Inside run.dir: where a checkpoint from another layout is converted for loading (removed after).
+RESHARD_SCRATCH = os.path.join("checkpoints", ".reshard")
 
 
 class NonFiniteLossError(MegatrainError):
@@ -69,9 +75,11 @@ class Trainer:
         from megatrain.data.dataset import ResumableSampler, open_data, prepare_data
         from megatrain.models.transformer import Transformer
 
+        from megatrain.parallel.groups import build_groups
+
         self.cfg, self.env = cfg, env
-        self.dp_size = env.world_size // cfg.parallel.tensor
-        self.dp_rank = env.rank // cfg.parallel.tensor
+        self.groups = build_groups(cfg.parallel.tensor)
+        self.dp_size, self.dp_rank = self.groups.dp_size, self.groups.dp_rank
         if env.is_main:
             os.makedirs(cfg.run.dir, exist_ok=True)
         # One process per node builds the tokenizer and token caches; the rest wait, then memory-map.
@@ -86,31 +94,54 @@ class Trainer:
         elif model_cfg.vocab_size < self.data.vocab_size:
             raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
                               f"{self.data.vocab_size}")
+        if model_cfg.vocab_size % cfg.parallel.tensor:
+            raise ConfigError(f"parallel.tensor={cfg.parallel.tensor} does not divide the vocabulary size "
+                              f"{model_cfg.vocab_size}; set model.vocab_size to a multiple of {cfg.parallel.tensor}")
         self.model_cfg = model_cfg
         if env.is_main:
             save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
 
+        # Every rank builds the full model from the same seed; tensor parallelism then keeps each rank's
+        # slices, so a TP run starts from exactly the single-process weights.
         torch.manual_seed(cfg.train.seed)
         model = Transformer(model_cfg)
         model.gradient_checkpointing = cfg.train.activation_checkpointing
         self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
         self.num_params = model.num_params(non_embedding=False)
+        from megatrain.parallel.parallelize import parallelize
+
+        parallelize(model, self.groups, sequence_parallel=cfg.parallel.sequence)  # TP=1: records checkpoint info
+        load_path, universal = resume_path, False
+        if resume_path is not None:
+            universal = ckpt.check_compatible(ckpt.read_meta(resume_path), resume_path, model_cfg,
+                                              cfg.parallel.zero_stage, self.dp_size, cfg.parallel.tensor)
+            if universal:
+                load_path = self._universal_checkpoint(resume_path)
+        self.relora = relora_controller(cfg, model)  # model.linear=relora: restarts (before the optimizer)
         self.optimizer = build_optimizer(cfg.optim, model, cfg.train.lr, on_cuda=env.device.type == "cuda")
-        self.engine = initialize(cfg, model, self.optimizer)
+        self.engine = initialize(cfg, model, self.optimizer, mpu=self.groups if cfg.parallel.tensor > 1 else None,
+                                 load_universal=universal)
         self.sampler = ResumableSampler(len(self.data.train), cfg.train.global_batch, cfg.train.micro_batch,
                                         self.dp_rank, self.dp_size, cfg.train.seed)
         self.step = 0
         self.nonfinite_streak = 0
         if resume_path is not None:
-            state = ckpt.load_checkpoint(self.engine, resume_path, env.rank)
+            state = ckpt.load_checkpoint(self.engine, load_path, env.rank)
+            if universal:
+                _barrier()
+                if env.is_main:
+                    shutil.rmtree(os.path.join(cfg.run.dir, RESHARD_SCRATCH), ignore_errors=True)
             self.step = int(state["step"])
             self.sampler.load_state_dict(state["sampler"])
             self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+            _load_projected_state(self.optimizer, state, load_path, resharded=universal)
         self.peak = device_peak_flops(env.device)
         self.logger = MetricsLogger(cfg.run.dir, enabled=env.is_main, tensorboard=cfg.log.tensorboard,
                                     progress=cfg.log.progress, total_steps=cfg.train.steps, start_step=self.step)
         if resume_path is not None:
-            self.logger.message(f"resumed from {resume_path} at step {self.step}")
+            how = (f" (resharded to parallel.tensor={cfg.parallel.tensor} x {self.dp_size} data-parallel ranks through "
+                   f"DeepSpeed's universal checkpoint)" if universal else "")
+            self.logger.message(f"resumed from {resume_path} at step {self.step}{how}")
 
     # ------------------------------------------------------------------------------------------
 
@@ -124,6 +155,8 @@ class Trainer:
         lr = lr_for_config(cfg.train, self.step)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
+        if self.relora is not None:
+            self.relora.before_step(engine, self.step)
         micro = self.sampler.next_step()
         local = torch.zeros(2, dtype=torch.float64, device=self.env.device)  # [sum of losses, non-finite count]
         for i, indices in enumerate(micro):
@@ -140,7 +173,7 @@ class Trainer:
                 _all_reduce_sum(local)
                 self.optimizer.skip_next_step = bool(local[1].item() > 0)
                 if not self.optimizer.skip_next_step and cfg.parallel.zero_stage == 0:
-                    grad_norm = _local_grad_norm(engine.module)
+                    grad_norm = _grad_norm(engine.module, self.groups)
             engine.step()
         skipped = self.optimizer.skip_next_step
         self.optimizer.skip_next_step = False
@@ -150,7 +183,8 @@ class Trainer:
             loss_value, grad_norm = float("nan"), None
         else:
             self.nonfinite_streak = 0
-            loss_value = local[0].item() / (len(micro) * self.dp_size)
+            # Summed over the world: the TP ranks of a group hold the same loss, so divide by all ranks.
+            loss_value = local[0].item() / (len(micro) * self.env.world_size)
             if cfg.parallel.zero_stage != 0:
                 grad_norm = engine.get_global_grad_norm()
         if isinstance(grad_norm, torch.Tensor):
@@ -165,16 +199,50 @@ class Trainer:
             return None
         engine = self.engine
         engine.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.env.device)
+        # Synthetic tasks (megatrain.data.tasks) also score exact-match accuracy on the answers.
+        task = getattr(self.data.val, "is_task", False)
+        total = torch.zeros(6 if task else 2, dtype=torch.float64, device=self.env.device)
         for indices in val_batches(self.data.val, self.cfg.train.micro_batch, self.dp_rank, self.dp_size,
                                    self.cfg.log.eval_batches):
             inputs, labels = self._batch(self.data.val, indices)
             total[0] += engine(inputs, labels=labels).float()
             total[1] += 1
+            if task:
+                from megatrain.data.tasks import exact_match_counts
+
+                total[2:] += exact_match_counts(engine(inputs), labels)
         engine.train()
         _all_reduce_sum(total)
         val_loss = (total[0] / total[1]).item()
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        out = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        if task:
+            out.update(val_exact_match=(total[2] / total[3]).item(), val_answer_acc=(total[4] / total[5]).item())
+        return out
+
+    def _universal_checkpoint(self, checkpoint: str) -> str:
+        """The DeepSpeed universal folder to resume `checkpoint` from at this run's layout.
+
+        Uses `checkpoint/universal` when `megatrain reshard` made it; otherwise rank 0 converts into
+        this run's scratch folder (never writing into the checkpoint). Collective.
+        """
+        from megatrain.parallel import reshard
+
+        scratch = os.path.join(self.cfg.run.dir, RESHARD_SCRATCH)
+        error, folder = None, None
+        if self.env.is_main:
+            try:
+                folder = reshard.find_universal(checkpoint) or reshard.convert_to_universal(
+                    checkpoint, os.path.join(scratch, "universal"))
+                folder = reshard.universal_for_layout(folder, self.cfg.parallel.tensor, self.model_cfg.kv_heads,
+                                                      os.path.join(scratch, "view"))
+            except MegatrainError as exc:
+                error = str(exc)
+        shared = [error, folder]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(shared, src=0)
+        if shared[0] is not None:
+            raise CheckpointError(shared[0])
+        return shared[1]
 
     def save(self) -> str:
         cfg = self.cfg
@@ -184,9 +252,12 @@ class Trainer:
                 "consumed_samples": self.sampler.state_dict()["consumed_samples"],
                 "seq_len": cfg.data.seq_len, "seed": cfg.train.seed, "tokenizer": self.data.tokenizer.path}
         client = {"step": self.step, "sampler": self.sampler.state_dict(), "nonfinite_streak": self.nonfinite_streak}
+        if getattr(self.optimizer, "projected", None) is not None:  # GaLore / Fira weights live outside ZeRO
+            client["projected_optimizer"] = self.optimizer.projected.state_dict()
         path = ckpt.save_checkpoint(self.engine, run_dir=cfg.run.dir, step=self.step, client_state=client, meta=meta,
                                     keep=cfg.checkpoint.keep, rank=self.env.rank,
-                                    tokenizer_path=self.data.tokenizer.path)
+                                    tokenizer_path=self.data.tokenizer.path, groups=self.groups,
+                                    model_cfg=self.model_cfg)
         self.logger.message(f"saved checkpoint {path}")
         return path
 
@@ -235,10 +306,40 @@ class Trainer:
         return last
 
 
-def _local_grad_norm(module: torch.nn.Module) -> float:
-    """L2 norm of the (already DP-averaged) gradients, for ZeRO stage 0 where DeepSpeed reports none."""
-    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+def _grad_norm(module: torch.nn.Module, groups) -> float:
+    """L2 norm of the (already DP-averaged) gradients, for ZeRO stage 0 where DeepSpeed reports none.
+
+    Tensor-parallel shards are summed over the TP group; replicated parameters count once.
+    """
+    split = torch.zeros((), dtype=torch.float64)
+    replicated = torch.zeros((), dtype=torch.float64)
+    for p in module.parameters():
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().double().pow(2).sum().cpu()
+        if getattr(p, "tensor_model_parallel", False):
+            split += sq
+        else:
+            replicated += sq
+    if groups.tp_size > 1:
+        split = split.to(next(module.parameters()).device)
+        dist.all_reduce(split, group=groups.tp_group)
+        split = split.cpu()
+    return math.sqrt((split + replicated).item())
+
+
+def _load_projected_state(optimizer, state: dict, path: str, resharded: bool) -> None:
+    """GaLore / Fira state of the weights kept outside ZeRO (projections, moments, step counters)."""
+    projected = getattr(optimizer, "projected", None)
+    if projected is None:
+        return
+    if resharded:
+        # Projections of other TP shards do not apply: the new layout starts them afresh.
+        return
+    if "projected_optimizer" not in state:
+        raise CheckpointError(f"checkpoint '{path}' holds no GaLore/Fira optimizer state (was it written with "
+                              f"another optim.name?)")
+    projected.load_state_dict(state["projected_optimizer"])
 
 
 def pretrain(cfg: Config, resume=None) -> dict:
