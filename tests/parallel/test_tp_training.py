@@ -33,16 +33,17 @@ def assert_close(a, b, rtol=1e-5):
         assert abs(x - y) <= rtol * max(abs(x), abs(y)), f"step {i + 1}: {x} vs {y}\n{a}\n{b}"
 
 
-@pytest.mark.parametrize("nproc, zero, sequence", [
-    (2, 1, False),   # TP=2 x DP=1
-    (2, 2, True),    # TP=2 x DP=1, sequence parallel
-    (4, 1, True),    # TP=2 x DP=2, sequence parallel
-    (4, 2, False),   # TP=2 x DP=2
+@pytest.mark.parametrize("nproc, zero, sequence, recompute", [
+    (2, 1, False, False),   # TP=2 x DP=1
+    (2, 2, True, True),     # TP=2 x DP=1, sequence parallel, activation checkpointing
+    (4, 1, True, False),    # TP=2 x DP=2, sequence parallel
+    (4, 2, False, True),    # TP=2 x DP=2, activation checkpointing
 ])
-def test_tensor_parallel_matches_single_process(single, tmp_path, nproc, zero, sequence):
+def test_tensor_parallel_matches_single_process(single, tmp_path, nproc, zero, sequence, recompute):
     run_dir = tmp_path / "run"
     run_cli(["pretrain", "--nproc-per-node", str(nproc), *TINY_JOB, *STEPS, f"run.dir={run_dir}",
-             "parallel.tensor=2", f"parallel.zero_stage={zero}", f"parallel.sequence={str(sequence).lower()}"])
+             "parallel.tensor=2", f"parallel.zero_stage={zero}", f"parallel.sequence={str(sequence).lower()}",
+             f"train.activation_checkpointing={str(recompute).lower()}"])
     assert_close(single, losses(run_dir))
 
 
