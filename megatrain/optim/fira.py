@@ -74,8 +74,8 @@ class FiraAdamW(ProjectedAdamW):
         if group["residual"] not in RESIDUALS:
             raise ValueError(f"FiraAdamW: residual={group['residual']!r} is not known (allowed: {', '.join(RESIDUALS)})")
 
-    def _fira_step(self, weight: Tensor, state: dict, grad32: Tensor, low_rank: Tensor, group: dict,
-                   step_size: float, decay: float) -> None:
+    def _one_sided_update(self, weight: Tensor, state: dict, grad32: Tensor, low_rank: Tensor, group: dict,
+                          step_size: float, decay: float) -> None:
         beta1, beta2 = group["betas"]
         side = state["side"]
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]

@@ -248,17 +248,12 @@ class ProjectedAdamW(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(low_rank)
             state["exp_avg_sq"] = torch.zeros_like(low_rank)
         state["step"] += 1
-        beta1, beta2 = group["betas"]
         step_size = self._step_size(group, state["step"])
         decay = group["lr"] * group["weight_decay"]
         if side == "full":
             self._full_step(weight, state, low_rank, group, step_size, decay)
-        elif self._fira:
-            self._fira_step(weight, state, grad32, low_rank, group, step_size, decay)
         else:
-            state["exp_avg"], state["exp_avg_sq"] = kernels.projected_adam_update(
-                weight, proj, low_rank, state["exp_avg"], state["exp_avg_sq"], side=side, beta1=beta1, beta2=beta2,
-                eps=group["eps"], step_size=step_size, scale=group["scale"], decay=decay)
+            self._one_sided_update(weight, state, grad32, low_rank, group, step_size, decay)
         if weight is not p:
             p.copy_(weight)
 
@@ -274,8 +269,14 @@ class ProjectedAdamW(torch.optim.Optimizer):
         weight.add_(update, alpha=-step_size * group["scale"])
         weight.mul_(1.0 - decay)
 
-    def _fira_step(self, weight, state, grad32, low_rank, group, step_size, decay):  # FiraAdamW
-        raise NotImplementedError
+    def _one_sided_update(self, weight: Tensor, state: dict, grad32: Tensor, low_rank: Tensor, group: dict,
+                          step_size: float, decay: float) -> None:
+        """One-sided projection: Adam in the r-dim space, back-projection, scale and decay in one fused
+        pass. FiraAdamW overrides it to add the scaled out-of-subspace residual."""
+        beta1, beta2 = group["betas"]
+        state["exp_avg"], state["exp_avg_sq"] = kernels.projected_adam_update(
+            weight, state["proj"], low_rank, state["exp_avg"], state["exp_avg_sq"], side=state["side"], beta1=beta1,
+            beta2=beta2, eps=group["eps"], step_size=step_size, scale=group["scale"], decay=decay)
 
     # ------------------------------------------------------------------ state
 
