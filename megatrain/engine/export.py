@@ -16,41 +16,47 @@ import shutil
 from megatrain.engine.checkpoint import META_FILE, WEIGHTS_FILE, read_latest, read_meta
 from megatrain.errors import CheckpointError
 
-_RENAMES = [
-    (r"^embed\.weight$", "model.embed_tokens.weight"),
-    (r"^blocks\.(\d+)\.attn_norm\.weight$", r"model.layers.\1.input_layernorm.weight"),
-    (r"^blocks\.(\d+)\.attn\.(q|k|v|o)_proj\.weight$", r"model.layers.\1.self_attn.\2_proj.weight"),
-    (r"^blocks\.(\d+)\.mlp_norm\.weight$", r"model.layers.\1.post_attention_layernorm.weight"),
-    (r"^blocks\.(\d+)\.mlp\.(gate|up|down)_proj\.weight$", r"model.layers.\1.mlp.\2_proj.weight"),
-    (r"^norm\.weight$", "model.norm.weight"),
-    (r"^head\.weight$", "lm_head.weight"),
+# (megatrain name, Hugging Face Llama name): {layer} is a block index, {proj} one of the listed letters.
+_NAME_PAIRS = [
+    ("embed.weight", "model.embed_tokens.weight"),
+    ("blocks.{layer}.attn_norm.weight", "model.layers.{layer}.input_layernorm.weight"),
+    ("blocks.{layer}.attn.{qkvo}_proj.weight", "model.layers.{layer}.self_attn.{qkvo}_proj.weight"),
+    ("blocks.{layer}.mlp_norm.weight", "model.layers.{layer}.post_attention_layernorm.weight"),
+    ("blocks.{layer}.mlp.{mlp}_proj.weight", "model.layers.{layer}.mlp.{mlp}_proj.weight"),
+    ("norm.weight", "model.norm.weight"),
+    ("head.weight", "lm_head.weight"),
 ]
+_FIELDS = {"layer": r"\d+", "qkvo": "q|k|v|o", "mlp": "gate|up|down"}
 
 
-_INVERSE = [
-    (r"^model\.embed_tokens\.weight$", "embed.weight"),
-    (r"^model\.layers\.(\d+)\.input_layernorm\.weight$", r"blocks.\1.attn_norm.weight"),
-    (r"^model\.layers\.(\d+)\.self_attn\.(q|k|v|o)_proj\.weight$", r"blocks.\1.attn.\2_proj.weight"),
-    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.weight$", r"blocks.\1.mlp_norm.weight"),
-    (r"^model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight$", r"blocks.\1.mlp.\2_proj.weight"),
-    (r"^model\.norm\.weight$", "norm.weight"),
-    (r"^lm_head\.weight$", "head.weight"),
-]
+def _template_regex(template: str) -> re.Pattern:
+    parts = re.split(r"\{(\w+)\}", template)  # literal, field, literal, field, ...
+    body = "".join(re.escape(part) if i % 2 == 0 else f"(?P<{part}>{_FIELDS[part]})" for i, part in enumerate(parts))
+    return re.compile(f"^{body}$")
+
+
+def _rename(name: str, forward: bool):
+    for ours, theirs in _NAME_PAIRS:
+        source, target = (ours, theirs) if forward else (theirs, ours)
+        match = _template_regex(source).match(name)
+        if match:
+            return target.format(**match.groupdict())
+    return None
 
 
 def megatrain_name(name: str) -> str:
     """Inverse of hf_name (for loading an exported folder back)."""
-    for pattern, repl in _INVERSE:
-        if re.match(pattern, name):
-            return re.sub(pattern, repl, name)
-    raise CheckpointError(f"tensor '{name}' is not part of a megatrain Llama export")
+    out = _rename(name, forward=False)
+    if out is None:
+        raise CheckpointError(f"tensor '{name}' is not part of a megatrain Llama export")
+    return out
 
 
 def hf_name(name: str) -> str:
-    for pattern, repl in _RENAMES:
-        if re.match(pattern, name):
-            return re.sub(pattern, repl, name)
-    raise CheckpointError(f"tensor '{name}' has no Hugging Face Llama equivalent (only dense models export)")
+    out = _rename(name, forward=True)
+    if out is None:
+        raise CheckpointError(f"tensor '{name}' has no Hugging Face Llama equivalent (only dense models export)")
+    return out
 
 
 def _checkpoint_dir(path: str) -> str:
