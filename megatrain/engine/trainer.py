@@ -309,23 +309,19 @@ class Trainer:
 def _grad_norm(module: torch.nn.Module, groups) -> float:
     """L2 norm of the (already DP-averaged) gradients, for ZeRO stage 0 where DeepSpeed reports none.
 
-    Tensor-parallel shards are summed over the TP group; replicated parameters count once.
+    DeepSpeed's rule: a tensor-parallel slice counts on its own rank, anything else (replicated
+    weights, the extra copies of replicated KV heads) on TP rank 0 only; then one sum over the TP
+    group. Accumulated on the device: one host sync per step.
     """
-    split = torch.zeros((), dtype=torch.float64)
-    replicated = torch.zeros((), dtype=torch.float64)
-    for p in module.parameters():
-        if p.grad is None:
-            continue
-        sq = p.grad.detach().double().pow(2).sum().cpu()
-        if getattr(p, "tensor_model_parallel", False):
-            split += sq
-        else:
-            replicated += sq
+    grads = [p.grad.detach() for p in module.parameters()
+             if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or groups.tp_rank == 0)]
+    device = next(module.parameters()).device
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for g in grads:
+        total += g.double().pow(2).sum()
     if groups.tp_size > 1:
-        split = split.to(next(module.parameters()).device)
-        dist.all_reduce(split, group=groups.tp_group)
-        split = split.cpu()
-    return math.sqrt((split + replicated).item())
+        dist.all_reduce(total, group=groups.tp_group)
+    return math.sqrt(total.item())
 
 
 def _load_projected_state(optimizer, state: dict, path: str, resharded: bool) -> None:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from megatrain.config import check_tensor_split
 from megatrain.parallel.groups import ParallelGroups
+from megatrain.parallel.reshard import kv_replicas
 from megatrain.parallel.tensor_parallel import (
     ColumnParallelLinear, RowParallelLinear, SequenceParallelRMSNorm, VocabParallelEmbedding, VocabParallelLMHead,
     copy_to_tp, gather_sequence, mark_split,
@@ -60,13 +61,9 @@ class ShardSpec(tuple):
         return self[1]
 
 
-def _kv_replicas(kv_heads: int, tp: int) -> int:
-    return tp // kv_heads if kv_heads < tp else 1
-
-
 def shard_specs(names: list[str], model_cfg, tp: int) -> dict[str, ShardSpec]:
     """ShardSpec for each parameter name of a dense model at tensor-parallel size `tp`."""
-    replicas = _kv_replicas(model_cfg.kv_heads, tp)
+    replicas = kv_replicas(model_cfg.kv_heads, tp)
     out = {}
     for name in names:
         spec = ShardSpec(None)
@@ -111,7 +108,7 @@ def parallelize(model: nn.Module, groups: ParallelGroups, *, sequence_parallel: 
         return model
 
     # Replica groups for KV heads: TP ranks r with the same r // replicas hold the same KV head.
-    replicas = _kv_replicas(cfg.kv_heads, tp)
+    replicas = kv_replicas(cfg.kv_heads, tp)
     kv_grad_group = None
     if replicas > 1:
         tp_ranks = [groups.rank - groups.tp_rank + r for r in range(tp)]
