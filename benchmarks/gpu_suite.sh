@@ -233,7 +233,7 @@ main() {
     for stage in "${stages[@]}"; do
         case "$stage" in
             setup) ;;
-            tests) run_stage tests env MEGATRAIN_KERNELS=triton "$PYTHON" -m pytest -q tests/kernels ;;
+            tests) run_stage tests env MEGATRAIN_KERNELS=triton MEGATRAIN_TEST_DEVICE=cuda "$PYTHON" -m pytest -q -p no:cacheprovider -rf tests/kernels ;;
             # shellcheck disable=SC2086  # the argument strings are meant to split into arguments
             kernels) run_stage kernels "$PYTHON" benchmarks/kernels.py $KERNELS_ARGS ;;
             # shellcheck disable=SC2086

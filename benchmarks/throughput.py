@@ -55,6 +55,9 @@ def parse_args():
     p.add_argument("--tag", default=None, help="results file name stem (default: throughput-<device>)")
     p.add_argument("--tp", default=None, help="comma-separated TP sizes to compare (e.g. 1,2,4): TP mode")
     p.add_argument("--sequence-parallel", action="store_true", help="TP mode: with sequence parallelism")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after timing, profile STEPS steps of each side with torch.profiler and write the "
+                        "op tables (self device time) next to the results")
     p.add_argument("--tp-worker", type=str, default=None, help=argparse.SUPPRESS)  # internal: result file
     return p.parse_args()
 
@@ -132,6 +135,7 @@ def main():
                 _sync(env.device)
                 times[name].append(time.perf_counter() - t0)
         done += n
+    profiles = {name: _profile(fn, args.profile, env.device) for name, fn in sides.items()} if args.profile else {}
     trainer.logger.close()
 
     tokens = cfg.train.global_batch * cfg.data.seq_len
@@ -171,6 +175,25 @@ def main():
         json.dump(result, fh, indent=1)
     with open(os.path.join(args.out, stem + ".md"), "w") as fh:
         fh.write(table + "\n")
+    for name, text in profiles.items():
+        path = os.path.join(args.out, f"{stem}-profile-{name}.txt")
+        with open(path, "w") as fh:
+            fh.write(text)
+        print(f"\n--- profile of {args.profile} {name} steps (top 20 by self time; all in {path})")
+        print("\n".join(text.splitlines()[:24]))
+
+
+def _profile(step_fn, steps: int, device) -> str:
+    """torch.profiler op table of `steps` calls of step_fn, sorted by self device (or CPU) time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step_fn()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=70)
 
 
 def _peak_memory_gib(device) -> float:

@@ -158,6 +158,7 @@ def test_lowrank_reference_recompute_matches_store():
         assert_matches(g1, g0, torch.float32, f"reference recompute d{name}", seed)
 
 
+@pytest.mark.cpu_tensors
 def test_lowrank_auto_backend_on_cpu_is_reference(monkeypatch):
     monkeypatch.setenv("MEGATRAIN_KERNELS", "auto")
     x, a, b = torch.randn(4, D_IN, requires_grad=True), torch.randn(D_IN, RANK), torch.randn(RANK, D_OUT)
@@ -193,6 +194,7 @@ def test_lowrank_bad_inputs_raise(case):
             reference.lowrank_linear(*args, **kwargs)
 
 
+@pytest.mark.cpu_tensors
 def test_lowrank_cpu_tensor_without_interpreter_raises(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x, a, b = torch.randn(7, D_IN), torch.randn(D_IN, RANK), torch.randn(RANK, D_OUT)

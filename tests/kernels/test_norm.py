@@ -198,6 +198,7 @@ def test_rms_norm_bad_inputs_raise(case):
         kernels.rms_norm(*args, **kwargs)
 
 
+@pytest.mark.cpu_tensors
 def test_rms_norm_cpu_tensor_without_interpreter_raises(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x, w = torch.randn(7, 33), torch.randn(33)

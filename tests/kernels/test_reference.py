@@ -154,6 +154,7 @@ def test_fused_linear_cross_entropy_bf16():
 # ---- dispatch ------------------------------------------------------------------------------------
 
 
+@pytest.mark.cpu_tensors
 def test_auto_on_cpu_is_the_reference(monkeypatch):
     monkeypatch.delenv("MEGATRAIN_KERNELS", raising=False)
     assert kernels.backend() == "auto"
@@ -178,6 +179,7 @@ def test_torch_backend_runs_every_op(monkeypatch):
                                F.cross_entropy(x, target))
 
 
+@pytest.mark.cpu_tensors
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("MEGATRAIN_KERNELS", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")

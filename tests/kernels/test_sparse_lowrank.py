@@ -160,6 +160,7 @@ def test_sparse_lowrank_bad_inputs_raise(case):
         reference.sparse_lowrank_linear(*args, 1.0)
 
 
+@pytest.mark.cpu_tensors
 def test_sparse_lowrank_auto_backend_on_cpu_is_reference(monkeypatch):
     monkeypatch.setenv("MEGATRAIN_KERNELS", "auto")
     x = torch.randn(4, D_IN, requires_grad=True)

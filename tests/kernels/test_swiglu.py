@@ -114,6 +114,7 @@ def test_swiglu_bad_inputs_raise(case):
         kernels.swiglu(*args)
 
 
+@pytest.mark.cpu_tensors
 def test_swiglu_cpu_tensor_without_interpreter_raises(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     gate, up = torch.randn(7, 33), torch.randn(7, 33)
