@@ -26,8 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from megatrain.config import check_tensor_split
-from megatrain.parallel.groups import ParallelGroups
-from megatrain.parallel.reshard import kv_replicas
+from megatrain.parallel.groups import ParallelGroups, kv_replicas
 from megatrain.parallel.tensor_parallel import (
     ColumnParallelLinear, RowParallelLinear, SequenceParallelRMSNorm, VocabParallelEmbedding, VocabParallelLMHead,
     copy_to_tp, gather_sequence, mark_split,

@@ -30,17 +30,13 @@ import shutil
 import torch
 
 from megatrain.errors import CheckpointError
+from megatrain.parallel.groups import kv_replicas
 
-__all__ = ["UNIVERSAL_DIR", "find_universal", "convert_to_universal", "universal_for_layout", "kv_replicas"]
+__all__ = ["UNIVERSAL_DIR", "find_universal", "convert_to_universal", "universal_for_layout"]
 
 UNIVERSAL_DIR = "universal"
 _DONE = "megatrain-universal.json"
 _KV = re.compile(r"\.attn\.(k|v)_proj\.(weight|bias)$")
-
-
-def kv_replicas(kv_heads: int, tensor: int) -> int:
-    """How many TP ranks hold each KV head (1 unless kv_heads < tensor)."""
-    return tensor // kv_heads if kv_heads < tensor else 1
 
 
 def _tensor_files(param_dir: str) -> list[str]:
