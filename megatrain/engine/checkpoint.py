@@ -246,7 +246,7 @@ def _full_tensors(module: torch.nn.Module) -> dict:
 
 def _gather_tensor_parallel(module: torch.nn.Module, groups, model_cfg) -> dict:
     """Join the tensor-parallel slices of every parameter over the TP group (collective in it)."""
-    from megatrain.parallel.parallelize import shard_specs
+    from megatrain.parallel.plan import shard_specs
 
     local = _full_tensors(module)
     params = dict(module.named_parameters())

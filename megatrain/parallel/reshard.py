@@ -31,12 +31,12 @@ import torch
 
 from megatrain.errors import CheckpointError
 from megatrain.parallel.groups import kv_replicas
+from megatrain.parallel.plan import is_kv_split
 
 __all__ = ["UNIVERSAL_DIR", "find_universal", "convert_to_universal", "universal_for_layout"]
 
 UNIVERSAL_DIR = "universal"
 _DONE = "megatrain-universal.json"
-_KV = re.compile(r"\.attn\.(k|v)_proj\.(weight|bias)$")
 
 
 def _tensor_files(param_dir: str) -> list[str]:
@@ -49,7 +49,7 @@ def _map_kv_tensors(zero_dir: str, fn) -> None:
     from deepspeed.checkpoint.constants import PARAM
 
     for name in sorted(os.listdir(zero_dir)):
-        if not _KV.search(name):
+        if not is_kv_split(name):
             continue
         for path in _tensor_files(os.path.join(zero_dir, name)):
             state = torch.load(path, weights_only=False)
@@ -132,7 +132,7 @@ def universal_for_layout(universal: str, tensor: int, kv_heads: int, scratch: st
     zero_src = os.path.join(universal, "zero")
     for name in os.listdir(zero_src):
         src = os.path.join(zero_src, name)
-        if _KV.search(name):
+        if is_kv_split(name):
             shutil.copytree(src, os.path.join(scratch, "zero", name))
         else:
             os.symlink(os.path.abspath(src), os.path.join(scratch, "zero", name))
