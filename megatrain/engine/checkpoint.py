@@ -119,7 +119,7 @@ def check_compatible(meta: dict, path: str, model_cfg, zero_stage: int, dp_size:
     """Refuse a checkpoint whose model or sharded state cannot load into this run (one line).
 
     Returns True when the checkpoint's layout (parallel.tensor, or the data-parallel size under ZeRO)
-    differs from this run's, so it must be resharded (megatrain.parallel.reshard) on load.
+    differs from this run's, so it must be resharded (megatrain.engine.reshard) on load.
     """
     saved = meta["model"]
     current = dataclasses.asdict(model_cfg)
