@@ -21,7 +21,7 @@ from exactly the single-process weights (splits differ across ranks, replicated 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -41,10 +41,11 @@ __all__ = ["parallelize", "apply_plan", "SplitContext", "tp_comm_volume"]
 
 @dataclass
 class SplitContext:
-    """What one rank needs to cut its part out of a full model: the TP size, its rank and group, and
-    for key/value heads (which may be replicated) the part it holds and the group of its replicas."""
+    """What one rank needs to cut its part out of a full model: the resolved ModelConfig, the TP
+    size, its rank and group, and for key/value heads (which may be replicated) the group of its
+    replicas."""
 
-    model_cfg: object
+    model_cfg: Any
     tp: int
     rank: int
     group: Optional[dist.ProcessGroup]
@@ -110,8 +111,11 @@ def apply_plan(model: nn.Module, ctx: SplitContext, plan: TPPlan = TP_PLAN) -> n
         for name in names:
             if not entry.matches(name):
                 continue
-            module = model.get_submodule(name)
-            swapped = _APPLY[entry.role.name](module, entry.role, ctx)
+            apply = _APPLY.get(entry.role.name)
+            if apply is None:
+                raise ValueError(f"tensor-parallel plan: role '{entry.role.name}' (module '{name}') has no "
+                                 f"tensor-parallel layer in parallelize yet")
+            swapped = apply(model.get_submodule(name), entry.role, ctx)
             if swapped is not None:
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent), child, swapped)

@@ -138,7 +138,8 @@ def test_universal_checkpoint_info_is_pinned():
 
 def test_lowrank_factor_role_is_a_row_and_lowrank_is_refused_under_tp():
     """A factor layout ("first factor whole, second column-split") is one Role row: the derivations
-    follow it. Until its TP layer exists, parallelize refuses low-rank kinds at TP > 1."""
+    follow it. Until its TP layer exists, applying it fails, and parallelize refuses low-rank kinds
+    at TP > 1."""
     model = build("tiny", linear="cola")
     factors = Role("column_factors", split={"cola_b": 1, "bias": 0})
     plan = TPPlan(tuple(PlanEntry(e.pattern, factors if e.pattern.endswith("q_proj") else e.role)
@@ -149,6 +150,8 @@ def test_lowrank_factor_role_is_a_row_and_lowrank_is_refused_under_tp():
     assert specs["blocks.0.attn.q_proj.bias"] == (0, 1)
     # With the dense roles (what a TP=1 low-rank checkpoint records today) the factors stay whole.
     assert shard_specs(["blocks.0.attn.q_proj.cola_b"], model.config, 2)["blocks.0.attn.q_proj.cola_b"] == (None, 1)
+    with pytest.raises(ValueError, match="role 'column_factors' .* has no tensor-parallel layer"):
+        apply_plan(copy.deepcopy(model), SplitContext(model.config, 2, 0, None), plan)
     groups = ParallelGroups(rank=0, world_size=2, tp_rank=0, tp_size=2, dp_rank=0, dp_size=1, tp_group=None,
                             dp_group=None)
     with pytest.raises(ConfigError, match="model.linear=dense only"):
