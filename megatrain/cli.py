@@ -180,7 +180,7 @@ def _cmd_export(args) -> int:
 def _cmd_reshard(args) -> int:
     from megatrain.engine.checkpoint import checkpoint_root, read_latest
     from megatrain.errors import CheckpointError
-    from megatrain.parallel.reshard import convert_to_universal
+    from megatrain.engine.reshard import convert_to_universal
 
     path = os.path.normpath(args.path)
     root = checkpoint_root(path)

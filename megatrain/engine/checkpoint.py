@@ -119,7 +119,7 @@ def check_compatible(meta: dict, path: str, model_cfg, zero_stage: int, dp_size:
     """Refuse a checkpoint whose model or sharded state cannot load into this run (one line).
 
     Returns True when the checkpoint's layout (parallel.tensor, or the data-parallel size under ZeRO)
-    differs from this run's, so it must be resharded (megatrain.parallel.reshard) on load.
+    differs from this run's, so it must be resharded (megatrain.engine.reshard) on load.
     """
     saved = meta["model"]
     current = dataclasses.asdict(model_cfg)
@@ -246,7 +246,7 @@ def _full_tensors(module: torch.nn.Module) -> dict:
 
 def _gather_tensor_parallel(module: torch.nn.Module, groups, model_cfg) -> dict:
     """Join the tensor-parallel slices of every parameter over the TP group (collective in it)."""
-    from megatrain.parallel.parallelize import shard_specs
+    from megatrain.parallel.plan import shard_specs
 
     local = _full_tensors(module)
     params = dict(module.named_parameters())

@@ -225,7 +225,7 @@ class Trainer:
         Uses `checkpoint/universal` when `megatrain reshard` made it; otherwise rank 0 converts into
         this run's scratch folder (never writing into the checkpoint). Collective.
         """
-        from megatrain.parallel import reshard
+        from megatrain.engine import reshard
 
         scratch = os.path.join(self.cfg.run.dir, RESHARD_SCRATCH)
         error, folder = None, None

@@ -26,6 +26,11 @@ def layout(world_size: int, tensor: int) -> tuple[list[list[int]], list[list[int
     return tp_groups, dp_groups
 
 
+def kv_replicas(kv_heads: int, tensor: int) -> int:
+    """How many TP ranks hold each KV head (1 unless kv_heads < tensor)."""
+    return tensor // kv_heads if kv_heads < tensor else 1
+
+
 @dataclass
 class ParallelGroups:
     """This rank's place in the TP x DP grid, with the torch.distributed groups to talk over.

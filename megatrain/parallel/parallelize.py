@@ -1,15 +1,16 @@
 """Apply Megatron-style tensor parallelism (and optionally sequence parallelism) to a built model.
 
 The model in models/ is written once, for one process. `parallelize` swaps its layers in place for
-the tensor-parallel ones in tensor_parallel.py, keeping module and parameter names, so checkpoints,
-the consolidated safetensors and the Hugging Face export use the same names at every TP size:
+the tensor-parallel ones in tensor_parallel.py, following the plan in plan.py (module -> role) and
+keeping module and parameter names, so checkpoints, the consolidated safetensors and the Hugging
+Face export use the same names at every TP size:
 
-- embedding, output head: vocab-parallel (rows split); the loss never gathers the logits;
-- attention: q, k, v column-parallel (heads split), o row-parallel; each rank runs its own heads.
-  With fewer KV heads than TP ranks each KV head is replicated on TP/kv_heads consecutive ranks
-  (the query heads of one group sit on those ranks) and its weight gradient is summed over them;
-- MLP: gate and up column-parallel, down row-parallel;
-- norms: replicated; with sequence parallelism they run on a sequence shard [B, N/T, D] and the
+- embedding, output head (vocab): vocab-parallel (rows split); the loss never gathers the logits;
+- attention (heads): q, k, v column-parallel (heads split), o row-parallel; each rank runs its own
+  heads. With fewer KV heads than TP ranks each KV head is replicated on TP/kv_heads consecutive
+  ranks (the query heads of one group sit on those ranks) and its weight gradient is summed over them;
+- MLP (region): gate and up column-parallel, down row-parallel;
+- norms (replicated): with sequence parallelism they run on a sequence shard [B, N/T, D] and the
   residual stream stays split along the sequence between the TP regions, which all-gather on entry
   and reduce-scatter on exit.
 
@@ -19,64 +20,165 @@ from exactly the single-process weights (splits differ across ranks, replicated 
 
 from __future__ import annotations
 
-import re
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from megatrain.config import check_tensor_split
-from megatrain.parallel.groups import ParallelGroups
-from megatrain.parallel.reshard import kv_replicas
+from megatrain.models.attention import InterleavedHeadAttention
+from megatrain.models.transformer import LMHead, RMSNorm, Transformer
+from megatrain.parallel.groups import ParallelGroups, kv_replicas
+from megatrain.parallel.plan import TP_PLAN, Role, TPPlan, shard_specs, universal_checkpoint_info
 from megatrain.parallel.tensor_parallel import (
     ColumnParallelLinear, RowParallelLinear, SequenceParallelRMSNorm, VocabParallelEmbedding, VocabParallelLMHead,
     copy_to_tp, gather_sequence, mark_split,
 )
 
-__all__ = ["parallelize", "shard_specs", "ShardSpec", "universal_checkpoint_info", "tp_comm_volume"]
-
-# (regex on the parameter name, partition dim). Anything else is replicated.
-_COLUMN = (r"\.attn\.(q|k|v)_proj\.(weight|bias)$", r"\.mlp\.(gate|up)_proj\.(weight|bias)$")
-_ROW = (r"\.attn\.o_proj\.weight$", r"\.mlp\.down_proj\.weight$")
-_VOCAB = (r"^embed\.weight$", r"^head\.weight$")
+__all__ = ["parallelize", "apply_plan", "SplitContext", "tp_comm_volume"]
 
 
-class ShardSpec(tuple):
-    """(partition_dim, replicas): how a parameter's full tensor is split over the TP group.
+@dataclass
+class SplitContext:
+    """What one rank needs to cut its part out of a full model: the resolved ModelConfig, the TP
+    size, its rank and group, and for key/value heads (which may be replicated) the group of its
+    replicas."""
 
-    partition_dim None = replicated on every TP rank. replicas > 1 = consecutive groups of that many
-    ranks hold the same slice (key/value heads when kv_heads < TP)."""
-
-    __slots__ = ()
-
-    def __new__(cls, partition_dim, replicas=1):
-        return super().__new__(cls, (partition_dim, replicas))
-
-    @property
-    def partition_dim(self):
-        return self[0]
+    model_cfg: Any
+    tp: int
+    rank: int
+    group: Optional[dist.ProcessGroup]
+    sequence_parallel: bool = False
+    kv_grad_group: Optional[dist.ProcessGroup] = None
+    # id(full parameter) -> this rank's slice, so a parameter shared with a module split earlier
+    # (the tied head) takes that slice.
+    split_params: dict = field(default_factory=dict)
 
     @property
-    def replicas(self) -> int:
-        return self[1]
+    def kv_replicas(self) -> int:
+        return kv_replicas(self.model_cfg.kv_heads, self.tp)
+
+    def enter_region(self, x: Tensor) -> Tensor:
+        """The entry communication of a TP region (attention, MLP)."""
+        return gather_sequence(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
 
 
-def shard_specs(names: list[str], model_cfg, tp: int) -> dict[str, ShardSpec]:
-    """ShardSpec for each parameter name of a dense model at tensor-parallel size `tp`."""
-    replicas = kv_replicas(model_cfg.kv_heads, tp)
-    out = {}
-    for name in names:
-        spec = ShardSpec(None)
-        if tp > 1:
-            if any(re.search(p, name) for p in _VOCAB):
-                spec = ShardSpec(0)
-            elif any(re.search(p, name) for p in _COLUMN):
-                kv = re.search(r"\.attn\.(k|v)_proj\.", name) is not None
-                spec = ShardSpec(0, replicas if kv else 1)
-            elif any(re.search(p, name) for p in _ROW):
-                spec = ShardSpec(1)
-        out[name] = spec
-    return out
+def parallelize(model: nn.Module, groups: ParallelGroups, *, sequence_parallel: bool = False) -> nn.Module:
+    """Split `model` (a megatrain.models.transformer.Transformer) over `groups.tp_group`, in place.
+
+    Collective when KV heads are replicated (builds the replica groups): every rank must call it.
+    Returns the model.
+    """
+    if not isinstance(model, Transformer):
+        raise TypeError(f"parallelize: expected a megatrain Transformer, got {type(model).__name__}")
+    cfg = model.config
+    tp = groups.tp_size
+    check_tensor_split(cfg, tp)
+    if tp > 1:
+        ctx = SplitContext(cfg, tp, groups.tp_rank, groups.tp_group, sequence_parallel=sequence_parallel,
+                           kv_grad_group=_kv_grad_group(groups, kv_replicas(cfg.kv_heads, tp)))
+        apply_plan(model, ctx)
+        model.tensor_parallel = (tp, groups.tp_rank)
+    # Recorded at TP=1 too, so a single-process checkpoint can be resharded to TP > 1 later.
+    model.universal_checkpoint_info = universal_checkpoint_info(model)
+    return model
+
+
+def _kv_grad_group(groups: ParallelGroups, replicas: int):
+    """This rank's group of KV-head replicas: the TP ranks r with the same r // replicas (None if 1)."""
+    if replicas == 1:
+        return None
+    found = None
+    tp_ranks = [groups.rank - groups.tp_rank + r for r in range(groups.tp_size)]
+    for start in range(0, groups.tp_size, replicas):
+        members = tp_ranks[start:start + replicas]
+        created = dist.new_group(members)
+        if groups.rank in members:
+            found = created
+    return found
+
+
+def apply_plan(model: nn.Module, ctx: SplitContext, plan: TPPlan = TP_PLAN) -> nn.Module:
+    """Swap every module the plan names for its role's tensor-parallel form, in the plan's order.
+
+    Local (no communication): every parameter becomes this rank's part as `shard_specs` describes it.
+    ValueError when a parameter's module has no entry (or several) in the plan.
+    """
+    shard_specs([name for name, _ in model.named_parameters()], ctx.model_cfg, ctx.tp, plan)  # the plan covers it
+    names = [name for name, _ in model.named_modules()]
+    for entry in plan.entries:
+        for name in names:
+            if not entry.matches(name):
+                continue
+            apply = _APPLY.get(entry.role.name)
+            if apply is None:
+                raise ValueError(f"tensor-parallel plan: role '{entry.role.name}' (module '{name}') has no "
+                                 f"tensor-parallel layer in parallelize yet")
+            swapped = apply(model.get_submodule(name), entry.role, ctx)
+            if swapped is not None:
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, swapped)
+    return model
+
+
+def _vocab(module: nn.Module, role: Role, ctx: SplitContext):
+    if isinstance(module, nn.Embedding):
+        layer = VocabParallelEmbedding.from_full(module, ctx.group, rank=ctx.rank, parts=ctx.tp,
+                                                 sequence_parallel=ctx.sequence_parallel)
+        ctx.split_params[id(module.weight)] = layer.weight
+        return layer
+    if isinstance(module, LMHead):
+        weight = ctx.split_params.get(id(module.weight))  # tied to the embedding: its slice
+        if weight is None:
+            size = module.weight.shape[0] // ctx.tp
+            weight = nn.Parameter(module.weight.detach().narrow(0, ctx.rank * size, size).clone())
+            mark_split(weight, 0)
+        return VocabParallelLMHead(weight, ctx.group, sequence_parallel=ctx.sequence_parallel)
+    raise TypeError(f"tensor-parallel role vocab: no vocab-parallel layer for {type(module).__name__}")
+
+
+def _column(module: nn.Module, role: Role, ctx: SplitContext):
+    return ColumnParallelLinear.from_full(module, ctx.group, rank=ctx.rank, parts=ctx.tp)
+
+
+def _kv_column(module: nn.Module, role: Role, ctx: SplitContext):
+    replicas = ctx.kv_replicas
+    return ColumnParallelLinear.from_full(module, ctx.group, rank=ctx.rank // replicas, parts=ctx.tp // replicas,
+                                          grad_group=ctx.kv_grad_group, counted=(ctx.rank % replicas == 0))
+
+
+def _row(module: nn.Module, role: Role, ctx: SplitContext):
+    return RowParallelLinear.from_full(module, ctx.group, rank=ctx.rank, parts=ctx.tp,
+                                       sequence_parallel=ctx.sequence_parallel)
+
+
+def _replicated(module: nn.Module, role: Role, ctx: SplitContext):
+    if not ctx.sequence_parallel:
+        return None
+    if isinstance(module, RMSNorm):
+        return SequenceParallelRMSNorm(module.weight, module.eps, ctx.group)
+    raise TypeError(f"tensor-parallel role replicated: no sequence-parallel form of {type(module).__name__}")
+
+
+def _heads(module: nn.Module, role: Role, ctx: SplitContext):
+    cfg = ctx.model_cfg
+    module.heads = cfg.heads // ctx.tp
+    module.kv_heads = max(cfg.kv_heads // ctx.tp, 1)
+    if isinstance(module, InterleavedHeadAttention):
+        _parallelize_iha(module, role, cfg.iha.tp_mode, ctx)
+    return _region(module, role, ctx)
+
+
+def _region(module: nn.Module, role: Role, ctx: SplitContext):
+    module.register_forward_pre_hook(_region_entry(ctx.enter_region), with_kwargs=True)
+    return None
+
+
+_APPLY: dict[str, Callable[[nn.Module, Role, SplitContext], Optional[nn.Module]]] = {
+    "vocab": _vocab, "column": _column, "kv_column": _kv_column, "row": _row, "replicated": _replicated,
+    "heads": _heads, "region": _region,
+}
 
 
 def _region_entry(fn: Callable[[Tensor], Tensor]):
@@ -88,122 +190,28 @@ def _region_entry(fn: Callable[[Tensor], Tensor]):
     return hook
 
 
-def parallelize(model: nn.Module, groups: ParallelGroups, *, sequence_parallel: bool = False) -> nn.Module:
-    """Split `model` (a megatrain.models.transformer.Transformer) over `groups.tp_group`, in place.
-
-    Collective when KV heads are replicated (builds the replica groups): every rank must call it.
-    Returns the model.
-    """
-    from megatrain.models.attention import InterleavedHeadAttention
-    from megatrain.models.transformer import Transformer
-
-    if not isinstance(model, Transformer):
-        raise TypeError(f"parallelize: expected a megatrain Transformer, got {type(model).__name__}")
-    cfg = model.config
-    tp, rank, group = groups.tp_size, groups.tp_rank, groups.tp_group
-    check_tensor_split(cfg, tp)
-    if tp == 1:
-        # Recorded at TP=1 too, so a single-process checkpoint can be resharded to TP > 1 later.
-        model.universal_checkpoint_info = universal_checkpoint_info(model)
-        return model
-
-    # Replica groups for KV heads: TP ranks r with the same r // replicas hold the same KV head.
-    replicas = kv_replicas(cfg.kv_heads, tp)
-    kv_grad_group = None
-    if replicas > 1:
-        tp_ranks = [groups.rank - groups.tp_rank + r for r in range(tp)]
-        for start in range(0, tp, replicas):
-            members = tp_ranks[start:start + replicas]
-            created = dist.new_group(members)
-            if groups.rank in members:
-                kv_grad_group = created
-    kv_parts, kv_rank = (tp // replicas, rank // replicas)
-
-    tied = model.head.weight is model.embed.weight
-    model.embed = VocabParallelEmbedding.from_full(model.embed, group, rank=rank, parts=tp,
-                                                   sequence_parallel=sequence_parallel)
-    if tied:
-        head_weight = model.embed.weight
-    else:
-        size = cfg.vocab_size // tp
-        head_weight = nn.Parameter(model.head.weight.detach().narrow(0, rank * size, size).clone())
-        mark_split(head_weight, 0)
-    model.head = VocabParallelLMHead(head_weight, group, sequence_parallel=sequence_parallel)
-
-    enter = (lambda x: gather_sequence(x, group)) if sequence_parallel else (lambda x: copy_to_tp(x, group))
-    for block in model.blocks:
-        attn, mlp = block.attn, block.mlp
-        attn.q_proj = ColumnParallelLinear.from_full(attn.q_proj, group, rank=rank, parts=tp)
-        for name in ("k_proj", "v_proj"):
-            full = getattr(attn, name)
-            setattr(attn, name, ColumnParallelLinear.from_full(
-                full, group, rank=kv_rank, parts=kv_parts, grad_group=kv_grad_group,
-                counted=(rank % replicas == 0)))
-        attn.o_proj = RowParallelLinear.from_full(attn.o_proj, group, rank=rank, parts=tp,
-                                                  sequence_parallel=sequence_parallel)
-        attn.heads = cfg.heads // tp
-        attn.kv_heads = max(cfg.kv_heads // tp, 1)
-        if isinstance(attn, InterleavedHeadAttention):
-            _parallelize_iha(attn, cfg.iha.tp_mode, rank, group)
-        mlp.gate_proj = ColumnParallelLinear.from_full(mlp.gate_proj, group, rank=rank, parts=tp)
-        mlp.up_proj = ColumnParallelLinear.from_full(mlp.up_proj, group, rank=rank, parts=tp)
-        mlp.down_proj = RowParallelLinear.from_full(mlp.down_proj, group, rank=rank, parts=tp,
-                                                    sequence_parallel=sequence_parallel)
-        attn.register_forward_pre_hook(_region_entry(enter), with_kwargs=True)
-        mlp.register_forward_pre_hook(_region_entry(enter), with_kwargs=True)
-        if sequence_parallel:
-            block.attn_norm = SequenceParallelRMSNorm(block.attn_norm.weight, block.attn_norm.eps, group)
-            block.mlp_norm = SequenceParallelRMSNorm(block.mlp_norm.weight, block.mlp_norm.eps, group)
-    if sequence_parallel:
-        model.norm = SequenceParallelRMSNorm(model.norm.weight, model.norm.eps, group)
-    model.tensor_parallel = (tp, rank)
-    model.universal_checkpoint_info = universal_checkpoint_info(model)
-    return model
-
-
-def _parallelize_iha(attn, tp_mode: str, rank: int, group) -> None:
+def _parallelize_iha(attn, role: Role, tp_mode: str, ctx: SplitContext) -> None:
     """Interleaved head attention over TP ranks, each computing its own H/T output heads.
 
     exact: q, k, v heads are all-gathered inside the TP group (backward: reduce-scatter), so each
     rank mixes all H heads as the single-process layer does. local: each rank mixes only its own
     heads (the config then requires model.iha.head_groups to be a multiple of T, which makes that
-    the same model). The mixing and collapse tensors stay whole and replicated, but each rank
-    differentiates only its output heads' part, so their gradients are summed over the group.
+    the same model). The mixing and collapse tensors (the role's summed_grads) stay whole and
+    replicated, but each rank differentiates only its output heads' part, so their gradients are
+    summed over the group.
     """
-    attn.head_offset = rank * attn.heads
+    group = ctx.group
+    attn.head_offset = ctx.rank * attn.heads
     if tp_mode == "exact":
         attn.gather_heads = lambda q, k, v: tuple(gather_sequence(t, group) for t in (q, k, v))  # dim 1 = heads
-    for param in (attn.mix_q, attn.mix_k, attn.mix_v, attn.collapse):
-        param.register_hook(lambda grad: _all_reduce_grad(grad, group))
+    for name in role.summed_grads:
+        getattr(attn, name).register_hook(lambda grad: _all_reduce_grad(grad, group))
 
 
 def _all_reduce_grad(grad: Tensor, group) -> Tensor:
     grad = grad.clone()
     dist.all_reduce(grad, group=group)
     return grad
-
-
-def universal_checkpoint_info(model: nn.Module) -> dict:
-    """What DeepSpeed's universal-checkpoint converter needs to merge our TP slices: row-parallel
-    weights are concatenated along dim 1, replicated parameters taken from one rank, everything else
-    (column- and vocab-parallel) along dim 0. Exact names, because the converter refuses patterns
-    that match nothing."""
-    from deepspeed.checkpoint.constants import (
-        PARAMETER_WITH_ROW_PARALLELISM_PATTERNS, TP_REPLICATED_PARAMETER_PATTERNS, UNIVERSAL_CHECKPOINT_VERSION_KEY,
-        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-    )
-
-    # By name, not by the live TP size: a TP=1 checkpoint must say how to split for TP > 1.
-    names = [name for name, _ in model.named_parameters()]
-    specs = shard_specs(names, model.config, tp=2)
-    row = [re.escape(n) + "$" for n in names if specs[n].partition_dim == 1]
-    replicated = [re.escape(n) + "$" for n in names if specs[n].partition_dim is None]
-    info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
-    if row:
-        info[PARAMETER_WITH_ROW_PARALLELISM_PATTERNS] = row
-    if replicated:
-        info[TP_REPLICATED_PARAMETER_PATTERNS] = replicated
-    return info
 
 
 def tp_comm_volume(model_cfg, tokens: int, tp: int, *, sequence_parallel: bool = False,

@@ -19,7 +19,8 @@ from megatrain import kernels
 from megatrain.config import ModelConfig
 from megatrain.models.transformer import Transformer
 from megatrain.parallel.groups import build_groups
-from megatrain.parallel.parallelize import parallelize, shard_specs
+from megatrain.parallel.parallelize import parallelize
+from megatrain.parallel.plan import shard_specs
 from megatrain.parallel.tensor_parallel import (
     ColumnParallelLinear, RowParallelLinear, SequenceParallelRMSNorm, VocabParallelEmbedding, VocabParallelLMHead,
     copy_to_tp, gather_sequence, reduce_scatter_sequence,

@@ -4,15 +4,17 @@ A checkpoint written at one layout (TP x DP, ZeRO 1 or 2) resumes at another thr
 universal checkpoint format: `convert_to_universal` runs DeepSpeed's converter
 (deepspeed.checkpoint.ds_to_universal), which gathers each parameter's fp32 master weight and Adam
 moments from the ZeRO shards of every DP rank and merges the TP slices with the patterns
-`parallelize` records on the model (row-parallel weights along dim 1, replicated norms from one
-rank, the rest along dim 0). The result lives in `step_N/universal/`, next to the original files,
-which it never modifies. A run at the new layout then loads it with DeepSpeed's `load_universal`,
-which slices every tensor for the new TP rank and re-partitions it over the new DP group.
+`parallelize` records on the model from the tensor-parallel plan (megatrain.parallel.plan:
+row-parallel weights along dim 1, replicated norms from one rank, the rest along dim 0). The
+result lives in `step_N/universal/`, next to the original files, which it never modifies. A run at
+the new layout then loads it with DeepSpeed's `load_universal`, which slices every tensor for the
+new TP rank and re-partitions it over the new DP group.
 
 One case DeepSpeed's merge rule does not cover: with fewer KV heads than TP ranks, each KV head's
 slice is held by TP/kv_heads ranks. The converter concatenates all copies; `convert_to_universal`
 keeps one of each, and `universal_for_layout` writes a view for a target layout that replicates KV
 heads again, where DeepSpeed's loader expects it (the other parameter folders are symlinked).
+Which parameters are split by KV head comes from the same plan (`is_kv_split`).
 
 `megatrain reshard CHECKPOINT` runs the conversion ahead of time (it is otherwise done on resume).
 """
@@ -29,18 +31,15 @@ import shutil
 
 import torch
 
+from megatrain.engine.checkpoint import read_meta
 from megatrain.errors import CheckpointError
+from megatrain.parallel.groups import kv_replicas
+from megatrain.parallel.plan import is_kv_split
 
-__all__ = ["UNIVERSAL_DIR", "find_universal", "convert_to_universal", "universal_for_layout", "kv_replicas"]
+__all__ = ["UNIVERSAL_DIR", "find_universal", "convert_to_universal", "universal_for_layout"]
 
 UNIVERSAL_DIR = "universal"
 _DONE = "megatrain-universal.json"
-_KV = re.compile(r"\.attn\.(k|v)_proj\.(weight|bias)$")
-
-
-def kv_replicas(kv_heads: int, tensor: int) -> int:
-    """How many TP ranks hold each KV head (1 unless kv_heads < tensor)."""
-    return tensor // kv_heads if kv_heads < tensor else 1
 
 
 def _tensor_files(param_dir: str) -> list[str]:
@@ -53,7 +52,7 @@ def _map_kv_tensors(zero_dir: str, fn) -> None:
     from deepspeed.checkpoint.constants import PARAM
 
     for name in sorted(os.listdir(zero_dir)):
-        if not _KV.search(name):
+        if not is_kv_split(name):
             continue
         for path in _tensor_files(os.path.join(zero_dir, name)):
             state = torch.load(path, weights_only=False)
@@ -74,8 +73,6 @@ def convert_to_universal(checkpoint: str, out: str = None) -> str:
     interrupted conversion leaves nothing half-written; the checkpoint's own files are only read.
     Idempotent. Returns the universal folder. Raises CheckpointError (one line).
     """
-    from megatrain.engine.checkpoint import read_meta
-
     out = out or os.path.join(checkpoint, UNIVERSAL_DIR)
     if os.path.isfile(os.path.join(out, _DONE)):
         return out
@@ -136,7 +133,7 @@ def universal_for_layout(universal: str, tensor: int, kv_heads: int, scratch: st
     zero_src = os.path.join(universal, "zero")
     for name in os.listdir(zero_src):
         src = os.path.join(zero_src, name)
-        if _KV.search(name):
+        if is_kv_split(name):
             shutil.copytree(src, os.path.join(scratch, "zero", name))
         else:
             os.symlink(os.path.abspath(src), os.path.join(scratch, "zero", name))
