@@ -138,7 +138,7 @@ def _spawn_torchrun(nproc: int, argv: list[str]) -> int:
 
 
 def _cmd_tokenizer(args) -> int:
-    from megatrain.data.dataset import check_files, resolve_sources
+    from megatrain.data.sources import check_files, resolve_sources
     from megatrain.data.tokenizer import Tokenizer, train_tokenizer
 
     files: list[str] = []

@@ -2,9 +2,11 @@
 
 Each task is a seeded, deterministic generator of token sequences built directly from ids (no
 sentencepiece), plus an exact-match evaluator. `megatrain pretrain` trains on them with
-`data.source=task:multikey` or `data.source=task:multihop` (sizes in `data.task.*`); the loss is
-taken on the answer tokens only and every evaluation logs `val_exact_match` (all answers of a
-sequence right) and `val_answer_acc` (answers right) into metrics.jsonl.
+`data.source=task:multikey` or `data.source=task:multihop` (sizes in `data.task.*`): this module
+registers the `task:` source kind (`TASK_SOURCES`) with megatrain.data.sources, where the data
+entry points (and checks of the config) find it by prefix. The loss is taken on the answer tokens only and
+every evaluation logs `val_exact_match` (all answers of a sequence right) and `val_answer_acc`
+(answers right) into metrics.jsonl.
 
 Vocabulary: 0 `<pad>`, 1 `<bos>`, 2 `<sep>`, 3 `<query>`, then `data.task.symbols` symbols `s0`, `s1`, ...
 
@@ -34,27 +36,30 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["TASKS", "PAD", "BOS", "SEP", "QUERY", "NUM_SPECIAL", "IGNORE_INDEX", "is_task_source", "task_name",
-           "task_vocab_size", "required_seq_len", "generate", "TaskTokenizer", "TaskBlocks", "open_task_data",
+from megatrain.constants import IGNORE_INDEX
+from megatrain.data.sources import register_source_kind
+from megatrain.errors import ConfigError
+
+__all__ = ["TASKS", "PREFIX", "PAD", "BOS", "SEP", "QUERY", "NUM_SPECIAL", "task_name", "task_vocab_size",
+           "required_seq_len", "generate", "TaskTokenizer", "TaskBlocks", "TaskSources", "TASK_SOURCES",
            "exact_match_counts", "evaluate_exact_match"]
 
 TASKS = ("multikey", "multihop")
 PAD, BOS, SEP, QUERY = 0, 1, 2, 3
 NUM_SPECIAL = 4
-IGNORE_INDEX = -100
 TRAIN_SPLIT, VAL_SPLIT = 0, 1
+PREFIX = "task"  # data.source=task:NAME
 
 
-def is_task_source(source) -> bool:
-    """Whether a `data.source` value names a synthetic task ('task:NAME')."""
-    return isinstance(source, str) and source.startswith("task:")
+def _allowed_sources() -> str:
+    return ", ".join(f"{PREFIX}:{name}" for name in TASKS)
 
 
 def task_name(source: str) -> str:
     """'task:multikey' -> 'multikey' (ValueError for anything that is not a known task)."""
-    name = source[len("task:"):] if is_task_source(source) else ""
+    name = source[len(PREFIX) + 1:] if isinstance(source, str) and source.startswith(PREFIX + ":") else ""
     if name not in TASKS:
-        raise ValueError(f"{source!r} is not a synthetic task (allowed: {', '.join('task:' + t for t in TASKS)})")
+        raise ValueError(f"{source!r} is not a synthetic task (allowed: {_allowed_sources()})")
     return name
 
 
@@ -184,15 +189,60 @@ class TaskBlocks:
         return torch.from_numpy(inputs), torch.from_numpy(labels)
 
 
-def open_task_data(cfg):
-    """The PretrainData of a task source: TaskTokenizer and train / validation TaskBlocks."""
-    from megatrain.data.dataset import PretrainData
+class TaskSources:
+    """The `task:NAME` kind of data.source (see megatrain.data.sources.GeneratedSourceKind).
 
-    name = task_name(cfg.data.source)
-    tokenizer = TaskTokenizer(cfg.data.task.symbols)
-    train = TaskBlocks(name, cfg.data.task, cfg.data.seq_len, TRAIN_SPLIT)
-    val = TaskBlocks(name, cfg.data.task, cfg.data.seq_len, VAL_SPLIT)
-    return PretrainData(tokenizer=tokenizer, train=train, val=val, vocab_size=tokenizer.vocab_size)
+    Reads data.source, data.seq_len and data.task.* from the data section `data_cfg`.
+    """
+
+    prefix = PREFIX
+
+    def __repr__(self) -> str:
+        return "megatrain.data.tasks.TASK_SOURCES"
+
+    def validate(self, data_cfg) -> None:
+        """ConfigError (one line naming the key) for an unknown task, impossible sizes or a short seq_len."""
+        source, t = data_cfg.source, data_cfg.task
+        try:
+            name = task_name(source)
+        except ValueError:
+            raise ConfigError(f"data.source={source!r} is not a synthetic task (allowed: "
+                              f"{_allowed_sources()})") from None
+        for key in ("pairs", "queries", "hops", "symbols", "train_size", "val_size"):
+            if getattr(t, key) < 1:
+                raise ConfigError(f"data.task.{key} must be >= 1, got {getattr(t, key)}")
+        if name == "multikey":
+            if t.queries > t.pairs:
+                raise ConfigError(f"data.task.queries={t.queries} exceeds data.task.pairs={t.pairs}")
+            if t.symbols < 2 * t.pairs:
+                raise ConfigError(f"data.task.symbols={t.symbols} must be >= 2 x data.task.pairs={2 * t.pairs} "
+                                  f"(keys and values come from separate halves; keys are distinct)")
+        else:
+            if t.hops > t.pairs:
+                raise ConfigError(f"data.task.hops={t.hops} exceeds data.task.pairs={t.pairs}")
+            if t.symbols < t.pairs + 1:
+                raise ConfigError(f"data.task.symbols={t.symbols} must be > data.task.pairs={t.pairs}")
+        need = required_seq_len(name, t)
+        if data_cfg.seq_len < need:
+            raise ConfigError(f"data.seq_len={data_cfg.seq_len} is too short for {source} with these data.task "
+                              f"sizes: it needs >= {need}")
+
+    def vocab_size(self, data_cfg) -> int:
+        return task_vocab_size(data_cfg.task)
+
+    def required_seq_len(self, data_cfg) -> int:
+        return required_seq_len(task_name(data_cfg.source), data_cfg.task)
+
+    def open(self, data_cfg) -> tuple[TaskTokenizer, TaskBlocks, TaskBlocks]:
+        """(TaskTokenizer, training TaskBlocks, validation TaskBlocks)."""
+        name = task_name(data_cfg.source)
+        train = TaskBlocks(name, data_cfg.task, data_cfg.seq_len, TRAIN_SPLIT)
+        val = TaskBlocks(name, data_cfg.task, data_cfg.seq_len, VAL_SPLIT)
+        return TaskTokenizer(data_cfg.task.symbols), train, val
+
+
+TASK_SOURCES = TaskSources()
+register_source_kind(TASK_SOURCES)
 
 
 def exact_match_counts(logits: Tensor, labels: Tensor) -> Tensor:

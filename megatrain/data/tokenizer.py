@@ -1,4 +1,4 @@
-"""Sentencepiece tokenizers: loading, training on local text, and a content-keyed cache.
+"""Stage 2 of the data path: sentencepiece tokenizers (loading, training on a source, a content-keyed cache).
 
 Every tokenizer megatrain trains has the same layout, so token arrays and models can rely on it:
 
@@ -12,8 +12,11 @@ Every tokenizer megatrain trains has the same layout, so token arrays and models
 Training keeps the text as it is (identity normalisation, spaces kept, no dummy prefix) and falls
 back to UTF-8 bytes for characters outside the vocabulary, so `decode(encode(text)) == text` for
 any string. Without a dummy prefix, encoding a document piece by piece at newlines gives the same ids
-as encoding it whole (no piece contains a newline), which `dataset.build_token_cache` relies on to
+as encoding it whole (no piece contains a newline), which `token_cache.build_token_cache` relies on to
 encode long documents in parallel chunks.
+
+Settings come from the run's data section, read duck-typed (`data_cfg.tokenizer`, `.vocab_size`,
+`.tokenizer_type`, `.text_field`, `.cache_dir`).
 """
 
 from __future__ import annotations
@@ -24,17 +27,14 @@ import json
 import os
 import re
 import uuid
-from typing import TYPE_CHECKING, Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import sentencepiece as spm
 
+from megatrain.data.sources import Source, cache_dir, describe_source, load_documents, source_fingerprint
 from megatrain.errors import DataError
 
-if TYPE_CHECKING:  # imported for annotations only; dataset.py imports this module
-    from megatrain.config import DataConfig
-    from megatrain.data.dataset import HubSource
-
-__all__ = ["Tokenizer", "train_tokenizer", "get_tokenizer", "tokenizer_cache_path", "cache_dir"]
+__all__ = ["Tokenizer", "train_tokenizer", "get_tokenizer", "tokenizer_cache_path"]
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 
@@ -125,14 +125,6 @@ class Tokenizer:
         return self._processor.Decode([int(i) for i in ids])
 
 
-def cache_dir(data_cfg: Optional["DataConfig"] = None) -> str:
-    """The cache root (created): data.cache_dir, else $MEGATRAIN_CACHE, else ~/.cache/megatrain."""
-    root = getattr(data_cfg, "cache_dir", None) or os.environ.get("MEGATRAIN_CACHE") or "~/.cache/megatrain"
-    root = os.path.abspath(os.path.expanduser(root))
-    os.makedirs(root, exist_ok=True)
-    return root
-
-
 def _training_sentences(documents: Iterator[str]) -> Iterator[str]:
     """Lines of the documents, without empty ones, cut to at most _TRAIN_LINE_CHARS characters."""
     for doc in documents:
@@ -173,14 +165,14 @@ def _write_atomically(path: str, data: bytes) -> None:
             os.remove(tmp)
 
 
-def train_tokenizer(files: "list[str] | HubSource", model_prefix: str, vocab_size: int,
+def train_tokenizer(files: Source, model_prefix: str, vocab_size: int,
                     model_type: str = "bpe", text_field: str = "text",
                     cache_root: Optional[str] = None) -> str:
     """Train a sentencepiece model on the documents of `files` and return the `.model` path.
 
     Args:
         files: local .txt/.txt.gz/.jsonl/.json/.parquet files (or a HubSource), read with
-            `dataset.load_documents`; the files are read in sorted order, so the model does not
+            `sources.load_documents`; the files are read in sorted order, so the model does not
             depend on the order they were listed in.
         model_prefix: writes `<model_prefix>.model` and `<model_prefix>.vocab` (piece, score).
         vocab_size: number of pieces, including the 4 special ids and the 256 byte pieces.
@@ -194,8 +186,6 @@ def train_tokenizer(files: "list[str] | HubSource", model_prefix: str, vocab_siz
     Raises:
         DataError: no text, or a vocabulary size the text cannot support.
     """
-    from megatrain.data.dataset import describe_source, load_documents  # dataset.py imports this module
-
     if isinstance(files, (list, tuple)):
         files = sorted(files)
     sentences = _training_sentences(load_documents(files, text_field=text_field, cache_root=cache_root))
@@ -248,14 +238,12 @@ def train_tokenizer(files: "list[str] | HubSource", model_prefix: str, vocab_siz
     return model_prefix + ".model"
 
 
-def tokenizer_cache_path(data_cfg: "DataConfig", train_files: "list[str] | HubSource") -> str:
+def tokenizer_cache_path(data_cfg, train_files: Source) -> str:
     """Where `get_tokenizer` keeps the tokenizer trained for these files and settings.
 
     The key covers the files (sorted paths, sizes, mtimes), vocab_size, tokenizer_type, text_field and
     the trainer version, so editing the corpus or a setting trains a new tokenizer.
     """
-    from megatrain.data.dataset import source_fingerprint
-
     material = {
         "trainer_version": _TRAINER_VERSION,
         "sources": sorted(source_fingerprint(train_files), key=json.dumps),
@@ -267,7 +255,7 @@ def tokenizer_cache_path(data_cfg: "DataConfig", train_files: "list[str] | HubSo
     return os.path.join(cache_dir(data_cfg), "tokenizers", f"{key}.model")
 
 
-def get_tokenizer(data_cfg: "DataConfig", train_files: "list[str] | HubSource", *,
+def get_tokenizer(data_cfg, train_files: Source, *,
                   allow_train: bool = True) -> Tokenizer:
     """The run's tokenizer: data.tokenizer's file, or for "auto" the cached one trained on train_files.
 
@@ -280,7 +268,7 @@ def get_tokenizer(data_cfg: "DataConfig", train_files: "list[str] | HubSource", 
     if not os.path.isfile(path):
         if not allow_train:
             raise DataError(f"data.tokenizer=auto: no tokenizer trained yet for data.source (expected "
-                            f"'{path}'); run data preparation (megatrain.data.dataset.prepare_data) first")
+                            f"'{path}'); run data preparation (megatrain.data.prepare_data) first")
         train_tokenizer(train_files, path[: -len(".model")], data_cfg.vocab_size,
                         model_type=data_cfg.tokenizer_type, text_field=data_cfg.text_field,
                         cache_root=cache_dir(data_cfg))

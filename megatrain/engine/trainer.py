@@ -39,7 +39,7 @@ def preflight(cfg: Config, resume, world_size: int) -> Optional[str]:
 
     Returns the checkpoint directory to resume from (or None). Raises MegatrainError (one line).
     """
-    from megatrain.data.dataset import check_sources
+    from megatrain.data import check_sources
 
     cfg.resolve_batch(world_size)
     check_sources(cfg)
@@ -72,7 +72,8 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, resume_path: Optional[str]):
-        from megatrain.data.dataset import ResumableSampler, open_data, prepare_data
+        from megatrain.data import open_data, prepare_data
+        from megatrain.data.sampler import ResumableSampler
         from megatrain.models.transformer import Transformer
 
         from megatrain.parallel.groups import build_groups
@@ -193,7 +194,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> Optional[dict]:
-        from megatrain.data.dataset import val_batches
+        from megatrain.data.sampler import val_batches
 
         if self.data.val is None:
             return None

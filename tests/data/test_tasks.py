@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatrain.config import TaskConfig, load_config
+from megatrain.config import DataConfig, TaskConfig, load_config
+from megatrain.constants import IGNORE_INDEX
 from megatrain.data.tasks import (
-    BOS, IGNORE_INDEX, NUM_SPECIAL, PAD, QUERY, SEP, TaskBlocks, TaskTokenizer, evaluate_exact_match,
+    BOS, NUM_SPECIAL, PAD, QUERY, SEP, TASK_SOURCES, TaskBlocks, TaskTokenizer, evaluate_exact_match,
     exact_match_counts, generate, required_seq_len, task_vocab_size,
 )
 from megatrain.errors import ConfigError
@@ -123,6 +124,39 @@ def test_task_config_errors(overrides, fragment):
     with pytest.raises(ConfigError) as info:
         load_config(None, overrides)
     assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("source, task, seq_len, message", [
+    ("task:retrieval", {}, 64, "data.source='task:retrieval' is not a synthetic task (allowed: task:multikey, "
+                               "task:multihop)"),
+    ("task:multikey", {}, 16, "data.seq_len=16 is too short for task:multikey with these data.task sizes: it "
+                              "needs >= 25"),
+    ("task:multikey", {"queries": 9}, 64, "data.task.queries=9 exceeds data.task.pairs=8"),
+    ("task:multihop", {"hops": 0}, 64, "data.task.hops must be >= 1, got 0"),
+    ("task:multihop", {"hops": 9}, 64, "data.task.hops=9 exceeds data.task.pairs=8"),
+    ("task:multihop", {"symbols": 8}, 64, "data.task.symbols=8 must be > data.task.pairs=8"),
+    ("task:multikey", {"symbols": 10}, 64, "data.task.symbols=10 must be >= 2 x data.task.pairs=16 (keys and "
+                                           "values come from separate halves; keys are distinct)"),
+])
+def test_the_task_kind_validates_the_data_section(source, task, seq_len, message):
+    data = DataConfig(source=source, seq_len=seq_len, task=TaskConfig(**task))
+    with pytest.raises(ConfigError) as info:
+        TASK_SOURCES.validate(data)
+    assert str(info.value) == message
+    # the same line as the config's own check, so config can delegate to the kind unchanged
+    overrides = [f"data.source={source}", f"data.seq_len={seq_len}"] + [f"data.task.{k}={v}" for k, v in task.items()]
+    with pytest.raises(ConfigError) as from_config:
+        load_config(None, overrides)
+    assert str(from_config.value) == message
+
+
+def test_the_task_kind_reports_vocabulary_and_length():
+    data = DataConfig(source="task:multihop", seq_len=64, task=TaskConfig(pairs=5, symbols=30))
+    TASK_SOURCES.validate(data)
+    assert TASK_SOURCES.vocab_size(data) == 34 == task_vocab_size(data.task)
+    assert TASK_SOURCES.required_seq_len(data) == 13 == required_seq_len("multihop", data.task)
+    data.source = "task:multikey"
+    assert TASK_SOURCES.required_seq_len(data) == 2 + 2 * 5 + 2 * 4 - 1
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import pytest
 
 from megatrain.config import DataConfig
 from megatrain.data import tokenizer as tokenizer_module
-from megatrain.data.tokenizer import Tokenizer, cache_dir, get_tokenizer, tokenizer_cache_path, train_tokenizer
+from megatrain.data.tokenizer import Tokenizer, get_tokenizer, tokenizer_cache_path, train_tokenizer
 from megatrain.errors import DataError
 
 from tests.data.synthetic import english_like
@@ -155,11 +155,19 @@ def test_bad_model_file_is_a_data_error(tmp_path, content):
     assert "\n" not in str(info.value)
 
 
-def test_cache_dir_precedence(tmp_path, monkeypatch):
-    explicit = tmp_path / "explicit"
-    assert cache_dir(DataConfig(cache_dir=str(explicit))) == str(explicit) and explicit.is_dir()
-    monkeypatch.setenv("MEGATRAIN_CACHE", str(tmp_path / "from_env"))
-    assert cache_dir(DataConfig()) == str(tmp_path / "from_env")
-    monkeypatch.delenv("MEGATRAIN_CACHE")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert cache_dir(DataConfig()) == str(tmp_path / "home" / ".cache" / "megatrain")
+def test_cache_key_recipe_is_stable(tmp_path):
+    # Cached tokenizers stay valid only while the key is computed exactly this way (trainer version 1).
+    import hashlib
+    import json
+
+    paths = []
+    for name, text in (("b.txt", "second\n"), ("a.txt", "first one\n")):
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        os.utime(path, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+        paths.append(str(path))
+    cfg = DataConfig(vocab_size=320, tokenizer_type="unigram", text_field="body", cache_dir=str(tmp_path / "c"))
+    material = {"trainer_version": 1, "vocab_size": 320, "tokenizer_type": "unigram", "text_field": "body",
+                "sources": [[paths[1], 10, 1_600_000_000_000_000_000], [paths[0], 7, 1_600_000_000_000_000_000]]}
+    key = hashlib.sha256(json.dumps(material, sort_keys=True).encode("utf-8")).hexdigest()
+    assert tokenizer_cache_path(cfg, paths) == str(tmp_path / "c" / "tokenizers" / f"{key}.model")
