@@ -16,7 +16,7 @@ Shapes: x, residual, y, h [rows, D] inside the launchers ([..., D] at the API); 
 rstd [rows] fp32. All arithmetic is fp32 in registers; y and h are stored in x.dtype, the weight
 gradient in weight.dtype.
 
-Layout (see DESIGN.md, Kernels): private kernels by phase, host launchers that validate and pick
+Layout (docs/architecture.md, "kernels/"): private kernels by phase, host launchers that validate and pick
 block sizes, an autograd Function, and the public `rms_norm`.
 """
 
