@@ -34,14 +34,29 @@ class NonFiniteLossError(MegatrainError):
     """Too many non-finite losses in a row (train.max_nonfinite)."""
 
 
+def resolve_config(cfg: Config, world_size: int) -> Config:
+    """`cfg.resolve` with what this process detects: CUDA, and the kernel backend MEGATRAIN_KERNELS selects.
+
+    Returns cfg, resolved in place. Raises ConfigError (one line), also for an unknown MEGATRAIN_KERNELS.
+    """
+    from megatrain import kernels
+
+    try:
+        triton_needs_cuda = kernels.triton_needs_cuda()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return cfg.resolve(world_size, cuda=torch.cuda.is_available(), triton_needs_cuda=triton_needs_cuda)
+
+
 def preflight(cfg: Config, resume, world_size: int) -> Optional[str]:
-    """Every check that needs no process group: batch arithmetic, run dir, resume checkpoint.
+    """Every check that needs no process group: the config resolved for `world_size` processes on this
+    machine (batch arithmetic, ...), the data sources, the run dir, the checkpoint to resume.
 
     Returns the checkpoint directory to resume from (or None). Raises MegatrainError (one line).
     """
     from megatrain.data.dataset import check_sources
 
-    cfg.resolve_batch(world_size)
+    resolve_config(cfg, world_size)
     check_sources(cfg)
     if os.path.exists(cfg.run.dir) and not os.path.isdir(cfg.run.dir):
         raise ConfigError(f"run.dir '{cfg.run.dir}' exists and is not a directory")
@@ -74,7 +89,7 @@ class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, resume_path: Optional[str]):
         from megatrain.data.dataset import ResumableSampler, open_data, prepare_data
         from megatrain.models.transformer import Transformer
-
+        from megatrain.parallel.checks import check_vocab_split
         from megatrain.parallel.groups import build_groups
 
         self.cfg, self.env = cfg, env
@@ -94,9 +109,9 @@ class Trainer:
         elif model_cfg.vocab_size < self.data.vocab_size:
             raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
                               f"{self.data.vocab_size}")
-        if model_cfg.vocab_size % cfg.parallel.tensor:
-            raise ConfigError(f"parallel.tensor={cfg.parallel.tensor} does not divide the vocabulary size "
-                              f"{model_cfg.vocab_size}; set model.vocab_size to a multiple of {cfg.parallel.tensor}")
+        check_vocab_split(model_cfg.vocab_size, cfg.parallel.tensor,
+                          f"model.vocab_size={model_cfg.vocab_size}" if cfg.model.vocab_size is not None
+                          else f"the tokenizer's vocabulary {model_cfg.vocab_size}")
         self.model_cfg = model_cfg
         if env.is_main:
             save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))

@@ -25,7 +25,7 @@ from typing import Callable
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from megatrain.config import check_tensor_split
+from megatrain.parallel.checks import check_tensor_split
 from megatrain.parallel.groups import ParallelGroups
 from megatrain.parallel.reshard import kv_replicas
 from megatrain.parallel.tensor_parallel import (

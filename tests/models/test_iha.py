@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatrain.config import IHAConfig, ModelConfig, config_reference, load_config
+from megatrain.config import config_reference, load_config
+from megatrain.models.config import IHAConfig, ModelConfig
 from megatrain.errors import ConfigError
 from megatrain.kernels import reference
 from megatrain.models.attention import Attention, InterleavedHeadAttention, KVCache, iha_position_mask
@@ -221,13 +222,20 @@ def test_config_errors_name_the_key(overrides, fragment):
 
 
 def test_iha_keys_refused_without_iha_and_backend_check(monkeypatch):
+    from megatrain.engine.trainer import resolve_config
+
     with pytest.raises(ConfigError, match="model.iha.window applies to model.attention=iha only"):
         load_config(None, ["model.iha.window=4"])
+    # The backend is the machine's: loading ignores it, the explicit resolve step (the preflight) checks it.
+    cfg = load_config(None, ["model.attention=iha"])
+    with pytest.raises(ConfigError, match="model.attention=iha with MEGATRAIN_KERNELS=triton needs a CUDA GPU"):
+        cfg.resolve(1, cuda=False, triton_needs_cuda=True)
+    cfg.resolve(1, cuda=True, triton_needs_cuda=True)
     if not torch.cuda.is_available():
         monkeypatch.setenv("MEGATRAIN_KERNELS", "triton")
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         with pytest.raises(ConfigError, match="model.attention=iha with MEGATRAIN_KERNELS=triton needs a CUDA GPU"):
-            load_config(None, ["model.attention=iha"])
+            resolve_config(load_config(None, ["model.attention=iha"]), 1)
 
 
 def test_cli_reports_iha_error_in_one_line(tmp_path):
