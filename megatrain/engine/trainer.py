@@ -17,8 +17,9 @@ import torch
 import torch.distributed as dist
 
 from megatrain.config import Config, save_config
+from megatrain.distributed import all_reduce_sum, barrier
 from megatrain.engine import checkpoint as ckpt
-from megatrain.engine.deepspeed import DistEnv, init_distributed, initialize, use_bf16
+from megatrain.engine.deepspeed import DistEnv, init_distributed, initialize
 from megatrain.engine.metrics import MetricsLogger, device_peak_flops, mfu
 from megatrain.errors import CheckpointError, ConfigError, MegatrainError
 from megatrain.optim import build_optimizer
@@ -66,23 +67,12 @@ def preflight(cfg: Config, resume, world_size: int) -> Optional[str]:
         model_cfg = cfg.model.resolved()
         if model_cfg.vocab_size is None:
             model_cfg.vocab_size = meta["model"].get("vocab_size")
-        ckpt.check_compatible(meta, path, model_cfg, cfg.parallel.zero_stage, world_size // cfg.parallel.tensor,
-                              cfg.parallel.tensor)
+        ckpt.needs_reshard(meta, path, model_cfg, cfg.parallel.zero_stage, world_size // cfg.parallel.tensor,
+                           cfg.parallel.tensor)
         if meta["step"] >= cfg.train.steps:
             raise CheckpointError(f"checkpoint '{path}' is at step {meta['step']}, the run has "
                                        f"train.steps={cfg.train.steps}: nothing left to train")
     return path
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 class Trainer:
@@ -100,7 +90,7 @@ class Trainer:
         # One process per node builds the tokenizer and token caches; the rest wait, then memory-map.
         if env.local_rank == 0:
             prepare_data(cfg)
-        _barrier()
+        barrier()
         self.data = open_data(cfg)
 
         model_cfg = cfg.model.resolved()
@@ -128,8 +118,8 @@ class Trainer:
         parallelize(model, self.groups, sequence_parallel=cfg.parallel.sequence)  # TP=1: records checkpoint info
         load_path, universal = resume_path, False
         if resume_path is not None:
-            universal = ckpt.check_compatible(ckpt.read_meta(resume_path), resume_path, model_cfg,
-                                              cfg.parallel.zero_stage, self.dp_size, cfg.parallel.tensor)
+            universal = ckpt.needs_reshard(ckpt.read_meta(resume_path), resume_path, model_cfg,
+                                           cfg.parallel.zero_stage, self.dp_size, cfg.parallel.tensor)
             if universal:
                 load_path = self._universal_checkpoint(resume_path)
         self.relora = relora_controller(cfg, model)  # model.linear=relora: restarts (before the optimizer)
@@ -143,7 +133,7 @@ class Trainer:
         if resume_path is not None:
             state = ckpt.load_checkpoint(self.engine, load_path, env.rank)
             if universal:
-                _barrier()
+                barrier()
                 if env.is_main:
                     shutil.rmtree(os.path.join(cfg.run.dir, RESHARD_SCRATCH), ignore_errors=True)
             self.step = int(state["step"])
@@ -185,7 +175,7 @@ class Trainer:
             engine.backward(loss)
             if i == len(micro) - 1:
                 # Every DP rank must agree before the (collective) step whether to apply it.
-                _all_reduce_sum(local)
+                all_reduce_sum(local)
                 self.optimizer.skip_next_step = bool(local[1].item() > 0)
                 if not self.optimizer.skip_next_step and cfg.parallel.zero_stage == 0:
                     grad_norm = _grad_norm(engine.module, self.groups)
@@ -227,7 +217,7 @@ class Trainer:
 
                 total[2:] += exact_match_counts(engine(inputs), labels)
         engine.train()
-        _all_reduce_sum(total)
+        all_reduce_sum(total)
         val_loss = (total[0] / total[1]).item()
         out = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
         if task:
