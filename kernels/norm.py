@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import check_device, check_same, check_tensor, interpreting, new_output, next_power_of_2
+from ._utils import check_device, check_same, check_tensor, new_output, next_power_of_2
 
 __all__ = ["rms_norm"]
 

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from megatrain.errors import ConfigError
 from megatrain.fields import config_field
-from megatrain.models.layers import LINEAR_KINDS, lowrank_options, projection_shapes
+from megatrain.models.layers import LINEAR_KINDS, LOWRANK_KINDS, lowrank_options, projection_shapes
 
 __all__ = ["ModelConfig", "LowRankConfig", "IHAConfig", "PRESETS", "ATTENTION_KINDS", "check_head_layout"]
 
@@ -49,7 +49,7 @@ class LowRankConfig:
 
 
 # model.lowrank.* key -> the model.linear kinds that use it
-_LOWRANK_KEY_KINDS = {"rank": ("cola", "sltrain", "relora", "lora"), "alpha": ("sltrain", "relora", "lora"),
+_LOWRANK_KEY_KINDS = {"rank": LOWRANK_KINDS, "alpha": ("sltrain", "relora", "lora"),
                       "density": ("sltrain",), "recompute": ("cola",), "dropout": ("relora", "lora")}
 
 
