@@ -35,8 +35,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatrain.config import IHAConfig, ModelConfig, TaskConfig, TrainConfig  # noqa: E402
+from megatrain.config import TaskConfig, TrainConfig  # noqa: E402
 from megatrain.data.tasks import TaskBlocks, evaluate_exact_match, required_seq_len, task_vocab_size  # noqa: E402
+from megatrain.models.config import IHAConfig, ModelConfig  # noqa: E402
 from megatrain.models.transformer import Transformer  # noqa: E402
 from megatrain.optim import param_groups  # noqa: E402
 from megatrain.optim.schedules import lr_for_config  # noqa: E402

@@ -101,6 +101,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from megatrain.constants import IGNORE_INDEX  # noqa: E402
+
 OPS = ("rms_norm", "rope", "swiglu", "flce", "adam", "lowrank", "sparse_lowrank", "iha")
 # Compute-bound ops, reported in TFLOP/s against an unfused eager baseline, with peak memory.
 FLOP_OPS = ("flce", "lowrank", "sparse_lowrank", "iha")
@@ -120,7 +122,6 @@ IHA_SDPA = "sdpa-mha"           # iha: plain causal SDPA over the N tokens (a ba
 
 DEVICE = "cuda"
 EPS = 1e-6
-IGNORE_INDEX = -100
 TRITON = "megatrain-triton"
 EAGER = "torch-eager"
 COMPILE = "torch-compile"
@@ -927,7 +928,7 @@ def measure_ceilings(copy_numel: int = 2**29, n: int = 8192) -> dict:
 
 def adam_param_shapes(preset: str, vocab: int) -> list[tuple]:
     """Parameter shapes of megatrain's model at `preset`, built on the meta device (no memory)."""
-    from megatrain.config import ModelConfig
+    from megatrain.models.config import ModelConfig
     from megatrain.models.transformer import Transformer
 
     with torch.device("meta"):

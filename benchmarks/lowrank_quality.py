@@ -57,7 +57,7 @@ def method_overrides(method: str, steps: int, rank: int) -> list[str]:
 def param_counts(preset: str, vocab: int, method: str, rank: int) -> tuple[int, int]:
     import torch
 
-    from megatrain.config import ModelConfig
+    from megatrain.models.config import ModelConfig
     from megatrain.models.transformer import Transformer
 
     cfg = ModelConfig(preset=preset, vocab_size=vocab, linear=method if method in ("cola", "sltrain", "relora") else "dense")
@@ -73,7 +73,7 @@ def main():
     args = parse_args()
     import torch
 
-    from megatrain.config import PRESETS
+    from megatrain.models.config import PRESETS
 
     dim = PRESETS[args.preset]["dim"]
     rank = args.rank or max(1, dim // 4)

@@ -167,8 +167,8 @@ def build_and_step(preset: str, method: str, args, extra: list[str]) -> tuple[Me
     linear, optim_name = METHODS[method]
     overrides = [f"model.preset={preset}", f"model.vocab_size={args.vocab_size}", f"model.linear={linear}",
                  f"optim.name={optim_name}", f"data.seq_len={args.seq_len}", *extra]
-    cfg = load_config(overrides=overrides)
     device = torch.device(args.device)
+    cfg = load_config(overrides=overrides).resolve(1, cuda=device.type == "cuda")  # fills ReLoRA's periods
     model_cfg = cfg.model.resolved()
     torch.manual_seed(0)
     model = Transformer(model_cfg).to(device=device, dtype=DTYPES[args.dtype])
@@ -263,7 +263,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatrain.config import PRESETS
+    from megatrain.models.config import PRESETS
 
     bad = [p for p in args.preset_list if p not in PRESETS]
     if bad:

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatrain.config import load_config  # noqa: E402
 from megatrain.engine.deepspeed import init_distributed, use_bf16  # noqa: E402
 from megatrain.engine.metrics import device_peak_flops, mfu  # noqa: E402
-from megatrain.engine.trainer import Trainer  # noqa: E402
+from megatrain.engine.trainer import Trainer, resolve_config  # noqa: E402
 from megatrain.models.transformer import Transformer  # noqa: E402
 
 
@@ -114,7 +114,7 @@ def main():
     run_dir = os.path.join(os.environ["MEGATRAIN_CACHE"], "bench-run")
     cfg = _config(args, run_dir)
     env = init_distributed(cfg)
-    cfg.resolve_batch(env.world_size)
+    resolve_config(cfg, env.world_size)
     trainer = Trainer(cfg, env, resume_path=None)
     bf16 = use_bf16(cfg)
     plain = PlainLoop(cfg, trainer.model_cfg, trainer.data, env.device, bf16)
@@ -212,7 +212,7 @@ def tp_worker(args):
     run_dir = os.path.join(os.environ["MEGATRAIN_CACHE"], f"bench-tp{tp}")
     cfg = _config(args, run_dir, [f"parallel.tensor={tp}", f"parallel.sequence={str(args.sequence_parallel and tp > 1).lower()}"])
     env = init_distributed(cfg)
-    cfg.resolve_batch(env.world_size)
+    resolve_config(cfg, env.world_size)
     trainer = Trainer(cfg, env, resume_path=None)
     for _ in range(args.warmup):
         trainer.train_step()

@@ -27,9 +27,12 @@ from typing import Callable, Optional
 
 from torch import Tensor
 
-from . import reference
+from megatrain.constants import IGNORE_INDEX
 
-__all__ = ["backend", "rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "lowrank_linear",
+from . import reference
+from ._utils import check_device, interpreting
+
+__all__ = ["backend", "triton_needs_cuda", "rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "lowrank_linear",
            "sparse_lowrank_linear", "iha_attention", "projected_adam_update", "reference",
            "apex_rms_norm"]
 
@@ -48,6 +51,12 @@ def backend() -> str:
     return mode
 
 
+def triton_needs_cuda() -> bool:
+    """True when MEGATRAIN_KERNELS=triton and Triton's CPU interpreter is off: every op then needs CUDA
+    tensors. Raises ValueError for an unknown MEGATRAIN_KERNELS."""
+    return backend() == "triton" and not interpreting()
+
+
 def _use_triton(op: str, t: Tensor) -> bool:
     """Whether `op` on tensor `t` runs the Triton kernel under the current MEGATRAIN_KERNELS."""
     mode = backend()
@@ -55,8 +64,6 @@ def _use_triton(op: str, t: Tensor) -> bool:
         return False
     if mode == "auto":
         return t.is_cuda
-    from ._utils import check_device
-
     check_device(op, t)
     return True
 
@@ -115,7 +122,7 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return reference.swiglu(gate, up)
 
 
-def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int = -100,
+def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX,
                                process_group=None) -> Tensor:
     """Mean over non-ignored t of logsumexp(h[t] @ weight.T) - (h[t] @ weight.T)[target[t]].
 

@@ -14,7 +14,7 @@ Only gate and up are saved; s is recomputed in backward (one exp per element is 
 storing and re-reading an extra [n] tensor). Arithmetic is fp32; outputs and gradients are stored
 in the inputs' dtype.
 
-Layout (see DESIGN.md, Kernels): private kernels by phase, host launchers that validate and pick
+Layout (docs/architecture.md, "kernels/"): private kernels by phase, host launchers that validate and pick
 block sizes, an autograd Function, and the public `swiglu`.
 """
 

@@ -59,6 +59,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from megatrain.constants import IGNORE_INDEX
+
 from ._utils import FLOAT_DTYPES, check_device, check_same, check_tensor, new_output, next_power_of_2
 
 __all__ = ["fused_linear_cross_entropy", "default_chunk_size"]
@@ -293,7 +295,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 def _check_inputs(h, weight, target, ignore_index, process_group, chunk_size) -> None:
     check_tensor(OP, "h", h, dtypes=FLOAT_DTYPES, ndim=2)
     if isinstance(weight, Tensor) and weight.numel() == 0:
-        # The usual cause: a ZeRO-3 partitioned head read outside its module's forward (DESIGN.md).
+        # The usual cause: a ZeRO-3 partitioned head read outside its module's forward
+        # (docs/architecture.md, "ZeRO-3").
         raise ValueError(f"{OP}: argument 'weight' is empty (shape {tuple(weight.shape)}); a ZeRO-3 "
                          f"partitioned weight must be read inside its owning module's forward")
     check_tensor(OP, "weight", weight, dtypes=FLOAT_DTYPES, ndim=2, shape=(None, h.shape[1]))
@@ -320,7 +323,7 @@ def _check_targets_on_cpu(target: Tensor, ignore_index: int, vocab_total: int) -
                          f"[0, {vocab_total}) and not ignore_index={ignore_index}")
 
 
-def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int = -100,
+def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX,
                                process_group=None, chunk_size: Optional[int] = None) -> Tensor:
     """Mean cross-entropy of h @ weight.T over the targets that are not ignore_index (Triton).
 

@@ -16,7 +16,7 @@ Shapes: x, residual, y, h [rows, D] inside the launchers ([..., D] at the API); 
 rstd [rows] fp32. All arithmetic is fp32 in registers; y and h are stored in x.dtype, the weight
 gradient in weight.dtype.
 
-Layout (see DESIGN.md, Kernels): private kernels by phase, host launchers that validate and pick
+Layout (docs/architecture.md, "kernels/"): private kernels by phase, host launchers that validate and pick
 block sizes, an autograd Function, and the public `rms_norm`.
 """
 
@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import check_device, check_same, check_tensor, interpreting, new_output, next_power_of_2
+from ._utils import check_device, check_same, check_tensor, new_output, next_power_of_2
 
 __all__ = ["rms_norm"]
 

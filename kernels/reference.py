@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from megatrain.constants import IGNORE_INDEX
+
 __all__ = ["rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "lowrank_linear",
            "sparse_lowrank_linear", "LOWRANK_ACTIVATIONS", "iha_attention", "iha_allowed", "iha_check_inputs",
            "IHA_MASKS", "projected_adam_update"]
@@ -197,7 +199,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None
 
 
-def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int = -100,
+def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX,
                                chunk_size: int = 4096, process_group=None) -> Tensor:
     """Mean cross-entropy of the logits h @ weight.T, without holding all [T, V] logits.
 

@@ -8,6 +8,6 @@ def load(path, device="cpu"):
 
     `model(input_ids)` returns logits [B, N, V]; the tokenizer has encode(str) and decode(list[int]).
     """
-    from megatrain.engine.checkpoint import load_for_inference
+    from megatrain.engine.load import load_for_inference  # imported here: `import megatrain` stays light
 
     return load_for_inference(path, device=device)

@@ -178,14 +178,11 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_reshard(args) -> int:
-    from megatrain.engine.checkpoint import checkpoint_root, read_latest
+    from megatrain.engine.checkpoint import resolve_checkpoint_dir
     from megatrain.errors import CheckpointError
     from megatrain.engine.reshard import convert_to_universal
 
-    path = os.path.normpath(args.path)
-    root = checkpoint_root(path)
-    if os.path.isfile(os.path.join(root, "latest")):
-        path = os.path.join(root, read_latest(root))
+    path = resolve_checkpoint_dir(os.path.normpath(args.path))
     if not os.path.isdir(path):
         raise CheckpointError(f"'{args.path}' is not a run or checkpoint directory")
     out = convert_to_universal(path)

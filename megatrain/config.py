@@ -1,12 +1,18 @@
-"""Run configuration: dataclasses, YAML loading, `a.b=c` overrides and validation.
+"""Run configuration: the schema, YAML loading, `a.b=c` overrides and the reference table.
 
 One YAML file describes a run. Keys are grouped in sections (`run`, `model`, `data`, `train`,
 `optim`, `parallel`, `checkpoint`, `log`) plus a free-form `deepspeed` section that is merged over
 the DeepSpeed config megatrain generates. Every field carries a help string in its metadata; the
 README's config reference is generated from it (`megatrain config --reference`).
 
-Errors are raised as ConfigError with one line naming the key and what is allowed, before any
-process group starts.
+`load_config` validates: each domain checks its own section (`ModelConfig.validate` in
+megatrain/models/config.py, the tensor-parallel splits in megatrain/parallel/checks.py, the
+synthetic tasks in megatrain/data/tasks.py), and this module checks the rest and the rules that join
+sections. Validation reads no environment and changes nothing. What depends on where the run
+happens (world size, CUDA, the kernel backend) is resolved in one explicit step, `Config.resolve`,
+which the trainer's preflight calls before any process group starts.
+
+Errors are raised as ConfigError with one line naming the key and what is allowed.
 """
 
 from __future__ import annotations
@@ -22,32 +28,16 @@ from typing import Any, Optional
 import yaml
 
 from megatrain.errors import ConfigError
+from megatrain.fields import config_field
+from megatrain.models.config import ModelConfig
+from megatrain.models.layers import lowrank_options, projection_shapes
+from megatrain.parallel.checks import check_tensor_split, check_vocab_split
 
-__all__ = ["Config", "ConfigError", "load_config", "parse_overrides", "PRESETS", "config_reference"]
-
-
-def _f(default, help: str, choices=None, **kw):
-    meta = {"help": help}
-    if choices is not None:
-        meta["choices"] = list(choices)
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
-    return field(default=default, metadata=meta, **kw)
+__all__ = ["Config", "ConfigError", "load_config", "parse_overrides", "validate", "config_reference", "save_config"]
 
 
-# name -> (dim, layers, heads, kv_heads, ffn_dim). ffn_dim None = 8/3*dim rounded to multiple_of.
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(dim=64, layers=2, heads=4, kv_heads=2, ffn_dim=176),
-    "small-cpu": dict(dim=128, layers=4, heads=4, kv_heads=2, ffn_dim=352),
-    "125m": dict(dim=768, layers=12, heads=12, kv_heads=12, ffn_dim=2048),
-    "350m": dict(dim=1024, layers=24, heads=16, kv_heads=16, ffn_dim=2816),
-    "760m": dict(dim=1536, layers=24, heads=16, kv_heads=16, ffn_dim=4096),
-    "1.3b": dict(dim=2048, layers=24, heads=32, kv_heads=32, ffn_dim=5632),
-    "7b": dict(dim=4096, layers=32, heads=32, kv_heads=32, ffn_dim=11008),
-}
+_f = config_field  # every key below is declared with it
 
-LINEAR_KINDS = ["dense", "cola", "sltrain", "relora", "lora"]  # built by models/layers.py (docs/lowrank.md)
-ATTENTION_KINDS = ["mha", "iha"]  # iha: interleaved head attention (docs/iha.md)
 OPTIMIZERS = ["adamw", "galore", "fira"]  # galore / fira: docs/galore-fira.md
 
 
@@ -55,88 +45,6 @@ OPTIMIZERS = ["adamw", "galore", "fira"]  # galore / fira: docs/galore-fira.md
 class RunConfig:
     dir: str = _f("runs/default", "Run directory: resolved config, metrics.jsonl, tb/, checkpoints/. "
                   "Nothing is written outside it (except the shared token/tokenizer cache).")
-
-
-@dataclass
-class LowRankConfig:
-    """`model.lowrank.*`: settings of the low-rank projection kinds (docs/lowrank.md). None = the
-    method's default; a key that the chosen `model.linear` does not use is refused."""
-    rank: Optional[int] = _f(None, "Rank r of every low-rank projection (cola, sltrain, relora, lora); "
-                             "default model.dim/4 (CoLA and SLTrain pretraining scripts).")
-    alpha: Optional[float] = _f(None, "Scale numerator: the low-rank term is multiplied by alpha/r "
-                                "(sltrain, relora, lora); default 32 (ReLoRA and SLTrain scripts).")
-    density: Optional[float] = _f(None, "SLTrain: fraction delta of each matrix held by the sparse part "
-                                  "S, in (0, 1]; default 0.03.")
-    recompute: Optional[bool] = _f(None, "CoLA-M: recompute the [.., r] intermediate in backward instead "
-                                   "of storing it (cola); default false.")
-    dropout: Optional[float] = _f(None, "Dropout on the adapter input (relora, lora), in [0, 1); default 0.1 "
-                                  "(ReLoRA).")
-
-
-@dataclass
-class IHAConfig:
-    """`model.iha.*`: interleaved head attention (model.attention=iha; docs/iha.md)."""
-    pseudo_heads: int = _f(2, "P: pseudo-tokens per token, each a learned mix of all heads (P = heads allowed).")
-    mask: str = _f("causal", "Causal order over the N*P virtual tokens, or token_causal: the P pseudo-tokens "
-                   "of one position also see each other.", choices=["causal", "token_causal"])
-    collapse: str = _f("per_head", "How the P outputs of a head become one: per_head (weights [H, P]) or "
-                       "global (weights R [H, H*P] over every head's outputs).", choices=["per_head", "global"])
-    rope: str = _f("virtual", "RoPE position of pseudo-token (n, p): virtual = n*P + p, original = n.",
-                   choices=["virtual", "original"])
-    window: Optional[int] = _f(None, "Sliding window in virtual tokens (a positive multiple of pseudo_heads) "
-                               "for every layer (schedule=uniform) or the short layers (flop_matched); null = full.")
-    schedule: str = _f("uniform", "Layer schedule: uniform (every layer uses window) or flop_matched (window on "
-                       "all layers but every full_every-th, which attends fully; window N/(2P) matches MHA's "
-                       "attention FLOPs at sequence length N).", choices=["uniform", "flop_matched"])
-    full_every: int = _f(2, "flop_matched: layers full_every-1, 2*full_every-1, ... attend fully.")
-    head_groups: int = _f(1, "Mix heads only within this many contiguous groups of heads (block-diagonal "
-                          "mixing; 1 = all heads mix).")
-    tp_mode: str = _f("exact", "Tensor parallelism: exact (all-gather q/k/v heads in the TP group for the "
-                      "mixing) or local (no extra communication; needs head_groups a multiple of "
-                      "parallel.tensor, so each rank mixes only its own heads).", choices=["exact", "local"])
-
-
-@dataclass
-class ModelConfig:
-    preset: Optional[str] = _f("tiny", "Size preset; explicit dims below override it.", choices=list(PRESETS))
-    dim: Optional[int] = _f(None, "Hidden size (default: from preset).")
-    layers: Optional[int] = _f(None, "Number of decoder blocks (default: from preset).")
-    heads: Optional[int] = _f(None, "Attention heads (default: from preset).")
-    kv_heads: Optional[int] = _f(None, "Key/value heads for grouped-query attention; must divide heads.")
-    vocab_size: Optional[int] = _f(None, "Vocabulary size (default: the tokenizer's).")
-    ffn_dim: Optional[int] = _f(None, "SwiGLU hidden size (default: from preset, or 8/3*dim rounded up to multiple_of).")
-    multiple_of: int = _f(64, "Rounding for a derived ffn_dim.")
-    norm_eps: float = _f(1e-5, "RMSNorm epsilon.")
-    rope_theta: float = _f(10000.0, "RoPE base.")
-    max_seq_len: int = _f(4096, "Longest position the RoPE tables cover.")
-    tie_embeddings: bool = _f(False, "Share the input embedding with the output head.")
-    init_std: float = _f(0.02, "Init std; output projections (o, down) use init_std/sqrt(2*layers).")
-    linear: str = _f("dense", "Projection kind built by models/layers.py.", choices=LINEAR_KINDS)
-    attention: str = _f("mha", "Attention kind: mha (multi-head / grouped-query through torch SDPA) or iha "
-                        "(interleaved head attention, settings in model.iha.*).", choices=ATTENTION_KINDS)
-    lowrank: LowRankConfig = field(default_factory=LowRankConfig)
-    iha: IHAConfig = field(default_factory=IHAConfig)
-
-    def resolved(self) -> "ModelConfig":
-        """A copy with preset values filled in and derived sizes computed (vocab_size may stay None)."""
-        out = dataclasses.replace(self)
-        base = PRESETS.get(self.preset or "", {}) if self.preset else {}
-        for k in ("dim", "layers", "heads", "kv_heads", "ffn_dim"):
-            if getattr(out, k) is None and k in base:
-                setattr(out, k, base[k])
-        for k in ("dim", "layers", "heads"):
-            if getattr(out, k) is None:
-                raise ConfigError(f"model.{k} is not set: give model.preset (one of {', '.join(PRESETS)}) or model.{k}")
-        if out.kv_heads is None:
-            out.kv_heads = out.heads
-        if out.ffn_dim is None:
-            hidden = int(8 * out.dim / 3)
-            out.ffn_dim = out.multiple_of * ((hidden + out.multiple_of - 1) // out.multiple_of)
-        return out
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.heads
 
 
 @dataclass
@@ -265,8 +173,34 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def resolve_batch(self, world_size: int) -> None:
-        """Check TP/DP layout and the batch arithmetic for `world_size` processes; fill derived values."""
+    def resolve(self, world_size: int, *, cuda: bool = False, triton_needs_cuda: bool = False) -> "Config":
+        """Fill the values that depend on where the run happens, in place; returns self.
+
+        The one step that turns a validated config into the run's: train.grad_accum and
+        train.global_batch from the batch arithmetic over DP = world_size / parallel.tensor, the
+        ReLoRA periods (model.linear=relora), and the rules that depend on the machine.
+
+        Args:
+            world_size: processes of the run.
+            cuda: whether they run on GPUs (train.dtype=auto then means bf16).
+            triton_needs_cuda: MEGATRAIN_KERNELS=triton without Triton's CPU interpreter
+                (`megatrain.kernels.triton_needs_cuda()`).
+
+        The trainer's preflight calls it with what the process detects
+        (`megatrain.engine.trainer.resolve_config`). Raises ConfigError (one line).
+        """
+        self._resolve_batch(world_size)
+        if self.model.linear == "relora":
+            self.train.relora.every, self.train.relora.restart_warmup = relora_periods(self.train)
+        _check_projection_precision(self, bf16=self.train.dtype == "bf16" or (self.train.dtype == "auto" and cuda))
+        if self.model.attention == "iha" and triton_needs_cuda and not cuda:
+            raise ConfigError("model.attention=iha with MEGATRAIN_KERNELS=triton needs a CUDA GPU (or "
+                              "TRITON_INTERPRET=1 to run the Triton kernel on CPU); unset MEGATRAIN_KERNELS "
+                              "to use the PyTorch reference")
+        return self
+
+    def _resolve_batch(self, world_size: int) -> None:
+        """Check the TP/DP layout and the batch arithmetic for `world_size` processes; fill derived values."""
         p, t = self.parallel, self.train
         if world_size % p.tensor:
             raise ConfigError(f"parallel.tensor={p.tensor} does not divide the world size {world_size}")
@@ -286,6 +220,15 @@ class Config:
                 f"train.global_batch={t.global_batch} != train.micro_batch x train.grad_accum x DP = "
                 f"{mb} x {t.grad_accum} x {dp} = {mb * t.grad_accum * dp} (world size {world_size}, "
                 f"parallel.tensor={p.tensor})")
+
+
+def relora_periods(train: TrainConfig) -> tuple[int, int]:
+    """(every, restart_warmup) of ReLoRA's restarts: train.relora.* or their defaults, train.steps/10
+    and every/20 (ReLoRA's 2000 of 20000 steps, 100 of 2000)."""
+    rl = train.relora
+    every = rl.every if rl.every is not None else max(1, train.steps // 10)
+    restart_warmup = rl.restart_warmup if rl.restart_warmup is not None else max(1, every // 20)
+    return every, restart_warmup
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,19 +395,12 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
 
 
 def validate(cfg: Config) -> None:
-    """Checks that need no process group. Batch/world arithmetic is `Config.resolve_batch`."""
+    """Every check that needs neither a process group nor the machine; reads only `cfg`, changes nothing.
+
+    What depends on the world size, CUDA or the kernel backend is `Config.resolve`'s.
+    """
     m = cfg.model.resolved()
-    for k in ("dim", "layers", "heads", "kv_heads", "ffn_dim", "max_seq_len"):
-        if getattr(m, k) < 1:
-            raise ConfigError(f"model.{k} must be >= 1, got {getattr(m, k)}")
-    if m.dim % m.heads:
-        raise ConfigError(f"model.heads={m.heads} does not divide model.dim={m.dim}")
-    if m.heads % m.kv_heads:
-        raise ConfigError(f"model.kv_heads={m.kv_heads} does not divide model.heads={m.heads}")
-    if (m.dim // m.heads) % 2:
-        raise ConfigError(f"head dim model.dim/model.heads={m.dim // m.heads} must be even for RoPE")
-    if m.vocab_size is not None and m.vocab_size < 8:
-        raise ConfigError(f"model.vocab_size must be >= 8, got {m.vocab_size}")
+    m.validate(seq_len=cfg.data.seq_len)
     d, t = cfg.data, cfg.train
     if d.seq_len < 2:
         raise ConfigError(f"data.seq_len must be >= 2, got {d.seq_len}")
@@ -499,57 +435,32 @@ def validate(cfg: Config) -> None:
     if cfg.log.eval_every < 0 or cfg.log.eval_batches < 1:
         raise ConfigError("log.eval_every must be >= 0 and log.eval_batches >= 1")
     _validate_parallel(cfg, m)
-    _validate_lowrank(cfg, m)
-    _validate_iha(cfg, m)
+    _validate_lowrank_training(cfg, m)
     _validate_task(cfg, m)
     _validate_projection(cfg, m)
-    ws = os.environ.get("WORLD_SIZE")
-    if ws is not None and ws.isdigit():
-        probe = dataclasses.replace(cfg.train)
-        copy = dataclasses.replace(cfg, train=probe)
-        copy.resolve_batch(int(ws))
+    _check_projection_precision(cfg, bf16=cfg.train.dtype == "bf16")
 
 
-def _validate_iha(cfg: Config, m: ModelConfig) -> None:
-    """model.iha.*: one line naming the key (docs/iha.md)."""
-    iha, tp = m.iha, cfg.parallel.tensor
-    if m.attention != "iha":
-        changed = [f.name for f in dataclasses.fields(iha) if getattr(iha, f.name) != f.default]
-        if changed:
-            raise ConfigError(f"model.iha.{changed[0]} applies to model.attention=iha only, but model.attention="
-                              f"{m.attention}")
+def _validate_parallel(cfg: Config, m: ModelConfig) -> None:
+    """parallel.*: layouts that cannot split this model, refused before any process group starts."""
+    p = cfg.parallel
+    tp = p.tensor
+    if tp < 1:
+        raise ConfigError(f"parallel.tensor must be >= 1, got {tp}")
+    if p.sequence and tp == 1:
+        raise ConfigError("parallel.sequence=true needs parallel.tensor > 1")
+    if tp == 1:
         return
-    pseudo = iha.pseudo_heads
-    if pseudo < 1:
-        raise ConfigError(f"model.iha.pseudo_heads must be >= 1, got {pseudo}")
-    if iha.window is not None and (iha.window < 1 or iha.window % pseudo):
-        raise ConfigError(f"model.iha.window={iha.window} must be a positive multiple of model.iha.pseudo_heads="
-                          f"{pseudo} (it counts virtual tokens), or null")
-    if iha.full_every < 1:
-        raise ConfigError(f"model.iha.full_every must be >= 1, got {iha.full_every}")
-    if iha.schedule == "flop_matched" and iha.window is None:
-        short = max(pseudo, cfg.data.seq_len // (2 * pseudo) // pseudo * pseudo)
-        raise ConfigError(f"model.iha.schedule=flop_matched needs model.iha.window for the short layers: N/(2P) "
-                          f"matches MHA's attention FLOPs, i.e. model.iha.window={short} for data.seq_len="
-                          f"{cfg.data.seq_len} and P={pseudo}")
-    if iha.head_groups < 1 or m.heads % iha.head_groups:
-        raise ConfigError(f"model.iha.head_groups={iha.head_groups} must be >= 1 and divide model.heads={m.heads}")
-    if tp > 1 and iha.tp_mode == "local" and iha.head_groups % tp:
-        raise ConfigError(f"model.iha.tp_mode=local mixes heads only inside each tensor-parallel rank: set "
-                          f"model.iha.head_groups to a multiple of parallel.tensor={tp} (got "
-                          f"{iha.head_groups}), or use model.iha.tp_mode=exact")
-    if tp > 1 and iha.collapse == "global" and iha.head_groups % tp:
-        raise ConfigError(f"model.iha.collapse=global with parallel.tensor={tp} needs model.iha.head_groups a "
-                          f"multiple of {tp} (the collapse must not cross ranks), got {iha.head_groups}; or use "
-                          f"model.iha.collapse=per_head")
-    mode = os.environ.get("MEGATRAIN_KERNELS", "auto").strip().lower() or "auto"
-    if mode == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("model.attention=iha with MEGATRAIN_KERNELS=triton needs a CUDA GPU (or "
-                              "TRITON_INTERPRET=1 to run the Triton kernel on CPU); unset MEGATRAIN_KERNELS "
-                              "to use the PyTorch reference")
+    check_tensor_split(m, tp)
+    if m.vocab_size is None and cfg.data.tokenizer == "auto":  # the tokenizer will be trained to this size
+        check_vocab_split(cfg.data.vocab_size, tp, f"data.vocab_size={cfg.data.vocab_size}")
+    if p.sequence and cfg.data.seq_len % tp:
+        raise ConfigError(f"parallel.sequence=true needs data.seq_len={cfg.data.seq_len} divisible by "
+                          f"parallel.tensor={tp}")
+    if p.zero_stage == 3:
+        raise ConfigError("parallel.zero_stage=3 with parallel.tensor > 1 is not supported: megatrain's TP "
+                          "checkpoints (consolidated weights, resharding through DeepSpeed universal checkpoints) "
+                          "handle ZeRO 0-2 state only; use parallel.zero_stage=1 or 2 with tensor parallelism")
 
 
 def _validate_task(cfg: Config, m: ModelConfig) -> None:
@@ -587,66 +498,13 @@ def _validate_task(cfg: Config, m: ModelConfig) -> None:
     if m.vocab_size is not None and m.vocab_size < vocab:
         raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than {source}'s vocabulary {vocab} "
                           f"(data.task.symbols + 4)")
-    tp = cfg.parallel.tensor
-    if m.vocab_size is None and vocab % tp:
-        raise ConfigError(f"parallel.tensor={tp} does not divide {source}'s vocabulary {vocab}; set "
-                          f"model.vocab_size to a multiple of {tp} (e.g. {-(-vocab // tp) * tp})")
+    if m.vocab_size is None:
+        check_vocab_split(vocab, cfg.parallel.tensor, f"{source}'s vocabulary {vocab}")
 
 
-def check_tensor_split(m: ModelConfig, tp: int) -> None:
-    """Raise ConfigError unless the resolved model `m` splits over `tp` tensor-parallel ranks."""
-    if tp == 1:
-        return
-    if m.linear != "dense":
-        raise ConfigError(f"parallel.tensor={tp} supports model.linear=dense only so far, got model.linear={m.linear!r}")
-    if m.heads % tp:
-        raise ConfigError(f"parallel.tensor={tp} does not divide model.heads={m.heads}")
-    if m.kv_heads % tp and tp % m.kv_heads:
-        raise ConfigError(f"parallel.tensor={tp} and model.kv_heads={m.kv_heads}: one must divide the other "
-                          f"(fewer KV heads than TP ranks are replicated)")
-    if m.ffn_dim % tp:
-        raise ConfigError(f"parallel.tensor={tp} does not divide model.ffn_dim={m.ffn_dim}")
-    if m.vocab_size is not None and m.vocab_size % tp:
-        raise ConfigError(f"parallel.tensor={tp} does not divide model.vocab_size={m.vocab_size}; set "
-                          f"model.vocab_size to a multiple of {tp}")
-
-
-def _validate_parallel(cfg: Config, m: ModelConfig) -> None:
-    """Tensor-parallel sizes that cannot split this model, refused before any process group starts."""
-    p = cfg.parallel
-    tp = p.tensor
-    if tp < 1:
-        raise ConfigError(f"parallel.tensor must be >= 1, got {tp}")
-    if p.sequence and tp == 1:
-        raise ConfigError("parallel.sequence=true needs parallel.tensor > 1")
-    if tp == 1:
-        return
-    check_tensor_split(m, tp)
-    vocab = m.vocab_size if m.vocab_size is not None else (cfg.data.vocab_size if cfg.data.tokenizer == "auto" else None)
-    if vocab is not None and vocab % tp:
-        key = "model.vocab_size" if m.vocab_size is not None else "data.vocab_size"
-        raise ConfigError(f"parallel.tensor={tp} does not divide {key}={vocab}; set model.vocab_size to a multiple "
-                          f"of {tp} (e.g. {-(-vocab // tp) * tp})")
-    if p.sequence and cfg.data.seq_len % tp:
-        raise ConfigError(f"parallel.sequence=true needs data.seq_len={cfg.data.seq_len} divisible by "
-                          f"parallel.tensor={tp}")
-    if p.zero_stage == 3:
-        raise ConfigError("parallel.zero_stage=3 with parallel.tensor > 1 is not supported: megatrain's TP "
-                          "checkpoints (consolidated weights, resharding through DeepSpeed universal checkpoints) "
-                          "handle ZeRO 0-2 state only; use parallel.zero_stage=1 or 2 with tensor parallelism")
-
-
-def _validate_lowrank(cfg: Config, m: ModelConfig) -> None:
-    """model.lowrank.* and train.relora.*: one line naming the key; fills ReLoRA's derived periods."""
-    from megatrain.models.layers import lowrank_options, projection_shapes
-
-    kind, lr, rl, t = m.linear, m.lowrank, cfg.train.relora, cfg.train
-    uses = {"rank": ("cola", "sltrain", "relora", "lora"), "alpha": ("sltrain", "relora", "lora"),
-            "density": ("sltrain",), "recompute": ("cola",), "dropout": ("relora", "lora")}
-    for key, kinds in uses.items():
-        if getattr(lr, key) is not None and kind not in kinds:
-            raise ConfigError(f"model.lowrank.{key} does not apply to model.linear={kind} (it applies to: "
-                              f"{', '.join(kinds)})")
+def _validate_lowrank_training(cfg: Config, m: ModelConfig) -> None:
+    """The low-rank kinds against the other sections: train.relora.*, optim.*, parallel.*."""
+    kind, rl, t = m.linear, cfg.train.relora, cfg.train
     if kind != "relora":
         changed = [f.name for f in dataclasses.fields(rl) if getattr(rl, f.name) != f.default]
         if changed:
@@ -654,20 +512,7 @@ def _validate_lowrank(cfg: Config, m: ModelConfig) -> None:
                               f"model.linear={kind})")
     if kind == "dense":
         return
-    if lr.rank is not None and lr.rank < 1:
-        raise ConfigError(f"model.lowrank.rank must be >= 1, got {lr.rank}")
-    if lr.alpha is not None and not lr.alpha > 0:
-        raise ConfigError(f"model.lowrank.alpha must be > 0, got {lr.alpha}")
-    if lr.density is not None and not 0.0 < lr.density <= 1.0:
-        raise ConfigError(f"model.lowrank.density must be in (0, 1], got {lr.density}")
-    if lr.dropout is not None and not 0.0 <= lr.dropout < 1.0:
-        raise ConfigError(f"model.lowrank.dropout must be in [0, 1), got {lr.dropout}")
-    rank, shapes = lowrank_options(m).rank, projection_shapes(m)
-    smallest = min(min(d_in, d_out) for _, d_in, d_out in shapes)
-    for role, d_in, d_out in shapes:
-        if rank > min(d_in, d_out):
-            raise ConfigError(f"model.lowrank.rank={rank} exceeds min(d_in, d_out)={min(d_in, d_out)} of projection "
-                              f"{role} ({d_in} -> {d_out}); allowed: 1..{smallest}")
+    rank = lowrank_options(m).rank
     if cfg.optim.name != "adamw":
         # GaLore/Fira project each 2-D factor of CoLA and SLTrain ([d_in, r] and [r, d_out]) like any weight;
         # ReLoRA's restarts re-initialise the adapters and prune their Adam moments, which GaLore keeps in
@@ -687,20 +532,55 @@ def _validate_lowrank(cfg: Config, m: ModelConfig) -> None:
     if cfg.parallel.zero_stage == 3:
         raise ConfigError("model.linear=relora with parallel.zero_stage=3 is not supported: the restarts merge "
                           "whole matrices (allowed: parallel.zero_stage 0, 1 or 2)")
-    if rl.every is None:
-        rl.every = max(1, t.steps // 10)
-    if rl.every < 1:
-        raise ConfigError(f"train.relora.every must be >= 1, got {rl.every}")
-    if rl.restart_warmup is None:
-        rl.restart_warmup = max(1, rl.every // 20)
-    if not 0 <= rl.restart_warmup < rl.every:
-        raise ConfigError(f"train.relora.restart_warmup must be in [0, train.relora.every={rl.every}), got "
-                          f"{rl.restart_warmup}")
+    every, restart_warmup = relora_periods(t)
+    if every < 1:
+        raise ConfigError(f"train.relora.every must be >= 1, got {every}")
+    if not 0 <= restart_warmup < every:
+        raise ConfigError(f"train.relora.restart_warmup must be in [0, train.relora.every={every}), got "
+                          f"{restart_warmup}")
     if not 0.0 <= rl.prune_ratio < 1.0:
         raise ConfigError(f"train.relora.prune_ratio must be in [0, 1), got {rl.prune_ratio}")
     if not 0 <= rl.warm_start_steps < t.steps:
         raise ConfigError(f"train.relora.warm_start_steps must be in [0, train.steps={t.steps}), got "
                           f"{rl.warm_start_steps}")
+
+
+def _validate_projection(cfg: Config, m: ModelConfig) -> None:
+    """optim.* of galore / fira (docs/galore-fira.md): one line naming the key."""
+    o, p = cfg.optim, cfg.parallel
+    if o.name == "adamw":
+        return
+    if o.rank < 1:
+        raise ConfigError(f"optim.rank must be >= 1, got {o.rank}")
+    if o.update_proj_gap < 1:
+        raise ConfigError(f"optim.update_proj_gap must be >= 1, got {o.update_proj_gap}")
+    if not o.scale > 0:
+        raise ConfigError(f"optim.scale must be > 0, got {o.scale}")
+    if not o.fira_limiter >= 1.0:
+        raise ConfigError(f"optim.fira_limiter must be >= 1, got {o.fira_limiter}")
+    if o.name == "fira" and o.proj_type == "full":
+        raise ConfigError("optim.proj_type=full is not supported by optim.name=fira (allowed: std, reverse_std, "
+                          "left, right)")
+    if p.zero_stage == 3:
+        raise ConfigError(f"optim.name={o.name} needs whole weight matrices, which ZeRO-3 partitions; use "
+                          f"parallel.zero_stage 0, 1 or 2")
+    tp, head_dim = p.tensor, m.head_dim
+    for role, d_in, d_out in projection_shapes(m):
+        if tp > 1 and role in ("attn.o", "mlp.down"):
+            d_in //= tp       # row-parallel: each rank holds a slice of the input dim
+        elif tp > 1:
+            d_out = max(d_out // tp, head_dim) if role in ("attn.k", "attn.v") else d_out // tp
+        if o.rank > min(d_in, d_out):
+            where = f" (its local shard under parallel.tensor={tp})" if tp > 1 else ""
+            raise ConfigError(f"optim.rank={o.rank} exceeds min(d_in, d_out)={min(d_in, d_out)} of projection {role} "
+                              f"({d_in} -> {d_out}){where}; allowed: 1..{min(d_in, d_out)}")
+
+
+def _check_projection_precision(cfg: Config, bf16: bool) -> None:
+    """galore / fira at ZeRO stage 0 in bf16 (explicit here, train.dtype=auto on GPUs in `Config.resolve`)."""
+    if cfg.optim.name != "adamw" and cfg.parallel.zero_stage == 0 and bf16:
+        raise ConfigError(f"optim.name={cfg.optim.name} with parallel.zero_stage=0 and bf16 is not supported "
+                          f"(DeepSpeed's stage-0 bf16 optimizer flattens the weights); use parallel.zero_stage=1 or 2")
 
 
 def save_config(cfg: Config, path: str) -> None:
@@ -736,46 +616,3 @@ def _reference_rows(obj, prefix: str, rows: list) -> None:
                                             for c in f.metadata["choices"]) + "."
         shown = "null" if default is None else (str(default).lower() if isinstance(default, bool) else default)
         rows.append(f"| `{prefix}.{f.name}` | `{shown}` | {text} |")
-
-
-def _validate_projection(cfg: Config, m: ModelConfig) -> None:
-    """optim.* of galore / fira (docs/galore-fira.md): one line naming the key."""
-    o, p = cfg.optim, cfg.parallel
-    if o.name == "adamw":
-        return
-    if o.rank < 1:
-        raise ConfigError(f"optim.rank must be >= 1, got {o.rank}")
-    if o.update_proj_gap < 1:
-        raise ConfigError(f"optim.update_proj_gap must be >= 1, got {o.update_proj_gap}")
-    if not o.scale > 0:
-        raise ConfigError(f"optim.scale must be > 0, got {o.scale}")
-    if not o.fira_limiter >= 1.0:
-        raise ConfigError(f"optim.fira_limiter must be >= 1, got {o.fira_limiter}")
-    if o.name == "fira" and o.proj_type == "full":
-        raise ConfigError("optim.proj_type=full is not supported by optim.name=fira (allowed: std, reverse_std, "
-                          "left, right)")
-    if p.zero_stage == 3:
-        raise ConfigError(f"optim.name={o.name} needs whole weight matrices, which ZeRO-3 partitions; use "
-                          f"parallel.zero_stage 0, 1 or 2")
-    bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and _cuda_available())
-    if p.zero_stage == 0 and bf16:
-        raise ConfigError(f"optim.name={o.name} with parallel.zero_stage=0 and bf16 is not supported (DeepSpeed's "
-                          f"stage-0 bf16 optimizer flattens the weights); use parallel.zero_stage=1 or 2")
-    from megatrain.models.layers import projection_shapes
-
-    tp, head_dim = p.tensor, m.dim // m.heads
-    for role, d_in, d_out in projection_shapes(m):
-        if tp > 1 and role in ("attn.o", "mlp.down"):
-            d_in //= tp       # row-parallel: each rank holds a slice of the input dim
-        elif tp > 1:
-            d_out = max(d_out // tp, head_dim) if role in ("attn.k", "attn.v") else d_out // tp
-        if o.rank > min(d_in, d_out):
-            where = f" (its local shard under parallel.tensor={tp})" if tp > 1 else ""
-            raise ConfigError(f"optim.rank={o.rank} exceeds min(d_in, d_out)={min(d_in, d_out)} of projection {role} "
-                              f"({d_in} -> {d_out}){where}; allowed: 1..{min(d_in, d_out)}")
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

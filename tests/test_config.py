@@ -1,10 +1,12 @@
 """Config loading, overrides and every config error (one line, naming the key)."""
 
+import copy
 import json
+import os
 
 import pytest
 
-from megatrain.config import Config, config_reference, load_config, parse_overrides
+from megatrain.config import Config, config_reference, load_config, parse_overrides, validate
 from megatrain.engine.deepspeed import build_ds_config
 from megatrain.errors import ConfigError
 
@@ -76,7 +78,7 @@ def test_batch_arithmetic(world, kw, expect):
     cfg = Config()
     for k, v in kw.items():
         setattr(cfg.train, k, v)
-    cfg.resolve_batch(world)
+    cfg.resolve(world)
     assert cfg.train.grad_accum == expect
     assert cfg.train.global_batch == cfg.train.micro_batch * cfg.train.grad_accum * world
 
@@ -85,17 +87,71 @@ def test_impossible_batch_arithmetic():
     cfg = Config()
     cfg.train.micro_batch, cfg.train.global_batch = 4, 18
     with pytest.raises(ConfigError, match=r"train.global_batch=18 is not a multiple of train.micro_batch x DP = 4 x 2"):
-        cfg.resolve_batch(2)
+        cfg.resolve(2)
     cfg = Config()
     cfg.train.micro_batch, cfg.train.grad_accum, cfg.train.global_batch = 4, 2, 16
     with pytest.raises(ConfigError, match=r"train.global_batch=16 != train.micro_batch x train.grad_accum x DP"):
-        cfg.resolve_batch(1)
+        cfg.resolve(1)
 
 
 def test_batch_checked_against_launcher_world_size(monkeypatch):
+    """Under a launcher (WORLD_SIZE set) the preflight resolves the batch for that world size, before any
+    process group starts; loading the config does not look at the environment."""
+    from megatrain.engine.trainer import preflight
+
     monkeypatch.setenv("WORLD_SIZE", "3")
+    cfg = load_config(None, ["train.micro_batch=2", "train.global_batch=8"])
+    assert cfg.train.grad_accum is None
     with pytest.raises(ConfigError, match="not a multiple"):
-        load_config(None, ["train.micro_batch=2", "train.global_batch=8"])
+        preflight(cfg, None, int(os.environ["WORLD_SIZE"]))
+
+
+class _NoEnvironment(dict):
+    """Stands in for os.environ: any read fails the test."""
+
+    def _fail(self, *args, **kwargs):
+        raise AssertionError(f"validation read the environment: {args}")
+
+    __getitem__ = get = __contains__ = __iter__ = keys = items = _fail
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train.micro_batch=2", "train.global_batch=8"],
+    ["model.linear=relora", "train.steps=300"],
+    ["model.attention=iha", "model.iha.schedule=flop_matched", "model.iha.window=8"],
+    ["optim.name=galore", "optim.rank=8", "parallel.zero_stage=0", "train.dtype=auto"],
+    ["parallel.tensor=2", "model.kv_heads=1", "data.source=task:multikey", "data.seq_len=64"],
+])
+def test_validation_reads_no_environment_and_changes_nothing(monkeypatch, overrides):
+    import megatrain.data.tasks  # noqa: F401  (imported first: importing reads the environment, validating must not)
+
+    cfg = load_config(None, overrides)
+    before = copy.deepcopy(cfg)
+    monkeypatch.setattr(os, "environ", _NoEnvironment())
+    validate(cfg)
+    monkeypatch.undo()
+    assert cfg == before
+    assert cfg.train.grad_accum is None and cfg.train.relora.every is None
+
+
+def test_resolve_fills_defaults_and_checks_the_machine():
+    cfg = load_config(None, ["model.linear=relora", "train.steps=300", "train.micro_batch=2"]).resolve(4)
+    assert (cfg.train.grad_accum, cfg.train.global_batch) == (1, 8)
+    assert (cfg.train.relora.every, cfg.train.relora.restart_warmup) == (30, 1)
+    galore = ["optim.name=galore", "optim.rank=8", "parallel.zero_stage=0"]
+    load_config(None, galore).resolve(1, cuda=False)  # train.dtype=auto: fp32 on CPU
+    with pytest.raises(ConfigError, match="optim.name=galore with parallel.zero_stage=0 and bf16 is not supported"):
+        load_config(None, galore).resolve(1, cuda=True)  # auto: bf16 on GPUs
+    with pytest.raises(ConfigError, match="optim.name=galore with parallel.zero_stage=0 and bf16 is not supported"):
+        load_config(None, [*galore, "train.dtype=bf16"])  # explicit bf16: refused whatever the machine
+
+
+def test_unknown_kernel_backend_is_one_config_error(monkeypatch):
+    from megatrain.engine.trainer import resolve_config
+
+    monkeypatch.setenv("MEGATRAIN_KERNELS", "cuda")
+    with pytest.raises(ConfigError, match="MEGATRAIN_KERNELS='cuda' is not a kernel backend"):
+        resolve_config(load_config(None, []), 1)
 
 
 def test_deepspeed_section_and_json(tmp_path):
@@ -104,18 +160,18 @@ def test_deepspeed_section_and_json(tmp_path):
                               "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": "auto"}))
     cfg = load_config(None, ["train.global_batch=8"], deepspeed_json=str(ds))
     assert cfg.parallel.zero_stage == 3 and cfg.train.micro_batch == 2
-    cfg.resolve_batch(2)
+    cfg.resolve(2)
     out = build_ds_config(cfg)
     assert out["zero_optimization"] == {"stage": 3, "overlap_comm": True}
     assert out["gradient_accumulation_steps"] == 2 and out["train_batch_size"] == 8
     assert out["zero_allow_untested_optimizer"] is True
 
     cfg = load_config(None, ["deepspeed.optimizer.type=Adam"])
-    cfg.resolve_batch(1)
+    cfg.resolve(1)
     with pytest.raises(ConfigError, match="deepspeed.optimizer is not used"):
         build_ds_config(cfg)
     cfg = load_config(None, ["deepspeed.zero_optimization.stage=1", "parallel.zero_stage=2"])
-    cfg.resolve_batch(1)
+    cfg.resolve(1)
     with pytest.raises(ConfigError, match="disagrees with parallel.zero_stage=2"):
         build_ds_config(cfg)
     bad = tmp_path / "bad.json"

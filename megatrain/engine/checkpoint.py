@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatrain.distributed import barrier
 from megatrain.errors import CheckpointError
 
 META_FILE = "megatrain.json"
@@ -51,6 +52,14 @@ def read_latest(root: str) -> Optional[str]:
     with open(path, encoding="utf-8") as fh:
         tag = fh.read().strip()
     return tag or None
+
+
+def resolve_checkpoint_dir(path: str) -> str:
+    """The checkpoint directory `path` means: a run directory's latest checkpoint (named by its
+    `checkpoints/latest`), or `path` itself (a checkpoint or export directory)."""
+    root = checkpoint_root(path)
+    tag = read_latest(root)
+    return os.path.join(root, tag) if tag is not None else path
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -85,9 +94,7 @@ def find_resume_checkpoint(run_dir: str, resume) -> Optional[str]:
         if not os.path.isdir(path):
             raise CheckpointError(f"checkpoint '{path}' named by '{root}/latest' does not exist")
         return path
-    path = str(resume)
-    if os.path.isfile(os.path.join(path, "checkpoints", "latest")):
-        path = os.path.join(path, "checkpoints", read_latest(os.path.join(path, "checkpoints")))
+    path = resolve_checkpoint_dir(str(resume))
     if not os.path.isdir(path):
         raise CheckpointError(f"--resume: checkpoint directory '{path}' does not exist")
     return path
@@ -115,11 +122,12 @@ def read_meta(path: str) -> dict:
     return meta
 
 
-def check_compatible(meta: dict, path: str, model_cfg, zero_stage: int, dp_size: int, tensor: int) -> bool:
-    """Refuse a checkpoint whose model or sharded state cannot load into this run (one line).
+def needs_reshard(meta: dict, path: str, model_cfg, zero_stage: int, dp_size: int, tensor: int) -> bool:
+    """Whether checkpoint `path` (its megatrain.json `meta`) must be resharded to load into this run.
 
-    Returns True when the checkpoint's layout (parallel.tensor, or the data-parallel size under ZeRO)
-    differs from this run's, so it must be resharded (megatrain.engine.reshard) on load.
+    True when its layout (parallel.tensor, or the data-parallel size under ZeRO) differs from this
+    run's, so it loads through a DeepSpeed universal checkpoint (megatrain.engine.reshard). Raises
+    CheckpointError (one line) when its model or its ZeRO state cannot load into this run at all.
     """
     saved = meta["model"]
     current = dataclasses.asdict(model_cfg)
@@ -168,11 +176,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def save_checkpoint(engine, *, run_dir: str, step: int, client_state: dict, meta: dict, keep: int,
                     rank: int, tokenizer_path: Optional[str] = None, groups=None, model_cfg=None) -> str:
     """Collective: every rank calls it. Returns the checkpoint directory.
@@ -189,7 +192,7 @@ def save_checkpoint(engine, *, run_dir: str, step: int, client_state: dict, meta
     engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
     torch.save(_rng_state(), os.path.join(path, f"rng_rank{rank}.pt"))
     _save_consolidated_weights(engine, os.path.join(path, WEIGHTS_FILE), rank, groups, model_cfg)
-    _barrier()
+    barrier()
     if rank == 0:
         if tokenizer_path:
             shutil.copyfile(tokenizer_path, os.path.join(path, "tokenizer.model"))
@@ -204,7 +207,7 @@ def save_checkpoint(engine, *, run_dir: str, step: int, client_state: dict, meta
                                                                   "files": files}, indent=1))
         _write_atomic(os.path.join(root, "latest"), tag)
         _prune(root, keep, current=tag)
-    _barrier()
+    barrier()
     return path
 
 
@@ -303,60 +306,3 @@ def load_checkpoint(engine, path: str, rank: int) -> dict:
         except Exception as exc:
             raise CheckpointError(f"checkpoint '{path}': '{os.path.basename(rng_path)}' is corrupt ({type(exc).__name__})") from None
     return client_state or {}
-
-
-def _model_config_from_dict(cls, data: dict):
-    """A config dataclass from its asdict() form; nested sections (model.lowrank) rebuilt too."""
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        value = data[f.name]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-        if dataclasses.is_dataclass(default) and isinstance(value, dict):
-            value = _model_config_from_dict(type(default), value)
-        kwargs[f.name] = value
-    return cls(**kwargs)
-
-
-def load_for_inference(path: str, device="cpu"):
-    """`megatrain.load`: (model, tokenizer, model_config) from a run dir, checkpoint dir or export dir."""
-    from safetensors.torch import load_file
-
-    from megatrain.config import ModelConfig
-    from megatrain.data.tokenizer import Tokenizer
-    from megatrain.models.transformer import Transformer
-
-    path = os.path.normpath(path)
-    if os.path.isfile(os.path.join(path, "checkpoints", "latest")):
-        path = os.path.join(path, "checkpoints", read_latest(os.path.join(path, "checkpoints")))
-    meta_path = os.path.join(path, META_FILE)
-    if not os.path.isfile(meta_path):
-        raise CheckpointError(f"'{path}' is not a megatrain run, checkpoint or export directory (no {META_FILE})")
-    with open(meta_path, encoding="utf-8") as fh:
-        exported = json.load(fh).get("export") == "hf-llama"
-    meta = json.load(open(meta_path, encoding="utf-8")) if exported else read_meta(path)
-    weights = os.path.join(path, WEIGHTS_FILE)
-    if not os.path.isfile(weights):
-        raise CheckpointError(f"'{path}' has no {WEIGHTS_FILE}")
-    model_cfg = _model_config_from_dict(ModelConfig, meta["model"])
-    model = Transformer(model_cfg)
-    state = load_file(weights)
-    if exported:
-        from megatrain.engine.export import megatrain_name
-
-        state = {megatrain_name(k): v for k, v in state.items()}
-    if model_cfg.tie_embeddings:
-        # safetensors stores a shared tensor once, under either name
-        shared = state.get("embed.weight", state.get("head.weight"))
-        if shared is not None:
-            state["embed.weight"] = state["head.weight"] = shared
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"'{weights}' does not match the model config ({str(exc).splitlines()[0][:200]})") from None
-    model.to(device).eval()
-    tok_path = os.path.join(path, "tokenizer.model")
-    if not os.path.isfile(tok_path):
-        raise CheckpointError(f"'{path}' has no tokenizer.model next to its weights")
-    return model, Tokenizer(tok_path), model_cfg

@@ -132,7 +132,7 @@ def initialize(cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, mp
     `mpu` (megatrain.parallel.groups.ParallelGroups) makes ZeRO shard and all-reduce over the
     data-parallel group only, and count tensor-parallel shards correctly in the gradient norm.
     `load_universal` makes the next load_checkpoint read a DeepSpeed universal checkpoint (a
-    checkpoint from another TP x DP layout, see megatrain.parallel.reshard).
+    checkpoint from another TP x DP layout, see megatrain.engine.reshard).
     """
     import deepspeed
 

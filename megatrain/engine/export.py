@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 
-from megatrain.engine.checkpoint import META_FILE, WEIGHTS_FILE, read_latest, read_meta
+from megatrain.engine.checkpoint import META_FILE, WEIGHTS_FILE, read_meta, resolve_checkpoint_dir
 from megatrain.errors import CheckpointError
 
 # (megatrain name, Hugging Face Llama name): {layer} is a block index, {proj} one of the listed letters.
@@ -59,13 +59,6 @@ def hf_name(name: str) -> str:
     return out
 
 
-def _checkpoint_dir(path: str) -> str:
-    root = os.path.join(path, "checkpoints")
-    if os.path.isfile(os.path.join(root, "latest")):
-        return os.path.join(root, read_latest(root))
-    return path
-
-
 def hf_config(model: dict, dtype: str) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -84,7 +77,7 @@ def export_hf_llama(path: str, output: str) -> str:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    ckpt = _checkpoint_dir(os.path.normpath(path))
+    ckpt = resolve_checkpoint_dir(os.path.normpath(path))
     if not os.path.isfile(os.path.join(ckpt, META_FILE)):
         raise CheckpointError(f"'{path}' is not a megatrain run or checkpoint directory (no {META_FILE})")
     meta = read_meta(ckpt)
@@ -108,11 +101,10 @@ def export_hf_llama(path: str, output: str) -> str:
             state[name_out] = fh.get_tensor(name)
     if linear != "dense":
         # sltrain / relora / lora merge exactly into one dense weight per projection.
-        from megatrain.config import ModelConfig
-        from megatrain.engine.checkpoint import _model_config_from_dict
+        from megatrain.models.config import ModelConfig
         from megatrain.models.layers import dense_state_dict, lowrank_options
 
-        options = lowrank_options(_model_config_from_dict(ModelConfig, model).resolved())
+        options = lowrank_options(ModelConfig.from_dict(model).resolved())
         state = dense_state_dict(state, linear, options)
         model = {**model, "linear": "dense", "lowrank": {}, "exported_from_linear": linear}
     tensors = {hf_name(name): t.contiguous() for name, t in state.items()}

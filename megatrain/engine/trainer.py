@@ -17,8 +17,9 @@ import torch
 import torch.distributed as dist
 
 from megatrain.config import Config, save_config
+from megatrain.distributed import all_reduce_sum, barrier
 from megatrain.engine import checkpoint as ckpt
-from megatrain.engine.deepspeed import DistEnv, init_distributed, initialize, use_bf16
+from megatrain.engine.deepspeed import DistEnv, init_distributed, initialize
 from megatrain.engine.metrics import MetricsLogger, device_peak_flops, mfu
 from megatrain.errors import CheckpointError, ConfigError, MegatrainError
 from megatrain.optim import build_optimizer
@@ -34,14 +35,29 @@ class NonFiniteLossError(MegatrainError):
     """Too many non-finite losses in a row (train.max_nonfinite)."""
 
 
+def resolve_config(cfg: Config, world_size: int) -> Config:
+    """`cfg.resolve` with what this process detects: CUDA, and the kernel backend MEGATRAIN_KERNELS selects.
+
+    Returns cfg, resolved in place. Raises ConfigError (one line), also for an unknown MEGATRAIN_KERNELS.
+    """
+    from megatrain import kernels
+
+    try:
+        triton_needs_cuda = kernels.triton_needs_cuda()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return cfg.resolve(world_size, cuda=torch.cuda.is_available(), triton_needs_cuda=triton_needs_cuda)
+
+
 def preflight(cfg: Config, resume, world_size: int) -> Optional[str]:
-    """Every check that needs no process group: batch arithmetic, run dir, resume checkpoint.
+    """Every check that needs no process group: the config resolved for `world_size` processes on this
+    machine (batch arithmetic, ...), the data sources, the run dir, the checkpoint to resume.
 
     Returns the checkpoint directory to resume from (or None). Raises MegatrainError (one line).
     """
     from megatrain.data import check_sources
 
-    cfg.resolve_batch(world_size)
+    resolve_config(cfg, world_size)
     check_sources(cfg)
     if os.path.exists(cfg.run.dir) and not os.path.isdir(cfg.run.dir):
         raise ConfigError(f"run.dir '{cfg.run.dir}' exists and is not a directory")
@@ -51,23 +67,12 @@ def preflight(cfg: Config, resume, world_size: int) -> Optional[str]:
         model_cfg = cfg.model.resolved()
         if model_cfg.vocab_size is None:
             model_cfg.vocab_size = meta["model"].get("vocab_size")
-        ckpt.check_compatible(meta, path, model_cfg, cfg.parallel.zero_stage, world_size // cfg.parallel.tensor,
-                              cfg.parallel.tensor)
+        ckpt.needs_reshard(meta, path, model_cfg, cfg.parallel.zero_stage, world_size // cfg.parallel.tensor,
+                           cfg.parallel.tensor)
         if meta["step"] >= cfg.train.steps:
             raise CheckpointError(f"checkpoint '{path}' is at step {meta['step']}, the run has "
                                        f"train.steps={cfg.train.steps}: nothing left to train")
     return path
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 class Trainer:
@@ -75,7 +80,7 @@ class Trainer:
         from megatrain.data import open_data, prepare_data
         from megatrain.data.sampler import ResumableSampler
         from megatrain.models.transformer import Transformer
-
+        from megatrain.parallel.checks import check_vocab_split
         from megatrain.parallel.groups import build_groups
 
         self.cfg, self.env = cfg, env
@@ -86,7 +91,7 @@ class Trainer:
         # One process per node builds the tokenizer and token caches; the rest wait, then memory-map.
         if env.local_rank == 0:
             prepare_data(cfg)
-        _barrier()
+        barrier()
         self.data = open_data(cfg)
 
         model_cfg = cfg.model.resolved()
@@ -95,9 +100,9 @@ class Trainer:
         elif model_cfg.vocab_size < self.data.vocab_size:
             raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
                               f"{self.data.vocab_size}")
-        if model_cfg.vocab_size % cfg.parallel.tensor:
-            raise ConfigError(f"parallel.tensor={cfg.parallel.tensor} does not divide the vocabulary size "
-                              f"{model_cfg.vocab_size}; set model.vocab_size to a multiple of {cfg.parallel.tensor}")
+        check_vocab_split(model_cfg.vocab_size, cfg.parallel.tensor,
+                          f"model.vocab_size={model_cfg.vocab_size}" if cfg.model.vocab_size is not None
+                          else f"the tokenizer's vocabulary {model_cfg.vocab_size}")
         self.model_cfg = model_cfg
         if env.is_main:
             save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
@@ -114,8 +119,8 @@ class Trainer:
         parallelize(model, self.groups, sequence_parallel=cfg.parallel.sequence)  # TP=1: records checkpoint info
         load_path, universal = resume_path, False
         if resume_path is not None:
-            universal = ckpt.check_compatible(ckpt.read_meta(resume_path), resume_path, model_cfg,
-                                              cfg.parallel.zero_stage, self.dp_size, cfg.parallel.tensor)
+            universal = ckpt.needs_reshard(ckpt.read_meta(resume_path), resume_path, model_cfg,
+                                           cfg.parallel.zero_stage, self.dp_size, cfg.parallel.tensor)
             if universal:
                 load_path = self._universal_checkpoint(resume_path)
         self.relora = relora_controller(cfg, model)  # model.linear=relora: restarts (before the optimizer)
@@ -129,7 +134,7 @@ class Trainer:
         if resume_path is not None:
             state = ckpt.load_checkpoint(self.engine, load_path, env.rank)
             if universal:
-                _barrier()
+                barrier()
                 if env.is_main:
                     shutil.rmtree(os.path.join(cfg.run.dir, RESHARD_SCRATCH), ignore_errors=True)
             self.step = int(state["step"])
@@ -171,7 +176,7 @@ class Trainer:
             engine.backward(loss)
             if i == len(micro) - 1:
                 # Every DP rank must agree before the (collective) step whether to apply it.
-                _all_reduce_sum(local)
+                all_reduce_sum(local)
                 self.optimizer.skip_next_step = bool(local[1].item() > 0)
                 if not self.optimizer.skip_next_step and cfg.parallel.zero_stage == 0:
                     grad_norm = _grad_norm(engine.module, self.groups)
@@ -213,7 +218,7 @@ class Trainer:
 
                 total[2:] += exact_match_counts(engine(inputs), labels)
         engine.train()
-        _all_reduce_sum(total)
+        all_reduce_sum(total)
         val_loss = (total[0] / total[1]).item()
         out = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
         if task:

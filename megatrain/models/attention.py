@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megatrain import kernels
+from megatrain.models.config import check_head_layout
 from megatrain.models.layers import make_linear
 
-__all__ = ["KVCache", "Attention", "position_mask", "InterleavedHeadAttention", "iha_position_mask",
-           "iha_rope_positions"]
+__all__ = ["KVCache", "AttentionProjections", "Attention", "position_mask", "InterleavedHeadAttention",
+           "iha_position_mask", "iha_rope_positions"]
 
 
 class KVCache:
@@ -102,23 +103,44 @@ def position_mask(query_positions: Tensor, key_positions: Tensor) -> Tensor:
     return (key_positions[:, None, None, :] <= query_positions[:, None, :, None])
 
 
-class Attention(nn.Module):
-    """Causal self-attention with rotary embeddings and grouped-query heads.
+class AttentionProjections(nn.Module):
+    """The q, k, v and o projections every attention kind shares, and the split into heads.
 
-    x [B, N, D] -> q [B, H, N, d], k and v [B, Hkv, N, d] -> RoPE on q, k -> softmax attention ->
-    o_proj -> [B, N, D]. Each group of H / Hkv query heads shares one key/value head.
+    q_proj [D -> H d], k_proj and v_proj [D -> Hkv d], o_proj [H d -> D], built by `make_linear`
+    (model.linear). `heads` / `kv_heads` are the heads this module computes: megatrain.parallel
+    lowers them to one rank's share when it splits the projections.
     """
 
     def __init__(self, dim: int, heads: int, kv_heads: Optional[int] = None, *, linear: str = "dense"):
         super().__init__()
         kv_heads = heads if kv_heads is None else kv_heads
-        if dim % heads or heads % kv_heads:
-            raise ValueError(f"Attention: heads={heads} must divide dim={dim} and kv_heads={kv_heads} must divide heads")
+        check_head_layout(dim, heads, kv_heads)
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
         self.q_proj = make_linear(dim, heads * self.head_dim, kind=linear, role="attn.q")
         self.k_proj = make_linear(dim, kv_heads * self.head_dim, kind=linear, role="attn.k")
         self.v_proj = make_linear(dim, kv_heads * self.head_dim, kind=linear, role="attn.v")
         self.o_proj = make_linear(heads * self.head_dim, dim, kind=linear, role="attn.o")
+
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, N, D] -> q [B, H, N, d], k and v [B, Hkv, N, d]."""
+        batch, n, _ = x.shape
+        q = self.q_proj(x).view(batch, n, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def project_out(self, out: Tensor) -> Tensor:
+        """Per-head outputs [B, H, N, d] -> o_proj -> [B, N, D]."""
+        batch, _, n, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(batch, n, self.heads * self.head_dim))
+
+
+class Attention(AttentionProjections):
+    """Causal self-attention with rotary embeddings and grouped-query heads.
+
+    x [B, N, D] -> q [B, H, N, d], k and v [B, Hkv, N, d] -> RoPE on q, k -> softmax attention ->
+    o_proj -> [B, N, D]. Each group of H / Hkv query heads shares one key/value head.
+    """
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, *, mask: Optional[Tensor] = None,
                 cache: Optional[KVCache] = None, layer_idx: int = 0) -> Tensor:
@@ -135,10 +157,8 @@ class Attention(nn.Module):
         Returns:
             [B, N, D].
         """
-        batch, n, _ = x.shape
-        q = self.q_proj(x).view(batch, n, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        n = x.shape[1]
+        q, k, v = self.project_qkv(x)
         q, k = kernels.rope(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)
@@ -158,7 +178,7 @@ class Attention(nn.Module):
                 k = k.repeat_interleave(repeat, dim=1)
                 v = v.repeat_interleave(repeat, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, **gqa)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, n, self.heads * self.head_dim))
+        return self.project_out(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,7 +224,7 @@ def iha_position_mask(query_positions: Tensor, key_positions: Tensor, pseudo: in
     return allowed
 
 
-class InterleavedHeadAttention(nn.Module):
+class InterleavedHeadAttention(AttentionProjections):
     """Interleaved head attention (IHA): each token becomes P pseudo-tokens per head, each a learned
     mix of all heads, attended over the N*P interleaved virtual tokens, then collapsed back.
 
@@ -244,11 +264,7 @@ class InterleavedHeadAttention(nn.Module):
     def __init__(self, dim: int, heads: int, kv_heads: Optional[int] = None, *, linear: str = "dense",
                  pseudo_heads: int = 2, mask: str = "causal", collapse: str = "per_head",
                  window: Optional[int] = None, head_groups: int = 1):
-        super().__init__()
-        kv_heads = heads if kv_heads is None else kv_heads
-        if dim % heads or heads % kv_heads:
-            raise ValueError(f"InterleavedHeadAttention: heads={heads} must divide dim={dim} and "
-                             f"kv_heads={kv_heads} must divide heads")
+        super().__init__(dim, heads, kv_heads, linear=linear)
         if pseudo_heads < 1:
             raise ValueError(f"InterleavedHeadAttention: pseudo_heads must be >= 1, got {pseudo_heads}")
         if mask not in ("causal", "token_causal") or collapse not in ("per_head", "global"):
@@ -258,13 +274,8 @@ class InterleavedHeadAttention(nn.Module):
                              f"pseudo_heads={pseudo_heads}")
         if head_groups < 1 or heads % head_groups:
             raise ValueError(f"InterleavedHeadAttention: head_groups={head_groups} must divide heads={heads}")
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
         self.pseudo_heads, self.mask, self.window = pseudo_heads, mask, window
         self.collapse_kind, self.head_groups = collapse, head_groups
-        self.q_proj = make_linear(dim, heads * self.head_dim, kind=linear, role="attn.q")
-        self.k_proj = make_linear(dim, kv_heads * self.head_dim, kind=linear, role="attn.k")
-        self.v_proj = make_linear(dim, kv_heads * self.head_dim, kind=linear, role="attn.v")
-        self.o_proj = make_linear(heads * self.head_dim, dim, kind=linear, role="attn.o")
         self.mix_q = nn.Parameter(torch.empty(heads, heads, pseudo_heads))
         self.mix_k = nn.Parameter(torch.empty(heads, heads, pseudo_heads))
         self.mix_v = nn.Parameter(torch.empty(heads, heads, pseudo_heads))
@@ -277,7 +288,7 @@ class InterleavedHeadAttention(nn.Module):
 
     @torch.no_grad()
     def reset_mixing(self) -> None:
-        """DESIGN init: each pseudo-head copies its own head (mix = identity for every p) and the
+        """IHA's init (docs/iha.md): each pseudo-head copies its own head (mix = identity for every p) and the
         collapse averages the P copies (1/P; global: 1/P on the head's own outputs, 0 elsewhere)."""
         heads, pseudo = self.mix_q.shape[0], self.pseudo_heads
         eye = torch.eye(heads, dtype=self.mix_q.dtype, device=self.mix_q.device)
@@ -373,13 +384,10 @@ class InterleavedHeadAttention(nn.Module):
         comes from token positions (`positions`, `key_positions`, see `mix_and_attend`); `mask`, when
         given, is a token-level mask [B or 1, 1, N, S_total] that restricts attention further.
         """
-        batch, n, _ = x.shape
-        q = self.q_proj(x).view(batch, n, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project_qkv(x)
         if self.kv_heads != self.heads:
             repeat = self.heads // self.kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         out = self.mix_and_attend(q, k, v, cos, sin, mask=mask, cache=cache, layer_idx=layer_idx,
                                   positions=positions, key_positions=key_positions)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, n, self.heads * self.head_dim))
+        return self.project_out(out)

@@ -15,17 +15,16 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from megatrain import kernels
-from megatrain.config import ModelConfig
+from megatrain.constants import IGNORE_INDEX
 from megatrain.errors import ConfigError
 from megatrain.models.attention import (
     Attention, InterleavedHeadAttention, KVCache, iha_rope_positions, position_mask,
 )
+from megatrain.models.config import ModelConfig
 from megatrain.models.layers import init_linear, linear_options, lowrank_options, make_linear
 
 __all__ = ["RMSNorm", "MLP", "Block", "LMHead", "Transformer", "build_model", "rope_tables", "make_attention",
            "iha_layer_windows"]
-
-IGNORE_INDEX = -100
 
 
 class RMSNorm(nn.Module):
@@ -112,7 +111,7 @@ class LMHead(nn.Module):
     def forward(self, h: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         """h [..., D] -> logits [..., V]; with labels [...] (same leading shape), the mean loss.
 
-        The loss is the mean cross-entropy over labels != -100, a 0-dim fp32 tensor.
+        The loss is the mean cross-entropy over labels != IGNORE_INDEX (-100), a 0-dim fp32 tensor.
         """
         if labels is None:
             return h @ self.weight.T
@@ -142,12 +141,7 @@ class Transformer(nn.Module):
         cfg = cfg.resolved()
         if cfg.vocab_size is None:
             raise ConfigError("model.vocab_size is not set: give model.vocab_size or a tokenizer to take it from")
-        if cfg.dim % cfg.heads:
-            raise ConfigError(f"model.heads={cfg.heads} does not divide model.dim={cfg.dim}")
-        if cfg.heads % cfg.kv_heads:
-            raise ConfigError(f"model.kv_heads={cfg.kv_heads} does not divide model.heads={cfg.heads}")
-        if cfg.head_dim % 2:
-            raise ConfigError(f"head dim model.dim/model.heads={cfg.head_dim} must be even for RoPE")
+        cfg.validate()
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         with linear_options(lowrank_options(cfg)):  # model.lowrank.* for the low-rank projection kinds
@@ -219,7 +213,7 @@ class Transformer(nn.Module):
         Args:
             input_ids: [B, N] token ids.
             labels: optional [B, N] target ids for each position (already shifted: the token that
-                should follow), -100 where no loss is wanted.
+                should follow), IGNORE_INDEX (-100) where no loss is wanted.
             cache: optional KVCache; the new tokens attend to what it holds and (unless frozen)
                 are appended to it.
             positions: optional [N] or [B, N] positions of the new tokens. Default:

@@ -141,8 +141,8 @@ class ReLoRA:
     def __init__(self, cfg, model: torch.nn.Module):
         rl = cfg.train.relora
         if rl.every is None or rl.restart_warmup is None:
-            raise ConfigError("train.relora.every / train.relora.restart_warmup are not resolved: load the config "
-                              "with megatrain.config.load_config (it validates and fills them)")
+            raise ConfigError("train.relora.every / train.relora.restart_warmup are not resolved: call "
+                              "Config.resolve (the trainer's preflight does) before building the model's ReLoRA")
         self.every, self.warm_start = rl.every, rl.warm_start_steps
         self.prune, self.prune_ratio, self.seed = rl.prune, rl.prune_ratio, cfg.train.seed
         self.layers = [m for m in model.modules() if isinstance(m, LoRALinear)]

@@ -33,7 +33,7 @@ def lr_at(step: int, *, lr: float, steps: int, warmup_steps: int, min_lr_ratio: 
 
 def lr_for_config(train_cfg, step: int) -> float:
     """`lr_at` with the values of a `TrainConfig`; ReLoRA's `lr_with_restarts` when
-    train.relora.every is set (config validation sets it for model.linear=relora only)."""
+    train.relora.every is set (`Config.resolve` sets it for model.linear=relora only)."""
     relora = getattr(train_cfg, "relora", None)
     if relora is not None and relora.every:
         return lr_with_restarts(step, lr=train_cfg.lr, steps=train_cfg.steps, warmup_steps=train_cfg.warmup_steps,

@@ -26,9 +26,9 @@ from typing import Any, Callable, Optional
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from megatrain.config import check_tensor_split
 from megatrain.models.attention import InterleavedHeadAttention
 from megatrain.models.transformer import LMHead, RMSNorm, Transformer
+from megatrain.parallel.checks import check_tensor_split
 from megatrain.parallel.groups import ParallelGroups, kv_replicas
 from megatrain.parallel.plan import TP_PLAN, Role, TPPlan, shard_specs, universal_checkpoint_info
 from megatrain.parallel.tensor_parallel import (

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from megatrain.config import ModelConfig
+from megatrain.models.config import ModelConfig
 from megatrain.models.transformer import Transformer
 
 

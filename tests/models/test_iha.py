@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatrain.config import IHAConfig, ModelConfig, config_reference, load_config
+from megatrain.config import config_reference, load_config
+from megatrain.models.config import IHAConfig, ModelConfig
 from megatrain.errors import ConfigError
 from megatrain.kernels import reference
 from megatrain.models.attention import Attention, InterleavedHeadAttention, KVCache, iha_position_mask
@@ -221,13 +222,20 @@ def test_config_errors_name_the_key(overrides, fragment):
 
 
 def test_iha_keys_refused_without_iha_and_backend_check(monkeypatch):
+    from megatrain.engine.trainer import resolve_config
+
     with pytest.raises(ConfigError, match="model.iha.window applies to model.attention=iha only"):
         load_config(None, ["model.iha.window=4"])
+    # The backend is the machine's: loading ignores it, the explicit resolve step (the preflight) checks it.
+    cfg = load_config(None, ["model.attention=iha"])
+    with pytest.raises(ConfigError, match="model.attention=iha with MEGATRAIN_KERNELS=triton needs a CUDA GPU"):
+        cfg.resolve(1, cuda=False, triton_needs_cuda=True)
+    cfg.resolve(1, cuda=True, triton_needs_cuda=True)
     if not torch.cuda.is_available():
         monkeypatch.setenv("MEGATRAIN_KERNELS", "triton")
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         with pytest.raises(ConfigError, match="model.attention=iha with MEGATRAIN_KERNELS=triton needs a CUDA GPU"):
-            load_config(None, ["model.attention=iha"])
+            resolve_config(load_config(None, ["model.attention=iha"]), 1)
 
 
 def test_cli_reports_iha_error_in_one_line(tmp_path):
@@ -242,18 +250,19 @@ def test_cli_reports_iha_error_in_one_line(tmp_path):
 def test_checkpoint_meta_round_trip_and_resume_check():
     import dataclasses
 
-    from megatrain.engine.checkpoint import _model_config_from_dict, check_compatible
+    from megatrain.engine.checkpoint import needs_reshard
     from megatrain.errors import CheckpointError
 
     cfg = ModelConfig(preset="tiny", vocab_size=VOCAB, attention="iha",
                       iha=IHAConfig(pseudo_heads=3, window=6, collapse="global")).resolved()
     saved = dataclasses.asdict(cfg)
-    rebuilt = _model_config_from_dict(ModelConfig, saved)
-    assert rebuilt.iha == cfg.iha and isinstance(rebuilt.iha, IHAConfig)
+    rebuilt = ModelConfig.from_dict(saved)
+    assert rebuilt == cfg and isinstance(rebuilt.iha, IHAConfig)
+    assert ModelConfig.from_dict({**saved, "exported_from_linear": "lora"}) == cfg  # unknown keys are ignored
     meta = {"model": saved, "layout": {"zero_stage": 0, "tensor": 1, "dp": 1, "world_size": 1}}
-    assert check_compatible(meta, "ckpt", cfg, 0, 1, 1) is False
+    assert needs_reshard(meta, "ckpt", cfg, 0, 1, 1) is False
     changed = dataclasses.replace(cfg, iha=dataclasses.replace(cfg.iha, window=8))
     with pytest.raises(CheckpointError, match="model.iha.window=6 but this run has model.iha.window=8"):
-        check_compatible(meta, "ckpt", changed, 0, 1, 1)
+        needs_reshard(meta, "ckpt", changed, 0, 1, 1)
     other_mode = dataclasses.replace(cfg, iha=dataclasses.replace(cfg.iha, tp_mode="local"))
-    assert check_compatible(meta, "ckpt", other_mode, 0, 1, 1) is False
+    assert needs_reshard(meta, "ckpt", other_mode, 0, 1, 1) is False

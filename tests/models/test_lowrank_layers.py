@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from megatrain.config import ModelConfig, load_config
+from megatrain.config import load_config
+from megatrain.models.config import ModelConfig
 from megatrain.errors import ConfigError
 from megatrain.models.layers import (CoLALinear, LoRALinear, LowRankOptions, SLTrainLinear, dense_state_dict,
                                      linear_options, make_linear)
@@ -196,7 +197,13 @@ def test_restart_schedule_is_jagged_and_pure():
 
 def test_relora_defaults_are_filled():
     cfg = load_config(None, ["model.linear=relora", "train.steps=2000"])
+    assert cfg.train.relora.every is None  # validation fills nothing; the explicit resolve step does
+    cfg.resolve(1)
     assert cfg.train.relora.every == 200 and cfg.train.relora.restart_warmup == 10
+    cfg = load_config(None, ["model.linear=relora", "train.steps=2000", "train.relora.every=100"]).resolve(1)
+    assert cfg.train.relora.every == 100 and cfg.train.relora.restart_warmup == 5
+    with pytest.raises(ConfigError, match=r"train.relora.restart_warmup must be in \[0, train.relora.every=20\), got 25"):
+        load_config(None, ["model.linear=relora", "train.steps=200", "train.relora.restart_warmup=25"])
 
 
 def test_rank_default_and_explicit():

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatrain.config import ModelConfig
+from megatrain.models.config import ModelConfig
 from megatrain.errors import ConfigError
 from megatrain.models.attention import Attention, KVCache
 from megatrain.models.layers import make_linear

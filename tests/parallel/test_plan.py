@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-from megatrain.config import IHAConfig, ModelConfig
+from megatrain.models.config import IHAConfig, ModelConfig
 from megatrain.errors import ConfigError
 from megatrain.models.transformer import Transformer
 from megatrain.parallel.groups import ParallelGroups, kv_replicas

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatrain import kernels
-from megatrain.config import ModelConfig
+from megatrain.models.config import ModelConfig
 from megatrain.models.transformer import Transformer
 from megatrain.parallel.groups import build_groups
 from megatrain.parallel.parallelize import parallelize
@@ -145,7 +145,7 @@ def check_model(groups):
 
 def check_comm_volume(groups):
     """The bytes the TP layers really sent in one forward + backward equal tp_comm_volume's count."""
-    from megatrain.config import IHAConfig
+    from megatrain.models.config import IHAConfig
     from megatrain.parallel import tensor_parallel
     from megatrain.parallel.parallelize import tp_comm_volume
 
@@ -168,7 +168,7 @@ def check_iha(groups):
     """Interleaved head attention under TP=2: exact mode (heads all-gathered for the mixing) and local
     mode (head_groups = T) equal the single-process model, with rotary at virtual positions, through
     the fused kernel (Triton interpreter) and the reference."""
-    from megatrain.config import IHAConfig
+    from megatrain.models.config import IHAConfig
 
     for backend in ("torch", "triton"):
         os.environ["MEGATRAIN_KERNELS"] = backend

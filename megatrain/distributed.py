@@ -1,0 +1,24 @@
+"""Collectives that are no-ops in a single process, for code that runs with or without a process group."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    """True when a torch.distributed process group is running."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    """Wait for every rank of the default group; nothing to wait for in a single process."""
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over every rank, in place (unchanged in a single process); returns `t`."""
+    if is_distributed() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t

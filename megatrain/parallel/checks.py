@@ -1,0 +1,50 @@
+"""Whether a model splits over tensor-parallel ranks: the config's validation and `parallelize` both ask here."""
+
+from __future__ import annotations
+
+from megatrain.errors import ConfigError
+
+__all__ = ["check_tensor_split", "check_vocab_split"]
+
+
+def check_vocab_split(vocab_size: int, tp: int, what: str) -> None:
+    """Raise ConfigError unless `tp` ranks split a vocabulary of `vocab_size` rows evenly.
+
+    `what` names where the size comes from in the message, e.g. "model.vocab_size=50" or
+    "the tokenizer's vocabulary 4097"; the fix is always a model.vocab_size that `tp` divides.
+    """
+    if vocab_size % tp:
+        raise ConfigError(f"parallel.tensor={tp} does not divide {what}; set model.vocab_size to a multiple of {tp} "
+                          f"(e.g. {-(-vocab_size // tp) * tp})")
+
+
+def check_tensor_split(m, tp: int) -> None:
+    """Raise ConfigError unless the resolved ModelConfig `m` splits over `tp` tensor-parallel ranks.
+
+    Heads and the SwiGLU width split evenly; key/value heads split, or are replicated when there are
+    fewer than ranks; the vocabulary (when known) splits; IHA mixes heads across ranks only in
+    model.iha.tp_mode=exact (docs/tensor-parallel.md, docs/iha.md).
+    """
+    if tp == 1:
+        return
+    if m.linear != "dense":
+        raise ConfigError(f"parallel.tensor={tp} supports model.linear=dense only so far, got model.linear={m.linear!r}")
+    if m.heads % tp:
+        raise ConfigError(f"parallel.tensor={tp} does not divide model.heads={m.heads}")
+    if m.kv_heads % tp and tp % m.kv_heads:
+        raise ConfigError(f"parallel.tensor={tp} and model.kv_heads={m.kv_heads}: one must divide the other "
+                          f"(fewer KV heads than TP ranks are replicated)")
+    if m.ffn_dim % tp:
+        raise ConfigError(f"parallel.tensor={tp} does not divide model.ffn_dim={m.ffn_dim}")
+    if m.vocab_size is not None:
+        check_vocab_split(m.vocab_size, tp, f"model.vocab_size={m.vocab_size}")
+    if m.attention == "iha":
+        iha = m.iha
+        if iha.tp_mode == "local" and iha.head_groups % tp:
+            raise ConfigError(f"model.iha.tp_mode=local mixes heads only inside each tensor-parallel rank: set "
+                              f"model.iha.head_groups to a multiple of parallel.tensor={tp} (got "
+                              f"{iha.head_groups}), or use model.iha.tp_mode=exact")
+        if iha.collapse == "global" and iha.head_groups % tp:
+            raise ConfigError(f"model.iha.collapse=global with parallel.tensor={tp} needs model.iha.head_groups a "
+                              f"multiple of {tp} (the collapse must not cross ranks), got {iha.head_groups}; or use "
+                              f"model.iha.collapse=per_head")
