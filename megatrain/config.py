@@ -464,37 +464,15 @@ def _validate_parallel(cfg: Config, m: ModelConfig) -> None:
 
 
 def _validate_task(cfg: Config, m: ModelConfig) -> None:
-    """data.source=task:* and data.task.*: one line naming the key."""
-    d = cfg.data
-    source = d.source if isinstance(d.source, str) else ""
-    if not source.startswith("task:"):
-        return
-    from megatrain.data.tasks import TASKS, required_seq_len, task_vocab_size
+    """A generated data.source (task:*): the data domain checks its own keys; this checks how its
+    vocabulary meets model.vocab_size and tensor parallelism."""
+    from megatrain.data.sources import source_kind
 
-    name = source[len("task:"):]
-    if name not in TASKS:
-        raise ConfigError(f"data.source={source!r} is not a synthetic task (allowed: "
-                          f"{', '.join('task:' + t for t in TASKS)})")
-    t = d.task
-    for key in ("pairs", "queries", "hops", "symbols", "train_size", "val_size"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"data.task.{key} must be >= 1, got {getattr(t, key)}")
-    if name == "multikey":
-        if t.queries > t.pairs:
-            raise ConfigError(f"data.task.queries={t.queries} exceeds data.task.pairs={t.pairs}")
-        if t.symbols < 2 * t.pairs:
-            raise ConfigError(f"data.task.symbols={t.symbols} must be >= 2 x data.task.pairs={2 * t.pairs} "
-                              f"(keys and values come from separate halves; keys are distinct)")
-    else:
-        if t.hops > t.pairs:
-            raise ConfigError(f"data.task.hops={t.hops} exceeds data.task.pairs={t.pairs}")
-        if t.symbols < t.pairs + 1:
-            raise ConfigError(f"data.task.symbols={t.symbols} must be > data.task.pairs={t.pairs}")
-    need = required_seq_len(name, t)
-    if d.seq_len < need:
-        raise ConfigError(f"data.seq_len={d.seq_len} is too short for {source} with these data.task sizes: "
-                          f"it needs >= {need}")
-    vocab = task_vocab_size(t)
+    kind = source_kind(cfg.data.source)
+    if kind is None:
+        return
+    kind.validate(cfg.data)  # data.source, data.task.*, data.seq_len: one line naming the key
+    vocab, source = kind.vocab_size(cfg.data), cfg.data.source
     if m.vocab_size is not None and m.vocab_size < vocab:
         raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than {source}'s vocabulary {vocab} "
                           f"(data.task.symbols + 4)")

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megatrain import kernels
+from megatrain.constants import IGNORE_INDEX
 
 __all__ = [
     "copy_to_tp", "reduce_from_tp", "gather_from_tp", "gather_sequence", "gather_sequence_for_replicated_grad",
@@ -357,7 +358,7 @@ class VocabParallelLMHead(nn.Module):
             # The cross-entropy all-reduces the gradient of h itself, so the gather's backward must not.
             h = gather_sequence_for_replicated_grad(h, self.group)
         return kernels.fused_linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.weight, labels.reshape(-1),
-                                                  ignore_index=-100, process_group=self.group)
+                                                  ignore_index=IGNORE_INDEX, process_group=self.group)
 
 
 class SequenceParallelRMSNorm(nn.Module):
