@@ -87,6 +87,19 @@ def _merge_auto(base: dict, user: dict) -> dict:
     return out
 
 
+def check_deepspeed_for(cfg) -> None:
+    """Fail in one line, before any process group, if the installed DeepSpeed lacks an internal this
+    run's features need (megatrain.optim.deepspeed_adapter lists them and the tested versions)."""
+    from megatrain.optim.deepspeed_adapter import RELORA, ZERO_STEP, check_deepspeed_internals
+
+    features = []
+    if cfg.optim.name in ("galore", "fira") and cfg.parallel.zero_stage in (1, 2):
+        features.append(ZERO_STEP)
+    if cfg.model.linear == "relora":
+        features.append(RELORA)
+    check_deepspeed_internals(features)
+
+
 def init_distributed(cfg) -> DistEnv:
     """Start the process group from the launcher's environment (torchrun / deepspeed / one process)."""
     import deepspeed

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megatrain.config import Config, save_config
 from megatrain.distributed import all_reduce_sum, barrier
 from megatrain.engine import checkpoint as ckpt
-from megatrain.engine.deepspeed import DistEnv, init_distributed, initialize
+from megatrain.engine.deepspeed import DistEnv, check_deepspeed_for, init_distributed, initialize
 from megatrain.engine.metrics import MetricsLogger, device_peak_flops, mfu
 from megatrain.errors import CheckpointError, ConfigError, MegatrainError
 from megatrain.optim import build_optimizer
@@ -59,6 +59,7 @@ def preflight(cfg: Config, resume, world_size: int) -> Optional[str]:
 
     resolve_config(cfg, world_size)
     check_sources(cfg)
+    check_deepspeed_for(cfg)
     if os.path.exists(cfg.run.dir) and not os.path.isdir(cfg.run.dir):
         raise ConfigError(f"run.dir '{cfg.run.dir}' exists and is not a directory")
     path = ckpt.find_resume_checkpoint(cfg.run.dir, resume)

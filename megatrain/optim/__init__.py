@@ -1,9 +1,9 @@
 """Optimizers. `build_optimizer` is the one place the trainer gets its optimizer from.
 
-The optimizer handed to DeepSpeed is a subclass of the chosen Adam class with a `skip_next_step`
-flag: when the trainer sees a non-finite loss on any data-parallel rank it sets the flag, and the
-update is dropped on every ZeRO stage alike (DeepSpeed's ZeRO 1-3 optimizers and stage 0 all end
-in the client optimizer's `step`).
+The optimizer handed to DeepSpeed is one of the named Skippable classes of
+megatrain.optim.skippable: the chosen Adam class with a `skip_next_step` flag, set by the trainer
+when a loss was non-finite on any data-parallel rank, which drops the update on every ZeRO stage
+alike.
 """
 
 from __future__ import annotations
@@ -15,22 +15,11 @@ import torch
 from megatrain.errors import ConfigError
 from megatrain.optim.fira import FiraAdamW
 from megatrain.optim.galore import GaLoreAdamW
+from megatrain.optim.skippable import (
+    SkippableAdamW, SkippableFiraAdamW, SkippableGaLoreAdamW, skippable_apex_fused_adam,
+)
 
 log = logging.getLogger(__name__)
-
-_SKIPPABLE: dict[type, type] = {}
-
-
-def _skippable(cls: type) -> type:
-    """A subclass of optimizer class `cls` whose step() is a no-op while `skip_next_step` is set."""
-    if cls not in _SKIPPABLE:
-        def step(self, closure=None):
-            if self.skip_next_step:
-                return None
-            return cls.step(self, closure)
-
-        _SKIPPABLE[cls] = type(f"Skippable{cls.__name__}", (cls,), {"skip_next_step": False, "step": step})
-    return _SKIPPABLE[cls]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -51,14 +40,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def _apex_fused_adam():
-    try:
-        from apex.optimizers import FusedAdam  # NVIDIA apex, built from source; optional
-    except ImportError:
-        return None
-    return FusedAdam
-
-
 def build_optimizer(optim_cfg, model: torch.nn.Module, lr: float, on_cuda: bool) -> torch.optim.Optimizer:
     """AdamW over `model`'s parameters. `optim_cfg.fused` picks apex FusedAdam / torch fused / plain."""
     if optim_cfg.name in ("galore", "fira"):
@@ -69,10 +50,9 @@ def build_optimizer(optim_cfg, model: torch.nn.Module, lr: float, on_cuda: bool)
     betas = (optim_cfg.beta1, optim_cfg.beta2)
     choice = optim_cfg.fused
     if choice in ("auto", "apex") and on_cuda:
-        fused_adam = _apex_fused_adam()
+        fused_adam = skippable_apex_fused_adam()  # NVIDIA apex, built from source; optional
         if fused_adam is not None:
-            cls = _skippable(fused_adam)
-            return cls(groups, lr=lr, betas=betas, eps=optim_cfg.eps, adam_w_mode=True)
+            return fused_adam(groups, lr=lr, betas=betas, eps=optim_cfg.eps, adam_w_mode=True)
         if choice == "apex":
             raise ConfigError("optim.fused=apex but NVIDIA apex is not importable (build it from source, or use auto)")
     if choice == "apex" and not on_cuda:
@@ -80,8 +60,7 @@ def build_optimizer(optim_cfg, model: torch.nn.Module, lr: float, on_cuda: bool)
     if choice == "torch" and not on_cuda:
         raise ConfigError("optim.fused=torch needs a GPU (allowed on CPU: auto, none)")
     fused = on_cuda and choice in ("auto", "torch")
-    cls = _skippable(torch.optim.AdamW)
-    return cls(groups, lr=lr, betas=betas, eps=optim_cfg.eps, fused=fused or None)
+    return SkippableAdamW(groups, lr=lr, betas=betas, eps=optim_cfg.eps, fused=fused or None)
 
 
 def _build_projected(optim_cfg, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -105,8 +84,9 @@ def _build_projected(optim_cfg, model: torch.nn.Module, lr: float) -> torch.opti
             (decay if p.dim() >= 2 else no_decay).append(p)
     common = dict(lr=lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps)
     extra = {"limiter": optim_cfg.fira_limiter} if cls is FiraAdamW else {}
-    client = _skippable(cls)([{"params": decay, "weight_decay": optim_cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], **common)
+    client_cls = SkippableGaLoreAdamW if cls is GaLoreAdamW else SkippableFiraAdamW
+    client = client_cls([{"params": decay, "weight_decay": optim_cfg.weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}], **common)
     client.projected = cls([{"params": [p for _, p in targets], "weight_decay": optim_cfg.weight_decay,
                              "rank": optim_cfg.rank, "update_proj_gap": optim_cfg.update_proj_gap,
                              "scale": optim_cfg.scale, "proj_type": optim_cfg.proj_type, **extra}], **common)

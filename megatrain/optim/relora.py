@@ -19,7 +19,9 @@ which it copies back into the module after every step: the merge and the re-init
 therefore written to both the module parameter and its fp32 master (`safe_set_full_fp32_param`),
 and the Adam moments are read and written whole through DeepSpeed's fragment API
 (`safe_get_full_optimizer_state` / `safe_set_full_optimizer_state`, collectives over the DP group:
-every rank runs the same calls in the same order). At ZeRO stage 0 in fp32 the client optimizer
+every rank runs the same calls in the same order); whether a parameter has a master and moments
+yet, and relinking the moments after a resume, are DeepSpeed internals confined to
+megatrain.optim.deepspeed_adapter. At ZeRO stage 0 in fp32 the client optimizer
 updates the module parameters directly and its state is keyed by them. Re-initialisation draws from
 a generator seeded by (train.seed, step), so every rank and a resumed run draw the same values.
 """
@@ -33,6 +35,9 @@ import torch
 
 from megatrain.errors import ConfigError
 from megatrain.models.layers import LoRALinear
+from megatrain.optim.deepspeed_adapter import (
+    client_optimizer, keeps_fp32_master, optimizer_state_linked, relink_optimizer_state,
+)
 from megatrain.optim.schedules import last_restart
 
 log = logging.getLogger(__name__)
@@ -56,7 +61,7 @@ def _full_fp32(p: torch.nn.Parameter) -> torch.Tensor:
     """The full fp32 value of `p`: DeepSpeed's master copy when it keeps one, else the parameter."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    value = safe_get_full_fp32_param(p) if hasattr(p, "_hp_mapping") else None
+    value = safe_get_full_fp32_param(p) if keeps_fp32_master(p) else None
     return p.detach().float() if value is None else value.to(p.device).reshape(p.shape)
 
 
@@ -66,34 +71,8 @@ def _write(p: torch.nn.Parameter, value: torch.Tensor) -> None:
 
     with torch.no_grad():
         p.data.copy_(value.to(dtype=p.dtype, device=p.device))
-    if hasattr(p, "_hp_mapping"):
+    if keeps_fp32_master(p):
         safe_set_full_fp32_param(p, value.float())
-
-
-def _relink_optimizer_state(optimizer) -> None:
-    """Point DeepSpeed's per-parameter optimizer-state fragments at the current state tensors.
-
-    DeepSpeed links them lazily after its first step() and not after load_state_dict (a resumed
-    run), so a restart right after resuming would otherwise find no fragments or stale ones.
-    """
-    from deepspeed.utils import lazy_init_hp_params_optimizer_state
-
-    if hasattr(optimizer, "bit16_groups") and hasattr(optimizer, "single_partition_of_fp32_groups"):
-        pairs = zip(optimizer.bit16_groups, optimizer.single_partition_of_fp32_groups)  # ZeRO 1/2
-    elif hasattr(optimizer, "bf16_groups") and hasattr(optimizer, "fp32_groups_flat_partition"):
-        pairs = zip(optimizer.bf16_groups, optimizer.fp32_groups_flat_partition)  # bf16 at stage 0
-    else:
-        return
-    state = optimizer.optimizer.state
-    for lp_params, flat in pairs:
-        if flat in state and state[flat]:
-            lazy_init_hp_params_optimizer_state(lp_params, flat, state)
-
-
-def _torch_optimizer(optimizer) -> torch.optim.Optimizer:
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    return optimizer
 
 
 def _prune_state(optimizer, p: torch.nn.Parameter, mode: str, ratio: float) -> None:
@@ -103,19 +82,14 @@ def _prune_state(optimizer, p: torch.nn.Parameter, mode: str, ratio: float) -> N
     def reduce(t: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(t) if mode == "reset" else magnitude_prune(t, ratio)
 
-    if hasattr(p, "_hp_mapping"):  # ZeRO 1/2, bf16: flat fp32 partitions (collective calls)
-        mapping = p._hp_mapping
-        has_state = mapping is None or mapping.optim_fragment is not None
-        flag = torch.tensor([0.0 if has_state else 1.0], device=p.device)
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, group=getattr(p, "_dp_group", None))
-        if flag.item() > 0:  # no optimizer step yet: no state to prune
+    if keeps_fp32_master(p):  # ZeRO 1/2, bf16: flat fp32 partitions (collective calls)
+        if not optimizer_state_linked(p):  # no optimizer step yet: no state to prune
             return
         for key in ADAM_STATE_KEYS:
             full = safe_get_full_optimizer_state(p, key)
             safe_set_full_optimizer_state(p, reduce(full.reshape(p.shape)), key)
         return
-    state = _torch_optimizer(optimizer).state.get(p)
+    state = client_optimizer(optimizer).state.get(p)
     if not state:
         return
     for key in ADAM_STATE_KEYS:
@@ -162,7 +136,7 @@ class ReLoRA:
         restart = last_restart(step, every=self.every, warm_start_steps=self.warm_start)
         optimizer = engine.optimizer
         if restart == step:
-            _relink_optimizer_state(optimizer)
+            relink_optimizer_state(optimizer)
             generator = self._generator(step)
             switch_on = self.warm_start > 0 and step == self.warm_start
             for m in self.layers:

@@ -24,7 +24,8 @@ reference GaLore code fails under ZeRO. megatrain therefore splits the optimizer
 - stage 0 fp32: DeepSpeed already all-reduces and clips every module parameter; the projected
   optimizer steps right after the client.
 
-Tensor parallelism needs nothing extra: each rank projects its local shard.
+Tensor parallelism needs nothing extra: each rank projects its local shard. The hooks into ZeRO's
+step are DeepSpeed internals, confined to megatrain.optim.deepspeed_adapter (`extend_zero_step`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from megatrain.errors import ConfigError
+from megatrain.optim.deepspeed_adapter import extend_zero_step, is_zero_1_2_optimizer
 
 __all__ = ["attach_projected", "PROJECTED_MODULES", "projection_targets"]
 
@@ -59,18 +61,17 @@ def _sync_lr(client, projected) -> None:
 
 
 class _ZeroBridge:
-    def __init__(self, zero_opt, client, projected, dp_group, tp_group):
-        self.zero_opt, self.client, self.projected = zero_opt, client, projected
+    """The projected half of the step under ZeRO 1/2, run around ZeRO's own step
+    (megatrain.optim.deepspeed_adapter.extend_zero_step)."""
+
+    def __init__(self, client, projected, dp_group, tp_group):
+        self.client, self.projected = client, projected
         self.dp_group, self.tp_group = dp_group, tp_group
         self.params = [p for g in projected.param_groups for p in g["params"]]
-        self.sq_norm = None
-        self._zero_norm = zero_opt.scaled_global_norm
-        self._zero_step = zero_opt.step
-        zero_opt.scaled_global_norm = self.scaled_global_norm
-        zero_opt.step = self.step
 
-    def _reduce(self) -> None:
-        """Average the projected weights' gradients over the DP group (fp32 buckets)."""
+    def before_step(self) -> torch.Tensor:
+        """Average the projected weights' gradients over the DP group (fp32 buckets); returns their
+        squared norm (TP shards summed over the TP group, replicated weights counted once)."""
         with_grad = [p for p in self.params if p.grad is not None]
         world = dist.get_world_size(group=self.dp_group) if dist.is_initialized() else 1
         if world > 1:
@@ -99,27 +100,12 @@ class _ZeroBridge:
                 replicated += sq
         if self.tp_group is not None and dist.get_world_size(group=self.tp_group) > 1:
             dist.all_reduce(split, group=self.tp_group)
-        self.sq_norm = split + replicated
+        return split + replicated
 
-    def scaled_global_norm(self, norm_type=2):
-        norm = self._zero_norm(norm_type)
-        if self.sq_norm is None:
-            return norm
-        ours = self.sq_norm.to(norm.device) * float(self.zero_opt.loss_scale) ** 2
-        # DeepSpeed reports an invalid norm as -1: keep it invalid.
-        return torch.where(norm < 0, norm, torch.sqrt(norm.float() ** 2 + ours))
-
-    def step(self, closure=None):
-        self._reduce()
-        try:
-            out = self._zero_step(closure) if closure is not None else self._zero_step()
-        finally:
-            self.sq_norm = None
-        if not getattr(self.zero_opt, "overflow", False) and not self.client.skip_next_step:
-            norm = getattr(self.zero_opt, "_global_grad_norm", None)
-            clip_grad = float(getattr(self.zero_opt, "clip_grad", 0.0) or 0.0)
+    def after_step(self, applied: bool, norm, clip_grad: float) -> None:
+        """Clip with ZeRO's coefficient and step the projected optimizer, unless the step was dropped."""
+        if applied and not self.client.skip_next_step:
             if clip_grad > 0 and norm is not None:
-                norm = norm if torch.is_tensor(norm) else torch.tensor(float(norm))
                 # DeepSpeed's formula (unscale_and_clip_grads), so both halves get the same factor.
                 clip = torch.clamp((norm.float() + 1e-6) / clip_grad, min=1.0)
                 for p in self.params:
@@ -129,7 +115,6 @@ class _ZeroBridge:
             self.projected.step()
         for p in self.params:
             p.grad = None
-        return out
 
 
 def attach_projected(engine, client, mpu=None) -> None:
@@ -139,22 +124,19 @@ def attach_projected(engine, client, mpu=None) -> None:
         return
     ds_opt = engine.optimizer
     if ds_opt is client:
-        # Stage 0 fp32: DeepSpeed all-reduced and clipped every module parameter before this step.
-        client_step = type(client).step
+        # Stage 0 fp32: DeepSpeed all-reduced and clipped every module parameter before the client's
+        # step; the projected optimizer steps right after it (not after a skipped step).
+        def step_projected() -> None:
+            _sync_lr(client, projected)
+            projected.step()
 
-        def step(closure=None):
-            out = client_step(client, closure)
-            if not client.skip_next_step:
-                _sync_lr(client, projected)
-                projected.step()
-            return out
-
-        client.step = step
+        client.after_step = step_projected
         return
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-    if not isinstance(ds_opt, DeepSpeedZeroOptimizer):
+    if not is_zero_1_2_optimizer(ds_opt):
         raise ConfigError(f"optim.name=galore/fira cannot run under DeepSpeed's {type(ds_opt).__name__} "
                           f"(allowed: parallel.zero_stage 1 or 2, or 0 with train.dtype=fp32)")
+    # The groups DeepSpeed's ZeRO partitions over: the mpu's data-parallel group, else the world.
+    dp_group = mpu.get_data_parallel_group() if mpu is not None else None
     tp_group = mpu.get_model_parallel_group() if mpu is not None else None
-    engine._megatrain_projected_bridge = _ZeroBridge(ds_opt, client, projected, ds_opt.dp_process_group, tp_group)
+    bridge = _ZeroBridge(client, projected, dp_group, tp_group)
+    extend_zero_step(ds_opt, bridge.before_step, bridge.after_step)

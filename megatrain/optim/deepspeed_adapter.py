@@ -1,0 +1,258 @@
+"""The one module that reaches into DeepSpeed's internals. Tested with deepspeed>=0.16,<0.20.
+
+Everything else in megatrain talks to DeepSpeed through its public surface: `deepspeed.initialize` /
+`init_distributed`, the engine's forward / backward / step / save_checkpoint / load_checkpoint /
+get_global_grad_norm / gradient_clipping, `engine.optimizer.param_groups`, the client optimizer it
+is handed (DeepSpeed ends every ZeRO stage in that optimizer's `step()`, which is how a non-finite
+loss skips an update: megatrain.optim.skippable), and the `safe_*` fragment API of deepspeed.utils.
+(Resharding, megatrain.parallel.reshard, drives DeepSpeed's universal-checkpoint converter and
+reads the folders it writes: a file format, not live objects.) Two features need more than that,
+and this module is where they get it.
+
+GaLore / Fira under ZeRO 1/2 (megatrain.optim.zero_bridge, `extend_zero_step`). The projected
+weights stay out of the optimizer ZeRO flattens, yet must share ZeRO's gradient norm, clip
+coefficient and skip decision. ZeRO's optimizer is not a torch Optimizer and offers no hook inside
+its step, so this module replaces two methods on the *instance* DeepSpeed built:
+
+- `DeepSpeedZeroOptimizer.scaled_global_norm(norm_type)`: the loss-scaled norm ZeRO clips with,
+  checks for overflow and reports; the projected weights' squared norm is added to it;
+- `DeepSpeedZeroOptimizer.step(closure)`: wrapped, to reduce the projected gradients before it and
+  step the projected optimizer after it;
+
+and reads the instance attributes `loss_scale` (a property; 1 for bf16 / fp32), `overflow` (set
+by step when it dropped the update), `_global_grad_norm` (the unscaled norm step computed) and
+`clip_grad` (the threshold it clipped with: restored from a checkpoint on resume).
+Invalid norms are DeepSpeed's convention -1, kept invalid.
+
+ReLoRA restarts (megatrain.optim.relora). The public `safe_get/set_full_fp32_param` and
+`safe_get/set_full_optimizer_state` read and write the fp32 masters and Adam moments, but cannot say
+whether a parameter has moments yet, and DeepSpeed links the moments to the parameters only lazily
+after its first step (not after a resumed run's load_state_dict). For those, this module uses:
+
+- the parameter attributes `_hp_mapping` (set on every parameter of a ZeRO 1/2 or bf16 optimizer
+  group; None where this rank holds no fragment), `_hp_mapping.optim_fragment` (the linked Adam
+  state) and `_dp_group`;
+- `deepspeed.utils.lazy_init_hp_params_optimizer_state` (exported, undocumented) with the
+  optimizer's flat groups: `bit16_groups` / `single_partition_of_fp32_groups` (ZeRO 1/2),
+  `bf16_groups` / `fp32_groups_flat_partition` (bf16 at stage 0), and `.optimizer` (the client).
+
+`check_deepspeed_internals()` verifies at start-up (megatrain.engine.deepspeed) that the installed
+DeepSpeed still has every class-level piece a run's features need; the instance attributes are
+checked where the instances are handed in. Either failure is one line naming what moved and the
+tested versions (TESTED_DEEPSPEED, the same range as pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatrain.errors import MegatrainError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TESTED_DEEPSPEED", "ZERO_STEP", "RELORA", "DeepSpeedInternalsError", "check_deepspeed_internals",
+           "is_zero_1_2_optimizer", "extend_zero_step", "keeps_fp32_master", "optimizer_state_linked",
+           "relink_optimizer_state", "client_optimizer"]
+
+# Keep equal to the deepspeed requirement in pyproject.toml (tests/optim/test_deepspeed_adapter.py checks).
+TESTED_DEEPSPEED = ">=0.16,<0.20"
+
+# Features that need internals, as the config that turns them on.
+ZERO_STEP = "optim.name=galore/fira under parallel.zero_stage 1 or 2"
+RELORA = "model.linear=relora"
+
+_ZERO_MODULE = "deepspeed.runtime.zero.stage_1_and_2"
+
+# feature -> [(module, attribute path)] that must exist on the installed DeepSpeed (class level).
+_REQUIRED = {
+    ZERO_STEP: [(_ZERO_MODULE, "DeepSpeedZeroOptimizer.step"),
+                (_ZERO_MODULE, "DeepSpeedZeroOptimizer.scaled_global_norm"),
+                (_ZERO_MODULE, "DeepSpeedZeroOptimizer.loss_scale")],
+    RELORA: [("deepspeed.utils", "lazy_init_hp_params_optimizer_state"),
+             ("deepspeed.utils", "safe_get_full_fp32_param"),
+             ("deepspeed.utils", "safe_set_full_fp32_param"),
+             ("deepspeed.utils", "safe_get_full_optimizer_state"),
+             ("deepspeed.utils", "safe_set_full_optimizer_state"),
+             ("deepspeed.utils.tensor_fragment", "tensor_fragment.optim_fragment")],
+}
+# Instance attributes of the ZeRO 1/2 optimizer that extend_zero_step reads or replaces.
+_ZERO_INSTANCE = ("step", "scaled_global_norm", "loss_scale", "overflow", "_global_grad_norm", "clip_grad")
+# (low-precision groups, flat fp32 partitions) of DeepSpeed's ZeRO 1/2 and bf16 stage-0 optimizers.
+_FLAT_GROUPS = (("bit16_groups", "single_partition_of_fp32_groups"), ("bf16_groups", "fp32_groups_flat_partition"))
+
+
+class DeepSpeedInternalsError(MegatrainError):
+    """The installed DeepSpeed lacks an internal megatrain relies on (see this module's docstring)."""
+
+
+def _version() -> str:
+    import deepspeed
+
+    return getattr(deepspeed, "__version__", "unknown")
+
+
+def _missing(what: str, feature: str) -> DeepSpeedInternalsError:
+    return DeepSpeedInternalsError(
+        f"DeepSpeed {_version()} has no {what}, which megatrain uses for {feature} "
+        f"(megatrain.optim.deepspeed_adapter is tested with deepspeed{TESTED_DEEPSPEED}; "
+        f"install one of those: pip install 'deepspeed{TESTED_DEEPSPEED}')")
+
+
+def _has_member(owner, name: str) -> bool:
+    if dataclasses.is_dataclass(owner) and isinstance(owner, type):
+        if name in {f.name for f in dataclasses.fields(owner)}:
+            return True
+    return hasattr(owner, name)
+
+
+def _check(module_name: str, path: str, feature: str) -> None:
+    try:
+        owner = importlib.import_module(module_name)
+    except ImportError:
+        raise _missing(f"module {module_name}", feature) from None
+    for name in path.split("."):
+        if not _has_member(owner, name):
+            raise _missing(f"{module_name}.{path}", feature)
+        owner = getattr(owner, name, None)
+
+
+def _in_tested_range(version: str) -> Optional[bool]:
+    try:
+        from packaging.specifiers import SpecifierSet
+        from packaging.version import InvalidVersion, Version
+    except ImportError:  # packaging comes with DeepSpeed; without it, skip the advisory check
+        return None
+    try:
+        return Version(version) in SpecifierSet(TESTED_DEEPSPEED)
+    except InvalidVersion:
+        return None
+
+
+def check_deepspeed_internals(features: Iterable[str] = (ZERO_STEP, RELORA)) -> None:
+    """Raise DeepSpeedInternalsError (one line) if the installed DeepSpeed lacks an internal that
+    `features` (ZERO_STEP, RELORA) need. A version outside TESTED_DEEPSPEED that has them all only
+    logs a warning. No features: nothing to check (and DeepSpeed is not imported)."""
+    features = list(features)
+    if not features:
+        return
+    for feature in features:
+        if feature not in _REQUIRED:
+            raise ValueError(f"unknown feature {feature!r} (known: {', '.join(_REQUIRED)})")
+        for module_name, path in _REQUIRED[feature]:
+            _check(module_name, path, feature)
+    version = _version()
+    if _in_tested_range(version) is False:
+        log.warning("DeepSpeed %s is outside the versions megatrain is tested with (deepspeed%s); the internals "
+                    "it relies on are present, but their behaviour is not verified", version, TESTED_DEEPSPEED)
+
+
+def _require(obj, names: Iterable[str], feature: str) -> None:
+    for name in names:
+        if not hasattr(obj, name):
+            raise _missing(f"attribute {name!r} on its {type(obj).__name__}", feature)
+
+
+# ---- GaLore / Fira under ZeRO 1/2 ----------------------------------------------------------------
+
+
+def is_zero_1_2_optimizer(optimizer) -> bool:
+    """Whether `optimizer` (an engine's `.optimizer`) is DeepSpeed's ZeRO stage 1/2 optimizer."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    return isinstance(optimizer, DeepSpeedZeroOptimizer)
+
+
+def extend_zero_step(zero_opt, before_step: Callable[[], Optional[torch.Tensor]],
+                     after_step: Callable[[bool, Optional[torch.Tensor], float], None]) -> None:
+    """Make the ZeRO 1/2 optimizer `zero_opt` run megatrain's work around its own step.
+
+    `before_step()` runs first and returns the squared L2 norm (unscaled fp32 scalar, or None) of
+    gradients ZeRO does not hold; it is added to the norm ZeRO clips with, checks for overflow and
+    reports (engine.get_global_grad_norm). `after_step(applied, grad_norm, clip_grad)` runs after
+    ZeRO's step, with `applied` False when ZeRO dropped the update (overflow), `grad_norm` the
+    unscaled global norm ZeRO computed (a tensor, or None when it computed none) and `clip_grad`
+    the clipping threshold ZeRO applied it with (0: none; a resumed ZeRO optimizer keeps the one
+    saved in its checkpoint).
+    """
+    _require(zero_opt, _ZERO_INSTANCE, ZERO_STEP)
+    zero_norm, zero_step = zero_opt.scaled_global_norm, zero_opt.step
+    extra: list = [None]  # the squared norm for the step in progress
+
+    def scaled_global_norm(norm_type=2):
+        norm = zero_norm(norm_type)
+        if extra[0] is None:
+            return norm
+        ours = extra[0].to(norm.device) * float(zero_opt.loss_scale) ** 2
+        # DeepSpeed reports an invalid norm as -1: keep it invalid.
+        return torch.where(norm < 0, norm, torch.sqrt(norm.float() ** 2 + ours))
+
+    def step(closure=None):
+        extra[0] = before_step()
+        try:
+            out = zero_step(closure) if closure is not None else zero_step()
+        finally:
+            extra[0] = None
+        norm = zero_opt._global_grad_norm
+        if norm is not None and not torch.is_tensor(norm):
+            norm = torch.tensor(float(norm))
+        after_step(not zero_opt.overflow, norm, float(zero_opt.clip_grad or 0.0))
+        return out
+
+    zero_opt.scaled_global_norm = scaled_global_norm
+    zero_opt.step = step
+
+
+# ---- ReLoRA: DeepSpeed's fp32 masters and their optimizer-state fragments ------------------------
+
+
+def keeps_fp32_master(p: torch.nn.Parameter) -> bool:
+    """Whether DeepSpeed keeps `p` in a flat fp32 master group (ZeRO 1/2, bf16 at stage 0)."""
+    return hasattr(p, "_hp_mapping")
+
+
+def optimizer_state_linked(p: torch.nn.Parameter) -> bool:
+    """Whether DeepSpeed's optimizer-state fragments of master-kept `p` exist on every rank of its DP
+    group (not before the first optimizer step). Collective over that group."""
+    _require(p, ("_dp_group",), RELORA)
+    mapping = p._hp_mapping
+    if mapping is not None:
+        _require(mapping, ("optim_fragment",), RELORA)
+    missing = torch.tensor([0.0 if mapping is None or mapping.optim_fragment is not None else 1.0], device=p.device)
+    if dist.is_initialized():
+        dist.all_reduce(missing, group=p._dp_group)
+    return missing.item() == 0
+
+
+def relink_optimizer_state(optimizer) -> None:
+    """Point DeepSpeed's per-parameter optimizer-state fragments at the current state tensors of
+    `optimizer` (an engine's `.optimizer`): DeepSpeed links them lazily after its first step() and
+    not after load_state_dict. Nothing to do when `optimizer` is the client itself (stage 0, fp32)."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return
+    from deepspeed.utils import lazy_init_hp_params_optimizer_state
+
+    for lp_name, flat_name in _FLAT_GROUPS:
+        if hasattr(optimizer, lp_name) and hasattr(optimizer, flat_name):
+            pairs = zip(getattr(optimizer, lp_name), getattr(optimizer, flat_name))
+            break
+    else:
+        raise _missing(f"flat parameter groups ({' or '.join('/'.join(pair) for pair in _FLAT_GROUPS)}) on its "
+                       f"{type(optimizer).__name__}", RELORA)
+    state = client_optimizer(optimizer).state
+    for lp_params, flat in pairs:
+        if flat in state and state[flat]:
+            lazy_init_hp_params_optimizer_state(lp_params, flat, state)
+
+
+def client_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside DeepSpeed's wrapper `optimizer` (or `optimizer` itself)."""
+    while not isinstance(optimizer, torch.optim.Optimizer):
+        _require(optimizer, ("optimizer",), RELORA)
+        optimizer = optimizer.optimizer
+    return optimizer

@@ -1,0 +1,201 @@
+"""megatrain.optim.deepspeed_adapter: the installed DeepSpeed has every internal megatrain relies on,
+pyproject pins the tested versions, and a DeepSpeed whose internals moved fails in one line naming
+what is missing and the tested range, at start-up (class level) and where instances are handed in.
+The slow test drives the adapter against a real single-process ZeRO-2 engine."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatrain.optim import deepspeed_adapter as adapter
+from megatrain.optim.deepspeed_adapter import (
+    RELORA, TESTED_DEEPSPEED, ZERO_STEP, DeepSpeedInternalsError, check_deepspeed_internals,
+)
+from tests.conftest import REPO, child_env, free_port
+
+
+def _assert_loud(err: pytest.ExceptionInfo, *fragments: str) -> None:
+    import deepspeed
+
+    message = str(err.value)
+    assert "\n" not in message
+    for fragment in (*fragments, f"DeepSpeed {deepspeed.__version__}", f"deepspeed{TESTED_DEEPSPEED}"):
+        assert fragment in message, (fragment, message)
+
+
+def test_installed_deepspeed_has_every_internal_and_is_in_the_tested_range():
+    import deepspeed
+    from packaging.specifiers import SpecifierSet
+
+    check_deepspeed_internals([ZERO_STEP, RELORA])
+    check_deepspeed_internals()  # the default: every feature
+    assert deepspeed.__version__ in SpecifierSet(TESTED_DEEPSPEED), deepspeed.__version__
+
+
+def test_pyproject_pins_the_tested_range():
+    text = (REPO / "pyproject.toml").read_text()
+    pins = re.findall(r'"deepspeed([^"]*)"', text)
+    assert pins == [TESTED_DEEPSPEED], pins
+    assert "<" in TESTED_DEEPSPEED  # an upper bound: internals move between minor versions
+
+
+@pytest.mark.parametrize("module_name, path, feature", [
+    ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer.scaled_global_norm", ZERO_STEP),
+    ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer.step", ZERO_STEP),
+    ("deepspeed.utils", "lazy_init_hp_params_optimizer_state", RELORA),
+    ("deepspeed.utils", "safe_set_full_optimizer_state", RELORA),
+])
+def test_missing_internal_fails_loudly(monkeypatch, module_name, path, feature):
+    import importlib
+
+    owner = importlib.import_module(module_name)
+    *parents, name = path.split(".")
+    for part in parents:
+        owner = getattr(owner, part)
+    monkeypatch.delattr(owner, name)
+    with pytest.raises(DeepSpeedInternalsError) as err:
+        check_deepspeed_internals([feature])
+    _assert_loud(err, f"{module_name}.{path}", feature)
+    other = RELORA if feature == ZERO_STEP else ZERO_STEP
+    check_deepspeed_internals([other])  # a run without that feature does not need it
+
+
+def test_moved_module_fails_loudly(monkeypatch):
+    monkeypatch.setitem(sys.modules, "deepspeed.runtime.zero.stage_1_and_2", None)  # import raises ImportError
+    with pytest.raises(DeepSpeedInternalsError) as err:
+        check_deepspeed_internals([ZERO_STEP])
+    _assert_loud(err, "module deepspeed.runtime.zero.stage_1_and_2", ZERO_STEP)
+
+
+def test_removed_dataclass_field_fails_loudly(monkeypatch):
+    from deepspeed.utils.tensor_fragment import tensor_fragment
+
+    fields = {k: v for k, v in tensor_fragment.__dataclass_fields__.items() if k != "optim_fragment"}
+    monkeypatch.setattr(tensor_fragment, "__dataclass_fields__", fields)
+    monkeypatch.delattr(tensor_fragment, "optim_fragment")
+    with pytest.raises(DeepSpeedInternalsError) as err:
+        check_deepspeed_internals([RELORA])
+    _assert_loud(err, "deepspeed.utils.tensor_fragment.tensor_fragment.optim_fragment")
+
+
+def test_untested_version_with_the_internals_only_warns(monkeypatch, caplog):
+    import deepspeed
+
+    monkeypatch.setattr(deepspeed, "__version__", "0.99.0")
+    with caplog.at_level("WARNING", logger=adapter.__name__):
+        check_deepspeed_internals([ZERO_STEP])
+    assert "DeepSpeed 0.99.0 is outside" in caplog.text and TESTED_DEEPSPEED in caplog.text
+
+
+def test_unknown_feature_is_a_bug_not_a_user_error():
+    with pytest.raises(ValueError, match="unknown feature"):
+        check_deepspeed_internals(["galore"])
+
+
+def test_start_up_check_covers_the_run_features(monkeypatch):
+    """What the trainer's preflight runs: a MegatrainError (one line, exit 2) only for runs that need it."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from megatrain.engine.deepspeed import check_deepspeed_for
+    from megatrain.errors import MegatrainError
+
+    class Cfg:  # the three keys check_deepspeed_for reads
+        class optim:
+            name = "galore"
+
+        class parallel:
+            zero_stage = 2
+
+        class model:
+            linear = "dense"
+
+    monkeypatch.delattr(DeepSpeedZeroOptimizer, "scaled_global_norm")
+    with pytest.raises(MegatrainError, match="scaled_global_norm"):
+        check_deepspeed_for(Cfg)
+    Cfg.parallel.zero_stage = 0  # stage 0 fp32 steps the projected weights without ZeRO internals
+    check_deepspeed_for(Cfg)
+
+
+def test_relink_refuses_a_wrapper_without_flat_groups():
+    class Wrapper:  # what a DeepSpeed whose ZeRO optimizer renamed its groups would look like
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+
+    with pytest.raises(DeepSpeedInternalsError) as err:
+        adapter.relink_optimizer_state(Wrapper())
+    _assert_loud(err, "bit16_groups/single_partition_of_fp32_groups", RELORA)
+    plain = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    adapter.relink_optimizer_state(plain)  # stage 0 fp32: the client itself, nothing to relink
+    assert adapter.client_optimizer(Wrapper()) is Wrapper.optimizer
+
+
+# ---- a real ZeRO-2 engine (one gloo process) ------------------------------------------------------
+
+
+def _zero2_worker(port: int, out_path: str) -> None:
+    """Runs in a child process: a single-rank ZeRO-2 engine over a small model, through the adapter."""
+    import os
+
+    import deepspeed
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    client = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 0.5,
+              "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
+              "steps_per_print": 2**31 - 1}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config)
+    zero_opt = engine.optimizer
+    result = {"is_zero": adapter.is_zero_1_2_optimizer(zero_opt), "calls": []}
+    extra_sq = torch.tensor(9.0)
+    adapter.extend_zero_step(zero_opt, lambda: extra_sq,
+                             lambda applied, norm, clip: result["calls"].append([applied, float(norm), clip]))
+    x, y = torch.randn(4, 6), torch.randn(4, 3)
+    loss = torch.nn.functional.mse_loss(engine(x), y)
+    engine.backward(loss)
+    # The same gradients on a plain copy: ZeRO-2 keeps its own in flat buffers.
+    reference = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    reference.load_state_dict(model.state_dict())
+    torch.nn.functional.mse_loss(reference(x), y).backward()
+    ours = torch.sqrt(sum(p.grad.pow(2).sum() for p in reference.parameters()))
+    engine.step()
+    result["module_norm"] = float(ours)
+    result["engine_norm"] = float(engine.get_global_grad_norm())
+    p = next(model.parameters())
+    result["keeps_master"] = adapter.keeps_fp32_master(p)
+    adapter.relink_optimizer_state(zero_opt)
+    result["state_linked"] = adapter.optimizer_state_linked(p)
+    result["client_is_ours"] = adapter.client_optimizer(zero_opt) is client
+    del zero_opt.overflow  # a version without it
+    try:
+        adapter.extend_zero_step(zero_opt, lambda: None, lambda *a: None)
+    except DeepSpeedInternalsError as exc:
+        result["missing"] = str(exc)
+    with open(out_path, "w") as fh:
+        json.dump(result, fh)
+
+
+@pytest.mark.slow
+def test_adapter_on_a_real_zero2_engine(tmp_path):
+    out = tmp_path / "result.json"
+    code = ("import sys; from tests.optim.test_deepspeed_adapter import _zero2_worker as run; "
+            "run(int(sys.argv[1]), sys.argv[2])")
+    proc = subprocess.run([sys.executable, "-c", code, str(free_port()), str(out)], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["is_zero"] and result["keeps_master"] and result["state_linked"] and result["client_is_ours"]
+    # The extra squared norm (9) joined ZeRO's: the engine reports and clips with the combined norm.
+    expected = (result["module_norm"] ** 2 + 9.0) ** 0.5
+    assert result["engine_norm"] == pytest.approx(expected, rel=1e-5)
+    assert len(result["calls"]) == 1
+    applied, norm, clip = result["calls"][0]
+    assert applied and norm == pytest.approx(expected, rel=1e-5) and clip == 0.5
+    assert "attribute 'overflow'" in result["missing"] and TESTED_DEEPSPEED in result["missing"]
