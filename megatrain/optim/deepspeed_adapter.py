@@ -5,7 +5,7 @@ Everything else in megatrain talks to DeepSpeed through its public surface: `dee
 get_global_grad_norm / gradient_clipping, `engine.optimizer.param_groups`, the client optimizer it
 is handed (DeepSpeed ends every ZeRO stage in that optimizer's `step()`, which is how a non-finite
 loss skips an update: megatrain.optim.skippable), and the `safe_*` fragment API of deepspeed.utils.
-(Resharding, megatrain.parallel.reshard, drives DeepSpeed's universal-checkpoint converter and
+(Resharding, megatrain.engine.reshard, drives DeepSpeed's universal-checkpoint converter and
 reads the folders it writes: a file format, not live objects.) Two features need more than that,
 and this module is where they get it.
 
