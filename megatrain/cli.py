@@ -1,4 +1,4 @@
-"""`megatrain {pretrain,tokenizer,config,export,reshard}`.
+"""`megatrain {pretrain,tokenizer,config,export,reshard,generate}`.
 
 User errors (MegatrainError) end as one line on stderr and exit code 2; no traceback.
 `megatrain pretrain` runs in this process for one process, or starts torchrun's elastic agent for
@@ -67,7 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reshard", help="convert a ZeRO 1/2 checkpoint to DeepSpeed's universal form, so it resumes "
                                        "at any parallel.tensor and process count")
     p.add_argument("path", help="run directory (its latest checkpoint) or checkpoint directory")
+    _add_generate(sub)
     return parser
+
+
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="print continuations of text prompts from a run, checkpoint or export")
+    p.add_argument("path", help="run directory, checkpoint directory or exported folder")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeat for several)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
 
 
 def _under_launcher() -> bool:
@@ -193,6 +207,26 @@ def _cmd_reshard(args) -> int:
     return 0
 
 
+def _cmd_generate(args) -> int:
+    import megatrain
+
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer, _ = megatrain.load(args.path, device=device)
+    prompts = [tokenizer.encode(text) for text in args.prompt]
+    outputs = megatrain.generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                 top_p=args.top_p, top_k=args.top_k, stop=args.stop, eos_id=tokenizer.eos_id,
+                                 seed=args.seed, tokenizer=tokenizer)
+    for i, (text, new) in enumerate(zip(args.prompt, outputs)):
+        if i:
+            print()
+        print(text + tokenizer.decode(new), flush=True)
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     # Overrides (a.b=c) may stand anywhere, also after flags: argparse alone stops at the first flag.
@@ -203,7 +237,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     handlers = {"pretrain": _cmd_pretrain, "tokenizer": _cmd_tokenizer, "config": _cmd_config, "export": _cmd_export,
-                "reshard": _cmd_reshard}
+                "reshard": _cmd_reshard, "generate": _cmd_generate}
     try:
         return handlers[args.command](args)
     except MegatrainError as exc:

@@ -15,7 +15,7 @@ from megatrain.config import IHAConfig, ModelConfig
 from megatrain.errors import ConfigError
 from megatrain.generate import generate
 from megatrain.models.transformer import Transformer
-from tests.conftest import REPO, child_env, free_port
+from tests.conftest import REPO, child_env, free_port, run_cli
 
 VOCAB = 64
 PROMPTS = [[5, 9, 2, 33, 14, 7, 1], [40, 3], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [8]]
@@ -238,3 +238,25 @@ def test_tensor_parallel_and_zero3_generation_match_one_process():
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     assert "ok: tp zero3" in proc.stdout
 
+
+def test_generate_command_prints_continuations(tiny_run):
+    prompts = ["It is a truth universally acknowledged", "Emma"]
+    proc = run_cli(["generate", str(tiny_run), "--prompt", prompts[0], "--prompt", prompts[1],
+                    "--max-new-tokens", "12", "--device", "cpu"])
+    model, tok, _ = megatrain.load(str(tiny_run))
+    new = generate(model, [tok.encode(p) for p in prompts], max_new_tokens=12, eos_id=tok.eos_id)
+    expected = "\n\n".join(p + tok.decode(t) for p, t in zip(prompts, new)) + "\n"
+    assert proc.stdout == expected
+    assert all(len(t) > 0 for t in new) and len(proc.stdout) > sum(len(p) for p in prompts) + 4
+
+    sampled = run_cli(["generate", str(tiny_run), "--prompt", "Emma", "--max-new-tokens", "12", "--temperature",
+                       "0.9", "--top-p", "0.9", "--top-k", "50", "--seed", "3", "--stop", "\n"])
+    new = generate(model, [tok.encode("Emma")], max_new_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=3,
+                   eos_id=tok.eos_id, stop="\n", tokenizer=tok)
+    assert sampled.stdout == "Emma" + tok.decode(new[0]) + "\n"
+
+    bad = run_cli(["generate", str(tiny_run), "--prompt", "Emma", "--max-new-tokens", "0"], check=False)
+    assert bad.returncode == 2
+    assert bad.stderr == "megatrain: error: generate: max_new_tokens must be an integer >= 1, got 0\n"
+    missing = run_cli(["generate", str(tiny_run / "nope"), "--prompt", "Emma"], check=False)
+    assert missing.returncode == 2 and missing.stderr.startswith("megatrain: error: ")
