@@ -26,6 +26,7 @@ only on its seed and its own logits, not on which other rows share the batch, an
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import types
@@ -113,7 +114,8 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
     cache = KVCache(cfg.layers)
     lockstep = _needs_lockstep(model)
     with torch.no_grad():
-        logits = model(ids.to(device), cache=cache, positions=positions.to(device))[:, -1]
+        with _last_position_logits(model, multiple == 1):
+            logits = model(ids.to(device), cache=cache, positions=positions.to(device))[:, -1]
         step = 0
         while True:
             if active:
@@ -220,6 +222,22 @@ def _unwrap(model: nn.Module) -> nn.Module:
                               f"Transformer (or the DeepSpeed engine's module)")
         model = inner
     return model
+
+
+@contextlib.contextmanager
+def _last_position_logits(model: nn.Module, enabled: bool):
+    """Let the prefill project only its last position to the vocabulary (transformers'
+    logits_to_keep=1): the [B, N, V] logits of a long prompt are large and all but one row is unused.
+    Off under sequence parallelism, where the head's input is this rank's slice of the sequence."""
+    head = getattr(model, "head", None)
+    if not enabled or not isinstance(head, nn.Module):
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0][:, -1:], *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _needs_lockstep(model: nn.Module) -> bool:

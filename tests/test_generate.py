@@ -92,6 +92,18 @@ def test_eos_stops_only_its_row_and_finished_rows_leave_the_batch(model):
         truncate_after(t, lambda s: s[-1] in (eos, 63)) for t in full]
 
 
+def test_prefill_projects_only_the_last_position_to_the_vocabulary(model):
+    shapes = []
+    hook = model.head.register_forward_hook(lambda mod, args, out: shapes.append(tuple(out.shape)))
+    try:
+        generate(model, PROMPTS, max_new_tokens=2)
+    finally:
+        hook.remove()
+    assert shapes == [(4, 1, VOCAB), (4, 1, VOCAB)]
+    assert not model.head._forward_pre_hooks  # the hook is gone afterwards
+    assert model(torch.tensor([PROMPTS[0]])).shape == (1, len(PROMPTS[0]), VOCAB)
+
+
 def test_stop_token_sequences(model):
     full = generate(model, PROMPTS, max_new_tokens=10)
     seq = full[2][4:6]
