@@ -3,16 +3,17 @@
 `PairAdamW` keeps two AdamW states per parameter (moments and step count A for the RL loss, B
 for the SFT loss) and a phase. One iteration is two DeepSpeed steps at the same weights θ:
 
-    backward(L_RL);  engine.step()   # phase "a": Δ_A = AdamW_A update, kept, θ unchanged
-    backward(L_SFT); engine.step()   # phase "b": Δ_B = AdamW_B update; θ <- θ + (Δ_A + Δ_B) / 2
+    opt.phase = "a"; backward(L_RL);  engine.step()   # Δ_A = AdamW_A update, kept, θ unchanged
+    opt.phase = "b"; backward(L_SFT); engine.step()   # Δ_B = AdamW_B update; θ <- θ + (Δ_A + Δ_B) / 2
 
 so θ_new = (θ_A + θ_B) / 2 with θ_A = θ + Δ_A and θ_B = θ + Δ_B, each optimizer seeing its own
 gradient history. Because it is the client optimizer, DeepSpeed treats it like AdamW: under
 ZeRO 1/2 it runs on each rank's flat fp32 partition (so both moment sets and Δ_A are
 partitioned), gradient clipping and the bf16 master copy happen in DeepSpeed's step wrapper
 before each phase, and its state_dict (both moment sets) goes into DeepSpeed's optimizer
-checkpoint. Between iterations the phase is "a" and Δ_A is spent, so a checkpoint needs nothing
-else. Each phase's learning rate is the param group's `lr` at that phase (the recipe sets it).
+checkpoint. Between iterations Δ_A is spent, so a checkpoint needs nothing else. The caller sets
+the phase: DeepSpeed's ZeRO 1/2 step calls `step()` once per parameter group, so the optimizer
+cannot count calls to find it. Each phase's learning rate is the param group's `lr` at that phase (the recipe sets it).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class PairAdamW(torch.optim.Optimizer):
         if self.skip_next_step:
             return None
         phase = self.phase
+        if phase not in self.PHASES:
+            raise ValueError(f"PairAdamW.phase must be 'a' or 'b', got {phase!r}")
         for group in self.param_groups:
             b1, b2 = group["betas"]
             for p in group["params"]:
@@ -65,5 +68,4 @@ class PairAdamW(torch.optim.Optimizer):
                 else:
                     p.add_(state["delta_a"].add_(delta), alpha=0.5)
                     state["delta_a"].zero_()
-        self.phase = "b" if phase == "a" else "a"
         return None

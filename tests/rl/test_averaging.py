@@ -25,10 +25,12 @@ def test_pair_step_is_mean_of_two_adamw_updates(weight_decay):
         before = [p.detach().clone() for p in pair_params]
         for p, g in zip(pair_params, grads_a):
             p.grad = g.clone()
+        pair.phase = "a"
         pair.step()
         assert all(torch.equal(p, b) for p, b in zip(pair_params, before)), "phase a must not move θ"
         for p, g in zip(pair_params, grads_b):
             p.grad = g.clone()
+        pair.phase = "b"
         pair.step()
         for ra, rb, t, ga, gb in zip(ref_a, ref_b, before, grads_a, grads_b):
             with torch.no_grad():
@@ -48,8 +50,9 @@ def test_pair_step_is_mean_of_two_adamw_updates(weight_decay):
     clone = PairAdamW([{"params": clone_params, "weight_decay": weight_decay}], lr=0.05, betas=(0.9, 0.95))
     clone.load_state_dict(copy.deepcopy(pair.state_dict()))
     for opt, params in ((pair, pair_params), (clone, clone_params)):
-        for _ in range(2):
+        for phase in ("a", "b"):
             for p in params:
                 p.grad = torch.ones_like(p)
+            opt.phase = phase
             opt.step()
     assert all(torch.equal(a, b) for a, b in zip(pair_params, clone_params))
