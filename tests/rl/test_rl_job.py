@@ -40,6 +40,7 @@ def test_grpo_raises_an_easy_reward(tiny_run, tmp_path):
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.05, rewards
 
 
+@pytest.mark.slow
 def test_resume_is_exact_and_two_processes_equal_one(tiny_run, tmp_path):
     """The same 3 iterations of GRPO and of parallel averaging (ZeRO-2, KL on, 2 optimizer steps per
     rollout): straight, stopped after 1 and resumed, and in 2 processes."""
