@@ -24,6 +24,8 @@ demo: install
 	rm -rf $(DEMO_DIR)
 	$(BIN)/megatrain pretrain --config launch/configs/tiny-cpu.yaml --nproc-per-node $(DEMO_NPROC) run.dir=$(DEMO_DIR)
 	@echo "metrics: $(DEMO_DIR)/metrics.jsonl  tensorboard: $(BIN)/tensorboard --logdir $(DEMO_DIR)/tb"
+	@echo "a continuation from the model just trained:"
+	$(BIN)/megatrain generate $(DEMO_DIR) --prompt "It is a truth universally acknowledged" --max-new-tokens 48 --temperature 0.8 --top-p 0.95
 
 test: install
 	$(BIN)/python -m pytest -q

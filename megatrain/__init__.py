@@ -11,3 +11,13 @@ def load(path, device="cpu"):
     from megatrain.engine.load import load_for_inference  # imported here: `import megatrain` stays light
 
     return load_for_inference(path, device=device)
+
+
+def generate(model, prompts, **kwargs):
+    """Batched KV-cache sampling; see `megatrain.generate.generate` for the arguments.
+
+    Imported on first use so that `import megatrain` stays light.
+    """
+    from megatrain.generate import generate as _generate
+
+    return _generate(model, prompts, **kwargs)

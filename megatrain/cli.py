@@ -1,4 +1,4 @@
-"""`megatrain {pretrain,tokenizer,config,export,reshard}`.
+"""`megatrain {pretrain,rl,tokenizer,config,export,reshard,generate}`.
 
 User errors (MegatrainError) end as one line on stderr and exit code 2; no traceback.
 `megatrain pretrain` runs in this process for one process, or starts torchrun's elastic agent for
@@ -39,6 +39,45 @@ def _add_pretrain(sub):
     return p
 
 
+def _add_rl(sub):
+    p = sub.add_parser("rl", help="RL / SFT / SFT->RL / parallel averaging from pretraining checkpoints (rl.* keys)")
+    p.add_argument("--config", "-c", help="YAML run config (launch/configs/rl-*.yaml)")
+    p.add_argument("--deepspeed", dest="deepspeed_json", help="DeepSpeed JSON merged into the config's deepspeed section")
+    p.add_argument("--resume", action="store_true", help="continue the RL run in run.dir (finished sub-runs are kept)")
+    p.add_argument("--resume-from", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop each excursion after this many iterations with a checkpoint (preemptible jobs, tests)")
+    p.add_argument("--nproc-per-node", type=int, default=None,
+                   help="processes to start on this machine (default: the number of GPUs, or 1 on CPU)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="config overrides such as rl.group_size=8 rl.init=runs/x")
+
+
+def _cmd_rl(args) -> int:
+    from megatrain.config import load_config
+    from megatrain.rl.job import preflight, rl
+
+    cfg = load_config(args.config, args.overrides, args.deepspeed_json)
+    if args.stop_after is not None and args.stop_after < 1:
+        raise MegatrainError(f"--stop-after must be >= 1, got {args.stop_after}")
+    if _under_launcher():
+        rl(cfg, resume=args.resume, stop_after=args.stop_after)
+        return 0
+    nproc = args.nproc_per_node
+    if nproc is None:
+        import torch
+
+        nproc = torch.cuda.device_count() or 1
+    if nproc < 1:
+        raise MegatrainError(f"--nproc-per-node must be >= 1, got {nproc}")
+    if nproc == 1:
+        rl(cfg, resume=args.resume, stop_after=args.stop_after)
+        return 0
+    preflight(cfg, args.resume, nproc)  # a bad config is one line, not N
+    argv = _argv_of(args) + (["--stop-after", str(args.stop_after)] if args.stop_after is not None else [])
+    return _spawn_torchrun(nproc, ["rl", *argv])
+
+
 def _add_tokenizer(sub):
     p = sub.add_parser("tokenizer", help="train a sentencepiece tokenizer on local text/jsonl/parquet files")
     p.add_argument("--input", nargs="+", required=True, help="files, globs or directories ('embedded' for the corpus)")
@@ -59,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="megatrain", description="Distributed LLM pretraining on DeepSpeed.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_pretrain(sub)
+    _add_rl(sub)
     _add_tokenizer(sub)
     _add_config(sub)
     p = sub.add_parser("export", help="write a run's weights as a Hugging Face Llama folder (safetensors)")
@@ -67,7 +107,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reshard", help="convert a ZeRO 1/2 checkpoint to DeepSpeed's universal form, so it resumes "
                                        "at any parallel.tensor and process count")
     p.add_argument("path", help="run directory (its latest checkpoint) or checkpoint directory")
+    _add_generate(sub)
     return parser
+
+
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="print continuations of text prompts from a run, checkpoint or export")
+    p.add_argument("path", help="run directory, checkpoint directory or exported folder")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeat for several)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
 
 
 def _under_launcher() -> bool:
@@ -190,6 +244,26 @@ def _cmd_reshard(args) -> int:
     return 0
 
 
+def _cmd_generate(args) -> int:
+    import megatrain
+
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer, _ = megatrain.load(args.path, device=device)
+    prompts = [tokenizer.encode(text) for text in args.prompt]
+    outputs = megatrain.generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                 top_p=args.top_p, top_k=args.top_k, stop=args.stop, eos_id=tokenizer.eos_id,
+                                 seed=args.seed, tokenizer=tokenizer)
+    for i, (text, new) in enumerate(zip(args.prompt, outputs)):
+        if i:
+            print()
+        print(text + tokenizer.decode(new), flush=True)
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     # Overrides (a.b=c) may stand anywhere, also after flags: argparse alone stops at the first flag.
@@ -199,8 +273,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = list(args.overrides) + extra
-    handlers = {"pretrain": _cmd_pretrain, "tokenizer": _cmd_tokenizer, "config": _cmd_config, "export": _cmd_export,
-                "reshard": _cmd_reshard}
+    handlers = {"pretrain": _cmd_pretrain, "rl": _cmd_rl, "tokenizer": _cmd_tokenizer, "config": _cmd_config, "export": _cmd_export,
+                "reshard": _cmd_reshard, "generate": _cmd_generate}
     try:
         return handlers[args.command](args)
     except MegatrainError as exc:

@@ -66,6 +66,17 @@ def run_cli(args: list[str], timeout: int = 600, check: bool = True) -> subproce
     return proc
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A tiny model pretrained once per session (TINY_JOB, one process, 8 steps, checkpoints at
+    steps 4 and 8) for tests that need a trained run: generation, RL and qTTT start from it.
+    Treat it as read-only."""
+    run_dir = tmp_path_factory.mktemp("tiny-run") / "run"
+    run_cli(["pretrain", *TINY_JOB, "log.eval_every=0", "parallel.zero_stage=0", "checkpoint.every=4",
+             f"run.dir={run_dir}"])
+    return run_dir
+
+
 def read_metrics(run_dir) -> list[dict]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
         return [json.loads(line) for line in fh if line.strip()]

@@ -76,6 +76,16 @@ class KVCache:
             self.positions = all_positions
         return all_positions
 
+    def select(self, rows: Tensor) -> None:
+        """Keep only the batch rows `rows` [B'] (long indices) of every stored tensor, in that order.
+
+        Generation drops finished rows this way, so they are no longer computed.
+        """
+        self.keys = [None if t is None else t.index_select(0, rows) for t in self.keys]
+        self.values = [None if t is None else t.index_select(0, rows) for t in self.values]
+        if self.positions is not None and self.positions.shape[0] > 1:
+            self.positions = self.positions.index_select(0, rows)
+
     def freeze(self) -> None:
         """Detach the stored tensors and stop storing new ones."""
         self.keys = [None if t is None else t.detach() for t in self.keys]

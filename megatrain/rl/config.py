@@ -1,0 +1,129 @@
+"""Validation of the `rl` config section (the schema lives in megatrain/config.py).
+
+`validate_rl(cfg, world_size)` runs in the RL job's preflight, before any process group starts:
+every bad value is one line naming the key and what is allowed (ConfigError).
+"""
+
+from __future__ import annotations
+
+import math
+
+from megatrain.errors import ConfigError
+from megatrain.rl.grpo import KL_ESTIMATORS, LOSS_AGG_MODES, SCALE_MODES
+
+PIPELINES = ("grpo", "sft", "sft_rl", "parallel_avg", "loss_mix")
+# Pipelines that sample rollouts and take RL updates, and those that take SFT updates.
+RL_PIPELINES = ("grpo", "sft_rl", "parallel_avg", "loss_mix")
+SFT_PIPELINES = ("sft", "sft_rl", "parallel_avg", "loss_mix")
+
+
+def pipelines(rl) -> list[str]:
+    """rl.pipeline as a list of names."""
+    names = rl.pipeline if isinstance(rl.pipeline, (list, tuple)) else [rl.pipeline]
+    return [str(n) for n in names]
+
+
+def validate_rl(cfg, world_size: int = 1) -> None:
+    rl = cfg.rl
+    names = pipelines(rl)
+    if not names:
+        raise ConfigError(f"rl.pipeline is empty (allowed: {', '.join(PIPELINES)}, or a list of them)")
+    for name in names:
+        if name not in PIPELINES:
+            raise ConfigError(f"rl.pipeline={name!r} is not allowed (allowed: {', '.join(PIPELINES)}, or a list of them)")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"rl.pipeline lists a pipeline twice: {names}")
+    if rl.group_size < 2:
+        raise ConfigError(f"rl.group_size must be >= 2 (GRPO compares samples within a group), got {rl.group_size}")
+    for key in ("prompts_per_step", "max_new_tokens", "ppo_epochs", "micro_batch", "steps"):
+        if getattr(rl, key) < 1:
+            raise ConfigError(f"rl.{key} must be >= 1, got {getattr(rl, key)}")
+    if rl.sft_steps < 0:
+        raise ConfigError(f"rl.sft_steps must be >= 0, got {rl.sft_steps}")
+    if not rl.temperature > 0:
+        raise ConfigError(f"rl.temperature must be > 0 (rollouts sample), got {rl.temperature}")
+    if not 0.0 < rl.top_p <= 1.0:
+        raise ConfigError(f"rl.top_p must be in (0, 1], got {rl.top_p}")
+    if not 0.0 <= rl.clip_low < 1.0:
+        raise ConfigError(f"rl.clip_low must be in [0, 1), got {rl.clip_low}")
+    if not rl.clip_high >= 0.0:
+        raise ConfigError(f"rl.clip_high must be >= 0, got {rl.clip_high}")
+    if rl.dual_clip is not None and not rl.dual_clip > 1.0:
+        raise ConfigError(f"rl.dual_clip must be > 1 (verl's default is 3) or null, got {rl.dual_clip}")
+    if rl.scale_rewards not in SCALE_MODES:
+        raise ConfigError(f"rl.scale_rewards={rl.scale_rewards!r} is not allowed (allowed: {', '.join(SCALE_MODES)})")
+    if rl.loss_agg not in LOSS_AGG_MODES:
+        raise ConfigError(f"rl.loss_agg={rl.loss_agg!r} is not allowed (allowed: {', '.join(LOSS_AGG_MODES)})")
+    if rl.kl_estimator not in KL_ESTIMATORS:
+        raise ConfigError(f"rl.kl_estimator={rl.kl_estimator!r} is not allowed (allowed: {', '.join(KL_ESTIMATORS)})")
+    if not rl.kl_coef >= 0:
+        raise ConfigError(f"rl.kl_coef must be >= 0, got {rl.kl_coef}")
+    if not 0.0 <= rl.mix_weight <= 1.0:
+        raise ConfigError(f"rl.mix_weight must be in [0, 1], got {rl.mix_weight}")
+    if not math.isfinite(rl.format_score):
+        raise ConfigError(f"rl.format_score must be a finite number, got {rl.format_score}")
+    if "sft_rl" in names and rl.sft_steps < 1:
+        raise ConfigError("rl.pipeline=sft_rl needs rl.sft_steps >= 1")
+    dp = max(1, world_size // cfg.parallel.tensor)
+    if rl.prompts_per_step % dp:
+        raise ConfigError(f"rl.prompts_per_step={rl.prompts_per_step} must be a multiple of the data-parallel size {dp}")
+    rollout = rl.prompts_per_step * rl.group_size
+    mini = rl.mini_batch if rl.mini_batch is not None else rollout
+    if mini < 1 or rollout % mini or mini % rl.group_size or (mini // rl.group_size) % dp:
+        raise ConfigError(f"rl.mini_batch={rl.mini_batch} must divide the rollout batch rl.prompts_per_step x "
+                          f"rl.group_size = {rollout} in whole groups of {rl.group_size}, and those groups must split "
+                          f"over the data-parallel size {dp}")
+    local = mini // dp
+    if local % min(rl.micro_batch, local):
+        raise ConfigError(f"rl.micro_batch={rl.micro_batch} must divide the sequences per process per optimizer "
+                          f"step ({local} = rl.mini_batch / data-parallel size)")
+    _validate_task(rl.task)
+    _validate_eval(rl)
+    _validate_start(rl)
+    if cfg.parallel.tensor > 1 or cfg.parallel.zero_stage == 3:
+        if "parallel_avg" in names and cfg.parallel.zero_stage == 3:
+            raise ConfigError("rl.pipeline=parallel_avg supports parallel.zero_stage 0, 1 or 2 (its pair optimizer "
+                              "runs on ZeRO 1/2 partitions)")
+
+
+def _validate_task(t) -> None:
+    if t.source != "embedded" and not str(t.source).endswith(".jsonl"):
+        raise ConfigError(f"rl.task.source={t.source!r} must be 'embedded' or a .jsonl file")
+    levels = t.levels if isinstance(t.levels, list) else None
+    if not levels or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in levels):
+        raise ConfigError(f"rl.task.levels must be a non-empty list of integers >= 1, got {t.levels!r}")
+    if t.train_size < 1 or t.held_out < 1:
+        raise ConfigError("rl.task.train_size and rl.task.held_out must be >= 1")
+
+
+def _validate_eval(rl) -> None:
+    e = rl.eval
+    ks = e.k if isinstance(e.k, list) else None
+    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+        raise ConfigError(f"rl.eval.k must be a non-empty list of integers >= 1, got {e.k!r}")
+    if e.samples < 1:
+        raise ConfigError(f"rl.eval.samples must be >= 1, got {e.samples}")
+    if max(ks) > e.samples:
+        raise ConfigError(f"rl.eval.k={max(ks)} is larger than rl.eval.samples={e.samples} (pass@k needs k <= n samples)")
+    if e.problems is not None and not 1 <= e.problems <= rl.task.held_out:
+        raise ConfigError(f"rl.eval.problems must be in [1, rl.task.held_out={rl.task.held_out}], got {e.problems}")
+    if not e.temperature > 0:
+        raise ConfigError(f"rl.eval.temperature must be > 0, got {e.temperature}")
+    if e.every < 0:
+        raise ConfigError(f"rl.eval.every must be >= 0, got {e.every}")
+
+
+def _validate_start(rl) -> None:
+    ck = rl.checkpoints
+    if ck is not None and ck != "all":
+        if not isinstance(ck, list) or not ck or not all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in ck):
+            raise ConfigError(f"rl.checkpoints must be null, 'all', or a list like [step_500, step_1000], got {ck!r}")
+    p = rl.pretrain
+    if rl.init is None:
+        if p.config is None:
+            raise ConfigError("rl.init is null and rl.pretrain.config is not set: give a run or checkpoint to start "
+                              "from (rl.init) or a pretraining YAML to train one first (rl.pretrain.config)")
+    if not isinstance(p.overrides, list) or not all(isinstance(o, str) and "=" in o for o in p.overrides):
+        raise ConfigError(f"rl.pretrain.overrides must be a list of a.b=c strings, got {p.overrides!r}")
+    if not 0.0 <= p.task_fraction < 1.0:
+        raise ConfigError(f"rl.pretrain.task_fraction must be in [0, 1), got {p.task_fraction}")
