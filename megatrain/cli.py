@@ -245,16 +245,17 @@ def _cmd_reshard(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    import megatrain
+    from megatrain.engine.load import load_for_inference
+    from megatrain.generate import generate
 
     device = args.device
     if device is None:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer, _ = megatrain.load(args.path, device=device)
+    model, tokenizer, _ = load_for_inference(args.path, device=device)
     prompts = [tokenizer.encode(text) for text in args.prompt]
-    outputs = megatrain.generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    outputs = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                  top_p=args.top_p, top_k=args.top_k, stop=args.stop, eos_id=tokenizer.eos_id,
                                  seed=args.seed, tokenizer=tokenizer)
     for i, (text, new) in enumerate(zip(args.prompt, outputs)):

@@ -16,7 +16,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from megatrain.config import IHAConfig, ModelConfig
+from megatrain.models.config import IHAConfig, ModelConfig
 from megatrain.generate import generate
 from megatrain.models.transformer import Transformer
 

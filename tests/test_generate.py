@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import megatrain
-from megatrain.config import IHAConfig, ModelConfig
+from megatrain.models.config import IHAConfig, ModelConfig
 from megatrain.errors import ConfigError
 from megatrain.generate import generate
 from megatrain.models.transformer import Transformer

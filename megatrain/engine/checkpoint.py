@@ -36,7 +36,8 @@ WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
 
 # Model-config keys that must match for a checkpoint to load into a model.
-_MODEL_KEYS = ("dim", "layers", "heads", "kv_heads", "vocab_size", "ffn_dim", "tie_embeddings", "linear",
+# The model keys a checkpoint must share with the run that loads it (the rest may differ).
+MODEL_KEYS = ("dim", "layers", "heads", "kv_heads", "vocab_size", "ffn_dim", "tie_embeddings", "linear",
                "attention")
 
 
@@ -131,7 +132,7 @@ def needs_reshard(meta: dict, path: str, model_cfg, zero_stage: int, dp_size: in
     """
     saved = meta["model"]
     current = dataclasses.asdict(model_cfg)
-    for key in _MODEL_KEYS:
+    for key in MODEL_KEYS:
         if saved.get(key) != current.get(key):
             raise CheckpointError(f"checkpoint '{path}' was written with model.{key}={saved.get(key)!r} but this run "
                                   f"has model.{key}={current.get(key)!r}")

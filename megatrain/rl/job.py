@@ -36,10 +36,14 @@ import torch
 import torch.distributed as dist
 
 from megatrain.config import Config, load_config, save_config
+from megatrain.distributed import all_reduce_sum, barrier
 from megatrain.engine import checkpoint as ckpt
+from megatrain.engine.load import load_for_inference
+from megatrain.engine.trainer import resolve_config
+from megatrain.generate import generate
 from megatrain.errors import CheckpointError, ConfigError
 from megatrain.rl import grpo
-from megatrain.rl.config import RL_PIPELINES, SFT_PIPELINES, pipelines, validate_rl
+from megatrain.rl.config import RL_PIPELINES, pipelines, validate_rl
 from megatrain.rl.passk import mean_pass_at_k
 from megatrain.rl.rewards import load_reward, score
 from megatrain.rl.tasks import Problem, task_splits, write_pretraining_mix
@@ -78,7 +82,7 @@ def _pretrain_config(cfg: Config) -> Config:
 
 def _mix_count(pre: Config, fraction: float, levels) -> int:
     """Problems to mix in so they make about `fraction` of the pretraining characters."""
-    from megatrain.data.dataset import resolve_sources
+    from megatrain.data.sources import resolve_sources
 
     files = [f for f in resolve_sources(pre.data.source[:-1], "data.source")]
     chars = 0
@@ -100,10 +104,7 @@ def _pretrain_done(pre: Config) -> bool:
 
 def _checkpoint_of(path: str, key: str) -> str:
     """A checkpoint directory from a run directory (its latest) or a checkpoint directory."""
-    path = os.path.normpath(path)
-    root = os.path.join(path, "checkpoints")
-    if os.path.isfile(os.path.join(root, "latest")):
-        path = os.path.join(root, ckpt.read_latest(root))
+    path = ckpt.resolve_checkpoint_dir(os.path.normpath(path))
     if not os.path.isfile(os.path.join(path, ckpt.META_FILE)):
         raise CheckpointError(f"{key}: '{path}' is not a megatrain run or checkpoint directory (no {ckpt.META_FILE})")
     return path
@@ -162,7 +163,7 @@ def _check_start(cfg: Config, start: Start) -> None:
     saved = ckpt.read_meta(start.path)["model"]
     defaults = dataclasses.asdict(type(cfg.model)())
     for key, value in dataclasses.asdict(cfg.model).items():
-        if key in ckpt._MODEL_KEYS and value != defaults.get(key) and value != saved.get(key):
+        if key in ckpt.MODEL_KEYS and value != defaults.get(key) and value != saved.get(key):
             raise CheckpointError(f"checkpoint '{start.path}' was written with model.{key}={saved.get(key)!r} but "
                                   f"this run sets model.{key}={value!r}")
 
@@ -212,17 +213,6 @@ def cfg_has_mix(pre: Config) -> bool:
 # distributed helpers
 
 
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 # ---------------------------------------------------------------------------------------------
 # one excursion: start checkpoint x pipeline
 
@@ -231,7 +221,6 @@ class Excursion:
     """RL / SFT / SFT->RL / parallel averaging / loss mixing from one start checkpoint, in `run_dir`."""
 
     def __init__(self, cfg: Config, env, start: Start, pipeline: str, run_dir: str, problems, groups):
-        import megatrain
         from megatrain.engine.deepspeed import initialize
         from megatrain.optim import build_optimizer, param_groups
         from megatrain.parallel.parallelize import parallelize
@@ -242,7 +231,7 @@ class Excursion:
         self.dp_size, self.dp_rank = groups.dp_size, groups.dp_rank
         self.train_problems, self.held_out = problems
         self.reward_fn = load_reward(cfg.rl.reward, cfg.rl.format_score)
-        model, self.tokenizer, self.model_cfg = megatrain.load(start.path, device=env.device)
+        model, self.tokenizer, self.model_cfg = load_for_inference(start.path, device=env.device)
         model.train()
         self.ref_model = None
         if self.rl.kl_coef > 0 and pipeline in RL_PIPELINES:
@@ -259,7 +248,7 @@ class Excursion:
         self.gas = self.local_mini // self.micro
         ds_cfg = copy.deepcopy(cfg)
         ds_cfg.train.micro_batch, ds_cfg.train.global_batch, ds_cfg.train.grad_accum = self.micro, self.mini, None
-        ds_cfg.resolve_batch(env.world_size)
+        resolve_config(ds_cfg, env.world_size)
         if pipeline == "parallel_avg":
             o = cfg.optim
             self.optimizer = PairAdamW(param_groups(model, o.weight_decay), lr=cfg.train.lr, betas=(o.beta1, o.beta2),
@@ -279,8 +268,10 @@ class Excursion:
                     self.model_cfg):
                 raise CheckpointError(f"checkpoint '{resume_path}' was written from another start checkpoint or model "
                                       f"({meta.get('rl', {}).get('start')}) than '{start.path}'")
-            ckpt.check_compatible(meta, resume_path, self.model_cfg, cfg.parallel.zero_stage, self.dp_size,
-                                  cfg.parallel.tensor)
+            if ckpt.needs_reshard(meta, resume_path, self.model_cfg, cfg.parallel.zero_stage, self.dp_size,
+                                  cfg.parallel.tensor):
+                raise CheckpointError(f"checkpoint '{resume_path}' was written at another parallel layout "
+                                      f"({meta['layout']}); resume an RL run at the layout it started with")
             state = ckpt.load_checkpoint(self.engine, resume_path, env.rank)
             self.it = int(state["step"])
         if env.is_main:
@@ -360,7 +351,6 @@ class Excursion:
     # -- rollout -------------------------------------------------------------------------------
 
     def _rollout(self, it: int) -> dict:
-        import megatrain
 
         rl, G = self.rl, self.rl.group_size
         timings = {}
@@ -372,7 +362,7 @@ class Excursion:
         rows = [ids for ids in prompt_ids for _ in range(G)]
         seeds = [(rl.seed * 1_000_003 + it) * 100_003 + pos * G + s for pos in local for s in range(G)]
         self.engine.module.eval()
-        completions = megatrain.generate(self.engine.module, rows, max_new_tokens=rl.max_new_tokens,
+        completions = generate(self.engine.module, rows, max_new_tokens=rl.max_new_tokens,
                                          temperature=rl.temperature, top_p=rl.top_p, stop=STOP,
                                          eos_id=self.tokenizer.eos_id, seed=seeds, tokenizer=self.tokenizer)
         self.engine.module.train()
@@ -408,7 +398,7 @@ class Excursion:
                                                                                                  dtype=torch.float64)
         lengths = torch.tensor([float(len(c)) for c in completions], dtype=torch.float64)
         stats = torch.tensor([lengths.sum().item(), float(len(rows))], dtype=torch.float64)
-        _all_reduce(stats)
+        all_reduce_sum(stats)
         timings["logprob_s"] = time.perf_counter() - t0
         return dict(ids_masks=ids_masks, old_logp=old_logp, advantages=local_adv, keep=keep, timings=timings,
                     reward_mean=rewards_all.mean().item(), reward_std=rewards_all.std().item(),
@@ -454,7 +444,7 @@ class Excursion:
             keep = roll["keep"][m * self.micro:(m + 1) * self.micro].to(mask)
             masks.append(mask * keep[:, None])
         norm = torch.tensor([sum(grpo.loss_normalizer(mk, rl.loss_agg) for mk in masks)], dtype=torch.float64)
-        _all_reduce(norm)
+        all_reduce_sum(norm)
         normalizer = max(norm.item(), 1.0)
         for m, mask in zip(micro_indices, masks):
             ids, _ = roll["ids_masks"][m]
@@ -493,7 +483,7 @@ class Excursion:
             micro = [self._sequences(prompts[s:s + self.micro], targets[s:s + self.micro])
                      for s in range(0, len(probs), self.micro)]
             tokens = torch.tensor([sum(float(mk.sum()) for _, mk in micro)], dtype=torch.float64)
-            _all_reduce(tokens)
+            all_reduce_sum(tokens)
             self._sft_cache = (update, micro, max(tokens.item(), 1.0))
         return self._sft_cache[1], self._sft_cache[2]
 
@@ -511,7 +501,7 @@ class Excursion:
             self.engine.backward(loss * self._scale())
             total += loss.detach().double().cpu()
             self.engine.step()
-        return _all_reduce(total).item()
+        return all_reduce_sum(total).item()
 
     def _sft_updates_done(self, it: int) -> int:
         """SFT updates taken before iteration `it` (each parallel_avg / loss_mix RL update pairs with one)."""
@@ -555,7 +545,7 @@ class Excursion:
                 update += 1
                 sft_update += 1
         record["update_s"] = time.perf_counter() - t0
-        _all_reduce(stats)
+        all_reduce_sum(stats)
         tokens = max(stats[4].item(), 1.0)
         record.update(loss=stats[0].item() / max(1, n_micro // self.gas), entropy=stats[1].item() / tokens,
                       clip_frac=stats[2].item() / tokens, grad_norm=self._grad_norm())
@@ -615,7 +605,6 @@ def evaluate(model, tokenizer, held_out: list[Problem], cfg: Config, groups, env
     """pass@k for every k of rl.eval.k (rows), each with mean_reward and (with `perplexity`) val_loss /
     val_ppl. The problems are split over DP ranks; every sample has a fixed seed, so two models are
     compared on the same random numbers."""
-    import megatrain
 
     e, rl = cfg.rl.eval, cfg.rl
     reward_fn = load_reward(rl.reward, rl.format_score)
@@ -625,7 +614,7 @@ def evaluate(model, tokenizer, held_out: list[Problem], cfg: Config, groups, env
     seeds = [(rl.seed + 7) * 1_000_003 + i * e.samples + s for i in mine for s in range(e.samples)]
     was_training = model.training
     model.eval()
-    completions = megatrain.generate(model, rows, max_new_tokens=rl.max_new_tokens, temperature=e.temperature,
+    completions = generate(model, rows, max_new_tokens=rl.max_new_tokens, temperature=e.temperature,
                                      stop=STOP, eos_id=tokenizer.eos_id, seed=seeds, tokenizer=tokenizer) if rows else []
     correct = torch.zeros(count, dtype=torch.float64)
     reward_sum = torch.zeros(1, dtype=torch.float64)
@@ -650,18 +639,17 @@ def evaluate(model, tokenizer, held_out: list[Problem], cfg: Config, groups, env
 def _perplexity(model, tokenizer, cfg: Config, groups, env) -> dict:
     """Validation loss / perplexity on data.val_source (default: the held-out novel of the embedded
     corpus), log.eval_batches micro-batches of data.seq_len tokens per DP rank."""
-    from megatrain.data.dataset import PackedBlocks, TokenArray, build_token_cache, resolve_sources, val_batches
-    from megatrain.data.tokenizer import cache_dir
+    from megatrain.data.sampler import PackedBlocks, val_batches
+    from megatrain.data.sources import cache_dir, resolve_sources
+    from megatrain.data.token_cache import build_token_cache, open_token_cache
 
     d = cfg.data
     files = resolve_sources(d.val_source if d.val_source is not None else "embedded", "data.val_source")
     root = cache_dir(d)
     if env.local_rank == 0:
         build_token_cache(files, tokenizer, root, d.text_field)
-    _barrier()
-    from megatrain.data.dataset import token_cache_path
-
-    blocks = PackedBlocks(TokenArray(token_cache_path(files, tokenizer, root, d.text_field)),
+    barrier()
+    blocks = PackedBlocks(open_token_cache(files, tokenizer, root, d.text_field, "data.val_source"),
                           min(d.seq_len, model.config.max_seq_len))
     total = torch.zeros(2, dtype=torch.float64, device=env.device)
     for indices in val_batches(blocks, cfg.rl.micro_batch, groups.dp_rank, groups.dp_size, cfg.log.eval_batches):
@@ -714,9 +702,9 @@ def rl(cfg: Config, resume=False, stop_after: Optional[int] = None) -> list[dict
             if cfg_has_mix(pre) and env.local_rank == 0 and not os.path.isfile(pre.data.source[-1]):
                 write_pretraining_mix(pre.data.source[-1], cfg.rl.task.seed, _mix_count(
                     pre, cfg.rl.pretrain.task_fraction, cfg.rl.task.levels), list(cfg.rl.task.levels))
-            _barrier()
+            barrier()
             pretrain(pre, resume=True)
-            _barrier()
+            barrier()
         init = pre.run.dir
     starts = resolve_starts(cfg.rl, init)
     for start in starts:
@@ -730,9 +718,8 @@ def rl(cfg: Config, resume=False, stop_after: Optional[int] = None) -> list[dict
         if os.path.isfile(base_file):
             base = _read_json(base_file)
         else:
-            import megatrain
 
-            model, tokenizer, _ = megatrain.load(start.path, device=env.device)
+            model, tokenizer, _ = load_for_inference(start.path, device=env.device)
             base = evaluate(model, tokenizer, problems[1], cfg, groups, env)
             del model
             if env.is_main:
@@ -756,11 +743,11 @@ def rl(cfg: Config, resume=False, stop_after: Optional[int] = None) -> list[dict
                 del job
             rows += [{"checkpoint": os.path.basename(start.path), "pretrain_step": start.step,
                       "pipeline": pipeline, **r} for r in found]
-            _barrier()
+            barrier()
     if env.is_main:
         from megatrain.rl.study import write_results
 
         write_results(run_dir, rows, tensorboard=cfg.log.tensorboard)
-    _barrier()
+    barrier()
     return rows
 
