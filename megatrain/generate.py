@@ -111,7 +111,7 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
     new_logprobs: list[list[float]] = [[] for _ in range(rows)]
     active = list(range(rows))  # the prompt index of each batch row still generating
     next_position = lengths.to(device)
-    cache = KVCache(cfg.layers)
+    cache = KVCache(cfg.layers, capacity=width + (max_new_tokens - 1) * multiple)
     lockstep = _needs_lockstep(model)
     with torch.no_grad():
         with _last_position_logits(model, multiple == 1):
