@@ -158,19 +158,31 @@ def main():
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("seconds")}), flush=True)
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     info = {
         "benchmark": "rollout generation (greedy, KV cache, fixed length)",
         "command": "python " + " ".join(sys.argv),
         "device": device_name, "device_type": device.type, "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "dtype": args.dtype,
-        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "load_average_1min": round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None,
         "model": {k: getattr(model_cfg, k) for k in ("dim", "layers", "heads", "kv_heads", "ffn_dim", "vocab_size")},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": hf_version, "megatrain": megatrain.__version__},
         "note": note, "rows": rows,
     }
     write_results(args, info)
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what platform reports."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def write_results(args, info) -> None:
