@@ -111,7 +111,7 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
     new_logprobs: list[list[float]] = [[] for _ in range(rows)]
     active = list(range(rows))  # the prompt index of each batch row still generating
     next_position = lengths.to(device)
-    cache = KVCache(cfg.layers)
+    cache = KVCache(cfg.layers, capacity=width + (max_new_tokens - 1) * multiple)
     lockstep = _needs_lockstep(model)
     with torch.no_grad():
         with _last_position_logits(model, multiple == 1):
@@ -123,7 +123,7 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
                 if generators is not None:
                     draws = [torch.rand((), generator=generators[row], dtype=torch.float64) for row in active]
                     uniforms = torch.stack(draws).to(device)
-                tokens, logprobs = _sample(logits.float(), temperature, top_k, top_p, uniforms)
+                tokens, logprobs = _sample(logits.float(), temperature, top_k, top_p, uniforms, return_logprobs)
                 token_list = tokens.tolist()
                 logprob_list = logprobs.tolist() if return_logprobs else None
                 keep = []
@@ -159,16 +159,15 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
     return (new_tokens, new_logprobs) if return_logprobs else new_tokens
 
 
-def _sample(logits: Tensor, temperature: float, top_k: int, top_p: float,
-            uniforms: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """One token per row from fp32 logits [b, V]; returns (tokens [b], log-probabilities [b]).
+def _sample(logits: Tensor, temperature: float, top_k: int, top_p: float, uniforms: Optional[Tensor],
+            with_logprobs: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """One token per row from fp32 logits [b, V]; returns (tokens [b], log-probabilities [b] or None).
 
     Greedy when `uniforms` is None; else inverse-CDF sampling of the truncated distribution with one
     uniform [b] in [0, 1) per row. The log-probability is log_softmax(logits / T) at the token
     (T = temperature, 1 when greedy), before truncation.
     """
     scaled = logits / temperature if temperature > 0 else logits
-    log_probs = torch.log_softmax(scaled, dim=-1)
     if uniforms is None:
         tokens = scaled.argmax(dim=-1)
     else:
@@ -193,7 +192,9 @@ def _sample(logits: Tensor, temperature: float, top_k: int, top_p: float,
         last_positive = (probs > 0).cumsum(dim=-1).argmax(dim=-1, keepdim=True)
         picked = torch.minimum(picked, last_positive)
         tokens = (picked if order is None else order.gather(-1, picked)).squeeze(-1)
-    return tokens, log_probs.gather(-1, tokens[:, None]).squeeze(-1)
+    if not with_logprobs:
+        return tokens, None
+    return tokens, torch.log_softmax(scaled, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
 
 
 def _stopped(tokens: list[int], eos_ids: frozenset, token_stops: list[list[int]], text_stops: list[str],

@@ -4,6 +4,7 @@ log-probabilities, argument errors, TP=2 and ZeRO-3 in 2 gloo processes, and `me
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -272,3 +273,27 @@ def test_generate_command_prints_continuations(tiny_run):
     assert bad.stderr == "megatrain: error: generate: max_new_tokens must be an integer >= 1, got 0\n"
     missing = run_cli(["generate", str(tiny_run / "nope"), "--prompt", "Emma"], check=False)
     assert missing.returncode == 2 and missing.stderr.startswith("megatrain: error: ")
+
+
+@pytest.mark.parametrize("with_transformers", [True, False])
+def test_rollout_benchmark_writes_its_table(tiny_run, tmp_path, with_transformers):
+    if with_transformers:
+        pytest.importorskip("transformers")
+    hide = "" if with_transformers else "sys.modules['transformers'] = None; "  # import fails as if absent
+    code = (f"import runpy, sys; {hide}sys.argv = ['benchmarks/rollout.py'] + sys.argv[1:]; "
+            "runpy.run_path('benchmarks/rollout.py', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code, "--run", str(tiny_run), "--batch", "1,3", "--prompt-len", "5",
+                           "--new-tokens", "4", "--repeats", "1", "--out", str(tmp_path), "--tag", "r"],
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((tmp_path / "r.json").read_text())
+    assert [r["batch"] for r in info["rows"]] == [1, 3]
+    assert all(r["megatrain_tokens_per_s"] > 0 for r in info["rows"])
+    table = (tmp_path / "r.md").read_text()
+    if with_transformers:
+        # The same weights decode the same tokens greedily in both libraries.
+        assert all(r["rows_equal"] == 1.0 and r["ratio"] > 0 for r in info["rows"])
+        assert "| transformers tok/s |" in table
+    else:
+        assert info["versions"]["transformers"] is None and "transformers is not installed" in table
+        assert "ratio" not in info["rows"][0]

@@ -30,14 +30,22 @@ class KVCache:
     A frozen cache is read-only: `update` still returns cached + new keys, but stores nothing, and
     `freeze()` detaches what is stored. Test-time training uses this to run many new query spans
     against one context, with gradients reaching only the new tokens.
+
+    With a `capacity` (generation), each layer's keys and values live in buffers [B, Hkv, capacity,
+    d] allocated once, new ones are written in place and `keys[i]` / `values[i]` are views of the
+    first S positions: a decoding step then copies only its new token instead of the whole cache.
+    The buffers grow (doubling) if a step would overflow them. In-place writes do not mix with
+    autograd through the cached tensors: use a capacity under torch.no_grad only.
     """
 
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, capacity: Optional[int] = None):
         self.num_layers = num_layers
         self.keys: list[Optional[Tensor]] = [None] * num_layers
         self.values: list[Optional[Tensor]] = [None] * num_layers
         self.positions: Optional[Tensor] = None
         self.frozen = False
+        self.capacity = capacity
+        self._buffers: list[Optional[tuple[Tensor, Tensor]]] = [None] * num_layers
 
     @property
     def length(self) -> int:
@@ -50,6 +58,8 @@ class KVCache:
         Nothing is stored while the cache is frozen.
         """
         past_k, past_v = self.keys[layer_idx], self.values[layer_idx]
+        if self.capacity is not None and not self.frozen:
+            return self._write(layer_idx, k, v)
         if past_k is None:
             k_all, v_all = k, v
         else:
@@ -57,6 +67,22 @@ class KVCache:
         if not self.frozen:
             self.keys[layer_idx], self.values[layer_idx] = k_all, v_all
         return k_all, v_all
+
+    def _write(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """`update` into the preallocated buffers of one layer."""
+        past_k, past_v = self.keys[layer_idx], self.values[layer_idx]
+        start = 0 if past_k is None else past_k.shape[2]
+        end = start + k.shape[2]
+        buffers = self._buffers[layer_idx]
+        if buffers is None or end > buffers[0].shape[2]:
+            size = max(self.capacity, end) if buffers is None else max(2 * buffers[0].shape[2], end)
+            buffers = tuple(t.new_empty(t.shape[0], t.shape[1], size, t.shape[3]) for t in (k, v))
+            if past_k is not None:
+                buffers[0][:, :, :start], buffers[1][:, :, :start] = past_k, past_v
+            self._buffers[layer_idx] = buffers
+        buffers[0][:, :, start:end], buffers[1][:, :, start:end] = k, v
+        self.keys[layer_idx], self.values[layer_idx] = buffers[0][:, :, :end], buffers[1][:, :, :end]
+        return self.keys[layer_idx], self.values[layer_idx]
 
     def append_positions(self, positions: Tensor) -> Tensor:
         """Record the positions [1 or B, N] of keys being added; return cached + new [1 or B, S+N].
@@ -81,8 +107,13 @@ class KVCache:
 
         Generation drops finished rows this way, so they are no longer computed.
         """
-        self.keys = [None if t is None else t.index_select(0, rows) for t in self.keys]
-        self.values = [None if t is None else t.index_select(0, rows) for t in self.values]
+        for i, buffers in enumerate(self._buffers):
+            if buffers is not None:
+                length = self.keys[i].shape[2]
+                self._buffers[i] = buffers = tuple(b.index_select(0, rows) for b in buffers)
+                self.keys[i], self.values[i] = buffers[0][:, :, :length], buffers[1][:, :, :length]
+            elif self.keys[i] is not None:
+                self.keys[i], self.values[i] = self.keys[i].index_select(0, rows), self.values[i].index_select(0, rows)
         if self.positions is not None and self.positions.shape[0] > 1:
             self.positions = self.positions.index_select(0, rows)
 
@@ -96,6 +127,7 @@ class KVCache:
         """Drop everything and unfreeze."""
         self.keys = [None] * self.num_layers
         self.values = [None] * self.num_layers
+        self._buffers = [None] * self.num_layers
         self.positions = None
         self.frozen = False
 
@@ -179,8 +211,9 @@ class Attention(AttentionProjections):
             mask = position_mask(key_positions[:, total - n:], key_positions)
         gqa = {}
         if self.kv_heads != self.heads:
-            if mask is None:
-                # SDPA groups heads itself here (flash on CUDA), never materialising repeated K/V.
+            if mask is None or not q.is_cuda:
+                # SDPA groups heads itself here (flash on CUDA; on CPU also with a mask, where it is
+                # several times faster than attending over repeated K/V), never materialising them.
                 gqa = {"enable_gqa": True}
             else:
                 # The masked (memory-efficient) CUDA kernel lacks GQA support; expand explicitly.

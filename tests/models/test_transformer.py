@@ -191,6 +191,28 @@ def test_kv_cache_update_and_reset():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("capacity", [None, 13, 6])  # 6: the buffers must grow twice
+def test_preallocated_cache_and_row_selection_match_concatenation(capacity):
+    model = make(kv_heads=2).eval()
+    x = ids(batch=3, n=13)
+    full = model(x)
+    cache = KVCache(model.config.layers, capacity=capacity)
+    pieces = [model(x[:, :5], cache=cache)]
+    for i in range(5, 9):
+        pieces.append(model(x[:, i:i + 1], cache=cache))
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full[:, :9], rtol=0, atol=1e-5)
+    # Keep rows 2 and 0 (in that order): they continue as if decoded alone.
+    cache.select(torch.tensor([2, 0]))
+    assert cache.length == 9 and cache.keys[0].shape[0] == 2 and cache.positions.shape[0] in (1, 2)
+    for i in range(9, 13):
+        step = model(x[[2, 0], i:i + 1], cache=cache)
+        torch.testing.assert_close(step, full[[2, 0], i:i + 1], rtol=0, atol=1e-5)
+    assert cache.length == 13
+    if capacity is not None:
+        assert all(k.data_ptr() == buf[0].data_ptr() for k, buf in zip(cache.keys, cache._buffers))
+
+
+@torch.no_grad()
 def test_attention_alone_with_cache_matches_causal():
     torch.manual_seed(0)
     attn = Attention(32, 4, 2)
