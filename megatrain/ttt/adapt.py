@@ -29,8 +29,8 @@ and AdamW / SGD act elementwise, so adapting a batch equals adapting each exampl
 `KVCache.select` (generation drops finished rows) through the cache's `rows`.
 
 Tensor parallelism: q_proj is column-parallel, so each rank adapts its slice of W_Q (its heads)
-and the cache holds its heads' K/V; IHA's per-example mix_q is replicated and its gradient summed
-over the TP group, as `megatrain.parallel.parallelize` does for the model's own mixes.
+and the cache holds its heads' K/V; q_lora's A and IHA's per-example mix_q are replicated and their
+gradients summed over the TP group, as `megatrain.parallel.parallelize` does for the model's mixes.
 """
 
 from __future__ import annotations
@@ -233,20 +233,25 @@ class _Swap:
             self.restore_q.append((attn, base))
             attn.q_proj = query
             self.params += [p for name, p in query.named_parameters() if not name.startswith("base.")]
+            # Replicated over TP ranks but feeding only this rank's heads: their gradients are
+            # partial sums (the adapter's A, IHA's mix_q), summed over the group as parallelize does.
+            replicated = [query.lora_a] if target == "q_lora" else []
             mix = None
             if isinstance(attn, InterleavedHeadAttention):
                 original = attn.mix_q
                 order = list(attn._parameters.items())
                 mix = nn.Parameter(original.detach().unsqueeze(0).repeat(examples, 1, 1, 1))
-                group = _tp_group(base)
-                if group is not None:
-                    from megatrain.parallel.parallelize import _all_reduce_grad
-
-                    mix.register_hook(lambda grad, g=group: _all_reduce_grad(grad, g))
+                replicated.append(mix)
                 self.params.append(mix)
                 # mix_q becomes a plain attribute, re-pointed at each forward's rows (see _rows_hook)
                 del attn._parameters["mix_q"]
                 self.restore_mix.append((attn, order))
+            group = _tp_group(base)
+            if group is not None:
+                from megatrain.parallel.parallelize import _all_reduce_grad
+
+                for param in replicated:
+                    param.register_hook(lambda grad, g=group: _all_reduce_grad(grad, g))
             self.hooks.append(attn.register_forward_pre_hook(self._rows_hook(query, mix), with_kwargs=True))
 
     def _rows_hook(self, query: ExampleQuery, mix: Optional[nn.Parameter]):

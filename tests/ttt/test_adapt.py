@@ -249,3 +249,17 @@ def test_bad_inputs_are_one_line_config_errors():
             pass
     # Nothing was left behind by the refused calls.
     assert all(not isinstance(b.attn.q_proj, ExampleQuery) for b in model.blocks)
+
+
+def test_tensor_parallel_two_processes_match_one():
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, child_env, free_port
+
+    env = child_env()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                           "127.0.0.1", "--master-port", str(free_port()), "tests/ttt/ttt_checks.py"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    assert "ok: ttt tp" in proc.stdout
