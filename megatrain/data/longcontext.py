@@ -109,12 +109,13 @@ def _keys(rng: np.random.Generator, count: int) -> list[str]:
 
 
 def _compose(tokenizer, kind: str, rng: np.random.Generator, hay: np.ndarray, length: int, depth: float,
-             keys: int) -> tuple[list, list, str]:
-    """(context ids of exactly `length` tokens, question ids, answer) for one retrieval example."""
+             keys: int, min_filler: int = 0) -> tuple[list, list, str]:
+    """(context ids of exactly `length` tokens, question ids, answer) for one retrieval example
+    (longer when the needles leave fewer than `min_filler` filler tokens)."""
     names = _keys(rng, keys if kind == "multikey" else 1) if kind != "passkey" else [None]
     needles = [_needle(kind, rng, name) for name in names]
     needle_ids = [tokenizer.encode(text) for text, _, _ in needles]
-    filler = length - sum(len(ids) for ids in needle_ids)
+    filler = max(length - sum(len(ids) for ids in needle_ids), min_filler)
     if filler < 1:
         raise DataError(f"ttt.task.context_lengths: {length} tokens cannot hold the {kind} needle(s) "
                         f"({length - filler} tokens); use longer contexts")
@@ -160,9 +161,10 @@ def retrieval_document(kind: str, tokenizer, rng: np.random.Generator, length: i
                        split: str = "train") -> str:
     """One training document for a retrieval task: a context of `length` tokens of the training
     novels (split "train": the held-out novel stays unseen) with the needle(s) at a random depth,
-    then the question and its answer, as text (for pretraining through a jsonl source)."""
+    then the question and its answer, as text (for pretraining through a jsonl source). The context
+    grows past `length` when the needles leave fewer than 16 tokens of filler."""
     hay = haystack_tokens(tokenizer, split)
-    context, question, answer = _compose(tokenizer, kind, rng, hay, length, float(rng.random()), keys)
+    context, question, answer = _compose(tokenizer, kind, rng, hay, length, float(rng.random()), keys, min_filler=16)
     return tokenizer.decode(context + question) + " " + answer + "."
 
 

@@ -251,6 +251,7 @@ def test_bad_inputs_are_one_line_config_errors():
     assert all(not isinstance(b.attn.q_proj, ExampleQuery) for b in model.blocks)
 
 
+@pytest.mark.slow
 def test_tensor_parallel_two_processes_match_one():
     import subprocess
     import sys
