@@ -1,4 +1,4 @@
-"""`megatrain {pretrain,rl,tokenizer,config,export,reshard,generate}`.
+"""`megatrain {pretrain,rl,ttt,generate,tokenizer,config,export,reshard}`.
 
 User errors (MegatrainError) end as one line on stderr and exit code 2; no traceback.
 `megatrain pretrain` runs in this process for one process, or starts torchrun's elastic agent for
@@ -108,7 +108,23 @@ def build_parser() -> argparse.ArgumentParser:
                                        "at any parallel.tensor and process count")
     p.add_argument("path", help="run directory (its latest checkpoint) or checkpoint directory")
     _add_generate(sub)
+    _add_ttt(sub)
     return parser
+
+
+def _add_ttt(sub):
+    p = sub.add_parser("ttt", help="test-time context training (qTTT): accuracy with and without query-only updates "
+                                   "on the context, and the FLOP-matched thinking baseline")
+    p.add_argument("--config", "-c", help="YAML run config (launch/configs/ttt-tiny-cpu.yaml)")
+    p.add_argument("overrides", nargs="*", help="config overrides such as ttt.steps=16 ttt.init=runs/x")
+
+
+def _cmd_ttt(args) -> int:
+    from megatrain.config import load_config
+    from megatrain.ttt.job import run_ttt
+
+    run_ttt(load_config(args.config, args.overrides))
+    return 0
 
 
 def _add_generate(sub):
@@ -274,8 +290,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = list(args.overrides) + extra
-    handlers = {"pretrain": _cmd_pretrain, "rl": _cmd_rl, "tokenizer": _cmd_tokenizer, "config": _cmd_config, "export": _cmd_export,
-                "reshard": _cmd_reshard, "generate": _cmd_generate}
+    handlers = {"pretrain": _cmd_pretrain, "rl": _cmd_rl, "ttt": _cmd_ttt, "tokenizer": _cmd_tokenizer,
+                "config": _cmd_config, "export": _cmd_export, "reshard": _cmd_reshard, "generate": _cmd_generate}
     try:
         return handlers[args.command](args)
     except MegatrainError as exc:

@@ -13,6 +13,8 @@ How a batch of prompts of different lengths is laid out:
   and no real query ever reaches `max_seq_len - 1` (a prompt plus its new tokens must fit in
   `max_seq_len`, and the last token is never fed back), so pads are invisible and each row computes
   exactly what it would alone. The pads stay in the cache, invisible, for the whole call.
+- With a prefilled `cache` (a context computed once, e.g. by qTTT), row i's prompt starts at the
+  position after its cached prefix instead of 0; the cache's own pads sit at `max_seq_len - 1` too.
 - Step t feeds each row's last token at position len + t - 1. Rows that finished (EOS, a stop
   sequence) are dropped from the batch and from the cache, so they cost nothing afterwards.
 - Under sequence parallelism a forward must carry a multiple of the TP size in tokens; each step is
@@ -47,7 +49,7 @@ StopItem = Union[str, int, Sequence[int]]
 def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, stop: Optional[Union[StopItem, Sequence[StopItem]]] = None,
              eos_id: Optional[Union[int, Sequence[int]]] = None, seed: Union[int, Sequence[int]] = 0,
-             return_logprobs: bool = False, tokenizer=None):
+             return_logprobs: bool = False, tokenizer=None, cache: Optional[KVCache] = None):
     """Continue each prompt by up to `max_new_tokens` tokens, in one batch with a KV cache.
 
     Args:
@@ -74,6 +76,12 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
             model's own log-probability, which an RL policy ratio needs.
         tokenizer: an object with `decode(list[int]) -> str`, needed for string stops (not part of
             DESIGN.md's signature; optional).
+        cache: a KVCache already holding a prefix for every prompt (row i belongs to prompt i), such
+            as the context yielded by `megatrain.ttt.adapt`; each prompt continues its row's prefix
+            right after the prefix's last position (positions >= model.max_seq_len - 1 are pads), so
+            the prefix is never recomputed. The cache itself is left unchanged (decoding extends
+            `cache.copy()`). A prefix of p tokens needs p + len(prompt) + max_new_tokens <=
+            model.max_seq_len.
 
     Returns:
         A list with each prompt's new tokens (prompt excluded). A row's tokens end with the EOS
@@ -85,7 +93,11 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
     """
     model = _unwrap(model)
     cfg = model.config
-    _check_prompts(prompts, cfg.vocab_size, max_new_tokens, cfg.max_seq_len)
+    pad_position = cfg.max_seq_len - 1
+    prefix = None
+    if cache is not None and isinstance(prompts, Sequence) and not isinstance(prompts, (str, bytes)):
+        prefix = _prefix_lengths(cache, len(prompts), pad_position)
+    _check_prompts(prompts, cfg.vocab_size, max_new_tokens, cfg.max_seq_len, prefix)
     _check_sampling(temperature, top_p, top_k)
     seeds = _row_seeds(seed, len(prompts))
     eos_ids = _eos_set(eos_id)
@@ -96,22 +108,24 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
 
     device = next(model.parameters()).device
     multiple = _tokens_per_forward(model)
-    pad_position = cfg.max_seq_len - 1
     rows = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts])
+    starts = torch.zeros(rows, dtype=torch.long) if prefix is None else torch.tensor(prefix, dtype=torch.long)
     width = _round_up(int(lengths.max()), multiple)
     ids = torch.zeros(rows, width, dtype=torch.long)
     positions = torch.full((rows, width), pad_position, dtype=torch.long)
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
-        positions[row, width - len(prompt):] = torch.arange(len(prompt))
+        positions[row, width - len(prompt):] = starts[row] + torch.arange(len(prompt))
     generators = [torch.Generator().manual_seed(s) for s in seeds] if temperature > 0 else None
 
     new_tokens: list[list[int]] = [[] for _ in range(rows)]
     new_logprobs: list[list[float]] = [[] for _ in range(rows)]
     active = list(range(rows))  # the prompt index of each batch row still generating
-    next_position = lengths.to(device)
-    cache = KVCache(cfg.layers, capacity=width + (max_new_tokens - 1) * multiple)
+    next_position = (starts + lengths).to(device)
+    decode_positions = width + (max_new_tokens - 1) * multiple
+    cache = (KVCache(cfg.layers, capacity=decode_positions) if cache is None
+             else cache.copy(capacity=cache.length + decode_positions))
     lockstep = _needs_lockstep(model)
     with torch.no_grad():
         with _last_position_logits(model, multiple == 1):
@@ -274,20 +288,40 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _check_prompts(prompts, vocab_size: int, max_new_tokens, max_seq_len: int) -> None:
+def _prefix_lengths(cache: KVCache, rows: int, pad_position: int) -> list[int]:
+    """Tokens each row of a prefilled cache holds: 1 + its last real position (pads sit at
+    `pad_position`); a cache filled without explicit positions holds 0..S-1 in every row."""
+    if not isinstance(cache, KVCache) or cache.length == 0:
+        raise ConfigError("generate: cache must be a KVCache holding a prefix (e.g. the one megatrain.ttt.adapt yields)")
+    batch = cache.keys[0].shape[0]
+    if batch != rows:
+        raise ConfigError(f"generate: the cache holds {batch} rows but {rows} prompts were given (one per row)")
+    positions = cache.positions
+    if positions is None:
+        positions = torch.arange(cache.length)[None]
+    positions = positions.expand(rows, -1)
+    real = positions < pad_position
+    return (torch.where(real, positions + 1, torch.zeros_like(positions)).amax(dim=1)).tolist()
+
+
+def _check_prompts(prompts, vocab_size: int, max_new_tokens, max_seq_len: int,
+                   prefix: Optional[list[int]] = None) -> None:
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ConfigError(f"generate: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
         raise ConfigError("generate: prompts must be a non-empty list of token-id lists")
-    longest = max_seq_len - max_new_tokens
     for i, prompt in enumerate(prompts):
+        before = prefix[i] if prefix is not None else 0
+        longest = max_seq_len - max_new_tokens - before
         if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence) or not all(_is_int(t) for t in prompt):
             raise ConfigError(f"generate: prompt {i} must be a list of token ids (ints); encode text with the tokenizer")
         if len(prompt) == 0:
             raise ConfigError(f"generate: prompt {i} is empty; give at least one token (a BOS token for no context)")
         if len(prompt) > longest:
-            raise ConfigError(f"generate: prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} it "
-                              f"may have at most model.max_seq_len - max_new_tokens = {longest}")
+            after = f" after a cached prefix of {before} tokens" if before else ""
+            raise ConfigError(f"generate: prompt {i} has {len(prompt)} tokens{after}; with max_new_tokens="
+                              f"{max_new_tokens} it may have at most model.max_seq_len - max_new_tokens"
+                              f"{' - prefix' if before else ''} = {longest}")
         if min(prompt) < 0 or max(prompt) >= vocab_size:
             raise ConfigError(f"generate: prompt {i} has a token id outside [0, model.vocab_size={vocab_size})")
 

@@ -6,6 +6,7 @@ training (new query spans against a context computed once) share.
 
 from __future__ import annotations
 
+import copy as _copy
 from typing import Callable, Optional
 
 import torch
@@ -116,6 +117,22 @@ class KVCache:
                 self.keys[i], self.values[i] = self.keys[i].index_select(0, rows), self.values[i].index_select(0, rows)
         if self.positions is not None and self.positions.shape[0] > 1:
             self.positions = self.positions.index_select(0, rows)
+
+    def copy(self, capacity: Optional[int] = None) -> "KVCache":
+        """A new, unfrozen cache (same class and attributes) holding the same keys and values.
+
+        The copy never writes into this cache's storage: stored tensors are only ever replaced
+        (`update` concatenates or, with a capacity, writes into buffers of its own that the copy
+        allocates afresh), so appending to or selecting rows of the copy leaves this cache as it was.
+        Generation continues a prefilled context this way and the context can be reused.
+        `capacity`: preallocate the copy's buffers for that many positions (default: this cache's).
+        """
+        out = _copy.copy(self)
+        out.keys, out.values = list(self.keys), list(self.values)
+        out._buffers = [None] * self.num_layers
+        out.capacity = self.capacity if capacity is None else capacity
+        out.frozen = False
+        return out
 
     def freeze(self) -> None:
         """Detach the stored tensors and stop storing new ones."""
@@ -283,6 +300,8 @@ class InterleavedHeadAttention(AttentionProjections):
     initialised so the layer starts as MHA (mix = identity on its own head for every p, collapse 1/P).
     With `head_groups` = G > 1 heads mix only inside G contiguous groups (the mixes and a global
     collapse are masked block-diagonal; off-block entries stay zero and get no gradient).
+    Test-time training (megatrain.ttt) may replace a mix by a per-example [B, H, H, P] tensor for the
+    duration of an adaptation; each batch row is then mixed with its own (unfused path).
 
     Full sequences (no cache, default positions) run the fused `kernels.iha_attention`. With a KV
     cache or explicit positions the same math runs unfused with a position-based virtual mask; the
@@ -347,20 +366,21 @@ class InterleavedHeadAttention(AttentionProjections):
                 f"window={self.window}, head_groups={self.head_groups}")
 
     def _group_mask(self, mix: Tensor) -> Tensor:
-        """Zero the cross-group entries of a [H, H, ...] tensor (head_groups > 1)."""
+        """Zero the cross-group entries of a [..., H, H, P] tensor (head_groups > 1)."""
         if self.head_groups == 1:
             return mix
-        heads = mix.shape[0]
+        heads = mix.shape[-2]
         group = torch.arange(heads, device=mix.device) // (heads // self.head_groups)
         same = (group[:, None] == group[None, :]).to(mix.dtype)
-        return mix * same.view(heads, heads, *([1] * (mix.dim() - 2)))
+        return mix * same.view(heads, heads, 1)
 
     def _local_weights(self, gathered: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(mix_q, mix_k, mix_v [H_in, H_out, P], collapse [H_out, P] or [H_out, H_out*P]) for this
-        rank's output heads; H_in is H when q/k/v were gathered, else the local heads."""
+        rank's output heads; H_in is H when q/k/v were gathered, else the local heads. A mix with a
+        leading batch dim [B, H, H, P] (one per example: test-time training) keeps it."""
         out = slice(self.head_offset, self.head_offset + self.heads)
         rows = slice(None) if gathered else out
-        mixes = tuple(self._group_mask(m)[rows, out] for m in (self.mix_q, self.mix_k, self.mix_v))
+        mixes = tuple(self._group_mask(m)[..., rows, out, :] for m in (self.mix_q, self.mix_k, self.mix_v))
         pseudo = self.pseudo_heads
         if self.collapse_kind == "per_head":
             collapse = self.collapse[out]
@@ -387,14 +407,16 @@ class InterleavedHeadAttention(AttentionProjections):
         batch, _, n, d = q.shape
         pseudo, heads = self.pseudo_heads, self.heads
         full_sequence = cache is None and mask is None and positions is None and key_positions is None
-        if full_sequence and (cos is None or cos.dim() == 2):
+        shared_mixes = all(m.dim() == 3 for m in (mix_q, mix_k, mix_v))
+        if full_sequence and shared_mixes and (cos is None or cos.dim() == 2):
             return kernels.iha_attention(q, k, v, mix_q, mix_k, mix_v, collapse, cos, sin, mask=self.mask,
                                          window=self.window)
 
         # Unfused path (decoding, explicit positions): the math of kernels.reference.iha_attention with
         # queries and keys of different lengths and a mask built from token positions.
         def pseudo_tokens(x: Tensor, mix: Tensor) -> Tensor:  # [B, H_in, N, d] -> [B, H_out, N*P, d]
-            return torch.einsum("bmnd,mhp->bhnpd", x, mix.to(x.dtype)).reshape(batch, heads, n * pseudo, d)
+            pattern = "bmnd,mhp->bhnpd" if mix.dim() == 3 else "bmnd,bmhp->bhnpd"  # shared or per-row mix
+            return torch.einsum(pattern, x, mix.to(x.dtype)).reshape(batch, heads, n * pseudo, d)
 
         pq, pk, pv = pseudo_tokens(q, mix_q), pseudo_tokens(k, mix_k), pseudo_tokens(v, mix_v)
         if cos is not None:

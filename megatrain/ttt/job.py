@@ -1,0 +1,168 @@
+"""The qTTT job: `megatrain ttt --config launch/configs/ttt-tiny-cpu.yaml [a.b=c ...]`.
+
+preflight (config, run dir, the model to load) -> without ttt.init, pretrain a model on the
+retrieval task through the pretraining recipe into RUN/pretrain -> load it -> accuracy per
+(context length, depth) with and without qTTT and the thinking baseline -> RUN/ttt.jsonl (one
+record per cell), RUN/ttt.md (table) and RUN/ttt.png (heat maps depth x length).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from typing import Optional
+
+import numpy as np
+
+from megatrain.errors import CheckpointError, ConfigError
+
+__all__ = ["run_ttt", "preflight", "write_outputs", "markdown_table", "heatmap"]
+
+
+def preflight(cfg) -> Optional[str]:
+    """Every check that needs no training: ttt.*, the run directory, ttt.init. Returns the path to
+    load (None: pretrain first)."""
+    from megatrain.config import validate
+    from megatrain.ttt.config import check_against_model, validate_ttt
+
+    validate_ttt(cfg)
+    if os.path.exists(cfg.run.dir) and not os.path.isdir(cfg.run.dir):
+        raise ConfigError(f"run.dir '{cfg.run.dir}' exists and is not a directory")
+    init = cfg.ttt.init
+    if init is None:
+        validate(cfg)
+        model_cfg = cfg.model.resolved()
+        check_against_model(cfg, model_cfg)
+        return None
+    if not os.path.isdir(init):
+        raise CheckpointError(f"ttt.init: '{init}' is not a run, checkpoint or export directory")
+    return init
+
+
+def _embedded_tokenizer(data_cfg):
+    from megatrain.data.sources import resolve_sources
+    from megatrain.data.tokenizer import get_tokenizer
+
+    return get_tokenizer(data_cfg, resolve_sources("embedded"))
+
+
+def pretrain_for_ttt(cfg, log=print) -> str:
+    """Pretrain this config's model on retrieval documents (training novels as haystack) into
+    RUN/pretrain; reuse it when a finished run is already there. Returns the run directory."""
+    from megatrain.data.longcontext import retrieval_document
+    from megatrain.engine.checkpoint import resolve_checkpoint_dir
+    from megatrain.engine.trainer import pretrain
+
+    run = os.path.join(cfg.run.dir, "pretrain")
+    if os.path.isdir(run):
+        if os.path.basename(resolve_checkpoint_dir(run)) == f"step_{cfg.train.steps}":
+            log(f"reusing the pretrained model in {run}")
+            return run
+    data = copy.deepcopy(cfg.data)
+    data.source = "embedded"
+    tokenizer = _embedded_tokenizer(data)
+    docs_dir = os.path.join(cfg.run.dir, "pretrain-data")
+    os.makedirs(docs_dir, exist_ok=True)
+    docs = os.path.join(docs_dir, f"{cfg.ttt.task.kind}.jsonl")
+    rng = np.random.default_rng([cfg.train.seed, 7])
+    low = max(16, cfg.data.seq_len // 4)
+    high = max(low + 1, cfg.data.seq_len - 48)
+    with open(docs + ".tmp", "w", encoding="utf-8") as fh:
+        for _ in range(cfg.ttt.pretrain_documents):
+            text = retrieval_document(cfg.ttt.task.kind, tokenizer, rng, int(rng.integers(low, high)),
+                                      keys=cfg.ttt.task.keys)
+            fh.write(json.dumps({"text": text}) + "\n")
+    os.replace(docs + ".tmp", docs)
+    pre = copy.deepcopy(cfg)
+    pre.run.dir = run
+    pre.data.source, pre.data.val_source, pre.data.tokenizer = docs, None, tokenizer.path
+    log(f"pretraining on {cfg.ttt.pretrain_documents} {cfg.ttt.task.kind} documents into {run}")
+    pretrain(pre)
+    return run
+
+
+def markdown_table(records: list[dict], methods) -> str:
+    """Accuracy per cell and the FLOPs of each method per example."""
+    head = ["length", "depth"] + [f"{m} acc" for m in methods] + ["qTTT GFLOP", "think tokens", "think GFLOP",
+                                                                  "plain GFLOP"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        depth = "-" if r["depth"] is None else f"{r['depth']:.2f}"
+        cells = [str(r["length"]), depth] + [f"{r[f'{m}_acc']:.3f}" for m in methods]
+        cells += [f"{r['flops_qttt'] / 1e9:.3f}", str(r["think_tokens"]), f"{r['flops_think'] / 1e9:.3f}",
+                  f"{r['flops_prefill'] / 1e9:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def heatmap(records: list[dict], methods, path: str, title: str = "") -> None:
+    """One panel per method: accuracy, depth (rows) x context length (columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["length"] for r in records})
+    depths = sorted({r["depth"] for r in records if r["depth"] is not None}) or [None]
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods) + 1, 0.5 * len(depths) + 2.2),
+                             squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        grid = np.full((len(depths), len(lengths)), np.nan)
+        for r in records:
+            grid[depths.index(r["depth"]), lengths.index(r["length"])] = r[f"{method}_acc"]
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        for i in range(len(depths)):
+            for j in range(len(lengths)):
+                if not np.isnan(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="white" if grid[i, j] < 0.6 else "black",
+                            fontsize=8)
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), ["-" if d is None else f"{d:.2f}" for d in depths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth")
+        ax.set_title(method)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def write_outputs(run_dir: str, records: list[dict], methods, title: str = "") -> None:
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "ttt.jsonl"), "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r) + "\n")
+    with open(os.path.join(run_dir, "ttt.md"), "w", encoding="utf-8") as fh:
+        if title:
+            fh.write(f"{title}\n\n")
+        fh.write(markdown_table(records, methods))
+    heatmap(records, methods, os.path.join(run_dir, "ttt.png"), title)
+
+
+def run_ttt(cfg, log=print) -> list[dict]:
+    """Run the qTTT job of `cfg` in this process; returns the per-cell records."""
+    from megatrain.config import save_config
+    from megatrain.engine.load import load_for_inference
+    from megatrain.ttt.config import check_against_model
+    from megatrain.ttt.evaluate import METHODS, evaluate_cells
+
+    init = preflight(cfg)
+    start = time.perf_counter()
+    if init is None:
+        init = pretrain_for_ttt(cfg, log)
+    model, tokenizer, model_cfg = load_for_inference(init)
+    check_against_model(cfg, model_cfg)
+    os.makedirs(cfg.run.dir, exist_ok=True)
+    save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
+    methods = [m for m in METHODS if m != "think" or cfg.ttt.think]
+    t = cfg.ttt
+    title = (f"qTTT on {t.task.kind}: steps {t.steps} x span {t.span}, lr {t.lr:g}, target {t.target}, "
+             f"{t.optimizer}; thinking baseline {2 * t.steps * t.span} tokens; model {init}")
+    log(title)
+    records = evaluate_cells(model, tokenizer, cfg, log=log, methods=methods)
+    write_outputs(cfg.run.dir, records, methods, title)
+    log(f"wrote {os.path.join(cfg.run.dir, 'ttt.jsonl')}, ttt.md and ttt.png ({time.perf_counter() - start:.0f}s)")
+    return records
