@@ -319,3 +319,23 @@ def test_positions_out_of_range_rejected():
     model = make(max_seq_len=16)
     with pytest.raises(ValueError, match="max_seq_len"):
         model(ids(n=4), positions=torch.arange(14, 18))
+
+
+def test_cache_copy_never_writes_into_the_original_buffers():
+    """Two continuations of one preallocated prefix (qTTT answers, then the thinking baseline) must
+    not see each other's keys: the copy allocates buffers of its own."""
+    from megatrain.models.attention import KVCache
+
+    gen = torch.Generator().manual_seed(3)
+    prefix = KVCache(1, capacity=16)
+    k0, v0 = torch.randn(2, 1, 4, 8, generator=gen), torch.randn(2, 1, 4, 8, generator=gen)
+    prefix.update(0, k0, v0)
+    first, second = prefix.copy(), prefix.copy(capacity=32)
+    k1, k2 = torch.randn(2, 1, 3, 8, generator=gen), torch.randn(2, 1, 5, 8, generator=gen)
+    out1, _ = first.update(0, k1, k1)
+    out2, _ = second.update(0, k2, k2)
+    torch.testing.assert_close(out1, torch.cat((k0, k1), dim=2), rtol=0, atol=0)
+    torch.testing.assert_close(first.keys[0], torch.cat((k0, k1), dim=2), rtol=0, atol=0)
+    torch.testing.assert_close(out2, torch.cat((k0, k2), dim=2), rtol=0, atol=0)
+    torch.testing.assert_close(prefix.keys[0], k0, rtol=0, atol=0)
+    assert prefix.length == 4 and first.length == 7 and second.length == 9
