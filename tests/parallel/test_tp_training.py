@@ -70,12 +70,18 @@ def test_reshard_tp2_to_tp1_continues_the_run(single_ckpt, tmp_path):
     tp_dir, resumed = tmp_path / "tp2", tmp_path / "tp1"
     run_cli(["pretrain", "--nproc-per-node", "2", *TINY_JOB, *STEPS, f"run.dir={tp_dir}", "parallel.tensor=2",
              "parallel.zero_stage=1", "train.stop_after=5", "checkpoint.every=5"])
-    # Adam divides by sqrt(v): an element with a near-zero gradient moves ~lr on rounding noise alone.
+    # Adam divides by sqrt(v): an element with a near-zero gradient moves up to ~lr on rounding noise
+    # alone (seen: one element of 11264 off by 2.5e-5). So: all but 0.1% of each tensor within 1e-5,
+    # and every element within train.lr; a wrong join or slice moves most elements by ~init std (0.02).
     full = load_file(str(single_dir / "checkpoints" / "step_5" / "model.safetensors"))
     joined = load_file(str(tp_dir / "checkpoints" / "step_5" / "model.safetensors"))
     assert full.keys() == joined.keys()
+    lr = 3e-3  # TINY_JOB's train.lr
     for name in full:
-        torch.testing.assert_close(joined[name], full[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        assert joined[name].shape == full[name].shape, name
+        diff = (joined[name].float() - full[name].float()).abs()
+        off = (diff > 1e-5 + 1e-5 * full[name].float().abs()).float().mean().item()
+        assert off <= 1e-3 and diff.max().item() <= lr, f"{name}: {off:.2%} of elements off, max {diff.max().item():.3g}"
 
     proc = run_cli(["pretrain", *TINY_JOB, *STEPS, f"run.dir={resumed}", "parallel.zero_stage=1",
                     "--resume-from", str(tp_dir)])
