@@ -63,13 +63,7 @@ def _cmd_rl(args) -> int:
     if _under_launcher():
         rl(cfg, resume=args.resume, stop_after=args.stop_after)
         return 0
-    nproc = args.nproc_per_node
-    if nproc is None:
-        import torch
-
-        nproc = torch.cuda.device_count() or 1
-    if nproc < 1:
-        raise MegatrainError(f"--nproc-per-node must be >= 1, got {nproc}")
+    nproc = _process_count(args)
     if nproc == 1:
         rl(cfg, resume=args.resume, stop_after=args.stop_after)
         return 0
@@ -140,6 +134,18 @@ def _add_generate(sub):
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
 
 
+def _process_count(args) -> int:
+    """--nproc-per-node, or the number of GPUs (1 on CPU)."""
+    nproc = args.nproc_per_node
+    if nproc is None:
+        import torch
+
+        nproc = torch.cuda.device_count() or 1
+    if nproc < 1:
+        raise MegatrainError(f"--nproc-per-node must be >= 1, got {nproc}")
+    return nproc
+
+
 def _under_launcher() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
@@ -156,13 +162,7 @@ def _cmd_pretrain(args) -> int:
 
         pretrain(cfg, resume=args.resume)
         return 0
-    nproc = args.nproc_per_node
-    if nproc is None:
-        import torch
-
-        nproc = torch.cuda.device_count() or 1
-    if nproc < 1:
-        raise MegatrainError(f"--nproc-per-node must be >= 1, got {nproc}")
+    nproc = _process_count(args)
     if nproc == 1:
         from megatrain.engine.trainer import pretrain
 

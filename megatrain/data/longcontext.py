@@ -27,8 +27,6 @@ Data only: this module imports no models or engine code.
 from __future__ import annotations
 
 import gzip
-import json
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -174,32 +172,21 @@ def load_jsonl(path: str, *, context_field: str = "context", question_field: str
 
     Raises DataError naming the file, the line and the missing field (ttt.task.*_field keys).
     """
-    if not os.path.isfile(path):
-        raise DataError(f"ttt.task.path: file '{path}' does not exist")
+    from megatrain.data.sources import read_jsonl_records
+
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"ttt.task.path: '{path}' line {number} is not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"ttt.task.path: '{path}' line {number} is not a JSON object")
-            for key, name in (("context_field", context_field), ("question_field", question_field),
-                              ("answer_field", answer_field)):
-                if name not in record:
-                    raise DataError(f"ttt.task.{key}: '{path}' line {number} has no field '{name}' (fields: "
-                                    f"{', '.join(record)})")
-            choices = record.get(choices_field) if choices_field else None
-            if choices is not None and (not isinstance(choices, list) or not 2 <= len(choices) <= len(CHOICE_LETTERS)):
-                raise DataError(f"ttt.task.choices_field: '{path}' line {number}: '{choices_field}' must be a list of "
-                                f"2..{len(CHOICE_LETTERS)} options")
-            out.append({"context": str(record[context_field]), "question": str(record[question_field]),
-                        "answer": record[answer_field], "choices": [str(c) for c in choices] if choices else None})
-    if not out:
-        raise DataError(f"ttt.task.path: '{path}' holds no records")
+    for number, record in read_jsonl_records(path, "ttt.task.path"):
+        for key, name in (("context_field", context_field), ("question_field", question_field),
+                          ("answer_field", answer_field)):
+            if name not in record:
+                raise DataError(f"ttt.task.{key}: '{path}' line {number} has no field '{name}' (fields: "
+                                f"{', '.join(record)})")
+        choices = record.get(choices_field) if choices_field else None
+        if choices is not None and (not isinstance(choices, list) or not 2 <= len(choices) <= len(CHOICE_LETTERS)):
+            raise DataError(f"ttt.task.choices_field: '{path}' line {number}: '{choices_field}' must be a list of "
+                            f"2..{len(CHOICE_LETTERS)} options")
+        out.append({"context": str(record[context_field]), "question": str(record[question_field]),
+                    "answer": record[answer_field], "choices": [str(c) for c in choices] if choices else None})
     return out
 
 

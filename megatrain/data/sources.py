@@ -26,6 +26,7 @@ import contextlib
 import glob
 import gzip
 import itertools
+import json
 import os
 import sys
 import zlib
@@ -111,6 +112,35 @@ def source_kind(source: Any) -> Optional[GeneratedSourceKind]:
     if not isinstance(source, str) or ":" not in source:
         return None
     return _KINDS.get(source.split(":", 1)[0])
+
+
+def read_jsonl_records(path: str, key: str) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for every non-blank line of a jsonl file of JSON objects.
+
+    For the record-per-line task files of the jobs (RL problems, long-context sets). Raises DataError
+    naming `key`, the file and the line: missing file, not UTF-8, a line that is not JSON or not an
+    object, or no records at all.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"{key}: file '{path}' does not exist")
+    count = 0
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{key}: '{path}' line {number} is not valid JSON ({exc.msg})") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{key}: '{path}' line {number} is not a JSON object")
+                count += 1
+                yield number, record
+    except UnicodeDecodeError:
+        raise DataError(f"{key}: '{path}' is not UTF-8 text") from None
+    if not count:
+        raise DataError(f"{key}: '{path}' holds no records")
 
 
 # ----------------------------------------------------------------------------------------------

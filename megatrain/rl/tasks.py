@@ -82,33 +82,19 @@ def load_jsonl(path: str, question_field: str = "question", answer_field: str = 
                solution_field: Optional[str] = "solution", key: str = "rl.task.source") -> list[Problem]:
     """Problems from a jsonl file; DataError (one line naming the file and line) when it is missing,
     empty, not JSON, or a record lacks a field."""
-    if not os.path.isfile(path):
-        raise DataError(f"{key}: task file '{path}' does not exist")
+    from megatrain.data.sources import read_jsonl_records
+
     problems = []
-    try:
-        with open(path, encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{key}: '{path}' line {line_no} is not valid JSON ({exc.msg})") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{key}: '{path}' line {line_no} is not a JSON object")
-                for field in (question_field, answer_field):
-                    if field not in record or not isinstance(record[field], (str, int, float)):
-                        raise DataError(f"{key}: '{path}' line {line_no} has no '{field}' field (set "
-                                        f"rl.task.question_field / rl.task.answer_field to the names it uses)")
-                answer = str(record[answer_field]).strip()
-                solution = record.get(solution_field) if solution_field else None
-                if not isinstance(solution, str) or not solution.strip():
-                    solution = f"#### {answer}"
-                problems.append(Problem(str(record[question_field]), answer, solution.strip()))
-    except UnicodeDecodeError:
-        raise DataError(f"{key}: '{path}' is not UTF-8 text") from None
-    if not problems:
-        raise DataError(f"{key}: task file '{path}' holds no records")
+    for line_no, record in read_jsonl_records(path, key):
+        for field in (question_field, answer_field):
+            if field not in record or not isinstance(record[field], (str, int, float)):
+                raise DataError(f"{key}: '{path}' line {line_no} has no '{field}' field (set "
+                                f"rl.task.question_field / rl.task.answer_field to the names it uses)")
+        answer = str(record[answer_field]).strip()
+        solution = record.get(solution_field) if solution_field else None
+        if not isinstance(solution, str) or not solution.strip():
+            solution = f"#### {answer}"
+        problems.append(Problem(str(record[question_field]), answer, solution.strip()))
     return problems
 
 

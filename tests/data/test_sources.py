@@ -180,3 +180,25 @@ def test_register_refuses_a_taken_or_reserved_prefix(monkeypatch):
     other = SimpleNamespace(prefix="synthetic")
     register_source_kind(other)
     assert source_kind("synthetic:anything") is other
+
+
+def test_read_jsonl_records_names_the_key_file_and_line(tmp_path):
+    from megatrain.data.sources import read_jsonl_records
+    from megatrain.errors import DataError
+
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"a": 1}\n\n{"a": 2}\n', encoding="utf-8")
+    assert list(read_jsonl_records(str(good), "x.path")) == [(1, {"a": 1}), (3, {"a": 2})]
+    cases = {"missing.jsonl": (None, "x.path: file .* does not exist"),
+             "empty.jsonl": ("\n  \n", "x.path: .* holds no records"),
+             "list.jsonl": ('{"a": 1}\n[1, 2]\n', "line 2 is not a JSON object"),
+             "broken.jsonl": ('{"a": 1}\n{"a": \n', "line 2 is not valid JSON"),
+             "latin1.jsonl": (b'{"a": "caf\xe9"}\n', "is not UTF-8 text")}
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is not None:
+            path.write_text(content, encoding="utf-8")
+        with pytest.raises(DataError, match=message):
+            list(read_jsonl_records(str(path), "x.path"))
