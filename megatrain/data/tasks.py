@@ -151,8 +151,6 @@ class TaskBlocks:
     the accuracy) covers the answers only.
     """
 
-    is_task = True
-
     def __init__(self, name: str, task_cfg, seq_len: int, split: int):
         if name not in TASKS:
             raise ValueError(f"unknown task {name!r} (allowed: {', '.join(TASKS)})")
@@ -187,6 +185,13 @@ class TaskBlocks:
             inputs[row, :len(tokens) - 1] = tokens[:-1]
             labels[row, answer_at] = tokens[answer_at + 1]
         return torch.from_numpy(inputs), torch.from_numpy(labels)
+
+    @staticmethod
+    def answer_counts(logits: Tensor, labels: Tensor) -> Tensor:
+        """Validation extras of a task split: `exact_match_counts` (the trainer reports
+        val_exact_match and val_answer_acc from them)."""
+        return exact_match_counts(logits, labels)
+
 
 
 class TaskSources:

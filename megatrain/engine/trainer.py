@@ -206,23 +206,21 @@ class Trainer:
             return None
         engine = self.engine
         engine.eval()
-        # Synthetic tasks (megatrain.data.tasks) also score exact-match accuracy on the answers.
-        task = getattr(self.data.val, "is_task", False)
-        total = torch.zeros(6 if task else 2, dtype=torch.float64, device=self.env.device)
+        # Validation blocks that can score their answers (the synthetic tasks) report accuracy too.
+        answer_counts = getattr(self.data.val, "answer_counts", None)
+        total = torch.zeros(2 if answer_counts is None else 6, dtype=torch.float64, device=self.env.device)
         for indices in val_batches(self.data.val, self.cfg.train.micro_batch, self.dp_rank, self.dp_size,
                                    self.cfg.log.eval_batches):
             inputs, labels = self._batch(self.data.val, indices)
             total[0] += engine(inputs, labels=labels).float()
             total[1] += 1
-            if task:
-                from megatrain.data.tasks import exact_match_counts
-
-                total[2:] += exact_match_counts(engine(inputs), labels)
+            if answer_counts is not None:
+                total[2:] += answer_counts(engine(inputs), labels)
         engine.train()
         all_reduce_sum(total)
         val_loss = (total[0] / total[1]).item()
         out = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
-        if task:
+        if answer_counts is not None:
             out.update(val_exact_match=(total[2] / total[3]).item(), val_answer_acc=(total[4] / total[5]).item())
         return out
 
