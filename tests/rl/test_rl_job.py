@@ -145,3 +145,21 @@ def test_bad_inputs(tiny_run, tmp_path, capsys):
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
     assert "rl.reward tests.rl.toy_rewards.broken returned None" in errors[0] and "Traceback" not in proc.stderr
     _bad(tmp_path, capsys, init, match="already holds an RL run")
+
+
+@pytest.mark.slow
+def test_rl_step_benchmark_reports_the_generation_share(tiny_run, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, child_env
+
+    subprocess.run([sys.executable, "benchmarks/rl_step.py", "--init", str(tiny_run), "--steps", "2", "--out",
+                    str(tmp_path), "--tag", "t", "rl.group_size=2", "rl.prompts_per_step=2", "rl.max_new_tokens=4"],
+                   cwd=REPO, env=child_env(), check=True, capture_output=True, timeout=600)
+    result = json.loads((tmp_path / "rl-step-t.json").read_text())
+    assert result["measured_iterations"] == 2 and result["rollout"]["group_size"] == 2
+    assert sum(result["share"].values()) == pytest.approx(1.0)
+    assert 0 < result["generation_share"] == result["share"]["generate_s"] < 1
+    assert result["versions"]["torch"] == torch.__version__ and result["device"]
+    assert f"Generation share of the step: **{result['generation_share']:.1%}**" in (tmp_path / "rl-step-t.md").read_text()
