@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -39,6 +40,7 @@ def main() -> int:
     ap.add_argument("--nproc-per-node", type=int, default=1)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                     help="folder for rl-step-<tag>.{json,md}")
+    ap.add_argument("--note", default="", help="a sentence for the results (e.g. the machine's state)")
     ap.add_argument("overrides", nargs="*", help="rl.* / train.* overrides (e.g. rl.group_size=16)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,7 +66,7 @@ def main() -> int:
                                       "ppo_epochs", "kl_coef")}
     model = {k: model_cfg[k] for k in ("dim", "layers", "heads", "kv_heads", "ffn_dim", "vocab_size")}
     response = statistics.mean(r["response_length"] for r in kept)
-    result = {"benchmark": "RL step time split (GRPO)", "command": "python " + " ".join(sys.argv),
+    result = {"benchmark": "RL step time split (GRPO)", "command": "python " + shlex.join(sys.argv),
               "device": cpu_name(), "device_type": "cpu", "cpu_count": os.cpu_count(),
               "load_average_1min": round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None,
               "versions": {"python": platform.python_version(), "torch": torch.__version__,
@@ -72,7 +74,8 @@ def main() -> int:
               "init": args.init, "model": model, "rollout": rollout, "steps": args.steps,
               "measured_iterations": len(kept), "overrides": args.overrides, "nproc_per_node": args.nproc_per_node,
               "mean_response_tokens": response, "seconds": mean, "total_s": total,
-              "share": {p: mean[p] / total for p in PARTS}, "generation_share": mean["generate_s"] / total}
+              "share": {p: mean[p] / total for p in PARTS}, "generation_share": mean["generate_s"] / total,
+              "note": args.note}
     lines = ["| part | seconds / iteration | share |", "|---|---|---|"]
     lines += [f"| {p[:-2]} | {mean[p]:.3f} | {mean[p] / total:.1%} |" for p in PARTS]
     lines.append(f"| total | {total:.3f} | 100% |")
@@ -93,6 +96,8 @@ def main() -> int:
               f"(the first dropped as warm-up).", "",
               "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()), "",
               f"Generation share of the step: **{result['generation_share']:.1%}**", ""]
+    if args.note:
+        header[-2:-2] = [f"Note: {args.note}", ""]
     with open(out + ".md", "w") as fh:
         fh.write("\n".join(header) + "\n" + table + "\n")
     return 0
