@@ -226,6 +226,10 @@ class RLConfig:
                                    "the whole rollout batch. SFT steps use the same size.")
     micro_batch: int = _f(16, "Sequences per forward/backward per process.")
     dynamic_filter: bool = _f(False, "Drop groups whose rewards are all equal (zero advantage) from the loss.")
+    mask_truncated: bool = _f(False, "Give zero loss weight to completions cut at rl.max_new_tokens without EOS or "
+                              "a stop (TRL's mask_truncated_completions, DAPO's overlong filtering; off by "
+                              "default as in TRL). They still count in the group advantages; the share is logged "
+                              "as `truncated`.")
     steps: int = _f(50, "RL iterations (rollout + update); for sft, SFT steps.")
     sft_steps: int = _f(20, "sft_rl: SFT steps before the RL iterations.")
     seed: int = _f(0, "Seed of prompt order and sampling.")

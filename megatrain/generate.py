@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from megatrain.errors import ConfigError
 from megatrain.models.attention import KVCache
 
-__all__ = ["generate"]
+__all__ = ["generate", "is_truncated"]
 
 StopItem = Union[str, int, Sequence[int]]
 
@@ -102,9 +102,7 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
     seeds = _row_seeds(seed, len(prompts))
     eos_ids = _eos_set(eos_id)
     token_stops, text_stops = _split_stops(stop, tokenizer)
-    # A stop string of b UTF-8 bytes spans at most b tokens (each token decodes to >= 1 byte); the
-    # margin covers tokenizers that drop a leading space when decoding a fragment.
-    text_window = max((len(s.encode("utf-8")) for s in text_stops), default=0) + 4
+    text_window = _text_window(text_stops)
 
     device = next(model.parameters()).device
     multiple = _tokens_per_forward(model)
@@ -209,6 +207,29 @@ def _sample(logits: Tensor, temperature: float, top_k: int, top_p: float, unifor
     if not with_logprobs:
         return tokens, None
     return tokens, torch.log_softmax(scaled, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def is_truncated(tokens: Sequence[int], max_new_tokens: int, *,
+                 stop: Optional[Union[StopItem, Sequence[StopItem]]] = None,
+                 eos_id: Optional[Union[int, Sequence[int]]] = None, tokenizer=None) -> bool:
+    """Whether `generate` cut this row at `max_new_tokens` instead of the row ending by itself.
+
+    `tokens` is one row of `generate`'s result and `max_new_tokens`, `stop`, `eos_id`, `tokenizer`
+    the arguments of that call: a row is truncated when it holds max_new_tokens tokens and its last
+    token did not end it (no EOS, no stop sequence or string completed), by the same test that
+    `generate` applies after every token.
+    """
+    if len(tokens) < max_new_tokens:
+        return False
+    token_stops, text_stops = _split_stops(stop, tokenizer)
+    return not _stopped(list(tokens), _eos_set(eos_id), token_stops, text_stops, _text_window(text_stops), tokenizer)
+
+
+def _text_window(text_stops: list[str]) -> int:
+    """Tokens to decode when looking for stop strings at the end of a row."""
+    # A stop string of b UTF-8 bytes spans at most b tokens (each token decodes to >= 1 byte); the
+    # margin covers tokenizers that drop a leading space when decoding a fragment.
+    return max((len(s.encode("utf-8")) for s in text_stops), default=0) + 4
 
 
 def _stopped(tokens: list[int], eos_ids: frozenset, token_stops: list[list[int]], text_stops: list[str],

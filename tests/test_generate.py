@@ -14,7 +14,7 @@ import torch
 import megatrain
 from megatrain.models.config import IHAConfig, ModelConfig
 from megatrain.errors import ConfigError
-from megatrain.generate import generate
+from megatrain.generate import generate, is_truncated
 from megatrain.models.transformer import Transformer
 from tests.conftest import REPO, child_env, free_port, run_cli
 
@@ -123,6 +123,9 @@ class LetterTokenizer:
     def decode(self, ids):
         return "".join(chr(ord("a") + i % 26) for i in ids)
 
+    def encode_letters(self, text):
+        return [ord(c) - ord("a") for c in text]
+
 
 def test_stop_strings_need_a_tokenizer_and_stop_each_row(model):
     tok = LetterTokenizer()
@@ -133,6 +136,25 @@ def test_stop_strings_need_a_tokenizer_and_stop_each_row(model):
     assert generate(model, PROMPTS, max_new_tokens=10, stop=[text, [63, 62]], tokenizer=tok) == expected
     with pytest.raises(ConfigError, match="stop strings need tokenizer="):
         generate(model, PROMPTS, max_new_tokens=10, stop=text)
+
+
+def test_is_truncated_tells_rows_cut_at_max_new_tokens_from_rows_that_ended(model):
+    tok = LetterTokenizer()
+    full = generate(model, PROMPTS, max_new_tokens=10)
+    eos, text = full[1][3], tok.decode(full[0][3:5])
+    kwargs = dict(stop=[text, [63, 62]], eos_id=eos, tokenizer=tok)
+    out = generate(model, PROMPTS, max_new_tokens=10, **kwargs)
+    ended = [truncate_after(t, lambda s: s[-1] == eos or text in tok.decode(s) or s[-2:] == [63, 62]) for t in full]
+    assert out == ended
+    want = [len(e) == 10 and e == t and not (t[-1] == eos or text in tok.decode(t)) for e, t in zip(ended, full)]
+    assert [is_truncated(t, 10, **kwargs) for t in out] == want
+    assert True in want and False in want  # both kinds occur
+    # A row that ends exactly at the limit (EOS, stop string or stop sequence as its last token) ran to completion.
+    assert not is_truncated([1, 2, eos], 3, eos_id=eos)
+    assert not is_truncated([1, 63, 62], 3, stop=[[63, 62]])
+    assert not is_truncated(tok.encode_letters("xxab"), 4, stop="ab", tokenizer=tok)
+    assert is_truncated([1, 2, 3], 3, eos_id=eos if eos not in (1, 2, 3) else 60)
+    assert not is_truncated([1, 2], 3)  # shorter than the limit: it stopped by itself
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy(model):

@@ -79,6 +79,25 @@ def aggregate(values: Tensor, mask: Tensor, mode: str, normalizer: Optional[floa
     return per_seq.sum() / (normalizer if normalizer is not None else seqs.clamp(min=1))
 
 
+def sequence_weights(flat_groups: Tensor, truncated: Tensor, group_size: int, *, dynamic_filter: bool,
+                     mask_truncated: bool) -> Tensor:
+    """Loss weight (0 or 1) [B] of each sequence, B = groups x group_size, from `flat_groups` [groups]
+    (bool: the group's rewards are all equal) and `truncated` [B] (bool: cut at max new tokens).
+
+    dynamic_filter drops the sequences of flat groups (they have zero advantage anyway, but they
+    would still count in the token-mean denominator); mask_truncated drops truncated sequences
+    (DAPO's overlong filtering, TRL's mask_truncated_completions): a completion cut short is
+    neither rewarded nor punished for an answer it had no room to finish. Both only remove
+    sequences from the loss: the advantages are computed over every sample, as in TRL.
+    """
+    keep = torch.ones(truncated.shape[0], dtype=torch.float64)
+    if dynamic_filter:
+        keep = keep * (~flat_groups.bool()).double().repeat_interleave(group_size)
+    if mask_truncated:
+        keep = keep * (~truncated.bool()).double()
+    return keep
+
+
 def loss_normalizer(mask: Tensor, mode: str) -> float:
     """The denominator `aggregate` uses for this batch: tokens (token-mean) or non-empty sequences."""
     if mode == "token-mean":

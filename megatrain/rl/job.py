@@ -40,7 +40,7 @@ from megatrain.distributed import all_reduce_sum, barrier
 from megatrain.engine import checkpoint as ckpt
 from megatrain.engine.load import load_for_inference
 from megatrain.engine.trainer import resolve_config
-from megatrain.generate import generate
+from megatrain.generate import generate, is_truncated
 from megatrain.errors import CheckpointError, ConfigError
 from megatrain.rl import grpo
 from megatrain.rl.config import RL_PIPELINES, pipelines, validate_rl
@@ -394,16 +394,19 @@ class Excursion:
         advantages = grpo.group_advantages(shaped_all, scale=rl.scale_rewards)
         flat = (shaped_all.amax(dim=1) == shaped_all.amin(dim=1))
         local_adv = advantages[local].reshape(-1)
-        keep = (~flat[local]).double().repeat_interleave(G) if rl.dynamic_filter else torch.ones(len(rows),
-                                                                                                 dtype=torch.float64)
+        truncated = torch.tensor([is_truncated(c, rl.max_new_tokens, stop=STOP, eos_id=self.tokenizer.eos_id,
+                                               tokenizer=self.tokenizer) for c in completions], dtype=torch.bool)
+        keep = grpo.sequence_weights(flat[local], truncated, G, dynamic_filter=rl.dynamic_filter,
+                                     mask_truncated=rl.mask_truncated)
         lengths = torch.tensor([float(len(c)) for c in completions], dtype=torch.float64)
-        stats = torch.tensor([lengths.sum().item(), float(len(rows))], dtype=torch.float64)
+        stats = torch.tensor([lengths.sum().item(), float(len(rows)), truncated.double().sum().item()],
+                             dtype=torch.float64)
         all_reduce_sum(stats)
         timings["logprob_s"] = time.perf_counter() - t0
         return dict(ids_masks=ids_masks, old_logp=old_logp, advantages=local_adv, keep=keep, timings=timings,
                     reward_mean=rewards_all.mean().item(), reward_std=rewards_all.std().item(),
                     solved=(rewards_all >= 1.0).double().mean().item(), response_length=(stats[0] / stats[1]).item(),
-                    filtered_groups=flat.double().mean().item())
+                    truncated=(stats[2] / stats[1]).item(), filtered_groups=flat.double().mean().item())
 
     def _text(self, completion: list[int]) -> str:
         tokens = [t for t in completion if t != self.tokenizer.eos_id]
@@ -524,7 +527,7 @@ class Excursion:
             return record
         roll = self._rollout(it)
         record.update({k: roll[k] for k in ("reward_mean", "reward_std", "solved", "response_length",
-                                            "filtered_groups")})
+                                            "truncated", "filtered_groups")})
         record.update(roll["timings"])
         t0 = time.perf_counter()
         n_micro = len(roll["ids_masks"])

@@ -8,7 +8,8 @@ import torch
 
 from megatrain.errors import ConfigError
 from megatrain.rl import group_advantages
-from megatrain.rl.grpo import aggregate, clipped_objective, kl_estimate, loss_normalizer, token_logprobs
+from megatrain.rl.grpo import (aggregate, clipped_objective, kl_estimate, loss_normalizer, sequence_weights,
+                               token_logprobs)
 
 
 def test_group_advantages_by_hand():
@@ -84,6 +85,33 @@ def test_aggregation_modes_by_hand():
         assert parts.item() == pytest.approx(whole.item())
     with pytest.raises(ConfigError, match="loss_agg"):
         aggregate(values, mask, "sum")
+
+
+def test_sequence_weights_drop_truncated_completions_and_flat_groups():
+    flat = torch.tensor([False, True])               # group 1 (sequences 2, 3) has all-equal rewards
+    truncated = torch.tensor([False, True, False, True])
+    weights = lambda **kw: sequence_weights(flat, truncated, 2, **kw).tolist()
+    assert weights(dynamic_filter=False, mask_truncated=False) == [1, 1, 1, 1]
+    assert weights(dynamic_filter=False, mask_truncated=True) == [1, 0, 1, 0]
+    assert weights(dynamic_filter=True, mask_truncated=False) == [1, 1, 0, 0]
+    assert weights(dynamic_filter=True, mask_truncated=True) == [1, 0, 0, 0]
+
+
+def test_masked_truncated_completion_gets_no_loss_and_no_gradient():
+    """The recipe multiplies each sequence's token mask by its weight before the loss: a truncated
+    completion then adds nothing to the loss, its gradient, or the token-mean denominator."""
+    logp = torch.log(torch.tensor([[0.5, 0.9, 0.2], [0.4, 0.7, 0.6]], dtype=torch.float64)).requires_grad_(True)
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    mask = torch.ones(2, 3, dtype=torch.float64)
+    weights = sequence_weights(torch.tensor([False]), torch.tensor([False, True]), 2, dynamic_filter=False,
+                               mask_truncated=True)
+    masked = mask * weights[:, None]
+    loss, _ = clipped_objective(logp, logp.detach(), adv)
+    total = aggregate(loss, masked, "token-mean", loss_normalizer(masked, "token-mean"))
+    total.backward()
+    assert total.item() == pytest.approx(-1.0)                    # row 0 alone: mean of -A * ratio (= 1)
+    assert torch.equal(logp.grad[1], torch.zeros(3, dtype=torch.float64))
+    assert torch.allclose(logp.grad[0], torch.full((3,), -1 / 3, dtype=torch.float64))  # 3 tokens, not 6
 
 
 def test_kl_estimators_match_formulas():
