@@ -67,7 +67,10 @@ def main() -> int:
     model = {k: model_cfg[k] for k in ("dim", "layers", "heads", "kv_heads", "ffn_dim", "vocab_size")}
     response = statistics.mean(r["response_length"] for r in kept)
     result = {"benchmark": "RL step time split (GRPO)", "command": "python " + shlex.join(sys.argv),
-              "device": cpu_name(), "device_type": "cpu", "cpu_count": os.cpu_count(),
+              # the job runs on the GPU when torch sees one (train.dtype auto: bf16 there)
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name(),
+              "device_type": "cuda" if torch.cuda.is_available() else "cpu", "host_cpu": cpu_name(),
+              "cpu_count": os.cpu_count(),
               "load_average_1min": round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None,
               "versions": {"python": platform.python_version(), "torch": torch.__version__,
                            "deepspeed": _version("deepspeed"), "megatrain": megatrain.__version__},
@@ -88,7 +91,8 @@ def main() -> int:
         json.dump(result, fh, indent=1)
     header = [f"# RL step time (GRPO) on {result['device']}", "",
               f"Command: `{result['command']}`", "",
-              f"{args.nproc_per_node} process(es) on {result['cpu_count']} CPUs (load average "
+              f"{args.nproc_per_node} process(es) on "
+              f"{'the GPU, ' if result['device_type'] == 'cuda' else ''}{result['cpu_count']} host CPUs (load average "
               f"{result['load_average_1min']} at the end). Model: dim {model['dim']}, {model['layers']} layers, "
               f"{model['heads']} heads ({model['kv_heads']} KV), FFN {model['ffn_dim']}, vocab {model['vocab_size']}. "
               f"Rollout: {rollout['prompts_per_step']} prompts x {rollout['group_size']} samples of up to "
