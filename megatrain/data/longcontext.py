@@ -68,9 +68,9 @@ _HAYSTACKS: dict = {}
 
 
 def _corpus_text(split: str) -> str:
-    from megatrain.data import corpus
+    from megatrain.data.corpus import TRAIN_FILES, VAL_FILES
 
-    files = corpus.VAL_FILES if split == "val" else corpus.TRAIN_FILES
+    files = VAL_FILES if split == "val" else TRAIN_FILES
     parts = []
     for path in files:
         with gzip.open(path, "rt", encoding="utf-8") as fh:
