@@ -18,6 +18,8 @@ ALLOWED = {
     "token_cache": {"megatrain.errors", "megatrain.data.sources", "megatrain.data.tokenizer"},
     "sampler": {"megatrain.errors"},
     "tasks": {"megatrain.errors", "megatrain.constants", "megatrain.data.sources"},
+    # Evaluation data (qTTT's long-context tasks): reads the corpus files directly, no stage depends on it.
+    "longcontext": {"megatrain.errors", "megatrain.data.corpus"},
     "__init__": {"megatrain.errors", "megatrain.data.sources", "megatrain.data.tokenizer",
                  "megatrain.data.token_cache", "megatrain.data.sampler", "megatrain.data.tasks"},
 }
