@@ -208,8 +208,8 @@ def _validate_iha(m: ModelConfig, seq_len: Optional[int]) -> None:
     if iha.full_every < 1:
         raise ConfigError(f"model.iha.full_every must be >= 1, got {iha.full_every}")
     if iha.schedule == "flop_matched" and iha.window is None:
-        message = (f"model.iha.schedule=flop_matched needs model.iha.window for the short layers: N/(2P) matches "
-                   f"MHA's attention FLOPs at sequence length N")
+        message = ("model.iha.schedule=flop_matched needs model.iha.window for the short layers: N/(2P) matches "
+                   "MHA's attention FLOPs at sequence length N")
         if seq_len is not None:
             short = max(pseudo, seq_len // (2 * pseudo) // pseudo * pseudo)
             message += f", i.e. model.iha.window={short} for data.seq_len={seq_len} and P={pseudo}"

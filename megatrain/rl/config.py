@@ -12,9 +12,8 @@ from megatrain.errors import ConfigError
 from megatrain.rl.grpo import KL_ESTIMATORS, LOSS_AGG_MODES, SCALE_MODES
 
 PIPELINES = ("grpo", "sft", "sft_rl", "parallel_avg", "loss_mix")
-# Pipelines that sample rollouts and take RL updates, and those that take SFT updates.
+# Pipelines that sample rollouts and take RL updates.
 RL_PIPELINES = ("grpo", "sft_rl", "parallel_avg", "loss_mix")
-SFT_PIPELINES = ("sft", "sft_rl", "parallel_avg", "loss_mix")
 
 
 def pipelines(rl) -> list[str]:

@@ -351,7 +351,6 @@ class Excursion:
     # -- rollout -------------------------------------------------------------------------------
 
     def _rollout(self, it: int) -> dict:
-
         rl, G = self.rl, self.rl.group_size
         timings = {}
         t0 = time.perf_counter()
@@ -721,7 +720,6 @@ def rl(cfg: Config, resume=False, stop_after: Optional[int] = None) -> list[dict
         if os.path.isfile(base_file):
             base = _read_json(base_file)
         else:
-
             model, tokenizer, _ = load_for_inference(start.path, device=env.device)
             base = evaluate(model, tokenizer, problems[1], cfg, groups, env)
             del model
