@@ -1,4 +1,4 @@
-"""`megatrain {pretrain,rl,ttt,generate,tokenizer,config,export,reshard}`.
+"""`megatrain {pretrain,rl,ttt,generate,tokenizer,config,export,reshard,analyze}`.
 
 User errors (MegatrainError) end as one line on stderr and exit code 2; no traceback.
 `megatrain pretrain` runs in this process for one process, or starts torchrun's elastic agent for
@@ -103,7 +103,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="run directory (its latest checkpoint) or checkpoint directory")
     _add_generate(sub)
     _add_ttt(sub)
+    _add_analyze(sub)
     return parser
+
+
+def _add_analyze(sub):
+    p = sub.add_parser("analyze", help="research instruments on a run's checkpoints: spectra, loss landscape, "
+                                       "interpolation, CKA, exposure index (markdown + PNG + tensorboard)")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--vs", metavar="OTHER_RUN", default=None, help="a second run to compare with")
+    p.add_argument("--only", default=None,
+                   help="comma-separated instruments (default all): spectra,landscape,interpolation,cka,exposure")
+    p.add_argument("--checkpoint", default=None, help="step_N (or N, or a path) of RUN (default: its latest)")
+    p.add_argument("--vs-checkpoint", default=None, help="step_N of OTHER_RUN (default: its latest)")
+    p.add_argument("--base", default="init", choices=["init", "first"],
+                   help="W_0 of the update spectra: init (rebuilt from the run's seed) or the first checkpoint")
+    p.add_argument("--phrases", default=None, help="exposure: file of phrases / evaluation items, one per line "
+                                                   "(.jsonl: a \"text\" field per line)")
+    p.add_argument("--ngram", type=int, default=8, help="exposure: n-gram length of the index")
+    p.add_argument("--directions", type=int, default=2, help="landscape: random filter-normalised directions")
+    p.add_argument("--components", type=int, default=2, help="landscape: principal directions of the trajectory")
+    p.add_argument("--points", type=int, default=21, help="landscape: grid points per curve (odd)")
+    p.add_argument("--radius", type=float, default=0.2, help="landscape: sharpness radius (fraction of the grid)")
+    p.add_argument("--batches", type=int, default=2, help="held-out micro-batches for the loss and CKA")
+    p.add_argument("--micro-batch", type=int, default=4, help="sequences per held-out micro-batch")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random directions")
+    p.add_argument("--out", default=None, help="output folder (default RUN/analysis, or RUN/analysis/vs-OTHER)")
+    p.add_argument("--no-tensorboard", action="store_true", help="skip the tensorboard events")
+
+
+def _cmd_analyze(args) -> int:
+    from megatrain.analysis.analyze import INSTRUMENTS, AnalyzeOptions, analyze
+    from megatrain.analysis.report import default_output, write_report
+
+    only = tuple(x.strip() for x in args.only.split(",") if x.strip()) if args.only else INSTRUMENTS
+    opts = AnalyzeOptions(only=only, checkpoint=args.checkpoint, vs_checkpoint=args.vs_checkpoint, base=args.base,
+                          directions=args.directions, components=args.components, points=args.points,
+                          radius=args.radius, batches=args.batches, micro_batch=args.micro_batch, seed=args.seed,
+                          phrases=args.phrases, ngram=args.ngram)
+    results = analyze(args.run, args.vs, opts)
+    path = write_report(results, args.out or default_output(args.run, args.vs), tensorboard=not args.no_tensorboard)
+    print(f"wrote {path}")
+    return 0
 
 
 def _add_ttt(sub):
@@ -291,7 +332,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     handlers = {"pretrain": _cmd_pretrain, "rl": _cmd_rl, "ttt": _cmd_ttt, "tokenizer": _cmd_tokenizer,
-                "config": _cmd_config, "export": _cmd_export, "reshard": _cmd_reshard, "generate": _cmd_generate}
+                "config": _cmd_config, "export": _cmd_export, "reshard": _cmd_reshard, "generate": _cmd_generate,
+                "analyze": _cmd_analyze}
     try:
         return handlers[args.command](args)
     except MegatrainError as exc:

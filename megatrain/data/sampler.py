@@ -141,8 +141,9 @@ class ResumableSampler:
             self._orders[epoch] = order
         return order
 
-    def _stream(self, start: int, count: int) -> list[int]:
-        """Block indices at stream positions [start, start + count)."""
+    def stream(self, start: int, count: int) -> list[int]:
+        """Block indices at stream positions [start, start + count): global step s (1-based) draws
+        positions [(s - 1) * global_batch, s * global_batch), whatever the data-parallel layout."""
         out: list[int] = []
         position, end = start, start + count
         while position < end:
@@ -155,7 +156,7 @@ class ResumableSampler:
     def next_step(self) -> list[list[int]]:
         """This rank's block indices for the next global step: grad_accum lists of micro_batch."""
         per_rank = self.global_batch // self.dp_size
-        mine = self._stream(self.consumed_samples + self.dp_rank * per_rank, per_rank)
+        mine = self.stream(self.consumed_samples + self.dp_rank * per_rank, per_rank)
         self.consumed_samples += self.global_batch
         return [mine[i * self.micro_batch:(i + 1) * self.micro_batch] for i in range(self.grad_accum)]
 
