@@ -201,19 +201,26 @@ def _cmd_pretrain(args) -> int:
     if _under_launcher():
         from megatrain.engine.trainer import pretrain
 
-        pretrain(cfg, resume=args.resume)
+        pretrain(cfg, resume=args.resume, instruments=_training_instruments(cfg))
         return 0
     nproc = _process_count(args)
     if nproc == 1:
         from megatrain.engine.trainer import pretrain
 
-        pretrain(cfg, resume=args.resume)
+        pretrain(cfg, resume=args.resume, instruments=_training_instruments(cfg))
         return 0
     # Check everything that needs no process group here, so a bad config is one line, not N.
     from megatrain.engine.trainer import preflight
 
     preflight(cfg, args.resume, nproc)
     return _spawn_torchrun(nproc, ["pretrain", *_argv_of(args)])
+
+
+def _training_instruments(cfg):
+    """log.analyze_every's instruments (megatrain.analysis sits above the engine, so the CLI hands them in)."""
+    from megatrain.analysis.live import training_instruments
+
+    return training_instruments(cfg)
 
 
 def _argv_of(args) -> list[str]:

@@ -155,6 +155,8 @@ class LogConfig:
     eval_batches: int = _f(8, "Micro-batches per process per validation.")
     tensorboard: bool = _f(True, "Write tensorboard events under run.dir/tb.")
     progress: bool = _f(True, "Progress bar on rank 0.")
+    analyze_every: int = _f(0, "Spectra of the learned updates W_t - W_0 (effective and stable rank per projection "
+                            "kind, megatrain.analysis) every N steps into metrics.jsonl and tensorboard (0 disables).")
 
 
 # --- rl: RL from pretraining checkpoints (megatrain/rl/; validated by megatrain.rl.config.validate_rl) ---
@@ -552,6 +554,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"log.every must be >= 1, got {cfg.log.every}")
     if cfg.log.eval_every < 0 or cfg.log.eval_batches < 1:
         raise ConfigError("log.eval_every must be >= 0 and log.eval_batches >= 1")
+    if cfg.log.analyze_every < 0:
+        raise ConfigError(f"log.analyze_every must be >= 0, got {cfg.log.analyze_every}")
     _validate_parallel(cfg, m)
     _validate_lowrank_training(cfg, m)
     _validate_task(cfg, m)

@@ -261,11 +261,17 @@ def _gather_tensor_parallel(module: torch.nn.Module, groups, model_cfg) -> dict:
         if dim is None:
             out[name] = tensor
             continue
-        param = params[name].detach().contiguous()
-        parts = [torch.empty_like(param) for _ in range(groups.tp_size)]
-        dist.all_gather(parts, param, group=groups.tp_group)
-        out[name] = torch.cat([p.cpu() for p in parts[::replicas]], dim=dim)
+        out[name] = join_tensor_parallel(params[name], dim, replicas, groups)
     return out
+
+
+def join_tensor_parallel(param: torch.Tensor, dim: int, replicas: int, groups) -> torch.Tensor:
+    """The full CPU tensor of one parameter split along `dim` over the TP group (collective in it);
+    `replicas` consecutive ranks hold the same slice (KV heads when kv_heads < TP)."""
+    param = param.detach().contiguous()
+    parts = [torch.empty_like(param) for _ in range(groups.tp_size)]
+    dist.all_gather(parts, param, group=groups.tp_group)
+    return torch.cat([p.cpu() for p in parts[::replicas]], dim=dim)
 
 
 def _write_weights(tensors: dict, path: str) -> None:

@@ -109,6 +109,9 @@ class MetricsLogger:
                 value = record.get(key)
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.tb.add_scalar(tag, value, step)
+            for key, value in record.items():  # log.analyze_every's metrics carry their own tags
+                if key.startswith("analysis/") and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, step)
         if self.bar is not None:
             shown = {"loss": record.get("loss"), "tok/s": record.get("tokens_per_s")}
             if record.get("mfu") is not None:

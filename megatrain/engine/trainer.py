@@ -77,7 +77,7 @@ def preflight(cfg: Config, resume, world_size: int) -> Optional[str]:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, env: DistEnv, resume_path: Optional[str]):
+    def __init__(self, cfg: Config, env: DistEnv, resume_path: Optional[str], instruments=None):
         from megatrain.data import open_data, prepare_data
         from megatrain.data.sampler import ResumableSampler
         from megatrain.models.transformer import Transformer
@@ -85,6 +85,8 @@ class Trainer:
         from megatrain.parallel.groups import build_groups
 
         self.cfg, self.env = cfg, env
+        # log.analyze_every: a callable trainer -> metrics (megatrain.analysis.live, above this layer)
+        self.instruments = instruments
         self.groups = build_groups(cfg.parallel.tensor)
         self.dp_size, self.dp_rank = self.groups.dp_size, self.groups.dp_rank
         if env.is_main:
@@ -285,7 +287,9 @@ class Trainer:
                 final = self.step == end
                 do_eval = not abort and (cfg.log.eval_every > 0 and self.step % cfg.log.eval_every == 0
                                          or self.step == t.steps)
-                if self.step % cfg.log.every == 0 or final or do_eval or skipped:
+                do_analyze = (self.instruments is not None and cfg.log.analyze_every > 0
+                              and self.step % cfg.log.analyze_every == 0)
+                if self.step % cfg.log.every == 0 or final or do_eval or skipped or do_analyze:
                     if self.env.device.type == "cuda":
                         torch.cuda.synchronize()
                     elapsed = time.perf_counter() - window_start
@@ -294,6 +298,8 @@ class Trainer:
                                   tokens=self.step * tokens_per_step)
                     if do_eval:
                         record.update(self.evaluate() or {})
+                    if do_analyze:
+                        record.update(self.instruments(self))
                     record.pop("skipped")
                     self.logger.log(record)
                     last = record
@@ -343,10 +349,17 @@ def _load_projected_state(optimizer, state: dict, path: str, resharded: bool) ->
     projected.load_state_dict(state["projected_optimizer"])
 
 
-def pretrain(cfg: Config, resume=None) -> dict:
-    """Run (or resume) a pretraining job in this process; returns the last logged metrics."""
+def pretrain(cfg: Config, resume=None, instruments=None) -> dict:
+    """Run (or resume) a pretraining job in this process; returns the last logged metrics.
+
+    instruments: what log.analyze_every runs (`megatrain.analysis.live.training_instruments(cfg)`; the
+    CLI passes it), required when log.analyze_every > 0.
+    """
+    if cfg.log.analyze_every > 0 and instruments is None:
+        raise ConfigError("log.analyze_every needs the analysis instruments: run `megatrain pretrain`, or pass "
+                          "instruments=megatrain.analysis.live.training_instruments(cfg) to pretrain()")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     resume_path = preflight(cfg, resume, world)
     env = init_distributed(cfg)
-    trainer = Trainer(cfg, env, resume_path)
+    trainer = Trainer(cfg, env, resume_path, instruments=instruments)
     return trainer.fit()
