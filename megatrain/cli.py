@@ -125,6 +125,7 @@ def _add_analyze(sub):
     p.add_argument("--components", type=int, default=2, help="landscape: principal directions of the trajectory")
     p.add_argument("--points", type=int, default=21, help="landscape: grid points per curve (odd)")
     p.add_argument("--radius", type=float, default=0.2, help="landscape: sharpness radius (fraction of the grid)")
+    p.add_argument("--interp-points", type=int, default=11, help="interpolation: points from 0 to 1")
     p.add_argument("--batches", type=int, default=2, help="held-out micro-batches for the loss and CKA")
     p.add_argument("--micro-batch", type=int, default=4, help="sequences per held-out micro-batch")
     p.add_argument("--seed", type=int, default=0, help="seed of the random directions")
@@ -139,7 +140,7 @@ def _cmd_analyze(args) -> int:
     only = tuple(x.strip() for x in args.only.split(",") if x.strip()) if args.only else INSTRUMENTS
     opts = AnalyzeOptions(only=only, checkpoint=args.checkpoint, vs_checkpoint=args.vs_checkpoint, base=args.base,
                           directions=args.directions, components=args.components, points=args.points,
-                          radius=args.radius, batches=args.batches, micro_batch=args.micro_batch, seed=args.seed,
+                          radius=args.radius, interp_points=args.interp_points, batches=args.batches, micro_batch=args.micro_batch, seed=args.seed,
                           phrases=args.phrases, ngram=args.ngram)
     results = analyze(args.run, args.vs, opts)
     path = write_report(results, args.out or default_output(args.run, args.vs), tensorboard=not args.no_tensorboard)

@@ -84,7 +84,9 @@ class CheckpointWeights:
 
 
 class ModuleWeights:
-    """A module's parameters and persistent buffers as a weight source (a tied head once)."""
+    """A module's parameters and persistent buffers as a weight source (a tied head once).
+
+    Shares storage with the module (no copy): never `fill_model` that same module from it."""
 
     def __init__(self, module: nn.Module):
         self._state = {k: v for k, v in module.state_dict(keep_vars=False).items()}
