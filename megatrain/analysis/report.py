@@ -107,8 +107,11 @@ def _plot_spectra(sections: list[dict], folder: str) -> list[tuple[str, object]]
                             label=f"{sec['label']} {kind}")
     axes[0][0].set_title("effective rank of W_t - W_0")
     axes[0][1].set_title("stable rank of W_t - W_0")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes[0]:
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][1].legend(fontsize=6, ncol=2)
     fig.tight_layout()
