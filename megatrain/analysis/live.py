@@ -51,9 +51,9 @@ class _LiveWeights:
 
             with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
                 return param.detach().to("cpu", torch.float32, copy=True)
-        spec = self.specs.get(name)
-        if spec is not None and spec.dim is not None:
-            return join_tensor_parallel(param, spec.dim, spec.replicas, self.groups).float()
+        dim, replicas = self.specs.get(name, (None, 1))
+        if dim is not None:
+            return join_tensor_parallel(param, dim, replicas, self.groups).float()
         return param.detach().to("cpu", torch.float32)
 
 

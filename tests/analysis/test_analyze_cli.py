@@ -116,3 +116,18 @@ def test_bad_arguments_are_one_line(analysed, tmp_path, capsys):
     assert "not a megatrain run" in capsys.readouterr().err
     assert main(["analyze", str(run_dir), "--checkpoint", "5"]) == 2
     assert "step_4, step_8" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_analyze_every_under_tensor_parallelism_joins_the_slices(analysed, tmp_path):
+    """TP=2 (two gloo processes): each matrix is joined from its slices before its spectrum, so the
+    logged ranks equal the single-process run's (same seed, same data)."""
+    run_dir, _, _ = analysed
+    tp_dir = tmp_path / "tp2"
+    run_cli(["pretrain", *TINY_JOB, "log.eval_every=0", "parallel.zero_stage=1", "parallel.tensor=2",
+             "--nproc-per-node", "2", "train.stop_after=4", "log.analyze_every=4", f"run.dir={tp_dir}"])
+    single, tp = read_metrics(run_dir)[3], read_metrics(tp_dir)[3]
+    keys = [k for k in single if k.startswith("analysis/")]
+    assert len(keys) == 3 * 9 and tp["step"] == single["step"] == 4
+    for key in keys:
+        assert tp[key] == pytest.approx(single[key], rel=1e-4), key
