@@ -28,7 +28,7 @@ from megatrain.analysis.exposure import DEFAULT_NGRAM, ExposureIndex
 from megatrain.analysis.spectra import kind_means, matrix_summary, model_matrices, singular_values
 from megatrain.analysis.weights import (
     CheckpointWeights, build_model, checkpoint_dir, fill_model, heldout_batches, initial_weights, list_checkpoints,
-    run_config, same_model,
+    run_config, same_model, same_tokenizer,
 )
 from megatrain.errors import ConfigError, DataError
 from megatrain.models.layers import lowrank_options
@@ -253,8 +253,13 @@ def read_phrases(path: str) -> list[str]:
 def _exposure_section(run: str, ckpt: str, opts: AnalyzeOptions, label: str) -> dict:
     from megatrain.data import open_data, prepare_data
 
-    cfg = run_config(run)
+    from megatrain.data.sources import source_kind
+
+    cfg = run_config(run, ckpt)
     step = CheckpointWeights(ckpt).step
+    if source_kind(cfg.data.source) is not None:
+        return {"label": label, "step": step, "items": [],
+                "note": f"data.source={cfg.data.source} is generated on the fly: there is no token array to index"}
     prepare_data(cfg)
     data = open_data(cfg)
     index = ExposureIndex.for_blocks(data.train, cfg.train.global_batch, cfg.train.seed, opts.ngram,
@@ -294,7 +299,9 @@ def analyze(run: str, vs: Optional[str] = None, opts: Optional[AnalyzeOptions] =
     needs_batch = {"landscape", "interpolation", "cka"} & set(opts.only)
     batches = None
     if needs_batch:
-        batches = heldout_batches(run_config(run), opts.batches, opts.micro_batch)
+        if other is not None:
+            same_tokenizer(ckpt, other, "--vs")
+        batches = heldout_batches(run_config(run, ckpt), opts.batches, opts.micro_batch)
         results["batch"] = {"source": batches.source, "sequences": opts.batches * opts.micro_batch}
     if "spectra" in opts.only:
         results["spectra"] = [_spectra_section(label, run, ckpt, opts)]

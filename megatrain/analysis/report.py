@@ -231,6 +231,9 @@ def _plot_cka(sec: dict, folder: str):
 def _exposure_md(sections: list[dict]) -> str:
     out = ["## Exposure", ""]
     for sec in sections:
+        if "note" in sec:
+            out += [f"### {sec['label']} by step {sec['step']}", "", f"Skipped: {sec['note']}.", ""]
+            continue
         out += [f"### {sec['label']} by step {sec['step']}", "",
                 f"{sec['ngrams']} indexed {sec['n']}-grams over {sec['train_blocks']} training blocks; "
                 f"global batch {sec['global_batch']}, so {sec['epochs_by_step']:.3g} epochs consumed by this step. "

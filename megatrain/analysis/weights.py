@@ -22,7 +22,8 @@ from megatrain.engine.checkpoint import WEIGHTS_FILE, checkpoint_root, read_meta
 from megatrain.errors import CheckpointError, ConfigError
 
 __all__ = ["CheckpointWeights", "ModuleWeights", "list_checkpoints", "checkpoint_dir", "build_model",
-           "initial_weights", "fill_model", "run_config", "heldout_batches", "mean_loss", "same_model"]
+           "initial_weights", "fill_model", "run_config", "heldout_batches", "mean_loss", "same_model",
+           "same_tokenizer"]
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -147,14 +148,32 @@ def same_model(a, b, what: str) -> None:
                               f"{getattr(b, key)!r})")
 
 
-def run_config(run_dir: str):
-    """The resolved config a run saved (run.dir/config.yaml)."""
+def run_config(run_dir: str, checkpoint: Optional[str] = None):
+    """The resolved config a run saved (run.dir/config.yaml).
+
+    With `checkpoint`, data.tokenizer points at the tokenizer.model that checkpoint carries, so the
+    data is read with the run's own tokenizer (same bytes, same token cache) and never retrained."""
     from megatrain.config import load_config
+    from megatrain.data.sources import source_kind
 
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):
         raise ConfigError(f"'{run_dir}' has no config.yaml: give a run directory written by megatrain pretrain")
-    return load_config(path)
+    cfg = load_config(path)
+    tokenizer = os.path.join(checkpoint, "tokenizer.model") if checkpoint else None
+    if tokenizer and os.path.isfile(tokenizer) and source_kind(cfg.data.source) is None:
+        cfg.data.tokenizer = tokenizer
+    return cfg
+
+
+def same_tokenizer(a: str, b: str, what: str) -> None:
+    """Raise ConfigError unless checkpoint dirs a and b carry the same tokenizer.model bytes (when both have one)."""
+    paths = [os.path.join(p, "tokenizer.model") for p in (a, b)]
+    if all(os.path.isfile(p) for p in paths):
+        with open(paths[0], "rb") as fa, open(paths[1], "rb") as fb:
+            if fa.read() != fb.read():
+                raise ConfigError(f"{what}: '{a}' and '{b}' use different tokenizers, so the same held-out batch "
+                                  f"means different text to them")
 
 
 @dataclass

@@ -131,3 +131,16 @@ def test_analyze_every_under_tensor_parallelism_joins_the_slices(analysed, tmp_p
     assert len(keys) == 3 * 9 and tp["step"] == single["step"] == 4
     for key in keys:
         assert tp[key] == pytest.approx(single[key], rel=1e-4), key
+
+
+def test_comparisons_need_the_same_tokenizer(tmp_path):
+    from megatrain.analysis.weights import same_tokenizer
+    from megatrain.errors import ConfigError
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, data in ((a, b"one"), (b, b"two")):
+        folder.mkdir()
+        (folder / "tokenizer.model").write_bytes(data)
+    with pytest.raises(ConfigError, match="different tokenizers"):
+        same_tokenizer(str(a), str(b), "--vs")
+    same_tokenizer(str(a), str(a), "--vs")
