@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -55,7 +55,6 @@ class AnalyzeOptions:
     seed: int = 0                           # seed of the random directions
     phrases: Optional[str] = None           # file: one phrase / evaluation item per line (.jsonl: "text")
     ngram: int = DEFAULT_NGRAM
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         unknown = [x for x in self.only if x not in INSTRUMENTS]
