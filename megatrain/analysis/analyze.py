@@ -249,6 +249,19 @@ def read_phrases(path: str) -> list[str]:
     return items
 
 
+def _index_cache(cfg, blocks, n: int) -> Optional[str]:
+    """Where the n-gram index of these training blocks is kept: next to their token cache (it depends on
+    nothing else), so runs on the same data share it and run directories stay untouched."""
+    from megatrain.data.sources import cache_dir
+
+    path = getattr(blocks.tokens, "path", None)
+    if path is None:
+        return None
+    key = os.path.basename(path)[: -len(".bin")] if path.endswith(".bin") else os.path.basename(path)
+    return os.path.join(cache_dir(cfg.data), "exposure",
+                        f"{key}-seq{blocks.seq_len}-blocks{blocks.start_block}-{blocks.end_block}-n{n}")
+
+
 def _exposure_section(run: str, ckpt: str, opts: AnalyzeOptions, label: str) -> dict:
     from megatrain.data import open_data, prepare_data
 
@@ -262,7 +275,7 @@ def _exposure_section(run: str, ckpt: str, opts: AnalyzeOptions, label: str) -> 
     prepare_data(cfg)
     data = open_data(cfg)
     index = ExposureIndex.for_blocks(data.train, cfg.train.global_batch, cfg.train.seed, opts.ngram,
-                                     cache=os.path.join(run, "analysis", "exposure-index", f"n{opts.ngram}"))
+                                     cache=_index_cache(cfg, data.train, opts.ngram))
     consumed = step * cfg.train.global_batch
     out = {"label": label, "step": step, "n": opts.ngram, "ngrams": int(len(index.ngrams.hashes)),
            "train_blocks": len(data.train), "global_batch": cfg.train.global_batch,

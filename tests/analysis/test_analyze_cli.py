@@ -1,4 +1,4 @@
-"""`megatrain analyze` end to end on a tiny run, and log.analyze_every during its training."""
+"""`megatrain analyze` end to end on the session's tiny run, and log.analyze_every (in-process and under TP=2)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from megatrain.analysis.analyze import spectra_of
 from megatrain.analysis.exposure import TrainingOrder
@@ -15,15 +16,13 @@ from tests.conftest import TINY_JOB, read_metrics, run_cli
 
 
 @pytest.fixture(scope="module")
-def analysed(tmp_path_factory):
-    """A tiny run (checkpoints at steps 4 and 8, log.analyze_every=4) and `megatrain analyze` of its step 8
-    against its step 4, with a phrase from the batch of step 3 and one never trained on."""
-    root = tmp_path_factory.mktemp("analyze")
-    run_dir = root / "run"
-    run_cli(["pretrain", *TINY_JOB, "log.eval_every=0", "parallel.zero_stage=0", "checkpoint.every=4",
-             "log.analyze_every=4", f"run.dir={run_dir}"])
+def analysed(tiny_run, tmp_path_factory):
+    """`megatrain analyze` of the session's tiny run (checkpoints at steps 4 and 8) at step 8 against its
+    own step 4, with a phrase from the batch of step 3 and one never trained on."""
     from megatrain.data import open_data
 
+    run_dir = tiny_run
+    root = tmp_path_factory.mktemp("analyze")
     cfg = run_config(str(run_dir))
     data = open_data(cfg)
     block = TrainingOrder(len(data.train), cfg.train.global_batch, cfg.train.seed).blocks_of_step(3)[0]
@@ -69,17 +68,31 @@ def test_spectra_updates_are_measured_from_the_rebuilt_init(analysed):
     assert all(r["update_relative_norm"] > 1.1 for r in wrong if r["kind"] != "embed")
 
 
-def test_analyze_every_logs_what_analyze_reports(analysed):
-    run_dir, _, results = analysed
-    logged = {r["step"]: r for r in read_metrics(run_dir)}
-    assert "analysis/update_effective_rank/attn.q" in logged[4]
-    assert "analysis/update_effective_rank/attn.q" not in logged[3]
-    means = results["spectra"][0]["kind_means"]
-    for kind in ("attn.q", "mlp.down", "head"):
-        assert logged[8][f"analysis/update_effective_rank/{kind}"] == pytest.approx(
-            means["update_effective_rank"][kind], rel=1e-6)
-        assert logged[8][f"analysis/update_stable_rank/{kind}"] == pytest.approx(
-            means["update_stable_rank"][kind], rel=1e-6)
+def test_update_spectra_instrument_on_a_planted_update():
+    """The callable log.analyze_every runs, on a model whose attn.q projections moved by a rank-1 update
+    and nothing else: effective and stable rank 1 there, 0 (no update) elsewhere."""
+    from types import SimpleNamespace
+
+    from megatrain.analysis.live import UpdateSpectra
+    from megatrain.analysis.weights import build_model
+    from megatrain.models.config import ModelConfig
+
+    model_cfg = ModelConfig(preset="tiny", vocab_size=96, max_seq_len=64).resolved()
+    model = build_model(model_cfg, seed=5)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for block in model.blocks:
+            w = block.attn.q_proj.weight
+            w += 0.3 * torch.randn(w.shape[0], 1, generator=g) @ torch.randn(1, w.shape[1], generator=g)
+    trainer = SimpleNamespace(engine=SimpleNamespace(module=model), groups=None, model_cfg=model_cfg,
+                              env=SimpleNamespace(is_main=True),
+                              cfg=SimpleNamespace(train=SimpleNamespace(seed=5), parallel=SimpleNamespace(zero_stage=0)))
+    metrics = UpdateSpectra()(trainer)
+    # fp32 weights: W_t - W_0 carries rounding at ~1e-7 of the update besides the planted direction
+    assert metrics["analysis/update_effective_rank/attn.q"] == pytest.approx(1.0, abs=1e-4)
+    assert metrics["analysis/update_stable_rank/attn.q"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["analysis/update_effective_rank/mlp.up"] == 0.0 and metrics["analysis/update_relative_norm/head"] == 0.0
+    assert len(metrics) == 3 * 9
 
 
 def test_landscape_interpolation_cka(analysed):
@@ -119,18 +132,23 @@ def test_bad_arguments_are_one_line(analysed, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_analyze_every_under_tensor_parallelism_joins_the_slices(analysed, tmp_path):
-    """TP=2 (two gloo processes): each matrix is joined from its slices before its spectrum, so the
-    logged ranks equal the single-process run's (same seed, same data)."""
-    run_dir, _, _ = analysed
+def test_analyze_every_under_tensor_parallelism_logs_what_analyze_reports(analysed, tmp_path):
+    """log.analyze_every in a TP=2 run (two gloo processes; each matrix joined from its slices) logs at
+    step 4 the ranks `megatrain analyze` reports for the single-process run's step 4 (same seed, same
+    data), and nothing on the other steps."""
+    _, _, results = analysed
     tp_dir = tmp_path / "tp2"
     run_cli(["pretrain", *TINY_JOB, "log.eval_every=0", "parallel.zero_stage=1", "parallel.tensor=2",
              "--nproc-per-node", "2", "train.stop_after=4", "log.analyze_every=4", f"run.dir={tp_dir}"])
-    single, tp = read_metrics(run_dir)[3], read_metrics(tp_dir)[3]
-    keys = [k for k in single if k.startswith("analysis/")]
-    assert len(keys) == 3 * 9 and tp["step"] == single["step"] == 4
+    logged = {r["step"]: r for r in read_metrics(tp_dir)}
+    assert not any(k.startswith("analysis/") for k in logged[3])
+    step4 = results["spectra"][1]
+    assert step4["step"] == 4
+    keys = [k for k in logged[4] if k.startswith("analysis/")]
+    assert len(keys) == 3 * 9
     for key in keys:
-        assert tp[key] == pytest.approx(single[key], rel=1e-4), key
+        _, metric, kind = key.split("/")
+        assert logged[4][key] == pytest.approx(step4["kind_means"][metric][kind], rel=1e-4), key
 
 
 def test_comparisons_need_the_same_tokenizer(tmp_path):
