@@ -110,7 +110,8 @@ def spectra_of(weights, base, lowrank_alpha: float) -> tuple[list[dict], dict]:
 def _spectra_section(label: str, run: str, ckpt: str, opts: AnalyzeOptions) -> dict:
     weights = CheckpointWeights(ckpt)
     if opts.base == "init":
-        base, base_label = initial_weights(weights.meta), f"init rebuilt from seed {weights.meta.get('seed')}"
+        base = initial_weights(weights.meta, weights.dtypes)
+        base_label = f"init rebuilt from seed {weights.meta.get('seed')}"
     else:
         first = list_checkpoints(run)
         if not first or os.path.samefile(first[0][1], ckpt):

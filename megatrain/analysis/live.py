@@ -37,6 +37,7 @@ class _LiveWeights:
                         for b, buf in mod.named_buffers(recurse=False)
                         if buf is not None and b not in mod._non_persistent_buffers_set}
         self.names = sorted(set(self.params) | set(self.buffers))
+        self.dtypes = {name: p.dtype for name, p in self.params.items()}
         self.groups = trainer.groups
         self.zero3 = trainer.cfg.parallel.zero_stage == 3
         tp = self.groups.tp_size if self.groups is not None else 1
@@ -65,10 +66,10 @@ class UpdateSpectra:
 
     def __call__(self, trainer) -> dict:
         main = trainer.env.is_main
-        if main and self.base is None:
-            self.base = ModuleWeights(build_model(trainer.model_cfg, trainer.cfg.train.seed))
-        alpha = lowrank_options(trainer.model_cfg).alpha
         live = _LiveWeights(trainer)
+        if main and self.base is None:  # rounded like the live weights (bf16 runs), see ModuleWeights
+            self.base = ModuleWeights(build_model(trainer.model_cfg, trainer.cfg.train.seed), live.dtypes)
+        alpha = lowrank_options(trainer.model_cfg).alpha
         rows = []
         base = model_matrices(self.base.names, self.base.get, alpha) if main else None
         for spec, matrix in model_matrices(live.names, live.get, alpha):

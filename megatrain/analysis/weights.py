@@ -26,6 +26,7 @@ __all__ = ["CheckpointWeights", "ModuleWeights", "list_checkpoints", "checkpoint
            "same_tokenizer"]
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
@@ -78,6 +79,9 @@ class CheckpointWeights:
             self._alias["embed.weight"] = "head.weight"  # safetensors keeps a shared tensor under one name
         self.names = sorted((stored - {"head.weight"} if self.model_cfg.tie_embeddings else stored)
                             | set(self._alias))
+        # the stored precision of each tensor (bf16 runs save bf16 weights), see ModuleWeights
+        self.dtypes = {n: _SAFETENSORS_DTYPES.get(self._file.get_slice(self._alias.get(n, n)).get_dtype())
+                       for n in self.names}
 
     def get(self, name: str) -> Tensor:
         tensor = self._file.get_tensor(self._alias.get(name, name))
@@ -87,17 +91,26 @@ class CheckpointWeights:
 class ModuleWeights:
     """A module's parameters and persistent buffers as a weight source (a tied head once).
 
-    Shares storage with the module (no copy): never `fill_model` that same module from it."""
+    Shares storage with the module (no copy): never `fill_model` that same module from it.
+    `dtypes` (name -> torch dtype) rounds each tensor to that precision first: W_0 built in fp32 and
+    compared with the weights of a bf16 run must carry the same rounding the run started from, or
+    W_t - W_0 would hold the full-rank rounding error of the init besides the learned update."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, dtypes: Optional[dict] = None):
         self._state = {k: v for k, v in module.state_dict(keep_vars=False).items()}
         if getattr(getattr(module, "config", None), "tie_embeddings", False):
             self._state.pop("head.weight", None)
         self.names = sorted(self._state)
+        self.dtypes = dtypes or {}
 
     def get(self, name: str) -> Tensor:
         tensor = self._state[name]
-        return tensor.float() if tensor.is_floating_point() else tensor
+        if not tensor.is_floating_point():
+            return tensor
+        dtype = self.dtypes.get(name)
+        if dtype is not None and dtype != tensor.dtype:
+            tensor = tensor.to(dtype)
+        return tensor.float()
 
 
 def _model_config(meta: dict):
@@ -118,12 +131,13 @@ def build_model(model_cfg, seed: int):
     return model.eval()
 
 
-def initial_weights(meta: dict) -> ModuleWeights:
-    """W_0 of the run a checkpoint's megatrain.json `meta` belongs to, rebuilt from its seed."""
+def initial_weights(meta: dict, dtypes: Optional[dict] = None) -> ModuleWeights:
+    """W_0 of the run a checkpoint's megatrain.json `meta` belongs to, rebuilt from its seed (rounded to
+    `dtypes`, the precision the checkpoint stores, see ModuleWeights)."""
     if "seed" not in meta:
         raise CheckpointError("the checkpoint's megatrain.json records no seed: use the first checkpoint as the "
                               "base (--base first)")
-    return ModuleWeights(build_model(_model_config(meta), int(meta["seed"])))
+    return ModuleWeights(build_model(_model_config(meta), int(meta["seed"])), dtypes)
 
 
 @torch.no_grad()

@@ -64,6 +64,7 @@ def test_spectra_updates_are_measured_from_the_rebuilt_init(analysed):
     # init the difference of two independent draws is ~sqrt(2) times the weights
     assert all(0 < r["update_relative_norm"] < 0.9 for r in rows)
     weights = CheckpointWeights(str(run_dir / "checkpoints" / "step_8"))
+    assert weights.dtypes["embed.weight"] == torch.float32  # what W_0 is rounded to (bf16 runs: bf16)
     wrong, _ = spectra_of(weights, initial_weights({**weights.meta, "seed": weights.meta["seed"] + 1}), 32.0)
     assert all(r["update_relative_norm"] > 1.1 for r in wrong if r["kind"] != "embed")
 
@@ -93,6 +94,11 @@ def test_update_spectra_instrument_on_a_planted_update():
     assert metrics["analysis/update_stable_rank/attn.q"] == pytest.approx(1.0, abs=1e-6)
     assert metrics["analysis/update_effective_rank/mlp.up"] == 0.0 and metrics["analysis/update_relative_norm/head"] == 0.0
     assert len(metrics) == 3 * 9
+    # a bf16 model that has not moved: W_0 is rounded like it, so no update at all (not the init's rounding)
+    untouched = build_model(model_cfg, seed=5).to(torch.bfloat16)
+    trainer.engine.module = untouched
+    metrics = UpdateSpectra()(trainer)
+    assert all(metrics[f"analysis/update_relative_norm/{kind}"] == 0.0 for kind in ("embed", "attn.q", "head"))
 
 
 def test_landscape_interpolation_cka(analysed):
