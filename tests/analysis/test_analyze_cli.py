@@ -155,6 +155,12 @@ def test_analyze_every_under_tensor_parallelism_logs_what_analyze_reports(analys
     for key in keys:
         _, metric, kind = key.split("/")
         assert logged[4][key] == pytest.approx(step4["kind_means"][metric][kind], rel=1e-4), key
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tp_dir / "tb"))
+    events.Reload()
+    [point] = events.Scalars("analysis/update_effective_rank/attn.q")
+    assert point.step == 4 and point.value == pytest.approx(logged[4]["analysis/update_effective_rank/attn.q"])
 
 
 def test_comparisons_need_the_same_tokenizer(tmp_path):
@@ -168,3 +174,17 @@ def test_comparisons_need_the_same_tokenizer(tmp_path):
     with pytest.raises(ConfigError, match="different tokenizers"):
         same_tokenizer(str(a), str(b), "--vs")
     same_tokenizer(str(a), str(a), "--vs")
+
+
+def test_analyze_every_key_checks(tmp_path):
+    from megatrain.config import load_config
+    from megatrain.engine.trainer import pretrain
+    from megatrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="log.analyze_every must be >= 0"):
+        load_config(None, ["log.analyze_every=-1"])
+    # pretrain() called from a script without the instruments: one line before anything starts
+    cfg = load_config(None, [*TINY_JOB, "log.analyze_every=2", f"run.dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match="training_instruments"):
+        pretrain(cfg)
+    assert not (tmp_path / "run").exists()
