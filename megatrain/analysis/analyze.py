@@ -324,7 +324,10 @@ def analyze(run: str, vs: Optional[str] = None, opts: Optional[AnalyzeOptions] =
         results["landscape"] = _landscape_section(run, ckpt, batches, opts)
     if "interpolation" in opts.only:
         if other is not None:
-            results["interpolation"] = _interpolation_section(ckpt, other, batches, opts, label, other_label)
+            try:
+                results["interpolation"] = _interpolation_section(ckpt, other, batches, opts, label, other_label)
+            except ConfigError as exc:  # e.g. dense vs CoLA: no straight line between them; the rest still runs
+                results["interpolation"] = {"note": str(exc)}
         else:
             earlier = [(s, p) for s, p in list_checkpoints(run) if s < results["step"]]
             if earlier:

@@ -188,3 +188,20 @@ def test_analyze_every_key_checks(tmp_path):
     with pytest.raises(ConfigError, match="training_instruments"):
         pretrain(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_comparison_of_different_kinds_skips_interpolation_only(analysed, tmp_path):
+    """dense vs another projection kind: no straight line between their weights (a note in the report),
+    while CKA compares their hidden states."""
+    import shutil
+
+    from megatrain.analysis.analyze import AnalyzeOptions, analyze
+
+    run_dir, _, _ = analysed
+    other = tmp_path / "other"
+    shutil.copytree(run_dir / "checkpoints" / "step_4", other)
+    meta = json.loads((other / "megatrain.json").read_text())
+    meta["model"]["linear"] = "cola"  # what the interpolation checks first; the weights are never read
+    (other / "megatrain.json").write_text(json.dumps(meta))
+    results = analyze(str(run_dir), str(other), AnalyzeOptions(only=("interpolation",), batches=1, micro_batch=2))
+    assert "model.linear ('dense' vs 'cola')" in results["interpolation"]["note"]
