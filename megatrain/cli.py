@@ -296,6 +296,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return handlers[args.command](args)
     except MegatrainError as exc:
         rank = os.environ.get("RANK")
+        if rank not in (None, "0") and getattr(exc, "same_on_every_rank", False):
+            return EXIT_USAGE  # rank 0 reports it
         prefix = "megatrain: error: " if rank in (None, "0") else f"megatrain: error (rank {rank}): "
         print(prefix + str(exc), file=sys.stderr, flush=True)
         return EXIT_USAGE
