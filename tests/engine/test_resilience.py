@@ -30,7 +30,7 @@ from tests.conftest import REPO, TINY_JOB, child_env, free_port
 STEPS = 8
 # 2 processes, ZeRO-1 (sharded optimizer state: one file per rank), a checkpoint every 2 steps.
 JOB = [*TINY_JOB, f"train.steps={STEPS}", "log.eval_every=0", "log.tensorboard=false", "parallel.zero_stage=1",
-       "checkpoint.every=2"]
+       "checkpoint.every=2", "log.heartbeat_every=4"]
 
 
 def run(cmd: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -121,6 +121,9 @@ def test_kill9_at_seeded_moments_then_resume_matches_uninterrupted(baseline, tmp
     assert step_losses(run_dir) == baseline  # bit-for-bit: data position, optimizer, RNG all restored
     leftovers = [n for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.endswith(ckpt.PARTIAL_SUFFIX)]
     assert leftovers == []
+    beats = [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if r.get("event") == "heartbeat"]
+    assert sorted((r["step"], r["rank"]) for r in beats) == [(4, 0), (4, 1), (8, 0), (8, 1)]
+    assert all(r["since_last_step_s"] > 0 for r in beats)
 
 
 @pytest.mark.slow
@@ -302,3 +305,88 @@ def test_stop_signal_is_recorded(monkeypatch):
     finally:
         stop.restore()
     assert signal.getsignal(signal.SIGUSR1) is not stop._handle
+
+
+SPIKE_SCRIPT = """
+import sys
+from megatrain.models import transformer
+
+real_forward = transformer.Transformer.forward
+calls = {"n": 0}
+
+def forward(self, *args, **kwargs):
+    out = real_forward(self, *args, **kwargs)
+    if self.training:
+        calls["n"] += 1
+        if calls["n"] == 4:  # one process, grad_accum 1: the 4th training forward is step 4
+            out = out * 20
+    return out
+
+transformer.Transformer.forward = forward
+from megatrain.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_loss_spike_logged_and_skipped(tmp_path):
+    run_dir = tmp_path / "spike"
+    proc = ok(run([sys.executable, "-c", SPIKE_SCRIPT, "pretrain", *TINY_JOB, "log.eval_every=0",
+                   "log.tensorboard=false", "parallel.zero_stage=0", "train.global_batch=4", "train.steps=4",
+                   "train.spike_window=4", "train.spike_zscore=20", "train.spike_skip=true", f"run.dir={run_dir}"]))
+    records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    spikes = [r for r in records if "spike_z" in r]
+    assert [r["step"] for r in spikes] == [4], records
+    assert spikes[0]["spike_z"] > 20 and spikes[0]["grad_norm"] is None  # the update was skipped
+    assert all(r["grad_norm"] is not None for r in records if r["step"] != 4)
+    assert "step 4: loss spike" in proc.stdout and "update skipped" in proc.stdout
+
+
+SHIMS = {
+    # srun: drop its options, become a process group of its own (the job step), remember its pid.
+    "srun": 'while [[ "$1" == --* ]]; do shift; done\necho $$ > "$SHIM_DIR/step.pid"\nexec setsid "$@"\n',
+    # scancel --signal=USR1 JOB: every process of the step, not the batch shell.
+    "scancel": 'kill -s "${1#--signal=}" -- -"$(cat "$SHIM_DIR/step.pid")"\n',
+    "scontrol": 'case "$1" in show) echo 127.0.0.1 ;; requeue) echo "$2" > "$SHIM_DIR/requeued" ;; esac\n',
+    # torchrun: a shell (whose default action on SIGUSR1 is to die) starting one worker that waits for
+    # a stop signal through megatrain's handler and records the arguments it was given.
+    "torchrun": 'echo "$@" > "$SHIM_DIR/argv"\n"$PYTHON" - <<PY\n'
+                'import os, time\nfrom megatrain.engine.resilience import StopRequest\n'
+                'stop = StopRequest().install()\nopen(os.path.join(os.environ["SHIM_DIR"], "ready"), "w").close()\n'
+                'while not stop.signum:\n    time.sleep(0.05)\n'
+                'open(os.path.join(os.environ["SHIM_DIR"], "stopped"), "w").write(stop.name)\nPY\n',
+}
+
+
+def test_slurm_script_forwards_the_signal_and_requeues(tmp_path):
+    """launch/slurm.sbatch with stand-ins for srun/scancel/scontrol/torchrun: Slurm's SIGUSR1 to the batch
+    shell reaches the worker (not the agent, which survives it), the job exits 0 and requeues itself,
+    and the worker was told to resume into the job's own run directory."""
+    shim_dir = tmp_path / "bin"
+    shim_dir.mkdir()
+    for name, body in SHIMS.items():
+        path = shim_dir / name
+        path.write_text("#!/usr/bin/env bash\n" + body)
+        path.chmod(0o755)
+    env = {"PATH": f"{shim_dir}:{os.environ['PATH']}", "SHIM_DIR": str(shim_dir), "PYTHON": sys.executable,
+           "PYTHONPATH": str(REPO), "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "megatrain", "SLURM_JOB_NODELIST": "n1",
+           "SLURM_JOB_NUM_NODES": "1", "SLURM_GPUS_PER_NODE": "gpu:1", "SLURM_SUBMIT_DIR": str(REPO)}
+    full = child_env()
+    full.update(env)
+    job = subprocess.Popen(["bash", str(REPO / "launch" / "slurm.sbatch"), "launch/configs/tiny-cpu.yaml", "train.steps=9"],
+                           env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (shim_dir / "ready").exists():
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+            time.sleep(0.05)
+        job.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@180` does
+        out, err = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 0, (out, err)
+    assert (shim_dir / "stopped").read_text() == "SIGUSR1"
+    assert (shim_dir / "requeued").read_text().strip() == "4242"
+    argv = (shim_dir / "argv").read_text().split()
+    assert "run.dir=runs/megatrain-4242" in argv and "--resume" in argv and argv[-1] == "train.steps=9"
