@@ -168,8 +168,8 @@ class LogConfig:
     eval_batches: int = _f(8, "Micro-batches per process per validation.")
     tensorboard: bool = _f(True, "Write tensorboard events under run.dir/tb.")
     progress: bool = _f(True, "Progress bar on rank 0.")
-    heartbeat_every: int = _f(100, "Every N steps, one metrics.jsonl record per rank: {event: heartbeat, step, "
-                              "rank, since_step_s} (0 disables).")
+    heartbeat_every: int = _f(100, "Every N steps the step's metrics record gets `heartbeat`: [{rank, "
+                              "since_last_step_s}] for every rank (0 disables).")
 
 
 # --- rl: RL from pretraining checkpoints (megatrain/rl/; validated by megatrain.rl.config.validate_rl) ---

@@ -339,7 +339,9 @@ def save_checkpoint(engine, *, run_dir: str, step: int, client_state: dict, meta
 def _raise_if_any_failed(error: Optional[OSError], rank: int, tag: str, root: str, partial: str) -> None:
     """Collective (also the barrier between the save's phases): when any rank's write failed, every
     rank raises the same one-line CheckpointError, and rank 0 removes the partial folder."""
-    message = None if error is None else (f"{error.strerror or error}" + (f": '{error.filename}'" if error.filename else ""))
+    message = None
+    if error is not None:
+        message = f"{error.strerror or error}" + (f": '{error.filename}'" if error.filename else "")
     if is_distributed() and dist.get_world_size() > 1:
         messages = [None] * dist.get_world_size()
         dist.all_gather_object(messages, message)

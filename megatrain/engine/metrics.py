@@ -2,8 +2,8 @@
 
 Only rank 0 writes. `MetricsLogger.log` takes one dict per logged step; keys that every record has:
 step, loss, lr, grad_norm, tokens_per_s, mfu (null where the device has no known peak), and
-val_loss / val_ppl on evaluation steps. `MetricsLogger.event` writes other records (heartbeats),
-which carry an `event` key and no loss; `read_metrics` returns either kind.
+val_loss / val_ppl on evaluation steps, and `heartbeat` (a list of {rank, since_last_step_s}) every
+log.heartbeat_every steps.
 
 metrics.jsonl survives a crash: each record is one `write` of a whole line to a file opened for
 appending, so a reader never sees two records run together, and a line cut short by a crash (a
@@ -122,11 +122,6 @@ class MetricsLogger:
             self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in shown.items()},
                                  refresh=False)
 
-    def event(self, record: dict) -> None:
-        """A record that is not a step's metrics (it carries `event`): metrics.jsonl only."""
-        if self.enabled:
-            self._write_line({k: _clean(v) for k, v in record.items()})
-
     def _write_line(self, record: dict) -> None:
         data = (json.dumps(record) + "\n").encode("utf-8")
         while data:  # one write for a whole line; loop only on a short write
@@ -156,7 +151,7 @@ class MetricsLogger:
 
 
 def read_metrics(path: str) -> list[dict]:
-    """The records of a metrics.jsonl (step records and events), skipping a line cut short by a crash."""
+    """The records of a metrics.jsonl, skipping a line cut short by a crash."""
     out = []
     with open(path, encoding="utf-8", errors="replace") as fh:
         for line in fh:

@@ -96,8 +96,8 @@ def _describe(holder: dict) -> str:
 
 
 def _refusal(run_dir: str, path: str, holder: dict) -> RunLockError:
-    hint = (f"if that job is gone, delete {path}" if holder.get("host") != socket.gethostname() or holder.get("unreadable")
-            else "wait for it to finish or stop it")
+    elsewhere = holder.get("host") != socket.gethostname() or holder.get("unreadable")
+    hint = f"if that job is gone, delete {path}" if elsewhere else "wait for it to finish or stop it"
     return RunLockError(f"run.dir '{run_dir}' is in use by another job ({_describe(holder)}): {hint}")
 
 
@@ -146,7 +146,8 @@ class RunLock:
                 except FileNotFoundError:
                     continue
                 moved = _read_holder(stale)
-                if moved is not None and moved.get("pid") == holder.get("pid") and moved.get("host") == holder.get("host"):
+                same = moved is not None and (moved.get("pid"), moved.get("host")) == (holder.get("pid"), holder.get("host"))
+                if same:
                     os.unlink(stale)
                 else:  # another job took it over between our read and the rename: give it back
                     os.rename(stale, self.path)

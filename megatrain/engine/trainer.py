@@ -52,16 +52,18 @@ def resolve_config(cfg: Config, world_size: int) -> Config:
     return cfg.resolve(world_size, cuda=torch.cuda.is_available(), triton_needs_cuda=triton_needs_cuda)
 
 
-def preflight(cfg: Config, resume, world_size: int, verify: bool = True) -> Optional[str]:
+def preflight(cfg: Config, resume, world_size: int, verify: Optional[bool] = None) -> Optional[str]:
     """Every check that needs no process group: the config resolved for `world_size` processes on this
     machine (batch arithmetic, ...), the data sources, the run dir and its lock, the checkpoint to resume.
 
-    `verify`: the process that judges the run (the launcher, or rank 0) also checks that no live job
-    holds run.dir and the checksums of the checkpoint's files; other ranks check sizes only.
+    `verify` (default: in the launcher and on rank 0, i.e. where $RANK is unset or 0): also check that no
+    live job holds run.dir, and the checksums of the checkpoint's files; other ranks check sizes only.
     Returns the checkpoint directory to resume from (or None). Raises MegatrainError (one line).
     """
     from megatrain.data import check_sources
 
+    if verify is None:
+        verify = os.environ.get("RANK", "0") == "0"
     resolve_config(cfg, world_size)
     fault_spec()  # a malformed test hook is one line here, not a traceback inside a rank
     check_sources(cfg)
@@ -332,13 +334,14 @@ class Trainer:
                                         f"({self.nonfinite_streak} in a row, limit {t.max_nonfinite})")
                 spike = "spike_z" in record
                 if spike:
-                    self.logger.message(f"step {self.step}: loss spike {record['loss']:.4g} (z={record['spike_z']:.1f} over "
-                                        f"the last {len(self.spikes.history)} losses)"
+                    self.logger.message(f"step {self.step}: loss spike {record['loss']:.4g} (z={record['spike_z']:.1f} "
+                                        f"over the last {len(self.spikes.history)} losses)"
                                         + (", update skipped" if t.spike_skip else ""))
                 final = self.step == end
                 do_eval = not abort and (cfg.log.eval_every > 0 and self.step % cfg.log.eval_every == 0
                                          or self.step == t.steps)
-                if self.step % cfg.log.every == 0 or final or do_eval or skipped or spike:
+                beat = cfg.log.heartbeat_every > 0 and self.step % cfg.log.heartbeat_every == 0
+                if self.step % cfg.log.every == 0 or final or do_eval or skipped or spike or beat:
                     if self.env.device.type == "cuda":
                         torch.cuda.synchronize()
                     elapsed = time.perf_counter() - window_start
@@ -347,6 +350,8 @@ class Trainer:
                                   tokens=self.step * tokens_per_step)
                     if do_eval:
                         record.update(self.evaluate() or {})
+                    if beat:
+                        record["heartbeat"] = self._heartbeat()
                     record.pop("skipped")
                     self.logger.log(record)
                     last = record
@@ -356,8 +361,6 @@ class Trainer:
                     raise NonFiniteLossError(
                         f"{self.nonfinite_streak} non-finite losses in a row at step {self.step} "
                         f"(train.max_nonfinite={t.max_nonfinite}); lower train.lr or check the data")
-                if cfg.log.heartbeat_every and self.step % cfg.log.heartbeat_every == 0:
-                    self._heartbeat()
                 if final or self.stop_agreed or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
                     path = self.save()
                     window_start, window_tokens = time.perf_counter(), 0
@@ -371,17 +374,15 @@ class Trainer:
             self.logger.close()
         return last
 
-    def _heartbeat(self) -> None:
-        """One metrics.jsonl record per rank: the step and the seconds since that rank's previous step."""
+    def _heartbeat(self) -> list:
+        """[{rank, since_last_step_s}] for every rank: seconds since it finished its previous step (collective)."""
         self._phase("heartbeat")
         mine = torch.tensor([self.step_seconds], dtype=torch.float64, device=self.env.device)
         parts = [mine]
         if dist.is_initialized() and self.env.world_size > 1:
             parts = [torch.zeros_like(mine) for _ in range(self.env.world_size)]
             dist.all_gather(parts, mine)
-        for rank, seconds in enumerate(parts):
-            self.logger.event({"event": "heartbeat", "step": self.step, "rank": rank,
-                               "since_last_step_s": round(seconds.item(), 4)})
+        return [{"rank": rank, "since_last_step_s": round(seconds.item(), 4)} for rank, seconds in enumerate(parts)]
 
 
 def _grad_norm(module: torch.nn.Module, groups) -> float:
@@ -423,8 +424,8 @@ def pretrain(cfg: Config, resume=None) -> dict:
     launch) turns a start without --resume into a resume from the latest checkpoint, if any.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    is_rank0 = int(os.environ.get("RANK", "0")) == 0
-    resume_path = preflight(cfg, resume, world, verify=is_rank0)
+    is_rank0 = os.environ.get("RANK", "0") == "0"
+    resume_path = preflight(cfg, resume, world)
     lock = RunLock(cfg.run.dir).acquire() if is_rank0 else None
     watchdog = None
     try:
