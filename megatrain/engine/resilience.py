@@ -9,6 +9,8 @@ elastic auto-resume, and the test-only fault hook.
   automatically, because its pid cannot be checked from here: delete the file once that job is gone.
 - `StopRequest`: SIGTERM and SIGUSR1 set a flag; the trainer agrees on it across ranks (it rides on
   the step's loss all-reduce), so every rank finishes the same step, checkpoints and exits 0.
+  `forward_stop_to_workers` passes SIGUSR1 from the `megatrain pretrain --nproc-per-node N` launcher
+  on to its workers.
 - `auto_resume_enabled`: `train.auto_resume`, whose default (null) means on under an elastic launch
   (torchrun with --max-restarts > 0), so a restarted worker continues from the last checkpoint.
 - `fault_point`: `MEGATRAIN_TEST_CRASH_AT=POINT:STEP[:RANK[:ACTION]]` makes that rank kill itself
@@ -29,8 +31,8 @@ from typing import Optional
 
 from megatrain.errors import ConfigError, MegatrainError
 
-__all__ = ["RunLock", "RunLockError", "check_run_lock", "StopRequest", "auto_resume_enabled",
-           "elastic_restart_count", "FAULT_ENV", "fault_spec", "fault_point"]
+__all__ = ["RunLock", "RunLockError", "check_run_lock", "StopRequest", "forward_stop_to_workers",
+           "auto_resume_enabled", "elastic_restart_count", "FAULT_ENV", "fault_spec", "fault_point"]
 
 LOCK_FILE = "megatrain.lock"
 
@@ -196,6 +198,25 @@ class StopRequest:
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ""
+
+
+def forward_stop_to_workers() -> None:
+    """In a launcher process (`megatrain pretrain --nproc-per-node N`): pass SIGUSR1 on to every process
+    it started, which finish their step, checkpoint and exit 0, while the launcher keeps waiting.
+
+    SIGUSR1 only: torchrun's agent handles SIGTERM itself (it passes it on too, then kills the workers
+    after 30 s).
+    """
+    import psutil  # a DeepSpeed dependency
+
+    def forward(signum, frame):
+        for child in psutil.Process().children(recursive=True):
+            try:
+                child.send_signal(signum)
+            except psutil.Error:
+                pass
+
+    signal.signal(signal.SIGUSR1, forward)
 
 
 def elastic_restart_count() -> int:

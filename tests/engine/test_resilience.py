@@ -128,6 +128,33 @@ def test_kill9_at_seeded_moments_then_resume_matches_uninterrupted(baseline, tmp
 
 
 @pytest.mark.slow
+def test_sigusr1_to_the_launcher_checkpoints_and_exits_0(tmp_path):
+    """`kill -USR1` of `megatrain pretrain --nproc-per-node 2` reaches its workers: both stop after the same
+    step, write that checkpoint and exit 0."""
+    run_dir = tmp_path / "usr1"
+    full = child_env()
+    cmd = [sys.executable, "-m", "megatrain.cli", "pretrain", "--nproc-per-node", "2", *JOB, "train.steps=500",
+           "checkpoint.every=0", f"run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        metrics = os.path.join(run_dir, "metrics.jsonl")
+        deadline = time.monotonic() + 240
+        while not (os.path.exists(metrics) and len(read_metrics(metrics)) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGUSR1)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, (out[-2000:], err[-4000:])
+    last = step_losses(run_dir)[-1][0]
+    assert 2 <= last < 500 and f"stopped at step {last}" in out
+    assert assert_latest_complete(run_dir) == last
+
+
+@pytest.mark.slow
 def test_full_disk_while_saving_keeps_previous_checkpoint(tmp_path):
     run_dir = tmp_path / "full"
     proc = pretrain2(run_dir, "train.steps=4", env={FAULT_ENV: "ckpt_write:4:1:enospc"}, resume=False)
