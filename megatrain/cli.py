@@ -243,8 +243,10 @@ def _spawn_torchrun(nproc: int, argv: list[str]) -> int:
     from torch.distributed.run import get_args_parser, run
 
     from megatrain.engine.deepspeed import _free_port
+    from megatrain.engine.resilience import forward_stop_to_workers
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    forward_stop_to_workers()  # SIGUSR1 to this launcher: the workers checkpoint and exit 0
     targs = get_args_parser().parse_args([
         "--nnodes", "1", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
         "--master-port", str(_free_port()), "--module", "megatrain.cli", *argv])
@@ -346,6 +348,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return handlers[args.command](args)
     except MegatrainError as exc:
         rank = os.environ.get("RANK")
+        if rank not in (None, "0") and getattr(exc, "same_on_every_rank", False):
+            return EXIT_USAGE  # rank 0 reports it
         prefix = "megatrain: error: " if rank in (None, "0") else f"megatrain: error (rank {rank}): "
         print(prefix + str(exc), file=sys.stderr, flush=True)
         return EXIT_USAGE

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -110,6 +111,15 @@ class TrainConfig:
     activation_checkpointing: bool = _f(False, "Recompute each block's activations in backward.")
     stop_after: Optional[int] = _f(None, "Checkpoint and stop at this step without changing the schedule.")
     max_nonfinite: int = _f(5, "Abort after this many non-finite losses in a row (each such step is skipped).")
+    auto_resume: Optional[bool] = _f(None, "Resume from run.dir's latest checkpoint without --resume (a fresh start "
+                                     "when it has none). null = on under an elastic launch (torchrun --max-restarts "
+                                     "N > 0), so a restarted worker continues on its own; off otherwise.")
+    spike_window: int = _f(100, "Loss-spike detection: a step's loss is compared with the mean and standard "
+                           "deviation of the last N accepted losses (0 disables).")
+    spike_zscore: float = _f(6.0, "A loss more than this many standard deviations above the window's mean is a "
+                             "spike: logged (metrics.jsonl `spike_z`).")
+    spike_skip: bool = _f(False, "Also skip a spike's update on every rank (the batch is consumed, the weights "
+                          "and optimizer state do not change).")
     relora: ReLoRATrainConfig = field(default_factory=ReLoRATrainConfig)
 
 
@@ -140,6 +150,9 @@ class ParallelConfig:
                         "norms and the residual stream hold N/tensor tokens per rank.")
     zero_stage: int = _f(2, "DeepSpeed ZeRO stage.", choices=[0, 1, 2, 3])
     backend: str = _f("auto", "torch.distributed backend: auto = nccl on GPU, gloo on CPU.", choices=["auto", "nccl", "gloo"])
+    timeout_s: float = _f(1800.0, "Seconds one phase of a step (forward, backward, optimizer step, checkpoint, "
+                          "evaluation, with their collectives) may take before the watchdog ends the job with a line "
+                          "naming the stalled rank and the operation; must exceed the longest checkpoint save.")
 
 
 @dataclass
@@ -157,6 +170,8 @@ class LogConfig:
     progress: bool = _f(True, "Progress bar on rank 0.")
     analyze_every: int = _f(0, "Spectra of the learned updates W_t - W_0 (effective and stable rank per projection "
                             "kind, megatrain.analysis) every N steps into metrics.jsonl and tensorboard (0 disables).")
+    heartbeat_every: int = _f(100, "Every N steps the step's metrics record gets `heartbeat`: [{rank, "
+                              "since_last_step_s}] for every rank (0 disables).")
 
 
 # --- rl: RL from pretraining checkpoints (megatrain/rl/; validated by megatrain.rl.config.validate_rl) ---
@@ -550,6 +565,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.max_nonfinite must be >= 1, got {t.max_nonfinite}")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 0:
         raise ConfigError("checkpoint.every and checkpoint.keep must be >= 0")
+    if t.spike_window < 0 or not t.spike_zscore > 0 or not math.isfinite(t.spike_zscore):
+        raise ConfigError(f"train.spike_window must be >= 0 and train.spike_zscore a finite number > 0, got "
+                          f"{t.spike_window} and {t.spike_zscore}")
+    if not cfg.parallel.timeout_s > 0 or not math.isfinite(cfg.parallel.timeout_s):
+        raise ConfigError(f"parallel.timeout_s must be a finite number > 0, got {cfg.parallel.timeout_s}")
+    if cfg.log.heartbeat_every < 0:
+        raise ConfigError(f"log.heartbeat_every must be >= 0, got {cfg.log.heartbeat_every}")
     if cfg.log.every < 1:
         raise ConfigError(f"log.every must be >= 1, got {cfg.log.every}")
     if cfg.log.eval_every < 0 or cfg.log.eval_batches < 1:

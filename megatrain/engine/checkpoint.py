@@ -1,23 +1,32 @@
 """Checkpoints: DeepSpeed state plus megatrain's own files, committed through an atomic `latest`.
 
 Layout of `run.dir/checkpoints/step_N/`:
-  DeepSpeed's files      model / optimizer / ZeRO shards (engine.save_checkpoint, tag step_N)
+  DeepSpeed's files      model / optimizer / ZeRO shards (engine.save_checkpoint)
   rng_rank{R}.pt         each rank's RNG states (tensors only: loads with weights_only=True)
   model.safetensors      consolidated full model weights (ZeRO-3 shards gathered, TP slices joined), for
                          `megatrain.load` and `megatrain export` without unpickling anything
-  megatrain.json         step, data position, model config, layout, and a manifest of file sizes
+  megatrain.json         step, data position, model config, layout, and the manifest: every file's size
+                         and the sha256 of megatrain's own files (rng, weights, tokenizer)
 
   universal/             written on demand when a run resumes at another TP x DP layout (or by
                          `megatrain reshard`): DeepSpeed's universal form of the ZeRO state
 
-`checkpoints/latest` names the newest complete checkpoint. It is replaced (write + os.replace)
-only after every rank finished writing and megatrain.json is on disk, so a crash mid-save leaves
-the previous checkpoint as `latest`. Pruning to `checkpoint.keep` happens after that.
+The protocol that makes a crash of any rank at any moment harmless (docs/architecture.md):
+1. every rank writes into `step_N.partial/` (a stale one from a crash is removed first);
+2. the ranks agree that every write succeeded (an all-gather of their errors, also the barrier);
+3. rank 0 fsyncs the files, writes megatrain.json, renames `step_N.partial` to `step_N`, and then
+   replaces `latest` (write to a temporary file, fsync, os.replace, fsync of the folder);
+4. a final agreement, then older checkpoints are pruned to `checkpoint.keep`.
+So `latest` only ever names a complete, renamed checkpoint; megatrain writes it in DeepSpeed's own
+format (a tag name) and DeepSpeed's own `latest` is never written (save_latest=False). A write error
+(disk full, permissions) on any rank removes the partial folder and raises one line on every rank,
+and the previous checkpoint stays `latest`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -28,12 +37,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatrain.distributed import barrier
+from megatrain.distributed import barrier, is_distributed
+from megatrain.engine.resilience import fault_point
 from megatrain.errors import CheckpointError
 
 META_FILE = "megatrain.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
+PARTIAL_SUFFIX = ".partial"  # a checkpoint being written; never named by `latest`
 
 # Model-config keys that must match for a checkpoint to load into a model.
 # The model keys a checkpoint must share with the run that loads it (the rest may differ).
@@ -63,13 +74,66 @@ def resolve_checkpoint_dir(path: str) -> str:
     return os.path.join(root, tag) if tag is not None else path
 
 
-def _write_atomic(path: str, text: str) -> None:
+def _fsync_dir(path: str) -> None:
+    """Make a rename inside `path` durable (a directory fsync; not possible on every platform)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: str, text: str, before_replace=None) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
+    if before_replace is not None:
+        before_replace()
     os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _is_own_file(rel: str) -> bool:
+    """megatrain's own files of a checkpoint (checksummed); DeepSpeed's are checked by size only."""
+    name = os.path.basename(rel)
+    return rel == WEIGHTS_FILE or rel == "tokenizer.model" or (name.startswith("rng_rank") and name.endswith(".pt")
+                                                               and os.path.dirname(rel) == "")
+
+
+def _manifest(path: str) -> tuple[dict, dict]:
+    """(sizes, sha256 of megatrain's own files) of every file under `path`, each fsynced on the way."""
+    sizes, checksums = {}, {}
+    for dirpath, _, names in os.walk(path):
+        for name in sorted(names):
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, path)
+            if rel == META_FILE or ".tmp" in name:
+                continue
+            fd = os.open(full, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            sizes[rel] = os.path.getsize(full)
+            if _is_own_file(rel):
+                checksums[rel] = _sha256(full)
+        _fsync_dir(dirpath)
+    return sizes, checksums
 
 
 def find_resume_checkpoint(run_dir: str, resume) -> Optional[str]:
@@ -101,8 +165,9 @@ def find_resume_checkpoint(run_dir: str, resume) -> Optional[str]:
     return path
 
 
-def read_meta(path: str) -> dict:
-    """megatrain.json of checkpoint `path`, with its manifest checked against the files on disk."""
+def read_meta(path: str, checksums: bool = False) -> dict:
+    """megatrain.json of checkpoint `path`, with its manifest checked against the files on disk: every
+    file's size, and with `checksums` the sha256 of megatrain's own files too (reads them whole)."""
     meta_path = os.path.join(path, META_FILE)
     if not os.path.isfile(meta_path):
         raise CheckpointError(f"checkpoint '{path}' is incomplete or not a megatrain checkpoint: no {META_FILE}")
@@ -116,11 +181,45 @@ def read_meta(path: str) -> dict:
     for rel, size in meta.get("files", {}).items():
         full = os.path.join(path, rel)
         if not os.path.isfile(full):
-            raise CheckpointError(f"checkpoint '{path}' is incomplete: file '{rel}' is missing")
+            raise CheckpointError(f"checkpoint '{path}' is incomplete: file '{rel}' is missing{_fallback_hint(path)}")
         if os.path.getsize(full) != size:
             raise CheckpointError(f"checkpoint '{path}' is corrupt: file '{rel}' has {os.path.getsize(full)} bytes, "
-                                  f"expected {size}")
+                                  f"expected {size}{_fallback_hint(path)}")
+    if checksums:
+        for rel, digest in meta.get("checksums", {}).items():
+            if _sha256(os.path.join(path, rel)) != digest:
+                raise CheckpointError(f"checkpoint '{path}' is corrupt: file '{rel}' fails its sha256 check"
+                                      f"{_fallback_hint(path)}")
     return meta
+
+
+def _fallback_hint(path: str) -> str:
+    """'; the previous complete checkpoint is ...' for an error about checkpoint `path`, or ''."""
+    root, tag = os.path.split(os.path.normpath(path))
+    step = _tag_step(tag)
+    if step is None:
+        return ""
+    for older_step, older in reversed(_step_dirs(root)):
+        if older_step >= step:
+            continue
+        try:
+            read_meta(os.path.join(root, older))
+        except CheckpointError:
+            continue
+        return f"; the previous complete checkpoint is '{os.path.join(root, older)}' (resume with --resume-from it)"
+    return ""
+
+
+def _tag_step(tag: str) -> Optional[int]:
+    return int(tag[5:]) if tag.startswith("step_") and tag[5:].isdigit() else None
+
+
+def _step_dirs(root: str) -> list:
+    """[(step, 'step_N')] of the committed checkpoint folders under `root`, by step."""
+    if not os.path.isdir(root):
+        return []
+    found = [(_tag_step(name), name) for name in os.listdir(root)]
+    return sorted((step, name) for step, name in found if step is not None and os.path.isdir(os.path.join(root, name)))
 
 
 def needs_reshard(meta: dict, path: str, model_cfg, zero_stage: int, dp_size: int, tensor: int) -> bool:
@@ -182,52 +281,101 @@ def save_checkpoint(engine, *, run_dir: str, step: int, client_state: dict, meta
     """Collective: every rank calls it. Returns the checkpoint directory.
 
     With tensor parallelism (`groups`, `model_cfg`), model.safetensors holds the joined full weights.
-
     The tokenizer model is copied in, so a checkpoint directory is self-contained for `megatrain.load`.
+    Raises CheckpointError on every rank when any rank's write failed (the previous `latest` stays).
     """
     root = checkpoint_root(run_dir)
     tag = f"step_{step}"
     path = os.path.join(root, tag)
     if read_latest(root) == tag:
         return path  # already saved at this step (a resumed run stopping where it started)
-    engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
-    torch.save(_rng_state(), os.path.join(path, f"rng_rank{rank}.pt"))
-    _save_consolidated_weights(engine, os.path.join(path, WEIGHTS_FILE), rank, groups, model_cfg)
-    barrier()
+    partial_tag = tag + PARTIAL_SUFFIX
+    partial = os.path.join(root, partial_tag)
     if rank == 0:
-        if tokenizer_path:
-            shutil.copyfile(tokenizer_path, os.path.join(path, "tokenizer.model"))
-        files = {}
-        for dirpath, _, names in os.walk(path):
-            for name in names:
-                if name == META_FILE or ".tmp" in name:
-                    continue
-                full = os.path.join(dirpath, name)
-                files[os.path.relpath(full, path)] = os.path.getsize(full)
-        _write_atomic(os.path.join(path, META_FILE), json.dumps({**meta, "format": FORMAT_VERSION, "step": step,
-                                                                  "files": files}, indent=1))
-        _write_atomic(os.path.join(root, "latest"), tag)
-        _prune(root, keep, current=tag)
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)  # left by a crash mid-write
     barrier()
+    error = None
+    try:
+        engine.save_checkpoint(root, tag=partial_tag, client_state=client_state, save_latest=False)
+    except OSError as exc:
+        error = exc
+    tensors = _consolidated_tensors(engine, rank, groups, model_cfg)  # collective
+    if error is None:
+        try:
+            fault_point("ckpt_write", step, rank)
+            torch.save(_rng_state(), os.path.join(partial, f"rng_rank{rank}.pt"))
+            if tensors is not None:
+                _write_weights(tensors, os.path.join(partial, WEIGHTS_FILE))
+            if rank == 0 and tokenizer_path:
+                shutil.copyfile(tokenizer_path, os.path.join(partial, "tokenizer.model"))
+        except OSError as exc:
+            error = exc
+    del tensors
+    _raise_if_any_failed(error, rank, tag, root, partial)
+    error = None
+    if rank == 0:
+        try:
+            sizes, checksums = _manifest(partial)
+            _write_atomic(os.path.join(partial, META_FILE),
+                          json.dumps({**meta, "format": FORMAT_VERSION, "step": step, "files": sizes,
+                                      "checksums": checksums}, indent=1))
+            if os.path.isdir(path):
+                shutil.rmtree(path)  # written by a run that crashed before naming it `latest`
+            os.replace(partial, path)
+            _fsync_dir(root)
+            fault_point("ckpt_commit", step, rank)
+            _write_atomic(os.path.join(root, "latest"), tag, before_replace=lambda: fault_point("latest", step, rank))
+        except OSError as exc:
+            if read_latest(root) != tag:  # not committed: the previous checkpoint stays latest
+                error = exc
+                shutil.rmtree(path, ignore_errors=True)
+    _raise_if_any_failed(error, rank, tag, root, partial)
+    if rank == 0:
+        _prune(root, keep, current=tag)
     return path
 
 
-def _save_consolidated_weights(engine, path: str, rank: int, groups=None, model_cfg=None) -> None:
-    """model.safetensors with the full weights: ZeRO-3 shards gathered, tensor-parallel slices joined."""
+def _raise_if_any_failed(error: Optional[OSError], rank: int, tag: str, root: str, partial: str) -> None:
+    """Collective (also the barrier between the save's phases): when any rank's write failed, every
+    rank raises the same one-line CheckpointError, and rank 0 removes the partial folder."""
+    message = None
+    if error is not None:
+        message = f"{error.strerror or error}" + (f": '{error.filename}'" if error.filename else "")
+    if is_distributed() and dist.get_world_size() > 1:
+        messages = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, message)
+    else:
+        messages = [message]
+    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if not failed:
+        return
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    previous = read_latest(root)
+    kept = f"'{os.path.join(root, previous)}' is kept as latest" if previous else "no earlier checkpoint exists"
+    r, m = failed[0]
+    exc = CheckpointError(f"saving checkpoint {tag} failed on rank {r} ({m}); {kept}; free space or fix "
+                          f"permissions under '{root}' and resume with --resume")
+    exc.same_on_every_rank = True  # the CLI prints it once, on rank 0
+    raise exc
+
+
+def _consolidated_tensors(engine, rank: int, groups=None, model_cfg=None) -> Optional[dict]:
+    """The full weights for model.safetensors on rank 0 (None elsewhere): ZeRO-3 shards gathered,
+    tensor-parallel slices joined. Collective where the weights are split."""
     import deepspeed
 
     module = engine.module
     if engine.zero_optimization_partition_weights():
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            if rank == 0:
-                _write_weights(_full_tensors(module), path)
-    elif groups is not None and groups.tp_size > 1:
+            return _full_tensors(module) if rank == 0 else None  # CPU copies: valid after the gather
+    if groups is not None and groups.tp_size > 1:
         if groups.dp_rank == 0:  # one TP group holds every slice; the others need not take part
             tensors = _gather_tensor_parallel(module, groups, model_cfg)
-            if rank == 0:
-                _write_weights(tensors, path)
-    elif rank == 0:
-        _write_weights(_full_tensors(module), path)
+            return tensors if rank == 0 else None
+        return None
+    return _full_tensors(module) if rank == 0 else None
 
 
 def _full_tensors(module: torch.nn.Module) -> dict:
@@ -281,13 +429,19 @@ def _write_weights(tensors: dict, path: str) -> None:
 
 
 def _prune(root: str, keep: int, current: str) -> None:
+    """After `current` became latest: drop partial folders and checkpoints past it (a crashed run's
+    leftovers), then all but the newest `keep` (0 keeps all)."""
+    current_step = _tag_step(current)
+    for name in os.listdir(root):
+        if name.endswith(PARTIAL_SUFFIX):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    tags = _step_dirs(root)
+    for step, name in tags:
+        if step > current_step:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    tags = [(step, name) for step, name in tags if step <= current_step]
     if keep <= 0:
         return
-    tags = []
-    for name in os.listdir(root):
-        if name.startswith("step_") and name[5:].isdigit() and os.path.isdir(os.path.join(root, name)):
-            tags.append((int(name[5:]), name))
-    tags.sort()
     for _, name in tags[:-keep]:
         if name != current:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)

@@ -7,13 +7,13 @@ rate itself each step, so the DeepSpeed config never carries `optimizer` or `sch
 from __future__ import annotations
 
 import copy
-import datetime
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from megatrain.engine.health import process_group_timeout
 from megatrain.errors import ConfigError
 
 # Keys megatrain derives from `train.*`; a user DeepSpeed section may repeat them only with equal values.
@@ -125,8 +125,19 @@ def init_distributed(cfg) -> DistEnv:
         # Processes sharing a node split its cores instead of each spawning one thread per core.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, verbose=False,
-                                   timeout=datetime.timedelta(minutes=int(os.environ.get("MEGATRAIN_DIST_TIMEOUT_MIN", "30"))))
+        # The watchdog (megatrain.engine.health, parallel.timeout_s) names a stalled rank first; this is the backstop.
+        timeout = process_group_timeout(cfg.parallel.timeout_s)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's agent keeps one store across restarts, holding every rank's address from the
+            # attempt that died; a restarted rank could read its peer's stale one (gloo: "connection
+            # refused"). A prefix per attempt keeps each attempt's keys apart.
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                        timeout=timeout)
+            dist.init_process_group(backend, store=dist.PrefixStore(f"megatrain/attempt_{attempt}", agent_store),
+                                    rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                                    timeout=timeout)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
     return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                    local_world_size=local_world, device=device)
 

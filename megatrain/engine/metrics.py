@@ -2,7 +2,12 @@
 
 Only rank 0 writes. `MetricsLogger.log` takes one dict per logged step; keys that every record has:
 step, loss, lr, grad_norm, tokens_per_s, mfu (null where the device has no known peak), and
-val_loss / val_ppl on evaluation steps.
+val_loss / val_ppl on evaluation steps, and `heartbeat` (a list of {rank, since_last_step_s}) every
+log.heartbeat_every steps.
+
+metrics.jsonl survives a crash: each record is one `write` of a whole line to a file opened for
+appending, so a reader never sees two records run together, and a line cut short by a crash (a
+full disk) is skipped by `read_metrics` and dropped when the run resumes.
 """
 
 from __future__ import annotations
@@ -82,7 +87,7 @@ class MetricsLogger:
             return
         path = os.path.join(run_dir, "metrics.jsonl")
         _truncate_after(path, start_step)
-        self.jsonl = open(path, "a", encoding="utf-8")
+        self.jsonl = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -97,8 +102,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {k: _clean(v) for k, v in record.items()}
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
+        self._write_line(record)
         step = record["step"]
         if self.tb is not None:
             names = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
@@ -121,6 +125,12 @@ class MetricsLogger:
             self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in shown.items()},
                                  refresh=False)
 
+    def _write_line(self, record: dict) -> None:
+        data = (json.dumps(record) + "\n").encode("utf-8")
+        while data:  # one write for a whole line; loop only on a short write
+            written = os.write(self.jsonl, data)
+            data = data[written:]
+
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(steps)
@@ -139,21 +149,31 @@ class MetricsLogger:
         if self.tb is not None:
             self.tb.close()
         if self.jsonl is not None:
-            self.jsonl.close()
+            os.close(self.jsonl)
+            self.jsonl = None
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics.jsonl, skipping a line cut short by a crash."""
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if not line.endswith("\n"):
+                break  # the last line, still being written or cut by a crash
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+    return out
 
 
 def _truncate_after(path: str, step: int) -> None:
-    """On resume, drop records past the resumed step so the log describes one trajectory."""
+    """On resume, drop records past the resumed step (and any cut line) so the log describes one trajectory."""
     if not os.path.exists(path):
         return
-    kept = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash mid-write
+    kept = [json.dumps(r) + "\n" for r in read_metrics(path) if r.get("step", 0) <= step]
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.writelines(kept)

@@ -20,7 +20,10 @@ from megatrain.config import Config, save_config
 from megatrain.distributed import all_reduce_sum, barrier
 from megatrain.engine import checkpoint as ckpt
 from megatrain.engine.deepspeed import DistEnv, check_deepspeed_for, init_distributed, initialize
+from megatrain.engine.health import LossSpikeDetector, Watchdog, default_store
 from megatrain.engine.metrics import MetricsLogger, device_peak_flops, mfu
+from megatrain.engine.resilience import (RunLock, StopRequest, auto_resume_enabled, check_run_lock, fault_point,
+                                         fault_spec)
 from megatrain.errors import CheckpointError, ConfigError, MegatrainError
 from megatrain.optim import build_optimizer
 from megatrain.optim.relora import relora_controller
@@ -49,22 +52,31 @@ def resolve_config(cfg: Config, world_size: int) -> Config:
     return cfg.resolve(world_size, cuda=torch.cuda.is_available(), triton_needs_cuda=triton_needs_cuda)
 
 
-def preflight(cfg: Config, resume, world_size: int) -> Optional[str]:
+def preflight(cfg: Config, resume, world_size: int, verify: Optional[bool] = None) -> Optional[str]:
     """Every check that needs no process group: the config resolved for `world_size` processes on this
-    machine (batch arithmetic, ...), the data sources, the run dir, the checkpoint to resume.
+    machine (batch arithmetic, ...), the data sources, the run dir and its lock, the checkpoint to resume.
 
+    `verify` (default: in the launcher and on rank 0, i.e. where $RANK is unset or 0): also check that no
+    live job holds run.dir, and the checksums of the checkpoint's files; other ranks check sizes only.
     Returns the checkpoint directory to resume from (or None). Raises MegatrainError (one line).
     """
     from megatrain.data import check_sources
 
+    if verify is None:
+        verify = os.environ.get("RANK", "0") == "0"
     resolve_config(cfg, world_size)
+    fault_spec()  # a malformed test hook is one line here, not a traceback inside a rank
     check_sources(cfg)
     check_deepspeed_for(cfg)
     if os.path.exists(cfg.run.dir) and not os.path.isdir(cfg.run.dir):
         raise ConfigError(f"run.dir '{cfg.run.dir}' exists and is not a directory")
+    if verify:
+        check_run_lock(cfg.run.dir)
+    if not resume and auto_resume_enabled(cfg.train.auto_resume):
+        resume = True
     path = ckpt.find_resume_checkpoint(cfg.run.dir, resume)
     if path is not None:
-        meta = ckpt.read_meta(path)
+        meta = ckpt.read_meta(path, checksums=verify)
         model_cfg = cfg.model.resolved()
         if model_cfg.vocab_size is None:
             model_cfg.vocab_size = meta["model"].get("vocab_size")
@@ -77,7 +89,8 @@ def preflight(cfg: Config, resume, world_size: int) -> Optional[str]:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, env: DistEnv, resume_path: Optional[str], instruments=None):
+    def __init__(self, cfg: Config, env: DistEnv, resume_path: Optional[str], instruments=None,
+                 watchdog: Optional[Watchdog] = None):
         from megatrain.data import open_data, prepare_data
         from megatrain.data.sampler import ResumableSampler
         from megatrain.models.transformer import Transformer
@@ -87,6 +100,11 @@ class Trainer:
         self.cfg, self.env = cfg, env
         # log.analyze_every: a callable trainer -> metrics (megatrain.analysis.live, above this layer)
         self.instruments = instruments
+        self.watchdog = watchdog
+        self.stop = StopRequest()
+        self.stop_agreed = False
+        self.spikes = LossSpikeDetector(cfg.train.spike_window, cfg.train.spike_zscore)
+        self.last_step_end = time.monotonic()
         self.groups = build_groups(cfg.parallel.tensor)
         self.dp_size, self.dp_rank = self.groups.dp_size, self.groups.dp_rank
         if env.is_main:
@@ -143,6 +161,7 @@ class Trainer:
             self.step = int(state["step"])
             self.sampler.load_state_dict(state["sampler"])
             self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+            self.spikes.load_state_dict(state.get("loss_window", []))
             _load_projected_state(self.optimizer, state, load_path, resharded=universal)
         self.peak = device_peak_flops(env.device)
         self.logger = MetricsLogger(cfg.run.dir, enabled=env.is_main, tensorboard=cfg.log.tensorboard,
@@ -153,6 +172,11 @@ class Trainer:
             self.logger.message(f"resumed from {resume_path} at step {self.step}{how}")
 
     # ------------------------------------------------------------------------------------------
+
+    def _phase(self, name: str) -> None:
+        """Name what this rank does now, for the watchdog (parallel.timeout_s)."""
+        if self.watchdog is not None:
+            self.watchdog.phase(name, self.step + 1)
 
     def _batch(self, blocks, indices):
         inputs, labels = blocks.batch(indices)
@@ -167,38 +191,57 @@ class Trainer:
         if self.relora is not None:
             self.relora.before_step(engine, self.step)
         micro = self.sampler.next_step()
-        local = torch.zeros(2, dtype=torch.float64, device=self.env.device)  # [sum of losses, non-finite count]
+        # [sum of losses, non-finite count, ranks asked to stop (SIGTERM / SIGUSR1)]
+        local = torch.zeros(3, dtype=torch.float64, device=self.env.device)
         for i, indices in enumerate(micro):
+            self._phase("forward")
             inputs, labels = self._batch(self.data.train, indices)
             loss = engine(inputs, labels=labels)
+            if i == 0:
+                fault_point("step", self.step + 1, self.env.rank)
             detached = loss.detach().double()
             finite = torch.isfinite(detached)
-            # Tensor ops only: no host sync per micro-batch; one .item() after the all-reduce below.
+            # Tensor ops only: no host sync per micro-batch; one host read after the all-reduce below.
             local[0] += torch.where(finite, detached, torch.zeros_like(detached))
             local[1] += (~finite).double()
+            self._phase("backward")
             engine.backward(loss)
             if i == len(micro) - 1:
-                # Every DP rank must agree before the (collective) step whether to apply it.
+                # Every DP rank must agree before the (collective) step whether to apply it, and all
+                # ranks whether to stop after it.
+                self._phase("all-reduce of the loss")
+                local[2] = 1.0 if self.stop.signum else 0.0
                 all_reduce_sum(local)
-                self.optimizer.skip_next_step = bool(local[1].item() > 0)
+                loss_sum, nonfinite, stop = local.tolist()
+                # Summed over the world: the TP ranks of a group hold the same loss, so divide by all ranks.
+                loss_value = loss_sum / (len(micro) * self.env.world_size)
+                self.stop_agreed = stop > 0
+                spike_z = None if nonfinite else self.spikes.score(loss_value)
+                self.optimizer.skip_next_step = nonfinite > 0 or (spike_z is not None and cfg.train.spike_skip)
                 if not self.optimizer.skip_next_step and cfg.parallel.zero_stage == 0:
                     grad_norm = _grad_norm(engine.module, self.groups)
+            self._phase("optimizer step")
             engine.step()
-        skipped = self.optimizer.skip_next_step
+        applied = not self.optimizer.skip_next_step
         self.optimizer.skip_next_step = False
         self.step += 1
-        if skipped:
+        record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": None, "skipped": nonfinite > 0}
+        if nonfinite:
             self.nonfinite_streak += 1
-            loss_value, grad_norm = float("nan"), None
+            record["loss"] = float("nan")
         else:
             self.nonfinite_streak = 0
-            # Summed over the world: the TP ranks of a group hold the same loss, so divide by all ranks.
-            loss_value = local[0].item() / (len(micro) * self.env.world_size)
-            if cfg.parallel.zero_stage != 0:
-                grad_norm = engine.get_global_grad_norm()
-        if isinstance(grad_norm, torch.Tensor):
-            grad_norm = grad_norm.item()
-        return {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "skipped": skipped}
+            if spike_z is None:
+                self.spikes.accept(loss_value)
+            else:
+                record["spike_z"] = spike_z
+            if applied:
+                if cfg.parallel.zero_stage != 0:
+                    grad_norm = engine.get_global_grad_norm()
+                record["grad_norm"] = grad_norm.item() if isinstance(grad_norm, torch.Tensor) else grad_norm
+        now = time.monotonic()
+        self.step_seconds, self.last_step_end = now - self.last_step_end, now
+        return record
 
     @torch.no_grad()
     def evaluate(self) -> Optional[dict]:
@@ -207,6 +250,7 @@ class Trainer:
         if self.data.val is None:
             return None
         engine = self.engine
+        self._phase("evaluate")
         engine.eval()
         # Validation blocks that can score their answers (the synthetic tasks) report accuracy too.
         answer_counts = getattr(self.data.val, "answer_counts", None)
@@ -258,7 +302,10 @@ class Trainer:
                            "zero_stage": cfg.parallel.zero_stage},
                 "consumed_samples": self.sampler.state_dict()["consumed_samples"],
                 "seq_len": cfg.data.seq_len, "seed": cfg.train.seed, "tokenizer": self.data.tokenizer.path}
-        client = {"step": self.step, "sampler": self.sampler.state_dict(), "nonfinite_streak": self.nonfinite_streak}
+        client = {"step": self.step, "sampler": self.sampler.state_dict(), "nonfinite_streak": self.nonfinite_streak,
+                  "loss_window": self.spikes.state_dict()}
+        if self.watchdog is not None:
+            self.watchdog.phase("checkpoint save", self.step)
         if getattr(self.optimizer, "projected", None) is not None:  # GaLore / Fira weights live outside ZeRO
             client["projected_optimizer"] = self.optimizer.projected.state_dict()
         path = ckpt.save_checkpoint(self.engine, run_dir=cfg.run.dir, step=self.step, client_state=client, meta=meta,
@@ -276,6 +323,10 @@ class Trainer:
         last: dict = {}
         window_start, window_tokens = time.perf_counter(), 0
         try:
+            self.stop.install()
+        except ValueError:
+            pass  # not the main thread (an embedding application): it handles signals itself
+        try:
             while self.step < end:
                 record = self.train_step()
                 window_tokens += tokens_per_step
@@ -284,12 +335,19 @@ class Trainer:
                 if skipped:
                     self.logger.message(f"step {self.step}: non-finite loss, update skipped "
                                         f"({self.nonfinite_streak} in a row, limit {t.max_nonfinite})")
+                spike = "spike_z" in record
+                if spike:
+                    self.logger.message(f"step {self.step}: loss spike {record['loss']:.4g} (z={record['spike_z']:.1f} "
+                                        f"over the last {len(self.spikes.history)} losses)"
+                                        + (", update skipped" if t.spike_skip else ""))
                 final = self.step == end
                 do_eval = not abort and (cfg.log.eval_every > 0 and self.step % cfg.log.eval_every == 0
                                          or self.step == t.steps)
                 do_analyze = (self.instruments is not None and cfg.log.analyze_every > 0
                               and self.step % cfg.log.analyze_every == 0)
-                if self.step % cfg.log.every == 0 or final or do_eval or skipped or do_analyze:
+                beat = cfg.log.heartbeat_every > 0 and self.step % cfg.log.heartbeat_every == 0
+                if (self.step % cfg.log.every == 0 or final or do_eval or skipped or do_analyze or spike
+                        or beat):
                     if self.env.device.type == "cuda":
                         torch.cuda.synchronize()
                     elapsed = time.perf_counter() - window_start
@@ -300,6 +358,8 @@ class Trainer:
                         record.update(self.evaluate() or {})
                     if do_analyze:
                         record.update(self.instruments(self))
+                    if beat:
+                        record["heartbeat"] = self._heartbeat()
                     record.pop("skipped")
                     self.logger.log(record)
                     last = record
@@ -309,12 +369,28 @@ class Trainer:
                     raise NonFiniteLossError(
                         f"{self.nonfinite_streak} non-finite losses in a row at step {self.step} "
                         f"(train.max_nonfinite={t.max_nonfinite}); lower train.lr or check the data")
-                if final or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
-                    self.save()
+                if final or self.stop_agreed or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
+                    path = self.save()
                     window_start, window_tokens = time.perf_counter(), 0
+                    if self.stop_agreed and not final:
+                        why = f"{self.stop.name} received" if self.stop.signum else "a stop signal on another rank"
+                        self.logger.message(f"stopped at step {self.step} ({why}); checkpoint {path}; continue "
+                                            f"with --resume")
+                        break
         finally:
+            self.stop.restore()
             self.logger.close()
         return last
+
+    def _heartbeat(self) -> list:
+        """[{rank, since_last_step_s}] for every rank: seconds since it finished its previous step (collective)."""
+        self._phase("heartbeat")
+        mine = torch.tensor([self.step_seconds], dtype=torch.float64, device=self.env.device)
+        parts = [mine]
+        if dist.is_initialized() and self.env.world_size > 1:
+            parts = [torch.zeros_like(mine) for _ in range(self.env.world_size)]
+            dist.all_gather(parts, mine)
+        return [{"rank": rank, "since_last_step_s": round(seconds.item(), 4)} for rank, seconds in enumerate(parts)]
 
 
 def _grad_norm(module: torch.nn.Module, groups) -> float:
@@ -353,13 +429,27 @@ def pretrain(cfg: Config, resume=None, instruments=None) -> dict:
     """Run (or resume) a pretraining job in this process; returns the last logged metrics.
 
     instruments: what log.analyze_every runs (`megatrain.analysis.live.training_instruments(cfg)`; the
-    CLI passes it), required when log.analyze_every > 0.
+    CLI passes it), required when log.analyze_every > 0. Rank 0 holds run.dir's lock for the length of
+    the job; `train.auto_resume` (on under an elastic launch) turns a start without --resume into a
+    resume from the latest checkpoint, if any.
     """
     if cfg.log.analyze_every > 0 and instruments is None:
         raise ConfigError("log.analyze_every needs the analysis instruments: run `megatrain pretrain`, or pass "
                           "instruments=megatrain.analysis.live.training_instruments(cfg) to pretrain()")
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    is_rank0 = os.environ.get("RANK", "0") == "0"
     resume_path = preflight(cfg, resume, world)
-    env = init_distributed(cfg)
-    trainer = Trainer(cfg, env, resume_path, instruments=instruments)
-    return trainer.fit()
+    lock = RunLock(cfg.run.dir).acquire() if is_rank0 else None
+    watchdog = None
+    try:
+        env = init_distributed(cfg)
+        if env.world_size > 1:
+            watchdog = Watchdog(cfg.parallel.timeout_s, env.rank, env.world_size, store=default_store(),
+                                on_timeout=lock.release if lock is not None else None).start()
+        trainer = Trainer(cfg, env, resume_path, instruments=instruments, watchdog=watchdog)
+        return trainer.fit()
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
+        if lock is not None:
+            lock.release()

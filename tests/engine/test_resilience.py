@@ -1,0 +1,459 @@
+"""Runs that survive: kill -9 at seeded moments (inside the checkpoint write too) then resume with
+the uninterrupted run's losses, SIGTERM checkpoint-and-exit, torchrun --max-restarts recovery, the
+collective watchdog naming a stalled rank, a full disk while saving, and the run-directory lock.
+
+The multi-process tests share one uninterrupted 2-process run (`baseline`) and chain the kill
+moments through one run directory: each resume is the run that gets killed at the next moment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from megatrain.engine import checkpoint as ckpt
+from megatrain.engine.health import LossSpikeDetector, Watchdog
+from megatrain.engine.metrics import MetricsLogger, read_metrics
+from megatrain.engine.resilience import (FAULT_ENV, RunLock, RunLockError, auto_resume_enabled, check_run_lock,
+                                         fault_spec)
+from megatrain.errors import ConfigError
+from tests.conftest import REPO, TINY_JOB, child_env, free_port
+
+STEPS = 8
+# 2 processes, ZeRO-1 (sharded optimizer state: one file per rank), a checkpoint every 2 steps.
+JOB = [*TINY_JOB, f"train.steps={STEPS}", "log.eval_every=0", "log.tensorboard=false", "parallel.zero_stage=1",
+       "checkpoint.every=2", "log.heartbeat_every=4"]
+
+
+def run(cmd: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `cmd` in its own process group, so a timeout ends its workers too."""
+    full = child_env()
+    full.update(env or {})
+    proc = subprocess.Popen(cmd, cwd=REPO, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd[:6])} ... timed out\n{out[-3000:]}\n{err[-5000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def cli(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "megatrain.cli", *args], env=env, timeout=timeout)
+
+
+def pretrain2(run_dir, *extra: str, env: dict | None = None, resume: bool = True) -> subprocess.CompletedProcess:
+    return cli(["pretrain", "--nproc-per-node", "2", *JOB, f"run.dir={run_dir}", *(["--resume"] if resume else []),
+                *extra], env=env)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def step_losses(run_dir) -> list:
+    return [(r["step"], r["loss"]) for r in read_metrics(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def assert_latest_complete(run_dir) -> int:
+    """`latest` names a committed folder whose manifest (sizes and checksums) holds; returns its step."""
+    root = os.path.join(run_dir, "checkpoints")
+    tag = ckpt.read_latest(root)
+    assert tag is not None and not tag.endswith(ckpt.PARTIAL_SUFFIX), tag
+    meta = ckpt.read_meta(os.path.join(root, tag), checksums=True)
+    assert meta["checksums"] and all(name in meta["files"] for name in meta["checksums"])
+    assert {"rng_rank0.pt", "rng_rank1.pt", "model.safetensors"} <= set(meta["checksums"])
+    return meta["step"]
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("resilience") / "straight"
+    ok(pretrain2(run_dir, resume=False))
+    return step_losses(run_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# multi-process
+
+
+@pytest.mark.slow
+def test_kill9_at_seeded_moments_then_resume_matches_uninterrupted(baseline, tmp_path):
+    """Five kill -9 moments (mid-step, inside the checkpoint write on either rank, between the rename
+    and `latest`, inside the `latest` update), then a SIGTERM of one rank, then the rest: after every
+    interruption `latest` names a complete checkpoint, and the stitched trajectory is the straight one."""
+    rng = random.Random(15)
+    run_dir = tmp_path / "chain"
+    # (point, candidate steps, candidate ranks): the step and rank of each moment come from the seed.
+    plan = [("step", [2, 3], [0, 1]), ("ckpt_write", [4], [0, 1]), ("ckpt_commit", [4], [0]), ("latest", [6], [0]),
+            ("ckpt_write", [6], [0, 1])]
+    expect_latest = [None, 2, 2, 4, 4]  # `latest` after each kill
+    moments = [(point, rng.choice(steps), rng.choice(ranks)) for point, steps, ranks in plan]
+    if moments[0][1] == 2:  # killed inside step 2: no checkpoint yet
+        expect_latest[0] = None
+    else:
+        expect_latest[0] = 2
+    for (point, step, rank), latest in zip(moments, expect_latest):
+        proc = pretrain2(run_dir, env={FAULT_ENV: f"{point}:{step}:{rank}"})
+        assert proc.returncode != 0, f"{point}:{step}:{rank} did not kill the run\n{proc.stderr[-3000:]}"
+        if latest is None:
+            assert ckpt.read_latest(os.path.join(run_dir, "checkpoints")) is None
+        else:
+            assert assert_latest_complete(run_dir) == latest, (point, step, rank)
+    # Preemption of one rank only: both agree to stop after step 5, checkpoint it and exit 0.
+    proc = ok(pretrain2(run_dir, env={FAULT_ENV: "step:5:1:term"}))
+    assert "stopped at step 5" in proc.stdout + proc.stderr
+    assert assert_latest_complete(run_dir) == 5
+    assert [s for s, _ in step_losses(run_dir)] == [1, 2, 3, 4, 5]
+    ok(pretrain2(run_dir))
+    assert assert_latest_complete(run_dir) == STEPS
+    assert step_losses(run_dir) == baseline  # bit-for-bit: data position, optimizer, RNG all restored
+    leftovers = [n for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.endswith(ckpt.PARTIAL_SUFFIX)]
+    assert leftovers == []
+    beats = {r["step"]: r["heartbeat"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "heartbeat" in r}
+    assert sorted(beats) == [4, 8]
+    assert all([b["rank"] for b in beat] == [0, 1] and all(b["since_last_step_s"] > 0 for b in beat)
+               for beat in beats.values())
+
+
+@pytest.mark.slow
+def test_sigusr1_to_the_launcher_checkpoints_and_exits_0(tmp_path):
+    """`kill -USR1` of `megatrain pretrain --nproc-per-node 2` reaches its workers: both stop after the same
+    step, write that checkpoint and exit 0."""
+    run_dir = tmp_path / "usr1"
+    full = child_env()
+    cmd = [sys.executable, "-m", "megatrain.cli", "pretrain", "--nproc-per-node", "2", *JOB, "train.steps=500",
+           "checkpoint.every=0", f"run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        metrics = os.path.join(run_dir, "metrics.jsonl")
+        deadline = time.monotonic() + 240
+        while not (os.path.exists(metrics) and len(read_metrics(metrics)) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGUSR1)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, (out[-2000:], err[-4000:])
+    last = step_losses(run_dir)[-1][0]
+    assert 2 <= last < 500 and f"stopped at step {last}" in out
+    assert assert_latest_complete(run_dir) == last
+
+
+@pytest.mark.slow
+def test_full_disk_while_saving_keeps_previous_checkpoint(tmp_path):
+    run_dir = tmp_path / "full"
+    proc = pretrain2(run_dir, "train.steps=4", env={FAULT_ENV: "ckpt_write:4:1:enospc"}, resume=False)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("megatrain: error")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "saving checkpoint step_4 failed on rank 1 (No space left on device" in errors[0]
+    assert "step_2' is kept as latest" in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert assert_latest_complete(run_dir) == 2
+    assert not os.path.exists(os.path.join(run_dir, "checkpoints", "step_4.partial"))
+
+
+@pytest.mark.slow
+def test_stalled_rank_is_named_by_the_watchdog(tmp_path):
+    start = time.monotonic()
+    proc = pretrain2(tmp_path / "stall", "parallel.timeout_s=4", env={FAULT_ENV: "step:3:1:stall"}, resume=False)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if "exceeded parallel.timeout_s=4" in line]
+    assert lines, proc.stderr[-3000:]
+    assert any(line.startswith("megatrain: error (rank 0)") and "stalled: rank 1 (in 'forward' of step 3)" in line
+               for line in lines), lines
+    assert time.monotonic() - start < 120  # not the process group's own (much longer) timeout
+
+
+@pytest.mark.slow
+def test_torchrun_max_restarts_resumes_on_its_own(baseline, tmp_path):
+    """torchrun restarts the group after rank 1 dies inside step 5; train.auto_resume (on under an
+    elastic launch) continues from step_4 without --resume, and the trajectory is the straight one."""
+    run_dir = tmp_path / "elastic"
+    proc = ok(run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                   "--max-restarts", "1", "--monitor-interval", "0.2", "--master-addr", "127.0.0.1",
+                   "--master-port", str(free_port()), "--module", "megatrain.cli", "pretrain", *JOB,
+                   f"run.dir={run_dir}"], env={FAULT_ENV: "step:5:1"}))
+    assert "resumed from" in proc.stdout and "step_4 at step 4" in proc.stdout
+    assert step_losses(run_dir) == baseline
+
+
+@pytest.mark.slow
+def test_second_job_on_a_live_run_dir_is_refused(tmp_path):
+    run_dir = tmp_path / "locked"
+    lock = RunLock(str(run_dir)).acquire()  # this test process plays the live job
+    try:
+        proc = cli(["pretrain", "--nproc-per-node", "2", *JOB, f"run.dir={run_dir}"])
+        since = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(json.load(open(lock.path))["time"]))
+        assert proc.returncode == 2
+        assert proc.stderr.strip() == (f"megatrain: error: run.dir '{run_dir}' is in use by another job (host "
+                                       f"{socket.gethostname()} pid {os.getpid()} since {since}): wait for it to "
+                                       f"finish or stop it")
+    finally:
+        lock.release()
+    assert not os.path.exists(lock.path)
+
+
+# ---------------------------------------------------------------------------------------------
+# one process, no training
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_run_lock_refuses_live_takes_over_dead_and_releases(tmp_path):
+    run_dir = str(tmp_path / "run")
+    first = RunLock(run_dir).acquire()
+    with pytest.raises(RunLockError, match=f"pid {os.getpid()}"):
+        RunLock(run_dir).acquire()
+    with pytest.raises(RunLockError, match="in use by another job"):
+        check_run_lock(run_dir)
+    first.release()
+    assert not os.path.exists(first.path)
+    check_run_lock(run_dir)  # free again
+
+    # A holder on this host whose pid is gone is taken over.
+    with open(first.path, "w") as fh:
+        json.dump({"host": socket.gethostname(), "pid": _dead_pid(), "time": time.time()}, fh)
+    check_run_lock(run_dir)
+    lock = RunLock(run_dir).acquire()
+    assert json.load(open(lock.path))["pid"] == os.getpid()
+    lock.release()
+
+    # A live pid that now belongs to a newer process (pid reuse) does not hold the lock.
+    with open(first.path, "w") as fh:
+        json.dump({"host": socket.gethostname(), "pid": os.getpid(), "start": 1, "time": time.time()}, fh)
+    check_run_lock(run_dir)
+
+    # Another host's lock is never taken over automatically: the line says how to clear it.
+    with open(first.path, "w") as fh:
+        json.dump({"host": "elsewhere.example", "pid": 4242, "time": time.time()}, fh)
+    with pytest.raises(RunLockError, match=r"host elsewhere.example pid 4242 .*if that job is gone, delete"):
+        RunLock(run_dir).acquire()
+    assert json.load(open(first.path))["host"] == "elsewhere.example"  # untouched
+
+
+def test_fault_hook_spec_is_validated(monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, "ckpt_write:4:1:enospc")
+    spec = fault_spec()
+    assert (spec.point, spec.step, spec.rank, spec.action) == ("ckpt_write", 4, 1, "enospc")
+    monkeypatch.setenv(FAULT_ENV, "step:3")
+    assert fault_spec().rank == 0 and fault_spec().action == "kill"
+    for bad in ("nowhere:3", "step", "step:0", "step:x", "step:3:1:explode", "latest:4:1"):
+        monkeypatch.setenv(FAULT_ENV, bad)
+        with pytest.raises(ConfigError, match=FAULT_ENV):
+            fault_spec()
+
+
+def test_auto_resume_follows_the_elastic_launch(monkeypatch):
+    monkeypatch.delenv("TORCHELASTIC_MAX_RESTARTS", raising=False)
+    assert auto_resume_enabled(None) is False and auto_resume_enabled(True) is True
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")  # `megatrain pretrain --nproc-per-node N`
+    assert auto_resume_enabled(None) is False
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    assert auto_resume_enabled(None) is True and auto_resume_enabled(False) is False
+
+
+def test_loss_spike_detector():
+    det = LossSpikeDetector(window=6, zscore=4.0)
+    for x in (3.0, 3.1, 2.9):
+        assert det.score(x) is None  # window still filling (needs window / 2)
+        det.accept(x)
+    assert det.score(3.05) is None
+    z = det.score(9.0)
+    assert z is not None and z > 4.0
+    assert det.score(2.0) is None  # only upward spikes
+    state = det.state_dict()
+    other = LossSpikeDetector(window=6, zscore=4.0)
+    other.load_state_dict(state)
+    assert other.score(9.0) == z
+    assert LossSpikeDetector(window=0, zscore=4.0).score(1e9) is None
+
+
+def test_watchdog_verdict_names_the_ranks_behind():
+    dog = Watchdog(5.0, rank=0, world_size=3)
+    dog.phase("forward", 3)
+    dog.phase("backward", 3)
+    dog.phase("optimizer step", 3)
+    peers = {1: {"phase": "forward", "step": 3, "seq": 1, "age": 6.0},
+             2: {"phase": "optimizer step", "step": 3, "seq": 3, "age": 6.0}}
+    line = dog.verdict(peers)
+    assert line == "'optimizer step' of step 3 exceeded parallel.timeout_s=5; stalled: rank 1 (in 'forward' of step 3)"
+    assert "rank 2 (never reported)" in dog.verdict({1: {"phase": "optimizer step", "step": 3, "seq": 3, "age": 1}})
+    even = {1: {"phase": "optimizer step", "step": 3, "seq": 3, "age": 6.0},
+            2: {"phase": "optimizer step", "step": 3, "seq": 3, "age": 6.0}}
+    assert "no rank is behind" in dog.verdict(even)
+
+
+def test_metrics_jsonl_survives_a_cut_line(tmp_path):
+    run_dir = str(tmp_path)
+    logger = MetricsLogger(run_dir, enabled=True, tensorboard=False, progress=False, total_steps=4, start_step=0)
+    for step in (1, 2):
+        logger.log({"step": step, "loss": 1.0 / step})
+    logger.close()
+    path = os.path.join(run_dir, "metrics.jsonl")
+    with open(path, "a") as fh:
+        fh.write('{"step": 3, "loss": 0.3')  # a crash mid-write
+    records = read_metrics(path)
+    assert [r["step"] for r in records] == [1, 2]
+    # Resuming at step 2 drops the cut line; new records start on a line of their own.
+    logger = MetricsLogger(run_dir, enabled=True, tensorboard=False, progress=False, total_steps=4, start_step=2)
+    logger.log({"step": 3, "loss": 0.25})
+    logger.close()
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+    assert all(json.loads(line) for line in open(path))
+
+
+def test_stop_signal_is_recorded(monkeypatch):
+    from megatrain.engine.resilience import StopRequest
+
+    stop = StopRequest().install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.signum == signal.SIGUSR1 and stop.name == "SIGUSR1"
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGUSR1) is not stop._handle
+
+
+SPIKE_SCRIPT = """
+import sys
+from megatrain.models import transformer
+
+real_forward = transformer.Transformer.forward
+calls = {"n": 0}
+
+def forward(self, *args, **kwargs):
+    out = real_forward(self, *args, **kwargs)
+    if self.training:
+        calls["n"] += 1
+        if calls["n"] == 4:  # one process, grad_accum 1: the 4th training forward is step 4
+            out = out * 20
+    return out
+
+transformer.Transformer.forward = forward
+from megatrain.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_loss_spike_logged_and_skipped(tmp_path):
+    run_dir = tmp_path / "spike"
+    proc = ok(run([sys.executable, "-c", SPIKE_SCRIPT, "pretrain", *TINY_JOB, "log.eval_every=0",
+                   "log.tensorboard=false", "parallel.zero_stage=0", "train.global_batch=4", "train.steps=4",
+                   "train.spike_window=4", "train.spike_zscore=20", "train.spike_skip=true", f"run.dir={run_dir}"]))
+    records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    spikes = [r for r in records if "spike_z" in r]
+    assert [r["step"] for r in spikes] == [4], records
+    assert spikes[0]["spike_z"] > 20 and spikes[0]["grad_norm"] is None  # the update was skipped
+    assert all(r["grad_norm"] is not None for r in records if r["step"] != 4)
+    assert "step 4: loss spike" in proc.stdout and "update skipped" in proc.stdout
+
+
+SHIMS = {
+    # srun: drop its options, become a process group of its own (the job step), remember its pid.
+    "srun": 'while [[ "$1" == --* ]]; do shift; done\necho $$ > "$SHIM_DIR/step.pid"\nexec setsid "$@"\n',
+    # scancel --signal=USR1 JOB: every process of the step, not the batch shell.
+    "scancel": 'kill -s "${1#--signal=}" -- -"$(cat "$SHIM_DIR/step.pid")"\n',
+    "scontrol": 'case "$1" in show) echo 127.0.0.1 ;; requeue) echo "$2" > "$SHIM_DIR/requeued" ;; esac\n',
+    # torchrun: a shell (whose default action on SIGUSR1 is to die) starting one worker that waits for
+    # a stop signal through megatrain's handler and records the arguments it was given.
+    "torchrun": 'echo "$@" > "$SHIM_DIR/argv"\n"$PYTHON" - <<PY\n'
+                'import os, time\nfrom megatrain.engine.resilience import StopRequest\n'
+                'stop = StopRequest().install()\nopen(os.path.join(os.environ["SHIM_DIR"], "ready"), "w").close()\n'
+                'while not stop.signum:\n    time.sleep(0.05)\n'
+                'open(os.path.join(os.environ["SHIM_DIR"], "stopped"), "w").write(stop.name)\nPY\n',
+}
+
+
+def test_slurm_script_forwards_the_signal_and_requeues(tmp_path):
+    """launch/slurm.sbatch with stand-ins for srun/scancel/scontrol/torchrun: Slurm's SIGUSR1 to the batch
+    shell reaches the worker (not the agent, which survives it), the job exits 0 and requeues itself,
+    and the worker was told to resume into the job's own run directory."""
+    shim_dir = tmp_path / "bin"
+    shim_dir.mkdir()
+    for name, body in SHIMS.items():
+        path = shim_dir / name
+        path.write_text("#!/usr/bin/env bash\n" + body)
+        path.chmod(0o755)
+    env = {"PATH": f"{shim_dir}:{os.environ['PATH']}", "SHIM_DIR": str(shim_dir), "PYTHON": sys.executable,
+           "PYTHONPATH": str(REPO), "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "megatrain", "SLURM_JOB_NODELIST": "n1",
+           "SLURM_JOB_NUM_NODES": "1", "SLURM_GPUS_PER_NODE": "gpu:1", "SLURM_SUBMIT_DIR": str(REPO)}
+    full = child_env()
+    full.update(env)
+    script = str(REPO / "launch" / "slurm.sbatch")
+    job = subprocess.Popen(["bash", script, "launch/configs/tiny-cpu.yaml", "train.steps=9"], env=full,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (shim_dir / "ready").exists():
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+            time.sleep(0.05)
+        job.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@180` does
+        out, err = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 0, (out, err)
+    assert (shim_dir / "stopped").read_text() == "SIGUSR1"
+    assert (shim_dir / "requeued").read_text().strip() == "4242"
+    argv = (shim_dir / "argv").read_text().split()
+    assert "run.dir=runs/megatrain-4242" in argv and "--resume" in argv and argv[-1] == "train.steps=9"
+
+
+def _fake_checkpoint(root, step: int) -> str:
+    """A committed checkpoint folder with a megatrain manifest (no DeepSpeed files needed here)."""
+    path = os.path.join(root, f"step_{step}")
+    os.makedirs(path)
+    files = {"rng_rank0.pt": b"rng" * 10, "model.safetensors": b"w" * 64, "mp_rank_00_model_states.pt": b"d" * 32}
+    for name, data in files.items():
+        with open(os.path.join(path, name), "wb") as fh:
+            fh.write(data)
+    sizes, checksums = ckpt._manifest(path)
+    with open(os.path.join(path, ckpt.META_FILE), "w") as fh:
+        json.dump({"format": ckpt.FORMAT_VERSION, "step": step, "files": sizes, "checksums": checksums}, fh)
+    return path
+
+
+def test_manifest_checksums_catch_same_size_damage_and_name_the_previous_checkpoint(tmp_path):
+    root = str(tmp_path / "checkpoints")
+    _fake_checkpoint(root, 2)
+    newest = _fake_checkpoint(root, 4)
+    meta = ckpt.read_meta(newest, checksums=True)
+    assert set(meta["checksums"]) == {"rng_rank0.pt", "model.safetensors"}  # DeepSpeed's files: sizes only
+    with open(os.path.join(newest, "model.safetensors"), "r+b") as fh:
+        fh.write(b"X")  # same size, different bytes
+    ckpt.read_meta(newest)  # sizes still agree
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.read_meta(newest, checksums=True)
+    assert str(err.value) == (f"checkpoint '{newest}' is corrupt: file 'model.safetensors' fails its sha256 check; "
+                              f"the previous complete checkpoint is '{os.path.join(root, 'step_2')}' (resume with "
+                              f"--resume-from it)")
+
+
+def test_prune_drops_partials_and_an_abandoned_future(tmp_path):
+    root = str(tmp_path / "checkpoints")
+    for step in (2, 4, 6, 8):
+        _fake_checkpoint(root, step)
+    os.makedirs(os.path.join(root, "step_10.partial"))
+    ckpt._prune(root, keep=2, current="step_6")  # step_8 came from a run that crashed before `latest`
+    assert sorted(os.listdir(root)) == ["step_4", "step_6"]
