@@ -68,8 +68,11 @@ def preflight(cfg: Config, resume, world_size: int) -> Optional[str]:
         model_cfg = cfg.model.resolved()
         if model_cfg.vocab_size is None:
             model_cfg.vocab_size = meta["model"].get("vocab_size")
-        ckpt.needs_reshard(meta, path, model_cfg, cfg.parallel.zero_stage, world_size // cfg.parallel.tensor,
-                           cfg.parallel.tensor)
+        if meta.get("weights_only"):  # `megatrain import`: weights, no optimizer or layout to match
+            ckpt.check_model(meta, path, model_cfg)
+        else:
+            ckpt.needs_reshard(meta, path, model_cfg, cfg.parallel.zero_stage, world_size // cfg.parallel.tensor,
+                               cfg.parallel.tensor)
         if meta["step"] >= cfg.train.steps:
             raise CheckpointError(f"checkpoint '{path}' is at step {meta['step']}, the run has "
                                        f"train.steps={cfg.train.steps}: nothing left to train")
@@ -117,9 +120,14 @@ class Trainer:
         self.num_params = model.num_params(non_embedding=False)
         from megatrain.parallel.parallelize import parallelize
 
+        weights_only = resume_path is not None and bool(ckpt.read_meta(resume_path).get("weights_only"))
+        if weights_only:  # an imported run: full weights into the full model, before TP keeps its slices
+            from megatrain.engine.load import load_into, read_weights
+
+            load_into(model, read_weights(resume_path)[1], resume_path)
         parallelize(model, self.groups, sequence_parallel=cfg.parallel.sequence)  # TP=1: records checkpoint info
         load_path, universal = resume_path, False
-        if resume_path is not None:
+        if resume_path is not None and not weights_only:
             universal = ckpt.needs_reshard(ckpt.read_meta(resume_path), resume_path, model_cfg,
                                            cfg.parallel.zero_stage, self.dp_size, cfg.parallel.tensor)
             if universal:
@@ -132,7 +140,7 @@ class Trainer:
                                         self.dp_rank, self.dp_size, cfg.train.seed)
         self.step = 0
         self.nonfinite_streak = 0
-        if resume_path is not None:
+        if resume_path is not None and not weights_only:
             state = ckpt.load_checkpoint(self.engine, load_path, env.rank)
             if universal:
                 barrier()
@@ -145,7 +153,9 @@ class Trainer:
         self.peak = device_peak_flops(env.device)
         self.logger = MetricsLogger(cfg.run.dir, enabled=env.is_main, tensorboard=cfg.log.tensorboard,
                                     progress=cfg.log.progress, total_steps=cfg.train.steps, start_step=self.step)
-        if resume_path is not None:
+        if weights_only:
+            self.logger.message(f"started from the weights of {resume_path} (fresh optimizer, step 0)")
+        elif resume_path is not None:
             how = (f" (resharded to parallel.tensor={cfg.parallel.tensor} x {self.dp_size} data-parallel ranks through "
                    f"DeepSpeed's universal checkpoint)" if universal else "")
             self.logger.message(f"resumed from {resume_path} at step {self.step}{how}")

@@ -105,6 +105,11 @@ def _pretrain_done(pre: Config) -> bool:
 def _checkpoint_of(path: str, key: str) -> str:
     """A checkpoint directory from a run directory (its latest) or a checkpoint directory."""
     path = ckpt.resolve_checkpoint_dir(os.path.normpath(path))
+    from megatrain.engine.hf_import import is_hf_folder
+
+    if is_hf_folder(path):
+        raise CheckpointError(f"{key}: '{path}' is a Hugging Face folder; make a run directory of it first "
+                              f"(megatrain import {path} --output RUN) and set {key}=RUN")
     if not os.path.isfile(os.path.join(path, ckpt.META_FILE)):
         raise CheckpointError(f"{key}: '{path}' is not a megatrain run or checkpoint directory (no {ckpt.META_FILE})")
     return path
