@@ -313,6 +313,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "config": _cmd_config, "export": _cmd_export, "reshard": _cmd_reshard, "generate": _cmd_generate,
                 "import": _cmd_import}
     try:
+        from megatrain.env import check_environment
+
+        check_environment()  # before any command: a bad variable is one line, never a rank's traceback
         return handlers[args.command](args)
     except MegatrainError as exc:
         rank = os.environ.get("RANK")

@@ -28,7 +28,7 @@ from typing import Any, Optional
 import yaml
 
 from megatrain.errors import ConfigError
-from megatrain.fields import config_field
+from megatrain.fields import config_field, parse_number
 from megatrain.models.config import ModelConfig
 from megatrain.models.layers import lowrank_options, projection_shapes
 from megatrain.parallel.checks import check_tensor_split, check_vocab_split
@@ -363,14 +363,14 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(key: str, value: Any, tp, choices):
+def _coerce(key: str, value: Any, tp, choices, default: Any = None):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0], choices)
+        return _coerce(key, value, inner[0], choices, default)
     if tp is Any or tp is dict:
         if tp is dict and not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {type(value).__name__} {value!r}")
@@ -381,20 +381,13 @@ def _coerce(key: str, value: Any, tp, choices):
             out = value.lower() == "true"
         elif not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")
-    elif tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        try:
-            out = int(value)
-        except ValueError:
-            raise ConfigError(f"{key} must be an integer, got {value!r}") from None
-    elif tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        try:
-            out = float(value)
-        except ValueError:
-            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    elif tp in (int, float):
+        out = parse_number(key, value, integer=tp is int)
+    elif tp is list and isinstance(value, list) and isinstance(default, list) and default \
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in default):
+        # A list of numbers (rl.eval.k, ttt.task.depths, ...): each element like a numeric key.
+        integer = all(isinstance(x, int) for x in default)
+        out = [parse_number(f"{key}[{i}]", x, integer) for i, x in enumerate(value)]
     elif tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string, got {value!r}")
@@ -424,7 +417,9 @@ def _apply(obj, data: dict, prefix: str) -> None:
                 raise ConfigError(f"deepspeed must be a mapping, got {value!r}")
             _deep_merge(obj.deepspeed, value)
         else:
-            setattr(obj, key, _coerce(full, value, tp, fields[key].metadata.get("choices")))
+            f = fields[key]
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            setattr(obj, key, _coerce(full, value, tp, f.metadata.get("choices"), default))
 
 
 def _deep_merge(dst: dict, src: dict) -> dict:

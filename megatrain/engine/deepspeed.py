@@ -104,14 +104,16 @@ def init_distributed(cfg) -> DistEnv:
     """Start the process group from the launcher's environment (torchrun / deepspeed / one process)."""
     import deepspeed
 
+    from megatrain import env
+
+    env.check_environment()  # a bad launcher variable is one line here, not a traceback from a rank
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port())
-    local_rank = int(os.environ["LOCAL_RANK"])
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    local_rank, local_world = env.local_rank(), env.local_world_size()
     backend = cfg.parallel.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -126,7 +128,7 @@ def init_distributed(cfg) -> DistEnv:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False,
-                                   timeout=datetime.timedelta(minutes=int(os.environ.get("MEGATRAIN_DIST_TIMEOUT_MIN", "30"))))
+                                   timeout=datetime.timedelta(minutes=env.dist_timeout_min()))
     return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                    local_world_size=local_world, device=device)
 

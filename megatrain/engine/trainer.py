@@ -355,7 +355,9 @@ def _load_projected_state(optimizer, state: dict, path: str, resharded: bool) ->
 
 def pretrain(cfg: Config, resume=None) -> dict:
     """Run (or resume) a pretraining job in this process; returns the last logged metrics."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    from megatrain.env import world_size
+
+    world = world_size()
     resume_path = preflight(cfg, resume, world)
     env = init_distributed(cfg)
     trainer = Trainer(cfg, env, resume_path)

@@ -694,7 +694,9 @@ def rl(cfg: Config, resume=False, stop_after: Optional[int] = None) -> list[dict
     from megatrain.engine.deepspeed import init_distributed
     from megatrain.parallel.groups import build_groups
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    from megatrain.env import world_size
+
+    world = world_size()
     pre = preflight(cfg, resume, world)
     env = init_distributed(cfg)
     run_dir = cfg.run.dir
