@@ -46,6 +46,16 @@ class RunConfig:
     dir: str = _f("runs/default", "Run directory: resolved config, metrics.jsonl, tb/, checkpoints/. "
                   "Nothing is written outside it (except the shared token/tokenizer cache).")
 
+    def path(self, *parts: str) -> str:
+        """run.dir joined with `parts`, for writing. ConfigError when a part taken from a config (a sub-run
+        name, a pipeline) would lead outside run.dir: an absolute path, `..`, or a link that leaves it."""
+        root = os.path.realpath(self.dir)
+        out = os.path.realpath(os.path.join(root, *[str(p) for p in parts]))
+        if os.path.commonpath([root, out]) != root or out == root and parts:
+            raise ConfigError(f"'{os.path.join(*[str(p) for p in parts])}' leads outside run.dir '{self.dir}'; "
+                              f"every output of a run is written inside run.dir")
+        return os.path.join(self.dir, *[str(p) for p in parts])
+
 
 @dataclass
 class TaskConfig:

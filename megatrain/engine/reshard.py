@@ -55,7 +55,7 @@ def _map_kv_tensors(zero_dir: str, fn) -> None:
         if not is_kv_split(name):
             continue
         for path in _tensor_files(os.path.join(zero_dir, name)):
-            state = torch.load(path, weights_only=False)
+            state = torch.load(path, weights_only=True)  # tensors, ints and flags only: nothing to unpickle
             state[PARAM] = fn(state[PARAM]).contiguous()
             torch.save(state, path)
 

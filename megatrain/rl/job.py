@@ -722,7 +722,7 @@ def rl(cfg: Config, resume=False, stop_after: Optional[int] = None) -> list[dict
     problems = task_splits(cfg.rl.task)
     rows: list[dict] = []
     for start in starts:
-        folder = os.path.join(run_dir, start.name)
+        folder = cfg.run.path(start.name)
         base_file = os.path.join(folder, "base_eval.json")
         if os.path.isfile(base_file):
             base = _read_json(base_file)
@@ -736,7 +736,7 @@ def rl(cfg: Config, resume=False, stop_after: Optional[int] = None) -> list[dict
         rows += [{"checkpoint": os.path.basename(start.path), "pretrain_step": start.step, "pipeline": "none",
                   **r} for r in base]
         for pipeline in pipelines(cfg.rl):
-            sub = os.path.join(folder, pipeline)
+            sub = cfg.run.path(start.name, pipeline)
             result = os.path.join(sub, RESULT_FILE)
             if os.path.isfile(result):
                 found = _read_json(result)
