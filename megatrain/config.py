@@ -120,6 +120,10 @@ class TrainConfig:
     activation_checkpointing: bool = _f(False, "Recompute each block's activations in backward.")
     stop_after: Optional[int] = _f(None, "Checkpoint and stop at this step without changing the schedule.")
     max_nonfinite: int = _f(5, "Abort after this many non-finite losses in a row (each such step is skipped).")
+    init_from: Optional[str] = _f(None, "Start from these weights, with a fresh optimizer at step 0: a run, checkpoint "
+                                  "or export directory, or a Hugging Face Llama folder (docs/huggingface.md). model.* "
+                                  "must describe the same model and data.tokenizer name its tokenizer. Not used when "
+                                  "--resume finds a checkpoint.")
     relora: ReLoRATrainConfig = field(default_factory=ReLoRATrainConfig)
 
 
@@ -551,6 +555,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.grad_clip must be >= 0, got {t.grad_clip}")
     if t.max_nonfinite < 1:
         raise ConfigError(f"train.max_nonfinite must be >= 1, got {t.max_nonfinite}")
+    if t.init_from is not None and d.tokenizer == "auto":
+        raise ConfigError(f"train.init_from='{t.init_from}' needs data.tokenizer: the sentencepiece model those "
+                          f"weights were trained with (a new 'auto' tokenizer would not match their embedding)")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 0:
         raise ConfigError("checkpoint.every and checkpoint.keep must be >= 0")
     if cfg.log.every < 1:

@@ -30,7 +30,7 @@ from megatrain.engine.checkpoint import FORMAT_VERSION, META_FILE, WEIGHTS_FILE,
 from megatrain.engine.export import megatrain_name
 from megatrain.errors import CheckpointError
 
-__all__ = ["HFLlama", "is_hf_folder", "read_hf_llama", "import_hf_llama", "PICKLE_SUFFIXES"]
+__all__ = ["HFLlama", "is_hf_folder", "hf_model_config", "read_hf_llama", "import_hf_llama", "PICKLE_SUFFIXES"]
 
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -193,18 +193,22 @@ def _read_state(path: str, tied: bool, where: str) -> dict:
     return state
 
 
+def hf_model_config(path: str) -> dict:
+    """ModelConfig fields (dict) of Hugging Face folder `path` from its config.json alone (no tensors read)."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"'{path}' is not a Hugging Face model folder (no config.json)")
+    return _model_config(_read_json(config_path, "config"), f"Hugging Face model '{path}'")
+
+
 def read_hf_llama(path: str, tokenizer: Optional[str] = None) -> HFLlama:
     """The model config, weights and tokenizer of Hugging Face Llama folder `path` (CheckpointError:
     one line naming what megatrain cannot take). `tokenizer` overrides the folder's tokenizer.model."""
     path = os.path.normpath(path)
     if os.path.isfile(path) and path.endswith(PICKLE_SUFFIXES):
         raise CheckpointError(f"'{path}' is a pickle; megatrain reads safetensors only, never unpickling")
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise CheckpointError(f"'{path}' is not a Hugging Face model folder (no config.json)")
     where = f"Hugging Face model '{path}'"
-    hf = _read_json(config_path, "config")
-    model = _model_config(hf, where)
+    model = hf_model_config(path)
     state = _read_state(path, model["tie_embeddings"], where)
     from megatrain.models.transformer import Transformer
     from megatrain.models.config import ModelConfig

@@ -16,7 +16,31 @@ from megatrain.engine.export import megatrain_name
 from megatrain.engine.hf_import import PICKLE_SUFFIXES, is_hf_folder, read_hf_llama
 from megatrain.errors import CheckpointError
 
-__all__ = ["load_for_inference", "read_weights"]
+__all__ = ["load_for_inference", "read_weights", "source_model"]
+
+
+def source_model(path: str):
+    """(model_config, tokenizer_path or None) of what `read_weights(path)` would read, without reading any
+    tensor: for preflights. Raises CheckpointError (one line) for anything read_weights refuses up front."""
+    from megatrain.engine.hf_import import TOKENIZER_FILE, hf_model_config
+    from megatrain.models.config import ModelConfig
+
+    path = os.path.normpath(path)
+    if path.endswith(PICKLE_SUFFIXES) and os.path.isfile(path):
+        raise CheckpointError(f"'{path}' is a pickle; megatrain loads safetensors only (never unpickling)")
+    path = resolve_checkpoint_dir(path)
+    if is_hf_folder(path):
+        tokenizer = os.path.join(path, TOKENIZER_FILE)
+        return ModelConfig.from_dict(hf_model_config(path)), tokenizer if os.path.isfile(tokenizer) else None
+    if not os.path.isfile(os.path.join(path, META_FILE)):
+        raise CheckpointError(f"'{path}' is not a megatrain run, checkpoint or export directory nor a Hugging "
+                              f"Face Llama folder (no {META_FILE}, no config.json)")
+    with open(os.path.join(path, META_FILE), encoding="utf-8") as fh:
+        meta = json.load(fh)
+    if meta.get("export") != "hf-llama":
+        meta = read_meta(path)
+    tokenizer = os.path.join(path, "tokenizer.model")
+    return ModelConfig.from_dict(meta["model"]), tokenizer if os.path.isfile(tokenizer) else None
 
 
 def read_weights(path: str):

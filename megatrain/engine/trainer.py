@@ -76,7 +76,33 @@ def preflight(cfg: Config, resume, world_size: int) -> Optional[str]:
         if meta["step"] >= cfg.train.steps:
             raise CheckpointError(f"checkpoint '{path}' is at step {meta['step']}, the run has "
                                        f"train.steps={cfg.train.steps}: nothing left to train")
+    elif cfg.train.init_from is not None:
+        _check_init_from(cfg)
     return path
+
+
+def _check_init_from(cfg: Config) -> None:
+    """train.init_from: its model is this run's model and its tokenizer (when it carries one) is data.tokenizer."""
+    import hashlib
+
+    from megatrain.engine.load import source_model
+
+    source = cfg.train.init_from
+    saved, tokenizer = source_model(source)
+    model_cfg = cfg.model.resolved()
+    if model_cfg.vocab_size is None:
+        model_cfg.vocab_size = saved.vocab_size
+    ckpt.check_model({"model": dataclasses.asdict(saved)}, source, model_cfg)
+    if not os.path.isfile(cfg.data.tokenizer):
+        raise ConfigError(f"data.tokenizer: file '{cfg.data.tokenizer}' does not exist")
+    if tokenizer is not None:
+        digests = []
+        for file in (tokenizer, cfg.data.tokenizer):
+            with open(file, "rb") as fh:
+                digests.append(hashlib.sha256(fh.read()).hexdigest())
+        if digests[0] != digests[1]:
+            raise CheckpointError(f"train.init_from '{source}' was trained with another tokenizer than "
+                                  f"data.tokenizer='{cfg.data.tokenizer}' ({tokenizer})")
 
 
 class Trainer:
@@ -121,10 +147,11 @@ class Trainer:
         from megatrain.parallel.parallelize import parallelize
 
         weights_only = resume_path is not None and bool(ckpt.read_meta(resume_path).get("weights_only"))
-        if weights_only:  # an imported run: full weights into the full model, before TP keeps its slices
+        init_path = resume_path if weights_only else (cfg.train.init_from if resume_path is None else None)
+        if init_path is not None:  # an imported run or train.init_from: full weights, before TP keeps its slices
             from megatrain.engine.load import load_into, read_weights
 
-            load_into(model, read_weights(resume_path)[1], resume_path)
+            load_into(model, read_weights(init_path)[1], init_path)
         parallelize(model, self.groups, sequence_parallel=cfg.parallel.sequence)  # TP=1: records checkpoint info
         load_path, universal = resume_path, False
         if resume_path is not None and not weights_only:
@@ -153,8 +180,8 @@ class Trainer:
         self.peak = device_peak_flops(env.device)
         self.logger = MetricsLogger(cfg.run.dir, enabled=env.is_main, tensorboard=cfg.log.tensorboard,
                                     progress=cfg.log.progress, total_steps=cfg.train.steps, start_step=self.step)
-        if weights_only:
-            self.logger.message(f"started from the weights of {resume_path} (fresh optimizer, step 0)")
+        if init_path is not None:
+            self.logger.message(f"started from the weights of {init_path} (fresh optimizer, step 0)")
         elif resume_path is not None:
             how = (f" (resharded to parallel.tensor={cfg.parallel.tensor} x {self.dp_size} data-parallel ranks through "
                    f"DeepSpeed's universal checkpoint)" if universal else "")

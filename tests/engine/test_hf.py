@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 import megatrain
 from megatrain.engine.export import export_hf_llama
 from megatrain.engine.hf_import import import_hf_llama, read_hf_llama
-from megatrain.errors import CheckpointError
+from megatrain.errors import CheckpointError, ConfigError
 from tests.conftest import TINY_JOB, read_metrics, run_cli
 
 transformers = pytest.importorskip("transformers")
@@ -67,7 +67,7 @@ def _megatrain_logits(path, ids):
 IDS = torch.randint(0, 500, (2, 19), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("name", ["dense-gqa", "tied-sltrain", "relora", "tp2"])
+@pytest.mark.parametrize("name", ["dense-gqa", "tied-sltrain", "relora", pytest.param("tp2", marks=pytest.mark.slow)])
 def test_export_loads_in_transformers_with_equal_logits(runs, tmp_path, name):
     run_dir = runs(name)
     out = export_hf_llama(run_dir, str(tmp_path / "hf"))
@@ -154,19 +154,25 @@ def test_import_export_round_trip_is_bit_exact(hf_folders, tmp_path):
 def test_imported_run_continues_pretraining_and_starts_rl_and_ttt(hf_folders, tmp_path):
     folder, model = hf_folders["single"]
     run_dir = import_hf_llama(str(folder), str(tmp_path / "run"))
-    proc = run_cli(["pretrain", "--config", os.path.join(run_dir, "config.yaml"), "--resume", "train.steps=2",
-                    "train.warmup_steps=1", "train.micro_batch=2", "train.global_batch=2", "data.seq_len=32",
-                    "log.eval_every=0", "log.progress=false", "parallel.zero_stage=0"])
+    config = os.path.join(run_dir, "config.yaml")
+    short = ["train.steps=2", "train.warmup_steps=1", "train.micro_batch=2", "train.global_batch=2",
+             "data.seq_len=32", "log.eval_every=0", "log.progress=false", "parallel.zero_stage=0"]
+    proc = run_cli(["pretrain", "--config", config, "--resume", *short])
     assert "started from the weights of" in proc.stdout + proc.stderr
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]
-    # The first loss is the imported model's: transformers' loss on the same first batch is not at hand,
-    # so check instead that the weights moved from the import and nothing else changed shape.
+    # train.init_from=the Hugging Face folder itself starts from the same weights: the same losses.
+    other = tmp_path / "init-from"
+    run_cli(["pretrain", "--config", config, *short, f"run.dir={other}", f"train.init_from={folder}"])
+    assert [r["loss"] for r in read_metrics(other)] == [r["loss"] for r in read_metrics(run_dir)]
     trained = load_file(os.path.join(run_dir, "checkpoints", "step_2", "model.safetensors"))
     imported = load_file(os.path.join(run_dir, "checkpoints", "step_0", "model.safetensors"))
     assert trained.keys() == imported.keys()
     assert all(trained[k].shape == imported[k].shape for k in trained)
     assert not torch.equal(trained["blocks.0.attn.q_proj.weight"], imported["blocks.0.attn.q_proj.weight"])
     assert read_metrics(run_dir)[0]["loss"] > 5.0  # a random model on a 512-piece vocabulary: ~ln(512)
+
+    reshard = run_cli(["reshard", str(tmp_path / "run" / "checkpoints" / "step_0")], check=False)
+    assert reshard.returncode == 2 and "holds weights only" in reshard.stderr and reshard.stderr.count("\n") == 1
 
     from megatrain.config import load_config
     from megatrain.rl.job import _check_start, resolve_starts
@@ -261,3 +267,26 @@ def test_pickled_weights_are_refused(hf_folders, tmp_path):
         with pytest.raises(CheckpointError, match="safetensors only") as err:
             megatrain.load(str(path))
         assert "\n" not in str(err.value)
+
+
+def test_init_from_refusals(hf_folders, tmp_path, tiny_run):
+    from megatrain.config import load_config
+    from megatrain.engine.trainer import preflight
+
+    folder, _ = hf_folders["single"]
+    model = ["model.preset=null", "model.dim=64", "model.layers=2", "model.heads=4", "model.kv_heads=2",
+             "model.ffn_dim=176", "model.vocab_size=512", "model.norm_eps=1e-5", "model.max_seq_len=128",
+             "data.seq_len=32"]
+    with pytest.raises(ConfigError, match="train.init_from=.* needs data.tokenizer"):
+        load_config(None, [*model, f"train.init_from={folder}"])
+    good = [*model, f"train.init_from={folder}", f"data.tokenizer={folder / 'tokenizer.model'}",
+            f"run.dir={tmp_path / 'run'}"]
+    assert preflight(load_config(None, good), False, 1) is None
+    with pytest.raises(CheckpointError, match="model.ffn_dim=176 but this run has model.ffn_dim=192"):
+        preflight(load_config(None, [*good, "model.ffn_dim=192"]), False, 1)
+    other_tokenizer = tmp_path / "other.model"
+    other_tokenizer.write_bytes(b"not the same bytes")
+    with pytest.raises(CheckpointError, match="another tokenizer"):
+        preflight(load_config(None, [*good, f"data.tokenizer={other_tokenizer}"]), False, 1)
+    with pytest.raises(CheckpointError, match="model.linear='dense' but this run has model.linear='cola'"):
+        preflight(load_config(None, [*good, "model.linear=cola"]), False, 1)
