@@ -210,8 +210,9 @@ class RLPretrainConfig:
 class RLConfig:
     """`rl.*`: the RL job (`megatrain rl`); the update side reuses train.lr/schedule, optim.*, parallel.*,
     checkpoint.*, log.*. docs: megatrain/rl/job.py."""
-    init: Optional[str] = _f(None, "Start point: a megatrain run or checkpoint directory (null: pretrain one first, "
-                             "see rl.pretrain).")
+    init: Optional[str] = _f(None, "Start point: a megatrain run or checkpoint directory, or a Hugging Face Llama "
+                             "folder (imported into RUN/init; docs/huggingface.md); null: pretrain one first, see "
+                             "rl.pretrain.")
     checkpoints: Any = _f(None, "Run the excursion from each of these checkpoints of the init run ([step_500, ...] "
                           "or all), each into RUN/from_step_N/; null: from rl.init itself.")
     pipeline: Any = _f("grpo", "grpo, sft, sft_rl, parallel_avg or loss_mix, or a list of them (each its own "
@@ -271,7 +272,8 @@ class TTTTaskConfig:
 @dataclass
 class TTTConfig:
     """`ttt.*`: query-only test-time training (megatrain/ttt; docs in megatrain/ttt/adapt.py)."""
-    init: Optional[str] = _f(None, "Run, checkpoint or export to evaluate; null = first pretrain a model on the "
+    init: Optional[str] = _f(None, "Run, checkpoint, export or Hugging Face Llama folder to evaluate; null = first "
+                             "pretrain a model on the "
                              "retrieval task with this config's model/data/train sections into RUN/pretrain.")
     steps: int = _f(32, "qTTT gradient steps N per example.")
     span: int = _f(128, "Tokens k per sampled span.")

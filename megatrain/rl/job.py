@@ -38,6 +38,7 @@ import torch.distributed as dist
 from megatrain.config import Config, load_config, save_config
 from megatrain.distributed import all_reduce_sum, barrier
 from megatrain.engine import checkpoint as ckpt
+from megatrain.engine.hf_import import is_hf_folder
 from megatrain.engine.load import load_for_inference
 from megatrain.engine.trainer import resolve_config
 from megatrain.generate import generate, is_truncated
@@ -105,11 +106,6 @@ def _pretrain_done(pre: Config) -> bool:
 def _checkpoint_of(path: str, key: str) -> str:
     """A checkpoint directory from a run directory (its latest) or a checkpoint directory."""
     path = ckpt.resolve_checkpoint_dir(os.path.normpath(path))
-    from megatrain.engine.hf_import import is_hf_folder
-
-    if is_hf_folder(path):
-        raise CheckpointError(f"{key}: '{path}' is a Hugging Face folder; make a run directory of it first "
-                              f"(megatrain import {path} --output RUN) and set {key}=RUN")
     if not os.path.isfile(os.path.join(path, ckpt.META_FILE)):
         raise CheckpointError(f"{key}: '{path}' is not a megatrain run or checkpoint directory (no {ckpt.META_FILE})")
     return path
@@ -195,10 +191,37 @@ def preflight(cfg: Config, resume, world_size: int) -> Optional[Config]:
         init = None
     else:
         init = cfg.rl.init
-    if init is not None:
+    if init is not None and is_hf_folder(init):
+        _check_hf_init(cfg, init)
+    elif init is not None:
         for start in resolve_starts(cfg.rl, init):
             _check_start(cfg, start)
     return pre
+
+
+def _check_hf_init(cfg: Config, folder: str) -> None:
+    """rl.init naming a Hugging Face Llama folder: what megatrain import will refuse, refused now (no tensor read)."""
+    from megatrain.engine.load import source_model
+
+    if cfg.rl.checkpoints is not None:
+        raise ConfigError(f"rl.checkpoints needs rl.init to be a megatrain run (a series of checkpoints); "
+                          f"'{folder}' is a Hugging Face folder")
+    _, tokenizer = source_model(folder)
+    if tokenizer is None:
+        raise CheckpointError(f"rl.init: '{folder}' has no sentencepiece tokenizer.model (megatrain reads "
+                              f"sentencepiece tokenizers only; megatrain import --tokenizer can add one)")
+
+
+def _import_hf_init(cfg: Config, folder: str, env) -> str:
+    """rl.init naming a Hugging Face folder: rank 0 imports it into RUN/init once (megatrain import), so the
+    excursions start from an ordinary run directory. Returns that directory. Collective."""
+    from megatrain.engine.hf_import import import_hf_llama
+
+    imported = cfg.run.path("init")
+    if env.is_main and not os.path.isdir(imported):
+        import_hf_llama(folder, imported)
+    barrier()
+    return imported
 
 
 def _with_mix_placeholder(pre: Config) -> Config:
@@ -715,6 +738,8 @@ def rl(cfg: Config, resume=False, stop_after: Optional[int] = None) -> list[dict
             pretrain(pre, resume=True)
             barrier()
         init = pre.run.dir
+    elif is_hf_folder(init):
+        init = _import_hf_init(cfg, init, env)
     starts = resolve_starts(cfg.rl, init)
     for start in starts:
         _check_start(cfg, start)

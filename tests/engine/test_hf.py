@@ -182,8 +182,13 @@ def test_imported_run_continues_pretraining_and_starts_rl_and_ttt(hf_folders, tm
     (start,) = resolve_starts(cfg.rl, fresh)
     _check_start(cfg, start)
     assert start.step == 0
-    with pytest.raises(CheckpointError, match="megatrain import"):
-        resolve_starts(cfg.rl, str(folder))  # rl.init needs a run directory: the line says how to make one
+    from megatrain.rl.job import preflight as rl_preflight
+
+    hf_cfg = load_config(None, [f"rl.init={folder}", f"run.dir={tmp_path / 'rl-hf'}"])
+    assert rl_preflight(hf_cfg, False, 1) is None  # checked without reading tensors; rl() imports into RUN/init
+    with pytest.raises(ConfigError, match="rl.checkpoints needs rl.init to be a megatrain run"):
+        rl_preflight(load_config(None, [f"rl.init={folder}", "rl.checkpoints=all", f"run.dir={tmp_path / 'x'}"]),
+                     False, 1)
 
     from megatrain.ttt.job import preflight
 
@@ -290,3 +295,16 @@ def test_init_from_refusals(hf_folders, tmp_path, tiny_run):
         preflight(load_config(None, [*good, f"data.tokenizer={other_tokenizer}"]), False, 1)
     with pytest.raises(CheckpointError, match="model.linear='dense' but this run has model.linear='cola'"):
         preflight(load_config(None, [*good, "model.linear=cola"]), False, 1)
+
+
+def test_rl_starts_from_a_hugging_face_folder(hf_folders, tmp_path):
+    """rl.init=FOLDER: one RL iteration; rank 0 imported the folder into RUN/init, the excursion starts there."""
+    from tests.rl.test_rl_job import RL_JOB
+
+    folder, _ = hf_folders["single"]
+    run_dir = tmp_path / "rl"
+    run_cli(["rl", *RL_JOB, f"run.dir={run_dir}", f"rl.init={folder}", "rl.group_size=2", "rl.prompts_per_step=2",
+             "rl.micro_batch=4", "rl.steps=2", "rl.eval.samples=2", "rl.eval.k=[1]", "rl.eval.problems=1",
+             "log.eval_batches=1", "data.seq_len=32", "--stop-after", "1"])
+    assert json.load(open(run_dir / "init" / "checkpoints" / "step_0" / "megatrain.json"))["weights_only"]
+    assert (run_dir / "from_step_0" / "grpo" / "checkpoints" / "step_1" / "model.safetensors").is_file()
