@@ -38,7 +38,7 @@ import torch.distributed as dist
 from megatrain.config import Config, load_config, save_config
 from megatrain.distributed import all_reduce_sum, barrier
 from megatrain.engine import checkpoint as ckpt
-from megatrain.engine.hf_import import is_hf_folder
+from megatrain.engine.hf_import import import_hf_llama, is_hf_folder
 from megatrain.engine.load import load_for_inference
 from megatrain.engine.trainer import resolve_config
 from megatrain.generate import generate, is_truncated
@@ -215,8 +215,6 @@ def _check_hf_init(cfg: Config, folder: str) -> None:
 def _import_hf_init(cfg: Config, folder: str, env) -> str:
     """rl.init naming a Hugging Face folder: rank 0 imports it into RUN/init once (megatrain import), so the
     excursions start from an ordinary run directory. Returns that directory. Collective."""
-    from megatrain.engine.hf_import import import_hf_llama
-
     imported = cfg.run.path("init")
     if env.is_main and not os.path.isdir(imported):
         import_hf_llama(folder, imported)
@@ -715,9 +713,8 @@ def rl(cfg: Config, resume=False, stop_after: Optional[int] = None) -> list[dict
     checkpoint, without writing results.
     """
     from megatrain.engine.deepspeed import init_distributed
-    from megatrain.parallel.groups import build_groups
-
     from megatrain.env import world_size
+    from megatrain.parallel.groups import build_groups
 
     world = world_size()
     pre = preflight(cfg, resume, world)
