@@ -79,12 +79,11 @@ def test_export_loads_in_transformers_with_equal_logits(runs, tmp_path, name):
     assert config["num_key_value_heads"] == cfg.kv_heads < config["num_attention_heads"]
 
 
-def _tiny_llama(tied=False, seed=0, dtype=torch.float32, **overrides):
+def _tiny_llama(tied=False, seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
-                                      max_position_embeddings=128, tie_word_embeddings=tied, rms_norm_eps=1e-5,
-                                      **overrides)
+                                      max_position_embeddings=128, tie_word_embeddings=tied, rms_norm_eps=1e-5)
     return transformers.LlamaForCausalLM(config).to(dtype).eval()
 
 
