@@ -22,11 +22,11 @@ V = vocabulary size.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Callable, Optional
 
 from torch import Tensor
 
+from megatrain import env
 from megatrain.constants import IGNORE_INDEX
 
 from . import reference
@@ -37,7 +37,7 @@ __all__ = ["backend", "triton_needs_cuda", "rms_norm", "rope", "swiglu", "fused_
            "apex_rms_norm"]
 
 ENV_VAR = "MEGATRAIN_KERNELS"
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton")  # megatrain.env.KERNEL_BACKENDS, which parses the variable
 
 
 def backend() -> str:
@@ -45,10 +45,7 @@ def backend() -> str:
 
     Raises ValueError for any other value.
     """
-    mode = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    if mode not in BACKENDS:
-        raise ValueError(f"{ENV_VAR}={os.environ[ENV_VAR]!r} is not a kernel backend (allowed: {', '.join(BACKENDS)})")
-    return mode
+    return env.kernel_backend()
 
 
 def triton_needs_cuda() -> bool:

@@ -6,11 +6,12 @@ device becomes a ValueError naming the op, the argument and what it got, never a
 
 from __future__ import annotations
 
-import os
 from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from megatrain import env
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -22,7 +23,7 @@ def interpreting() -> bool:
     (triton-lang/triton#11584); launchers pass `UPCAST_DOT=interpreting()` as a constexpr and kernels
     cast dot operands to fp32 when it is set. Elementwise bf16 math is always done in fp32.
     """
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return env.triton_interpret()
 
 
 def check_tensor(op: str, name: str, t, *, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES,
@@ -73,6 +74,6 @@ def next_power_of_2(n: int) -> int:
 def new_output(shape, *, dtype: torch.dtype, device) -> Tensor:
     """Allocate a kernel output. With MEGATRAIN_KERNELS_POISON=1 (the tests set it) it is filled with
     NaN instead of left uninitialised, so an element a kernel forgets to write fails the comparison."""
-    if os.environ.get("MEGATRAIN_KERNELS_POISON", "0") == "1":
+    if env.kernels_poison():
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)

@@ -1,4 +1,4 @@
-"""`megatrain {pretrain,rl,ttt,generate,tokenizer,config,export,reshard,analyze}`.
+"""`megatrain {pretrain,rl,ttt,generate,tokenizer,config,export,import,reshard,analyze}`.
 
 User errors (MegatrainError) end as one line on stderr and exit code 2; no traceback.
 `megatrain pretrain` runs in this process for one process, or starts torchrun's elastic agent for
@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_ttt(sub)
     _add_analyze(sub)
+    _add_import(sub)
     return parser
 
 
@@ -145,6 +146,24 @@ def _cmd_analyze(args) -> int:
     results = analyze(args.run, args.vs, opts)
     path = write_report(results, args.out or default_output(args.run, args.vs), tensorboard=not args.no_tensorboard)
     print(f"wrote {path}")
+    return 0
+
+
+def _add_import(sub):
+    p = sub.add_parser("import", help="make a run directory from a local Hugging Face Llama folder (safetensors, "
+                                      "sharded or not) to continue pretraining, run RL or qTTT")
+    p.add_argument("path", help="Hugging Face folder: config.json, model.safetensors (or its index and shards)")
+    p.add_argument("--output", "-o", required=True, help="run directory to create (must not exist or be empty)")
+    p.add_argument("--tokenizer", default=None, help="sentencepiece .model to use (default: the folder's "
+                                                     "tokenizer.model)")
+
+
+def _cmd_import(args) -> int:
+    from megatrain.engine.hf_import import import_hf_llama
+
+    out = import_hf_llama(args.path, args.output, tokenizer=args.tokenizer)
+    print(f"wrote run directory {out}; continue with: megatrain pretrain --config {out}/config.yaml --resume "
+          f"(or rl.init={out}, ttt.init={out})")
     return 0
 
 
@@ -343,8 +362,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.overrides = list(args.overrides) + extra
     handlers = {"pretrain": _cmd_pretrain, "rl": _cmd_rl, "ttt": _cmd_ttt, "tokenizer": _cmd_tokenizer,
                 "config": _cmd_config, "export": _cmd_export, "reshard": _cmd_reshard, "generate": _cmd_generate,
-                "analyze": _cmd_analyze}
+                "analyze": _cmd_analyze, "import": _cmd_import}
     try:
+        from megatrain.env import check_environment
+
+        check_environment()  # before any command: a bad variable is one line, never a rank's traceback
         return handlers[args.command](args)
     except MegatrainError as exc:
         rank = os.environ.get("RANK")

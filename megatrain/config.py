@@ -29,7 +29,7 @@ from typing import Any, Optional
 import yaml
 
 from megatrain.errors import ConfigError
-from megatrain.fields import config_field
+from megatrain.fields import config_field, parse_number
 from megatrain.models.config import ModelConfig
 from megatrain.models.layers import lowrank_options, projection_shapes
 from megatrain.parallel.checks import check_tensor_split, check_vocab_split
@@ -46,6 +46,16 @@ OPTIMIZERS = ["adamw", "galore", "fira"]  # galore / fira: docs/galore-fira.md
 class RunConfig:
     dir: str = _f("runs/default", "Run directory: resolved config, metrics.jsonl, tb/, checkpoints/. "
                   "Nothing is written outside it (except the shared token/tokenizer cache).")
+
+    def path(self, *parts: str) -> str:
+        """run.dir joined with `parts`, for writing. ConfigError when a part taken from a config (a sub-run
+        name, a pipeline) would lead outside run.dir: an absolute path, `..`, or a link that leaves it."""
+        root = os.path.realpath(self.dir)
+        out = os.path.realpath(os.path.join(root, *[str(p) for p in parts]))
+        if os.path.commonpath([root, out]) != root or out == root and parts:
+            raise ConfigError(f"'{os.path.join(*[str(p) for p in parts])}' leads outside run.dir '{self.dir}'; "
+                              f"every output of a run is written inside run.dir")
+        return os.path.join(self.dir, *[str(p) for p in parts])
 
 
 @dataclass
@@ -120,6 +130,10 @@ class TrainConfig:
                              "spike: logged (metrics.jsonl `spike_z`).")
     spike_skip: bool = _f(False, "Also skip a spike's update on every rank (the batch is consumed, the weights "
                           "and optimizer state do not change).")
+    init_from: Optional[str] = _f(None, "Start from these weights, with a fresh optimizer at step 0: a run, checkpoint "
+                                  "or export directory, or a Hugging Face Llama folder (docs/huggingface.md). model.* "
+                                  "must describe the same model and data.tokenizer name its tokenizer. Not used when "
+                                  "--resume finds a checkpoint.")
     relora: ReLoRATrainConfig = field(default_factory=ReLoRATrainConfig)
 
 
@@ -213,8 +227,9 @@ class RLPretrainConfig:
 class RLConfig:
     """`rl.*`: the RL job (`megatrain rl`); the update side reuses train.lr/schedule, optim.*, parallel.*,
     checkpoint.*, log.*. docs: megatrain/rl/job.py."""
-    init: Optional[str] = _f(None, "Start point: a megatrain run or checkpoint directory (null: pretrain one first, "
-                             "see rl.pretrain).")
+    init: Optional[str] = _f(None, "Start point: a megatrain run or checkpoint directory, or a Hugging Face Llama "
+                             "folder (imported into RUN/init; docs/huggingface.md); null: pretrain one first, see "
+                             "rl.pretrain.")
     checkpoints: Any = _f(None, "Run the excursion from each of these checkpoints of the init run ([step_500, ...] "
                           "or all), each into RUN/from_step_N/; null: from rl.init itself.")
     pipeline: Any = _f("grpo", "grpo, sft, sft_rl, parallel_avg or loss_mix, or a list of them (each its own "
@@ -274,7 +289,8 @@ class TTTTaskConfig:
 @dataclass
 class TTTConfig:
     """`ttt.*`: query-only test-time training (megatrain/ttt; docs in megatrain/ttt/adapt.py)."""
-    init: Optional[str] = _f(None, "Run, checkpoint or export to evaluate; null = first pretrain a model on the "
+    init: Optional[str] = _f(None, "Run, checkpoint, export or Hugging Face Llama folder to evaluate; null = first "
+                             "pretrain a model on the "
                              "retrieval task with this config's model/data/train sections into RUN/pretrain.")
     steps: int = _f(32, "qTTT gradient steps N per example.")
     span: int = _f(128, "Tokens k per sampled span.")
@@ -380,14 +396,14 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(key: str, value: Any, tp, choices):
+def _coerce(key: str, value: Any, tp, choices, default: Any = None):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0], choices)
+        return _coerce(key, value, inner[0], choices, default)
     if tp is Any or tp is dict:
         if tp is dict and not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {type(value).__name__} {value!r}")
@@ -398,20 +414,13 @@ def _coerce(key: str, value: Any, tp, choices):
             out = value.lower() == "true"
         elif not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")
-    elif tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        try:
-            out = int(value)
-        except ValueError:
-            raise ConfigError(f"{key} must be an integer, got {value!r}") from None
-    elif tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        try:
-            out = float(value)
-        except ValueError:
-            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    elif tp in (int, float):
+        out = parse_number(key, value, integer=tp is int)
+    elif tp is list and isinstance(value, list) and isinstance(default, list) and default \
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in default):
+        # A list of numbers (rl.eval.k, ttt.task.depths, ...): each element like a numeric key.
+        integer = all(isinstance(x, int) for x in default)
+        out = [parse_number(f"{key}[{i}]", x, integer) for i, x in enumerate(value)]
     elif tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string, got {value!r}")
@@ -441,7 +450,9 @@ def _apply(obj, data: dict, prefix: str) -> None:
                 raise ConfigError(f"deepspeed must be a mapping, got {value!r}")
             _deep_merge(obj.deepspeed, value)
         else:
-            setattr(obj, key, _coerce(full, value, tp, fields[key].metadata.get("choices")))
+            f = fields[key]
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            setattr(obj, key, _coerce(full, value, tp, f.metadata.get("choices"), default))
 
 
 def _deep_merge(dst: dict, src: dict) -> dict:
@@ -563,6 +574,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.grad_clip must be >= 0, got {t.grad_clip}")
     if t.max_nonfinite < 1:
         raise ConfigError(f"train.max_nonfinite must be >= 1, got {t.max_nonfinite}")
+    if t.init_from is not None and d.tokenizer == "auto":
+        raise ConfigError(f"train.init_from='{t.init_from}' needs data.tokenizer: the sentencepiece model those "
+                          f"weights were trained with (a new 'auto' tokenizer would not match their embedding)")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 0:
         raise ConfigError("checkpoint.every and checkpoint.keep must be >= 0")
     if t.spike_window < 0 or not t.spike_zscore > 0 or not math.isfinite(t.spike_zscore):

@@ -3,12 +3,18 @@
 Every config dataclass (the run's sections in megatrain/config.py, the model's in
 megatrain/models/config.py) declares its keys with it, so `megatrain config --reference` can print
 each key's default and meaning, and the loader can refuse values outside `choices`.
+
+`parse_number` is how the loader reads the value of every numeric key (int or float, alone or in a
+list): NaN and infinity are refused like any other out-of-range value, whatever key they are given to.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import field
 from typing import Any, Iterable, Optional
+
+from megatrain.errors import ConfigError
 
 
 def config_field(default: Any, help: str, choices: Optional[Iterable] = None, **kwargs):
@@ -24,3 +30,23 @@ def config_field(default: Any, help: str, choices: Optional[Iterable] = None, **
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kwargs)
     return field(default=default, metadata=meta, **kwargs)
+
+
+def parse_number(key: str, value: Any, integer: bool):
+    """`value` (a YAML number or a string such as "1e-3") as an int (`integer`) or a float.
+
+    Raises ConfigError naming `key` for anything else: booleans, non-numbers, and NaN or +-infinity
+    (`.nan`, `nan`, `inf`, or `1e999`, which overflows to infinity), which no key allows.
+    """
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{key} must be {kind}, got {value!r}")
+    try:
+        out = int(value) if integer else float(value)
+    except (ValueError, OverflowError):
+        raise ConfigError(f"{key} must be {kind}, got {value!r}") from None
+    if integer and isinstance(value, float):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if not integer and not math.isfinite(out):
+        raise ConfigError(f"{key} must be a finite number (NaN and infinity are not allowed), got {value!r}")
+    return out

@@ -150,7 +150,7 @@ def test_unknown_kernel_backend_is_one_config_error(monkeypatch):
     from megatrain.engine.trainer import resolve_config
 
     monkeypatch.setenv("MEGATRAIN_KERNELS", "cuda")
-    with pytest.raises(ConfigError, match="MEGATRAIN_KERNELS='cuda' is not a kernel backend"):
+    with pytest.raises(ConfigError, match="MEGATRAIN_KERNELS='cuda' is not allowed \\(allowed: auto, torch, triton\\)"):
         resolve_config(load_config(None, []), 1)
 
 
@@ -205,3 +205,43 @@ def test_galore_fira_on_lowrank_factors():
     for kind in ("relora", "lora"):
         with pytest.raises(ConfigError, match=f"optim.name=galore with model.linear={kind} is not supported"):
             load_config(None, [f"model.linear={kind}", "optim.name=galore", "optim.rank=8"])
+
+
+def _numeric_keys(obj=None, prefix=""):
+    """(key, is_list) of every int/float config key (Optional too) and every list-of-numbers key."""
+    import dataclasses
+    import typing
+
+    from megatrain.config import Config
+
+    obj = Config() if obj is None else obj
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _numeric_keys(value, key + ".")
+            continue
+        args = set(typing.get_args(hints[f.name])) or {hints[f.name]}
+        if args & {int, float} and not isinstance(value, bool):
+            yield key, False
+        elif isinstance(value, list) and value and all(isinstance(x, (int, float)) for x in value):
+            yield key, True
+
+
+def test_every_numeric_key_refuses_nan_and_infinity():
+    keys = list(_numeric_keys())
+    assert len(keys) > 60 and ("train.lr", False) in keys and ("ttt.task.depths", True) in keys
+    for key, is_list in keys:
+        for raw in (".nan", "nan", ".inf", "-.inf", "inf", "-Infinity"):
+            value = f"[{raw}]" if is_list else raw
+            with pytest.raises(ConfigError) as err:
+                load_config(None, [f"{key}={value}"])
+            message = str(err.value)
+            assert message.startswith(key) and "\n" not in message, (key, raw, message)
+    # YAML's own float forms reach the same check through a config file too.
+    from megatrain.fields import parse_number
+
+    for value in (float("nan"), float("inf"), -float("inf"), "1e999"):
+        with pytest.raises(ConfigError, match="finite"):
+            parse_number("x", value, integer=False)
+    assert parse_number("x", "1e-3", integer=False) == 1e-3 and parse_number("x", "12", integer=True) == 12

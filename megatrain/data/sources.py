@@ -149,7 +149,9 @@ def read_jsonl_records(path: str, key: str) -> Iterator[tuple[int, dict]]:
 
 def cache_dir(data_cfg=None) -> str:
     """The cache root (created): data.cache_dir, else $MEGATRAIN_CACHE, else ~/.cache/megatrain."""
-    root = getattr(data_cfg, "cache_dir", None) or os.environ.get("MEGATRAIN_CACHE") or "~/.cache/megatrain"
+    from megatrain.env import cache_root
+
+    root = getattr(data_cfg, "cache_dir", None) or cache_root() or "~/.cache/megatrain"
     root = os.path.abspath(os.path.expanduser(root))
     os.makedirs(root, exist_ok=True)
     return root

@@ -229,6 +229,23 @@ def needs_reshard(meta: dict, path: str, model_cfg, zero_stage: int, dp_size: in
     run's, so it loads through a DeepSpeed universal checkpoint (megatrain.engine.reshard). Raises
     CheckpointError (one line) when its model or its ZeRO state cannot load into this run at all.
     """
+    check_model(meta, path, model_cfg)
+    layout = meta["layout"]
+    if layout["zero_stage"] != zero_stage:
+        raise CheckpointError(f"checkpoint '{path}' was written with parallel.zero_stage={layout['zero_stage']}, this "
+                              f"run has {zero_stage}; resume with the same ZeRO stage")
+    reshard = layout["tensor"] != tensor or (zero_stage > 0 and layout["dp"] != dp_size)
+    if reshard and zero_stage not in (1, 2):
+        change = (f"parallel.tensor={layout['tensor']} to {tensor}" if layout["tensor"] != tensor
+                  else f"{layout['dp']} to {dp_size} data-parallel ranks")
+        raise CheckpointError(f"checkpoint '{path}' was written at ZeRO stage {zero_stage}; changing the layout "
+                              f"({change}) needs parallel.zero_stage=1 or 2 (DeepSpeed universal checkpoints)")
+    return reshard
+
+
+def check_model(meta: dict, path: str, model_cfg) -> None:
+    """Raise CheckpointError (one line) unless the model of checkpoint `path` (its megatrain.json `meta`)
+    loads into `model_cfg`: the MODEL_KEYS, model.lowrank.* and IHA's math keys agree."""
     saved = meta["model"]
     current = dataclasses.asdict(model_cfg)
     for key in MODEL_KEYS:
@@ -244,17 +261,6 @@ def needs_reshard(meta: dict, path: str, model_cfg, zero_stage: int, dp_size: in
             if key != "tp_mode" and value != current.get("iha", {}).get(key):
                 raise CheckpointError(f"checkpoint '{path}' was written with model.iha.{key}={value!r} but this run "
                                       f"has model.iha.{key}={current.get('iha', {}).get(key)!r}")
-    layout = meta["layout"]
-    if layout["zero_stage"] != zero_stage:
-        raise CheckpointError(f"checkpoint '{path}' was written with parallel.zero_stage={layout['zero_stage']}, this "
-                              f"run has {zero_stage}; resume with the same ZeRO stage")
-    reshard = layout["tensor"] != tensor or (zero_stage > 0 and layout["dp"] != dp_size)
-    if reshard and zero_stage not in (1, 2):
-        change = (f"parallel.tensor={layout['tensor']} to {tensor}" if layout["tensor"] != tensor
-                  else f"{layout['dp']} to {dp_size} data-parallel ranks")
-        raise CheckpointError(f"checkpoint '{path}' was written at ZeRO stage {zero_stage}; changing the layout "
-                              f"({change}) needs parallel.zero_stage=1 or 2 (DeepSpeed universal checkpoints)")
-    return reshard
 
 
 def _rng_state() -> dict:

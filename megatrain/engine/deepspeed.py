@@ -104,14 +104,16 @@ def init_distributed(cfg) -> DistEnv:
     """Start the process group from the launcher's environment (torchrun / deepspeed / one process)."""
     import deepspeed
 
+    from megatrain import env
+
+    env.check_environment()  # a bad launcher variable is one line here, not a traceback from a rank
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port())
-    local_rank = int(os.environ["LOCAL_RANK"])
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    local_rank, local_world = env.local_rank(), env.local_world_size()
     backend = cfg.parallel.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -127,16 +129,14 @@ def init_distributed(cfg) -> DistEnv:
     if not dist.is_initialized():
         # The watchdog (megatrain.engine.health, parallel.timeout_s) names a stalled rank first; this is the backstop.
         timeout = process_group_timeout(cfg.parallel.timeout_s)
-        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        if env.uses_agent_store():
             # torchrun's agent keeps one store across restarts, holding every rank's address from the
             # attempt that died; a restarted rank could read its peer's stale one (gloo: "connection
             # refused"). A prefix per attempt keeps each attempt's keys apart.
-            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-            agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                                        timeout=timeout)
-            dist.init_process_group(backend, store=dist.PrefixStore(f"megatrain/attempt_{attempt}", agent_store),
-                                    rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
-                                    timeout=timeout)
+            agent_store = dist.TCPStore(env.master_addr(), env.master_port(), is_master=False, timeout=timeout)
+            dist.init_process_group(backend, store=dist.PrefixStore(f"megatrain/attempt_{env.restart_count()}",
+                                                                    agent_store),
+                                    rank=env.rank(), world_size=env.world_size(), timeout=timeout)
         deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
     return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                    local_world_size=local_world, device=device)

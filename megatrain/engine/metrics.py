@@ -40,9 +40,11 @@ def device_peak_flops(device: Optional[torch.device] = None) -> Optional[float]:
 
     `MEGATRAIN_PEAK_FLOPS` overrides the table (for GPUs it does not know).
     """
-    override = os.environ.get("MEGATRAIN_PEAK_FLOPS")
-    if override:
-        return float(override)
+    from megatrain import env
+
+    override = env.peak_flops()
+    if override is not None:
+        return override
     if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
         return None
     name = torch.cuda.get_device_name(device)

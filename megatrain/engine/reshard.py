@@ -55,7 +55,7 @@ def _map_kv_tensors(zero_dir: str, fn) -> None:
         if not is_kv_split(name):
             continue
         for path in _tensor_files(os.path.join(zero_dir, name)):
-            state = torch.load(path, weights_only=False)
+            state = torch.load(path, weights_only=True)  # tensors, ints and flags only: nothing to unpickle
             state[PARAM] = fn(state[PARAM]).contiguous()
             torch.save(state, path)
 
@@ -77,6 +77,9 @@ def convert_to_universal(checkpoint: str, out: str = None) -> str:
     if os.path.isfile(os.path.join(out, _DONE)):
         return out
     meta = read_meta(checkpoint)
+    if meta.get("weights_only"):
+        raise CheckpointError(f"checkpoint '{checkpoint}' holds weights only (megatrain import): it has no ZeRO state "
+                              f"to convert and starts a run at any parallel.tensor and process count as it is")
     layout, model = meta["layout"], meta["model"]
     if layout["zero_stage"] not in (1, 2):
         raise CheckpointError(f"checkpoint '{checkpoint}' was written with parallel.zero_stage={layout['zero_stage']}; "

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from megatrain import env
 from megatrain.errors import ConfigError, MegatrainError
 
 __all__ = ["RunLock", "RunLockError", "check_run_lock", "StopRequest", "forward_stop_to_workers",
@@ -221,10 +222,7 @@ def forward_stop_to_workers() -> None:
 
 def elastic_restart_count() -> int:
     """How often torchrun's agent restarted this worker group (0 outside torchrun)."""
-    try:
-        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    except ValueError:
-        return 0
+    return env.restart_count()
 
 
 def auto_resume_enabled(setting: Optional[bool]) -> bool:
@@ -232,25 +230,14 @@ def auto_resume_enabled(setting: Optional[bool]) -> bool:
     (TORCHELASTIC_MAX_RESTARTS > 0, set by `torchrun --max-restarts N`)."""
     if setting is not None:
         return setting
-    try:
-        return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
-    except ValueError:
-        return False
+    return env.max_restarts() > 0
 
 
 # ---------------------------------------------------------------------------------------------
 # Test-only fault hook
 
 FAULT_ENV = "MEGATRAIN_TEST_CRASH_AT"
-# Where a fault can be injected, in the order they happen: inside step N (after its forward), inside
-# checkpoint step_N's write (DeepSpeed's files written, megatrain's not), after step_N.partial was
-# renamed to step_N but before `latest` names it (rank 0), and with the new `latest` written to its
-# temporary file but not yet moved over the old one (rank 0).
-FAULT_POINTS = ("step", "ckpt_write", "ckpt_commit", "latest")
-RANK0_POINTS = ("ckpt_commit", "latest")
-# kill: SIGKILL itself; stall: sleep forever (a hung rank); term: SIGTERM itself (preemption of one
-# rank); enospc: the next write fails with "No space left on device".
-FAULT_ACTIONS = ("kill", "stall", "term", "enospc")
+FAULT_POINTS, FAULT_ACTIONS = env.CRASH_POINTS, env.CRASH_ACTIONS  # where and how (megatrain.env)
 
 
 @dataclass(frozen=True)
@@ -262,26 +249,9 @@ class FaultSpec:
 
 
 def fault_spec() -> Optional[FaultSpec]:
-    """MEGATRAIN_TEST_CRASH_AT parsed, or None. Raises ConfigError (one line) when malformed."""
-    raw = os.environ.get(FAULT_ENV, "").strip()
-    if not raw:
-        return None
-    parts = raw.split(":")
-    usage = (f"{FAULT_ENV}='{raw}' must be POINT:STEP[:RANK[:ACTION]] with POINT one of {', '.join(FAULT_POINTS)}, "
-             f"STEP >= 1, RANK >= 0, ACTION one of {', '.join(FAULT_ACTIONS)} (a test-only hook)")
-    if not 2 <= len(parts) <= 4 or parts[0] not in FAULT_POINTS:
-        raise ConfigError(usage)
-    try:
-        step = int(parts[1])
-        rank = int(parts[2]) if len(parts) > 2 else 0
-    except ValueError:
-        raise ConfigError(usage) from None
-    action = parts[3] if len(parts) > 3 else "kill"
-    if step < 1 or rank < 0 or action not in FAULT_ACTIONS:
-        raise ConfigError(usage)
-    if parts[0] in RANK0_POINTS and rank != 0:
-        raise ConfigError(f"{FAULT_ENV}='{raw}': point {parts[0]} runs on rank 0 only")
-    return FaultSpec(parts[0], step, rank, action)
+    """MEGATRAIN_TEST_CRASH_AT parsed (megatrain.env.crash_hook), or None; malformed: one line (ConfigError)."""
+    hook = env.crash_hook()
+    return None if hook is None else FaultSpec(*hook)
 
 
 def fault_point(point: str, step: int, rank: int) -> None:

@@ -24,6 +24,7 @@ from megatrain.engine.health import LossSpikeDetector, Watchdog, default_store
 from megatrain.engine.metrics import MetricsLogger, device_peak_flops, mfu
 from megatrain.engine.resilience import (RunLock, StopRequest, auto_resume_enabled, check_run_lock, fault_point,
                                          fault_spec)
+from megatrain.env import rank as env_rank
 from megatrain.errors import CheckpointError, ConfigError, MegatrainError
 from megatrain.optim import build_optimizer
 from megatrain.optim.relora import relora_controller
@@ -63,7 +64,7 @@ def preflight(cfg: Config, resume, world_size: int, verify: Optional[bool] = Non
     from megatrain.data import check_sources
 
     if verify is None:
-        verify = os.environ.get("RANK", "0") == "0"
+        verify = env_rank() == 0
     resolve_config(cfg, world_size)
     fault_spec()  # a malformed test hook is one line here, not a traceback inside a rank
     check_sources(cfg)
@@ -80,12 +81,41 @@ def preflight(cfg: Config, resume, world_size: int, verify: Optional[bool] = Non
         model_cfg = cfg.model.resolved()
         if model_cfg.vocab_size is None:
             model_cfg.vocab_size = meta["model"].get("vocab_size")
-        ckpt.needs_reshard(meta, path, model_cfg, cfg.parallel.zero_stage, world_size // cfg.parallel.tensor,
-                           cfg.parallel.tensor)
+        if meta.get("weights_only"):  # `megatrain import`: weights, no optimizer or layout to match
+            ckpt.check_model(meta, path, model_cfg)
+        else:
+            ckpt.needs_reshard(meta, path, model_cfg, cfg.parallel.zero_stage, world_size // cfg.parallel.tensor,
+                               cfg.parallel.tensor)
         if meta["step"] >= cfg.train.steps:
             raise CheckpointError(f"checkpoint '{path}' is at step {meta['step']}, the run has "
                                        f"train.steps={cfg.train.steps}: nothing left to train")
+    elif cfg.train.init_from is not None:
+        _check_init_from(cfg)
     return path
+
+
+def _check_init_from(cfg: Config) -> None:
+    """train.init_from: its model is this run's model and its tokenizer (when it carries one) is data.tokenizer."""
+    import hashlib
+
+    from megatrain.engine.load import source_model
+
+    source = cfg.train.init_from
+    saved, tokenizer = source_model(source)
+    model_cfg = cfg.model.resolved()
+    if model_cfg.vocab_size is None:
+        model_cfg.vocab_size = saved.vocab_size
+    ckpt.check_model({"model": dataclasses.asdict(saved)}, source, model_cfg)
+    if not os.path.isfile(cfg.data.tokenizer):
+        raise ConfigError(f"data.tokenizer: file '{cfg.data.tokenizer}' does not exist")
+    if tokenizer is not None:
+        digests = []
+        for file in (tokenizer, cfg.data.tokenizer):
+            with open(file, "rb") as fh:
+                digests.append(hashlib.sha256(fh.read()).hexdigest())
+        if digests[0] != digests[1]:
+            raise CheckpointError(f"train.init_from '{source}' was trained with another tokenizer than "
+                                  f"data.tokenizer='{cfg.data.tokenizer}' ({tokenizer})")
 
 
 class Trainer:
@@ -137,9 +167,15 @@ class Trainer:
         self.num_params = model.num_params(non_embedding=False)
         from megatrain.parallel.parallelize import parallelize
 
+        weights_only = resume_path is not None and bool(ckpt.read_meta(resume_path).get("weights_only"))
+        init_path = resume_path if weights_only else (cfg.train.init_from if resume_path is None else None)
+        if init_path is not None:  # an imported run or train.init_from: full weights, before TP keeps its slices
+            from megatrain.engine.load import load_into, read_weights
+
+            load_into(model, read_weights(init_path)[1], init_path)
         parallelize(model, self.groups, sequence_parallel=cfg.parallel.sequence)  # TP=1: records checkpoint info
         load_path, universal = resume_path, False
-        if resume_path is not None:
+        if resume_path is not None and not weights_only:
             universal = ckpt.needs_reshard(ckpt.read_meta(resume_path), resume_path, model_cfg,
                                            cfg.parallel.zero_stage, self.dp_size, cfg.parallel.tensor)
             if universal:
@@ -152,7 +188,7 @@ class Trainer:
                                         self.dp_rank, self.dp_size, cfg.train.seed)
         self.step = 0
         self.nonfinite_streak = 0
-        if resume_path is not None:
+        if resume_path is not None and not weights_only:
             state = ckpt.load_checkpoint(self.engine, load_path, env.rank)
             if universal:
                 barrier()
@@ -166,7 +202,9 @@ class Trainer:
         self.peak = device_peak_flops(env.device)
         self.logger = MetricsLogger(cfg.run.dir, enabled=env.is_main, tensorboard=cfg.log.tensorboard,
                                     progress=cfg.log.progress, total_steps=cfg.train.steps, start_step=self.step)
-        if resume_path is not None:
+        if init_path is not None:
+            self.logger.message(f"started from the weights of {init_path} (fresh optimizer, step 0)")
+        elif resume_path is not None:
             how = (f" (resharded to parallel.tensor={cfg.parallel.tensor} x {self.dp_size} data-parallel ranks through "
                    f"DeepSpeed's universal checkpoint)" if universal else "")
             self.logger.message(f"resumed from {resume_path} at step {self.step}{how}")
@@ -436,8 +474,10 @@ def pretrain(cfg: Config, resume=None, instruments=None) -> dict:
     if cfg.log.analyze_every > 0 and instruments is None:
         raise ConfigError("log.analyze_every needs the analysis instruments: run `megatrain pretrain`, or pass "
                           "instruments=megatrain.analysis.live.training_instruments(cfg) to pretrain()")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    is_rank0 = os.environ.get("RANK", "0") == "0"
+    from megatrain.env import world_size
+
+    world = world_size()
+    is_rank0 = env_rank() == 0
     resume_path = preflight(cfg, resume, world)
     lock = RunLock(cfg.run.dir).acquire() if is_rank0 else None
     watchdog = None

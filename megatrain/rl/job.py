@@ -38,6 +38,7 @@ import torch.distributed as dist
 from megatrain.config import Config, load_config, save_config
 from megatrain.distributed import all_reduce_sum, barrier
 from megatrain.engine import checkpoint as ckpt
+from megatrain.engine.hf_import import import_hf_llama, is_hf_folder
 from megatrain.engine.load import load_for_inference
 from megatrain.engine.trainer import resolve_config
 from megatrain.generate import generate, is_truncated
@@ -190,10 +191,35 @@ def preflight(cfg: Config, resume, world_size: int) -> Optional[Config]:
         init = None
     else:
         init = cfg.rl.init
-    if init is not None:
+    if init is not None and is_hf_folder(init):
+        _check_hf_init(cfg, init)
+    elif init is not None:
         for start in resolve_starts(cfg.rl, init):
             _check_start(cfg, start)
     return pre
+
+
+def _check_hf_init(cfg: Config, folder: str) -> None:
+    """rl.init naming a Hugging Face Llama folder: what megatrain import will refuse, refused now (no tensor read)."""
+    from megatrain.engine.load import source_model
+
+    if cfg.rl.checkpoints is not None:
+        raise ConfigError(f"rl.checkpoints needs rl.init to be a megatrain run (a series of checkpoints); "
+                          f"'{folder}' is a Hugging Face folder")
+    _, tokenizer = source_model(folder)
+    if tokenizer is None:
+        raise CheckpointError(f"rl.init: '{folder}' has no sentencepiece tokenizer.model (megatrain reads "
+                              f"sentencepiece tokenizers only; megatrain import --tokenizer can add one)")
+
+
+def _import_hf_init(cfg: Config, folder: str, env) -> str:
+    """rl.init naming a Hugging Face folder: rank 0 imports it into RUN/init once (megatrain import), so the
+    excursions start from an ordinary run directory. Returns that directory. Collective."""
+    imported = cfg.run.path("init")
+    if env.is_main and not os.path.isdir(imported):
+        import_hf_llama(folder, imported)
+    barrier()
+    return imported
 
 
 def _with_mix_placeholder(pre: Config) -> Config:
@@ -687,9 +713,10 @@ def rl(cfg: Config, resume=False, stop_after: Optional[int] = None) -> list[dict
     checkpoint, without writing results.
     """
     from megatrain.engine.deepspeed import init_distributed
+    from megatrain.env import world_size
     from megatrain.parallel.groups import build_groups
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     pre = preflight(cfg, resume, world)
     env = init_distributed(cfg)
     run_dir = cfg.run.dir
@@ -708,6 +735,8 @@ def rl(cfg: Config, resume=False, stop_after: Optional[int] = None) -> list[dict
             pretrain(pre, resume=True)
             barrier()
         init = pre.run.dir
+    elif is_hf_folder(init):
+        init = _import_hf_init(cfg, init, env)
     starts = resolve_starts(cfg.rl, init)
     for start in starts:
         _check_start(cfg, start)
@@ -715,7 +744,7 @@ def rl(cfg: Config, resume=False, stop_after: Optional[int] = None) -> list[dict
     problems = task_splits(cfg.rl.task)
     rows: list[dict] = []
     for start in starts:
-        folder = os.path.join(run_dir, start.name)
+        folder = cfg.run.path(start.name)
         base_file = os.path.join(folder, "base_eval.json")
         if os.path.isfile(base_file):
             base = _read_json(base_file)
@@ -729,7 +758,7 @@ def rl(cfg: Config, resume=False, stop_after: Optional[int] = None) -> list[dict
         rows += [{"checkpoint": os.path.basename(start.path), "pretrain_step": start.step, "pipeline": "none",
                   **r} for r in base]
         for pipeline in pipelines(cfg.rl):
-            sub = os.path.join(folder, pipeline)
+            sub = cfg.run.path(start.name, pipeline)
             result = os.path.join(sub, RESULT_FILE)
             if os.path.isfile(result):
                 found = _read_json(result)

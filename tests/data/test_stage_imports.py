@@ -13,7 +13,7 @@ DATA = Path(__file__).resolve().parents[2] / "megatrain" / "data"
 
 # The megatrain modules each stage may import. The package's __init__ composes them all.
 ALLOWED = {
-    "sources": {"megatrain.errors", "megatrain.data.corpus"},
+    "sources": {"megatrain.errors", "megatrain.env", "megatrain.data.corpus"},
     "tokenizer": {"megatrain.errors", "megatrain.data.sources"},
     "token_cache": {"megatrain.errors", "megatrain.data.sources", "megatrain.data.tokenizer"},
     "sampler": {"megatrain.errors"},

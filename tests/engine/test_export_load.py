@@ -11,15 +11,12 @@ from safetensors import safe_open
 
 import megatrain
 from megatrain.engine.export import hf_name, megatrain_name
-from tests.conftest import TINY_JOB, run_cli
+from tests.conftest import run_cli
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("export") / "run"
-    run_cli(["pretrain", *TINY_JOB, "train.steps=3", "log.eval_every=0", f"run.dir={run_dir}",
-             "parallel.zero_stage=0"])
-    return run_dir
+def trained_run(tiny_run):
+    return tiny_run  # the session's tiny pretrained run (read-only)
 
 
 def test_load_run_dir_gives_working_model_and_tokenizer(trained_run):
@@ -30,7 +27,7 @@ def test_load_run_dir_gives_working_model_and_tokenizer(trained_run):
     logits = model(torch.tensor([ids]))
     assert logits.shape == (1, len(ids), cfg.vocab_size)
     # The same weights as the checkpoint's consolidated file.
-    ckpt = trained_run / "checkpoints" / "step_3" / "model.safetensors"
+    ckpt = trained_run / "checkpoints" / "step_8" / "model.safetensors"
     with safe_open(str(ckpt), framework="pt") as fh:
         assert torch.equal(fh.get_tensor("norm.weight"), model.norm.weight.detach())
 
