@@ -1,4 +1,4 @@
-"""`megatrain {pretrain,rl,ttt,generate,tokenizer,config,export,reshard}`.
+"""`megatrain {pretrain,rl,ttt,generate,bench,tokenizer,config,export,reshard}`.
 
 User errors (MegatrainError) end as one line on stderr and exit code 2; no traceback.
 `megatrain pretrain` runs in this process for one process, or starts torchrun's elastic agent for
@@ -103,7 +103,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="run directory (its latest checkpoint) or checkpoint directory")
     _add_generate(sub)
     _add_ttt(sub)
+    _add_bench(sub)
     return parser
+
+
+def _add_bench(sub):
+    p = sub.add_parser("bench", help="training throughput of a config over settings, against HF+DeepSpeed and plain "
+                                     "PyTorch on the same model and batches (docs/benchmarks.md)")
+    p.add_argument("config", nargs="?", default=None, help="YAML run config (launch/configs/*.yaml); optional")
+    p.add_argument("overrides", nargs="*", help="config overrides for every setting, such as data.seq_len=256 "
+                                                "(before --settings)")
+    p.add_argument("--settings", nargs="+", action="extend", default=None, metavar="SETTING",
+                   help="settings to compare, each a comma list such as mb=4,zero=2,ac=1,compile=1,kernels=torch,tp=2 "
+                        "(or full config keys); default: the config as it is")
+    p.add_argument("--deepspeed", dest="deepspeed_json", help="DeepSpeed JSON merged into the config's deepspeed section")
+    p.add_argument("--steps", type=int, default=20, help="measured steps per side and setting")
+    p.add_argument("--warmup", type=int, default=3, help="unmeasured steps per side first")
+    p.add_argument("--block", type=int, default=5, help="steps per alternating measurement block")
+    p.add_argument("--breakdown-steps", type=int, default=2,
+                   help="profiled steps per side for the forward/backward/optimizer/communication breakdown (0: none)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="also write torch.profiler op tables of STEPS steps per side next to the results")
+    p.add_argument("--no-baseline", action="store_true", help="leave out the HF LlamaForCausalLM + DeepSpeed side")
+    p.add_argument("--no-plain", action="store_true", help="leave out the plain PyTorch side")
+    p.add_argument("--out", default=os.path.join("benchmarks", "results"), help="results folder")
+    p.add_argument("--tag", default=None, help="results file stem (default: bench-CONFIG-cpu|gpu)")
+    p.add_argument("--plot", action="store_true", help="also draw tokens/s and memory per setting (STEM.png)")
+
+
+def _cmd_bench(args) -> int:
+    from megatrain.bench import parse_settings, run_bench
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not os.path.exists(config):
+        config, overrides = None, [config, *overrides]  # no YAML: the first word is an override
+    run_bench(config, overrides, parse_settings(args.settings), out_dir=args.out, stem=args.tag, warmup=args.warmup,
+              steps=args.steps, block=args.block, breakdown_steps=args.breakdown_steps, profile_steps=args.profile,
+              baseline=not args.no_baseline, plain=not args.no_plain, plot=args.plot,
+              deepspeed_json=args.deepspeed_json, command="megatrain " + " ".join(sys.argv[1:]))
+    return 0
 
 
 def _add_ttt(sub):
@@ -291,7 +329,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     handlers = {"pretrain": _cmd_pretrain, "rl": _cmd_rl, "ttt": _cmd_ttt, "tokenizer": _cmd_tokenizer,
-                "config": _cmd_config, "export": _cmd_export, "reshard": _cmd_reshard, "generate": _cmd_generate}
+                "config": _cmd_config, "export": _cmd_export, "reshard": _cmd_reshard, "generate": _cmd_generate,
+                "bench": _cmd_bench}
     try:
         return handlers[args.command](args)
     except MegatrainError as exc:
