@@ -97,10 +97,18 @@ def test_hf_baseline_refuses_models_llama_cannot_hold():
     assert baseline_unsupported(ModelConfig(preset="tiny").resolved()) is None
 
 
-def _bench(tmp_path, *args, hide_transformers=False, peak=None):
+# train.compile=true goes through DeepSpeed's engine.compile (and nn.Module.compile for the plain loop) with
+# the default inductor backend, whose C++ build takes minutes on CPU; the test traces with dynamo's "eager"
+# backend instead, which checks that every side really compiles without building code.
+EAGER_COMPILE = ("import torch, deepspeed.runtime.engine as E; ds = E.DeepSpeedEngine.compile; "
+                 "E.DeepSpeedEngine.compile = lambda self, *a, **k: ds(self, backend='eager'); "
+                 "mc = torch.nn.Module.compile; torch.nn.Module.compile = lambda self, *a, **k: mc(self, backend='eager'); ")
+
+
+def _bench(tmp_path, *args, hide_transformers=False, peak=None, eager_compile=False):
     out = tmp_path / "results"
     hide = "sys.modules['transformers'] = None; " if hide_transformers else ""  # import fails as if absent
-    code = f"import sys; {hide}from megatrain.cli import main; sys.exit(main())"
+    code = f"import sys; {hide}{EAGER_COMPILE if eager_compile else ''}from megatrain.cli import main; sys.exit(main())"
     env = child_env()
     if peak is not None:
         env["MEGATRAIN_PEAK_FLOPS"] = str(peak)
@@ -116,8 +124,9 @@ def _bench(tmp_path, *args, hide_transformers=False, peak=None):
 @pytest.mark.slow  # ~15 s: a fresh interpreter imports torch, deepspeed and transformers
 def test_bench_run_with_transformers_writes_table_json_and_plot(tmp_path):
     pytest.importorskip("transformers")
-    info, table, stdout, out = _bench(tmp_path, "--settings", "zero=1", "mb=2,zero=0,ac=1", "--plot", peak=1e12)
-    assert [s["label"] for s in info["settings"]] == ["zero=1", "mb=2,zero=0,ac=1"]
+    info, table, stdout, out = _bench(tmp_path, "--settings", "zero=1,ac=1", "mb=2,zero=0,compile=1", "--plot",
+                                      peak=1e12, eager_compile=True)
+    assert [s["label"] for s in info["settings"]] == ["zero=1,ac=1", "mb=2,zero=0,compile=1"]
     for s in info["settings"]:
         sides = s["sides"]
         assert set(sides) == {"megatrain", "hf_deepspeed", "plain"} and not s["skipped"]
@@ -130,11 +139,14 @@ def test_bench_run_with_transformers_writes_table_json_and_plot(tmp_path):
             ours["tokens_per_s"] / sides["hf_deepspeed"]["tokens_per_s"])
         assert set(ours["breakdown_s"]) == {"step", "forward", "backward", "optimizer", "communication"}
         assert ours["breakdown_s"]["forward"] > 0 and len(ours["peak_memory_gib_per_rank"]) == 1
-    mb2 = info["settings"][1]
-    assert (mb2["micro_batch"], mb2["grad_accum"], mb2["zero_stage"], mb2["activation_checkpointing"]) == (2, 4, 0, True)
+    first, second = info["settings"]
+    assert (first["zero_stage"], first["activation_checkpointing"], first["compile"]) == (1, True, False)
+    assert (second["micro_batch"], second["grad_accum"], second["zero_stage"], second["compile"]) == (2, 4, 0, True)
+    assert [side["compiled"] for side in first["sides"].values()] == [False] * 3
+    assert [side["compiled"] for side in second["sides"].values()] == [True] * 3
     assert info["versions"]["transformers"] and info["device"] and info["base_config"]["data"]["seq_len"] == 32
-    assert "| zero=1 | 1 | 1 |" in table and "megatrain / HF+DS" in table and "Time per step by phase" in table
-    assert "| zero=1 | 1 | 1 |" in stdout  # the console table
+    assert "| zero=1,ac=1 | 1 | 1 |" in table and "megatrain / HF+DS" in table and "Time per step by phase" in table
+    assert "| zero=1,ac=1 | 1 | 1 |" in stdout  # the console table
     assert (out / "t.png").stat().st_size > 1000
 
 

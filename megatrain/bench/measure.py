@@ -68,18 +68,30 @@ def reset_peak_memory(device: torch.device) -> bool:
         return False
 
 
+def _proc_status_gib(field: str) -> Optional[float]:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return None
+
+
 def peak_memory_gib(device: torch.device) -> float:
     """GPU: max allocated since the last reset; CPU: peak resident set size of the process."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**20  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    peak = _proc_status_gib("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def current_memory_gib(device: torch.device) -> float:
+    """GPU: allocated now; CPU: resident set now (0 where unknown). What every side holds between steps."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**30
+    return _proc_status_gib("VmRSS") or 0.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -162,6 +174,9 @@ class MegatrainSide:
     def instrumented(self, clock: PhaseClock):
         return instrumented_engine(self.trainer.engine, clock)
 
+    def compiled(self) -> bool:
+        return bool(getattr(self.trainer.engine, "is_compiled", False))
+
     def close(self) -> None:
         self.trainer.logger.close()
 
@@ -224,6 +239,9 @@ class HFDeepSpeedSide:
     def instrumented(self, clock: PhaseClock):
         return instrumented_engine(self.engine, clock)
 
+    def compiled(self) -> bool:
+        return bool(getattr(self.engine, "is_compiled", False))
+
     def close(self) -> None:
         pass
 
@@ -273,6 +291,9 @@ class PlainSide:
             yield
         finally:
             self.clock = None
+
+    def compiled(self) -> bool:
+        return getattr(self.model, "_compiled_call_impl", None) is not None
 
     def close(self) -> None:
         pass
@@ -353,18 +374,22 @@ def measure_setting(cfg, env, *, warmup: int, steps: int, block: int, breakdown_
         sync(device)
         times: dict[str, list[float]] = {s.name: [] for s in sides}
         peaks: dict[str, float] = {s.name: 0.0 for s in sides}
+        transients: dict[str, float] = {s.name: 0.0 for s in sides}  # peak over what was resident before the block
         resettable = True
         done = 0
         while done < steps:
             n = min(block, steps - done)
             for side in sides:
+                resident = current_memory_gib(device)
                 resettable = reset_peak_memory(device) and resettable
                 for _ in range(n):
                     t0 = time.perf_counter()
                     side.step()
                     sync(device)
                     times[side.name].append(time.perf_counter() - t0)
-                peaks[side.name] = max(peaks[side.name], peak_memory_gib(device))
+                peak = peak_memory_gib(device)
+                peaks[side.name] = max(peaks[side.name], peak)
+                transients[side.name] = max(transients[side.name], peak - resident)
             done += n
         breakdown, profiles = {}, {}
         profiled = max(breakdown_steps, profile_steps)
@@ -399,8 +424,9 @@ def measure_setting(cfg, env, *, warmup: int, steps: int, block: int, breakdown_
             "median_step_s": median, "tokens_per_s": tps,
             "mfu": mfu(tps, trainer.flops_per_token, env.world_size, peak_flops),
             "peak_memory_gib_per_rank": _gather(peaks[side.name], env.world_size),
+            "step_memory_gib_per_rank": _gather(transients[side.name], env.world_size),
             "breakdown_s": breakdown.get(side.name), "first_step_loss": first_loss.get(side.name),
-            "step_times_s": times[side.name],
+            "step_times_s": times[side.name], "compiled": side.compiled(),
         }
     ratios = {}
     for other in ("hf_deepspeed", "plain"):
@@ -414,9 +440,12 @@ def measure_setting(cfg, env, *, warmup: int, steps: int, block: int, breakdown_
         "dtype": "bf16" if use_bf16(cfg) else "fp32", "activation_checkpointing": cfg.train.activation_checkpointing,
         "compile": cfg.train.compile, "kernels": kernels.backend(), "params": trainer.num_params,
         "flops_per_token": trainer.flops_per_token, "peak_flops": peak_flops,
-        "memory": ("max allocated (torch.cuda)" if device.type == "cuda" else
-                   "peak resident set of the process while the side ran" + ("" if resettable else
-                                                                            " (not resettable here: process peak)")),
+        "memory": ("peak: max allocated (torch.cuda) while the side ran; step: that peak minus what was allocated "
+                   "before its steps" if device.type == "cuda" else
+                   "peak: the process's peak resident set while the side ran; step: that peak minus the resident set "
+                   "before its steps" + ("" if resettable else " (peak not resettable here: process peak)")) +
+                  "; all sides live in one process, so the peak includes the other sides' weights and optimizer "
+                  "state, the step figure is this side's own activations and temporaries",
         "warmup_steps": warmup, "measured_steps": steps, "block": block, "breakdown_steps": profiled,
         "sides": records, "skipped": skipped, "ratios": ratios, "profiles": profiles,
         "vocab_size": trainer.model_cfg.vocab_size,

@@ -18,9 +18,12 @@ def _ms(value: Optional[float]) -> str:
 
 
 def _memory(side: Optional[dict]) -> str:
+    """'peak (step)' per rank, GiB."""
     if side is None:
         return "n/a"
-    return ", ".join(f"{m:.2f}" for m in side["peak_memory_gib_per_rank"])
+    steps = side.get("step_memory_gib_per_rank") or [None] * len(side["peak_memory_gib_per_rank"])
+    return ", ".join(f"{m:.2f}" + ("" if t is None else f" ({t:.2f})")
+                     for m, t in zip(side["peak_memory_gib_per_rank"], steps))
 
 
 def render_markdown(result: dict) -> str:
@@ -37,7 +40,7 @@ def render_markdown(result: dict) -> str:
                       f"{first_ok['measured_steps']} steps per side after {first_ok['warmup_steps']} warm-up steps, "
                       f"in alternating blocks of {first_ok['block']}.")
     lines += ["", "| setting | procs | ZeRO | megatrain tok/s | HF+DeepSpeed tok/s | **megatrain / HF+DS** | plain tok/s | "
-              "megatrain / plain | MFU | peak memory per rank, megatrain / HF+DS (GiB) |",
+              "megatrain / plain | MFU | memory per rank, peak (step), megatrain / HF+DS (GiB) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for s in result["settings"]:
         if "error" in s:
