@@ -173,3 +173,33 @@ def test_throughput_script_maps_its_flags_to_bench():
     assert {"model.preset=tiny", "data.seq_len=64", "parallel.zero_stage=1",
             "train.activation_checkpointing=true"} <= set(overrides)
     assert script.bench_settings(script.parse_args([])) == []
+
+
+def test_report_of_a_partial_run_with_a_failed_setting_and_tp(tmp_path):
+    """A long benchmark writes what it has after each setting; a failed setting is a row, TP gets its plan."""
+    from megatrain.bench.report import render_markdown, write_results
+
+    side = {"median_step_s": 0.5, "tokens_per_s": 2048.0, "mfu": None, "peak_memory_gib_per_rank": [1.0, 1.25],
+            "step_memory_gib_per_rank": [0.25, 0.5], "breakdown_s": {"step": 0.6, "forward": 0.1, "backward": 0.2,
+                                                                     "optimizer": 0.05, "communication": 0.02},
+            "first_step_loss": 6.0, "step_times_s": [0.5], "compiled": False}
+    ok = {"label": "tp=2", "world_size": 2, "zero_stage": 1, "seq_len": 128, "global_batch": 8, "tokens_per_step": 1024,
+          "dtype": "fp32", "measured_steps": 1, "warmup_steps": 1, "block": 1, "memory": "peak RSS",
+          "sides": {"megatrain": side}, "ratios": {}, "skipped": {"hf_deepspeed": "no TP in the baseline"},
+          "tp_comm": {"per_layer": 2**20, "embedding_and_head": 2**19, "loss": 2**18, "per_step": 5 * 2**20},
+          "profiles": {"megatrain": "op table"}}
+    result = {"config_name": "x.yaml", "device": "CPU", "command": "megatrain bench x.yaml", "settings_planned": 3,
+              "versions": {"torch": "2", "transformers": None},
+              "model": {"description": "tiny", "params": 10**6, "flops_per_token": 6 * 10**6},
+              "settings": [ok, {"label": "zero=3", "procs": 2, "error": "the 2-process run exited 1: boom"}]}
+    paths = write_results(result, str(tmp_path), "p")
+    table = (tmp_path / "p.md").read_text()
+    assert "**Partial: 2 of 3 settings measured so far.**" in table
+    assert "| tp=2 | 2 | 1 | 2,048 | n/a | **n/a** |" in table and "1.00 (0.25), 1.25 (0.50)" in table
+    assert "| zero=3 | 2 | | failed: the 2-process run exited 1: boom |" in table
+    assert "| tp=2 | 1.00 | 0.50 | 0.25 | 5.00 |" in table  # the computed TP plan, MiB
+    assert "| tp=2 | megatrain | 500.0 | 600.0 | 100.0 | 200.0 | 50.0 | 20.0 | 250.0 |" in table  # other = 600-350
+    assert "no HF+DeepSpeed column: no TP in the baseline" in table and "transformers not installed" in table
+    assert (tmp_path / "p-profile-0-megatrain.txt").read_text().endswith("op table")
+    assert json.loads((tmp_path / "p.json").read_text())["profile_files"] == {"tp=2/megatrain": "p-profile-0-megatrain.txt"}
+    assert "profiles" not in ok and render_markdown(result) == table

@@ -39,6 +39,9 @@ def render_markdown(result: dict) -> str:
                       f"({first_ok['tokens_per_step']:,} tokens per step), {first_ok['dtype']}; median of "
                       f"{first_ok['measured_steps']} steps per side after {first_ok['warmup_steps']} warm-up steps, "
                       f"in alternating blocks of {first_ok['block']}.")
+    planned = result.get("settings_planned", len(result["settings"]))
+    if planned > len(result["settings"]):
+        lines += ["", f"**Partial: {len(result['settings'])} of {planned} settings measured so far.**"]
     lines += ["", "| setting | procs | ZeRO | megatrain tok/s | HF+DeepSpeed tok/s | **megatrain / HF+DS** | plain tok/s | "
               "megatrain / plain | MFU | memory per rank, peak (step), megatrain / HF+DS (GiB) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -109,8 +112,8 @@ def write_results(result: dict, out_dir: str, stem: str, plot: bool = False) -> 
             with open(path, "w") as fh:
                 fh.write(f"setting {s['label']}, side {side}\n{table}")
             profiles[f"{s['label']}/{side}"] = path
-    if profiles:
-        result["profile_files"] = {k: os.path.basename(v) for k, v in profiles.items()}
+    if profiles:  # tables leave the record once written (a partial write came before the final one)
+        result.setdefault("profile_files", {}).update({k: os.path.basename(v) for k, v in profiles.items()})
         paths.update({f"profile {k}": v for k, v in profiles.items()})
     with open(paths["json"], "w") as fh:
         json.dump(result, fh, indent=1)

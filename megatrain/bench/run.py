@@ -135,7 +135,10 @@ def run_bench(config_path: Optional[str], overrides: list[str], settings: list[S
                 check_deepspeed_for(cfg)
             planned.append((setting, cfg, procs, run_dir))
         base_cfg = planned[0][1]
-        result = {"config": config_path, "config_name": os.path.basename(config_path) if config_path else "defaults",
+        config_name = os.path.basename(config_path) if config_path else "defaults"
+        device_kind = "gpu" if torch.cuda.is_available() else "cpu"
+        stem = stem or f"bench-{os.path.splitext(config_name)[0]}-{device_kind}"
+        result = {"config": config_path, "config_name": config_name,
                   "overrides": list(overrides), "device": device_name(), "versions": versions(),
                   "command": command or "megatrain bench", "model": {"description": _model_description(base_cfg)},
                   "base_config": base_cfg.to_dict(), "settings": []}
@@ -170,11 +173,13 @@ def run_bench(config_path: Optional[str], overrides: list[str], settings: list[S
                 result["model"].setdefault("params", record["params"])
                 result["model"].setdefault("flops_per_token", record["flops_per_token"])
             result["settings"].append(record)
+            result["settings_planned"] = len(planned)
+            if "params" in result["model"] and i + 1 < len(planned):
+                # What is measured so far, on disk: a long benchmark stopped midway still leaves its table.
+                write_results(result, out_dir, stem)
         if "params" not in result["model"]:
             raise MegatrainError("every setting failed: " + "; ".join(
                 f"{s['label']}: {s['error']}" for s in result["settings"]))
-        on_gpu = torch.cuda.is_available()
-        stem = stem or f"bench-{os.path.splitext(result['config_name'])[0]}-{'gpu' if on_gpu else 'cpu'}"
         result["paths"] = write_results(result, out_dir, stem, plot=plot)
         if echo:
             print(render_markdown(result), end="")
