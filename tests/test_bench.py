@@ -137,6 +137,8 @@ def test_bench_run_with_transformers_writes_table_json_and_plot(tmp_path):
         assert ours["mfu"] == pytest.approx(ours["tokens_per_s"] * s["flops_per_token"] / 1e12)
         assert s["ratios"]["megatrain_over_hf_deepspeed"] == pytest.approx(
             ours["tokens_per_s"] / sides["hf_deepspeed"]["tokens_per_s"])
+        assert s["ratios"]["megatrain_over_hf_deepspeed_best_step"] == pytest.approx(
+            min(sides["hf_deepspeed"]["step_times_s"]) / min(ours["step_times_s"]))
         assert set(ours["breakdown_s"]) == {"step", "forward", "backward", "optimizer", "communication"}
         assert ours["breakdown_s"]["forward"] > 0 and len(ours["peak_memory_gib_per_rank"]) == 1
     first, second = info["settings"]
@@ -195,7 +197,7 @@ def test_report_of_a_partial_run_with_a_failed_setting_and_tp(tmp_path):
     paths = write_results(result, str(tmp_path), "p")
     table = (tmp_path / "p.md").read_text()
     assert "**Partial: 2 of 3 settings measured so far.**" in table
-    assert "| tp=2 | 2 | 1 | 2,048 | n/a | **n/a** |" in table and "1.00 (0.25), 1.25 (0.50)" in table
+    assert "| tp=2 | 2 | 1 | 2,048 | n/a | **n/a** | n/a |" in table and "1.00 (0.25), 1.25 (0.50)" in table
     assert "| zero=3 | 2 | | failed: the 2-process run exited 1: boom |" in table
     assert "| tp=2 | 1.00 | 0.50 | 0.25 | 5.00 |" in table  # the computed TP plan, MiB
     assert "| tp=2 | megatrain | 500.0 | 600.0 | 100.0 | 200.0 | 50.0 | 20.0 | 250.0 |" in table  # other = 600-350

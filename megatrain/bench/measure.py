@@ -432,6 +432,7 @@ def measure_setting(cfg, env, *, warmup: int, steps: int, block: int, breakdown_
     for other in ("hf_deepspeed", "plain"):
         if other in records:
             ratios[f"megatrain_over_{other}"] = records["megatrain"]["tokens_per_s"] / records[other]["tokens_per_s"]
+            ratios[f"megatrain_over_{other}_best_step"] = min(times[other]) / min(times["megatrain"])
     result = {
         "world_size": env.world_size, "tensor": cfg.parallel.tensor, "data_parallel": trainer.dp_size,
         "sequence_parallel": cfg.parallel.sequence, "zero_stage": cfg.parallel.zero_stage,

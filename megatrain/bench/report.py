@@ -26,6 +26,14 @@ def _memory(side: Optional[dict]) -> str:
                      for m, t in zip(side["peak_memory_gib_per_rank"], steps))
 
 
+def best_step_ratio(ours: dict, other: dict) -> Optional[float]:
+    """Other's fastest timed step over ours: the ratio least touched by other jobs on a shared machine
+    (interference only ever adds time), beside the headline ratio of medians."""
+    if not ours.get("step_times_s") or not other.get("step_times_s"):
+        return None
+    return min(other["step_times_s"]) / min(ours["step_times_s"])
+
+
 def render_markdown(result: dict) -> str:
     """The report: one row per setting (tokens/s of each side, the ratios, MFU, memory), the breakdown
     per side, the TP communication plan where TP > 1, then skipped columns, device and versions."""
@@ -42,12 +50,13 @@ def render_markdown(result: dict) -> str:
     planned = result.get("settings_planned", len(result["settings"]))
     if planned > len(result["settings"]):
         lines += ["", f"**Partial: {len(result['settings'])} of {planned} settings measured so far.**"]
-    lines += ["", "| setting | procs | ZeRO | megatrain tok/s | HF+DeepSpeed tok/s | **megatrain / HF+DS** | plain tok/s | "
-              "megatrain / plain | MFU | memory per rank, peak (step), megatrain / HF+DS (GiB) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| setting | procs | ZeRO | megatrain tok/s | HF+DeepSpeed tok/s | **megatrain / HF+DS** | "
+              "best steps: megatrain / HF+DS | plain tok/s | megatrain / plain | MFU | "
+              "memory per rank, peak (step), megatrain / HF+DS (GiB) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in result["settings"]:
         if "error" in s:
-            lines.append(f"| {s['label']} | {s.get('procs', '')} | | failed: {s['error']} | | | | | | |")
+            lines.append(f"| {s['label']} | {s.get('procs', '')} | | failed: {s['error']} | | | | | | | |")
             continue
         sides, ratios = s["sides"], s["ratios"]
         ours, hf, plain = sides["megatrain"], sides.get("hf_deepspeed"), sides.get("plain")
@@ -56,6 +65,7 @@ def render_markdown(result: dict) -> str:
         lines.append(
             f"| {s['label']} | {s['world_size']} | {s['zero_stage']} | {ours['tokens_per_s']:,.0f} | "
             f"{_num(hf and hf['tokens_per_s'], ',.0f')} | **{_num(ratios.get('megatrain_over_hf_deepspeed'), '.3f')}** | "
+            f"{_num(hf and best_step_ratio(ours, hf), '.3f')} | "
             f"{_num(plain and plain['tokens_per_s'], ',.0f')} | {_num(ratios.get('megatrain_over_plain'), '.3f')} | "
             f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | {memory} |")
     lines += ["", "Time per step by phase, from separate profiled steps (ms; communication is the collectives' time "
@@ -92,6 +102,8 @@ def render_markdown(result: dict) -> str:
             notes.append(f"- {s['label']}: first-step loss (same weights, same batch) {shown}")
     if first_ok is not None:
         notes.append(f"- memory: {first_ok['memory']}")
+    notes.append("- megatrain / HF+DS is the ratio of median step times; best steps is the ratio of each side's "
+                 "fastest step, which other jobs on a shared machine disturb least")
     notes.append("- MFU = tokens/s x FLOPs per token / (peak FLOP/s x processes); FLOPs per token = 6N + 12·L·H·Q·T "
                  "(megatrain.engine.metrics; n/a where the device has no peak in its table, e.g. CPU)")
     lines += ["", "Notes:", "", *notes, "", f"Command: `{result['command']}`", "",
