@@ -129,6 +129,9 @@ def _add_bench(sub):
     p.add_argument("--out", default=os.path.join("benchmarks", "results"), help="results folder")
     p.add_argument("--tag", default=None, help="results file stem (default: bench-CONFIG-cpu|gpu)")
     p.add_argument("--plot", action="store_true", help="also draw tokens/s and memory per setting (STEM.png)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="time steps by wall time, or by each process's CPU time (steadier on a shared CPU machine)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads per process (default: cores / processes)")
 
 
 def _cmd_bench(args) -> int:
@@ -140,7 +143,8 @@ def _cmd_bench(args) -> int:
     run_bench(config, overrides, parse_settings(args.settings), out_dir=args.out, stem=args.tag, warmup=args.warmup,
               steps=args.steps, block=args.block, breakdown_steps=args.breakdown_steps, profile_steps=args.profile,
               baseline=not args.no_baseline, plain=not args.no_plain, plot=args.plot,
-              deepspeed_json=args.deepspeed_json, command="megatrain " + " ".join(sys.argv[1:]))
+              deepspeed_json=args.deepspeed_json, clock=args.clock, threads=args.threads,
+              command="megatrain " + " ".join(sys.argv[1:]))
     return 0
 
 

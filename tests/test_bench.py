@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -107,9 +108,15 @@ EAGER_COMPILE = ("import torch, deepspeed.runtime.engine as E; ds = E.DeepSpeedE
 
 def _bench(tmp_path, *args, hide_transformers=False, peak=None, eager_compile=False):
     out = tmp_path / "results"
-    hide = "sys.modules['transformers'] = None; " if hide_transformers else ""  # import fails as if absent
-    code = f"import sys; {hide}{EAGER_COMPILE if eager_compile else ''}from megatrain.cli import main; sys.exit(main())"
+    code = f"import sys; {EAGER_COMPILE if eager_compile else ''}from megatrain.cli import main; sys.exit(main())"
     env = child_env()
+    if hide_transformers:
+        # A package first on the path whose import fails as if transformers were absent. (A None entry in
+        # sys.modules would break datasets, which pickles with dill and imports whatever sys.modules names.)
+        shadow = tmp_path / "no-transformers" / "transformers"
+        shadow.mkdir(parents=True)
+        (shadow / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'transformers'\")\n")
+        env["PYTHONPATH"] = os.pathsep.join([str(shadow.parent), *filter(None, [env.get("PYTHONPATH")])])
     if peak is not None:
         env["MEGATRAIN_PEAK_FLOPS"] = str(peak)
     proc = subprocess.run([sys.executable, "-c", code, "bench", *BENCH_JOB, *args, "--steps", "2", "--warmup", "1",
@@ -154,8 +161,9 @@ def test_bench_run_with_transformers_writes_table_json_and_plot(tmp_path):
 
 @pytest.mark.slow  # ~10 s: a fresh interpreter
 def test_bench_run_without_transformers_skips_the_hf_column(tmp_path):
-    info, table, _, out = _bench(tmp_path, hide_transformers=True)
+    info, table, _, out = _bench(tmp_path, "--clock", "cpu", "--threads", "1", hide_transformers=True)
     (s,) = info["settings"]
+    assert (s["clock"], s["threads"]) == ("cpu", 1) and "Steps timed by CPU time" in table
     assert set(s["sides"]) == {"megatrain", "plain"}
     assert "transformers is not installed" in s["skipped"]["hf_deepspeed"]
     assert "megatrain_over_hf_deepspeed" not in s["ratios"] and s["ratios"]["megatrain_over_plain"] > 0

@@ -349,12 +349,25 @@ def _gather(value, world_size: int) -> list:
     return out
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def measure_setting(cfg, env, *, warmup: int, steps: int, block: int, breakdown_steps: int = 2,
-                    profile_steps: int = 0, baseline: bool = True, plain: bool = True) -> dict:
+                    profile_steps: int = 0, baseline: bool = True, plain: bool = True, clock: str = "wall",
+                    threads: Optional[int] = None) -> dict:
     """Time `cfg` on this process group (collective: every rank calls it). Returns the setting's record
     (the same on every rank): per side the median step time, tokens/s, MFU, peak memory per rank,
-    the breakdown, and the first step's loss; `profiles` holds the op tables when profile_steps > 0."""
+    the breakdown, and the first step's loss; `profiles` holds the op tables when profile_steps > 0.
+
+    clock "wall" times steps by wall time; "cpu" by this process's CPU time (time.process_time), which
+    other jobs on a shared machine barely touch (tokens/s then reads tokens per CPU-second of a rank).
+    threads, when given, sets torch's intra-op threads for the setting.
+    """
     from megatrain import kernels
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    timer = CLOCKS[clock]
 
     trainer = Trainer(cfg, env, resume_path=None)
     names, skipped = side_plan(cfg, trainer, baseline=baseline, plain=plain)
@@ -383,10 +396,10 @@ def measure_setting(cfg, env, *, warmup: int, steps: int, block: int, breakdown_
                 resident = current_memory_gib(device)
                 resettable = reset_peak_memory(device) and resettable
                 for _ in range(n):
-                    t0 = time.perf_counter()
+                    t0 = timer()
                     side.step()
                     sync(device)
-                    times[side.name].append(time.perf_counter() - t0)
+                    times[side.name].append(timer() - t0)
                 peak = peak_memory_gib(device)
                 peaks[side.name] = max(peaks[side.name], peak)
                 transients[side.name] = max(transients[side.name], peak - resident)
@@ -396,15 +409,15 @@ def measure_setting(cfg, env, *, warmup: int, steps: int, block: int, breakdown_
         if profiled > 0:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
             for side in sides:
-                clock = PhaseClock(device)
-                with side.instrumented(clock), profile(activities=activities) as prof:
+                phase_clock = PhaseClock(device)
+                with side.instrumented(phase_clock), profile(activities=activities) as prof:
                     t0 = time.perf_counter()
                     for _ in range(profiled):
                         side.step()
                     sync(device)
                     wall = time.perf_counter() - t0
                 # The phases against the profiled steps' own wall time (profiling slows steps down a little).
-                breakdown[side.name] = {"step": wall / profiled, **clock.seconds(prof, profiled)}
+                breakdown[side.name] = {"step": wall / profiled, **phase_clock.seconds(prof, profiled)}
                 if profile_steps:
                     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
                     profiles[side.name] = prof.key_averages().table(sort_by=key, row_limit=60,
@@ -448,6 +461,7 @@ def measure_setting(cfg, env, *, warmup: int, steps: int, block: int, breakdown_
                   "; all sides live in one process, so the peak includes the other sides' weights and optimizer "
                   "state, the step figure is this side's own activations and temporaries",
         "warmup_steps": warmup, "measured_steps": steps, "block": block, "breakdown_steps": profiled,
+        "clock": clock, "threads": torch.get_num_threads(),
         "sides": records, "skipped": skipped, "ratios": ratios, "profiles": profiles,
         "vocab_size": trainer.model_cfg.vocab_size,
     }

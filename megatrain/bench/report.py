@@ -47,6 +47,9 @@ def render_markdown(result: dict) -> str:
                       f"({first_ok['tokens_per_step']:,} tokens per step), {first_ok['dtype']}; median of "
                       f"{first_ok['measured_steps']} steps per side after {first_ok['warmup_steps']} warm-up steps, "
                       f"in alternating blocks of {first_ok['block']}.")
+        if first_ok.get("clock") == "cpu":
+            lines[-1] += (f" Steps timed by CPU time of the process ({first_ok['threads']} thread(s)), not wall "
+                          f"time: tokens/s means tokens per CPU-second of a rank.")
     planned = result.get("settings_planned", len(result["settings"]))
     if planned > len(result["settings"]):
         lines += ["", f"**Partial: {len(result['settings'])} of {planned} settings measured so far.**"]

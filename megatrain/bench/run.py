@@ -108,7 +108,8 @@ def _run_in_processes(spec: dict, setting: Setting, procs: int, scratch: str) ->
 def run_bench(config_path: Optional[str], overrides: list[str], settings: list[Setting], *, out_dir: str,
               stem: Optional[str] = None, warmup: int = 3, steps: int = 20, block: int = 5, breakdown_steps: int = 2,
               profile_steps: int = 0, baseline: bool = True, plain: bool = True, plot: bool = False,
-              deepspeed_json: Optional[str] = None, command: Optional[str] = None, echo: bool = True) -> dict:
+              deepspeed_json: Optional[str] = None, command: Optional[str] = None, echo: bool = True,
+              clock: str = "wall", threads: Optional[int] = None) -> dict:
     """Time every setting; write STEM.json / STEM.md (/ STEM.png) under out_dir; returns the result dict
     (with `paths`). Raises ConfigError (one line) for a bad option, config or setting before timing."""
     from megatrain.data import check_sources
@@ -119,6 +120,10 @@ def run_bench(config_path: Optional[str], overrides: list[str], settings: list[S
                                ("--breakdown-steps", breakdown_steps, 0), ("--profile", profile_steps, 0)):
         if value < least:
             raise ConfigError(f"{name} must be >= {least}, got {value}")
+    if clock not in ("wall", "cpu"):
+        raise ConfigError(f"--clock {clock} (allowed: wall, cpu)")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
     scratch_root = tempfile.mkdtemp(prefix="megatrain-bench-")
     try:
         planned = []
@@ -143,7 +148,7 @@ def run_bench(config_path: Optional[str], overrides: list[str], settings: list[S
                   "command": command or "megatrain bench", "model": {"description": _model_description(base_cfg)},
                   "base_config": base_cfg.to_dict(), "settings": []}
         options = dict(warmup=warmup, steps=steps, block=block, breakdown_steps=breakdown_steps,
-                       profile_steps=profile_steps, baseline=baseline, plain=plain)
+                       profile_steps=profile_steps, baseline=baseline, plain=plain, clock=clock, threads=threads)
         env = None
         for i, (setting, cfg, procs, run_dir) in enumerate(planned):
             if echo:
