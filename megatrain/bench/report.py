@@ -73,7 +73,9 @@ def render_markdown(result: dict) -> str:
             f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | {memory} |")
     lines += ["", "Time per step by phase, from separate profiled steps (ms; communication is the collectives' time "
               "inside backward and optimizer; other = profiled step - forward - backward - optimizer: data, schedule, "
-              "loss reduction, Python):", "",
+              "loss reduction, Python" + ("; the breakdown is wall time even with --clock cpu, so on a loaded "
+                                           "machine the profiled step exceeds the CPU-time step" if
+                                           first_ok is not None and first_ok.get("clock") == "cpu" else "") + "):", "",
               "| setting | side | timed step (median) | profiled step | forward | backward | optimizer | "
               "of which communication | other |",
               "|---|---|---|---|---|---|---|---|---|"]
