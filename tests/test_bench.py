@@ -202,7 +202,7 @@ def test_report_of_a_partial_run_with_a_failed_setting_and_tp(tmp_path):
               "versions": {"torch": "2", "transformers": None},
               "model": {"description": "tiny", "params": 10**6, "flops_per_token": 6 * 10**6},
               "settings": [ok, {"label": "zero=3", "procs": 2, "error": "the 2-process run exited 1: boom"}]}
-    paths = write_results(result, str(tmp_path), "p")
+    write_results(result, str(tmp_path), "p")
     table = (tmp_path / "p.md").read_text()
     assert "**Partial: 2 of 3 settings measured so far.**" in table
     assert "| tp=2 | 2 | 1 | 2,048 | n/a | **n/a** | n/a |" in table and "1.00 (0.25), 1.25 (0.50)" in table
