@@ -131,7 +131,7 @@ def write_results(result: dict, out_dir: str, stem: str, plot: bool = False) -> 
             profiles[f"{s['label']}/{side}"] = path
     if profiles:  # tables leave the record once written (a partial write came before the final one)
         result.setdefault("profile_files", {}).update({k: os.path.basename(v) for k, v in profiles.items()})
-        paths.update({f"profile {k}": v for k, v in profiles.items()})
+    paths.update({f"profile {k}": os.path.join(out_dir, v) for k, v in result.get("profile_files", {}).items()})
     with open(paths["json"], "w") as fh:
         json.dump(result, fh, indent=1)
     with open(paths["md"], "w") as fh:
