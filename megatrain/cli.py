@@ -1,4 +1,4 @@
-"""`megatrain {pretrain,rl,ttt,generate,tokenizer,config,export,import,reshard,analyze}`.
+"""`megatrain {pretrain,rl,ttt,generate,bench,tokenizer,config,export,import,reshard,analyze}`.
 
 User errors (MegatrainError) end as one line on stderr and exit code 2; no traceback.
 `megatrain pretrain` runs in this process for one process, or starts torchrun's elastic agent for
@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ttt(sub)
     _add_analyze(sub)
     _add_import(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -164,6 +165,47 @@ def _cmd_import(args) -> int:
     out = import_hf_llama(args.path, args.output, tokenizer=args.tokenizer)
     print(f"wrote run directory {out}; continue with: megatrain pretrain --config {out}/config.yaml --resume "
           f"(or rl.init={out}, ttt.init={out})")
+    return 0
+
+
+def _add_bench(sub):
+    p = sub.add_parser("bench", help="training throughput of a config over settings, against HF+DeepSpeed and plain "
+                                     "PyTorch on the same model and batches (docs/benchmarks.md)")
+    p.add_argument("config", nargs="?", default=None, help="YAML run config (launch/configs/*.yaml); optional")
+    p.add_argument("overrides", nargs="*", help="config overrides for every setting, such as data.seq_len=256 "
+                                                "(before --settings)")
+    p.add_argument("--settings", nargs="+", action="extend", default=None, metavar="SETTING",
+                   help="settings to compare, each a comma list such as mb=4,zero=2,ac=1,compile=1,kernels=torch,tp=2 "
+                        "(or full config keys); default: the config as it is")
+    p.add_argument("--deepspeed", dest="deepspeed_json", help="DeepSpeed JSON merged into the config's deepspeed section")
+    p.add_argument("--steps", type=int, default=20, help="measured steps per side and setting")
+    p.add_argument("--warmup", type=int, default=3, help="unmeasured steps per side first")
+    p.add_argument("--block", type=int, default=5, help="steps per alternating measurement block")
+    p.add_argument("--breakdown-steps", type=int, default=2,
+                   help="profiled steps per side for the forward/backward/optimizer/communication breakdown (0: none)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="also write torch.profiler op tables of STEPS steps per side next to the results")
+    p.add_argument("--no-baseline", action="store_true", help="leave out the HF LlamaForCausalLM + DeepSpeed side")
+    p.add_argument("--no-plain", action="store_true", help="leave out the plain PyTorch side")
+    p.add_argument("--out", default=os.path.join("benchmarks", "results"), help="results folder")
+    p.add_argument("--tag", default=None, help="results file stem (default: bench-CONFIG-cpu|gpu)")
+    p.add_argument("--plot", action="store_true", help="also draw tokens/s and memory per setting (STEM.png)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="time steps by wall time, or by each process's CPU time (steadier on a shared CPU machine)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads per process (default: cores / processes)")
+
+
+def _cmd_bench(args) -> int:
+    from megatrain.bench import parse_settings, run_bench
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not os.path.exists(config):
+        config, overrides = None, [config, *overrides]  # no YAML: the first word is an override
+    run_bench(config, overrides, parse_settings(args.settings), out_dir=args.out, stem=args.tag, warmup=args.warmup,
+              steps=args.steps, block=args.block, breakdown_steps=args.breakdown_steps, profile_steps=args.profile,
+              baseline=not args.no_baseline, plain=not args.no_plain, plot=args.plot,
+              deepspeed_json=args.deepspeed_json, clock=args.clock, threads=args.threads,
+              command="megatrain " + " ".join(sys.argv[1:]))
     return 0
 
 
@@ -362,7 +404,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.overrides = list(args.overrides) + extra
     handlers = {"pretrain": _cmd_pretrain, "rl": _cmd_rl, "ttt": _cmd_ttt, "tokenizer": _cmd_tokenizer,
                 "config": _cmd_config, "export": _cmd_export, "reshard": _cmd_reshard, "generate": _cmd_generate,
-                "analyze": _cmd_analyze, "import": _cmd_import}
+                "analyze": _cmd_analyze, "import": _cmd_import, "bench": _cmd_bench}
     try:
         from megatrain.env import check_environment
 

@@ -119,6 +119,8 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0 disables).")
     dtype: str = _f("auto", "Training precision: auto = bf16 on GPU, fp32 on CPU.", choices=["auto", "fp32", "bf16"])
     activation_checkpointing: bool = _f(False, "Recompute each block's activations in backward.")
+    compile: bool = _f(False, "Compile the model with torch.compile (through DeepSpeed's engine.compile); the "
+                       "first steps pay for the compilation.")
     stop_after: Optional[int] = _f(None, "Checkpoint and stop at this step without changing the schedule.")
     max_nonfinite: int = _f(5, "Abort after this many non-finite losses in a row (each such step is skipped).")
     auto_resume: Optional[bool] = _f(None, "Resume from run.dir's latest checkpoint without --resume (a fresh start "

@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("megatrain.config",),
     ("megatrain.engine",),
     ("megatrain.generate",),
-    ("megatrain.rl", "megatrain.ttt", "megatrain.scaling", "megatrain.analysis"),
+    ("megatrain.rl", "megatrain.ttt", "megatrain.scaling", "megatrain.analysis", "megatrain.bench"),
     ("megatrain.cli", ROOT),
 ]
 

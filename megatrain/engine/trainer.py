@@ -184,6 +184,8 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optim, model, cfg.train.lr, on_cuda=env.device.type == "cuda")
         self.engine = initialize(cfg, model, self.optimizer, mpu=self.groups if cfg.parallel.tensor > 1 else None,
                                  load_universal=universal)
+        if cfg.train.compile:
+            self.engine.compile()
         self.sampler = ResumableSampler(len(self.data.train), cfg.train.global_batch, cfg.train.micro_batch,
                                         self.dp_rank, self.dp_size, cfg.train.seed)
         self.step = 0

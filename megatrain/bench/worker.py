@@ -1,0 +1,47 @@
+"""One process of a multi-process benchmark setting (started by megatrain.bench.run under torchrun).
+
+    python -m torch.distributed.run --nproc-per-node P -m megatrain.bench.worker SPEC.json RECORD.json
+
+SPEC holds the config path, overrides, the setting and the timing options; rank 0 writes the
+setting's record to RECORD. A user error ends as one `megatrain: error:` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from megatrain.errors import MegatrainError
+
+
+def main(argv: list[str]) -> int:
+    from megatrain.bench.measure import measure_setting
+    from megatrain.bench.run import setting_config
+    from megatrain.bench.settings import Setting
+    from megatrain.engine.deepspeed import init_distributed
+    from megatrain.engine.trainer import resolve_config
+
+    spec_path, out_path = argv
+    with open(spec_path) as fh:
+        spec = json.load(fh)
+    try:
+        setting = Setting(**spec["setting"])
+        cfg = setting_config(spec["config"], spec["overrides"], setting, spec["run_dir"], spec["deepspeed"])
+        resolve_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        env = init_distributed(cfg)
+        record = measure_setting(cfg, env, **spec["options"])
+    except MegatrainError as exc:
+        rank = os.environ.get("RANK", "0")
+        print("megatrain: error: " + str(exc) if rank == "0" else f"megatrain: error (rank {rank}): {exc}",
+              file=sys.stderr, flush=True)
+        return 2
+    if env.is_main:
+        with open(out_path + ".tmp", "w") as fh:
+            json.dump(record, fh)
+        os.replace(out_path + ".tmp", out_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
