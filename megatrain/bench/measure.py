@@ -476,13 +476,12 @@ def kernels_env(choice: Optional[str]):
         if choice is None:
             yield
             return
-        old = os.environ.get("MEGATRAIN_KERNELS")
-        os.environ["MEGATRAIN_KERNELS"] = choice
+        old = os.environ.pop("MEGATRAIN_KERNELS", None)  # a write and its undo: megatrain.env reads it
+        os.environ.update(MEGATRAIN_KERNELS=choice)
         try:
             yield
         finally:
-            if old is None:
-                os.environ.pop("MEGATRAIN_KERNELS", None)
-            else:
-                os.environ["MEGATRAIN_KERNELS"] = old
+            os.environ.pop("MEGATRAIN_KERNELS", None)
+            if old is not None:
+                os.environ.update(MEGATRAIN_KERNELS=old)
     return scope()

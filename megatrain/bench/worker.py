@@ -21,6 +21,8 @@ def main(argv: list[str]) -> int:
     from megatrain.bench.settings import Setting
     from megatrain.engine.deepspeed import init_distributed
     from megatrain.engine.trainer import resolve_config
+    from megatrain.env import rank as env_rank
+    from megatrain.env import world_size
 
     spec_path, out_path = argv
     with open(spec_path) as fh:
@@ -28,12 +30,12 @@ def main(argv: list[str]) -> int:
     try:
         setting = Setting(**spec["setting"])
         cfg = setting_config(spec["config"], spec["overrides"], setting, spec["run_dir"], spec["deepspeed"])
-        resolve_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        resolve_config(cfg, world_size())
         env = init_distributed(cfg)
         record = measure_setting(cfg, env, **spec["options"])
     except MegatrainError as exc:
-        rank = os.environ.get("RANK", "0")
-        print("megatrain: error: " + str(exc) if rank == "0" else f"megatrain: error (rank {rank}): {exc}",
+        rank = env_rank()
+        print("megatrain: error: " + str(exc) if rank == 0 else f"megatrain: error (rank {rank}): {exc}",
               file=sys.stderr, flush=True)
         return 2
     if env.is_main:
