@@ -188,3 +188,14 @@ def test_resume_skips_finished_runs_and_records_failures(tmp_path):
     with pytest.raises(ConfigError, match="finished with other settings"):
         run_local(changed, plan_runs(changed), launch=crash, echo=lines.append)
     assert len(started) == 1
+
+
+def test_shipped_sweep_config_plans():
+    from megatrain.scaling.spec import load_sweep
+
+    spec = load_sweep(str(REPO / "launch/configs/sweep-tiny-cpu.yaml"))
+    runs = plan_runs(spec)
+    assert spec.mode == "isoflop" and len({r.budget for r in runs}) == 3
+    sizes = sorted({r.params_non_embedding for r in runs})
+    assert len(sizes) == 4 and sizes[-1] / sizes[0] > 20
+    assert all(r.steps >= spec.min_steps for r in runs)
