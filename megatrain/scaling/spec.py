@@ -374,7 +374,7 @@ def _load(config: dict, where: str) -> Config:
 
 def plan_runs(spec: SweepSpec) -> list[SweepRun]:
     """Expand the sweep into its runs (validated run configs; nothing is written)."""
-    base_cfg = _load(_compose(spec, {}), "base config")
+    _load(_compose(spec, {}), "base config")  # a bad base is named as such, before any axis
     other_axes = {k: v for k, v in spec.axes.items() if k not in SPECIAL_AXES}
     combos = [dict(zip(other_axes, values)) for values in itertools.product(*other_axes.values())] or [{}]
     runs: list[SweepRun] = []

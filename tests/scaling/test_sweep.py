@@ -15,7 +15,7 @@ from megatrain.scaling.collect import COLUMNS, collect, write_table
 from megatrain.scaling.runner import STATUS_FILE, emit_slurm, emit_torchrun, run_local, run_state
 from megatrain.scaling.spec import isoflop_points, model_counts, parse_sweep, plan_runs, size_for_params
 
-from ..conftest import REPO, TINY_JOB, child_env
+from ..conftest import REPO, child_env
 
 BASE = {"model": {"preset": "tiny", "multiple_of": 16, "max_seq_len": 64},
         "data": {"source": "embedded", "seq_len": 32, "vocab_size": 512},
