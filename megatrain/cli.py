@@ -1,4 +1,4 @@
-"""`megatrain {pretrain,rl,ttt,generate,bench,tokenizer,config,export,import,reshard,analyze}`.
+"""`megatrain {pretrain,rl,ttt,sweep,generate,bench,tokenizer,config,export,import,reshard,analyze}`.
 
 User errors (MegatrainError) end as one line on stderr and exit code 2; no traceback.
 `megatrain pretrain` runs in this process for one process, or starts torchrun's elastic agent for
@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analyze(sub)
     _add_import(sub)
     _add_bench(sub)
+    _add_sweep(sub)
     return parser
 
 
@@ -393,6 +394,66 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+# --- sweep: scaling-law sweeps (megatrain/scaling/, docs/scaling.md) ---
+
+def _add_sweep(sub):
+    p = sub.add_parser("sweep", help="scaling-law sweep: run a sweep file's runs (grid or IsoFLOP), collect, fit "
+                                     "and plot; or emit them as a Slurm array / torchrun commands")
+    p.add_argument("sweep", nargs="?", help="sweep YAML (launch/configs/sweep-*.yaml)")
+    p.add_argument("--emit", choices=["slurm", "torchrun"], default=None,
+                   help="write the runs as a Slurm job array or torchrun commands into the sweep dir; run nothing")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (runs, N, D, compute); write nothing")
+    p.add_argument("--dir", default=None, help="sweep directory (default: the sweep file's dir key)")
+    p.add_argument("--only", default=None, metavar="NAME", help="run this run only (a Slurm array task)")
+    p.add_argument("--nproc-per-node", type=int, default=None,
+                   help="processes per run (default: the sweep file's nproc_per_node, else 1)")
+    p.add_argument("--report", metavar="DIR", default=None,
+                   help="collect, fit and plot the sweep directory DIR (its sweep.yaml); run nothing")
+    p.add_argument("--no-report", action="store_true", help="do not write the report after running")
+    p.add_argument("overrides", nargs="*", help="config overrides for every run, such as train.micro_batch=4")
+
+
+def _cmd_sweep(args) -> int:
+    from megatrain.scaling.runner import SPEC_FILE, emit_slurm, emit_torchrun, run_local
+    from megatrain.scaling.spec import load_sweep, plan_runs
+
+    if (args.sweep is None) == (args.report is None):
+        raise MegatrainError("give a sweep file, or --report DIR (not both)")
+    path = args.sweep if args.report is None else os.path.join(args.report, SPEC_FILE)
+    spec = load_sweep(path, args.overrides)
+    if args.report is not None:
+        spec.dir = args.report
+    elif args.dir is not None:
+        spec.dir = args.dir
+    if args.nproc_per_node is not None:
+        if args.nproc_per_node < 1:
+            raise MegatrainError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+        spec.nproc_per_node = args.nproc_per_node
+    runs = plan_runs(spec)
+    if args.dry_run:
+        print(f"{len(runs)} runs in {spec.dir} (mode {spec.mode}):")
+        print(f"{'run':<40} {'method':<24} {'N':>10} {'steps':>7} {'D':>11} {'C=6ND':>9}")
+        for r in runs:
+            print(f"{r.name:<40} {r.method:<24} {r.params_non_embedding:>10,} {r.steps:>7} {r.tokens:>11,} "
+                  f"{r.flops_6nd:>9.3g}")
+        return 0
+    if args.report is None and args.emit is not None:
+        emit = emit_slurm if args.emit == "slurm" else emit_torchrun
+        print(f"wrote {emit(spec, runs, spec.nproc_per_node)} ({len(runs)} runs)")
+        return 0
+    if args.report is None:
+        states = run_local(spec, runs, nproc=spec.nproc_per_node, only=args.only)
+        failed = [name for name, state in states.items() if state == "failed"]
+        if failed:
+            print(f"{len(failed)} run(s) failed (errors in their sweep_status.json): {', '.join(failed)}")
+        if args.no_report or args.only is not None:
+            return 0
+    from megatrain.scaling.report import write_report
+
+    print(f"wrote {write_report(spec, runs)}")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     # Overrides (a.b=c) may stand anywhere, also after flags: argparse alone stops at the first flag.
@@ -404,7 +465,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.overrides = list(args.overrides) + extra
     handlers = {"pretrain": _cmd_pretrain, "rl": _cmd_rl, "ttt": _cmd_ttt, "tokenizer": _cmd_tokenizer,
                 "config": _cmd_config, "export": _cmd_export, "reshard": _cmd_reshard, "generate": _cmd_generate,
-                "analyze": _cmd_analyze, "import": _cmd_import, "bench": _cmd_bench}
+                "analyze": _cmd_analyze, "import": _cmd_import, "bench": _cmd_bench, "sweep": _cmd_sweep}
     try:
         from megatrain.env import check_environment
 
