@@ -12,11 +12,7 @@ L-BFGS-B starts from every point of a grid of initialisations; the lowest minimu
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import glob
 import itertools
-import os
 import time
 from typing import Optional, Sequence
 
@@ -77,37 +73,12 @@ def _objective_at_grid(grid: np.ndarray, log_n, log_d, log_loss, delta: float) -
     return (g * (r - 0.5 * g)).sum(axis=1)
 
 
-@contextlib.contextmanager
 def _one_blas_thread():
     """Run L-BFGS-B with one BLAS thread: a 5-parameter problem gains nothing from more, and on a busy
-    machine the waiting OpenBLAS threads made every iteration ~25x slower (measured on 2 shared cores).
-    threadpoolctl when installed; else scipy's bundled OpenBLAS directly; else unchanged."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        threadpool_limits = None
-    if threadpool_limits is not None:
-        with threadpool_limits(1, user_api="blas"):
-            yield
-        return
-    import scipy
+    machine the waiting OpenBLAS threads made every iteration ~25x slower (measured on 2 shared cores)."""
+    from threadpoolctl import threadpool_limits
 
-    lib = None
-    for path in glob.glob(os.path.join(os.path.dirname(scipy.__file__) + ".libs", "libscipy_openblas*.so*")):
-        try:
-            lib = ctypes.CDLL(path)
-            before = lib.scipy_openblas_get_num_threads()
-            break
-        except (OSError, AttributeError):
-            lib = None
-    if lib is None:
-        yield
-        return
-    lib.scipy_openblas_set_num_threads(1)
-    try:
-        yield
-    finally:
-        lib.scipy_openblas_set_num_threads(before)
+    return threadpool_limits(1, user_api="blas")
 
 
 def _minimize_from(starts: np.ndarray, args: tuple) -> list[tuple[float, np.ndarray]]:
