@@ -37,8 +37,7 @@ def triton_backend(monkeypatch):
     monkeypatch.setenv("MEGATRAIN_KERNELS_POISON", "1")  # unwritten outputs are NaN, not stale memory
 
 
-def fresh_seed() -> int:
-    return int.from_bytes(os.urandom(4), "little")
+from .kernel_testing import fresh_seed  # noqa: E402
 
 
 def make_inputs(seed: int, tokens: int, hidden: int, vocab: int, dtype=torch.float32, device=DEVICE):
@@ -319,7 +318,7 @@ def test_vocab_parallel_two_gloo_processes_match_one_process(tmp_path):
 def test_fp32_weight_with_bf16_activations_is_cast(monkeypatch):
     """fp32 master weights with bf16 activations (autocast): the weight is cast, gradients flow back."""
     monkeypatch.setenv("MEGATRAIN_KERNELS", "triton")
-    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    g = torch.Generator().manual_seed(fresh_seed())
     h = torch.randn(9, 33, generator=g).to(torch.bfloat16).requires_grad_()
     weight = (torch.randn(101, 33, generator=g) * 0.1).requires_grad_()
     target = torch.randint(0, 101, (9,), generator=g)

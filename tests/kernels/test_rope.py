@@ -1,8 +1,8 @@
 """The fused Triton RoPE kernel (kernels/rotary.py) against the reference, forward and backward.
 
 Without a GPU the kernel runs through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1
-before any kernel import). Every test draws fresh random inputs from a seed taken from os.urandom;
-the seed is in each assertion message so a failure can be replayed with `_generator(seed)`.
+before any kernel import). Every test draws its inputs from kernel_testing.fresh_seed (derived from the test id, or
+KERNEL_TEST_SEED); the seed is in each assertion message so a failure can be replayed with `_generator(seed)`.
 Outputs are allocated NaN-filled (MEGATRAIN_KERNELS_POISON=1), so an element the kernel forgets to
 write fails the comparison.
 """
@@ -10,13 +10,14 @@ write fails the comparison.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
 from megatrain import kernels
 from megatrain.kernels import reference, rotary
+
+from .kernel_testing import fresh_seed
 
 # Tolerances relative to the fp32 reference. bf16: the kernel rounds its fp32 result once, so the
 # error is at most half a bf16 ulp (2^-9 relative).
@@ -31,7 +32,7 @@ def triton_backend(monkeypatch):
 
 def _generator(seed: int | None = None) -> tuple[torch.Generator, int]:
     if seed is None:
-        seed = int.from_bytes(os.urandom(8), "little") >> 2  # non-negative int64, with room for seed + 1
+        seed = fresh_seed()
     return torch.Generator().manual_seed(seed), seed
 
 
