@@ -80,7 +80,6 @@ class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, resume_path: Optional[str]):
         from megatrain.data import open_data, prepare_data
         from megatrain.data.sampler import ResumableSampler
-        from megatrain.models.transformer import Transformer
         from megatrain.parallel.checks import check_vocab_split
         from megatrain.parallel.groups import build_groups
 
@@ -108,16 +107,13 @@ class Trainer:
         if env.is_main:
             save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
 
-        # Every rank builds the full model from the same seed; tensor parallelism then keeps each rank's
-        # slices, so a TP run starts from exactly the single-process weights.
-        torch.manual_seed(cfg.train.seed)
-        model = Transformer(model_cfg)
-        model.gradient_checkpointing = cfg.train.activation_checkpointing
-        self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
-        self.num_params = model.num_params(non_embedding=False)
-        from megatrain.parallel.parallelize import parallelize
+        # Each rank materialises only its share (TP slices; ZeRO-3 partitions), every module from a
+        # generator keyed by (train.seed, its name): a TP or ZeRO-3 run starts from the single-process weights.
+        from megatrain.engine.build import build_model, model_counts
 
-        parallelize(model, self.groups, sequence_parallel=cfg.parallel.sequence)  # TP=1: records checkpoint info
+        self.num_params, self.flops_per_token = model_counts(model_cfg, cfg.data.seq_len)
+        model = build_model(cfg, model_cfg, self.groups)
+        torch.manual_seed(cfg.train.seed)  # what trains randomly (LoRA dropout) starts alike at every layout
         load_path, universal = resume_path, False
         if resume_path is not None:
             universal = ckpt.needs_reshard(ckpt.read_meta(resume_path), resume_path, model_cfg,

@@ -14,8 +14,11 @@ Face export use the same names at every TP size:
   residual stream stays split along the sequence between the TP regions, which all-gather on entry
   and reduce-scatter on exit.
 
-Every rank first builds the full model from the run's seed and keeps its slices, so a TP run starts
-from exactly the single-process weights (splits differ across ranks, replicated weights agree).
+The model may come from the meta device (`Transformer(cfg, seed=..., device="meta")`): each module
+is then materialised full-size and initialised from its name-keyed generator just before its role
+cuts this rank's slice out of it, and the full tensors are dropped, so a rank holds its share plus
+one full module at a time. The weights are the single-process ones whatever the layout (splits
+differ across ranks, replicated weights agree).
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ def parallelize(model: nn.Module, groups: ParallelGroups, *, sequence_parallel: 
     """Split `model` (a megatrain.models.transformer.Transformer) over `groups.tp_group`, in place.
 
     Collective when KV heads are replicated (builds the replica groups): every rank must call it.
+    A meta-device model is materialised module by module (only this rank's slices are kept).
     Returns the model.
     """
     if not isinstance(model, Transformer):
@@ -80,6 +84,7 @@ def parallelize(model: nn.Module, groups: ParallelGroups, *, sequence_parallel: 
                            kv_grad_group=_kv_grad_group(groups, kv_replicas(cfg.kv_heads, tp)))
         apply_plan(model, ctx)
         model.tensor_parallel = (tp, groups.tp_rank)
+    model.materialize()  # whatever is still on the meta device (everything at TP=1)
     # Recorded at TP=1 too, so a single-process checkpoint can be resharded to TP > 1 later.
     model.universal_checkpoint_info = universal_checkpoint_info(model)
     return model
@@ -115,7 +120,9 @@ def apply_plan(model: nn.Module, ctx: SplitContext, plan: TPPlan = TP_PLAN) -> n
             if apply is None:
                 raise ValueError(f"tensor-parallel plan: role '{entry.role.name}' (module '{name}') has no "
                                  f"tensor-parallel layer in parallelize yet")
-            swapped = apply(model.get_submodule(name), entry.role, ctx)
+            # Meta-device model: this module full-size now, only this rank's part after the swap.
+            module = model.materialize_module(name) if isinstance(model, Transformer) else model.get_submodule(name)
+            swapped = apply(module, entry.role, ctx)
             if swapped is not None:
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent), child, swapped)
