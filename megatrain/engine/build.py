@@ -15,6 +15,11 @@ The trainer and `megatrain plan --build` both build through `build_model`.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import sys
+from typing import Iterator
+
 import torch
 
 from megatrain.models.transformer import Transformer
@@ -33,13 +38,41 @@ def build_model(cfg, model_cfg, groups) -> Transformer:
     with vocab_size set; `groups`: megatrain.parallel.groups.ParallelGroups). Collective."""
     from megatrain.parallel.parallelize import parallelize
 
-    if cfg.parallel.zero_stage == 3:
-        model = _build_zero3(cfg, model_cfg)
-    else:
-        model = Transformer(model_cfg, seed=cfg.train.seed, device="meta")
-    model.gradient_checkpointing = cfg.train.activation_checkpointing
-    parallelize(model, groups, sequence_parallel=cfg.parallel.sequence)  # TP=1: materialises, records checkpoint info
+    with _large_allocations_unmapped():
+        if cfg.parallel.zero_stage == 3:
+            model = _build_zero3(cfg, model_cfg)
+        else:
+            model = Transformer(model_cfg, seed=cfg.train.seed, device="meta")
+        model.gradient_checkpointing = cfg.train.activation_checkpointing
+        parallelize(model, groups, sequence_parallel=cfg.parallel.sequence)  # TP=1: materialises; checkpoint info
     return model
+
+
+@contextlib.contextmanager
+def _large_allocations_unmapped() -> Iterator[None]:
+    """glibc: every allocation over 128 KiB gets its own mapping while building, returned on free.
+
+    Materialising one full module, keeping a slice and freeing the rest would otherwise raise glibc's
+    dynamic mmap threshold to the module's size, after which the slices land on the heap between
+    freed full tensors and the heap fragments (measured: ~15% more peak host memory for a 700M model
+    at TP=4). Afterwards the threshold is left at glibc's dynamic maximum (32 MiB), where a long run's
+    own allocations would have driven it anyway. Elsewhere (no glibc) nothing changes."""
+    mallopt = None
+    if sys.platform.startswith("linux"):
+        try:
+            mallopt = ctypes.CDLL("libc.so.6").mallopt
+        except (OSError, AttributeError):
+            mallopt = None
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+    try:
+        yield
+    finally:
+        if mallopt is not None:
+            mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 
 
 def _build_zero3(cfg, model_cfg) -> Transformer:

@@ -10,6 +10,7 @@ import dataclasses
 import math
 import os
 import shutil
+import sys
 import time
 from typing import Optional
 
@@ -58,6 +59,12 @@ def preflight(cfg: Config, resume, world_size: int) -> Optional[str]:
     from megatrain.data import check_sources
 
     resolve_config(cfg, world_size)
+    if os.environ.get("RANK", "0") == "0":  # one warning per launch, not one per rank
+        from megatrain.engine.memory_plan import check_fits
+
+        warning = check_fits(cfg, world_size, local_world=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+        if warning is not None:
+            print(warning, file=sys.stderr, flush=True)
     check_sources(cfg)
     check_deepspeed_for(cfg)
     if os.path.exists(cfg.run.dir) and not os.path.isdir(cfg.run.dir):
