@@ -162,3 +162,20 @@ def test_relora_is_refused_under_tp():
                             dp_group=None)
     with pytest.raises(ConfigError, match="model.linear=relora with parallel.tensor=2 is not supported"):
         parallelize(model, groups)
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["parallel.tensor=8"], "does not divide model.heads=4"),
+    (["parallel.tensor=2", "model.heads=8", "model.kv_heads=8", "model.ffn_dim=177"], "does not divide model.ffn_dim=177"),
+    (["parallel.tensor=4", "model.heads=12", "model.dim=96", "model.kv_heads=6"], "model.kv_heads=6: one must divide"),
+    (["parallel.tensor=2", "model.vocab_size=65"], "does not divide model.vocab_size=65"),
+    (["parallel.tensor=2", "model.linear=relora"], "model.linear=relora with parallel.tensor=2"),
+])
+def test_bad_splits_fail_in_config_naming_the_dimension(overrides, fragment):
+    """Every split a layout needs is checked from the config alone (before any process group); the
+    low-rank rank r is never split, so any r works (checked by the plan tests above)."""
+    from megatrain.config import load_config
+
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        load_config(None, ["model.preset=tiny", *overrides])
+    load_config(None, ["model.preset=tiny", "parallel.tensor=2", "model.linear=cola", "model.lowrank.rank=7"])
