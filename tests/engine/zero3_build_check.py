@@ -35,6 +35,9 @@ def main(overrides: list[str]) -> None:
     if mismatched:
         sys.exit(f"rank {env.rank}: ZeRO-3 build differs from the one-process model in {mismatched[:5]}")
     print(f"rank {env.rank}: {local} of {total} parameters held, all equal", flush=True)
+    # A process leaving with gloo's threads still up can abort at exit ("terminate called ...").
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
