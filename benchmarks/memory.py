@@ -16,8 +16,16 @@ Methods: dense (AdamW), galore, fira (dense layers, projected-gradient optimizer
 relora (their layers with AdamW). A method that cannot be built here (not implemented yet, refused
 by the config) is reported with one line and left out; the exit status is then 1.
 
-Results: a markdown table on stdout and benchmarks/results/memory-<preset>.{md,json} with the
-machine, versions and command. No DeepSpeed: this is the single-process state of one model copy in
+Layouts (`--layouts`): per-rank memory from the planner (`megatrain.engine.memory_plan`, what
+`megatrain plan` prints) for every preset x TP x ZeRO stage on a --world of ranks, and with `--measure`
+the same layouts built for real through `megatrain plan --build` where they fit this machine (each
+rank's parameters held, host RSS before building and its peak while building):
+
+    python benchmarks/memory.py --layouts --presets 125m,1.3b,7b --tp 1,2,4,8 --zero 1,2,3 --world 8 \
+        --measure 125m:1:1,125m:2:1,125m:4:1,125m:1:3,1.3b:4:1
+
+Results: a markdown table on stdout and benchmarks/results/memory-<preset>.{md,json} (layouts:
+memory-layouts.{md,json}) with the machine, versions and command. No DeepSpeed: this is the single-process state of one model copy in
 --dtype (fp32 by default, as the trainer holds master weights); ZeRO partitions these same bytes.
 """
 
@@ -246,6 +254,15 @@ def parse_args(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE",
                    help="extra config override for one method, e.g. galore:optim.rank=256 (repeatable)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--layouts", action="store_true", help="per-rank plan of TP x ZeRO layouts instead of methods")
+    p.add_argument("--tp", default="1,2,4,8", help="--layouts: tensor-parallel sizes")
+    p.add_argument("--zero", default="1,2,3", help="--layouts: ZeRO stages")
+    p.add_argument("--world", type=int, default=8, help="--layouts: ranks of every layout (DP = world / TP)")
+    p.add_argument("--layout-dtype", default="bf16", choices=["bf16", "fp32"], help="--layouts: train.dtype")
+    p.add_argument("--layout-seq-len", type=int, default=2048, help="--layouts: tokens per sequence")
+    p.add_argument("--measure", default="", metavar="PRESET:TP:ZERO,...",
+                   help="--layouts: build these layouts here (fp32, gloo, world = TP, or 2 for ZeRO-3 at TP 1) and "
+                        "report their measured peaks")
     args = p.parse_args(argv)
     args.preset_list = [s for s in args.presets.split(",") if s]
     args.method_list = [s for s in args.methods.split(",") if s]
@@ -261,9 +278,116 @@ def parse_args(argv=None):
     return args
 
 
+def _layout_config(preset: str, tp: int, zero: int, args, dtype: str, extra=()):
+    from megatrain.config import load_config
+
+    return load_config(None, [f"model.preset={preset}", f"model.vocab_size={args.vocab_size}",
+                              f"data.seq_len={args.layout_seq_len}", "train.micro_batch=1",
+                              f"parallel.tensor={tp}", f"parallel.zero_stage={zero}", f"train.dtype={dtype}",
+                              "parallel.sequence=false", *extra])
+
+
+def _measure_layout(preset: str, tp: int, zero: int, args) -> dict:
+    """`megatrain plan --build` for one layout on this machine (fp32 on the host); its measured rows."""
+    import subprocess
+
+    world = tp if not (zero == 3 and tp == 1) else 2
+    cmd = [sys.executable, "-m", "megatrain.cli", "plan", f"model.preset={preset}", f"model.vocab_size={args.vocab_size}",
+           f"data.seq_len={args.layout_seq_len}", "train.micro_batch=1", f"train.global_batch={world // tp}",
+           f"parallel.tensor={tp}", f"parallel.zero_stage={zero}", "train.dtype=fp32", "--world", str(world),
+           "--build"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))))
+    if proc.returncode != 0:
+        return dict(error=(proc.stderr.strip().splitlines() or ["failed"])[-1])
+    unit = {"MiB": 2**20, "GiB": 2**30}
+    ranks = []
+    for m in re.finditer(r"^\s+(\d+) \|\s+([\d,]+) \|\s+([\d,]+) \|\s+([\d.]+) (MiB|GiB) \|\s+([\d.]+) (MiB|GiB) \|"
+                         r"\s+([\d.]+) (MiB|GiB) \|", proc.stdout, flags=re.M):
+        ranks.append(dict(rank=int(m[1]), params_planned=int(m[2].replace(",", "")),
+                          params_held=int(m[3].replace(",", "")), weights_held=float(m[4]) * unit[m[5]],
+                          rss_before=float(m[6]) * unit[m[7]], rss_peak=float(m[8]) * unit[m[9]]))
+    return dict(world=world, ranks=ranks, seconds=round(time.perf_counter() - start, 1))
+
+
+def layouts_main(args, argv) -> int:
+    """--layouts: the planner's per-rank bytes for every preset x TP x ZeRO, then the measured builds."""
+    from megatrain.engine.memory_plan import plan_memory
+    from megatrain.errors import ConfigError
+
+    gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+    tps = [int(x) for x in args.tp.split(",") if x]
+    zeros = [int(x) for x in args.zero.split(",") if x]
+    rows, lines = [], [f"### Per-rank memory by layout ({args.world} ranks, {args.layout_dtype}, seq "
+                       f"{args.layout_seq_len}, micro-batch 1, vocab {args.vocab_size}; planner, GiB)", "",
+                       "| preset | TP | DP | ZeRO | params/rank | weights | grads | fp32 master | optimizer | "
+                       "model states | activations | activations (ckpt) | total (ckpt) |",
+                       "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for preset in args.preset_list:
+        for tp in tps:
+            for zero in zeros:
+                row = dict(preset=preset, tp=tp, zero=zero, world=args.world)
+                try:
+                    plan = plan_memory(_layout_config(preset, tp, zero, args, args.layout_dtype,
+                                                      ["train.activation_checkpointing=true"]), args.world)
+                except ConfigError as exc:
+                    row["refused"] = str(exc)
+                    lines.append(f"| {preset} | {tp} | {args.world // tp} | {zero} | refused: TP > 1 with ZeRO-3 "
+                                 f"| | | | | | | | |" if "zero_stage=3" in str(exc) else f"| {preset} | {tp} | "
+                                 f"{args.world // tp} | {zero} | refused: {exc} | | | | | | | | |")
+                    rows.append(row)
+                    continue
+                row.update(plan.as_dict())
+                rows.append(row)
+                lines.append(f"| {preset} | {tp} | {plan.dp} | {zero} | {plan.params:,} | {gib(plan.param_bytes)} | "
+                             f"{gib(plan.grad_bytes)} | {gib(plan.master_bytes)} | {gib(plan.optimizer_bytes)} | "
+                             f"{gib(plan.model_state_bytes)} | {gib(plan.activation_bytes)} | "
+                             f"{gib(plan.activation_bytes_checkpointed)} | {gib(plan.total_bytes)} |")
+    measured = []
+    if args.measure:
+        lines += ["", "### Measured builds on this machine (`megatrain plan --build`, fp32 on the host, gloo)", "",
+                  "| preset | TP | ZeRO | ranks | params/rank planned | params/rank held | host RSS before (GiB) | "
+                  "host peak while building (GiB) | growth vs full fp32 model | wall s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        from megatrain.engine.memory_plan import plan_model_config
+        from megatrain.models.transformer import Transformer
+
+        for item in args.measure.split(","):
+            preset, tp, zero = item.split(":")
+            tp, zero = int(tp), int(zero)
+            full = 4 * Transformer(plan_model_config(_layout_config(preset, 1, 1, args, "fp32")), seed=0,
+                                   device="meta").num_params(non_embedding=False)
+            result = dict(preset=preset, tp=tp, zero=zero, full_fp32_bytes=full, **_measure_layout(preset, tp, zero, args))
+            measured.append(result)
+            if "error" in result:
+                lines.append(f"| {preset} | {tp} | {zero} | - | not measured: {result['error']} | | | | | |")
+                continue
+            r0 = max(result["ranks"], key=lambda r: r["rss_peak"] - r["rss_before"])
+            lines.append(f"| {preset} | {tp} | {zero} | {result['world']} | {r0['params_planned']:,} | "
+                         f"{r0['params_held']:,} | {gib(r0['rss_before'])} | {gib(r0['rss_peak'])} | "
+                         f"{(r0['rss_peak'] - r0['rss_before']) / full:.1%} | {result['seconds']} |")
+            gc.collect()
+    lines += ["", f"Machine: {json.dumps(machine())}", "",
+              f"Command: `python benchmarks/memory.py {' '.join(sys.argv[1:] if argv is None else argv)}`"]
+    text = "\n".join(lines)
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, "memory-layouts")
+    with open(stem + ".json", "w") as fh:
+        json.dump(dict(machine=machine(), world=args.world, dtype=args.layout_dtype, seq_len=args.layout_seq_len,
+                       vocab_size=args.vocab_size, layouts=rows, measured=measured), fh, indent=2)
+    with open(stem + ".md", "w") as fh:
+        fh.write(text + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from megatrain.models.config import PRESETS
+
+    if args.layouts:
+        return layouts_main(args, argv)
 
     bad = [p for p in args.preset_list if p not in PRESETS]
     if bad:

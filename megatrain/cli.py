@@ -1,4 +1,4 @@
-"""`megatrain {pretrain,rl,ttt,sweep,generate,bench,tokenizer,config,export,import,reshard,analyze}`.
+"""`megatrain {pretrain,rl,ttt,sweep,generate,bench,tokenizer,config,export,import,reshard,analyze,plan}`.
 
 User errors (MegatrainError) end as one line on stderr and exit code 2; no traceback.
 `megatrain pretrain` runs in this process for one process, or starts torchrun's elastic agent for
@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_import(sub)
     _add_bench(sub)
     _add_sweep(sub)
+    _add_plan(sub)
     return parser
 
 
@@ -208,6 +209,52 @@ def _cmd_bench(args) -> int:
               deepspeed_json=args.deepspeed_json, clock=args.clock, threads=args.threads,
               command="megatrain " + " ".join(sys.argv[1:]))
     return 0
+
+
+# ---- megatrain plan (per-rank memory plan; --build measures a real sharded build) -------------------
+def _add_plan(sub):
+    p = sub.add_parser("plan", help="per-rank memory plan of a layout (weights, gradients, optimizer, activations); "
+                                    "--build constructs the model on every rank and measures it")
+    p.add_argument("config_path", nargs="?", default=None, metavar="CONFIG", help="YAML run config")
+    p.add_argument("--config", "-c", dest="config_flag", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--deepspeed", dest="deepspeed_json", help="DeepSpeed JSON merged into the config's deepspeed section")
+    p.add_argument("--world", type=int, default=None,
+                   help="processes of the layout (default: the number of GPUs, or parallel.tensor on CPU)")
+    p.add_argument("--build", action="store_true",
+                   help="also build the model in --world processes (gloo on CPU) and print what each rank holds")
+    p.add_argument("overrides", nargs="*", help="config overrides such as parallel.tensor=4 model.preset=1.3b")
+
+
+def _cmd_plan(args) -> int:
+    from megatrain.config import load_config
+    from megatrain.engine.plan_command import build_report, plan_report
+
+    config = args.config_flag or args.config_path
+    if config is not None and "=" in config and not os.path.isfile(config):  # `megatrain plan a.b=c ...`
+        args.overrides, config = [config, *args.overrides], None
+    cfg = load_config(config, args.overrides, args.deepspeed_json)
+    if _under_launcher():
+        report = build_report(cfg)
+        if report is not None:
+            print(report, flush=True)
+        return 0
+    world = args.world
+    if world is None:
+        import torch
+
+        world = torch.cuda.device_count() or cfg.parallel.tensor
+    if world < 1:
+        raise MegatrainError(f"--world must be >= 1, got {world}")
+    if not args.build:
+        print(plan_report(cfg, world), flush=True)
+        return 0
+    plan_report(cfg, world)  # a bad layout is one line here, before any process starts
+    if world == 1:
+        print(build_report(cfg), flush=True)
+        return 0
+    argv = (["--config", config] if config else []) + (["--deepspeed", args.deepspeed_json] if args.deepspeed_json
+                                                        else [])
+    return _spawn_torchrun(world, ["plan", "--build", *argv, *args.overrides])
 
 
 def _add_ttt(sub):
@@ -465,7 +512,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.overrides = list(args.overrides) + extra
     handlers = {"pretrain": _cmd_pretrain, "rl": _cmd_rl, "ttt": _cmd_ttt, "tokenizer": _cmd_tokenizer,
                 "config": _cmd_config, "export": _cmd_export, "reshard": _cmd_reshard, "generate": _cmd_generate,
-                "analyze": _cmd_analyze, "import": _cmd_import, "bench": _cmd_bench, "sweep": _cmd_sweep}
+                "analyze": _cmd_analyze, "import": _cmd_import, "bench": _cmd_bench, "sweep": _cmd_sweep,
+                "plan": _cmd_plan}
     try:
         from megatrain.env import check_environment
 

@@ -662,9 +662,6 @@ def _validate_lowrank_training(cfg: Config, m: ModelConfig) -> None:
         if cfg.optim.rank > rank:
             raise ConfigError(f"optim.rank={cfg.optim.rank} exceeds model.lowrank.rank={rank}: galore/fira project "
                               f"the {kind} factors, whose smaller side is the low rank (allowed: 1..{rank})")
-    if cfg.parallel.tensor > 1:
-        raise ConfigError(f"model.linear={kind} with parallel.tensor={cfg.parallel.tensor} is not supported yet: "
-                          f"tensor parallelism splits dense projections only (allowed: parallel.tensor=1)")
     if kind != "relora":
         return
     if cfg.parallel.zero_stage == 3:

@@ -28,7 +28,9 @@ ATTENTION = {
 
 
 def tiny_model(**extra) -> Transformer:
-    torch.manual_seed(0)
+    torch.manual_seed(2)
+    # Seed 2: with the name-keyed init, a model whose 10-token rows include both truncated and finished
+    # ones (test_is_truncated_... needs both kinds).
     # init_std 0.1: next-token distributions peaked like a trained model's, not near-uniform.
     return Transformer(ModelConfig(preset="tiny", vocab_size=VOCAB, max_seq_len=48, init_std=0.1, **extra)).eval()
 

@@ -213,10 +213,7 @@ def read_hf_llama(path: str, tokenizer: Optional[str] = None) -> HFLlama:
     from megatrain.models.transformer import Transformer
     from megatrain.models.config import ModelConfig
 
-    import torch
-
-    with torch.device("meta"):
-        expected = Transformer(ModelConfig.from_dict(model)).state_dict()
+    expected = Transformer(ModelConfig.from_dict(model), seed=0, device="meta").state_dict()
     if model["tie_embeddings"]:
         expected.pop("head.weight")
     missing = sorted(set(expected) - set(state))

@@ -34,7 +34,7 @@ import torch
 from megatrain.engine.checkpoint import read_meta
 from megatrain.errors import CheckpointError
 from megatrain.parallel.groups import kv_replicas
-from megatrain.parallel.plan import is_kv_split
+from megatrain.parallel.plan import TP_PLAN, is_kv_split
 
 __all__ = ["UNIVERSAL_DIR", "find_universal", "convert_to_universal", "universal_for_layout"]
 
@@ -48,15 +48,17 @@ def _tensor_files(param_dir: str) -> list[str]:
 
 
 def _map_kv_tensors(zero_dir: str, fn) -> None:
-    """Apply fn(tensor) -> tensor to every saved state (fp32, exp_avg, exp_avg_sq) of K/V params."""
+    """Apply fn(tensor, dim) -> tensor to every saved state (fp32, exp_avg, exp_avg_sq) of K/V params;
+    dim is the one the plan splits that parameter along (0 for dense K/V, 1 for a low-rank b factor)."""
     from deepspeed.checkpoint.constants import PARAM
 
     for name in sorted(os.listdir(zero_dir)):
         if not is_kv_split(name):
             continue
+        dim = TP_PLAN.role_of_parameter(name).split[name.rpartition(".")[2]]
         for path in _tensor_files(os.path.join(zero_dir, name)):
             state = torch.load(path, weights_only=True)  # tensors, ints and flags only: nothing to unpickle
-            state[PARAM] = fn(state[PARAM]).contiguous()
+            state[PARAM] = fn(state[PARAM], dim).contiguous()
             torch.save(state, path)
 
 
@@ -103,8 +105,8 @@ def convert_to_universal(checkpoint: str, out: str = None) -> str:
     replicas = kv_replicas(model["kv_heads"], layout["tensor"])
     if replicas > 1:
         # Every KV head was saved by `replicas` TP ranks; keep one copy of each.
-        def dedupe(t: torch.Tensor) -> torch.Tensor:
-            return torch.cat(t.chunk(layout["tensor"], dim=0)[::replicas], dim=0)
+        def dedupe(t: torch.Tensor, dim: int) -> torch.Tensor:
+            return torch.cat(t.chunk(layout["tensor"], dim=dim)[::replicas], dim=dim)
 
         _map_kv_tensors(os.path.join(tmp, "zero"), dedupe)
     # DeepSpeed's loader reads the client state (step, data position) from the model-state files.
@@ -141,9 +143,9 @@ def universal_for_layout(universal: str, tensor: int, kv_heads: int, scratch: st
         else:
             os.symlink(os.path.abspath(src), os.path.join(scratch, "zero", name))
 
-    def expand(t: torch.Tensor) -> torch.Tensor:
-        heads = t.chunk(kv_heads, dim=0)
-        return torch.cat([h for h in heads for _ in range(replicas)], dim=0)
+    def expand(t: torch.Tensor, dim: int) -> torch.Tensor:
+        heads = t.chunk(kv_heads, dim=dim)
+        return torch.cat([h for h in heads for _ in range(replicas)], dim=dim)
 
     _map_kv_tensors(os.path.join(scratch, "zero"), expand)
     return scratch

@@ -10,6 +10,7 @@ import dataclasses
 import math
 import os
 import shutil
+import sys
 import time
 from typing import Optional
 
@@ -24,7 +25,9 @@ from megatrain.engine.health import LossSpikeDetector, Watchdog, default_store
 from megatrain.engine.metrics import MetricsLogger, device_peak_flops, mfu
 from megatrain.engine.resilience import (RunLock, StopRequest, auto_resume_enabled, check_run_lock, fault_point,
                                          fault_spec)
+from megatrain.env import local_world_size as env_local_world
 from megatrain.env import rank as env_rank
+from megatrain.env import world_size as env_world
 from megatrain.errors import CheckpointError, ConfigError, MegatrainError
 from megatrain.optim import build_optimizer
 from megatrain.optim.relora import relora_controller
@@ -67,6 +70,12 @@ def preflight(cfg: Config, resume, world_size: int, verify: Optional[bool] = Non
         verify = env_rank() == 0
     resolve_config(cfg, world_size)
     fault_spec()  # a malformed test hook is one line here, not a traceback inside a rank
+    if env_rank() == 0:  # one warning per launch, not one per rank
+        from megatrain.engine.memory_plan import check_fits
+
+        warning = check_fits(cfg, world_size, local_world=env_local_world() if env_world() > 1 else world_size)
+        if warning is not None:
+            print(warning, file=sys.stderr, flush=True)
     check_sources(cfg)
     check_deepspeed_for(cfg)
     if os.path.exists(cfg.run.dir) and not os.path.isdir(cfg.run.dir):
@@ -123,7 +132,6 @@ class Trainer:
                  watchdog: Optional[Watchdog] = None):
         from megatrain.data import open_data, prepare_data
         from megatrain.data.sampler import ResumableSampler
-        from megatrain.models.transformer import Transformer
         from megatrain.parallel.checks import check_vocab_split
         from megatrain.parallel.groups import build_groups
 
@@ -158,22 +166,21 @@ class Trainer:
         if env.is_main:
             save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
 
-        # Every rank builds the full model from the same seed; tensor parallelism then keeps each rank's
-        # slices, so a TP run starts from exactly the single-process weights.
-        torch.manual_seed(cfg.train.seed)
-        model = Transformer(model_cfg)
-        model.gradient_checkpointing = cfg.train.activation_checkpointing
-        self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
-        self.num_params = model.num_params(non_embedding=False)
-        from megatrain.parallel.parallelize import parallelize
+        # Each rank materialises only its share (TP slices; ZeRO-3 partitions), every module from a
+        # generator keyed by (train.seed, its name): a TP or ZeRO-3 run starts from the single-process weights.
+        from megatrain.engine.build import build_model, model_counts
 
         weights_only = resume_path is not None and bool(ckpt.read_meta(resume_path).get("weights_only"))
         init_path = resume_path if weights_only else (cfg.train.init_from if resume_path is None else None)
-        if init_path is not None:  # an imported run or train.init_from: full weights, before TP keeps its slices
-            from megatrain.engine.load import load_into, read_weights
+        initial_state = None
+        if init_path is not None:  # an imported run or train.init_from: full weights, each rank keeps its share
+            from megatrain.engine.load import read_weights
 
-            load_into(model, read_weights(init_path)[1], init_path)
-        parallelize(model, self.groups, sequence_parallel=cfg.parallel.sequence)  # TP=1: records checkpoint info
+            initial_state = read_weights(init_path)[1]
+        self.num_params, self.flops_per_token = model_counts(model_cfg, cfg.data.seq_len)
+        model = build_model(cfg, model_cfg, self.groups, initial_state=initial_state, source=init_path)
+        del initial_state
+        torch.manual_seed(cfg.train.seed)  # what trains randomly (LoRA dropout) starts alike at every layout
         load_path, universal = resume_path, False
         if resume_path is not None and not weights_only:
             universal = ckpt.needs_reshard(ckpt.read_meta(resume_path), resume_path, model_cfg,
@@ -476,9 +483,7 @@ def pretrain(cfg: Config, resume=None, instruments=None) -> dict:
     if cfg.log.analyze_every > 0 and instruments is None:
         raise ConfigError("log.analyze_every needs the analysis instruments: run `megatrain pretrain`, or pass "
                           "instruments=megatrain.analysis.live.training_instruments(cfg) to pretrain()")
-    from megatrain.env import world_size
-
-    world = world_size()
+    world = env_world()
     is_rank0 = env_rank() == 0
     resume_path = preflight(cfg, resume, world)
     lock = RunLock(cfg.run.dir).acquire() if is_rank0 else None

@@ -194,17 +194,23 @@ def sample_sparse_support(in_features: int, out_features: int, density: float,
                           generator: Optional[torch.Generator] = None) -> Tensor:
     """Sorted unique flat row-major positions (int64) of int(density * d_in * d_out) entries (>= 1)."""
     total = in_features * out_features
-    nnz = min(total, max(1, int(density * total)))
+    nnz = sparse_support_size(in_features, out_features, density)
     return torch.sort(torch.randperm(total, generator=generator)[:nnz]).values
+
+
+def sparse_support_size(in_features: int, out_features: int, density: float) -> int:
+    """nnz of an SLTrain support: int(density * d_in * d_out), at least 1."""
+    total = in_features * out_features
+    return min(total, max(1, int(density * total)))
 
 
 class SLTrainLinear(nn.Module):
     """SLTrain: y = x @ (alpha/r * a @ b + S) (+ bias); a [D_in, r], b [r, D_out], S [D_in, D_out].
 
     S holds trainable `sparse_values` [nnz] at the fixed positions `sparse_index` [nnz] (a
-    persistent int64 buffer, so checkpoints and model.safetensors carry it), drawn once from the
-    torch RNG when the layer is built (the trainer seeds it with train.seed on every rank, so all
-    ranks agree) and never changed. nnz = int(density * d_in * d_out).
+    persistent int64 buffer, so checkpoints and model.safetensors carry it), drawn from the torch
+    RNG by `init_weights` (in a Transformer, from the module's keyed generator, so every rank and
+    layout agrees) and never changed by training. nnz = int(density * d_in * d_out).
 
     Init (SLTrain): a Kaiming-uniform (nn.Linear's default, U(+-1/sqrt(d_in))), b = 0, the values
     of S ~ U(+-1/sqrt(d_in)); `init_weights(std)` follows the paper and does not use std.
@@ -216,16 +222,18 @@ class SLTrainLinear(nn.Module):
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.alpha, self.density = alpha, density
         self.scale = alpha / rank
-        index = sample_sparse_support(in_features, out_features, density)
-        self.register_buffer("sparse_index", index, persistent=True)
+        nnz = sparse_support_size(in_features, out_features, density)
+        self.register_buffer("sparse_index", torch.empty(nnz, dtype=torch.long), persistent=True)  # init_weights
         self.lora_a = nn.Parameter(torch.empty(in_features, rank))
         self.lora_b = nn.Parameter(torch.empty(rank, out_features))
-        self.sparse_values = nn.Parameter(torch.empty(index.numel()))
+        self.sparse_values = nn.Parameter(torch.empty(nnz))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.init_weights(0.0)
 
     @torch.no_grad()
     def init_weights(self, std: float) -> None:
+        # The support is part of the init: drawn here, from the same (keyed) generator as the values.
+        self.sparse_index.copy_(sample_sparse_support(self.in_features, self.out_features, self.density))
         _kaiming_uniform_(self.lora_a, self.in_features)
         nn.init.zeros_(self.lora_b)
         _kaiming_uniform_(self.sparse_values, self.in_features)

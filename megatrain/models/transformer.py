@@ -7,8 +7,10 @@ and test-time training all run through the same forward. It holds pure math: no 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +26,28 @@ from megatrain.models.config import ModelConfig
 from megatrain.models.layers import init_linear, linear_options, lowrank_options, make_linear
 
 __all__ = ["RMSNorm", "MLP", "Block", "LMHead", "Transformer", "build_model", "rope_tables", "make_attention",
-           "iha_layer_windows"]
+           "iha_layer_windows", "init_seed_for", "seeded_init"]
+
+
+def init_seed_for(seed: int, name: str) -> int:
+    """The 63-bit seed module `name` of a model built from `seed` is initialised with.
+
+    Keyed by the module's name, not by the order modules are built in, so every layout (one process,
+    tensor-parallel ranks that materialise one module at a time, ZeRO-3's partitioned construction)
+    draws the same values for the same module."""
+    digest = hashlib.blake2b(f"megatrain-init/{seed}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int, name: str) -> Iterator[None]:
+    """Inside, the CPU default generator is seeded with `init_seed_for(seed, name)`; restored on exit.
+
+    Initialisation always runs on CPU tensors (materialised on the host, then moved), so the CPU
+    generator is the only one that matters for bit-identical weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(init_seed_for(seed, name))
+        yield
 
 
 class RMSNorm(nn.Module):
@@ -129,6 +152,29 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> t
     return angles.cos().float(), angles.sin().float()
 
 
+@contextlib.contextmanager
+def _on_host(module: nn.Module) -> Iterator[None]:
+    """Inside, `module`'s own tensors that live off the CPU or in a low-precision float dtype are
+    stand-in fp32 (or their own integer dtype) CPU tensors; on exit their values are copied back.
+
+    Initialisation then draws from the CPU generator in fp32 whatever the device and dtype (ZeRO-3
+    builds its partitions on the accelerator, in bf16 on GPUs), so the values match the host build."""
+    swapped = []
+    for t in [*module._parameters.values(), *module._buffers.values()]:
+        if t is None or (t.device.type == "cpu" and t.dtype in (torch.float32, torch.int64, torch.bool)):
+            continue
+        host_dtype = torch.float32 if t.is_floating_point() else t.dtype
+        original = t.data
+        t.data = torch.empty(original.shape, dtype=host_dtype)
+        swapped.append((t, original))
+    try:
+        yield
+    finally:
+        for t, original in swapped:
+            original.copy_(t.data)
+            t.data = original
+
+
 class Transformer(nn.Module):
     """Decoder-only language model.
 
@@ -136,18 +182,32 @@ class Transformer(nn.Module):
     (in the model's dtype) or, with labels, the scalar mean loss.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, *, seed: Optional[int] = None, device=None, initialize: bool = True):
+        """Build the model described by `cfg` (resolved here; vocab_size must be set).
+
+        seed: the key of every module's initialisation (`init_seed_for(seed, module name)`); None draws
+            one from the torch RNG, so `torch.manual_seed(s); Transformer(cfg)` stays deterministic.
+        device: "meta" builds shapes only (no memory); `materialize_module` / `materialize` then
+            allocate and initialise one module at a time (tensor-parallel ranks keep only their slices).
+        initialize: False skips `reset_parameters` (the caller initialises, e.g. module by module
+            under ZeRO-3's partitioned construction).
+        """
         super().__init__()
         cfg = cfg.resolved()
         if cfg.vocab_size is None:
             raise ConfigError("model.vocab_size is not set: give model.vocab_size or a tokenizer to take it from")
         cfg.validate()
         self.config = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        with linear_options(lowrank_options(cfg)):  # model.lowrank.* for the low-rank projection kinds
-            self.blocks = nn.ModuleList(Block(cfg, idx) for idx in range(cfg.layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.head = LMHead(cfg.vocab_size, cfg.dim)
+        self.init_seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
+        # Full tensors by state-dict name that `init_module` copies instead of drawing (a run started from
+        # given weights, megatrain.engine.build); None: the keyed initialisation.
+        self.initial_state: Optional[dict] = None
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+            with linear_options(lowrank_options(cfg)):  # model.lowrank.* for the low-rank projection kinds
+                self.blocks = nn.ModuleList(Block(cfg, idx) for idx in range(cfg.layers))
+            self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.head = LMHead(cfg.vocab_size, cfg.dim)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         self.gradient_checkpointing = False
@@ -155,15 +215,21 @@ class Transformer(nn.Module):
         # Non-persistent: derived from the config, so checkpoints and HF exports do not carry them.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        if initialize and str(device) != "meta":
+            self.reset_parameters()
 
     def _apply(self, fn, *args, **kwargs):
         # .to(bf16) / .half() would round the RoPE angles; rebuild them in fp32 on the new device.
         super()._apply(fn, *args, **kwargs)
+        self.refresh_rope_tables()
+        return self
+
+    def refresh_rope_tables(self) -> None:
+        """Recompute the fp32 RoPE tables on their device (after a conversion, or a construction context
+        such as deepspeed.zero.Init that creates tensors in the model's dtype and would round them)."""
         cfg = self.config
         self.rope_cos, self.rope_sin = rope_tables(cfg.head_dim, self._rope_len(), cfg.rope_theta,
                                                    device=self.rope_cos.device)
-        return self
 
     def _rope_len(self) -> int:
         """Rows of the RoPE tables: max_seq_len, times P for IHA's virtual positions n*P + p."""
@@ -172,27 +238,88 @@ class Transformer(nn.Module):
             return cfg.max_seq_len * cfg.iha.pseudo_heads
         return cfg.max_seq_len
 
+    def init_module_names(self) -> list[str]:
+        """Names of the modules that own parameters or persistent buffers directly, each initialised on
+        its own (`init_module`); the head is left out when tied to the embedding."""
+        names = []
+        for name, module in self.named_modules():
+            if not name or (name == "head" and self.config.tie_embeddings):
+                continue
+            own = [p for p in module._parameters.values() if p is not None]
+            own += [b for k, b in module._buffers.items() if b is not None and k not in module._non_persistent_buffers_set]
+            if own:
+                names.append(name)
+        return names
+
+    @torch.no_grad()
+    def init_module(self, name: str, module: Optional[nn.Module] = None) -> None:
+        """Initialise module `name` (or `module`, the full-size module that will stand under that name)
+        in place with its keyed generator (`seeded_init(self.init_seed, name)`).
+
+        The documented scheme: weights ~ N(0, init_std); o and down projections N(0, init_std /
+        sqrt(2 * layers)) so the residual stream's variance does not grow with depth; low-rank kinds
+        their own (docs/lowrank.md); IHA mixing as docs/iha.md; norm weights 1."""
+        cfg = self.config
+        module = self.get_submodule(name) if module is None else module
+        if self.initial_state is not None:
+            with _on_host(module):
+                for key, tensor in [*module._parameters.items(), *module._buffers.items()]:
+                    if tensor is not None and key not in module._non_persistent_buffers_set:
+                        tensor.copy_(self.initial_state[f"{name}.{key}"])
+            return
+        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.layers)
+        leaf = name.rpartition(".")[2]
+        with _on_host(module), seeded_init(self.init_seed, name):
+            if name in ("embed", "head"):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif leaf in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+                init_linear(module, std)
+            elif leaf in ("o_proj", "down_proj"):
+                init_linear(module, out_std)
+            elif isinstance(module, InterleavedHeadAttention):
+                module.reset_mixing()
+            elif isinstance(module, RMSNorm) or hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+            else:
+                raise TypeError(f"Transformer.init_module: no initialisation rule for module '{name}' "
+                                f"({type(module).__name__})")
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Llama/GPT-2 init: weights ~ N(0, init_std); o and down projections use
-        init_std / sqrt(2 * layers) so the residual stream's variance does not grow with depth;
-        norm weights 1. Deterministic under torch.manual_seed."""
-        cfg = self.config
-        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.layers)
-        nn.init.normal_(self.embed.weight, mean=0.0, std=std)
-        for block in self.blocks:
-            for proj in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj,
-                         block.mlp.gate_proj, block.mlp.up_proj):
-                init_linear(proj, std)
-            init_linear(block.attn.o_proj, out_std)
-            init_linear(block.mlp.down_proj, out_std)
-            if isinstance(block.attn, InterleavedHeadAttention):
-                block.attn.reset_mixing()
-            block.attn_norm.reset_parameters()
-            block.mlp_norm.reset_parameters()
-        self.norm.reset_parameters()
-        if self.head.weight is not self.embed.weight:
-            nn.init.normal_(self.head.weight, mean=0.0, std=std)
+        """Initialise every module (`init_module`): deterministic given `self.init_seed`, and the same
+        values for a module whatever the layout it is later split or partitioned into."""
+        for name in self.init_module_names():
+            self.init_module(name)
+
+    @torch.no_grad()
+    def materialize_module(self, name: str, device="cpu") -> nn.Module:
+        """Allocate module `name`'s own meta-device parameters and buffers on `device` (full size) and
+        initialise them (`init_module`). Parameter attributes (e.g. `relora_base`) are kept; a tied
+        head follows the embedding. Returns the module. Tensors already materialised are left alone."""
+        module = self.get_submodule(name)
+        fresh = False
+        for key, param in list(module._parameters.items()):
+            if param is not None and param.is_meta:
+                new = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device),
+                                   requires_grad=param.requires_grad)
+                new.__dict__.update(param.__dict__)
+                module._parameters[key] = new
+                fresh = True
+        for key, buf in list(module._buffers.items()):
+            if buf is not None and buf.is_meta:
+                module._buffers[key] = torch.empty(buf.shape, dtype=buf.dtype, device=device)
+                fresh = True
+        if self.config.tie_embeddings and name == "embed":
+            self.head.weight = self.embed.weight
+        if fresh and not (name == "head" and self.config.tie_embeddings):
+            self.init_module(name, module)
+        return module
+
+    def materialize(self, device="cpu") -> "Transformer":
+        """`materialize_module` for every module still on the meta device; returns self."""
+        for name in self.init_module_names():
+            self.materialize_module(name, device)
+        return self
 
     def _positions(self, batch: int, n: int, cache: Optional[KVCache], positions: Optional[Tensor],
                    device) -> Tensor:
@@ -298,6 +425,6 @@ class Transformer(nn.Module):
         return total
 
 
-def build_model(cfg: ModelConfig) -> Transformer:
+def build_model(cfg: ModelConfig, *, seed: Optional[int] = None) -> Transformer:
     """The Transformer described by `cfg` (resolved here; vocab_size must be set)."""
-    return Transformer(cfg)
+    return Transformer(cfg, seed=seed)

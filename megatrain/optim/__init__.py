@@ -32,7 +32,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if getattr(p, "relora_base", False):  # ReLoRA's W while trainable (warm start): its own group
             relora_base.append(p)
             continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        # ZeRO-3 partitions at construction leave p a flat shard; ds_shape is the full shape.
+        (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if relora_base:
         # megatrain.optim.relora sets this group's lr to 0 once the warm start ends (W frozen).

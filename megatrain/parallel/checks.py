@@ -23,12 +23,14 @@ def check_tensor_split(m, tp: int) -> None:
 
     Heads and the SwiGLU width split evenly; key/value heads split, or are replicated when there are
     fewer than ranks; the vocabulary (when known) splits; IHA mixes heads across ranks only in
-    model.iha.tp_mode=exact (docs/tensor-parallel.md, docs/iha.md).
+    model.iha.tp_mode=exact (docs/tensor-parallel.md, docs/iha.md). The low-rank kinds split their
+    factors along D_in or D_out, never along the rank r, so r needs not divide by `tp`.
     """
     if tp == 1:
         return
-    if m.linear != "dense":
-        raise ConfigError(f"parallel.tensor={tp} supports model.linear=dense only so far, got model.linear={m.linear!r}")
+    if m.linear == "relora":
+        raise ConfigError(f"model.linear=relora with parallel.tensor={tp} is not supported: its restarts re-draw and "
+                          f"magnitude-prune whole factors (allowed under TP: model.linear=dense, cola, sltrain, lora)")
     if m.heads % tp:
         raise ConfigError(f"parallel.tensor={tp} does not divide model.heads={m.heads}")
     if m.kv_heads % tp and tp % m.kv_heads:

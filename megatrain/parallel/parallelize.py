@@ -10,12 +10,17 @@ Face export use the same names at every TP size:
   heads. With fewer KV heads than TP ranks each KV head is replicated on TP/kv_heads consecutive
   ranks (the query heads of one group sit on those ranks) and its weight gradient is summed over them;
 - MLP (region): gate and up column-parallel, down row-parallel;
+- low-rank kinds (CoLA, SLTrain, LoRA) in those roles: lowrank_parallel.py (first factor replicated and
+  second column-split for column roles; first factor row-split for row roles);
 - norms (replicated): with sequence parallelism they run on a sequence shard [B, N/T, D] and the
   residual stream stays split along the sequence between the TP regions, which all-gather on entry
   and reduce-scatter on exit.
 
-Every rank first builds the full model from the run's seed and keeps its slices, so a TP run starts
-from exactly the single-process weights (splits differ across ranks, replicated weights agree).
+The model may come from the meta device (`Transformer(cfg, seed=..., device="meta")`): each module
+is then materialised full-size and initialised from its name-keyed generator just before its role
+cuts this rank's slice out of it, and the full tensors are dropped, so a rank holds its share plus
+one full module at a time. The weights are the single-process ones whatever the layout (splits
+differ across ranks, replicated weights agree).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from megatrain.models.attention import InterleavedHeadAttention
 from megatrain.models.transformer import LMHead, RMSNorm, Transformer
 from megatrain.parallel.checks import check_tensor_split
 from megatrain.parallel.groups import ParallelGroups, kv_replicas
+from megatrain.parallel.lowrank_parallel import LOWRANK_TYPES, parallel_lowrank
 from megatrain.parallel.plan import TP_PLAN, Role, TPPlan, shard_specs, universal_checkpoint_info
 from megatrain.parallel.tensor_parallel import (
     ColumnParallelLinear, RowParallelLinear, SequenceParallelRMSNorm, VocabParallelEmbedding, VocabParallelLMHead,
@@ -68,6 +74,7 @@ def parallelize(model: nn.Module, groups: ParallelGroups, *, sequence_parallel: 
     """Split `model` (a megatrain.models.transformer.Transformer) over `groups.tp_group`, in place.
 
     Collective when KV heads are replicated (builds the replica groups): every rank must call it.
+    A meta-device model is materialised module by module (only this rank's slices are kept).
     Returns the model.
     """
     if not isinstance(model, Transformer):
@@ -80,6 +87,7 @@ def parallelize(model: nn.Module, groups: ParallelGroups, *, sequence_parallel: 
                            kv_grad_group=_kv_grad_group(groups, kv_replicas(cfg.kv_heads, tp)))
         apply_plan(model, ctx)
         model.tensor_parallel = (tp, groups.tp_rank)
+    model.materialize()  # whatever is still on the meta device (everything at TP=1)
     # Recorded at TP=1 too, so a single-process checkpoint can be resharded to TP > 1 later.
     model.universal_checkpoint_info = universal_checkpoint_info(model)
     return model
@@ -115,7 +123,9 @@ def apply_plan(model: nn.Module, ctx: SplitContext, plan: TPPlan = TP_PLAN) -> n
             if apply is None:
                 raise ValueError(f"tensor-parallel plan: role '{entry.role.name}' (module '{name}') has no "
                                  f"tensor-parallel layer in parallelize yet")
-            swapped = apply(model.get_submodule(name), entry.role, ctx)
+            # Meta-device model: this module full-size now, only this rank's part after the swap.
+            module = model.materialize_module(name) if isinstance(model, Transformer) else model.get_submodule(name)
+            swapped = apply(module, entry.role, ctx)
             if swapped is not None:
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent), child, swapped)
@@ -139,16 +149,24 @@ def _vocab(module: nn.Module, role: Role, ctx: SplitContext):
 
 
 def _column(module: nn.Module, role: Role, ctx: SplitContext):
+    if isinstance(module, LOWRANK_TYPES):
+        return parallel_lowrank(module, "column", ctx.group, rank=ctx.rank, parts=ctx.tp)
     return ColumnParallelLinear.from_full(module, ctx.group, rank=ctx.rank, parts=ctx.tp)
 
 
 def _kv_column(module: nn.Module, role: Role, ctx: SplitContext):
     replicas = ctx.kv_replicas
-    return ColumnParallelLinear.from_full(module, ctx.group, rank=ctx.rank // replicas, parts=ctx.tp // replicas,
-                                          grad_group=ctx.kv_grad_group, counted=(ctx.rank % replicas == 0))
+    kwargs = dict(rank=ctx.rank // replicas, parts=ctx.tp // replicas, grad_group=ctx.kv_grad_group,
+                  counted=(ctx.rank % replicas == 0))
+    if isinstance(module, LOWRANK_TYPES):
+        return parallel_lowrank(module, "column", ctx.group, **kwargs)
+    return ColumnParallelLinear.from_full(module, ctx.group, **kwargs)
 
 
 def _row(module: nn.Module, role: Role, ctx: SplitContext):
+    if isinstance(module, LOWRANK_TYPES):
+        return parallel_lowrank(module, "row", ctx.group, rank=ctx.rank, parts=ctx.tp,
+                                sequence_parallel=ctx.sequence_parallel)
     return RowParallelLinear.from_full(module, ctx.group, rank=ctx.rank, parts=ctx.tp,
                                        sequence_parallel=ctx.sequence_parallel)
 
@@ -230,6 +248,13 @@ def tp_comm_volume(model_cfg, tokens: int, tp: int, *, sequence_parallel: bool =
     the all-reduce of the norm weights' gradients; inside the vocab-parallel
     cross-entropy, the all-reduce of the head input's gradient and of 4 fp32 row statistics.
 
+    Low-rank kinds (lowrank_parallel.py): CoLA's row layers reduce the r-wide x a instead of the D-wide
+    output (forward; the backward entry reduction stays D-wide); every kind all-reduces the gradients
+    of its replicated factors once per backward: the column layers' a ([D, r] for q, k, v, gate,
+    up), SLTrain's and LoRA's row-layer b ([r, D]) and SLTrain's sparse values, and with sequence
+    parallelism CoLA's row-layer b and bias. (The gradient sums of KV heads replicated over ranks,
+    kv_heads < T, are not counted, for dense layers either.)
+
     Returns bytes: {"per_layer", "embedding_and_head", "loss", "per_step"}.
     """
     m = model_cfg.resolved()
@@ -239,6 +264,9 @@ def tp_comm_volume(model_cfg, tokens: int, tp: int, *, sequence_parallel: bool =
     act = tokens * m.dim * bytes_per_element
     ring = (tp - 1) / tp
     per_layer = 2 * 2 * (2 * ring * act)  # 2 regions x (forward + backward) x one all-reduce-equivalent
+    if m.linear != "dense":
+        per_layer += _lowrank_comm(m, tokens, ring, bytes_per_element, sequence_parallel) - (
+            2 * 2 * ring * act if m.linear == "cola" else 0)
     if m.attention == "iha" and m.iha.tp_mode == "exact":
         per_layer += 2 * 3 * ring * tokens * m.heads * m.head_dim * bytes_per_element
     if sequence_parallel:
@@ -250,3 +278,23 @@ def tp_comm_volume(model_cfg, tokens: int, tp: int, *, sequence_parallel: bool =
     loss = 2 * ring * act + 2 * ring * 4 * tokens * 4
     return {"per_layer": per_layer, "embedding_and_head": embedding_and_head, "loss": loss,
             "per_step": m.layers * per_layer + embedding_and_head + loss}
+
+
+def _lowrank_comm(m, tokens: int, ring: float, bytes_per_element: int, sequence_parallel: bool) -> float:
+    """Bytes per layer the low-rank TP layers send besides the dense pattern (see tp_comm_volume); for
+    CoLA this includes its r-wide exit collectives, which replace the dense ones (subtracted by the caller)."""
+    from megatrain.models.layers import lowrank_options, projection_shapes, sparse_support_size
+
+    opts = lowrank_options(m)
+    r, d = opts.rank, m.dim
+    grads = 5 * d * r  # column layers' a: q, k, v, gate, up all read the D-wide input
+    out = 0.0
+    if m.linear == "cola":
+        out += 2 * 2 * ring * tokens * r * bytes_per_element  # o and down: r-wide exit, forward + backward
+        if sequence_parallel:
+            grads += 2 * (r * d + d)  # their b and bias saw this rank's tokens only
+    else:
+        grads += 2 * r * d  # the row layers' replicated b: partial gradients
+    if m.linear == "sltrain":
+        grads += sum(sparse_support_size(d_in, d_out, opts.density) for _, d_in, d_out in projection_shapes(m))
+    return out + 2 * ring * grads * bytes_per_element

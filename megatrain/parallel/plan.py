@@ -31,12 +31,9 @@ Consumers, all reading `TP_PLAN`:
 - `is_kv_split`: the key/value parameters that engine/reshard.py de-duplicates after the converter
   and repeats again for a target layout where kv_heads < TP.
 
-Low-rank projections (model.linear != dense) plug in as roles of their own: a role is a row of
-per-parameter dims, so "first factor whole, second column-split" is
-`Role("column_factors", split={"cola_b": 1, "bias": 0})` (cola_b is [r, D_out]) plus a TP layer for
-it in parallelize.py. Until those layers exist, config refuses low-rank kinds under TP > 1 and their
-projections keep the dense roles here, which split only `weight` / `bias` (that is what a TP=1
-checkpoint of such a model records).
+Low-rank projections (model.linear=cola|sltrain|lora) take the same column / row roles: the roles
+name their factors too (b split along D_out in column roles, a along D_in in row roles, the other
+factor whole), and parallelize builds the low-rank TP layers of lowrank_parallel.py for them.
 """
 
 from __future__ import annotations
@@ -70,9 +67,12 @@ class Role:
 
 
 VOCAB = Role("vocab", split={"weight": 0})
-COLUMN = Role("column", split={"weight": 0, "bias": 0})
-KV_COLUMN = Role("kv_column", split={"weight": 0, "bias": 0}, kv_heads=True)
-ROW = Role("row", split={"weight": 1})  # the bias is added once, after the reduction: whole
+# Low-rank kinds (a [D_in, r], b [r, D_out]; megatrain.parallel.lowrank_parallel): a column role splits b
+# (and LoRA's W) along D_out and keeps a whole; a row role splits a (and W) along D_in and keeps b whole.
+# SLTrain's sparse values and support are whole on every rank.
+COLUMN = Role("column", split={"weight": 0, "bias": 0, "cola_b": 1, "lora_b": 1})
+KV_COLUMN = Role("kv_column", split={"weight": 0, "bias": 0, "cola_b": 1, "lora_b": 1}, kv_heads=True)
+ROW = Role("row", split={"weight": 1, "cola_a": 0, "lora_a": 0})  # the bias is added once, after the reduction
 HEADS = Role("heads", summed_grads=("mix_q", "mix_k", "mix_v", "collapse"))
 REGION = Role("region")
 REPLICATED = Role("replicated")

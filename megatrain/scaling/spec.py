@@ -269,12 +269,9 @@ def model_counts(model_cfg, seq_len: int) -> dict:
     flops_per_token (training FLOPs per token at `seq_len`: the trainer's MFU accounting,
     `Transformer.flops_per_token`).
     """
-    import torch
-
     from megatrain.models.transformer import Transformer
 
-    with torch.device("meta"):
-        model = Transformer(model_cfg)
+    model = Transformer(model_cfg, seed=0, device="meta")
     head = 0 if model.head.weight is model.embed.weight else model.head.weight.numel()
     return {"params": model.num_params(non_embedding=False),
             "params_non_embedding": model.num_params(non_embedding=True) - head,

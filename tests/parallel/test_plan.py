@@ -136,23 +136,46 @@ def test_universal_checkpoint_info_is_pinned():
     assert info[TP_REPLICATED_PARAMETER_PATTERNS] == names(*mixing(0), *mixing(1), "norm.weight")
 
 
-def test_lowrank_factor_role_is_a_row_and_lowrank_is_refused_under_tp():
-    """A factor layout ("first factor whole, second column-split") is one Role row: the derivations
-    follow it. Until its TP layer exists, applying it fails, and parallelize refuses low-rank kinds
-    at TP > 1."""
-    model = build("tiny", linear="cola")
-    factors = Role("column_factors", split={"cola_b": 1, "bias": 0})
-    plan = TPPlan(tuple(PlanEntry(e.pattern, factors if e.pattern.endswith("q_proj") else e.role)
-                        for e in TP_PLAN.entries))
-    specs = shard_specs([n for n, _ in model.named_parameters()], model.config, 2, plan)
-    assert specs["blocks.0.attn.q_proj.cola_a"] == (None, 1)
-    assert specs["blocks.0.attn.q_proj.cola_b"] == (1, 1)
-    assert specs["blocks.0.attn.q_proj.bias"] == (0, 1)
-    # With the dense roles (what a TP=1 low-rank checkpoint records today) the factors stay whole.
-    assert shard_specs(["blocks.0.attn.q_proj.cola_b"], model.config, 2)["blocks.0.attn.q_proj.cola_b"] == (None, 1)
-    with pytest.raises(ValueError, match="role 'column_factors' .* has no tensor-parallel layer"):
-        apply_plan(copy.deepcopy(model), SplitContext(model.config, 2, 0, None), plan)
+@pytest.mark.parametrize("linear, tp, kv_heads", [("cola", 2, 2), ("sltrain", 4, 1), ("lora", 2, 1)])
+def test_lowrank_factors_follow_the_plan(linear, tp, kv_heads):
+    """The column / row roles name the low-rank factors: b split along D_out in column roles, a along
+    D_in in row roles, the other factor (and SLTrain's values and support) whole; every rank's factors
+    are exactly those slices, with the attributes and universal-checkpoint patterns to match."""
+    full = build("tiny", linear=linear, kv_heads=kv_heads)
+    names = [n for n, _ in full.named_parameters()]
+    specs = shard_specs(names + ["blocks.0.attn.q_proj.sparse_index"], full.config, tp)
+    factor = {"cola": ("cola_a", "cola_b"), "sltrain": ("lora_a", "lora_b"), "lora": ("lora_a", "lora_b")}[linear]
+    assert specs[f"blocks.0.attn.q_proj.{factor[0]}"] == (None, 1)
+    assert specs[f"blocks.0.attn.q_proj.{factor[1]}"] == (1, 1)
+    assert specs[f"blocks.0.mlp.down_proj.{factor[0]}"] == (0, 1)
+    assert specs[f"blocks.0.mlp.down_proj.{factor[1]}"] == (None, 1)
+    assert specs[f"blocks.0.attn.k_proj.{factor[1]}"] == (1, kv_replicas(kv_heads, tp))
+    assert specs["blocks.0.attn.q_proj.sparse_index"] == (None, 1)
+    for rank in range(tp):
+        split = apply_plan(copy.deepcopy(full), SplitContext(full.config, tp, rank, None))
+        check_split(full, split, rank, tp)
+
+
+def test_relora_is_refused_under_tp():
+    model = build("tiny", linear="relora")
     groups = ParallelGroups(rank=0, world_size=2, tp_rank=0, tp_size=2, dp_rank=0, dp_size=1, tp_group=None,
                             dp_group=None)
-    with pytest.raises(ConfigError, match="model.linear=dense only"):
+    with pytest.raises(ConfigError, match="model.linear=relora with parallel.tensor=2 is not supported"):
         parallelize(model, groups)
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["parallel.tensor=8"], "does not divide model.heads=4"),
+    (["parallel.tensor=2", "model.heads=8", "model.kv_heads=8", "model.ffn_dim=177"], "does not divide model.ffn_dim=177"),
+    (["parallel.tensor=4", "model.heads=12", "model.dim=96", "model.kv_heads=6"], "model.kv_heads=6: one must divide"),
+    (["parallel.tensor=2", "model.vocab_size=65"], "does not divide model.vocab_size=65"),
+    (["parallel.tensor=2", "model.linear=relora"], "model.linear=relora with parallel.tensor=2"),
+])
+def test_bad_splits_fail_in_config_naming_the_dimension(overrides, fragment):
+    """Every split a layout needs is checked from the config alone (before any process group); the
+    low-rank rank r is never split, so any r works (checked by the plan tests above)."""
+    from megatrain.config import load_config
+
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        load_config(None, ["model.preset=tiny", *overrides])
+    load_config(None, ["model.preset=tiny", "parallel.tensor=2", "model.linear=cola", "model.lowrank.rank=7"])

@@ -2,8 +2,8 @@
 vocab-parallel cross-entropy against torch's cross_entropy (both kernel backends), column/row-parallel
 linears and the vocab-parallel embedding with and without sequence parallelism, the sequence-parallel
 norm, and the whole parallelized model (split and replicated KV heads, tied head): loss, logits and
-every gradient slice; interleaved head attention in exact and local TP modes; the
-bytes the TP collectives send against `tp_comm_volume`."""
+every gradient slice; interleaved head attention in exact and local TP modes; the low-rank kinds
+(CoLA, SLTrain, LoRA) at TP=2; the bytes the TP collectives send against `tp_comm_volume`."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def test_tensor_parallel_layers_match_single_process():
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
                            os.path.join("tests", "parallel", "tp_checks.py"),
-                           "cross_entropy", "linear_embedding", "sequence_parallel_norm", "model", "iha", "comm_volume"],
+                           "cross_entropy", "linear_embedding", "sequence_parallel_norm", "model", "iha", "comm_volume", "lowrank"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
-    assert "ok: cross_entropy linear_embedding sequence_parallel_norm model iha comm_volume" in proc.stdout
+    assert "ok: cross_entropy linear_embedding sequence_parallel_norm model iha comm_volume lowrank" in proc.stdout

@@ -129,6 +129,9 @@ def _model_check(groups, sequence_parallel, kv_heads, tie, **extra):
     for name, param in split.named_parameters():
         dim, replicas = specs[name]
         expected = full_params[name].grad
+        if expected is None:  # frozen (LoRA's W)
+            assert param.grad is None and not param.requires_grad, f"{what}: {name} has a gradient"
+            continue
         if dim is not None:
             expected = local_part(expected, dim, groups, replicas)
         close(param.grad, expected, f"{what} grad {name}")
@@ -149,8 +152,14 @@ def check_comm_volume(groups):
     from megatrain.parallel import tensor_parallel
     from megatrain.parallel.parallelize import tp_comm_volume
 
+    from megatrain.models.config import LowRankConfig
+
+    lowrank = [dict(linear="cola", lowrank=LowRankConfig(rank=8)),
+               dict(linear="sltrain", lowrank=LowRankConfig(rank=8, density=0.1)),
+               dict(linear="lora", lowrank=LowRankConfig(rank=8, dropout=0.0))]
     for sequence_parallel, extra in [(False, {}), (True, {}),
-                                     (False, dict(attention="iha", iha=IHAConfig(pseudo_heads=2)))]:
+                                     (False, dict(attention="iha", iha=IHAConfig(pseudo_heads=2))),
+                                     *[(sp, kind) for kind in lowrank for sp in (False, True)]]:
         cfg = ModelConfig(preset="tiny", vocab_size=64, **extra)
         model = parallelize(Transformer(cfg), groups, sequence_parallel=sequence_parallel)
         ids = torch.randint(0, 64, (2, 8))
@@ -178,7 +187,18 @@ def check_iha(groups):
     os.environ["MEGATRAIN_KERNELS"] = "auto"
 
 
-CHECKS = {"iha": check_iha, "comm_volume": check_comm_volume, "cross_entropy": check_cross_entropy, "linear_embedding": check_linear_embedding,
+def check_lowrank(groups):
+    """CoLA, SLTrain and LoRA under TP=2 (lowrank_parallel.py): loss, logits and every gradient slice equal
+    the single-process model's, with and without sequence parallelism and with KV heads replicated."""
+    from megatrain.models.config import LowRankConfig
+
+    for linear in ("cola", "sltrain", "lora"):
+        lowrank = LowRankConfig(rank=8, **{"cola": {}, "sltrain": {"density": 0.1}, "lora": {"dropout": 0.0}}[linear])
+        _model_check(groups, False, 2, False, linear=linear, lowrank=lowrank)
+        _model_check(groups, True, 1, True, linear=linear, lowrank=lowrank)
+
+
+CHECKS = {"lowrank": check_lowrank, "iha": check_iha, "comm_volume": check_comm_volume, "cross_entropy": check_cross_entropy, "linear_embedding": check_linear_embedding,
           "sequence_parallel_norm": check_sequence_parallel_norm, "model": check_model}
 
 
