@@ -69,3 +69,30 @@ def test_global_rng_keeps_seeding_the_default_key():
     torch.manual_seed(3)
     b = Transformer(cfg).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name, tp", [("tiny", 2), ("tiny_tied", 2), ("gqa_kv1", 4), ("iha", 2)])
+def test_given_weights_land_as_each_ranks_slice(name, tp):
+    """An imported run / train.init_from: `initial_state` replaces the keyed init module by module, so
+    every TP rank holds exactly its slice of the given weights (not of the seed's)."""
+    cfg = config(name)
+    given = Transformer(cfg, seed=SEED + 5)  # weights no seed-keyed init of SEED would produce
+    for rank in range(tp):
+        model = Transformer(cfg, seed=SEED, device="meta")
+        model.initial_state = given.state_dict()
+        split = apply_plan(model, SplitContext(given.config, tp, rank, None))
+        split.materialize()
+        check_split(given, split, rank, tp)
+
+
+def test_given_weights_that_do_not_fit_are_one_line():
+    from megatrain.engine.build import _check_initial_state
+    from megatrain.errors import CheckpointError
+
+    cfg = config("tiny")
+    state = Transformer(cfg, seed=SEED).state_dict()
+    state.pop("norm.weight")
+    state["blocks.0.attn.q_proj.weight"] = state["blocks.0.attn.q_proj.weight"][:, :-1]
+    with pytest.raises(CheckpointError, match=r"^'runs/x' does not match the model config \(missing: norm.weight; "
+                                              r"shape: blocks.0.attn.q_proj.weight"):
+        _check_initial_state(Transformer(cfg, seed=0, device="meta"), state, "runs/x")
