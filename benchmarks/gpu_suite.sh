@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU suite: the one command to run on the lent GPU machine, from the repository root.
 #
-#   bash benchmarks/gpu_suite.sh                    # setup, then the stages: tests kernels throughput
+#   bash benchmarks/gpu_suite.sh                    # setup, then the stages: tests compile kernels throughput
 #   bash benchmarks/gpu_suite.sh tests kernels      # setup, then only these stages
 #
 # Through the device tool: run(command="bash benchmarks/gpu_suite.sh", carry=[".whl"], timeout_s=600),
@@ -19,7 +19,10 @@
 #   `pip install --target $SITE .` would not do: pytest's `pythonpath = ["."]` and `python -c` put the
 #   repository's own megatrain/ (which has no kernels/) ahead of it. And a .pth file would not do either:
 #   Python reads .pth files in site directories only, never in PYTHONPATH entries.
-# tests: python -m pytest -q tests/kernels with MEGATRAIN_KERNELS=triton (the same tests, on CUDA).
+# tests: python -m pytest -q tests/kernels with MEGATRAIN_KERNELS=triton (the same tests, on CUDA), except
+#   test_compile_cuda.py, which the compile stage replaces.
+# compile: python benchmarks/compile_report.py with every core and no cache: the image's Triton compiles
+#   every launch config for sm_80 and sm_90 and writes benchmarks/results/kernels-compiled-gpu-image.md.
 # kernels: python benchmarks/kernels.py $KERNELS_ARGS (e.g. KERNELS_ARGS=--quick).
 # throughput: python benchmarks/throughput.py $THROUGHPUT_ARGS (default: the 125m preset, seq 2048,
 #   micro-batch 8, 20 steps).
@@ -37,7 +40,7 @@ WHEELS=${WHEELS:-$REPO/.whl}
 LOG_DIR=${OUT:-$REPO/runs/gpu-suite}
 KERNELS_ARGS=${KERNELS_ARGS:-}
 THROUGHPUT_ARGS=${THROUGHPUT_ARGS:---preset 125m --seq-len 2048 --micro-batch 8 --steps 20}
-ALL_STAGES=(tests kernels throughput)
+ALL_STAGES=(tests compile kernels throughput)
 export PYTHONUNBUFFERED=1
 
 stages=("$@")
@@ -46,7 +49,7 @@ if (( ${#stages[@]} == 0 )); then
 fi
 for stage in "${stages[@]}"; do
     case "$stage" in
-        setup|tests|kernels|throughput) ;;
+        setup|tests|compile|kernels|throughput) ;;
         *) echo "gpu_suite.sh: unknown stage '$stage' (stages: setup ${ALL_STAGES[*]})" >&2; exit 2 ;;
     esac
 done
@@ -233,7 +236,8 @@ main() {
     for stage in "${stages[@]}"; do
         case "$stage" in
             setup) ;;
-            tests) run_stage tests env MEGATRAIN_KERNELS=triton MEGATRAIN_TEST_DEVICE=cuda "$PYTHON" -m pytest -q -p no:cacheprovider -rf tests/kernels ;;
+            tests) run_stage tests env MEGATRAIN_KERNELS=triton MEGATRAIN_TEST_DEVICE=cuda "$PYTHON" -m pytest -q -p no:cacheprovider -rf tests/kernels --ignore=tests/kernels/test_compile_cuda.py ;;
+            compile) run_stage compile "$PYTHON" benchmarks/compile_report.py --jobs "$(nproc)" --cache none --write benchmarks/results/kernels-compiled-gpu-image.md ;;
             # shellcheck disable=SC2086  # the argument strings are meant to split into arguments
             kernels) run_stage kernels "$PYTHON" benchmarks/kernels.py $KERNELS_ARGS ;;
             # shellcheck disable=SC2086

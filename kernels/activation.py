@@ -26,6 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._utils import check_device, check_same, check_tensor, new_output
+from .aot import KernelLaunch, LaunchConfig, signature
 
 __all__ = ["swiglu"]
 
@@ -35,6 +36,19 @@ OP = "swiglu"
 # enough that the grid covers every SM even for modest activations.
 BLOCK = 1024
 NUM_WARPS = 4
+
+
+def launch_config() -> LaunchConfig:
+    """The one launch shape of both SwiGLU kernels, for every size, dtype and device."""
+    return LaunchConfig.of(num_warps=NUM_WARPS, BLOCK=BLOCK)
+
+
+def cuda_launches(dtype: torch.dtype) -> list[KernelLaunch]:
+    """Forward and backward launches on CUDA tensors of `dtype` (any size: the config is fixed)."""
+    fwd = signature(_swiglu_fwd_kernel, {"G": dtype, "U": dtype, "Y": dtype}, ints64=("n",))
+    bwd = signature(_swiglu_bwd_kernel, {n: dtype for n in ("DY", "G", "U", "DG", "DU")}, ints64=("n",))
+    return [KernelLaunch(_swiglu_fwd_kernel, fwd, launch_config(), True),
+            KernelLaunch(_swiglu_bwd_kernel, bwd, launch_config(), True)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -93,7 +107,7 @@ def swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
     n = gate.numel()
     y = new_output((n,), dtype=gate.dtype, device=gate.device)
     if n:
-        _swiglu_fwd_kernel[(triton.cdiv(n, BLOCK),)](gate, up, y, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        _swiglu_fwd_kernel[(triton.cdiv(n, BLOCK),)](gate, up, y, n, **launch_config().kwargs())
     return y
 
 
@@ -103,8 +117,7 @@ def swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     dgate = new_output((n,), dtype=gate.dtype, device=gate.device)
     dup = new_output((n,), dtype=up.dtype, device=up.device)
     if n:
-        _swiglu_bwd_kernel[(triton.cdiv(n, BLOCK),)](dy, gate, up, dgate, dup, n, BLOCK=BLOCK,
-                                                     num_warps=NUM_WARPS)
+        _swiglu_bwd_kernel[(triton.cdiv(n, BLOCK),)](dy, gate, up, dgate, dup, n, **launch_config().kwargs())
     return dgate, dup
 
 

@@ -62,6 +62,7 @@ from torch.autograd.function import once_differentiable
 from megatrain.constants import IGNORE_INDEX
 
 from ._utils import FLOAT_DTYPES, check_device, check_same, check_tensor, new_output, next_power_of_2
+from .aot import KernelLaunch, LaunchConfig, signature
 
 __all__ = ["fused_linear_cross_entropy", "default_chunk_size"]
 
@@ -140,10 +141,22 @@ def _flce_grad_kernel(logits_ptr, stride_row, target_ptr, lse_ptr, scale_ptr, n_
 # ---- launchers -----------------------------------------------------------------------------------
 
 
-def _block_v(n_cols: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) for rows of n_cols logits."""
+def launch_config(n_cols: int) -> LaunchConfig:
+    """BLOCK_V and num_warps of both passes for rows of n_cols logits, on every device."""
     block = min(next_power_of_2(n_cols), MAX_BLOCK_V)
-    return block, (8 if block >= 2048 else 4)
+    return LaunchConfig.of(num_warps=8 if block >= 2048 else 4, BLOCK_V=block)
+
+
+def cuda_launches(vocab_local: int, dtype: torch.dtype) -> list[KernelLaunch]:
+    """Both passes on CUDA for logits of `dtype` with vocab_local columns (V, or V / TP shard)."""
+    config = launch_config(vocab_local)
+    stats = signature(_flce_stats_kernel, {"logits_ptr": dtype, "target_ptr": torch.int64, "row_max_ptr": torch.float32,
+                                           "row_sumexp_ptr": torch.float32, "target_logit_ptr": torch.float32})
+    grad = signature(_flce_grad_kernel, {"logits_ptr": dtype, "target_ptr": torch.int64, "lse_ptr": torch.float32,
+                                         "scale_ptr": torch.float32})
+    note = f"V_local={vocab_local}"
+    return [KernelLaunch(_flce_stats_kernel, stats, config, True, note),
+            KernelLaunch(_flce_grad_kernel, grad, config, True, note)]
 
 
 def _row_stats(logits: Tensor, target: Tensor, vocab_start: int, ignore_index: int):
@@ -152,9 +165,8 @@ def _row_stats(logits: Tensor, target: Tensor, vocab_start: int, ignore_index: i
     row_max = new_output((rows,), dtype=torch.float32, device=logits.device)
     row_sumexp = new_output((rows,), dtype=torch.float32, device=logits.device)
     target_logit = new_output((rows,), dtype=torch.float32, device=logits.device)
-    block, warps = _block_v(n_cols)
     _flce_stats_kernel[(rows,)](logits, logits.stride(0), target, row_max, row_sumexp, target_logit,
-                                n_cols, vocab_start, ignore_index, BLOCK_V=block, num_warps=warps)
+                                n_cols, vocab_start, ignore_index, **launch_config(n_cols).kwargs())
     return row_max, row_sumexp, target_logit
 
 
@@ -162,9 +174,8 @@ def _logits_to_grad_(logits: Tensor, target: Tensor, lse: Tensor, scale: Tensor,
                      ignore_index: int) -> Tensor:
     """Phase 2: overwrite logits [C, V_local] with their gradient (see _flce_grad_kernel); returns it."""
     rows, n_cols = logits.shape
-    block, warps = _block_v(n_cols)
     _flce_grad_kernel[(rows,)](logits, logits.stride(0), target, lse, scale, n_cols, vocab_start, ignore_index,
-                               BLOCK_V=block, num_warps=warps)
+                               **launch_config(n_cols).kwargs())
     return logits
 
 

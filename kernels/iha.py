@@ -58,6 +58,7 @@ from torch import Tensor
 
 from . import reference
 from ._utils import check_device, interpreting, new_output, next_power_of_2
+from .aot import KernelLaunch, LaunchConfig, signature
 
 __all__ = ["iha_attention", "IhaAttentionFunction"]
 
@@ -516,6 +517,53 @@ def _iha_bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, mixq_ptr, mixk_ptr, mixv_ptr, colla
 # ---- host side -----------------------------------------------------------------------------------
 
 
+def launch_config(head_dim: int, pseudo: int, dtype: torch.dtype, *, backward: bool,
+                  interpret: Optional[bool] = None) -> LaunchConfig:
+    """Tiles, warps and stages of the forward (backward=False) or of both backward kernels.
+
+    A tile holds BLOCK_T tokens = BLOCK_T * P_PAD virtual rows (P_PAD = next power of two >= P);
+    BLOCK_C is the padded half head dim. Rows per tile on a GPU: 128 forward for d <= 64, else 64;
+    64 backward for d <= 128, else 32 (flash-attention's usual sizes, not tuned here). Under the
+    interpreter (`interpret`, default: TRITON_INTERPRET=1) 8 tokens per tile, so N = 13 spans two
+    tiles. These are fixed rather than autotuned: the backward's per-tile dmix partial buffers are
+    sized by the tile before the launch. The per-call flags (ROPE, TOKEN_CAUSAL, HAS_WINDOW,
+    COLLAPSE) are added by the launcher.
+    """
+    interpret = interpreting() if interpret is None else interpret
+    d1 = (head_dim + 1) // 2  # rotary needs an even d; without rotary any d splits this way
+    block_c = max(16, next_power_of_2(d1))  # tl.dot needs every dim >= 16 on a GPU
+    p_pad = next_power_of_2(pseudo)
+    if interpret:
+        rows = 8 * p_pad
+    else:
+        rows = (64 if head_dim <= 128 else 32) if backward else (128 if head_dim <= 64 else 64)
+        rows = max(rows, p_pad, 16)
+    return LaunchConfig.of(num_warps=4 if rows * block_c <= 4096 else 8, num_stages=1 if backward else 2,
+                           BLOCK_T=rows // p_pad, P_PAD=p_pad, BLOCK_C=block_c,
+                           FP32_DOT=interpret or dtype == torch.float32)
+
+
+def cuda_launches(head_dim: int, pseudo: int, dtype: torch.dtype, *, rope: bool = True, token_causal: bool = False,
+                  window: bool = True, collapse_heads: bool = True) -> list[KernelLaunch]:
+    """The forward and both backward launches on CUDA for heads of size head_dim, P = pseudo, q/k/v
+    of `dtype` (mixes, collapse and rotary tables fp32, as the model keeps them)."""
+    flags = dict(ROPE=rope, TOKEN_CAUSAL=token_causal, HAS_WINDOW=window, COLLAPSE=collapse_heads)
+    f32 = torch.float32
+    common = {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "mixq_ptr": f32, "mixk_ptr": f32, "mixv_ptr": f32,
+              "collapse_ptr": f32, "cos_ptr": f32, "sin_ptr": f32}
+    fwd = signature(_iha_fwd_kernel, {**common, "out_ptr": dtype, "lse_ptr": f32}, floats=("qk_scale",))
+    bwd = {**common, "do_ptr": dtype, "lse_ptr": f32, "dp_ptr": f32}
+    dq = signature(_iha_bwd_dq_kernel, {**bwd, "dq_ptr": f32, "dmixq_part_ptr": f32}, floats=("qk_scale", "sm_scale"))
+    dkv = signature(_iha_bwd_dkv_kernel, {**bwd, "dk_ptr": f32, "dv_ptr": f32, "dmixk_part_ptr": f32,
+                                          "dmixv_part_ptr": f32}, floats=("qk_scale", "sm_scale"))
+    note = f"d={head_dim} P={pseudo}"
+    forward = launch_config(head_dim, pseudo, dtype, backward=False, interpret=False).replace(**flags)
+    backward = launch_config(head_dim, pseudo, dtype, backward=True, interpret=False).replace(**flags)
+    return [KernelLaunch(_iha_fwd_kernel, fwd, forward, False, note),
+            KernelLaunch(_iha_bwd_dq_kernel, dq, backward, False, note),
+            KernelLaunch(_iha_bwd_dkv_kernel, dkv, backward, False, note)]
+
+
 class _Layout:
     """Sizes, block sizes and launch constants shared by the three launches of one call."""
 
@@ -524,26 +572,13 @@ class _Layout:
         batch, heads_in, seq_len, head_dim = q.shape
         self.batch, self.heads_in, self.seq_len, self.head_dim = batch, heads_in, seq_len, head_dim
         self.heads_out, self.pseudo = heads_out, pseudo
-        self.d1 = (head_dim + 1) // 2  # rotary needs an even d; without rotary any d splits this way
-        # tl.dot needs every dim >= 16 on a GPU.
-        self.block_c = max(16, next_power_of_2(self.d1))
-        self.p_pad = next_power_of_2(pseudo)
-        if interpreting():
-            rows = 8 * self.p_pad  # 8 tokens: N = 13 spans two tiles, so tile skipping is exercised
-        elif backward:
-            rows = 64 if head_dim <= 128 else 32
-        else:
-            rows = 128 if head_dim <= 64 else 64
-        if not interpreting():
-            rows = max(rows, self.p_pad, 16)
-        self.block_t = rows // self.p_pad
+        self.d1 = (head_dim + 1) // 2
+        config = launch_config(head_dim, pseudo, q.dtype, backward=backward)
+        self.block_t = config.constexpr_dict()["BLOCK_T"]
         self.num_tiles = triton.cdiv(seq_len, self.block_t)
-        self.num_warps = 4 if rows * self.block_c <= 4096 else 8
         self.sm_scale = head_dim ** -0.5
-        self.consts = dict(
-            BLOCK_T=self.block_t, P_PAD=self.p_pad, BLOCK_C=self.block_c, ROPE=rope,
-            TOKEN_CAUSAL=mask == "token_causal", HAS_WINDOW=window is not None, COLLAPSE=collapse_heads,
-            FP32_DOT=interpreting() or q.dtype == torch.float32)
+        self.launch = config.replace(ROPE=rope, TOKEN_CAUSAL=mask == "token_causal", HAS_WINDOW=window is not None,
+                                     COLLAPSE=collapse_heads).kwargs()
         self.window = window if window is not None else 0
         self.window_tok = self.window // pseudo
 
@@ -574,7 +609,7 @@ def _forward(q, k, v, mix_q, mix_k, mix_v, collapse, cos, sin, mask, window, col
         q, k, v, mix_q, mix_k, mix_v, collapse, cos_t, sin_t, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *mix_q.stride(), *collapse.stride(), *table_strides, *out.stride(),
         *lay.scalars(), lay.sm_scale * LOG2E, lay.window, lay.window_tok,
-        num_warps=lay.num_warps, num_stages=2, **lay.consts)
+        **lay.launch)
     return out, lse
 
 
@@ -598,11 +633,11 @@ def _backward(grad_rows, q, k, v, mix_q, mix_k, mix_v, collapse, cos, sin, lse, 
     _iha_bwd_dq_kernel[lay.grid()](
         q, k, v, mix_q, mix_k, mix_v, collapse, cos_t, sin_t, grad_rows, lse, dp, dq, parts[0],
         *common, *dq.stride()[:3], *part_strides, *scalars,
-        num_warps=lay.num_warps, num_stages=1, **lay.consts)
+        **lay.launch)
     _iha_bwd_dkv_kernel[lay.grid()](
         q, k, v, mix_q, mix_k, mix_v, collapse, cos_t, sin_t, grad_rows, lse, dp, dk, dv, parts[1], parts[2],
         *common, *dk.stride()[:3], *part_strides, *scalars,
-        num_warps=lay.num_warps, num_stages=1, **lay.consts)
+        **lay.launch)
     return (dq, dk, dv), tuple(part.sum(0) for part in parts), dp
 
 

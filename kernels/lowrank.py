@@ -44,6 +44,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ._utils import check_device, check_same, check_tensor, interpreting, new_output, next_power_of_2
+from .aot import KernelLaunch, LaunchConfig, signature
+from .tuning import autotuned
 
 __all__ = ["lowrank_linear", "MAX_FUSED_RANK"]
 
@@ -176,23 +178,76 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _fused_blocks(rank: int, device: torch.device) -> dict:
+# Accumulator elements one program of the fused forward may hold: [BLOCK_T, BLOCK_R] fp32 z, about
+# 64 registers a thread at 8 warps, which leaves room for the second matmul without spilling.
+FUSED_ACC_ELEMENTS = 16384
+
+
+def fused_configs(rank: int, dtype: torch.dtype, device_type: str = "cuda") -> list[LaunchConfig]:
+    """Launch configs of the fused forward for rank r <= MAX_FUSED_RANK and operands of `dtype`.
+
+    CPU (the interpreter): one config of small tiles. CUDA: the autotuner's candidates, every one of
+    which fits sm_80's and sm_90's shared memory (tests/kernels/test_compile_cuda.py compiles them
+    all). 4-byte operands take half-depth K tiles and two stages: with the 16-bit tiles an fp32
+    [64, 256] rank tile needs 272 KB of shared memory, more than sm_90's 227 KB.
+    """
     block_r = max(16, next_power_of_2(rank))
-    if device.type != "cuda":
+    if device_type != "cuda":
         # The interpreter runs programs one by one: small tiles keep it fast and make tiny test
         # shapes span several row, reduction and output tiles.
-        return dict(BLOCK_T=16, BLOCK_K=16, BLOCK_R=block_r, BLOCK_N=16, num_warps=4)
-    # About 16K fp32 accumulator elements per program (64 registers per thread at 8 warps).
-    block_t = max(16, min(128, 16384 // block_r))
-    block_n = max(32, min(128, 16384 // block_r))
-    return dict(BLOCK_T=block_t, BLOCK_K=64, BLOCK_R=block_r, BLOCK_N=block_n,
-                num_warps=8 if block_t * block_r >= 8192 else 4, num_stages=3)
+        return [LaunchConfig.of(num_warps=4, BLOCK_T=16, BLOCK_K=16, BLOCK_R=block_r, BLOCK_N=16)]
+    wide = dtype.itemsize >= 4
+    block_k, stages = (32, 2) if wide else (64, 3)
+    largest_t = max(16, min(128, FUSED_ACC_ELEMENTS // block_r))
+    if wide:
+        # fp32 operands (IEEE dots run on the FMA units and hold more per thread): half the rows.
+        largest_t = max(16, largest_t // 2)
+    # Output tiles of 64 columns: at 128 the second matmul's accumulator spills at every rank
+    # (docs/kernels-compiled.md has the compiled numbers).
+    tiles = [(largest_t, 64), (max(16, largest_t // 2), 64), (largest_t, 32)]
+    configs = []
+    for block_t, block_n in dict.fromkeys(tiles):
+        warps = 8 if block_t * block_r >= 8192 else 4
+        configs.append(LaunchConfig.of(num_warps=warps, num_stages=stages, BLOCK_T=block_t, BLOCK_K=block_k,
+                                       BLOCK_R=block_r, BLOCK_N=block_n))
+    return configs
 
 
-def _mm_blocks(device: torch.device) -> dict:
-    if device.type != "cuda":
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+def mm_configs(dtype: torch.dtype, device_type: str = "cuda") -> list[LaunchConfig]:
+    """Launch configs of `_lowrank_mm_kernel` (C = act?(P) @ Q ...): one small config on CPU, the
+    autotuner's candidates on CUDA (the usual square and flat matmul tiles, K tiles halved for fp32)."""
+    if device_type != "cuda":
+        return [LaunchConfig.of(num_warps=4, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)]
+    block_k = 32 if dtype.itemsize >= 4 else 64
+    # 128-wide tiles need 8 warps: at 4 their fp32 accumulator plus the SiLU prologue spills.
+    tiles = ((128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 4))
+    return [LaunchConfig.of(num_warps=warps, num_stages=stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, GROUP_M=8)
+            for bm, bn, warps, stages in tiles]
+
+
+def _per_call_constexprs(dtype: torch.dtype) -> dict:
+    return dict(UPCAST_DOT=interpreting(), PRECISION=_precision(dtype))
+
+
+def cuda_launches(rank: int, dtype: torch.dtype) -> list[KernelLaunch]:
+    """Every config the CUDA launchers may run for rank r and `dtype`: the fused forward (r <= 256)
+    and the matmul kernel (backward; forward for larger r), each with its optional work on (bias,
+    SiLU, z stored; SiLU prologue and derivative epilogue), so the heaviest variant is what compiles."""
+    # fp32 dots are IEEE unless torch.backends.cuda.matmul.allow_tf32 is set: both can run.
+    precisions = ("ieee", "tf32") if dtype == torch.float32 else ("tf32",)
+    out = []
+    for precision in precisions:
+        flags = dict(UPCAST_DOT=False, PRECISION=precision)
+        if rank <= MAX_FUSED_RANK:
+            types = signature(_lowrank_fwd_fused_kernel, {n: dtype for n in ("X", "A", "B", "BIAS", "Y", "Z")})
+            for config in fused_configs(rank, dtype):
+                config = config.replace(HAS_BIAS=True, ACT=True, STORE_Z=True, **flags)
+                out.append(KernelLaunch(_lowrank_fwd_fused_kernel, types, config, False, f"r={rank}"))
+        types = signature(_lowrank_mm_kernel, {n: dtype for n in ("P", "Q", "BIAS", "ZE", "C")})
+        for config in mm_configs(dtype):
+            config = config.replace(ACT_P=True, HAS_BIAS=True, DACT_EPILOGUE=True, **flags)
+            out.append(KernelLaunch(_lowrank_mm_kernel, types, config, False))
+    return out
 
 
 def lowrank_fwd(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor], act: bool, store_z: bool):
@@ -206,17 +261,16 @@ def lowrank_fwd(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor], act: bo
     y = new_output((n_rows, d_out), dtype=x.dtype, device=x.device)
     if n_rows == 0:
         return y, (new_output((0, rank), dtype=x.dtype, device=x.device) if store_z else None)
-    precision = _precision(x.dtype)
     if rank <= MAX_FUSED_RANK:
         z = new_output((n_rows, rank), dtype=x.dtype, device=x.device) if store_z else None
-        blocks = _fused_blocks(rank, x.device)
-        grid = (triton.cdiv(n_rows, blocks["BLOCK_T"]),)
-        _lowrank_fwd_fused_kernel[grid](
+        kernel, fixed = autotuned(_lowrank_fwd_fused_kernel, fused_configs(rank, x.dtype, x.device.type),
+                                  key=("D_IN", "R", "D_OUT"))
+        kernel[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_T"]),)](
             x, a, b, bias if bias is not None else y, y, z if z is not None else y,
             n_rows, d_in, rank, d_out,
             x.stride(0), a.stride(0), b.stride(0), y.stride(0), z.stride(0) if z is not None else 0,
-            HAS_BIAS=bias is not None, ACT=act, STORE_Z=store_z, UPCAST_DOT=interpreting(), PRECISION=precision,
-            **blocks,
+            HAS_BIAS=bias is not None, ACT=act, STORE_Z=store_z, **_per_call_constexprs(x.dtype),
+            **fixed,
         )
         return y, z
     # Large rank: z by cuBLAS, then one fused pass for act(z) @ b + bias.
@@ -232,16 +286,15 @@ def _mm(p: Tensor, q: Tensor, out: Tensor, *, act_p: bool = False, bias: Optiona
     n = q.shape[1]
     if m == 0 or n == 0:
         return out
-    blocks = _mm_blocks(p.device)
-    grid = (triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(n, blocks["BLOCK_N"]),)
-    _lowrank_mm_kernel[grid](
+    kernel, fixed = autotuned(_lowrank_mm_kernel, mm_configs(p.dtype, p.device.type), key=("N", "K"))
+    kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](
         p, q, bias if bias is not None else out, dact if dact is not None else out, out,
         m, n, k,
         p.stride(0), p.stride(1), q.stride(0), q.stride(1),
         dact.stride(0) if dact is not None else 0, dact.stride(1) if dact is not None else 0,
         out.stride(0), out.stride(1),
         ACT_P=act_p, HAS_BIAS=bias is not None, DACT_EPILOGUE=dact is not None,
-        UPCAST_DOT=interpreting(), PRECISION=_precision(p.dtype), **blocks,
+        **_per_call_constexprs(p.dtype), **fixed,
     )
     return out
 

@@ -31,6 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._utils import check_device, check_same, check_tensor, new_output, next_power_of_2
+from .aot import KernelLaunch, LaunchConfig, signature
 
 __all__ = ["rms_norm"]
 
@@ -120,10 +121,31 @@ def _rms_norm_bwd_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-def _num_warps(block_d: int) -> int:
-    # About 256 columns per warp: enough independent loads per thread to hide latency without
-    # leaving most threads of a small row idle.
-    return min(16, max(1, block_d // 256))
+def launch_config(d: int) -> LaunchConfig:
+    """BLOCK_D and num_warps for rows of length d, forward and backward, on every device.
+
+    About 256 columns per warp: enough independent loads per thread to hide latency without leaving
+    most threads of a small row idle.
+    """
+    block_d = next_power_of_2(d)
+    return LaunchConfig.of(num_warps=min(16, max(1, block_d // 256)), BLOCK_D=block_d)
+
+
+def cuda_launches(d: int, dtype: torch.dtype, weight_dtype: Optional[torch.dtype] = None) -> list[KernelLaunch]:
+    """Every launch `rms_norm` makes on CUDA for rows of length d in `dtype` (weight in
+    `weight_dtype`, default dtype): forward with and without residual, backward with and without
+    the returned h's gradient."""
+    weight_dtype = weight_dtype or dtype
+    base = launch_config(d)
+    fwd = signature(_rms_norm_fwd_kernel, {"X": dtype, "R": dtype, "W": weight_dtype, "Y": dtype, "H": dtype,
+                                           "RSTD": torch.float32}, floats=("eps",))
+    bwd = signature(_rms_norm_bwd_kernel, {"DY": dtype, "H": dtype, "W": weight_dtype, "RSTD": torch.float32,
+                                           "DH_OUT": dtype, "DX": dtype, "DW_PARTIAL": torch.float32})
+    out = [KernelLaunch(_rms_norm_fwd_kernel, fwd, base.replace(HAS_RESIDUAL=res), True, f"D={d}")
+           for res in (False, True)]
+    out += [KernelLaunch(_rms_norm_bwd_kernel, bwd, base.replace(HAS_DH_OUT=dh, COMPUTE_DW=True), True, f"D={d}")
+            for dh in (False, True)]
+    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -180,14 +202,13 @@ def rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, residual: Optional[Tenso
     rstd = new_output((n_rows,), dtype=torch.float32, device=x.device)
     if n_rows == 0:
         return y, h, rstd
-    block_d = next_power_of_2(d)
     weight = weight.contiguous()
     _rms_norm_fwd_kernel[(n_rows,)](
         x, residual if residual is not None else x, weight, y, h if h is not None else y, rstd,
         x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
         h.stride(0) if h is not None else 0,
         d, float(eps),
-        HAS_RESIDUAL=residual is not None, BLOCK_D=block_d, num_warps=_num_warps(block_d),
+        HAS_RESIDUAL=residual is not None, **launch_config(d).kwargs(),
     )
     return y, h, rstd
 
@@ -210,14 +231,12 @@ def rms_norm_bwd(dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, dh_out: Op
     if n_rows == 0:
         dw = torch.zeros(d, dtype=weight.dtype, device=weight.device) if compute_dw else None
         return dx, dw
-    block_d = next_power_of_2(d)
     _rms_norm_bwd_kernel[(num_programs,)](
         dy, h, weight.contiguous(), rstd, dh_out if dh_out is not None else dy, dx,
         dw_partial if dw_partial is not None else rstd,
         dy.stride(0), h.stride(0), dh_out.stride(0) if dh_out is not None else 0, dx.stride(0),
         n_rows, d, rows_per_program,
-        HAS_DH_OUT=dh_out is not None, COMPUTE_DW=compute_dw, BLOCK_D=block_d,
-        num_warps=_num_warps(block_d),
+        HAS_DH_OUT=dh_out is not None, COMPUTE_DW=compute_dw, **launch_config(d).kwargs(),
     )
     dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
     return dx, dw

@@ -38,6 +38,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ._utils import check_device, check_same, check_tensor, new_output, next_power_of_2
+from .aot import KernelLaunch, LaunchConfig, signature
+from .tuning import autotuned
 
 __all__ = ["projected_adam_update"]
 
@@ -117,12 +119,28 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _blocks(rank: int, device: torch.device) -> dict:
-    if device.type != "cuda":
+def launch_configs(rank: int, device_type: str = "cuda") -> list[LaunchConfig]:
+    """Candidate (BLOCK_A, BLOCK_B, BLOCK_K, warps, stages) for rank r: one small config on CPU, the
+    autotuner's list on CUDA (square and flat W tiles; K tiles of the rank up to 64)."""
+    if device_type != "cuda":
         # The interpreter runs programs one by one: small tiles keep it fast and make small test
         # shapes span several tiles and rank chunks.
-        return dict(BLOCK_A=16, BLOCK_B=16, BLOCK_K=16, num_warps=4)
-    return dict(BLOCK_A=64, BLOCK_B=64, BLOCK_K=min(64, max(16, next_power_of_2(rank))), num_warps=4)
+        return [LaunchConfig.of(num_warps=4, BLOCK_A=16, BLOCK_B=16, BLOCK_K=16)]
+    block_k = min(64, max(16, next_power_of_2(rank)))
+    return [LaunchConfig.of(num_warps=warps, num_stages=2, BLOCK_A=a, BLOCK_B=b, BLOCK_K=block_k)
+            for a, b, warps in ((64, 64, 4), (128, 64, 8), (64, 128, 8))]
+
+
+def cuda_launches(rank: int) -> list[KernelLaunch]:
+    """Every candidate on CUDA for rank r, Fira's residual on (the heavier variant), fp32 tensors
+    (GaLore and Fira keep fp32 master weights and moments), IEEE and TF32 dots."""
+    f32 = torch.float32
+    types = signature(_projected_adam_update_kernel, {n: f32 for n in ("W", "P", "R", "M1", "V1", "M1_OUT", "V1_OUT",
+                                                                        "G", "SCALE_A")},
+                      floats=("beta1", "beta2", "eps", "step_size", "scale", "keep", "residual_coef"))
+    return [KernelLaunch(_projected_adam_update_kernel, types,
+                         config.replace(UPDATE_MOMENTS=True, HAS_RESIDUAL=True, PRECISION=precision), False, f"r={rank}")
+            for precision in ("ieee", "tf32") for config in launch_configs(rank)]
 
 
 def _validate(weight, proj, low_rank_grad, exp_avg, exp_avg_sq, side, grad, residual_scale):
@@ -187,15 +205,16 @@ def projected_adam_update(weight: Tensor, proj: Tensor, low_rank_grad: Tensor, e
     has_residual = grad is not None
     g = grad if has_residual else weight
     s = residual_scale.contiguous() if has_residual else weight
-    blocks = _blocks(rank, weight.device)
-    grid = (triton.cdiv(a_size, blocks["BLOCK_A"]), triton.cdiv(b_size, blocks["BLOCK_B"]))
-    _projected_adam_update_kernel[grid](
+    # Tuning runs the kernel several times: W, updated in place, is restored after each run.
+    kernel, fixed = autotuned(_projected_adam_update_kernel, launch_configs(rank, weight.device.type),
+                              key=("A", "B", "K"), restore=("W",))
+    kernel[lambda meta: (triton.cdiv(a_size, meta["BLOCK_A"]), triton.cdiv(b_size, meta["BLOCK_B"]))](
         weight, proj, low_rank_grad, exp_avg, exp_avg_sq, m_out, v_out, g, s,
         *ab(weight), stride_pk, stride_pb, *ak(low_rank_grad), *ak(exp_avg), *ak(m_out), *ab(g),
         a_size, b_size, rank,
         float(beta1), float(beta2), float(eps), float(step_size), float(scale), float(1.0 - decay),
         float(residual_coef),
         UPDATE_MOMENTS=update_moments, HAS_RESIDUAL=has_residual, PRECISION=_precision(torch.float32),
-        **blocks,
+        **fixed,
     )
     return m_out, v_out

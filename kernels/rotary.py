@@ -28,6 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._utils import check_device, check_same, check_tensor, new_output, next_power_of_2
+from .aot import KernelLaunch, LaunchConfig, signature
 
 __all__ = ["rope", "RopeFunction"]
 
@@ -114,6 +115,33 @@ def _rope_fwd_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr,
                   cos, sin, offs_i, mask_i, HALF, BLOCK_HK)
 
 
+def launch_config(head_dim: int, num_q_heads: int, num_k_heads: int) -> LaunchConfig:
+    """HALF, the head/pair tile and num_warps for heads of size head_dim, on every device (INVERSE,
+    the direction, is added by the launcher)."""
+    half = head_dim // 2
+    block_half = next_power_of_2(half)
+    max_heads = max(1, _MAX_TILE // block_half)
+    block_hq = min(next_power_of_2(num_q_heads), max_heads)
+    block_hk = min(next_power_of_2(num_k_heads), max_heads)
+    # Small tiles (short heads, few heads) waste warps; large ones want more of them.
+    tile = max(block_hq, block_hk) * block_half
+    num_warps = 1 if tile <= 256 else 2 if tile <= 512 else 4 if tile <= 2048 else 8
+    return LaunchConfig.of(num_warps=num_warps, HALF=half, BLOCK_HALF=block_half, BLOCK_HQ=block_hq,
+                           BLOCK_HK=block_hk)
+
+
+def cuda_launches(head_dim: int, num_q_heads: int, num_k_heads: int, dtype: torch.dtype,
+                  table_dtype: torch.dtype = torch.float32) -> list[KernelLaunch]:
+    """Forward (rotate by +theta) and backward (-theta) launches for q/k of `dtype` on CUDA; the
+    cos/sin tables in `table_dtype` (fp32 in the models)."""
+    types = signature(_rope_fwd_kernel, {"q_ptr": dtype, "k_ptr": dtype, "q_out_ptr": dtype, "k_out_ptr": dtype,
+                                         "cos_ptr": table_dtype, "sin_ptr": table_dtype})
+    base = launch_config(head_dim, num_q_heads, num_k_heads)
+    note = f"d={head_dim} Hq={num_q_heads} Hk={num_k_heads}"
+    return [KernelLaunch(_rope_fwd_kernel, types, base.replace(INVERSE=inverse), True, note)
+            for inverse in (False, True)]
+
+
 def _check_inputs(q, k, cos, sin) -> None:
     """ValueError naming 'rope', the argument and the shapes, for anything the kernel cannot take."""
     check_tensor("rope", "q", q, ndim=4)
@@ -152,22 +180,12 @@ def _rope_launch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, inverse: boo
     if batch * seq_len == 0:
         return q_out, k_out
 
-    half = head_dim // 2
-    block_half = next_power_of_2(half)
-    max_heads = max(1, _MAX_TILE // block_half)
-    block_hq = min(next_power_of_2(num_q_heads), max_heads)
-    block_hk = min(next_power_of_2(num_k_heads), max_heads)
-    # Small tiles (short heads, few heads) waste warps; large ones want more of them.
-    tile = max(block_hq, block_hk) * block_half
-    num_warps = 1 if tile <= 256 else 2 if tile <= 512 else 4 if tile <= 2048 else 8
-
     _rope_fwd_kernel[(batch * seq_len,)](
         q, k, q_out, k_out, cos, sin,
         seq_len, num_q_heads, num_k_heads,
         *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(),
         *_table_strides(cos), *_table_strides(sin),
-        HALF=half, BLOCK_HALF=block_half, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, INVERSE=inverse,
-        num_warps=num_warps,
+        INVERSE=inverse, **launch_config(head_dim, num_q_heads, num_k_heads).kwargs(),
     )
     return q_out, k_out
 

@@ -51,6 +51,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._utils import check_device, check_same, check_tensor, interpreting, new_output
+from .aot import KernelLaunch, LaunchConfig, signature
 
 __all__ = ["sparse_lowrank_linear", "SparseSupport", "sparse_support"]
 
@@ -215,6 +216,34 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def spmm_config(device_type: str = "cuda") -> LaunchConfig:
+    """Tiles of the gather-matmul kernel (x @ S, dy @ S^T): fixed; the work per tile follows the
+    support, not a shape an autotuner could key on. Small tiles for the interpreter."""
+    if device_type != "cuda":
+        return LaunchConfig.of(num_warps=4, BLOCK_T=16, BLOCK_G=16, BLOCK_NZ=16)
+    return LaunchConfig.of(num_warps=4, num_stages=2, BLOCK_T=64, BLOCK_G=32, BLOCK_NZ=64)
+
+
+def sddmm_config(device_type: str = "cuda") -> LaunchConfig:
+    """Tiles of the dvalues kernel (entries x token slices)."""
+    if device_type != "cuda":
+        return LaunchConfig.of(num_warps=4, BLOCK_T=16, BLOCK_NZ=16)
+    return LaunchConfig.of(num_warps=4, BLOCK_T=32, BLOCK_NZ=128)
+
+
+def cuda_launches(dtype: torch.dtype) -> list[KernelLaunch]:
+    """The two kernels on CUDA for x of `dtype` (configs do not depend on the shape): the gather
+    matmul with accumulation on, and dvalues."""
+    spmm_types = signature(_sparse_spmm_kernel, {"INP": dtype, "V": dtype, "GATHER": torch.int32, "GROUP": torch.int32,
+                                                 "PTR": torch.int64, "OUT": dtype}, floats=("old_scale",))
+    sddmm_types = signature(_sparse_sddmm_kernel, {"X": dtype, "DY": dtype, "ROWS": torch.int32, "COLS": torch.int32,
+                                                   "PARTIAL": torch.float32})
+    precision = _precision(dtype)
+    return [KernelLaunch(_sparse_spmm_kernel, spmm_types,
+                         spmm_config().replace(ACCUMULATE=True, UPCAST_DOT=False, PRECISION=precision), False),
+            KernelLaunch(_sparse_sddmm_kernel, sddmm_types, sddmm_config(), True)]
+
+
 def spmm(inp: Tensor, values: Tensor, gather: Tensor, group: Tensor, ptr: Tensor, out: Tensor,
          accumulate: bool, old_scale: float = 1.0) -> Tensor:
     """out[t, g] = (old_scale * out[t, g] if accumulate) + sum_{k in group g} inp[t, gather[k]] * values[k].
@@ -225,10 +254,8 @@ def spmm(inp: Tensor, values: Tensor, gather: Tensor, group: Tensor, ptr: Tensor
     n_rows, n_groups = out.shape
     if n_rows == 0 or n_groups == 0:
         return out
-    if inp.device.type == "cuda":
-        blocks = dict(BLOCK_T=64, BLOCK_G=32, BLOCK_NZ=64, num_warps=4, num_stages=2)
-    else:
-        blocks = dict(BLOCK_T=16, BLOCK_G=16, BLOCK_NZ=16, num_warps=4)
+    config = spmm_config(inp.device.type)
+    blocks = config.kwargs()
     grid = (triton.cdiv(n_rows, blocks["BLOCK_T"]), triton.cdiv(n_groups, blocks["BLOCK_G"]))
     _sparse_spmm_kernel[grid](
         inp, values, gather, group, ptr, out,
@@ -243,11 +270,12 @@ def sddmm(x: Tensor, dy: Tensor, support: SparseSupport, dtype: torch.dtype) -> 
     n_rows, nnz = x.shape[0], support.nnz
     if nnz == 0 or n_rows == 0:
         return torch.zeros(nnz, dtype=dtype, device=x.device)
+    config = sddmm_config(x.device.type)
+    block_t, block_nz = config.constexpr_dict()["BLOCK_T"], config.constexpr_dict()["BLOCK_NZ"]
     if x.device.type == "cuda":
-        block_t, block_nz, num_warps = 32, 128, 4
         target = 4 * _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
     else:
-        block_t, block_nz, num_warps, target = 16, 16, 4, 2
+        target = 2
     k_programs = triton.cdiv(nnz, block_nz)
     splits = max(1, min(triton.cdiv(n_rows, block_t), triton.cdiv(target, k_programs)))
     rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), block_t) * block_t
@@ -256,7 +284,7 @@ def sddmm(x: Tensor, dy: Tensor, support: SparseSupport, dtype: torch.dtype) -> 
     _sparse_sddmm_kernel[(k_programs, splits)](
         x, dy, support.rows, support.cols, partial,
         n_rows, nnz, rows_per_split, x.stride(0), dy.stride(0),
-        BLOCK_T=block_t, BLOCK_NZ=block_nz, num_warps=num_warps,
+        **config.kwargs(),
     )
     return partial.sum(0).to(dtype)
 

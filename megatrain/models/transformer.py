@@ -113,11 +113,26 @@ class Block(nn.Module):
         self.mlp = MLP(cfg.dim, cfg.ffn_dim, linear=cfg.linear)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, *, mask: Optional[Tensor] = None,
-                cache: Optional[KVCache] = None, layer_idx: int = 0, **attn_kwargs) -> Tensor:
+                cache: Optional[KVCache] = None, layer_idx: int = 0, residual: Optional[Tensor] = None,
+                carry_residual: bool = False, **attn_kwargs):
         """h [B, N, D]; cos, sin and mask as in `Attention.forward`; attn_kwargs (IHA's positions,
-        key_positions) go to the attention module."""
-        h = h + self.attn(self.attn_norm(h), cos, sin, mask=mask, cache=cache, layer_idx=layer_idx, **attn_kwargs)
-        return h + self.mlp(self.mlp_norm(h))
+        key_positions) go to the attention module. Returns the new residual stream [B, N, D].
+
+        Each residual add is fused into the norm that follows it (`rms_norm(x, w, residual=...)`,
+        one kernel reading both and writing the sum and its norm): the attention output's add into
+        the pre-MLP norm; with `residual` (the stream before the previous block's MLP output h was
+        added), that add into the pre-attention norm. carry_residual=True returns (MLP output,
+        stream) un-added, for the next block or the final norm to fuse.
+        """
+        if residual is None:
+            stream = h
+            x = self.attn_norm(h)
+        else:
+            x, stream = self.attn_norm(h, residual=residual)
+        attn_out = self.attn(x, cos, sin, mask=mask, cache=cache, layer_idx=layer_idx, **attn_kwargs)
+        x, stream = self.mlp_norm(attn_out, residual=stream)
+        out = self.mlp(x)
+        return (out, stream) if carry_residual else stream + out
 
 
 class LMHead(nn.Module):
@@ -377,14 +392,18 @@ class Transformer(nn.Module):
         # Recomputing a block in backward would append to a live cache a second time.
         checkpointed = (self.gradient_checkpointing and self.training and torch.is_grad_enabled()
                         and (cache is None or cache.frozen))
-        h = self.embed(input_ids)
+        # Blocks pass (last MLP output, stream before it) on, so each residual add is fused into the
+        # next norm (Block.forward), the last one into the final norm.
+        h, residual = self.embed(input_ids), None
         for idx, block in enumerate(self.blocks):
             if checkpointed:
-                h = checkpoint(block, h, cos, sin, mask=mask, cache=cache, layer_idx=idx, use_reentrant=False,
-                               **attn_kwargs)
+                h, residual = checkpoint(block, h, cos, sin, mask=mask, cache=cache, layer_idx=idx, residual=residual,
+                                         carry_residual=True, use_reentrant=False, **attn_kwargs)
             else:
-                h = block(h, cos, sin, mask=mask, cache=cache, layer_idx=idx, **attn_kwargs)
-        return self.head(self.norm(h), labels)
+                h, residual = block(h, cos, sin, mask=mask, cache=cache, layer_idx=idx, residual=residual,
+                                    carry_residual=True, **attn_kwargs)
+        normed = self.norm(h) if residual is None else self.norm(h, residual=residual)[0]
+        return self.head(normed, labels)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count, each shared Parameter once. non_embedding drops the input embedding
