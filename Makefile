@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 # CPU machines get the CPU build of torch (an unpinned torch pulls several GB of CUDA packages);
 # GPU machines get a normal requirement.
-TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.4,torch==2.13.0)
+TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.10,torch==2.13.0)
 DEMO_NPROC ?= $(if $(HAS_GPU),$(shell nvidia-smi -L | wc -l),2)
 DEMO_DIR   ?= runs/demo
 

@@ -190,9 +190,13 @@ def layer_activations(model, batches) -> list[torch.Tensor]:
     [tokens, dim] fp32 matrices (tokens = every position of every batch)."""
     captured: list[list[torch.Tensor]] = [[] for _ in range(len(model.blocks) + 1)]
     hooks = [model.embed.register_forward_hook(lambda m, i, o: captured[0].append(o.detach().float()))]
+    def stream(out) -> torch.Tensor:
+        # A block whose residual add is left to the next norm returns (MLP output, stream) un-added.
+        return (out[0] + out[1] if isinstance(out, tuple) else out).detach().float()
+
     for idx, block in enumerate(model.blocks):
         hooks.append(block.register_forward_hook(
-            lambda m, i, o, idx=idx: captured[idx + 1].append(o.detach().float())))
+            lambda m, i, o, idx=idx: captured[idx + 1].append(stream(o))))
     try:
         for inputs, _ in batches.items:
             model(inputs)

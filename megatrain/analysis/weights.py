@@ -5,7 +5,7 @@ embed.weight) and `get(name) -> fp32 CPU tensor`. `CheckpointWeights` reads a ch
 consolidated `model.safetensors` (ZeRO-3 shards gathered and tensor-parallel slices joined when the
 checkpoint was written, megatrain.engine.checkpoint) one tensor at a time through a memory map, so
 large checkpoints stream matrix by matrix. `initial_weights` rebuilds W_0 with the model's own init
-from the run's seed, exactly as the trainer does (torch.manual_seed(train.seed), then the model).
+from the run's seed, exactly as the trainer does (each module from a generator keyed by (train.seed, name)).
 """
 
 from __future__ import annotations
@@ -120,15 +120,11 @@ def _model_config(meta: dict):
 
 
 def build_model(model_cfg, seed: int):
-    """The model of `model_cfg` initialised exactly as the trainer does for train.seed = seed.
-
-    The global RNG is left as it was (the draw happens inside torch.random.fork_rng)."""
+    """The model of `model_cfg` initialised exactly as the trainer does for train.seed = seed (every
+    module from its generator keyed by (seed, name), whatever the layout; the global RNG is untouched)."""
     from megatrain.models.transformer import Transformer
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Transformer(model_cfg)
-    return model.eval()
+    return Transformer(model_cfg, seed=seed).eval()
 
 
 def initial_weights(meta: dict, dtypes: Optional[dict] = None) -> ModuleWeights:

@@ -182,11 +182,11 @@ class MegatrainSide:
 
 
 def _initial_model(cfg, model_cfg, device):
-    """The trainer's initial weights: the same seed, then Transformer (Trainer.__init__ does the same)."""
+    """The trainer's initial weights: every module keyed by (train.seed, its name), as engine.build does."""
     from megatrain.models.transformer import Transformer
 
-    torch.manual_seed(cfg.train.seed)
-    model = Transformer(model_cfg).to(device)
+    torch.manual_seed(cfg.train.seed)  # what trains randomly (dropout) starts as in the trainer
+    model = Transformer(model_cfg, seed=cfg.train.seed).to(device)
     model.gradient_checkpointing = cfg.train.activation_checkpointing
     return model
 
