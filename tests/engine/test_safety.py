@@ -72,12 +72,12 @@ def test_universal_checkpoint_fixup_reads_weights_only(tmp_path):
     param = zero / "blocks.0.attn.k_proj.weight"
     param.mkdir(parents=True)
     torch.save({"param": torch.arange(8.0).reshape(4, 2), "cat_dim": 0}, param / "fp32.pt")
-    _map_kv_tensors(str(zero), lambda t: t[:2])
+    _map_kv_tensors(str(zero), lambda t, dim: t[:2])
     assert torch.equal(torch.load(param / "fp32.pt", weights_only=True)["param"], torch.arange(4.0).reshape(2, 2))
     marker = tmp_path / "ran"
     torch.save({"param": torch.zeros(2), "extra": _Payload(marker)}, param / "exp_avg.pt")
     with pytest.raises(Exception, match="Weights only load failed"):
-        _map_kv_tensors(str(zero), lambda t: t)
+        _map_kv_tensors(str(zero), lambda t, dim: t)
     assert not marker.exists()
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from megatrain import kernels
 from megatrain.kernels import reference
 
-from .kernel_testing import assert_matches, fresh_generator, randn, triton_backend  # noqa: F401
+from .kernel_testing import assert_matches, fresh_generator, fresh_seed, randn, triton_backend  # noqa: F401
 
 GRAD_NAMES = ("q", "k", "v", "mix_q", "mix_k", "mix_v", "collapse")
 MASKS = {  # id -> (mask, window in units of P)
@@ -208,6 +208,7 @@ def test_benchmark_case_runs_on_cpu(triton_backend):  # noqa: F811
         spec.loader.exec_module(module)
     bench = sys.modules[name]
     shape = dict(batch=1, seq=9, heads=2, head_dim=32, pseudo=2)
+    torch.manual_seed(fresh_seed())  # the benchmark draws its inputs from the global RNG
     case = bench.iha_case(shape, "cpu")
     rows = bench.check_case(case, rtol=2e-2)
     assert [r["tensor"] for r in rows] == ["o", "dq", "dk", "dv", "dmix_q", "dmix_k", "dmix_v", "dcollapse"]
