@@ -24,6 +24,13 @@ yet, and relinking the moments after a resume, are DeepSpeed internals confined 
 megatrain.optim.deepspeed_adapter. At ZeRO stage 0 in fp32 the client optimizer
 updates the module parameters directly and its state is keyed by them. Re-initialisation draws from
 a generator seeded by (train.seed, step), so every rank and a resumed run draw the same values.
+
+Under tensor parallelism the layers are megatrain.parallel.lowrank_parallel's LoRA forms (b split
+along D_out in column roles, a along D_in in row roles). The merge is then local to each rank's W
+shard; the re-draw draws the whole factor on every rank and keeps the rank's slice
+(`reset_adapters`), and magnitude pruning thresholds each moment over the whole layer
+(`full_factor` / `local_factor`, an all-gather over the TP group), so a restart at TP=T equals
+one process's.
 """
 
 from __future__ import annotations
@@ -75,12 +82,19 @@ def _write(p: torch.nn.Parameter, value: torch.Tensor) -> None:
         safe_set_full_fp32_param(p, value.float())
 
 
-def _prune_state(optimizer, p: torch.nn.Parameter, mode: str, ratio: float) -> None:
-    """Magnitude-prune (or zero, mode "reset") p's Adam moments wherever the optimizer keeps them."""
+def _prune_state(optimizer, module, name: str, mode: str, ratio: float) -> None:
+    """Magnitude-prune (or zero, mode "reset") the Adam moments of factor `name` of `module` wherever the
+    optimizer keeps them; for a tensor-parallel shard the threshold is the whole layer's."""
     from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
 
+    p = getattr(module, name)
+
     def reduce(t: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(t) if mode == "reset" else magnitude_prune(t, ratio)
+        if mode == "reset":
+            return torch.zeros_like(t)
+        if not hasattr(module, "full_factor"):
+            return magnitude_prune(t, ratio)
+        return module.local_factor(name, magnitude_prune(module.full_factor(name, t), ratio))
 
     if keeps_fp32_master(p):  # ZeRO 1/2, bf16: flat fp32 partitions (collective calls)
         if not optimizer_state_linked(p):  # no optimizer step yet: no state to prune
@@ -98,9 +112,12 @@ def _prune_state(optimizer, p: torch.nn.Parameter, mode: str, ratio: float) -> N
 
 
 @torch.no_grad()
-def merge_and_reinit(module: LoRALinear, generator: Optional[torch.Generator] = None) -> None:
+def merge_and_reinit(module: torch.nn.Module, generator: Optional[torch.Generator] = None) -> None:
     """W <- W + alpha/r * (a b)^T, then a Kaiming-uniform and b = 0 (module tensors and, under
-    DeepSpeed ZeRO 1/2 or bf16, the fp32 masters). The module's function is unchanged."""
+    DeepSpeed ZeRO 1/2 or bf16, the fp32 masters). The module's function is unchanged.
+
+    `module` is a LoRALinear or one of its tensor-parallel forms, whose W shard gets exactly its part
+    of the product from its local factors (b's columns, or a's rows)."""
     a, b = _full_fp32(module.lora_a), _full_fp32(module.lora_b)
     merged = _full_fp32(module.weight) + module.scale * (a @ b).T
     _write(module.weight, merged)
@@ -119,7 +136,9 @@ class ReLoRA:
                               "Config.resolve (the trainer's preflight does) before building the model's ReLoRA")
         self.every, self.warm_start = rl.every, rl.warm_start_steps
         self.prune, self.prune_ratio, self.seed = rl.prune, rl.prune_ratio, cfg.train.seed
-        self.layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+        # LoRALinear, or its tensor-parallel forms (which carry `restarts` and `reset_adapters` too)
+        self.layers = [m for m in model.modules()
+                       if isinstance(m, LoRALinear) or (getattr(m, "restarts", False) and hasattr(m, "reset_adapters"))]
         if not self.layers:
             raise ConfigError("model.linear=relora but the model holds no ReLoRA projections")
         if self.warm_start > 0:
@@ -146,8 +165,8 @@ class ReLoRA:
                     _write(m.lora_b, m.lora_b.detach().float())
                 else:
                     merge_and_reinit(m, generator)
-                for p in (m.lora_a, m.lora_b):
-                    _prune_state(optimizer, p, "reset" if switch_on else self.prune, self.prune_ratio)
+                for name in ("lora_a", "lora_b"):
+                    _prune_state(optimizer, m, name, "reset" if switch_on else self.prune, self.prune_ratio)
             self.restarts_done += 1
             log.info("ReLoRA %s at step %d", "adapters on" if switch_on else "merge and restart", step)
         enabled = step >= self.warm_start

@@ -28,9 +28,6 @@ def check_tensor_split(m, tp: int) -> None:
     """
     if tp == 1:
         return
-    if m.linear == "relora":
-        raise ConfigError(f"model.linear=relora with parallel.tensor={tp} is not supported: its restarts re-draw and "
-                          f"magnitude-prune whole factors (allowed under TP: model.linear=dense, cola, sltrain, lora)")
     if m.heads % tp:
         raise ConfigError(f"parallel.tensor={tp} does not divide model.heads={m.heads}")
     if m.kv_heads % tp and tp % m.kv_heads:

@@ -1,4 +1,4 @@
-"""Tensor-parallel forms of the low-rank projection kinds (CoLA, SLTrain, LoRA), for the plan's column
+"""Tensor-parallel forms of the low-rank projection kinds (CoLA, SLTrain, LoRA and ReLoRA), for the plan's column
 and row roles (docs/lowrank.md, docs/tensor-parallel.md).
 
 Factors are stored as the kernels take them: a [D_in, r], b [r, D_out] (y = f(x a) b).
@@ -27,11 +27,13 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megatrain import kernels
-from megatrain.models.layers import CoLALinear, LoRALinear, SLTrainLinear
+from megatrain.models.layers import CoLALinear, LoRALinear, SLTrainLinear, _kaiming_uniform_
 from megatrain.parallel.tensor_parallel import (
     copy_to_tp, mark_split, reduce_from_tp, reduce_scatter_sequence,
 )
@@ -176,7 +178,52 @@ class RowParallelSLTrain(nn.Module):
         return _row_output(partial, self.bias, self.group, self.sequence_parallel)
 
 
-class ColumnParallelLoRA(_ColumnBase):
+class _ReLoRAShard:
+    """What ReLoRA's restarts (megatrain.optim.relora) need from a split LoRA layer: the re-draw of the
+    factors and the whole-layer view of a factor-shaped tensor (its Adam moments), so that a restart
+    at TP=T does exactly what it does in one process.
+
+    The merge W += scale (a b)^T needs nothing more: with b split along D_out (column) or a along
+    D_in (row), this rank's W shard receives exactly its part of the product."""
+
+    @torch.no_grad()
+    def reset_adapters(self, generator: Optional[torch.Generator] = None) -> None:
+        """a <- Kaiming-uniform (fan_in = the whole layer's D_in), b <- 0. The whole [D_in, r] factor
+        is drawn on every rank from the same generator as one process draws it, and this rank keeps
+        its rows: the values (and the generator's position after the draw) are layout-independent."""
+        split = self.lora_a.shape[0] != self.full_in_features
+        whole = torch.empty(self.full_in_features, self.rank) if split else self.lora_a
+        _kaiming_uniform_(whole, self.full_in_features, generator)
+        if split:
+            self.lora_a.copy_(whole.narrow(0, self.shard * self.lora_a.shape[0], self.lora_a.shape[0]))
+        nn.init.zeros_(self.lora_b)
+
+    def full_factor(self, name: str, t: Tensor) -> Tensor:
+        """The whole-layer tensor of `t`, shaped like this rank's factor `name` ("lora_a" or "lora_b"):
+        `t` itself for the replicated factor, else all-gathered over the TP group along the split
+        dimension (copies of replicated key/value heads taken once). A collective for split factors:
+        every rank of the group calls it for the same tensors in the same order."""
+        dim = getattr(getattr(self, name), "partition_dim", None)
+        if dim is None:
+            return t
+        world = dist.get_world_size(self.group)
+        pieces = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(pieces, t.contiguous(), group=self.group)
+        counted = [torch.zeros(1) for _ in range(world)]
+        dist.all_gather(counted, torch.tensor([float(self.counted)]), group=self.group)
+        return torch.cat([p for p, c in zip(pieces, counted) if c.item()], dim=dim)
+
+    def local_factor(self, name: str, full: Tensor) -> Tensor:
+        """This rank's part of a whole-layer tensor shaped like factor `name` (inverse of `full_factor`)."""
+        local = getattr(self, name)
+        dim = getattr(local, "partition_dim", None)
+        if dim is None:
+            return full
+        size = local.shape[dim]
+        return full.narrow(dim, self.shard * size, size)
+
+
+class ColumnParallelLoRA(_ColumnBase, _ReLoRAShard):
     """LoRA, column role: y_local = x W[rows].T + scale dropout(x) a b[:, cols]."""
 
     def __init__(self, full: LoRALinear, group, *, rank: int, parts: int, grad_group=None, counted: bool = True):
@@ -184,6 +231,7 @@ class ColumnParallelLoRA(_ColumnBase):
         self.group, self.grad_group = group, grad_group
         self.alpha, self.scale, self.restarts, self.rank = full.alpha, full.scale, full.restarts, full.rank
         self.in_features, self.out_features = full.in_features, full.out_features // parts
+        self.full_in_features = full.in_features
         self.weight = _part(full.weight, 0, rank, parts)
         self.weight.relora_base = True
         self.bias = None if full.bias is None else _part(full.bias, 0, rank, parts)
@@ -191,6 +239,7 @@ class ColumnParallelLoRA(_ColumnBase):
         self.lora_b = _part(full.lora_b, 1, rank, parts)
         self.dropout = full.dropout
         self.adapters_enabled = full.adapters_enabled
+        self.shard, self.counted = rank, counted
         mark_split(self.weight, 0, counted)
         mark_split(self.lora_b, 1, counted)
         if self.bias is not None:
@@ -205,7 +254,7 @@ class ColumnParallelLoRA(_ColumnBase):
                                                        activation=None)
 
 
-class RowParallelLoRA(nn.Module):
+class RowParallelLoRA(nn.Module, _ReLoRAShard):
     """LoRA, row role: y = all-reduce(x_local W[:, cols].T + scale dropout(x_local) a[rows] b) (+ bias)."""
 
     def __init__(self, full: LoRALinear, group, *, rank: int, parts: int, sequence_parallel: bool = False):
@@ -220,6 +269,7 @@ class RowParallelLoRA(nn.Module):
         self.lora_b = _whole(full.lora_b)
         self.dropout = full.dropout
         self.adapters_enabled = full.adapters_enabled
+        self.full_in_features, self.shard, self.counted = full.in_features, rank, True
         mark_split(self.weight, 1)
         mark_split(self.lora_a, 0)
 

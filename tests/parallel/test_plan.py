@@ -15,8 +15,8 @@ import torch
 from megatrain.models.config import IHAConfig, ModelConfig
 from megatrain.errors import ConfigError
 from megatrain.models.transformer import Transformer
-from megatrain.parallel.groups import ParallelGroups, kv_replicas
-from megatrain.parallel.parallelize import SplitContext, apply_plan, parallelize
+from megatrain.parallel.groups import kv_replicas
+from megatrain.parallel.parallelize import SplitContext, apply_plan
 from megatrain.parallel.plan import (
     KV_COLUMN, ROW, TP_PLAN, PlanEntry, Role, TPPlan, is_kv_split, shard_specs, universal_checkpoint_info,
 )
@@ -136,7 +136,7 @@ def test_universal_checkpoint_info_is_pinned():
     assert info[TP_REPLICATED_PARAMETER_PATTERNS] == names(*mixing(0), *mixing(1), "norm.weight")
 
 
-@pytest.mark.parametrize("linear, tp, kv_heads", [("cola", 2, 2), ("sltrain", 4, 1), ("lora", 2, 1)])
+@pytest.mark.parametrize("linear, tp, kv_heads", [("cola", 2, 2), ("sltrain", 4, 1), ("lora", 2, 1), ("relora", 2, 2)])
 def test_lowrank_factors_follow_the_plan(linear, tp, kv_heads):
     """The column / row roles name the low-rank factors: b split along D_out in column roles, a along
     D_in in row roles, the other factor (and SLTrain's values and support) whole; every rank's factors
@@ -144,7 +144,8 @@ def test_lowrank_factors_follow_the_plan(linear, tp, kv_heads):
     full = build("tiny", linear=linear, kv_heads=kv_heads)
     names = [n for n, _ in full.named_parameters()]
     specs = shard_specs(names + ["blocks.0.attn.q_proj.sparse_index"], full.config, tp)
-    factor = {"cola": ("cola_a", "cola_b"), "sltrain": ("lora_a", "lora_b"), "lora": ("lora_a", "lora_b")}[linear]
+    factor = {"cola": ("cola_a", "cola_b"), "sltrain": ("lora_a", "lora_b"), "lora": ("lora_a", "lora_b"),
+              "relora": ("lora_a", "lora_b")}[linear]
     assert specs[f"blocks.0.attn.q_proj.{factor[0]}"] == (None, 1)
     assert specs[f"blocks.0.attn.q_proj.{factor[1]}"] == (1, 1)
     assert specs[f"blocks.0.mlp.down_proj.{factor[0]}"] == (0, 1)
@@ -156,20 +157,11 @@ def test_lowrank_factors_follow_the_plan(linear, tp, kv_heads):
         check_split(full, split, rank, tp)
 
 
-def test_relora_is_refused_under_tp():
-    model = build("tiny", linear="relora")
-    groups = ParallelGroups(rank=0, world_size=2, tp_rank=0, tp_size=2, dp_rank=0, dp_size=1, tp_group=None,
-                            dp_group=None)
-    with pytest.raises(ConfigError, match="model.linear=relora with parallel.tensor=2 is not supported"):
-        parallelize(model, groups)
-
-
 @pytest.mark.parametrize("overrides, fragment", [
     (["parallel.tensor=8"], "does not divide model.heads=4"),
     (["parallel.tensor=2", "model.heads=8", "model.kv_heads=8", "model.ffn_dim=177"], "does not divide model.ffn_dim=177"),
     (["parallel.tensor=4", "model.heads=12", "model.dim=96", "model.kv_heads=6"], "model.kv_heads=6: one must divide"),
     (["parallel.tensor=2", "model.vocab_size=65"], "does not divide model.vocab_size=65"),
-    (["parallel.tensor=2", "model.linear=relora"], "model.linear=relora with parallel.tensor=2"),
 ])
 def test_bad_splits_fail_in_config_naming_the_dimension(overrides, fragment):
     """Every split a layout needs is checked from the config alone (before any process group); the
@@ -179,3 +171,4 @@ def test_bad_splits_fail_in_config_naming_the_dimension(overrides, fragment):
     with pytest.raises(ConfigError, match=re.escape(fragment)):
         load_config(None, ["model.preset=tiny", *overrides])
     load_config(None, ["model.preset=tiny", "parallel.tensor=2", "model.linear=cola", "model.lowrank.rank=7"])
+    load_config(None, ["model.preset=tiny", "parallel.tensor=2", "model.linear=relora", "model.lowrank.rank=7"])

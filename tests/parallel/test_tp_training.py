@@ -138,3 +138,17 @@ def test_lowrank_tp2_dp2_matches_one_process_and_reshards_to_tp1(tmp_path):
                     "--resume-from", str(tp)])
     assert "resharded to parallel.tensor=1" in proc.stdout + proc.stderr
     assert_close(losses(single), losses(tp) + losses(resumed), steps=6)
+
+
+def test_relora_tp2_restarts_match_one_process(tmp_path):
+    """ReLoRA with restarts before steps 2 and 4 (merge, re-draw, magnitude pruning through DeepSpeed's
+    fp32 masters and optimizer-state fragments) at TP=2 under ZeRO-1 equals the one-process run step
+    for step. Layer-level restart parity (every parameter and moment): tp_checks.py relora. (A TP -> TP
+    reshard of relora/lora is refused in one line: their frozen W has no optimizer state for
+    DeepSpeed's universal checkpoint; docs/lowrank.md.)"""
+    relora = ["model.linear=relora", "model.lowrank.rank=8", "model.lowrank.dropout=0", "train.relora.every=2",
+              "train.relora.restart_warmup=1", "train.steps=6", "log.eval_every=3", "parallel.zero_stage=1"]
+    single, tp = tmp_path / "single", tmp_path / "tp2"
+    run_cli(["pretrain", *TINY_JOB, *STEPS, *relora, f"run.dir={single}"])
+    run_cli(["pretrain", "--nproc-per-node", "2", *TINY_JOB, *STEPS, *relora, f"run.dir={tp}", "parallel.tensor=2"])
+    assert_close(losses(single), losses(tp), steps=6)

@@ -198,7 +198,65 @@ def check_lowrank(groups):
         _model_check(groups, True, 1, True, linear=linear, lowrank=lowrank)
 
 
-CHECKS = {"lowrank": check_lowrank, "iha": check_iha, "comm_volume": check_comm_volume, "cross_entropy": check_cross_entropy, "linear_embedding": check_linear_embedding,
+def check_relora(groups):
+    """ReLoRA's restart under TP=2 (merge into each W shard, re-draw of the whole factor keeping this
+    rank's slice, magnitude pruning of the Adam moments with the whole layer's threshold) equals the
+    one-process restart: two Adam steps, a restart before step 2, one more step; every parameter and
+    moment is the slice of the full model's, and the losses match. KV heads split and replicated."""
+    from types import SimpleNamespace
+
+    from megatrain.models.config import LowRankConfig
+    from megatrain.optim.relora import ReLoRA
+
+    relora = SimpleNamespace(every=2, restart_warmup=1, warm_start_steps=0, prune="magnitude", prune_ratio=0.5)
+    run_cfg = SimpleNamespace(train=SimpleNamespace(relora=relora, seed=7))
+    for sequence_parallel, kv_heads in [(False, 2), (True, 1)]:
+        cfg = ModelConfig(preset="tiny", vocab_size=64, kv_heads=kv_heads, linear="relora",
+                          lowrank=LowRankConfig(rank=8, dropout=0.0))
+        torch.manual_seed(3)
+        full = Transformer(cfg)
+        torch.manual_seed(3)
+        split = parallelize(Transformer(cfg), groups, sequence_parallel=sequence_parallel)
+        what = f"relora sp={sequence_parallel} kv_heads={kv_heads}"
+        models = {"full": full, "split": split}
+        drivers = {k: ReLoRA(run_cfg, m) for k, m in models.items()}
+        assert len(drivers["split"].layers) == len(drivers["full"].layers) == 14, what
+        opts = {k: torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+                for k, m in models.items()}
+        torch.manual_seed(4)
+        batches = [(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8))) for _ in range(3)]
+        for step, (ids, labels) in enumerate(batches):
+            for key in models:
+                drivers[key].before_step(SimpleNamespace(optimizer=opts[key]), step)
+                assert drivers[key].restarts_done == (step >= 2), what
+            if step == 2:  # just restarted: W merged, factors re-drawn, moments pruned
+                _compare_restart(split, full, opts, groups, what)
+            losses = {}
+            for key, model in models.items():
+                opts[key].zero_grad()
+                loss = model(ids, labels)
+                loss.backward()
+                opts[key].step()
+                losses[key] = loss.detach()
+            close(losses["split"], losses["full"], f"{what} loss at step {step}")
+
+
+def _compare_restart(split, full, opts, groups, what):
+    """Every parameter and Adam moment of the split model is its slice of the full model's."""
+    specs = shard_specs([n for n, _ in split.named_parameters()], full.config, groups.tp_size)
+    full_params = dict(full.named_parameters())
+    for name, param in split.named_parameters():
+        dim, replicas = specs[name]
+        part = (lambda t: t) if dim is None else (lambda t: local_part(t, dim, groups, replicas))
+        close(param.detach(), part(full_params[name].detach()), f"{what} {name}")
+        if param.requires_grad:
+            for key in ("exp_avg", "exp_avg_sq"):
+                close(opts["split"].state[param][key], part(opts["full"].state[full_params[name]][key]),
+                      f"{what} {key} of {name}")
+    assert any(n.endswith("lora_b") and (p == 0).all() for n, p in split.named_parameters()), what
+
+
+CHECKS = {"relora": check_relora, "lowrank": check_lowrank, "iha": check_iha, "comm_volume": check_comm_volume, "cross_entropy": check_cross_entropy, "linear_embedding": check_linear_embedding,
           "sequence_parallel_norm": check_sequence_parallel_norm, "model": check_model}
 
 
