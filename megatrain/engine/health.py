@@ -133,7 +133,14 @@ class Watchdog:
             time.sleep(self.poll_s * 2)
             if self._stop.is_set():
                 return
-            line = f"megatrain: error (rank {self.rank}): {self.verdict(self._peers())}"
+            peers = self._peers()
+            if peers and self.seq < max(p["seq"] for p in peers.values()):
+                # This rank is the one behind: a rank that waits for it names it (and ends the job) first;
+                # only if none has within another timeout does this rank report itself.
+                if self._stop.wait(self.timeout_s):
+                    return
+                peers = self._peers()
+            line = f"megatrain: error (rank {self.rank}): {self.verdict(peers)}"
             print(line, file=sys.stderr, flush=True)
             if self.on_timeout is not None:
                 try:
