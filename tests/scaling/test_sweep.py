@@ -195,7 +195,7 @@ def test_shipped_sweep_config_plans():
 
     spec = load_sweep(str(REPO / "launch/configs/sweep-tiny-cpu.yaml"))
     runs = plan_runs(spec)
-    assert spec.mode == "isoflop" and len({r.budget for r in runs}) == 3
+    assert spec.mode == "isoflop" and len({r.budget for r in runs}) == 5
     sizes = sorted({r.params_non_embedding for r in runs})
     assert len(sizes) == 4 and sizes[-1] / sizes[0] > 20
     assert all(r.steps >= spec.min_steps for r in runs)
