@@ -32,6 +32,7 @@ from megatrain.errors import CheckpointError, ConfigError, MegatrainError
 from megatrain.optim import build_optimizer
 from megatrain.optim.relora import relora_controller
 from megatrain.optim.schedules import lr_for_config
+from megatrain.parallel.plan import universal_checkpoint_info
 
 
 # Inside run.dir: where a checkpoint from another layout is converted for loading (removed after).
@@ -172,23 +173,30 @@ class Trainer:
 
         weights_only = resume_path is not None and bool(ckpt.read_meta(resume_path).get("weights_only"))
         init_path = resume_path if weights_only else (cfg.train.init_from if resume_path is None else None)
-        initial_state = None
-        if init_path is not None:  # an imported run or train.init_from: full weights, each rank keeps its share
-            from megatrain.engine.load import read_weights
-
-            initial_state = read_weights(init_path)[1]
-        self.num_params, self.flops_per_token = model_counts(model_cfg, cfg.data.seq_len)
-        model = build_model(cfg, model_cfg, self.groups, initial_state=initial_state, source=init_path)
-        del initial_state
-        torch.manual_seed(cfg.train.seed)  # what trains randomly (LoRA dropout) starts alike at every layout
-        load_path, universal = resume_path, False
+        universal = False
         if resume_path is not None and not weights_only:
             universal = ckpt.needs_reshard(ckpt.read_meta(resume_path), resume_path, model_cfg,
                                            cfg.parallel.zero_stage, self.dp_size, cfg.parallel.tensor)
-            if universal:
-                load_path = self._universal_checkpoint(resume_path)
+        # A reshard restores what the optimizer holds from DeepSpeed's universal checkpoint; frozen weights
+        # (ReLoRA/LoRA's W) have no optimizer state there, so they come from the checkpoint's full
+        # model.safetensors, each rank keeping its slice (the trainable ones are then overwritten).
+        state_from = init_path if init_path is not None else (
+            resume_path if universal and model_cfg.linear in ("relora", "lora") else None)
+        initial_state = None
+        if state_from is not None:  # an imported run or train.init_from: full weights, each rank keeps its share
+            from megatrain.engine.load import read_weights
+
+            initial_state = read_weights(state_from)[1]
+        self.num_params, self.flops_per_token = model_counts(model_cfg, cfg.data.seq_len)
+        model = build_model(cfg, model_cfg, self.groups, initial_state=initial_state, source=state_from)
+        del initial_state
+        torch.manual_seed(cfg.train.seed)  # what trains randomly (LoRA dropout) starts alike at every layout
+        load_path = self._universal_checkpoint(resume_path) if universal else resume_path
         self.relora = relora_controller(cfg, model)  # model.linear=relora: restarts (before the optimizer)
         self.optimizer = build_optimizer(cfg.optim, model, cfg.train.lr, on_cuda=env.device.type == "cuda")
+        # The universal-checkpoint patterns name only what the optimizer holds (a frozen W has no ZeRO state).
+        model.universal_checkpoint_info = universal_checkpoint_info(
+            model, held={id(p) for group in self.optimizer.param_groups for p in group["params"]})
         self.engine = initialize(cfg, model, self.optimizer, mpu=self.groups if cfg.parallel.tensor > 1 else None,
                                  load_universal=universal)
         if cfg.train.compile:

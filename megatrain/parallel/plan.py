@@ -166,11 +166,12 @@ def is_kv_split(name: str, plan: TPPlan = TP_PLAN) -> bool:
     return role is not None and role.kv_heads and param in role.split
 
 
-def universal_checkpoint_info(model, plan: TPPlan = TP_PLAN) -> dict:
+def universal_checkpoint_info(model, plan: TPPlan = TP_PLAN, held: Optional[set] = None) -> dict:
     """What DeepSpeed's universal-checkpoint converter needs to merge our TP slices: parameters split
     along dim 1 are concatenated along dim 1 (its "row parallelism"), replicated parameters taken from
     one rank, everything else along dim 0. Exact names, because the converter refuses patterns that
-    match nothing."""
+    match nothing. held: the ids of the parameters the optimizer holds (default: every parameter); a
+    frozen one (ReLoRA/LoRA's W) has no ZeRO state to merge, so it gets no pattern."""
     from deepspeed.checkpoint.constants import (
         PARAMETER_WITH_ROW_PARALLELISM_PATTERNS, TP_REPLICATED_PARAMETER_PATTERNS, UNIVERSAL_CHECKPOINT_VERSION_KEY,
         UNIVERSAL_CHECKPOINT_VERSION_VALUE,
@@ -179,8 +180,9 @@ def universal_checkpoint_info(model, plan: TPPlan = TP_PLAN) -> dict:
     # By name, not by the live TP size: a TP=1 checkpoint must say how to split for TP > 1.
     names = [name for name, _ in model.named_parameters()]
     specs = shard_specs(names, model.config, tp=2, plan=plan)
-    row = [re.escape(n) + "$" for n in names if specs[n].partition_dim == 1]
-    replicated = [re.escape(n) + "$" for n in names if specs[n].partition_dim is None]
+    kept = {name for name, p in model.named_parameters() if held is None or id(p) in held}
+    row = [re.escape(n) + "$" for n in names if specs[n].partition_dim == 1 and n in kept]
+    replicated = [re.escape(n) + "$" for n in names if specs[n].partition_dim is None and n in kept]
     info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
     if row:
         info[PARAMETER_WITH_ROW_PARALLELISM_PATTERNS] = row
