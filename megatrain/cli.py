@@ -457,6 +457,8 @@ def _add_sweep(sub):
     p.add_argument("--report", metavar="DIR", default=None,
                    help="collect, fit and plot the sweep directory DIR (its sweep.yaml); run nothing")
     p.add_argument("--no-report", action="store_true", help="do not write the report after running")
+    p.add_argument("--quick", action="store_true", help="the file's quick variant (its 'quick' section: minutes)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, each with cores/jobs threads (default 1)")
     p.add_argument("overrides", nargs="*", help="config overrides for every run, such as train.micro_batch=4")
 
 
@@ -467,7 +469,7 @@ def _cmd_sweep(args) -> int:
     if (args.sweep is None) == (args.report is None):
         raise MegatrainError("give a sweep file, or --report DIR (not both)")
     path = args.sweep if args.report is None else os.path.join(args.report, SPEC_FILE)
-    spec = load_sweep(path, args.overrides)
+    spec = load_sweep(path, args.overrides, quick=args.quick and args.report is None)
     if args.report is not None:
         spec.dir = args.report
     elif args.dir is not None:
@@ -476,6 +478,10 @@ def _cmd_sweep(args) -> int:
         if args.nproc_per_node < 1:
             raise MegatrainError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
         spec.nproc_per_node = args.nproc_per_node
+    from megatrain.scaling.study import is_study
+
+    if is_study(spec):
+        return _run_study(spec, args)
     runs = plan_runs(spec)
     if args.dry_run:
         print(f"{len(runs)} runs in {spec.dir} (mode {spec.mode}):")
@@ -489,7 +495,7 @@ def _cmd_sweep(args) -> int:
         print(f"wrote {emit(spec, runs, spec.nproc_per_node)} ({len(runs)} runs)")
         return 0
     if args.report is None:
-        states = run_local(spec, runs, nproc=spec.nproc_per_node, only=args.only)
+        states = run_local(spec, runs, nproc=spec.nproc_per_node, only=args.only, jobs=args.jobs)
         failed = [name for name, state in states.items() if state == "failed"]
         if failed:
             print(f"{len(failed)} run(s) failed (errors in their sweep_status.json): {', '.join(failed)}")
@@ -498,6 +504,26 @@ def _cmd_sweep(args) -> int:
     from megatrain.scaling.report import write_report
 
     print(f"wrote {write_report(spec, runs)}")
+    return 0
+
+
+def _run_study(spec, args) -> int:
+    """A sweep file with tune/seeds/study sections (megatrain.scaling.study): two stages, then study.md."""
+    from megatrain.scaling.study import plan_study, run_study, split_stages, write_study_report
+
+    if args.emit is not None or args.only is not None:
+        raise MegatrainError("a study (a sweep file with tune/seeds) runs locally: its second stage depends on the "
+                             "first one's results; --emit and --only are for plain sweeps")
+    runs = plan_study(spec)
+    if args.dry_run:
+        stage1, stage2 = split_stages(spec, runs)
+        print(f"study {spec.dir}: {len(stage1)} tuning runs, then up to {len(stage2)} seed runs at the chosen values")
+        for r in stage1:
+            print(f"  {r.name:<56} N={r.params_non_embedding:>9,} steps={r.steps:>6} D={r.tokens:>11,}")
+        return 0
+    if args.report is None:
+        run_study(spec, jobs=args.jobs)
+    print(f"wrote {write_study_report(spec, runs)}")
     return 0
 
 
@@ -529,6 +555,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("megatrain: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Destroy this process's group before the interpreter exits: a gloo group left to the exit handlers
+    can abort a rank at exit ("terminate called without an active exception") after a clean run. The
+    jobs keep using the group between their stages, so it is closed here, once, at the process's end."""
+    if "torch" not in sys.modules:  # a command that never loaded torch has no group
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - best effort at exit; the command's own result stands
+            pass
 
 
 if __name__ == "__main__":

@@ -66,6 +66,9 @@ class TaskConfig:
     queries: int = _f(4, "multikey: keys queried after the context (a subset of the pairs, each answered).")
     hops: int = _f(2, "multihop: lookups chained from the query to the answer.")
     symbols: int = _f(60, "Distinct key/value symbols; the vocabulary is symbols + 4 special tokens.")
+    length: int = _f(0, "Tokens per sequence: a gap of <pad> tokens between the context and the queries "
+                     "stretches each sequence to this length (the context-length axis of the retrieval studies); "
+                     "0 = no gap.")
     train_size: int = _f(100000, "Training sequences (generated on the fly from data.task.seed).")
     val_size: int = _f(256, "Validation sequences (a different random stream); exact-match accuracy is "
                        "reported on them.")

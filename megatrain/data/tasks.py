@@ -14,6 +14,9 @@ Vocabulary: 0 `<pad>`, 1 `<bos>`, 2 `<sep>`, 3 `<query>`, then `data.task.symbol
   `<bos> k1 v1 k2 v2 ... kM vM <sep> q1 a1 q2 a2 ... qQ aQ`. Keys are distinct symbols from the
   first half of the symbols, values any symbol of the second half; the Q queries are distinct keys
   of the context, in random order; after each query the model must produce its value.
+- data.task.length > 0 inserts `<pad>` tokens before `<sep>` (multikey) or `<query>` (multihop) so each
+  sequence has that many tokens: the distance between the pairs and the queries grows with the context
+  length while the task stays the same (Zoology's MQAR sweeps context length this way).
 - multihop (follow a chain of `hops` lookups): `<bos> a1 b1 ... aM bM <query> x y`. The M pairs
   (distinct keys, shuffled) define a map f that holds a chain x -> f(x) -> ... of `hops` steps
   among distractor pairs; after x the model must produce y = f^hops(x), with no intermediate steps
@@ -70,8 +73,16 @@ def task_vocab_size(task_cfg) -> int:
 
 def _num_tokens(name: str, task_cfg) -> int:
     if name == "multikey":
-        return 2 + 2 * task_cfg.pairs + 2 * task_cfg.queries
-    return 4 + 2 * task_cfg.pairs
+        natural = 2 + 2 * task_cfg.pairs + 2 * task_cfg.queries
+    else:
+        natural = 4 + 2 * task_cfg.pairs
+    return max(natural, int(getattr(task_cfg, "length", 0) or 0))
+
+
+def _gap(name: str, task_cfg) -> np.ndarray:
+    """The <pad> tokens between the context and the queries that stretch a sequence to data.task.length."""
+    natural = 2 + 2 * task_cfg.pairs + 2 * task_cfg.queries if name == "multikey" else 4 + 2 * task_cfg.pairs
+    return np.full(max(0, int(getattr(task_cfg, "length", 0) or 0) - natural), PAD, dtype=np.int64)
 
 
 def required_seq_len(name: str, task_cfg) -> int:
@@ -95,8 +106,9 @@ def generate(name: str, task_cfg, split: int, index: int) -> tuple[np.ndarray, n
         asked = rng.choice(pairs, size=task_cfg.queries, replace=False)
         context = np.stack([keys, values], axis=1).reshape(-1) + NUM_SPECIAL
         queries = np.stack([keys[asked], values[asked]], axis=1).reshape(-1) + NUM_SPECIAL
-        tokens = np.concatenate([[BOS], context, [SEP], queries]).astype(np.int64)
-        start = 2 + 2 * pairs  # position of the first query key
+        gap = _gap(name, task_cfg)
+        tokens = np.concatenate([[BOS], context, gap, [SEP], queries]).astype(np.int64)
+        start = 2 + 2 * pairs + len(gap)  # position of the first query key
         answer_at = start + 2 * np.arange(task_cfg.queries)
         return tokens, answer_at.astype(np.int64)
     if name == "multihop":
@@ -108,7 +120,8 @@ def generate(name: str, task_cfg, split: int, index: int) -> tuple[np.ndarray, n
         values = np.concatenate([chain[1:], rng.integers(0, symbols, size=pairs - hops)])
         order = rng.permutation(pairs)
         context = np.stack([keys[order], values[order]], axis=1).reshape(-1) + NUM_SPECIAL
-        tokens = np.concatenate([[BOS], context, [QUERY, chain[0] + NUM_SPECIAL, chain[hops] + NUM_SPECIAL]])
+        tokens = np.concatenate([[BOS], context, _gap(name, task_cfg),
+                                 [QUERY, chain[0] + NUM_SPECIAL, chain[hops] + NUM_SPECIAL]])
         return tokens.astype(np.int64), np.array([len(tokens) - 2], dtype=np.int64)
     raise ValueError(f"unknown task {name!r} (allowed: {', '.join(TASKS)})")
 
@@ -216,6 +229,8 @@ class TaskSources:
         for key in ("pairs", "queries", "hops", "symbols", "train_size", "val_size"):
             if getattr(t, key) < 1:
                 raise ConfigError(f"data.task.{key} must be >= 1, got {getattr(t, key)}")
+        if t.length < 0:
+            raise ConfigError(f"data.task.length must be >= 0 (0 = no gap), got {t.length}")
         if name == "multikey":
             if t.queries > t.pairs:
                 raise ConfigError(f"data.task.queries={t.queries} exceeds data.task.pairs={t.pairs}")

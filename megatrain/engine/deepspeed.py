@@ -125,7 +125,8 @@ def init_distributed(cfg) -> DistEnv:
     else:
         device = torch.device("cpu")
         # Processes sharing a node split its cores instead of each spawning one thread per core.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+        # OMP_NUM_THREADS, when set (a sweep's concurrent children, a launcher), wins.
+        torch.set_num_threads(env.omp_threads() or max(1, (os.cpu_count() or 1) // max(1, local_world)))
     if not dist.is_initialized():
         # The watchdog (megatrain.engine.health, parallel.timeout_s) names a stalled rank first; this is the backstop.
         timeout = process_group_timeout(cfg.parallel.timeout_s)

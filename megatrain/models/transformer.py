@@ -89,7 +89,14 @@ def iha_layer_windows(cfg: ModelConfig) -> list[Optional[int]]:
     iha = cfg.iha
     if iha.schedule == "uniform":
         return [iha.window] * cfg.layers
-    return [None if (i + 1) % iha.full_every == 0 else iha.window for i in range(cfg.layers)]
+    window = iha.window if iha.window is not None else flop_matched_window(cfg.max_seq_len, iha.pseudo_heads)
+    return [None if (i + 1) % iha.full_every == 0 else window for i in range(cfg.layers)]
+
+
+def flop_matched_window(seq_len: int, pseudo: int) -> int:
+    """N/(2P) virtual tokens, rounded down to a positive multiple of P: a windowed IHA layer then attends to
+    about as many keys as an MHA layer does at sequence length N (model.iha.schedule=flop_matched)."""
+    return max(pseudo, seq_len // (2 * pseudo) // pseudo * pseudo)
 
 
 def make_attention(cfg: ModelConfig, layer_idx: int = 0) -> nn.Module:
@@ -271,7 +278,8 @@ class Transformer(nn.Module):
         """Initialise module `name` (or `module`, the full-size module that will stand under that name)
         in place with its keyed generator (`seeded_init(self.init_seed, name)`).
 
-        The documented scheme: weights ~ N(0, init_std); o and down projections N(0, init_std /
+        The documented scheme: weights ~ N(0, init_std) (the input embedding N(0, embed_init_std) when
+        that is set); o and down projections N(0, init_std /
         sqrt(2 * layers)) so the residual stream's variance does not grow with depth; low-rank kinds
         their own (docs/lowrank.md); IHA mixing as docs/iha.md; norm weights 1."""
         cfg = self.config
@@ -285,7 +293,9 @@ class Transformer(nn.Module):
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.layers)
         leaf = name.rpartition(".")[2]
         with _on_host(module), seeded_init(self.init_seed, name):
-            if name in ("embed", "head"):
+            if name == "embed" and cfg.embed_init_std is not None:
+                nn.init.normal_(module.weight, mean=0.0, std=cfg.embed_init_std)
+            elif name in ("embed", "head"):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             elif leaf in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
                 init_linear(module, std)

@@ -134,49 +134,89 @@ def _error_line(log_path: str, start: int, returncode: int) -> str:
 
 def run_local(spec: SweepSpec, runs: list[SweepRun], *, nproc: int = 1, only: Optional[str] = None,
               echo: Callable[[str], None] = print,
-              launch: Optional[Callable[[list[str], str], int]] = None) -> dict:
-    """Run the sweep's runs one after another in child processes; returns {name: state} after it.
+              launch: Optional[Callable[[list[str], str], int]] = None, jobs: int = 1,
+              planned: bool = False) -> dict:
+    """Run the sweep's runs in child processes, `jobs` at a time; returns {name: state} after it.
 
     only: run just this one (a Slurm array task). launch(command, log_path) -> exit code starts one child
-    (default: subprocess with stdout and stderr into the run's sweep.log).
+    (default: subprocess with stdout and stderr into the run's sweep.log). jobs > 1 runs that many children
+    at once, each with OMP_NUM_THREADS = cores / (jobs x nproc) (small models on a many-core machine).
+    planned: the sweep directory's plan was written already (a study writes its whole plan once).
     """
     if only is not None and only not in {r.name for r in runs}:
         raise ConfigError(f"--only {only}: no run of that name in the sweep (see {os.path.join(spec.dir, PLAN_FILE)})")
-    write_plan(spec, runs)
-    launch = launch or _launch
-    states = {}
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    if not planned:
+        write_plan(spec, runs)
+    launch = launch or (_launch if jobs == 1 else _threads_launch(max(1, (os.cpu_count() or 1) // (jobs * nproc))))
     todo = [r for r in runs if only is None or r.name == only]
-    for i, run in enumerate(todo, 1):
-        state, _ = run_state(spec, run)
-        prefix = f"[{i}/{len(todo)}] {run.name}"
-        if state == "finished":
-            echo(f"{prefix}: finished before, skipped")
-            states[run.name] = state
-            continue
-        path = run_dir(spec, run)
-        os.makedirs(path, exist_ok=True)
-        log_path = os.path.join(path, LOG_FILE)
-        start = os.path.getsize(log_path) if os.path.exists(log_path) else 0
-        started = time.perf_counter()
-        code = launch(pretrain_command(spec, run, nproc), log_path)
-        wall = time.perf_counter() - started
-        state, _ = run_state(spec, run)
-        error = None
-        if code != 0 or state != "finished":
-            state, error = "failed", _error_line(log_path, start, code)
-        status = {"status": "ok" if state == "finished" else "failed", "error": error, "wall_s": wall,
-                  "returncode": code, "command": shlex.join(pretrain_command(spec, run, nproc))}
-        _write_text(os.path.join(path, STATUS_FILE), json.dumps(status, indent=1) + "\n")
-        states[run.name] = state
-        echo(f"{prefix}: {'done' if error is None else 'FAILED: ' + error} ({wall:.0f} s)")
-    return states
+    if jobs == 1:
+        return {run.name: _run_one(spec, run, f"[{i}/{len(todo)}] {run.name}", nproc, launch, echo)
+                for i, run in enumerate(todo, 1)}
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {run.name: pool.submit(_run_one, spec, run, f"[{i}/{len(todo)}] {run.name}", nproc, launch, echo)
+                   for i, run in enumerate(todo, 1)}
+        return {name: future.result() for name, future in futures.items()}
 
 
-def _launch(command: list[str], log_path: str) -> int:
+def _run_one(spec: SweepSpec, run: SweepRun, prefix: str, nproc: int, launch, echo) -> str:
+    """Start one run's child unless it finished before; record its sweep_status.json; returns its state."""
+    state, _ = run_state(spec, run)
+    if state == "finished":
+        echo(f"{prefix}: finished before, skipped")
+        return state
+    path = run_dir(spec, run)
+    os.makedirs(path, exist_ok=True)
+    log_path = os.path.join(path, LOG_FILE)
+    start = os.path.getsize(log_path) if os.path.exists(log_path) else 0
+    started = time.perf_counter()
+    cpu_before = _children_cpu()
+    code = launch(pretrain_command(spec, run, nproc), log_path)
+    wall = time.perf_counter() - started
+    cpu = _children_cpu() - cpu_before if launch is _launch else None
+    state, _ = run_state(spec, run)
+    error = None
+    if code != 0 or state != "finished":
+        state, error = "failed", _error_line(log_path, start, code)
+    cpu = getattr(launch, "cpu_seconds", {}).pop(log_path, cpu)
+    status = {"status": "ok" if state == "finished" else "failed", "error": error, "wall_s": wall,
+              "cpu_s": cpu, "returncode": code, "command": shlex.join(pretrain_command(spec, run, nproc))}
+    _write_text(os.path.join(path, STATUS_FILE), json.dumps(status, indent=1) + "\n")
+    echo(f"{prefix}: {'done' if error is None else 'FAILED: ' + error} ({wall:.0f} s)")
+    return state
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of this process's finished children."""
+    usage = os.times()
+    return usage.children_user + usage.children_system
+
+
+def _launch(command: list[str], log_path: str, env_extra: Optional[dict] = None) -> int:
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(env_extra or {})
     with open(log_path, "a", encoding="utf-8") as log:
         return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+
+
+def _threads_launch(threads: int):
+    """A launcher for concurrent children: each gets OMP_NUM_THREADS=threads; records each child's CPU time
+    (resource usage of that child alone, from os.wait4) under launch.cpu_seconds[log_path]."""
+    def launch(command: list[str], log_path: str) -> int:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads))
+        with open(log_path, "a", encoding="utf-8") as log:
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            launch.cpu_seconds[log_path] = usage.ru_utime + usage.ru_stime
+            return proc.returncode
+
+    launch.cpu_seconds = {}
+    return launch
 
 
 def emit_slurm(spec: SweepSpec, runs: list[SweepRun], nproc: int) -> str:

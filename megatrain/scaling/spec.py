@@ -12,6 +12,13 @@ A sweep YAML names a base run config and what varies over it:
                                           # explicit width/depth, or a preset name
     axes: {model.linear: [dense, cola]}   # any config key -> values; grid mode also takes the special
                                           # axes `size` (as sizes) and `tokens` (token budget D)
+    # A linked axis (axes.variant, or any axis whose values are mappings): named sets of keys that vary
+    # together, e.g. a method that is a layer kind plus its rank, or an optimizer:
+    # variant: [{name: dense}, {name: cola, model.linear: cola, model.lowrank.rank: 16}]
+
+A study (megatrain.scaling.study, docs/scaling.md) adds `tune` (a key whose best value is chosen per
+point, e.g. the learning rate), `seeds` (repeats at the best value) and `study` (its report); `quick`
+holds top-level keys that replace the file's own under `--quick` (a minutes-long variant).
 
 In isoflop mode each (budget C, size N) point trains D = C / (6 N) tokens; in grid mode every
 combination of the axes is one run. Axes other than size and tokens (e.g. model.linear, optim.name)
@@ -38,12 +45,13 @@ from megatrain.config import Config, _read_structured, load_config
 from megatrain.errors import ConfigError
 
 __all__ = ["SweepSpec", "SweepRun", "load_sweep", "parse_sweep", "plan_runs", "model_counts", "size_for_params",
-           "isoflop_points", "SPECIAL_AXES"]
+           "isoflop_points", "SPECIAL_AXES", "linked_keys", "apply_quick", "parse_study", "METRIC_GOALS"]
 
 SPECIAL_AXES = ("size", "tokens")
 MODES = ("grid", "isoflop")
 _SPEC_KEYS = ("base", "overrides", "dir", "mode", "axes", "budgets", "sizes", "size_rule", "warmup_fraction",
-              "min_steps", "nproc_per_node", "fit")
+              "min_steps", "nproc_per_node", "fit", "tune", "seeds", "study", "quick")
+VARIANT_AXIS = "variant"  # axes.variant: [{name: LABEL, key: value, ...}, ...]
 _SIZE_RULE_KEYS = ("aspect", "head_dim")
 _FIT_KEYS = ("bootstrap", "max_starts")
 _SIZE_KEYS = ("dim", "layers", "heads", "kv_heads", "ffn_dim")
@@ -67,6 +75,7 @@ class SweepSpec:
     nproc_per_node: int = 1
     bootstrap: int = 100
     max_starts: Optional[int] = None
+    study: dict = field(default_factory=dict)  # tune / seeds / study sections (megatrain.scaling.study)
 
     def to_dict(self) -> dict:
         """The spec as a self-contained sweep file (the base inlined), written into the sweep directory."""
@@ -78,6 +87,7 @@ class SweepSpec:
             out.update(budgets=self.budgets, sizes=self.sizes)
         if self.warmup_fraction is not None:
             out["warmup_fraction"] = self.warmup_fraction
+        out.update(copy.deepcopy(self.study))
         return out
 
 
@@ -103,15 +113,39 @@ class SweepRun:
 # parsing
 
 
-def load_sweep(path: str, overrides: Optional[list[str]] = None) -> SweepSpec:
-    """Read and check a sweep file; `overrides` (a.b=c) apply to every run's config."""
+def load_sweep(path: str, overrides: Optional[list[str]] = None, quick: bool = False) -> SweepSpec:
+    """Read and check a sweep file; `overrides` (a.b=c) apply to every run's config. quick: apply the file's
+    `quick` section (its top-level keys replace the file's own; `overrides` and `axes` are merged key by key)."""
     data = _read_structured(path, "sweep")
+    if quick:
+        data = apply_quick(data, path)
     spec = parse_sweep(data, path)
     if overrides:
         from megatrain.config import parse_overrides
 
         spec.overrides = {**spec.overrides, **_flatten(parse_overrides(overrides))}
     return spec
+
+
+def apply_quick(data: dict, path: Optional[str] = None) -> dict:
+    """The sweep mapping with its `quick` section applied (ConfigError when it has none)."""
+    where = f"sweep file '{path}'" if path else "sweep"
+    quick = data.get("quick")
+    if not isinstance(quick, dict) or not quick:
+        raise ConfigError(f"{where}: --quick needs a 'quick' section (top-level keys of the quick variant)")
+    if "quick" in quick or "base" in quick:
+        raise ConfigError(f"{where}: quick.{'quick' if 'quick' in quick else 'base'} is not allowed (the quick "
+                          f"variant changes keys of the same base)")
+    out = {k: copy.deepcopy(v) for k, v in data.items() if k != "quick"}
+    for key, value in quick.items():
+        if key in ("overrides", "axes", "tune", "seeds", "study") and isinstance(value, dict) \
+                and isinstance(out.get(key), dict):
+            merged = dict(_flatten(out[key])) if key == "overrides" else dict(out[key])
+            merged.update(_flatten(value) if key == "overrides" else value)
+            out[key] = merged
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def parse_sweep(data: dict, path: Optional[str] = None) -> SweepSpec:
@@ -142,7 +176,10 @@ def parse_sweep(data: dict, path: Optional[str] = None) -> SweepSpec:
         if key in ("run.dir", "train.steps") or key.startswith("run."):
             raise ConfigError(f"{where}: axes.{key} cannot vary (the sweep sets it per run; use the 'tokens' axis "
                               f"for the token budget)")
+        if key == VARIANT_AXIS or (key not in SPECIAL_AXES and any(isinstance(v, dict) for v in values)):  # linked
+            axes[key] = [_check_variant(v, f"{where}: axes.{key}") for v in values]
     spec.axes = axes
+    spec.study = parse_study(data, where, spec.axes)
     rule = _mapping(data.get("size_rule"), f"{where}: size_rule")
     for key in rule:
         if key not in _SIZE_RULE_KEYS:
@@ -186,6 +223,43 @@ def parse_sweep(data: dict, path: Optional[str] = None) -> SweepSpec:
         if "tokens" in axes:
             axes["tokens"] = [_number(t, f"{where}: axes.tokens", positive=True) for t in axes["tokens"]]
     return spec
+
+
+def _check_variant(entry, what: str) -> dict:
+    """One value of axes.variant: {name: LABEL, dotted.key: value, ...} (nested mappings are flattened)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"].strip():
+        raise ConfigError(f"{what}: each variant is a mapping with a 'name' and the keys it sets, got {entry!r}")
+    keys = _flatten({k: v for k, v in entry.items() if k != "name"})
+    bad = next((k for k in keys if k in ("run.dir", "train.steps") or k.startswith("run.")), None)
+    if bad:
+        raise ConfigError(f"{what}: variant {entry['name']!r} sets {bad}, which the sweep sets per run")
+    return {"name": entry["name"], **keys}
+
+
+def linked_keys(spec) -> list:
+    """The config keys the sweep's linked axes set (collected per run, so reports can plot against them)."""
+    keys = []
+    for values in spec.axes.values():
+        for value in values:
+            if isinstance(value, dict) and "name" in value:
+                keys += [k for k in value if k != "name" and k not in keys]
+    return keys
+
+
+def variant_label(value) -> Any:
+    """The label of an axis value: a variant's name, any other value itself."""
+    return value["name"] if isinstance(value, dict) and "name" in value else value
+
+
+def _expand_point(combo: dict) -> dict:
+    """Axis values -> the dotted keys they set (a variant sets each of its keys)."""
+    out = {}
+    for key, value in combo.items():
+        if isinstance(value, dict) and "name" in value:  # a linked axis' value (axes.variant, named mappings)
+            out.update({k: v for k, v in value.items() if k != "name"})
+        else:
+            out[key] = value
+    return out
 
 
 def _find_base(base: str, sweep_path: Optional[str]) -> str:
@@ -376,8 +450,8 @@ def plan_runs(spec: SweepSpec) -> list[SweepRun]:
     combos = [dict(zip(other_axes, values)) for values in itertools.product(*other_axes.values())] or [{}]
     runs: list[SweepRun] = []
     for combo in combos:
-        method = ", ".join(f"{k}={_fmt(v)}" for k, v in combo.items()) or "base"
-        method_cfg = _load(_compose(spec, combo), f"axes {method}")
+        method = ", ".join(f"{k}={_fmt(variant_label(v))}" for k, v in combo.items()) or "base"
+        method_cfg = _load(_compose(spec, _expand_point(combo)), f"axes {method}")
         model = method_cfg.model.resolved()
         seq_len = method_cfg.data.seq_len
         if model.vocab_size is None:
@@ -443,15 +517,15 @@ def _size_point(entry, model, seq_len: int, spec: SweepSpec) -> tuple[str, dict,
 
 def _run(spec: SweepSpec, combo: dict, method: str, label: str, size_overrides: dict, n: int, steps: int,
          tokens: int, budget: Optional[float], name_parts: list) -> SweepRun:
-    point = {**combo, **size_overrides, "train.steps": steps}
+    point = {**_expand_point(combo), **size_overrides, "train.steps": steps}
     if spec.warmup_fraction is not None:
         point["train.warmup_steps"] = int(spec.warmup_fraction * steps)
-    name_parts = name_parts + [f"{k.rsplit('.', 1)[-1]}-{_fmt(v)}" for k, v in combo.items()]
+    name_parts = name_parts + [f"{k.rsplit('.', 1)[-1]}-{_fmt(variant_label(v))}" for k, v in combo.items()]
     name = _slug("_".join(name_parts) or "run")
     point["run.dir"] = os.path.join(spec.dir, "runs", name)
     config = _compose(spec, point)
     _load(config, f"run {name}")
-    axes = dict(combo)
+    axes = {k: variant_label(v) for k, v in combo.items()}
     if spec.mode == "grid":
         if "size" in spec.axes:
             axes["size"] = label
@@ -459,3 +533,99 @@ def _run(spec: SweepSpec, combo: dict, method: str, label: str, size_overrides: 
             axes["tokens"] = tokens
     return SweepRun(name=name, config=config, axes=axes, method=method, size=label, steps=steps, tokens=tokens,
                     params_non_embedding=n, budget=budget)
+
+
+# ----------------------------------------------------------------------------------------------
+# study sections (tune, seeds, study; run by megatrain.scaling.study)
+
+# Columns a study may tune on or report (the collected table's numeric results; megatrain.scaling.collect).
+METRIC_GOALS = {"best_val_loss": "min", "final_val_loss": "min", "final_val_ppl": "min", "best_val_ppl": "min",
+                "final_loss": "min", "final_val_exact_match": "max", "final_val_answer_acc": "max",
+                "best_val_exact_match": "max", "train_s": "min", "wall_s": "min", "params": None,
+                "params_non_embedding": None, "optimizer_bytes": None, "model_state_bytes": None, "tokens": None,
+                "flops": None}
+_TUNE_KEYS = ("key", "values", "metric", "goal")
+_SEED_KEYS = ("key", "values")
+_STUDY_KEYS = ("title", "metrics", "baseline", "plots", "notes")
+_PLOT_KEYS = ("x", "y", "group", "panel", "logx", "logy", "title", "where")
+_BASELINE_KEYS = ("axis", "value", "metric")
+
+
+def _unknown(section: dict, allowed: tuple, what: str) -> None:
+    bad = [k for k in section if k not in allowed]
+    if bad:
+        raise ConfigError(f"{what}: unknown key '{bad[0]}' (allowed: {', '.join(allowed)})")
+
+
+def _metric(name, what: str) -> str:
+    if name not in METRIC_GOALS:
+        raise ConfigError(f"{what}={name!r} is not a result column (allowed: {', '.join(METRIC_GOALS)})")
+    return name
+
+
+def parse_study(data: dict, where: str, axes: dict) -> dict:
+    """The tune / seeds / study sections of a sweep mapping, checked ({} for a plain sweep)."""
+    out = {}
+    tune = _mapping(data.get("tune"), f"{where}: tune")
+    seeds = _mapping(data.get("seeds"), f"{where}: seeds")
+    study = _mapping(data.get("study"), f"{where}: study")
+    if tune:
+        _unknown(tune, _TUNE_KEYS, f"{where}: tune")
+        key, values = tune.get("key"), tune.get("values")
+        if not isinstance(key, str) or not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: tune needs 'key' (a config key) and 'values' (a non-empty list)")
+        metric = _metric(tune.get("metric", "best_val_loss"), f"{where}: tune.metric")
+        goal = tune.get("goal", METRIC_GOALS[metric] or "min")
+        if goal not in ("min", "max"):
+            raise ConfigError(f"{where}: tune.goal={goal!r} is not allowed (allowed: min, max)")
+        out["tune"] = {"key": key, "values": list(values), "metric": metric, "goal": goal}
+    if seeds:
+        _unknown(seeds, _SEED_KEYS, f"{where}: seeds")
+        key, values = seeds.get("key", "train.seed"), seeds.get("values")
+        if not isinstance(key, str) or not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: seeds needs 'values' (a non-empty list; key defaults to train.seed)")
+        if len(set(map(str, values))) != len(values):
+            raise ConfigError(f"{where}: seeds.values repeats a value: {values}")
+        out["seeds"] = {"key": key, "values": list(values)}
+    for section in ("tune", "seeds"):
+        if section in out:
+            key = out[section]["key"]
+            if key in axes:
+                raise ConfigError(f"{where}: {section}.key={key} is also an axis; a key is either tuned, seeded "
+                                  f"or an axis")
+            if key in ("run.dir", "train.steps") or key.startswith("run."):
+                raise ConfigError(f"{where}: {section}.key={key} cannot vary (the sweep sets it per run)")
+    if "tune" in out and "seeds" in out and out["tune"]["key"] == out["seeds"]["key"]:
+        raise ConfigError(f"{where}: tune.key and seeds.key are both {out['tune']['key']}")
+    if study:
+        _unknown(study, _STUDY_KEYS, f"{where}: study")
+        metrics = study.get("metrics", ["best_val_loss"])
+        if not isinstance(metrics, list) or not metrics:
+            raise ConfigError(f"{where}: study.metrics must be a non-empty list of result columns")
+        checked = {"title": str(study.get("title") or "Study"), "notes": str(study.get("notes") or ""),
+                   "metrics": [_metric(m, f"{where}: study.metrics") for m in metrics], "plots": []}
+        baseline = _mapping(study.get("baseline"), f"{where}: study.baseline")
+        if baseline:
+            _unknown(baseline, _BASELINE_KEYS, f"{where}: study.baseline")
+            if baseline.get("axis") not in axes:
+                raise ConfigError(f"{where}: study.baseline.axis={baseline.get('axis')!r} is not an axis of the "
+                                  f"sweep (axes: {', '.join(axes) or 'none'})")
+            checked["baseline"] = {"axis": baseline["axis"], "value": baseline.get("value"),
+                                   "metric": _metric(baseline.get("metric", checked["metrics"][0]),
+                                                     f"{where}: study.baseline.metric")}
+        plots = study.get("plots") or []
+        if not isinstance(plots, list):
+            raise ConfigError(f"{where}: study.plots must be a list of {{x, y, group, panel}} mappings")
+        for i, plot in enumerate(plots):
+            plot = _mapping(plot, f"{where}: study.plots[{i}]")
+            _unknown(plot, _PLOT_KEYS, f"{where}: study.plots[{i}]")
+            if "x" not in plot or "y" not in plot:
+                raise ConfigError(f"{where}: study.plots[{i}] needs x (an axis or config key) and y (a result column)")
+            _metric(plot["y"] if plot["y"] != "gap" else "final_val_ppl", f"{where}: study.plots[{i}].y")
+            if plot["y"] == "gap" and "baseline" not in checked:
+                raise ConfigError(f"{where}: study.plots[{i}].y=gap needs study.baseline")
+            checked["plots"].append(plot)
+        out["study"] = checked
+    if out and "seeds" not in out:
+        out["seeds"] = {"key": "train.seed", "values": [None]}  # one seed: the base config's
+    return out

@@ -174,3 +174,23 @@ def test_pretrain_on_task_with_iha_loss_falls_and_logs_accuracy(tmp_path):
     assert last < first - 0.4, (first, last)
     final = records[-1]
     assert 0.0 <= final["val_exact_match"] <= 1.0 and 0.0 < final["val_answer_acc"] <= 1.0
+
+
+@pytest.mark.parametrize("name", ["multikey", "multihop"])
+def test_length_stretches_a_sequence_with_a_pad_gap_before_the_queries(name):
+    """data.task.length: the same pairs and answers, <pad> between the context and the queries."""
+    short = TaskConfig(pairs=4, queries=2, symbols=16, seed=3)
+    long = TaskConfig(pairs=4, queries=2, symbols=16, seed=3, length=40)
+    a, at_a = generate(name, short, 0, 5)
+    b, at_b = generate(name, long, 0, 5)
+    assert len(b) == 40 and required_seq_len(name, long) == 39
+    gap = len(b) - len(a)
+    context = 1 + 2 * short.pairs
+    assert (a[:context] == b[:context]).all() and (b[context:context + gap] == PAD).all()
+    assert (a[context:] == b[context + gap:]).all()
+    assert (at_b == at_a + gap).all() and (b[at_b + 1] == a[at_a + 1]).all()
+    blocks = TaskBlocks(name, long, 39, 0)
+    inputs, labels = blocks.batch([5])
+    assert (labels[0][labels[0] != IGNORE_INDEX] == torch.from_numpy(a[at_a + 1])).all()
+    with pytest.raises(ConfigError, match="data.task.length must be >= 0"):
+        load_config(None, [f"data.source=task:{name}", "data.task.length=-1", "data.seq_len=64"])

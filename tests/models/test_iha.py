@@ -203,11 +203,21 @@ def test_config_reference_lists_iha_keys():
         assert f"`{key}`" in ref
 
 
+def test_flop_matched_window_defaults_to_n_over_2p():
+    """schedule=flop_matched without a window: N/(2P) virtual tokens for N = model.max_seq_len."""
+    from megatrain.models.transformer import iha_layer_windows
+
+    cfg = load_config(None, ["model.attention=iha", "model.iha.schedule=flop_matched", "model.max_seq_len=64",
+                             "data.seq_len=64", "model.layers=4"]).model.resolved()
+    assert iha_layer_windows(cfg) == [16, None, 16, None]
+    cfg.max_seq_len, cfg.iha.pseudo_heads = 33, 2
+    assert iha_layer_windows(cfg) == [8, None, 8, None]  # 33 // 4 = 8, a multiple of P
+
+
 @pytest.mark.parametrize("overrides, fragment", [
     (["model.iha.pseudo_heads=0"], "model.iha.pseudo_heads must be >= 1"),
     (["model.iha.window=3"], "model.iha.window=3 must be a positive multiple of model.iha.pseudo_heads=2"),
     (["model.iha.window=0"], "model.iha.window=0 must be a positive multiple"),
-    (["model.iha.schedule=flop_matched", "data.seq_len=64"], "model.iha.window=16 for data.seq_len=64"),
     (["model.iha.mask=sliding"], "model.iha.mask='sliding' is not allowed (allowed: causal, token_causal)"),
     (["model.iha.head_groups=3"], "model.iha.head_groups=3 must be >= 1 and divide model.heads=4"),
     (["parallel.tensor=2", "model.iha.tp_mode=local"], "set model.iha.head_groups to a multiple of parallel.tensor=2"),

@@ -339,3 +339,14 @@ def test_cache_copy_never_writes_into_the_original_buffers():
     torch.testing.assert_close(out2, torch.cat((k0, k2), dim=2), rtol=0, atol=0)
     torch.testing.assert_close(prefix.keys[0], k0, rtol=0, atol=0)
     assert prefix.length == 4 and first.length == 7 and second.length == 9
+
+
+def test_embed_init_std_sets_only_the_embedding():
+    base = Transformer(ModelConfig(preset="tiny", vocab_size=512), seed=3)
+    wide = Transformer(ModelConfig(preset="tiny", vocab_size=512, embed_init_std=1.0), seed=3)
+    assert 0.9 < wide.embed.weight.std().item() < 1.1 and base.embed.weight.std().item() < 0.03
+    for (name, p), (_, q) in zip(base.named_parameters(), wide.named_parameters()):
+        if name != "embed.weight":
+            assert torch.equal(p, q), name  # keyed init: every other tensor unchanged
+    with pytest.raises(ConfigError, match="model.embed_init_std must be > 0"):
+        ModelConfig(preset="tiny", vocab_size=512, embed_init_std=0.0).validate()
