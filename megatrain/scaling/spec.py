@@ -52,6 +52,7 @@ MODES = ("grid", "isoflop")
 _SPEC_KEYS = ("base", "overrides", "dir", "mode", "axes", "budgets", "sizes", "size_rule", "warmup_fraction",
               "min_steps", "nproc_per_node", "fit", "tune", "seeds", "study", "quick")
 VARIANT_AXIS = "variant"  # axes.variant: [{name: LABEL, key: value, ...}, ...]
+TUNE_VALUES = "tune_values"  # in a linked axis' value: that value's own grid of tune.key (a study)
 _SIZE_RULE_KEYS = ("aspect", "head_dim")
 _FIT_KEYS = ("bootstrap", "max_starts")
 _SIZE_KEYS = ("dim", "layers", "heads", "kv_heads", "ffn_dim")
@@ -229,11 +230,18 @@ def _check_variant(entry, what: str) -> dict:
     """One value of axes.variant: {name: LABEL, dotted.key: value, ...} (nested mappings are flattened)."""
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"].strip():
         raise ConfigError(f"{what}: each variant is a mapping with a 'name' and the keys it sets, got {entry!r}")
-    keys = _flatten({k: v for k, v in entry.items() if k != "name"})
+    keys = _flatten({k: v for k, v in entry.items() if k not in ("name", TUNE_VALUES)})
     bad = next((k for k in keys if k in ("run.dir", "train.steps") or k.startswith("run.")), None)
     if bad:
         raise ConfigError(f"{what}: variant {entry['name']!r} sets {bad}, which the sweep sets per run")
-    return {"name": entry["name"], **keys}
+    out = {"name": entry["name"], **keys}
+    if TUNE_VALUES in entry:
+        values = entry[TUNE_VALUES]
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{what}: variant {entry['name']!r}: {TUNE_VALUES} must be a non-empty list (this "
+                              f"variant's own values of tune.key)")
+        out[TUNE_VALUES] = list(values)
+    return out
 
 
 def linked_keys(spec) -> list:
@@ -242,7 +250,7 @@ def linked_keys(spec) -> list:
     for values in spec.axes.values():
         for value in values:
             if isinstance(value, dict) and "name" in value:
-                keys += [k for k in value if k != "name" and k not in keys]
+                keys += [k for k in value if k not in ("name", TUNE_VALUES) and k not in keys]
     return keys
 
 
@@ -256,7 +264,7 @@ def _expand_point(combo: dict) -> dict:
     out = {}
     for key, value in combo.items():
         if isinstance(value, dict) and "name" in value:  # a linked axis' value (axes.variant, named mappings)
-            out.update({k: v for k, v in value.items() if k != "name"})
+            out.update({k: v for k, v in value.items() if k not in ("name", TUNE_VALUES)})
         else:
             out[key] = value
     return out

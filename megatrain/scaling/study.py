@@ -33,7 +33,7 @@ import os
 from typing import Callable, Optional
 
 from megatrain.errors import ConfigError
-from megatrain.scaling.spec import METRIC_GOALS, parse_study
+from megatrain.scaling.spec import METRIC_GOALS, TUNE_VALUES, parse_study
 
 __all__ = ["is_study", "study_spec", "plan_study", "split_stages", "select_best", "run_study",
            "aggregate", "write_study_report", "METRIC_GOALS"]
@@ -48,16 +48,35 @@ def study_spec(spec):
     full.axes = dict(spec.axes)
     tune, seeds = spec.study.get("tune"), spec.study["seeds"]
     if tune:
-        full.axes[tune["key"]] = tune["values"]
+        values = list(tune["values"])
+        for axis_values in spec.axes.values():
+            for value in axis_values:
+                if isinstance(value, dict):
+                    values += [v for v in value.get(TUNE_VALUES, []) if v not in values]
+        full.axes[tune["key"]] = values
     if seeds["values"] != [None]:
         full.axes[seeds["key"]] = seeds["values"]
     return full
 
 
+def tune_values_of(spec, axes: dict) -> list:
+    """The tune values of a point (its axes' labels): a linked axis value's own `tune_values`, else tune.values."""
+    for key, label in axes.items():
+        for value in spec.axes.get(key, []):
+            if isinstance(value, dict) and value.get("name") == label and TUNE_VALUES in value:
+                return value[TUNE_VALUES]
+    return spec.study["tune"]["values"] if spec.study.get("tune") else [None]
+
+
 def plan_study(spec) -> list:
+    """Every run the study may need: each point at each of its tune values and each seed."""
     from megatrain.scaling.spec import plan_runs
 
-    return plan_runs(study_spec(spec))
+    runs = plan_runs(study_spec(spec))
+    if not spec.study.get("tune"):
+        return runs
+    key = spec.study["tune"]["key"]
+    return [r for r in runs if any(str(r.axes[key]) == str(v) for v in tune_values_of(spec, r.axes))]
 
 
 def _point(run, spec) -> tuple:
@@ -293,7 +312,8 @@ def tuning_table(spec, runs: list, rows: list[dict]) -> list[str]:
     by_name = {row["name"]: row for row in rows}
     stage1, _ = split_stages(spec, runs)
     best = select_best(spec, stage1, by_name)
-    values = tune["values"]
+    values = study_spec(spec).axes[tune["key"]]
+    values = sorted(values, key=lambda v: _sort_key(str(v)))
     out = [f"| point | " + " | ".join(f"{tune['key']}={v}" for v in values) + " | chosen |",
            "|---|" + "---|" * (len(values) + 1)]
     points: dict = {}
@@ -302,11 +322,15 @@ def tuning_table(spec, runs: list, rows: list[dict]) -> list[str]:
     for point, cells in points.items():
         label = ", ".join(f"{k}={v}" for k, v in point) or "base"
         row = []
+        own = sorted(tune_values_of(spec, dict(point)), key=lambda v: _sort_key(str(v)))
         for v in values:
             r = cells.get(str(v))
-            row.append("failed" if r is None or r["status"] != "finished" else _fmt(r.get(tune["metric"]), tune["metric"]))
+            if not any(str(v) == str(o) for o in own):
+                row.append("")
+            else:
+                row.append("failed" if r is None or r["status"] != "finished" else _fmt(r.get(tune["metric"]), tune["metric"]))
         chosen = best.get(point, "none")
-        edge = " (edge of the grid)" if len(values) > 2 and str(chosen) in (str(values[0]), str(values[-1])) else ""
+        edge = " (edge of the grid)" if len(own) > 2 and str(chosen) in (str(own[0]), str(own[-1])) else ""
         out.append(f"| {label} | " + " | ".join(row) + f" | {chosen}{edge} |")
     return out
 
@@ -328,7 +352,10 @@ def study_markdown(spec, runs: list, rows: list[dict], records: list[dict], plot
             f"{sum(r.get('wall_s') or 0 for r in rows if r['status'] == 'finished'):.0f} s of run wall time "
             f"(children), {cpu_seconds:.0f} s of CPU time.", ""]
     if tune:
-        out += [f"Tuned per point: `{tune['key']}` over {tune['values']} at the first seed, by "
+        own = [f"{v['name']}: {v[TUNE_VALUES]}" for values in spec.axes.values() for v in values
+               if isinstance(v, dict) and TUNE_VALUES in v]
+        grid = f"{tune['values']}" + (f" ({'; '.join(own)})" if own else "")
+        out += [f"Tuned per point: `{tune['key']}` over {grid} at the first seed, by "
                 f"`{tune['metric']}` ({tune['goal']}); then `{seeds['key']}` in {seeds['values']} at the chosen "
                 f"value. Mean ± sample standard deviation over seeds (n = seeds finished).", ""]
     axes = [k for k in spec.axes]
