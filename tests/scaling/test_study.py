@@ -149,3 +149,21 @@ def test_iha_study_quick_mha_learns_multikey(tmp_path):
     assert mha["final_val_answer_acc"]["mean"] >= 0.8, mha
     assert abs(by_variant["IHA"]["params_non_embedding"] - mha["params_non_embedding"]) < 0.005 * mha["params_non_embedding"]
     assert "| mk-p4 | MHA |" in (out / "report" / "study.md").read_text()
+
+
+def test_a_variant_may_carry_its_own_tune_values(tmp_path):
+    spec = study(tmp_path, axes={"tokens": [2048], "variant": [
+        {"name": "dense"}, {"name": "cola", "model.linear": "cola", "model.lowrank.rank": 8,
+                            "tune_values": [3e-4, 1e-3]}]})
+    runs = plan_study(spec)
+    lrs = {v: sorted({r.axes["train.lr"] for r in runs if r.axes["variant"] == v}) for v in ("dense", "cola")}
+    assert lrs == {"dense": [1e-3, 1e-2], "cola": [3e-4, 1e-3]}
+    assert all("tune_values" not in r.config["model"] and "tune_values" not in r.config for r in runs)
+    from megatrain.scaling.study import tuning_table
+
+    rows = _rows(runs, lambda r: 10.0 * r.axes["train.lr"] * 1000)
+    table = "\n".join(tuning_table(spec, runs, rows))
+    assert "train.lr=0.0003" in table and "| cola" not in table  # points are labelled key=value
+    cola = next(line for line in table.splitlines() if "variant=cola" in line)
+    assert cola.split("|")[-2].strip() == "0.0003"  # lowest score wins; the dense-only value 0.01 is blank
+    assert cola.split("|")[4].strip() == ""
