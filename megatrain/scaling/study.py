@@ -181,7 +181,7 @@ def aggregate(spec, runs: list, rows: list[dict]) -> list[dict]:
         first = members[0]
         record = {"point": dict(point), "axes": {k: v for k, v in first.axes.items()},
                   "tuned": best[point], "seeds": len(done), "runs": [r.name for r in members],
-                  "params_non_embedding": first.params_non_embedding, "tokens": first.tokens}
+                  "plan": {"params_non_embedding": first.params_non_embedding, "tokens": first.tokens}}
         for key in list(first.axes):
             if key in (spec.study["seeds"]["key"],):
                 record["axes"].pop(key, None)
@@ -224,7 +224,7 @@ def _axis_value(record: dict, key: str):
     if key in record.get("keys", {}):
         return record["keys"][key]
     if key in ("tokens", "params_non_embedding"):
-        return record[key]
+        return record["plan"][key]
     raise ConfigError(f"study plot: '{key}' is neither an axis nor a key the axes set")
 
 
