@@ -30,7 +30,7 @@ import yaml
 
 from megatrain.errors import ConfigError
 from megatrain.fields import config_field, parse_number
-from megatrain.models.config import ModelConfig
+from megatrain.models.config import FROZEN_BASE_KINDS, ModelConfig
 from megatrain.models.layers import lowrank_options, projection_shapes
 from megatrain.parallel.checks import check_tensor_split, check_vocab_split
 
@@ -658,7 +658,7 @@ def _validate_lowrank_training(cfg: Config, m: ModelConfig) -> None:
         # GaLore/Fira project each 2-D factor of CoLA and SLTrain ([d_in, r] and [r, d_out]) like any weight;
         # ReLoRA's restarts re-initialise the adapters and prune their Adam moments, which GaLore keeps in
         # its projected space, so those two do not combine.
-        if kind in ("relora", "lora"):
+        if kind in FROZEN_BASE_KINDS:
             raise ConfigError(f"optim.name={cfg.optim.name} with model.linear={kind} is not supported: the adapters' "
                               f"optimizer state is reset at restarts (allowed with galore/fira: model.linear=dense, "
                               f"cola, sltrain)")

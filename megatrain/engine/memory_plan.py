@@ -161,12 +161,13 @@ def activation_elements(m, tp: int, sequence_parallel: bool, cfg) -> tuple[float
     seq_split = tp if sequence_parallel else 1
     per_layer = 4 * d / seq_split + (2 * d + 2 * kv + 3 * f) / tp
     if m.linear != "dense":
+        from megatrain.models.config import FROZEN_BASE_KINDS
         from megatrain.models.layers import lowrank_options
 
         opts = lowrank_options(m)
         if m.linear == "cola" and not opts.recompute:
             per_layer += 7 * 2 * opts.rank
-        elif m.linear in ("relora", "lora"):
+        elif m.linear in FROZEN_BASE_KINDS:
             per_layer += 7 * opts.rank + (7 * d if opts.dropout > 0 else 0)
     outside = 2 * d / seq_split
     full = m.layers * per_layer + outside

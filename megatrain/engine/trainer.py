@@ -32,6 +32,7 @@ from megatrain.errors import CheckpointError, ConfigError, MegatrainError
 from megatrain.optim import build_optimizer
 from megatrain.optim.relora import relora_controller
 from megatrain.optim.schedules import lr_for_config
+from megatrain.models.config import FROZEN_BASE_KINDS
 from megatrain.parallel.plan import universal_checkpoint_info
 
 
@@ -181,7 +182,7 @@ class Trainer:
         # (ReLoRA/LoRA's W) have no optimizer state there, so they come from the checkpoint's full
         # model.safetensors, each rank keeping its slice (the trainable ones are then overwritten).
         state_from = init_path if init_path is not None else (
-            resume_path if universal and model_cfg.linear in ("relora", "lora") else None)
+            resume_path if universal and model_cfg.linear in FROZEN_BASE_KINDS else None)
         initial_state = None
         if state_from is not None:  # an imported run or train.init_from: full weights, each rank keeps its share
             from megatrain.engine.load import read_weights

@@ -16,7 +16,7 @@ from megatrain.errors import ConfigError
 from megatrain.fields import config_field
 from megatrain.models.layers import LINEAR_KINDS, LOWRANK_KINDS, lowrank_options, projection_shapes
 
-__all__ = ["ModelConfig", "LowRankConfig", "IHAConfig", "PRESETS", "ATTENTION_KINDS", "check_head_layout"]
+__all__ = ["ModelConfig", "LowRankConfig", "IHAConfig", "PRESETS", "ATTENTION_KINDS", "FROZEN_BASE_KINDS", "check_head_layout"]
 
 # name -> (dim, layers, heads, kv_heads, ffn_dim). ffn_dim None = 8/3*dim rounded to multiple_of.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -48,9 +48,12 @@ class LowRankConfig:
                                             "0.1 (ReLoRA).")
 
 
+# model.linear kinds whose base weight W is frozen (no gradient, no optimizer state): adapters on W
+FROZEN_BASE_KINDS = ("relora", "lora")
+
 # model.lowrank.* key -> the model.linear kinds that use it
 _LOWRANK_KEY_KINDS = {"rank": LOWRANK_KINDS, "alpha": ("sltrain", "relora", "lora"),
-                      "density": ("sltrain",), "recompute": ("cola",), "dropout": ("relora", "lora")}
+                      "density": ("sltrain",), "recompute": ("cola",), "dropout": FROZEN_BASE_KINDS}
 
 
 @dataclass

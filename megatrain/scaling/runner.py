@@ -149,7 +149,8 @@ def run_local(spec: SweepSpec, runs: list[SweepRun], *, nproc: int = 1, only: Op
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     if not planned:
         write_plan(spec, runs)
-    launch = launch or (_launch if jobs == 1 else _threads_launch(max(1, (os.cpu_count() or 1) // (jobs * nproc))))
+    # One child at a time keeps the environment's threads; concurrent children split the cores.
+    launch = launch or _child_launcher(None if jobs == 1 else max(1, (os.cpu_count() or 1) // (jobs * nproc)))
     todo = [r for r in runs if only is None or r.name == only]
     if jobs == 1:
         return {run.name: _run_one(spec, run, f"[{i}/{len(todo)}] {run.name}", nproc, launch, echo)
@@ -173,15 +174,13 @@ def _run_one(spec: SweepSpec, run: SweepRun, prefix: str, nproc: int, launch, ec
     log_path = os.path.join(path, LOG_FILE)
     start = os.path.getsize(log_path) if os.path.exists(log_path) else 0
     started = time.perf_counter()
-    cpu_before = _children_cpu()
     code = launch(pretrain_command(spec, run, nproc), log_path)
     wall = time.perf_counter() - started
-    cpu = _children_cpu() - cpu_before if launch is _launch else None
     state, _ = run_state(spec, run)
     error = None
     if code != 0 or state != "finished":
         state, error = "failed", _error_line(log_path, start, code)
-    cpu = getattr(launch, "cpu_seconds", {}).pop(log_path, cpu)
+    cpu = getattr(launch, "cpu_seconds", {}).pop(log_path, None)  # a custom launcher may not measure it
     status = {"status": "ok" if state == "finished" else "failed", "error": error, "wall_s": wall,
               "cpu_s": cpu, "returncode": code, "command": shlex.join(pretrain_command(spec, run, nproc))}
     _write_text(os.path.join(path, STATUS_FILE), json.dumps(status, indent=1) + "\n")
@@ -189,31 +188,19 @@ def _run_one(spec: SweepSpec, run: SweepRun, prefix: str, nproc: int, launch, ec
     return state
 
 
-def _children_cpu() -> float:
-    """CPU seconds (user + system) of this process's finished children."""
-    usage = os.times()
-    return usage.children_user + usage.children_system
-
-
-def _launch(command: list[str], log_path: str, env_extra: Optional[dict] = None) -> int:
-    env = dict(os.environ)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    env.update(env_extra or {})
-    with open(log_path, "a", encoding="utf-8") as log:
-        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-
-
-def _threads_launch(threads: int):
-    """A launcher for concurrent children: each gets OMP_NUM_THREADS=threads; records each child's CPU time
-    (resource usage of that child alone, from os.wait4) under launch.cpu_seconds[log_path]."""
+def _child_launcher(threads: Optional[int]):
+    """The default launcher: one child with stdout and stderr appended to the run's log, OMP_NUM_THREADS=threads
+    when given; each child's own CPU time (os.wait4) lands in launch.cpu_seconds[log_path]."""
     def launch(command: list[str], log_path: str) -> int:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads))
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = str(threads)
         with open(log_path, "a", encoding="utf-8") as log:
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
             _, status, usage = os.wait4(proc.pid, 0)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            launch.cpu_seconds[log_path] = usage.ru_utime + usage.ru_stime
-            return proc.returncode
+        launch.cpu_seconds[log_path] = usage.ru_utime + usage.ru_stime
+        return os.waitstatus_to_exitcode(status)
 
     launch.cpu_seconds = {}
     return launch

@@ -136,7 +136,7 @@ def run_study(spec, *, jobs: int = 1, echo: Callable[[str], None] = print, launc
     run_local(spec, stage1, nproc=spec.nproc_per_node, echo=echo, launch=launch, jobs=jobs, planned=True)
     rows = {row["name"]: row for row in collect(spec, stage1)}
     best = select_best(spec, stage1, rows)
-    todo = [r for r in chosen_runs(spec, stage2, best)]
+    todo = chosen_runs(spec, stage2, best)
     echo(f"study {spec.dir}: stage 2, {len(todo)} runs at the chosen "
          f"{spec.study['tune']['key'] if spec.study.get('tune') else 'settings'}")
     if todo:
@@ -179,12 +179,10 @@ def aggregate(spec, runs: list, rows: list[dict]) -> list[dict]:
     for point, members in points.items():
         done = [by_name[r.name] for r in members if by_name[r.name]["status"] == "finished"]
         first = members[0]
-        record = {"point": dict(point), "axes": {k: v for k, v in first.axes.items()},
+        record = {"point": dict(point),
+                  "axes": {k: v for k, v in first.axes.items() if k != spec.study["seeds"]["key"]},
                   "tuned": best[point], "seeds": len(done), "runs": [r.name for r in members],
                   "plan": {"params_non_embedding": first.params_non_embedding, "tokens": first.tokens}}
-        for key in list(first.axes):
-            if key in (spec.study["seeds"]["key"],):
-                record["axes"].pop(key, None)
         for metric in metrics:
             mean, std, n = _mean_std([row.get(metric) for row in done])
             record[metric] = {"mean": mean, "std": std, "n": n}
@@ -267,7 +265,7 @@ def write_plots(spec, records: list[dict], out_dir: str) -> list[str]:
                     if plot["y"] == "gap":
                         if "gap" not in r:
                             continue
-                        y, err = 100.0 * r["gap"]["rel"], 0.0
+                        y = 100.0 * r["gap"]["rel"]
                         base_mean = r[r["gap"]["metric"]]["mean"] - r["gap"]["abs"]
                         err = 100.0 * r["gap"]["std"] / base_mean if base_mean else 0.0
                     else:
