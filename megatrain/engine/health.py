@@ -74,8 +74,14 @@ class Watchdog:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, join_timeout_s: float = 30.0) -> None:
+        """End the thread and wait for it: a daemon thread still inside a store call (torch releases the GIL
+        there) when the interpreter finalizes is killed by pthread_exit from a C++ destructor, and the
+        process aborts with "terminate called without an active exception" after a clean run
+        (pytorch/pytorch#38228). The wait is bounded for a store whose host is gone."""
         self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(join_timeout_s)
 
     def phase(self, name: str, step: int) -> None:
         """Main thread: this rank now runs `name` of step `step` (collectives included)."""

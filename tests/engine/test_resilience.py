@@ -303,6 +303,52 @@ def test_watchdog_verdict_names_the_ranks_behind():
     assert "no rank is behind" in dog.verdict(even)
 
 
+_SLOW_STORE_WATCHDOG = """
+import datetime, sys, time
+import torch.distributed as dist
+from megatrain.engine.health import Watchdog
+
+
+class SlowStore:
+    # a real TCPStore whose set() spends 0.5 s in a C++ call that releases the GIL, as a store call
+    # to a busy host does
+    def __init__(self, store):
+        self.store = store
+
+    def set(self, key, value):
+        try:
+            self.store.wait(["never-set"], datetime.timedelta(seconds=0.5))
+        except Exception:
+            pass
+        self.store.set(key, value)
+
+    def check(self, keys):
+        return self.store.check(keys)
+
+    def get(self, key):
+        return self.store.get(key)
+
+
+store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=datetime.timedelta(seconds=10))
+dog = Watchdog(0.25, rank=0, world_size=1, store=SlowStore(store)).start()
+time.sleep(0.2)  # the thread has entered its first publish: inside store.wait
+dog.stop()
+assert not dog._thread.is_alive(), "stop() returned while the watchdog thread was still in a store call"
+print("stopped", flush=True)
+"""
+
+
+def test_watchdog_stop_waits_for_its_thread_so_exit_is_clean():
+    """A daemon thread inside a torch store call when the interpreter finalizes aborts the process
+    ("terminate called without an active exception", pytorch#38228): a rank failed that way at exit after a
+    clean `train.stop_after` run in CI. stop() waits for the thread, so the process exits 0."""
+    proc = subprocess.run([sys.executable, "-c", _SLOW_STORE_WATCHDOG], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "stopped" in proc.stdout
+    assert "terminate called" not in proc.stderr
+
+
 def test_metrics_jsonl_survives_a_cut_line(tmp_path):
     run_dir = str(tmp_path)
     logger = MetricsLogger(run_dir, enabled=True, tensorboard=False, progress=False, total_steps=4, start_step=0)
