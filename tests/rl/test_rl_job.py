@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.conftest import read_metrics, run_cli
 
@@ -38,8 +39,6 @@ def _metrics(run_dir, start, pipeline):
 
 
 def _weights(run_dir, pipeline, step):
-    from safetensors.torch import load_file
-
     return load_file(str(run_dir / "from_step_8" / pipeline / "checkpoints" / f"step_{step}" / "model.safetensors"))
 
 
@@ -92,14 +91,22 @@ def test_resume_is_exact_and_two_processes_equal_one(tiny_run, tmp_path):
                 # averaging <= 1e-7 relative). The abs term covers values that cancel to ~0.
                 assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), (pipeline, key, ra["step"])
         w1, w2 = _weights(straight, pipeline, 2), _weights(two, pipeline, 2)
+        if pipeline == "grpo":  # measured bit-identical
+            assert all(torch.equal(w1[k], w2[k]) for k in w1), pipeline
+            continue
+        # Parallel averaging differs in the last bits of fp32 (where that enters is not pinned down:
+        # PairAdamW itself gives identical results on a partition and on the whole buffer), and Adam's
+        # m / sqrt(v) magnifies it wherever a weight's gradients nearly cancel, so the bound is on the
+        # update, not on the last bit. Measured on an AMD EPYC: each tensor's update (final - start) differs
+        # by <= 6e-6 of its norm, the largest weight by 1.6e-5 (an embedding row; the earlier
+        # measurement, on another machine, was 7e-9). A wrong gradient reduction or a lost optimizer shard changes the update by O(1) of
+        # its norm and weights by O(lr) = 2e-2.
+        start = load_file(str(tiny_run / "checkpoints" / "step_8" / "model.safetensors"))
         for name in w1:
-            # GRPO: measured bit-identical. Parallel averaging: measured 7e-9 apart (last bits of fp32)
-            # after its 8 AdamW phase updates, which move a weight by up to lr = 2e-2 each; a wrong
-            # gradient reduction or a lost optimizer shard moves weights by O(lr). Where the last-bit
-            # difference enters is not pinned down: PairAdamW itself gives identical results on a
-            # partition and on the whole buffer.
-            atol = 0.0 if pipeline == "grpo" else 1e-6
-            torch.testing.assert_close(w2[name], w1[name], rtol=0.0, atol=atol, msg=lambda m: f"{pipeline} {name}: {m}")
+            update = (w1[name] - start[name]).double()
+            gap = (w2[name] - w1[name]).double()
+            assert gap.norm() <= 1e-4 * update.norm(), (name, (gap.norm() / update.norm()).item())
+            assert gap.abs().max() <= 1e-3, (name, gap.abs().max().item())
 
 
 def _bad(tmp_path, capsys, *extra, match):
