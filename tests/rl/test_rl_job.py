@@ -97,10 +97,10 @@ def test_resume_is_exact_and_two_processes_equal_one(tiny_run, tmp_path):
         # Parallel averaging differs in the last bits of fp32 (where that enters is not pinned down:
         # PairAdamW itself gives identical results on a partition and on the whole buffer), and Adam's
         # m / sqrt(v) magnifies it wherever a weight's gradients nearly cancel, so the bound is on the
-        # update, not on the last bit. Measured on an AMD EPYC: each tensor's update (final - start) differs
-        # by <= 6e-6 of its norm, the largest weight by 1.6e-5 (an embedding row; the earlier
-        # measurement, on another machine, was 7e-9). A wrong gradient reduction or a lost optimizer shard changes the update by O(1) of
-        # its norm and weights by O(lr) = 2e-2.
+        # update, not on the last bit. Measured on an AMD EPYC: each tensor's update (final - start)
+        # differs by <= 6e-6 of its norm, the largest weight by 1.6e-5 (an embedding row; an earlier
+        # measurement on another machine gave 7e-9). A wrong gradient reduction or a lost optimizer shard
+        # changes the update by O(1) of its norm and weights by O(lr) = 2e-2.
         start = load_file(str(tiny_run / "checkpoints" / "step_8" / "model.safetensors"))
         for name in w1:
             update = (w1[name] - start[name]).double()
