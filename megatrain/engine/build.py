@@ -5,8 +5,10 @@
   initialised from its name-keyed generator, and cut to this rank's tensor-parallel slice. Peak host
   memory: the rank's share plus one full module.
 - ZeRO-3: built under `deepspeed.zero.Init`, which partitions each module's parameters over the
-  data-parallel group as soon as the module is constructed; then each module is gathered in turn,
-  initialised (all ranks compute the same keyed values, rank 0's are kept) and re-partitioned.
+  data-parallel group as soon as the module is constructed; then, one module at a time, every rank
+  initialises a full-size fp32 host stand-in of it (all ranks compute the same keyed values) and
+  copies its own partition into the parameter's ZeRO-3 shard. No collective; peak host memory: the
+  rank's partition plus one full module.
 
 Either way the weights are bit-identical to `Transformer(model_cfg, seed=train.seed)` in one process:
 every module draws from a generator keyed by (train.seed, its name), never from a shared stream.
@@ -16,6 +18,7 @@ The trainer and `megatrain plan --build` both build through `build_model`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import sys
 from typing import Iterator, Optional
@@ -111,9 +114,47 @@ def _build_zero3(cfg, model_cfg, initial_state: Optional[dict] = None) -> Transf
     model.refresh_rope_tables()  # zero.Init builds float tensors in the model dtype: the fp64 angles were rounded
     for name in model.init_module_names():
         module = model.get_submodule(name)
-        params = [p for p in module._parameters.values() if p is not None]
-        # Every rank initialises (buffers such as SLTrain's support are not partitioned and must be set
-        # everywhere); the keyed generator makes the values equal, and rank 0's are the ones kept.
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0), torch.no_grad():
-            model.init_module(name, module)
+        stand_in = _full_size_stand_in(module)
+        # Every rank initialises the whole module from its keyed generator (equal values everywhere;
+        # buffers such as SLTrain's support are not partitioned and are set on the module itself) and
+        # keeps its own partition: no all-gather, and the peak is the share plus this one module.
+        model.init_module(name, stand_in)
+        for key, full in stand_in._parameters.items():
+            if full is not None:
+                _keep_partition(module._parameters[key], full)
+        del stand_in
     return model
+
+
+def _full_size_stand_in(module: torch.nn.Module) -> torch.nn.Module:
+    """A shallow copy of a ZeRO-3 module whose own parameters are full-size fp32 host tensors.
+
+    It shares the module's buffers and children; only `_parameters` is its own."""
+    stand_in = copy.copy(module)
+    stand_in.__dict__["_parameters"] = {
+        key: None if p is None else torch.nn.Parameter(torch.empty(p.ds_shape, dtype=torch.float32),
+                                                       requires_grad=False)
+        for key, p in module._parameters.items()}
+    return stand_in
+
+
+def _keep_partition(param: torch.nn.Parameter, full: torch.Tensor) -> None:
+    """Copy this rank's ZeRO-3 partition of `full` into `param.ds_tensor`.
+
+    DeepSpeed's layout (`Init._partition_param`): the flattened tensor is padded to a multiple of the
+    partition group's size and rank i holds elements [i * n, (i + 1) * n), n = ds_tensor's numel; the
+    tail past the tensor's end is padding (zero)."""
+    import torch.distributed as dist
+
+    part = param.ds_tensor
+    if getattr(param, "ds_secondary_tensor", None) is not None or part.numel() * dist.get_world_size(
+            group=param.ds_process_group) < param.ds_numel:
+        raise RuntimeError("ZeRO-3 build: unexpected partition layout (hierarchical partitioning or offload "
+                           "to NVMe is not configured by megatrain)")
+    flat = full.reshape(-1)
+    start = part.numel() * dist.get_rank(group=param.ds_process_group)
+    count = max(0, min(part.numel(), param.ds_numel - start))
+    with torch.no_grad():
+        part.zero_()
+        if count:
+            part.narrow(0, 0, count).copy_(flat.narrow(0, start, count))

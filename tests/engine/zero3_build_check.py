@@ -28,7 +28,7 @@ def main(overrides: list[str]) -> None:
     mismatched = []
     for name, param in model.named_parameters():
         with deepspeed.zero.GatheredParameters([param]):
-            if not torch.equal(param.detach().cpu(), reference[name].detach()):
+            if not torch.equal(param.detach().cpu(), reference[name].detach().to(param.dtype)):
                 mismatched.append(name)
     buffers = dict(reference_model.named_buffers())  # RoPE tables, SLTrain's support
     mismatched += [name for name, buf in model.named_buffers() if not torch.equal(buf.cpu(), buffers[name])]
