@@ -1,7 +1,8 @@
 """`megatrain plan`: the per-rank parameter and optimizer bytes it plans are what a built model and its
 optimizer really hold (one process), every TP rank's parameter count matches the split parallelize
 makes, and `--build` measures a >= 700M-parameter model built at TP=4 with each rank's peak host memory
-under a third of the full fp32 model."""
+under a third of the full fp32 model, and a ZeRO-3 build whose peak is the rank's partition plus one
+module."""
 
 from __future__ import annotations
 
@@ -102,3 +103,27 @@ def test_build_700m_at_tp4_peaks_under_a_third_of_the_fp32_model():
         assert planned == held
         grown = float(peak) * unit[pu] - float(before) * unit[bu]
         assert grown < full_bytes / 3, (grown, full_bytes, proc.stdout)
+
+
+@pytest.mark.slow
+def test_zero3_build_peaks_at_the_partition_plus_one_module():
+    """2 gloo ranks build an 8-layer 760m (252M parameters) under ZeRO-3: each holds half, and its host
+    memory grows by its partition plus one full module (each rank initialises one full-size module at a
+    time and keeps its slice), with a tenth of the model as slack for the process's own allocations; a
+    build that materialised the whole model on a rank would grow by more than the full model."""
+    shape = [*TINY_JOB, "model.preset=760m", "model.vocab_size=8192", "model.layers=8"]
+    proc = run_cli(["plan", *shape, "parallel.zero_stage=3", "--world", "2", "--build"], timeout=600)
+    full = Transformer(plan_model_config(load_config(None, shape)), seed=0, device="meta")
+    full_bytes = 4 * full.num_params(non_embedding=False)
+    largest = max(4 * sum(p.numel() for p in full.get_submodule(name)._parameters.values() if p is not None)
+                  for name in full.init_module_names())
+    unit = {"MiB": 2**20, "GiB": 2**30}
+    rows = re.findall(r"^\s+(\d) \|\s+([\d,]+) \|\s+([\d,]+) \|\s+([\d.]+) (MiB|GiB) \|\s+([\d.]+) (MiB|GiB) \|"
+                      r"\s+([\d.]+) (MiB|GiB) \|", proc.stdout, flags=re.M)
+    assert len(rows) == 2, proc.stdout
+    for _, planned, held, weights, wu, before, bu, peak, pu in rows:
+        assert planned == held
+        held_bytes = float(weights) * unit[wu]
+        assert abs(held_bytes - full_bytes / 2) < 0.01 * full_bytes, (held_bytes, full_bytes)  # fp32 halves
+        grown = float(peak) * unit[pu] - float(before) * unit[bu]
+        assert grown < held_bytes + largest + 0.1 * full_bytes, (grown, held_bytes, largest, full_bytes, proc.stdout)
