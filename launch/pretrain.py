@@ -9,7 +9,7 @@ Thin on purpose: arguments -> config -> the pretraining recipe (megatrain.engine
 
 import sys
 
-from megatrain.cli import main
+from megatrain.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["pretrain", *sys.argv[1:]]))
+    entry(["pretrain", *sys.argv[1:]])

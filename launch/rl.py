@@ -9,7 +9,7 @@ Thin on purpose: arguments -> config -> the RL recipe (megatrain.rl.job.rl).
 
 import sys
 
-from megatrain.cli import main
+from megatrain.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["rl", *sys.argv[1:]]))
+    entry(["rl", *sys.argv[1:]])

@@ -7,7 +7,7 @@ Thin on purpose: arguments -> config -> the qTTT recipe (megatrain.ttt.job.run_t
 
 import sys
 
-from megatrain.cli import main
+from megatrain.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["ttt", *sys.argv[1:]]))
+    entry(["ttt", *sys.argv[1:]])

@@ -108,7 +108,7 @@ EAGER_COMPILE = ("import torch, deepspeed.runtime.engine as E; ds = E.DeepSpeedE
 
 def _bench(tmp_path, *args, hide_transformers=False, peak=None, eager_compile=False):
     out = tmp_path / "results"
-    code = f"import sys; {EAGER_COMPILE if eager_compile else ''}from megatrain.cli import main; sys.exit(main())"
+    code = f"import sys; {EAGER_COMPILE if eager_compile else ''}from megatrain.cli import entry; entry()"
     env = child_env()
     if hide_transformers:
         # A package first on the path whose import fails as if transformers were absent. (A None entry in

@@ -116,8 +116,8 @@ NAN_SCRIPT = textwrap.dedent("""
         return out
 
     transformer.Transformer.forward = forward
-    from megatrain.cli import main
-    sys.exit(main(sys.argv[1:]))
+    from megatrain.cli import entry
+    entry(sys.argv[1:])
 """)
 
 

@@ -396,8 +396,8 @@ def forward(self, *args, **kwargs):
     return out
 
 transformer.Transformer.forward = forward
-from megatrain.cli import main
-sys.exit(main(sys.argv[1:]))
+from megatrain.cli import entry
+entry(sys.argv[1:])
 """
 
 
