@@ -35,11 +35,17 @@ demo: install
 	@echo "a continuation from the model just trained:"
 	$(BIN)/megatrain generate $(DEMO_DIR) --prompt "It is a truth universally acknowledged" --max-new-tokens 48 --temperature 0.8 --top-p 0.95
 
+# Two pytest workers (pytest-xdist), each file on one worker so that a file's module fixtures are built
+# once: on 2 cores the multi-process tests leave a core idle often enough that this takes about 3/4 of
+# the serial time. TEST_JOBS=0 runs the suite serially in one process.
+TEST_JOBS ?= 2
+PYTEST_JOBS := $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_JOBS)
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q $(PYTEST_JOBS) -m "not slow"
 
 compat: install
 	rm -rf $(COMPAT_VENV)
