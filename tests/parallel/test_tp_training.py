@@ -109,15 +109,19 @@ def test_layout_change_at_zero_stage_0_refused(tmp_path):
     assert len(lines) == 1 and "needs parallel.zero_stage=1 or 2" in lines[0], proc.stderr[-2000:]
 
 
-def test_lowrank_tp2_dp2_matches_one_process_and_reshards_to_tp1(tmp_path):
-    """SLTrain (factors, sparse values and the support buffer) at TP=2 x DP=2 for 3 steps equals one
-    process, its consolidated checkpoint holds the full tensors, and resumed at TP=1 (resharded through
-    DeepSpeed's universal checkpoint) it continues the one-process run. Layer-level parity of CoLA,
-    SLTrain and LoRA at TP=2, with sequence parallelism and replicated KV heads: tp_checks.py lowrank."""
+@pytest.mark.parametrize("kind", ["sltrain", "cola"])
+def test_lowrank_tp2_dp2_matches_one_process_and_reshards_to_tp1(tmp_path, kind):
+    """SLTrain (factors, sparse values and the support buffer) and CoLA (its factors, the row-parallel
+    roles' r-wide all-reduce) at TP=2 x DP=2 for 3 steps equal one process, the consolidated checkpoint
+    holds the full tensors, and resumed at TP=1 (resharded through DeepSpeed's universal checkpoint) the
+    run continues the one-process run. Layer-level parity of CoLA, SLTrain and LoRA at TP=2, with
+    sequence parallelism and replicated KV heads: tp_checks.py lowrank. (LoRA and ReLoRA, whose frozen W
+    has no optimizer state: test_adapter_kinds_reshard_tp2_to_tp1.)"""
     from safetensors.torch import load_file
 
-    lowrank = ["model.linear=sltrain", "model.lowrank.rank=8", "model.lowrank.density=0.1", "train.steps=6",
-               "log.eval_every=3"]
+    lowrank = [f"model.linear={kind}", "model.lowrank.rank=8", "train.steps=6", "log.eval_every=3"]
+    if kind == "sltrain":
+        lowrank.append("model.lowrank.density=0.1")
     single, tp, resumed = tmp_path / "single", tmp_path / "tp2dp2", tmp_path / "tp1"
     run_cli(["pretrain", *TINY_JOB, *STEPS, *lowrank, f"run.dir={single}", "parallel.zero_stage=1",
              "checkpoint.every=3"])
