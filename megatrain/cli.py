@@ -597,7 +597,7 @@ def entry(argv: Optional[list[str]] = None) -> None:
             stream.flush()
         except (OSError, ValueError):  # a closed or broken pipe: nothing left to say
             pass
-    os._exit(code if isinstance(code, int) else 1)
+    os._exit(code or 0)  # as sys.exit: None is success
 
 
 if __name__ == "__main__":

@@ -15,10 +15,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("model", [["model.linear=sltrain", "train.dtype=fp32"],
-                                   ["model.attention=iha", "model.tie_embeddings=true", "train.dtype=bf16"]])
+                                   ["model.attention=iha", "model.tie_embeddings=true", "train.dtype=bf16"],
+                                   ["model.kv_heads=2", "train.dtype=fp32", "--initial-state"]])
 def test_zero3_partitioned_build_equals_one_process_weights(model):
     """2 gloo processes; SLTrain so that a non-partitioned buffer (the sparse support) is checked too, IHA
-    (its mixing tensors) with a tied head in bf16 (the fp32 keyed values rounded into bf16 partitions)."""
+    (its mixing tensors) with a tied head in bf16 (the fp32 keyed values rounded into bf16 partitions),
+    and a GQA model built from given weights (an imported run or train.init_from) instead of its keyed
+    init."""
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
                            "tests/engine/zero3_build_check.py", "model.preset=tiny", "model.vocab_size=512", *model,

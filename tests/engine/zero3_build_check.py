@@ -1,5 +1,7 @@
 """Run under torchrun (2 processes): the model built for ZeRO-3 (`build_model`, partitioned at
-construction) gathers to exactly the one-process model from the same seed. Exits non-zero otherwise."""
+construction) gathers to exactly the one-process model from the same seed. With `--initial-state`
+the model is built from given full weights (an imported run, train.init_from: those of another seed)
+and must gather to exactly them. Exits non-zero otherwise."""
 
 from __future__ import annotations
 
@@ -16,11 +18,13 @@ from megatrain.parallel.groups import build_groups
 
 
 def main(overrides: list[str]) -> None:
-    cfg = load_config(None, overrides)
+    given = "--initial-state" in overrides
+    cfg = load_config(None, [o for o in overrides if o != "--initial-state"])
     env = init_distributed(cfg)
     model_cfg = cfg.model.resolved()
-    model = build_model(cfg, model_cfg, build_groups(1))
-    reference_model = Transformer(model_cfg, seed=cfg.train.seed)
+    reference_model = Transformer(model_cfg, seed=cfg.train.seed + 1000 if given else cfg.train.seed)
+    initial_state = {k: v.clone() for k, v in reference_model.state_dict().items()} if given else None
+    model = build_model(cfg, model_cfg, build_groups(1), initial_state=initial_state)
     reference = dict(reference_model.named_parameters())
     local = sum(p.ds_tensor.numel() for p in model.parameters())
     total = sum(p.ds_numel for p in model.parameters())
