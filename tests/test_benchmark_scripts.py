@@ -113,6 +113,31 @@ def test_gpu_suite_setup_maps_megatrain_kernels_without_an_install(tmp_path):
 # accounting
 
 
+_TINY_DIMS = dict(batch=1, seq=16, hidden=32, heads=4, kv_heads=2, head_dim=16, ffn=48, tokens=16, vocab=64,
+                 d_in=32, d_out=32, rank=8)
+
+
+@pytest.mark.parametrize("op", bench.OPS)
+def test_every_shape_helper_runs_on_cpu(op, monkeypatch):
+    """What the GPU run does before its first timing, on CPU: every shape of the sweep gets a label and a
+    cost, and each op's case builder (inputs, implementations) and eager implementation run at a shrunken
+    copy of its shape. The adam row's parameter shapes come from the 1.3b model built on the meta device,
+    which once raised on the GPU machine (the constructor's seed draw read a meta tensor)."""
+    for shape in bench.sweep(op) + bench.sweep(op, quick=True):
+        assert bench.shape_label(op, shape)
+        if op != "adam":
+            assert all(bench.op_cost(op, shape, mode) > 0 for mode in bench.MODES)
+    if op == "adam":
+        shapes = bench.adam_param_shapes("1.3b", 32000)
+        assert 1.2e9 < sum(math.prod(s) for s in shapes) < 1.5e9
+        return
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    shape = {key: _TINY_DIMS.get(key, value) for key, value in bench.sweep(op, quick=True)[0].items()}
+    case = bench.build_case(op, shape, {"liger": None, "apex_rms_norm": None})
+    out = bench._as_tuple(case.impls[bench.EAGER](*case.inputs))
+    assert len(out) == len(case.output_names) and all(torch.isfinite(t.float()).all() for t in out)
+
+
 def test_byte_accounting_counts_each_tensor_once():
     t, d, e = 16384, 4096, 2
     assert bench.rms_norm_bytes(t, d, backward=False) == 2 * t * d * e + d * e

@@ -220,7 +220,9 @@ class Transformer(nn.Module):
             raise ConfigError("model.vocab_size is not set: give model.vocab_size or a tokenizer to take it from")
         cfg.validate()
         self.config = cfg
-        self.init_seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
+        # Drawn on the CPU generator whatever the default device is: under `with torch.device("meta")`
+        # a draw there has no value to read (benchmarks/kernels.py builds shapes that way).
+        self.init_seed = int(torch.randint(0, 2**62, (), device="cpu").item()) if seed is None else int(seed)
         # Full tensors by state-dict name that `init_module` copies instead of drawing (a run started from
         # given weights, megatrain.engine.build); None: the keyed initialisation.
         self.initial_state: Optional[dict] = None
