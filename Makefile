@@ -41,11 +41,13 @@ demo: install
 TEST_JOBS ?= 2
 PYTEST_JOBS := $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
 
+# pytest's own script, not `python -m pytest`: the repository root stays off sys.path (its kernels/ folder
+# is megatrain.kernels, never a top-level `kernels`), so the tests run against the installed package.
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_JOBS)
+	$(BIN)/pytest -q $(PYTEST_JOBS)
 
 test-fast: install
-	$(BIN)/python -m pytest -q $(PYTEST_JOBS) -m "not slow"
+	$(BIN)/pytest -q $(PYTEST_JOBS) -m "not slow"
 
 compat: install
 	rm -rf $(COMPAT_VENV)

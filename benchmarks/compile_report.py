@@ -28,6 +28,9 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
+# Run as a script, this folder comes first on sys.path, and its kernels.py would then answer the
+# `import kernels` that transformers makes (Hugging Face's package). megatrain is imported installed.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
 os.environ.pop("TRITON_INTERPRET", None)  # before any kernel module is imported
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is every version's default
 

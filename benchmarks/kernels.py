@@ -90,12 +90,9 @@ from typing import Callable, Optional, Sequence
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(_HERE)
-if __name__ == "__main__":
-    # Run as a script, benchmarks/ comes first on sys.path, and this file would then answer any
-    # `import kernels` or find_spec("kernels") that a library makes.
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+# Run as a script, benchmarks/ comes first on sys.path, and this file would then answer any
+# `import kernels` or find_spec("kernels") that a library makes. megatrain is imported installed.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -43,7 +43,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Run as a script, this folder comes first on sys.path, and its kernels.py would then answer the
+# `import kernels` that transformers makes (Hugging Face's package). megatrain is imported installed.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
 
 # name -> (model.linear, optim.name). Extra keys per method come from --set METHOD:key=value.
 METHODS: dict[str, tuple[str, str]] = {

@@ -24,10 +24,12 @@ import tempfile
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Run as a script, this folder comes first on sys.path, and its kernels.py would then answer the
+# `import kernels` that transformers makes (Hugging Face's package). megatrain is imported installed.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
 
 import megatrain  # noqa: E402
-from benchmarks.rollout import cpu_name  # noqa: E402
+from megatrain.bench.report import cpu_name  # noqa: E402
 
 PARTS = ("generate_s", "reward_s", "logprob_s", "update_s")
 

@@ -32,9 +32,12 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Run as a script, this folder comes first on sys.path, and its kernels.py would then answer the
+# `import kernels` that transformers makes (Hugging Face's package). megatrain is imported installed.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
 
 import megatrain  # noqa: E402
+from megatrain.bench.report import cpu_name  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -171,18 +174,6 @@ def main():
         "note": note, "rows": rows,
     }
     write_results(args, info)
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else what platform reports."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def write_results(args, info) -> None:

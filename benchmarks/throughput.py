@@ -17,7 +17,9 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Run as a script, this folder comes first on sys.path, and its kernels.py would then answer the
+# `import kernels` that transformers makes (Hugging Face's package). megatrain is imported installed.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
 
 from megatrain.errors import MegatrainError  # noqa: E402
 

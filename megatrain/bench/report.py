@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 from typing import Optional
 
 SIDE_TITLES = {"megatrain": "megatrain", "hf_deepspeed": "HF+DeepSpeed", "plain": "plain PyTorch"}
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what platform reports."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def _num(value: Optional[float], fmt: str) -> str:
