@@ -18,6 +18,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+# Modules that the jobs tests start import by name (rl.reward=toy_rewards.letter_e): on the children's
+# PYTHONPATH, as a user's own folder would be. The repository root never is (its kernels/ folder is
+# megatrain.kernels and must not shadow Hugging Face's `kernels`).
+PLUGINS = REPO / "tests" / "plugins"
 
 # Small enough that a step takes milliseconds on 2 cores, large enough to learn something.
 TINY_JOB = [
@@ -51,6 +55,7 @@ def child_env() -> dict:
     env = dict(os.environ)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
+    env["PYTHONPATH"] = os.pathsep.join([str(PLUGINS), *filter(None, [env.get("PYTHONPATH")])])
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("OMP_NUM_THREADS", "1")
     return env

@@ -442,7 +442,7 @@ def test_slurm_script_forwards_the_signal_and_requeues(tmp_path):
         path.write_text("#!/usr/bin/env bash\n" + body)
         path.chmod(0o755)
     env = {"PATH": f"{shim_dir}:{os.environ['PATH']}", "SHIM_DIR": str(shim_dir), "PYTHON": sys.executable,
-           "PYTHONPATH": str(REPO), "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "megatrain", "SLURM_JOB_NODELIST": "n1",
+           "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "megatrain", "SLURM_JOB_NODELIST": "n1",
            "SLURM_JOB_NUM_NODES": "1", "SLURM_GPUS_PER_NODE": "gpu:1", "SLURM_SUBMIT_DIR": str(REPO)}
     full = child_env()
     full.update(env)

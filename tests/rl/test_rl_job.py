@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from tests.conftest import read_metrics, run_cli
 
 # The reward is the share of the letter 'e': dense, so a few iterations of a tiny model raise it.
-RL_JOB = ["rl.reward=tests.rl.toy_rewards.letter_e", "rl.max_new_tokens=8", "rl.eval.k=[1,2]", "rl.eval.samples=2",
+RL_JOB = ["rl.reward=toy_rewards.letter_e", "rl.max_new_tokens=8", "rl.eval.k=[1,2]", "rl.eval.samples=2",
           "rl.eval.problems=2", "log.progress=false", "log.eval_batches=1", "train.lr=2e-2", "train.warmup_steps=0",
           "train.schedule=constant", "optim.weight_decay=0.0", "parallel.zero_stage=2", "rl.kl_coef=0.01"]
 # Learning: 4 prompts x 8 samples per iteration, one optimizer step per rollout.
@@ -146,11 +146,11 @@ def test_bad_inputs(tiny_run, tmp_path, capsys):
     _bad(tmp_path, capsys, init, "rl.pipeline=ppo", match="rl.pipeline='ppo' is not allowed")
     _bad(tmp_path, capsys, init, "rl.reward=no_such_module_xyz.fn", match="cannot import")
     # A reward returning a non-number stops the run with one line naming it; an existing run is refused.
-    proc = run_cli(["rl", *RL_JOB, init, f"run.dir={tmp_path / 'bad'}", "rl.reward=tests.rl.toy_rewards.broken",
+    proc = run_cli(["rl", *RL_JOB, init, f"run.dir={tmp_path / 'bad'}", "rl.reward=toy_rewards.broken",
                     "rl.steps=1", "rl.group_size=2", "rl.prompts_per_step=1", "rl.micro_batch=2"], check=False)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("megatrain: error")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
-    assert "rl.reward tests.rl.toy_rewards.broken returned None" in errors[0] and "Traceback" not in proc.stderr
+    assert "rl.reward toy_rewards.broken returned None" in errors[0] and "Traceback" not in proc.stderr
     _bad(tmp_path, capsys, init, match="already holds an RL run")
 
 

@@ -1,4 +1,5 @@
-"""Rewards for the RL job's tests (importable as tests.rl.toy_rewards.NAME from the repo root)."""
+"""Rewards for the RL job's tests, imported by name (rl.reward=toy_rewards.NAME) in the jobs that tests start:
+conftest.child_env puts tests/plugins/ on their PYTHONPATH, as a user puts the folder of their own reward module."""
 
 
 def letter_e(prompt: str, completion: str, answer: str) -> float:
