@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU suite: the one command to run on the lent GPU machine, from the repository root.
 #
-#   bash benchmarks/gpu_suite.sh                    # setup, then the stages: tests compile kernels throughput
-#   bash benchmarks/gpu_suite.sh tests kernels      # setup, then only these stages
+#   bash benchmarks/gpu_suite.sh                    # setup, then the default stages: bench kernels (~10 min)
+#   bash benchmarks/gpu_suite.sh tests compile      # setup, then only these stages (any of the six below)
 #
 # Through the device tool: run(command="bash benchmarks/gpu_suite.sh", carry=[".whl"], timeout_s=600),
 # after `bash benchmarks/gpu_wheels.sh` here has filled .whl/. Everything printed goes to
@@ -24,7 +24,10 @@
 #   test_compile_cuda.py, which the compile stage replaces.
 # compile: python benchmarks/compile_report.py with every core and no cache: the image's Triton compiles
 #   every launch config for sm_80 and sm_90 and writes benchmarks/results/kernels-compiled-gpu-image.md.
-# kernels: python benchmarks/kernels.py $KERNELS_ARGS (e.g. KERNELS_ARGS=--quick).
+# bench (default): `megatrain bench` of the trainer against HF Llama + DeepSpeed and the plain PyTorch loop
+#   (all three sides, bf16, seq 2048, global batch 8) at 125m (micro-batch 8, ZeRO-1 and ZeRO-2, 20 steps)
+#   and 1.3b (micro-batch 4, ZeRO-1, 10 steps), tagged bench-125m-<gpu>-bf16 and bench-1.3b-<gpu>-bf16.
+# kernels (default): python benchmarks/kernels.py $KERNELS_ARGS (default --quick: one shape per op).
 # throughput: python benchmarks/throughput.py $THROUGHPUT_ARGS (default: the 125m preset, seq 2048,
 #   micro-batch 8, 20 steps).
 #
@@ -39,18 +42,19 @@ PYTHON=${PYTHON:-python3}
 SITE=${SITE:-/tmp/site}
 WHEELS=${WHEELS:-$REPO/.whl}
 LOG_DIR=${OUT:-$REPO/runs/gpu-suite}
-KERNELS_ARGS=${KERNELS_ARGS:-}
+KERNELS_ARGS=${KERNELS_ARGS---quick}
 THROUGHPUT_ARGS=${THROUGHPUT_ARGS:---preset 125m --seq-len 2048 --micro-batch 8 --steps 20}
-ALL_STAGES=(tests compile kernels throughput)
+ALL_STAGES=(tests compile bench kernels throughput)
+DEFAULT_STAGES=(bench kernels)
 export PYTHONUNBUFFERED=1
 
 stages=("$@")
 if (( ${#stages[@]} == 0 )); then
-    stages=("${ALL_STAGES[@]}")
+    stages=("${DEFAULT_STAGES[@]}")
 fi
 for stage in "${stages[@]}"; do
     case "$stage" in
-        setup|tests|compile|kernels|throughput) ;;
+        setup|tests|compile|bench|kernels|throughput) ;;
         *) echo "gpu_suite.sh: unknown stage '$stage' (stages: setup ${ALL_STAGES[*]})" >&2; exit 2 ;;
     esac
 done
@@ -233,12 +237,25 @@ collect_results() {
     find benchmarks/results -maxdepth 1 -type f -newer "$stamp" -exec cp {} "$OUT/results/" \;
 }
 
+# The trainer against both peers: megatrain bench at two sizes, every side, one stage each.
+bench_trainer() {
+    local gpu
+    gpu=$("$PYTHON" -c 'import torch, re; print(re.sub("[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-").replace("nvidia-", ""))')
+    run_stage bench-125m "$PYTHON" -m megatrain.cli bench launch/configs/125m.yaml train.global_batch=8 \
+        --settings mb=8,zero=1 mb=8,zero=2 --steps 20 --block 5 --warmup 3 --breakdown-steps 1 \
+        --out benchmarks/results --tag "bench-125m-$gpu-bf16"
+    run_stage bench-1.3b "$PYTHON" -m megatrain.cli bench launch/configs/1.3b.yaml train.global_batch=8 \
+        train.activation_checkpointing=false --settings mb=4,zero=1 --steps 10 --block 5 --warmup 2 \
+        --breakdown-steps 1 --out benchmarks/results --tag "bench-1.3b-$gpu-bf16"
+}
+
 main() {
     setup
     for stage in "${stages[@]}"; do
         case "$stage" in
             setup) ;;
             tests) run_stage tests env MEGATRAIN_KERNELS=triton MEGATRAIN_TEST_DEVICE=cuda "$PYTHON" -m pytest -q -p no:cacheprovider -rf tests/kernels --ignore=tests/kernels/test_compile_cuda.py ;;
+            bench) bench_trainer ;;
             compile) run_stage compile "$PYTHON" benchmarks/compile_report.py --jobs "$(nproc)" --cache none --write benchmarks/results/kernels-compiled-gpu-image.md ;;
             # shellcheck disable=SC2086  # the argument strings are meant to split into arguments
             kernels) run_stage kernels "$PYTHON" benchmarks/kernels.py $KERNELS_ARGS ;;
