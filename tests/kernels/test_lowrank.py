@@ -1,4 +1,4 @@
-"""The fused low-rank projection (kernels/lowrank.py) against kernels.reference, forward and backward.
+"""The low-rank projection (kernels/lowrank.py: cuBLAS matmuls, Triton SiLU passes) against kernels.reference, forward and backward.
 
 Without a GPU the kernels run through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1
 before anything imports them). Every test draws a fresh seed and prints it on failure; kernel outputs
@@ -71,31 +71,26 @@ def check_against_reference(seed, x, a, b, bias, dy, activation, recompute, view
     return ours
 
 
-@pytest.mark.parametrize("path", ["fused", "split"])
 @pytest.mark.parametrize("recompute", [False, True], ids=["store", "recompute"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("activation", ["silu", None], ids=["silu", "linear"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_lowrank_matches_reference(dtype, activation, bias, recompute, path, monkeypatch):
-    """Odd sizes: 11 (or 2x7 = 14) rows over 16-row tiles, D_in = 13 over one partial reduction tile,
-    r = 5, D_out = 19 over two output tiles. `split` forces the large-rank path (cuBLAS x @ a, then
-    the fused silu(z) @ b + bias kernel)."""
-    if path == "split":
-        monkeypatch.setattr(triton_lowrank, "MAX_FUSED_RANK", 0)
+def test_lowrank_matches_reference(dtype, activation, bias, recompute):
+    """Odd sizes: 11 (or 2x7 = 14) rows, D_in = 13, r = 5, D_out = 19: T*r = 55 or 70 elements, one
+    partial block of the SiLU passes."""
     seed, gen = fresh_generator()
     lead = (11,) if recompute else (2, 7)
     x, a, b, bias_t, dy = make_inputs(gen, lead, D_IN, RANK, D_OUT, dtype, bias)
     check_against_reference(seed, x, a, b, bias_t, dy, activation, recompute)
 
 
-@pytest.mark.parametrize("path", ["fused", "split"])
-def test_lowrank_larger_rank_and_rows(path, monkeypatch):
-    """r = 40 (a 64-wide rank tile, several reduction tiles for db), 37 rows, D_in = 50, D_out = 33."""
-    if path == "split":
-        monkeypatch.setattr(triton_lowrank, "MAX_FUSED_RANK", 0)
+@pytest.mark.parametrize("recompute", [False, True], ids=["store", "recompute"])
+def test_lowrank_larger_rank_and_rows(recompute):
+    """r = 40, 37 rows, D_in = 50, D_out = 33: T*r = 1480 elements, two blocks of the SiLU passes
+    (the second partial)."""
     seed, gen = fresh_generator()
     x, a, b, bias_t, dy = make_inputs(gen, (37,), 50, 40, 33, torch.float32, True)
-    check_against_reference(seed, x, a, b, bias_t, dy, "silu", False)
+    check_against_reference(seed, x, a, b, bias_t, dy, "silu", recompute)
 
 
 def test_lowrank_recompute_saves_no_intermediate():
