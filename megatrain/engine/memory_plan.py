@@ -12,6 +12,7 @@ data-parallel ranks, rounded up as DeepSpeed pads them). The rest is the usual a
 | master weights | bf16 runs: 4 per trainable parameter, / DP with ZeRO 1-3 (DeepSpeed's fp32 copy) |
 | optimizer | AdamW: 8 per trainable parameter (two fp32 moments), / DP with ZeRO 1-3. GaLore/Fira weights: fp32 moments of the projected gradient (r x n or m x r) plus the projection, whole on every DP rank (their own fp32 master in bf16) |
 | activations | per micro-batch (micro_batch x seq_len tokens), saved for backward, see `activation_elements` |
+| transient | model.linear=sltrain: the dense W = scale a b + S [D_in, D_out] (/ TP) of the largest projection, built per call in the activations' dtype (2 / 4) and freed after its matmul; in backward W (for dx) and then dW = x^T dy, never both at once (kernels/sparse_lowrank.py) |
 
 The optimizer figures count the tensors an optimizer holds (moments, projections, masters), not
 its 0-dim scalars (step counters, Fira's limiter norm). ReLoRA/LoRA's frozen W has no gradient and no optimizer state (unless
@@ -55,6 +56,7 @@ class RankMemory:
     activation_bytes: int = 0       # per micro-batch, nothing recomputed
     activation_bytes_checkpointed: int = 0  # per micro-batch, train.activation_checkpointing=true
     activation_checkpointing: bool = False
+    transient_bytes: int = 0        # SLTrain: one projection's dense W (or dW), alive during its matmuls
 
     @property
     def model_state_bytes(self) -> int:
@@ -62,9 +64,10 @@ class RankMemory:
 
     @property
     def total_bytes(self) -> int:
-        """Model states plus the activations of the configured activation checkpointing."""
+        """Model states plus the activations of the configured activation checkpointing, plus the
+        largest per-call transient (SLTrain's W)."""
         act = self.activation_bytes_checkpointed if self.activation_checkpointing else self.activation_bytes
-        return self.model_state_bytes + act
+        return self.model_state_bytes + act + self.transient_bytes
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -143,7 +146,20 @@ def plan_memory(cfg, world_size: int, model_cfg=None) -> RankMemory:
     full, checkpointed = activation_elements(m, tp, p.sequence, cfg)
     out.activation_bytes = tokens * full * width
     out.activation_bytes_checkpointed = tokens * checkpointed * width
+    out.transient_bytes = transient_elements(m, tp) * width
     return out
+
+
+def transient_elements(m, tp: int) -> int:
+    """Elements of the largest tensor one projection builds and frees inside its own call, on one
+    rank: for SLTrain the dense W [D_in, D_out] of its largest projection (split over TP like the
+    layer: D_out in column roles, D_in in row roles), 0 for every other kind. kernels/sparse_lowrank.py
+    builds W per call and, in backward, frees the rebuilt W before dW (the same size) exists."""
+    if m.linear != "sltrain":
+        return 0
+    from megatrain.models.layers import projection_shapes
+
+    return max(math.ceil(d_in * d_out / tp) for _, d_in, d_out in projection_shapes(m))
 
 
 def activation_elements(m, tp: int, sequence_parallel: bool, cfg) -> tuple[float, float]:
@@ -270,6 +286,7 @@ def format_plan(plan: RankMemory, measured: Optional[list[dict]] = None) -> str:
              f"  model states                                 {gib(plan.model_state_bytes)}",
              f"  activations per micro-batch, no checkpointing{gib(plan.activation_bytes)}",
              f"  activations per micro-batch, checkpointing   {gib(plan.activation_bytes_checkpointed)}",
+             f"  transient per call (SLTrain's dense W)       {gib(plan.transient_bytes)}",
              f"  total (activation_checkpointing={str(plan.activation_checkpointing).lower():5})     "
              f"{gib(plan.total_bytes)}"]
     if measured:

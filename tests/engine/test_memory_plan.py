@@ -76,6 +76,44 @@ def test_planned_params_per_tp_rank_equal_the_split(tp, extra):
     assert zero3.optimizer_bytes == -(-full.optimizer_bytes // 8 // 2) * 8
 
 
+def test_sltrain_plan_counts_the_transient_dense_weight(monkeypatch):
+    """SLTrain builds W = scale a b + S [D_in, D_out] per call (kernels/sparse_lowrank.py): the plan
+    counts the largest one (the MLP's, split over TP) in the activations' dtype; other kinds build
+    none. The figure is the largest floating tensor a forward+backward of that projection makes
+    through the Triton path (the interpreter here)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from megatrain.models.layers import SLTrainLinear
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    Largest.numel = max(Largest.numel, t.numel())
+            return out
+
+    cfg = load_config(None, [*TINY_JOB, "parallel.zero_stage=0", "train.dtype=fp32", "model.linear=sltrain"])
+    m = plan_model_config(cfg)
+    plan, plan_tp2 = plan_memory(cfg, 1), plan_memory(load_config(None, [*TINY_JOB, "parallel.zero_stage=0",
+                                                                          "train.dtype=fp32", "model.linear=sltrain",
+                                                                          "parallel.tensor=2"]), 2)
+    assert plan.transient_bytes == 4 * m.dim * m.ffn_dim and plan_tp2.transient_bytes == plan.transient_bytes // 2
+    assert plan.total_bytes == plan.model_state_bytes + plan.activation_bytes + plan.transient_bytes
+    assert plan_memory(load_config(None, [*TINY_JOB, "model.linear=cola"]), 1).transient_bytes == 0
+    model = Transformer(m, seed=0)
+    monkeypatch.setenv("MEGATRAIN_KERNELS", "triton")
+    layer = next(mod for mod in model.modules() if isinstance(mod, SLTrainLinear) and mod.out_features == m.ffn_dim)
+    x = torch.randn(3, m.dim, requires_grad=True)
+    with Largest():
+        y = layer(x)
+        y.sum().backward()
+    assert "SparseLowRank" in type(y.grad_fn).__name__, y.grad_fn
+    assert Largest.numel == m.dim * m.ffn_dim
+
+
 def test_plan_command_prints_the_plan_and_refuses_bad_splits(tmp_path):
     proc = run_cli(["plan", *TINY_JOB, "parallel.tensor=2", "--world", "4"])
     assert "world 4 = parallel.tensor 2 x 2 data-parallel" in proc.stdout
