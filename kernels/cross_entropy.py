@@ -15,25 +15,39 @@ ignored rows (G = [g_t] is [T, V]):
 How it runs: a host loop over chunks of C tokens. For each chunk
 
 1. logits = h_chunk @ weight.T with torch.mm (cuBLAS on a GPU) in the input dtype, [C, V];
-2. `_flce_stats_kernel` (phase 1) reads each row once, tile by tile, and writes its running max m,
-   its sum of exp(z - m) and its target logit (three [C] fp32 vectors);
-3. the host turns those into lse = m + log(sum) (with a vocab-parallel group: all-reduce first);
-4. `_flce_grad_kernel` (phase 2) overwrites the logits IN PLACE with g (so no second [C, V] buffer);
-5. dh[chunk] = g @ weight and dweight += g.T @ h_chunk (torch matmuls; dweight accumulates in fp32).
+2. `_flce_fwd_kernel`, one program per row, reads the row tile by tile for its online max and sum of
+   exp, writes lse and the target logit (two [C] fp32 vectors) and, in the same launch, reads the
+   row again and overwrites it IN PLACE with g = (softmax - onehot) / N (so no second [C, V] buffer);
+3. dh[chunk] = g @ weight (torch.mm into dh) and dweight += g.T @ h_chunk (torch.addmm_ into dweight,
+   beta = 1: cuBLAS adds each chunk's fp32-accumulated product to it).
 
 Only one [C, V] block of logits exists at a time, and the gradients are finished during the forward
-pass, so backward only multiplies them by the upstream gradient. Without gradients (eval,
-torch.no_grad) steps 4 and 5 are skipped.
+pass, so backward only multiplies them by the upstream gradient (in place). Without gradients (eval,
+torch.no_grad) the kernel skips its gradient loop and step 3 is skipped.
 
-Chunk size (when not given): the largest power of two C with C * V <= max(T * D, 2**25), capped at T.
-So the logits block is never bigger than h itself, except that small batches may use up to 2**25
-elements (64 MiB in bf16) so each matmul stays large enough to run efficiently.
+Chunk size (when not given): the largest power of two C with C * V_local * element size <= 256 MiB,
+capped at T (1024 rows of a 128k bf16 vocabulary: T8192 runs in 8 chunks). See default_chunk_size.
+
+Cost per call (T tokens, D hidden, V vocabulary, e bytes per element):
+
+    FLOPs  2*T*D*V (logits) + 2*T*D*V (dh) + 2*T*D*V (dW) = 6*T*D*V with gradients, 2*T*D*V without
+    bytes  the kernel reads the logits twice and writes them once: 3*T*V*e (T*V*e without gradients);
+           the dW update reads and writes dW once per chunk: 2*V*D*e * T / C
+    memory dW [V, D] and dh [T, D] (the outputs) + one [C, V] block (256 MiB) + O(C) vectors
+
+Roofline (T8192 D4096 V128256 bf16 on an H200, C = 1024): 25.8 TFLOP of large cuBLAS GEMMs (~37 ms
+at ~700 TFLOP/s, the same three matmuls torch.compile's unfused loss runs) plus 6.3 GB of kernel
+traffic (~1.4 ms at 4.5 TB/s). The dW update moves 2.1 GB per chunk inside a 1.07 TFLOP GEMM
+(~0.45 ms of memory under ~1.5 ms of compute, overlapped by cuBLAS's tiles). Expected ~39 ms: bound
+by the matmuls every implementation does, with no [T, V] buffer (2.1 GB of bf16 logits plus their
+gradient in the unfused version).
 
 Vocab parallel (`process_group` given): `weight` holds this rank's rows [r * V_local, (r+1) * V_local)
-of the full head, `target` holds global ids and `h` is the same on every rank. Phase 1 runs on the
-local shard; the row maxima are all-reduced with MAX, then the rescaled sums, the target logits
-(zero on ranks that do not own the target) and a "target found" count are all-reduced with one SUM.
-Phase 2 uses the global lse, so each rank holds its columns of the true g; dweight is this shard's
+of the full head, `target` holds global ids and `h` is the same on every rank. `_flce_fwd_kernel`
+runs on the local shard without its gradient loop; the shards' lse are all-reduced with MAX, then
+the rescaled exp(lse_r - max), the target logits (zero on ranks that do not own the target) and a
+"target found" count are all-reduced with one SUM. `_flce_grad_kernel` (phase 2) then writes g with
+the global lse, so each rank holds its columns of the true g; dweight is this shard's
 gradient and dh, a partial sum over the shard, is all-reduced (SUM, in h's dtype) at the end, so
 the returned gradient for h is complete.
 
@@ -44,8 +58,9 @@ returned loss NaN: loud, but without a sync (the vocab-parallel "found" count do
 ranks, since only the owning rank can see the target).
 
 Precision: logits and g are stored in the input dtype (as a plain bf16 matmul would), every reduction
-inside the kernels is fp32, the loss is fp32, dweight is accumulated in fp32 across chunks and returned
-in weight's dtype. Offsets inside the kernels are int64: C * V can exceed 2**31.
+inside the kernels is fp32, the loss is fp32; dweight is accumulated in weight's dtype across chunks
+(each chunk's product in fp32 inside cuBLAS, then added and rounded: T / C roundings). Offsets inside
+the kernels are int64: C * V can exceed 2**31.
 """
 
 from __future__ import annotations
@@ -71,28 +86,34 @@ OP = "fused_linear_cross_entropy"
 # Columns one program handles per loop step. 4096 fp32 values over 8 warps is 16 registers a thread:
 # large enough to stream a row at full bandwidth, small enough not to spill. Not tuned per GPU.
 MAX_BLOCK_V = 4096
-# Lower bound on the logits elements of one chunk (see default_chunk_size).
-MIN_CHUNK_LOGITS = 1 << 25
+# Bytes of the one [C, V_local] logits block the op holds (see default_chunk_size).
+LOGITS_BUDGET_BYTES = 256 << 20
 
 
 # ---- kernels -------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _flce_stats_kernel(logits_ptr, stride_row, target_ptr, row_max_ptr, row_sumexp_ptr, target_logit_ptr,
-                       n_cols, vocab_start, ignore_index, BLOCK_V: tl.constexpr):
-    """Phase 1, one program per row of a [C, n_cols] logits block.
+def _flce_fwd_kernel(logits_ptr, stride_row, target_ptr, lse_ptr, target_logit_ptr, scale_ptr, n_cols, vocab_start,
+                     ignore_index, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One program per row of a [C, n_cols] logits block: the row's log-sum-exp and target logit and,
+    with WRITE_GRAD, its gradient written in place.
 
-    Writes m = max_v z[v], s = sum_v exp(z[v] - m) (an online max/sum over tiles of BLOCK_V columns,
-    so a row of any length is read once) and z[target - vocab_start] when that column is in this
-    block and the row is not ignored, else 0. All three outputs are fp32 [C].
+    Loop 1 keeps an online max m and sum s of exp(z - m) over tiles of BLOCK_V columns (a row of any
+    length is read once) and writes lse = m + log(s) and z[target - vocab_start] (0 when that column
+    is not in this block or the row is ignored), both fp32. With WRITE_GRAD (no vocab-parallel group:
+    this lse is the global one) loop 2 reads the row again (mostly from L2, just read) and overwrites
+    it with (exp(z - lse) - onehot(target - vocab_start)) * scale, 0 on ignored rows, so the forward
+    pass needs no other kernel. scale (one fp32 value, read from memory so the host never syncs to
+    learn the token count) is 1 / N.
     """
     row = tl.program_id(0)
     # int64: row * stride_row overflows int32 once a chunk holds more than 2**31 logits.
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
     target = tl.load(target_ptr + row).to(tl.int64)
+    counted = target != ignore_index
     local_target = target - vocab_start
-    has_target = (target != ignore_index) & (local_target >= 0) & (local_target < n_cols)
+    has_target = counted & (local_target >= 0) & (local_target < n_cols)
 
     running_max = float("-inf")
     running_sum = 0.0
@@ -104,20 +125,31 @@ def _flce_stats_kernel(logits_ptr, stride_row, target_ptr, row_max_ptr, row_sume
         new_max = tl.maximum(running_max, tl.max(z, axis=0))
         running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
         running_max = new_max
+    lse = running_max + tl.log(running_sum)
 
     # The pointer is clamped to column 0 when there is no target so no wild address is formed.
     target_logit = tl.load(row_ptr + tl.where(has_target, local_target, 0), mask=has_target, other=0.0)
-    tl.store(row_max_ptr + row, running_max)
-    tl.store(row_sumexp_ptr + row, running_sum)
+    tl.store(lse_ptr + row, lse)
     tl.store(target_logit_ptr + row, target_logit.to(tl.float32))
+
+    if WRITE_GRAD:
+        scale = tl.load(scale_ptr)
+        for start in range(0, n_cols, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            in_row = cols < n_cols
+            z = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+            grad = (tl.exp(z - lse) - tl.where(cols == local_target, 1.0, 0.0)) * scale
+            grad = tl.where(counted, grad, 0.0)
+            tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=in_row)
 
 
 @triton.jit
 def _flce_grad_kernel(logits_ptr, stride_row, target_ptr, lse_ptr, scale_ptr, n_cols, vocab_start, ignore_index,
                       BLOCK_V: tl.constexpr):
-    """Phase 2, one program per row: z <- (exp(z - lse) - onehot(target - vocab_start)) * scale, in place.
+    """Vocab-parallel phase 2, one program per row: z <- (exp(z - lse) - onehot(target - vocab_start)) * scale,
+    in place.
 
-    lse [C] is the (global) log-sum-exp from phase 1; scale (one fp32 value, read from memory so the
+    lse [C] is the global log-sum-exp (the shards' `_flce_fwd_kernel` results, all-reduced); scale (one fp32 value, read from memory so the
     host never has to sync to learn the token count) is 1 / N. Ignored rows are overwritten with 0.
     A target outside this block's columns matches no column: softmax only, as vocab parallelism needs.
     """
@@ -148,78 +180,70 @@ def launch_config(n_cols: int) -> LaunchConfig:
 
 
 def cuda_launches(vocab_local: int, dtype: torch.dtype) -> list[KernelLaunch]:
-    """Both passes on CUDA for logits of `dtype` with vocab_local columns (V, or V / TP shard)."""
+    """Both kernels on CUDA for logits of `dtype` with vocab_local columns (V, or V / TP shard): the
+    forward kernel with its gradient loop on (its heaviest variant) and the vocab-parallel phase 2."""
     config = launch_config(vocab_local)
-    stats = signature(_flce_stats_kernel, {"logits_ptr": dtype, "target_ptr": torch.int64, "row_max_ptr": torch.float32,
-                                           "row_sumexp_ptr": torch.float32, "target_logit_ptr": torch.float32})
+    fwd = signature(_flce_fwd_kernel, {"logits_ptr": dtype, "target_ptr": torch.int64, "lse_ptr": torch.float32,
+                                       "target_logit_ptr": torch.float32, "scale_ptr": torch.float32})
     grad = signature(_flce_grad_kernel, {"logits_ptr": dtype, "target_ptr": torch.int64, "lse_ptr": torch.float32,
                                          "scale_ptr": torch.float32})
     note = f"V_local={vocab_local}"
-    return [KernelLaunch(_flce_stats_kernel, stats, config, True, note),
+    return [KernelLaunch(_flce_fwd_kernel, fwd, config.replace(WRITE_GRAD=True), True, note),
             KernelLaunch(_flce_grad_kernel, grad, config, True, note)]
 
 
-def _row_stats(logits: Tensor, target: Tensor, vocab_start: int, ignore_index: int):
-    """Phase 1 on logits [C, V_local]: (row max, row sum of exp(z - max), target logit), each fp32 [C]."""
+def _row_stats(logits: Tensor, target: Tensor, vocab_start: int, ignore_index: int, grad_scale: Optional[Tensor]):
+    """`_flce_fwd_kernel` on logits [C, V_local]: (lse, target logit), each fp32 [C], of this block's
+    columns. With grad_scale (a [1] fp32 tensor, 1 / N) the logits are overwritten with their gradient
+    in the same launch: only valid when this block holds the whole vocabulary."""
     rows, n_cols = logits.shape
-    row_max = new_output((rows,), dtype=torch.float32, device=logits.device)
-    row_sumexp = new_output((rows,), dtype=torch.float32, device=logits.device)
+    lse = new_output((rows,), dtype=torch.float32, device=logits.device)
     target_logit = new_output((rows,), dtype=torch.float32, device=logits.device)
-    _flce_stats_kernel[(rows,)](logits, logits.stride(0), target, row_max, row_sumexp, target_logit,
-                                n_cols, vocab_start, ignore_index, **launch_config(n_cols).kwargs())
-    return row_max, row_sumexp, target_logit
+    write_grad = grad_scale is not None
+    _flce_fwd_kernel[(rows,)](logits, logits.stride(0), target, lse, target_logit,
+                              grad_scale if write_grad else lse, n_cols, vocab_start, ignore_index,
+                              WRITE_GRAD=write_grad, **launch_config(n_cols).kwargs())
+    return lse, target_logit
 
 
 def _logits_to_grad_(logits: Tensor, target: Tensor, lse: Tensor, scale: Tensor, vocab_start: int,
                      ignore_index: int) -> Tensor:
-    """Phase 2: overwrite logits [C, V_local] with their gradient (see _flce_grad_kernel); returns it."""
+    """Vocab-parallel phase 2: overwrite logits [C, V_local] with their gradient (see _flce_grad_kernel)."""
     rows, n_cols = logits.shape
     _flce_grad_kernel[(rows,)](logits, logits.stride(0), target, lse, scale, n_cols, vocab_start, ignore_index,
                                **launch_config(n_cols).kwargs())
     return logits
 
 
-def _global_lse(row_max: Tensor, row_sumexp: Tensor, target_logit: Tensor, found: Tensor, process_group):
+def _global_lse(lse: Tensor, target_logit: Tensor, found: Tensor, process_group):
     """Combine per-shard row statistics into (lse, target logit, target found), each [C].
 
-    Without a group the local values are already global. With one: M = max_r m_r, then
-    S = sum_r s_r * exp(m_r - M) and lse = M + log(S); target logits and found flags are summed
-    (exactly one rank owns each valid target). Two all-reduces per chunk, the second one packed.
+    Without a group the local values are already global. With one: M = max_r lse_r, then
+    lse = M + log(sum_r exp(lse_r - M)); target logits and found flags are summed (exactly one rank
+    owns each valid target). Two all-reduces per chunk, the second one packed.
     """
     if process_group is None:
-        return row_max + torch.log(row_sumexp), target_logit, found
-    global_max = row_max.clone()
+        return lse, target_logit, found
+    global_max = lse.clone()
     dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=process_group)
-    packed = torch.stack((row_sumexp * torch.exp(row_max - global_max), target_logit, found.float()))
+    packed = torch.stack((torch.exp(lse - global_max), target_logit, found.float()))
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=process_group)
     return global_max + torch.log(packed[0]), packed[1], packed[2] > 0.5
 
 
-def default_chunk_size(num_tokens: int, hidden: int, vocab: int) -> int:
-    """Rows of logits per chunk: the largest power of two C with C * vocab <= max(num_tokens * hidden,
-    MIN_CHUNK_LOGITS), at least 1 and at most num_tokens.
+def default_chunk_size(num_tokens: int, vocab: int, element_size: int) -> int:
+    """Rows of logits per chunk: the largest power of two C whose [C, vocab] block of `element_size`
+    bytes fits LOGITS_BUDGET_BYTES, at least 1 and at most num_tokens.
 
-    The first bound keeps the [C, V] block no larger than h [T, D]; the floor keeps small batches
-    from being cut into matmuls too thin to run well. Powers of two give matmul-friendly shapes.
+    The budget bounds the op's only large buffer (256 MiB: 1024 rows of a 128k bf16 vocabulary,
+    4096 of a 32k one) while keeping every matmul's token dimension in the hundreds to thousands,
+    where cuBLAS runs at full speed: the dW += g^T @ h_chunk update reads and writes all of dW per
+    chunk, so a chunk of C rows costs 2 * C * V * D FLOPs against 2 * V * D * e bytes, compute-bound
+    from C ~ 300 on an H100/H200. Powers of two give matmul-friendly shapes.
     """
-    budget = max(num_tokens * hidden, MIN_CHUNK_LOGITS)
-    rows = max(1, budget // max(vocab, 1))
+    rows = max(1, LOGITS_BUDGET_BYTES // max(vocab * element_size, 1))
     rows = 1 << (rows.bit_length() - 1)  # round down: never over budget
     return max(1, min(rows, num_tokens))
-
-
-def _accumulate_mm_(acc: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
-    """acc (+)= a @ b, where acc may be fp32 while a and b are bf16/fp16 (cuBLAS accumulates in fp32
-    inside one matmul; acc carries the fp32 sum across chunks)."""
-    if acc.dtype == a.dtype:
-        if first:
-            torch.mm(a, b, out=acc)
-        else:
-            acc.addmm_(a, b)
-    elif first:
-        acc.copy_(torch.mm(a, b))
-    else:
-        acc.add_(torch.mm(a, b))
 
 
 def _forward_chunks(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int, process_group,
@@ -234,41 +258,48 @@ def _forward_chunks(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int
     scale = (1.0 / counted.sum().clamp(min=1).to(torch.float32)).reshape(1)
     local_target = target - vocab_start
     in_shard = counted & (local_target >= 0) & (local_target < vocab_local)
+    need_grad = need_dh or need_dw
 
     loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
     dh = new_output(h.shape, dtype=h.dtype, device=h.device) if need_dh else None
-    dw_acc = None
+    dw = None
     if need_dw:
-        # fp32 whatever the weight dtype: the sum over chunks is not rounded to bf16 chunk by chunk.
-        dw_acc = new_output(weight.shape, dtype=torch.float32, device=h.device)
+        # In weight's dtype (h's): cuBLAS accumulates each chunk's product in fp32 and adds it to dw
+        # (beta = 1), so the sum over chunks is rounded once per chunk, as Liger's is, and no second
+        # [V, D] buffer (an fp32 accumulator would be twice dW's size) ever exists.
+        dw = new_output(weight.shape, dtype=weight.dtype, device=h.device)
         if num_tokens == 0:
-            dw_acc.zero_()  # no chunk will write it
+            dw.zero_()  # no chunk will write it
 
     for start in range(0, num_tokens, chunk_size):
         stop = min(start + chunk_size, num_tokens)
         h_chunk, target_chunk = h[start:stop], target[start:stop]
         logits = torch.mm(h_chunk, weight.t())  # [C, V_local], input dtype
-        row_max, row_sumexp, target_logit = _row_stats(logits, target_chunk, vocab_start, ignore_index)
-        lse, target_logit, found = _global_lse(row_max, row_sumexp, target_logit, in_shard[start:stop],
-                                               process_group)
+        # Without a group the forward kernel also writes the gradient: one launch per chunk.
+        fused = need_grad and process_group is None
+        lse, target_logit = _row_stats(logits, target_chunk, vocab_start, ignore_index, scale if fused else None)
+        lse, target_logit, found = _global_lse(lse, target_logit, in_shard[start:stop], process_group)
         keep = counted[start:stop]
         row_loss = torch.where(keep, lse - target_logit, torch.zeros_like(lse))
         # A counted row whose target no rank owns (id outside [0, V_total)): NaN, see module docstring.
         row_loss = torch.where(keep & ~found, torch.full_like(lse, float("nan")), row_loss)
         loss_sum = loss_sum + row_loss.sum()
-        if need_dh or need_dw:
-            grad_logits = _logits_to_grad_(logits, target_chunk, lse, scale, vocab_start, ignore_index)
+        if need_grad:
+            grad_logits = logits if fused else _logits_to_grad_(logits, target_chunk, lse, scale, vocab_start,
+                                                                ignore_index)
             if dh is not None:
                 torch.mm(grad_logits, weight, out=dh[start:stop])
-            if dw_acc is not None:
-                _accumulate_mm_(dw_acc, grad_logits.t(), h_chunk, first=start == 0)
+            if dw is not None:
+                if start == 0:
+                    torch.mm(grad_logits.t(), h_chunk, out=dw)
+                else:
+                    dw.addmm_(grad_logits.t(), h_chunk)
             del grad_logits
         # Freed before the next chunk's matmul allocates, so at most one [C, V] block is alive.
         del logits
 
     if dh is not None and process_group is not None:
         dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=process_group)
-    dw = None if dw_acc is None else dw_acc.to(weight.dtype)
     return loss_sum * scale[0], dh, dw
 
 
@@ -281,22 +312,31 @@ def _forward(h, weight, target, ignore_index, process_group, chunk_size, need_dh
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """Gradients are computed in forward (chunk by chunk); backward scales them by grad_output."""
+    """Gradients are computed in forward (chunk by chunk); backward scales them by grad_output.
+
+    They are held on the node (not saved tensors) and scaled in place, so backward allocates nothing
+    and autograd takes them as the .grad tensors: the op's peak is dW + dh + one logits block. The
+    price: they are consumed, so a second backward through the same node (retain_graph=True) raises.
+    """
 
     @staticmethod
     def forward(ctx, h, weight, target, ignore_index, process_group, chunk_size):
         loss, dh, dw = _forward(h, weight, target, ignore_index, process_group, chunk_size,
                                 need_dh=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1])
-        ctx.save_for_backward(dh, dw)
+        ctx.grads = (dh, dw)
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        dh, dw = ctx.saved_tensors
-        # Out of place: the saved gradients stay valid if backward runs again (retain_graph=True).
-        grad_h = None if dh is None else dh * grad_loss.to(dh.dtype)
-        grad_w = None if dw is None else dw * grad_loss.to(dw.dtype)
+        if ctx.grads is None:
+            raise RuntimeError(f"{OP}: backward ran twice through one call; its gradients are computed in the "
+                               f"forward and scaled in place by the first backward (retain_graph=True is not "
+                               f"supported)")
+        dh, dw = ctx.grads
+        ctx.grads = None
+        grad_h = None if dh is None else dh.mul_(grad_loss.to(dh.dtype))
+        grad_w = None if dw is None else dw.mul_(grad_loss.to(dw.dtype))
         return grad_h, grad_w, None, None, None, None
 
 
@@ -351,7 +391,8 @@ def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore
         ignore_index: targets with this value add no loss, no gradient and are not counted in N.
         process_group: vocab-parallel group, or None. h and target must be the same on every rank;
             the returned loss and gradient for h are complete on every rank.
-        chunk_size: rows of logits materialised at once; None picks `default_chunk_size(T, D, V)`.
+        chunk_size: rows of logits materialised at once; None picks `default_chunk_size(T, V_local,
+            h.element_size())` (a 256 MiB block).
 
     Returns:
         0-dim fp32 loss; exactly 0 (with zero gradients), not NaN, when every target is ignored.
@@ -365,7 +406,7 @@ def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore
     if not target.is_cuda:
         _check_targets_on_cpu(target, ignore_index, weight.shape[0] * world)
     if chunk_size is None:
-        chunk_size = default_chunk_size(h.shape[0], h.shape[1], weight.shape[0])
+        chunk_size = default_chunk_size(h.shape[0], weight.shape[0], h.element_size())
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _FusedLinearCrossEntropy.apply(h, weight, target, ignore_index, process_group, chunk_size)
     # Evaluation: statistics only, no gradient kernel and no gradient matmuls.

@@ -80,18 +80,18 @@ def assert_close(actual, expected, rtol, what, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("tokens, hidden, vocab, max_block_v, min_chunk_logits", [
+@pytest.mark.parametrize("tokens, hidden, vocab, max_block_v, logits_budget_rows", [
     (7, 33, 1000, 4096, None),        # one chunk, each row in one 1024-wide tile
     (7, 33, 1000, 256, None),         # 4 column tiles, the last one partial: the online max/sum
-    (130, 33, 517, 128, 48 * 517),    # 5 tiles per row; the default rule picks 32 rows: 5 chunks, last of 2
+    (130, 33, 517, 128, 48),          # 5 tiles per row; the default rule picks 32 rows: 5 chunks, last of 2
 ], ids=["T7-V1000", "T7-V1000-tiled", "T130-V517-tiled-chunked"])
-def test_matches_cross_entropy_and_reference(monkeypatch, tokens, hidden, vocab, max_block_v, min_chunk_logits,
+def test_matches_cross_entropy_and_reference(monkeypatch, tokens, hidden, vocab, max_block_v, logits_budget_rows,
                                              dtype):
     # Tests use small vocabularies, so the column-tile width is lowered to make rows span several tiles.
     monkeypatch.setattr(cross_entropy, "MAX_BLOCK_V", max_block_v)
-    if min_chunk_logits is not None:
-        monkeypatch.setattr(cross_entropy, "MIN_CHUNK_LOGITS", min_chunk_logits)
-        assert cross_entropy.default_chunk_size(tokens, hidden, vocab) == 32
+    if logits_budget_rows is not None:
+        monkeypatch.setattr(cross_entropy, "LOGITS_BUDGET_BYTES", logits_budget_rows * vocab * dtype.itemsize)
+        assert cross_entropy.default_chunk_size(tokens, vocab, dtype.itemsize) == 32
     seed = fresh_seed()
     h, weight, target = make_inputs(seed, tokens, hidden, vocab, dtype)
 
@@ -120,16 +120,16 @@ def test_chunk_size_does_not_change_the_result(chunk_size):
 
 
 def test_default_chunk_size_rule():
-    # Bounded by max(T * D, MIN_CHUNK_LOGITS) logits, a power of two, at least 1, at most T.
-    floor = cross_entropy.MIN_CHUNK_LOGITS
-    for tokens, hidden, vocab in ((16384, 4096, 128256), (8, 64, 50000), (3, 8, 10), (100000, 8192, 32000),
-                                  (4096, 2048, 2 ** 26)):
-        rows = cross_entropy.default_chunk_size(tokens, hidden, vocab)
+    # A [C, V] block within LOGITS_BUDGET_BYTES, C a power of two, at least 1, at most T.
+    budget = cross_entropy.LOGITS_BUDGET_BYTES
+    for tokens, vocab, size in ((16384, 128256, 2), (8, 50000, 4), (3, 10, 2), (100000, 32000, 2), (4096, 2 ** 27, 4)):
+        rows = cross_entropy.default_chunk_size(tokens, vocab, size)
         assert 1 <= rows <= tokens
         assert rows == tokens or rows & (rows - 1) == 0
-        assert rows == 1 or rows * vocab <= max(tokens * hidden, floor)
-    assert cross_entropy.default_chunk_size(16384, 4096, 128256) == 512  # 64 Mi logits = |h|
-    assert cross_entropy.default_chunk_size(3, 8, 10) == 3
+        assert rows == 1 or rows * vocab * size <= budget
+    assert cross_entropy.default_chunk_size(16384, 128256, 2) == 1024  # 250.5 MiB of bf16 logits
+    assert cross_entropy.default_chunk_size(16384, 32000, 2) == 4096
+    assert cross_entropy.default_chunk_size(3, 10, 2) == 3
 
 
 @pytest.mark.parametrize("which", ["h", "weight"])
@@ -151,7 +151,14 @@ def test_no_grad_path_gives_the_same_loss_without_gradient_work(monkeypatch):
     def no_gradient_kernel(*args, **kwargs):
         raise AssertionError("the gradient kernel ran although no gradient was needed")
 
+    row_stats = cross_entropy._row_stats
+
+    def stats_without_gradient(*args):
+        assert args[-1] is None, "the forward kernel wrote gradients although none was needed"
+        return row_stats(*args)
+
     monkeypatch.setattr(cross_entropy, "_logits_to_grad_", no_gradient_kernel)
+    monkeypatch.setattr(cross_entropy, "_row_stats", stats_without_gradient)
     with torch.no_grad():
         in_no_grad = kernels.fused_linear_cross_entropy(h.clone().requires_grad_(), weight, target)
     plain = kernels.fused_linear_cross_entropy(h, weight, target)  # nothing requires grad
@@ -327,3 +334,14 @@ def test_fp32_weight_with_bf16_activations_is_cast(monkeypatch):
     ref = torch.nn.functional.cross_entropy(h.detach().float() @ weight.detach().to(torch.bfloat16).float().T, target)
     torch.testing.assert_close(loss, ref, rtol=1e-2, atol=1e-2)
     assert weight.grad.dtype == torch.float32 and torch.isfinite(weight.grad).all()
+
+
+def test_a_second_backward_through_one_call_raises():
+    """The gradients are computed in the forward and scaled in place by backward (no second [V, D]
+    buffer): a second backward through the same call (retain_graph=True) would scale them twice, so
+    it raises instead."""
+    h, weight, target = make_inputs(fresh_seed(), 6, 8, 30)
+    loss = kernels.fused_linear_cross_entropy(h.requires_grad_(), weight.requires_grad_(), target)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match=r"fused_linear_cross_entropy: backward ran twice"):
+        loss.backward()
