@@ -1,14 +1,17 @@
 """`megatrain {pretrain,rl,ttt,sweep,generate,bench,tokenizer,config,export,import,reshard,analyze,plan}`.
 
 User errors (MegatrainError) end as one line on stderr and exit code 2; no traceback.
-`megatrain pretrain` runs in this process for one process, or starts torchrun's elastic agent for
-several; under a launcher (torchrun / deepspeed set WORLD_SIZE) it runs the worker directly.
+`megatrain pretrain` (and `rl`, `plan --build`) runs in this process for one process, or starts
+torchrun's elastic agent for several, whose workers run the command line exactly as typed; under a
+launcher (torchrun / deepspeed set WORLD_SIZE) it runs the worker directly. The launcher passes
+SIGTERM / SIGUSR1 on to its workers and exits 0 once they have checkpointed (_spawn_torchrun).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Optional
 
@@ -68,8 +71,7 @@ def _cmd_rl(args) -> int:
         rl(cfg, resume=args.resume, stop_after=args.stop_after)
         return 0
     preflight(cfg, args.resume, nproc)  # a bad config is one line, not N
-    argv = _argv_of(args) + (["--stop-after", str(args.stop_after)] if args.stop_after is not None else [])
-    return _spawn_torchrun(nproc, ["rl", *argv])
+    return _spawn_torchrun(nproc, args.argv, run_dir=cfg.run.dir)
 
 
 def _add_tokenizer(sub):
@@ -200,9 +202,7 @@ def _add_bench(sub):
 def _cmd_bench(args) -> int:
     from megatrain.bench import parse_settings, run_bench
 
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config and not os.path.exists(config):
-        config, overrides = None, [config, *overrides]  # no YAML: the first word is an override
+    config, overrides = _config_slot(args.config, None, args.overrides, "bench")
     run_bench(config, overrides, parse_settings(args.settings), out_dir=args.out, stem=args.tag, warmup=args.warmup,
               steps=args.steps, block=args.block, breakdown_steps=args.breakdown_steps, profile_steps=args.profile,
               baseline=not args.no_baseline, plain=not args.no_plain, plot=args.plot,
@@ -229,10 +229,8 @@ def _cmd_plan(args) -> int:
     from megatrain.config import load_config
     from megatrain.engine.plan_command import build_report, plan_report
 
-    config = args.config_flag or args.config_path
-    if config is not None and "=" in config and not os.path.isfile(config):  # `megatrain plan a.b=c ...`
-        args.overrides, config = [config, *args.overrides], None
-    cfg = load_config(config, args.overrides, args.deepspeed_json)
+    config, overrides = _config_slot(args.config_path, args.config_flag, args.overrides, "plan")
+    cfg = load_config(config, overrides, args.deepspeed_json)
     if _under_launcher():
         report = build_report(cfg)
         if report is not None:
@@ -252,9 +250,7 @@ def _cmd_plan(args) -> int:
     if world == 1:
         print(build_report(cfg), flush=True)
         return 0
-    argv = (["--config", config] if config else []) + (["--deepspeed", args.deepspeed_json] if args.deepspeed_json
-                                                        else [])
-    return _spawn_torchrun(world, ["plan", "--build", *argv, *args.overrides])
+    return _spawn_torchrun(world, args.argv)
 
 
 def _add_ttt(sub):
@@ -323,7 +319,7 @@ def _cmd_pretrain(args) -> int:
     from megatrain.engine.trainer import preflight
 
     preflight(cfg, args.resume, nproc)
-    return _spawn_torchrun(nproc, ["pretrain", *_argv_of(args)])
+    return _spawn_torchrun(nproc, args.argv, run_dir=cfg.run.dir)
 
 
 def _training_instruments(cfg):
@@ -333,38 +329,93 @@ def _training_instruments(cfg):
     return training_instruments(cfg)
 
 
-def _argv_of(args) -> list[str]:
-    out = []
-    if args.config:
-        out += ["--config", args.config]
-    if args.deepspeed_json:
-        out += ["--deepspeed", args.deepspeed_json]
-    if args.resume is True:
-        out += ["--resume"]
-    elif args.resume:
-        out += ["--resume-from", str(args.resume)]
-    return out + list(args.overrides)
+def _config_slot(slot: Optional[str], flag: Optional[str], overrides: list[str], command: str):
+    """(config path, overrides) of a command whose YAML is an optional positional CONFIG (plan, bench,
+    sweep): a first word that is an override (`a.b=c`, not an existing file) is the first override, so
+    `megatrain plan --config F a=b c=d` keeps a=b; a YAML given twice is refused."""
+    overrides = list(overrides)
+    if slot is not None and "=" in slot and not os.path.isfile(slot):
+        slot, overrides = None, [slot, *overrides]
+    if slot is not None and flag is not None:
+        raise MegatrainError(f"{command}: give the YAML config once (as CONFIG or --config), not '{slot}' and "
+                             f"'{flag}'")
+    return flag if flag is not None else slot, overrides
 
 
-def _spawn_torchrun(nproc: int, argv: list[str]) -> int:
-    """Start `nproc` workers through torchrun's elastic agent on this machine."""
+def _spawn_torchrun(nproc: int, argv: list[str], run_dir: Optional[str] = None) -> int:
+    """Start `nproc` workers through torchrun's elastic agent on this machine, each running `megatrain ARGV`
+    with ARGV the command line exactly as the user typed it (`args.argv`): a worker sees RANK and
+    WORLD_SIZE and takes its command's worker path, where the launcher's own flags (--nproc-per-node,
+    --world) are ignored. Never rebuilt from the parsed arguments, which can drop or reorder words.
+
+    Signals (resilience.LauncherStop): the first SIGTERM or SIGUSR1 goes on to the workers, which
+    checkpoint and exit 0; the launcher then says where the run in `run_dir` stopped and exits 0. A
+    second SIGTERM (or SIGINT after it) kills the workers and exits 128 + the signal."""
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     from megatrain.engine.deepspeed import _free_port
-    from megatrain.engine.resilience import forward_stop_to_workers
+    from megatrain.engine.resilience import LauncherStop
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    forward_stop_to_workers()  # SIGUSR1 to this launcher: the workers checkpoint and exit 0
     targs = get_args_parser().parse_args([
         "--nnodes", "1", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-        "--master-port", str(_free_port()), "--module", "megatrain.cli", *argv])
+        "--master-port", str(_free_port()), "--signals-to-handle", LauncherStop.AGENT_SIGNALS,
+        "--module", "megatrain.cli", *argv])
+    stop = LauncherStop().install()
+    cut = False  # workers ended by the stop signal itself (it came before their loop handles it)
     try:
         run(targs)
     except ChildFailedError as exc:
         codes = [f.exitcode for f in exc.failures.values()]
-        return EXIT_USAGE if EXIT_USAGE in codes else (codes[0] or 1)
+        if not (stop.signum and all(code < 0 for code in codes)):
+            return EXIT_USAGE if EXIT_USAGE in codes else (codes[0] or 1)
+        cut = True
+    except SignalException as exc:
+        received = stop.hard or exc.sigval
+        if stop.signum:
+            what = "a second SIGTERM" if received == signal.SIGTERM else _signal_name(received)
+            print(f"megatrain: {what} while the workers were stopping on {stop.name}: killed them"
+                  + (f"; {_last_checkpoint(run_dir)}" if run_dir is not None else ""), file=sys.stderr, flush=True)
+        else:
+            line = "interrupted" if received == signal.SIGINT else f"stopped by {_signal_name(received)}"
+            print(f"megatrain: {line}", file=sys.stderr, flush=True)
+        return 128 + int(received)
+    finally:
+        stop.restore()
+    if stop.signum and run_dir is not None:
+        print(_stopped_line(run_dir, stop.name), file=sys.stderr, flush=True)
+    elif stop.signum and cut:  # no run to continue (plan --build): it did not finish
+        print(f"megatrain: stopped on {stop.name}", file=sys.stderr, flush=True)
+        return 128 + stop.signum
     return 0
+
+
+def _signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+def _stopped_line(run_dir: str, name: str) -> str:
+    """Where the workers of a run stopped on signal `name`: the checkpoint written last under run_dir."""
+    from megatrain.engine.checkpoint import newest_checkpoint
+
+    found = newest_checkpoint(run_dir)
+    if found is None:
+        return (f"megatrain: stopped on {name} before the first checkpoint of {run_dir}; run the same command "
+                f"again to start over")
+    step, path = found
+    return f"megatrain: stopped at step {step} on {name}; checkpoint {path}; continue with --resume"
+
+
+def _last_checkpoint(run_dir: str) -> str:
+    """What a killed run left: its last complete checkpoint (crash-safe saves keep it loadable), or none."""
+    from megatrain.engine.checkpoint import newest_checkpoint
+
+    found = newest_checkpoint(run_dir)
+    if found is None:
+        return f"{run_dir} has no complete checkpoint"
+    return f"the last complete checkpoint is {found[1]} (step {found[0]}); continue with --resume"
 
 
 def _cmd_tokenizer(args) -> int:
@@ -466,6 +517,7 @@ def _cmd_sweep(args) -> int:
     from megatrain.scaling.runner import SPEC_FILE, emit_slurm, emit_torchrun, run_local
     from megatrain.scaling.spec import load_sweep, plan_runs
 
+    args.sweep, args.overrides = _config_slot(args.sweep, None, args.overrides, "sweep")
     if (args.sweep is None) == (args.report is None):
         raise MegatrainError("give a sweep file, or --report DIR (not both)")
     path = args.sweep if args.report is None else os.path.join(args.report, SPEC_FILE)
@@ -478,11 +530,14 @@ def _cmd_sweep(args) -> int:
         if args.nproc_per_node < 1:
             raise MegatrainError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
         spec.nproc_per_node = args.nproc_per_node
-    from megatrain.scaling.study import is_study
+    from megatrain.scaling.spec import check_overrides_kept
+    from megatrain.scaling.study import is_study, plan_study
 
     if is_study(spec):
+        check_overrides_kept(plan_study(spec), args.overrides)
         return _run_study(spec, args)
     runs = plan_runs(spec)
+    check_overrides_kept(runs, args.overrides)
     if args.dry_run:
         print(f"{len(runs)} runs in {spec.dir} (mode {spec.mode}):")
         print(f"{'run':<40} {'method':<24} {'N':>10} {'steps':>7} {'D':>11} {'C=6ND':>9}")
@@ -529,8 +584,10 @@ def _run_study(spec, args) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     # Overrides (a.b=c) may stand anywhere, also after flags: argparse alone stops at the first flag.
     args, extra = parser.parse_known_args(argv)
+    args.argv = argv  # what the user typed: a command that starts workers gives them exactly this
     unknown = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")

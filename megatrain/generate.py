@@ -74,8 +74,9 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
             T)[token] with T = temperature (T = 1 when greedy): the model's distribution after
             temperature scaling, before top-k / top-p truncation. At temperature 1 this is the
             model's own log-probability, which an RL policy ratio needs.
-        tokenizer: an object with `decode(list[int]) -> str`, needed for string stops (not part of
-            DESIGN.md's signature; optional).
+        tokenizer: an object with `decode(list[int]) -> str`, needed for string stops (optional; the
+            README's `megatrain.generate` paragraph shows it with a string stop; docs/architecture.md,
+            "Jobs on top", describes this one decoding path).
         cache: a KVCache already holding a prefix for every prompt (row i belongs to prompt i), such
             as the context yielded by `megatrain.ttt.adapt`; each prompt continues its row's prefix
             right after the prefix's last position (positions >= model.max_seq_len - 1 are pads), so

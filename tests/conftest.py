@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,29 @@ def read_metrics(run_dir) -> list[dict]:
 
 def losses(run_dir) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir)]
+
+
+def start_launcher(args: list[str], env: dict | None = None) -> subprocess.Popen:
+    """`megatrain ARGS` through the installed console script (as a user starts it), in a session of its own
+    (so a failed test can end its workers with os.killpg), stdout and stderr captured."""
+    full = child_env()
+    full.update(env or {})
+    return subprocess.Popen([str(Path(sys.executable).parent / "megatrain"), *args], cwd=REPO, env=full,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def signal_after_records(proc: subprocess.Popen, metrics, records: int, signum: int, timeout: float = 240):
+    """Send `signum` to `proc` once its metrics.jsonl `metrics` holds `records` records; returns (stdout,
+    stderr) at its exit. Whatever is left of the job is killed if the test fails."""
+    from megatrain.engine.metrics import read_metrics as read_records  # skips a line still being written
+
+    try:
+        deadline = time.monotonic() + timeout
+        while not (os.path.exists(metrics) and len(read_records(str(metrics))) >= records):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signum)
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -23,6 +23,37 @@ from tests.conftest import REPO, TINY_JOB, child_env
 BENCH_JOB = [a for a in TINY_JOB if not a.startswith(("train.steps", "log."))]
 
 
+def test_bench_processes_get_the_users_config_and_overrides(monkeypatch, tmp_path, capsys):
+    """`megatrain bench FILE a=b ... --settings procs=2,zero=1`: the spec a 2-process setting hands its workers
+    holds the user's YAML and overrides, in order, and the config every worker builds from it
+    (megatrain.bench.worker.worker_config) is that YAML with those overrides, then the setting's. The
+    processes are not started here (the spec is caught where it would be written for torchrun)."""
+    import megatrain.bench.run as bench_run
+    from megatrain import cli
+    from megatrain.bench.worker import worker_config
+    from megatrain.config import load_config
+
+    seen = []
+
+    def caught(spec, setting, procs, scratch):
+        spec = json.loads(json.dumps(spec))  # what the workers read back from spec.json
+        seen.append((procs, spec, worker_config(spec)))
+        return {"error": "not started in this test"}
+
+    monkeypatch.setattr(bench_run, "_run_in_processes", caught)
+    path = str(REPO / "launch/configs/tiny-cpu.yaml")
+    overrides = ["model.preset=tiny", "data.seq_len=32", "data.vocab_size=512", "train.lr=1e-3", "train.micro_batch=2"]
+    assert cli.main(["bench", path, *overrides, "--settings", "procs=2,zero=1", "--no-baseline", "--no-plain",
+                     "--out", str(tmp_path)]) == 2
+    assert "every setting failed: procs=2,zero=1: not started in this test" in capsys.readouterr().err
+    ((procs, spec, cfg),) = seen
+    assert procs == 2 and spec["config"] == path and spec["overrides"] == overrides
+    expected = load_config(path, [*overrides, "parallel.zero_stage=1", f"run.dir={spec['run_dir']}",
+                                  "log.progress=false", "log.tensorboard=false"])
+    assert cfg.to_dict() == expected.to_dict()
+    assert (cfg.model.preset, cfg.data.seq_len, cfg.train.micro_batch, cfg.parallel.zero_stage) == ("tiny", 32, 2, 1)
+
+
 def test_mfu_against_a_hand_computed_example(monkeypatch):
     # dim 64, 2 layers, 4 heads of 16 (2 KV heads), SwiGLU 176, vocabulary 512, untied head.
     model = Transformer(ModelConfig(dim=64, layers=2, heads=4, kv_heads=2, ffn_dim=176, vocab_size=512,

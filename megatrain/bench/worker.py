@@ -15,10 +15,18 @@ import sys
 from megatrain.errors import MegatrainError
 
 
-def main(argv: list[str]) -> int:
-    from megatrain.bench.measure import measure_setting
+def worker_config(spec: dict):
+    """The Config every process of the setting runs: the parent's config path and overrides (exactly the
+    user's, in their order), the setting's, the scratch run directory."""
     from megatrain.bench.run import setting_config
     from megatrain.bench.settings import Setting
+
+    return setting_config(spec["config"], spec["overrides"], Setting(**spec["setting"]), spec["run_dir"],
+                          spec["deepspeed"])
+
+
+def main(argv: list[str]) -> int:
+    from megatrain.bench.measure import measure_setting
     from megatrain.engine.deepspeed import init_distributed
     from megatrain.engine.trainer import resolve_config
     from megatrain.env import rank as env_rank
@@ -28,8 +36,7 @@ def main(argv: list[str]) -> int:
     with open(spec_path) as fh:
         spec = json.load(fh)
     try:
-        setting = Setting(**spec["setting"])
-        cfg = setting_config(spec["config"], spec["overrides"], setting, spec["run_dir"], spec["deepspeed"])
+        cfg = worker_config(spec)
         resolve_config(cfg, world_size())
         env = init_distributed(cfg)
         record = measure_setting(cfg, env, **spec["options"])

@@ -74,6 +74,31 @@ def resolve_checkpoint_dir(path: str) -> str:
     return os.path.join(root, tag) if tag is not None else path
 
 
+def newest_checkpoint(run_dir: str) -> Optional[tuple[int, str]]:
+    """(step, directory) of the checkpoint written last under `run_dir`: its own `latest`, or that of a
+    sub-run one or two levels down (an RL job's RUN/pretrain, RUN/from_step_N/PIPELINE); None when no
+    `latest` names a committed checkpoint. What a launcher reports after its workers stopped on a signal."""
+    import glob
+
+    found = []
+    for pattern in ("checkpoints", os.path.join("*", "checkpoints"), os.path.join("*", "*", "checkpoints")):
+        for root in glob.glob(os.path.join(glob.escape(run_dir), pattern)):
+            tag = read_latest(root)
+            path = os.path.join(root, tag) if tag is not None else None
+            if path is None or not os.path.isfile(os.path.join(path, META_FILE)):
+                continue
+            try:
+                with open(os.path.join(path, META_FILE), encoding="utf-8") as fh:
+                    step = int(json.load(fh)["step"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            found.append((os.path.getmtime(os.path.join(root, "latest")), step, path))
+    if not found:
+        return None
+    _, step, path = max(found)
+    return step, path
+
+
 def _fsync_dir(path: str) -> None:
     """Make a rename inside `path` durable (a directory fsync; not possible on every platform)."""
     try:

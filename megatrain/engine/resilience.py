@@ -9,8 +9,8 @@ elastic auto-resume, and the test-only fault hook.
   automatically, because its pid cannot be checked from here: delete the file once that job is gone.
 - `StopRequest`: SIGTERM and SIGUSR1 set a flag; the trainer agrees on it across ranks (it rides on
   the step's loss all-reduce), so every rank finishes the same step, checkpoints and exits 0.
-  `forward_stop_to_workers` passes SIGUSR1 from the `megatrain pretrain --nproc-per-node N` launcher
-  on to its workers.
+  `LauncherStop` is the launcher's side (`megatrain pretrain|rl --nproc-per-node N`): it passes the
+  first SIGTERM / SIGUSR1 on to its workers and keeps waiting for them, so the command exits 0.
 - `auto_resume_enabled`: `train.auto_resume`, whose default (null) means on under an elastic launch
   (torchrun with --max-restarts > 0), so a restarted worker continues from the last checkpoint.
 - `fault_point`: `MEGATRAIN_TEST_CRASH_AT=POINT:STEP[:RANK[:ACTION]]` makes that rank kill itself
@@ -32,7 +32,7 @@ from typing import Optional
 from megatrain import env
 from megatrain.errors import ConfigError, MegatrainError
 
-__all__ = ["RunLock", "RunLockError", "check_run_lock", "StopRequest", "forward_stop_to_workers",
+__all__ = ["RunLock", "RunLockError", "check_run_lock", "StopRequest", "LauncherStop", "worker_pids",
            "auto_resume_enabled", "elastic_restart_count", "FAULT_ENV", "fault_spec", "fault_point"]
 
 LOCK_FILE = "megatrain.lock"
@@ -201,23 +201,72 @@ class StopRequest:
         return signal.Signals(self.signum).name if self.signum else ""
 
 
-def forward_stop_to_workers() -> None:
-    """In a launcher process (`megatrain pretrain --nproc-per-node N`): pass SIGUSR1 on to every process
-    it started, which finish their step, checkpoint and exit 0, while the launcher keeps waiting.
+class LauncherStop:
+    """The launcher's side of a stop, in the process that runs torchrun's elastic agent in-process
+    (`megatrain pretrain|rl --nproc-per-node N`, `megatrain plan --build --world N`).
 
-    SIGUSR1 only: torchrun's agent handles SIGTERM itself (it passes it on too, then kills the workers
-    after 30 s).
+    The first SIGTERM or SIGUSR1 is passed on to the worker processes (its direct children that run
+    `megatrain.cli`), which finish their step, checkpoint together and exit 0, while the agent keeps
+    waiting for them as for any run: nothing is killed and nothing is timed out. `signum` records it
+    so the launcher can report where the run stopped and exit 0. A second SIGTERM, or SIGINT after a
+    stop request, stops the workers at once (SIGKILL through the agent's own shutdown: it raises
+    torchrun's `SignalException`, which the launcher turns into one line); SIGINT before any stop
+    request is torchrun's usual Ctrl-C (SIGINT to the workers). The agent itself is told to handle
+    only SIGHUP and SIGQUIT (`AGENT_SIGNALS`, torchrun's --signals-to-handle), so it never sees
+    these three.
     """
-    import psutil  # a DeepSpeed dependency
 
-    def forward(signum, frame):
-        for child in psutil.Process().children(recursive=True):
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    AGENT_SIGNALS = "SIGHUP,SIGQUIT"
+
+    def __init__(self):
+        self.signum = 0     # the stop signal passed on (first SIGTERM / SIGUSR1), 0 while none came
+        self.hard = 0       # the signal that made the launcher stop the workers at once
+        self._previous: dict = {}
+
+    def install(self) -> "LauncherStop":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT or (signum == signal.SIGTERM and self.signum):
+            from torch.distributed.elastic.multiprocessing import SignalException
+
+            self.hard = signum
+            death = signal.SIGKILL if self.signum else signal.SIGINT
+            raise SignalException(f"megatrain launcher {os.getpid()} got {signal.Signals(signum).name}", sigval=death)
+        if not self.signum:
+            self.signum = signum
+        for pid in worker_pids():
             try:
-                child.send_signal(signum)
-            except psutil.Error:
+                os.kill(pid, signum)
+            except ProcessLookupError:
                 pass
 
-    signal.signal(signal.SIGUSR1, forward)
+
+def worker_pids() -> list[int]:
+    """The worker processes of this launcher: its direct children that run `megatrain.cli` (not their own
+    children, such as data-loader or compile workers, which a signal would kill)."""
+    import psutil  # a DeepSpeed dependency
+
+    pids = []
+    for child in psutil.Process().children(recursive=False):
+        try:
+            if "megatrain.cli" in child.cmdline():
+                pids.append(child.pid)
+        except psutil.Error:
+            pass
+    return pids
 
 
 def elastic_restart_count() -> int:

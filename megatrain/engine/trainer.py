@@ -131,7 +131,7 @@ def _check_init_from(cfg: Config) -> None:
 
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, resume_path: Optional[str], instruments=None,
-                 watchdog: Optional[Watchdog] = None):
+                 watchdog: Optional[Watchdog] = None, resume_hint: str = "continue with --resume"):
         from megatrain.data import open_data, prepare_data
         from megatrain.data.sampler import ResumableSampler
         from megatrain.parallel.checks import check_vocab_split
@@ -141,6 +141,7 @@ class Trainer:
         # log.analyze_every: a callable trainer -> metrics (megatrain.analysis.live, above this layer)
         self.instruments = instruments
         self.watchdog = watchdog
+        self.resume_hint = resume_hint  # how the command that runs this loop continues it after a stop
         self.stop = StopRequest()
         self.stop_agreed = False
         self.spikes = LossSpikeDetector(cfg.train.spike_window, cfg.train.spike_zscore)
@@ -430,8 +431,8 @@ class Trainer:
                     window_start, window_tokens = time.perf_counter(), 0
                     if self.stop_agreed and not final:
                         why = f"{self.stop.name} received" if self.stop.signum else "a stop signal on another rank"
-                        self.logger.message(f"stopped at step {self.step} ({why}); checkpoint {path}; continue "
-                                            f"with --resume")
+                        self.logger.message(f"stopped at step {self.step} ({why}); checkpoint {path}; "
+                                            f"{self.resume_hint}")
                         break
         finally:
             self.stop.restore()
@@ -481,13 +482,14 @@ def _load_projected_state(optimizer, state: dict, path: str, resharded: bool) ->
     projected.load_state_dict(state["projected_optimizer"])
 
 
-def pretrain(cfg: Config, resume=None, instruments=None) -> dict:
+def pretrain(cfg: Config, resume=None, instruments=None, resume_hint: str = "continue with --resume") -> dict:
     """Run (or resume) a pretraining job in this process; returns the last logged metrics.
 
     instruments: what log.analyze_every runs (`megatrain.analysis.live.training_instruments(cfg)`; the
     CLI passes it), required when log.analyze_every > 0. Rank 0 holds run.dir's lock for the length of
     the job; `train.auto_resume` (on under an elastic launch) turns a start without --resume into a
-    resume from the latest checkpoint, if any.
+    resume from the latest checkpoint, if any. resume_hint: how the calling command continues after a
+    stop signal (the end of the "stopped at step N" line).
     """
     if cfg.log.analyze_every > 0 and instruments is None:
         raise ConfigError("log.analyze_every needs the analysis instruments: run `megatrain pretrain`, or pass "
@@ -502,7 +504,7 @@ def pretrain(cfg: Config, resume=None, instruments=None) -> dict:
         if env.world_size > 1:
             watchdog = Watchdog(cfg.parallel.timeout_s, env.rank, env.world_size, store=default_store(),
                                 on_timeout=lock.release if lock is not None else None).start()
-        trainer = Trainer(cfg, env, resume_path, instruments=instruments, watchdog=watchdog)
+        trainer = Trainer(cfg, env, resume_path, instruments=instruments, watchdog=watchdog, resume_hint=resume_hint)
         return trainer.fit()
     finally:
         if watchdog is not None:

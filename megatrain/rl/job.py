@@ -40,6 +40,7 @@ from megatrain.distributed import all_reduce_sum, barrier
 from megatrain.engine import checkpoint as ckpt
 from megatrain.engine.hf_import import import_hf_llama, is_hf_folder
 from megatrain.engine.load import load_for_inference
+from megatrain.engine.resilience import StopRequest
 from megatrain.engine.trainer import resolve_config
 from megatrain.generate import generate, is_truncated
 from megatrain.errors import CheckpointError, ConfigError
@@ -237,6 +238,15 @@ def cfg_has_mix(pre: Config) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # distributed helpers
+
+
+def stop_agreed(stop: Optional[StopRequest], env) -> bool:
+    """Whether any rank received a stop signal (SIGTERM / SIGUSR1): a one-number all-reduce, so every rank
+    stops at the same point. Collective."""
+    if stop is None:
+        return False
+    flag = torch.tensor([1.0 if stop.signum else 0.0], dtype=torch.float64, device=env.device)
+    return all_reduce_sum(flag).item() > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,26 +611,34 @@ class Excursion:
                                     meta=meta, keep=cfg.checkpoint.keep, rank=self.env.rank,
                                     tokenizer_path=self.tokenizer.path, groups=self.groups, model_cfg=self.model_cfg)
 
-    def run(self, stop_after: Optional[int] = None) -> None:
+    def run(self, stop_after: Optional[int] = None, stop: Optional[StopRequest] = None) -> None:
+        """Iterate to the end (or to `stop_after`); a stop signal (`stop`, on any rank) ends the excursion
+        after the iteration in progress, with a checkpoint of it."""
         cfg = self.cfg
         end = self.iterations if stop_after is None else min(stop_after, self.iterations)
         try:
             while self.it < end:
                 record = self.iteration(self.it)
                 self.it += 1
+                stopping = stop_agreed(stop, self.env) and self.it < end
                 if self.rl.eval.every and self.it % self.rl.eval.every == 0 and self.it < self.iterations:
                     record.update({f"pass@{r['k']}": r["pass_at_k"] for r in
                                    evaluate(self.engine.module, self.tokenizer, self.held_out, cfg, self.groups,
                                             self.env, perplexity=False)})
-                if self.it % cfg.log.every == 0 or self.it == end:
+                if self.it % cfg.log.every == 0 or self.it == end or stopping:
                     self.logger.log(record)
                     if self.logger.tb is not None:
                         for key, value in record.items():
                             if key not in ("step", "loss", "lr", "grad_norm") and isinstance(value, float):
                                 self.logger.tb.add_scalar(f"rl/{key}", value, record["step"])
                 self.logger.advance()
-                if self.it == end or (cfg.checkpoint.every and self.it % cfg.checkpoint.every == 0):
-                    self.save()
+                if self.it == end or stopping or (cfg.checkpoint.every and self.it % cfg.checkpoint.every == 0):
+                    path = self.save()
+                if stopping:
+                    why = f"{stop.name} received" if stop.signum else "a stop signal on another rank"
+                    self.logger.message(f"stopped {self.pipeline} from {self.start.name} at iteration {self.it} "
+                                        f"({why}); checkpoint {path}; continue with --resume")
+                    break
         finally:
             self.logger.close()
 
@@ -710,15 +728,34 @@ def rl(cfg: Config, resume=False, stop_after: Optional[int] = None) -> list[dict
     """Run (or resume) the RL job in this process; returns the rows of RUN/eval.jsonl.
 
     `stop_after` (tests, preemptible jobs): stop every excursion after that many iterations, with a
-    checkpoint, without writing results.
+    checkpoint, without writing results. SIGTERM / SIGUSR1 to any rank does the same at the next
+    iteration (or before the next excursion; the pretraining stage stops as `megatrain pretrain` does),
+    and the job returns [] so the command exits 0; `--resume` continues.
     """
     from megatrain.engine.deepspeed import init_distributed
     from megatrain.env import world_size
-    from megatrain.parallel.groups import build_groups
 
     world = world_size()
     pre = preflight(cfg, resume, world)
     env = init_distributed(cfg)
+    stop = StopRequest()
+    try:
+        stop.install()  # SIGTERM / SIGUSR1: stop at the next iteration (or before the next excursion)
+    except ValueError:
+        stop = None  # not the main thread (an embedding application): it handles signals itself
+    try:
+        return _rl_stages(cfg, env, pre, stop, stop_after)
+    finally:
+        if stop is not None:
+            stop.restore()
+
+
+def _rl_stages(cfg: Config, env, pre: Optional[Config], stop: Optional[StopRequest],
+               stop_after: Optional[int]) -> list[dict]:
+    """rl()'s stages in order: pretraining (rl.init null), each start's base evaluation, each excursion,
+    the results. Returns [] when it stopped early (stop_after, or a stop signal)."""
+    from megatrain.parallel.groups import build_groups
+
     run_dir = cfg.run.dir
     if env.is_main:
         os.makedirs(run_dir, exist_ok=True)
@@ -732,8 +769,10 @@ def rl(cfg: Config, resume=False, stop_after: Optional[int] = None) -> list[dict
                 write_pretraining_mix(pre.data.source[-1], cfg.rl.task.seed, _mix_count(
                     pre, cfg.rl.pretrain.task_fraction, cfg.rl.task.levels), list(cfg.rl.task.levels))
             barrier()
-            pretrain(pre, resume=True)
+            pretrain(pre, resume=True)  # its own stop handling: a signal checkpoints and returns
             barrier()
+            if not _pretrain_done(pre):
+                return []  # stopped on a signal; the trainer said where
         init = pre.run.dir
     elif is_hf_folder(init):
         init = _import_hf_init(cfg, init, env)
@@ -763,8 +802,13 @@ def rl(cfg: Config, resume=False, stop_after: Optional[int] = None) -> list[dict
             if os.path.isfile(result):
                 found = _read_json(result)
             else:
+                if stop_agreed(stop, env):
+                    if env.is_main:
+                        print(f"stopped before {pipeline} from {start.name} ({stop.name or 'a stop signal'}); the "
+                              f"finished parts are kept; continue with --resume", flush=True)
+                    return []
                 job = Excursion(cfg, env, start, pipeline, sub, problems, groups)
-                job.run(stop_after)
+                job.run(stop_after, stop)
                 if job.it < job.iterations:
                     return []
                 found = evaluate(job.engine.module, job.tokenizer, problems[1], cfg, groups, env)

@@ -44,8 +44,8 @@ import yaml
 from megatrain.config import Config, _read_structured, load_config
 from megatrain.errors import ConfigError
 
-__all__ = ["SweepSpec", "SweepRun", "load_sweep", "parse_sweep", "plan_runs", "model_counts", "size_for_params",
-           "isoflop_points", "SPECIAL_AXES", "linked_keys", "apply_quick", "parse_study", "METRIC_GOALS"]
+__all__ = ["SweepSpec", "SweepRun", "load_sweep", "parse_sweep", "plan_runs", "check_overrides_kept", "model_counts",
+           "size_for_params", "isoflop_points", "SPECIAL_AXES", "linked_keys", "apply_quick", "parse_study", "METRIC_GOALS"]
 
 SPECIAL_AXES = ("size", "tokens")
 MODES = ("grid", "isoflop")
@@ -495,6 +495,25 @@ def plan_runs(spec: SweepSpec) -> list[SweepRun]:
     if not runs:
         raise ConfigError(f"sweep: no runs (every isoflop point has fewer than min_steps={spec.min_steps} steps)")
     return runs
+
+
+def check_overrides_kept(runs: list[SweepRun], overrides: Optional[list[str]]) -> None:
+    """The command line's overrides (`megatrain sweep FILE a.b=c`) must reach every run as given. A key the
+    sweep sets per run itself (an axis, the size rule's model keys, the steps of a budget or a token
+    axis, warmup_fraction's warm-up, run.dir) would replace the override silently: ConfigError instead."""
+    if not overrides:
+        return
+    from megatrain.config import parse_overrides
+
+    missing = object()
+    for key, value in _flatten(parse_overrides(overrides)).items():
+        for run in runs:
+            got = _flatten(run.config).get(key, missing)
+            if got != value:
+                shown = "nothing" if got is missing else repr(got)
+                raise ConfigError(f"sweep: the override {key}={value!r} would not reach run {run.name}, where the "
+                                  f"sweep sets {shown} (an axis, a size, the steps of a budget, warmup_fraction or "
+                                  f"run.dir); change the sweep file (or --dir) instead")
 
 
 def _tokens_per_step(cfg: Config, nproc: int) -> int:

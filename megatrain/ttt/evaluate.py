@@ -69,13 +69,17 @@ def evaluate_batch(model, tokenizer, examples: list[LongContextExample], ttt_cfg
     return out
 
 
-def evaluate_cells(model, tokenizer, cfg, log: Callable[[str], None] = print, methods=METHODS) -> list[dict]:
-    """One record per (length, depth) cell: accuracies of `methods`, FLOPs per example, losses, time."""
+def evaluate_cells(model, tokenizer, cfg, log: Callable[[str], None] = print, methods=METHODS,
+                   should_stop: Optional[Callable[[], bool]] = None) -> list[dict]:
+    """One record per (length, depth) cell: accuracies of `methods`, FLOPs per example, losses, time.
+    `should_stop` (a stop signal) is asked before each cell: when true, the cells done so far are returned."""
     t, task = cfg.ttt, cfg.ttt.task
     depths = [None] if task.kind == "jsonl" else task.depths
     records = []
     for length in task.context_lengths:
         for depth in depths:
+            if should_stop is not None and should_stop():
+                return records
             start = time.perf_counter()
             examples = cell_examples(task, tokenizer, length, depth)
             correct = {m: [] for m in methods}

@@ -50,7 +50,8 @@ def _embedded_tokenizer(data_cfg):
 
 def pretrain_for_ttt(cfg, log=print) -> str:
     """Pretrain this config's model on retrieval documents (training novels as haystack) into
-    RUN/pretrain; reuse it when a finished run is already there. Returns the run directory."""
+    RUN/pretrain; reuse it when a finished run is already there, continue it from its latest checkpoint
+    when one stopped on a signal. Returns the run directory."""
     from megatrain.data.longcontext import retrieval_document
     from megatrain.engine.checkpoint import resolve_checkpoint_dir
     from megatrain.engine.trainer import pretrain
@@ -79,7 +80,8 @@ def pretrain_for_ttt(cfg, log=print) -> str:
     pre.run.dir = run
     pre.data.source, pre.data.val_source, pre.data.tokenizer = docs, None, tokenizer.path
     log(f"pretraining on {cfg.ttt.pretrain_documents} {cfg.ttt.task.kind} documents into {run}")
-    pretrain(pre)
+    # resume=True continues a pretraining a stop signal cut short (a fresh start when there is none)
+    pretrain(pre, resume=True, resume_hint="run the same megatrain ttt command again to continue")
     return run
 
 
@@ -145,7 +147,9 @@ def write_outputs(run_dir: str, records: list[dict], methods, title: str = "") -
 def run_ttt(cfg, log=print) -> list[dict]:
     """Run the qTTT job of `cfg` in this process; returns the per-cell records."""
     from megatrain.config import save_config
+    from megatrain.engine.checkpoint import resolve_checkpoint_dir
     from megatrain.engine.load import load_for_inference
+    from megatrain.engine.resilience import StopRequest
     from megatrain.ttt.config import check_against_model
     from megatrain.ttt.evaluate import METHODS, evaluate_cells
 
@@ -153,6 +157,11 @@ def run_ttt(cfg, log=print) -> list[dict]:
     start = time.perf_counter()
     if init is None:
         init = pretrain_for_ttt(cfg, log)
+        done = resolve_checkpoint_dir(init)
+        if os.path.basename(done) != f"step_{cfg.train.steps}":  # the trainer stopped on SIGTERM / SIGUSR1
+            log(f"megatrain: stopped the qTTT job's pretraining at {os.path.basename(done)}; run the same command "
+                f"again to continue it")
+            return []
     model, tokenizer, model_cfg = load_for_inference(init)
     check_against_model(cfg, model_cfg)
     os.makedirs(cfg.run.dir, exist_ok=True)
@@ -162,7 +171,20 @@ def run_ttt(cfg, log=print) -> list[dict]:
     title = (f"qTTT on {t.task.kind}: steps {t.steps} x span {t.span}, lr {t.lr:g}, target {t.target}, "
              f"{t.optimizer}; thinking baseline {2 * t.steps * t.span} tokens; model {init}")
     log(title)
-    records = evaluate_cells(model, tokenizer, cfg, log=log, methods=methods)
+    stop = StopRequest()
+    try:
+        stop.install()  # SIGTERM / SIGUSR1: stop before the next cell
+    except ValueError:
+        pass  # not the main thread (an embedding application): it handles signals itself
+    try:
+        records = evaluate_cells(model, tokenizer, cfg, log=log, methods=methods, should_stop=lambda: stop.signum != 0)
+    finally:
+        stop.restore()
+    if stop.signum:
+        cells = len(t.task.context_lengths) * (1 if t.task.kind == "jsonl" else len(t.task.depths))
+        log(f"megatrain: stopped the qTTT evaluation on {stop.name} after {len(records)} of {cells} cells; nothing "
+            f"of it is written (the model it evaluates is kept); run the same command again to evaluate")
+        return []
     write_outputs(cfg.run.dir, records, methods, title)
     log(f"wrote {os.path.join(cfg.run.dir, 'ttt.jsonl')}, ttt.md and ttt.png ({time.perf_counter() - start:.0f}s)")
     return records

@@ -1,6 +1,7 @@
 """Runs that survive: kill -9 at seeded moments (inside the checkpoint write too) then resume with
-the uninterrupted run's losses, SIGTERM checkpoint-and-exit, torchrun --max-restarts recovery, the
-collective watchdog naming a stalled rank, a full disk while saving, and the run-directory lock.
+the uninterrupted run's losses, SIGTERM checkpoint-and-exit (of a rank, and of the `--nproc-per-node 2`
+launcher: exit 0, one line; a second SIGTERM kills), torchrun --max-restarts recovery, the collective
+watchdog naming a stalled rank, a full disk while saving, and the run-directory lock.
 
 The multi-process tests share one uninterrupted 2-process run (`baseline`) and chain the kill
 moments through one run directory: each resume is the run that gets killed at the next moment.
@@ -18,14 +19,16 @@ import sys
 import time
 
 import pytest
+import yaml
 
+from megatrain.config import load_config
 from megatrain.engine import checkpoint as ckpt
 from megatrain.engine.health import LossSpikeDetector, Watchdog
 from megatrain.engine.metrics import MetricsLogger, read_metrics
 from megatrain.engine.resilience import (FAULT_ENV, RunLock, RunLockError, auto_resume_enabled, check_run_lock,
                                          fault_spec)
 from megatrain.errors import ConfigError
-from tests.conftest import REPO, TINY_JOB, child_env, free_port
+from tests.conftest import REPO, TINY_JOB, child_env, free_port, signal_after_records, start_launcher
 
 STEPS = 8
 # 2 processes, ZeRO-1 (sharded optimizer state: one file per rank), a checkpoint every 2 steps.
@@ -127,31 +130,74 @@ def test_kill9_at_seeded_moments_then_resume_matches_uninterrupted(baseline, tmp
                for beat in beats.values())
 
 
+# The launcher as a user starts it: the console command, a YAML file and overrides after it (the run's
+# config.yaml, written by rank 0 of the workers, must hold every one of them), long enough to be signalled.
+LAUNCHER_OVERRIDES = ["model.preset=tiny", "data.seq_len=32", "data.vocab_size=512", "train.micro_batch=4",
+                      "train.global_batch=8", "train.steps=500", "train.seed=7", "log.every=1", "log.eval_every=0",
+                      "log.progress=false", "log.tensorboard=false", "checkpoint.every=0", "parallel.zero_stage=1"]
+
+
 @pytest.mark.slow
-def test_sigusr1_to_the_launcher_checkpoints_and_exits_0(tmp_path):
-    """`kill -USR1` of `megatrain pretrain --nproc-per-node 2` reaches its workers: both stop after the same
-    step, write that checkpoint and exit 0."""
-    run_dir = tmp_path / "usr1"
-    full = child_env()
-    cmd = [sys.executable, "-m", "megatrain.cli", "pretrain", "--nproc-per-node", "2", *JOB, "train.steps=500",
-           "checkpoint.every=0", f"run.dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_stop_signal_to_the_launcher_checkpoints_and_exits_0(tmp_path, signum):
+    """`kill -TERM` (a scheduler before preemption) or `kill -USR1` of `megatrain pretrain --config FILE
+    --nproc-per-node 2 a=b ...` reaches its workers: both stop after the same step, write that checkpoint and
+    exit 0, and so does the launcher, with one line naming the checkpoint (no torchrun traceback). The
+    workers ran what the user typed: every override is in their config.yaml (~15 s each)."""
+    run_dir = tmp_path / "stopped"
+    overrides = [*LAUNCHER_OVERRIDES, f"run.dir={run_dir}"]
+    proc = start_launcher(["pretrain", "--config", "launch/configs/tiny-cpu.yaml", "--nproc-per-node", "2",
+                           *overrides])
+    out, err = signal_after_records(proc, os.path.join(run_dir, "metrics.jsonl"), 3, signum)
+    assert proc.returncode == 0, (out[-2000:], err[-4000:])
+    name = signal.Signals(signum).name
+    last = step_losses(run_dir)[-1][0]
+    assert 3 <= last < 500 and f"stopped at step {last} ({name} received)" in out
+    assert assert_latest_complete(run_dir) == last
+    checkpoint = os.path.join(run_dir, "checkpoints", f"step_{last}")
+    lines = [line for line in err.splitlines() if line.startswith("megatrain:")]
+    assert lines == [f"megatrain: stopped at step {last} on {name}; checkpoint {checkpoint}; continue with "
+                     f"--resume"], err[-4000:]
+    assert "Traceback" not in out + err and "SignalException" not in out + err
+    with open(run_dir / "config.yaml") as fh:
+        saved = yaml.safe_load(fh)
+    assert saved == load_config(str(REPO / "launch/configs/tiny-cpu.yaml"), overrides).resolve(2).to_dict()
+    assert (saved["model"]["preset"], saved["data"]["seq_len"], saved["train"]["steps"]) == ("tiny", 32, 500)
+    meta = ckpt.read_meta(checkpoint)
+    assert meta["layout"]["world_size"] == 2 and meta["layout"]["zero_stage"] == 1
+
+
+@pytest.mark.slow
+def test_second_sigterm_to_the_launcher_kills_the_workers(tmp_path):
+    """Rank 1 stalls inside step 5, so the checkpoint a first SIGTERM asks for never comes; a second SIGTERM
+    to the launcher kills both workers through torchrun's agent: exit 143, one line naming the last complete
+    checkpoint, no process of the job left (~12 s)."""
+    run_dir = tmp_path / "stalled"
+    proc = start_launcher(["pretrain", "--config", "launch/configs/tiny-cpu.yaml", "--nproc-per-node", "2",
+                           *LAUNCHER_OVERRIDES, "checkpoint.every=2", f"run.dir={run_dir}"],
+                          env={FAULT_ENV: "step:5:1:stall"})
     try:
-        metrics = os.path.join(run_dir, "metrics.jsonl")
-        deadline = time.monotonic() + 240
-        while not (os.path.exists(metrics) and len(read_metrics(metrics)) >= 2):
+        metrics, deadline = os.path.join(run_dir, "metrics.jsonl"), time.monotonic() + 240
+        while not (os.path.exists(metrics) and len(read_metrics(metrics)) >= 4):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.1)
-        proc.send_signal(signal.SIGUSR1)
-        out, err = proc.communicate(timeout=240)
+        time.sleep(1)  # both ranks inside step 5: rank 0 waits for rank 1 in the loss all-reduce
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(1)
+        assert proc.poll() is None  # the first one waits for the checkpoint
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, (out[-2000:], err[-4000:])
-    last = step_losses(run_dir)[-1][0]
-    assert 2 <= last < 500 and f"stopped at step {last}" in out
-    assert assert_latest_complete(run_dir) == last
+    assert proc.returncode == 128 + signal.SIGTERM, (out[-2000:], err[-4000:])
+    lines = [line for line in err.splitlines() if line.startswith("megatrain:")]
+    assert lines == [f"megatrain: a second SIGTERM while the workers were stopping on SIGTERM: killed them; the "
+                     f"last complete checkpoint is {run_dir / 'checkpoints' / 'step_4'} (step 4); continue with "
+                     f"--resume"], err[-4000:]
+    assert "Traceback" not in err and assert_latest_complete(run_dir) == 4
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)  # nothing left in the job's session
 
 
 @pytest.mark.slow
@@ -378,6 +424,66 @@ def test_stop_signal_is_recorded(monkeypatch):
     finally:
         stop.restore()
     assert signal.getsignal(signal.SIGUSR1) is not stop._handle
+
+
+# A stand-in worker: its command line names megatrain.cli, as torchrun's workers do; it records each stop
+# signal it receives in the file given as its first argument.
+_FAKE_WORKER = """
+import signal, sys, time
+path = sys.argv[1]
+def record(signum, frame):
+    with open(path, "a") as fh:
+        fh.write(signal.Signals(signum).name + "\\n")
+for sig in (signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(sig, record)
+open(path, "a").close()
+time.sleep(60)
+"""
+
+
+def test_launcher_passes_the_first_stop_on_and_kills_on_the_second(tmp_path):
+    """LauncherStop (the launcher of `--nproc-per-node N`): SIGTERM and SIGUSR1 go on to the workers (only
+    them: another child is left alone) and the launcher keeps waiting; a second SIGTERM, or SIGINT, raises
+    torchrun's SignalException, whose signal the agent then sends to the workers: SIGKILL after a stop request,
+    SIGINT (the usual Ctrl-C) before one."""
+    from torch.distributed.elastic.multiprocessing import SignalException
+
+    from megatrain.engine.resilience import LauncherStop, worker_pids
+
+    received = tmp_path / "received"
+    worker = subprocess.Popen([sys.executable, "-c", _FAKE_WORKER, str(received), "megatrain.cli"])
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    before = [signal.getsignal(sig) for sig in LauncherStop.SIGNALS]
+    stop = LauncherStop().install()
+    try:
+        deadline = time.monotonic() + 30
+        while not received.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert worker_pids() == [worker.pid]
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            os.kill(os.getpid(), signum)
+            while len(received.read_text().split()) < (1 if signum == signal.SIGTERM else 2):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert received.read_text().split() == ["SIGTERM", "SIGUSR1"]
+        assert stop.signum == signal.SIGTERM and stop.name == "SIGTERM" and bystander.poll() is None
+        with pytest.raises(SignalException) as hard:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        assert hard.value.sigval == signal.SIGKILL and stop.hard == signal.SIGTERM
+        stop.restore()
+        stop = LauncherStop().install()
+        with pytest.raises(SignalException) as interrupt:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        assert interrupt.value.sigval == signal.SIGINT and stop.signum == 0
+    finally:
+        stop.restore()
+        for proc in (worker, bystander):
+            proc.kill()
+            proc.wait()
+    assert [signal.getsignal(sig) for sig in LauncherStop.SIGNALS] == before
 
 
 SPIKE_SCRIPT = """

@@ -127,6 +127,41 @@ def _bad(tmp_path, capsys, *extra, match):
     assert (sorted(os.listdir(run)) if run.exists() else None) == marker  # nothing written or changed
 
 
+@pytest.mark.slow
+def test_sigterm_to_the_rl_launcher_checkpoints_the_iteration_and_exits_0(tiny_run, tmp_path):
+    """`megatrain rl --config FILE --nproc-per-node 2 a=b ...` (the console command) gets SIGTERM after two
+    GRPO iterations: both ranks finish the iteration in progress, checkpoint it and exit 0, and so does the
+    launcher, with one line naming that checkpoint. The workers ran what the user typed: their config.yaml
+    holds every override. ~10 s after the session's tiny run."""
+    import signal
+
+    import yaml
+
+    from megatrain.config import load_config
+    from tests.conftest import REPO, signal_after_records, start_launcher
+
+    run = tmp_path / "rl"
+    overrides = [f"rl.init={tiny_run}", "rl.max_new_tokens=8", "rl.eval.k=[1,2]", "rl.eval.samples=2",
+                 "rl.eval.problems=2", "log.progress=false", "log.eval_batches=1", "log.tensorboard=false",
+                 "rl.group_size=4", "rl.prompts_per_step=4", "rl.micro_batch=8", "rl.steps=200",
+                 "checkpoint.every=0", f"run.dir={run}"]
+    proc = start_launcher(["rl", "--config", "launch/configs/rl-tiny-cpu.yaml", "--nproc-per-node", "2", *overrides])
+    sub = run / "from_step_8" / "grpo"
+    out, err = signal_after_records(proc, sub / "metrics.jsonl", 2, signal.SIGTERM)
+    assert proc.returncode == 0, (out[-2000:], err[-4000:])
+    last = read_metrics(sub)[-1]["step"]
+    checkpoint = sub / "checkpoints" / f"step_{last}"
+    assert 2 <= last < 200 and (sub / "checkpoints" / "latest").read_text().strip() == f"step_{last}"
+    assert f"stopped grpo from from_step_8 at iteration {last} (SIGTERM received); checkpoint {checkpoint}" in out
+    lines = [line for line in err.splitlines() if line.startswith("megatrain:")]
+    assert lines == [f"megatrain: stopped at step {last} on SIGTERM; checkpoint {checkpoint}; continue with "
+                     f"--resume"], err[-3000:]
+    assert "Traceback" not in out + err and "SignalException" not in out + err
+    assert not (run / "eval.jsonl").exists()
+    expected = load_config(str(REPO / "launch/configs/rl-tiny-cpu.yaml"), overrides).to_dict()
+    assert yaml.safe_load((run / "config.yaml").read_text()) == expected
+
+
 def test_bad_inputs(tiny_run, tmp_path, capsys):
     init = f"rl.init={tiny_run}"
     _bad(tmp_path, capsys, init, "rl.group_size=1", match="rl.group_size must be >= 2")

@@ -190,6 +190,42 @@ def test_resume_skips_finished_runs_and_records_failures(tmp_path):
     assert len(started) == 1
 
 
+def test_child_runs_get_the_command_lines_overrides(tmp_path, monkeypatch, capsys):
+    """`megatrain sweep FILE a=b c=d ...`: every child run (`megatrain pretrain --config RUN.yaml --resume
+    --nproc-per-node N`) resolves a config holding each override; a child's own parse of its command line is
+    run here with the training itself left out. An override of a key the sweep sets per run (train.steps of
+    an IsoFLOP budget, run.dir) is refused in one line, before anything is written."""
+    import megatrain.engine.trainer as trainer
+    import megatrain.scaling.runner as runner
+
+    commands = []
+
+    def launch(command, log_path):
+        commands.append(command)
+        return 1
+
+    monkeypatch.setattr(runner, "_child_launcher", lambda threads: launch)
+    shipped = str(REPO / "launch/configs/sweep-tiny-cpu.yaml")
+    overrides = ["train.lr=1e-3", "train.seed=5", "log.every=5", "checkpoint.keep=2"]
+    assert main(["sweep", shipped, *overrides, "--dir", str(tmp_path / "sweep"), "--no-report"]) == 0
+    assert len(commands) == 20 and all(c[1:4] == ["-m", "megatrain.cli", "pretrain"] for c in commands)
+    children = []
+    monkeypatch.setattr(trainer, "pretrain", lambda cfg, *args, **kwargs: children.append(cfg))
+    for command in commands:
+        assert main(command[3:]) == 0
+    assert len(children) == 20
+    assert {(c.train.lr, c.train.seed, c.log.every, c.checkpoint.keep) for c in children} == {(1e-3, 5, 5, 2)}
+    assert len({c.run.dir for c in children}) == 20 and len({c.train.steps for c in children}) > 1
+    capsys.readouterr()
+
+    for bad, key in (("train.steps=5", "train.steps=5"), (f"run.dir={tmp_path}", "run.dir=")):
+        assert main(["sweep", shipped, "log.every=5", bad, "--dir", str(tmp_path / "refused"), "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"megatrain: error: sweep: the override {key}") and err.count("\n") == 1, err
+        assert "would not reach run C1e10_d32l1" in err
+    assert not (tmp_path / "refused").exists()
+
+
 def test_shipped_sweep_config_plans():
     from megatrain.scaling.spec import load_sweep
 

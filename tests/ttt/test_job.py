@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from megatrain.data.longcontext import (
     _corpus_text, answer_correct, haystack_tokens, jsonl_examples, load_jsonl, retrieval_document, retrieval_examples,
 )
 from megatrain.errors import DataError
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, read_metrics, run_cli, signal_after_records, start_launcher
 
 TINY_TTT = ["ttt.steps=2", "ttt.span=16", "ttt.lr=1e-3", "ttt.batch=4", "ttt.max_new_tokens=6",
             "ttt.task.context_lengths=[64,96]", "ttt.task.depths=[0.2,0.8]", "ttt.task.examples=2"]
@@ -89,11 +90,26 @@ def test_job_from_a_trained_run_writes_table_jsonl_and_heatmap(tiny_run, tmp_pat
 
 @pytest.mark.slow
 def test_job_pretrains_its_own_model_without_init(tmp_path):
+    """Without ttt.init the job pretrains first. SIGTERM to `megatrain ttt` during that pretraining (the
+    console command) checkpoints it and exits 0 without evaluating a half-trained model; the same command
+    again continues the pretraining from that checkpoint, then evaluates. ~15 s."""
     run = tmp_path / "ttt"
-    run_cli(["ttt", "--config", "launch/configs/ttt-tiny-cpu.yaml", f"run.dir={run}", "train.steps=3",
-             "train.micro_batch=4", "ttt.pretrain_documents=40", "data.seq_len=128", "ttt.think=false",
-             *TINY_TTT])
-    assert (run / "pretrain" / "checkpoints" / "latest").is_file()
+    args = ["ttt", "--config", "launch/configs/ttt-tiny-cpu.yaml", f"run.dir={run}", "train.steps=60", "log.every=1",
+            "train.micro_batch=4", "ttt.pretrain_documents=40", "data.seq_len=128", "ttt.think=false", *TINY_TTT]
+    proc = start_launcher(args)
+    out, err = signal_after_records(proc, run / "pretrain" / "metrics.jsonl", 3, signal.SIGTERM)
+    assert proc.returncode == 0 and "Traceback" not in err, (out[-2000:], err[-3000:])
+    stopped = read_metrics(run / "pretrain")[-1]["step"]
+    checkpoint = run / "pretrain" / "checkpoints" / f"step_{stopped}"
+    assert 3 <= stopped < 60 and checkpoint.is_dir()
+    assert (f"stopped at step {stopped} (SIGTERM received); checkpoint {checkpoint}; run the same megatrain ttt "
+            f"command again to continue") in out
+    assert (f"megatrain: stopped the qTTT job's pretraining at step_{stopped}; run the same command again to "
+            f"continue it") in out
+    assert not (run / "ttt.jsonl").exists()
+    proc = run_cli(args)
+    assert f"resumed from {checkpoint} at step {stopped}" in proc.stdout
+    assert (run / "pretrain" / "checkpoints" / "latest").read_text().strip() == "step_60"
     assert len((run / "pretrain-data" / "passkey.jsonl").read_text().splitlines()) == 40
     records = [json.loads(line) for line in (run / "ttt.jsonl").read_text().splitlines()]
     assert len(records) == 4 and "think_acc" not in records[0]
