@@ -42,10 +42,15 @@ recomputes the logits in its backward does more work than is counted: the figure
 
 Low-rank ops (FLOPs, useful work only; x [T, D_in], a [D_in, r], b [r, D_out]): lowrank fwd
 2*T*r*(D_in + D_out), fwd+bwd three times that; its eager baseline is F.silu(x @ a) @ b (two cuBLAS
-matmuls plus a separate activation kernel) and "megatrain-triton-recompute" is CoLA-M. sparse_lowrank
-adds 2*T*nnz (fwd; x6 for fwd+bwd) for S with nnz = 0.03*D_in*D_out; its baseline materialises
-W = scale * a @ b + S densely (as SLTrain's reference code does) and does one [T, D_in] x [D_in, D_out]
-matmul. Target: lowrank faster than its eager baseline in both modes; sparse_lowrank is reported only.
+matmuls plus a separate activation kernel), "megatrain-triton-recompute" is CoLA-M (one more matmul in
+backward, x @ a again) and "dense-linear" is the dense x @ W layer CoLA replaces (2*T*D_in*D_out
+FLOPs, x3 for fwd+bwd: its time over megatrain-triton's is the speed-up of the factorisation; its
+TFLOP/s column counts CoLA's work, it is a time bar only). sparse_lowrank adds 2*T*nnz (fwd; x6 for
+fwd+bwd) for S with nnz = 0.03*D_in*D_out; its baseline materialises W = scale * a @ b + S densely (as
+SLTrain's reference code does) and does one [T, D_in] x [D_in, D_out] matmul, which is also what the
+Triton path does per call (W rebuilt in backward, never kept): the FLOP column counts the factored
+useful work, less than either runs. Target: lowrank faster than its eager baseline in both modes;
+sparse_lowrank is reported only.
 
 Interleaved head attention (iha; q, k, v [B, H, N, d], P pseudo-tokens, causal, rotary, bf16): FLOPs
 2*B*H*(N*P)^2*d for the causal QK^T and PV over the N*P virtual tokens plus the mixing and collapse,
@@ -116,6 +121,7 @@ TARGET_FLCE_MEMORY = 0.10       # flce: fused peak memory below this fraction of
 TARGET_IHA_SPEED = 2.0          # iha: times the unfused reference path's speed
 TARGET_IHA_VS_SDPA = 4.5        # iha at P = 2: at most this many times plain causal SDPA's time
 IHA_SDPA = "sdpa-mha"           # iha: plain causal SDPA over the N tokens (a bar, not an IHA)
+LOWRANK_DENSE = "dense-linear"  # lowrank: the dense D_in x D_out layer it replaces (a bar; its FLOPs column counts CoLA's work)
 
 DEVICE = "cuda"
 EPS = 1e-6
@@ -654,12 +660,20 @@ def build_case(op: str, shape: dict, backends: dict) -> Case:
         a = (torch.randn(d_in, r, device=dev) * d_in ** -0.5).to(bf16).requires_grad_()
         b = (torch.randn(r, d_out, device=dev) * r ** -0.5).to(bf16).requires_grad_()
 
+        # The dense D_in x D_out layer CoLA replaces, for the ratio (its own weight; its gradient is
+        # dropped before each call so it is written, not accumulated, as the factors' are).
+        dense_weight = (torch.randn(d_in, d_out, device=dev) * d_in ** -0.5).to(bf16).requires_grad_()
+
         def unfused(x, a, b):
             return F.silu(x @ a) @ b  # two cuBLAS matmuls and a separate activation kernel
 
+        def dense(x, a, b):
+            dense_weight.grad = None
+            return x @ dense_weight
+
         impls = {TRITON: lambda x, a, b: kernels.lowrank_linear(x, a, b),
                  TRITON + "-recompute": lambda x, a, b: kernels.lowrank_linear(x, a, b, recompute=True),
-                 EAGER: unfused, COMPILE: _compiled(unfused)}
+                 EAGER: unfused, COMPILE: _compiled(unfused), LOWRANK_DENSE: dense}
         return Case(op, shape, (x, a, b), ("x", "a", "b"), ("y",), (torch.randn(t, d_out, device=dev, dtype=bf16),),
                     impls, lambda x, a, b: reference.lowrank_linear(x, a, b))
 
