@@ -140,8 +140,9 @@ def sparse_lowrank_linear(x: Tensor, a: Tensor, b: Tensor, values: Tensor, index
 
     x [..., D_in], a [D_in, r], b [r, D_out]; S [D_in, D_out] is zero except at the flat row-major
     positions `index` [nnz] (int64, sorted, unique), where it holds `values` [nnz]. The Triton path
-    never forms a dense [D_in, D_out] matrix; the gradient of `values` is computed only at the
-    support. Returns [..., D_out] in x.dtype; gradients for x, a, b, values.
+    builds the dense W per call for one cuBLAS GEMM and never keeps it (backward rebuilds it); the
+    gradient of `values` is computed only at the support. Returns [..., D_out] in x.dtype; gradients
+    for x, a, b, values.
     """
     if _use_triton("sparse_lowrank_linear", x):
         from .sparse_lowrank import sparse_lowrank_linear as triton_sparse_lowrank_linear
