@@ -11,8 +11,9 @@ Backward, with incoming dy:
     du = dy * g * s
 
 Only gate and up are saved; s is recomputed in backward (one exp per element is cheaper than
-storing and re-reading an extra [n] tensor). Arithmetic is fp32; outputs and gradients are stored
-in the inputs' dtype.
+storing and re-reading an extra [n] tensor). Arithmetic is fp32 and every input is loaded in its
+own dtype; y is stored in the promoted dtype of gate and up (they may differ), each gradient in its
+input's dtype.
 
 Layout (docs/architecture.md, "kernels/"): private kernels by phase, host launchers that validate and pick
 block sizes, an autograd Function, and the public `swiglu`.
@@ -92,7 +93,7 @@ def _swiglu_bwd_kernel(DY, G, U, DG, DU, n, BLOCK: tl.constexpr):
 def _validate(gate: Tensor, up: Tensor) -> None:
     check_tensor(OP, "gate", gate)
     check_tensor(OP, "up", up, shape=tuple(gate.shape))
-    check_same(OP, [("gate", gate), ("up", up)], device=True, dtype=True)
+    check_same(OP, [("gate", gate), ("up", up)], device=True)
     check_device(OP, gate)
 
 
@@ -103,16 +104,16 @@ def _flat(t: Tensor) -> Tensor:
 
 
 def swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
-    """Forward launcher. gate, up [n] contiguous, same dtype. Returns y [n] in gate.dtype."""
+    """Forward launcher. gate, up [n] contiguous. Returns y [n] in their promoted dtype."""
     n = gate.numel()
-    y = new_output((n,), dtype=gate.dtype, device=gate.device)
+    y = new_output((n,), dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
     if n:
         _swiglu_fwd_kernel[(triton.cdiv(n, BLOCK),)](gate, up, y, n, **launch_config().kwargs())
     return y
 
 
 def swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
-    """Backward launcher. dy, gate, up [n] contiguous. Returns (dgate, dup), [n] each, in gate.dtype."""
+    """Backward launcher. dy, gate, up [n] contiguous. Returns (dgate, dup), [n] each, in gate's and up's dtype."""
     n = gate.numel()
     dgate = new_output((n,), dtype=gate.dtype, device=gate.device)
     dup = new_output((n,), dtype=up.dtype, device=up.device)
@@ -141,7 +142,7 @@ class SwiGLUFunction(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         gate_flat, up_flat = ctx.saved_tensors
         # The upstream gradient may be an expanded or strided view (e.g. from .sum().backward()).
-        dgate, dup = swiglu_bwd(_flat(dy.to(gate_flat.dtype)), gate_flat, up_flat)
+        dgate, dup = swiglu_bwd(_flat(dy), gate_flat, up_flat)
         return (dgate.view(ctx.shape) if ctx.needs_input_grad[0] else None,
                 dup.view(ctx.shape) if ctx.needs_input_grad[1] else None)
 
@@ -157,10 +158,11 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     Args:
         gate: [..., F], float16/bfloat16/float32. Non-contiguous inputs are copied to a contiguous
             layout first (the kernels index flat storage).
-        up: the same shape, dtype and device as gate.
+        up: the same shape and device as gate, any float dtype (each is loaded in its own).
 
     Returns:
-        [..., F] in gate.dtype (contiguous). Gradients for gate and up come back in their dtype.
+        [..., F] (contiguous) in the promoted dtype of gate and up. Gradients for gate and up come
+        back in their dtype.
 
     Raises:
         ValueError naming 'swiglu' and the argument, for a wrong dtype, shape or device.

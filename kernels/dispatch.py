@@ -1,5 +1,9 @@
 """The dispatcher behind megatrain.kernels (which re-exports every public name): the backend choice of
-MEGATRAIN_KERNELS and one entry point per op, each calling the Triton kernel or the reference."""
+MEGATRAIN_KERNELS and one entry point per op, each calling the Triton kernel or the reference.
+
+Under torch.autocast each entry point first applies its op's rule (`with_autocast_rule`, the table in
+kernels/autocast.py: matmul-shaped ops get the autocast dtype, norms and elementwise ops keep their
+inputs and promote) and runs the op with autocast disabled, the same for both backends."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from megatrain.constants import IGNORE_INDEX
 
 from . import reference
 from ._utils import check_device, interpreting
+from .autocast import with_autocast_rule
 
 __all__ = ["backend", "triton_needs_cuda", "rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "lowrank_linear",
            "sparse_lowrank_linear", "iha_attention", "projected_adam_update", "reference",
@@ -66,11 +71,14 @@ def apex_rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     return fn(x, weight.to(x.dtype), weight.shape, eps)
 
 
+@with_autocast_rule
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Optional[Tensor] = None):
     """y = x / sqrt(mean(x^2, dim=-1) + eps) * weight.
 
     x [..., D], weight [D]; returns y [..., D] in x.dtype. With residual [..., D]: h = x + residual
-    and the call returns (rms_norm(h), h), the pre-norm residual-stream update.
+    and the call returns (rms_norm(h), h), the pre-norm residual-stream update, both in the promoted
+    dtype of x and residual (a bf16 x and an fp32 residual give fp32). The weight's dtype (read in
+    fp32) never changes the result's.
     """
     if _use_triton("rms_norm", x):
         from .norm import rms_norm as triton_rms_norm
@@ -79,6 +87,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Optional[Te
     return reference.rms_norm(x, weight, eps, residual)
 
 
+@with_autocast_rule
 def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """Rotary embedding, half-split (Hugging Face Llama) layout.
 
@@ -92,8 +101,9 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor
     return reference.rope(q, k, cos, sin)
 
 
+@with_autocast_rule
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
-    """silu(gate) * up, elementwise; gate and up [..., F]."""
+    """silu(gate) * up, elementwise; gate and up [..., F]; the result in their promoted dtype."""
     if _use_triton("swiglu", gate):
         from .activation import swiglu as triton_swiglu
 
@@ -101,6 +111,7 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return reference.swiglu(gate, up)
 
 
+@with_autocast_rule
 def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX,
                                process_group=None) -> Tensor:
     """Mean over non-ignored t of logsumexp(h[t] @ weight.T) - (h[t] @ weight.T)[target[t]].
@@ -120,6 +131,7 @@ def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore
     return reference.fused_linear_cross_entropy(h, weight, target, ignore_index, process_group=process_group)
 
 
+@with_autocast_rule
 def lowrank_linear(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor] = None,
                    activation: Optional[str] = "silu", recompute: bool = False) -> Tensor:
     """act(x @ a) @ b + bias: CoLA's low-rank projection (activation None: plain low-rank).
@@ -135,6 +147,7 @@ def lowrank_linear(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor] = Non
     return reference.lowrank_linear(x, a, b, bias, activation, recompute)
 
 
+@with_autocast_rule
 def sparse_lowrank_linear(x: Tensor, a: Tensor, b: Tensor, values: Tensor, index: Tensor, scale: float) -> Tensor:
     """x @ (scale * a @ b + S): SLTrain's sparse plus low-rank projection.
 
@@ -151,6 +164,7 @@ def sparse_lowrank_linear(x: Tensor, a: Tensor, b: Tensor, values: Tensor, index
     return reference.sparse_lowrank_linear(x, a, b, values, index, scale)
 
 
+@with_autocast_rule
 def iha_attention(q: Tensor, k: Tensor, v: Tensor, mix_q: Tensor, mix_k: Tensor, mix_v: Tensor, collapse: Tensor,
                   cos: Optional[Tensor] = None, sin: Optional[Tensor] = None, mask: str = "causal",
                   window: Optional[int] = None) -> Tensor:
@@ -175,6 +189,7 @@ def iha_attention(q: Tensor, k: Tensor, v: Tensor, mix_q: Tensor, mix_k: Tensor,
     return reference.iha_attention(q, k, v, mix_q, mix_k, mix_v, collapse, cos, sin, mask, window)
 
 
+@with_autocast_rule
 def projected_adam_update(weight: Tensor, proj: Tensor, low_rank_grad: Tensor, exp_avg: Tensor,
                           exp_avg_sq: Tensor, *, side: str, beta1: float, beta2: float, eps: float,
                           step_size: float, scale: float, decay: float, update_moments: bool = True,

@@ -13,8 +13,9 @@ Backward, with g = dy * w and n = h * rstd (the normalised row):
     dx = dresidual = dh
 
 Shapes: x, residual, y, h [rows, D] inside the launchers ([..., D] at the API); weight [D];
-rstd [rows] fp32. All arithmetic is fp32 in registers; y and h are stored in x.dtype, the weight
-gradient in weight.dtype.
+rstd [rows] fp32. All arithmetic is fp32 in registers; every input is loaded in its own dtype; y
+and h are stored in x.dtype, or with a residual in the promoted dtype of x and residual (x bf16 +
+an fp32 residual stream under autocast gives fp32), the weight gradient in weight.dtype.
 
 Layout (docs/architecture.md, "kernels/"): private kernels by phase, host launchers that validate and pick
 block sizes, an autograd Function, and the public `rms_norm`.
@@ -172,8 +173,8 @@ def _validate(x: Tensor, weight: Tensor, residual: Optional[Tensor], eps: float)
     d = x.shape[-1]
     check_tensor(OP, "weight", weight, shape=(d,))
     if residual is not None:
+        # Any float dtype: the kernel loads it as it is (see `out_dtype`).
         check_tensor(OP, "residual", residual, shape=tuple(x.shape))
-        check_same(OP, [("x", x), ("residual", residual)], device=False, dtype=True)
     tensors = [("x", x), ("weight", weight)] + ([("residual", residual)] if residual is not None else [])
     check_same(OP, tensors, device=True)
     check_device(OP, x)
@@ -185,6 +186,11 @@ def _validate(x: Tensor, weight: Tensor, residual: Optional[Tensor], eps: float)
         raise ValueError(f"{OP}: argument 'eps' must be a number >= 0, got {eps!r}")
 
 
+def out_dtype(x: Tensor, residual: Optional[Tensor]) -> torch.dtype:
+    """The dtype of y and h: x's, or with a residual the promoted dtype of both (as x + residual)."""
+    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+
+
 def _rows(t: Tensor) -> Tensor:
     """[..., D] -> [rows, D], contiguous. The kernels assume unit column stride and one row stride,
     so a transposed or sliced view is copied here (once) rather than handled in the kernel."""
@@ -192,13 +198,14 @@ def _rows(t: Tensor) -> Tensor:
 
 
 def rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, residual: Optional[Tensor] = None):
-    """Forward launcher. x, residual [rows, D] contiguous; weight [D].
+    """Forward launcher. x, residual [rows, D] contiguous (each of any float dtype); weight [D].
 
-    Returns (y [rows, D] in x.dtype, h [rows, D] in x.dtype or None, rstd [rows] fp32).
+    Returns (y [rows, D], h [rows, D] or None, rstd [rows] fp32), y and h in `out_dtype(x, residual)`.
     """
     n_rows, d = x.shape
-    y = new_output((n_rows, d), dtype=x.dtype, device=x.device)
-    h = new_output((n_rows, d), dtype=x.dtype, device=x.device) if residual is not None else None
+    dtype = out_dtype(x, residual)
+    y = new_output((n_rows, d), dtype=dtype, device=x.device)
+    h = new_output((n_rows, d), dtype=dtype, device=x.device) if residual is not None else None
     rstd = new_output((n_rows,), dtype=torch.float32, device=x.device)
     if n_rows == 0:
         return y, h, rstd
@@ -262,13 +269,15 @@ class RMSNormFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.has_residual = residual is not None
         ctx.x_shape = shape
+        ctx.input_dtypes = (x.dtype, residual.dtype if residual is not None else None)
         if residual is None:
             ctx.save_for_backward(x2d, weight, rstd)
             return y
         h = h.view(shape)
-        # h is saved in x.dtype (the tensor the caller gets anyway) instead of an fp32 copy, which
-        # would cost two more bytes per element. For bf16 the backward then sees the rounded sum: dx
-        # is unaffected at bf16 precision, and dw (summed in fp32) is bf16-accurate, not fp32-exact.
+        # h is saved in its own dtype (the tensor the caller gets anyway) instead of an fp32 copy,
+        # which would cost two more bytes per element. For bf16 the backward then sees the rounded
+        # sum: dx is unaffected at bf16 precision, and dw (summed in fp32) is bf16-accurate, not
+        # fp32-exact. (Under autocast with an fp32 stream, h is fp32 and so is this.)
         ctx.save_for_backward(h, weight, rstd)
         return y, h
 
@@ -290,10 +299,15 @@ class RMSNormFunction(torch.autograd.Function):
         if not ctx.has_residual:
             return (dx if ctx.needs_input_grad[0] else None), dw, None, None
         # x and residual get the same gradient; autograd never writes into a gradient it receives,
-        # so one tensor serves both.
-        dx_out = dx if ctx.needs_input_grad[0] else None
-        dr_out = dx if ctx.needs_input_grad[2] else None
+        # so one tensor serves both (or a cast copy for an input narrower than h).
+        x_dtype, r_dtype = ctx.input_dtypes
+        dx_out = _as(dx, x_dtype) if ctx.needs_input_grad[0] else None
+        dr_out = _as(dx, r_dtype) if ctx.needs_input_grad[2] else None
         return dx_out, dw, dr_out, None
+
+
+def _as(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,15 +323,16 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Optional[Te
             layout first (the kernels read rows with unit column stride).
         weight: [D], any float dtype (an fp32 weight with bf16 x is fine: it is read in fp32).
         eps: added to the mean square before the square root.
-        residual: optional [..., D], same shape, dtype and device as x. The sum h = x + residual is
-            taken in fp32 and normalised before rounding; h is returned rounded to x.dtype.
+        residual: optional [..., D], same shape and device as x, any float dtype (each is loaded in
+            its own). The sum h = x + residual is taken in fp32 and normalised before rounding.
 
     Returns:
-        y [..., D] in x.dtype, or (y, h) with both [..., D] in x.dtype when residual is given.
+        y [..., D] in x.dtype, or (y, h) with both [..., D] in the promoted dtype of x and residual
+        when residual is given (bf16 x + fp32 residual: fp32, as under autocast).
         Gradients: x and residual get the same gradient (that of h, including any gradient flowing
-        into the returned h); weight's gradient comes back in weight.dtype. With a residual, the
-        backward works from h rounded to x.dtype, so for bf16 x even an fp32 weight gets a
-        bf16-accurate gradient (the reference keeps an fp32 h alive instead).
+        into the returned h), each in its own dtype; weight's gradient comes back in weight.dtype.
+        With a residual, the backward works from the returned h, so for bf16 x and residual even an
+        fp32 weight gets a bf16-accurate gradient (the reference keeps an fp32 h alive instead).
 
     Raises:
         ValueError naming 'rms_norm' and the argument, for a wrong dtype, shape or device.

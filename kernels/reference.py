@@ -2,7 +2,9 @@
 
 These are the oracles the fused kernels are tested against, and the path used on CPU. Each op
 upcasts to fp32 internally and returns the dtype of its (first) input, so a bf16 model gets bf16
-activations with fp32-accurate reductions.
+activations with fp32-accurate reductions (rms_norm with a residual and swiglu return the promoted
+dtype of their two activation inputs, as an add would). Under torch.autocast the dispatcher applies
+each op's rule (kernels/autocast.py) first and calls these with autocast disabled.
 
 Shapes use B = batch, H = heads, N = sequence length, d = head dim, D = hidden size, T = tokens
 (flattened B*N), V = vocabulary size.
@@ -36,19 +38,22 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Optional[Te
         eps: added to the mean square before the square root.
         residual: optional [..., D]. When given, h = x + residual is normalised and the call returns
             (y, h), the fused "add then norm" of a pre-norm residual stream. The sum is taken in fp32
-            and normalised before rounding, which is what a fused kernel does too.
+            and normalised before rounding, which is what a fused kernel does too. Its dtype may
+            differ from x's (a bf16 branch output added to an fp32 stream under autocast).
 
     Returns:
-        y [..., D] in x.dtype, or (y, h) with both in x.dtype when residual is given.
+        y [..., D] in x.dtype, or (y, h) with both in the promoted dtype of x and residual (as
+        x + residual would be) when residual is given. The weight's dtype never changes it.
     """
     if x.shape[-1] != weight.shape[-1]:
         raise ValueError(f"rms_norm: x has last dim {x.shape[-1]} but weight has {weight.shape[-1]}")
     h = x.float() if residual is None else x.float() + residual.float()
+    out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     inv_rms = torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + eps)
-    y = (h * inv_rms * weight.float()).to(x.dtype)
+    y = (h * inv_rms * weight.float()).to(out_dtype)
     if residual is None:
         return y
-    return y, h.to(x.dtype)
+    return y, h.to(out_dtype)
 
 
 def _broadcast_table(table: Tensor, x: Tensor, name: str) -> Tensor:
@@ -97,14 +102,14 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """SwiGLU gating: silu(gate) * up = gate * sigmoid(gate) * up, elementwise.
 
     Args:
-        gate, up: [..., F], the same shape.
+        gate, up: [..., F], the same shape (their float dtypes may differ).
 
     Returns:
-        [..., F] in gate.dtype.
+        [..., F] in the promoted dtype of gate and up (math in fp32).
     """
     if gate.shape != up.shape:
         raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape")
-    return (F.silu(gate.float()) * up.float()).to(gate.dtype)
+    return (F.silu(gate.float()) * up.float()).to(torch.promote_types(gate.dtype, up.dtype))
 
 
 def _check_targets(target: Tensor, ignore_index: int, vocab_total: int) -> None:

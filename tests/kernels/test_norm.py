@@ -110,6 +110,31 @@ def test_rms_norm_fp32_weight_with_bf16_x(residual):
     assert all(o.dtype == torch.bfloat16 for o in ours)
 
 
+@pytest.mark.parametrize("x_dtype,residual_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16)],
+                         ids=["bf16_x_fp32_residual", "fp32_x_fp16_residual"])
+def test_rms_norm_mixed_x_and_residual_dtypes_promote(x_dtype, residual_dtype):
+    """A bf16 branch output added to an fp32 stream (what autocast hands the fused add + norm): each
+    input is loaded in its own dtype, y and h come back in the promoted dtype (fp32), each input's
+    gradient in its own dtype."""
+    seed, gen = fresh_generator()
+    shape = (3, 5, 40)
+    inputs = {"x": randn(gen, shape, x_dtype), "weight": 1.0 + 0.5 * torch.randn(shape[-1], generator=gen),
+              "residual": randn(gen, shape, residual_dtype)}
+    upstream = [randn(gen, shape), randn(gen, shape)]
+    ours_in = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    ref_in = {k: v.float().requires_grad_() for k, v in inputs.items()}
+    ours, ref = kernels.rms_norm(**ours_in), reference.rms_norm(**ref_in)
+    assert type(ours[0].grad_fn) is triton_norm.RMSNormFunction._backward_cls, ours[0].grad_fn
+    assert [o.dtype for o in ours] == [torch.float32] * 2 == [o.dtype for o in reference.rms_norm(**inputs)]
+    for what, o, r in zip(("y", "h"), ours, ref):
+        assert_matches(o, r, torch.float32, what, seed)
+    grads = torch.autograd.grad(ours, list(ours_in.values()), upstream)
+    grads_ref = torch.autograd.grad(ref, list(ref_in.values()), upstream)
+    for (name, t), g, g_ref in zip(ours_in.items(), grads, grads_ref):
+        assert g.dtype == t.dtype, f"d{name}: {g.dtype} (seed {seed})"
+        assert_matches(g, g_ref, t.dtype, f"d{name}", seed)
+
+
 def test_rms_norm_non_contiguous_inputs():
     seed, gen = fresh_generator()
     rows, d = 9, 33
@@ -184,14 +209,13 @@ def _bad(name):
         "x_int": ((torch.ones(7, d, dtype=torch.int32), w), {}, "x"),
         "residual_shape": ((x, w), {"residual": torch.randn(7, d + 1)}, "residual"),
         "residual_dtype": ((x, w), {"residual": torch.randn(7, d, dtype=torch.float64)}, "residual"),
-        "residual_bf16_vs_fp32": ((x, w), {"residual": torch.randn(7, d).bfloat16()}, "residual"),
         "weight_other_device": ((x, torch.empty(d, device="meta")), {}, "weight"),
     }
     return cases[name]
 
 
 @pytest.mark.parametrize("case", ["weight_wrong_size", "weight_2d", "weight_int", "x_int", "residual_shape",
-                                  "residual_dtype", "residual_bf16_vs_fp32", "weight_other_device"])
+                                  "residual_dtype", "weight_other_device"])
 def test_rms_norm_bad_inputs_raise(case):
     args, kwargs, argument = _bad(case)
     with pytest.raises(ValueError, match=rf"^rms_norm: .*'{argument}'"):
