@@ -3,8 +3,9 @@
 The backend is chosen by the environment variable MEGATRAIN_KERNELS, read at every call (so tests
 and scripts can switch it without re-importing):
 
-- ``auto`` (default): the fused Triton kernels for CUDA tensors, plain PyTorch
-  (``megatrain.kernels.reference``) for CPU tensors.
+- ``auto`` (default): a fused Triton kernel only where it was measured not slower than plain
+  PyTorch (``megatrain.kernels.reference``) on that GPU architecture, at that op's shape class and
+  mode (the table in ``kernels/measured.py``); the reference everywhere else, CPU tensors included.
 - ``torch``: always the reference.
 - ``triton``: always the Triton kernels. CPU tensors need ``TRITON_INTERPRET=1`` (Triton's
   interpreter runs the same kernels on CPU; that is how the test suite checks them).

@@ -1,6 +1,12 @@
 """The dispatcher behind megatrain.kernels (which re-exports every public name): the backend choice of
 MEGATRAIN_KERNELS and one entry point per op, each calling the Triton kernel or the reference.
 
+MEGATRAIN_KERNELS=auto (the default) runs a Triton kernel only where kernels/measured.py's table has
+it measured not slower than the reference on the tensor's GPU architecture, at the op's shape class
+and mode; anything unmeasured (and every CPU tensor) takes the reference. `triton` always runs the
+kernels (CPU tensors need TRITON_INTERPRET=1), `torch` always the reference. `kernel_paths()` says
+which path each op took.
+
 Under torch.autocast each entry point first applies its op's rule (`with_autocast_rule`, the table in
 kernels/autocast.py: matmul-shaped ops get the autocast dtype, norms and elementwise ops keep their
 inputs and promote) and runs the op with autocast disabled, the same for both backends."""
@@ -15,11 +21,11 @@ from torch import Tensor
 from megatrain import env
 from megatrain.constants import IGNORE_INDEX
 
-from . import reference
+from . import measured, reference
 from ._utils import check_device, interpreting
 from .autocast import with_autocast_rule
 
-__all__ = ["backend", "triton_needs_cuda", "rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "lowrank_linear",
+__all__ = ["backend", "triton_needs_cuda", "kernel_paths", "reset_kernel_paths", "rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "lowrank_linear",
            "sparse_lowrank_linear", "iha_attention", "projected_adam_update", "reference",
            "apex_rms_norm"]
 
@@ -41,15 +47,33 @@ def triton_needs_cuda() -> bool:
     return backend() == "triton" and not interpreting()
 
 
-def _use_triton(op: str, t: Tensor) -> bool:
-    """Whether `op` on tensor `t` runs the Triton kernel under the current MEGATRAIN_KERNELS."""
+def _use_triton(op: str, t: Tensor, dims: Callable[[], tuple] = tuple) -> bool:
+    """Whether `op` on tensor `t` runs the Triton kernel under the current MEGATRAIN_KERNELS.
+
+    auto: only where kernels/measured.py's table has the kernel measured not slower than the torch
+    path on t's device architecture, for the shape class of `dims()` (measured.CLASS_DIMS[op]'s
+    values, read only for a device the table can know) and the current mode; the decision is cached
+    per (op, architecture, dims, mode).
+    """
     mode = backend()
     if mode == "torch":
-        return False
-    if mode == "auto":
-        return t.is_cuda
-    check_device(op, t)
-    return True
+        use = False
+    elif mode == "auto":
+        use = measured.use_triton(op, t.get_device(), dims)
+    else:
+        check_device(op, t)
+        use = True
+    measured.record(op, use)
+    return use
+
+
+def kernel_paths() -> dict[str, str]:
+    """{op: "triton" | "torch" | "triton+torch"}: the path each op took since `reset_kernel_paths()`."""
+    return measured.paths()
+
+
+def reset_kernel_paths() -> None:
+    measured.reset_paths()
 
 
 @functools.lru_cache(maxsize=None)
@@ -124,7 +148,7 @@ def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore
     the same on every rank: the max, the sum of exponentials and the target logit are all-reduced
     over the group, and the gradient for `h` is all-reduced too, so the op is complete on its own.
     """
-    if _use_triton("fused_linear_cross_entropy", h):
+    if _use_triton("fused_linear_cross_entropy", h, lambda: (weight.shape[0],)):
         from .cross_entropy import fused_linear_cross_entropy as triton_flce
 
         return triton_flce(h, weight, target, ignore_index, process_group=process_group)
@@ -140,7 +164,7 @@ def lowrank_linear(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor] = Non
     recompute=True (CoLA-M) saves only the inputs for backward and recomputes x @ a there instead
     of keeping the [..., r] intermediate. Returns [..., D_out] in x.dtype; gradients for x, a, b, bias.
     """
-    if _use_triton("lowrank_linear", x):
+    if _use_triton("lowrank_linear", x, lambda: (a.shape[-1],)):
         from .lowrank import lowrank_linear as triton_lowrank_linear
 
         return triton_lowrank_linear(x, a, b, bias, activation, recompute)
@@ -157,7 +181,7 @@ def sparse_lowrank_linear(x: Tensor, a: Tensor, b: Tensor, values: Tensor, index
     gradient of `values` is computed only at the support. Returns [..., D_out] in x.dtype; gradients
     for x, a, b, values.
     """
-    if _use_triton("sparse_lowrank_linear", x):
+    if _use_triton("sparse_lowrank_linear", x, lambda: (a.shape[0],)):
         from .sparse_lowrank import sparse_lowrank_linear as triton_sparse_lowrank_linear
 
         return triton_sparse_lowrank_linear(x, a, b, values, index, scale)
@@ -182,7 +206,7 @@ def iha_attention(q: Tensor, k: Tensor, v: Tensor, mix_q: Tensor, mix_k: Tensor,
     differentiable in q, k, v, the mixes and collapse. The Triton kernel never writes the
     [B, H_out, N*P, d] pseudo tensors to device memory (global collapse: see docs/kernels.md).
     """
-    if _use_triton("iha_attention", q):
+    if _use_triton("iha_attention", q, lambda: (q.shape[-1], mix_q.shape[-1])):
         from .iha import iha_attention as triton_iha_attention
 
         return triton_iha_attention(q, k, v, mix_q, mix_k, mix_v, collapse, cos, sin, mask, window)
@@ -204,7 +228,8 @@ def projected_adam_update(weight: Tensor, proj: Tensor, low_rank_grad: Tensor, e
     `weight` is updated in place; returns the moments after the step (keep the returned tensors:
     the Triton kernel writes new ones). Math and shapes: `reference.projected_adam_update`.
     """
-    if _use_triton("projected_adam_update", weight):
+    if _use_triton("projected_adam_update", weight,
+                   lambda: (low_rank_grad.shape[1 if side == "right" else 0],)):
         from .projected_adam import projected_adam_update as triton_projected_adam_update
 
         return triton_projected_adam_update(weight, proj, low_rank_grad, exp_avg, exp_avg_sq, side=side,
