@@ -72,6 +72,22 @@ Targets (judged for megatrain-triton, printed PASS/FAIL, never assumed):
 - flce, every shape: speed >= 90% of the unfused torch-eager version in each mode (its median time
   over ours), and fwd+bwd peak memory < 10% of the unfused version's.
 
+GaLore / Fira's projected Adam step (projected_adam; weight W [M, N] fp32, rank r, GaLore's right side
+when M >= N): one step, mode "step", of megatrain-triton (kernels.projected_adam_update: Adam on the
+[M, r] moments, back-projection psi @ P and the weight update in one pass over W) against torch-eager
+(kernels.reference.projected_adam_update, the torch path) and, when `galore_torch` imports, galore-torch
+(GaLoreAdamW.step on one [M, N] parameter, which also projects the full gradient down: more work than
+counted). FLOPs 2*M*N*r (the back-projection); its % matmul peak is against the bf16 peak, though the
+step is fp32. Reported only (no target).
+
+The torch path (MEGATRAIN_KERNELS=auto's choice where its table, kernels/measured.py, has no Triton
+row): for rms_norm, rope, swiglu and projected_adam the torch-eager row is it (kernels.reference); for
+flce, lowrank, sparse_lowrank and iha, whose torch-eager rows are faster bf16 unfused forms the
+dispatcher never runs, a "megatrain-torch" row times the public API under MEGATRAIN_KERNELS=torch
+(the fp32-math references). `--auto-table RESULTS.json` prints the table rows of a run (each op's
+megatrain-triton median against the torch path's, per shape class and mode; no GPU needed) to paste
+into kernels/measured.py.
+
 Writes benchmarks/results/kernels-<gpu-name-slug>.json and .md ("-quick" is added with --quick).
 Exit status: 0; 1 when a correctness check failed or the Triton path raised (after writing the
 results), and with --strict also when a target FAILed; 2 without a CUDA GPU.
@@ -105,9 +121,9 @@ from torch import Tensor  # noqa: E402
 
 from megatrain.constants import IGNORE_INDEX  # noqa: E402
 
-OPS = ("rms_norm", "rope", "swiglu", "flce", "adam", "lowrank", "sparse_lowrank", "iha")
+OPS = ("rms_norm", "rope", "swiglu", "flce", "adam", "lowrank", "sparse_lowrank", "iha", "projected_adam")
 # Compute-bound ops, reported in TFLOP/s against an unfused eager baseline, with peak memory.
-FLOP_OPS = ("flce", "lowrank", "sparse_lowrank", "iha")
+FLOP_OPS = ("flce", "lowrank", "sparse_lowrank", "iha", "projected_adam")
 SLTRAIN_DENSITY = 0.03         # sparse_lowrank: SLTrain's delta
 SLTRAIN_SCALE = 0.125          # sparse_lowrank: alpha / r (any value: the cost does not depend on it)
 MEMORY_BOUND_OPS = ("rms_norm", "rope", "swiglu")
@@ -128,6 +144,14 @@ EPS = 1e-6
 TRITON = "megatrain-triton"
 EAGER = "torch-eager"
 COMPILE = "torch-compile"
+TORCH_PATH = "megatrain-torch"  # the public API under MEGATRAIN_KERNELS=torch: what auto falls back to
+GALORE_TORCH = "galore-torch"   # projected_adam: galore_torch's GaLoreAdamW step, when it imports
+# The dispatcher's name of each benchmarked op (kernels/measured.py's table is keyed by it).
+KERNEL_OPS = {"rms_norm": "rms_norm", "rope": "rope", "swiglu": "swiglu", "flce": "fused_linear_cross_entropy",
+              "lowrank": "lowrank_linear", "sparse_lowrank": "sparse_lowrank_linear", "iha": "iha_attention",
+              "projected_adam": "projected_adam_update"}
+# Ops whose torch-eager row is the torch path itself (kernels.reference); the others get TORCH_PATH rows.
+TORCH_IS_REFERENCE = ("rms_norm", "rope", "swiglu", "projected_adam")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,6 +192,11 @@ def sweep(op: str, quick: bool = False) -> list[dict]:
                 for n, h, p in ((2048, 16, 2), (4096, 32, 2), (8192, 32, 2), (16384, 16, 2),
                                 (2048, 32, 4), (8192, 16, 4), (16384, 32, 4))]
         pick = [dict(batch=1, seq=4096, heads=32, head_dim=128, pseudo=2)]
+    elif op == "projected_adam":
+        # GaLore's ranks on the MLP and attention weights of the 1.3b (r 512) and 7b (r 1024) models.
+        full = [dict(rows=5632, cols=2048, rank=512), dict(rows=4096, cols=4096, rank=1024),
+                dict(rows=11008, cols=4096, rank=1024)]
+        pick = [dict(rows=11008, cols=4096, rank=1024)]
     else:
         raise ValueError(f"unknown op {op!r} (choose from {', '.join(OPS)})")
     return pick if quick else full
@@ -195,7 +224,14 @@ def shape_label(op: str, shape: dict) -> str:
         return f"T{shape['tokens']} D{shape['d_in']}x{shape['d_out']} r{shape['rank']} delta{SLTRAIN_DENSITY:g}"
     if op == "iha":
         return f"B{shape['batch']} N{shape['seq']} H{shape['heads']} d{shape['head_dim']} P{shape['pseudo']}"
+    if op == "projected_adam":
+        return f"W{shape['rows']}x{shape['cols']} r{shape['rank']}"
     raise ValueError(f"unknown op {op!r}")
+
+
+def op_modes(op: str) -> tuple:
+    """The modes `op` is timed in: one optimizer step for projected_adam, fwd and fwd+bwd otherwise."""
+    return ("step",) if op == "projected_adam" else MODES
 
 
 def parse_ops(text: str) -> list[str]:
@@ -277,6 +313,8 @@ def op_cost(op: str, shape: dict, mode: str) -> int:
         return sparse_lowrank_flops(shape["tokens"], shape["d_in"], shape["d_out"], shape["rank"], backward)
     if op == "iha":
         return iha_flops(shape["batch"], shape["seq"], shape["heads"], shape["head_dim"], shape["pseudo"], backward)
+    if op == "projected_adam":
+        return 2 * shape["rows"] * shape["cols"] * shape["rank"]  # the back-projection psi @ P
     raise ValueError(f"no cost model for {op!r}")
 
 
@@ -529,6 +567,7 @@ class Case:
     grad_outputs: Optional[tuple]    # upstream gradients; None when the output is a scalar loss
     impls: dict                      # name -> fn(*inputs)
     reference: Callable              # the fp32-math oracle, fn(*inputs upcast)
+    modes: tuple = MODES             # op_modes(op)
 
     @property
     def label(self) -> str:
@@ -701,6 +740,9 @@ def build_case(op: str, shape: dict, backends: dict) -> Case:
     if op == "iha":
         return iha_case(shape, dev)
 
+    if op == "projected_adam":
+        return projected_adam_case(shape, dev)
+
     raise ValueError(f"no case builder for {op!r}")
 
 
@@ -736,6 +778,75 @@ def iha_case(shape: dict, device) -> Case:
                 (torch.randn(b, h, n, d, device=device, dtype=bf16),), impls, reference.iha_attention)
 
 
+def projected_adam_case(shape: dict, device) -> Case:
+    """One GaLore step on an fp32 weight [M, N] at rank r (GaLore's right side when M >= N): an
+    orthonormal projection, a random projected gradient and moments. Every implementation returns
+    (weight, exp_avg, exp_avg_sq) after the step; the weight is updated in place, so repeated timed
+    calls keep stepping it (by ~1e-3 of its size each: harmless for the timing)."""
+    from megatrain import kernels
+    from megatrain.kernels import reference
+
+    m, n, r = shape["rows"], shape["cols"], shape["rank"]
+    side = "right" if m >= n else "left"
+    moments = (m, r) if side == "right" else (r, n)
+    weight = torch.randn(m, n, device=device) * 0.02
+    proj = torch.linalg.qr(torch.randn(n if side == "right" else m, r, device=device)).Q
+    proj = (proj.T if side == "right" else proj).contiguous()  # [r, N] or [M, r], orthonormal
+    low_rank_grad = torch.randn(moments, device=device) * 1e-3
+    exp_avg = torch.randn(moments, device=device) * 1e-4
+    exp_avg_sq = torch.rand(moments, device=device) * 1e-6
+    hyper = dict(side=side, beta1=0.9, beta2=0.999, eps=1e-8, step_size=1e-3, scale=0.25, decay=1e-5)
+
+    def eager(w, p, g, m1, v1):
+        return (w, *reference.projected_adam_update(w, p, g, m1, v1, **hyper))
+
+    def fused(w, p, g, m1, v1):
+        return (w, *kernels.projected_adam_update(w, p, g, m1, v1, **hyper))
+
+    impls = {TRITON: fused, EAGER: eager}
+    galore = _galore_step(weight, r)
+    if galore is not None:
+        impls[GALORE_TORCH] = galore
+    return Case("projected_adam", shape, (weight, proj, low_rank_grad, exp_avg, exp_avg_sq),
+                ("weight", "proj", "low_rank_grad", "exp_avg", "exp_avg_sq"), ("weight", "exp_avg", "exp_avg_sq"),
+                None, impls, eager, modes=op_modes("projected_adam"))
+
+
+def _galore_step(weight: Tensor, rank: int) -> Optional[Callable]:
+    """galore_torch's GaLoreAdamW.step on a copy of `weight` with a fixed random gradient (the
+    projection is computed once, by a first step here), or None when galore_torch does not import."""
+    try:
+        from galore_torch import GaLoreAdamW
+    except Exception:
+        return None
+    param = torch.nn.Parameter(weight.detach().clone())
+    param.grad = torch.randn_like(param) * 1e-3
+    optimizer = GaLoreAdamW([{"params": [param], "rank": rank, "update_proj_gap": 10**9, "scale": 0.25,
+                              "proj_type": "std"}], lr=1e-3, weight_decay=1e-2)
+    optimizer.step()
+    return lambda *inputs: optimizer.step()
+
+
+def with_torch_path(case: Case) -> Case:
+    """Add the TORCH_PATH row (the public API under MEGATRAIN_KERNELS=torch: the reference through the
+    dispatcher, what MEGATRAIN_KERNELS=auto runs where its table has no Triton row) to an op whose
+    torch-eager row is some other, faster unfused form."""
+    if case.op in TORCH_IS_REFERENCE or TRITON not in case.impls:
+        return case
+    public = case.impls[TRITON]  # reads MEGATRAIN_KERNELS at every call
+
+    def torch_path(*inputs):
+        previous = os.environ.get("MEGATRAIN_KERNELS", "triton")
+        os.environ["MEGATRAIN_KERNELS"] = "torch"
+        try:
+            return public(*inputs)
+        finally:
+            os.environ["MEGATRAIN_KERNELS"] = previous
+
+    case.impls[TORCH_PATH] = torch_path
+    return case
+
+
 def _as_tuple(out) -> tuple:
     return out if isinstance(out, tuple) else (out,)
 
@@ -748,13 +859,19 @@ def check_case(case: Case, rtol: float) -> list[dict]:
     """Triton forward outputs and input gradients against the fp32-math reference at this shape."""
     rows, base = [], dict(op=case.op, shape=case.label)
     grad_positions = [i for i, t in enumerate(case.inputs) if isinstance(t, Tensor) and t.requires_grad]
+    backward = "fwd+bwd" in case.modes
+    # The same values upcast, taken before the Triton call (an optimizer op updates its inputs in
+    # place): the reference then computes in fp32 (no tf32 in its matmuls).
+    ref_inputs = tuple(t.detach().float().requires_grad_(t.requires_grad) if isinstance(t, Tensor) and t.is_floating_point()
+                       else t for t in case.inputs)
     old_poison = os.environ.get("MEGATRAIN_KERNELS_POISON")
     os.environ["MEGATRAIN_KERNELS_POISON"] = "1"
     try:
         for t in case.grad_inputs:
             t.grad = None
         outputs = _as_tuple(case.impls[TRITON](*case.inputs))
-        _backward(outputs, case.grad_outputs)
+        if backward:
+            _backward(outputs, case.grad_outputs)
         got = [o.detach() for o in outputs] + [case.inputs[i].grad for i in grad_positions]
     except Exception as exc:
         return [dict(base, tensor="(all)", rel_error=None, max_abs_error=None, ok=False, error=first_line(exc))]
@@ -766,15 +883,13 @@ def check_case(case: Case, rtol: float) -> list[dict]:
         for t in case.grad_inputs:
             t.grad = None
 
-    # The same values upcast: the reference then computes in fp32 (no tf32 in its matmuls).
-    ref_inputs = tuple(t.detach().float().requires_grad_(t.requires_grad) if isinstance(t, Tensor) and t.is_floating_point()
-                       else t for t in case.inputs)
     previous_precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
         ref_outputs = _as_tuple(case.reference(*ref_inputs))
         ref_grads = None if case.grad_outputs is None else tuple(g.float() for g in case.grad_outputs)
-        _backward(ref_outputs, ref_grads)
+        if backward:
+            _backward(ref_outputs, ref_grads)
     finally:
         torch.set_float32_matmul_precision(previous_precision)
     want = [o.detach() for o in ref_outputs] + [ref_inputs[i].grad for i in grad_positions]
@@ -815,7 +930,7 @@ def _peak_bytes(fn: Callable, grad_inputs: list) -> int:
 
 
 def _runner(case: Case, impl: Callable, mode: str) -> Callable:
-    if mode == "fwd":
+    if mode in ("fwd", "step"):  # an optimizer step runs under no_grad too
         def run():
             with torch.no_grad():
                 impl(*case.inputs)
@@ -834,7 +949,7 @@ def _free_memory() -> None:
 def time_case(case: Case, ceilings: dict, args, log: Callable) -> list[dict]:
     """One row per (mode, impl) with the median time and what it achieves against the ceilings."""
     rows = []
-    for mode in MODES:
+    for mode in case.modes:
         cost = op_cost(case.op, case.shape, mode)
         mode_rows = []
         for name, impl in case.impls.items():
@@ -994,11 +1109,52 @@ def environment(backends: dict) -> dict:
                                 timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return dict(device=torch.cuda.get_device_name(0), multiprocessors=props.multi_processor_count,
+    return dict(device=torch.cuda.get_device_name(0), arch=f"sm_{props.major}{props.minor}",
+                multiprocessors=props.multi_processor_count,
                 memory_gib=round(props.total_memory / 2**30, 1), torch=torch.__version__, triton=triton.__version__,
                 cuda=torch.version.cuda, python=platform.python_version(), liger=backends["liger_status"],
                 apex=backends["apex_status"], git_commit=commit,
                 date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+
+
+# Compute capability of GPUs by name, for result files written before `environment` recorded "arch".
+_ARCH_BY_NAME = (("GH200", "sm_90"), ("H100", "sm_90"), ("H200", "sm_90"), ("B200", "sm_100"), ("A100", "sm_80"),
+                 ("A10G", "sm_86"), ("L40S", "sm_89"), ("L4", "sm_89"))
+
+
+def auto_table(report: dict, source: str) -> str:
+    """kernels/measured.py TABLE rows (Python source) from a results report: for every op, shape and mode
+    with a megatrain-triton median, "triton" when it is <= the torch path's median (TORCH_PATH, or
+    torch-eager for TORCH_IS_REFERENCE ops), else "torch". A shape whose torch path was not timed (an
+    old file: flce, lowrank, sparse_lowrank and iha without a megatrain-torch row) gets a comment, no row."""
+    from megatrain.kernels import measured
+
+    env = report["environment"]
+    arch = env.get("arch") or next((a for name, a in _ARCH_BY_NAME if name in env["device"]), None)
+    if arch is None:
+        raise ValueError(f"auto_table: no compute capability for {env['device']!r} (the file has no 'arch')")
+    lines = [f"    # {env['device']} ({arch}), {env.get('date')}, commit {env.get('git_commit')}, "
+             f"triton {env.get('triton')}: {source}"]
+    medians = {(r["op"], r["shape"], r["mode"], r["impl"]): r.get("median_ms") for r in report["results"]}
+    for r in report["results"]:
+        if r["impl"] != TRITON or r["op"] not in KERNEL_OPS:
+            continue
+        op, label, mode = r["op"], r["shape"], r["mode"]
+        torch_impl = TORCH_PATH if (op, label, mode, TORCH_PATH) in medians else (
+            EAGER if op in TORCH_IS_REFERENCE else None)
+        torch_ms = medians.get((op, label, mode, torch_impl))
+        if r.get("median_ms") is None or torch_ms is None:
+            why = ("no megatrain-torch row (the torch path was not timed)" if torch_impl is None else
+                   "no median for " + (TRITON if r.get("median_ms") is None else torch_impl))
+            lines.append(f"    # {op} {label} {mode}: {why}: unmeasured")
+            continue
+        kernel_op = KERNEL_OPS[op]
+        cls = measured.shape_class(kernel_op, [r["shape_params"][name] for name, _ in measured.CLASS_DIMS[kernel_op]])
+        choice = "TRITON" if r["median_ms"] <= torch_ms else "TORCH"
+        extra = "" if torch_impl == EAGER else f', "{torch_impl}"'
+        lines.append(f'    Row("{kernel_op}", "{arch}", "{cls}", "{mode}", {choice}, {r["median_ms"]:.3f}, '
+                     f'{torch_ms:.3f}, "{label}", "{source}"{extra}),')
+    return "\n".join(lines) + "\n"
 
 
 def _ops_argument(text: str) -> list[str]:
@@ -1018,11 +1174,19 @@ def parse_args(argv=None):
     p.add_argument("--rtol", type=float, default=1e-2, help="correctness tolerance, relative L2 error")
     p.add_argument("--noise", type=float, default=0.02, help="relative slack of the not-slower-than-compile target")
     p.add_argument("--strict", action="store_true", help="also exit 1 when a performance target FAILs")
+    p.add_argument("--auto-table", metavar="RESULTS.json",
+                   help="print kernels/measured.py rows from a results file and exit (no GPU needed)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.auto_table:
+        with open(args.auto_table) as fh:
+            report = json.load(fh)
+        source = os.path.relpath(os.path.abspath(args.auto_table), REPO)
+        print(auto_table(report, source), end="")
+        return 0
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py: no CUDA GPU here; kernel timings need a GPU "
               "(run benchmarks/gpu_suite.sh on the GPU machine)", file=sys.stderr)
@@ -1076,7 +1240,7 @@ def main(argv=None) -> int:
             torch.manual_seed(0)
             dynamo.reset()  # every shape compiles afresh instead of filling one cache up to its limit
             try:
-                case = build_case(op, shape, backends)
+                case = with_torch_path(build_case(op, shape, backends))
                 op_rows += time_case(case, ceilings, args, log)
             except Exception as exc:
                 op_rows.append(dict(op=op, shape=shape_label(op, shape), shape_params=shape, mode="fwd", impl=TRITON,
@@ -1091,6 +1255,12 @@ def main(argv=None) -> int:
             missing["liger"] = backends["liger_status"]
         if op == "rms_norm" and backends["apex_rms_norm"] is None:
             missing["apex"] = backends["apex_status"]
+        if op == "projected_adam":  # Liger-Kernel has no optimizer step; galore_torch may be absent
+            missing.pop("liger", None)
+            try:
+                import galore_torch  # noqa: F401
+            except Exception as exc:
+                missing[GALORE_TORCH] = f"not importable ({first_line(exc)})"
         if missing:
             skipped[op] = missing
 

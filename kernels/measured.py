@@ -24,8 +24,9 @@ result file:
 Several rows for one key (an H100 and an H200 file, both sm_90) pick Triton only if all say triton.
 
 The architecture is read once per device index and the decision made once per (op, architecture,
-shape dims, mode), then cached: the hot path is two dict lookups, no file I/O, no capability query. `paths()` reports which path each op took
-since `reset_paths()`, for `megatrain bench` and the trainer's first log line.
+shape dims, mode), then cached: the hot path is two dict lookups, no file I/O, no capability query.
+`paths()` reports which path each op took since `reset_paths()`, for `megatrain bench` and the
+trainer's first log line.
 
 Updating the table from a GPU run: `python benchmarks/kernels.py --auto-table RESULTS.json` prints
 the rows of that run (each op's fwd / fwd+bwd megatrain-triton median against the torch path's:

@@ -116,7 +116,7 @@ def test_gpu_suite_setup_maps_megatrain_kernels_without_an_install(tmp_path):
 
 
 _TINY_DIMS = dict(batch=1, seq=16, hidden=32, heads=4, kv_heads=2, head_dim=16, ffn=48, tokens=16, vocab=64,
-                 d_in=32, d_out=32, rank=8)
+                 d_in=32, d_out=32, rank=8, rows=40, cols=24)
 
 
 @pytest.mark.parametrize("op", bench.OPS)
@@ -128,7 +128,7 @@ def test_every_shape_helper_runs_on_cpu(op, monkeypatch):
     for shape in bench.sweep(op) + bench.sweep(op, quick=True):
         assert bench.shape_label(op, shape)
         if op != "adam":
-            assert all(bench.op_cost(op, shape, mode) > 0 for mode in bench.MODES)
+            assert all(bench.op_cost(op, shape, mode) > 0 for mode in bench.op_modes(op))
     if op == "adam":
         shapes = bench.adam_param_shapes("1.3b", 32000)
         assert 1.2e9 < sum(math.prod(s) for s in shapes) < 1.5e9
@@ -408,3 +408,78 @@ def test_memory_script_tiny_preset(tmp_path):
     assert sltrain["buffers"]["proj_bytes"] > 0  # the sparse support (int64 index) is live memory too
     text = (tmp_path / "memory-tiny.md").read_text()
     assert "| dense |" in text and "| relora | not measured: ConfigError" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# MEGATRAIN_KERNELS=auto's table (kernels/measured.py) from a results file
+
+
+def _timing(op, shape, mode, impl, ms):
+    return dict(op=op, shape=bench.shape_label(op, shape), shape_params=shape, mode=mode, impl=impl, median_ms=ms)
+
+
+def test_auto_table_rows_compare_triton_with_the_torch_path():
+    from megatrain.kernels import measured
+
+    norm = dict(batch=2, seq=8192, hidden=4096)
+    flce = dict(tokens=8192, hidden=4096, vocab=128256)
+    cola = dict(tokens=8192, d_in=4096, d_out=4096, rank=1024)
+    results = [_timing("rms_norm", norm, "fwd+bwd", bench.TRITON, 0.5),
+               _timing("rms_norm", norm, "fwd+bwd", bench.EAGER, 2.9),
+               _timing("rms_norm", norm, "fwd", bench.TRITON, 0.2), _timing("rms_norm", norm, "fwd", bench.EAGER, 0.1),
+               # flce: torch-eager is the bf16 unfused form, not the torch path; megatrain-torch is
+               _timing("flce", flce, "fwd+bwd", bench.TRITON, 40.0), _timing("flce", flce, "fwd+bwd", bench.EAGER, 30.0),
+               _timing("flce", flce, "fwd+bwd", bench.TORCH_PATH, 400.0),
+               # lowrank from a file without megatrain-torch rows: unmeasured, no row
+               _timing("lowrank", cola, "fwd+bwd", bench.TRITON, 1.0),
+               _timing("lowrank", cola, "fwd+bwd", bench.EAGER, 0.6),
+               _timing("rms_norm", norm, "fwd", "liger", 0.1)]
+    report = dict(environment=dict(device="NVIDIA H200", date="2026-12-04", git_commit="abc", triton="3.6.0"),
+                  results=results)
+    text = bench.auto_table(report, "benchmarks/results/x.json")
+    rows = [line.strip() for line in text.splitlines() if line.strip().startswith("Row(")]
+    source = '"benchmarks/results/x.json"'
+    assert rows == [
+        f'Row("rms_norm", "sm_90", "any", "fwd+bwd", TRITON, 0.500, 2.900, "B2 N8192 D4096", {source}),',
+        f'Row("rms_norm", "sm_90", "any", "fwd", TORCH, 0.200, 0.100, "B2 N8192 D4096", {source}),',
+        'Row("fused_linear_cross_entropy", "sm_90", "V65537-131072", "fwd+bwd", TRITON, 40.000, 400.000, '
+        f'"T8192 D4096 V128256", {source}, "megatrain-torch"),']
+    assert "lowrank T8192 D4096x4096 r1024 fwd+bwd: no megatrain-torch row" in text
+    # The printed rows are valid table source.
+    table = eval("(" + "\n".join(rows) + ")", {"Row": measured.Row, "TRITON": "triton", "TORCH": "torch"})
+    assert measured.lookup("fused_linear_cross_entropy", "sm_90", "V65537-131072", "fwd+bwd", table) == "triton"
+    with pytest.raises(ValueError, match="compute capability"):
+        bench.auto_table(dict(report, environment=dict(device="Some GPU")), "x")
+
+
+def test_auto_table_command_reads_a_results_file(tmp_path):
+    path = tmp_path / "kernels.json"
+    norm = dict(batch=2, seq=8192, hidden=4096)
+    path.write_text(json.dumps(dict(environment=dict(device="NVIDIA A100-SXM4-80GB", arch="sm_80"),
+                                    results=[_timing("rms_norm", norm, "fwd", bench.TRITON, 0.1),
+                                             _timing("rms_norm", norm, "fwd", bench.EAGER, 0.3)])))
+    proc = subprocess.run([sys.executable, str(KERNELS_SCRIPT), "--auto-table", str(path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert 'Row("rms_norm", "sm_80", "any", "fwd", TRITON, 0.100, 0.300, "B2 N8192 D4096"' in proc.stdout
+
+
+def test_torch_path_row_runs_the_reference_through_the_dispatcher(monkeypatch):
+    """megatrain-torch is the public API under MEGATRAIN_KERNELS=torch (restored after each call), added
+    only where torch-eager is not the reference; projected_adam's case checks on CPU against it."""
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setenv("MEGATRAIN_KERNELS", "triton")
+    seen = []
+    flce = bench.build_case("flce", dict(tokens=16, hidden=32, vocab=64), {"liger": None, "apex_rms_norm": None})
+    flce.impls[bench.TRITON] = lambda *inputs: seen.append(os.environ["MEGATRAIN_KERNELS"])
+    bench.with_torch_path(flce).impls[bench.TORCH_PATH](*flce.inputs)
+    assert seen == ["torch"] and os.environ["MEGATRAIN_KERNELS"] == "triton"
+    norm = bench.with_torch_path(bench.build_case("rms_norm", dict(batch=1, seq=4, hidden=8),
+                                                  {"liger": None, "apex_rms_norm": None}))
+    assert bench.TORCH_PATH not in norm.impls
+
+    case = bench.build_case("projected_adam", dict(rows=40, cols=24, rank=8), {"liger": None})
+    assert case.modes == ("step",) and bench.GALORE_TORCH not in case.impls  # galore_torch is not installed here
+    checked = bench.check_case(case, rtol=1e-5)  # the Triton kernel in the interpreter vs the reference
+    assert [c["tensor"] for c in checked] == ["weight", "exp_avg", "exp_avg_sq"]
+    assert all(c["ok"] for c in checked), checked
