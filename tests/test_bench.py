@@ -196,6 +196,8 @@ def test_bench_run_without_transformers_skips_the_hf_column(tmp_path):
     (s,) = info["settings"]
     assert (s["clock"], s["threads"]) == ("cpu", 1) and "Steps timed by CPU time" in table
     assert set(s["sides"]) == {"megatrain", "plain"}
+    assert s["kernel_paths"]["rms_norm"] == "torch" and s["kernel_paths"]["fused_linear_cross_entropy"] == "torch"
+    assert "megatrain's kernels (MEGATRAIN_KERNELS=auto): " in table
     assert "transformers is not installed" in s["skipped"]["hf_deepspeed"]
     assert "megatrain_over_hf_deepspeed" not in s["ratios"] and s["ratios"]["megatrain_over_plain"] > 0
     assert info["versions"]["transformers"] is None and s["sides"]["megatrain"]["mfu"] is None
@@ -228,7 +230,8 @@ def test_report_of_a_partial_run_with_a_failed_setting_and_tp(tmp_path):
           "dtype": "fp32", "measured_steps": 1, "warmup_steps": 1, "block": 1, "memory": "peak RSS",
           "sides": {"megatrain": side}, "ratios": {}, "skipped": {"hf_deepspeed": "no TP in the baseline"},
           "tp_comm": {"per_layer": 2**20, "embedding_and_head": 2**19, "loss": 2**18, "per_step": 5 * 2**20},
-          "profiles": {"megatrain": "op table"}}
+          "profiles": {"megatrain": "op table"}, "kernels": "auto",
+          "kernel_paths": {"fused_linear_cross_entropy": "torch", "rms_norm": "triton"}}
     result = {"config_name": "x.yaml", "device": "CPU", "command": "megatrain bench x.yaml", "settings_planned": 3,
               "versions": {"torch": "2", "transformers": None},
               "model": {"description": "tiny", "params": 10**6, "flops_per_token": 6 * 10**6},
@@ -241,6 +244,16 @@ def test_report_of_a_partial_run_with_a_failed_setting_and_tp(tmp_path):
     assert "| tp=2 | 1.00 | 0.50 | 0.25 | 5.00 |" in table  # the computed TP plan, MiB
     assert "| tp=2 | megatrain | 500.0 | 600.0 | 100.0 | 200.0 | 50.0 | 20.0 | 250.0 |" in table  # other = 600-350
     assert "no HF+DeepSpeed column: no TP in the baseline" in table and "transformers not installed" in table
+    assert ("- tp=2: megatrain's kernels (MEGATRAIN_KERNELS=auto): fused_linear_cross_entropy torch, rms_norm triton"
+            in table)
     assert (tmp_path / "p-profile-0-megatrain.txt").read_text().endswith("op table")
     assert json.loads((tmp_path / "p.json").read_text())["profile_files"] == {"tp=2/megatrain": "p-profile-0-megatrain.txt"}
     assert "profiles" not in ok and render_markdown(result) == table
+
+
+def test_kernel_paths_line_names_every_op_and_the_device():
+    from megatrain.engine.metrics import kernel_paths_line
+
+    line = kernel_paths_line({"rms_norm": "torch", "swiglu": "triton+torch"}, "auto", torch.device("cpu"))
+    assert line == "kernels (MEGATRAIN_KERNELS=auto, cpu): rms_norm torch, swiglu triton+torch"
+    assert kernel_paths_line({}, "torch", torch.device("cpu")).endswith("none called")

@@ -379,11 +379,16 @@ def measure_setting(cfg, env, *, warmup: int, steps: int, block: int, breakdown_
     device = env.device
     first_loss = {}
     try:
+        kernel_paths = {}
         for side in sides:
+            if side.name == "megatrain":
+                kernels.reset_kernel_paths()
             for i in range(warmup):
                 loss = side.step()
                 if i == 0:
                     first_loss[side.name] = _world_mean(loss, env.world_size)
+            if side.name == "megatrain":  # the path each kernel op took in megatrain's warm-up steps
+                kernel_paths = kernels.kernel_paths()
         sync(device)
         times: dict[str, list[float]] = {s.name: [] for s in sides}
         peaks: dict[str, float] = {s.name: 0.0 for s in sides}
@@ -452,7 +457,8 @@ def measure_setting(cfg, env, *, warmup: int, steps: int, block: int, breakdown_
         "micro_batch": cfg.train.micro_batch, "grad_accum": cfg.train.grad_accum,
         "global_batch": cfg.train.global_batch, "seq_len": cfg.data.seq_len, "tokens_per_step": tokens,
         "dtype": "bf16" if use_bf16(cfg) else "fp32", "activation_checkpointing": cfg.train.activation_checkpointing,
-        "compile": cfg.train.compile, "kernels": kernels.backend(), "params": trainer.num_params,
+        "compile": cfg.train.compile, "kernels": kernels.backend(), "kernel_paths": kernel_paths,
+        "params": trainer.num_params,
         "flops_per_token": trainer.flops_per_token, "peak_flops": peak_flops,
         "memory": ("peak: max allocated (torch.cuda) while the side ran; step: that peak minus what was allocated "
                    "before its steps" if device.type == "cuda" else

@@ -114,6 +114,9 @@ def render_markdown(result: dict) -> str:
     for s in result["settings"]:
         for name, reason in s.get("skipped", {}).items():
             notes.append(f"- {s['label']}: no {SIDE_TITLES[name]} column: {reason}")
+        if s.get("kernel_paths") is not None:
+            taken = ", ".join(f"{op} {path}" for op, path in s["kernel_paths"].items()) or "none called"
+            notes.append(f"- {s['label']}: megatrain's kernels (MEGATRAIN_KERNELS={s.get('kernels')}): {taken}")
         losses = {n: side["first_step_loss"] for n, side in s.get("sides", {}).items()}
         if len(losses) > 1:
             shown = ", ".join(f"{SIDE_TITLES[n]} {v:.5f}" for n, v in losses.items())

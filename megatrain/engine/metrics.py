@@ -68,6 +68,17 @@ def mfu(tokens_per_s: float, flops_per_tok: float, num_devices: int, peak: Optio
     return tokens_per_s * flops_per_tok / (peak * num_devices)
 
 
+def kernel_paths_line(paths: dict[str, str], backend: str, device: torch.device) -> str:
+    """One line naming the path each kernel op took, e.g. "kernels (MEGATRAIN_KERNELS=auto, NVIDIA H200
+    sm_90): rms_norm triton, fused_linear_cross_entropy torch" (megatrain.kernels.kernel_paths())."""
+    where = "cpu"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        where = f"{torch.cuda.get_device_name(device)} sm_{major}{minor}"
+    taken = ", ".join(f"{op} {path}" for op, path in paths.items()) or "none called"
+    return f"kernels (MEGATRAIN_KERNELS={backend}, {where}): {taken}"
+
+
 def _clean(value):
     if isinstance(value, torch.Tensor):
         value = value.item()

@@ -22,7 +22,7 @@ from megatrain.distributed import all_reduce_sum, barrier
 from megatrain.engine import checkpoint as ckpt
 from megatrain.engine.deepspeed import DistEnv, check_deepspeed_for, init_distributed, initialize
 from megatrain.engine.health import LossSpikeDetector, Watchdog, default_store
-from megatrain.engine.metrics import MetricsLogger, device_peak_flops, mfu
+from megatrain.engine.metrics import MetricsLogger, device_peak_flops, kernel_paths_line, mfu
 from megatrain.engine.resilience import (RunLock, StopRequest, auto_resume_enabled, check_run_lock, fault_point,
                                          fault_spec)
 from megatrain.env import local_world_size as env_local_world
@@ -383,9 +383,16 @@ class Trainer:
             self.stop.install()
         except ValueError:
             pass  # not the main thread (an embedding application): it handles signals itself
+        from megatrain import kernels
+
+        kernels.reset_kernel_paths()
+        first = True
         try:
             while self.step < end:
                 record = self.train_step()
+                if first:  # which path (Triton or the reference) each kernel op took, once
+                    self.logger.message(kernel_paths_line(kernels.kernel_paths(), kernels.backend(), self.env.device))
+                    first = False
                 window_tokens += tokens_per_step
                 skipped = record["skipped"]
                 abort = skipped and self.nonfinite_streak >= t.max_nonfinite

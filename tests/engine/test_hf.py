@@ -158,6 +158,8 @@ def test_imported_run_continues_pretraining_and_starts_rl_and_ttt(hf_folders, tm
              "data.seq_len=32", "log.eval_every=0", "log.progress=false", "parallel.zero_stage=0"]
     proc = run_cli(["pretrain", "--config", config, "--resume", *short])
     assert "started from the weights of" in proc.stdout + proc.stderr
+    # The first log line after step 1 names each kernel op's path: the reference for CPU tensors under auto.
+    assert "kernels (MEGATRAIN_KERNELS=auto, cpu): " in proc.stdout and "rms_norm torch" in proc.stdout
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]
     # train.init_from=the Hugging Face folder itself starts from the same weights: the same losses.
     other = tmp_path / "init-from"
