@@ -1,8 +1,8 @@
 """Compile every CUDA launch configuration of megatrain's Triton kernels for sm_80 and sm_90, no GPU needed.
 
-For the model presets 125m..7b (their hidden sizes, heads, the default low-rank ranks d/4 and d/8,
-the IHA pseudo-token counts 2 and 4, GaLore's ranks, the vocabulary whole and split over 8
-tensor-parallel ranks) and the dtypes bf16, fp16 and fp32, each kernel module lists the launches its
+For the model presets 125m..7b (their hidden sizes, heads and head dims, the default low-rank ranks
+d/4 and d/8, GaLore's ranks, the vocabulary whole and split over 8 tensor-parallel ranks) and the
+dtypes bf16, fp16 and fp32, each kernel module lists the launches its
 CUDA launchers would make (`cuda_launches`, built from the same config functions the launchers call;
 every candidate of an autotuned kernel). Equal launches are compiled once. Each is compiled with
 `triton.compile` for both targets, and the shared memory per program, registers and spill stack
@@ -48,7 +48,6 @@ MODEL_PRESETS = ("125m", "350m", "760m", "1.3b", "7b")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 VOCAB = 32000          # the launch configs' vocabulary (launch/configs/*.yaml)
 TENSOR_PARALLEL = 8    # launch/configs/7b-tp8.yaml: heads and vocabulary split 8 ways
-IHA_PSEUDO = (2, 4)    # model.iha.pseudo_heads default and the benchmark's larger P
 GALORE_RANKS = (128, 256, 512, 1024)  # optim.rank default and the GaLore paper's ranks up to 7B
 
 
@@ -81,8 +80,7 @@ def problem_launches() -> list[aot.KernelLaunch]:
                 f"{preset}/tp{TENSOR_PARALLEL}")
             for rank in sorted({dim // 4, dim // 8}):
                 add(lowrank.cuda_launches(rank, dtype), preset)
-            for pseudo in IHA_PSEUDO:
-                add(iha.cuda_launches(head_dim, pseudo, dtype), preset)
+            add(iha.cuda_launches(head_dim, dtype), preset)  # P is a runtime value of the IHA kernels
     for rank in GALORE_RANKS:
         add(projected_adam.cuda_launches(rank), "galore/fira")
     return [aot.KernelLaunch(launch.kernel, launch.arg_types, launch.config, launch.memory_bound,

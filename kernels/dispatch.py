@@ -203,8 +203,9 @@ def iha_attention(q: Tensor, k: Tensor, v: Tensor, mix_q: Tensor, mix_k: Tensor,
     virtual positions (half-split layout, as `rope`). The P outputs are collapsed with collapse
     [H_out, P] (o[b,h,n] = sum_p collapse[h,p] o~[b,h,n*P+p]) or [H_out, H_out*P] (global:
     o[b,h,n] = sum_{m,p} collapse[h, m*P+p] o~[b,m,n*P+p]). Returns o [B, H_out, N, d] in q.dtype,
-    differentiable in q, k, v, the mixes and collapse. The Triton kernel never writes the
-    [B, H_out, N*P, d] pseudo tensors to device memory (global collapse: see docs/kernels.md).
+    differentiable in q, k, v, the mixes and collapse. The Triton path mixes and collapses with GEMMs
+    and runs one FlashAttention-2 kernel over the N*P virtual tokens; it stores the P pseudo-heads
+    for backward, nothing of size (N*P)^2 (see docs/kernels.md).
     """
     if _use_triton("iha_attention", q, lambda: (q.shape[-1], mix_q.shape[-1])):
         from .iha import iha_attention as triton_iha_attention

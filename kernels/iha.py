@@ -1,50 +1,75 @@
-"""Fused Interleaved Head Attention (IHA): flash-attention-style forward and backward in Triton.
+"""Interleaved Head Attention (IHA): tensor-core mixing plus one FlashAttention-2 kernel in Triton.
 
-Math (see `reference.iha_attention`, the oracle): from q, k, v [B, H_in, N, d] and mixing tensors
-mix_q, mix_k, mix_v [H_in, H_out, P], output head h has P pseudo-tokens per token,
+Math (the oracle is `reference.iha_attention`): from q, k, v [B, H_in, N, d] and mixing tensors
+mix_q, mix_k, mix_v [H_in, H_out, P], output head h has P pseudo-tokens per token at the virtual
+positions i = n*P + p of an interleaved sequence of L = N*P tokens,
 
-    q~[b, h, i] = sum_m mix_q[m, h, p] * q[b, m, n]        i = n*P + p  (virtual position)
+    q~[b, h, n*P + p] = sum_m mix_q[m, h, p] * q[b, m, n]          (k~ with mix_k, v~ with mix_v)
+    q~, k~ rotated by cos/sin [N*P, d/2] at row n*P + p             (when given)
+    o~ = softmax(q~ k~^T / sqrt(d), masked) v~                      over the L virtual tokens
+    o[b, h, n] = sum_p collapse[h, p] * o~[b, h, n*P + p]           per head, collapse [H_out, P]
+               = sum_{m,p} collapse[h, m*P + p] * o~[b, m, n*P + p] global, collapse [H_out, H_out*P]
 
-(k~, v~ alike), rotated by cos/sin [N*P, d/2] at their virtual positions when given. Softmax
-attention with scale 1/sqrt(d) runs over the N*P virtual tokens under the mask (`causal`,
-`token_causal`, optional sliding `window`; see `reference.iha_allowed`), giving o~ [B, H_out, N*P, d],
-and the P outputs of each token are collapsed:
+How it runs (one call, forward):
 
-    per head  collapse [H_out, P]:        o[b, h, n] = sum_p collapse[h, p] * o~[b, h, n*P + p]
-    global    collapse [H_out, H_out*P]:  o[b, h, n] = sum_{m,p} collapse[h, m*P + p] * o~[b, m, n*P + p]
+1. Mixing, one GEMM per tensor on tensor cores (cuBLAS through torch.matmul):
+   [H_out*P, H_in] @ [B, H_in, N*d] -> [B, H_out*P, N*d], i.e. the pseudo-heads in the layout
+   [B, H_out, P, N, d]. Row i = n*P + p of head h lies at p*N*d + n*d: the kernels address rows by
+   (i // P) * stride_n + (i % P) * stride_p, so the interleaved sequence is a free view of it (no
+   interleaving copy; any layout with a unit d stride works, e.g. [B, H_out, N, P, d] as well).
+2. RoPE at the virtual positions (or the original ones: the caller's table then repeats row n P
+   times) by the Triton rotary kernel (`rotary.rope`) on q~ and k~, one read and one write each.
+3. `_iha_attn_fwd_kernel`: FlashAttention-2 over the L virtual tokens (below), writing o~ in the
+   layout of 1 and the base-2 logsumexp [B, H_out, L] fp32.
+4. Collapse, one GEMM: per head [H_out, 1, P] @ [B, H_out, P, N*d] (batched over heads), global
+   [H_out, H_out*P] @ [B, H_out*P, N*d]. Result o [B, H_out, N, d].
 
-How it runs. Tiles are token aligned: a tile of BLOCK_T tokens is BLOCK_R = BLOCK_T * P_PAD rows,
-row r = t * P_PAD + p (P_PAD = next power of two >= P; rows with p >= P are padding, masked out), so
-every pseudo-token of a token lies in one tile and the collapse is a reduction inside the tile.
+Backward: autograd runs the transposes of the GEMMs (dmix = dq~ x^T and dx = mix^T dq~, one GEMM
+each; dcollapse and do~ likewise) and the rotary kernel with -theta; the attention backward is
+FlashAttention-2's: `_iha_attn_bwd_preprocess_kernel` (delta = rowsum(do~ * o~)),
+`_iha_attn_bwd_dkdv_kernel` (one program per key tile, looping over the query tiles that see it)
+and `_iha_attn_bwd_dq_kernel` (one program per query tile, looping over its key tiles). Each
+gradient tile is accumulated in registers by one program and stored once: no atomics, bitwise
+deterministic.
 
-- forward (`_iha_fwd_kernel`), one program per (query tile, b, h): q~ is formed in registers from
-  the H_in query heads (a sum of H_in scaled row loads), then the program walks the key tiles its
-  mask can reach (tiles that are fully masked by causality or the window are never visited), forms
-  k~ and v~ the same way, and runs the online softmax. The epilogue divides by the softmax sum,
-  writes the base-2 logsumexp per virtual row ([B, H_out, N*P] fp32, no d) and applies the per-head
-  collapse, writing o [B, H_out, N, d]. Nothing of size [B, H_out, N*P, d] is written.
-- backward, two kernels that recompute q~, k~, v~ on the fly:
-  1. `_iha_bwd_dq_kernel`, one program per (query tile, b, h): recomputes o~ for its rows (one
-     forward sweep), stores Dp = <do, o~> per row ([B, H_out, N*P] fp32; D = collapse * Dp is the
-     softmax-backward row term and Dp summed over (b, n) is the collapse gradient), then sweeps the
-     keys again for dq~. dq~ is rotated back and pushed through the mixing: dq[b, m] receives
-     sum_p mix_q[m, h, p] dq~ by fp32 atomic adds (each program adds H_in [BLOCK_T, d] tiles),
-     and dmix_q[m, h, p] = sum_{b,n} <q[b, m, n], dq~[b, h, n*P + p]> is written as one partial per
-     program, summed on the host (deterministic).
-  2. `_iha_bwd_dkv_kernel`, one program per (key tile, b, h): the usual flash-attention dk~ / dv~
-     sweep over the queries that can see the tile, then the same scatter for dk, dv, dmix_k, dmix_v.
-  The backward therefore costs about 4.5 forward passes of matmuls (FA2: 2.5), the price of never
-  storing o~; dq, dk, dv are accumulated with atomics (not bitwise deterministic run to run).
+The attention kernel. One program per (tile of BLOCK_M virtual queries, b, h). Every query i sees a
+contiguous key range [lower(i), upper(i)] (`reference.iha_allowed`):
 
-Global collapse: the kernel cannot apply it in its epilogue (output head h needs o~ of every head),
-so in that mode the forward kernel writes o~ [B, H_out, N*P, d] (P times the output) and torch
-applies the collapse as a matmul; backward forms do~ the same way and saves o~. This is the one mode
-that materialises a P-times tensor; the per-head mode never does.
+    causal:        upper = i,                lower = i - W + 1           (W: window, virtual tokens)
+    token_causal:  upper = (i // P)*P + P-1, lower = (i // P - W/P + 1)*P
+    (no window: lower = 0; lower is clamped at 0, upper at L - 1)
 
-Numerics: mixing, rotary, softmax and all accumulations in fp32; dot operands in the input dtype
-(bf16/fp16 tensor cores on a GPU; fp32 inputs use exact-fp32 dots, not tf32). Under
-TRITON_INTERPRET=1 the dot operands are rounded to the input dtype and then upcast
-(UPCAST_DOT), because the interpreter's bf16 dot is broken (see kernels/_utils.py).
+Both bounds are non-decreasing in i, so for a query tile [m0, m1] the keys [lower(m0), upper(m1)]
+are all it can see (the loop bounds: fully masked key tiles are never loaded), and the keys
+[lower(m1), upper(m0)] are seen by every row (those tiles run without any elementwise mask). The
+key loop therefore has three phases: masked tiles below, unmasked tiles, masked tiles above; the
+masked phases compare each (row, key) with the row's bounds. The backward kernels use the same
+bounds the other way round (the queries that see a key j are [first(j), last(j)]). Online softmax
+in base 2 (scale folded into log2(e)/sqrt(d)), fp32 statistics and accumulators; QK^T and PV are
+`tl.dot` on the input dtype (bf16/fp16 tensor cores; fp32 inputs use exact fp32 dots). Under
+TRITON_INTERPRET=1 dot operands are rounded to the input dtype and upcast (FP32_DOT), since the
+interpreter's bf16 dot is wrong (kernels/_utils.py).
+
+What is stored for backward: q~ and k~ (rotated), v~ and o~ [B, H_out, P, N, d] in the input dtype
+(P times MHA's q, k, v, o), the logsumexp [B, H_out, N*P] fp32, and the GEMMs' inputs (q, k, v,
+tiny mixes). Nothing of size L^2.
+
+Cost per call, B batch, H = H_out heads, L = N*P, d head dim, e bytes per element (2 for bf16),
+causal without window (a window W replaces L^2/2 by about L*W):
+
+    attention FLOPs, forward      4 * B*H * (L^2/2) * d             (QK^T and PV; FA2 counts)
+    attention FLOPs, backward     2.5 x forward                      (recomputes QK^T: 5 matmuls)
+    mixing + collapse FLOPs       2 * B*N*d * (3*H_in + 1) * H*P     (negligible: H_in*P per element)
+    HBM bytes, forward            e*B*N*d * (3*H_in + 3*H*P [mix out] + 4*H*P [rope in/out]
+                                  + 4*H*P [attn q~,k~,v~ in, o~ out] + H*P + H [collapse]) + 4*B*H*L
+
+At the benchmark shape (B1 N4096 H32 d128 P2, bf16, causal): L = 8192, 550 GFLOP forward and 1.92
+TFLOP forward+backward of attention, against about 0.7 GB forward of traffic outside attention.
+The attention is compute-bound (arithmetic intensity ~L/2 FLOP per byte of q~/k~/v~ tile loaded),
+and the rest is a memory-bound ~0.2 ms at H200 bandwidth (4.8 TB/s); the roofline at the H200's
+989 TFLOP/s dense bf16 is 0.56 ms forward and 1.9 ms forward+backward, and with the ~50% of peak
+that FlashAttention-2-style Triton kernels reach, about 1.3 ms and 4.5-5 ms (SDPA on MHA is 0.27 /
+1.02 ms at this shape; IHA at P = 2 does 4x its FLOPs by construction).
 """
 
 from __future__ import annotations
@@ -60,7 +85,7 @@ from . import reference
 from ._utils import check_device, interpreting, new_output, next_power_of_2
 from .aot import KernelLaunch, LaunchConfig, signature
 
-__all__ = ["iha_attention", "IhaAttentionFunction"]
+__all__ = ["iha_attention", "IhaFlashAttention", "launch_config", "cuda_launches"]
 
 OP = "iha_attention"
 LOG2E = 1.4426950408889634
@@ -70,636 +95,611 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _dot(a, b, ELEM: tl.constexpr, FP32_DOT: tl.constexpr):
-    """a @ b with operands rounded to the input dtype ELEM; fp32 accumulation.
-
-    FP32_DOT: fp32 inputs (exact fp32 dot, not tf32) or the interpreter (bf16 operands upcast after
-    rounding, since the interpreter's bf16 dot is wrong)."""
-    a = a.to(ELEM)
-    b = b.to(ELEM)
+def _dot(a, b, FP32_DOT: tl.constexpr):
+    """a @ b with fp32 accumulation. FP32_DOT: fp32 inputs (exact fp32, not tf32), or the interpreter
+    (operands already rounded to the input dtype, then upcast: its bf16 dot is wrong)."""
     if FP32_DOT:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b)
 
 
 @triton.jit
-def _tile_rows(tok0, seq_len, P, BLOCK_T: tl.constexpr, P_PAD: tl.constexpr):
-    """Row r = t * P_PAD + p of a token-aligned tile: (token, pseudo index, virtual position, valid)."""
-    offs_r = tl.arange(0, BLOCK_T * P_PAD)
-    tok = tok0 + offs_r // P_PAD
-    p = offs_r % P_PAD
-    valid = (p < P) & (tok < seq_len)
-    return tok, p, tok * P + p, valid
+def _row_offsets(i, P, stride_n, stride_p, ALIGNED: tl.constexpr):
+    """Element offset of virtual row i = n*P + p in a head: n * stride_n + p * stride_p (int64; the
+    division stays in 32 bits, a 64-bit one is a slow multi-instruction routine on NVIDIA GPUs).
+    ALIGNED: the launcher checked that every stride is a multiple of 16 elements; saying so lets the
+    compiler vectorise the row loads and stage them with cp.async / TMA-free async copies."""
+    n = i // P
+    offsets = n.to(tl.int64) * stride_n + (i - n * P).to(tl.int64) * stride_p
+    if ALIGNED:
+        offsets = tl.multiple_of(offsets, 16)
+    return offsets
 
 
 @triton.jit
-def _pseudo_rows(x_ptr, stride_xh, stride_xn, stride_xd, mix_ptr, stride_mi, stride_mo, stride_mp,
-                 h, tok, p, valid, offs_c, mask_c1, mask_c2, D1, heads_in,
-                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The two column halves of x~[r] = sum_m mix[m, h, p(r)] * x[m, tok(r)] for the rows of a tile.
-
-    x_ptr points at x[b]; returns fp32 [BLOCK_R, BLOCK_C] tiles for columns [0, D1) and [D1, d).
-    Padding rows get mixing weight 0, so they are exact zeros."""
-    rows = tok.to(tl.int64)[:, None] * stride_xn
-    cols1 = (offs_c.to(tl.int64) * stride_xd)[None, :]
-    cols2 = ((offs_c + D1).to(tl.int64) * stride_xd)[None, :]
-    m1 = valid[:, None] & mask_c1[None, :]
-    m2 = valid[:, None] & mask_c2[None, :]
-    acc1 = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    for m in range(heads_in):
-        w = tl.load(mix_ptr + m * stride_mi + h * stride_mo + p * stride_mp, mask=valid, other=0.0).to(tl.float32)
-        head = x_ptr + m * stride_xh + rows
-        acc1 += w[:, None] * tl.load(head + cols1, mask=m1, other=0.0).to(tl.float32)
-        acc2 += w[:, None] * tl.load(head + cols2, mask=m2, other=0.0).to(tl.float32)
-    return acc1, acc2
+def _head_offset(b, h, stride_b, stride_h, ALIGNED: tl.constexpr):
+    """Element offset of head (b, h) (b, h int64)."""
+    offset = b * stride_b + h * stride_h
+    if ALIGNED:
+        offset = tl.multiple_of(offset, 16)
+    return offset
 
 
 @triton.jit
-def _rotate(x1, x2, cos_ptr, sin_ptr, stride_cn, stride_cd, stride_sn, stride_sd, pos, valid, offs_c, mask_c1,
-            INVERSE: tl.constexpr):
-    """Rotary on row halves at virtual positions `pos` (INVERSE: by -theta, the vector-Jacobian product)."""
-    m = valid[:, None] & mask_c1[None, :]
-    c = tl.load(cos_ptr + pos.to(tl.int64)[:, None] * stride_cn + offs_c[None, :] * stride_cd, mask=m,
-                other=0.0).to(tl.float32)
-    s = tl.load(sin_ptr + pos.to(tl.int64)[:, None] * stride_sn + offs_c[None, :] * stride_sd, mask=m,
-                other=0.0).to(tl.float32)
-    if INVERSE:
-        s = -s
-    return x1 * c - x2 * s, x2 * c + x1 * s
+def _key_lower(i, P, window, TOKEN_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """First virtual key that virtual query i sees."""
+    if HAS_WINDOW:
+        if TOKEN_CAUSAL:
+            lower = tl.maximum(i // P - window // P + 1, 0) * P
+        else:
+            lower = tl.maximum(i - window + 1, 0)
+    else:
+        lower = i * 0
+    return lower
 
 
 @triton.jit
-def _allowed(i_q, tok_q, valid_q, i_k, tok_k, valid_k, window, window_tok,
-             TOKEN_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """[rows_q, rows_k] bool: which (query, key) pairs attend (reference.iha_allowed, plus padding)."""
+def _key_upper(i, P, TOKEN_CAUSAL: tl.constexpr):
+    """Last virtual key that virtual query i sees (inclusive)."""
     if TOKEN_CAUSAL:
-        ok = tok_k[None, :] <= tok_q[:, None]
-        if HAS_WINDOW:
-            ok = ok & (tok_k[None, :] > tok_q[:, None] - window_tok)
+        upper = (i // P) * P + P - 1
     else:
-        ok = i_k[None, :] <= i_q[:, None]
-        if HAS_WINDOW:
-            ok = ok & (i_k[None, :] > i_q[:, None] - window)
-    return ok & valid_q[:, None] & valid_k[None, :]
+        upper = i
+    return upper
 
 
 @triton.jit
-def _key_token_range(tok0, seq_len, P, window, window_tok, BLOCK_T: tl.constexpr,
-                     TOKEN_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Key tokens [lo, hi) a query tile starting at token tok0 can see (lo aligned to BLOCK_T)."""
-    hi = tl.minimum(tok0 + BLOCK_T, seq_len)
-    lo = tok0 * 0
+def _query_first(j, P, TOKEN_CAUSAL: tl.constexpr):
+    """First virtual query that sees virtual key j."""
+    if TOKEN_CAUSAL:
+        first = (j // P) * P
+    else:
+        first = j
+    return first
+
+
+@triton.jit
+def _query_last(j, L, P, window, TOKEN_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Last virtual query that sees virtual key j (inclusive)."""
     if HAS_WINDOW:
         if TOKEN_CAUSAL:
-            lo = tl.maximum(tok0 - window_tok + 1, 0)
+            last = (j // P + window // P) * P - 1
         else:
-            lo = tl.maximum(tok0 * P - window + 1, 0) // P
-        lo = (lo // BLOCK_T) * BLOCK_T
-    return lo, hi
+            last = j + window - 1
+        last = tl.minimum(last, L - 1)
+    else:
+        last = j * 0 + L - 1
+    return last
 
 
 @triton.jit
-def _query_token_range(kt0, seq_len, P, window, window_tok, BLOCK_T: tl.constexpr,
-                       TOKEN_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Query tokens [lo, hi) that can see some key of the tile starting at token kt0."""
-    lo = kt0
-    hi = seq_len + kt0 * 0
-    if HAS_WINDOW:
-        last = tl.minimum(kt0 + BLOCK_T, seq_len) - 1
-        if TOKEN_CAUSAL:
-            hi = tl.minimum(last + window_tok, seq_len)
-        else:
-            hi = tl.minimum((last * P + P - 1 + window - 1) // P + 1, seq_len)
-    return lo, hi
+def _phases(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
+    """Split [lo, hi) (lo aligned to BLOCK) into tiles: masked [lo, mid_lo), unmasked [mid_lo, mid_hi),
+    masked [mid_hi, hi). A tile is unmasked only when it lies inside [full_lo, full_hi)."""
+    lo = (lo // BLOCK) * BLOCK
+    mid_lo = tl.minimum(tl.maximum((full_lo + BLOCK - 1) // BLOCK * BLOCK, lo), hi)
+    mid_hi = tl.maximum(tl.minimum((full_hi // BLOCK) * BLOCK, hi), mid_lo)
+    return lo, mid_lo, mid_hi
 
 
 @triton.jit
-def _attend(q1, q2, i_q, tok_q, valid_q, k_ptr, v_ptr,
-            stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
-            mixk_ptr, mixv_ptr, stride_mi, stride_mo, stride_mp,
-            cos_ptr, sin_ptr, stride_cn, stride_cd, stride_sn, stride_sd,
-            h, lo, hi, seq_len, P, D1, heads_in, qk_scale, window, window_tok, offs_c, mask_c1, mask_c2,
-            BLOCK_T: tl.constexpr, P_PAD: tl.constexpr, BLOCK_C: tl.constexpr, ROPE: tl.constexpr,
-            TOKEN_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, ELEM: tl.constexpr, FP32_DOT: tl.constexpr):
-    """Online softmax of the query rows over key tokens [lo, hi): (acc1, acc2, row max, row sum), base 2."""
-    BLOCK_R: tl.constexpr = BLOCK_T * P_PAD
-    m_i = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    for kt0 in range(lo, hi, BLOCK_T):
-        tok_k, p_k, i_k, valid_k = _tile_rows(kt0, seq_len, P, BLOCK_T, P_PAD)
-        k1, k2 = _pseudo_rows(k_ptr, stride_kh, stride_kn, stride_kd, mixk_ptr, stride_mi, stride_mo, stride_mp,
-                              h, tok_k, p_k, valid_k, offs_c, mask_c1, mask_c2, D1, heads_in, BLOCK_R, BLOCK_C)
-        if ROPE:
-            k1, k2 = _rotate(k1, k2, cos_ptr, sin_ptr, stride_cn, stride_cd, stride_sn, stride_sd, i_k, valid_k,
-                             offs_c, mask_c1, False)
-        v1, v2 = _pseudo_rows(v_ptr, stride_vh, stride_vn, stride_vd, mixv_ptr, stride_mi, stride_mo, stride_mp,
-                              h, tok_k, p_k, valid_k, offs_c, mask_c1, mask_c2, D1, heads_in, BLOCK_R, BLOCK_C)
-        # Only dot operands from here on: hold them in the input dtype (what _dot rounds to anyway).
-        k1, k2, v1, v2 = k1.to(ELEM), k2.to(ELEM), v1.to(ELEM), v2.to(ELEM)
-        s = (_dot(q1, tl.trans(k1), ELEM, FP32_DOT) + _dot(q2, tl.trans(k2), ELEM, FP32_DOT)) * qk_scale
-        ok = _allowed(i_q, tok_q, valid_q, i_k, tok_k, valid_k, window, window_tok, TOKEN_CAUSAL, HAS_WINDOW)
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with no visible key yet keeps max -inf; shifting by 0 then gives exp2(-inf) = 0, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        prob = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(prob, 1)
-        acc1 = acc1 * alpha[:, None] + _dot(prob, v1, ELEM, FP32_DOT)
-        acc2 = acc2 * alpha[:, None] + _dot(prob, v2, ELEM, FP32_DOT)
+def _load(ptrs, rows_valid, mask_d, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile ([BLOCK_D, rows] when TRANSPOSED), zero outside. Row checks only
+    where a tile can pass the end (CHECK_ROWS), column checks only when d < BLOCK_D (EVEN_D false):
+    a mask that varies along d would stop the loads from being vectorised."""
+    if CHECK_ROWS:
+        if EVEN_D:
+            mask = rows_valid[None, :] if TRANSPOSED else rows_valid[:, None]
+        else:
+            mask = (mask_d[:, None] & rows_valid[None, :]) if TRANSPOSED else (rows_valid[:, None] & mask_d[None, :])
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=mask_d[:, None] if TRANSPOSED else mask_d[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _store(ptrs, value, rows_valid, mask_d, EVEN_D: tl.constexpr):
+    """Store a [rows, BLOCK_D] tile, rows that exist only."""
+    if EVEN_D:
+        tl.store(ptrs, value, mask=rows_valid[:, None])
+    else:
+        tl.store(ptrs, value, mask=rows_valid[:, None] & mask_d[None, :])
+
+
+# ---- forward -------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kp, stride_vn, stride_vp,
+               start, end, key_lo, key_hi, L, P, qk_scale, offs_d, mask_d,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, ALIGNED: tl.constexpr,
+               FP32_DOT: tl.constexpr):
+    """Online softmax of the query tile over key tiles [start, end); elementwise mask when MASKED."""
+    ELEM = q.dtype
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        valid_n = offs_n < L
+        k_rows = _row_offsets(offs_n, P, stride_kn, stride_kp, ALIGNED)
+        v_rows = _row_offsets(offs_n, P, stride_vn, stride_vp, ALIGNED)
+        k = _load(k_base + k_rows[:, None] + offs_d[None, :], valid_n, mask_d, MASKED, EVEN_D, False)
+        s = _dot(q, tl.trans(k), FP32_DOT) * qk_scale
+        if MASKED:
+            ok = (offs_n[None, :] >= key_lo[:, None]) & (offs_n[None, :] <= key_hi[:, None]) & valid_n[None, :]
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row that has seen no key yet keeps max -inf: shift by 0, so exp2(-inf) = 0, not NaN.
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_shift = m_new
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load(v_base + v_rows[:, None] + offs_d[None, :], valid_n, mask_d, MASKED, EVEN_D, False)
+        acc = acc * alpha[:, None] + _dot(p.to(ELEM), v, FP32_DOT)
         m_i = m_new
-    return acc1, acc2, m_i, l_i
+    return acc, m_i, l_i
 
 
 @triton.jit
-def _scatter_heads(g1, g2, x_ptr, stride_xh, stride_xn, stride_xd, mix_ptr, stride_mi, stride_mo, stride_mp,
-                   dx_ptr, stride_dh, stride_dn, part_ptr, stride_pi, stride_po,
-                   h, tok0, tok, p, valid, seq_len, P, D1, heads_in, offs_c, mask_c1, mask_c2,
-                   BLOCK_T: tl.constexpr, P_PAD: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Push the pseudo-row gradient (g1, g2) of head h back through the mixing.
-
-    dx[m, n] += sum_p mix[m, h, p] * g[n*P + p]   (fp32 atomics into dx_ptr = dx32[b], unit d stride)
-    part[m, h, p] = sum_n <x[m, n], g[n*P + p]>   (this program's partial of dmix, plain stores)
-    """
-    offs_t = tok0 + tl.arange(0, BLOCK_T)
-    mask_t = offs_t < seq_len
-    dx_rows = offs_t.to(tl.int64)[:, None] * stride_dn
-    x_rows = tok.to(tl.int64)[:, None] * stride_xn
-    x_cols1 = (offs_c.to(tl.int64) * stride_xd)[None, :]
-    x_cols2 = ((offs_c + D1).to(tl.int64) * stride_xd)[None, :]
-    offs_p = tl.arange(0, P_PAD)
-    m1 = valid[:, None] & mask_c1[None, :]
-    m2 = valid[:, None] & mask_c2[None, :]
-    for m in range(heads_in):
-        w = tl.load(mix_ptr + m * stride_mi + h * stride_mo + p * stride_mp, mask=valid, other=0.0).to(tl.float32)
-        c1 = tl.sum(tl.reshape(w[:, None] * g1, (BLOCK_T, P_PAD, BLOCK_C)), 1)
-        c2 = tl.sum(tl.reshape(w[:, None] * g2, (BLOCK_T, P_PAD, BLOCK_C)), 1)
-        dst = dx_ptr + m * stride_dh + dx_rows
-        tl.atomic_add(dst + offs_c[None, :], c1, mask=mask_t[:, None] & mask_c1[None, :])
-        tl.atomic_add(dst + D1 + offs_c[None, :], c2, mask=mask_t[:, None] & mask_c2[None, :])
-        head = x_ptr + m * stride_xh + x_rows
-        x1 = tl.load(head + x_cols1, mask=m1, other=0.0).to(tl.float32)
-        x2 = tl.load(head + x_cols2, mask=m2, other=0.0).to(tl.float32)
-        per_row = tl.sum(x1 * g1, 1) + tl.sum(x2 * g2, 1)
-        per_p = tl.sum(tl.reshape(per_row, (BLOCK_T, P_PAD)), 0)
-        tl.store(part_ptr + m * stride_pi + h * stride_po + offs_p, per_p, mask=offs_p < P)
-
-
-# ---- kernels -------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _iha_fwd_kernel(q_ptr, k_ptr, v_ptr, mixq_ptr, mixk_ptr, mixv_ptr, collapse_ptr, cos_ptr, sin_ptr,
-                    out_ptr, lse_ptr,
-                    stride_qb, stride_qh, stride_qn, stride_qd,
-                    stride_kb, stride_kh, stride_kn, stride_kd,
-                    stride_vb, stride_vh, stride_vn, stride_vd,
-                    stride_mi, stride_mo, stride_mp,
-                    stride_colh, stride_colp,
-                    stride_cn, stride_cd, stride_sn, stride_sd,
-                    stride_ob, stride_oh, stride_on, stride_od,
-                    seq_len, heads_in, heads_out, P, D1, head_dim, qk_scale, window, window_tok,
-                    BLOCK_T: tl.constexpr, P_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
-                    ROPE: tl.constexpr, TOKEN_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                    COLLAPSE: tl.constexpr, FP32_DOT: tl.constexpr):
-    """Program (query tile, b * H_out + h). COLLAPSE: out = o [B, H_out, N, d] (per-head collapse
-    in the epilogue); otherwise out = o~ [B, H_out, N*P, d]. lse [B, H_out, N*P]: base-2 logsumexp."""
-    BLOCK_R: tl.constexpr = BLOCK_T * P_PAD
-    ELEM: tl.constexpr = q_ptr.dtype.element_ty
-    # Under causality the last query tiles have the most keys: start them first.
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+def _iha_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+                         stride_qb, stride_qh, stride_qn, stride_qp,
+                         stride_kb, stride_kh, stride_kn, stride_kp,
+                         stride_vb, stride_vh, stride_vn, stride_vp,
+                         stride_ob, stride_oh, stride_on, stride_op,
+                         heads, L, P, head_dim, window, qk_scale,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         TOKEN_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, EVEN_D: tl.constexpr,
+                         ALIGNED: tl.constexpr, FP32_DOT: tl.constexpr):
+    """o~ and the base-2 logsumexp of one tile of BLOCK_M virtual queries of head (b, h)."""
+    start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
-    b = (bh // heads_out).to(tl.int64)
-    h = bh % heads_out
-    tok0 = tile * BLOCK_T
-    offs_c = tl.arange(0, BLOCK_C)
-    mask_c1 = offs_c < D1
-    mask_c2 = offs_c < head_dim - D1
+    b = (bh // heads).to(tl.int64)
+    h = (bh % heads).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < head_dim
+    valid_m = offs_m < L
+    q_rows = _row_offsets(offs_m, P, stride_qn, stride_qp, ALIGNED)
+    q_base = q_ptr + _head_offset(b, h, stride_qb, stride_qh, ALIGNED)
+    q = _load(q_base + q_rows[:, None] + offs_d[None, :], valid_m, mask_d, True, EVEN_D, False)
+    k_base = k_ptr + _head_offset(b, h, stride_kb, stride_kh, ALIGNED)
+    v_base = v_ptr + _head_offset(b, h, stride_vb, stride_vh, ALIGNED)
+    key_lo = _key_lower(offs_m, P, window, TOKEN_CAUSAL, HAS_WINDOW)
+    key_hi = _key_upper(offs_m, P, TOKEN_CAUSAL)
+    last_m = tl.minimum(start_m + BLOCK_M, L) - 1
+    lo = _key_lower(start_m, P, window, TOKEN_CAUSAL, HAS_WINDOW)
+    hi = tl.minimum(_key_upper(last_m, P, TOKEN_CAUSAL) + 1, L)
+    full_lo = _key_lower(last_m, P, window, TOKEN_CAUSAL, HAS_WINDOW)
+    full_hi = _key_upper(start_m, P, TOKEN_CAUSAL) + 1
+    lo, mid_lo, mid_hi = _phases(lo, hi, full_lo, full_hi, BLOCK_N)
 
-    tok, p, i, valid = _tile_rows(tok0, seq_len, P, BLOCK_T, P_PAD)
-    q1, q2 = _pseudo_rows(q_ptr + b * stride_qb, stride_qh, stride_qn, stride_qd, mixq_ptr, stride_mi, stride_mo,
-                          stride_mp, h, tok, p, valid, offs_c, mask_c1, mask_c2, D1, heads_in, BLOCK_R, BLOCK_C)
-    if ROPE:
-        q1, q2 = _rotate(q1, q2, cos_ptr, sin_ptr, stride_cn, stride_cd, stride_sn, stride_sd, i, valid, offs_c,
-                         mask_c1, False)
-    q1, q2 = q1.to(ELEM), q2.to(ELEM)  # dot operands only
-    lo, hi = _key_token_range(tok0, seq_len, P, window, window_tok, BLOCK_T, TOKEN_CAUSAL, HAS_WINDOW)
-    acc1, acc2, m_i, l_i = _attend(q1, q2, i, tok, valid, k_ptr + b * stride_kb, v_ptr + b * stride_vb,
-                                   stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
-                                   mixk_ptr, mixv_ptr, stride_mi, stride_mo, stride_mp,
-                                   cos_ptr, sin_ptr, stride_cn, stride_cd, stride_sn, stride_sd,
-                                   h, lo, hi, seq_len, P, D1, heads_in, qk_scale, window, window_tok,
-                                   offs_c, mask_c1, mask_c2, BLOCK_T, P_PAD, BLOCK_C, ROPE, TOKEN_CAUSAL,
-                                   HAS_WINDOW, ELEM, FP32_DOT)
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    o1 = acc1 / l_safe[:, None]
-    o2 = acc2 / l_safe[:, None]
-    row = bh.to(tl.int64) * seq_len * P
-    tl.store(lse_ptr + row + i, m_i + tl.log2(l_safe), mask=valid)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kp, stride_vn, stride_vp,
+                               lo, mid_lo, key_lo, key_hi, L, P, qk_scale, offs_d, mask_d,
+                               BLOCK_N, True, EVEN_D, ALIGNED, FP32_DOT)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kp, stride_vn, stride_vp,
+                               mid_lo, mid_hi, key_lo, key_hi, L, P, qk_scale, offs_d, mask_d,
+                               BLOCK_N, False, EVEN_D, ALIGNED, FP32_DOT)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kp, stride_vn, stride_vp,
+                               mid_hi, hi, key_lo, key_hi, L, P, qk_scale, offs_d, mask_d,
+                               BLOCK_N, True, EVEN_D, ALIGNED, FP32_DOT)
+    # Every valid row sees at least itself, so l_i > 0 there; padding rows are not stored.
+    l_safe = tl.where(valid_m, l_i, 1.0)
+    acc = acc / l_safe[:, None]
+    o_rows = _row_offsets(offs_m, P, stride_on, stride_op, ALIGNED)
+    o_base = o_ptr + _head_offset(b, h, stride_ob, stride_oh, ALIGNED)
+    _store(o_base + o_rows[:, None] + offs_d[None, :], acc.to(o_ptr.dtype.element_ty), valid_m, mask_d, EVEN_D)
+    tl.store(lse_ptr + bh.to(tl.int64) * L + offs_m, m_i + tl.log2(l_safe), mask=valid_m)
 
-    out_b = out_ptr + b * stride_ob + h * stride_oh
-    if COLLAPSE:
-        w = tl.load(collapse_ptr + h * stride_colh + p * stride_colp, mask=valid, other=0.0).to(tl.float32)
-        y1 = tl.sum(tl.reshape(w[:, None] * o1, (BLOCK_T, P_PAD, BLOCK_C)), 1)
-        y2 = tl.sum(tl.reshape(w[:, None] * o2, (BLOCK_T, P_PAD, BLOCK_C)), 1)
-        offs_t = tok0 + tl.arange(0, BLOCK_T)
-        mask_t = offs_t < seq_len
-        dst = out_b + offs_t.to(tl.int64)[:, None] * stride_on
-        tl.store(dst + (offs_c * stride_od)[None, :], y1.to(out_ptr.dtype.element_ty),
-                 mask=mask_t[:, None] & mask_c1[None, :])
-        tl.store(dst + ((offs_c + D1) * stride_od)[None, :], y2.to(out_ptr.dtype.element_ty),
-                 mask=mask_t[:, None] & mask_c2[None, :])
-    else:
-        dst = out_b + i.to(tl.int64)[:, None] * stride_on
-        tl.store(dst + (offs_c * stride_od)[None, :], o1.to(out_ptr.dtype.element_ty),
-                 mask=valid[:, None] & mask_c1[None, :])
-        tl.store(dst + ((offs_c + D1) * stride_od)[None, :], o2.to(out_ptr.dtype.element_ty),
-                 mask=valid[:, None] & mask_c2[None, :])
+
+# ---- backward ------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _load_do_rows(do_ptr, stride_dob, stride_doh, stride_don, stride_dod, collapse_ptr, stride_colh, stride_colp,
-                  b, h, tok, p, i, valid, offs_c, mask_c1, mask_c2, D1, COLLAPSE: tl.constexpr):
-    """(do rows, weight) with do~[r] = weight[r] * do_rows[r]: per-head collapse reads do[b, h, n] and
-    weight collapse[h, p]; otherwise do_ptr holds do~ [B, H_out, N*P, d] itself (weight 1)."""
-    if COLLAPSE:
-        w = tl.load(collapse_ptr + h * stride_colh + p * stride_colp, mask=valid, other=0.0).to(tl.float32)
-        idx = tok
-    else:
-        w = tl.where(valid, 1.0, 0.0)
-        idx = i
-    rows = do_ptr + b * stride_dob + h * stride_doh + idx.to(tl.int64)[:, None] * stride_don
-    do1 = tl.load(rows + (offs_c * stride_dod)[None, :], mask=valid[:, None] & mask_c1[None, :],
-                  other=0.0).to(tl.float32)
-    do2 = tl.load(rows + ((offs_c + D1) * stride_dod)[None, :], mask=valid[:, None] & mask_c2[None, :],
-                  other=0.0).to(tl.float32)
-    return do1, do2, w
-
-
-@triton.jit
-def _iha_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, mixq_ptr, mixk_ptr, mixv_ptr, collapse_ptr, cos_ptr, sin_ptr,
-                       do_ptr, lse_ptr, dp_ptr, dq_ptr, dmixq_part_ptr,
-                       stride_qb, stride_qh, stride_qn, stride_qd,
-                       stride_kb, stride_kh, stride_kn, stride_kd,
-                       stride_vb, stride_vh, stride_vn, stride_vd,
-                       stride_mi, stride_mo, stride_mp,
-                       stride_colh, stride_colp,
-                       stride_cn, stride_cd, stride_sn, stride_sd,
-                       stride_dob, stride_doh, stride_don, stride_dod,
-                       stride_dqb, stride_dqh, stride_dqn,
-                       stride_part, stride_part_i, stride_part_o,
-                       seq_len, heads_in, heads_out, P, D1, head_dim, qk_scale, sm_scale, window, window_tok,
-                       BLOCK_T: tl.constexpr, P_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
-                       ROPE: tl.constexpr, TOKEN_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                       COLLAPSE: tl.constexpr, FP32_DOT: tl.constexpr):
-    """Program (query tile, b * H_out + h): Dp = <do, o~> per row (o~ recomputed), then dq, dmix_q."""
-    BLOCK_R: tl.constexpr = BLOCK_T * P_PAD
-    ELEM: tl.constexpr = q_ptr.dtype.element_ty
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+def _iha_attn_bwd_preprocess_kernel(o_ptr, do_ptr, delta_ptr,
+                                    stride_ob, stride_oh, stride_on, stride_op,
+                                    stride_dob, stride_doh, stride_don, stride_dop,
+                                    heads, L, P, head_dim,
+                                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ALIGNED: tl.constexpr):
+    """delta[b, h, i] = sum_d do~[b, h, i, d] * o~[b, h, i, d] (fp32), the softmax-backward row term."""
+    start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
-    b = (bh // heads_out).to(tl.int64)
-    h = bh % heads_out
-    tok0 = tile * BLOCK_T
-    offs_c = tl.arange(0, BLOCK_C)
-    mask_c1 = offs_c < D1
-    mask_c2 = offs_c < head_dim - D1
-
-    tok, p, i, valid = _tile_rows(tok0, seq_len, P, BLOCK_T, P_PAD)
-    q1, q2 = _pseudo_rows(q_ptr + b * stride_qb, stride_qh, stride_qn, stride_qd, mixq_ptr, stride_mi, stride_mo,
-                          stride_mp, h, tok, p, valid, offs_c, mask_c1, mask_c2, D1, heads_in, BLOCK_R, BLOCK_C)
-    if ROPE:
-        q1, q2 = _rotate(q1, q2, cos_ptr, sin_ptr, stride_cn, stride_cd, stride_sn, stride_sd, i, valid, offs_c,
-                         mask_c1, False)
-    q1, q2 = q1.to(ELEM), q2.to(ELEM)  # dot operands only
-    do1, do2, w = _load_do_rows(do_ptr, stride_dob, stride_doh, stride_don, stride_dod, collapse_ptr, stride_colh,
-                                stride_colp, b, h, tok, p, i, valid, offs_c, mask_c1, mask_c2, D1, COLLAPSE)
-    lo, hi = _key_token_range(tok0, seq_len, P, window, window_tok, BLOCK_T, TOKEN_CAUSAL, HAS_WINDOW)
-    k_b = k_ptr + b * stride_kb
-    v_b = v_ptr + b * stride_vb
-    acc1, acc2, m_i, l_i = _attend(q1, q2, i, tok, valid, k_b, v_b,
-                                   stride_kh, stride_kn, stride_kd, stride_vh, stride_vn, stride_vd,
-                                   mixk_ptr, mixv_ptr, stride_mi, stride_mo, stride_mp,
-                                   cos_ptr, sin_ptr, stride_cn, stride_cd, stride_sn, stride_sd,
-                                   h, lo, hi, seq_len, P, D1, heads_in, qk_scale, window, window_tok,
-                                   offs_c, mask_c1, mask_c2, BLOCK_T, P_PAD, BLOCK_C, ROPE, TOKEN_CAUSAL,
-                                   HAS_WINDOW, ELEM, FP32_DOT)
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    dp_row = (tl.sum(do1 * acc1, 1) + tl.sum(do2 * acc2, 1)) / l_safe
-    row = bh.to(tl.int64) * seq_len * P
-    tl.store(dp_ptr + row + i, dp_row, mask=valid)
-    lse = tl.load(lse_ptr + row + i, mask=valid, other=0.0)
-    d_row = w * dp_row
-    do1 = (w[:, None] * do1).to(ELEM)
-    do2 = (w[:, None] * do2).to(ELEM)
-
-    dq1 = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    dq2 = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    for kt0 in range(lo, hi, BLOCK_T):
-        tok_k, p_k, i_k, valid_k = _tile_rows(kt0, seq_len, P, BLOCK_T, P_PAD)
-        k1, k2 = _pseudo_rows(k_b, stride_kh, stride_kn, stride_kd, mixk_ptr, stride_mi, stride_mo, stride_mp,
-                              h, tok_k, p_k, valid_k, offs_c, mask_c1, mask_c2, D1, heads_in, BLOCK_R, BLOCK_C)
-        if ROPE:
-            k1, k2 = _rotate(k1, k2, cos_ptr, sin_ptr, stride_cn, stride_cd, stride_sn, stride_sd, i_k, valid_k,
-                             offs_c, mask_c1, False)
-        v1, v2 = _pseudo_rows(v_b, stride_vh, stride_vn, stride_vd, mixv_ptr, stride_mi, stride_mo, stride_mp,
-                              h, tok_k, p_k, valid_k, offs_c, mask_c1, mask_c2, D1, heads_in, BLOCK_R, BLOCK_C)
-        k1, k2, v1, v2 = k1.to(ELEM), k2.to(ELEM), v1.to(ELEM), v2.to(ELEM)
-        s = (_dot(q1, tl.trans(k1), ELEM, FP32_DOT) + _dot(q2, tl.trans(k2), ELEM, FP32_DOT)) * qk_scale
-        ok = _allowed(i, tok, valid, i_k, tok_k, valid_k, window, window_tok, TOKEN_CAUSAL, HAS_WINDOW)
-        prob = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-        dprob = _dot(do1, tl.trans(v1), ELEM, FP32_DOT) + _dot(do2, tl.trans(v2), ELEM, FP32_DOT)
-        ds = prob * (dprob - d_row[:, None])
-        dq1 += _dot(ds, k1, ELEM, FP32_DOT)
-        dq2 += _dot(ds, k2, ELEM, FP32_DOT)
-    dq1 = dq1 * sm_scale
-    dq2 = dq2 * sm_scale
-    if ROPE:
-        dq1, dq2 = _rotate(dq1, dq2, cos_ptr, sin_ptr, stride_cn, stride_cd, stride_sn, stride_sd, i, valid, offs_c,
-                           mask_c1, True)
-    part = dmixq_part_ptr + (b * tl.num_programs(0) + tile) * stride_part
-    _scatter_heads(dq1, dq2, q_ptr + b * stride_qb, stride_qh, stride_qn, stride_qd, mixq_ptr, stride_mi, stride_mo,
-                   stride_mp, dq_ptr + b * stride_dqb, stride_dqh, stride_dqn, part, stride_part_i, stride_part_o,
-                   h, tok0, tok, p, valid, seq_len, P, D1, heads_in, offs_c, mask_c1, mask_c2,
-                   BLOCK_T, P_PAD, BLOCK_C)
+    b = (bh // heads).to(tl.int64)
+    h = (bh % heads).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < L)[:, None] & (offs_d < head_dim)[None, :]
+    o_rows = _row_offsets(offs_m, P, stride_on, stride_op, ALIGNED)
+    do_rows = _row_offsets(offs_m, P, stride_don, stride_dop, ALIGNED)
+    o_base = o_ptr + _head_offset(b, h, stride_ob, stride_oh, ALIGNED)
+    do_base = do_ptr + _head_offset(b, h, stride_dob, stride_doh, ALIGNED)
+    o = tl.load(o_base + o_rows[:, None] + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(do_base + do_rows[:, None] + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + bh.to(tl.int64) * L + offs_m, tl.sum(o * do, 1), mask=offs_m < L)
 
 
 @triton.jit
-def _iha_bwd_dkv_kernel(q_ptr, k_ptr, v_ptr, mixq_ptr, mixk_ptr, mixv_ptr, collapse_ptr, cos_ptr, sin_ptr,
-                        do_ptr, lse_ptr, dp_ptr, dk_ptr, dv_ptr, dmixk_part_ptr, dmixv_part_ptr,
-                        stride_qb, stride_qh, stride_qn, stride_qd,
-                        stride_kb, stride_kh, stride_kn, stride_kd,
-                        stride_vb, stride_vh, stride_vn, stride_vd,
-                        stride_mi, stride_mo, stride_mp,
-                        stride_colh, stride_colp,
-                        stride_cn, stride_cd, stride_sn, stride_sd,
-                        stride_dob, stride_doh, stride_don, stride_dod,
-                        stride_dkb, stride_dkh, stride_dkn,
-                        stride_part, stride_part_i, stride_part_o,
-                        seq_len, heads_in, heads_out, P, D1, head_dim, qk_scale, sm_scale, window, window_tok,
-                        BLOCK_T: tl.constexpr, P_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
-                        ROPE: tl.constexpr, TOKEN_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                        COLLAPSE: tl.constexpr, FP32_DOT: tl.constexpr):
-    """Program (key tile, b * H_out + h): dk~, dv~ over the queries that see the tile, then dk, dv,
-    dmix_k, dmix_v through the mixing."""
-    BLOCK_R: tl.constexpr = BLOCK_T * P_PAD
-    ELEM: tl.constexpr = q_ptr.dtype.element_ty
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // heads_out).to(tl.int64)
-    h = bh % heads_out
-    kt0 = tile * BLOCK_T
-    offs_c = tl.arange(0, BLOCK_C)
-    mask_c1 = offs_c < D1
-    mask_c2 = offs_c < head_dim - D1
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                stride_qn, stride_qp, stride_don, stride_dop, start, end, offs_n, L, P, window, qk_scale,
+                offs_d, mask_d, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, TOKEN_CAUSAL: tl.constexpr,
+                HAS_WINDOW: tl.constexpr, EVEN_D: tl.constexpr, ALIGNED: tl.constexpr, FP32_DOT: tl.constexpr):
+    """Accumulate dk~, dv~ of the key tile over query tiles [start, end); elementwise mask when MASKED."""
+    ELEM = k.dtype
+    for start_m in range(start, end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        valid_m = offs_m < L
+        q_rows = _row_offsets(offs_m, P, stride_qn, stride_qp, ALIGNED)
+        qT = _load(q_base + q_rows[None, :] + offs_d[:, None], valid_m, mask_d, MASKED, EVEN_D, True)
+        lse = tl.load(lse_base + offs_m, mask=valid_m, other=0.0)
+        pT = tl.exp2(_dot(k, qT, FP32_DOT) * qk_scale - lse[None, :])  # [BLOCK_N, BLOCK_M]
+        if MASKED:
+            key_lo = _key_lower(offs_m, P, window, TOKEN_CAUSAL, HAS_WINDOW)
+            key_hi = _key_upper(offs_m, P, TOKEN_CAUSAL)
+            ok = (offs_n[:, None] >= key_lo[None, :]) & (offs_n[:, None] <= key_hi[None, :]) & valid_m[None, :]
+            pT = tl.where(ok, pT, 0.0)
+        do_rows = _row_offsets(offs_m, P, stride_don, stride_dop, ALIGNED)
+        do = _load(do_base + do_rows[:, None] + offs_d[None, :], valid_m, mask_d, MASKED, EVEN_D, False)
+        dv += _dot(pT.to(ELEM), do, FP32_DOT)
+        delta = tl.load(delta_base + offs_m, mask=valid_m, other=0.0)
+        dpT = _dot(v, tl.trans(do), FP32_DOT)
+        dsT = pT * (dpT - delta[None, :])
+        dk += _dot(dsT.to(ELEM), tl.trans(qT), FP32_DOT)
+    return dk, dv
 
-    tok_k, p_k, i_k, valid_k = _tile_rows(kt0, seq_len, P, BLOCK_T, P_PAD)
-    k_b = k_ptr + b * stride_kb
-    v_b = v_ptr + b * stride_vb
-    q_b = q_ptr + b * stride_qb
-    k1, k2 = _pseudo_rows(k_b, stride_kh, stride_kn, stride_kd, mixk_ptr, stride_mi, stride_mo, stride_mp,
-                          h, tok_k, p_k, valid_k, offs_c, mask_c1, mask_c2, D1, heads_in, BLOCK_R, BLOCK_C)
-    if ROPE:
-        k1, k2 = _rotate(k1, k2, cos_ptr, sin_ptr, stride_cn, stride_cd, stride_sn, stride_sd, i_k, valid_k,
-                         offs_c, mask_c1, False)
-    v1, v2 = _pseudo_rows(v_b, stride_vh, stride_vn, stride_vd, mixv_ptr, stride_mi, stride_mo, stride_mp,
-                          h, tok_k, p_k, valid_k, offs_c, mask_c1, mask_c2, D1, heads_in, BLOCK_R, BLOCK_C)
-    k1, k2, v1, v2 = k1.to(ELEM), k2.to(ELEM), v1.to(ELEM), v2.to(ELEM)  # dot operands only
-    dk1 = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    dk2 = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    dv1 = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    dv2 = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    row = bh.to(tl.int64) * seq_len * P
-    lo, hi = _query_token_range(kt0, seq_len, P, window, window_tok, BLOCK_T, TOKEN_CAUSAL, HAS_WINDOW)
-    for qt0 in range(lo, hi, BLOCK_T):
-        tok, p, i, valid = _tile_rows(qt0, seq_len, P, BLOCK_T, P_PAD)
-        q1, q2 = _pseudo_rows(q_b, stride_qh, stride_qn, stride_qd, mixq_ptr, stride_mi, stride_mo, stride_mp,
-                              h, tok, p, valid, offs_c, mask_c1, mask_c2, D1, heads_in, BLOCK_R, BLOCK_C)
-        if ROPE:
-            q1, q2 = _rotate(q1, q2, cos_ptr, sin_ptr, stride_cn, stride_cd, stride_sn, stride_sd, i, valid,
-                             offs_c, mask_c1, False)
-        q1, q2 = q1.to(ELEM), q2.to(ELEM)
-        do1, do2, w = _load_do_rows(do_ptr, stride_dob, stride_doh, stride_don, stride_dod, collapse_ptr,
-                                    stride_colh, stride_colp, b, h, tok, p, i, valid, offs_c, mask_c1, mask_c2, D1,
-                                    COLLAPSE)
-        do1 = (w[:, None] * do1).to(ELEM)
-        do2 = (w[:, None] * do2).to(ELEM)
-        lse = tl.load(lse_ptr + row + i, mask=valid, other=0.0)
-        d_row = w * tl.load(dp_ptr + row + i, mask=valid, other=0.0)
-        s = (_dot(q1, tl.trans(k1), ELEM, FP32_DOT) + _dot(q2, tl.trans(k2), ELEM, FP32_DOT)) * qk_scale
-        ok = _allowed(i, tok, valid, i_k, tok_k, valid_k, window, window_tok, TOKEN_CAUSAL, HAS_WINDOW)
-        prob = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-        prob_t = tl.trans(prob)
-        dv1 += _dot(prob_t, do1, ELEM, FP32_DOT)
-        dv2 += _dot(prob_t, do2, ELEM, FP32_DOT)
-        dprob = _dot(do1, tl.trans(v1), ELEM, FP32_DOT) + _dot(do2, tl.trans(v2), ELEM, FP32_DOT)
-        ds_t = tl.trans(prob * (dprob - d_row[:, None]))
-        dk1 += _dot(ds_t, q1, ELEM, FP32_DOT)
-        dk2 += _dot(ds_t, q2, ELEM, FP32_DOT)
-    dk1 = dk1 * sm_scale
-    dk2 = dk2 * sm_scale
-    if ROPE:
-        dk1, dk2 = _rotate(dk1, dk2, cos_ptr, sin_ptr, stride_cn, stride_cd, stride_sn, stride_sd, i_k, valid_k,
-                           offs_c, mask_c1, True)
-    part_row = (b * tl.num_programs(0) + tile) * stride_part
-    _scatter_heads(dk1, dk2, k_b, stride_kh, stride_kn, stride_kd, mixk_ptr, stride_mi, stride_mo, stride_mp,
-                   dk_ptr + b * stride_dkb, stride_dkh, stride_dkn, dmixk_part_ptr + part_row, stride_part_i,
-                   stride_part_o, h, kt0, tok_k, p_k, valid_k, seq_len, P, D1, heads_in, offs_c, mask_c1, mask_c2,
-                   BLOCK_T, P_PAD, BLOCK_C)
-    _scatter_heads(dv1, dv2, v_b, stride_vh, stride_vn, stride_vd, mixv_ptr, stride_mi, stride_mo, stride_mp,
-                   dv_ptr + b * stride_dkb, stride_dkh, stride_dkn, dmixv_part_ptr + part_row, stride_part_i,
-                   stride_part_o, h, kt0, tok_k, p_k, valid_k, seq_len, P, D1, heads_in, offs_c, mask_c1, mask_c2,
-                   BLOCK_T, P_PAD, BLOCK_C)
+
+@triton.jit
+def _iha_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+                              stride_qb, stride_qh, stride_qn, stride_qp,
+                              stride_kb, stride_kh, stride_kn, stride_kp,
+                              stride_vb, stride_vh, stride_vn, stride_vp,
+                              stride_dob, stride_doh, stride_don, stride_dop,
+                              stride_dkb, stride_dkh, stride_dkn, stride_dkp,
+                              heads, L, P, head_dim, window, qk_scale, sm_scale,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                              TOKEN_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, EVEN_D: tl.constexpr,
+                              ALIGNED: tl.constexpr, FP32_DOT: tl.constexpr):
+    """dk~, dv~ of one tile of BLOCK_N virtual keys of head (b, h). dk and dv share strides."""
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    b = (bh // heads).to(tl.int64)
+    h = (bh % heads).to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < head_dim
+    valid_n = offs_n < L
+    k_rows = _row_offsets(offs_n, P, stride_kn, stride_kp, ALIGNED)
+    v_rows = _row_offsets(offs_n, P, stride_vn, stride_vp, ALIGNED)
+    k_base = k_ptr + _head_offset(b, h, stride_kb, stride_kh, ALIGNED)
+    v_base = v_ptr + _head_offset(b, h, stride_vb, stride_vh, ALIGNED)
+    k = _load(k_base + k_rows[:, None] + offs_d[None, :], valid_n, mask_d, True, EVEN_D, False)
+    v = _load(v_base + v_rows[:, None] + offs_d[None, :], valid_n, mask_d, True, EVEN_D, False)
+    q_base = q_ptr + _head_offset(b, h, stride_qb, stride_qh, ALIGNED)
+    do_base = do_ptr + _head_offset(b, h, stride_dob, stride_doh, ALIGNED)
+    lse_base = lse_ptr + bh.to(tl.int64) * L
+    delta_base = delta_ptr + bh.to(tl.int64) * L
+    last_n = tl.minimum(start_n + BLOCK_N, L) - 1
+    lo = _query_first(start_n, P, TOKEN_CAUSAL)
+    hi = _query_last(last_n, L, P, window, TOKEN_CAUSAL, HAS_WINDOW) + 1
+    full_lo = _query_first(last_n, P, TOKEN_CAUSAL)
+    full_hi = _query_last(start_n, L, P, window, TOKEN_CAUSAL, HAS_WINDOW) + 1
+    lo, mid_lo, mid_hi = _phases(lo, hi, full_lo, full_hi, BLOCK_M)
+
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_qp, stride_don,
+                         stride_dop, lo, mid_lo, offs_n, L, P, window, qk_scale, offs_d, mask_d, BLOCK_M, True,
+                         TOKEN_CAUSAL, HAS_WINDOW, EVEN_D, ALIGNED, FP32_DOT)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_qp, stride_don,
+                         stride_dop, mid_lo, mid_hi, offs_n, L, P, window, qk_scale, offs_d, mask_d, BLOCK_M, False,
+                         TOKEN_CAUSAL, HAS_WINDOW, EVEN_D, ALIGNED, FP32_DOT)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_qp, stride_don,
+                         stride_dop, mid_hi, hi, offs_n, L, P, window, qk_scale, offs_d, mask_d, BLOCK_M, True,
+                         TOKEN_CAUSAL, HAS_WINDOW, EVEN_D, ALIGNED, FP32_DOT)
+    out_rows = _row_offsets(offs_n, P, stride_dkn, stride_dkp, ALIGNED)[:, None] + offs_d[None, :]
+    base = _head_offset(b, h, stride_dkb, stride_dkh, ALIGNED)
+    _store(dk_ptr + base + out_rows, (dk * sm_scale).to(dk_ptr.dtype.element_ty), valid_n, mask_d, EVEN_D)
+    _store(dv_ptr + base + out_rows, dv.to(dv_ptr.dtype.element_ty), valid_n, mask_d, EVEN_D)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kp, stride_vn, stride_vp,
+              start, end, key_lo, key_hi, L, P, qk_scale, offs_d, mask_d,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, ALIGNED: tl.constexpr,
+              FP32_DOT: tl.constexpr):
+    """Accumulate dq~ of the query tile over key tiles [start, end); elementwise mask when MASKED."""
+    ELEM = q.dtype
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        valid_n = offs_n < L
+        k_rows = _row_offsets(offs_n, P, stride_kn, stride_kp, ALIGNED)
+        v_rows = _row_offsets(offs_n, P, stride_vn, stride_vp, ALIGNED)
+        kT = _load(k_base + k_rows[None, :] + offs_d[:, None], valid_n, mask_d, MASKED, EVEN_D, True)
+        vT = _load(v_base + v_rows[None, :] + offs_d[:, None], valid_n, mask_d, MASKED, EVEN_D, True)
+        p = tl.exp2(_dot(q, kT, FP32_DOT) * qk_scale - lse[:, None])
+        if MASKED:
+            ok = (offs_n[None, :] >= key_lo[:, None]) & (offs_n[None, :] <= key_hi[:, None]) & valid_n[None, :]
+            p = tl.where(ok, p, 0.0)
+        dp = _dot(do, vT, FP32_DOT)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(ELEM), tl.trans(kT), FP32_DOT)
+    return dq
+
+
+@triton.jit
+def _iha_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+                            stride_qb, stride_qh, stride_qn, stride_qp,
+                            stride_kb, stride_kh, stride_kn, stride_kp,
+                            stride_vb, stride_vh, stride_vn, stride_vp,
+                            stride_dob, stride_doh, stride_don, stride_dop,
+                            stride_dqb, stride_dqh, stride_dqn, stride_dqp,
+                            heads, L, P, head_dim, window, qk_scale, sm_scale,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                            TOKEN_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, EVEN_D: tl.constexpr,
+                            ALIGNED: tl.constexpr, FP32_DOT: tl.constexpr):
+    """dq~ of one tile of BLOCK_M virtual queries of head (b, h)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // heads).to(tl.int64)
+    h = (bh % heads).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < head_dim
+    valid_m = offs_m < L
+    q_rows = _row_offsets(offs_m, P, stride_qn, stride_qp, ALIGNED)
+    do_rows = _row_offsets(offs_m, P, stride_don, stride_dop, ALIGNED)
+    q = _load(q_ptr + _head_offset(b, h, stride_qb, stride_qh, ALIGNED) + q_rows[:, None] + offs_d[None, :], valid_m,
+              mask_d, True, EVEN_D, False)
+    do = _load(do_ptr + _head_offset(b, h, stride_dob, stride_doh, ALIGNED) + do_rows[:, None] + offs_d[None, :],
+               valid_m, mask_d, True, EVEN_D, False)
+    lse = tl.load(lse_ptr + bh.to(tl.int64) * L + offs_m, mask=valid_m, other=0.0)
+    delta = tl.load(delta_ptr + bh.to(tl.int64) * L + offs_m, mask=valid_m, other=0.0)
+    k_base = k_ptr + _head_offset(b, h, stride_kb, stride_kh, ALIGNED)
+    v_base = v_ptr + _head_offset(b, h, stride_vb, stride_vh, ALIGNED)
+    key_lo = _key_lower(offs_m, P, window, TOKEN_CAUSAL, HAS_WINDOW)
+    key_hi = _key_upper(offs_m, P, TOKEN_CAUSAL)
+    last_m = tl.minimum(start_m + BLOCK_M, L) - 1
+    lo = _key_lower(start_m, P, window, TOKEN_CAUSAL, HAS_WINDOW)
+    hi = tl.minimum(_key_upper(last_m, P, TOKEN_CAUSAL) + 1, L)
+    full_lo = _key_lower(last_m, P, window, TOKEN_CAUSAL, HAS_WINDOW)
+    full_hi = _key_upper(start_m, P, TOKEN_CAUSAL) + 1
+    lo, mid_lo, mid_hi = _phases(lo, hi, full_lo, full_hi, BLOCK_N)
+
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kp, stride_vn, stride_vp, lo, mid_lo,
+                   key_lo, key_hi, L, P, qk_scale, offs_d, mask_d, BLOCK_N, True, EVEN_D, ALIGNED, FP32_DOT)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kp, stride_vn, stride_vp, mid_lo,
+                   mid_hi, key_lo, key_hi, L, P, qk_scale, offs_d, mask_d, BLOCK_N, False, EVEN_D, ALIGNED, FP32_DOT)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kp, stride_vn, stride_vp, mid_hi, hi,
+                   key_lo, key_hi, L, P, qk_scale, offs_d, mask_d, BLOCK_N, True, EVEN_D, ALIGNED, FP32_DOT)
+    dq_rows = _row_offsets(offs_m, P, stride_dqn, stride_dqp, ALIGNED)
+    dq_base = dq_ptr + _head_offset(b, h, stride_dqb, stride_dqh, ALIGNED)
+    _store(dq_base + dq_rows[:, None] + offs_d[None, :], (dq * sm_scale).to(dq_ptr.dtype.element_ty), valid_m, mask_d,
+           EVEN_D)
 
 
 # ---- host side -----------------------------------------------------------------------------------
 
+PHASES = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq")
 
-def launch_config(head_dim: int, pseudo: int, dtype: torch.dtype, *, backward: bool,
-                  interpret: Optional[bool] = None) -> LaunchConfig:
-    """Tiles, warps and stages of the forward (backward=False) or of both backward kernels.
 
-    A tile holds BLOCK_T tokens = BLOCK_T * P_PAD virtual rows (P_PAD = next power of two >= P);
-    BLOCK_C is the padded half head dim. Rows per tile on a GPU: 128 forward for d <= 64, else 64;
-    64 backward for d <= 128, else 32 (flash-attention's usual sizes, not tuned here). Under the
-    interpreter (`interpret`, default: TRITON_INTERPRET=1) 8 tokens per tile, so N = 13 spans two
-    tiles. These are fixed rather than autotuned: the backward's per-tile dmix partial buffers are
-    sized by the tile before the launch. The per-call flags (ROPE, TOKEN_CAUSAL, HAS_WINDOW,
-    COLLAPSE) are added by the launcher.
+def launch_config(head_dim: int, dtype: torch.dtype, *, phase: str, interpret: Optional[bool] = None) -> LaunchConfig:
+    """Tiles, warps and stages of one kernel (`phase` in PHASES) for heads of size head_dim.
+
+    BLOCK_D is d rounded up to a power of two (>= 16, tl.dot's minimum). On a GPU the largest tiles
+    that compile without register spills for both sm_80 and sm_90 (docs/kernels-compiled.md), for
+    16-bit inputs (d <= 64 / d <= 128):
+
+        forward   BLOCK_M x BLOCK_N = 128 x 64 / 128 x 32 queries x keys, 8 warps, 3 stages
+        dk, dv    32 queries x 64 keys per step, 4 / 8 warps, 2 stages
+        dq        64 queries x 32 / 64 keys (32 x 64 for d = 96: larger spills on sm_80), 4 / 8 warps, 2 stages
+        delta     2048 / BLOCK_D rows, 4 warps (memory-bound)
+
+    fp32 inputs (exact fp32 dots on CUDA cores, not tf32) take 16- and 32-wide tiles. Nothing
+    depends on P or the mask (runtime values of the kernels). Under the interpreter (`interpret`,
+    default TRITON_INTERPRET=1) tiles of 16 x 8 (8 x 16 for dk/dv), so short test sequences span
+    several tiles and every phase of the loops runs. The launcher adds the mask flags and ALIGNED.
     """
     interpret = interpreting() if interpret is None else interpret
-    d1 = (head_dim + 1) // 2  # rotary needs an even d; without rotary any d splits this way
-    block_c = max(16, next_power_of_2(d1))  # tl.dot needs every dim >= 16 on a GPU
-    p_pad = next_power_of_2(pseudo)
+    if phase not in PHASES:
+        raise ValueError(f"launch_config: phase must be one of {PHASES}, got {phase!r}")
+    block_d = max(16, next_power_of_2(head_dim))
+    fp32 = dtype == torch.float32
+    wide = block_d > 64
+    if phase == "bwd_preprocess":
+        rows = 16 if interpret else max(16, 2048 // block_d)
+        return LaunchConfig.of(num_warps=4, BLOCK_M=rows, BLOCK_D=block_d)
     if interpret:
-        rows = 8 * p_pad
+        (block_m, block_n), warps, stages = {"fwd": (16, 8), "bwd_dkdv": (8, 16), "bwd_dq": (16, 8)}[phase], 4, None
+    elif fp32:
+        block_m, block_n, warps, stages = {"fwd": (16 if wide else 32, 16, 4, 2),
+                                           "bwd_dkdv": (16, 32, 8 if wide else 4, 1),
+                                           "bwd_dq": (32, 16, 8, 1)}[phase]
     else:
-        rows = (64 if head_dim <= 128 else 32) if backward else (128 if head_dim <= 64 else 64)
-        rows = max(rows, p_pad, 16)
-    return LaunchConfig.of(num_warps=4 if rows * block_c <= 4096 else 8, num_stages=1 if backward else 2,
-                           BLOCK_T=rows // p_pad, P_PAD=p_pad, BLOCK_C=block_c,
-                           FP32_DOT=interpret or dtype == torch.float32)
+        masked_d = block_d != head_dim  # column masks cost registers: d = 96 needs a smaller dq tile
+        block_m, block_n, warps, stages = {"fwd": (128, 32 if wide else 64, 8, 3),
+                                           "bwd_dkdv": (32, 64, 8 if wide else 4, 2),
+                                           "bwd_dq": (32 if masked_d else 64, 64 if wide else 32, 8 if wide else 4,
+                                                      2)}[phase]
+    return LaunchConfig.of(num_warps=warps, num_stages=stages, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                           EVEN_D=block_d == head_dim, FP32_DOT=interpret or fp32)
 
 
-def cuda_launches(head_dim: int, pseudo: int, dtype: torch.dtype, *, rope: bool = True, token_causal: bool = False,
-                  window: bool = True, collapse_heads: bool = True) -> list[KernelLaunch]:
-    """The forward and both backward launches on CUDA for heads of size head_dim, P = pseudo, q/k/v
-    of `dtype` (mixes, collapse and rotary tables fp32, as the model keeps them)."""
-    flags = dict(ROPE=rope, TOKEN_CAUSAL=token_causal, HAS_WINDOW=window, COLLAPSE=collapse_heads)
+_KERNELS = {"fwd": _iha_attn_fwd_kernel, "bwd_preprocess": _iha_attn_bwd_preprocess_kernel,
+            "bwd_dkdv": _iha_attn_bwd_dkdv_kernel, "bwd_dq": _iha_attn_bwd_dq_kernel}
+
+
+def cuda_launches(head_dim: int, dtype: torch.dtype, *, token_causal: bool = False,
+                  window: bool = True) -> list[KernelLaunch]:
+    """The four launches of one forward + backward on CUDA for heads of size head_dim in `dtype`
+    (the pseudo-heads' dtype; logsumexp and delta are fp32). P does not change the compiled code."""
     f32 = torch.float32
-    common = {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "mixq_ptr": f32, "mixk_ptr": f32, "mixv_ptr": f32,
-              "collapse_ptr": f32, "cos_ptr": f32, "sin_ptr": f32}
-    fwd = signature(_iha_fwd_kernel, {**common, "out_ptr": dtype, "lse_ptr": f32}, floats=("qk_scale",))
-    bwd = {**common, "do_ptr": dtype, "lse_ptr": f32, "dp_ptr": f32}
-    dq = signature(_iha_bwd_dq_kernel, {**bwd, "dq_ptr": f32, "dmixq_part_ptr": f32}, floats=("qk_scale", "sm_scale"))
-    dkv = signature(_iha_bwd_dkv_kernel, {**bwd, "dk_ptr": f32, "dv_ptr": f32, "dmixk_part_ptr": f32,
-                                          "dmixv_part_ptr": f32}, floats=("qk_scale", "sm_scale"))
-    note = f"d={head_dim} P={pseudo}"
-    forward = launch_config(head_dim, pseudo, dtype, backward=False, interpret=False).replace(**flags)
-    backward = launch_config(head_dim, pseudo, dtype, backward=True, interpret=False).replace(**flags)
-    return [KernelLaunch(_iha_fwd_kernel, fwd, forward, False, note),
-            KernelLaunch(_iha_bwd_dq_kernel, dq, backward, False, note),
-            KernelLaunch(_iha_bwd_dkv_kernel, dkv, backward, False, note)]
+    flags = dict(TOKEN_CAUSAL=token_causal, HAS_WINDOW=window, ALIGNED=True)
+    types = {
+        "fwd": {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "o_ptr": dtype, "lse_ptr": f32},
+        "bwd_preprocess": {"o_ptr": dtype, "do_ptr": dtype, "delta_ptr": f32},
+        "bwd_dkdv": {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "do_ptr": dtype, "lse_ptr": f32,
+                     "delta_ptr": f32, "dk_ptr": dtype, "dv_ptr": dtype},
+        "bwd_dq": {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "do_ptr": dtype, "lse_ptr": f32,
+                   "delta_ptr": f32, "dq_ptr": dtype},
+    }
+    floats = {"fwd": ("qk_scale",), "bwd_preprocess": (), "bwd_dkdv": ("qk_scale", "sm_scale"),
+              "bwd_dq": ("qk_scale", "sm_scale")}
+    launches = []
+    for phase in PHASES:
+        config = launch_config(head_dim, dtype, phase=phase, interpret=False)
+        config = config.replace(**(flags if phase != "bwd_preprocess" else dict(ALIGNED=True)))
+        kernel = _KERNELS[phase]
+        launches.append(KernelLaunch(kernel, signature(kernel, types[phase], floats=floats[phase]), config,
+                                     phase == "bwd_preprocess", f"d={head_dim}"))
+    return launches
 
 
-class _Layout:
-    """Sizes, block sizes and launch constants shared by the three launches of one call."""
-
-    def __init__(self, q: Tensor, heads_out: int, pseudo: int, mask: str, window: Optional[int], rope: bool,
-                 collapse_heads: bool, backward: bool):
-        batch, heads_in, seq_len, head_dim = q.shape
-        self.batch, self.heads_in, self.seq_len, self.head_dim = batch, heads_in, seq_len, head_dim
-        self.heads_out, self.pseudo = heads_out, pseudo
-        self.d1 = (head_dim + 1) // 2
-        config = launch_config(head_dim, pseudo, q.dtype, backward=backward)
-        self.block_t = config.constexpr_dict()["BLOCK_T"]
-        self.num_tiles = triton.cdiv(seq_len, self.block_t)
-        self.sm_scale = head_dim ** -0.5
-        self.launch = config.replace(ROPE=rope, TOKEN_CAUSAL=mask == "token_causal", HAS_WINDOW=window is not None,
-                                     COLLAPSE=collapse_heads).kwargs()
-        self.window = window if window is not None else 0
-        self.window_tok = self.window // pseudo
-
-    def scalars(self) -> tuple:
-        return (self.seq_len, self.heads_in, self.heads_out, self.pseudo, self.d1, self.head_dim)
-
-    def grid(self):
-        return (self.num_tiles, self.batch * self.heads_out)
+def _strides(x: Tensor) -> tuple[int, int, int, int]:
+    """(b, h, n, p) strides of a [B, H, P, N, d] pseudo-head tensor (d has unit stride)."""
+    return x.stride(0), x.stride(1), x.stride(3), x.stride(2)
 
 
-def _table_strides(cos: Optional[Tensor], sin: Optional[Tensor], q: Tensor):
-    if cos is None:
-        return q, q, (0, 0, 0, 0)
-    return cos, sin, (*cos.stride(), *sin.stride())
+def _unit_d(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _forward(q, k, v, mix_q, mix_k, mix_v, collapse, cos, sin, mask, window, collapse_heads: bool):
-    """Launch the forward kernel: (out, lse). out is o [B, H_out, N, d] or, for a global collapse, o~."""
-    heads_out, pseudo = mix_q.shape[1], mix_q.shape[2]
-    lay = _Layout(q, heads_out, pseudo, mask, window, cos is not None, collapse_heads, backward=False)
-    rows = lay.seq_len if collapse_heads else lay.seq_len * pseudo
-    out = new_output((lay.batch, heads_out, rows, lay.head_dim), dtype=q.dtype, device=q.device)
-    lse = new_output((lay.batch, heads_out, lay.seq_len * pseudo), dtype=torch.float32, device=q.device)
+def _mask_flags(mask: str, window: Optional[int]) -> dict:
+    return dict(TOKEN_CAUSAL=mask == "token_causal", HAS_WINDOW=window is not None)
+
+
+def _aligned(*tensors: Tensor) -> bool:
+    """Every (b, h, n, p) stride a multiple of 16 elements and every pointer 16-byte aligned: then the
+    kernels may tell the compiler so (ALIGNED), which vectorises their row loads."""
+    return all(x.data_ptr() % 16 == 0 and all(st % 16 == 0 for st in _strides(x)) for x in tensors)
+
+
+def _attention_forward(q: Tensor, k: Tensor, v: Tensor, mask: str, window: Optional[int]) -> tuple[Tensor, Tensor]:
+    """q~, k~, v~ [B, H, P, N, d] (any strides, unit d stride) -> o~ [B, H, P, N, d] contiguous and
+    the base-2 logsumexp [B, H, N*P] fp32."""
+    batch, heads, pseudo, seq_len, head_dim = q.shape
+    L = seq_len * pseudo
+    out = new_output(q.shape, dtype=q.dtype, device=q.device)
+    lse = new_output((batch, heads, L), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    cos_t, sin_t, table_strides = _table_strides(cos, sin, q)
-    _iha_fwd_kernel[lay.grid()](
-        q, k, v, mix_q, mix_k, mix_v, collapse, cos_t, sin_t, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *mix_q.stride(), *collapse.stride(), *table_strides, *out.stride(),
-        *lay.scalars(), lay.sm_scale * LOG2E, lay.window, lay.window_tok,
-        **lay.launch)
+    config = launch_config(head_dim, q.dtype, phase="fwd").replace(**_mask_flags(mask, window),
+                                                                    ALIGNED=_aligned(q, k, v, out))
+    block_m = config.constexpr_dict()["BLOCK_M"]
+    _iha_attn_fwd_kernel[(triton.cdiv(L, block_m), batch * heads)](
+        q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        heads, L, pseudo, head_dim, window or 0, head_dim ** -0.5 * LOG2E, **config.kwargs())
     return out, lse
 
 
-def _backward(grad_rows, q, k, v, mix_q, mix_k, mix_v, collapse, cos, sin, lse, mask, window, collapse_heads):
-    """Launch both backward kernels. grad_rows: do [B, H_out, N, d] (per-head collapse) or do~
-    [B, H_out, N*P, d] (global). Returns (dq, dk, dv) fp32, (dmix_q, dmix_k, dmix_v) fp32, Dp."""
-    heads_out, pseudo = mix_q.shape[1], mix_q.shape[2]
-    lay = _Layout(q, heads_out, pseudo, mask, window, cos is not None, collapse_heads, backward=True)
-    shape_in = (lay.batch, lay.heads_in, lay.seq_len, lay.head_dim)
-    dq, dk, dv = (torch.zeros(shape_in, dtype=torch.float32, device=q.device) for _ in range(3))
-    dp = new_output((lay.batch, heads_out, lay.seq_len * pseudo), dtype=torch.float32, device=q.device)
-    parts = [new_output((lay.batch * lay.num_tiles, lay.heads_in, heads_out, pseudo), dtype=torch.float32,
-                        device=q.device) for _ in range(3)]
-    if lay.batch * lay.seq_len == 0 or lay.head_dim == 0:
-        return (dq, dk, dv), tuple(part.zero_().sum(0) for part in parts), dp.zero_()
-    cos_t, sin_t, table_strides = _table_strides(cos, sin, q)
-    common = (*q.stride(), *k.stride(), *v.stride(), *mix_q.stride(), *collapse.stride(), *table_strides,
-              *grad_rows.stride())
-    scalars = (*lay.scalars(), lay.sm_scale * LOG2E, lay.sm_scale, lay.window, lay.window_tok)
-    part_strides = parts[0].stride()[:3]
-    _iha_bwd_dq_kernel[lay.grid()](
-        q, k, v, mix_q, mix_k, mix_v, collapse, cos_t, sin_t, grad_rows, lse, dp, dq, parts[0],
-        *common, *dq.stride()[:3], *part_strides, *scalars,
-        **lay.launch)
-    _iha_bwd_dkv_kernel[lay.grid()](
-        q, k, v, mix_q, mix_k, mix_v, collapse, cos_t, sin_t, grad_rows, lse, dp, dk, dv, parts[1], parts[2],
-        *common, *dk.stride()[:3], *part_strides, *scalars,
-        **lay.launch)
-    return (dq, dk, dv), tuple(part.sum(0) for part in parts), dp
+def _attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, mask: str,
+                        window: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """dq~, dk~, dv~ [B, H, P, N, d] (contiguous, the inputs' dtype) from do~."""
+    batch, heads, pseudo, seq_len, head_dim = q.shape
+    L = seq_len * pseudo
+    dq, dk, dv = (new_output(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    if dq.numel() == 0:
+        return dq, dk, dv
+    flags = dict(_mask_flags(mask, window), ALIGNED=_aligned(q, k, v, do, dq))
+    delta = new_output((batch, heads, L), dtype=torch.float32, device=q.device)
+    pre = launch_config(head_dim, q.dtype, phase="bwd_preprocess").replace(ALIGNED=_aligned(o, do))
+    _iha_attn_bwd_preprocess_kernel[(triton.cdiv(L, pre.constexpr_dict()["BLOCK_M"]), batch * heads)](
+        o, do, delta, *_strides(o), *_strides(do), heads, L, pseudo, head_dim, **pre.kwargs())
+    sm_scale = head_dim ** -0.5
+    scalars = (heads, L, pseudo, head_dim, window or 0, sm_scale * LOG2E, sm_scale)
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    dkdv = launch_config(head_dim, q.dtype, phase="bwd_dkdv").replace(**flags)
+    _iha_attn_bwd_dkdv_kernel[(triton.cdiv(L, dkdv.constexpr_dict()["BLOCK_N"]), batch * heads)](
+        q, k, v, do, lse, delta, dk, dv, *strides, *_strides(dk), *scalars, **dkdv.kwargs())
+    dq_config = launch_config(head_dim, q.dtype, phase="bwd_dq").replace(**flags)
+    _iha_attn_bwd_dq_kernel[(triton.cdiv(L, dq_config.constexpr_dict()["BLOCK_M"]), batch * heads)](
+        q, k, v, do, lse, delta, dq, *strides, *_strides(dq), *scalars, **dq_config.kwargs())
+    return dq, dk, dv
 
 
-class IhaAttentionFunction(torch.autograd.Function):
-    """Autograd for `iha_attention`. Saves the inputs and the [B, H_out, N*P] logsumexp only (plus
-    o~ in the global-collapse mode); backward recomputes the pseudo-heads. cos/sin get no gradient."""
+class IhaFlashAttention(torch.autograd.Function):
+    """Softmax attention over the interleaved virtual sequence of [B, H, P, N, d] pseudo-heads
+    (row n*P + p is [:, :, p, n]). Saves q~, k~, v~, o~ and the logsumexp; backward is FA2's."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mix_q, mix_k, mix_v, collapse, cos, sin, mask, window):
-        batch, _, seq_len, head_dim = q.shape
-        heads_out, pseudo = mix_q.shape[1], mix_q.shape[2]
-        collapse_heads = tuple(collapse.shape) == (heads_out, pseudo)
-        # The kernels take one set of strides for the three (tiny) mixes.
-        mix_q, mix_k, mix_v = mix_q.contiguous(), mix_k.contiguous(), mix_v.contiguous()
-        out, lse = _forward(q, k, v, mix_q, mix_k, mix_v, collapse, cos, sin, mask, window, collapse_heads)
-        o_tilde = None
-        if not collapse_heads:
-            o_tilde = out
-            mixing = collapse.float().reshape(heads_out, heads_out, pseudo)
-            out = torch.einsum("bmnpd,hmp->bhnd", o_tilde.float().reshape(batch, heads_out, seq_len, pseudo,
-                                                                           head_dim), mixing).to(q.dtype)
-        ctx.save_for_backward(q, k, v, mix_q, mix_k, mix_v, collapse, cos, sin, lse, o_tilde)
-        ctx.mask, ctx.window, ctx.collapse_heads = mask, window, collapse_heads
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: str, window: Optional[int]) -> Tensor:
+        q, k, v = _unit_d(q), _unit_d(k), _unit_d(v)
+        out, lse = _attention_forward(q, k, v, mask, window)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mask, ctx.window = mask, window
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, mix_q, mix_k, mix_v, collapse, cos, sin, lse, o_tilde = ctx.saved_tensors
-        batch, _, seq_len, head_dim = q.shape
-        heads_out, pseudo = mix_q.shape[1], mix_q.shape[2]
-        if ctx.collapse_heads:
-            grad_rows = grad_out
-        else:
-            mixing = collapse.float().reshape(heads_out, heads_out, pseudo)
-            grad_rows = torch.einsum("bhnd,hmp->bmnpd", grad_out.float(), mixing).reshape(
-                batch, heads_out, seq_len * pseudo, head_dim)
-        (dq, dk, dv), (dmix_q, dmix_k, dmix_v), dp = _backward(
-            grad_rows, q, k, v, mix_q, mix_k, mix_v, collapse, cos, sin, lse, ctx.mask, ctx.window,
-            ctx.collapse_heads)
-        if ctx.collapse_heads:
-            dcollapse = dp.reshape(batch, heads_out, seq_len, pseudo).sum((0, 2))
-        else:
-            o5 = o_tilde.float().reshape(batch, heads_out, seq_len, pseudo, head_dim)
-            dcollapse = torch.einsum("bhnd,bmnpd->hmp", grad_out.float(), o5).reshape(heads_out, heads_out * pseudo)
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmix_q.to(mix_q.dtype), dmix_k.to(mix_k.dtype),
-                dmix_v.to(mix_v.dtype), dcollapse.to(collapse.dtype), None, None, None, None)
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _attention_backward(_unit_d(grad_out.to(q.dtype)), q, k, v, out, lse, ctx.mask, ctx.window)
+        return dq, dk, dv, None, None
+
+
+def pseudo_heads(x: Tensor, mix: Tensor) -> Tensor:
+    """x [B, H_in, N, d], mix [H_in, H_out, P] -> x~ [B, H_out, P, N, d]: one GEMM,
+    [H_out*P, H_in] @ [B, H_in, N*d], on tensor cores in x's dtype."""
+    batch, heads_in, seq_len, head_dim = x.shape
+    heads_out, pseudo = mix.shape[1], mix.shape[2]
+    weights = mix.permute(1, 2, 0).reshape(heads_out * pseudo, heads_in).to(x.dtype)
+    return torch.matmul(weights, x.reshape(batch, heads_in, seq_len * head_dim)).view(
+        batch, heads_out, pseudo, seq_len, head_dim)
+
+
+def rotate_pseudo_heads(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """RoPE on q~, k~ [B, H, P, N, d] with tables cos, sin [N*P, d/2] indexed by virtual row n*P + p,
+    by the rotary kernel: the pseudo index becomes its batch dim ([P, B*H, N, d] views, per-p
+    tables [P, N, d/2]). Returns [B, H, P, N, d] views (of [P, B, H, N, d] storage)."""
+    batch, heads, pseudo, seq_len, head_dim = q.shape
+    from .rotary import rope
+
+    def per_p(table: Tensor) -> Tensor:
+        return table.view(seq_len, pseudo, head_dim // 2).transpose(0, 1)
+
+    def as_batch(x: Tensor) -> Tensor:
+        return x.permute(2, 0, 1, 3, 4).reshape(pseudo, batch * heads, seq_len, head_dim)
+
+    q_rot, k_rot = rope(as_batch(q), as_batch(k), per_p(cos), per_p(sin))
+    return tuple(t.view(pseudo, batch, heads, seq_len, head_dim).permute(1, 2, 0, 3, 4) for t in (q_rot, k_rot))
+
+
+def collapse_pseudo_heads(o: Tensor, collapse: Tensor) -> Tensor:
+    """o~ [B, H, P, N, d] -> o [B, H, N, d], one GEMM: per head [H, 1, P] @ [B, H, P, N*d], global
+    [H, H*P] @ [B, H*P, N*d] (collapse [H, H*P], column m*P + p)."""
+    batch, heads, pseudo, seq_len, head_dim = o.shape
+    weights = collapse.to(o.dtype)
+    if tuple(collapse.shape) == (heads, pseudo):
+        out = torch.matmul(weights[:, None, :], o.reshape(batch, heads, pseudo, seq_len * head_dim))
+    else:
+        out = torch.matmul(weights, o.reshape(batch, heads * pseudo, seq_len * head_dim))
+    return out.view(batch, heads, seq_len, head_dim)
 
 
 def iha_attention(q: Tensor, k: Tensor, v: Tensor, mix_q: Tensor, mix_k: Tensor, mix_v: Tensor, collapse: Tensor,
                   cos: Optional[Tensor] = None, sin: Optional[Tensor] = None, mask: str = "causal",
                   window: Optional[int] = None) -> Tensor:
-    """Interleaved head attention with fused Triton kernels (forward and backward).
+    """Interleaved head attention: GEMM mixing, rotary, the FlashAttention-2 Triton kernel, GEMM collapse.
 
     Same math, arguments and result as `reference.iha_attention` (see the module docstring):
     q, k, v [B, H_in, N, d] (any strides); mix_q, mix_k, mix_v [H_in, H_out, P]; collapse [H_out, P]
-    (per head, fully fused) or [H_out, H_out*P] (global: o~ is written and collapsed by a matmul);
-    cos, sin [N*P, d/2] or None; mask "causal" or "token_causal"; window None or a positive multiple
-    of P (virtual tokens). Returns o [B, H_out, N, d] in q.dtype with gradients for q, k, v, the
-    three mixes and collapse (cos and sin get none).
+    (per head) or [H_out, H_out*P] (global); cos, sin [N*P, d/2] or None; mask "causal" or
+    "token_causal"; window None or a positive multiple of P (virtual tokens). Returns o
+    [B, H_out, N, d] in q.dtype with gradients for q, k, v, the three mixes and collapse (cos and sin
+    get none). The mixes and collapse are applied in q's dtype (bf16 models: bf16 GEMMs, fp32
+    accumulation).
 
     Raises ValueError naming 'iha_attention' and the argument for any malformed input.
     """
     reference.iha_check_inputs(q, k, v, mix_q, mix_k, mix_v, collapse, cos, sin, mask, window)
     check_device(OP, q)
-    return IhaAttentionFunction.apply(q, k, v, mix_q, mix_k, mix_v, collapse, cos, sin, mask, window)
+    q_t, k_t, v_t = pseudo_heads(q, mix_q), pseudo_heads(k, mix_k), pseudo_heads(v, mix_v)
+    if cos is not None:
+        q_t, k_t = rotate_pseudo_heads(q_t, k_t, cos, sin)
+    o_t = IhaFlashAttention.apply(q_t, k_t, v_t, mask, window)
+    return collapse_pseudo_heads(o_t, collapse)

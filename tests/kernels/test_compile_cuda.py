@@ -71,8 +71,9 @@ def test_every_launch_compiles_and_fits(report):
     # every @triton.jit kernel of the package is covered
     assert kernels == {"_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel",
                        "_rope_fwd_kernel", "_flce_fwd_kernel", "_flce_grad_kernel", "_silu_fwd_kernel",
-                       "_silu_bwd_kernel", "_scatter_add_kernel", "_iha_fwd_kernel",
-                       "_iha_bwd_dq_kernel", "_iha_bwd_dkv_kernel", "_projected_adam_update_kernel"}
+                       "_silu_bwd_kernel", "_scatter_add_kernel", "_iha_attn_fwd_kernel",
+                       "_iha_attn_bwd_preprocess_kernel", "_iha_attn_bwd_dkdv_kernel", "_iha_attn_bwd_dq_kernel",
+                       "_projected_adam_update_kernel"}
     if not SAMPLE:
         assert {row["dtype"] for row in rows if row["kernel"] == "_rms_norm_fwd_kernel"} == {"bf16", "fp16", "fp32"}
     problems = [f"{row['kernel']} {row['dtype']} {row['config']}: {p}" for row in rows for p in row["problems"]]
@@ -150,6 +151,7 @@ def test_launchers_take_their_config_from_the_exposed_functions(monkeypatch):
                          (cross_entropy, "launch_config"), (iha, "launch_config"), (projected_adam, "launch_configs")):
         spy(module, name)
     spy(lowrank, "launch_config", "lowrank.launch_config")
+    spy(norm, "forward_config", "norm.forward_config")
     spy(sparse_lowrank, "launch_config", "sparse_lowrank.launch_config")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 40, generator=gen, requires_grad=True)
@@ -172,10 +174,11 @@ def test_launchers_take_their_config_from_the_exposed_functions(monkeypatch):
                                   1.0).sum().backward()
     seen = {(name, args) for name, args in calls}
     assert ("launch_config", (40,)) in seen                      # rms_norm, D = 40
+    assert ("norm.forward_config", (40,)) in seen                # rms_norm's forward
     assert ("launch_config", ()) in seen                         # swiglu
     assert ("launch_config", (8, 2, 2)) in seen                  # rope: d, Hq, Hk
     assert ("launch_config", (50,)) in seen                      # cross-entropy: V
     assert ("lowrank.launch_config", ()) in seen                 # lowrank's SiLU passes
-    assert any(name == "launch_config" and args[:2] == (8, 2) for name, args in seen)  # iha: d, P
+    assert ("launch_config", (8, torch.float32)) in seen        # iha: d, dtype
     assert ("launch_configs", (4, "cpu")) in seen                # projected adam: r
     assert ("sparse_lowrank.launch_config", ()) in seen          # sparse_lowrank's scatter
