@@ -162,20 +162,35 @@ def transient_elements(m, tp: int) -> int:
     return max(math.ceil(d_in * d_out / tp) for _, d_in, d_out in projection_shapes(m))
 
 
+def iha_extra_elements(m, tp: int, width: int) -> float:
+    """What an IHA layer saves per token beyond MHA's q, k, v and attention output, in elements of the
+    activation width (kernels/iha.py): the mixing GEMMs keep their inputs q, k, v with k, v repeated
+    to all H heads (all-gathered from every TP rank with tp_mode=exact), the attention keeps the P
+    pseudo-heads q~, k~ (rotated), v~ and its output o~ (P x MHA's q, k, v, o) and the logsumexp
+    [B, H, N*P] in fp32; the collapse's output is the attention output MHA counts too."""
+    d, kv, heads, pseudo = m.dim, m.kv_heads * m.head_dim, m.heads, m.iha.pseudo_heads
+    mixing_in = 3 * d if (m.iha.tp_mode == "exact" and tp > 1) else 3 * d / tp
+    pseudo_heads = 4 * pseudo * d / tp
+    logsumexp = heads * pseudo / tp * 4 / width
+    return mixing_in + pseudo_heads + logsumexp - (d + 2 * kv) / tp
+
+
 def activation_elements(m, tp: int, sequence_parallel: bool, cfg) -> tuple[float, float]:
     """Elements saved for backward per token on one rank: (without, with activation checkpointing).
 
     Per decoder layer: the two norms' inputs and outputs (4 D, split over the sequence with SP);
     q, k, v, the attention output, gate, up and the SwiGLU output ((2 D + 2 KV d + 3 F) / TP, the
-    fused attention keeps only its row statistics); low-rank kinds add their r-wide intermediates
-    (CoLA: x a and silu(x a) per projection unless CoLA-M recomputes them; LoRA/ReLoRA: x a, and the
-    dropout's input copy). Outside the layers: the embedding output and the final norm's output. With
-    activation checkpointing a layer keeps only its input (D, / TP with SP) and one layer is live
-    again during its recomputation.
+    fused attention keeps only its row statistics; IHA adds its pseudo-heads, `iha_extra_elements`);
+    low-rank kinds add their r-wide intermediates (CoLA: x a and silu(x a) per projection unless CoLA-M
+    recomputes them; LoRA/ReLoRA: x a, and the dropout's input copy). Outside the layers: the
+    embedding output and the final norm's output. With activation checkpointing a layer keeps only its
+    input (D, / TP with SP) and one layer is live again during its recomputation.
     """
     d, f, kv = m.dim, m.ffn_dim, m.kv_heads * m.head_dim
     seq_split = tp if sequence_parallel else 1
     per_layer = 4 * d / seq_split + (2 * d + 2 * kv + 3 * f) / tp
+    if m.attention == "iha":
+        per_layer += iha_extra_elements(m, tp, 2 if _bf16(cfg) else 4)
     if m.linear != "dense":
         from megatrain.models.config import FROZEN_BASE_KINDS
         from megatrain.models.layers import lowrank_options

@@ -165,3 +165,43 @@ def test_zero3_build_peaks_at_the_partition_plus_one_module():
         assert abs(held_bytes - full_bytes / 2) < 0.01 * full_bytes, (held_bytes, full_bytes)  # fp32 halves
         grown = float(peak) * unit[pu] - float(before) * unit[bu]
         assert grown < held_bytes + largest + 0.1 * full_bytes, (grown, held_bytes, largest, full_bytes, proc.stdout)
+
+
+@pytest.mark.parametrize("tp_mode, tp", [("exact", 1), ("exact", 2), ("local", 2)])
+def test_iha_plan_counts_what_the_kernel_path_saves(monkeypatch, tp_mode, tp):
+    """`megatrain plan`'s IHA activations are what kernels.iha_attention (the Triton path, through
+    the interpreter) really saves for backward: the mixing GEMMs' inputs, the P pseudo-heads q~, k~,
+    v~, o~ and the fp32 logsumexp. Measured with saved-tensor hooks on one rank's call (H_in heads
+    in, H_out = H / tp out; exact mode gathers all H heads first)."""
+    from types import SimpleNamespace
+
+    from megatrain import kernels
+    from megatrain.engine.memory_plan import iha_extra_elements
+
+    monkeypatch.setenv("MEGATRAIN_KERNELS", "triton")
+    heads, head_dim, pseudo, batch, seq = 4, 16, 2, 2, 24
+    heads_out = heads // tp
+    heads_in = heads if tp_mode == "exact" else heads_out
+    m = SimpleNamespace(dim=heads * head_dim, heads=heads, kv_heads=heads, head_dim=head_dim,
+                        iha=SimpleNamespace(pseudo_heads=pseudo, tp_mode=tp_mode))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, seq, heads_in, head_dim, generator=gen).to(torch.bfloat16).transpose(1, 2)
+               .requires_grad_() for _ in range(3))
+    mixes = [torch.randn(heads_in, heads_out, pseudo, generator=gen, requires_grad=True) for _ in range(3)]
+    collapse = torch.randn(heads_out, pseudo, generator=gen, requires_grad=True)
+    angles = torch.rand(seq * pseudo, head_dim // 2, generator=gen)
+    cos, sin = angles.cos(), angles.sin()
+    tables = {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if t.numel() >= batch * seq and storage.data_ptr() not in tables:  # not a weight or a table
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        kernels.iha_attention(q, k, v, *mixes, collapse, cos, sin)
+    mha_qkv = (m.dim + 2 * m.kv_heads * head_dim) / tp  # MHA's q, k, v, which the plan already counts
+    planned = batch * seq * (iha_extra_elements(m, tp, 2) + mha_qkv) * 2
+    assert sum(saved.values()) == planned
