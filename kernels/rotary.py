@@ -172,6 +172,11 @@ def _rope_launch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, inverse: boo
     """Rotate q [B, Hq, N, d] and k [B, Hk, N, d] (any strides) by +theta, or -theta if `inverse`.
 
     Returns new contiguous tensors of the same shapes in q_dtype and k_dtype.
+
+    Bytes per call (e = element size of q and k, tables fp32 [N, d/2]): read and write q and k,
+    read cos and sin once: 2*B*(Hq + Hk)*N*d*e + 2*N*(d/2)*4. At the benchmark's B1 N8192 Hq32 Hk8
+    d128 bf16 that is 172 MB: 0.042 ms at the H200's measured 4.1 TB/s copy bandwidth (measured
+    2026-12-04: this kernel 0.200 ms, torch.compile 0.098 ms, forward).
     """
     batch, num_q_heads, seq_len, head_dim = q.shape
     num_k_heads = k.shape[1]

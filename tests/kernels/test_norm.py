@@ -231,3 +231,25 @@ def test_rms_norm_cpu_tensor_without_interpreter_raises(monkeypatch):
     # The kernel module's own entry point checks too (for callers that bypass the dispatch).
     with pytest.raises(ValueError, match=r"^rms_norm: .*cpu.*TRITON_INTERPRET=1"):
         triton_norm.rms_norm(x, w)
+
+
+@pytest.mark.parametrize("rows, d", [(19, 24), (37, 100), (5, 1000)])
+def test_rms_norm_forward_tiles_of_several_rows(rows, d, monkeypatch):
+    """Narrow rows are packed several per program (forward_config), with a last tile partly empty;
+    wide rows take one program each; with a residual, forward and backward. Under no_grad the
+    forward stores no rstd."""
+    config = dict(triton_norm.forward_config(d).constexprs)
+    assert config["BLOCK_ROWS"] == max(1, 256 // config["BLOCK_D"])
+    seed, gen = fresh_generator()
+    inputs = {"x": randn(gen, (rows, d)), "weight": randn(gen, (d,)), "residual": randn(gen, (rows, d))}
+    check_against_reference(seed, inputs, lambda fn, t: fn(t["x"], t["weight"], 1e-6, t["residual"]),
+                            {0: randn(gen, (rows, d)), 1: randn(gen, (rows, d))}, torch.float32)
+    stored = []
+    real = triton_norm.rms_norm_fwd
+    monkeypatch.setattr(triton_norm, "rms_norm_fwd",
+                        lambda *a, **k: stored.append(k["store_rstd"]) or real(*a, **k))
+    with torch.no_grad():
+        y = kernels.rms_norm(inputs["x"], inputs["weight"])
+    kernels.rms_norm(inputs["x"].clone().requires_grad_(), inputs["weight"])
+    assert stored == [False, True]
+    assert_matches(y, reference.rms_norm(inputs["x"], inputs["weight"]), torch.float32, "no_grad output", seed)
