@@ -151,6 +151,7 @@ def test_launchers_take_their_config_from_the_exposed_functions(monkeypatch):
                          (cross_entropy, "launch_config"), (iha, "launch_config"), (projected_adam, "launch_configs")):
         spy(module, name)
     spy(lowrank, "launch_config", "lowrank.launch_config")
+    spy(norm, "forward_config", "norm.forward_config")
     spy(sparse_lowrank, "launch_config", "sparse_lowrank.launch_config")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 40, generator=gen, requires_grad=True)
@@ -173,6 +174,7 @@ def test_launchers_take_their_config_from_the_exposed_functions(monkeypatch):
                                   1.0).sum().backward()
     seen = {(name, args) for name, args in calls}
     assert ("launch_config", (40,)) in seen                      # rms_norm, D = 40
+    assert ("norm.forward_config", (40,)) in seen                # rms_norm's forward
     assert ("launch_config", ()) in seen                         # swiglu
     assert ("launch_config", (8, 2, 2)) in seen                  # rope: d, Hq, Hk
     assert ("launch_config", (50,)) in seen                      # cross-entropy: V
