@@ -42,7 +42,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 __all__ = ["Row", "TABLE", "TRITON", "TORCH", "CLASS_DIMS", "MODES", "ANY", "shape_class", "lookup", "device_arch",
-           "use_triton", "clear_cache", "paths", "reset_paths", "grad_mode"]
+           "use_triton", "record", "clear_cache", "paths", "reset_paths", "grad_mode"]
 
 TRITON = "triton"
 TORCH = "torch"
