@@ -122,7 +122,8 @@ def _check_targets(target: Tensor, ignore_index: int, vocab_total: int) -> None:
 
 
 def _linear_cross_entropy_chunks(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int,
-                                 chunk_size: int, grad_h: bool, grad_weight: bool, process_group=None):
+                                 chunk_size: int, grad_h: bool, grad_weight: bool, process_group=None,
+                                 compute_dtype: torch.dtype = torch.float32):
     """Loss (and, when asked, its gradients) of mean CE(h @ weight.T, target), chunk by chunk.
 
     Only one [chunk_size, V] block of logits exists at a time. The gradient of the summed loss with
@@ -132,10 +133,13 @@ def _linear_cross_entropy_chunks(h: Tensor, weight: Tensor, target: Tensor, igno
     With a vocab-parallel `process_group`, weight holds rows [rank * V_local, (rank + 1) * V_local):
     the row max (MAX), the sum of exponentials and the target logit (SUM, 0 on ranks that do not own
     the target) are all-reduced per chunk, and the partial gradient for h is all-reduced at the end.
+
+    The three matmuls take their operands in `compute_dtype` (accumulating in fp32 wherever the backend
+    does); the softmax, the loss and the gradient sums are fp32 whatever it is.
     """
     num_tokens, vocab_local = h.shape[0], weight.shape[0]
     vocab_start = 0 if process_group is None else dist.get_rank(process_group) * vocab_local
-    weight32 = weight.float()
+    weight_c = weight.to(compute_dtype)
     counted = target != ignore_index
     # Clamped so an all-ignored batch gives a loss (and gradients) of exactly 0 instead of 0/0.
     scale = 1.0 / counted.sum().clamp(min=1).float()
@@ -144,7 +148,7 @@ def _linear_cross_entropy_chunks(h: Tensor, weight: Tensor, target: Tensor, igno
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if grad_weight else None
     for start in range(0, num_tokens, chunk_size):
         stop = min(start + chunk_size, num_tokens)
-        h_chunk = h[start:stop].float()
+        h_chunk = h[start:stop].to(compute_dtype)
         keep = counted[start:stop]
         local_target = target[start:stop] - vocab_start
         # Rows whose target column lives here. Without a group that is every counted row (targets
@@ -152,7 +156,7 @@ def _linear_cross_entropy_chunks(h: Tensor, weight: Tensor, target: Tensor, igno
         owned = keep & (local_target >= 0) & (local_target < vocab_local)
         # Ignored and not-owned rows may hold any id: point them at column 0 (masked out below).
         safe_target = torch.where(owned, local_target, torch.zeros_like(local_target))[:, None]
-        logits = h_chunk @ weight32.T  # [C, V_local]
+        logits = (h_chunk @ weight_c.T).float()  # [C, V_local]
         target_logit = logits.gather(1, safe_target).squeeze(1) * owned
         if process_group is None:
             lse = torch.logsumexp(logits, dim=-1)
@@ -169,10 +173,14 @@ def _linear_cross_entropy_chunks(h: Tensor, weight: Tensor, target: Tensor, igno
         grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, reusing the logits' memory
         grad_logits.scatter_add_(1, safe_target, -owned.float()[:, None])
         grad_logits.mul_(keep[:, None])
+        grad_c = grad_logits.to(compute_dtype)
         if dh is not None:
-            dh[start:stop] = grad_logits @ weight32
+            dh[start:stop] = grad_c @ weight_c
         if dw is not None:
-            dw.addmm_(grad_logits.T, h_chunk)
+            if compute_dtype == torch.float32:
+                dw.addmm_(grad_c.T, h_chunk)
+            else:
+                dw.add_((grad_c.T @ h_chunk).float())
     loss = loss_sum * scale
     if dh is not None:
         if process_group is not None:
@@ -188,10 +196,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Autograd wrapper: gradients are computed in forward (chunked), scaled in backward."""
 
     @staticmethod
-    def forward(ctx, h, weight, target, ignore_index, chunk_size, process_group):
+    def forward(ctx, h, weight, target, ignore_index, chunk_size, process_group, compute_dtype):
         loss, dh, dw = _linear_cross_entropy_chunks(
             h, weight, target, ignore_index, chunk_size,
-            grad_h=ctx.needs_input_grad[0], grad_weight=ctx.needs_input_grad[1], process_group=process_group)
+            grad_h=ctx.needs_input_grad[0], grad_weight=ctx.needs_input_grad[1], process_group=process_group,
+            compute_dtype=compute_dtype)
         ctx.save_for_backward(dh, dw)
         return loss
 
@@ -201,11 +210,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dh, dw = ctx.saved_tensors
         grad_h = None if dh is None else dh * grad_loss.to(dh.dtype)
         grad_w = None if dw is None else dw * grad_loss.to(dw.dtype)
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX,
-                               chunk_size: int = 4096, process_group=None) -> Tensor:
+                               chunk_size: int = 4096, process_group=None,
+                               compute_dtype: torch.dtype = torch.float32) -> Tensor:
     """Mean cross-entropy of the logits h @ weight.T, without holding all [T, V] logits.
 
         loss = mean over {t : target[t] != ignore_index} of  logsumexp(z_t) - z_t[target[t]],
@@ -225,6 +235,8 @@ def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore
             shard (rows [rank * V_local, (rank + 1) * V_local) of the full head), target holds global
             ids and h is the same on every rank; the returned loss and gradient for h are complete
             (all-reduced), the gradient for weight is this shard's.
+        compute_dtype: dtype of the matmul operands (fp32: the oracle; the input dtype: the unfused torch
+            path megatrain.kernels runs, which cuBLAS accumulates in fp32). Softmax and loss are fp32.
 
     Returns:
         0-dim fp32 loss. If every target is ignored the loss is 0 (still attached to the graph,
@@ -245,10 +257,10 @@ def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore
         world = dist.get_world_size(process_group)
     _check_targets(target, ignore_index, weight.shape[0] * world)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(h, weight, target, ignore_index, chunk_size, process_group)
+        return _LinearCrossEntropy.apply(h, weight, target, ignore_index, chunk_size, process_group, compute_dtype)
     # Evaluation: skip the gradient work entirely.
     return _linear_cross_entropy_chunks(h, weight, target, ignore_index, chunk_size, False, False,
-                                        process_group)[0]
+                                        process_group, compute_dtype)[0]
 
 
 LOWRANK_ACTIVATIONS = ("silu", None)
@@ -260,18 +272,20 @@ def _check_lowrank(op: str, x: Tensor, a: Tensor, b: Tensor) -> None:
                          f"{tuple(a.shape)}, {tuple(b.shape)}")
 
 
-def _lowrank_linear_math(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor], activation: Optional[str]) -> Tensor:
-    z = x.float() @ a.float()
+def _lowrank_linear_math(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor], activation: Optional[str],
+                         compute_dtype: torch.dtype = torch.float32) -> Tensor:
+    z = x.to(compute_dtype) @ a.to(compute_dtype)
     if activation == "silu":
         z = F.silu(z)
-    y = z @ b.float()
+    y = z @ b.to(compute_dtype)
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(compute_dtype)
     return y.to(x.dtype)
 
 
 def lowrank_linear(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor] = None,
-                   activation: Optional[str] = "silu", recompute: bool = False) -> Tensor:
+                   activation: Optional[str] = "silu", recompute: bool = False,
+                   compute_dtype: torch.dtype = torch.float32) -> Tensor:
     """Low-rank projection with an activation between the factors (CoLA): act(x @ a) @ b + bias.
 
     Args:
@@ -282,9 +296,11 @@ def lowrank_linear(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor] = Non
         activation: "silu" (CoLA) or None (plain low-rank x @ a @ b, as LoRA/ReLoRA use).
         recompute: CoLA-M: keep only the inputs for backward and recompute the [..., r]
             intermediate there (activation checkpointing of this op) instead of storing it.
+        compute_dtype: dtype of the math (fp32: the oracle; the input dtype: the unfused torch path,
+            two matmuls and a SiLU, which megatrain.kernels runs).
 
     Returns:
-        [..., D_out] in x.dtype (math in fp32).
+        [..., D_out] in x.dtype.
     """
     _check_lowrank("lowrank_linear", x, a, b)
     if activation not in LOWRANK_ACTIVATIONS:
@@ -294,8 +310,8 @@ def lowrank_linear(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor] = Non
     if recompute and torch.is_grad_enabled():
         from torch.utils.checkpoint import checkpoint
 
-        return checkpoint(_lowrank_linear_math, x, a, b, bias, activation, use_reentrant=False)
-    return _lowrank_linear_math(x, a, b, bias, activation)
+        return checkpoint(_lowrank_linear_math, x, a, b, bias, activation, compute_dtype, use_reentrant=False)
+    return _lowrank_linear_math(x, a, b, bias, activation, compute_dtype)
 
 
 def check_sparse_support(op: str, values: Tensor, index: Tensor, d_in: int, d_out: int,
@@ -315,12 +331,13 @@ def check_sparse_support(op: str, values: Tensor, index: Tensor, d_in: int, d_ou
             raise ValueError(f"{op}: argument 'index' must be sorted ascending without repeats")
 
 
-def sparse_lowrank_linear(x: Tensor, a: Tensor, b: Tensor, values: Tensor, index: Tensor, scale: float) -> Tensor:
+def sparse_lowrank_linear(x: Tensor, a: Tensor, b: Tensor, values: Tensor, index: Tensor, scale: float,
+                          compute_dtype: torch.dtype = torch.float32) -> Tensor:
     """Sparse plus low-rank projection (SLTrain): y = x @ (scale * a @ b + S).
 
-    S is [D_in, D_out], zero except S.view(-1)[index] = values. This oracle builds the dense W
-    (the fused kernel never does); gradients for x, a, b and values (the last only at the support,
-    i.e. one number per entry of `values`) come from autograd.
+    S is [D_in, D_out], zero except S.view(-1)[index] = values. This oracle builds the dense W (the
+    Triton path builds it per call too, and never keeps it); gradients for x, a, b and values (the
+    last only at the support, i.e. one number per entry of `values`) come from autograd.
 
     Args:
         x: [..., D_in].
@@ -328,17 +345,19 @@ def sparse_lowrank_linear(x: Tensor, a: Tensor, b: Tensor, values: Tensor, index
         values: [nnz] the trainable entries of S.
         index: [nnz] int64 flat row-major positions (i * D_out + j), sorted ascending, unique.
         scale: the low-rank factor's scale (alpha / r in SLTrain).
+        compute_dtype: dtype of W and of the matmul (fp32: the oracle; the input dtype: the unfused
+            torch path, W materialised and one matmul, which megatrain.kernels runs).
 
     Returns:
-        [..., D_out] in x.dtype (math in fp32).
+        [..., D_out] in x.dtype.
     """
     _check_lowrank("sparse_lowrank_linear", x, a, b)
     d_in, d_out = a.shape[0], b.shape[1]
     check_sparse_support("sparse_lowrank_linear", values, index, d_in, d_out)
-    sparse = torch.zeros(d_in * d_out, dtype=torch.float32, device=x.device)
-    sparse = sparse.index_put((index,), values.float()).view(d_in, d_out)
-    weight = float(scale) * (a.float() @ b.float()) + sparse
-    return (x.float() @ weight).to(x.dtype)
+    sparse = torch.zeros(d_in * d_out, dtype=compute_dtype, device=x.device)
+    sparse = sparse.index_put((index,), values.to(compute_dtype)).view(d_in, d_out)
+    weight = float(scale) * (a.to(compute_dtype) @ b.to(compute_dtype)) + sparse
+    return (x.to(compute_dtype) @ weight).to(x.dtype)
 
 
 IHA_MASKS = ("causal", "token_causal")
@@ -451,7 +470,7 @@ def iha_attention(q: Tensor, k: Tensor, v: Tensor, mix_q: Tensor, mix_k: Tensor,
         collapse: [H_out, P] (per head) or [H_out, H_out*P] (global).
         cos, sin: [N*P, d/2] rotary tables (half-split layout, as `rope`), or None.
         compute_dtype: dtype of the intermediate tensors (fp32: the oracle; the input dtype: the
-            unfused baseline benchmarks compare against).
+            unfused torch path megatrain.kernels runs, which the benchmarks time as torch-eager).
 
     Returns:
         o [B, H_out, N, d] in q.dtype. Differentiable with respect to every tensor argument

@@ -163,3 +163,30 @@ def test_table_rows_are_consistent_and_name_their_source():
     assert by_op[("rms_norm", "fwd+bwd")] == by_op[("rope", "fwd+bwd")] == by_op[("swiglu", "fwd+bwd")] == "triton"
     for op in ("fused_linear_cross_entropy", "lowrank_linear", "sparse_lowrank_linear", "iha_attention"):
         assert by_op[(op, "fwd+bwd")] == "torch"
+
+
+def test_torch_path_of_matmul_ops_computes_in_the_input_dtype(monkeypatch):
+    """What auto takes where Triton is not measured faster is the unfused PyTorch the kernels replace, in
+    the inputs' dtype (the kernel benchmark's torch-eager rows): not the fp32 oracle math, which on a GPU
+    costs several times as much. fp32 inputs get the oracle unchanged."""
+    import torch.nn.functional as F
+
+    from megatrain.kernels import reference
+
+    monkeypatch.setenv("MEGATRAIN_KERNELS", "torch")
+    gen = torch.Generator().manual_seed(0)
+    x, a, b = (torch.randn(*s, generator=gen).bfloat16() for s in ((12, 16), (16, 4), (4, 8)))
+    assert torch.equal(kernels.lowrank_linear(x, a, b), F.silu(x @ a) @ b)
+    assert torch.equal(kernels.lowrank_linear(x.float(), a.float(), b.float()),
+                       reference.lowrank_linear(x.float(), a.float(), b.float()))
+    index = torch.tensor([1, 5, 40, 77], dtype=torch.int64)
+    values = torch.randn(4, generator=gen).bfloat16()
+    dense = torch.zeros(16 * 8, dtype=torch.bfloat16).index_put((index,), values).view(16, 8)
+    assert torch.equal(kernels.sparse_lowrank_linear(x, a, b, values, index, 0.5), x @ (0.5 * (a @ b) + dense))
+    h, w = torch.randn(12, 16, generator=gen).bfloat16(), torch.randn(32, 16, generator=gen).bfloat16()
+    target = torch.randint(0, 32, (12,), generator=gen)
+    bf16_math = reference.fused_linear_cross_entropy(h, w, target, compute_dtype=torch.bfloat16)
+    fp32_math = reference.fused_linear_cross_entropy(h, w, target)
+    assert torch.equal(kernels.fused_linear_cross_entropy(h, w, target), bf16_math)
+    assert not torch.equal(bf16_math, fp32_math)
+    assert torch.allclose(bf16_math, F.cross_entropy((h @ w.T).float(), target), rtol=1e-5)
