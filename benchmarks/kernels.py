@@ -85,9 +85,9 @@ step is fp32. Reported only (no target).
 
 The torch path (MEGATRAIN_KERNELS=auto's choice where its table, kernels/measured.py, has no Triton
 row): for rms_norm, rope, swiglu and projected_adam the torch-eager row is it (kernels.reference); for
-flce, lowrank, sparse_lowrank and iha, whose torch-eager rows are faster bf16 unfused forms the
-dispatcher never runs, a "megatrain-torch" row times the public API under MEGATRAIN_KERNELS=torch
-(the fp32-math references). `--auto-table RESULTS.json` prints the table rows of a run (each op's
+flce, lowrank, sparse_lowrank and iha, whose torch-eager rows are the plain unfused forms, a
+"megatrain-torch" row times the public API under MEGATRAIN_KERNELS=torch (the references computing in
+the inputs' dtype; for flce chunked, without the full logits). `--auto-table RESULTS.json` prints the table rows of a run (each op's
 megatrain-triton median against the torch path's, per shape class and mode; no GPU needed) to paste
 into kernels/measured.py.
 

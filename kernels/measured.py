@@ -85,8 +85,9 @@ _H100 = "benchmarks/results/kernels-nvidia-h100-80gb-hbm3-quick.md"
 _H200_LOG = "benchmarks/results/h200-2026-12-04/kernels-first-ops.log"
 _H200 = "benchmarks/results/h200-2026-12-04/kernels-nvidia-h200-quick.md"
 # The flce, lowrank, sparse_lowrank and iha rows time the kernels before their rewrite against the
-# benchmark's bf16 unfused baseline (torch_impl), not the fp32 reference the torch path runs: they
-# record that the old kernels lost, and choose torch, which is also what an unmeasured op gets.
+# benchmark's bf16 unfused baseline (torch_impl), which is what the torch path runs for bf16 inputs (the
+# dispatcher calls the reference in the inputs' dtype): the old kernels lost, so these choose torch,
+# which is also what the unmeasured rewritten kernels get until a GPU run measures them.
 _UNFUSED_FLCE = "torch-eager (bf16 F.cross_entropy(h @ W.T))"
 _UNFUSED_COLA = "torch-eager (bf16 F.silu(x @ a) @ b)"
 _UNFUSED_SLTRAIN = "torch-eager (bf16 dense W = scale*a@b + S, x @ W)"
