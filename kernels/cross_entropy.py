@@ -133,14 +133,21 @@ def _flce_fwd_kernel(logits_ptr, stride_row, target_ptr, lse_ptr, target_logit_p
     tl.store(target_logit_ptr + row, target_logit.to(tl.float32))
 
     if WRITE_GRAD:
-        scale = tl.load(scale_ptr)
-        for start in range(0, n_cols, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            in_row = cols < n_cols
-            z = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
-            grad = (tl.exp(z - lse) - tl.where(cols == local_target, 1.0, 0.0)) * scale
-            grad = tl.where(counted, grad, 0.0)
-            tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=in_row)
+        _write_logit_grad(row_ptr, n_cols, lse, local_target, counted, tl.load(scale_ptr), BLOCK_V)
+
+
+@triton.jit
+def _write_logit_grad(row_ptr, n_cols, lse, local_target, counted, scale, BLOCK_V: tl.constexpr):
+    """One row of logits z [n_cols] <- (exp(z - lse) - onehot(local_target)) * scale, in place; 0 where
+    the row is not counted (`where`, not a multiply by 0: an ignored row's lse is never checked and could
+    be inf). A local_target outside [0, n_cols) matches no column: softmax only, as vocab parallelism needs."""
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_row = cols < n_cols
+        z = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+        grad = (tl.exp(z - lse) - tl.where(cols == local_target, 1.0, 0.0)) * scale
+        grad = tl.where(counted, grad, 0.0)
+        tl.store(row_ptr + cols, grad.to(row_ptr.dtype.element_ty), mask=in_row)
 
 
 @triton.jit
@@ -149,25 +156,15 @@ def _flce_grad_kernel(logits_ptr, stride_row, target_ptr, lse_ptr, scale_ptr, n_
     """Vocab-parallel phase 2, one program per row: z <- (exp(z - lse) - onehot(target - vocab_start)) * scale,
     in place.
 
-    lse [C] is the global log-sum-exp (the shards' `_flce_fwd_kernel` results, all-reduced); scale (one fp32 value, read from memory so the
-    host never has to sync to learn the token count) is 1 / N. Ignored rows are overwritten with 0.
-    A target outside this block's columns matches no column: softmax only, as vocab parallelism needs.
+    lse [C] is the global log-sum-exp (the shards' `_flce_fwd_kernel` results, all-reduced); scale (one
+    fp32 value, read from memory so the host never has to sync to learn the token count) is 1 / N.
+    Ignored rows are overwritten with 0.
     """
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
     target = tl.load(target_ptr + row).to(tl.int64)
-    counted = target != ignore_index
-    local_target = target - vocab_start
-    lse = tl.load(lse_ptr + row)
-    scale = tl.load(scale_ptr)
-    for start in range(0, n_cols, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        in_row = cols < n_cols
-        z = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
-        grad = (tl.exp(z - lse) - tl.where(cols == local_target, 1.0, 0.0)) * scale
-        # where, not a multiply by 0: an ignored row's lse is never checked and could be inf.
-        grad = tl.where(counted, grad, 0.0)
-        tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=in_row)
+    _write_logit_grad(row_ptr, n_cols, tl.load(lse_ptr + row), target - vocab_start, target != ignore_index,
+                      tl.load(scale_ptr), BLOCK_V)
 
 
 # ---- launchers -----------------------------------------------------------------------------------

@@ -201,7 +201,7 @@ class StopRequest:
         return signal.Signals(self.signum).name if self.signum else ""
 
 
-class LauncherStop:
+class LauncherStop(StopRequest):
     """The launcher's side of a stop, in the process that runs torchrun's elastic agent in-process
     (`megatrain pretrain|rl --nproc-per-node N`, `megatrain plan --build --world N`).
 
@@ -220,23 +220,8 @@ class LauncherStop:
     AGENT_SIGNALS = "SIGHUP,SIGQUIT"
 
     def __init__(self):
-        self.signum = 0     # the stop signal passed on (first SIGTERM / SIGUSR1), 0 while none came
+        super().__init__()  # signum: the stop signal passed on (first SIGTERM / SIGUSR1), 0 while none came
         self.hard = 0       # the signal that made the launcher stop the workers at once
-        self._previous: dict = {}
-
-    def install(self) -> "LauncherStop":
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum else ""
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT or (signum == signal.SIGTERM and self.signum):

@@ -52,3 +52,17 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dt
     scale = expected.float().abs().max().item() if expected.numel() else 1.0
     torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol * max(scale, 1e-6),
                                msg=lambda m: f"{what} (seed {seed}): {m}")
+
+
+def autograd_node_names(root) -> set[str]:
+    """Class names of every node of the autograd graph below `root` (a loss's grad_fn): which autograd
+    Functions, and so which kernels, a forward really went through."""
+    names, seen, stack = set(), set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        names.add(type(node).__name__)
+        stack.extend(n for n, _ in node.next_functions)
+    return names

@@ -8,6 +8,7 @@ import torch
 
 from megatrain.models.config import ModelConfig
 from megatrain.models.transformer import Transformer
+from tests.kernels.kernel_testing import autograd_node_names
 
 
 def train_losses(monkeypatch, backend: str, steps: int = 20) -> list[float]:
@@ -42,15 +43,7 @@ def test_triton_path_is_really_taken(monkeypatch):
     model = Transformer(ModelConfig(preset="tiny", vocab_size=97, max_seq_len=64))
     ids = torch.randint(0, 97, (1, 5))
     loss = model(ids, labels=ids)
-    names, seen = set(), set()
-    stack = [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        names.add(type(node).__name__)
-        stack.extend(n for n, _ in node.next_functions)
+    names = autograd_node_names(loss.grad_fn)
     from megatrain.kernels import activation, cross_entropy, norm, rotary
 
     for module in (norm, rotary, activation, cross_entropy):

@@ -22,6 +22,7 @@ from megatrain.kernels import autocast as kernel_autocast
 from megatrain.kernels import reference
 from megatrain.models.config import ModelConfig
 from megatrain.models.transformer import Transformer
+from tests.kernels.kernel_testing import autograd_node_names
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 ATTENTION = ("mha", "gqa", "iha")
@@ -71,22 +72,10 @@ def loss_and_grads(model: Transformer, ids, labels, dtype=None):
     finally:
         for h in hooks:
             h.remove()
-    nodes = _node_names(loss.grad_fn)
+    nodes = autograd_node_names(loss.grad_fn)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return loss.detach(), grads, streams, nodes
-
-
-def _node_names(root) -> set[str]:
-    names, seen, stack = set(), set(), [root]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        names.add(type(node).__name__)
-        stack.extend(n for n, _ in node.next_functions)
-    return names
 
 
 def check_model(monkeypatch, backend: str, attention: str, linear: str, dtype, rows: int = 2):
