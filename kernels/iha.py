@@ -117,12 +117,28 @@ def _row_offsets(i, P, stride_n, stride_p, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _head_offset(b, h, stride_b, stride_h, ALIGNED: tl.constexpr):
-    """Element offset of head (b, h) (b, h int64)."""
+def _head_base(ptr, b, h, stride_b, stride_h, ALIGNED: tl.constexpr):
+    """Pointer to head (b, h) (b, h int64) of the tensor at ptr."""
     offset = b * stride_b + h * stride_h
     if ALIGNED:
         offset = tl.multiple_of(offset, 16)
-    return offset
+    return ptr + offset
+
+
+@triton.jit
+def _program_tile(heads, L, head_dim, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's tile of BLOCK virtual rows (grid: row tiles x B*H): its first row start,
+    bh = b*heads + h, b and h (int64), the rows offs, the columns offs_d, the columns below head_dim
+    (mask_d) and the rows below L (valid)."""
+    start = tl.program_id(0) * BLOCK
+    bh = tl.program_id(1)
+    b = (bh // heads).to(tl.int64)
+    h = (bh % heads).to(tl.int64)
+    offs = start + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < head_dim
+    valid = offs < L
+    return start, bh, b, h, offs, offs_d, mask_d, valid
 
 
 @triton.jit
@@ -183,10 +199,45 @@ def _phases(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _load(ptrs, rows_valid, mask_d, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """Load a [rows, BLOCK_D] tile ([BLOCK_D, rows] when TRANSPOSED), zero outside. Row checks only
-    where a tile can pass the end (CHECK_ROWS), column checks only when d < BLOCK_D (EVEN_D false):
-    a mask that varies along d would stop the loads from being vectorised."""
+def _key_range(start_m, offs_m, L, P, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               TOKEN_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """The keys of the query tile offs_m = start_m + [0, BLOCK_M): each row's bounds key_lo, key_hi
+    (inclusive) and the key tiles of the loop, masked [lo, mid_lo), unmasked [mid_lo, mid_hi), masked
+    [mid_hi, hi) (`_phases`)."""
+    key_lo = _key_lower(offs_m, P, window, TOKEN_CAUSAL, HAS_WINDOW)
+    key_hi = _key_upper(offs_m, P, TOKEN_CAUSAL)
+    last_m = tl.minimum(start_m + BLOCK_M, L) - 1
+    lo = _key_lower(start_m, P, window, TOKEN_CAUSAL, HAS_WINDOW)
+    hi = tl.minimum(_key_upper(last_m, P, TOKEN_CAUSAL) + 1, L)
+    full_lo = _key_lower(last_m, P, window, TOKEN_CAUSAL, HAS_WINDOW)
+    full_hi = _key_upper(start_m, P, TOKEN_CAUSAL) + 1
+    lo, mid_lo, mid_hi = _phases(lo, hi, full_lo, full_hi, BLOCK_N)
+    return key_lo, key_hi, lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def _key_tile(start_n, L, P, stride_kn, stride_kp, stride_vn, stride_vp, BLOCK_N: tl.constexpr,
+              ALIGNED: tl.constexpr):
+    """The key tile start_n + [0, BLOCK_N) of a loop step: its keys offs_n, those below L (valid_n)
+    and their row offsets in k and v."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    valid_n = offs_n < L
+    k_rows = _row_offsets(offs_n, P, stride_kn, stride_kp, ALIGNED)
+    v_rows = _row_offsets(offs_n, P, stride_vn, stride_vp, ALIGNED)
+    return offs_n, valid_n, k_rows, v_rows
+
+
+@triton.jit
+def _load_rows(base, rows, rows_valid, offs_d, mask_d, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr,
+               TRANSPOSED: tl.constexpr):
+    """Load the rows at offsets rows (`_row_offsets`) of the head at base, a [rows, BLOCK_D] tile
+    ([BLOCK_D, rows] when TRANSPOSED), zero outside. Row checks only where a tile can pass the end
+    (CHECK_ROWS), column checks only when d < BLOCK_D (EVEN_D false): a mask that varies along d would
+    stop the loads from being vectorised."""
+    if TRANSPOSED:
+        ptrs = base + rows[None, :] + offs_d[:, None]
+    else:
+        ptrs = base + rows[:, None] + offs_d[None, :]
     if CHECK_ROWS:
         if EVEN_D:
             mask = rows_valid[None, :] if TRANSPOSED else rows_valid[:, None]
@@ -202,8 +253,11 @@ def _load(ptrs, rows_valid, mask_d, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constex
 
 
 @triton.jit
-def _store(ptrs, value, rows_valid, mask_d, EVEN_D: tl.constexpr):
-    """Store a [rows, BLOCK_D] tile, rows that exist only."""
+def _store_rows(base, rows, value, rows_valid, offs_d, mask_d, EVEN_D: tl.constexpr):
+    """Store a [rows, BLOCK_D] tile in base's dtype at the rows at offsets rows of the head at base,
+    rows that exist only."""
+    ptrs = base + rows[:, None] + offs_d[None, :]
+    value = value.to(base.dtype.element_ty)
     if EVEN_D:
         tl.store(ptrs, value, mask=rows_valid[:, None])
     else:
@@ -221,11 +275,9 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kp, stride_vn
     """Online softmax of the query tile over key tiles [start, end); elementwise mask when MASKED."""
     ELEM = q.dtype
     for start_n in range(start, end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        valid_n = offs_n < L
-        k_rows = _row_offsets(offs_n, P, stride_kn, stride_kp, ALIGNED)
-        v_rows = _row_offsets(offs_n, P, stride_vn, stride_vp, ALIGNED)
-        k = _load(k_base + k_rows[:, None] + offs_d[None, :], valid_n, mask_d, MASKED, EVEN_D, False)
+        offs_n, valid_n, k_rows, v_rows = _key_tile(start_n, L, P, stride_kn, stride_kp, stride_vn, stride_vp,
+                                                    BLOCK_N, ALIGNED)
+        k = _load_rows(k_base, k_rows, valid_n, offs_d, mask_d, MASKED, EVEN_D, False)
         s = _dot(q, tl.trans(k), FP32_DOT) * qk_scale
         if MASKED:
             ok = (offs_n[None, :] >= key_lo[:, None]) & (offs_n[None, :] <= key_hi[:, None]) & valid_n[None, :]
@@ -239,7 +291,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kp, stride_vn
         alpha = tl.exp2(m_i - m_shift)
         p = tl.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load(v_base + v_rows[:, None] + offs_d[None, :], valid_n, mask_d, MASKED, EVEN_D, False)
+        v = _load_rows(v_base, v_rows, valid_n, offs_d, mask_d, MASKED, EVEN_D, False)
         acc = acc * alpha[:, None] + _dot(p.to(ELEM), v, FP32_DOT)
         m_i = m_new
     return acc, m_i, l_i
@@ -256,27 +308,14 @@ def _iha_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
                          TOKEN_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, EVEN_D: tl.constexpr,
                          ALIGNED: tl.constexpr, FP32_DOT: tl.constexpr):
     """o~ and the base-2 logsumexp of one tile of BLOCK_M virtual queries of head (b, h)."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)
-    h = (bh % heads).to(tl.int64)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < head_dim
-    valid_m = offs_m < L
+    start_m, bh, b, h, offs_m, offs_d, mask_d, valid_m = _program_tile(heads, L, head_dim, BLOCK_M, BLOCK_D)
     q_rows = _row_offsets(offs_m, P, stride_qn, stride_qp, ALIGNED)
-    q_base = q_ptr + _head_offset(b, h, stride_qb, stride_qh, ALIGNED)
-    q = _load(q_base + q_rows[:, None] + offs_d[None, :], valid_m, mask_d, True, EVEN_D, False)
-    k_base = k_ptr + _head_offset(b, h, stride_kb, stride_kh, ALIGNED)
-    v_base = v_ptr + _head_offset(b, h, stride_vb, stride_vh, ALIGNED)
-    key_lo = _key_lower(offs_m, P, window, TOKEN_CAUSAL, HAS_WINDOW)
-    key_hi = _key_upper(offs_m, P, TOKEN_CAUSAL)
-    last_m = tl.minimum(start_m + BLOCK_M, L) - 1
-    lo = _key_lower(start_m, P, window, TOKEN_CAUSAL, HAS_WINDOW)
-    hi = tl.minimum(_key_upper(last_m, P, TOKEN_CAUSAL) + 1, L)
-    full_lo = _key_lower(last_m, P, window, TOKEN_CAUSAL, HAS_WINDOW)
-    full_hi = _key_upper(start_m, P, TOKEN_CAUSAL) + 1
-    lo, mid_lo, mid_hi = _phases(lo, hi, full_lo, full_hi, BLOCK_N)
+    q = _load_rows(_head_base(q_ptr, b, h, stride_qb, stride_qh, ALIGNED), q_rows, valid_m, offs_d, mask_d, True,
+                   EVEN_D, False)
+    k_base = _head_base(k_ptr, b, h, stride_kb, stride_kh, ALIGNED)
+    v_base = _head_base(v_ptr, b, h, stride_vb, stride_vh, ALIGNED)
+    key_lo, key_hi, lo, mid_lo, mid_hi, hi = _key_range(start_m, offs_m, L, P, window, BLOCK_M, BLOCK_N, TOKEN_CAUSAL,
+                                                        HAS_WINDOW)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -294,8 +333,7 @@ def _iha_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     l_safe = tl.where(valid_m, l_i, 1.0)
     acc = acc / l_safe[:, None]
     o_rows = _row_offsets(offs_m, P, stride_on, stride_op, ALIGNED)
-    o_base = o_ptr + _head_offset(b, h, stride_ob, stride_oh, ALIGNED)
-    _store(o_base + o_rows[:, None] + offs_d[None, :], acc.to(o_ptr.dtype.element_ty), valid_m, mask_d, EVEN_D)
+    _store_rows(_head_base(o_ptr, b, h, stride_ob, stride_oh, ALIGNED), o_rows, acc, valid_m, offs_d, mask_d, EVEN_D)
     tl.store(lse_ptr + bh.to(tl.int64) * L + offs_m, m_i + tl.log2(l_safe), mask=valid_m)
 
 
@@ -309,20 +347,15 @@ def _iha_attn_bwd_preprocess_kernel(o_ptr, do_ptr, delta_ptr,
                                     heads, L, P, head_dim,
                                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ALIGNED: tl.constexpr):
     """delta[b, h, i] = sum_d do~[b, h, i, d] * o~[b, h, i, d] (fp32), the softmax-backward row term."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)
-    h = (bh % heads).to(tl.int64)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < L)[:, None] & (offs_d < head_dim)[None, :]
+    start_m, bh, b, h, offs_m, offs_d, mask_d, valid_m = _program_tile(heads, L, head_dim, BLOCK_M, BLOCK_D)
+    mask = valid_m[:, None] & mask_d[None, :]
     o_rows = _row_offsets(offs_m, P, stride_on, stride_op, ALIGNED)
     do_rows = _row_offsets(offs_m, P, stride_don, stride_dop, ALIGNED)
-    o_base = o_ptr + _head_offset(b, h, stride_ob, stride_oh, ALIGNED)
-    do_base = do_ptr + _head_offset(b, h, stride_dob, stride_doh, ALIGNED)
+    o_base = _head_base(o_ptr, b, h, stride_ob, stride_oh, ALIGNED)
+    do_base = _head_base(do_ptr, b, h, stride_dob, stride_doh, ALIGNED)
     o = tl.load(o_base + o_rows[:, None] + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     do = tl.load(do_base + do_rows[:, None] + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(delta_ptr + bh.to(tl.int64) * L + offs_m, tl.sum(o * do, 1), mask=offs_m < L)
+    tl.store(delta_ptr + bh.to(tl.int64) * L + offs_m, tl.sum(o * do, 1), mask=valid_m)
 
 
 @triton.jit
@@ -336,7 +369,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
         offs_m = start_m + tl.arange(0, BLOCK_M)
         valid_m = offs_m < L
         q_rows = _row_offsets(offs_m, P, stride_qn, stride_qp, ALIGNED)
-        qT = _load(q_base + q_rows[None, :] + offs_d[:, None], valid_m, mask_d, MASKED, EVEN_D, True)
+        qT = _load_rows(q_base, q_rows, valid_m, offs_d, mask_d, MASKED, EVEN_D, True)
         lse = tl.load(lse_base + offs_m, mask=valid_m, other=0.0)
         pT = tl.exp2(_dot(k, qT, FP32_DOT) * qk_scale - lse[None, :])  # [BLOCK_N, BLOCK_M]
         if MASKED:
@@ -345,7 +378,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
             ok = (offs_n[:, None] >= key_lo[None, :]) & (offs_n[:, None] <= key_hi[None, :]) & valid_m[None, :]
             pT = tl.where(ok, pT, 0.0)
         do_rows = _row_offsets(offs_m, P, stride_don, stride_dop, ALIGNED)
-        do = _load(do_base + do_rows[:, None] + offs_d[None, :], valid_m, mask_d, MASKED, EVEN_D, False)
+        do = _load_rows(do_base, do_rows, valid_m, offs_d, mask_d, MASKED, EVEN_D, False)
         dv += _dot(pT.to(ELEM), do, FP32_DOT)
         delta = tl.load(delta_base + offs_m, mask=valid_m, other=0.0)
         dpT = _dot(v, tl.trans(do), FP32_DOT)
@@ -366,22 +399,15 @@ def _iha_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, d
                               TOKEN_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, EVEN_D: tl.constexpr,
                               ALIGNED: tl.constexpr, FP32_DOT: tl.constexpr):
     """dk~, dv~ of one tile of BLOCK_N virtual keys of head (b, h). dk and dv share strides."""
-    start_n = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)
-    h = (bh % heads).to(tl.int64)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < head_dim
-    valid_n = offs_n < L
+    start_n, bh, b, h, offs_n, offs_d, mask_d, valid_n = _program_tile(heads, L, head_dim, BLOCK_N, BLOCK_D)
     k_rows = _row_offsets(offs_n, P, stride_kn, stride_kp, ALIGNED)
     v_rows = _row_offsets(offs_n, P, stride_vn, stride_vp, ALIGNED)
-    k_base = k_ptr + _head_offset(b, h, stride_kb, stride_kh, ALIGNED)
-    v_base = v_ptr + _head_offset(b, h, stride_vb, stride_vh, ALIGNED)
-    k = _load(k_base + k_rows[:, None] + offs_d[None, :], valid_n, mask_d, True, EVEN_D, False)
-    v = _load(v_base + v_rows[:, None] + offs_d[None, :], valid_n, mask_d, True, EVEN_D, False)
-    q_base = q_ptr + _head_offset(b, h, stride_qb, stride_qh, ALIGNED)
-    do_base = do_ptr + _head_offset(b, h, stride_dob, stride_doh, ALIGNED)
+    k_base = _head_base(k_ptr, b, h, stride_kb, stride_kh, ALIGNED)
+    v_base = _head_base(v_ptr, b, h, stride_vb, stride_vh, ALIGNED)
+    k = _load_rows(k_base, k_rows, valid_n, offs_d, mask_d, True, EVEN_D, False)
+    v = _load_rows(v_base, v_rows, valid_n, offs_d, mask_d, True, EVEN_D, False)
+    q_base = _head_base(q_ptr, b, h, stride_qb, stride_qh, ALIGNED)
+    do_base = _head_base(do_ptr, b, h, stride_dob, stride_doh, ALIGNED)
     lse_base = lse_ptr + bh.to(tl.int64) * L
     delta_base = delta_ptr + bh.to(tl.int64) * L
     last_n = tl.minimum(start_n + BLOCK_N, L) - 1
@@ -402,10 +428,11 @@ def _iha_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, d
     dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_qp, stride_don,
                          stride_dop, mid_hi, hi, offs_n, L, P, window, qk_scale, offs_d, mask_d, BLOCK_M, True,
                          TOKEN_CAUSAL, HAS_WINDOW, EVEN_D, ALIGNED, FP32_DOT)
-    out_rows = _row_offsets(offs_n, P, stride_dkn, stride_dkp, ALIGNED)[:, None] + offs_d[None, :]
-    base = _head_offset(b, h, stride_dkb, stride_dkh, ALIGNED)
-    _store(dk_ptr + base + out_rows, (dk * sm_scale).to(dk_ptr.dtype.element_ty), valid_n, mask_d, EVEN_D)
-    _store(dv_ptr + base + out_rows, dv.to(dv_ptr.dtype.element_ty), valid_n, mask_d, EVEN_D)
+    out_rows = _row_offsets(offs_n, P, stride_dkn, stride_dkp, ALIGNED)
+    _store_rows(_head_base(dk_ptr, b, h, stride_dkb, stride_dkh, ALIGNED), out_rows, dk * sm_scale, valid_n, offs_d,
+                mask_d, EVEN_D)
+    _store_rows(_head_base(dv_ptr, b, h, stride_dkb, stride_dkh, ALIGNED), out_rows, dv, valid_n, offs_d, mask_d,
+                EVEN_D)
 
 
 @triton.jit
@@ -416,12 +443,10 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kp, strid
     """Accumulate dq~ of the query tile over key tiles [start, end); elementwise mask when MASKED."""
     ELEM = q.dtype
     for start_n in range(start, end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        valid_n = offs_n < L
-        k_rows = _row_offsets(offs_n, P, stride_kn, stride_kp, ALIGNED)
-        v_rows = _row_offsets(offs_n, P, stride_vn, stride_vp, ALIGNED)
-        kT = _load(k_base + k_rows[None, :] + offs_d[:, None], valid_n, mask_d, MASKED, EVEN_D, True)
-        vT = _load(v_base + v_rows[None, :] + offs_d[:, None], valid_n, mask_d, MASKED, EVEN_D, True)
+        offs_n, valid_n, k_rows, v_rows = _key_tile(start_n, L, P, stride_kn, stride_kp, stride_vn, stride_vp,
+                                                    BLOCK_N, ALIGNED)
+        kT = _load_rows(k_base, k_rows, valid_n, offs_d, mask_d, MASKED, EVEN_D, True)
+        vT = _load_rows(v_base, v_rows, valid_n, offs_d, mask_d, MASKED, EVEN_D, True)
         p = tl.exp2(_dot(q, kT, FP32_DOT) * qk_scale - lse[:, None])
         if MASKED:
             ok = (offs_n[None, :] >= key_lo[:, None]) & (offs_n[None, :] <= key_hi[:, None]) & valid_n[None, :]
@@ -444,32 +469,19 @@ def _iha_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_
                             TOKEN_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, EVEN_D: tl.constexpr,
                             ALIGNED: tl.constexpr, FP32_DOT: tl.constexpr):
     """dq~ of one tile of BLOCK_M virtual queries of head (b, h)."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)
-    h = (bh % heads).to(tl.int64)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < head_dim
-    valid_m = offs_m < L
+    start_m, bh, b, h, offs_m, offs_d, mask_d, valid_m = _program_tile(heads, L, head_dim, BLOCK_M, BLOCK_D)
     q_rows = _row_offsets(offs_m, P, stride_qn, stride_qp, ALIGNED)
     do_rows = _row_offsets(offs_m, P, stride_don, stride_dop, ALIGNED)
-    q = _load(q_ptr + _head_offset(b, h, stride_qb, stride_qh, ALIGNED) + q_rows[:, None] + offs_d[None, :], valid_m,
-              mask_d, True, EVEN_D, False)
-    do = _load(do_ptr + _head_offset(b, h, stride_dob, stride_doh, ALIGNED) + do_rows[:, None] + offs_d[None, :],
-               valid_m, mask_d, True, EVEN_D, False)
+    q = _load_rows(_head_base(q_ptr, b, h, stride_qb, stride_qh, ALIGNED), q_rows, valid_m, offs_d, mask_d, True,
+                   EVEN_D, False)
+    do = _load_rows(_head_base(do_ptr, b, h, stride_dob, stride_doh, ALIGNED), do_rows, valid_m, offs_d, mask_d, True,
+                    EVEN_D, False)
     lse = tl.load(lse_ptr + bh.to(tl.int64) * L + offs_m, mask=valid_m, other=0.0)
     delta = tl.load(delta_ptr + bh.to(tl.int64) * L + offs_m, mask=valid_m, other=0.0)
-    k_base = k_ptr + _head_offset(b, h, stride_kb, stride_kh, ALIGNED)
-    v_base = v_ptr + _head_offset(b, h, stride_vb, stride_vh, ALIGNED)
-    key_lo = _key_lower(offs_m, P, window, TOKEN_CAUSAL, HAS_WINDOW)
-    key_hi = _key_upper(offs_m, P, TOKEN_CAUSAL)
-    last_m = tl.minimum(start_m + BLOCK_M, L) - 1
-    lo = _key_lower(start_m, P, window, TOKEN_CAUSAL, HAS_WINDOW)
-    hi = tl.minimum(_key_upper(last_m, P, TOKEN_CAUSAL) + 1, L)
-    full_lo = _key_lower(last_m, P, window, TOKEN_CAUSAL, HAS_WINDOW)
-    full_hi = _key_upper(start_m, P, TOKEN_CAUSAL) + 1
-    lo, mid_lo, mid_hi = _phases(lo, hi, full_lo, full_hi, BLOCK_N)
+    k_base = _head_base(k_ptr, b, h, stride_kb, stride_kh, ALIGNED)
+    v_base = _head_base(v_ptr, b, h, stride_vb, stride_vh, ALIGNED)
+    key_lo, key_hi, lo, mid_lo, mid_hi, hi = _key_range(start_m, offs_m, L, P, window, BLOCK_M, BLOCK_N, TOKEN_CAUSAL,
+                                                        HAS_WINDOW)
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kp, stride_vn, stride_vp, lo, mid_lo,
@@ -479,9 +491,8 @@ def _iha_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kp, stride_vn, stride_vp, mid_hi, hi,
                    key_lo, key_hi, L, P, qk_scale, offs_d, mask_d, BLOCK_N, True, EVEN_D, ALIGNED, FP32_DOT)
     dq_rows = _row_offsets(offs_m, P, stride_dqn, stride_dqp, ALIGNED)
-    dq_base = dq_ptr + _head_offset(b, h, stride_dqb, stride_dqh, ALIGNED)
-    _store(dq_base + dq_rows[:, None] + offs_d[None, :], (dq * sm_scale).to(dq_ptr.dtype.element_ty), valid_m, mask_d,
-           EVEN_D)
+    _store_rows(_head_base(dq_ptr, b, h, stride_dqb, stride_dqh, ALIGNED), dq_rows, dq * sm_scale, valid_m, offs_d,
+                mask_d, EVEN_D)
 
 
 # ---- host side -----------------------------------------------------------------------------------
