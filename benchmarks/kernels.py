@@ -56,9 +56,9 @@ Interleaved head attention (iha; q, k, v [B, H, N, d], P pseudo-tokens, rotary, 
 shape names token_causal or a window W of virtual tokens): FLOPs 4*B*H*pairs*d for QK^T and PV over the
 attending (query, key) pairs of the N*P virtual tokens (about (N*P)^2/2 causal, N*P*W windowed) plus the
 mixing and collapse, x3.5 for fwd+bwd (see iha_flops). Rows: megatrain-triton (GEMM mixing, rotary, the
-FlashAttention-2 Triton kernel, GEMM collapse), torch-eager (the unfused path in bf16: einsum mixing,
-interleave, rotary, torch SDPA, flash for the plain causal mask and a boolean mask otherwise, collapse;
-kernels.reference.iha_attention with compute_dtype=bf16), flex-attention (the same mixing with torch's
+FlashAttention-2 Triton kernel, GEMM collapse), torch-eager (the unfused path in bf16: batched-GEMM mixing
+straight into the interleaved layout, rotary, torch SDPA, flash for the plain causal mask and a boolean mask
+otherwise, collapse; kernels.reference.iha_attention with compute_dtype=bf16), flex-attention (the same mixing with torch's
 compiled flex_attention, the layer's mask as mask_mod + block mask) and sdpa-mha (plain causal SDPA over
 the N tokens of the same heads: MHA, the floor IHA at P = 2 is 4x of; its TFLOP/s column counts IHA's work,
 it is a time bar only). Targets: >= 2x torch-eager's speed, never slower than flex-attention, at P = 2

@@ -71,6 +71,37 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
+class _Rotate(torch.autograd.Function):
+    """`_rotate` (math in fp32, result in x's dtype) that keeps x's memory layout and saves no
+    activation: the forward writes both halves of one new tensor in place, the backward rotates the
+    gradient back (the angle negated). cos, sin [N, d/2] are expanded once to x's layout (without
+    the batch), which lets the elementwise loops run over long rows on a CPU."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        half = x.shape[-1] // 2
+        like = torch.empty_like(x[:1], dtype=torch.float32)[..., :half]  # [1, H, N, d/2] in x's layout
+        cos, sin = like.copy_(cos.expand(like.shape)), torch.empty_like(like).copy_(sin.expand(like.shape))
+        ctx.save_for_backward(cos, sin)
+        return _rotate_into_new(x, cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rotate_into_new(grad, cos, sin, -1.0), None, None
+
+
+def _rotate_into_new(x: Tensor, cos: Tensor, sin: Tensor, sign: float) -> Tensor:
+    """(x1 cos - sign x2 sin, x2 cos + sign x1 sin) in fp32 -> x.dtype; cos, sin broadcast against x's halves."""
+    dtype, x = x.dtype, x.float()
+    out = torch.empty_like(x)  # x's strides
+    half = x.shape[-1] // 2
+    x1, x2, out1, out2 = x[..., :half], x[..., half:], out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-sign)
+    torch.mul(x2, cos, out=out2).addcmul_(x1, sin, value=sign)
+    return out.to(dtype)
+
+
 def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """Rotary position embedding on queries and keys.
 
@@ -450,7 +481,8 @@ def iha_attention(q: Tensor, k: Tensor, v: Tensor, mix_q: Tensor, mix_k: Tensor,
                   collapse: Tensor, cos: Optional[Tensor] = None, sin: Optional[Tensor] = None,
                   mask: str = "causal", window: Optional[int] = None, *,
                   compute_dtype: torch.dtype = torch.float32) -> Tensor:
-    """Interleaved head attention, unfused: einsum mixing, interleave, rotary, SDPA, collapse.
+    """Interleaved head attention, unfused: batched-GEMM mixing straight into the interleaved layout,
+    rotary, SDPA (is_causal for the plain causal mask), collapse; no copies between the steps.
 
     With P pseudo-tokens per token and mixing tensors mix_* [H_in, H_out, P]:
 
@@ -479,26 +511,36 @@ def iha_attention(q: Tensor, k: Tensor, v: Tensor, mix_q: Tensor, mix_k: Tensor,
     batch, _, seq_len, head_dim, heads_out, pseudo, global_collapse = iha_check_inputs(
         q, k, v, mix_q, mix_k, mix_v, collapse, cos, sin, mask, window)
     ct = compute_dtype
+    tokens = batch * seq_len
 
+    # Layout: every pseudo tensor is [B, N, P, H_out, d] in memory, whose transpose(1, 2) of the
+    # [B, N*P, H_out, d] view is the interleaved [B, H_out, N*P, d] sequence (virtual row n*P + p) that
+    # SDPA takes as it is; the model's q, k, v ([B, N, H, d] in memory, projected) mix without a copy,
+    # and the collapsed output comes back [B, N, H_out, d] in memory, what o_proj reads.
     def pseudo_heads(x: Tensor, mix: Tensor) -> Tensor:  # [B, H_in, N, d] -> [B, H_out, N*P, d]
-        return torch.einsum("bmnd,mhp->bhnpd", x.to(ct), mix.to(ct)).reshape(batch, heads_out, seq_len * pseudo,
-                                                                            head_dim)
+        weight = mix.to(ct).permute(2, 1, 0).reshape(pseudo * heads_out, -1)  # [(p, h), m]
+        rows = x.to(ct).transpose(1, 2).reshape(tokens, -1, head_dim)  # [B*N, H_in, d]
+        mixed = torch.bmm(weight.expand(tokens, *weight.shape), rows)  # one batched GEMM: [B*N, (p, h), d]
+        return mixed.view(batch, seq_len * pseudo, heads_out, head_dim).transpose(1, 2)
 
     pq, pk, pv = pseudo_heads(q, mix_q), pseudo_heads(k, mix_k), pseudo_heads(v, mix_v)
     if cos is not None:
-        c, s = cos.float()[None, None], sin.float()[None, None]
-        pq, pk = _rotate(pq, c, s), _rotate(pk, c, s)
+        c, s = cos.float(), sin.float()
+        pq, pk = _Rotate.apply(pq, c, s), _Rotate.apply(pk, c, s)
     if mask == "causal" and window is None:
         o = F.scaled_dot_product_attention(pq, pk, pv, is_causal=True)
     else:
         allowed = iha_allowed(seq_len, pseudo, mask, window, device=q.device)
         o = F.scaled_dot_product_attention(pq, pk, pv, attn_mask=allowed)
-    o = o.reshape(batch, heads_out, seq_len, pseudo, head_dim)
-    if global_collapse:
-        out = torch.einsum("bmnpd,hmp->bhnd", o, collapse.to(ct).reshape(heads_out, heads_out, pseudo))
+    # o [B, H_out, N*P, d] -> [B, N, P, H_out, d] (a view: SDPA on CPU writes [B, N*P, H_out, d]).
+    o = o.transpose(1, 2).reshape(batch, seq_len, pseudo, heads_out, head_dim)
+    if global_collapse:  # out[b, n, h] = sum_{p, m} R[h, (p, m)] o[b, n, p, m]: one batched GEMM
+        weight = collapse.to(ct).reshape(heads_out, heads_out, pseudo).transpose(1, 2).reshape(heads_out, -1)
+        out = torch.bmm(weight.expand(tokens, *weight.shape), o.reshape(tokens, pseudo * heads_out, head_dim))
+        out = out.view(batch, seq_len, heads_out, head_dim)
     else:
-        out = torch.einsum("bhnpd,hp->bhnd", o, collapse.to(ct))
-    return out.to(q.dtype)
+        out = (o * collapse.to(ct).t()[:, :, None]).sum(2)  # [B, N, H_out, d]
+    return out.transpose(1, 2).to(q.dtype)
 
 
 def projected_adam_update(weight: Tensor, proj: Tensor, low_rank_grad: Tensor, exp_avg: Tensor,

@@ -483,3 +483,24 @@ def test_torch_path_row_runs_the_reference_through_the_dispatcher(monkeypatch):
     checked = bench.check_case(case, rtol=1e-5)  # the Triton kernel in the interpreter vs the reference
     assert [c["tensor"] for c in checked] == ["weight", "exp_avg", "exp_avg_sq"]
     assert all(c["ok"] for c in checked), checked
+
+
+def test_iha_cpu_cost_script_tiny(tmp_path, monkeypatch):
+    """benchmarks/iha_cpu_cost.py end to end at a tiny size: the three rows, their ratios, the files."""
+    monkeypatch.setenv("MEGATRAIN_KERNELS", "torch")
+    script = REPO / "benchmarks" / "iha_cpu_cost.py"
+    spec = importlib.util.spec_from_file_location("megatrain_bench_iha_cpu_cost", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        assert module.main(["--dim", "32", "--layers", "1", "--heads", "2", "--seq-len", "8", "--batch", "1",
+                            "--vocab", "16", "--warmup", "0", "--repeats", "1", "--out", str(tmp_path / "cost")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((tmp_path / "cost.json").read_text())
+    mha, iha, floor = data["rows"]
+    assert mha["time_ratio"] == mha["flop_ratio"] == mha["cost_ratio"] == 1.0
+    assert iha["flop_ratio"] > 1.0 and floor["flops_per_step"] == iha["flops_per_step"]
+    assert math.isclose(iha["cost_ratio"], iha["time_ratio"] / iha["flop_ratio"])
+    assert data["meta"]["kernels"] == "torch" and "| IHA P=2 |" in (tmp_path / "cost.md").read_text()
