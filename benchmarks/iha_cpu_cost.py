@@ -23,7 +23,6 @@ Writes benchmarks/results/iha-cpu-cost.{md,json} (or --out).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -36,7 +35,7 @@ import torch
 # `import kernels` that transformers makes (Hugging Face's package). megatrain is imported installed.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
 
-from megatrain.bench.report import cpu_name  # noqa: E402
+from megatrain.bench.report import cpu_name, write_table  # noqa: E402
 from megatrain.models.config import IHAConfig, ModelConfig  # noqa: E402
 from megatrain.models.transformer import Transformer  # noqa: E402
 
@@ -160,12 +159,7 @@ def main(argv=None) -> int:
     table = markdown(rows, meta)
     print(table)
     prefix = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "iha-cpu-cost")
-    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-    with open(prefix + ".md", "w", encoding="utf-8") as fh:
-        fh.write(table)
-    with open(prefix + ".json", "w", encoding="utf-8") as fh:
-        json.dump({"meta": meta, "rows": rows}, fh, indent=1)
-    print(f"wrote {prefix}.md and {prefix}.json")
+    write_table(prefix, table, {"meta": meta, "rows": rows})
     return 0
 
 

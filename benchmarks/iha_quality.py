@@ -25,7 +25,6 @@ held-out sequences. Writes a markdown table and JSON to benchmarks/results/iha-q
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -37,6 +36,7 @@ import torch
 # `import kernels` that transformers makes (Hugging Face's package). megatrain is imported installed.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
 
+from megatrain.bench.report import write_table  # noqa: E402
 from megatrain.config import TaskConfig, TrainConfig  # noqa: E402
 from megatrain.data.tasks import TaskBlocks, evaluate_exact_match, required_seq_len, task_vocab_size  # noqa: E402
 from megatrain.models.config import IHAConfig, ModelConfig  # noqa: E402
@@ -178,12 +178,7 @@ def main() -> int:
     print(table)
     prefix = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                       f"iha-quality-{'gpu' if device.type == 'cuda' else 'cpu'}")
-    os.makedirs(os.path.dirname(prefix), exist_ok=True)
-    with open(prefix + ".md", "w", encoding="utf-8") as fh:
-        fh.write(table)
-    with open(prefix + ".json", "w", encoding="utf-8") as fh:
-        json.dump({"meta": meta, "rows": rows}, fh, indent=1)
-    print(f"wrote {prefix}.md and {prefix}.json")
+    write_table(prefix, table, {"meta": meta, "rows": rows})
     return 0
 
 

@@ -133,6 +133,16 @@ def render_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_table(prefix: str, table: str, record: dict) -> None:
+    """A benchmark script's result: PREFIX.md (the markdown table it printed) and PREFIX.json (`record`)."""
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    with open(prefix + ".md", "w", encoding="utf-8") as fh:
+        fh.write(table)
+    with open(prefix + ".json", "w", encoding="utf-8") as fh:
+        json.dump(record, fh, indent=1)
+    print(f"wrote {prefix}.md and {prefix}.json")
+
+
 def write_results(result: dict, out_dir: str, stem: str, plot: bool = False) -> dict[str, str]:
     """Write STEM.json and STEM.md (and STEM.png with plot, STEM-profile-SETTING-SIDE.txt for profiles)
     under out_dir; returns the paths by kind."""
