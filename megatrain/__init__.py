@@ -1,6 +1,14 @@
 """megatrain: distributed LLM pretraining with DeepSpeed ZeRO, tensor parallelism and fused Triton kernels."""
 
+from megatrain.fields import declare_section_module as _declare_section_module
+
 __version__ = "0.1.0"
+
+# The jobs own their config sections (schema and checks together); naming their modules here makes every
+# process that imports megatrain know `rl.*` and `ttt.*` (megatrain.config imports them when it first
+# builds a Config), while `import megatrain` stays light and the central config never imports the jobs.
+_declare_section_module("megatrain.rl.config")
+_declare_section_module("megatrain.ttt.config")
 
 
 def load(path, device="cpu"):

@@ -1,23 +1,33 @@
 """Run configuration: the schema, YAML loading, `a.b=c` overrides and the reference table.
 
 One YAML file describes a run. Keys are grouped in sections (`run`, `model`, `data`, `train`,
-`optim`, `parallel`, `checkpoint`, `log`) plus a free-form `deepspeed` section that is merged over
-the DeepSpeed config megatrain generates. Every field carries a help string in its metadata; the
-README's config reference is generated from it (`megatrain config --reference`).
+`optim`, `parallel`, `checkpoint`, `log`), the sections the jobs own (`rl`, `ttt`: see below), and a
+free-form `deepspeed` section that is merged over the DeepSpeed config megatrain generates. Every field
+carries a help string in its metadata; the README's config reference is generated from it
+(`megatrain config --reference`). The loader checks every value against its field's type, list
+elements included (`rl.eval.k: list[int]` refuses `[1, x]` naming `rl.eval.k[1]`).
+
+A job owns its section, schema and checks together: megatrain/rl/config.py defines and registers
+`rl.*`, megatrain/ttt/config.py `ttt.*` (`register_section`). This module never imports them; the
+package root declares their modules (`megatrain.fields.declare_section_module`) and this module
+imports the declared ones before it first builds a Config, so every process knows every section.
 
 `load_config` validates: each domain checks its own section (`ModelConfig.validate` in
 megatrain/models/config.py, the tensor-parallel splits in megatrain/parallel/checks.py, the
 synthetic tasks in megatrain/data/tasks.py), and this module checks the rest and the rules that join
-sections. Validation reads no environment and changes nothing. What depends on where the run
-happens (world size, CUDA, the kernel backend) is resolved in one explicit step, `Config.resolve`,
-which the trainer's preflight calls before any process group starts.
+sections. The jobs' sections are validated by their jobs' preflights (`validate_rl`, `validate_ttt`).
+Validation reads no environment and changes nothing. What depends on where the run happens (world
+size, CUDA, the kernel backend) is resolved in one explicit step, `Config.resolve`, which the
+trainer's preflight calls before any process group starts.
 
 Errors are raised as ConfigError with one line naming the key and what is allowed.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -29,12 +39,13 @@ from typing import Any, Optional
 import yaml
 
 from megatrain.errors import ConfigError
-from megatrain.fields import config_field, parse_number
+from megatrain.fields import config_field, parse_number, section_modules
 from megatrain.models.config import FROZEN_BASE_KINDS, ModelConfig
 from megatrain.models.layers import lowrank_options, projection_shapes
 from megatrain.parallel.checks import check_tensor_split, check_vocab_split
 
-__all__ = ["Config", "ConfigError", "load_config", "parse_overrides", "validate", "config_reference", "save_config"]
+__all__ = ["Config", "ConfigError", "load_config", "parse_overrides", "validate", "config_reference", "save_config",
+           "register_section", "registered_sections"]
 
 
 _f = config_field  # every key below is declared with it
@@ -77,11 +88,13 @@ class TaskConfig:
 
 @dataclass
 class DataConfig:
-    source: Any = _f("embedded", "Training text: 'embedded' (the shipped Austen corpus), a file, a glob, "
-                     "a directory, a list of these (.txt/.txt.gz/.jsonl/.json/.parquet), 'hf:NAME[:SPLIT]', "
-                     "or a synthetic task: 'task:multikey' or 'task:multihop' (sizes in data.task.*).")
-    val_source: Any = _f(None, "Validation text, same forms as source. Default: the held-out novel for "
-                         "'embedded'; otherwise the last val_fraction of the training blocks.")
+    source: str | list[str] = _f("embedded", "Training text: 'embedded' (the shipped Austen corpus), a file, a "
+                                 "glob, a directory, a list of these (.txt/.txt.gz/.jsonl/.json/.parquet), "
+                                 "'hf:NAME[:SPLIT]', or a synthetic task: 'task:multikey' or 'task:multihop' (sizes "
+                                 "in data.task.*).")
+    val_source: Optional[str | list[str]] = _f(None, "Validation text, same forms as source. Default: the held-out "
+                                               "novel for 'embedded'; otherwise the last val_fraction of the "
+                                               "training blocks.")
     val_fraction: float = _f(0.01, "Fraction of training blocks held out when val_source is not given.")
     text_field: str = _f("text", "Field holding the text in jsonl/parquet/hub records.")
     seq_len: int = _f(256, "Tokens per training sequence (blocks are packed, EOS between documents).")
@@ -193,126 +206,50 @@ class LogConfig:
                               "since_last_step_s}] for every rank (0 disables).")
 
 
-# --- rl: RL from pretraining checkpoints (megatrain/rl/; validated by megatrain.rl.config.validate_rl) ---
-@dataclass
-class RLTaskConfig:
-    """`rl.task.*`: problems with exact answers (megatrain/rl/tasks.py)."""
-    source: str = _f("embedded", "embedded (generated arithmetic word problems with step-by-step solutions) or a "
-                     ".jsonl file of problems.")
-    question_field: str = _f("question", "jsonl field holding the question.")
-    answer_field: str = _f("answer", "jsonl field holding the exact answer.")
-    solution_field: str = _f("solution", "jsonl field holding a worked solution for SFT (optional per record; "
-                             "default target '#### ANSWER').")
-    levels: list = _f([1, 2], "embedded: difficulty levels (operations per problem), cycled over the problems.")
-    train_size: int = _f(4096, "embedded: training problems.")
-    held_out: int = _f(64, "Held-out problems for pass@k (a jsonl file's last records).")
-    seed: int = _f(0, "embedded: generator seed.")
+# ----------------------------------------------------------------------------------------------
+# sections owned by the jobs
 
 
-@dataclass
-class RLEvalConfig:
-    """`rl.eval.*`: pass@k on the held-out problems and validation perplexity on the pretraining corpus."""
-    k: list = _f([1, 8, 32], "pass@k values reported (unbiased estimator; each <= rl.eval.samples).")
-    samples: int = _f(32, "Samples n per held-out problem.")
-    problems: Optional[int] = _f(None, "Held-out problems evaluated (default: all of rl.task.held_out).")
-    temperature: float = _f(1.0, "Sampling temperature of the evaluation.")
-    every: int = _f(0, "Also evaluate every N RL iterations (0: only at the start and the end).")
+_SECTIONS: dict[str, type] = {}
 
 
-@dataclass
-class RLPretrainConfig:
-    """`rl.pretrain.*`: the run pretrained first (into RUN/pretrain) when rl.init is null."""
-    config: Optional[str] = _f(None, "Pretraining YAML (e.g. launch/configs/tiny-cpu.yaml); needed when rl.init is null.")
-    overrides: list = _f([], "a.b=c overrides applied to it (run.dir is set to RUN/pretrain).")
-    task_fraction: float = _f(0.0, "Fraction of the pretraining text (by characters, approximately) made of solved "
-                              "arithmetic problems mixed into the corpus, in [0, 1).")
+def register_section(name: str, schema: type) -> None:
+    """Add the config dataclass `schema` as the run's section `name` (keys `name.*`, `cfg.name`).
+
+    A job owns its section: the schema and its checks live in the job's package (megatrain/rl/config.py
+    registers `rl`, megatrain/ttt/config.py `ttt`), which calls this when imported; its module is
+    declared with `megatrain.fields.declare_section_module` so every process imports it before the
+    first Config is built. Loading, overrides, type checks, the saved config and the reference table
+    treat a registered section like a built-in one; the job validates its values itself.
+    """
+    if not dataclasses.is_dataclass(schema) or not isinstance(schema, type):
+        raise TypeError(f"config section '{name}': the schema must be a dataclass, got {schema!r}")
+    if name in _CORE_SECTIONS:
+        raise ValueError(f"config section '{name}' is built in and cannot be registered")
+    if _SECTIONS.get(name, schema) is not schema:
+        raise ValueError(f"config section '{name}' is registered twice ({_SECTIONS[name].__qualname__} and "
+                         f"{schema.__qualname__})")
+    _SECTIONS[name] = schema
 
 
-@dataclass
-class RLConfig:
-    """`rl.*`: the RL job (`megatrain rl`); the update side reuses train.lr/schedule, optim.*, parallel.*,
-    checkpoint.*, log.*. docs: megatrain/rl/job.py."""
-    init: Optional[str] = _f(None, "Start point: a megatrain run or checkpoint directory, or a Hugging Face Llama "
-                             "folder (imported into RUN/init; docs/huggingface.md); null: pretrain one first, see "
-                             "rl.pretrain.")
-    checkpoints: Any = _f(None, "Run the excursion from each of these checkpoints of the init run ([step_500, ...] "
-                          "or all), each into RUN/from_step_N/; null: from rl.init itself.")
-    pipeline: Any = _f("grpo", "grpo, sft, sft_rl, parallel_avg or loss_mix, or a list of them (each its own "
-                       "sub-run RUN/from_step_N/PIPELINE).")
-    mix_weight: float = _f(0.5, "loss_mix: loss = w L_RL + (1 - w) L_SFT.")
-    reward: str = _f("megatrain.rl.rewards.math_reward", "reward(prompt, completion, answer) -> float, by dotted path.")
-    format_score: float = _f(0.1, "Built-in reward for a well-formed but wrong answer.")
-    task: RLTaskConfig = field(default_factory=RLTaskConfig)
-    group_size: int = _f(16, "Samples per prompt (GRPO group), >= 2.")
-    prompts_per_step: int = _f(8, "Prompts per RL iteration (global; a multiple of the data-parallel size).")
-    max_new_tokens: int = _f(64, "Longest completion.")
-    temperature: float = _f(1.0, "Rollout sampling temperature (> 0).")
-    top_p: float = _f(1.0, "Rollout nucleus sampling.")
-    scale_rewards: str = _f("group", "Advantage scaling: (r - group mean) / std of the group, of the batch, or none.",
-                            choices=["group", "batch", "none"])
-    clip_low: float = _f(0.2, "PPO ratio clip below: 1 - clip_low.")
-    clip_high: float = _f(0.2, "PPO ratio clip above: 1 + clip_high (DAPO clip-higher: 0.28).")
-    dual_clip: Optional[float] = _f(None, "Dual clip c > 1 bounding the loss of negative-advantage tokens (verl: 3); null off.")
-    loss_agg: str = _f("token-mean", "Loss aggregation.", choices=["token-mean", "seq-mean-token-mean",
-                                                                    "seq-mean-token-sum"])
-    kl_coef: float = _f(0.001, "KL penalty coefficient to the frozen start model (0: no reference model).")
-    kl_estimator: str = _f("k3", "KL estimator.", choices=["k1", "k2", "k3"])
-    kl_in: str = _f("loss", "Where the KL penalty goes: the loss, or subtracted from the reward.", choices=["loss", "reward"])
-    ppo_epochs: int = _f(1, "Passes over each rollout batch.")
-    mini_batch: Optional[int] = _f(None, "Sequences per optimizer step (global; a multiple of group_size); default: "
-                                   "the whole rollout batch. SFT steps use the same size.")
-    micro_batch: int = _f(16, "Sequences per forward/backward per process.")
-    dynamic_filter: bool = _f(False, "Drop groups whose rewards are all equal (zero advantage) from the loss.")
-    mask_truncated: bool = _f(False, "Give zero loss weight to completions cut at rl.max_new_tokens without EOS or "
-                              "a stop (TRL's mask_truncated_completions, DAPO's overlong filtering; off by "
-                              "default as in TRL). They still count in the group advantages; the share is logged "
-                              "as `truncated`.")
-    steps: int = _f(50, "RL iterations (rollout + update); for sft, SFT steps.")
-    sft_steps: int = _f(20, "sft_rl: SFT steps before the RL iterations.")
-    seed: int = _f(0, "Seed of prompt order and sampling.")
-    eval: RLEvalConfig = field(default_factory=RLEvalConfig)
-    pretrain: RLPretrainConfig = field(default_factory=RLPretrainConfig)
+def registered_sections() -> dict[str, type]:
+    """name -> schema of every registered section, in the order their modules were declared.
 
-# ---- ttt: test-time context training (qTTT); validated by megatrain.ttt.config.validate_ttt ----
-@dataclass
-class TTTTaskConfig:
-    """`ttt.task.*`: what qTTT is evaluated on (megatrain/data/longcontext.py)."""
-    kind: str = _f("passkey", "needle / passkey / multikey retrieval in the held-out novel, or jsonl (a real "
-                   "long-context set at ttt.task.path).", choices=["needle", "passkey", "multikey", "jsonl"])
-    path: Optional[str] = _f(None, "jsonl: the file, one record per line.")
-    context_field: str = _f("context", "jsonl: field of the context text.")
-    question_field: str = _f("question", "jsonl: field of the question.")
-    answer_field: str = _f("answer", "jsonl: field of the answer (with choices: a letter, an index or the option).")
-    choices_field: Optional[str] = _f("choices", "jsonl: field of the options (optional; multiple-choice accuracy).")
-    context_lengths: list = _f([256, 512], "Context lengths in tokens (jsonl: contexts are cut to each).")
-    depths: list = _f([0.1, 0.5, 0.9], "Needle depths in [0, 1] (retrieval tasks).")
-    examples: int = _f(8, "Examples per (length, depth) cell (jsonl: the first N records).")
-    keys: int = _f(4, "multikey: needles per context (one is queried).")
-    seed: int = _f(0, "Seed of the generated examples.")
-
-
-@dataclass
-class TTTConfig:
-    """`ttt.*`: query-only test-time training (megatrain/ttt; docs in megatrain/ttt/adapt.py)."""
-    init: Optional[str] = _f(None, "Run, checkpoint, export or Hugging Face Llama folder to evaluate; null = first "
-                             "pretrain a model on the "
-                             "retrieval task with this config's model/data/train sections into RUN/pretrain.")
-    steps: int = _f(32, "qTTT gradient steps N per example.")
-    span: int = _f(128, "Tokens k per sampled span.")
-    lr: float = _f(1e-5, "qTTT learning rate.")
-    target: str = _f("q", "Trained parameters: q = every layer's W_Q (IHA: and mix_q), q_lora = a rank-r adapter "
-                     "on W_Q.", choices=["q", "q_lora"])
-    lora_rank: int = _f(8, "Adapter rank for ttt.target=q_lora.")
-    optimizer: str = _f("adamw", "qTTT optimizer (AdamW without weight decay, or plain SGD).", choices=["adamw", "sgd"])
-    batch: int = _f(8, "Examples adapted at once (each keeps its own queries).")
-    max_new_tokens: int = _f(8, "Answer tokens generated (greedy).")
-    think: bool = _f(True, "Also run the FLOP-matched thinking baseline (2 * steps * span tokens before answering).")
-    pretrain_documents: int = _f(4000, "Without ttt.init: retrieval documents written for pretraining.")
-    task: TTTTaskConfig = field(default_factory=TTTTaskConfig)
+    Imports the declared section modules first (megatrain.fields.section_modules), so the answer is the
+    same whichever modules a process happened to import before.
+    """
+    declared = section_modules()
+    for module in declared:
+        importlib.import_module(module)
+    rank = {module: i for i, module in enumerate(declared)}
+    return dict(sorted(_SECTIONS.items(), key=lambda item: rank.get(item[1].__module__, len(rank))))
 
 
 @dataclass
 class Config:
+    """The run's config: the built-in sections below, the registered ones (`register_section`: `rl`,
+    `ttt`) after `log`, and the free-form `deepspeed` last, in that order everywhere (a saved
+    config.yaml, `megatrain config --reference`)."""
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -321,13 +258,24 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    rl: RLConfig = field(default_factory=RLConfig)
-    ttt: TTTConfig = field(default_factory=TTTConfig)
     deepspeed: dict = field(default_factory=dict, metadata={
         "help": "Raw DeepSpeed config merged over the generated one (or pass --deepspeed ds.json)."})
 
+    def __post_init__(self) -> None:
+        for name, schema in registered_sections().items():
+            setattr(self, name, schema())
+
+    def sections(self) -> list[tuple[str, Any]]:
+        """(name, value) of every section, built-in and registered, in the config file's order."""
+        names = [n for n in _CORE_SECTIONS if n != "deepspeed"] + list(registered_sections()) + ["deepspeed"]
+        return [(name, getattr(self, name)) for name in names]
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {name: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+                for name, value in self.sections()}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Config) and self.to_dict() == other.to_dict()
 
     def resolve(self, world_size: int, *, cuda: bool = False, triton_needs_cuda: bool = False) -> "Config":
         """Fill the values that depend on where the run happens, in place; returns self.
@@ -378,12 +326,15 @@ class Config:
                 f"parallel.tensor={p.tensor})")
 
 
+_CORE_SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+
 def relora_periods(train: TrainConfig) -> tuple[int, int]:
     """(every, restart_warmup) of ReLoRA's restarts: train.relora.* or their defaults, train.steps/10
     and every/20 (ReLoRA's 2000 of 20000 steps, 100 of 2000)."""
-    rl = train.relora
-    every = rl.every if rl.every is not None else max(1, train.steps // 10)
-    restart_warmup = rl.restart_warmup if rl.restart_warmup is not None else max(1, every // 20)
+    relora = train.relora
+    every = relora.every if relora.every is not None else max(1, train.steps // 10)
+    restart_warmup = relora.restart_warmup if relora.restart_warmup is not None else max(1, every // 20)
     return every, restart_warmup
 
 
@@ -391,41 +342,63 @@ def relora_periods(train: TrainConfig) -> tuple[int, int]:
 # type checking / coercion
 
 
-def _type_name(tp) -> str:
+_TYPE_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings"),
+               bool: ("true or false", "booleans"), dict: ("a mapping", "mappings")}
+
+
+def _type_name(tp, plural: bool = False) -> str:
+    """What a key of type `tp` holds, in words: `str | list[str]` -> "a string or a list of strings"."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " or null"
+        args = typing.get_args(tp)
+        words = " or ".join(_type_name(a, plural) for a in args if a is not type(None))
+        return words + (", or null" if type(None) in args else "")
+    if origin is list:
+        return ("lists of " if plural else "a list of ") + _type_name(typing.get_args(tp)[0], plural=True)
     if tp is Any:
-        return "any"
-    return getattr(tp, "__name__", str(tp))
+        return "any values" if plural else "any value"
+    return _TYPE_NAMES[tp][plural] if tp in _TYPE_NAMES else getattr(tp, "__name__", str(tp))
 
 
-def _coerce(key: str, value: Any, tp, choices, default: Any = None):
+def _coerce(key: str, value: Any, tp, choices=None):
+    """`value` read as a key of type `tp` (a list element's key is `key[i]`); ConfigError, one line naming
+    the key and what it may hold, for anything else."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0], choices, default)
-    if tp is Any or tp is dict:
-        if tp is dict and not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__} {value!r}")
+        arms = [a for a in args if a is not type(None)]
+        if len(arms) == 1:
+            return _coerce(key, value, arms[0], choices)
+        lists = [a for a in arms if typing.get_origin(a) is list]
+        if isinstance(value, list) and lists:  # a list is checked element by element
+            return _coerce(key, value, lists[0], choices)
+        for arm in arms:
+            if arm not in lists:
+                try:
+                    return _coerce(key, value, arm, choices)
+                except ConfigError:
+                    pass
+        raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+        item = typing.get_args(tp)[0]
+        return [_coerce(f"{key}[{i}]", x, item) for i, x in enumerate(value)]
+    if tp is Any:
         return value
     out = value
-    if tp is bool:
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__} {value!r}")
+    elif tp is bool:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             out = value.lower() == "true"
         elif not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")
     elif tp in (int, float):
         out = parse_number(key, value, integer=tp is int)
-    elif tp is list and isinstance(value, list) and isinstance(default, list) and default \
-            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in default):
-        # A list of numbers (rl.eval.k, ttt.task.depths, ...): each element like a numeric key.
-        integer = all(isinstance(x, int) for x in default)
-        out = [parse_number(f"{key}[{i}]", x, integer) for i, x in enumerate(value)]
     elif tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string, got {value!r}")
@@ -440,12 +413,14 @@ def _apply(obj, data: dict, prefix: str) -> None:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(type(obj))
     fields = {f.name: f for f in dataclasses.fields(obj)}
+    sections = registered_sections() if isinstance(obj, Config) else {}
+    allowed = [name for name, _ in obj.sections()] if isinstance(obj, Config) else list(fields)
     for key, value in data.items():
         full = f"{prefix}{key}"
-        if key not in fields:
+        if key not in fields and key not in sections:
             raise ConfigError(f"unknown config key '{full}' (allowed under '{prefix.rstrip('.') or 'top level'}': "
-                              f"{', '.join(fields)})")
-        tp = hints[key]
+                              f"{', '.join(allowed)})")
+        tp = sections[key] if key in sections else hints[key]
         if dataclasses.is_dataclass(tp):
             if value is None:
                 continue
@@ -455,9 +430,7 @@ def _apply(obj, data: dict, prefix: str) -> None:
                 raise ConfigError(f"deepspeed must be a mapping, got {value!r}")
             _deep_merge(obj.deepspeed, value)
         else:
-            f = fields[key]
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            setattr(obj, key, _coerce(full, value, tp, f.metadata.get("choices"), default))
+            setattr(obj, key, _coerce(full, value, tp, fields[key].metadata.get("choices")))
 
 
 def _deep_merge(dst: dict, src: dict) -> dict:
@@ -645,9 +618,9 @@ def _validate_task(cfg: Config, m: ModelConfig) -> None:
 
 def _validate_lowrank_training(cfg: Config, m: ModelConfig) -> None:
     """The low-rank kinds against the other sections: train.relora.*, optim.*, parallel.*."""
-    kind, rl, t = m.linear, cfg.train.relora, cfg.train
+    kind, relora, t = m.linear, cfg.train.relora, cfg.train
     if kind != "relora":
-        changed = [f.name for f in dataclasses.fields(rl) if getattr(rl, f.name) != f.default]
+        changed = [f.name for f in dataclasses.fields(relora) if getattr(relora, f.name) != f.default]
         if changed:
             raise ConfigError(f"train.relora.{changed[0]} applies to model.linear=relora only (this run has "
                               f"model.linear={kind})")
@@ -676,11 +649,11 @@ def _validate_lowrank_training(cfg: Config, m: ModelConfig) -> None:
     if not 0 <= restart_warmup < every:
         raise ConfigError(f"train.relora.restart_warmup must be in [0, train.relora.every={every}), got "
                           f"{restart_warmup}")
-    if not 0.0 <= rl.prune_ratio < 1.0:
-        raise ConfigError(f"train.relora.prune_ratio must be in [0, 1), got {rl.prune_ratio}")
-    if not 0 <= rl.warm_start_steps < t.steps:
+    if not 0.0 <= relora.prune_ratio < 1.0:
+        raise ConfigError(f"train.relora.prune_ratio must be in [0, 1), got {relora.prune_ratio}")
+    if not 0 <= relora.warm_start_steps < t.steps:
         raise ConfigError(f"train.relora.warm_start_steps must be in [0, train.steps={t.steps}), got "
-                          f"{rl.warm_start_steps}")
+                          f"{relora.warm_start_steps}")
 
 
 def _validate_projection(cfg: Config, m: ModelConfig) -> None:
@@ -731,13 +704,12 @@ def save_config(cfg: Config, path: str) -> None:
 def config_reference() -> str:
     """Markdown table of every key, its default and its help (the README's config reference)."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
-    cfg = Config()
-    for sec in dataclasses.fields(cfg):
-        obj = getattr(cfg, sec.name)
+    helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(Config)}
+    for name, obj in Config().sections():
         if not dataclasses.is_dataclass(obj):
-            rows.append(f"| `{sec.name}` | `{{}}` | {sec.metadata.get('help', '')} |")
+            rows.append(f"| `{name}` | `{{}}` | {helps[name]} |")
             continue
-        _reference_rows(obj, sec.name, rows)
+        _reference_rows(obj, name, rows)
     return "\n".join(rows)
 
 

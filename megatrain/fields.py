@@ -6,6 +6,11 @@ each key's default and meaning, and the loader can refuse values outside `choice
 
 `parse_number` is how the loader reads the value of every numeric key (int or float, alone or in a
 list): NaN and infinity are refused like any other out-of-range value, whatever key they are given to.
+
+`declare_section_module` names a module that adds a section of its own to the run's config (the RL
+job's `rl.*` in megatrain/rl/config.py, qTTT's `ttt.*` in megatrain/ttt/config.py): the package root
+declares those, and megatrain.config imports every declared module before it builds a Config, so
+each process knows every section without the central config importing up into the jobs.
 """
 
 from __future__ import annotations
@@ -50,3 +55,22 @@ def parse_number(key: str, value: Any, integer: bool):
     if not integer and not math.isfinite(out):
         raise ConfigError(f"{key} must be a finite number (NaN and infinity are not allowed), got {value!r}")
     return out
+
+
+_SECTION_MODULES: list[str] = []
+
+
+def declare_section_module(module: str) -> None:
+    """Declare `module` (a dotted name) as one that registers a config section when imported.
+
+    The module calls `megatrain.config.register_section(name, schema)` at import time; megatrain.config
+    imports the declared modules, in the order declared, before it first needs the list of sections.
+    Sections appear in that order in a saved config and in `megatrain config --reference`.
+    """
+    if module not in _SECTION_MODULES:
+        _SECTION_MODULES.append(module)
+
+
+def section_modules() -> tuple[str, ...]:
+    """The declared section modules, in the order declared."""
+    return tuple(_SECTION_MODULES)

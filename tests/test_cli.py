@@ -101,3 +101,20 @@ def test_workers_get_the_command_line_as_typed_and_resolve_the_same_config(comma
     assert len(launcher) == len(workers) == 1 and workers[0] == launcher[0]
     overrides = [a for a in argv if "=" in a]
     assert workers[0] == load_config(path, overrides).to_dict()
+
+
+def test_config_reference_lists_the_jobs_sections():
+    """`megatrain config --reference` in a fresh process lists rl.* and ttt.*, whose schemas the jobs own
+    (megatrain/rl/config.py, megatrain/ttt/config.py): the package root declares them to the loader."""
+    from megatrain.rl.config import RLConfig
+    from megatrain.ttt.config import TTTConfig
+    from tests.test_config import _section_keys
+
+    out = run_cli(["config", "--reference"]).stdout
+    keys = [line.split("`")[1] for line in out.splitlines()[2:]]
+    jobs = [*_section_keys(RLConfig, "rl"), *_section_keys(TTTConfig, "ttt")]
+    assert "rl.pipeline" in jobs and "ttt.task.context_lengths" in jobs
+    start = keys.index("rl.init")
+    assert keys[start:start + len(jobs)] == jobs and keys[-1] == "deepspeed"
+    bad = run_cli(["config", "rl.eval.k=[1, x]"], check=False)
+    assert (bad.returncode, bad.stderr) == (2, "megatrain: error: rl.eval.k[1] must be an integer, got 'x'\n")

@@ -194,6 +194,122 @@ def test_reference_lists_every_contract_key():
         assert f"| `{key}` |" in ref, key
 
 
+@pytest.mark.parametrize("override, message", [
+    ("rl.eval.k=[1, x]", "rl.eval.k[1] must be an integer, got 'x'"),
+    ("rl.eval.k=8", "rl.eval.k must be a list of integers, got 8"),
+    ("rl.pipeline=[grpo, 3]", "rl.pipeline[1] must be a string, got 3"),
+    ("rl.pipeline=5", "rl.pipeline must be a string or a list of strings, got 5"),
+    ("rl.checkpoints=[step_5, 1.5]", "rl.checkpoints[1] must be a string or an integer, got 1.5"),
+    ("rl.checkpoints=7", "rl.checkpoints must be a string or a list of strings or integers, or null, got 7"),
+    ("rl.task.levels=[1, true]", "rl.task.levels[1] must be an integer, got True"),
+    ("rl.pretrain.overrides=[train.steps=2, 3]", "rl.pretrain.overrides[1] must be a string, got 3"),
+    ("ttt.task.context_lengths=[256, long]", "ttt.task.context_lengths[1] must be an integer, got 'long'"),
+    ("ttt.task.depths=[0.5, deep]", "ttt.task.depths[1] must be a number, got 'deep'"),
+    ("data.source=123", "data.source must be a string or a list of strings, got 123"),
+    ("data.val_source=[a.txt, {x: 1}]", "data.val_source[1] must be a string, got {'x': 1}"),
+])
+def test_list_keys_check_every_element(override, message):
+    """A typed list key (`rl.eval.k: list[int]`, `rl.pipeline: str | list[str]`, ...): a bad element or a
+    value of the wrong shape is one line naming the key (the element's index) and what it may hold."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value) == message
+
+
+def test_list_keys_accept_their_forms():
+    cfg = load_config(None, ["rl.pipeline=[grpo, sft]", "rl.checkpoints=[step_5, 500]", "ttt.task.depths=[0, 1]",
+                             "rl.eval.k=[1, '2']", "data.val_source=null"])
+    assert cfg.rl.pipeline == ["grpo", "sft"] and cfg.rl.checkpoints == ["step_5", 500]
+    assert cfg.ttt.task.depths == [0.0, 1.0] and all(isinstance(d, float) for d in cfg.ttt.task.depths)
+    assert cfg.rl.eval.k == [1, 2] and cfg.data.val_source is None
+    cfg = load_config(None, ["rl.pipeline=sft", "rl.checkpoints=all", "data.source=corpus.txt"])
+    assert (cfg.rl.pipeline, cfg.rl.checkpoints, cfg.data.source) == ("sft", "all", "corpus.txt")
+
+
+def test_no_config_key_is_loosely_typed():
+    """Every key names what it holds (no `Any`, no bare `list`), so the loader checks every element."""
+    import dataclasses
+    import typing
+
+    def loose(schema, prefix):
+        hints = typing.get_type_hints(schema)
+        for f in dataclasses.fields(schema):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                yield from loose(tp, f"{prefix}.{f.name}")
+                continue
+            parts = [tp, *typing.get_args(tp)]
+            parts += [a for p in parts for a in typing.get_args(p)]
+            if any(p is typing.Any or p is list or p is dict for p in parts):
+                yield f"{prefix}.{f.name}"
+
+    bad = [key for name, section in Config().sections() if dataclasses.is_dataclass(section)
+           for key in loose(type(section), name)]
+    assert bad == []
+
+
+def _section_keys(schema, prefix):
+    """Every key of the config dataclass `schema` under `prefix`, nested sections flattened."""
+    import dataclasses
+
+    for f in dataclasses.fields(schema):
+        default = getattr(schema(), f.name)
+        if dataclasses.is_dataclass(default):
+            yield from _section_keys(type(default), f"{prefix}.{f.name}")
+        else:
+            yield f"{prefix}.{f.name}"
+
+
+def test_the_jobs_own_their_sections_and_the_loader_knows_them():
+    """rl.* and ttt.* are defined (schema and checks) in megatrain/rl/config.py and megatrain/ttt/config.py,
+    registered with the loader: the reference lists every key in the file's order, overrides and YAML reach
+    them, and they are saved like the built-in sections."""
+    from megatrain.config import registered_sections
+    from megatrain.rl.config import RLConfig
+    from megatrain.ttt.config import TTTConfig
+
+    assert registered_sections() == {"rl": RLConfig, "ttt": TTTConfig}
+    assert [name for name, _ in Config().sections()] == ["run", "model", "data", "train", "optim", "parallel",
+                                                          "checkpoint", "log", "rl", "ttt", "deepspeed"]
+    assert list(Config().to_dict()) == [name for name, _ in Config().sections()]
+    ref = config_reference().splitlines()
+    keys = [line.split("`")[1] for line in ref[2:]]
+    jobs = [*_section_keys(RLConfig, "rl"), *_section_keys(TTTConfig, "ttt")]
+    assert len(jobs) > 50 and "rl.eval.k" in jobs and "ttt.task.depths" in jobs
+    start = keys.index("rl.init")
+    assert keys[start:start + len(jobs)] == jobs and keys[start - 1].startswith("log.") and keys[-1] == "deepspeed"
+    cfg = load_config(None, ["rl.eval.samples=4", "ttt.task.kind=needle"])
+    assert isinstance(cfg.rl, RLConfig) and (cfg.rl.eval.samples, cfg.ttt.task.kind) == (4, "needle")
+    assert cfg.to_dict()["rl"]["eval"]["samples"] == 4 and cfg != Config()
+
+
+def test_a_section_registered_from_outside(monkeypatch, tmp_path):
+    """A user's job registers its own section the same way; the built-in names are refused."""
+    import dataclasses
+
+    from megatrain import config as config_module
+    from megatrain.config import register_section
+    from megatrain.fields import config_field
+
+    @dataclasses.dataclass
+    class ToyConfig:
+        sizes: list[int] = config_field([1, 2], "Toy sizes.")
+
+    monkeypatch.setattr(config_module, "_SECTIONS", dict(config_module._SECTIONS))
+    register_section("toy", ToyConfig)
+    register_section("toy", ToyConfig)  # the same schema again (a re-imported module) is harmless
+    path = write(tmp_path, "toy:\n  sizes: [3, 4]\n")
+    assert load_config(path).toy.sizes == [3, 4] and Config().toy.sizes == [1, 2]
+    assert "| `toy.sizes` | `[1, 2]` | Toy sizes. |" in config_reference()
+    assert [name for name, _ in Config().sections()][-2:] == ["toy", "deepspeed"]
+    with pytest.raises(ConfigError, match=r"^toy.sizes\[0\] must be an integer, got 'x'$"):
+        load_config(None, ["toy.sizes=[x]"])
+    with pytest.raises(ValueError, match="built in"):
+        register_section("train", ToyConfig)
+    with pytest.raises(ValueError, match="registered twice"):
+        register_section("toy", dataclasses.make_dataclass("Other", []))
+
+
 def test_galore_fira_on_lowrank_factors():
     """GaLore/Fira project CoLA and SLTrain factors (rank up to the layers' rank); ReLoRA/LoRA refused."""
     from megatrain.config import load_config
@@ -214,18 +330,24 @@ def _numeric_keys(obj=None, prefix=""):
 
     from megatrain.config import Config
 
-    obj = Config() if obj is None else obj
+    if obj is None:  # the built-in sections and the registered ones (rl, ttt)
+        for name, section in Config().sections():
+            if dataclasses.is_dataclass(section):
+                yield from _numeric_keys(section, name + ".")
+        return
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
-        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        value, key, tp = getattr(obj, f.name), f"{prefix}{f.name}", hints[f.name]
         if dataclasses.is_dataclass(value):
             yield from _numeric_keys(value, key + ".")
             continue
-        args = set(typing.get_args(hints[f.name])) or {hints[f.name]}
+        if typing.get_origin(tp) is list:
+            if set(typing.get_args(tp)) & {int, float}:
+                yield key, True
+            continue
+        args = set(typing.get_args(tp)) or {tp}
         if args & {int, float} and not isinstance(value, bool):
             yield key, False
-        elif isinstance(value, list) and value and all(isinstance(x, (int, float)) for x in value):
-            yield key, True
 
 
 def test_every_numeric_key_refuses_nan_and_infinity():

@@ -1,5 +1,8 @@
-"""Validation of the `rl` config section (the schema lives in megatrain/config.py).
+"""The `rl.*` config section: its schema and its checks.
 
+The schema (`RLConfig` and its subsections) is registered with the central loader as the section `rl`
+(`megatrain.config.register_section`), so YAML files, `rl.a=b` overrides, the saved config and
+`megatrain config --reference` treat it like every other section; the loader checks each key's type.
 `validate_rl(cfg, world_size)` runs in the RL job's preflight, before any process group starts:
 every bad value is one line naming the key and what is allowed (ConfigError).
 """
@@ -7,13 +10,104 @@ every bad value is one line naming the key and what is allowed (ConfigError).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Optional
 
+from megatrain.config import register_section
 from megatrain.errors import ConfigError
+from megatrain.fields import config_field as _f
 from megatrain.rl.grpo import KL_ESTIMATORS, LOSS_AGG_MODES, SCALE_MODES
+
+__all__ = ["RLConfig", "RLTaskConfig", "RLEvalConfig", "RLPretrainConfig", "PIPELINES", "RL_PIPELINES",
+           "pipelines", "validate_rl"]
 
 PIPELINES = ("grpo", "sft", "sft_rl", "parallel_avg", "loss_mix")
 # Pipelines that sample rollouts and take RL updates.
 RL_PIPELINES = ("grpo", "sft_rl", "parallel_avg", "loss_mix")
+
+
+@dataclass
+class RLTaskConfig:
+    """`rl.task.*`: problems with exact answers (megatrain/rl/tasks.py)."""
+    source: str = _f("embedded", "embedded (generated arithmetic word problems with step-by-step solutions) or a "
+                     ".jsonl file of problems.")
+    question_field: str = _f("question", "jsonl field holding the question.")
+    answer_field: str = _f("answer", "jsonl field holding the exact answer.")
+    solution_field: str = _f("solution", "jsonl field holding a worked solution for SFT (optional per record; "
+                             "default target '#### ANSWER').")
+    levels: list[int] = _f([1, 2], "embedded: difficulty levels (operations per problem), cycled over the problems.")
+    train_size: int = _f(4096, "embedded: training problems.")
+    held_out: int = _f(64, "Held-out problems for pass@k (a jsonl file's last records).")
+    seed: int = _f(0, "embedded: generator seed.")
+
+
+@dataclass
+class RLEvalConfig:
+    """`rl.eval.*`: pass@k on the held-out problems and validation perplexity on the pretraining corpus."""
+    k: list[int] = _f([1, 8, 32], "pass@k values reported (unbiased estimator; each <= rl.eval.samples).")
+    samples: int = _f(32, "Samples n per held-out problem.")
+    problems: Optional[int] = _f(None, "Held-out problems evaluated (default: all of rl.task.held_out).")
+    temperature: float = _f(1.0, "Sampling temperature of the evaluation.")
+    every: int = _f(0, "Also evaluate every N RL iterations (0: only at the start and the end).")
+
+
+@dataclass
+class RLPretrainConfig:
+    """`rl.pretrain.*`: the run pretrained first (into RUN/pretrain) when rl.init is null."""
+    config: Optional[str] = _f(None, "Pretraining YAML (e.g. launch/configs/tiny-cpu.yaml); needed when rl.init is null.")
+    overrides: list[str] = _f([], "a.b=c overrides applied to it (run.dir is set to RUN/pretrain).")
+    task_fraction: float = _f(0.0, "Fraction of the pretraining text (by characters, approximately) made of solved "
+                              "arithmetic problems mixed into the corpus, in [0, 1).")
+
+
+@dataclass
+class RLConfig:
+    """`rl.*`: the RL job (`megatrain rl`); the update side reuses train.lr/schedule, optim.*, parallel.*,
+    checkpoint.*, log.*. docs: megatrain/rl/job.py."""
+    init: Optional[str] = _f(None, "Start point: a megatrain run or checkpoint directory, or a Hugging Face Llama "
+                             "folder (imported into RUN/init; docs/huggingface.md); null: pretrain one first, see "
+                             "rl.pretrain.")
+    checkpoints: Optional[str | list[str | int]] = _f(
+        None, "Run the excursion from each of these checkpoints of the init run ([step_500, ...] or all), each into "
+        "RUN/from_step_N/; null: from rl.init itself.")
+    pipeline: str | list[str] = _f("grpo", "grpo, sft, sft_rl, parallel_avg or loss_mix, or a list of them (each its "
+                                   "own sub-run RUN/from_step_N/PIPELINE).")
+    mix_weight: float = _f(0.5, "loss_mix: loss = w L_RL + (1 - w) L_SFT.")
+    reward: str = _f("megatrain.rl.rewards.math_reward", "reward(prompt, completion, answer) -> float, by dotted path.")
+    format_score: float = _f(0.1, "Built-in reward for a well-formed but wrong answer.")
+    task: RLTaskConfig = field(default_factory=RLTaskConfig)
+    group_size: int = _f(16, "Samples per prompt (GRPO group), >= 2.")
+    prompts_per_step: int = _f(8, "Prompts per RL iteration (global; a multiple of the data-parallel size).")
+    max_new_tokens: int = _f(64, "Longest completion.")
+    temperature: float = _f(1.0, "Rollout sampling temperature (> 0).")
+    top_p: float = _f(1.0, "Rollout nucleus sampling.")
+    scale_rewards: str = _f("group", "Advantage scaling: (r - group mean) / std of the group, of the batch, or none.",
+                            choices=["group", "batch", "none"])
+    clip_low: float = _f(0.2, "PPO ratio clip below: 1 - clip_low.")
+    clip_high: float = _f(0.2, "PPO ratio clip above: 1 + clip_high (DAPO clip-higher: 0.28).")
+    dual_clip: Optional[float] = _f(None, "Dual clip c > 1 bounding the loss of negative-advantage tokens (verl: 3); null off.")
+    loss_agg: str = _f("token-mean", "Loss aggregation.", choices=["token-mean", "seq-mean-token-mean",
+                                                                    "seq-mean-token-sum"])
+    kl_coef: float = _f(0.001, "KL penalty coefficient to the frozen start model (0: no reference model).")
+    kl_estimator: str = _f("k3", "KL estimator.", choices=["k1", "k2", "k3"])
+    kl_in: str = _f("loss", "Where the KL penalty goes: the loss, or subtracted from the reward.", choices=["loss", "reward"])
+    ppo_epochs: int = _f(1, "Passes over each rollout batch.")
+    mini_batch: Optional[int] = _f(None, "Sequences per optimizer step (global; a multiple of group_size); default: "
+                                   "the whole rollout batch. SFT steps use the same size.")
+    micro_batch: int = _f(16, "Sequences per forward/backward per process.")
+    dynamic_filter: bool = _f(False, "Drop groups whose rewards are all equal (zero advantage) from the loss.")
+    mask_truncated: bool = _f(False, "Give zero loss weight to completions cut at rl.max_new_tokens without EOS or "
+                              "a stop (TRL's mask_truncated_completions, DAPO's overlong filtering; off by "
+                              "default as in TRL). They still count in the group advantages; the share is logged "
+                              "as `truncated`.")
+    steps: int = _f(50, "RL iterations (rollout + update); for sft, SFT steps.")
+    sft_steps: int = _f(20, "sft_rl: SFT steps before the RL iterations.")
+    seed: int = _f(0, "Seed of prompt order and sampling.")
+    eval: RLEvalConfig = field(default_factory=RLEvalConfig)
+    pretrain: RLPretrainConfig = field(default_factory=RLPretrainConfig)
+
+
+register_section("rl", RLConfig)
 
 
 def pipelines(rl) -> list[str]:

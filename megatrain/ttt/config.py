@@ -1,5 +1,8 @@
-"""Validation of the `ttt.*` config section (the schema lives in megatrain/config.py).
+"""The `ttt.*` config section: its schema and its checks.
 
+The schema (`TTTConfig`, `TTTTaskConfig`) is registered with the central loader as the section `ttt`
+(`megatrain.config.register_section`), so YAML files, `ttt.a=b` overrides, the saved config and
+`megatrain config --reference` treat it like every other section; the loader checks each key's type.
 `validate_ttt(cfg)` checks what needs no model; `check_against_model(cfg, model_cfg, question_tokens)`
 what needs the model's size and kind. Both raise ConfigError with one line naming the key.
 """
@@ -7,11 +10,56 @@ what needs the model's size and kind. Both raise ConfigError with one line namin
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
+from typing import Optional
 
+from megatrain.config import register_section
 from megatrain.errors import ConfigError
+from megatrain.fields import config_field as _f
 from megatrain.ttt.flops import think_tokens
 
-__all__ = ["validate_ttt", "check_against_model", "QUESTION_MARGIN"]
+__all__ = ["TTTConfig", "TTTTaskConfig", "validate_ttt", "check_against_model", "QUESTION_MARGIN"]
+
+
+@dataclass
+class TTTTaskConfig:
+    """`ttt.task.*`: what qTTT is evaluated on (megatrain/data/longcontext.py)."""
+    kind: str = _f("passkey", "needle / passkey / multikey retrieval in the held-out novel, or jsonl (a real "
+                   "long-context set at ttt.task.path).", choices=["needle", "passkey", "multikey", "jsonl"])
+    path: Optional[str] = _f(None, "jsonl: the file, one record per line.")
+    context_field: str = _f("context", "jsonl: field of the context text.")
+    question_field: str = _f("question", "jsonl: field of the question.")
+    answer_field: str = _f("answer", "jsonl: field of the answer (with choices: a letter, an index or the option).")
+    choices_field: Optional[str] = _f("choices", "jsonl: field of the options (optional; multiple-choice accuracy).")
+    context_lengths: list[int] = _f([256, 512], "Context lengths in tokens (jsonl: contexts are cut to each).")
+    depths: list[float] = _f([0.1, 0.5, 0.9], "Needle depths in [0, 1] (retrieval tasks).")
+    examples: int = _f(8, "Examples per (length, depth) cell (jsonl: the first N records).")
+    keys: int = _f(4, "multikey: needles per context (one is queried).")
+    seed: int = _f(0, "Seed of the generated examples.")
+
+
+@dataclass
+class TTTConfig:
+    """`ttt.*`: query-only test-time training (megatrain/ttt; docs in megatrain/ttt/adapt.py)."""
+    init: Optional[str] = _f(None, "Run, checkpoint, export or Hugging Face Llama folder to evaluate; null = first "
+                             "pretrain a model on the "
+                             "retrieval task with this config's model/data/train sections into RUN/pretrain.")
+    steps: int = _f(32, "qTTT gradient steps N per example.")
+    span: int = _f(128, "Tokens k per sampled span.")
+    lr: float = _f(1e-5, "qTTT learning rate.")
+    target: str = _f("q", "Trained parameters: q = every layer's W_Q (IHA: and mix_q), q_lora = a rank-r adapter "
+                     "on W_Q.", choices=["q", "q_lora"])
+    lora_rank: int = _f(8, "Adapter rank for ttt.target=q_lora.")
+    optimizer: str = _f("adamw", "qTTT optimizer (AdamW without weight decay, or plain SGD).", choices=["adamw", "sgd"])
+    batch: int = _f(8, "Examples adapted at once (each keeps its own queries).")
+    max_new_tokens: int = _f(8, "Answer tokens generated (greedy).")
+    think: bool = _f(True, "Also run the FLOP-matched thinking baseline (2 * steps * span tokens before answering).")
+    pretrain_documents: int = _f(4000, "Without ttt.init: retrieval documents written for pretraining.")
+    task: TTTTaskConfig = field(default_factory=TTTTaskConfig)
+
+
+register_section("ttt", TTTConfig)
+
 
 # Tokens reserved for the question of a generated retrieval task when checking lengths up front
 # (the longest, the needle task's question, is ~45 tokens with a 512-token vocabulary).
