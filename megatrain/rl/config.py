@@ -54,7 +54,8 @@ class RLEvalConfig:
 @dataclass
 class RLPretrainConfig:
     """`rl.pretrain.*`: the run pretrained first (into RUN/pretrain) when rl.init is null."""
-    config: Optional[str] = _f(None, "Pretraining YAML (e.g. launch/configs/tiny-cpu.yaml); needed when rl.init is null.")
+    config: Optional[str] = _f(None, "Pretraining YAML (e.g. launch/configs/tiny-cpu.yaml); needed when rl.init is "
+                               "null.")
     overrides: list[str] = _f([], "a.b=c overrides applied to it (run.dir is set to RUN/pretrain).")
     task_fraction: float = _f(0.0, "Fraction of the pretraining text (by characters, approximately) made of solved "
                               "arithmetic problems mixed into the corpus, in [0, 1).")
@@ -85,12 +86,14 @@ class RLConfig:
                             choices=["group", "batch", "none"])
     clip_low: float = _f(0.2, "PPO ratio clip below: 1 - clip_low.")
     clip_high: float = _f(0.2, "PPO ratio clip above: 1 + clip_high (DAPO clip-higher: 0.28).")
-    dual_clip: Optional[float] = _f(None, "Dual clip c > 1 bounding the loss of negative-advantage tokens (verl: 3); null off.")
+    dual_clip: Optional[float] = _f(None, "Dual clip c > 1 bounding the loss of negative-advantage tokens (verl: 3); "
+                                    "null off.")
     loss_agg: str = _f("token-mean", "Loss aggregation.", choices=["token-mean", "seq-mean-token-mean",
                                                                     "seq-mean-token-sum"])
     kl_coef: float = _f(0.001, "KL penalty coefficient to the frozen start model (0: no reference model).")
     kl_estimator: str = _f("k3", "KL estimator.", choices=["k1", "k2", "k3"])
-    kl_in: str = _f("loss", "Where the KL penalty goes: the loss, or subtracted from the reward.", choices=["loss", "reward"])
+    kl_in: str = _f("loss", "Where the KL penalty goes: the loss, or subtracted from the reward.",
+                    choices=["loss", "reward"])
     ppo_epochs: int = _f(1, "Passes over each rollout batch.")
     mini_batch: Optional[int] = _f(None, "Sequences per optimizer step (global; a multiple of group_size); default: "
                                    "the whole rollout batch. SFT steps use the same size.")
