@@ -695,10 +695,9 @@ def _check_projection_precision(cfg: Config, bf16: bool) -> None:
 
 
 def save_config(cfg: Config, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
-    os.replace(tmp, path)
+    from megatrain.files import write_atomic
+
+    write_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def config_reference() -> str:

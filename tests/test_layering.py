@@ -23,7 +23,8 @@ ROOT = "megatrain"
 # ("Layers"): test_layers_match_the_architecture_doc compares the two. Units of packages that do not
 # exist yet (generate, rl, ttt, scaling, analysis) are declared so they land in their place.
 LAYERS: list[tuple[str, ...]] = [
-    ("megatrain.errors", "megatrain.constants", "megatrain.fields", "megatrain.distributed", "megatrain.env"),
+    ("megatrain.errors", "megatrain.constants", "megatrain.fields", "megatrain.distributed", "megatrain.env",
+     "megatrain.files"),
     ("megatrain.kernels",),
     ("megatrain.models",),
     ("megatrain.parallel", "megatrain.optim", "megatrain.data"),

@@ -26,7 +26,6 @@ and the previous checkpoint stays `latest`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import random
@@ -39,7 +38,8 @@ import torch.distributed as dist
 
 from megatrain.distributed import barrier, is_distributed
 from megatrain.engine.resilience import fault_point
-from megatrain.errors import CheckpointError
+from megatrain.errors import CheckpointError, ConfigError
+from megatrain.files import fsync_path, sha256_file, write_atomic
 
 META_FILE = "megatrain.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -99,40 +99,6 @@ def newest_checkpoint(run_dir: str) -> Optional[tuple[int, str]]:
     return step, path
 
 
-def _fsync_dir(path: str) -> None:
-    """Make a rename inside `path` durable (a directory fsync; not possible on every platform)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: str, text: str, before_replace=None) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    if before_replace is not None:
-        before_replace()
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _is_own_file(rel: str) -> bool:
     """megatrain's own files of a checkpoint (checksummed); DeepSpeed's are checked by size only."""
     name = os.path.basename(rel)
@@ -156,8 +122,8 @@ def _manifest(path: str) -> tuple[dict, dict]:
                 os.close(fd)
             sizes[rel] = os.path.getsize(full)
             if _is_own_file(rel):
-                checksums[rel] = _sha256(full)
-        _fsync_dir(dirpath)
+                checksums[rel] = sha256_file(full)
+        fsync_path(dirpath)
     return sizes, checksums
 
 
@@ -212,7 +178,7 @@ def read_meta(path: str, checksums: bool = False) -> dict:
                                   f"expected {size}{_fallback_hint(path)}")
     if checksums:
         for rel, digest in meta.get("checksums", {}).items():
-            if _sha256(os.path.join(path, rel)) != digest:
+            if sha256_file(os.path.join(path, rel)) != digest:
                 raise CheckpointError(f"checkpoint '{path}' is corrupt: file '{rel}' fails its sha256 check"
                                       f"{_fallback_hint(path)}")
     return meta
@@ -288,6 +254,24 @@ def check_model(meta: dict, path: str, model_cfg) -> None:
                                       f"has model.iha.{key}={current.get('iha', {}).get(key)!r}")
 
 
+def check_tokenizer(data_tokenizer: str, tokenizer_file: Optional[str], source: str) -> None:
+    """`data.tokenizer` names an existing file (ConfigError) with the same bytes as `tokenizer_file`, the
+    tokenizer the weights of `source` (a phrase naming them) were trained with (CheckpointError); a None
+    `tokenizer_file` (weights without a tokenizer) checks the existence only."""
+    if not os.path.isfile(data_tokenizer):
+        raise ConfigError(f"data.tokenizer: file '{data_tokenizer}' does not exist")
+    if tokenizer_file is not None and sha256_file(tokenizer_file) != sha256_file(data_tokenizer):
+        raise CheckpointError(f"{source} was trained with another tokenizer than data.tokenizer='{data_tokenizer}'")
+
+
+def checkpoint_meta(model_cfg, layout: dict, *, seq_len: int, seed: int, tokenizer: Optional[str], **extra) -> dict:
+    """megatrain.json's description of a checkpoint (save_checkpoint adds step, format and the manifest):
+    the model config, the parallel `layout` ({world_size, dp, tensor, zero_stage}), the sequence length,
+    the seed, the tokenizer's path, and what the job adds (`extra`: the data position, the RL start)."""
+    return {"model": dataclasses.asdict(model_cfg), "layout": dict(layout), "seq_len": seq_len, "seed": seed,
+            "tokenizer": tokenizer, **extra}
+
+
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(),
              "python": torch.tensor(list(random.getstate()[1]), dtype=torch.int64),
@@ -348,15 +332,16 @@ def save_checkpoint(engine, *, run_dir: str, step: int, client_state: dict, meta
     if rank == 0:
         try:
             sizes, checksums = _manifest(partial)
-            _write_atomic(os.path.join(partial, META_FILE),
-                          json.dumps({**meta, "format": FORMAT_VERSION, "step": step, "files": sizes,
-                                      "checksums": checksums}, indent=1))
+            write_atomic(os.path.join(partial, META_FILE),
+                         json.dumps({**meta, "format": FORMAT_VERSION, "step": step, "files": sizes,
+                                     "checksums": checksums}, indent=1), fsync=True)
             if os.path.isdir(path):
                 shutil.rmtree(path)  # written by a run that crashed before naming it `latest`
             os.replace(partial, path)
-            _fsync_dir(root)
+            fsync_path(root)
             fault_point("ckpt_commit", step, rank)
-            _write_atomic(os.path.join(root, "latest"), tag, before_replace=lambda: fault_point("latest", step, rank))
+            write_atomic(os.path.join(root, "latest"), tag, fsync=True,
+                         before_replace=lambda: fault_point("latest", step, rank))
         except OSError as exc:
             if read_latest(root) != tag:  # not committed: the previous checkpoint stays latest
                 error = exc

@@ -169,3 +169,31 @@ def initialize(cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, mp
 
     attach_projected(engine, optimizer, mpu)  # GaLore / Fira weights kept out of ZeRO (docs/galore-fira.md)
     return engine
+
+
+def module_grad_norm(module: torch.nn.Module, groups) -> float:
+    """L2 norm of the (already DP-averaged) gradients, for ZeRO stage 0 where DeepSpeed reports none.
+
+    DeepSpeed's rule: a tensor-parallel slice counts on its own rank, anything else (replicated
+    weights, the extra copies of replicated KV heads) on TP rank 0 only; then one sum over the TP
+    group. Accumulated on the device: one host sync per step.
+    """
+    import math
+
+    grads = [p.grad.detach() for p in module.parameters()
+             if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or groups.tp_rank == 0)]
+    device = next(module.parameters()).device
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for g in grads:
+        total += g.double().pow(2).sum()
+    if groups.tp_size > 1:
+        dist.all_reduce(total, group=groups.tp_group)
+    return math.sqrt(total.item())
+
+
+def step_grad_norm(engine, zero_stage: int, measured=None):
+    """The global gradient norm of the optimizer step `engine` just took, as a float: DeepSpeed's own under
+    ZeRO 1-3; at stage 0, where DeepSpeed keeps none, `measured` (`module_grad_norm` taken before the
+    step), None when the job did not measure it."""
+    norm = engine.get_global_grad_norm() if zero_stage != 0 else measured
+    return norm.item() if isinstance(norm, torch.Tensor) else norm

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from typing import Optional
 
 import torch
@@ -87,12 +88,40 @@ def _clean(value):
     return value
 
 
+class Throughput:
+    """Tokens per second and MFU over a window of steps: `add_step` after each step, `measure` at a logging
+    step, `reset` where the next window starts (after evaluations and checkpoints, which it leaves out)."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, devices: int, peak: Optional[float],
+                 device: torch.device):
+        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.devices, self.peak, self.device = devices, peak, device
+        self.reset()
+
+    def add_step(self) -> None:
+        self.tokens += self.tokens_per_step
+
+    def reset(self) -> None:
+        self.start, self.tokens = time.perf_counter(), 0
+
+    def measure(self, step: int) -> dict:
+        """{tokens_per_s, mfu, tokens (seen by `step`)} of the window so far (waits for the device first)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - self.start
+        tps = self.tokens / elapsed if elapsed > 0 else 0.0
+        return {"tokens_per_s": tps, "mfu": mfu(tps, self.flops_per_token, self.devices, self.peak),
+                "tokens": step * self.tokens_per_step}
+
+
 class MetricsLogger:
     """Rank-0 sink for metrics.jsonl, tensorboard events and a tqdm progress bar."""
 
     def __init__(self, run_dir: str, *, enabled: bool, tensorboard: bool, progress: bool,
-                 total_steps: int, start_step: int):
+                 total_steps: int, start_step: int, every: int = 1, tb_prefix: Optional[str] = None):
         self.enabled = enabled
+        self.every = every  # log.every: the steps `should_log` names
+        self.tb_prefix = tb_prefix  # with one, tensorboard gets every other float of a record as PREFIX/key
         self.jsonl = None
         self.tb = None
         self.bar = None
@@ -110,6 +139,10 @@ class MetricsLogger:
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
                             mininterval=1.0)
+
+    def should_log(self, step: int, last_step: bool = False) -> bool:
+        """Whether `step` is a logging step of its own (every `every` steps, and the last one)."""
+        return last_step or (self.every > 0 and step % self.every == 0)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -129,6 +162,8 @@ class MetricsLogger:
             for key, value in record.items():  # log.analyze_every's metrics carry their own tags
                 if key.startswith("analysis/") and isinstance(value, (int, float)):
                     self.tb.add_scalar(key, value, step)
+                elif self.tb_prefix and key not in names and isinstance(value, float):
+                    self.tb.add_scalar(f"{self.tb_prefix}/{key}", value, step)
         if self.bar is not None:
             shown = {"loss": record.get("loss"), "tok/s": record.get("tokens_per_s")}
             if record.get("mfu") is not None:
@@ -186,8 +221,6 @@ def _truncate_after(path: str, step: int) -> None:
     """On resume, drop records past the resumed step (and any cut line) so the log describes one trajectory."""
     if not os.path.exists(path):
         return
-    kept = [json.dumps(r) + "\n" for r in read_metrics(path) if r.get("step", 0) <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.writelines(kept)
-    os.replace(tmp, path)
+    from megatrain.files import write_atomic
+
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in read_metrics(path) if r.get("step", 0) <= step))

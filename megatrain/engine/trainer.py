@@ -7,12 +7,11 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import shutil
 import sys
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -20,9 +19,12 @@ import torch.distributed as dist
 from megatrain.config import Config, save_config
 from megatrain.distributed import all_reduce_sum, barrier
 from megatrain.engine import checkpoint as ckpt
-from megatrain.engine.deepspeed import DistEnv, check_deepspeed_for, init_distributed, initialize
+from megatrain.engine.checkpointer import Checkpointer
+from megatrain.engine.deepspeed import (DistEnv, check_deepspeed_for, init_distributed, initialize, module_grad_norm,
+                                        step_grad_norm)
 from megatrain.engine.health import LossSpikeDetector, Watchdog, default_store
-from megatrain.engine.metrics import MetricsLogger, device_peak_flops, kernel_paths_line, mfu
+from megatrain.engine.metrics import MetricsLogger, Throughput, device_peak_flops, kernel_paths_line
+from megatrain.engine.validate import Validator
 from megatrain.engine.resilience import (RunLock, StopRequest, auto_resume_enabled, check_run_lock, fault_point,
                                          fault_spec)
 from megatrain.env import local_world_size as env_local_world
@@ -107,8 +109,6 @@ def preflight(cfg: Config, resume, world_size: int, verify: Optional[bool] = Non
 
 def _check_init_from(cfg: Config) -> None:
     """train.init_from: its model is this run's model and its tokenizer (when it carries one) is data.tokenizer."""
-    import hashlib
-
     from megatrain.engine.load import source_model
 
     source = cfg.train.init_from
@@ -117,24 +117,16 @@ def _check_init_from(cfg: Config) -> None:
     if model_cfg.vocab_size is None:
         model_cfg.vocab_size = saved.vocab_size
     ckpt.check_model({"model": dataclasses.asdict(saved)}, source, model_cfg)
-    if not os.path.isfile(cfg.data.tokenizer):
-        raise ConfigError(f"data.tokenizer: file '{cfg.data.tokenizer}' does not exist")
-    if tokenizer is not None:
-        digests = []
-        for file in (tokenizer, cfg.data.tokenizer):
-            with open(file, "rb") as fh:
-                digests.append(hashlib.sha256(fh.read()).hexdigest())
-        if digests[0] != digests[1]:
-            raise CheckpointError(f"train.init_from '{source}' was trained with another tokenizer than "
-                                  f"data.tokenizer='{cfg.data.tokenizer}' ({tokenizer})")
+    ckpt.check_tokenizer(cfg.data.tokenizer, tokenizer, f"train.init_from '{source}' ({tokenizer})")
 
 
 class Trainer:
+    """The pretraining loop. Its components decide their own timing: `checkpointer` (checkpoint.every, the
+    last step, a stop), `validator` (log.eval_every, train.steps), `logger` (log.every), the analysis hook
+    (log.analyze_every) and the heartbeat (log.heartbeat_every); `fit` runs `train_step` and asks them."""
+
     def __init__(self, cfg: Config, env: DistEnv, resume_path: Optional[str], instruments=None,
                  watchdog: Optional[Watchdog] = None, resume_hint: str = "continue with --resume"):
-        from megatrain.data import open_data, prepare_data
-        from megatrain.data.sampler import ResumableSampler
-        from megatrain.parallel.checks import check_vocab_split
         from megatrain.parallel.groups import build_groups
 
         self.cfg, self.env = cfg, env
@@ -150,12 +142,36 @@ class Trainer:
         self.dp_size, self.dp_rank = self.groups.dp_size, self.groups.dp_rank
         if env.is_main:
             os.makedirs(cfg.run.dir, exist_ok=True)
-        # One process per node builds the tokenizer and token caches; the rest wait, then memory-map.
-        if env.local_rank == 0:
+        self.model_cfg = self._open_data()
+        if env.is_main:
+            save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
+        weights_only = resume_path is not None and bool(ckpt.read_meta(resume_path).get("weights_only"))
+        init_path = resume_path if weights_only else (cfg.train.init_from if resume_path is None else None)
+        self._build_engine(resume_path, weights_only, init_path)
+        self._build_components()
+        if resume_path is not None and not weights_only:
+            self._resume(resume_path)
+        self.logger = MetricsLogger(cfg.run.dir, enabled=env.is_main, tensorboard=cfg.log.tensorboard,
+                                    progress=cfg.log.progress, total_steps=cfg.train.steps, start_step=self.step,
+                                    every=cfg.log.every)
+        if init_path is not None:
+            self.logger.message(f"started from the weights of {init_path} (fresh optimizer, step 0)")
+        elif resume_path is not None:
+            how = (f" (resharded to parallel.tensor={cfg.parallel.tensor} x {self.dp_size} data-parallel ranks through "
+                   f"DeepSpeed's universal checkpoint)" if self.universal else "")
+            self.logger.message(f"resumed from {resume_path} at step {self.step}{how}")
+
+    def _open_data(self):
+        """Tokenizer and token caches (one process per node builds them, the rest wait, then memory-map);
+        returns the model config with the vocabulary size resolved and checked."""
+        from megatrain.data import open_data, prepare_data
+        from megatrain.parallel.checks import check_vocab_split
+
+        cfg = self.cfg
+        if self.env.local_rank == 0:
             prepare_data(cfg)
         barrier()
         self.data = open_data(cfg)
-
         model_cfg = cfg.model.resolved()
         if model_cfg.vocab_size is None:
             model_cfg.vocab_size = self.data.vocab_size
@@ -165,25 +181,24 @@ class Trainer:
         check_vocab_split(model_cfg.vocab_size, cfg.parallel.tensor,
                           f"model.vocab_size={model_cfg.vocab_size}" if cfg.model.vocab_size is not None
                           else f"the tokenizer's vocabulary {model_cfg.vocab_size}")
-        self.model_cfg = model_cfg
-        if env.is_main:
-            save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
+        return model_cfg
 
-        # Each rank materialises only its share (TP slices; ZeRO-3 partitions), every module from a
-        # generator keyed by (train.seed, its name): a TP or ZeRO-3 run starts from the single-process weights.
+    def _build_engine(self, resume_path: Optional[str], weights_only: bool, init_path: Optional[str]) -> None:
+        """The model (each rank materialises only its share: TP slices, ZeRO-3 partitions, every module from a
+        generator keyed by (train.seed, its name), so any layout starts from the single-process weights), its
+        optimizer and the DeepSpeed engine; `self.universal` when the resume needs a reshard."""
         from megatrain.engine.build import build_model, model_counts
 
-        weights_only = resume_path is not None and bool(ckpt.read_meta(resume_path).get("weights_only"))
-        init_path = resume_path if weights_only else (cfg.train.init_from if resume_path is None else None)
-        universal = False
+        cfg, model_cfg = self.cfg, self.model_cfg
+        self.universal = False
         if resume_path is not None and not weights_only:
-            universal = ckpt.needs_reshard(ckpt.read_meta(resume_path), resume_path, model_cfg,
-                                           cfg.parallel.zero_stage, self.dp_size, cfg.parallel.tensor)
+            self.universal = ckpt.needs_reshard(ckpt.read_meta(resume_path), resume_path, model_cfg,
+                                                cfg.parallel.zero_stage, self.dp_size, cfg.parallel.tensor)
         # A reshard restores what the optimizer holds from DeepSpeed's universal checkpoint; frozen weights
         # (ReLoRA/LoRA's W) have no optimizer state there, so they come from the checkpoint's full
         # model.safetensors, each rank keeping its slice (the trainable ones are then overwritten).
         state_from = init_path if init_path is not None else (
-            resume_path if universal and model_cfg.linear in FROZEN_BASE_KINDS else None)
+            resume_path if self.universal and model_cfg.linear in FROZEN_BASE_KINDS else None)
         initial_state = None
         if state_from is not None:  # an imported run or train.init_from: full weights, each rank keeps its share
             from megatrain.engine.load import read_weights
@@ -193,40 +208,53 @@ class Trainer:
         model = build_model(cfg, model_cfg, self.groups, initial_state=initial_state, source=state_from)
         del initial_state
         torch.manual_seed(cfg.train.seed)  # what trains randomly (LoRA dropout) starts alike at every layout
-        load_path = self._universal_checkpoint(resume_path) if universal else resume_path
         self.relora = relora_controller(cfg, model)  # model.linear=relora: restarts (before the optimizer)
-        self.optimizer = build_optimizer(cfg.optim, model, cfg.train.lr, on_cuda=env.device.type == "cuda")
+        self.optimizer = build_optimizer(cfg.optim, model, cfg.train.lr, on_cuda=self.env.device.type == "cuda")
         # The universal-checkpoint patterns name only what the optimizer holds (a frozen W has no ZeRO state).
         model.universal_checkpoint_info = universal_checkpoint_info(
             model, held={id(p) for group in self.optimizer.param_groups for p in group["params"]})
         self.engine = initialize(cfg, model, self.optimizer, mpu=self.groups if cfg.parallel.tensor > 1 else None,
-                                 load_universal=universal)
+                                 load_universal=self.universal)
         if cfg.train.compile:
             self.engine.compile()
-        self.sampler = ResumableSampler(len(self.data.train), cfg.train.global_batch, cfg.train.micro_batch,
-                                        self.dp_rank, self.dp_size, cfg.train.seed)
+
+    def _build_components(self) -> None:
+        """The sampler and the components that decide their own timing: checkpointer, validator, throughput."""
+        from megatrain.data.sampler import ResumableSampler
+
+        cfg, t = self.cfg, self.cfg.train
+        self.sampler = ResumableSampler(len(self.data.train), t.global_batch, t.micro_batch, self.dp_rank,
+                                        self.dp_size, t.seed)
         self.step = 0
         self.nonfinite_streak = 0
-        if resume_path is not None and not weights_only:
-            state = ckpt.load_checkpoint(self.engine, load_path, env.rank)
-            if universal:
-                barrier()
-                if env.is_main:
-                    shutil.rmtree(os.path.join(cfg.run.dir, RESHARD_SCRATCH), ignore_errors=True)
-            self.step = int(state["step"])
-            self.sampler.load_state_dict(state["sampler"])
-            self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
-            self.spikes.load_state_dict(state.get("loss_window", []))
-            _load_projected_state(self.optimizer, state, load_path, resharded=universal)
-        self.peak = device_peak_flops(env.device)
-        self.logger = MetricsLogger(cfg.run.dir, enabled=env.is_main, tensorboard=cfg.log.tensorboard,
-                                    progress=cfg.log.progress, total_steps=cfg.train.steps, start_step=self.step)
-        if init_path is not None:
-            self.logger.message(f"started from the weights of {init_path} (fresh optimizer, step 0)")
-        elif resume_path is not None:
-            how = (f" (resharded to parallel.tensor={cfg.parallel.tensor} x {self.dp_size} data-parallel ranks through "
-                   f"DeepSpeed's universal checkpoint)" if universal else "")
-            self.logger.message(f"resumed from {resume_path} at step {self.step}{how}")
+        self.checkpointer = Checkpointer(
+            self.engine, run_dir=cfg.run.dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep, env=self.env,
+            groups=self.groups, model_cfg=self.model_cfg, parallel=cfg.parallel, seq_len=cfg.data.seq_len,
+            seed=t.seed, tokenizer_path=self.data.tokenizer.path, state=self._client_state,
+            meta=lambda: {"consumed_samples": self.sampler.state_dict()["consumed_samples"]}, watchdog=self.watchdog)
+        self.validator = Validator(self.data.val, micro_batch=t.micro_batch, batches=cfg.log.eval_batches,
+                                   dp_rank=self.dp_rank, dp_size=self.dp_size, device=self.env.device,
+                                   every=cfg.log.eval_every, last_step=t.steps)
+        self.throughput = Throughput(t.global_batch * cfg.data.seq_len, self.flops_per_token, self.env.world_size,
+                                     device_peak_flops(self.env.device), self.env.device)
+        analyze = cfg.log.analyze_every if self.instruments is not None else 0
+        self.hooks = [StepHook(self.validator.should_validate, self.evaluate, skip_on_abort=True),
+                      StepHook(every(analyze), lambda: self.instruments(self)),
+                      StepHook(every(cfg.log.heartbeat_every), self._heartbeat)]
+
+    def _resume(self, resume_path: str) -> None:
+        """Load the checkpoint to continue from (converted first when it was written at another layout)."""
+        load_path = self._universal_checkpoint(resume_path) if self.universal else resume_path
+        state = ckpt.load_checkpoint(self.engine, load_path, self.env.rank)
+        if self.universal:
+            barrier()
+            if self.env.is_main:
+                shutil.rmtree(os.path.join(self.cfg.run.dir, RESHARD_SCRATCH), ignore_errors=True)
+        self.step = int(state["step"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+        self.spikes.load_state_dict(state.get("loss_window", []))
+        _load_projected_state(self.optimizer, state, load_path, resharded=self.universal)
 
     # ------------------------------------------------------------------------------------------
 
@@ -239,10 +267,20 @@ class Trainer:
         inputs, labels = blocks.batch(indices)
         return inputs.to(self.env.device, non_blocking=True), labels.to(self.env.device, non_blocking=True)
 
+    def forward_backward_step(self, inputs: torch.Tensor, labels: torch.Tensor, first: bool = False) -> torch.Tensor:
+        """Forward and backward of one micro-batch (gradients accumulate in the engine); returns the loss, detached."""
+        self._phase("forward")
+        loss = self.engine(inputs, labels=labels)
+        if first:
+            fault_point("step", self.step + 1, self.env.rank)
+        self._phase("backward")
+        self.engine.backward(loss)
+        return loss.detach()
+
     def train_step(self) -> dict:
         """One optimizer step over the global batch; returns the metrics of the step."""
-        cfg, engine = self.cfg, self.engine
-        lr = lr_for_config(cfg.train, self.step)
+        engine = self.engine
+        lr = lr_for_config(self.cfg.train, self.step)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         if self.relora is not None:
@@ -251,34 +289,36 @@ class Trainer:
         # [sum of losses, non-finite count, ranks asked to stop (SIGTERM / SIGUSR1)]
         local = torch.zeros(3, dtype=torch.float64, device=self.env.device)
         for i, indices in enumerate(micro):
-            self._phase("forward")
-            inputs, labels = self._batch(self.data.train, indices)
-            loss = engine(inputs, labels=labels)
-            if i == 0:
-                fault_point("step", self.step + 1, self.env.rank)
-            detached = loss.detach().double()
-            finite = torch.isfinite(detached)
+            loss = self.forward_backward_step(*self._batch(self.data.train, indices), first=i == 0).double()
+            finite = torch.isfinite(loss)
             # Tensor ops only: no host sync per micro-batch; one host read after the all-reduce below.
-            local[0] += torch.where(finite, detached, torch.zeros_like(detached))
+            local[0] += torch.where(finite, loss, torch.zeros_like(loss))
             local[1] += (~finite).double()
-            self._phase("backward")
-            engine.backward(loss)
             if i == len(micro) - 1:
-                # Every DP rank must agree before the (collective) step whether to apply it, and all
-                # ranks whether to stop after it.
-                self._phase("all-reduce of the loss")
-                local[2] = 1.0 if self.stop.signum else 0.0
-                all_reduce_sum(local)
-                loss_sum, nonfinite, stop = local.tolist()
-                # Summed over the world: the TP ranks of a group hold the same loss, so divide by all ranks.
-                loss_value = loss_sum / (len(micro) * self.env.world_size)
-                self.stop_agreed = stop > 0
-                spike_z = None if nonfinite else self.spikes.score(loss_value)
-                self.optimizer.skip_next_step = nonfinite > 0 or (spike_z is not None and cfg.train.spike_skip)
-                if not self.optimizer.skip_next_step and cfg.parallel.zero_stage == 0:
-                    grad_norm = _grad_norm(engine.module, self.groups)
+                agreed = self._agree_before_step(local, len(micro))
             self._phase("optimizer step")
             engine.step()
+        return self._step_record(lr, *agreed)
+
+    def _agree_before_step(self, local: torch.Tensor, micro_batches: int) -> tuple:
+        """Before the last micro-batch's (collective) step, every DP rank agrees whether to apply it and all
+        ranks whether to stop after it: one all-reduce. Returns (loss, non-finite count, spike z, grad norm)."""
+        self._phase("all-reduce of the loss")
+        local[2] = 1.0 if self.stop.signum else 0.0
+        all_reduce_sum(local)
+        loss_sum, nonfinite, stop = local.tolist()
+        # Summed over the world: the TP ranks of a group hold the same loss, so divide by all ranks.
+        loss_value = loss_sum / (micro_batches * self.env.world_size)
+        self.stop_agreed = stop > 0
+        spike_z = None if nonfinite else self.spikes.score(loss_value)
+        self.optimizer.skip_next_step = nonfinite > 0 or (spike_z is not None and self.cfg.train.spike_skip)
+        measured = None  # ZeRO stage 0: DeepSpeed keeps no gradient norm, so it is taken before the step
+        if not self.optimizer.skip_next_step and self.cfg.parallel.zero_stage == 0:
+            measured = module_grad_norm(self.engine.module, self.groups)
+        return loss_value, nonfinite, spike_z, measured
+
+    def _step_record(self, lr: float, loss_value: float, nonfinite: float, spike_z, measured) -> dict:
+        """After the step: the step's metrics, the non-finite streak and the loss-spike window."""
         applied = not self.optimizer.skip_next_step
         self.optimizer.skip_next_step = False
         self.step += 1
@@ -293,39 +333,18 @@ class Trainer:
             else:
                 record["spike_z"] = spike_z
             if applied:
-                if cfg.parallel.zero_stage != 0:
-                    grad_norm = engine.get_global_grad_norm()
-                record["grad_norm"] = grad_norm.item() if isinstance(grad_norm, torch.Tensor) else grad_norm
+                record["grad_norm"] = step_grad_norm(self.engine, self.cfg.parallel.zero_stage, measured)
         now = time.monotonic()
         self.step_seconds, self.last_step_end = now - self.last_step_end, now
         return record
 
-    @torch.no_grad()
     def evaluate(self) -> Optional[dict]:
-        from megatrain.data.sampler import val_batches
-
+        """Validation loss / perplexity (and the tasks' answer accuracy) over log.eval_batches; None without
+        validation data. Collective."""
         if self.data.val is None:
             return None
-        engine = self.engine
         self._phase("evaluate")
-        engine.eval()
-        # Validation blocks that can score their answers (the synthetic tasks) report accuracy too.
-        answer_counts = getattr(self.data.val, "answer_counts", None)
-        total = torch.zeros(2 if answer_counts is None else 6, dtype=torch.float64, device=self.env.device)
-        for indices in val_batches(self.data.val, self.cfg.train.micro_batch, self.dp_rank, self.dp_size,
-                                   self.cfg.log.eval_batches):
-            inputs, labels = self._batch(self.data.val, indices)
-            total[0] += engine(inputs, labels=labels).float()
-            total[1] += 1
-            if answer_counts is not None:
-                total[2:] += answer_counts(engine(inputs), labels)
-        engine.train()
-        all_reduce_sum(total)
-        val_loss = (total[0] / total[1]).item()
-        out = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
-        if answer_counts is not None:
-            out.update(val_exact_match=(total[2] / total[3]).item(), val_answer_acc=(total[4] / total[5]).item())
-        return out
+        return self.validator.validate(self.engine)
 
     def _universal_checkpoint(self, checkpoint: str) -> str:
         """The DeepSpeed universal folder to resume `checkpoint` from at this run's layout.
@@ -352,33 +371,26 @@ class Trainer:
             raise CheckpointError(shared[0])
         return shared[1]
 
-    def save(self) -> str:
-        cfg = self.cfg
-        meta = {"model": dataclasses.asdict(self.model_cfg),
-                "layout": {"world_size": self.env.world_size, "dp": self.dp_size, "tensor": cfg.parallel.tensor,
-                           "zero_stage": cfg.parallel.zero_stage},
-                "consumed_samples": self.sampler.state_dict()["consumed_samples"],
-                "seq_len": cfg.data.seq_len, "seed": cfg.train.seed, "tokenizer": self.data.tokenizer.path}
+    def _client_state(self) -> dict:
+        """What a checkpoint carries for this loop to continue: step, data position, the health state."""
         client = {"step": self.step, "sampler": self.sampler.state_dict(), "nonfinite_streak": self.nonfinite_streak,
                   "loss_window": self.spikes.state_dict()}
-        if self.watchdog is not None:
-            self.watchdog.phase("checkpoint save", self.step)
         if getattr(self.optimizer, "projected", None) is not None:  # GaLore / Fira weights live outside ZeRO
             client["projected_optimizer"] = self.optimizer.projected.state_dict()
-        path = ckpt.save_checkpoint(self.engine, run_dir=cfg.run.dir, step=self.step, client_state=client, meta=meta,
-                                    keep=cfg.checkpoint.keep, rank=self.env.rank,
-                                    tokenizer_path=self.data.tokenizer.path, groups=self.groups,
-                                    model_cfg=self.model_cfg)
+        return client
+
+    def save(self) -> str:
+        """Checkpoint this step now (whatever checkpoint.every says). Collective."""
+        path = self.checkpointer.save(self.step, last_step=True)
         self.logger.message(f"saved checkpoint {path}")
         return path
 
     def fit(self) -> dict:
-        cfg = self.cfg
-        t = cfg.train
+        """Train to train.steps (or train.stop_after, or a stop signal); returns the last logged record."""
+        t = self.cfg.train
         end = t.stop_after if t.stop_after is not None else t.steps
-        tokens_per_step = t.global_batch * cfg.data.seq_len
         last: dict = {}
-        window_start, window_tokens = time.perf_counter(), 0
+        self.throughput.reset()
         try:
             self.stop.install()
         except ValueError:
@@ -393,86 +405,87 @@ class Trainer:
                 if first:  # which path (Triton or the reference) each kernel op took, once
                     self.logger.message(kernel_paths_line(kernels.kernel_paths(), kernels.backend(), self.env.device))
                     first = False
-                window_tokens += tokens_per_step
-                skipped = record["skipped"]
-                abort = skipped and self.nonfinite_streak >= t.max_nonfinite
-                if skipped:
-                    self.logger.message(f"step {self.step}: non-finite loss, update skipped "
-                                        f"({self.nonfinite_streak} in a row, limit {t.max_nonfinite})")
-                spike = "spike_z" in record
-                if spike:
-                    self.logger.message(f"step {self.step}: loss spike {record['loss']:.4g} (z={record['spike_z']:.1f} "
-                                        f"over the last {len(self.spikes.history)} losses)"
-                                        + (", update skipped" if t.spike_skip else ""))
+                self.throughput.add_step()
+                abort = self._report_events(record)
                 final = self.step == end
-                do_eval = not abort and (cfg.log.eval_every > 0 and self.step % cfg.log.eval_every == 0
-                                         or self.step == t.steps)
-                do_analyze = (self.instruments is not None and cfg.log.analyze_every > 0
-                              and self.step % cfg.log.analyze_every == 0)
-                beat = cfg.log.heartbeat_every > 0 and self.step % cfg.log.heartbeat_every == 0
-                if (self.step % cfg.log.every == 0 or final or do_eval or skipped or do_analyze or spike
-                        or beat):
-                    if self.env.device.type == "cuda":
-                        torch.cuda.synchronize()
-                    elapsed = time.perf_counter() - window_start
-                    tps = window_tokens / elapsed if elapsed > 0 else 0.0
-                    record.update(tokens_per_s=tps, mfu=mfu(tps, self.flops_per_token, self.env.world_size, self.peak),
-                                  tokens=self.step * tokens_per_step)
-                    if do_eval:
-                        record.update(self.evaluate() or {})
-                    if do_analyze:
-                        record.update(self.instruments(self))
-                    if beat:
-                        record["heartbeat"] = self._heartbeat()
-                    record.pop("skipped")
-                    self.logger.log(record)
-                    last = record
-                    window_start, window_tokens = time.perf_counter(), 0
+                last = self._log_step(record, final, abort) or last
                 self.logger.advance()
                 if abort:
                     raise NonFiniteLossError(
                         f"{self.nonfinite_streak} non-finite losses in a row at step {self.step} "
                         f"(train.max_nonfinite={t.max_nonfinite}); lower train.lr or check the data")
-                if final or self.stop_agreed or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
-                    path = self.save()
-                    window_start, window_tokens = time.perf_counter(), 0
-                    if self.stop_agreed and not final:
-                        why = f"{self.stop.name} received" if self.stop.signum else "a stop signal on another rank"
-                        self.logger.message(f"stopped at step {self.step} ({why}); checkpoint {path}; "
-                                            f"{self.resume_hint}")
-                        break
+                if self._checkpoint(final):
+                    break
         finally:
             self.stop.restore()
             self.logger.close()
         return last
 
-    def _heartbeat(self) -> list:
-        """[{rank, since_last_step_s}] for every rank: seconds since it finished its previous step (collective)."""
+    def _report_events(self, record: dict) -> bool:
+        """Say what went wrong in the step (a skipped update, a loss spike); True when the run must abort."""
+        t = self.cfg.train
+        if record["skipped"]:
+            self.logger.message(f"step {self.step}: non-finite loss, update skipped "
+                                f"({self.nonfinite_streak} in a row, limit {t.max_nonfinite})")
+        if "spike_z" in record:
+            self.logger.message(f"step {self.step}: loss spike {record['loss']:.4g} (z={record['spike_z']:.1f} "
+                                f"over the last {len(self.spikes.history)} losses)"
+                                + (", update skipped" if t.spike_skip else ""))
+        return record["skipped"] and self.nonfinite_streak >= t.max_nonfinite
+
+    def _log_step(self, record: dict, final: bool, abort: bool) -> Optional[dict]:
+        """Log the step's record when the logger's schedule, an event (a skipped update, a loss spike) or a
+        component with something to add (validator, analysis hook, heartbeat) asks for it. Returns the
+        record logged, or None."""
+        due = [hook for hook in self.hooks if hook.due(self.step) and not (abort and hook.skip_on_abort)]
+        if not (self.logger.should_log(self.step, last_step=final) or due or record["skipped"]
+                or "spike_z" in record):
+            return None
+        record.update(self.throughput.measure(self.step))
+        for hook in due:
+            record.update(hook.run() or {})
+        record.pop("skipped")
+        self.logger.log(record)
+        self.throughput.reset()
+        return record
+
+    def _checkpoint(self, final: bool) -> bool:
+        """Save when the checkpointer's schedule says so (or a stop was agreed); True when the loop must stop."""
+        path = self.checkpointer.save(self.step, last_step=final or self.stop_agreed)
+        if path is None:
+            return False
+        self.logger.message(f"saved checkpoint {path}")
+        self.throughput.reset()
+        if self.stop_agreed and not final:
+            why = f"{self.stop.name} received" if self.stop.signum else "a stop signal on another rank"
+            self.logger.message(f"stopped at step {self.step} ({why}); checkpoint {path}; {self.resume_hint}")
+            return True
+        return False
+
+    def _heartbeat(self) -> dict:
+        """{heartbeat: [{rank, since_last_step_s}]} for every rank: seconds since it finished its previous step
+        (collective)."""
         self._phase("heartbeat")
         mine = torch.tensor([self.step_seconds], dtype=torch.float64, device=self.env.device)
         parts = [mine]
         if dist.is_initialized() and self.env.world_size > 1:
             parts = [torch.zeros_like(mine) for _ in range(self.env.world_size)]
             dist.all_gather(parts, mine)
-        return [{"rank": rank, "since_last_step_s": round(seconds.item(), 4)} for rank, seconds in enumerate(parts)]
+        return {"heartbeat": [{"rank": rank, "since_last_step_s": round(seconds.item(), 4)}
+                              for rank, seconds in enumerate(parts)]}
 
 
-def _grad_norm(module: torch.nn.Module, groups) -> float:
-    """L2 norm of the (already DP-averaged) gradients, for ZeRO stage 0 where DeepSpeed reports none.
+@dataclasses.dataclass
+class StepHook:
+    """A source of metrics for some steps' records: `due(step)` is its own timing, `run()` what it adds."""
+    due: Callable[[int], bool]
+    run: Callable[[], Optional[dict]]
+    skip_on_abort: bool = False  # not run at a step that ends the run (too many non-finite losses)
 
-    DeepSpeed's rule: a tensor-parallel slice counts on its own rank, anything else (replicated
-    weights, the extra copies of replicated KV heads) on TP rank 0 only; then one sum over the TP
-    group. Accumulated on the device: one host sync per step.
-    """
-    grads = [p.grad.detach() for p in module.parameters()
-             if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or groups.tp_rank == 0)]
-    device = next(module.parameters()).device
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for g in grads:
-        total += g.double().pow(2).sum()
-    if groups.tp_size > 1:
-        dist.all_reduce(total, group=groups.tp_group)
-    return math.sqrt(total.item())
+
+def every(n: int) -> Callable[[int], bool]:
+    """The schedule "every n steps" (n <= 0: never)."""
+    return lambda step: n > 0 and step % n == 0
 
 
 def _load_projected_state(optimizer, state: dict, path: str, resharded: bool) -> None:

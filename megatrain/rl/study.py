@@ -8,13 +8,11 @@ import json
 import os
 from collections import defaultdict
 
+from megatrain.files import write_atomic
+
 
 def write_results(run_dir: str, rows: list[dict], tensorboard: bool = True) -> None:
-    tmp = os.path.join(run_dir, "eval.jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-    os.replace(tmp, os.path.join(run_dir, "eval.jsonl"))
+    write_atomic(os.path.join(run_dir, "eval.jsonl"), "".join(json.dumps(row) + "\n" for row in rows))
     with open(os.path.join(run_dir, "eval.md"), "w", encoding="utf-8") as fh:
         fh.write(table(rows) + "\n")
     plot(rows, os.path.join(run_dir, "eval.png"))

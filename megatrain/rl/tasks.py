@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatrain.errors import DataError
+from megatrain.files import write_atomic
 
 TRAIN, HELD_OUT = 0, 1
 
@@ -117,10 +118,6 @@ def write_pretraining_mix(path: str, seed: int, count: int, levels: list[int]) -
     the corpus so early checkpoints have something to sharpen). Uses a split the RL job never
     samples, so held-out problems stay unseen."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for i in range(count):
-            p = arithmetic_problem(seed, 2, i, levels)
-            fh.write(json.dumps({"text": f"{p.prompt} {p.solution}\n"}) + "\n")
-    os.replace(tmp, path)
+    problems = (arithmetic_problem(seed, 2, i, levels) for i in range(count))
+    write_atomic(path, "".join(json.dumps({"text": f"{p.prompt} {p.solution}\n"}) + "\n" for p in problems))
     return path
