@@ -10,9 +10,11 @@ and scripts can switch it without re-importing):
 - ``triton``: always the Triton kernels. CPU tensors need ``TRITON_INTERPRET=1`` (Triton's
   interpreter runs the same kernels on CPU; that is how the test suite checks them).
 
-One file per fused op (norm.py, rotary.py, activation.py, cross_entropy.py): private
-``@triton.jit`` kernels named by phase, host launchers that check inputs and pick block sizes, a
-``torch.autograd.Function`` with both passes, and the functional entry point this module calls.
+One file per fused op (norm.py, rotary.py, activation.py, cross_entropy.py, lowrank.py,
+sparse_lowrank.py, iha.py, projected_adam.py): private ``@triton.jit`` kernels named by phase, host
+launchers that check inputs and pick block sizes, the passes as torch custom ops
+(``torch.ops.megatrain.*``, kernels/library.py) with fake implementations, autograd and autocast
+rules, and the functional entry point this module calls.
 NVIDIA apex's fused RMSNorm is offered as ``apex_rms_norm`` (None when apex is not installed) for
 benchmarks; it is never required.
 

@@ -16,7 +16,8 @@ own dtype; y is stored in the promoted dtype of gate and up (they may differ), e
 input's dtype.
 
 Layout (docs/architecture.md, "kernels/"): private kernels by phase, host launchers that validate and pick
-block sizes, an autograd Function, and the public `swiglu`.
+block sizes, the custom ops megatrain::swiglu and megatrain::swiglu_backward (kernels/library.py) with
+their autograd formula, and the public `swiglu`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import Tensor
 
 from ._utils import check_device, check_same, check_tensor, new_output
 from .aot import KernelLaunch, LaunchConfig, signature
+from .library import kernel_op
 
 __all__ = ["swiglu"]
 
@@ -127,24 +129,40 @@ def swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
 # --------------------------------------------------------------------------------------------------
 
 
-class SwiGLUFunction(torch.autograd.Function):
-    """Autograd node for `swiglu`: saves the flat gate and up (not the output) for backward."""
+@kernel_op("swiglu", autocast="swiglu")
+def _swiglu_op(gate: Tensor, up: Tensor) -> Tensor:
+    return swiglu_fwd(_flat(gate), _flat(up)).view(gate.shape)
 
-    @staticmethod
-    def forward(ctx, gate: Tensor, up: Tensor):
-        gate_flat, up_flat = _flat(gate), _flat(up)
-        y = swiglu_fwd(gate_flat, up_flat)
-        ctx.save_for_backward(gate_flat, up_flat)
-        ctx.shape = gate.shape
-        return y.view(gate.shape)
 
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        gate_flat, up_flat = ctx.saved_tensors
-        # The upstream gradient may be an expanded or strided view (e.g. from .sum().backward()).
-        dgate, dup = swiglu_bwd(_flat(dy), gate_flat, up_flat)
-        return (dgate.view(ctx.shape) if ctx.needs_input_grad[0] else None,
-                dup.view(ctx.shape) if ctx.needs_input_grad[1] else None)
+@_swiglu_op.register_fake
+def _(gate, up):
+    return gate.new_empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype))
+
+
+@kernel_op("swiglu_backward")
+def _swiglu_backward_op(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    # The upstream gradient may be an expanded or strided view (e.g. from .sum().backward()).
+    dgate, dup = swiglu_bwd(_flat(dy), _flat(gate), _flat(up))
+    return dgate.view(gate.shape), dup.view(up.shape)
+
+
+@_swiglu_backward_op.register_fake
+def _(dy, gate, up):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    """Saves gate and up (not the output) for backward."""
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dy: Tensor):
+    gate, up = ctx.saved_tensors
+    dgate, dup = _swiglu_backward_op(dy, gate, up)
+    return (dgate if ctx.needs_input_grad[0] else None), (dup if ctx.needs_input_grad[1] else None)
+
+
+torch.library.register_autograd(_swiglu_op, _backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -168,4 +186,4 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
         ValueError naming 'swiglu' and the argument, for a wrong dtype, shape or device.
     """
     _validate(gate, up)
-    return SwiGLUFunction.apply(gate, up)
+    return _swiglu_op(gate, up)

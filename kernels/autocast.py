@@ -25,9 +25,10 @@ fp32 matmuls stay fp32 and the result does not depend on the backend.
 
 The device type and the autocast dtype come from the op's first tensor argument
 (`torch.is_autocast_enabled(device_type)`, `torch.get_autocast_dtype(device_type)`), so the same
-rule is right for CUDA and CPU autocast, bf16 and fp16. When the kernels become torch custom ops,
-`cast_arguments` is the body of their Autocast{CPU,CUDA} kernels (torch.library.register_autocast
-alone cannot keep cos/sin in fp32 nor express PROMOTE).
+rule is right for CUDA and CPU autocast, bf16 and fp16. The kernels' torch custom ops
+(kernels/library.py) apply the same rule: `cast_arguments` is the body of their Autocast{CPU,CUDA}
+kernels (torch.library.register_autocast alone cannot keep cos/sin in fp32 nor express PROMOTE), so a
+direct `torch.ops.megatrain.*` call under autocast is cast as the public function would cast it.
 """
 
 from __future__ import annotations

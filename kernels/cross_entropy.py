@@ -78,6 +78,7 @@ from megatrain.constants import IGNORE_INDEX
 
 from ._utils import FLOAT_DTYPES, check_device, check_same, check_tensor, new_output, next_power_of_2
 from .aot import KernelLaunch, LaunchConfig, signature
+from .library import kernel_op, none_tensor
 
 __all__ = ["fused_linear_cross_entropy", "default_chunk_size"]
 
@@ -308,33 +309,66 @@ def _forward(h, weight, target, ignore_index, process_group, chunk_size, need_dh
         return _forward_chunks(h, weight, target, ignore_index, process_group, chunk_size, need_dh, need_dw)
 
 
-class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """Gradients are computed in forward (chunk by chunk); backward scales them by grad_output.
+def _group(group_name: Optional[str]):
+    """The process group a custom op names (ops take the group's name: a ProcessGroup is no schema type)."""
+    if group_name is None:
+        return None
+    from torch.distributed.distributed_c10d import _resolve_process_group
 
-    They are held on the node (not saved tensors) and scaled in place, so backward allocates nothing
-    and autograd takes them as the .grad tensors: the op's peak is dW + dh + one logits block. The
-    price: they are consumed, so a second backward through the same node (retain_graph=True) raises.
-    """
+    return _resolve_process_group(group_name)
 
-    @staticmethod
-    def forward(ctx, h, weight, target, ignore_index, process_group, chunk_size):
-        loss, dh, dw = _forward(h, weight, target, ignore_index, process_group, chunk_size,
-                                need_dh=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1])
-        ctx.grads = (dh, dw)
-        return loss
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss):
-        if ctx.grads is None:
-            raise RuntimeError(f"{OP}: backward ran twice through one call; its gradients are computed in the "
-                               f"forward and scaled in place by the first backward (retain_graph=True is not "
-                               f"supported)")
-        dh, dw = ctx.grads
-        ctx.grads = None
-        grad_h = None if dh is None else dh.mul_(grad_loss.to(dh.dtype))
-        grad_w = None if dw is None else dw.mul_(grad_loss.to(dw.dtype))
-        return grad_h, grad_w, None, None, None, None
+@kernel_op("fused_linear_cross_entropy", autocast="fused_linear_cross_entropy")
+def _flce_op(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int, group_name: Optional[str],
+             chunk_size: int, need_dh: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, dh, dweight): the gradients (of the loss itself, grad_output 1) are computed here, chunk
+    by chunk, when asked for (empty otherwise); backward only scales them."""
+    loss, dh, dw = _forward(h, weight, target, ignore_index, _group(group_name), chunk_size, need_dh, need_dw)
+    return loss, dh if dh is not None else none_tensor(loss), dw if dw is not None else none_tensor(loss)
+
+
+@_flce_op.register_fake
+def _(h, weight, target, ignore_index, group_name, chunk_size, need_dh, need_dw):
+    return (h.new_empty((), dtype=torch.float32), h.new_empty(h.shape if need_dh else (0,)),
+            weight.new_empty(weight.shape if need_dw else (0,), dtype=h.dtype))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    """The gradients are saved (not recomputed) and scaled in place by backward, so backward allocates
+    nothing and autograd takes them as the .grad tensors: the op's peak is dW + dh + one logits block.
+    The price: they are consumed, so a second backward through the same call (retain_graph=True)
+    raises."""
+    _, dh, dw = output
+    ctx.mark_non_differentiable(dh, dw)
+    ctx.set_materialize_grads(False)
+    ctx.consumed = False
+    ctx.save_for_backward(dh, dw)
+
+
+@once_differentiable
+def _backward(ctx, grad_loss, _ddh, _ddw):
+    if ctx.consumed:
+        raise RuntimeError(f"{OP}: backward ran twice through one call; its gradients are computed in the "
+                           f"forward and scaled in place by the first backward (retain_graph=True is not "
+                           f"supported)")
+    ctx.consumed = True
+    dh, dw = ctx.saved_tensors
+    need_dh, need_dw = ctx.needs_input_grad[:2]
+    # In place in eager mode. A traced backward (torch.compile's AOT autograd: fake or functional
+    # tensor subclasses, never a plain Tensor) scales out of place: a traced graph may not write into
+    # the activations it saved, and the compiler plans the buffer itself.
+    eager = type(dh) is Tensor and not torch.compiler.is_compiling()
+    grad_h = _scaled(dh, grad_loss, eager) if need_dh else None
+    grad_w = _scaled(dw, grad_loss, eager) if need_dw else None
+    return grad_h, grad_w, None, None, None, None, None, None
+
+
+def _scaled(grad: Tensor, grad_loss: Tensor, in_place: bool) -> Tensor:
+    factor = grad_loss.to(grad.dtype)
+    return grad.mul_(factor) if in_place else grad * factor
+
+
+torch.library.register_autograd(_flce_op, _backward, setup_context=_setup_context)
 
 
 # ---- validation and the public entry point -------------------------------------------------------
@@ -400,11 +434,13 @@ def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore
         weight = weight.to(h.dtype)
     _check_inputs(h, weight, target, ignore_index, process_group, chunk_size)
     world = 1 if process_group is None else dist.get_world_size(process_group)
-    if not target.is_cuda:
+    if not target.is_cuda and not torch.compiler.is_compiling():  # reads the data: eager CPU calls only
         _check_targets_on_cpu(target, ignore_index, weight.shape[0] * world)
     if chunk_size is None:
         chunk_size = default_chunk_size(h.shape[0], weight.shape[0], h.element_size())
-    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _FusedLinearCrossEntropy.apply(h, weight, target, ignore_index, process_group, chunk_size)
-    # Evaluation: statistics only, no gradient kernel and no gradient matmuls.
-    return _forward(h, weight, target, ignore_index, process_group, chunk_size, False, False)[0]
+    # Gradients are computed in the forward only when h or weight will need one; evaluation runs the
+    # statistics alone, no gradient kernel and no gradient matmuls.
+    grad = torch.is_grad_enabled()
+    group_name = None if process_group is None else process_group.group_name
+    return _flce_op(h, weight, target, ignore_index, group_name, chunk_size,
+                    grad and h.requires_grad, grad and weight.requires_grad)[0]

@@ -84,8 +84,9 @@ from torch import Tensor
 from . import reference
 from ._utils import check_device, interpreting, new_output, next_power_of_2
 from .aot import KernelLaunch, LaunchConfig, signature
+from .library import kernel_op
 
-__all__ = ["iha_attention", "IhaFlashAttention", "launch_config", "cuda_launches"]
+__all__ = ["iha_attention", "launch_config", "cuda_launches"]
 
 OP = "iha_attention"
 LOG2E = 1.4426950408889634
@@ -634,23 +635,47 @@ def _attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, 
     return dq, dk, dv
 
 
-class IhaFlashAttention(torch.autograd.Function):
-    """Softmax attention over the interleaved virtual sequence of [B, H, P, N, d] pseudo-heads
-    (row n*P + p is [:, :, p, n]). Saves q~, k~, v~, o~ and the logsumexp; backward is FA2's."""
+@kernel_op("iha_flash_attention", autocast="iha_attention")
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, mask: str, window: Optional[int]) -> tuple[Tensor, Tensor]:
+    """Softmax attention over the interleaved virtual sequence of [B, H, P, N, d] pseudo-heads (row
+    n*P + p is [:, :, p, n]; any strides): (o~ [B, H, P, N, d] contiguous, logsumexp [B, H, N*P] fp32)."""
+    return _attention_forward(_unit_d(q), _unit_d(k), _unit_d(v), mask, window)
 
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: str, window: Optional[int]) -> Tensor:
-        q, k, v = _unit_d(q), _unit_d(k), _unit_d(v)
-        out, lse = _attention_forward(q, k, v, mask, window)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mask, ctx.window = mask, window
-        return out
 
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _attention_backward(_unit_d(grad_out.to(q.dtype)), q, k, v, out, lse, ctx.mask, ctx.window)
-        return dq, dk, dv, None, None
+@_attention_op.register_fake
+def _(q, k, v, mask, window):
+    batch, heads, pseudo, seq_len, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, heads, seq_len * pseudo), dtype=torch.float32)
+
+
+@kernel_op("iha_flash_attention_backward")
+def _attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, mask: str,
+                           window: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """FA2's backward: dq~, dk~, dv~ [B, H, P, N, d] (contiguous, q's dtype) from do~."""
+    return _attention_backward(_unit_d(do.to(q.dtype)), _unit_d(q), _unit_d(k), _unit_d(v), o, lse, mask, window)
+
+
+@_attention_backward_op.register_fake
+def _(do, q, k, v, o, lse, mask, window):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    """Saves q~, k~, v~, o~ and the logsumexp (nothing of size (N*P)^2)."""
+    q, k, v, mask, window = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.mask, ctx.window = mask, window
+
+
+def _backward(ctx, grad_out: Tensor, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, ctx.mask, ctx.window)
+    return dq, dk, dv, None, None
+
+
+torch.library.register_autograd(_attention_op, _backward, setup_context=_setup_context)
 
 
 def pseudo_heads(x: Tensor, mix: Tensor) -> Tensor:
@@ -712,5 +737,5 @@ def iha_attention(q: Tensor, k: Tensor, v: Tensor, mix_q: Tensor, mix_k: Tensor,
     q_t, k_t, v_t = pseudo_heads(q, mix_q), pseudo_heads(k, mix_k), pseudo_heads(v, mix_v)
     if cos is not None:
         q_t, k_t = rotate_pseudo_heads(q_t, k_t, cos, sin)
-    o_t = IhaFlashAttention.apply(q_t, k_t, v_t, mask, window)
+    o_t = _attention_op(q_t, k_t, v_t, mask, window)[0]
     return collapse_pseudo_heads(o_t, collapse)

@@ -55,6 +55,7 @@ from torch import Tensor
 
 from ._utils import check_device, check_same, check_tensor, new_output
 from .aot import KernelLaunch, LaunchConfig, signature
+from .library import kernel_op, none_tensor
 
 __all__ = ["lowrank_linear"]
 
@@ -143,53 +144,81 @@ def _project_out(s: Tensor, b: Tensor, bias: Optional[Tensor]) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-class LowRankLinearFunction(torch.autograd.Function):
-    """Autograd node for `lowrank_linear`. Saves x, a, b and z = x @ a [T, r] (or, with recompute,
-    only x, a, b: z is recomputed by cuBLAS in backward)."""
+@kernel_op("lowrank_linear", autocast="lowrank_linear")
+def _lowrank_op(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor], silu: bool,
+                keep_z: bool) -> tuple[Tensor, Tensor]:
+    """(y [..., D_out], z = x @ a [T, r] when keep_z, else empty). x, a, b of one dtype."""
+    shape = x.shape
+    x2d = x.reshape(-1, shape[-1]).contiguous()
+    z = torch.mm(x2d, a.contiguous())
+    s = z
+    if silu:
+        # z itself is kept only when backward reads it; otherwise SiLU overwrites it.
+        s = _silu_(z, new_output(z.shape, dtype=z.dtype, device=z.device) if keep_z else z)
+    y = _project_out(s, b.contiguous(), bias.to(x2d.dtype) if bias is not None else None)
+    return y.view(*shape[:-1], b.shape[1]), z if keep_z else none_tensor(y)
 
-    @staticmethod
-    def forward(ctx, x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor], activation: Optional[str],
-                recompute: bool):
-        shape = x.shape
-        x2d = x.reshape(-1, shape[-1]).contiguous()
-        a_c, b_c = a.contiguous(), b.contiguous()
-        act = activation == "silu"
-        keep_z = any(ctx.needs_input_grad[:4]) and not recompute
-        z = torch.mm(x2d, a_c)
-        s = z
-        if act:
-            # z itself is kept only when backward reads it; otherwise SiLU overwrites it.
-            s = _silu_(z, new_output(z.shape, dtype=z.dtype, device=z.device) if keep_z else z)
-        y = _project_out(s, b_c, bias.to(x2d.dtype) if bias is not None else None)
-        ctx.act, ctx.recompute, ctx.x_shape = act, recompute, shape
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        if keep_z:
-            ctx.save_for_backward(x2d, a_c, b_c, z)
-        else:
-            ctx.save_for_backward(x2d, a_c, b_c)
-        return y.view(*shape[:-1], b.shape[1])
 
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        if ctx.recompute:
-            x2d, a, b = ctx.saved_tensors
-            z = torch.mm(x2d, a)
-        else:
-            x2d, a, b, z = ctx.saved_tensors
-        dy2d = dy.reshape(-1, dy.shape[-1]).to(x2d.dtype).contiguous()
-        need_dx, need_da, need_db, need_dbias = ctx.needs_input_grad[:4]
-        dz, s = None, z
-        if need_dx or need_da:
-            dz = torch.mm(dy2d, b.t())
-            if ctx.act:
-                dz, s = _silu_backward_(z, dz)
-        elif need_db and ctx.act:
-            s = _silu_(z, new_output(z.shape, dtype=z.dtype, device=z.device))
-        dx = torch.mm(dz, a.t()).view(ctx.x_shape) if need_dx else None
-        da = torch.mm(x2d.t(), dz) if need_da else None
-        db = torch.mm(s.t(), dy2d) if need_db else None
-        dbias = dy2d.float().sum(0).to(ctx.bias_dtype) if need_dbias else None
-        return dx, da, db, dbias, None, None
+@_lowrank_op.register_fake
+def _(x, a, b, bias, silu, keep_z):
+    rows = x.numel() // x.shape[-1]
+    return x.new_empty((*x.shape[:-1], b.shape[1])), x.new_empty((rows, a.shape[1]) if keep_z else (0,))
+
+
+@kernel_op("lowrank_linear_backward")
+def _lowrank_backward_op(dy: Tensor, x: Tensor, a: Tensor, b: Tensor, z: Optional[Tensor], silu: bool,
+                         need_dx: bool, need_da: bool, need_db: bool,
+                         need_dbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, da, db, dbias fp32), each empty unless asked for; z None recomputes x @ a (CoLA-M)."""
+    x2d = x.reshape(-1, x.shape[-1]).contiguous()
+    a, b = a.contiguous(), b.contiguous()
+    if z is None:
+        z = torch.mm(x2d, a)
+    dy2d = dy.reshape(-1, dy.shape[-1]).to(x2d.dtype).contiguous()
+    dz, s = None, z
+    if need_dx or need_da:
+        dz = torch.mm(dy2d, b.t())
+        if silu:
+            dz, s = _silu_backward_(z, dz)
+    elif need_db and silu:
+        s = _silu_(z, new_output(z.shape, dtype=z.dtype, device=z.device))
+    # Separate placeholders: a custom op's outputs may not alias each other.
+    dx = torch.mm(dz, a.t()).view(x.shape) if need_dx else none_tensor(dy2d)
+    da = torch.mm(x2d.t(), dz) if need_da else none_tensor(dy2d)
+    db = torch.mm(s.t(), dy2d) if need_db else none_tensor(dy2d)
+    dbias = dy2d.float().sum(0) if need_dbias else none_tensor(dy2d)
+    return dx, da, db, dbias
+
+
+@_lowrank_backward_op.register_fake
+def _(dy, x, a, b, z, silu, need_dx, need_da, need_db, need_dbias):
+    def out(flag, shape, dtype=x.dtype):
+        return x.new_empty(shape if flag else (0,), dtype=dtype)
+
+    return (out(need_dx, x.shape), out(need_da, a.shape), out(need_db, b.shape),
+            out(need_dbias, (b.shape[1],), torch.float32))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    """Saves x, a, b and z = x @ a [T, r] (or, with recompute, only x, a, b: z is recomputed by cuBLAS
+    in backward)."""
+    x, a, b, bias, silu, keep_z = inputs
+    _, z = output
+    ctx.mark_non_differentiable(z)
+    ctx.silu, ctx.keep_z = silu, keep_z
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.save_for_backward(x, a, b, z if keep_z else None)
+
+
+def _backward(ctx, dy: Tensor, _dz):
+    x, a, b, z = ctx.saved_tensors
+    need = ctx.needs_input_grad[:4]
+    dx, da, db, dbias = _lowrank_backward_op(dy, x, a, b, z, ctx.silu, *need)
+    return (dx if need[0] else None, da if need[1] else None, db if need[2] else None,
+            dbias.to(ctx.bias_dtype) if need[3] else None, None, None)
+
+
+torch.library.register_autograd(_lowrank_op, _backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,4 +270,5 @@ def lowrank_linear(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor] = Non
         a = a.to(x.dtype)
     if b.dtype != x.dtype:
         b = b.to(x.dtype)
-    return LowRankLinearFunction.apply(x, a, b, bias, activation, recompute)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, a, b, bias))
+    return _lowrank_op(x, a, b, bias, activation == "silu", needs_grad and not recompute)[0]

@@ -18,7 +18,8 @@ and h are stored in x.dtype, or with a residual in the promoted dtype of x and r
 an fp32 residual stream under autocast gives fp32), the weight gradient in weight.dtype.
 
 Layout (docs/architecture.md, "kernels/"): private kernels by phase, host launchers that validate and pick
-block sizes, an autograd Function, and the public `rms_norm`.
+block sizes, the custom ops megatrain::rms_norm and megatrain::rms_norm_backward (kernels/library.py) with
+their autograd formula, and the public `rms_norm`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch import Tensor
 
 from ._utils import check_device, check_same, check_tensor, new_output, next_power_of_2
 from .aot import KernelLaunch, LaunchConfig, signature
+from .library import kernel_op, none_tensor
 
 __all__ = ["rms_norm"]
 
@@ -288,61 +290,86 @@ def rms_norm_bwd(dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, dh_out: Op
 
 
 # --------------------------------------------------------------------------------------------------
-# Autograd
+# Custom ops and autograd
 # --------------------------------------------------------------------------------------------------
 
 
-class RMSNormFunction(torch.autograd.Function):
-    """Autograd node for `rms_norm`. Saves rstd [rows] fp32 and the normalised input (x, or the
-    returned h when a residual is added) so backward never recomputes the sum or the reduction."""
+@kernel_op("rms_norm", autocast="rms_norm")
+def _rms_norm_op(x: Tensor, weight: Tensor, residual: Optional[Tensor], eps: float,
+                 store_rstd: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, h, rstd): y and h [..., D] (h empty without a residual), rstd [rows] fp32 (empty unless
+    store_rstd: under no_grad, or with no input needing a gradient, there is no backward)."""
+    shape = x.shape
+    y, h, rstd = rms_norm_fwd(_rows(x), weight, eps, _rows(residual) if residual is not None else None,
+                              store_rstd=store_rstd)
+    return (y.view(shape), h.view(shape) if h is not None else none_tensor(y),
+            rstd if rstd is not None else none_tensor(y))
 
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, residual: Optional[Tensor], eps: float):
-        shape = x.shape
-        x2d = _rows(x)
-        r2d = _rows(residual) if residual is not None else None
-        # Under no_grad (or with no input needing a gradient) there is no backward: skip rstd.
-        y, h, rstd = rms_norm_fwd(x2d, weight, eps, r2d, store_rstd=any(ctx.needs_input_grad))
-        y = y.view(shape)
-        # Lets backward tell "only y was used" / "only h was used" from zeros without allocating them.
-        ctx.set_materialize_grads(False)
-        ctx.has_residual = residual is not None
-        ctx.x_shape = shape
-        ctx.input_dtypes = (x.dtype, residual.dtype if residual is not None else None)
-        if residual is None:
-            ctx.save_for_backward(x2d, weight, rstd)
-            return y
-        h = h.view(shape)
-        # h is saved in its own dtype (the tensor the caller gets anyway) instead of an fp32 copy,
-        # which would cost two more bytes per element. For bf16 the backward then sees the rounded
-        # sum: dx is unaffected at bf16 precision, and dw (summed in fp32) is bf16-accurate, not
-        # fp32-exact. (Under autocast with an fp32 stream, h is fp32 and so is this.)
-        ctx.save_for_backward(h, weight, rstd)
-        return y, h
 
-    @staticmethod
-    def backward(ctx, dy: Optional[Tensor], dh_out: Optional[Tensor] = None):
-        h, weight, rstd = ctx.saved_tensors
-        need_dx = ctx.needs_input_grad[0] or (ctx.has_residual and ctx.needs_input_grad[2])
-        need_dw = ctx.needs_input_grad[1]
-        if dy is None:
-            # Only h was used downstream: y contributes nothing, so dh is just the incoming dh_out.
-            dx = dh_out if need_dx else None
-            dw = torch.zeros_like(weight) if need_dw else None
-        else:
-            # Upstream gradients may be expanded or strided views (e.g. from .sum().backward()).
-            dy2d = _rows(dy.to(h.dtype))
-            dh2d = _rows(dh_out.to(h.dtype)) if dh_out is not None else None
-            dx, dw = rms_norm_bwd(dy2d, _rows(h), weight, rstd, dh2d, compute_dw=need_dw)
-            dx = dx.view(ctx.x_shape)
-        if not ctx.has_residual:
-            return (dx if ctx.needs_input_grad[0] else None), dw, None, None
-        # x and residual get the same gradient; autograd never writes into a gradient it receives,
-        # so one tensor serves both (or a cast copy for an input narrower than h).
-        x_dtype, r_dtype = ctx.input_dtypes
-        dx_out = _as(dx, x_dtype) if ctx.needs_input_grad[0] else None
-        dr_out = _as(dx, r_dtype) if ctx.needs_input_grad[2] else None
-        return dx_out, dw, dr_out, None
+@_rms_norm_op.register_fake
+def _(x, weight, residual, eps, store_rstd):
+    dtype = out_dtype(x, residual)
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return (x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape if residual is not None else (0,), dtype=dtype),
+            x.new_empty((rows,) if store_rstd else (0,), dtype=torch.float32))
+
+
+@kernel_op("rms_norm_backward")
+def _rms_norm_backward_op(dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, dh_out: Optional[Tensor],
+                          compute_dw: bool) -> tuple[Tensor, Tensor]:
+    """(dh [..., D] in h.dtype, dweight [D] or empty); dy, h, dh_out [..., D], any strides."""
+    dy2d = _rows(dy.to(h.dtype))
+    dh2d = _rows(dh_out.to(h.dtype)) if dh_out is not None else None
+    dx, dw = rms_norm_bwd(dy2d, _rows(h), weight, rstd, dh2d, compute_dw=compute_dw)
+    return dx.view(h.shape), dw if dw is not None else none_tensor(dx)
+
+
+@_rms_norm_backward_op.register_fake
+def _(dy, h, weight, rstd, dh_out, compute_dw):
+    return h.new_empty(h.shape), weight.new_empty(weight.shape if compute_dw else (0,))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    """Saves rstd [rows] fp32 and the normalised input (x, or the returned h when a residual is
+    added) so backward never recomputes the sum or the reduction."""
+    x, weight, residual, _, _ = inputs
+    _, h, rstd = output
+    # Lets backward tell "only y was used" / "only h was used" from zeros without allocating them.
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(rstd, *(() if residual is not None else (h,)))
+    ctx.has_residual = residual is not None
+    ctx.input_dtypes = (x.dtype, residual.dtype if residual is not None else None)
+    # h is saved in its own dtype (the tensor the caller gets anyway) instead of an fp32 copy, which
+    # would cost two more bytes per element. For bf16 the backward then sees the rounded sum: dx is
+    # unaffected at bf16 precision, and dw (summed in fp32) is bf16-accurate, not fp32-exact. (Under
+    # autocast with an fp32 stream, h is fp32 and so is this.)
+    ctx.save_for_backward(h if residual is not None else x, weight, rstd)
+
+
+def _backward(ctx, dy: Optional[Tensor], dh_out: Optional[Tensor], _drstd):
+    h, weight, rstd = ctx.saved_tensors
+    need_dx = ctx.needs_input_grad[0] or (ctx.has_residual and ctx.needs_input_grad[2])
+    need_dw = ctx.needs_input_grad[1]
+    if not ctx.has_residual:
+        dh_out = None  # the empty placeholder output
+    if dy is None:
+        # Only h was used downstream: y contributes nothing, so dh is just the incoming dh_out.
+        dx = dh_out if need_dx else None
+        dw = torch.zeros_like(weight) if need_dw else None
+    else:
+        dx, dw = _rms_norm_backward_op(dy, h, weight, rstd, dh_out, need_dw)
+        dw = dw if need_dw else None
+    if not ctx.has_residual:
+        return (dx if ctx.needs_input_grad[0] else None), dw, None, None, None
+    # x and residual get the same gradient; autograd never writes into a gradient it receives, so one
+    # tensor serves both (or a cast copy for an input narrower than h).
+    x_dtype, r_dtype = ctx.input_dtypes
+    dx_out = _as(dx, x_dtype) if ctx.needs_input_grad[0] else None
+    dr_out = _as(dx, r_dtype) if ctx.needs_input_grad[2] else None
+    return dx_out, dw, dr_out, None, None
+
+
+torch.library.register_autograd(_rms_norm_op, _backward, setup_context=_setup_context)
 
 
 def _as(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -377,4 +404,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Optional[Te
         ValueError naming 'rms_norm' and the argument, for a wrong dtype, shape or device.
     """
     _validate(x, weight, residual, eps)
-    return RMSNormFunction.apply(x, weight, residual, float(eps))
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                              or (residual is not None and residual.requires_grad))
+    y, h, _ = _rms_norm_op(x, weight, residual, float(eps), needs_grad)
+    return y if residual is None else (y, h)

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from ._utils import check_device, check_same, check_tensor, new_output, next_power_of_2
 from .aot import KernelLaunch, LaunchConfig, signature
+from .library import kernel_op, none_tensor
 from .tuning import autotuned
 
 __all__ = ["projected_adam_update"]
@@ -173,7 +174,8 @@ def projected_adam_update(weight: Tensor, proj: Tensor, low_rank_grad: Tensor, e
                           step_size: float, scale: float, decay: float, update_moments: bool = True,
                           grad: Optional[Tensor] = None, residual_scale: Optional[Tensor] = None,
                           residual_coef: float = 1.0) -> tuple[Tensor, Tensor]:
-    """Triton version of `megatrain.kernels.reference.projected_adam_update` (same contract).
+    """Triton version of `megatrain.kernels.reference.projected_adam_update` (same contract), run as
+    the custom op megatrain::projected_adam_update (which mutates `weight`).
 
     `weight` is updated in place. Returns the moments after the step: with update_moments they are
     new tensors (the kernel never overwrites a moment another program may still read), otherwise
@@ -181,8 +183,22 @@ def projected_adam_update(weight: Tensor, proj: Tensor, low_rank_grad: Tensor, e
     """
     if (grad is None) != (residual_scale is None):
         raise ValueError(f"{OP}: grad and residual_scale go together (Fira's residual), got only one")
-    rank = _validate(weight, proj, low_rank_grad, exp_avg, exp_avg_sq, side, grad, residual_scale)
-    m_out, v_out = exp_avg, exp_avg_sq
+    _validate(weight, proj, low_rank_grad, exp_avg, exp_avg_sq, side, grad, residual_scale)
+    m_out, v_out = _projected_adam_op(weight, proj, low_rank_grad, exp_avg, exp_avg_sq, side, float(beta1),
+                                      float(beta2), float(eps), float(step_size), float(scale), float(decay),
+                                      update_moments, grad, residual_scale, float(residual_coef))
+    return (m_out, v_out) if update_moments else (exp_avg, exp_avg_sq)
+
+
+@kernel_op("projected_adam_update", autocast="projected_adam_update", mutates_args=("weight",))
+def _projected_adam_op(weight: Tensor, proj: Tensor, low_rank_grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+                       side: str, beta1: float, beta2: float, eps: float, step_size: float, scale: float,
+                       decay: float, update_moments: bool, grad: Optional[Tensor], residual_scale: Optional[Tensor],
+                       residual_coef: float) -> tuple[Tensor, Tensor]:
+    """Updates `weight` in place; returns the new moments, or two empty tensors without update_moments
+    (a custom op may not return its inputs)."""
+    rank = proj.shape[0] if side == "right" else proj.shape[1]
+    m_out, v_out = none_tensor(exp_avg), none_tensor(exp_avg)
     if update_moments:
         m_out = new_output(tuple(exp_avg.shape), dtype=torch.float32, device=exp_avg.device)
         v_out = new_output(tuple(exp_avg.shape), dtype=torch.float32, device=exp_avg.device)
@@ -192,6 +208,7 @@ def projected_adam_update(weight: Tensor, proj: Tensor, low_rank_grad: Tensor, e
             v_out.copy_(exp_avg_sq.mul(beta2).addcmul_(low_rank_grad.float(), low_rank_grad.float(), value=1 - beta2))
         weight.mul_(1.0 - decay)
         return m_out, v_out
+    m_new, v_new = (m_out, v_out) if update_moments else (exp_avg, exp_avg_sq)
 
     # One orientation for the kernel: a = the kept dimension, b = the projected one.
     def ab(t: Tensor) -> tuple[int, int]:  # [M, N]-shaped tensor -> (stride_a, stride_b)
@@ -209,8 +226,8 @@ def projected_adam_update(weight: Tensor, proj: Tensor, low_rank_grad: Tensor, e
     kernel, fixed = autotuned(_projected_adam_update_kernel, launch_configs(rank, weight.device.type),
                               key=("A", "B", "K"), restore=("W",))
     kernel[lambda meta: (triton.cdiv(a_size, meta["BLOCK_A"]), triton.cdiv(b_size, meta["BLOCK_B"]))](
-        weight, proj, low_rank_grad, exp_avg, exp_avg_sq, m_out, v_out, g, s,
-        *ab(weight), stride_pk, stride_pb, *ak(low_rank_grad), *ak(exp_avg), *ak(m_out), *ab(g),
+        weight, proj, low_rank_grad, exp_avg, exp_avg_sq, m_new, v_new, g, s,
+        *ab(weight), stride_pk, stride_pb, *ak(low_rank_grad), *ak(exp_avg), *ak(m_new), *ab(g),
         a_size, b_size, rank,
         float(beta1), float(beta2), float(eps), float(step_size), float(scale), float(1.0 - decay),
         float(residual_coef),
@@ -218,3 +235,10 @@ def projected_adam_update(weight: Tensor, proj: Tensor, low_rank_grad: Tensor, e
         **fixed,
     )
     return m_out, v_out
+
+
+@_projected_adam_op.register_fake
+def _(weight, proj, low_rank_grad, exp_avg, exp_avg_sq, side, beta1, beta2, eps, step_size, scale, decay,
+      update_moments, grad, residual_scale, residual_coef):
+    shape = exp_avg.shape if update_moments else (0,)
+    return exp_avg.new_empty(shape), exp_avg.new_empty(shape)

@@ -94,8 +94,11 @@ class _Rotate(torch.autograd.Function):
 def _rotate_into_new(x: Tensor, cos: Tensor, sin: Tensor, sign: float) -> Tensor:
     """(x1 cos - sign x2 sin, x2 cos + sign x1 sin) in fp32 -> x.dtype; cos, sin broadcast against x's halves."""
     dtype, x = x.dtype, x.float()
-    out = torch.empty_like(x)  # x's strides
     half = x.shape[-1] // 2
+    if torch.compiler.is_compiling():  # no out= into strided halves under dynamo; the compiler fuses this
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - sign * x2 * sin, x2 * cos + sign * x1 * sin), dim=-1).to(dtype)
+    out = torch.empty_like(x)  # x's strides
     x1, x2, out1, out2 = x[..., :half], x[..., half:], out[..., :half], out[..., half:]
     torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-sign)
     torch.mul(x2, cos, out=out2).addcmul_(x1, sin, value=sign)
@@ -286,7 +289,8 @@ def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore
             raise ValueError("fused_linear_cross_entropy: argument 'process_group' was given but "
                              "torch.distributed is not initialised")
         world = dist.get_world_size(process_group)
-    _check_targets(target, ignore_index, weight.shape[0] * world)
+    if not torch.compiler.is_compiling():  # reads the data: a graph break under torch.compile
+        _check_targets(target, ignore_index, weight.shape[0] * world)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(h, weight, target, ignore_index, chunk_size, process_group, compute_dtype)
     # Evaluation: skip the gradient work entirely.
@@ -384,7 +388,9 @@ def sparse_lowrank_linear(x: Tensor, a: Tensor, b: Tensor, values: Tensor, index
     """
     _check_lowrank("sparse_lowrank_linear", x, a, b)
     d_in, d_out = a.shape[0], b.shape[1]
-    check_sparse_support("sparse_lowrank_linear", values, index, d_in, d_out)
+    # The order and range check reads the index (a graph break under torch.compile): eager calls only.
+    check_sparse_support("sparse_lowrank_linear", values, index, d_in, d_out,
+                         check_order=not torch.compiler.is_compiling())
     sparse = torch.zeros(d_in * d_out, dtype=compute_dtype, device=x.device)
     sparse = sparse.index_put((index,), values.to(compute_dtype)).view(d_in, d_out)
     weight = float(scale) * (a.to(compute_dtype) @ b.to(compute_dtype)) + sparse

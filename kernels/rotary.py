@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ._utils import check_device, check_same, check_tensor, new_output, next_power_of_2
 from .aot import KernelLaunch, LaunchConfig, signature
+from .library import kernel_op
 
 __all__ = ["rope", "RopeFunction"]
 
@@ -195,37 +196,46 @@ def _rope_launch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, inverse: boo
     return q_out, k_out
 
 
-class RopeFunction(torch.autograd.Function):
-    """Autograd for `rope`: gradients flow to q and k only.
+@kernel_op("rope", autocast="rope")
+def _rope_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+    """(q rotated, k rotated) by +theta, or -theta with `inverse` (the backward), in q's and k's dtypes."""
+    return _rope_launch(q, k, cos, sin, inverse=inverse, q_dtype=q.dtype, k_dtype=k.dtype)
 
-    cos and sin get no gradient (backward returns None for them), even if they require grad: the
-    tables are functions of fixed positions in every model here, and learning them is not supported.
-    """
 
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor):
-        q_rot, k_rot = _rope_launch(q, k, cos, sin, inverse=False, q_dtype=q.dtype, k_dtype=k.dtype)
-        ctx.save_for_backward(cos, sin)
-        ctx.q_meta = (q.shape, q.dtype)
-        ctx.k_meta = (k.shape, k.dtype)
-        # An unused output (k_rot dropped, say) then arrives as None instead of a full zero tensor.
-        ctx.set_materialize_grads(False)
-        return q_rot, k_rot
+@_rope_op.register_fake
+def _(q, k, cos, sin, inverse):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
 
-    @staticmethod
-    def backward(ctx, grad_q_rot, grad_k_rot):
-        cos, sin = ctx.saved_tensors
-        (q_shape, q_dtype), (k_shape, k_dtype) = ctx.q_meta, ctx.k_meta
-        # A missing gradient is zero; a stride-0 view of one scalar costs no memory to read.
-        if grad_q_rot is None:
-            grad_q_rot = torch.zeros((), dtype=q_dtype, device=cos.device).expand(q_shape)
-        if grad_k_rot is None:
-            grad_k_rot = torch.zeros((), dtype=k_dtype, device=cos.device).expand(k_shape)
-        grad_q, grad_k = _rope_launch(grad_q_rot, grad_k_rot, cos, sin, inverse=True,
-                                      q_dtype=q_dtype, k_dtype=k_dtype)
-        return (grad_q if ctx.needs_input_grad[0] else None,
-                grad_k if ctx.needs_input_grad[1] else None,
-                None, None)
+
+def _setup_context(ctx, inputs, output) -> None:
+    """Gradients flow to q and k only. cos and sin get no gradient (backward returns None for them),
+    even if they require grad: the tables are functions of fixed positions in every model here, and
+    learning them is not supported."""
+    q, k, cos, sin, _ = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.q_meta = (q.shape, q.dtype)
+    ctx.k_meta = (k.shape, k.dtype)
+    # An unused output (k_rot dropped, say) then arrives as None instead of a full zero tensor.
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_q_rot, grad_k_rot):
+    cos, sin = ctx.saved_tensors
+    (q_shape, q_dtype), (k_shape, k_dtype) = ctx.q_meta, ctx.k_meta
+    # A missing gradient is zero; a stride-0 view of one scalar costs no memory to read.
+    if grad_q_rot is None:
+        grad_q_rot = torch.zeros((), dtype=q_dtype, device=cos.device).expand(q_shape)
+    if grad_k_rot is None:
+        grad_k_rot = torch.zeros((), dtype=k_dtype, device=cos.device).expand(k_shape)
+    # The inverse rotation is the same op: the gradients have q's and k's shapes (their dtypes may
+    # differ under autocast: the op writes q's and k's own).
+    grad_q, grad_k = _rope_op(grad_q_rot.to(q_dtype), grad_k_rot.to(k_dtype), cos, sin, True)
+    return (grad_q if ctx.needs_input_grad[0] else None,
+            grad_k if ctx.needs_input_grad[1] else None,
+            None, None, None)
+
+
+torch.library.register_autograd(_rope_op, _backward, setup_context=_setup_context)
 
 
 def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -249,4 +259,4 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor
         table shapes other than the two above, non-float dtypes, or mixed devices.
     """
     _check_inputs(q, k, cos, sin)
-    return RopeFunction.apply(q, k, cos, sin)
+    return _rope_op(q, k, cos, sin, False)

@@ -54,6 +54,7 @@ from torch import Tensor
 
 from ._utils import check_device, check_same, check_tensor, new_output
 from .aot import KernelLaunch, LaunchConfig, signature
+from .library import kernel_op, none_tensor
 
 __all__ = ["sparse_lowrank_linear", "SparseSupport", "sparse_support"]
 
@@ -150,42 +151,65 @@ def build_weight(a: Tensor, b: Tensor, values: Tensor, index: Tensor, scale: flo
 # --------------------------------------------------------------------------------------------------
 
 
-class SparseLowRankLinearFunction(torch.autograd.Function):
-    """Autograd node for `sparse_lowrank_linear`. Saves x [T, D_in], a, b, values and index; nothing
-    of size D_in * D_out (W is rebuilt in backward when dx is needed)."""
+@kernel_op("sparse_lowrank_linear", autocast="sparse_lowrank_linear")
+def _sparse_lowrank_op(x: Tensor, a: Tensor, b: Tensor, values: Tensor, index: Tensor, scale: float) -> Tensor:
+    shape = x.shape
+    x2d = x.reshape(-1, shape[-1]).contiguous()
+    weight = build_weight(a.contiguous(), b.contiguous(), values.contiguous(), index.contiguous(), scale)
+    return torch.mm(x2d, weight).view(*shape[:-1], b.shape[1])
 
-    @staticmethod
-    def forward(ctx, x: Tensor, a: Tensor, b: Tensor, values: Tensor, index: Tensor, scale: float):
-        shape = x.shape
-        x2d = x.reshape(-1, shape[-1]).contiguous()
-        a_c, b_c, v_c, i_c = a.contiguous(), b.contiguous(), values.contiguous(), index.contiguous()
-        weight = build_weight(a_c, b_c, v_c, i_c, scale)
-        y = torch.mm(x2d, weight)
+
+@_sparse_lowrank_op.register_fake
+def _(x, a, b, values, index, scale):
+    return x.new_empty((*x.shape[:-1], b.shape[1]))
+
+
+@kernel_op("sparse_lowrank_linear_backward")
+def _sparse_lowrank_backward_op(dy: Tensor, x: Tensor, a: Tensor, b: Tensor, values: Tensor, index: Tensor,
+                                scale: float, need_dx: bool, need_da: bool, need_db: bool,
+                                need_dv: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, da, db, dvalues), each empty unless asked for. W is rebuilt for dx and freed before the
+    weight gradient exists: one [D_in, D_out] transient at a time."""
+    x2d = x.reshape(-1, x.shape[-1]).contiguous()
+    a, b, values, index = a.contiguous(), b.contiguous(), values.contiguous(), index.contiguous()
+    dy2d = dy.reshape(-1, dy.shape[-1]).to(x2d.dtype).contiguous()
+    dx, da, db, dv = (none_tensor(dy2d) for _ in range(4))  # separate: outputs may not alias
+    if need_dx:
+        weight = build_weight(a, b, values, index, scale)
+        dx = torch.mm(dy2d, weight.t()).view(x.shape)
         del weight
-        ctx.scale, ctx.x_shape = scale, shape
-        ctx.save_for_backward(x2d, a_c, b_c, v_c, i_c)
-        return y.view(*shape[:-1], b.shape[1])
+    if need_da or need_db or need_dv:
+        dweight = torch.mm(x2d.t(), dy2d)
+        if need_da:
+            da = torch.mm(dweight, b.t()).mul_(scale)
+        if need_db:
+            db = torch.mm(a.t(), dweight).mul_(scale)
+        if need_dv:
+            dv = dweight.view(-1).index_select(0, index)
+    return dx, da, db, dv
 
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        x2d, a, b, values, index = ctx.saved_tensors
-        scale = ctx.scale
-        dy2d = dy.reshape(-1, dy.shape[-1]).to(x2d.dtype).contiguous()
-        need_dx, need_da, need_db, need_dv = ctx.needs_input_grad[:4]
-        dx = da = db = dv = None
-        if need_dx:
-            weight = build_weight(a, b, values, index, scale)
-            dx = torch.mm(dy2d, weight.t()).view(ctx.x_shape)
-            del weight  # freed before dW exists: one [D_in, D_out] transient at a time
-        if need_da or need_db or need_dv:
-            dweight = torch.mm(x2d.t(), dy2d)
-            if need_da:
-                da = torch.mm(dweight, b.t()).mul_(scale)
-            if need_db:
-                db = torch.mm(a.t(), dweight).mul_(scale)
-            if need_dv:
-                dv = dweight.view(-1).index_select(0, index)
-        return dx, da, db, dv, None, None
+
+@_sparse_lowrank_backward_op.register_fake
+def _(dy, x, a, b, values, index, scale, need_dx, need_da, need_db, need_dv):
+    return tuple(t.new_empty(t.shape if flag else (0,))
+                 for t, flag in ((x, need_dx), (a, need_da), (b, need_db), (values, need_dv)))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    """Saves x, a, b, values and index; nothing of size D_in * D_out (W is rebuilt in backward)."""
+    x, a, b, values, index, scale = inputs
+    ctx.scale = scale
+    ctx.save_for_backward(x, a, b, values, index)
+
+
+def _backward(ctx, dy: Tensor):
+    x, a, b, values, index = ctx.saved_tensors
+    need = ctx.needs_input_grad[:4]
+    grads = _sparse_lowrank_backward_op(dy, x, a, b, values, index, ctx.scale, *need)
+    return (*(g if flag else None for g, flag in zip(grads, need)), None, None)
+
+
+torch.library.register_autograd(_sparse_lowrank_op, _backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,7 +244,8 @@ def sparse_lowrank_linear(x: Tensor, a: Tensor, b: Tensor, values: Tensor, index
             dtype (gradients flow back through the cast).
         index: [nnz] int64, flat row-major positions i * D_out + j of S's entries, sorted ascending,
             unique. Validated on first use (one host sync) and cached for the life of the tensor;
-            write into it in place and it is validated again.
+            write into it in place and it is validated again. (Under torch.compile the check, which
+            reads the data, is skipped: run one eager call first to have it.)
         scale: multiplies a @ b (alpha / r in SLTrain).
 
     Returns:
@@ -232,6 +257,7 @@ def sparse_lowrank_linear(x: Tensor, a: Tensor, b: Tensor, values: Tensor, index
         device, or an index that is not sorted, unique and inside [0, D_in * D_out).
     """
     _validate(x, a, b, values, index, scale)
-    sparse_support(index, a.shape[0], b.shape[1])
+    if not torch.compiler.is_compiling():  # a data-dependent check: eager calls only
+        sparse_support(index, a.shape[0], b.shape[1])
     a, b, values = (t if t.dtype == x.dtype else t.to(x.dtype) for t in (a, b, values))
-    return SparseLowRankLinearFunction.apply(x, a, b, values, index, float(scale))
+    return _sparse_lowrank_op(x, a, b, values, index, float(scale))

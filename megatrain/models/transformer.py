@@ -379,7 +379,9 @@ class Transformer(nn.Module):
         batch, n = input_ids.shape
         explicit = positions is not None
         positions = self._positions(batch, n, cache, positions, input_ids.device)
-        if positions.device.type != "cuda":  # the bound check would force a sync on CUDA
+        # The bound check reads the data: skipped on CUDA (it would force a sync) and under torch.compile
+        # (a graph break); an out-of-range position then indexes past the rotary tables.
+        if positions.device.type != "cuda" and not torch.compiler.is_compiling():
             if n and (positions.min() < 0 or positions.max() >= self.config.max_seq_len):
                 raise ValueError(f"positions must lie in [0, model.max_seq_len={self.config.max_seq_len})")
         iha = self.config.attention == "iha"

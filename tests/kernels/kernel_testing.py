@@ -66,3 +66,14 @@ def autograd_node_names(root) -> set[str]:
         names.add(type(node).__name__)
         stack.extend(n for n, _ in node.next_functions)
     return names
+
+
+def kernel_node_name(op: str) -> str:
+    """The class name of the autograd node that custom op megatrain::`op` records (torch's
+    register_autograd names it after the op), e.g. for `rms_norm`."""
+    return f"GeneratedBackwardFor_megatrain_{op}_defaultBackward"
+
+
+def ran_kernel(t: torch.Tensor, op: str) -> bool:
+    """Whether tensor `t` came straight out of the Triton kernel's custom op megatrain::`op`."""
+    return t.grad_fn is not None and type(t.grad_fn).__name__ == kernel_node_name(op)

@@ -15,7 +15,7 @@ from megatrain.kernels import reference
 # Imported at collection time, while TRITON_INTERPRET=1, so the kernels are built for the interpreter.
 from megatrain.kernels import lowrank as triton_lowrank
 
-from tests.kernels.kernel_testing import assert_matches, fresh_generator, randn
+from tests.kernels.kernel_testing import assert_matches, fresh_generator, randn, ran_kernel
 
 pytestmark = pytest.mark.usefixtures("triton_backend")
 from tests.kernels.kernel_testing import triton_backend  # noqa: E402,F401  (the fixture)
@@ -59,7 +59,7 @@ def check_against_reference(seed, x, a, b, bias, dy, activation, recompute, view
     ours = call(kernels.lowrank_linear, ours_in)
     ref = call(reference.lowrank_linear, ref_in)
     # The dispatch must really have run the Triton kernels, not fallen back to the reference.
-    assert type(ours.grad_fn) is triton_lowrank.LowRankLinearFunction._backward_cls, ours.grad_fn
+    assert ran_kernel(ours, "lowrank_linear"), ours.grad_fn
     assert ours.dtype == dtype and ours.shape == ref.shape, f"{ours.dtype} {tuple(ours.shape)} (seed {seed})"
     assert_matches(ours, ref, dtype, "output", seed)
 
@@ -100,8 +100,8 @@ def test_lowrank_recompute_saves_no_intermediate():
     x.requires_grad_()
     stored = kernels.lowrank_linear(x, a, b, recompute=False)
     recomputed = kernels.lowrank_linear(x, a, b, recompute=True)
-    shapes_stored = [tuple(t.shape) for t in stored.grad_fn.saved_tensors]
-    shapes_recomputed = [tuple(t.shape) for t in recomputed.grad_fn.saved_tensors]
+    shapes_stored = [tuple(t.shape) for t in stored.grad_fn.saved_tensors if t is not None]
+    shapes_recomputed = [tuple(t.shape) for t in recomputed.grad_fn.saved_tensors if t is not None]
     assert (21, RANK) in shapes_stored, shapes_stored
     assert (21, RANK) not in shapes_recomputed, shapes_recomputed
     assert_matches(recomputed, stored, torch.float32, "recompute vs store output", seed)
@@ -158,7 +158,7 @@ def test_lowrank_auto_backend_on_cpu_is_reference(monkeypatch):
     monkeypatch.setenv("MEGATRAIN_KERNELS", "auto")
     x, a, b = torch.randn(4, D_IN, requires_grad=True), torch.randn(D_IN, RANK), torch.randn(RANK, D_OUT)
     y = kernels.lowrank_linear(x, a, b)
-    assert type(y.grad_fn) is not triton_lowrank.LowRankLinearFunction._backward_cls
+    assert not ran_kernel(y, "lowrank_linear")
 
 
 def _bad(name):
