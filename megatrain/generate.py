@@ -17,6 +17,14 @@ How a batch of prompts of different lengths is laid out:
   position after its cached prefix instead of 0; the cache's own pads sit at `max_seq_len - 1` too.
 - Step t feeds each row's last token at position len + t - 1. Rows that finished (EOS, a stop
   sequence) are dropped from the batch and from the cache, so they cost nothing afterwards.
+- The cache is static (KVCache.static_copy): buffers for prefix + prompt + max_new_tokens slots
+  (rounded up to CAPACITY_BUCKET), allocated once, unwritten slots recorded at `max_seq_len - 1`
+  (invisible like the pads), each step writing its token into the next slot in place. A decode step
+  thus has fixed shapes and no host reads, and on CUDA it runs as a CUDA graph (`cuda_graphs`),
+  captured at the first step of each batch size: with graphs, finished rows stay in the batch
+  (fed token 0 at the pad position, their outputs ignored) until the running rows fit the next
+  power of two, and only then are dropped. Sampling, stop checks and the dropping run eagerly
+  between steps.
 - Under sequence parallelism a forward must carry a multiple of the TP size in tokens; each step is
   then padded with invisible tokens the same way.
 
@@ -29,10 +37,11 @@ only on its seed and its own logits, not on which other rows share the batch, an
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import sys
 import types
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -49,7 +58,8 @@ StopItem = Union[str, int, Sequence[int]]
 def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, stop: Optional[Union[StopItem, Sequence[StopItem]]] = None,
              eos_id: Optional[Union[int, Sequence[int]]] = None, seed: Union[int, Sequence[int]] = 0,
-             return_logprobs: bool = False, tokenizer=None, cache: Optional[KVCache] = None):
+             return_logprobs: bool = False, tokenizer=None, cache: Optional[KVCache] = None,
+             cuda_graphs: Optional[bool] = None):
     """Continue each prompt by up to `max_new_tokens` tokens, in one batch with a KV cache.
 
     Args:
@@ -80,9 +90,13 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
         cache: a KVCache already holding a prefix for every prompt (row i belongs to prompt i), such
             as the context yielded by `megatrain.ttt.adapt`; each prompt continues its row's prefix
             right after the prefix's last position (positions >= model.max_seq_len - 1 are pads), so
-            the prefix is never recomputed. The cache itself is left unchanged (decoding extends
-            `cache.copy()`). A prefix of p tokens needs p + len(prompt) + max_new_tokens <=
-            model.max_seq_len.
+            the prefix is never recomputed. The cache itself is left unchanged (decoding extends a
+            static copy, `cache.static_copy(...)`, of the same class). A prefix of p tokens needs
+            p + len(prompt) + max_new_tokens <= model.max_seq_len.
+        cuda_graphs: run each decode step as a CUDA graph replay, captured once per batch-size
+            bucket (None: on when the model is on a CUDA device and its parameters are not ZeRO-3
+            partitioned; False: eager steps; True: require them). The tokens are the same either
+            way; on CPU the steps always run eagerly.
 
     Returns:
         A list with each prompt's new tokens (prompt excluded). A row's tokens end with the EOS
@@ -107,6 +121,7 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
 
     device = next(model.parameters()).device
     multiple = _tokens_per_forward(model)
+    graphs = _use_graphs(cuda_graphs, model, device)
     rows = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts])
     starts = torch.zeros(rows, dtype=torch.long) if prefix is None else torch.tensor(prefix, dtype=torch.long)
@@ -120,56 +135,160 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
 
     new_tokens: list[list[int]] = [[] for _ in range(rows)]
     new_logprobs: list[list[float]] = [[] for _ in range(rows)]
-    active = list(range(rows))  # the prompt index of each batch row still generating
+    # The prompt index of each batch row; None: a finished row kept in its batch-size bucket (graphs only).
+    batch_rows: list[Optional[int]] = list(range(rows))
     next_position = (starts + lengths).to(device)
-    decode_positions = width + (max_new_tokens - 1) * multiple
-    cache = (KVCache(cfg.layers, capacity=decode_positions) if cache is None
-             else cache.copy(capacity=cache.length + decode_positions))
+    slots = (0 if cache is None else cache.length) + width + (max_new_tokens - 1) * multiple
+    cache = (KVCache(cfg.layers) if cache is None else cache).static_copy(
+        rows, _round_up(slots, CAPACITY_BUCKET), pad_position, attend_all=graphs, device=device)
+    decode = _DecodeStep(model, cache, graphs)
     lockstep = _needs_lockstep(model)
+    alive = None  # [bucket, 1] bool on the device while some batch rows are finished, else None
     with torch.no_grad():
+        cache.begin_write(width)
         with _last_position_logits(model, multiple == 1):
             logits = model(ids.to(device), cache=cache, positions=positions.to(device))[:, -1]
         step = 0
         while True:
-            if active:
+            live = running = [b for b, row in enumerate(batch_rows) if row is not None]
+            if live:
                 uniforms = None
                 if generators is not None:
-                    draws = [torch.rand((), generator=generators[row], dtype=torch.float64) for row in active]
+                    draws = [torch.rand((), generator=generators[batch_rows[b]], dtype=torch.float64) for b in live]
                     uniforms = torch.stack(draws).to(device)
-                tokens, logprobs = _sample(logits.float(), temperature, top_k, top_p, uniforms, return_logprobs)
+                live_index = None if alive is None else torch.tensor(live, dtype=torch.long, device=device)
+                live_logits = logits if live_index is None else logits.index_select(0, live_index)
+                tokens, logprobs = _sample(live_logits.float(), temperature, top_k, top_p, uniforms, return_logprobs)
                 token_list = tokens.tolist()
                 logprob_list = logprobs.tolist() if return_logprobs else None
-                keep = []
-                for b, row in enumerate(active):
-                    new_tokens[row].append(token_list[b])
-                    if return_logprobs:
-                        new_logprobs[row].append(logprob_list[b])
-                    if not _stopped(new_tokens[row], eos_ids, token_stops, text_stops, text_window, tokenizer):
-                        keep.append(b)
+                if live_index is not None:  # finished rows feed token 0 (at pad_position: invisible)
+                    tokens = torch.zeros(len(batch_rows), dtype=torch.long, device=device).index_copy_(
+                        0, live_index, tokens)
                 step += 1
-                if step == max_new_tokens:
-                    keep = []
-                if len(keep) < len(active):
+                for i, b in enumerate(live):
+                    row = batch_rows[b]
+                    new_tokens[row].append(token_list[i])
+                    if return_logprobs:
+                        new_logprobs[row].append(logprob_list[i])
+                    if step == max_new_tokens or _stopped(new_tokens[row], eos_ids, token_stops, text_stops,
+                                                          text_window, tokenizer):
+                        batch_rows[b] = None
+                running = [b for b, row in enumerate(batch_rows) if row is not None]
+                bucket = _bucket(len(running), len(batch_rows), graphs)
+                if bucket < len(batch_rows):
+                    # Drop finished rows from the batch and the cache (with graphs: down to the next
+                    # bucket, filled up with copies of a running row whose outputs are ignored).
+                    keep = running + running[:1] * (bucket - len(running))
                     index = torch.tensor(keep, dtype=torch.long, device=device)
                     cache.select(index)
-                    tokens, next_position = tokens[index], next_position[index]
-                    active = [active[b] for b in keep]
-            if not (_any_rank(bool(active), device) if lockstep else active):
+                    tokens, next_position = tokens.index_select(0, index), next_position.index_select(0, index)
+                    batch_rows = [batch_rows[b] for b in running] + [None] * (bucket - len(running))
+                    decode.reset()
+                if len(running) != len(live):
+                    alive = None
+                    if len(running) < len(batch_rows):
+                        alive = torch.tensor([row is not None for row in batch_rows], device=device)[:, None]
+            if not (_any_rank(bool(running), device) if lockstep else running):
                 break
-            if not active:
+            if not running:
                 # Other ranks still decode, and each of their forwards gathers ZeRO-3 parameters
                 # collectively: take part with a one-token forward.
                 model(torch.zeros((1, multiple), dtype=torch.long, device=device))
                 continue
             step_ids, step_positions = tokens[:, None], next_position[:, None]
+            if alive is not None:
+                step_positions = torch.where(alive, step_positions, pad_position)
             if multiple > 1:
-                pad = (len(active), multiple - 1)
+                pad = (len(batch_rows), multiple - 1)
                 step_ids = torch.cat((step_ids, torch.zeros(pad, dtype=torch.long, device=device)), dim=1)
                 step_positions = torch.cat(
                     (step_positions, torch.full(pad, pad_position, dtype=torch.long, device=device)), dim=1)
-            logits = model(step_ids, cache=cache, positions=step_positions)[:, 0]
+            cache.begin_write(multiple)
+            logits = decode(step_ids, step_positions)
             next_position = next_position + 1
     return (new_tokens, new_logprobs) if return_logprobs else new_tokens
+
+
+CAPACITY_BUCKET = 64  # the static cache's slots are rounded up to a multiple of this
+
+
+def _bucket(running: int, batch: int, graphs: bool) -> int:
+    """Batch rows to decode `running` rows with: exactly them in eager mode; with CUDA graphs the next
+    power of two (at most the current batch), so a call captures at most log2(rows) + 1 graphs."""
+    if not graphs or running == 0:
+        return running
+    return min(batch, 1 << (running - 1).bit_length())
+
+
+def _use_graphs(setting: Optional[bool], model: nn.Module, device: torch.device) -> bool:
+    """Whether decode steps run as CUDA graphs: `cuda_graphs` None means on CUDA unless ZeRO-3 gathers
+    parameters in forward hooks (host-side work a graph cannot replay); True requires them."""
+    if setting is not None and not isinstance(setting, bool):
+        raise ConfigError(f"generate: cuda_graphs must be None, True or False, got {setting!r}")
+    if setting is False:
+        return False
+    partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
+    if setting is True and (device.type != "cuda" or partitioned):
+        where = "a ZeRO-3 partitioned model" if partitioned else f"a model on {device.type}"
+        raise ConfigError(f"generate: cuda_graphs=True needs a model on a CUDA device, not {where}")
+    return device.type == "cuda" and not partitioned
+
+
+class _DecodeStep:
+    """One decode forward over the static cache: `step(ids [b, m], positions [b, m]) -> logits [b, V]`.
+
+    Eager, or (graphs) a CUDA graph per batch size, captured at its first step and replayed after:
+    the step's inputs are copied into the graph's own input tensors, and the cache's buffers and slot
+    index (KVCache.begin_write advances it in place) are the tensors the graph was captured with.
+    `reset()` drops the graphs (KVCache.select gives the cache new buffers).
+    """
+
+    def __init__(self, model: nn.Module, cache: KVCache, graphs: bool):
+        self.model, self.cache, self.graphs = model, cache, graphs
+        self.captured: dict[int, _Graph] = {}
+        self.pool = None
+
+    def forward(self, ids: Tensor, positions: Tensor) -> Tensor:
+        return self.model(ids, cache=self.cache, positions=positions)[:, 0]
+
+    def __call__(self, ids: Tensor, positions: Tensor) -> Tensor:
+        if not self.graphs:
+            return self.forward(ids, positions)
+        graph = self.captured.get(ids.shape[0])
+        if graph is None:
+            graph = self.captured[ids.shape[0]] = _capture(self, ids, positions)
+        graph.ids.copy_(ids)
+        graph.positions.copy_(positions)
+        graph.replay()
+        return graph.logits
+
+    def reset(self) -> None:
+        self.captured.clear()
+
+
+@dataclasses.dataclass
+class _Graph:
+    replay: Callable[[], None]
+    ids: Tensor
+    positions: Tensor
+    logits: Tensor
+
+
+def _capture(step: _DecodeStep, ids: Tensor, positions: Tensor) -> _Graph:
+    """Capture `step.forward` on copies of ids and positions as a CUDA graph (after one warm-up run on a
+    side stream, as torch.cuda.graphs asks; it writes the current slots, which every replay rewrites)."""
+    static_ids, static_positions = ids.clone(), positions.clone()
+    if step.pool is None:
+        step.pool = torch.cuda.graph_pool_handle()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step.forward(static_ids, static_positions)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=step.pool):
+        logits = step.forward(static_ids, static_positions)
+    return _Graph(graph.replay, static_ids, static_positions, logits)
 
 
 def _sample(logits: Tensor, temperature: float, top_k: int, top_p: float, uniforms: Optional[Tensor],

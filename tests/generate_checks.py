@@ -1,7 +1,8 @@
 """megatrain.generate in 2 gloo processes, against one process; run by test_generate.py.
 
 tp: the model split over TP=2 (with and without sequence parallelism, dense and IHA) generates the
-same tokens and log-probabilities as the full model, greedy and sampled, with rows finishing early.
+same tokens and log-probabilities as the full model, greedy and sampled, with rows finishing early,
+with eager decode steps and with the steps as CUDA graphs run them (`emulated_graphs`).
 zero3: each rank generates its own prompts through a ZeRO-3 DeepSpeed engine's module; the ranks
 finish after different numbers of steps (so one must keep joining the other's parameter gathers),
 and each rank's output equals the full model's.
@@ -10,6 +11,7 @@ Usage: torchrun --nproc-per-node 2 tests/generate_checks.py CHECK [CHECK ...]
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 
@@ -22,6 +24,31 @@ from megatrain.models.transformer import Transformer
 
 PROMPTS = [[5, 9, 2, 33, 14, 7, 1], [40, 3], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [8]]
 SETTINGS = [dict(), dict(temperature=0.8, seed=[3, 1, 4, 1]), dict(temperature=1.2, top_k=7, top_p=0.8, seed=9)]
+
+
+@contextlib.contextmanager
+def emulated_graphs(captures=None):
+    """Inside, `generate` decodes as it does with CUDA graphs (attention over every static slot,
+    batch-size buckets with finished rows kept in them, inputs copied into per-bucket tensors), on any
+    device: a "capture" runs the step once on its own input tensors and a "replay" reruns it there and
+    copies the logits into the tensor the capture returned. `captures` (a list) gets each capture's
+    batch size."""
+    import megatrain.generate as gen
+
+    def capture(step, ids, positions):
+        static_ids, static_positions = ids.clone(), positions.clone()
+        logits = step.forward(static_ids, static_positions)
+        if captures is not None:
+            captures.append(ids.shape[0])
+        return gen._Graph(lambda: logits.copy_(step.forward(static_ids, static_positions)), static_ids,
+                          static_positions, logits)
+
+    saved = gen._use_graphs, gen._capture
+    gen._use_graphs, gen._capture = (lambda setting, model, device: setting is not False), capture
+    try:
+        yield
+    finally:
+        gen._use_graphs, gen._capture = saved
 
 
 def assert_same(out, ref, what):
@@ -51,6 +78,12 @@ def check_tp(groups):
             ref = generate(full, PROMPTS, max_new_tokens=9, return_logprobs=True, eos_id=eos, **kwargs)
             out = generate(split, PROMPTS, max_new_tokens=9, return_logprobs=True, eos_id=eos, **kwargs)
             assert_same(out, ref, what)
+            # The decode as CUDA graphs run it (static slots, batch-size buckets), with the TP collectives.
+            captures = []
+            with emulated_graphs(captures):
+                out = generate(split, PROMPTS, max_new_tokens=9, return_logprobs=True, eos_id=eos, **kwargs)
+            assert_same(out, ref, f"graphs {what}")
+            assert captures[0] == len(PROMPTS) and captures == sorted(set(captures), reverse=True), captures
 
 
 def check_zero3(groups):

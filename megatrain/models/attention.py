@@ -7,6 +7,7 @@ training (new query spans against a context computed once) share.
 from __future__ import annotations
 
 import copy as _copy
+import dataclasses
 from typing import Callable, Optional
 
 import torch
@@ -37,6 +38,15 @@ class KVCache:
     first S positions: a decoding step then copies only its new token instead of the whole cache.
     The buffers grow (doubling) if a step would overflow them. In-place writes do not mix with
     autograd through the cached tensors: use a capacity under torch.no_grad only.
+
+    A static cache (`static_copy`, what `megatrain.generate` decodes with) never changes shape or
+    storage while it is written: each layer holds [B, Hkv, capacity, d] buffers and `positions` a
+    [B, capacity] buffer whose unwritten slots hold `pad_position` (a position no query reaches, so
+    the position mask hides them). `begin_write(n)` picks the next n slots, a device index tensor
+    advanced in place, and the forward writes there with `index_copy_`. A decode step therefore
+    runs the same kernels on the same tensors every time, which a CUDA graph can capture. With
+    `attend_all` False, `update` returns only the written slots (less attention work when nothing
+    is captured); with True, all `capacity` slots (fixed shapes).
     """
 
     def __init__(self, num_layers: int, capacity: Optional[int] = None):
@@ -47,10 +57,13 @@ class KVCache:
         self.frozen = False
         self.capacity = capacity
         self._buffers: list[Optional[tuple[Tensor, Tensor]]] = [None] * num_layers
+        self.static: Optional[_StaticLayout] = None
 
     @property
     def length(self) -> int:
-        """Number of cached positions (the sequence length stored for layer 0)."""
+        """Number of cached positions (the sequence length stored for layer 0; static: slots written)."""
+        if self.static is not None:
+            return self.static.filled
         return 0 if self.keys[0] is None else self.keys[0].shape[2]
 
     def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -58,6 +71,8 @@ class KVCache:
 
         Nothing is stored while the cache is frozen.
         """
+        if self.static is not None:
+            return self._write_static(layer_idx, k, v)
         past_k, past_v = self.keys[layer_idx], self.values[layer_idx]
         if self.capacity is not None and not self.frozen:
             return self._write(layer_idx, k, v)
@@ -89,8 +104,16 @@ class KVCache:
         """Record the positions [1 or B, N] of keys being added; return cached + new [1 or B, S+N].
 
         Nothing is recorded while the cache is frozen. A cache filled without positions (attention
-        called on its own) is taken to hold positions 0..S-1.
+        called on its own) is taken to hold positions 0..S-1. A static cache writes them into the
+        slots of `begin_write` and returns its [B, capacity] buffer (or its written slots).
         """
+        if self.static is not None:
+            layout = self.static
+            if positions.shape[1] != layout.index.numel():
+                raise ValueError(f"KVCache: a static cache got {positions.shape[1]} new positions but begin_write "
+                                 f"chose {layout.index.numel()} slots")
+            self.positions.index_copy_(1, layout.index, positions.expand(self.positions.shape[0], -1))
+            return self.positions if layout.attend_all else self.positions[:, :layout.filled]
         past = self.positions
         if past is None and self.length:
             past = torch.arange(self.length, device=positions.device)[None]
@@ -108,6 +131,11 @@ class KVCache:
 
         Generation drops finished rows this way, so they are no longer computed.
         """
+        if self.static is not None:
+            self.keys = [None if t is None else t.index_select(0, rows) for t in self.keys]
+            self.values = [None if t is None else t.index_select(0, rows) for t in self.values]
+            self.positions = self.positions.index_select(0, rows)
+            return
         for i, buffers in enumerate(self._buffers):
             if buffers is not None:
                 length = self.keys[i].shape[2]
@@ -132,7 +160,80 @@ class KVCache:
         out._buffers = [None] * self.num_layers
         out.capacity = self.capacity if capacity is None else capacity
         out.frozen = False
+        if self.static is not None:  # its buffers are written in place: the copy gets its own
+            out.keys = [None if t is None else t.clone() for t in self.keys]
+            out.values = [None if t is None else t.clone() for t in self.values]
+            out.positions = self.positions.clone()
+            out.static = _copy.copy(self.static)
+            out.static.index = None if self.static.index is None else self.static.index.clone()
         return out
+
+    def static_copy(self, batch: int, capacity: int, pad_position: int, *, attend_all: bool = False,
+                    device=None) -> "KVCache":
+        """A static copy (same class and attributes) of this cache with room for `capacity` slots.
+
+        batch: rows (a cache that holds a prefix must hold that many). The prefix, if any, fills
+        slots 0..length-1 (its positions as recorded, 0..S-1 when none were); the other slots are
+        recorded at `pad_position`. device: where to allocate when the cache is empty (default:
+        the prefix's device). Key and value buffers are allocated at the first write, when the
+        head layout is known. This cache is left unchanged.
+        """
+        if self.static is not None:
+            raise ValueError("KVCache.static_copy: the cache is static already")
+        length = self.length
+        if length > capacity:
+            raise ValueError(f"KVCache.static_copy: the cache holds {length} positions, more than capacity={capacity}")
+        out = self.copy()
+        if length:
+            device = self.keys[0].device
+        out.positions = torch.full((batch, capacity), pad_position, dtype=torch.long, device=device)
+        if length:
+            if self.keys[0].shape[0] != batch:
+                raise ValueError(f"KVCache.static_copy: the cache holds {self.keys[0].shape[0]} rows, not {batch}")
+            past = self.positions if self.positions is not None else torch.arange(length, device=device)[None]
+            out.positions[:, :length] = past.expand(batch, -1)
+            for i in range(self.num_layers):
+                k, v = self.keys[i], self.values[i]
+                out.keys[i], out.values[i] = (t.new_zeros(batch, t.shape[1], capacity, t.shape[3]) for t in (k, v))
+                out.keys[i][:, :, :length], out.values[i][:, :, :length] = k, v
+        out.static = _StaticLayout(capacity=capacity, filled=length, attend_all=attend_all)
+        return out
+
+    def begin_write(self, n: int) -> None:
+        """Static cache: the next forward writes its n new tokens into slots length..length+n-1.
+
+        The slot index is a device tensor; a run of equal n advances it in place (no new tensor, no
+        host-to-device copy), so a captured decode step reads the current slots at every replay.
+        """
+        layout = self.static
+        if layout is None:
+            raise ValueError("KVCache.begin_write needs a static cache (KVCache.static_copy)")
+        start, end = layout.filled, layout.filled + n
+        if end > layout.capacity:
+            raise ValueError(f"KVCache: {n} more positions do not fit a static cache of capacity {layout.capacity} "
+                             f"holding {start}")
+        if layout.index is not None and layout.index.numel() == n and layout.index_start == start - n:
+            layout.index.add_(n)
+        else:
+            layout.index = torch.arange(start, end, device=self.positions.device)
+        layout.index_start, layout.filled = start, end
+
+    def _write_static(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """`update` of a static cache: k, v into the slots of `begin_write`."""
+        layout = self.static
+        if layout.index is None or k.shape[2] != layout.index.numel():
+            raise ValueError(f"KVCache: a static cache got {k.shape[2]} new keys but begin_write chose "
+                             f"{0 if layout.index is None else layout.index.numel()} slots")
+        if self.keys[layer_idx] is None:
+            batch = self.positions.shape[0]
+            self.keys[layer_idx], self.values[layer_idx] = (
+                t.new_zeros(batch, t.shape[1], layout.capacity, t.shape[3]) for t in (k, v))
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys.index_copy_(2, layout.index, k)
+        values.index_copy_(2, layout.index, v)
+        if layout.attend_all:
+            return keys, values
+        return keys[:, :, :layout.filled], values[:, :, :layout.filled]
 
     def freeze(self) -> None:
         """Detach the stored tensors and stop storing new ones."""
@@ -147,6 +248,19 @@ class KVCache:
         self._buffers = [None] * self.num_layers
         self.positions = None
         self.frozen = False
+        self.static = None
+
+
+@dataclasses.dataclass
+class _StaticLayout:
+    """The bookkeeping of a static KVCache: `filled` slots written (host), `index` [n] the slots of the
+    current write (device), `index_start` its first slot, and whether `update` returns all slots."""
+
+    capacity: int
+    filled: int = 0
+    attend_all: bool = False
+    index: Optional[Tensor] = None
+    index_start: int = -1
 
 
 def position_mask(query_positions: Tensor, key_positions: Tensor) -> Tensor:
