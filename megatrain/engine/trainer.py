@@ -379,12 +379,6 @@ class Trainer:
             client["projected_optimizer"] = self.optimizer.projected.state_dict()
         return client
 
-    def save(self) -> str:
-        """Checkpoint this step now (whatever checkpoint.every says). Collective."""
-        path = self.checkpointer.save(self.step, last_step=True)
-        self.logger.message(f"saved checkpoint {path}")
-        return path
-
     def fit(self) -> dict:
         """Train to train.steps (or train.stop_after, or a stop signal); returns the last logged record."""
         t = self.cfg.train

@@ -14,7 +14,8 @@ from megatrain.rl.rollout import STOP
 from megatrain.rl.tasks import Problem
 
 
-def evaluate(model, tokenizer, held_out: list[Problem], cfg: Config, groups, env, perplexity: bool = True) -> list[dict]:
+def evaluate(model, tokenizer, held_out: list[Problem], cfg: Config, groups, env,
+             perplexity: bool = True) -> list[dict]:
     """pass@k for every k of rl.eval.k (rows), each with mean_reward and (with `perplexity`) val_loss /
     val_ppl. The problems are split over DP ranks; every sample has a fixed seed, so two models are
     compared on the same random numbers."""

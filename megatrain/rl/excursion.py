@@ -228,7 +228,7 @@ class Excursion:
         norm = torch.tensor([sum(grpo.loss_normalizer(mk, rl.loss_agg) for mk in masks)], dtype=torch.float64)
         all_reduce_sum(norm)
         normalizer = max(norm.item(), 1.0)
-        for m, mask in zip(micro_indices, masks):
+        for position, (m, mask) in enumerate(zip(micro_indices, masks)):
             ids, _ = roll.ids_masks[m]
             adv = roll.advantages[m * self.micro:(m + 1) * self.micro].to(ids.device, torch.float32)
             logp, entropy = self.logprobs(self.engine, ids)
@@ -241,7 +241,8 @@ class Excursion:
                 kl = grpo.kl_estimate(logp, ref, rl.kl_estimator)
                 if rl.kl_in == "loss":
                     per_token = pg + rl.kl_coef * kl
-            loss = self.strategy.loss(self, grpo.aggregate(per_token, mask, rl.loss_agg, normalizer), update, m)
+            loss = grpo.aggregate(per_token, mask, rl.loss_agg, normalizer)
+            loss = self.strategy.loss(self, loss, update, position)
             self.engine.backward(loss * self._scale())
             with torch.no_grad():
                 stats += torch.stack([

@@ -68,8 +68,9 @@ class Pipeline:
         return {}
 
     def loss(self, job, rl_loss: torch.Tensor, update: int, m: int) -> torch.Tensor:
-        """The loss whose gradient micro-batch `m` of an RL update contributes, given its RL loss (both are
-        normalised over the whole mini-batch, so the micro-batches' gradients sum to the update's)."""
+        """The loss whose gradient micro-batch `m` (0 .. job.gas - 1, its place in the update) of an RL update
+        contributes, given its RL loss; both are normalised over the whole mini-batch, so the micro-batches'
+        gradients sum to the update's. `job.sft_micro_loss(update, m)` is the SFT micro-batch paired with it."""
         return rl_loss
 
 

@@ -56,3 +56,36 @@ def test_a_pipeline_from_outside_the_package_runs_through_megatrain_rl(tiny_run,
     assert 0 <= rl_iteration["reward_mean"] <= 1 and rl_iteration["kl"] >= 0
     rows = [json.loads(line) for line in open(run / "eval.jsonl")]
     assert {(r["pipeline"], r["k"]) for r in rows} == {(p, k) for p in ("none", TOY) for k in (1, 2)}
+
+
+def test_loss_mix_pairs_each_rl_micro_batch_with_its_place_in_the_sft_batch():
+    """A rollout of two loss_mix updates: the second update's micro-batches (rollout micro-batches 2 and 3) get
+    the SFT micro-batches 0 and 1 of their update's SFT batch, exactly as if they were the rollout's first."""
+    import torch
+
+    from megatrain.config import Config
+    from megatrain.models.config import ModelConfig
+    from megatrain.models.transformer import Transformer
+    from megatrain.rl.rollout import Rollout
+    from megatrain.rl.tasks import Problem
+    from tests.rl.test_loss_mix import VOCAB, _excursion, _grads
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(preset="tiny", vocab_size=VOCAB, max_seq_len=64, init_std=0.1)).train()
+    rl = Config().rl
+    rl.mix_weight, rl.kl_coef = 0.3, 0.0
+    problems = [Problem(question=f"{a}+{a + 1}", answer=str(2 * a + 1), solution=f"#### {2 * a + 1}") for a in range(8)]
+    ex = _excursion(model, None, rl, problems, micro=2, gas=2)
+    prompts = [ex.tokenizer.encode(p.prompt) for p in problems]
+    completions = [[5 + i, 9, 11][: 1 + i % 3] for i in range(8)]
+    ids_masks = [ex.sequences(prompts[s:s + 2], completions[s:s + 2]) for s in range(0, 8, 2)]
+    old_logp = [torch.zeros(ids.shape[0], ids.shape[1] - 1) for ids, _ in ids_masks]
+    advantages = torch.linspace(-1, 1, 8, dtype=torch.float64)
+    roll = Rollout(ids_masks=ids_masks, old_logp=old_logp, advantages=advantages, keep=torch.ones(8, dtype=torch.float64))
+    first = Rollout(ids_masks=ids_masks[2:], old_logp=old_logp[2:], advantages=advantages[4:], keep=roll.keep[4:])
+    model.zero_grad()
+    ex.rl_step(roll, [2, 3], update=1, stats=torch.zeros(5, dtype=torch.float64))
+    second_update = _grads(model)
+    model.zero_grad()
+    ex.rl_step(first, [0, 1], update=1, stats=torch.zeros(5, dtype=torch.float64))
+    assert torch.equal(second_update, _grads(model))
