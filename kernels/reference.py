@@ -27,6 +27,19 @@ __all__ = ["rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "lowrank_
            "IHA_MASKS", "projected_adam_update"]
 
 
+def _f32(t: Tensor) -> Tensor:
+    """t in fp32, without a dispatch when it already is (the torch path runs these per layer and step)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _promoted(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    return a if a == b else torch.promote_types(a, b)
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Optional[Tensor] = None):
     """Root-mean-square normalisation over the last dim.
 
@@ -47,13 +60,13 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Optional[Te
     """
     if x.shape[-1] != weight.shape[-1]:
         raise ValueError(f"rms_norm: x has last dim {x.shape[-1]} but weight has {weight.shape[-1]}")
-    h = x.float() if residual is None else x.float() + residual.float()
-    out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    h = _f32(x) if residual is None else _f32(x) + _f32(residual)
+    out_dtype = x.dtype if residual is None else _promoted(x.dtype, residual.dtype)
     inv_rms = torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + eps)
-    y = (h * inv_rms * weight.float()).to(out_dtype)
+    y = _as(h * inv_rms * _f32(weight), out_dtype)
     if residual is None:
         return y
-    return y, h.to(out_dtype)
+    return y, _as(h, out_dtype)
 
 
 def _broadcast_table(table: Tensor, x: Tensor, name: str) -> Tensor:
@@ -61,14 +74,18 @@ def _broadcast_table(table: Tensor, x: Tensor, name: str) -> Tensor:
     n, half = x.shape[-2], x.shape[-1] // 2
     if table.dim() not in (2, 3) or table.shape[-2:] != (n, half):
         raise ValueError(f"rope: {name} must be [N, d/2] or [B, N, d/2] = [..., {n}, {half}], got {tuple(table.shape)}")
-    table = table.float()
+    table = _f32(table)
     # A head axis is inserted so one table serves every head (and both the q and the k head counts).
     return table[None, None] if table.dim() == 2 else table[:, None]
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    """x * [cos, cos] + [-x2, x1] * [sin, sin] with cos, sin already widened to the full head dim: the
+    same values as (x1 cos - x2 sin, x2 cos + x1 sin) (a - b is a + (-b) exactly), in fewer ops."""
+    x = _f32(x)
+    half = x.shape[-1] // 2
+    turned = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + turned * sin
 
 
 class _Rotate(torch.autograd.Function):
@@ -129,7 +146,8 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor
     if q.shape[-2] != k.shape[-2]:
         raise ValueError(f"rope: q has {q.shape[-2]} positions but k has {k.shape[-2]}")
     cos, sin = _broadcast_table(cos, q, "cos"), _broadcast_table(sin, q, "sin")
-    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)  # once for q and k
+    return _as(_rotate(q, cos, sin), q.dtype), _as(_rotate(k, cos, sin), k.dtype)
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
@@ -143,13 +161,14 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """
     if gate.shape != up.shape:
         raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape")
-    return (F.silu(gate.float()) * up.float()).to(torch.promote_types(gate.dtype, up.dtype))
+    return _as(F.silu(_f32(gate)) * _f32(up), _promoted(gate.dtype, up.dtype))
 
 
 def _check_targets(target: Tensor, ignore_index: int, vocab_total: int) -> None:
     """ValueError for a target outside [0, vocab_total) that is not ignore_index (syncs: fine here)."""
-    bad = (target != ignore_index) & ((target < 0) | (target >= vocab_total))
-    if bool(bad.any()):
+    low, high = torch.where(target == ignore_index, 0, target).aminmax()  # one host sync for both
+    if low.item() < 0 or high.item() >= vocab_total:
+        bad = (target != ignore_index) & ((target < 0) | (target >= vocab_total))
         pos = int(bad.nonzero()[0, 0])
         raise ValueError(f"fused_linear_cross_entropy: argument 'target' has {int(target[pos])} at position "
                          f"{pos}, outside [0, {vocab_total}) and not ignore_index={ignore_index}")
@@ -184,12 +203,13 @@ def _linear_cross_entropy_chunks(h: Tensor, weight: Tensor, target: Tensor, igno
         stop = min(start + chunk_size, num_tokens)
         h_chunk = h[start:stop].to(compute_dtype)
         keep = counted[start:stop]
-        local_target = target[start:stop] - vocab_start
-        # Rows whose target column lives here. Without a group that is every counted row (targets
-        # are checked to be in range), so the non-parallel maths is unchanged.
-        owned = keep & (local_target >= 0) & (local_target < vocab_local)
+        if process_group is None:  # every counted row's target lives here (targets are checked)
+            local_target, owned = target[start:stop], keep
+        else:  # rows whose target column lives in this rank's shard
+            local_target = target[start:stop] - vocab_start
+            owned = keep & (local_target >= 0) & (local_target < vocab_local)
         # Ignored and not-owned rows may hold any id: point them at column 0 (masked out below).
-        safe_target = torch.where(owned, local_target, torch.zeros_like(local_target))[:, None]
+        safe_target = torch.where(owned, local_target, 0)[:, None]
         logits = (h_chunk @ weight_c.T).float()  # [C, V_local]
         target_logit = logits.gather(1, safe_target).squeeze(1) * owned
         if process_group is None:

@@ -179,6 +179,11 @@ def test_bench_run_with_transformers_writes_table_json_and_plot(tmp_path):
             min(sides["hf_deepspeed"]["step_times_s"]) / min(ours["step_times_s"]))
         assert set(ours["breakdown_s"]) == {"step", "forward", "backward", "optimizer", "communication"}
         assert ours["breakdown_s"]["forward"] > 0 and len(ours["peak_memory_gib_per_rank"]) == 1
+        for side in sides.values():  # host work per step, counted on CPU (no device kernels there)
+            d = side["dispatch"]
+            assert d["aten_ops"] > 50 and d["host_cpu_s"] > 0 and d["device_kernels"] is None, d
+        assert s["ratios"]["aten_ops_megatrain_over_hf_deepspeed"] == pytest.approx(
+            ours["dispatch"]["aten_ops"] / sides["hf_deepspeed"]["dispatch"]["aten_ops"])
     first, second = info["settings"]
     assert (first["zero_stage"], first["activation_checkpointing"], first["compile"]) == (1, True, False)
     assert (second["micro_batch"], second["grad_accum"], second["zero_stage"], second["compile"]) == (2, 4, 0, True)
@@ -186,6 +191,7 @@ def test_bench_run_with_transformers_writes_table_json_and_plot(tmp_path):
     assert [side["compiled"] for side in second["sides"].values()] == [True] * 3
     assert info["versions"]["transformers"] and info["device"] and info["base_config"]["data"]["seq_len"] == 32
     assert "| zero=1,ac=1 | 1 | 1 |" in table and "megatrain / HF+DS" in table and "Time per step by phase" in table
+    assert "Host work per step" in table and "| zero=1,ac=1 | HF+DeepSpeed |" in table
     assert "| zero=1,ac=1 | 1 | 1 |" in stdout  # the console table
     assert (out / "t.png").stat().st_size > 1000
 

@@ -137,6 +137,29 @@ class PhaseClock:
         return out
 
 
+def dispatch_counts(prof, steps: int, host_cpu_s: float, wall_s: float, cuda: bool) -> dict:
+    """What the host did per step, from the profiled steps: `aten_ops` (every ATen operator the
+    dispatcher ran, nested calls included, so a composite op counts with the ops it decomposes into;
+    `aten_ops_by_name` splits it by operator, most frequent first),
+    `device_kernels` (kernels the GPU ran, cuBLAS, Triton and NCCL alike; None on CPU), `host_cpu_s`
+    (this process's CPU time), `device_busy_s` (the kernels' summed device time; None on CPU) and
+    `device_idle_s` (the profiled wall step minus that: time the GPU waited for the host, or for
+    communication). A host-bound step shows host CPU time close to the wall step and a large idle part."""
+    averages = prof.key_averages()
+    by_op = {a.key: a.count / steps for a in averages if a.key.startswith("aten::")}
+    aten = sum(by_op.values()) * steps
+    kernels = busy = None
+    if cuda:
+        device_events = [a for a in averages if str(getattr(a, "device_type", "")).endswith("CUDA")]
+        kernels = sum(a.count for a in device_events)
+        busy = sum(getattr(a, "self_device_time_total", getattr(a, "self_cuda_time_total", 0.0))
+                   for a in device_events) / 1e6 / steps
+    return {"aten_ops": aten / steps, "aten_ops_by_name": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
+            "device_kernels": None if kernels is None else kernels / steps,
+            "host_cpu_s": host_cpu_s / steps, "device_busy_s": busy,
+            "device_idle_s": None if busy is None else max(0.0, wall_s / steps - busy)}
+
+
 def _timed(fn, clock: PhaseClock, phase: str):
     def wrapper(*args, **kwargs):
         with clock.phase(phase):
@@ -409,20 +432,21 @@ def measure_setting(cfg, env, *, warmup: int, steps: int, block: int, breakdown_
                 peaks[side.name] = max(peaks[side.name], peak)
                 transients[side.name] = max(transients[side.name], peak - resident)
             done += n
-        breakdown, profiles = {}, {}
+        breakdown, profiles, dispatch = {}, {}, {}
         profiled = max(breakdown_steps, profile_steps)
         if profiled > 0:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
             for side in sides:
                 phase_clock = PhaseClock(device)
                 with side.instrumented(phase_clock), profile(activities=activities) as prof:
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     for _ in range(profiled):
                         side.step()
                     sync(device)
-                    wall = time.perf_counter() - t0
+                    wall, host = time.perf_counter() - t0, time.process_time() - c0
                 # The phases against the profiled steps' own wall time (profiling slows steps down a little).
                 breakdown[side.name] = {"step": wall / profiled, **phase_clock.seconds(prof, profiled)}
+                dispatch[side.name] = dispatch_counts(prof, profiled, host, wall, device.type == "cuda")
                 if profile_steps:
                     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
                     profiles[side.name] = prof.key_averages().table(sort_by=key, row_limit=60,
@@ -443,7 +467,8 @@ def measure_setting(cfg, env, *, warmup: int, steps: int, block: int, breakdown_
             "mfu": mfu(tps, trainer.flops_per_token, env.world_size, peak_flops),
             "peak_memory_gib_per_rank": _gather(peaks[side.name], env.world_size),
             "step_memory_gib_per_rank": _gather(transients[side.name], env.world_size),
-            "breakdown_s": breakdown.get(side.name), "first_step_loss": first_loss.get(side.name),
+            "breakdown_s": breakdown.get(side.name), "dispatch": dispatch.get(side.name),
+            "first_step_loss": first_loss.get(side.name),
             "step_times_s": times[side.name], "compiled": side.compiled(),
         }
     ratios = {}
@@ -451,6 +476,8 @@ def measure_setting(cfg, env, *, warmup: int, steps: int, block: int, breakdown_
         if other in records:
             ratios[f"megatrain_over_{other}"] = records["megatrain"]["tokens_per_s"] / records[other]["tokens_per_s"]
             ratios[f"megatrain_over_{other}_best_step"] = min(times[other]) / min(times["megatrain"])
+            if other in dispatch and dispatch[other]["aten_ops"]:
+                ratios[f"aten_ops_megatrain_over_{other}"] = dispatch["megatrain"]["aten_ops"] / dispatch[other]["aten_ops"]
     result = {
         "world_size": env.world_size, "tensor": cfg.parallel.tensor, "data_parallel": trainer.dp_size,
         "sequence_parallel": cfg.parallel.sequence, "zero_stage": cfg.parallel.zero_stage,

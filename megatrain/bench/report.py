@@ -47,6 +47,24 @@ def best_step_ratio(ours: dict, other: dict) -> Optional[float]:
     return min(other["step_times_s"]) / min(ours["step_times_s"])
 
 
+def _dispatch_table(result: dict) -> list[str]:
+    """Host work per step (the profiled steps): ATen ops dispatched, device kernels, host CPU time and the
+    device's busy and idle time, per side; n/a where a side has no record or the device is a CPU."""
+    rows = [(s["label"], name, side["dispatch"]) for s in result["settings"]
+            for name, side in s.get("sides", {}).items() if side.get("dispatch")]
+    if not rows:
+        return []
+    lines = ["", "Host work per step, from the profiled steps (ATen ops: every operator the dispatcher ran, nested "
+             "ones included; kernels: device kernels of every kind; idle: profiled wall step minus the kernels' "
+             "device time):", "",
+             "| setting | side | ATen ops | device kernels | host CPU (ms) | device busy (ms) | device idle (ms) |",
+             "|---|---|---|---|---|---|---|"]
+    for label, name, d in rows:
+        lines.append(f"| {label} | {SIDE_TITLES[name]} | {d['aten_ops']:.0f} | {_num(d['device_kernels'], '.0f')} | "
+                     f"{_ms(d['host_cpu_s'])} | {_ms(d['device_busy_s'])} | {_ms(d['device_idle_s'])} |")
+    return lines
+
+
 def render_markdown(result: dict) -> str:
     """The report: one row per setting (tokens/s of each side, the ratios, MFU, memory), the breakdown
     per side, the TP communication plan where TP > 1, then skipped columns, device and versions."""
@@ -101,6 +119,7 @@ def render_markdown(result: dict) -> str:
             lines.append(f"| {s['label']} | {SIDE_TITLES[name]} | {_ms(side['median_step_s'])} | {_ms(b['step'])} | "
                          f"{_ms(b['forward'])} | "
                          f"{_ms(b['backward'])} | {_ms(b['optimizer'])} | {_ms(b['communication'])} | {_ms(other)} |")
+    lines += _dispatch_table(result)
     plans = [(s["label"], s["tp_comm"]) for s in result["settings"] if s.get("tp_comm")]
     if plans:
         lines += ["", "Computed tensor-parallel communication per rank and step (forward + backward, ring collectives; "

@@ -379,11 +379,17 @@ class Transformer(nn.Module):
         batch, n = input_ids.shape
         explicit = positions is not None
         positions = self._positions(batch, n, cache, positions, input_ids.device)
-        # The bound check reads the data: skipped on CUDA (it would force a sync) and under torch.compile
-        # (a graph break); an out-of-range position then indexes past the rotary tables.
-        if positions.device.type != "cuda" and not torch.compiler.is_compiling():
-            if n and (positions.min() < 0 or positions.max() >= self.config.max_seq_len):
-                raise ValueError(f"positions must lie in [0, model.max_seq_len={self.config.max_seq_len})")
+        # Default positions end at cache.length + N, known on the host. Given ones are checked by reading
+        # them: skipped on CUDA (it would force a sync) and under torch.compile (a graph break), where an
+        # out-of-range position then indexes past the rotary tables.
+        if not explicit:
+            end = (cache.length if cache is not None else 0) + n
+            out_of_range = isinstance(end, int) and end > self.config.max_seq_len
+        else:
+            out_of_range = (positions.device.type != "cuda" and not torch.compiler.is_compiling() and n > 0
+                            and bool(positions.min() < 0 or positions.max() >= self.config.max_seq_len))
+        if out_of_range:
+            raise ValueError(f"positions must lie in [0, model.max_seq_len={self.config.max_seq_len})")
         iha = self.config.attention == "iha"
         rope_positions = positions
         if iha:  # IHA rotates its N*P pseudo-tokens: tables at n*P + p (or n, model.iha.rope=original)
