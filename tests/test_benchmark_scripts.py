@@ -504,3 +504,19 @@ def test_iha_cpu_cost_script_tiny(tmp_path, monkeypatch):
     assert iha["flop_ratio"] > 1.0 and floor["flops_per_step"] == iha["flops_per_step"]
     assert math.isclose(iha["cost_ratio"], iha["time_ratio"] / iha["flop_ratio"])
     assert data["meta"]["kernels"] == "torch" and "| IHA P=2 |" in (tmp_path / "cost.md").read_text()
+
+
+def test_decode_ops_script_tiny(tmp_path):
+    """benchmarks/decode_ops.py end to end at a tiny size: a row per attention kind, the graph step far below
+    the eager one, the files."""
+    script = REPO / "benchmarks" / "decode_ops.py"
+    spec = importlib.util.spec_from_file_location("megatrain_bench_decode_ops", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--batch", "2", "--prompt-len", "3", "--short", "2", "--steps", "2", "--vocab", "32",
+                        "--out", str(tmp_path / "ops")]) == 0
+    rows = json.loads((tmp_path / "ops.json").read_text())["rows"]
+    assert [r["attention"] for r in rows] == ["MHA", "GQA", "IHA P=2"]
+    for r in rows:
+        assert 0 < r["graph_step"] < 20 < r["static_forward"] < r["eager_step"], r
+    assert "| IHA P=2 | 2 |" in (tmp_path / "ops.md").read_text()
