@@ -95,8 +95,9 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
             p + len(prompt) + max_new_tokens <= model.max_seq_len.
         cuda_graphs: run each decode step as a CUDA graph replay, captured once per batch-size
             bucket (None: on when the model is on a CUDA device and its parameters are not ZeRO-3
-            partitioned; False: eager steps; True: require them). The tokens are the same either
-            way; on CPU the steps always run eagerly.
+            partitioned; False: eager steps; True: require them). The same math either way (a
+            graph step attends over all static slots, the masked ones weighing exactly 0); on CPU
+            the steps always run eagerly.
 
     Returns:
         A list with each prompt's new tokens (prompt excluded). A row's tokens end with the EOS

@@ -153,3 +153,18 @@ def test_cuda_graphs_argument():
         generate(model, PROMPTS, max_new_tokens=3, cuda_graphs=True)
     with pytest.raises(ConfigError, match="cuda_graphs must be None, True or False"):
         generate(model, PROMPTS, max_new_tokens=3, cuda_graphs="yes")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("attention", ["mha", "gqa", "iha"])
+def test_cuda_graph_steps_equal_eager_steps_in_fp32(attention):
+    model = tiny_model(**ATTENTION[attention]).cuda()
+    for kwargs in SETTINGS:
+        eos = generate(model, PROMPTS, max_new_tokens=10, cuda_graphs=False, **kwargs)[1][2]
+        eager = generate(model, PROMPTS, max_new_tokens=10, eos_id=eos, return_logprobs=True, cuda_graphs=False,
+                         **kwargs)
+        graphs = generate(model, PROMPTS, max_new_tokens=10, eos_id=eos, return_logprobs=True, cuda_graphs=True,
+                          **kwargs)
+        assert graphs[0] == eager[0], (attention, kwargs)
+        for got, want in zip(graphs[1], eager[1]):
+            torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-5)
