@@ -176,7 +176,8 @@ class KVCache:
         slots 0..length-1 (its positions as recorded, 0..S-1 when none were); the other slots are
         recorded at `pad_position`. device: where to allocate when the cache is empty (default:
         the prefix's device). Key and value buffers are allocated at the first write, when the
-        head layout is known. This cache is left unchanged.
+        head layout is known. This cache is left unchanged. Every forward on the copy needs
+        explicit positions and a `begin_write` for its tokens first.
         """
         if self.static is not None:
             raise ValueError("KVCache.static_copy: the cache is static already")
