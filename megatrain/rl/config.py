@@ -18,12 +18,7 @@ from megatrain.errors import ConfigError
 from megatrain.fields import config_field as _f
 from megatrain.rl.grpo import KL_ESTIMATORS, LOSS_AGG_MODES, SCALE_MODES
 
-__all__ = ["RLConfig", "RLTaskConfig", "RLEvalConfig", "RLPretrainConfig", "PIPELINES", "RL_PIPELINES",
-           "pipelines", "validate_rl"]
-
-PIPELINES = ("grpo", "sft", "sft_rl", "parallel_avg", "loss_mix")
-# Pipelines that sample rollouts and take RL updates.
-RL_PIPELINES = ("grpo", "sft_rl", "parallel_avg", "loss_mix")
+__all__ = ["RLConfig", "RLTaskConfig", "RLEvalConfig", "RLPretrainConfig", "pipelines", "validate_rl"]
 
 
 @dataclass
@@ -120,15 +115,18 @@ def pipelines(rl) -> list[str]:
 
 
 def validate_rl(cfg, world_size: int = 1) -> None:
+    """The rl.* section against itself and the machine; each pipeline of rl.pipeline (a registered name or
+    a user's Pipeline class by dotted path, megatrain/rl/pipelines.py) checks what it needs."""
+    from megatrain.rl.pipelines import check_pipelines, registered_pipelines
+
     rl = cfg.rl
     names = pipelines(rl)
     if not names:
-        raise ConfigError(f"rl.pipeline is empty (allowed: {', '.join(PIPELINES)}, or a list of them)")
-    for name in names:
-        if name not in PIPELINES:
-            raise ConfigError(f"rl.pipeline={name!r} is not allowed (allowed: {', '.join(PIPELINES)}, or a list of them)")
+        raise ConfigError(f"rl.pipeline is empty (allowed: {', '.join(registered_pipelines())}, a Pipeline class "
+                          f"as package.module.Class, or a list of them)")
     if len(set(names)) != len(names):
         raise ConfigError(f"rl.pipeline lists a pipeline twice: {names}")
+    check_pipelines(cfg, world_size, names)
     if rl.group_size < 2:
         raise ConfigError(f"rl.group_size must be >= 2 (GRPO compares samples within a group), got {rl.group_size}")
     for key in ("prompts_per_step", "max_new_tokens", "ppo_epochs", "micro_batch", "steps"):
@@ -158,8 +156,6 @@ def validate_rl(cfg, world_size: int = 1) -> None:
         raise ConfigError(f"rl.mix_weight must be in [0, 1], got {rl.mix_weight}")
     if not math.isfinite(rl.format_score):
         raise ConfigError(f"rl.format_score must be a finite number, got {rl.format_score}")
-    if "sft_rl" in names and rl.sft_steps < 1:
-        raise ConfigError("rl.pipeline=sft_rl needs rl.sft_steps >= 1")
     dp = max(1, world_size // cfg.parallel.tensor)
     if rl.prompts_per_step % dp:
         raise ConfigError(f"rl.prompts_per_step={rl.prompts_per_step} must be a multiple of the data-parallel size {dp}")
@@ -176,10 +172,6 @@ def validate_rl(cfg, world_size: int = 1) -> None:
     _validate_task(rl.task)
     _validate_eval(rl)
     _validate_start(rl)
-    if cfg.parallel.tensor > 1 or cfg.parallel.zero_stage == 3:
-        if "parallel_avg" in names and cfg.parallel.zero_stage == 3:
-            raise ConfigError("rl.pipeline=parallel_avg supports parallel.zero_stage 0, 1 or 2 (its pair optimizer "
-                              "runs on ZeRO 1/2 partitions)")
 
 
 def _validate_task(t) -> None:

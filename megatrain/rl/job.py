@@ -31,7 +31,6 @@ from megatrain.files import write_atomic
 from megatrain.rl.config import pipelines, validate_rl
 from megatrain.rl.evaluation import evaluate
 from megatrain.rl.excursion import Excursion, stop_agreed
-from megatrain.rl.pipelines import check_pipelines
 from megatrain.rl.rewards import load_reward
 from megatrain.rl.starts import (Start, check_hf_init, check_start, cfg_has_mix, import_hf_init, mix_count,
                                  pretrain_config, pretrain_done, resolve_starts, with_mix_placeholder)
@@ -46,8 +45,7 @@ _check_start = check_start  # the name tests/engine/test_hf.py imports
 def preflight(cfg: Config, resume, world_size: int) -> Optional[Config]:
     """Validate, check the pipelines, the start points and the run directory; returns the pretraining config
     to run first (or None). Raises MegatrainError (one line) before anything is written."""
-    validate_rl(cfg, world_size)
-    check_pipelines(cfg, world_size, pipelines(cfg.rl))
+    validate_rl(cfg, world_size)  # the pipelines' own checks included
     run_dir = cfg.run.dir
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise ConfigError(f"run.dir '{run_dir}' exists and is not a directory")
