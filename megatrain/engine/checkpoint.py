@@ -213,7 +213,8 @@ def _step_dirs(root: str) -> list:
     return sorted((step, name) for step, name in found if step is not None and os.path.isdir(os.path.join(root, name)))
 
 
-def needs_reshard(meta: dict, path: str, model_cfg, zero_stage: int, dp_size: int, tensor: int) -> bool:
+def needs_reshard(meta: dict, path: str, model_cfg, zero_stage: int, dp_size: int, tensor: int,
+                  pipeline: int = 1) -> bool:
     """Whether checkpoint `path` (its megatrain.json `meta`) must be resharded to load into this run.
 
     True when its layout (parallel.tensor, or the data-parallel size under ZeRO) differs from this
@@ -225,6 +226,9 @@ def needs_reshard(meta: dict, path: str, model_cfg, zero_stage: int, dp_size: in
     if layout["zero_stage"] != zero_stage:
         raise CheckpointError(f"checkpoint '{path}' was written with parallel.zero_stage={layout['zero_stage']}, this "
                               f"run has {zero_stage}; resume with the same ZeRO stage")
+    if layout.get("pipeline", 1) != pipeline:
+        raise CheckpointError(f"checkpoint '{path}' was written with parallel.pipeline={layout.get('pipeline', 1)}, "
+                              f"this run has {pipeline}; resume with the same number of pipeline stages")
     reshard = layout["tensor"] != tensor or (zero_stage > 0 and layout["dp"] != dp_size)
     if reshard and zero_stage not in (1, 2):
         change = (f"parallel.tensor={layout['tensor']} to {tensor}" if layout["tensor"] != tensor
@@ -383,6 +387,8 @@ def _consolidated_tensors(engine, rank: int, groups=None, model_cfg=None) -> Opt
     import deepspeed
 
     module = engine.module
+    if getattr(module, "stage_bounds", None) is not None:  # parallel.pipeline > 1 (megatrain.parallel.pipeline)
+        return _gather_pipeline(module, rank, groups, model_cfg)
     if engine.zero_optimization_partition_weights():
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             return _full_tensors(module) if rank == 0 else None  # CPU copies: valid after the gather
@@ -427,6 +433,30 @@ def _gather_tensor_parallel(module: torch.nn.Module, groups, model_cfg) -> dict:
             continue
         out[name] = join_tensor_parallel(params[name], dim, replicas, groups)
     return out
+
+
+def _gather_pipeline(module: torch.nn.Module, rank: int, groups, model_cfg) -> Optional[dict]:
+    """The full weights on rank 0 under the Transformer's names: each stage's first TP group joins its slices,
+    and its TP rank 0 sends them to rank 0 (collective over the world)."""
+    from megatrain.parallel.pipeline import transformer_name
+
+    layers = module.model_config.layers
+    stage = None
+    if groups.dp_rank == 0:
+        local = {transformer_name(k, layers): v for k, v in _full_tensors(module).items()}
+        if groups.tp_size > 1:
+            from megatrain.parallel.plan import shard_specs
+
+            params = {transformer_name(k, layers): p for k, p in module.named_parameters()}
+            specs = shard_specs(list(local), model_cfg, groups.tp_size)
+            local = {name: t if specs[name][0] is None else join_tensor_parallel(params[name], *specs[name], groups)
+                     for name, t in local.items()}
+        stage = local if groups.tp_rank == 0 else None
+    parts = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(stage, parts, dst=0)
+    if rank != 0:
+        return None
+    return {name: t for part in parts if part is not None for name, t in part.items()}
 
 
 def join_tensor_parallel(param: torch.Tensor, dim: int, replicas: int, groups) -> torch.Tensor:

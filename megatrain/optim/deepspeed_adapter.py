@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["TESTED_DEEPSPEED", "ZERO_STEP", "RELORA", "DeepSpeedInternalsError", "check_deepspeed_internals",
            "is_zero_1_2_optimizer", "extend_zero_step", "keeps_fp32_master", "optimizer_state_linked",
-           "relink_optimizer_state", "client_optimizer"]
+           "relink_optimizer_state", "client_optimizer", "PIPELINE", "before_pipeline_step"]
 
 # Keep equal to the deepspeed requirement in pyproject.toml (tests/optim/test_deepspeed_adapter.py checks).
 TESTED_DEEPSPEED = ">=0.16,<0.20"
@@ -66,6 +66,7 @@ TESTED_DEEPSPEED = ">=0.16,<0.20"
 # Features that need internals, as the config that turns them on.
 ZERO_STEP = "optim.name=galore/fira under parallel.zero_stage 1 or 2"
 RELORA = "model.linear=relora"
+PIPELINE = "parallel.pipeline > 1"
 
 _ZERO_MODULE = "deepspeed.runtime.zero.stage_1_and_2"
 
@@ -80,6 +81,9 @@ _REQUIRED = {
              ("deepspeed.utils", "safe_get_full_optimizer_state"),
              ("deepspeed.utils", "safe_set_full_optimizer_state"),
              ("deepspeed.utils.tensor_fragment", "tensor_fragment.optim_fragment")],
+    PIPELINE: [("deepspeed.runtime.pipe.engine", "PipelineEngine._INSTRUCTION_MAP"),
+               ("deepspeed.runtime.pipe.engine", "PipelineEngine._exec_optimizer_step"),
+               ("deepspeed.runtime.pipe.schedule", "OptimizerStep")],
 }
 # Instance attributes of the ZeRO 1/2 optimizer that extend_zero_step reads or replaces.
 _ZERO_INSTANCE = ("step", "scaled_global_norm", "loss_scale", "overflow", "_global_grad_norm", "clip_grad")
@@ -256,3 +260,20 @@ def client_optimizer(optimizer) -> torch.optim.Optimizer:
         _require(optimizer, ("optimizer",), RELORA)
         optimizer = optimizer.optimizer
     return optimizer
+
+
+def before_pipeline_step(engine, fn: Callable[[Optional[torch.Tensor]], None]) -> None:
+    """Run `fn(loss)` in DeepSpeed's pipeline schedule right before its optimizer step (after every micro-batch's
+    forward and backward and the gradient all-reduce): `loss` is the sum of the batch's micro-batch losses on
+    the last stage (DeepSpeed's `total_loss`), None on the others. The trainer agrees there, as it does before
+    `engine.step()` without a pipeline, whether to apply the step (`skip_next_step`) and whether to stop."""
+    from deepspeed.runtime.pipe import schedule
+
+    table = type(engine)._INSTRUCTION_MAP
+    original = table[schedule.OptimizerStep]
+
+    def optimizer_step(self, **kwargs):
+        fn(self.total_loss if self.is_last_stage() else None)
+        return original(self, **kwargs)
+
+    engine._INSTRUCTION_MAP = {**table, schedule.OptimizerStep: optimizer_step}
