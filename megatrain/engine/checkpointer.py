@@ -41,6 +41,8 @@ class Checkpointer:
             self.watchdog.phase("checkpoint save", step)
         layout = {"world_size": self.env.world_size, "dp": self.groups.dp_size, "tensor": self.parallel.tensor,
                   "zero_stage": self.parallel.zero_stage}
+        if getattr(self.parallel, "pipeline", 1) > 1:
+            layout["pipeline"] = self.parallel.pipeline
         meta = checkpoint_meta(self.model_cfg, layout, seq_len=self.seq_len, seed=self.seed,
                                tokenizer=self.tokenizer_path, **self.meta())
         return save_checkpoint(self.engine, run_dir=self.run_dir, step=step, client_state=self.state(), meta=meta,
