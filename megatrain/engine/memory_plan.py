@@ -45,9 +45,10 @@ class RankMemory:
 
     world_size: int
     tensor: int
-    dp: int
+    dp: int                         # data-parallel ranks (world / (tensor x context))
     zero_stage: int
     dtype: str
+    context: int = 1                # parallel.context: ZeRO partitions over dp x context ranks
     params: int = 0                 # parameters on this rank (weights)
     param_bytes: int = 0
     grad_bytes: int = 0
@@ -101,9 +102,12 @@ def plan_memory(cfg, world_size: int, model_cfg=None) -> RankMemory:
     from megatrain.parallel.plan import shard_specs
 
     p = cfg.parallel
-    if world_size < 1 or world_size % p.tensor:
-        raise ConfigError(f"--world {world_size} is not a multiple of parallel.tensor={p.tensor}")
+    context = getattr(p, "context", 1)
+    if world_size < 1 or world_size % (p.tensor * context):
+        raise ConfigError(f"--world {world_size} is not a multiple of parallel.tensor x parallel.context = "
+                          f"{p.tensor} x {context}")
     m = model_cfg if model_cfg is not None else plan_model_config(cfg)
+    # ZeRO shards over the data x context ranks (they hold the same parameters; megatrain.parallel.groups)
     tp, dp, stage = p.tensor, world_size // p.tensor, p.zero_stage
     bf16 = _bf16(cfg)
     width = 2 if bf16 else 4
@@ -112,8 +116,9 @@ def plan_memory(cfg, world_size: int, model_cfg=None) -> RankMemory:
     specs = shard_specs([n for n, _ in named], m, tp)
     warm = m.linear == "relora" and cfg.train.relora.warm_start_steps > 0
     projected_kind = cfg.optim.name in ("galore", "fira")
-    out = RankMemory(world_size=world_size, tensor=tp, dp=dp, zero_stage=stage, dtype="bf16" if bf16 else "fp32",
-                     activation_checkpointing=cfg.train.activation_checkpointing)
+    out = RankMemory(world_size=world_size, tensor=tp, dp=dp // context, zero_stage=stage,
+                     dtype="bf16" if bf16 else "fp32", activation_checkpointing=cfg.train.activation_checkpointing,
+                     context=context)
     zero_partitioned, projected_grads, projected_state = 0, 0, 0
     for name, param in named:
         dim, replicas = specs[name]
@@ -142,10 +147,12 @@ def plan_memory(cfg, world_size: int, model_cfg=None) -> RankMemory:
     out.grad_bytes = width * ((math.ceil(zero_partitioned / dp) if stage >= 2 else zero_partitioned) + projected_grads)
     out.master_bytes = 4 * sharded(zero_partitioned) if bf16 else 0
     out.optimizer_bytes = 8 * sharded(zero_partitioned) + projected_state
-    tokens = cfg.train.micro_batch * cfg.data.seq_len
+    # Context parallelism: a rank holds N/C tokens of each sequence outside attention, and inside it the whole
+    # sequence for H/C heads, the same number of elements: every activation is 1/C.
+    tokens = cfg.train.micro_batch * cfg.data.seq_len / context
     full, checkpointed = activation_elements(m, tp, p.sequence, cfg)
-    out.activation_bytes = tokens * full * width
-    out.activation_bytes_checkpointed = tokens * checkpointed * width
+    out.activation_bytes = round(tokens * full * width)
+    out.activation_bytes_checkpointed = round(tokens * checkpointed * width)
     out.transient_bytes = transient_elements(m, tp) * width
     return out
 
@@ -290,7 +297,8 @@ def format_plan(plan: RankMemory, measured: Optional[list[dict]] = None) -> str:
     def gib(b: float) -> str:
         return f"{b / GIB:10.3f} GiB" if b >= GIB else f"{b / 2**20:10.3f} MiB"
 
-    lines = [f"layout: world {plan.world_size} = parallel.tensor {plan.tensor} x {plan.dp} data-parallel, "
+    context = f"x {plan.context} context " if plan.context > 1 else ""
+    lines = [f"layout: world {plan.world_size} = parallel.tensor {plan.tensor} {context}x {plan.dp} data-parallel, "
              f"ZeRO-{plan.zero_stage}, {plan.dtype}",
              f"parameters per rank: {plan.params:,}",
              "per rank:",

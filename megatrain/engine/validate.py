@@ -20,11 +20,13 @@ class Validator:
     micro_batch blocks per forward, `batches` micro-batches per rank; every `every` steps (0: never) and at
     `last_step`. group: the process group the sums are reduced over (None: every rank; the tensor-parallel
     copies then count alike in the loss and in the count). Blocks that can score their answers (the
-    synthetic tasks' `answer_counts`) add val_exact_match and val_answer_acc.
+    synthetic tasks' `answer_counts`) add val_exact_match and val_answer_acc. context: the ranks whose losses
+    are parts that sum to one micro-batch's loss (context parallelism, megatrain.parallel.context_parallel).
     """
 
     def __init__(self, blocks, *, micro_batch: int, batches: int, dp_rank: int, dp_size: int, device,
-                 every: int = 0, last_step: Optional[int] = None, group=None):
+                 every: int = 0, last_step: Optional[int] = None, group=None, context: int = 1):
+        self.context = context
         self.blocks, self.micro_batch, self.batches = blocks, micro_batch, batches
         self.dp_rank, self.dp_size, self.device = dp_rank, dp_size, device
         self.every, self.last_step, self.group = every, last_step, group
@@ -53,7 +55,7 @@ class Validator:
         model.train(was_training)
         if dist.is_initialized() and dist.get_world_size(self.group) > 1:
             dist.all_reduce(total, group=self.group)
-        val_loss = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+        val_loss = (total[0] * self.context / total[1]).item() if total[1] > 0 else float("nan")
         out = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
         if answer_counts is not None:
             out.update(val_exact_match=(total[2] / total[3]).item(), val_answer_acc=(total[4] / total[5]).item())

@@ -283,6 +283,13 @@ class AttentionProjections(nn.Module):
     q_proj [D -> H d], k_proj and v_proj [D -> Hkv d], o_proj [H d -> D], built by `make_linear`
     (model.linear). `heads` / `kv_heads` are the heads this module computes: megatrain.parallel
     lowers them to one rank's share when it splits the projections.
+
+    ``context_attention`` (set by megatrain.parallel.context_parallel; models never communicate): None,
+    or Ulysses context parallelism's exchange, a callable ``(q, k, v, *, attend) -> out`` with a ``size``
+    (C). It takes this rank's slice of the sequence, [B, N/C, h, d] per tensor (h divisible by C), gives
+    ``attend`` the whole sequence for h/C heads ([B, N, h/C, d]) and returns attend's [B, N, h/C, e] output
+    as [B, N/C, h, e]. The attention of a full-sequence forward (no cache, no mask, default positions) then
+    runs through it.
     """
 
     def __init__(self, dim: int, heads: int, kv_heads: Optional[int] = None, *, linear: str = "dense"):
@@ -294,6 +301,7 @@ class AttentionProjections(nn.Module):
         self.k_proj = make_linear(dim, kv_heads * self.head_dim, kind=linear, role="attn.k")
         self.v_proj = make_linear(dim, kv_heads * self.head_dim, kind=linear, role="attn.v")
         self.o_proj = make_linear(heads * self.head_dim, dim, kind=linear, role="attn.o")
+        self.context_attention: Optional[Callable[..., Tensor]] = None
 
     def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [B, N, D] -> q [B, H, N, d], k and v [B, Hkv, N, d]."""
@@ -334,6 +342,8 @@ class Attention(AttentionProjections):
         n = x.shape[1]
         q, k, v = self.project_qkv(x)
         q, k = kernels.rope(q, k, cos, sin)
+        if self.context_attention is not None and cache is None and mask is None:
+            return self.project_out(self._context_parallel(q, k, v))
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)
         total = k.shape[2]
@@ -354,6 +364,25 @@ class Attention(AttentionProjections):
                 v = v.repeat_interleave(repeat, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, **gqa)
         return self.project_out(out)
+
+    def _context_parallel(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Causal attention under Ulysses context parallelism: q [B, H, N/C, d], k and v [B, Hkv, N/C, d] (this
+        rank's slice, rotated at its global positions) -> [B, H, N/C, d]. With fewer KV heads than context
+        ranks each is repeated (C / Hkv copies) so every rank receives the KV head of its query heads."""
+        size = self.context_attention.size
+        if k.shape[1] % size:
+            repeat = size // k.shape[1]
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        out = self.context_attention(*(t.transpose(1, 2) for t in (q, k, v)), attend=_causal_attention)
+        return out.transpose(1, 2)
+
+
+def _causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal softmax attention over a whole sequence in the [B, N, h, d] layout (k, v: [B, N, hkv, d],
+    grouped-query when hkv < h) -> [B, N, h, d]."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa).transpose(1, 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -523,6 +552,11 @@ class InterleavedHeadAttention(AttentionProjections):
         pseudo, heads = self.pseudo_heads, self.heads
         full_sequence = cache is None and mask is None and positions is None and key_positions is None
         shared_mixes = all(m.dim() == 3 for m in (mix_q, mix_k, mix_v))
+        if full_sequence and self.context_attention is not None:
+            if not shared_mixes or gathered:
+                raise ValueError("InterleavedHeadAttention: context parallelism needs shared mixes and no "
+                                 "tensor-parallel head gather")
+            return self._context_parallel(q, k, v, mix_q, mix_k, mix_v, collapse, cos, sin)
         if full_sequence and shared_mixes and (cos is None or cos.dim() == 2):
             return kernels.iha_attention(q, k, v, mix_q, mix_k, mix_v, collapse, cos, sin, mask=self.mask,
                                          window=self.window)
@@ -553,6 +587,46 @@ class InterleavedHeadAttention(AttentionProjections):
         if self.collapse_kind == "per_head":
             return torch.einsum("bhnpd,hp->bhnd", o, collapse.to(o.dtype))
         return torch.einsum("bmnpd,hmp->bhnd", o, collapse.to(o.dtype).reshape(heads, heads, pseudo))
+
+    def _context_parallel(self, q: Tensor, k: Tensor, v: Tensor, mix_q: Tensor, mix_k: Tensor, mix_v: Tensor,
+                          collapse: Tensor, cos: Optional[Tensor], sin: Optional[Tensor]) -> Tensor:
+        """IHA under Ulysses context parallelism: q, k, v [B, H, N/C, d] (this rank's slice, every head) ->
+        [B, H, N/C, d].
+
+        The mixing is per token, so it runs here on the sequence slice, where all H heads are local; the
+        pseudo-tokens are rotated at their global virtual positions (cos, sin [N/C*P, d/2]), then the exchange
+        gives each rank all N*P virtual tokens of H/C pseudo-heads, which attend (`_attend_virtual`); their P
+        outputs per token come back on the sequence layout and are collapsed there (per_head or global)."""
+        batch, heads, n, d = q.shape
+        pseudo = self.pseudo_heads
+
+        def pseudo_tokens(x: Tensor, mix: Tensor) -> Tensor:  # [B, H, n, d] -> [B, H, n*P, d], virtual order
+            return torch.einsum("bmnd,mhp->bhnpd", x, mix.to(x.dtype)).reshape(batch, heads, n * pseudo, d)
+
+        pq, pk, pv = pseudo_tokens(q, mix_q), pseudo_tokens(k, mix_k), pseudo_tokens(v, mix_v)
+        if cos is not None:
+            pq, pk = kernels.rope(pq, pk, cos, sin)
+        o = self.context_attention(*(t.transpose(1, 2) for t in (pq, pk, pv)), attend=self._attend_virtual)
+        o = o.reshape(batch, n, heads, pseudo, d)  # [B, N/C, H, P*d] -> the P outputs of each head
+        if self.collapse_kind == "per_head":
+            return torch.einsum("bnhpd,hp->bhnd", o, collapse.to(o.dtype))
+        return torch.einsum("bnmpd,hmp->bhnd", o, collapse.to(o.dtype).reshape(heads, heads, pseudo))
+
+    def _attend_virtual(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Softmax attention over the N*P virtual tokens of a whole sequence, [B, N*P, h, d] each (mask
+        model.iha.mask, this layer's window) -> the P outputs of each token side by side, [B, N, h, P*d]."""
+        batch, virtual, heads, d = q.shape
+        pseudo = self.pseudo_heads
+        n = virtual // pseudo
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if self.mask == "causal" and self.window is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            positions = torch.arange(n, device=q.device)[None]
+            allowed = iha_position_mask(positions, positions, pseudo, self.mask, self.window)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return o.transpose(1, 2).reshape(batch, n, pseudo, heads, d).transpose(2, 3).reshape(
+            batch, n, heads, pseudo * d)
 
     def forward(self, x: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], *, mask: Optional[Tensor] = None,
                 cache: Optional[KVCache] = None, layer_idx: int = 0, positions: Optional[Tensor] = None,

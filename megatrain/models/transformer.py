@@ -235,6 +235,10 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         self.gradient_checkpointing = False
+        # Context parallelism (megatrain.parallel.context_parallel): None, or (index, count) when a forward
+        # without cache or positions gets slice `index` of `count` equal slices of each sequence, whose
+        # default positions then start at index * N (its attention modules see the whole sequence).
+        self.sequence_shard: Optional[tuple[int, int]] = None
         cos, sin = rope_tables(cfg.head_dim, self._rope_len(), cfg.rope_theta)
         # Non-persistent: derived from the config, so checkpoints and HF exports do not carry them.
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -352,13 +356,20 @@ class Transformer(nn.Module):
                    device) -> Tensor:
         """Query positions as [1 or B, N] long."""
         if positions is None:
-            start = cache.length if cache is not None else 0
+            start = self._default_start(cache, n)
             positions = torch.arange(start, start + n, device=device)
         if positions.dim() == 1:
             positions = positions[None]
         if positions.dim() != 2 or positions.shape[1] != n or positions.shape[0] not in (1, batch):
             raise ValueError(f"positions must be [N] or [B, N] = [{batch}, {n}], got {tuple(positions.shape)}")
         return positions.to(device=device, dtype=torch.long)
+
+    def _default_start(self, cache: Optional[KVCache], n: int) -> int:
+        """The position of the first of n new tokens without explicit positions: after the cache, else at the
+        start of this rank's slice of the sequence (context parallelism), else 0."""
+        if cache is not None:
+            return cache.length
+        return self.sequence_shard[0] * n if self.sequence_shard is not None else 0
 
     def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None, cache: Optional[KVCache] = None,
                 positions: Optional[Tensor] = None) -> Tensor:
@@ -383,7 +394,7 @@ class Transformer(nn.Module):
         # them: skipped on CUDA (it would force a sync) and under torch.compile (a graph break), where an
         # out-of-range position then indexes past the rotary tables.
         if not explicit:
-            end = (cache.length if cache is not None else 0) + n
+            end = self._default_start(cache, n) + n
             out_of_range = isinstance(end, int) and end > self.config.max_seq_len
         else:
             out_of_range = (positions.device.type != "cuda" and not torch.compiler.is_compiling() and n > 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from megatrain.errors import ConfigError
 
-__all__ = ["check_tensor_split", "check_vocab_split"]
+__all__ = ["check_tensor_split", "check_vocab_split", "check_context_split"]
 
 
 def check_vocab_split(vocab_size: int, tp: int, what: str) -> None:
@@ -47,3 +47,22 @@ def check_tensor_split(m, tp: int) -> None:
             raise ConfigError(f"model.iha.collapse=global with parallel.tensor={tp} needs model.iha.head_groups a "
                               f"multiple of {tp} (the collapse must not cross ranks), got {iha.head_groups}; or use "
                               f"model.iha.collapse=per_head")
+
+
+def check_context_split(m, context: int, tensor: int = 1, seq_len: int | None = None) -> None:
+    """Raise ConfigError unless the resolved ModelConfig `m` splits over `context` Ulysses context-parallel
+    ranks (docs/parallelism.md): each rank attends over the whole sequence for heads / (tensor x context)
+    query heads, so that must divide; the key/value heads split the same way or are replicated when there
+    are fewer (kv_heads and tensor x context divide one another); the sequence splits evenly."""
+    if context == 1:
+        return
+    split = tensor * context
+    what = f"parallel.context={context}" if tensor == 1 else f"parallel.tensor x parallel.context = {split}"
+    if m.heads % split:
+        raise ConfigError(f"{what} does not divide model.heads={m.heads} (each context rank attends with "
+                          f"heads / (tensor x context) heads)")
+    if m.kv_heads % split and split % m.kv_heads:
+        raise ConfigError(f"{what} and model.kv_heads={m.kv_heads}: one must divide the other (fewer KV heads "
+                          f"than ranks are replicated)")
+    if seq_len is not None and seq_len % context:
+        raise ConfigError(f"parallel.context={context} does not divide data.seq_len={seq_len}")

@@ -88,6 +88,10 @@ def parallelize(model: nn.Module, groups: ParallelGroups, *, sequence_parallel: 
         apply_plan(model, ctx)
         model.tensor_parallel = (tp, groups.tp_rank)
     model.materialize()  # whatever is still on the meta device (everything at TP=1)
+    if getattr(groups, "cp_size", 1) > 1:  # Ulysses context parallelism over the TP-split heads
+        from megatrain.parallel.context_parallel import apply_context_parallel
+
+        apply_context_parallel(model, groups)
     # Recorded at TP=1 too, so a single-process checkpoint can be resharded to TP > 1 later.
     model.universal_checkpoint_info = universal_checkpoint_info(model)
     return model
