@@ -42,7 +42,8 @@ from megatrain.errors import ConfigError
 from megatrain.fields import config_field, parse_number, section_modules
 from megatrain.models.config import FROZEN_BASE_KINDS, ModelConfig
 from megatrain.models.layers import lowrank_options, projection_shapes
-from megatrain.parallel.checks import check_tensor_split, check_vocab_split
+from megatrain.parallel.checks import check_context_split, check_tensor_split, check_vocab_split
+from megatrain.parallel.pipeline import check_pipeline
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_overrides", "validate", "config_reference", "save_config",
            "register_section", "registered_sections"]
@@ -181,6 +182,17 @@ class ParallelConfig:
     sequence: bool = _f(False, "Megatron-style sequence parallelism inside the TP group (needs tensor > 1): "
                         "norms and the residual stream hold N/tensor tokens per rank.")
     zero_stage: int = _f(2, "DeepSpeed ZeRO stage.", choices=[0, 1, 2, 3])
+    context: int = _f(1, "Context-parallel size C (Ulysses, docs/parallelism.md): each sequence is split over C "
+                      "ranks everywhere but attention, where an all-to-all gives each rank the whole sequence for "
+                      "heads/C heads. DP = world / (tensor x context).")
+    pipeline: int = _f(1, "Pipeline-parallel stages S (DeepSpeed's pipeline engine, 1F1B schedule; "
+                       "docs/parallelism.md): stage s holds ranks [s world/S, (s+1) world/S). DP = world / (tensor x "
+                       "pipeline).")
+    microbatches: Optional[int] = _f(None, "Micro-batches per pipeline step (= train.grad_accum; default: from the "
+                                     "batch arithmetic, global_batch / (micro_batch x DP)).")
+    pipeline_partition: Optional[list[int]] = _f(None, "Decoder blocks per pipeline stage (the embedding goes with the "
+                                                 "first, the final norm and head with the last); default: balanced by "
+                                                 "parameters.")
     backend: str = _f("auto", "torch.distributed backend: auto = nccl on GPU, gloo on CPU.", choices=["auto", "nccl", "gloo"])
     timeout_s: float = _f(1800.0, "Seconds one phase of a step (forward, backward, optimizer step, checkpoint, "
                           "evaluation, with their collectives) may take before the watchdog ends the job with a line "
@@ -308,7 +320,12 @@ class Config:
         p, t = self.parallel, self.train
         if world_size % p.tensor:
             raise ConfigError(f"parallel.tensor={p.tensor} does not divide the world size {world_size}")
-        dp = world_size // p.tensor
+        if world_size % (p.tensor * p.context):
+            raise ConfigError(f"parallel.tensor x parallel.context = {p.tensor} x {p.context} does not divide the "
+                              f"world size {world_size}")
+        dp = world_size // (p.tensor * p.context)
+        if p.pipeline > 1:  # megatrain.parallel.pipeline: stages split the world before TP x DP does
+            dp = _pipeline_dp(world_size, p, t)
         mb = t.micro_batch
         if t.global_batch is None:
             t.grad_accum = t.grad_accum or 1
@@ -323,7 +340,22 @@ class Config:
             raise ConfigError(
                 f"train.global_batch={t.global_batch} != train.micro_batch x train.grad_accum x DP = "
                 f"{mb} x {t.grad_accum} x {dp} = {mb * t.grad_accum * dp} (world size {world_size}, "
-                f"parallel.tensor={p.tensor})")
+                f"parallel.tensor={p.tensor}" + (f", parallel.context={p.context})" if p.context > 1 else ")"))
+
+
+def _pipeline_dp(world_size: int, p, t) -> int:
+    """DP size with parallel.pipeline stages; parallel.microbatches is train.grad_accum under another name."""
+    if p.context > 1:
+        raise ConfigError("parallel.pipeline > 1 with parallel.context > 1 is not supported yet")
+    if world_size % (p.tensor * p.pipeline):
+        raise ConfigError(f"parallel.tensor x parallel.pipeline = {p.tensor} x {p.pipeline} does not divide the world "
+                          f"size {world_size}")
+    if p.microbatches is not None:
+        if t.grad_accum is not None and t.grad_accum != p.microbatches:
+            raise ConfigError(f"parallel.microbatches={p.microbatches} disagrees with train.grad_accum={t.grad_accum}; "
+                              f"set one of them")
+        t.grad_accum = p.microbatches
+    return world_size // (p.tensor * p.pipeline)
 
 
 _CORE_SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
@@ -583,6 +615,8 @@ def _validate_parallel(cfg: Config, m: ModelConfig) -> None:
     tp = p.tensor
     if tp < 1:
         raise ConfigError(f"parallel.tensor must be >= 1, got {tp}")
+    _validate_context(cfg, m)
+    check_pipeline(p, m, cfg.train, cfg.optim.name)
     if p.sequence and tp == 1:
         raise ConfigError("parallel.sequence=true needs parallel.tensor > 1")
     if tp == 1:
@@ -597,6 +631,25 @@ def _validate_parallel(cfg: Config, m: ModelConfig) -> None:
         raise ConfigError("parallel.zero_stage=3 with parallel.tensor > 1 is not supported: megatrain's TP "
                           "checkpoints (consolidated weights, resharding through DeepSpeed universal checkpoints) "
                           "handle ZeRO 0-2 state only; use parallel.zero_stage=1 or 2 with tensor parallelism")
+
+
+def _validate_context(cfg: Config, m: ModelConfig) -> None:
+    """parallel.context (Ulysses context parallelism, docs/parallelism.md): what splits, and what it composes with."""
+    p = cfg.parallel
+    if p.context < 1:
+        raise ConfigError(f"parallel.context must be >= 1, got {p.context}")
+    if p.context == 1:
+        return
+    check_context_split(m, p.context, p.tensor, cfg.data.seq_len)
+    if p.sequence:
+        raise ConfigError("parallel.sequence=true with parallel.context > 1 is not supported (context parallelism "
+                          "already splits the sequence outside attention); use one of them")
+    if m.attention == "iha" and p.tensor > 1:
+        raise ConfigError("model.attention=iha with parallel.context > 1 and parallel.tensor > 1 is not supported "
+                          "(IHA mixes every head on each context rank); use parallel.tensor=1 with context")
+    if cfg.optim.name != "adamw":
+        raise ConfigError(f"optim.name={cfg.optim.name} with parallel.context > 1 is not supported (its projected "
+                          f"weights are reduced outside ZeRO, over data-parallel ranks only); use optim.name=adamw")
 
 
 def _validate_task(cfg: Config, m: ModelConfig) -> None:

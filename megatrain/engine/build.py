@@ -47,9 +47,14 @@ def build_model(cfg, model_cfg, groups, initial_state: Optional[dict] = None, so
 
     if initial_state is not None:
         _check_initial_state(Transformer(model_cfg, seed=0, device="meta"), initial_state, source)
+    if cfg.parallel.pipeline > 1:  # this stage's layers only, as DeepSpeed's PipelineModule
+        from megatrain.engine.pipeline import build_pipeline_model
+
+        with _large_allocations_unmapped():
+            return build_pipeline_model(cfg, model_cfg, groups, initial_state)
     with _large_allocations_unmapped():
         if cfg.parallel.zero_stage == 3:
-            model = _build_zero3(cfg, model_cfg, initial_state)
+            model = _build_zero3(cfg, model_cfg, initial_state, groups)
         else:
             model = Transformer(model_cfg, seed=cfg.train.seed, device="meta")
             model.initial_state = initial_state
@@ -99,7 +104,7 @@ def _large_allocations_unmapped() -> Iterator[None]:
 _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 
 
-def _build_zero3(cfg, model_cfg, initial_state: Optional[dict] = None) -> Transformer:
+def _build_zero3(cfg, model_cfg, initial_state: Optional[dict] = None, groups=None) -> Transformer:
     """The model with its parameters partitioned over the data-parallel group from the start.
 
     TP together with ZeRO-3 is refused by the config (docs/tensor-parallel.md), so the data-parallel
@@ -108,7 +113,10 @@ def _build_zero3(cfg, model_cfg, initial_state: Optional[dict] = None) -> Transf
 
     from megatrain.engine.deepspeed import build_ds_config
 
-    with deepspeed.zero.Init(config_dict_or_path=build_ds_config(cfg)):
+    # Context parallelism: DeepSpeed's batch arithmetic counts data ranks (the mpu), the partition spans
+    # data x context (the whole world here, as the engine's sequence-data-parallel group).
+    context = {"mpu": groups, "data_parallel_group": groups.dp_group} if getattr(groups, "cp_size", 1) > 1 else {}
+    with deepspeed.zero.Init(config_dict_or_path=build_ds_config(cfg), **context):
         model = Transformer(model_cfg, seed=cfg.train.seed, initialize=False)
     model.initial_state = initial_state
     model.refresh_rope_tables()  # zero.Init builds float tensors in the model dtype: the fp64 angles were rounded

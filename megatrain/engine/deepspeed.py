@@ -55,6 +55,11 @@ def build_ds_config(cfg) -> dict:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if cfg.parallel.zero_stage == 3 and cfg.parallel.context > 1:
+        # ZeRO-3's reduce-scatter path divides gradients by all data x context ranks, ignoring the Ulysses
+        # group (DeepSpeed 0.19); its all-reduce path divides by the data ranks only, as the context-parallel
+        # loss needs (megatrain.parallel.context_parallel). Measured: with reduce-scatter the norm halves at C=2.
+        generated["zero_optimization"]["reduce_scatter"] = False
     user = copy.deepcopy(cfg.deepspeed)
     for key in ("optimizer", "scheduler"):
         if key in user:
@@ -70,6 +75,10 @@ def build_ds_config(cfg) -> dict:
     if stage != cfg.parallel.zero_stage:
         raise ConfigError(f"deepspeed.zero_optimization.stage={stage} disagrees with parallel.zero_stage="
                           f"{cfg.parallel.zero_stage}; set it in one place")
+    if cfg.parallel.pipeline > 1:
+        # Stages pass (MLP output, stream): DeepSpeed splits only a single grad-carrying tensor over the TP ranks,
+        # so each TP rank sends its own copy (with parallel.sequence, its N / T tokens).
+        generated["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     merged = _merge_auto(generated, user)
     return merged
 
@@ -90,13 +99,15 @@ def _merge_auto(base: dict, user: dict) -> dict:
 def check_deepspeed_for(cfg) -> None:
     """Fail in one line, before any process group, if the installed DeepSpeed lacks an internal this
     run's features need (megatrain.optim.deepspeed_adapter lists them and the tested versions)."""
-    from megatrain.optim.deepspeed_adapter import RELORA, ZERO_STEP, check_deepspeed_internals
+    from megatrain.optim.deepspeed_adapter import PIPELINE, RELORA, ZERO_STEP, check_deepspeed_internals
 
     features = []
     if cfg.optim.name in ("galore", "fira") and cfg.parallel.zero_stage in (1, 2):
         features.append(ZERO_STEP)
     if cfg.model.linear == "relora":
         features.append(RELORA)
+    if getattr(cfg.parallel, "pipeline", 1) > 1:
+        features.append(PIPELINE)
     check_deepspeed_internals(features)
 
 

@@ -36,7 +36,7 @@ def build_report(cfg) -> Optional[str]:
     model_cfg = plan_model_config(cfg)
     plan = plan_memory(cfg, world, model_cfg)
     env = init_distributed(cfg)
-    measured = measure_build(cfg, model_cfg, build_groups(cfg.parallel.tensor))
+    measured = measure_build(cfg, model_cfg, build_groups(cfg.parallel.tensor, context=cfg.parallel.context))
     gathered = [None] * env.world_size
     if env.world_size > 1:
         dist.all_gather_object(gathered, measured)

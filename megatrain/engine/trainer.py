@@ -97,8 +97,9 @@ def preflight(cfg: Config, resume, world_size: int, verify: Optional[bool] = Non
         if meta.get("weights_only"):  # `megatrain import`: weights, no optimizer or layout to match
             ckpt.check_model(meta, path, model_cfg)
         else:
-            ckpt.needs_reshard(meta, path, model_cfg, cfg.parallel.zero_stage, world_size // cfg.parallel.tensor,
-                               cfg.parallel.tensor)
+            ckpt.needs_reshard(meta, path, model_cfg, cfg.parallel.zero_stage,
+                               world_size // (cfg.parallel.tensor * cfg.parallel.pipeline), cfg.parallel.tensor,
+                               pipeline=cfg.parallel.pipeline)
         if meta["step"] >= cfg.train.steps:
             raise CheckpointError(f"checkpoint '{path}' is at step {meta['step']}, the run has "
                                        f"train.steps={cfg.train.steps}: nothing left to train")
@@ -138,7 +139,12 @@ class Trainer:
         self.stop_agreed = False
         self.spikes = LossSpikeDetector(cfg.train.spike_window, cfg.train.spike_zscore)
         self.last_step_end = time.monotonic()
-        self.groups = build_groups(cfg.parallel.tensor)
+        if cfg.parallel.pipeline > 1:  # DeepSpeed's pipe x data x model topology (megatrain.parallel.pipeline)
+            from megatrain.parallel.pipeline import build_pipeline_groups
+
+            self.groups = build_pipeline_groups(cfg.parallel.tensor, cfg.parallel.pipeline)
+        else:
+            self.groups = build_groups(cfg.parallel.tensor, context=cfg.parallel.context)
         self.dp_size, self.dp_rank = self.groups.dp_size, self.groups.dp_rank
         if env.is_main:
             os.makedirs(cfg.run.dir, exist_ok=True)
@@ -148,6 +154,11 @@ class Trainer:
         weights_only = resume_path is not None and bool(ckpt.read_meta(resume_path).get("weights_only"))
         init_path = resume_path if weights_only else (cfg.train.init_from if resume_path is None else None)
         self._build_engine(resume_path, weights_only, init_path)
+        self.pipeline = None  # parallel.pipeline > 1: the step is the pipeline engine's train_batch
+        if cfg.parallel.pipeline > 1:
+            from megatrain.engine.pipeline import PipelineSteps
+
+            self.pipeline = PipelineSteps(self)
         self._build_components()
         if resume_path is not None and not weights_only:
             self._resume(resume_path)
@@ -193,7 +204,8 @@ class Trainer:
         self.universal = False
         if resume_path is not None and not weights_only:
             self.universal = ckpt.needs_reshard(ckpt.read_meta(resume_path), resume_path, model_cfg,
-                                                cfg.parallel.zero_stage, self.dp_size, cfg.parallel.tensor)
+                                                cfg.parallel.zero_stage, self.dp_size, cfg.parallel.tensor,
+                                                pipeline=cfg.parallel.pipeline)
         # A reshard restores what the optimizer holds from DeepSpeed's universal checkpoint; frozen weights
         # (ReLoRA/LoRA's W) have no optimizer state there, so they come from the checkpoint's full
         # model.safetensors, each rank keeping its slice (the trainable ones are then overwritten).
@@ -211,10 +223,13 @@ class Trainer:
         self.relora = relora_controller(cfg, model)  # model.linear=relora: restarts (before the optimizer)
         self.optimizer = build_optimizer(cfg.optim, model, cfg.train.lr, on_cuda=self.env.device.type == "cuda")
         # The universal-checkpoint patterns name only what the optimizer holds (a frozen W has no ZeRO state).
-        model.universal_checkpoint_info = universal_checkpoint_info(
-            model, held={id(p) for group in self.optimizer.param_groups for p in group["params"]})
-        self.engine = initialize(cfg, model, self.optimizer, mpu=self.groups if cfg.parallel.tensor > 1 else None,
-                                 load_universal=self.universal)
+        if cfg.parallel.pipeline == 1:  # a pipeline stage carries its own (megatrain.parallel.pipeline)
+            model.universal_checkpoint_info = universal_checkpoint_info(
+                model, held={id(p) for group in self.optimizer.param_groups for p in group["params"]})
+        # A PipelineModule brings DeepSpeed its own topology (DP x PP x TP) as the mpu.
+        split = cfg.parallel.tensor > 1 or cfg.parallel.context > 1  # TP and Ulysses: the mpu's groups
+        mpu = self.groups if split and cfg.parallel.pipeline == 1 else None
+        self.engine = initialize(cfg, model, self.optimizer, mpu=mpu, load_universal=self.universal)
         if cfg.train.compile:
             self.engine.compile()
 
@@ -223,8 +238,9 @@ class Trainer:
         from megatrain.data.sampler import ResumableSampler
 
         cfg, t = self.cfg, self.cfg.train
-        self.sampler = ResumableSampler(len(self.data.train), t.global_batch, t.micro_batch, self.dp_rank,
-                                        self.dp_size, t.seed)
+        # The ranks of a context group (parallel.context) read the same blocks: data_rank, not dp_rank.
+        self.sampler = ResumableSampler(len(self.data.train), t.global_batch, t.micro_batch, self.groups.data_rank,
+                                        self.groups.data_size, t.seed)
         self.step = 0
         self.nonfinite_streak = 0
         self.checkpointer = Checkpointer(
@@ -233,8 +249,8 @@ class Trainer:
             seed=t.seed, tokenizer_path=self.data.tokenizer.path, state=self._client_state,
             meta=lambda: {"consumed_samples": self.sampler.state_dict()["consumed_samples"]}, watchdog=self.watchdog)
         self.validator = Validator(self.data.val, micro_batch=t.micro_batch, batches=cfg.log.eval_batches,
-                                   dp_rank=self.dp_rank, dp_size=self.dp_size, device=self.env.device,
-                                   every=cfg.log.eval_every, last_step=t.steps)
+                                   dp_rank=self.groups.data_rank, dp_size=self.groups.data_size, device=self.env.device,
+                                   every=cfg.log.eval_every, last_step=t.steps, context=cfg.parallel.context)
         self.throughput = Throughput(t.global_batch * cfg.data.seq_len, self.flops_per_token, self.env.world_size,
                                      device_peak_flops(self.env.device), self.env.device)
         analyze = cfg.log.analyze_every if self.instruments is not None else 0
@@ -286,6 +302,8 @@ class Trainer:
         if self.relora is not None:
             self.relora.before_step(engine, self.step)
         micro = self.sampler.next_step()
+        if self.pipeline is not None:  # DeepSpeed's 1F1B schedule runs every micro-batch and the step
+            return self._step_record(lr, *self.pipeline.train_step(micro))
         # [sum of losses, non-finite count, ranks asked to stop (SIGTERM / SIGUSR1)]
         local = torch.zeros(3, dtype=torch.float64, device=self.env.device)
         for i, indices in enumerate(micro):
@@ -307,8 +325,9 @@ class Trainer:
         local[2] = 1.0 if self.stop.signum else 0.0
         all_reduce_sum(local)
         loss_sum, nonfinite, stop = local.tolist()
-        # Summed over the world: the TP ranks of a group hold the same loss, so divide by all ranks.
-        loss_value = loss_sum / (micro_batches * self.env.world_size)
+        # Summed over the world: the TP ranks of a group hold the same loss, so divide by all ranks; the
+        # ranks of a context group hold parts that sum to one loss (megatrain.parallel.context_parallel).
+        loss_value = loss_sum * self.cfg.parallel.context / (micro_batches * self.env.world_size)
         self.stop_agreed = stop > 0
         spike_z = None if nonfinite else self.spikes.score(loss_value)
         self.optimizer.skip_next_step = nonfinite > 0 or (spike_z is not None and self.cfg.train.spike_skip)
@@ -344,7 +363,7 @@ class Trainer:
         if self.data.val is None:
             return None
         self._phase("evaluate")
-        return self.validator.validate(self.engine)
+        return self.validator.validate(self.engine if self.pipeline is None else self.pipeline.evaluator)
 
     def _universal_checkpoint(self, checkpoint: str) -> str:
         """The DeepSpeed universal folder to resume `checkpoint` from at this run's layout.
