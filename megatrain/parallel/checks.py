@@ -66,3 +66,13 @@ def check_context_split(m, context: int, tensor: int = 1, seq_len: int | None = 
                           f"than ranks are replicated)")
     if seq_len is not None and seq_len % context:
         raise ConfigError(f"parallel.context={context} does not divide data.seq_len={seq_len}")
+
+
+def check_pretraining_only_layouts(cfg, job: str) -> None:
+    """ConfigError (one line) when `job` (rl, ttt), which builds its own groups and loops, is given a layout
+    only pretraining supports: context parallelism (parallel.context) or pipeline stages (parallel.pipeline)."""
+    for key, what in (("context", "context parallelism"), ("pipeline", "pipeline parallelism")):
+        value = getattr(cfg.parallel, key, 1)
+        if value != 1:
+            raise ConfigError(f"parallel.{key}={value}: {what} runs in pretraining only; the {job} job needs "
+                              f"parallel.{key}=1")

@@ -117,8 +117,10 @@ def pipelines(rl) -> list[str]:
 def validate_rl(cfg, world_size: int = 1) -> None:
     """The rl.* section against itself and the machine; each pipeline of rl.pipeline (a registered name or
     a user's Pipeline class by dotted path, megatrain/rl/pipelines.py) checks what it needs."""
+    from megatrain.parallel.checks import check_pretraining_only_layouts
     from megatrain.rl.pipelines import check_pipelines, registered_pipelines
 
+    check_pretraining_only_layouts(cfg, "rl")
     rl = cfg.rl
     names = pipelines(rl)
     if not names:

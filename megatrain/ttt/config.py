@@ -74,6 +74,9 @@ def _int(value, key: str, low: int) -> int:
 
 def validate_ttt(cfg) -> None:
     """Model-independent checks of ttt.* (ConfigError, one line)."""
+    from megatrain.parallel.checks import check_pretraining_only_layouts
+
+    check_pretraining_only_layouts(cfg, "ttt")
     t, task = cfg.ttt, cfg.ttt.task
     _int(t.steps, "ttt.steps", 0)
     _int(t.span, "ttt.span", 1)

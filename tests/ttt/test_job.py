@@ -123,6 +123,9 @@ def test_job_pretrains_its_own_model_without_init(tmp_path):
     (["ttt.task.kind=jsonl"], "ttt.task.kind=jsonl needs ttt.task.path"),
     (["ttt.task.depths=[1.5]"], "ttt.task.depths: 1.5 is not a number in"),
     (["ttt.init=/nonexistent/run"], "ttt.init: '/nonexistent/run' is not a run"),
+    (["parallel.context=2"], "parallel.context=2: context parallelism runs in pretraining only; the ttt job"),
+    (["parallel.pipeline=2", "parallel.zero_stage=1"], "parallel.pipeline=2: pipeline parallelism runs in pretraining "
+     "only; the ttt job"),
 ])
 def test_bad_input_is_one_line_with_exit_code_2(tmp_path, capsys, overrides, message):
     from megatrain.cli import main
