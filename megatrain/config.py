@@ -137,7 +137,11 @@ class TrainConfig:
     dtype: str = _f("auto", "Training precision: auto = bf16 on GPU, fp32 on CPU.", choices=["auto", "fp32", "bf16"])
     activation_checkpointing: bool = _f(False, "Recompute each block's activations in backward.")
     compile: bool = _f(False, "Compile the model with torch.compile (through DeepSpeed's engine.compile); the "
-                       "first steps pay for the compilation.")
+                       "first steps pay for the compilation. megatrain's Triton kernels are torch custom ops, so "
+                       "the model compiles without graph breaks; the first step's log line counts them.")
+    compile_backend: str = _f("inductor", "torch.compile backend for train.compile: inductor (generated kernels), "
+                              "aot_eager (AOT autograd traced, eager kernels: tracing without code generation) or "
+                              "eager (dynamo's graphs run as they are).", choices=["inductor", "aot_eager", "eager"])
     stop_after: Optional[int] = _f(None, "Checkpoint and stop at this step without changing the schedule.")
     max_nonfinite: int = _f(5, "Abort after this many non-finite losses in a row (each such step is skipped).")
     auto_resume: Optional[bool] = _f(None, "Resume from run.dir's latest checkpoint without --resume (a fresh start "

@@ -237,7 +237,7 @@ class HFDeepSpeedSide:
         optimizer = build_optimizer(cfg.optim, hf, cfg.train.lr, on_cuda=env.device.type == "cuda")
         self.engine, _, _, _ = deepspeed.initialize(model=hf, optimizer=optimizer, config=build_ds_config(cfg))
         if cfg.train.compile:
-            self.engine.compile()
+            self.engine.compile(backend=cfg.train.compile_backend)
         self.sampler = _sampler(cfg, trainer.data, trainer.dp_rank, trainer.dp_size)
         self.step_index = 0
 
@@ -279,7 +279,7 @@ class PlainSide:
         self.model = _initial_model(cfg, trainer.model_cfg, device)
         self.bf16 = use_bf16(cfg)  # fp32 weights, bf16 autocast: the usual eager mixed precision
         if cfg.train.compile:
-            self.model.compile()
+            self.model.compile(backend=cfg.train.compile_backend)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                      weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda" or None)
         self.cfg, self.data, self.device = cfg, trainer.data, device

@@ -69,6 +69,28 @@ def mfu(tokens_per_s: float, flops_per_tok: float, num_devices: int, peak: Optio
     return tokens_per_s * flops_per_tok / (peak * num_devices)
 
 
+def compile_stats() -> dict:
+    """What torch.compile traced in this process so far: {"graphs": compiled graphs, "graph_breaks": breaks,
+    "break_reasons": {reason: count}} (torch._dynamo's counters)."""
+    from torch._dynamo.utils import counters
+
+    reasons = dict(counters["graph_break"])
+    return {"graphs": int(counters["stats"]["unique_graphs"]), "graph_breaks": sum(reasons.values()),
+            "break_reasons": reasons}
+
+
+def compile_line(backend: str) -> str:
+    """One line after the first compiled step, e.g. "compile (inductor): 1 graph, 0 graph breaks"; with
+    breaks, the most frequent reason (first line, shortened)."""
+    stats = compile_stats()
+    line = (f"compile ({backend}): {stats['graphs']} graph{'s' * (stats['graphs'] != 1)}, "
+            f"{stats['graph_breaks']} graph break{'s' * (stats['graph_breaks'] != 1)}")
+    if stats["break_reasons"]:
+        reason = max(stats["break_reasons"], key=stats["break_reasons"].get)
+        line += f" (most often: {str(reason).splitlines()[0][:160]})"
+    return line
+
+
 def kernel_paths_line(paths: dict[str, str], backend: str, device: torch.device) -> str:
     """One line naming the path each kernel op took, e.g. "kernels (MEGATRAIN_KERNELS=auto, NVIDIA H200
     sm_90): rms_norm triton, fused_linear_cross_entropy torch" (megatrain.kernels.kernel_paths())."""

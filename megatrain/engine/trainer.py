@@ -23,7 +23,7 @@ from megatrain.engine.checkpointer import Checkpointer
 from megatrain.engine.deepspeed import (DistEnv, check_deepspeed_for, init_distributed, initialize, module_grad_norm,
                                         step_grad_norm)
 from megatrain.engine.health import LossSpikeDetector, Watchdog, default_store
-from megatrain.engine.metrics import MetricsLogger, Throughput, device_peak_flops, kernel_paths_line
+from megatrain.engine.metrics import MetricsLogger, Throughput, compile_line, device_peak_flops, kernel_paths_line
 from megatrain.engine.validate import Validator
 from megatrain.engine.resilience import (RunLock, StopRequest, auto_resume_enabled, check_run_lock, fault_point,
                                          fault_spec)
@@ -231,7 +231,7 @@ class Trainer:
         mpu = self.groups if split and cfg.parallel.pipeline == 1 else None
         self.engine = initialize(cfg, model, self.optimizer, mpu=mpu, load_universal=self.universal)
         if cfg.train.compile:
-            self.engine.compile()
+            self.engine.compile(backend=cfg.train.compile_backend)
 
     def _build_components(self) -> None:
         """The sampler and the components that decide their own timing: checkpointer, validator, throughput."""
@@ -417,6 +417,8 @@ class Trainer:
                 record = self.train_step()
                 if first:  # which path (Triton or the reference) each kernel op took, once
                     self.logger.message(kernel_paths_line(kernels.kernel_paths(), kernels.backend(), self.env.device))
+                    if self.cfg.train.compile:  # and what torch.compile made of the model
+                        self.logger.message(compile_line(self.cfg.train.compile_backend))
                     first = False
                 self.throughput.add_step()
                 abort = self._report_events(record)

@@ -66,6 +66,23 @@ def test_zero_two_processes_match_single_process(runs, stage):
     assert_close(single, dist, rtol=1e-5)
 
 
+@pytest.mark.parametrize("layout", [["parallel.tensor=2", "parallel.zero_stage=1"], ["parallel.zero_stage=3"]],
+                         ids=["tp2-zero1", "zero3"])
+def test_compiled_training_matches_eager(runs, tmp_path, layout):
+    """train.compile through AOT autograd (backend aot_eager: the tracing torch.compile does, without code
+    generation) on 2 processes gives the one-process eager losses, and the first step reports the graphs:
+    under TP the model is one graph per mode (training, evaluation) with no break; ZeRO-3's parameter hooks
+    (DeepSpeed's) break it, which the line says."""
+    single = losses(runs("single", 1, "parallel.zero_stage=0"))
+    run_dir = tmp_path / "compiled"
+    proc = run_cli(["pretrain", "--nproc-per-node", "2", *TINY_JOB, f"run.dir={run_dir}", *layout,
+                    "train.compile=true", "train.compile_backend=aot_eager"])
+    assert_close(single, losses(str(run_dir)), rtol=1e-5)
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("compile (aot_eager): ")]
+    if "parallel.tensor=2" in layout:
+        assert line == "compile (aot_eager): 2 graphs, 0 graph breaks", line
+
+
 def test_resume_is_exact(runs, tmp_path):
     straight = runs("zero2", 2, "parallel.zero_stage=2")
     run_dir = str(tmp_path / "resumed")
