@@ -46,8 +46,8 @@ DOC = REPO / "docs" / "kernels-compiled.md"
 CACHE = REPO / "docs" / "kernels-compiled.json"
 MODEL_PRESETS = ("125m", "350m", "760m", "1.3b", "7b")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-VOCAB = 32000          # the launch configs' vocabulary (launch/configs/*.yaml)
-TENSOR_PARALLEL = 8    # launch/configs/7b-tp8.yaml: heads and vocabulary split 8 ways
+VOCAB = 32000  # the launch configs' vocabulary (launch/configs/*.yaml)
+TENSOR_PARALLEL = 8  # launch/configs/7b-tp8.yaml: heads and vocabulary split 8 ways
 GALORE_RANKS = (128, 256, 512, 1024)  # optim.rank default and the GaLore paper's ranks up to 7B
 
 
@@ -76,15 +76,19 @@ def problem_launches() -> list[aot.KernelLaunch]:
             head_dim = dim // heads
             add(norm.cuda_launches(dim, dtype), preset)
             add(rotary.cuda_launches(head_dim, heads, kv_heads, dtype), preset)
-            add(rotary.cuda_launches(head_dim, heads // TENSOR_PARALLEL or 1, kv_heads // TENSOR_PARALLEL or 1, dtype),
-                f"{preset}/tp{TENSOR_PARALLEL}")
+            add(
+                rotary.cuda_launches(head_dim, heads // TENSOR_PARALLEL or 1, kv_heads // TENSOR_PARALLEL or 1, dtype),
+                f"{preset}/tp{TENSOR_PARALLEL}",
+            )
             for rank in sorted({dim // 4, dim // 8}):
                 add(lowrank.cuda_launches(rank, dtype), preset)
             add(iha.cuda_launches(head_dim, dtype), preset)  # P is a runtime value of the IHA kernels
     for rank in GALORE_RANKS:
         add(projected_adam.cuda_launches(rank), "galore/fira")
-    return [aot.KernelLaunch(launch.kernel, launch.arg_types, launch.config, launch.memory_bound,
-                             "; ".join(notes[key])) for key, launch in found.items()]
+    return [
+        aot.KernelLaunch(launch.kernel, launch.arg_types, launch.config, launch.memory_bound, "; ".join(notes[key]))
+        for key, launch in found.items()
+    ]
 
 
 def violations(launch: aot.KernelLaunch, capability: int, result: aot.CompileResult) -> list[str]:
@@ -95,8 +99,9 @@ def violations(launch: aot.KernelLaunch, capability: int, result: aot.CompileRes
     if result.shared > limit:
         out.append(f"sm_{capability}: shared memory {result.shared // 1024} KB > {limit // 1024} KB")
     if launch.memory_bound and result.spill_stores > 0:
-        out.append(f"sm_{capability}: memory-bound kernel spills ({result.spill_stores} spill stores, "
-                   f"{result.stack} B stack)")
+        out.append(
+            f"sm_{capability}: memory-bound kernel spills ({result.spill_stores} spill stores, {result.stack} B stack)"
+        )
     return out
 
 
@@ -114,8 +119,16 @@ def _compile_one(job: tuple[int, int]) -> tuple[int, int, dict]:
     index, capability = job
     try:
         result = aot.compile_launch(_LAUNCHES[index], capability)
-        return index, capability, {"shared": result.shared, "registers": result.registers, "stack": result.stack,
-                                   "spill_stores": result.spill_stores}
+        return (
+            index,
+            capability,
+            {
+                "shared": result.shared,
+                "registers": result.registers,
+                "stack": result.stack,
+                "spill_stores": result.spill_stores,
+            },
+        )
     except Exception as exc:  # a launch that does not compile is a result to report, not a crash
         return index, capability, {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"}
 
@@ -169,13 +182,14 @@ def compile_all(launches: list[aot.KernelLaunch], jobs: int, cached: dict, spot_
 def sample(launches: list[aot.KernelLaunch], per_kernel: int, recorded: dict) -> list[aot.KernelLaunch]:
     """The `per_kernel` launches of each kernel with the most shared memory on sm_90 in `recorded`
     ({cache_key: result}, from any Triton version; unrecorded launches count as 0)."""
+
     def shared(launch):
         return recorded.get(cache_key(launch, aot.TARGETS[-1]), {}).get("shared", 0)
 
     by_kernel: dict[str, list[aot.KernelLaunch]] = {}
     for launch in launches:
         by_kernel.setdefault(launch.name, []).append(launch)
-    picked = {id(l) for group in by_kernel.values() for l in sorted(group, key=shared, reverse=True)[:per_kernel]}
+    picked = {id(x) for group in by_kernel.values() for x in sorted(group, key=shared, reverse=True)[:per_kernel]}
     return [launch for launch in launches if id(launch) in picked]
 
 
@@ -192,9 +206,15 @@ def report_rows(launches, results) -> list[dict]:
     for i, launch in enumerate(launches):
         types = dict(launch.arg_types)
         first_ptr = next(t for _, t in launch.arg_types if t.startswith("*"))
-        row = {"kernel": launch.name, "dtype": first_ptr[1:], "config": launch.config.describe(),
-               "memory_bound": launch.memory_bound, "used_by": launch.note, "problems": [],
-               "signature": ",".join(types.values())}
+        row = {
+            "kernel": launch.name,
+            "dtype": first_ptr[1:],
+            "config": launch.config.describe(),
+            "memory_bound": launch.memory_bound,
+            "used_by": launch.note,
+            "problems": [],
+            "signature": ",".join(types.values()),
+        }
         for cap in aot.TARGETS:
             res = results[(i, cap)]
             row[f"sm_{cap}"] = res
@@ -234,8 +254,10 @@ def markdown(rows: list[dict]) -> str:
     ]
     for row in rows:
         kind = "mem" if row["memory_bound"] else "matmul"
-        lines.append(f"| `{row['kernel']}` | {row['dtype']} | {row['config']} | {kind} | {_cell(row['sm_80'])} | "
-                     f"{_cell(row['sm_90'])} | {row['used_by']} |")
+        lines.append(
+            f"| `{row['kernel']}` | {row['dtype']} | {row['config']} | {kind} | {_cell(row['sm_80'])} | "
+            f"{_cell(row['sm_90'])} | {row['used_by']} |"
+        )
     problems = [f"- `{row['kernel']}` {row['dtype']} {row['config']}: {p}" for row in rows for p in row["problems"]]
     lines += ["", f"{len(rows)} launches, {len(rows) * len(aot.TARGETS)} compilations.", ""]
     lines += ["Problems:", ""] + (problems or ["none"]) + [""]
@@ -247,14 +269,26 @@ def main(argv=None) -> int:
     parser.add_argument("--write", type=Path, help="write the markdown report here")
     parser.add_argument("--json", type=Path, help="write the rows as JSON here")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
-    parser.add_argument("--cache", type=Path, default=CACHE,
-                        help=f"results of earlier compilations with this Triton version (default {CACHE.relative_to(REPO)}; "
-                             "--write updates it); 'none' compiles everything")
-    parser.add_argument("--spot-check", action="store_true",
-                        help="recompile each kernel's largest cached launch and report any difference")
-    parser.add_argument("--sample", type=int, default=0, metavar="K",
-                        help="compile only the K launches of each kernel with the most shared memory on sm_90 in the "
-                             "committed results (make compat: another Triton version, a few minutes instead of many)")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=CACHE,
+        help=f"results of earlier compilations with this Triton version (default {CACHE.relative_to(REPO)}; "
+        "--write updates it); 'none' compiles everything",
+    )
+    parser.add_argument(
+        "--spot-check",
+        action="store_true",
+        help="recompile each kernel's largest cached launch and report any difference",
+    )
+    parser.add_argument(
+        "--sample",
+        type=int,
+        default=0,
+        metavar="K",
+        help="compile only the K launches of each kernel with the most shared memory on sm_90 in the "
+        "committed results (make compat: another Triton version, a few minutes instead of many)",
+    )
     args = parser.parse_args(argv)
     start = time.time()
     launches = problem_launches()
@@ -271,16 +305,29 @@ def main(argv=None) -> int:
             parser.error("--write needs every launch: drop --sample")
         args.write.write_text(text)
         if str(args.cache) != "none":
-            args.cache.write_text(json.dumps({"triton": triton.__version__, "results": table}, indent=0,
-                                             sort_keys=True) + "\n")
+            args.cache.write_text(
+                json.dumps({"triton": triton.__version__, "results": table}, indent=0, sort_keys=True) + "\n"
+            )
     if args.json:
-        args.json.write_text(json.dumps({"triton": triton.__version__, "sample": args.sample, "markdown": text,
-                                         "rows": rows,
-                                         "compiled": compiled, "spot_check_mismatches": mismatches,
-                                         "cache_hits": len(table) - len(compiled)}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "triton": triton.__version__,
+                    "sample": args.sample,
+                    "markdown": text,
+                    "rows": rows,
+                    "compiled": compiled,
+                    "spot_check_mismatches": mismatches,
+                    "cache_hits": len(table) - len(compiled),
+                },
+                indent=1,
+            )
+        )
     bad = [row for row in rows if row["problems"]]
-    print(f"{len(rows)} launches for sm_80 and sm_90 with triton {triton.__version__}: {len(compiled)} compiled, "
-          f"{len(table) - len(compiled)} from the cache, in {time.time() - start:.0f} s; {len(bad)} with problems")
+    print(
+        f"{len(rows)} launches for sm_80 and sm_90 with triton {triton.__version__}: {len(compiled)} compiled, "
+        f"{len(table) - len(compiled)} from the cache, in {time.time() - start:.0f} s; {len(bad)} with problems"
+    )
     for mismatch in mismatches:
         print(f"  cache differs from a fresh compile: {mismatch}")
     for row in bad:

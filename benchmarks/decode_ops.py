@@ -42,8 +42,11 @@ from megatrain.models.attention import KVCache  # noqa: E402
 from megatrain.models.config import IHAConfig, ModelConfig  # noqa: E402
 from megatrain.models.transformer import Transformer  # noqa: E402
 
-KINDS = {"MHA": lambda heads: dict(kv_heads=heads), "GQA": lambda heads: dict(kv_heads=max(1, heads // 2)),
-         "IHA P=2": lambda heads: dict(attention="iha", iha=IHAConfig(pseudo_heads=2))}
+KINDS = {
+    "MHA": lambda heads: dict(kv_heads=heads),
+    "GQA": lambda heads: dict(kv_heads=max(1, heads // 2)),
+    "IHA P=2": lambda heads: dict(attention="iha", iha=IHAConfig(pseudo_heads=2)),
+}
 
 
 def parse_args(argv=None):
@@ -52,8 +55,12 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, default=256)
     p.add_argument("--batch", default="1,4", help="comma-separated batch sizes")
     p.add_argument("--prompt-len", type=int, default=8)
-    p.add_argument("--short", type=int, default=4,
-                   help="new tokens of the shorter call (>= 2: both calls then capture their graph)")
+    p.add_argument(
+        "--short",
+        type=int,
+        default=4,
+        help="new tokens of the shorter call (>= 2: both calls then capture their graph)",
+    )
     p.add_argument("--steps", type=int, default=16, help="extra decode steps of the longer call")
     p.add_argument("--out", default=None, help="output prefix (default benchmarks/results/decode-ops)")
     args = p.parse_args(argv)
@@ -148,8 +155,12 @@ def measure(args) -> list[dict]:
     heads = ModelConfig(preset=args.preset).resolved().heads
     generator = torch.Generator().manual_seed(0)
     for kind, extra in KINDS.items():
-        cfg = ModelConfig(preset=args.preset, vocab_size=args.vocab,
-                          max_seq_len=args.prompt_len + args.short + args.steps + 8, **extra(heads))
+        cfg = ModelConfig(
+            preset=args.preset,
+            vocab_size=args.vocab,
+            max_seq_len=args.prompt_len + args.short + args.steps + 8,
+            **extra(heads),
+        )
         torch.manual_seed(0)
         model = Transformer(cfg).eval()
         for batch in [int(b) for b in args.batch.split(",")]:
@@ -162,25 +173,49 @@ def measure(args) -> list[dict]:
             eager, static_forward = per_step(run, args.steps)
             with graph_stand_in():
                 graph, _ = per_step(run, args.steps)
-            rows.append({"attention": kind, "batch": batch, "dynamic_forward": dynamic_forward_ops(model, prompts, 8),
-                         "static_forward": static_forward, "eager_step": eager, "graph_step": graph})
+            rows.append(
+                {
+                    "attention": kind,
+                    "batch": batch,
+                    "dynamic_forward": dynamic_forward_ops(model, prompts, 8),
+                    "static_forward": static_forward,
+                    "eager_step": eager,
+                    "graph_step": graph,
+                }
+            )
     return rows
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     rows = measure(args)
-    meta = {"cpu": cpu_name(), "torch": torch.__version__, "python": platform.python_version(),
-            "preset": args.preset, "vocab": args.vocab, "prompt_len": args.prompt_len, "steps": args.steps,
-            "kernels": os.environ.get("MEGATRAIN_KERNELS", "auto")}
-    lines = [f"# megatrain.generate: ATen ops per decode step ({args.preset} preset, fp32, CPU)", "",
-             "| attention | batch | dynamic fwd | static fwd | eager step | graph step |",
-             "|---|---:|---:|---:|---:|---:|"]
+    meta = {
+        "cpu": cpu_name(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "preset": args.preset,
+        "vocab": args.vocab,
+        "prompt_len": args.prompt_len,
+        "steps": args.steps,
+        "kernels": os.environ.get("MEGATRAIN_KERNELS", "auto"),
+    }
+    lines = [
+        f"# megatrain.generate: ATen ops per decode step ({args.preset} preset, fp32, CPU)",
+        "",
+        "| attention | batch | dynamic fwd | static fwd | eager step | graph step |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['attention']} | {r['batch']} | {r['dynamic_forward']:.0f} | {r['static_forward']:.0f} | "
-                     f"{r['eager_step']:.0f} | {r['graph_step']:.0f} |")
-    lines += ["", "graph step: the host's ops per step with the decode forward replayed as one CUDA graph "
-              "(counted as 1). python benchmarks/decode_ops.py; see its docstring.", ""]
+        lines.append(
+            f"| {r['attention']} | {r['batch']} | {r['dynamic_forward']:.0f} | {r['static_forward']:.0f} | "
+            f"{r['eager_step']:.0f} | {r['graph_step']:.0f} |"
+        )
+    lines += [
+        "",
+        "graph step: the host's ops per step with the decode forward replayed as one CUDA graph "
+        "(counted as 1). python benchmarks/decode_ops.py; see its docstring.",
+        "",
+    ]
     table = "\n".join(lines)
     print(table)
     prefix = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "decode-ops")

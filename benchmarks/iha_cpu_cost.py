@@ -57,11 +57,21 @@ def parse_args(argv=None):
 
 
 def model_configs(args) -> dict[str, ModelConfig]:
-    base = dict(preset=None, dim=args.dim, layers=args.layers, heads=args.heads, kv_heads=args.heads,
-                vocab_size=args.vocab, max_seq_len=args.seq_len)
-    return {"MHA": ModelConfig(**base),
-            f"IHA P={args.pseudo_heads}": ModelConfig(**base, attention="iha",
-                                                      iha=IHAConfig(pseudo_heads=args.pseudo_heads))}
+    base = dict(
+        preset=None,
+        dim=args.dim,
+        layers=args.layers,
+        heads=args.heads,
+        kv_heads=args.heads,
+        vocab_size=args.vocab,
+        max_seq_len=args.seq_len,
+    )
+    return {
+        "MHA": ModelConfig(**base),
+        f"IHA P={args.pseudo_heads}": ModelConfig(
+            **base, attention="iha", iha=IHAConfig(pseudo_heads=args.pseudo_heads)
+        ),
+    }
 
 
 def step_seconds(model: Transformer, ids: torch.Tensor, labels: torch.Tensor) -> float:
@@ -114,17 +124,32 @@ def measure(args) -> list[dict]:
     for name, model in models.items():
         flops = model.flops_per_token(args.seq_len) * tokens
         med = statistics.median(times[name])
-        rows.append({"model": name, "params_non_embedding": model.num_params(non_embedding=True),
-                     "flops_per_step": flops, "median_s": med, "min_s": min(times[name]),
-                     "times_s": times[name], "gflop_per_s": flops / med / 1e9})
+        rows.append(
+            {
+                "model": name,
+                "params_non_embedding": model.num_params(non_embedding=True),
+                "flops_per_step": flops,
+                "median_s": med,
+                "min_s": min(times[name]),
+                "times_s": times[name],
+                "gflop_per_s": flops / med / 1e9,
+            }
+        )
     mha, iha = rows
     sdpa_n, sdpa_np = (statistics.median(times[length]) for length in sdpa)
     floor = mha["median_s"] + args.layers * (sdpa_np - sdpa_n)
-    rows.append({"model": f"floor: MHA + {args.layers} x (SDPA at N*P - SDPA at N)",
-                 "flops_per_step": iha["flops_per_step"], "median_s": floor,
-                 "gflop_per_s": iha["flops_per_step"] / floor / 1e9,
-                 "sdpa_n_s": sdpa_n, "sdpa_np_s": sdpa_np, "times_sdpa_n_s": times[args.seq_len],
-                 "times_sdpa_np_s": times[args.seq_len * args.pseudo_heads]})
+    rows.append(
+        {
+            "model": f"floor: MHA + {args.layers} x (SDPA at N*P - SDPA at N)",
+            "flops_per_step": iha["flops_per_step"],
+            "median_s": floor,
+            "gflop_per_s": iha["flops_per_step"] / floor / 1e9,
+            "sdpa_n_s": sdpa_n,
+            "sdpa_np_s": sdpa_np,
+            "times_sdpa_n_s": times[args.seq_len],
+            "times_sdpa_np_s": times[args.seq_len * args.pseudo_heads],
+        }
+    )
     for row in rows:
         row["time_ratio"] = row["median_s"] / mha["median_s"]
         row["flop_ratio"] = row["flops_per_step"] / mha["flops_per_step"]
@@ -133,17 +158,21 @@ def measure(args) -> list[dict]:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [f"`{meta['command']}` on {meta['cpu']}, torch {meta['torch']}, 1 thread, process CPU time; "
-             f"dim {meta['dim']}, {meta['layers']} layers, {meta['heads']} heads, seq {meta['seq_len']}, "
-             f"batch {meta['batch']}, {meta['repeats']} timed steps each (after {meta['warmup']} warm-up), "
-             f"MEGATRAIN_KERNELS=torch.", "",
-             "| model | GFLOP / step (fwd+bwd) | median s / step | GFLOP/s | time ratio | FLOP ratio "
-             "| time / FLOP ratio |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"`{meta['command']}` on {meta['cpu']}, torch {meta['torch']}, 1 thread, process CPU time; "
+        f"dim {meta['dim']}, {meta['layers']} layers, {meta['heads']} heads, seq {meta['seq_len']}, "
+        f"batch {meta['batch']}, {meta['repeats']} timed steps each (after {meta['warmup']} warm-up), "
+        f"MEGATRAIN_KERNELS=torch.",
+        "",
+        "| model | GFLOP / step (fwd+bwd) | median s / step | GFLOP/s | time ratio | FLOP ratio | time / FLOP ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['flops_per_step'] / 1e9:.1f} | {r['median_s']:.3f} | "
-                     f"{r['gflop_per_s']:.1f} | {r['time_ratio']:.2f}x | {r['flop_ratio']:.2f}x | "
-                     f"{r['cost_ratio']:.2f}x |")
+        lines.append(
+            f"| {r['model']} | {r['flops_per_step'] / 1e9:.1f} | {r['median_s']:.3f} | "
+            f"{r['gflop_per_s']:.1f} | {r['time_ratio']:.2f}x | {r['flop_ratio']:.2f}x | "
+            f"{r['cost_ratio']:.2f}x |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -151,11 +180,29 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ["MEGATRAIN_KERNELS"] = "torch"  # IHA through kernels.reference.iha_attention, the CPU path
     rows = measure(args)
-    meta = {"cpu": cpu_name(), "torch": torch.__version__, "python": platform.python_version(),
-            "command": "python benchmarks/iha_cpu_cost.py" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
-            "clock": "process CPU time, 1 torch thread", "kernels": "torch",
-            **{k: getattr(args, k) for k in ("dim", "layers", "heads", "seq_len", "batch", "vocab",
-                                             "pseudo_heads", "warmup", "repeats", "seed")}}
+    meta = {
+        "cpu": cpu_name(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "command": "python benchmarks/iha_cpu_cost.py" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
+        "clock": "process CPU time, 1 torch thread",
+        "kernels": "torch",
+        **{
+            k: getattr(args, k)
+            for k in (
+                "dim",
+                "layers",
+                "heads",
+                "seq_len",
+                "batch",
+                "vocab",
+                "pseudo_heads",
+                "warmup",
+                "repeats",
+                "seed",
+            )
+        },
+    }
     table = markdown(rows, meta)
     print(table)
     prefix = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "iha-cpu-cost")

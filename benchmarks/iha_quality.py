@@ -78,8 +78,10 @@ def model_configs(task_cfg: TaskConfig, seq_len: int, pseudo: int, full_every: i
         "MHA (ffn 177)": ModelConfig(**base, ffn_dim=177),
         f"IHA P={pseudo}": ModelConfig(**base, attention="iha", iha=IHAConfig(pseudo_heads=pseudo)),
         f"IHA P={pseudo} flop-matched (W={window}, full every {full_every})": ModelConfig(
-            **base, attention="iha", iha=IHAConfig(pseudo_heads=pseudo, schedule="flop_matched", window=window,
-                                                   full_every=full_every)),
+            **base,
+            attention="iha",
+            iha=IHAConfig(pseudo_heads=pseudo, schedule="flop_matched", window=window, full_every=full_every),
+        ),
     }
 
 
@@ -95,12 +97,12 @@ def attention_flops_per_token(model: Transformer, seq_len: int) -> int:
     return total
 
 
-def train_and_score(name: str, model_cfg: ModelConfig, task: str, task_cfg: TaskConfig, seq_len: int, args,
-                    device) -> dict:
+def train_and_score(
+    name: str, model_cfg: ModelConfig, task: str, task_cfg: TaskConfig, seq_len: int, args, device
+) -> dict:
     torch.manual_seed(args.seed)
     model = Transformer(model_cfg).to(device)
-    train_cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, min_lr_ratio=0.1,
-                            schedule="cosine")
+    train_cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, min_lr_ratio=0.1, schedule="cosine")
     optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=args.lr, betas=(0.9, 0.95))
     train = TaskBlocks(task, task_cfg, seq_len, 0)
     val = TaskBlocks(task, task_cfg, seq_len, 1)
@@ -120,32 +122,53 @@ def train_and_score(name: str, model_cfg: ModelConfig, task: str, task_cfg: Task
     train_s = time.perf_counter() - start
     scores = evaluate_exact_match(model, val, batch_size=128, device=device)
     tail = losses[-50:]
-    row = {"task": task, "model": name, "params": model.num_params(non_embedding=True),
-           "flops_per_token": model.flops_per_token(seq_len),
-           "attention_flops_per_token": attention_flops_per_token(model, seq_len),
-           "final_train_loss": sum(tail) / len(tail), "exact_match": scores["exact_match"],
-           "answer_acc": scores["answer_acc"], "val_sequences": scores["sequences"], "train_s": train_s}
-    print(f"{task:9s} {name:45s} exact {row['exact_match']:.3f} answers {row['answer_acc']:.3f} "
-          f"loss {row['final_train_loss']:.3f} ({train_s:.0f} s)", flush=True)
+    row = {
+        "task": task,
+        "model": name,
+        "params": model.num_params(non_embedding=True),
+        "flops_per_token": model.flops_per_token(seq_len),
+        "attention_flops_per_token": attention_flops_per_token(model, seq_len),
+        "final_train_loss": sum(tail) / len(tail),
+        "exact_match": scores["exact_match"],
+        "answer_acc": scores["answer_acc"],
+        "val_sequences": scores["sequences"],
+        "train_s": train_s,
+    }
+    print(
+        f"{task:9s} {name:45s} exact {row['exact_match']:.3f} answers {row['answer_acc']:.3f} "
+        f"loss {row['final_train_loss']:.3f} ({train_s:.0f} s)",
+        flush=True,
+    )
     return row
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    out = [f"# IHA vs MHA on synthetic retrieval tasks ({meta['device']})", "",
-           f"Command: `{meta['command']}`", "",
-           f"Machine: {meta['machine']}; torch {meta['torch']}, triton {meta['triton']}, python {meta['python']}; "
-           f"{meta['steps']} steps x batch {meta['batch']}, lr {meta['lr']}, seed {meta['seed']}; "
-           f"scored on {rows[0]['val_sequences'] if rows else 0} held-out sequences per task.", ""]
+    out = [
+        f"# IHA vs MHA on synthetic retrieval tasks ({meta['device']})",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        f"Machine: {meta['machine']}; torch {meta['torch']}, triton {meta['triton']}, python {meta['python']}; "
+        f"{meta['steps']} steps x batch {meta['batch']}, lr {meta['lr']}, seed {meta['seed']}; "
+        f"scored on {rows[0]['val_sequences'] if rows else 0} held-out sequences per task.",
+        "",
+    ]
     for task, sizes in meta["tasks"].items():
         out.append(f"- {task}: " + ", ".join(f"{k}={v}" for k, v in sizes.items()))
-    out += ["", "| task | model | non-emb. params | attention FLOPs/token (vs MHA) | total FLOPs/token | "
-            "final train loss | exact match | answer acc |", "|---|---|---|---|---|---|---|---|"]
+    out += [
+        "",
+        "| task | model | non-emb. params | attention FLOPs/token (vs MHA) | total FLOPs/token | "
+        "final train loss | exact match | answer acc |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     mha = {r["task"]: r for r in rows if r["model"].startswith("MHA")}
     for r in rows:
         ratio = r["attention_flops_per_token"] / mha[r["task"]]["attention_flops_per_token"] if r["task"] in mha else 1
-        out.append(f"| {r['task']} | {r['model']} | {r['params']:,} | {r['attention_flops_per_token']:,} "
-                   f"({ratio:.2f}x) | {r['flops_per_token']:,} | {r['final_train_loss']:.3f} | "
-                   f"{r['exact_match']:.3f} | {r['answer_acc']:.3f} |")
+        out.append(
+            f"| {r['task']} | {r['model']} | {r['params']:,} | {r['attention_flops_per_token']:,} "
+            f"({ratio:.2f}x) | {r['flops_per_token']:,} | {r['final_train_loss']:.3f} | "
+            f"{r['exact_match']:.3f} | {r['answer_acc']:.3f} |"
+        )
     return "\n".join(out) + "\n"
 
 
@@ -167,17 +190,32 @@ def main() -> int:
         seq_len = required_seq_len(task, task_cfg)
         for name, model_cfg in model_configs(task_cfg, seq_len, args.pseudo_heads, args.full_every).items():
             rows.append(train_and_score(name, model_cfg, task, task_cfg, seq_len, args, device))
-    machine = (torch.cuda.get_device_name() if device.type == "cuda"
-               else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared), "
-                    f"{torch.get_num_threads()} torch thread(s)")
-    meta = {"device": device.type, "machine": machine, "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "command": "python " + " ".join(sys.argv),
-            "steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed,
-            "tasks": {t: {**vars(TASK_SIZES[t]), "seq_len": required_seq_len(t, TASK_SIZES[t])} for t in tasks}}
+    machine = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared), "
+        f"{torch.get_num_threads()} torch thread(s)"
+    )
+    meta = {
+        "device": device.type,
+        "machine": machine,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "command": "python " + " ".join(sys.argv),
+        "steps": args.steps,
+        "batch": args.batch,
+        "lr": args.lr,
+        "seed": args.seed,
+        "tasks": {t: {**vars(TASK_SIZES[t]), "seq_len": required_seq_len(t, TASK_SIZES[t])} for t in tasks},
+    }
     table = markdown(rows, meta)
     print(table)
-    prefix = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                      f"iha-quality-{'gpu' if device.type == 'cuda' else 'cpu'}")
+    prefix = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)),
+        "results",
+        f"iha-quality-{'gpu' if device.type == 'cuda' else 'cpu'}",
+    )
     write_table(prefix, table, {"meta": meta, "rows": rows})
     return 0
 

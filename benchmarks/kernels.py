@@ -58,15 +58,16 @@ attending (query, key) pairs of the N*P virtual tokens (about (N*P)^2/2 causal, 
 mixing and collapse, x3.5 for fwd+bwd (see iha_flops). Rows: megatrain-triton (GEMM mixing, rotary, the
 FlashAttention-2 Triton kernel, GEMM collapse), torch-eager (the unfused path in bf16: batched-GEMM mixing
 straight into the interleaved layout, rotary, torch SDPA, flash for the plain causal mask and a boolean mask
-otherwise, collapse; kernels.reference.iha_attention with compute_dtype=bf16), flex-attention (the same mixing with torch's
-compiled flex_attention, the layer's mask as mask_mod + block mask) and sdpa-mha (plain causal SDPA over
-the N tokens of the same heads: MHA, the floor IHA at P = 2 is 4x of; its TFLOP/s column counts IHA's work,
-it is a time bar only). Targets: >= 2x torch-eager's speed, never slower than flex-attention, at P = 2
-(causal) fwd+bwd at most 5x sdpa-mha's time, and fwd+bwd peak memory <= torch-eager's.
+otherwise, collapse; kernels.reference.iha_attention with compute_dtype=bf16), flex-attention (the same
+mixing with torch's compiled flex_attention, the layer's mask as mask_mod + block mask) and sdpa-mha
+(plain causal SDPA over the N tokens of the same heads: MHA, the floor IHA at P = 2 is 4x of; its TFLOP/s
+column counts IHA's work, it is a time bar only). Targets: >= 2x torch-eager's speed, never slower than
+flex-attention, at P = 2 (causal) fwd+bwd at most 5x sdpa-mha's time, and fwd+bwd peak memory <=
+torch-eager's.
 
-Peak memory (flce, lowrank, sparse_lowrank, iha, fwd+bwd): torch.cuda.max_memory_allocated() during one forward+backward minus the
-memory allocated just before it. The inputs h, W and target exist before and are not counted; the
-gradients dh and dW, which every version must produce, are counted.
+Peak memory (flce, lowrank, sparse_lowrank, iha, fwd+bwd): torch.cuda.max_memory_allocated() during one
+forward+backward minus the memory allocated just before it. The inputs h, W and target exist before and
+are not counted; the gradients dh and dW, which every version must produce, are counted.
 
 Targets (judged for megatrain-triton, printed PASS/FAIL, never assumed):
 - rms_norm, rope, swiglu, every shape and mode: achieved GB/s >= 85% of the measured copy bandwidth,
@@ -87,9 +88,9 @@ The torch path (MEGATRAIN_KERNELS=auto's choice where its table, kernels/measure
 row): for rms_norm, rope, swiglu and projected_adam the torch-eager row is it (kernels.reference); for
 flce, lowrank, sparse_lowrank and iha, whose torch-eager rows are the plain unfused forms, a
 "megatrain-torch" row times the public API under MEGATRAIN_KERNELS=torch (the references computing in
-the inputs' dtype; for flce chunked, without the full logits). `--auto-table RESULTS.json` prints the table rows of a run (each op's
-megatrain-triton median against the torch path's, per shape class and mode; no GPU needed) to paste
-into kernels/measured.py.
+the inputs' dtype; for flce chunked, without the full logits). `--auto-table RESULTS.json` prints the
+table rows of a run (each op's megatrain-triton median against the torch path's, per shape class and
+mode; no GPU needed) to paste into kernels/measured.py.
 
 Writes benchmarks/results/kernels-<gpu-name-slug>.json and .md ("-quick" is added with --quick).
 Exit status: 0; 1 when a correctness check failed or the Triton path raised (after writing the
@@ -127,21 +128,23 @@ from megatrain.constants import IGNORE_INDEX  # noqa: E402
 OPS = ("rms_norm", "rope", "swiglu", "flce", "adam", "lowrank", "sparse_lowrank", "iha", "projected_adam")
 # Compute-bound ops, reported in TFLOP/s against an unfused eager baseline, with peak memory.
 FLOP_OPS = ("flce", "lowrank", "sparse_lowrank", "iha", "projected_adam")
-SLTRAIN_DENSITY = 0.03         # sparse_lowrank: SLTrain's delta
-SLTRAIN_SCALE = 0.125          # sparse_lowrank: alpha / r (any value: the cost does not depend on it)
+SLTRAIN_DENSITY = 0.03  # sparse_lowrank: SLTrain's delta
+SLTRAIN_SCALE = 0.125  # sparse_lowrank: alpha / r (any value: the cost does not depend on it)
 MEMORY_BOUND_OPS = ("rms_norm", "rope", "swiglu")
 MODES = ("fwd", "fwd+bwd")
 BF16_BYTES = 2
 FP32_BYTES = 4
 
-TARGET_COPY_FRACTION = 0.85     # memory-bound ops: fraction of the measured copy bandwidth
-TARGET_FLCE_SPEED = 0.90        # flce: fraction of the unfused version's speed
-TARGET_FLCE_MEMORY = 0.10       # flce: fused peak memory below this fraction of the unfused one
-TARGET_IHA_SPEED = 2.0          # iha: times the unfused reference path's speed
-TARGET_IHA_VS_SDPA = 5.0        # iha at P = 2, causal, fwd+bwd: at most this many times MHA's causal SDPA time
-IHA_SDPA = "sdpa-mha"           # iha: plain causal SDPA over the N tokens (a bar, not an IHA)
-IHA_FLEX = "flex-attention"     # iha: the unfused mixing with torch's compiled flex_attention and a block mask
-LOWRANK_DENSE = "dense-linear"  # lowrank: the dense D_in x D_out layer it replaces (a bar; its FLOPs column counts CoLA's work)
+TARGET_COPY_FRACTION = 0.85  # memory-bound ops: fraction of the measured copy bandwidth
+TARGET_FLCE_SPEED = 0.90  # flce: fraction of the unfused version's speed
+TARGET_FLCE_MEMORY = 0.10  # flce: fused peak memory below this fraction of the unfused one
+TARGET_IHA_SPEED = 2.0  # iha: times the unfused reference path's speed
+TARGET_IHA_VS_SDPA = 5.0  # iha at P = 2, causal, fwd+bwd: at most this many times MHA's causal SDPA time
+IHA_SDPA = "sdpa-mha"  # iha: plain causal SDPA over the N tokens (a bar, not an IHA)
+IHA_FLEX = "flex-attention"  # iha: the unfused mixing with torch's compiled flex_attention and a block mask
+LOWRANK_DENSE = (
+    "dense-linear"  # lowrank: the dense D_in x D_out layer it replaces (a bar; its FLOPs column counts CoLA's work)
+)
 
 DEVICE = "cuda"
 EPS = 1e-6
@@ -149,11 +152,18 @@ TRITON = "megatrain-triton"
 EAGER = "torch-eager"
 COMPILE = "torch-compile"
 TORCH_PATH = "megatrain-torch"  # the public API under MEGATRAIN_KERNELS=torch: what auto falls back to
-GALORE_TORCH = "galore-torch"   # projected_adam: galore_torch's GaLoreAdamW step, when it imports
+GALORE_TORCH = "galore-torch"  # projected_adam: galore_torch's GaLoreAdamW step, when it imports
 # The dispatcher's name of each benchmarked op (kernels/measured.py's table is keyed by it).
-KERNEL_OPS = {"rms_norm": "rms_norm", "rope": "rope", "swiglu": "swiglu", "flce": "fused_linear_cross_entropy",
-              "lowrank": "lowrank_linear", "sparse_lowrank": "sparse_lowrank_linear", "iha": "iha_attention",
-              "projected_adam": "projected_adam_update"}
+KERNEL_OPS = {
+    "rms_norm": "rms_norm",
+    "rope": "rope",
+    "swiglu": "swiglu",
+    "flce": "fused_linear_cross_entropy",
+    "lowrank": "lowrank_linear",
+    "sparse_lowrank": "sparse_lowrank_linear",
+    "iha": "iha_attention",
+    "projected_adam": "projected_adam_update",
+}
 # Ops whose torch-eager row is the torch path itself (kernels.reference); the others get TORCH_PATH rows.
 TORCH_IS_REFERENCE = ("rms_norm", "rope", "swiglu", "projected_adam")
 
@@ -194,13 +204,18 @@ def sweep(op: str, quick: bool = False) -> list[dict]:
         # Interleaved head attention, H 32, d = 128, rotary: causal at N 2k-8k and P 2, 4; token_causal;
         # a sliding window of N/(2P) virtual tokens (the flop_matched schedule's windowed layers).
         full = [dict(batch=1, seq=n, heads=32, head_dim=128, pseudo=p) for p in (2, 4) for n in (2048, 4096, 8192)]
-        full += [dict(batch=1, seq=4096, heads=32, head_dim=128, pseudo=2, mask="token_causal"),
-                 dict(batch=1, seq=8192, heads=32, head_dim=128, pseudo=2, window=8192 // 4)]
+        full += [
+            dict(batch=1, seq=4096, heads=32, head_dim=128, pseudo=2, mask="token_causal"),
+            dict(batch=1, seq=8192, heads=32, head_dim=128, pseudo=2, window=8192 // 4),
+        ]
         pick = [dict(batch=1, seq=4096, heads=32, head_dim=128, pseudo=2)]
     elif op == "projected_adam":
         # GaLore's ranks on the MLP and attention weights of the 1.3b (r 512) and 7b (r 1024) models.
-        full = [dict(rows=5632, cols=2048, rank=512), dict(rows=4096, cols=4096, rank=1024),
-                dict(rows=11008, cols=4096, rank=1024)]
+        full = [
+            dict(rows=5632, cols=2048, rank=512),
+            dict(rows=4096, cols=4096, rank=1024),
+            dict(rows=11008, cols=4096, rank=1024),
+        ]
         pick = [dict(rows=11008, cols=4096, rank=1024)]
     else:
         raise ValueError(f"unknown op {op!r} (choose from {', '.join(OPS)})")
@@ -263,8 +278,16 @@ def rms_norm_bytes(tokens: int, hidden: int, backward: bool, elem: int = BF16_BY
     return forward + (grads if backward else 0)
 
 
-def rope_bytes(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, backward: bool,
-               elem: int = BF16_BYTES, table_elem: int = FP32_BYTES) -> int:
+def rope_bytes(
+    batch: int,
+    seq: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    backward: bool,
+    elem: int = BF16_BYTES,
+    table_elem: int = FP32_BYTES,
+) -> int:
     q_elems, k_elems = batch * heads * seq * head_dim, batch * kv_heads * seq * head_dim
     one_pass = 2 * (q_elems + k_elems) * elem + 2 * seq * (head_dim // 2) * table_elem
     return one_pass * (2 if backward else 1)
@@ -294,22 +317,34 @@ def sparse_nnz(d_in: int, d_out: int) -> int:
 def sparse_lowrank_flops(tokens: int, d_in: int, d_out: int, rank: int, backward: bool) -> int:
     """The low-rank matmuls plus 2 FLOPs per (token, support entry): x @ S; backward adds dy @ S^T and
     dvalues. A dense-materialised version does T*D_in*D_out work instead: this is the useful work."""
-    return lowrank_flops(tokens, d_in, d_out, rank, backward) + (6 if backward else 2) * tokens * sparse_nnz(d_in, d_out)
+    return lowrank_flops(tokens, d_in, d_out, rank, backward) + (6 if backward else 2) * tokens * sparse_nnz(
+        d_in, d_out
+    )
 
 
 def iha_pairs(seq: int, pseudo: int, mask: str = "causal", window: Optional[int] = None) -> int:
     """(query, key) pairs over the N*P virtual tokens that attend (kernels.reference.iha_allowed)."""
+
     def ramp(length: int, cap: Optional[int]) -> int:  # sum over i < length of min(i + 1, cap)
         if cap is None or cap >= length:
             return length * (length + 1) // 2
         return cap * (cap + 1) // 2 + (length - cap) * cap
+
     if mask == "causal":
         return ramp(seq * pseudo, window)
     return pseudo * pseudo * ramp(seq, None if window is None else window // pseudo)
 
 
-def iha_flops(batch: int, seq: int, heads: int, head_dim: int, pseudo: int, backward: bool, mask: str = "causal",
-              window: Optional[int] = None) -> int:
+def iha_flops(
+    batch: int,
+    seq: int,
+    heads: int,
+    head_dim: int,
+    pseudo: int,
+    backward: bool,
+    mask: str = "causal",
+    window: Optional[int] = None,
+) -> int:
     """Attention over the N*P virtual tokens (QK^T and PV on the attending pairs: 4*B*H*pairs*d;
     backward 2.5 times that) plus the q/k/v mixing and the collapse. Recomputation is not counted."""
     attention = 4 * batch * heads * iha_pairs(seq, pseudo, mask, window) * head_dim
@@ -333,8 +368,16 @@ def op_cost(op: str, shape: dict, mode: str) -> int:
     if op == "sparse_lowrank":
         return sparse_lowrank_flops(shape["tokens"], shape["d_in"], shape["d_out"], shape["rank"], backward)
     if op == "iha":
-        return iha_flops(shape["batch"], shape["seq"], shape["heads"], shape["head_dim"], shape["pseudo"], backward,
-                         shape.get("mask", "causal"), shape.get("window"))
+        return iha_flops(
+            shape["batch"],
+            shape["seq"],
+            shape["heads"],
+            shape["head_dim"],
+            shape["pseudo"],
+            backward,
+            shape.get("mask", "causal"),
+            shape.get("window"),
+        )
     if op == "projected_adam":
         return 2 * shape["rows"] * shape["cols"] * shape["rank"]  # the back-projection psi @ P
     raise ValueError(f"no cost model for {op!r}")
@@ -357,9 +400,9 @@ class Target:
     op: str
     shape: str
     mode: str
-    name: str            # what is judged, e.g. ">= 85% of copy bandwidth"
-    value: str           # what was measured, formatted
-    ok: Optional[bool]   # None: could not be judged (a baseline is missing)
+    name: str  # what is judged, e.g. ">= 85% of copy bandwidth"
+    value: str  # what was measured, formatted
+    ok: Optional[bool]  # None: could not be judged (a baseline is missing)
 
     @property
     def verdict(self) -> str:
@@ -375,8 +418,16 @@ def not_slower(ms: float, baseline_ms: float, noise: float) -> bool:
     return ms <= baseline_ms * (1.0 + noise)
 
 
-def judge_memory_bound(op: str, shape: str, mode: str, triton_ms: Optional[float], compile_ms: Optional[float],
-                       nbytes: int, copy_gbps: float, noise: float) -> list[Target]:
+def judge_memory_bound(
+    op: str,
+    shape: str,
+    mode: str,
+    triton_ms: Optional[float],
+    compile_ms: Optional[float],
+    nbytes: int,
+    copy_gbps: float,
+    noise: float,
+) -> list[Target]:
     """The two targets of a memory-bound op at one shape and mode.
 
     A missing Triton time (it raised) FAILs both; a missing torch.compile time leaves that one n/a.
@@ -385,21 +436,39 @@ def judge_memory_bound(op: str, shape: str, mode: str, triton_ms: Optional[float
         fraction = Target(op, shape, mode, f">= {TARGET_COPY_FRACTION:.0%} of copy bandwidth", "error", False)
     else:
         achieved = gb_per_s(nbytes, triton_ms) / copy_gbps
-        fraction = Target(op, shape, mode, f">= {TARGET_COPY_FRACTION:.0%} of copy bandwidth", f"{achieved:.1%}",
-                          achieved >= TARGET_COPY_FRACTION)
+        fraction = Target(
+            op,
+            shape,
+            mode,
+            f">= {TARGET_COPY_FRACTION:.0%} of copy bandwidth",
+            f"{achieved:.1%}",
+            achieved >= TARGET_COPY_FRACTION,
+        )
     name = "not slower than torch.compile"
     if triton_ms is None:
         speed = Target(op, shape, mode, name, "error", False)
     elif compile_ms is None:
         speed = Target(op, shape, mode, name, "no torch.compile time", None)
     else:
-        speed = Target(op, shape, mode, name, f"{compile_ms / triton_ms:.2f}x compile's speed",
-                       not_slower(triton_ms, compile_ms, noise))
+        speed = Target(
+            op,
+            shape,
+            mode,
+            name,
+            f"{compile_ms / triton_ms:.2f}x compile's speed",
+            not_slower(triton_ms, compile_ms, noise),
+        )
     return [fraction, speed]
 
 
-def judge_flce(shape: str, mode: str, fused_ms: Optional[float], unfused_ms: Optional[float],
-               fused_peak: Optional[int] = None, unfused_peak: Optional[int] = None) -> list[Target]:
+def judge_flce(
+    shape: str,
+    mode: str,
+    fused_ms: Optional[float],
+    unfused_ms: Optional[float],
+    fused_peak: Optional[int] = None,
+    unfused_peak: Optional[int] = None,
+) -> list[Target]:
     """flce's targets at one shape and mode: speed in every mode, peak memory where it was measured."""
     name = f">= {TARGET_FLCE_SPEED:.0%} of unfused speed"
     if fused_ms is None:
@@ -431,13 +500,24 @@ def judge_lowrank(shape: str, mode: str, fused_ms: Optional[float], unfused_ms: 
     return [Target("lowrank", shape, mode, name, f"{unfused_ms / fused_ms:.2f}x", fused_ms < unfused_ms)]
 
 
-def judge_iha(shape: str, mode: str, pseudo: int, fused_ms: Optional[float], unfused_ms: Optional[float],
-              sdpa_ms: Optional[float], fused_peak: Optional[int] = None, unfused_peak: Optional[int] = None,
-              flex_ms: Optional[float] = None, causal: bool = True, noise: float = 0.02) -> list[Target]:
+def judge_iha(
+    shape: str,
+    mode: str,
+    pseudo: int,
+    fused_ms: Optional[float],
+    unfused_ms: Optional[float],
+    sdpa_ms: Optional[float],
+    fused_peak: Optional[int] = None,
+    unfused_peak: Optional[int] = None,
+    flex_ms: Optional[float] = None,
+    causal: bool = True,
+    noise: float = 0.02,
+) -> list[Target]:
     """iha's targets: >= 2x the unfused path's speed; never slower than flex_attention (within
     `noise`); at P = 2 with the plain causal mask, fwd+bwd within 5x of causal SDPA-MHA's time (IHA
     does 4x its attention FLOPs); fwd+bwd peak memory at most the unfused path's (both store the P
     pseudo-heads; the kernel stores no N*P x N*P tensor and no unrotated copy)."""
+
     def ratio_target(name, baseline_ms, value, ok):
         if fused_ms is None:
             return Target("iha", shape, mode, name, "error", False)
@@ -445,14 +525,29 @@ def judge_iha(shape: str, mode: str, pseudo: int, fused_ms: Optional[float], unf
             return Target("iha", shape, mode, name, "no baseline time", None)
         return Target("iha", shape, mode, name, value(baseline_ms), ok(baseline_ms))
 
-    targets = [ratio_target(f">= {TARGET_IHA_SPEED:g}x unfused speed", unfused_ms,
-                            lambda base: f"{base / fused_ms:.2f}x", lambda base: base / fused_ms >= TARGET_IHA_SPEED),
-               ratio_target("not slower than flex_attention", flex_ms, lambda base: f"{base / fused_ms:.2f}x",
-                            lambda base: not_slower(fused_ms, base, noise))]
+    targets = [
+        ratio_target(
+            f">= {TARGET_IHA_SPEED:g}x unfused speed",
+            unfused_ms,
+            lambda base: f"{base / fused_ms:.2f}x",
+            lambda base: base / fused_ms >= TARGET_IHA_SPEED,
+        ),
+        ratio_target(
+            "not slower than flex_attention",
+            flex_ms,
+            lambda base: f"{base / fused_ms:.2f}x",
+            lambda base: not_slower(fused_ms, base, noise),
+        ),
+    ]
     if pseudo == 2 and causal and mode == "fwd+bwd":
-        targets.append(ratio_target(f"<= {TARGET_IHA_VS_SDPA:g}x causal SDPA-MHA time", sdpa_ms,
-                                    lambda base: f"{fused_ms / base:.2f}x",
-                                    lambda base: fused_ms <= TARGET_IHA_VS_SDPA * base))
+        targets.append(
+            ratio_target(
+                f"<= {TARGET_IHA_VS_SDPA:g}x causal SDPA-MHA time",
+                sdpa_ms,
+                lambda base: f"{fused_ms / base:.2f}x",
+                lambda base: fused_ms <= TARGET_IHA_VS_SDPA * base,
+            )
+        )
     if mode == "fwd+bwd":
         name = "<= unfused peak memory"
         if fused_peak is None:
@@ -497,21 +592,36 @@ def render_markdown(report: dict) -> str:
     """The whole report as markdown: header, correctness, one table per op, Adam, targets."""
     env = report["environment"]
     ceilings = report["ceilings"]
-    out = [f"# megatrain kernel benchmarks on {env['device']}", "",
-           f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, Python {env['python']}; "
-           f"Liger-Kernel: {env['liger']}; apex: {env['apex']}",
-           f"Command: `{report['command']}`",
-           f"Measured ceilings: copy {ceilings['copy_gbps']:.0f} GB/s ({ceilings['copy_bytes'] / 2 / 2**30:g} GiB bf16 "
-           f"copy_, read + write counted), bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s "
-           f"({ceilings['matmul_n']}^3, random data)",
-           "Times are do_bench medians (L2 flushed before each run); fwd runs under no_grad."]
+    out = [
+        f"# megatrain kernel benchmarks on {env['device']}",
+        "",
+        f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, Python {env['python']}; "
+        f"Liger-Kernel: {env['liger']}; apex: {env['apex']}",
+        f"Command: `{report['command']}`",
+        f"Measured ceilings: copy {ceilings['copy_gbps']:.0f} GB/s ({ceilings['copy_bytes'] / 2 / 2**30:g} GiB bf16 "
+        f"copy_, read + write counted), bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s "
+        f"({ceilings['matmul_n']}^3, random data)",
+        "Times are do_bench medians (L2 flushed before each run); fwd runs under no_grad.",
+    ]
 
     if report["correctness"]:
-        rows = [[c["op"], c["shape"], c["tensor"], fmt(c["rel_error"], ".2e", "error"),
-                 fmt(c["max_abs_error"], ".2e", "error"), "PASS" if c["ok"] else "FAIL"]
-                for c in report["correctness"]]
-        out += ["", f"## Correctness: Triton (bf16) vs reference (fp32 math), ||out - ref|| / ||ref|| <= {report['rtol']:g}",
-                "", markdown_table(["op", "shape", "tensor", "rel. error", "max abs error", "result"], rows)]
+        rows = [
+            [
+                c["op"],
+                c["shape"],
+                c["tensor"],
+                fmt(c["rel_error"], ".2e", "error"),
+                fmt(c["max_abs_error"], ".2e", "error"),
+                "PASS" if c["ok"] else "FAIL",
+            ]
+            for c in report["correctness"]
+        ]
+        out += [
+            "",
+            f"## Correctness: Triton (bf16) vs reference (fp32 math), ||out - ref|| / ||ref|| <= {report['rtol']:g}",
+            "",
+            markdown_table(["op", "shape", "tensor", "rel. error", "max abs error", "result"], rows),
+        ]
         errors = [c for c in report["correctness"] if c.get("error")]
         out += [f"- {c['op']} {c['shape']}: {c['error']}" for c in errors]
 
@@ -523,8 +633,17 @@ def render_markdown(report: dict) -> str:
         if op in MEMORY_BOUND_OPS:
             headers = ["shape", "mode", "impl", "median ms (p20-p80)", "GB/s", "% copy BW", "speed vs compile"]
         elif op in FLOP_OPS:
-            headers = ["shape", "mode", "impl", "median ms (p20-p80)", "TFLOP/s", "% matmul peak", "speed vs unfused",
-                       "peak mem GiB", "mem vs unfused"]
+            headers = [
+                "shape",
+                "mode",
+                "impl",
+                "median ms (p20-p80)",
+                "TFLOP/s",
+                "% matmul peak",
+                "speed vs unfused",
+                "peak mem GiB",
+                "mem vs unfused",
+            ]
         else:
             headers = ["shape", "impl", "median ms (p20-p80)", "GB/s", "% copy BW"]
         rows = []
@@ -534,18 +653,42 @@ def render_markdown(report: dict) -> str:
             else:
                 time_cell = f"{r['median_ms']:.3f} ({r['p20_ms']:.3f}-{r['p80_ms']:.3f})"
             if op in MEMORY_BOUND_OPS:
-                rows.append([r["shape"], r["mode"], r["impl"], time_cell, fmt(r.get("gbps"), ".0f"),
-                             fmt(None if r.get("copy_fraction") is None else 100 * r["copy_fraction"], ".1f"),
-                             fmt(r.get("speed_vs_compile"), ".2f")])
+                rows.append(
+                    [
+                        r["shape"],
+                        r["mode"],
+                        r["impl"],
+                        time_cell,
+                        fmt(r.get("gbps"), ".0f"),
+                        fmt(None if r.get("copy_fraction") is None else 100 * r["copy_fraction"], ".1f"),
+                        fmt(r.get("speed_vs_compile"), ".2f"),
+                    ]
+                )
             elif op in FLOP_OPS:
                 peak = r.get("peak_mem_bytes")
-                rows.append([r["shape"], r["mode"], r["impl"], time_cell, fmt(r.get("tflops"), ".0f"),
-                             fmt(None if r.get("matmul_fraction") is None else 100 * r["matmul_fraction"], ".1f"),
-                             fmt(r.get("speed_vs_unfused"), ".2f"), fmt(None if peak is None else peak / 2**30, ".2f"),
-                             fmt(r.get("mem_vs_unfused"), ".3f")])
+                rows.append(
+                    [
+                        r["shape"],
+                        r["mode"],
+                        r["impl"],
+                        time_cell,
+                        fmt(r.get("tflops"), ".0f"),
+                        fmt(None if r.get("matmul_fraction") is None else 100 * r["matmul_fraction"], ".1f"),
+                        fmt(r.get("speed_vs_unfused"), ".2f"),
+                        fmt(None if peak is None else peak / 2**30, ".2f"),
+                        fmt(r.get("mem_vs_unfused"), ".3f"),
+                    ]
+                )
             else:
-                rows.append([r["shape"], r["impl"], time_cell, fmt(r.get("gbps"), ".0f"),
-                             fmt(None if r.get("copy_fraction") is None else 100 * r["copy_fraction"], ".1f")])
+                rows.append(
+                    [
+                        r["shape"],
+                        r["impl"],
+                        time_cell,
+                        fmt(r.get("gbps"), ".0f"),
+                        fmt(None if r.get("copy_fraction") is None else 100 * r["copy_fraction"], ".1f"),
+                    ]
+                )
         out.append(markdown_table(headers, rows))
         skipped = report.get("skipped", {}).get(op)
         if skipped:
@@ -554,9 +697,14 @@ def render_markdown(report: dict) -> str:
     if report["targets"]:
         rows = [[t["op"], t["shape"], t["mode"], t["name"], t["value"], t["verdict"]] for t in report["targets"]]
         counts = {v: sum(t["verdict"] == v for t in report["targets"]) for v in ("PASS", "FAIL", "n/a")}
-        out += ["", f"## Targets (megatrain-triton; not-slower allows {report['noise']:.0%} noise)", "",
-                markdown_table(["op", "shape", "mode", "target", "measured", "verdict"], rows), "",
-                f"{counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['n/a']} n/a"]
+        out += [
+            "",
+            f"## Targets (megatrain-triton; not-slower allows {report['noise']:.0%} noise)",
+            "",
+            markdown_table(["op", "shape", "mode", "target", "measured", "verdict"], rows),
+            "",
+            f"{counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['n/a']} n/a",
+        ]
     return "\n".join(out) + "\n"
 
 
@@ -585,15 +733,16 @@ def max_abs_error(out: Tensor, ref: Tensor) -> float:
 @dataclasses.dataclass
 class Case:
     """One op at one shape: its inputs and every implementation to time."""
+
     op: str
     shape: dict
-    inputs: tuple                    # positional arguments (tensors; floats are bf16 or fp32 tables)
+    inputs: tuple  # positional arguments (tensors; floats are bf16 or fp32 tables)
     input_names: tuple
     output_names: tuple
-    grad_outputs: Optional[tuple]    # upstream gradients; None when the output is a scalar loss
-    impls: dict                      # name -> fn(*inputs)
-    reference: Callable              # the fp32-math oracle, fn(*inputs upcast)
-    modes: tuple = MODES             # op_modes(op)
+    grad_outputs: Optional[tuple]  # upstream gradients; None when the output is a scalar loss
+    impls: dict  # name -> fn(*inputs)
+    reference: Callable  # the fp32-math oracle, fn(*inputs upcast)
+    modes: tuple = MODES  # op_modes(op)
 
     @property
     def label(self) -> str:
@@ -606,15 +755,22 @@ class Case:
 
 def _optional_backends() -> dict:
     """Liger-Kernel's functional module and apex's RMSNorm where they import, with why not otherwise."""
-    found = {"liger": None, "liger_status": "not importable", "apex_rms_norm": None, "apex_status": "not importable",
-             "apex_adam": None}
+    found = {
+        "liger": None,
+        "liger_status": "not importable",
+        "apex_rms_norm": None,
+        "apex_status": "not importable",
+        "apex_adam": None,
+    }
     try:
         import liger_kernel
         from liger_kernel.transformers import functional as liger_functional
+
         found["liger"] = liger_functional
         version = getattr(liger_kernel, "__version__", None)
         if version is None:
             from importlib import metadata
+
             version = metadata.version("liger-kernel")
         found["liger_status"] = str(version)
     except Exception as exc:  # a broken install raises more than ImportError; it only costs the row
@@ -631,6 +787,7 @@ def _optional_backends() -> dict:
             found["apex_status"] = f"not importable ({first_line(exc)})"
     try:
         from apex.optimizers import FusedAdam
+
         found["apex_adam"] = FusedAdam
     except Exception:
         pass
@@ -700,7 +857,7 @@ def build_case(op: str, shape: dict, backends: dict) -> Case:
         t, d, v = shape["tokens"], shape["hidden"], shape["vocab"]
         h = torch.randn(t, d, device=dev, dtype=bf16, requires_grad=True)
         # Scaled like a trained head: logits of unit-order spread, so the softmax is neither flat nor one-hot.
-        w = (torch.randn(v, d, device=dev) * d ** -0.5).to(bf16).requires_grad_()
+        w = (torch.randn(v, d, device=dev) * d**-0.5).to(bf16).requires_grad_()
         target = torch.randint(0, v, (t,), device=dev)
         target[torch.rand(t, device=dev) < 0.05] = IGNORE_INDEX  # some ignored rows, as padding gives
 
@@ -712,22 +869,26 @@ def build_case(op: str, shape: dict, backends: dict) -> Case:
 
         # The chunked reference is the correctness oracle only: its fp32 matmuls take about a second per
         # call at these sizes, and nothing runs it on a GPU.
-        impls = {TRITON: lambda h, w, target: kernels.fused_linear_cross_entropy(h, w, target, IGNORE_INDEX),
-                 EAGER: unfused, COMPILE: _compiled(unfused)}
+        impls = {
+            TRITON: lambda h, w, target: kernels.fused_linear_cross_entropy(h, w, target, IGNORE_INDEX),
+            EAGER: unfused,
+            COMPILE: _compiled(unfused),
+        }
         if liger is not None:
             impls["liger"] = lambda h, w, target: liger.liger_fused_linear_cross_entropy(
-                h, w, target, ignore_index=IGNORE_INDEX)
+                h, w, target, ignore_index=IGNORE_INDEX
+            )
         return Case(op, shape, (h, w, target), ("h", "weight", "target"), ("loss",), None, impls, chunked)
 
     if op == "lowrank":
         t, d_in, d_out, r = shape["tokens"], shape["d_in"], shape["d_out"], shape["rank"]
         x = torch.randn(t, d_in, device=dev, dtype=bf16, requires_grad=True)
-        a = (torch.randn(d_in, r, device=dev) * d_in ** -0.5).to(bf16).requires_grad_()
-        b = (torch.randn(r, d_out, device=dev) * r ** -0.5).to(bf16).requires_grad_()
+        a = (torch.randn(d_in, r, device=dev) * d_in**-0.5).to(bf16).requires_grad_()
+        b = (torch.randn(r, d_out, device=dev) * r**-0.5).to(bf16).requires_grad_()
 
         # The dense D_in x D_out layer CoLA replaces, for the ratio (its own weight; its gradient is
         # dropped before each call so it is written, not accumulated, as the factors' are).
-        dense_weight = (torch.randn(d_in, d_out, device=dev) * d_in ** -0.5).to(bf16).requires_grad_()
+        dense_weight = (torch.randn(d_in, d_out, device=dev) * d_in**-0.5).to(bf16).requires_grad_()
 
         def unfused(x, a, b):
             return F.silu(x @ a) @ b  # two cuBLAS matmuls and a separate activation kernel
@@ -736,32 +897,52 @@ def build_case(op: str, shape: dict, backends: dict) -> Case:
             dense_weight.grad = None
             return x @ dense_weight
 
-        impls = {TRITON: lambda x, a, b: kernels.lowrank_linear(x, a, b),
-                 TRITON + "-recompute": lambda x, a, b: kernels.lowrank_linear(x, a, b, recompute=True),
-                 EAGER: unfused, COMPILE: _compiled(unfused), LOWRANK_DENSE: dense}
-        return Case(op, shape, (x, a, b), ("x", "a", "b"), ("y",), (torch.randn(t, d_out, device=dev, dtype=bf16),),
-                    impls, lambda x, a, b: reference.lowrank_linear(x, a, b))
+        impls = {
+            TRITON: lambda x, a, b: kernels.lowrank_linear(x, a, b),
+            TRITON + "-recompute": lambda x, a, b: kernels.lowrank_linear(x, a, b, recompute=True),
+            EAGER: unfused,
+            COMPILE: _compiled(unfused),
+            LOWRANK_DENSE: dense,
+        }
+        return Case(
+            op,
+            shape,
+            (x, a, b),
+            ("x", "a", "b"),
+            ("y",),
+            (torch.randn(t, d_out, device=dev, dtype=bf16),),
+            impls,
+            lambda x, a, b: reference.lowrank_linear(x, a, b),
+        )
 
     if op == "sparse_lowrank":
         t, d_in, d_out, r = shape["tokens"], shape["d_in"], shape["d_out"], shape["rank"]
         x = torch.randn(t, d_in, device=dev, dtype=bf16, requires_grad=True)
-        a = (torch.randn(d_in, r, device=dev) * d_in ** -0.5).to(bf16).requires_grad_()
-        b = (torch.randn(r, d_out, device=dev) * r ** -0.5).to(bf16).requires_grad_()
-        index = torch.randperm(d_in * d_out, device=dev)[:sparse_nnz(d_in, d_out)].sort().values
-        values = (torch.randn(index.numel(), device=dev) * d_in ** -0.5).to(bf16).requires_grad_()
+        a = (torch.randn(d_in, r, device=dev) * d_in**-0.5).to(bf16).requires_grad_()
+        b = (torch.randn(r, d_out, device=dev) * r**-0.5).to(bf16).requires_grad_()
+        index = torch.randperm(d_in * d_out, device=dev)[: sparse_nnz(d_in, d_out)].sort().values
+        values = (torch.randn(index.numel(), device=dev) * d_in**-0.5).to(bf16).requires_grad_()
 
         def dense_materialised(x, a, b, values, index):
             # SLTrain's own approach: W = scale * a @ b + S built densely, then one matmul.
             sparse = torch.zeros(d_in * d_out, device=dev, dtype=bf16).index_put((index,), values).view(d_in, d_out)
             return x @ torch.addmm(sparse, a, b, alpha=SLTRAIN_SCALE)
 
-        impls = {TRITON: lambda x, a, b, values, index: kernels.sparse_lowrank_linear(x, a, b, values, index,
-                                                                                      SLTRAIN_SCALE),
-                 EAGER: dense_materialised, COMPILE: _compiled(dense_materialised)}
-        return Case(op, shape, (x, a, b, values, index), ("x", "a", "b", "values", "index"), ("y",),
-                    (torch.randn(t, d_out, device=dev, dtype=bf16),), impls,
-                    lambda x, a, b, values, index: reference.sparse_lowrank_linear(x, a, b, values, index,
-                                                                                   SLTRAIN_SCALE))
+        impls = {
+            TRITON: lambda x, a, b, values, index: kernels.sparse_lowrank_linear(x, a, b, values, index, SLTRAIN_SCALE),
+            EAGER: dense_materialised,
+            COMPILE: _compiled(dense_materialised),
+        }
+        return Case(
+            op,
+            shape,
+            (x, a, b, values, index),
+            ("x", "a", "b", "values", "index"),
+            ("y",),
+            (torch.randn(t, d_out, device=dev, dtype=bf16),),
+            impls,
+            lambda x, a, b, values, index: reference.sparse_lowrank_linear(x, a, b, values, index, SLTRAIN_SCALE),
+        )
 
     if op == "iha":
         return iha_case(shape, dev)
@@ -775,6 +956,7 @@ def build_case(op: str, shape: dict, backends: dict) -> Case:
 def iha_mask_mod(pseudo: int, mask: str, window: Optional[int]) -> Callable:
     """The layer's visibility rule (kernels.reference.iha_allowed) as a flex_attention mask_mod over
     virtual positions q_idx = n*P + p, kv_idx = n'*P + p'."""
+
     def causal(b, h, q_idx, kv_idx):
         ok = kv_idx <= q_idx
         return ok & (kv_idx > q_idx - window) if window is not None else ok
@@ -838,8 +1020,16 @@ def iha_case(shape: dict, device) -> Case:
 
     impls = {TRITON: fused, EAGER: unfused, IHA_FLEX: with_flex, IHA_SDPA: sdpa}
     names = ("q", "k", "v", "mix_q", "mix_k", "mix_v", "collapse", "cos", "sin")
-    return Case("iha", shape, (q, k, v, *mixes, collapse, cos, sin), names, ("o",),
-                (torch.randn(b, h, n, d, device=device, dtype=bf16),), impls, oracle)
+    return Case(
+        "iha",
+        shape,
+        (q, k, v, *mixes, collapse, cos, sin),
+        names,
+        ("o",),
+        (torch.randn(b, h, n, d, device=device, dtype=bf16),),
+        impls,
+        oracle,
+    )
 
 
 def projected_adam_case(shape: dict, device) -> Case:
@@ -871,9 +1061,17 @@ def projected_adam_case(shape: dict, device) -> Case:
     galore = _galore_step(weight, r)
     if galore is not None:
         impls[GALORE_TORCH] = galore
-    return Case("projected_adam", shape, (weight, proj, low_rank_grad, exp_avg, exp_avg_sq),
-                ("weight", "proj", "low_rank_grad", "exp_avg", "exp_avg_sq"), ("weight", "exp_avg", "exp_avg_sq"),
-                None, impls, eager, modes=op_modes("projected_adam"))
+    return Case(
+        "projected_adam",
+        shape,
+        (weight, proj, low_rank_grad, exp_avg, exp_avg_sq),
+        ("weight", "proj", "low_rank_grad", "exp_avg", "exp_avg_sq"),
+        ("weight", "exp_avg", "exp_avg_sq"),
+        None,
+        impls,
+        eager,
+        modes=op_modes("projected_adam"),
+    )
 
 
 def _galore_step(weight: Tensor, rank: int) -> Optional[Callable]:
@@ -885,8 +1083,11 @@ def _galore_step(weight: Tensor, rank: int) -> Optional[Callable]:
         return None
     param = torch.nn.Parameter(weight.detach().clone())
     param.grad = torch.randn_like(param) * 1e-3
-    optimizer = GaLoreAdamW([{"params": [param], "rank": rank, "update_proj_gap": 10**9, "scale": 0.25,
-                              "proj_type": "std"}], lr=1e-3, weight_decay=1e-2)
+    optimizer = GaLoreAdamW(
+        [{"params": [param], "rank": rank, "update_proj_gap": 10**9, "scale": 0.25, "proj_type": "std"}],
+        lr=1e-3,
+        weight_decay=1e-2,
+    )
     optimizer.step()
     return lambda *inputs: optimizer.step()
 
@@ -926,8 +1127,10 @@ def check_case(case: Case, rtol: float) -> list[dict]:
     backward = "fwd+bwd" in case.modes
     # The same values upcast, taken before the Triton call (an optimizer op updates its inputs in
     # place): the reference then computes in fp32 (no tf32 in its matmuls).
-    ref_inputs = tuple(t.detach().float().requires_grad_(t.requires_grad) if isinstance(t, Tensor) and t.is_floating_point()
-                       else t for t in case.inputs)
+    ref_inputs = tuple(
+        t.detach().float().requires_grad_(t.requires_grad) if isinstance(t, Tensor) and t.is_floating_point() else t
+        for t in case.inputs
+    )
     old_poison = os.environ.get("MEGATRAIN_KERNELS_POISON")
     os.environ["MEGATRAIN_KERNELS_POISON"] = "1"
     try:
@@ -963,8 +1166,16 @@ def check_case(case: Case, rtol: float) -> list[dict]:
             rows.append(dict(base, tensor=name, rel_error=None, max_abs_error=None, ok=False, error="gradient missing"))
             continue
         if a.shape != b.shape:
-            rows.append(dict(base, tensor=name, rel_error=None, max_abs_error=None, ok=False,
-                             error=f"shape {tuple(a.shape)} != reference {tuple(b.shape)}"))
+            rows.append(
+                dict(
+                    base,
+                    tensor=name,
+                    rel_error=None,
+                    max_abs_error=None,
+                    ok=False,
+                    error=f"shape {tuple(a.shape)} != reference {tuple(b.shape)}",
+                )
+            )
             continue
         err = rel_error(a, b)
         rows.append(dict(base, tensor=name, rel_error=err, max_abs_error=max_abs_error(a, b), ok=err <= rtol))
@@ -995,12 +1206,15 @@ def _peak_bytes(fn: Callable, grad_inputs: list) -> int:
 
 def _runner(case: Case, impl: Callable, mode: str) -> Callable:
     if mode in ("fwd", "step"):  # an optimizer step runs under no_grad too
+
         def run():
             with torch.no_grad():
                 impl(*case.inputs)
     else:
+
         def run():
             _backward(_as_tuple(impl(*case.inputs)), case.grad_outputs)
+
     return run
 
 
@@ -1021,7 +1235,8 @@ def time_case(case: Case, ceilings: dict, args, log: Callable) -> list[dict]:
             run = _runner(case, impl, mode)
             try:
                 row["median_ms"], row["p20_ms"], row["p80_ms"] = _timed(
-                    run, case.grad_inputs if mode == "fwd+bwd" else None, args.warmup, args.rep)
+                    run, case.grad_inputs if mode == "fwd+bwd" else None, args.warmup, args.rep
+                )
                 if case.op in FLOP_OPS:
                     row["flops"] = cost
                     row["tflops"] = tflop_per_s(cost, row["median_ms"])
@@ -1054,6 +1269,7 @@ def time_case(case: Case, ceilings: dict, args, log: Callable) -> list[dict]:
 
 def targets_for(op: str, rows: list[dict], ceilings: dict, noise: float) -> list[Target]:
     """Judge the targets of one op at every shape and mode from its timing rows."""
+
     def find(shape, mode, impl, key):
         return next((r.get(key) for r in rows if (r["shape"], r["mode"], r["impl"]) == (shape, mode, impl)), None)
 
@@ -1062,24 +1278,43 @@ def targets_for(op: str, rows: list[dict], ceilings: dict, noise: float) -> list
     for shape, params in shapes.items():
         for mode in MODES:
             if op in MEMORY_BOUND_OPS:
-                targets += judge_memory_bound(op, shape, mode, find(shape, mode, TRITON, "median_ms"),
-                                              find(shape, mode, COMPILE, "median_ms"), op_cost(op, params, mode),
-                                              ceilings["copy_gbps"], noise)
+                targets += judge_memory_bound(
+                    op,
+                    shape,
+                    mode,
+                    find(shape, mode, TRITON, "median_ms"),
+                    find(shape, mode, COMPILE, "median_ms"),
+                    op_cost(op, params, mode),
+                    ceilings["copy_gbps"],
+                    noise,
+                )
             elif op == "lowrank":
-                targets += judge_lowrank(shape, mode, find(shape, mode, TRITON, "median_ms"),
-                                         find(shape, mode, EAGER, "median_ms"))
+                targets += judge_lowrank(
+                    shape, mode, find(shape, mode, TRITON, "median_ms"), find(shape, mode, EAGER, "median_ms")
+                )
             elif op == "iha":
-                targets += judge_iha(shape, mode, params["pseudo"], find(shape, mode, TRITON, "median_ms"),
-                                     find(shape, mode, EAGER, "median_ms"), find(shape, mode, IHA_SDPA, "median_ms"),
-                                     find(shape, mode, TRITON, "peak_mem_bytes"),
-                                     find(shape, mode, EAGER, "peak_mem_bytes"),
-                                     find(shape, mode, IHA_FLEX, "median_ms"),
-                                     params.get("mask", "causal") == "causal" and params.get("window") is None, noise)
+                targets += judge_iha(
+                    shape,
+                    mode,
+                    params["pseudo"],
+                    find(shape, mode, TRITON, "median_ms"),
+                    find(shape, mode, EAGER, "median_ms"),
+                    find(shape, mode, IHA_SDPA, "median_ms"),
+                    find(shape, mode, TRITON, "peak_mem_bytes"),
+                    find(shape, mode, EAGER, "peak_mem_bytes"),
+                    find(shape, mode, IHA_FLEX, "median_ms"),
+                    params.get("mask", "causal") == "causal" and params.get("window") is None,
+                    noise,
+                )
             elif op == "flce":
-                targets += judge_flce(shape, mode, find(shape, mode, TRITON, "median_ms"),
-                                      find(shape, mode, EAGER, "median_ms"),
-                                      find(shape, mode, TRITON, "peak_mem_bytes"),
-                                      find(shape, mode, EAGER, "peak_mem_bytes"))
+                targets += judge_flce(
+                    shape,
+                    mode,
+                    find(shape, mode, TRITON, "median_ms"),
+                    find(shape, mode, EAGER, "median_ms"),
+                    find(shape, mode, TRITON, "peak_mem_bytes"),
+                    find(shape, mode, EAGER, "peak_mem_bytes"),
+                )
     return targets
 
 
@@ -1108,14 +1343,20 @@ def measure_ceilings(copy_numel: int = 2**29, n: int = 8192) -> dict:
     dst = torch.empty_like(src)
     copy_bytes = 2 * src.numel() * src.element_size()
     copy_ms = _event_median_ms(lambda: dst.copy_(src))
-    del src, dst
+    src = dst = None  # freed before the matmul operands exist
     a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
     mm_ms = _event_median_ms(lambda: torch.mm(a, b))
-    del a, b
+    a = b = None
     _free_memory()
-    return dict(copy_gbps=gb_per_s(copy_bytes, copy_ms), copy_ms=copy_ms, copy_bytes=copy_bytes,
-                matmul_tflops=tflop_per_s(2 * n**3, mm_ms), matmul_ms=mm_ms, matmul_n=n)
+    return dict(
+        copy_gbps=gb_per_s(copy_bytes, copy_ms),
+        copy_ms=copy_ms,
+        copy_bytes=copy_bytes,
+        matmul_tflops=tflop_per_s(2 * n**3, mm_ms),
+        matmul_ms=mm_ms,
+        matmul_n=n,
+    )
 
 
 def adam_param_shapes(preset: str, vocab: int) -> list[tuple]:
@@ -1145,8 +1386,9 @@ def bench_adam(shape: dict, ceilings: dict, backends: dict, args, log: Callable)
         makers["apex-fusedadam"] = lambda ps: backends["apex_adam"](ps, lr=1e-4, weight_decay=0.1, adam_w_mode=True)
     rows = []
     for name, make in makers.items():
-        row = dict(op="adam", shape=label, shape_params=dict(shape, params=num_params), mode="step", impl=name,
-                   bytes=nbytes)
+        row = dict(
+            op="adam", shape=label, shape_params=dict(shape, params=num_params), mode="step", impl=name, bytes=nbytes
+        )
         optimizer = None
         try:
             optimizer = make(params)
@@ -1171,21 +1413,41 @@ def environment(backends: dict) -> dict:
 
     props = torch.cuda.get_device_properties(0)
     try:
-        commit = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return dict(device=torch.cuda.get_device_name(0), arch=f"sm_{props.major}{props.minor}",
-                multiprocessors=props.multi_processor_count,
-                memory_gib=round(props.total_memory / 2**30, 1), torch=torch.__version__, triton=triton.__version__,
-                cuda=torch.version.cuda, python=platform.python_version(), liger=backends["liger_status"],
-                apex=backends["apex_status"], git_commit=commit,
-                date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    return dict(
+        device=torch.cuda.get_device_name(0),
+        arch=f"sm_{props.major}{props.minor}",
+        multiprocessors=props.multi_processor_count,
+        memory_gib=round(props.total_memory / 2**30, 1),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        cuda=torch.version.cuda,
+        python=platform.python_version(),
+        liger=backends["liger_status"],
+        apex=backends["apex_status"],
+        git_commit=commit,
+        date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    )
 
 
 # Compute capability of GPUs by name, for result files written before `environment` recorded "arch".
-_ARCH_BY_NAME = (("GH200", "sm_90"), ("H100", "sm_90"), ("H200", "sm_90"), ("B200", "sm_100"), ("A100", "sm_80"),
-                 ("A10G", "sm_86"), ("L40S", "sm_89"), ("L4", "sm_89"))
+_ARCH_BY_NAME = (
+    ("GH200", "sm_90"),
+    ("H100", "sm_90"),
+    ("H200", "sm_90"),
+    ("B200", "sm_100"),
+    ("A100", "sm_80"),
+    ("A10G", "sm_86"),
+    ("L40S", "sm_89"),
+    ("L4", "sm_89"),
+)
 
 
 def auto_table(report: dict, source: str) -> str:
@@ -1199,27 +1461,35 @@ def auto_table(report: dict, source: str) -> str:
     arch = env.get("arch") or next((a for name, a in _ARCH_BY_NAME if name in env["device"]), None)
     if arch is None:
         raise ValueError(f"auto_table: no compute capability for {env['device']!r} (the file has no 'arch')")
-    lines = [f"    # {env['device']} ({arch}), {env.get('date')}, commit {env.get('git_commit')}, "
-             f"triton {env.get('triton')}: {source}"]
+    lines = [
+        f"    # {env['device']} ({arch}), {env.get('date')}, commit {env.get('git_commit')}, "
+        f"triton {env.get('triton')}: {source}"
+    ]
     medians = {(r["op"], r["shape"], r["mode"], r["impl"]): r.get("median_ms") for r in report["results"]}
     for r in report["results"]:
         if r["impl"] != TRITON or r["op"] not in KERNEL_OPS:
             continue
         op, label, mode = r["op"], r["shape"], r["mode"]
-        torch_impl = TORCH_PATH if (op, label, mode, TORCH_PATH) in medians else (
-            EAGER if op in TORCH_IS_REFERENCE else None)
+        torch_impl = (
+            TORCH_PATH if (op, label, mode, TORCH_PATH) in medians else (EAGER if op in TORCH_IS_REFERENCE else None)
+        )
         torch_ms = medians.get((op, label, mode, torch_impl))
         if r.get("median_ms") is None or torch_ms is None:
-            why = ("no megatrain-torch row (the torch path was not timed)" if torch_impl is None else
-                   "no median for " + (TRITON if r.get("median_ms") is None else torch_impl))
+            why = (
+                "no megatrain-torch row (the torch path was not timed)"
+                if torch_impl is None
+                else "no median for " + (TRITON if r.get("median_ms") is None else torch_impl)
+            )
             lines.append(f"    # {op} {label} {mode}: {why}: unmeasured")
             continue
         kernel_op = KERNEL_OPS[op]
         cls = measured.shape_class(kernel_op, [r["shape_params"][name] for name, _ in measured.CLASS_DIMS[kernel_op]])
         choice = "TRITON" if r["median_ms"] <= torch_ms else "TORCH"
         extra = "" if torch_impl == EAGER else f', "{torch_impl}"'
-        lines.append(f'    Row("{kernel_op}", "{arch}", "{cls}", "{mode}", {choice}, {r["median_ms"]:.3f}, '
-                     f'{torch_ms:.3f}, "{label}", "{source}"{extra}),')
+        lines.append(
+            f'    Row("{kernel_op}", "{arch}", "{cls}", "{mode}", {choice}, {r["median_ms"]:.3f}, '
+            f'{torch_ms:.3f}, "{label}", "{source}"{extra}),'
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -1240,8 +1510,11 @@ def parse_args(argv=None):
     p.add_argument("--rtol", type=float, default=1e-2, help="correctness tolerance, relative L2 error")
     p.add_argument("--noise", type=float, default=0.02, help="relative slack of the not-slower-than-compile target")
     p.add_argument("--strict", action="store_true", help="also exit 1 when a performance target FAILs")
-    p.add_argument("--auto-table", metavar="RESULTS.json",
-                   help="print kernels/measured.py rows from a results file and exit (no GPU needed)")
+    p.add_argument(
+        "--auto-table",
+        metavar="RESULTS.json",
+        help="print kernels/measured.py rows from a results file and exit (no GPU needed)",
+    )
     return p.parse_args(argv)
 
 
@@ -1254,8 +1527,11 @@ def main(argv=None) -> int:
         print(auto_table(report, source), end="")
         return 0
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py: no CUDA GPU here; kernel timings need a GPU "
-              "(run benchmarks/gpu_suite.sh on the GPU machine)", file=sys.stderr)
+        print(
+            "benchmarks/kernels.py: no CUDA GPU here; kernel timings need a GPU "
+            "(run benchmarks/gpu_suite.sh on the GPU machine)",
+            file=sys.stderr,
+        )
         return 2
     # The public API dispatches on this at every call; reference and torch.compile rows call their
     # functions directly, so only the megatrain-triton rows see it.
@@ -1269,8 +1545,10 @@ def main(argv=None) -> int:
 
     backends = _optional_backends()
     env = environment(backends)
-    log(f"{env['device']}: torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; "
-        f"liger {env['liger']}; apex {env['apex']}")
+    log(
+        f"{env['device']}: torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; "
+        f"liger {env['liger']}; apex {env['apex']}"
+    )
     ceilings = measure_ceilings()
     log(f"ceilings: copy {ceilings['copy_gbps']:.0f} GB/s, bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s")
 
@@ -1283,14 +1561,25 @@ def main(argv=None) -> int:
                 case = build_case(op, shape, backends)
                 checked = check_case(case, args.rtol)
             except Exception as exc:
-                checked = [dict(op=op, shape=shape_label(op, shape), tensor="(all)", rel_error=None,
-                                max_abs_error=None, ok=False, error=first_line(exc))]
+                checked = [
+                    dict(
+                        op=op,
+                        shape=shape_label(op, shape),
+                        tensor="(all)",
+                        rel_error=None,
+                        max_abs_error=None,
+                        ok=False,
+                        error=first_line(exc),
+                    )
+                ]
             case = None
             _free_memory()
             correctness += checked
             worst = max((c["rel_error"] for c in checked if c["rel_error"] is not None), default=None)
-            log(f"check {op:8s} {shape_label(op, shape):28s} "
-                f"{'ok' if all(c['ok'] for c in checked) else 'FAILED'} (worst rel. error {fmt(worst, '.2e')})")
+            log(
+                f"check {op:8s} {shape_label(op, shape):28s} "
+                f"{'ok' if all(c['ok'] for c in checked) else 'FAILED'} (worst rel. error {fmt(worst, '.2e')})"
+            )
 
     results, targets = [], []
     skipped = {}
@@ -1309,8 +1598,16 @@ def main(argv=None) -> int:
                 case = with_torch_path(build_case(op, shape, backends))
                 op_rows += time_case(case, ceilings, args, log)
             except Exception as exc:
-                op_rows.append(dict(op=op, shape=shape_label(op, shape), shape_params=shape, mode="fwd", impl=TRITON,
-                                    error=first_line(exc)))
+                op_rows.append(
+                    dict(
+                        op=op,
+                        shape=shape_label(op, shape),
+                        shape_params=shape,
+                        mode="fwd",
+                        impl=TRITON,
+                        error=first_line(exc),
+                    )
+                )
                 log(f"{op} {shape_label(op, shape)}: could not be set up: {first_line(exc)}")
             case = None
             _free_memory()
@@ -1332,10 +1629,20 @@ def main(argv=None) -> int:
 
     # What to type to repeat this run from the repository root.
     command = "python " + shlex.join(["benchmarks/kernels.py"] + (sys.argv[1:] if argv is None else list(argv)))
-    report = dict(environment=env, command=command, quick=args.quick, ops=args.ops, rtol=args.rtol, noise=args.noise,
-                  ceilings=ceilings, correctness=correctness, results=results,
-                  targets=[dict(dataclasses.asdict(t), verdict=t.verdict) for t in targets], skipped=skipped,
-                  elapsed_s=round(time.perf_counter() - started, 1))
+    report = dict(
+        environment=env,
+        command=command,
+        quick=args.quick,
+        ops=args.ops,
+        rtol=args.rtol,
+        noise=args.noise,
+        ceilings=ceilings,
+        correctness=correctness,
+        results=results,
+        targets=[dict(dataclasses.asdict(t), verdict=t.verdict) for t in targets],
+        skipped=skipped,
+        elapsed_s=round(time.perf_counter() - started, 1),
+    )
     markdown = render_markdown(report)
     print()
     print(markdown)
@@ -1351,7 +1658,9 @@ def main(argv=None) -> int:
     triton_errors = [r for r in results if r["impl"] == TRITON and r.get("error")]
     failed_targets = [t for t in targets if t.ok is False]
     if broken or triton_errors:
-        print(f"FAILED: {len(broken)} correctness check(s), {len(triton_errors)} Triton timing error(s)", file=sys.stderr)
+        print(
+            f"FAILED: {len(broken)} correctness check(s), {len(triton_errors)} Triton timing error(s)", file=sys.stderr
+        )
         return 1
     if args.strict and failed_targets:
         print(f"FAILED: {len(failed_targets)} performance target(s) (--strict)", file=sys.stderr)

@@ -62,7 +62,9 @@ def param_counts(preset: str, vocab: int, method: str, rank: int) -> tuple[int, 
     from megatrain.models.config import ModelConfig
     from megatrain.models.transformer import Transformer
 
-    cfg = ModelConfig(preset=preset, vocab_size=vocab, linear=method if method in ("cola", "sltrain", "relora") else "dense")
+    cfg = ModelConfig(
+        preset=preset, vocab_size=vocab, linear=method if method in ("cola", "sltrain", "relora") else "dense"
+    )
     if cfg.linear != "dense":
         cfg.lowrank.rank = rank
     torch.manual_seed(0)
@@ -79,11 +81,25 @@ def main():
 
     dim = PRESETS[args.preset]["dim"]
     rank = args.rank or max(1, dim // 4)
-    common = [f"model.preset={args.preset}", "data.source=embedded", f"data.seq_len={args.seq_len}",
-              f"data.vocab_size={args.vocab_size}", f"train.steps={args.steps}", f"train.micro_batch={args.micro_batch}",
-              "train.grad_accum=1", f"train.lr={args.lr}", f"train.warmup_steps={max(1, args.steps // 10)}",
-              "train.seed=1234", "log.every=10", "log.eval_every=0", f"log.eval_batches={args.eval_batches}",
-              "log.progress=false", "log.tensorboard=false", "parallel.zero_stage=0", "checkpoint.keep=1"]
+    common = [
+        f"model.preset={args.preset}",
+        "data.source=embedded",
+        f"data.seq_len={args.seq_len}",
+        f"data.vocab_size={args.vocab_size}",
+        f"train.steps={args.steps}",
+        f"train.micro_batch={args.micro_batch}",
+        "train.grad_accum=1",
+        f"train.lr={args.lr}",
+        f"train.warmup_steps={max(1, args.steps // 10)}",
+        "train.seed=1234",
+        "log.every=10",
+        "log.eval_every=0",
+        f"log.eval_batches={args.eval_batches}",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "parallel.zero_stage=0",
+        "checkpoint.keep=1",
+    ]
     tokens = args.steps * args.micro_batch * args.seq_len
     rows = []
     with tempfile.TemporaryDirectory(prefix="lowrank-quality-") as tmp:
@@ -103,34 +119,66 @@ def main():
                 records = [json.loads(line) for line in fh if line.strip()]
             final = records[-1]
             total, trainable = param_counts(args.preset, args.vocab_size, method, rank)
-            row = {"method": method, "overrides": overrides, "val_loss": final["val_loss"], "val_ppl": final["val_ppl"],
-                   "train_loss_last10": sum(r["loss"] for r in records[-10:]) / len(records[-10:]),
-                   "params": total, "trainable_params": trainable, "wall_s": round(wall, 1)}
+            row = {
+                "method": method,
+                "overrides": overrides,
+                "val_loss": final["val_loss"],
+                "val_ppl": final["val_ppl"],
+                "train_loss_last10": sum(r["loss"] for r in records[-10:]) / len(records[-10:]),
+                "params": total,
+                "trainable_params": trainable,
+                "wall_s": round(wall, 1),
+            }
             rows.append(row)
-            print(f"{method:8s} val_ppl {row['val_ppl']:8.2f}  val_loss {row['val_loss']:.4f}  ({wall:.0f} s)", flush=True)
+            print(
+                f"{method:8s} val_ppl {row['val_ppl']:8.2f}  val_loss {row['val_loss']:.4f}  ({wall:.0f} s)", flush=True
+            )
 
-    device = (torch.cuda.get_device_name() if torch.cuda.is_available()
-              else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    )
     import deepspeed
 
-    meta = {"device": device, "python": platform.python_version(), "torch": torch.__version__,
-            "deepspeed": deepspeed.__version__, "command": "python " + " ".join(sys.argv),
-            "preset": args.preset, "steps": args.steps, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
-            "tokens": tokens, "lr": args.lr, "rank": rank, "vocab_size": args.vocab_size,
-            "eval_sequences": args.eval_batches * args.micro_batch, "common_overrides": common}
-    lines = [f"# Low-rank pretraining: validation perplexity after {tokens:,} tokens ({args.preset})", "",
-             f"Device: {device}; torch {torch.__version__}, deepspeed {deepspeed.__version__}. "
-             f"Command: `{meta['command']}`.", "",
-             f"Same seed, data order, schedule (cosine, {args.lr} peak, 10% warm-up) and token budget for every "
-             f"method; rank {rank} for every low-rank method and for GaLore/Fira; validation on the held-out novel "
-             f"({meta['eval_sequences']} sequences of {args.seq_len} tokens).", "",
-             "| method | overrides | params | trainable | val loss | val ppl | wall s |", "|---|---|---|---|---|---|---|"]
+    meta = {
+        "device": device,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "command": "python " + " ".join(sys.argv),
+        "preset": args.preset,
+        "steps": args.steps,
+        "seq_len": args.seq_len,
+        "micro_batch": args.micro_batch,
+        "tokens": tokens,
+        "lr": args.lr,
+        "rank": rank,
+        "vocab_size": args.vocab_size,
+        "eval_sequences": args.eval_batches * args.micro_batch,
+        "common_overrides": common,
+    }
+    lines = [
+        f"# Low-rank pretraining: validation perplexity after {tokens:,} tokens ({args.preset})",
+        "",
+        f"Device: {device}; torch {torch.__version__}, deepspeed {deepspeed.__version__}. "
+        f"Command: `{meta['command']}`.",
+        "",
+        f"Same seed, data order, schedule (cosine, {args.lr} peak, 10% warm-up) and token budget for every "
+        f"method; rank {rank} for every low-rank method and for GaLore/Fira; validation on the held-out novel "
+        f"({meta['eval_sequences']} sequences of {args.seq_len} tokens).",
+        "",
+        "| method | overrides | params | trainable | val loss | val ppl | wall s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['method']} | `{' '.join(r['overrides'])}` | | | failed: {r['error']} | | |")
         else:
-            lines.append(f"| {r['method']} | `{' '.join(r['overrides']) or '-'}` | {r['params']:,} | "
-                         f"{r['trainable_params']:,} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} | {r['wall_s']} |")
+            lines.append(
+                f"| {r['method']} | `{' '.join(r['overrides']) or '-'}` | {r['params']:,} | "
+                f"{r['trainable_params']:,} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} | {r['wall_s']} |"
+            )
     table = "\n".join(lines) + "\n"
     print(table)
     tag = args.tag or f"lowrank-quality-{'gpu' if torch.cuda.is_available() else 'cpu'}"

@@ -25,8 +25,9 @@ rank's parameters held, host RSS before building and its peak while building):
         --measure 125m:1:1,125m:2:1,125m:4:1,125m:1:3,1.3b:4:1
 
 Results: a markdown table on stdout and benchmarks/results/memory-<preset>.{md,json} (layouts:
-memory-layouts.{md,json}) with the machine, versions and command. No DeepSpeed: this is the single-process state of one model copy in
---dtype (fp32 by default, as the trainer holds master weights); ZeRO partitions these same bytes.
+memory-layouts.{md,json}) with the machine, versions and command. No DeepSpeed: this is the single-process
+state of one model copy in --dtype (fp32 by default, as the trainer holds master weights); ZeRO partitions
+these same bytes.
 """
 
 from __future__ import annotations
@@ -101,8 +102,13 @@ class Measurement:
         out = {}
         for kind in ("params", "trainable", "grads", "state", "buffers"):
             u = getattr(self, kind)
-            out[kind] = dict(bytes=u.bytes, proj_bytes=u.proj_bytes, other_bytes=u.other_bytes,
-                             proj_numel=u.proj_numel, other_numel=u.other_numel)
+            out[kind] = dict(
+                bytes=u.bytes,
+                proj_bytes=u.proj_bytes,
+                other_bytes=u.other_bytes,
+                proj_numel=u.proj_numel,
+                other_numel=u.other_numel,
+            )
         out["total_bytes"] = self.total
         return out
 
@@ -175,8 +181,14 @@ def build_and_step(preset: str, method: str, args, extra: list[str]) -> tuple[Me
     from megatrain.optim.relora import relora_controller
 
     linear, optim_name = METHODS[method]
-    overrides = [f"model.preset={preset}", f"model.vocab_size={args.vocab_size}", f"model.linear={linear}",
-                 f"optim.name={optim_name}", f"data.seq_len={args.seq_len}", *extra]
+    overrides = [
+        f"model.preset={preset}",
+        f"model.vocab_size={args.vocab_size}",
+        f"model.linear={linear}",
+        f"optim.name={optim_name}",
+        f"data.seq_len={args.seq_len}",
+        *extra,
+    ]
     device = torch.device(args.device)
     cfg = load_config(overrides=overrides).resolve(1, cuda=device.type == "cuda")  # fills ReLoRA's periods
     model_cfg = cfg.model.resolved()
@@ -192,8 +204,12 @@ def build_and_step(preset: str, method: str, args, extra: list[str]) -> tuple[Me
     if device.type == "cuda":
         torch.cuda.synchronize()
     result = measure(model, optimizer)
-    info = dict(overrides=overrides, loss=float(loss.detach()), rank=model_cfg.lowrank.rank,
-                num_params=sum(p.numel() for p in model.parameters()))
+    info = dict(
+        overrides=overrides,
+        loss=float(loss.detach()),
+        rank=model_cfg.lowrank.rank,
+        num_params=sum(p.numel() for p in model.parameters()),
+    )
     if device.type == "cuda":
         info["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     del model, optimizer, relora, loss
@@ -211,10 +227,13 @@ def _ratio(a: int, b: int) -> str:
 def table(rows: dict, preset: str) -> str:
     """Markdown table of the measured methods (MiB), with ratios against dense AdamW."""
     dense = rows.get("dense", {}).get("measurement")
-    lines = [f"### Training-state memory, preset {preset} (MiB)", "",
-             "| method | params | grads | optim state | buffers | total | proj params | proj grads | "
-             "proj optim state | proj state vs AdamW | total vs AdamW | target |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"### Training-state memory, preset {preset} (MiB)",
+        "",
+        "| method | params | grads | optim state | buffers | total | proj params | proj grads | "
+        "proj optim state | proj state vs AdamW | total vs AdamW | target |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for method, row in rows.items():
         if "measurement" not in row:
             lines.append(f"| {method} | not measured: {row['error']} |||||||||||")
@@ -224,21 +243,40 @@ def table(rows: dict, preset: str) -> str:
         if dense is not None and method in ("galore", "fira"):
             ok = m["state"]["proj_bytes"] <= STATE_TARGET * dense["state"]["proj_bytes"]
             target = f"{'PASS' if ok else 'FAIL'} (<= {STATE_TARGET:.0%})"
-        lines.append("| " + " | ".join([
-            method, _mib(m["params"]["bytes"]), _mib(m["grads"]["bytes"]), _mib(m["state"]["bytes"]),
-            _mib(m["buffers"]["bytes"]), _mib(m["total_bytes"]), _mib(m["params"]["proj_bytes"]),
-            _mib(m["grads"]["proj_bytes"]), _mib(m["state"]["proj_bytes"]),
-            _ratio(m["state"]["proj_bytes"], dense["state"]["proj_bytes"]) if dense else "-",
-            _ratio(m["total_bytes"], dense["total_bytes"]) if dense else "-", target]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    method,
+                    _mib(m["params"]["bytes"]),
+                    _mib(m["grads"]["bytes"]),
+                    _mib(m["state"]["bytes"]),
+                    _mib(m["buffers"]["bytes"]),
+                    _mib(m["total_bytes"]),
+                    _mib(m["params"]["proj_bytes"]),
+                    _mib(m["grads"]["proj_bytes"]),
+                    _mib(m["state"]["proj_bytes"]),
+                    _ratio(m["state"]["proj_bytes"], dense["state"]["proj_bytes"]) if dense else "-",
+                    _ratio(m["total_bytes"], dense["total_bytes"]) if dense else "-",
+                    target,
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def machine() -> dict:
     import triton
 
-    info = dict(python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
-                platform=platform.platform(), processor=platform.processor() or platform.machine(),
-                cpus=os.cpu_count())
+    info = dict(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        platform=platform.platform(),
+        processor=platform.processor() or platform.machine(),
+        cpus=os.cpu_count(),
+    )
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -253,8 +291,13 @@ def parse_args(argv=None):
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--seq-len", type=int, default=16)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE",
-                   help="extra config override for one method, e.g. galore:optim.rank=256 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="METHOD:KEY=VALUE",
+        help="extra config override for one method, e.g. galore:optim.rank=256 (repeatable)",
+    )
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--layouts", action="store_true", help="per-rank plan of TP x ZeRO layouts instead of methods")
     p.add_argument("--tp", default="1,2,4,8", help="--layouts: tensor-parallel sizes")
@@ -262,9 +305,13 @@ def parse_args(argv=None):
     p.add_argument("--world", type=int, default=8, help="--layouts: ranks of every layout (DP = world / TP)")
     p.add_argument("--layout-dtype", default="bf16", choices=["bf16", "fp32"], help="--layouts: train.dtype")
     p.add_argument("--layout-seq-len", type=int, default=2048, help="--layouts: tokens per sequence")
-    p.add_argument("--measure", default="", metavar="PRESET:TP:ZERO,...",
-                   help="--layouts: build these layouts here (fp32, gloo, world = TP, or 2 for ZeRO-3 at TP 1) and "
-                        "report their measured peaks")
+    p.add_argument(
+        "--measure",
+        default="",
+        metavar="PRESET:TP:ZERO,...",
+        help="--layouts: build these layouts here (fp32, gloo, world = TP, or 2 for ZeRO-3 at TP 1) and "
+        "report their measured peaks",
+    )
     args = p.parse_args(argv)
     args.preset_list = [s for s in args.presets.split(",") if s]
     args.method_list = [s for s in args.methods.split(",") if s]
@@ -283,10 +330,20 @@ def parse_args(argv=None):
 def _layout_config(preset: str, tp: int, zero: int, args, dtype: str, extra=()):
     from megatrain.config import load_config
 
-    return load_config(None, [f"model.preset={preset}", f"model.vocab_size={args.vocab_size}",
-                              f"data.seq_len={args.layout_seq_len}", "train.micro_batch=1",
-                              f"parallel.tensor={tp}", f"parallel.zero_stage={zero}", f"train.dtype={dtype}",
-                              "parallel.sequence=false", *extra])
+    return load_config(
+        None,
+        [
+            f"model.preset={preset}",
+            f"model.vocab_size={args.vocab_size}",
+            f"data.seq_len={args.layout_seq_len}",
+            "train.micro_batch=1",
+            f"parallel.tensor={tp}",
+            f"parallel.zero_stage={zero}",
+            f"train.dtype={dtype}",
+            "parallel.sequence=false",
+            *extra,
+        ],
+    )
 
 
 def _measure_layout(preset: str, tp: int, zero: int, args) -> dict:
@@ -294,22 +351,47 @@ def _measure_layout(preset: str, tp: int, zero: int, args) -> dict:
     import subprocess
 
     world = tp if not (zero == 3 and tp == 1) else 2
-    cmd = [sys.executable, "-m", "megatrain.cli", "plan", f"model.preset={preset}", f"model.vocab_size={args.vocab_size}",
-           f"data.seq_len={args.layout_seq_len}", "train.micro_batch=1", f"train.global_batch={world // tp}",
-           f"parallel.tensor={tp}", f"parallel.zero_stage={zero}", "train.dtype=fp32", "--world", str(world),
-           "--build"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatrain.cli",
+        "plan",
+        f"model.preset={preset}",
+        f"model.vocab_size={args.vocab_size}",
+        f"data.seq_len={args.layout_seq_len}",
+        "train.micro_batch=1",
+        f"train.global_batch={world // tp}",
+        f"parallel.tensor={tp}",
+        f"parallel.zero_stage={zero}",
+        "train.dtype=fp32",
+        "--world",
+        str(world),
+        "--build",
+    ]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))))
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    )
     if proc.returncode != 0:
         return dict(error=(proc.stderr.strip().splitlines() or ["failed"])[-1])
     unit = {"MiB": 2**20, "GiB": 2**30}
     ranks = []
-    for m in re.finditer(r"^\s+(\d+) \|\s+([\d,]+) \|\s+([\d,]+) \|\s+([\d.]+) (MiB|GiB) \|\s+([\d.]+) (MiB|GiB) \|"
-                         r"\s+([\d.]+) (MiB|GiB) \|", proc.stdout, flags=re.M):
-        ranks.append(dict(rank=int(m[1]), params_planned=int(m[2].replace(",", "")),
-                          params_held=int(m[3].replace(",", "")), weights_held=float(m[4]) * unit[m[5]],
-                          rss_before=float(m[6]) * unit[m[7]], rss_peak=float(m[8]) * unit[m[9]]))
+    for m in re.finditer(
+        r"^\s+(\d+) \|\s+([\d,]+) \|\s+([\d,]+) \|\s+([\d.]+) (MiB|GiB) \|\s+([\d.]+) (MiB|GiB) \|"
+        r"\s+([\d.]+) (MiB|GiB) \|",
+        proc.stdout,
+        flags=re.M,
+    ):
+        ranks.append(
+            dict(
+                rank=int(m[1]),
+                params_planned=int(m[2].replace(",", "")),
+                params_held=int(m[3].replace(",", "")),
+                weights_held=float(m[4]) * unit[m[5]],
+                rss_before=float(m[6]) * unit[m[7]],
+                rss_peak=float(m[8]) * unit[m[9]],
+            )
+        )
     return dict(world=world, ranks=ranks, seconds=round(time.perf_counter() - start, 1))
 
 
@@ -321,64 +403,103 @@ def layouts_main(args, argv) -> int:
     gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
     tps = [int(x) for x in args.tp.split(",") if x]
     zeros = [int(x) for x in args.zero.split(",") if x]
-    rows, lines = [], [f"### Per-rank memory by layout ({args.world} ranks, {args.layout_dtype}, seq "
-                       f"{args.layout_seq_len}, micro-batch 1, vocab {args.vocab_size}; planner, GiB)", "",
-                       "| preset | TP | DP | ZeRO | params/rank | weights | grads | fp32 master | optimizer | "
-                       "model states | activations | activations (ckpt) | total (ckpt) |",
-                       "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows, lines = (
+        [],
+        [
+            f"### Per-rank memory by layout ({args.world} ranks, {args.layout_dtype}, seq "
+            f"{args.layout_seq_len}, micro-batch 1, vocab {args.vocab_size}; planner, GiB)",
+            "",
+            "| preset | TP | DP | ZeRO | params/rank | weights | grads | fp32 master | optimizer | "
+            "model states | activations | activations (ckpt) | total (ckpt) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ],
+    )
     for preset in args.preset_list:
         for tp in tps:
             for zero in zeros:
                 row = dict(preset=preset, tp=tp, zero=zero, world=args.world)
                 try:
-                    plan = plan_memory(_layout_config(preset, tp, zero, args, args.layout_dtype,
-                                                      ["train.activation_checkpointing=true"]), args.world)
+                    plan = plan_memory(
+                        _layout_config(
+                            preset, tp, zero, args, args.layout_dtype, ["train.activation_checkpointing=true"]
+                        ),
+                        args.world,
+                    )
                 except ConfigError as exc:
                     row["refused"] = str(exc)
-                    lines.append(f"| {preset} | {tp} | {args.world // tp} | {zero} | refused: TP > 1 with ZeRO-3 "
-                                 f"| | | | | | | | |" if "zero_stage=3" in str(exc) else f"| {preset} | {tp} | "
-                                 f"{args.world // tp} | {zero} | refused: {exc} | | | | | | | | |")
+                    lines.append(
+                        f"| {preset} | {tp} | {args.world // tp} | {zero} | refused: TP > 1 with ZeRO-3 "
+                        f"| | | | | | | | |"
+                        if "zero_stage=3" in str(exc)
+                        else f"| {preset} | {tp} | {args.world // tp} | {zero} | refused: {exc} | | | | | | | | |"
+                    )
                     rows.append(row)
                     continue
                 row.update(plan.as_dict())
                 rows.append(row)
-                lines.append(f"| {preset} | {tp} | {plan.dp} | {zero} | {plan.params:,} | {gib(plan.param_bytes)} | "
-                             f"{gib(plan.grad_bytes)} | {gib(plan.master_bytes)} | {gib(plan.optimizer_bytes)} | "
-                             f"{gib(plan.model_state_bytes)} | {gib(plan.activation_bytes)} | "
-                             f"{gib(plan.activation_bytes_checkpointed)} | {gib(plan.total_bytes)} |")
+                lines.append(
+                    f"| {preset} | {tp} | {plan.dp} | {zero} | {plan.params:,} | {gib(plan.param_bytes)} | "
+                    f"{gib(plan.grad_bytes)} | {gib(plan.master_bytes)} | {gib(plan.optimizer_bytes)} | "
+                    f"{gib(plan.model_state_bytes)} | {gib(plan.activation_bytes)} | "
+                    f"{gib(plan.activation_bytes_checkpointed)} | {gib(plan.total_bytes)} |"
+                )
     measured = []
     if args.measure:
-        lines += ["", "### Measured builds on this machine (`megatrain plan --build`, fp32 on the host, gloo)", "",
-                  "| preset | TP | ZeRO | ranks | params/rank planned | params/rank held | host RSS before (GiB) | "
-                  "host peak while building (GiB) | growth vs full fp32 model | wall s |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "### Measured builds on this machine (`megatrain plan --build`, fp32 on the host, gloo)",
+            "",
+            "| preset | TP | ZeRO | ranks | params/rank planned | params/rank held | host RSS before (GiB) | "
+            "host peak while building (GiB) | growth vs full fp32 model | wall s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         from megatrain.engine.memory_plan import plan_model_config
         from megatrain.models.transformer import Transformer
 
         for item in args.measure.split(","):
             preset, tp, zero = item.split(":")
             tp, zero = int(tp), int(zero)
-            full = 4 * Transformer(plan_model_config(_layout_config(preset, 1, 1, args, "fp32")), seed=0,
-                                   device="meta").num_params(non_embedding=False)
-            result = dict(preset=preset, tp=tp, zero=zero, full_fp32_bytes=full, **_measure_layout(preset, tp, zero, args))
+            full = 4 * Transformer(
+                plan_model_config(_layout_config(preset, 1, 1, args, "fp32")), seed=0, device="meta"
+            ).num_params(non_embedding=False)
+            result = dict(
+                preset=preset, tp=tp, zero=zero, full_fp32_bytes=full, **_measure_layout(preset, tp, zero, args)
+            )
             measured.append(result)
             if "error" in result:
                 lines.append(f"| {preset} | {tp} | {zero} | - | not measured: {result['error']} | | | | | |")
                 continue
             r0 = max(result["ranks"], key=lambda r: r["rss_peak"] - r["rss_before"])
-            lines.append(f"| {preset} | {tp} | {zero} | {result['world']} | {r0['params_planned']:,} | "
-                         f"{r0['params_held']:,} | {gib(r0['rss_before'])} | {gib(r0['rss_peak'])} | "
-                         f"{(r0['rss_peak'] - r0['rss_before']) / full:.1%} | {result['seconds']} |")
+            lines.append(
+                f"| {preset} | {tp} | {zero} | {result['world']} | {r0['params_planned']:,} | "
+                f"{r0['params_held']:,} | {gib(r0['rss_before'])} | {gib(r0['rss_peak'])} | "
+                f"{(r0['rss_peak'] - r0['rss_before']) / full:.1%} | {result['seconds']} |"
+            )
             gc.collect()
-    lines += ["", f"Machine: {json.dumps(machine())}", "",
-              f"Command: `python benchmarks/memory.py {' '.join(sys.argv[1:] if argv is None else argv)}`"]
+    lines += [
+        "",
+        f"Machine: {json.dumps(machine())}",
+        "",
+        f"Command: `python benchmarks/memory.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
+    ]
     text = "\n".join(lines)
     print(text)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, "memory-layouts")
     with open(stem + ".json", "w") as fh:
-        json.dump(dict(machine=machine(), world=args.world, dtype=args.layout_dtype, seq_len=args.layout_seq_len,
-                       vocab_size=args.vocab_size, layouts=rows, measured=measured), fh, indent=2)
+        json.dump(
+            dict(
+                machine=machine(),
+                world=args.world,
+                dtype=args.layout_dtype,
+                seq_len=args.layout_seq_len,
+                vocab_size=args.vocab_size,
+                layouts=rows,
+                measured=measured,
+            ),
+            fh,
+            indent=2,
+        )
     with open(stem + ".md", "w") as fh:
         fh.write(text + "\n")
     return 0
@@ -409,24 +530,37 @@ def main(argv=None) -> int:
                 print(f"{preset} {method}: not measured: {rows[method]['error']}", file=sys.stderr)
                 failed = True
             else:
-                rows[method] = dict(measurement=result.to_dict(), seconds=round(time.perf_counter() - start, 2),
-                                    **info)
+                rows[method] = dict(measurement=result.to_dict(), seconds=round(time.perf_counter() - start, 2), **info)
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         text = table(rows, preset)
         print(text)
         stem = os.path.join(args.out, f"memory-{preset}")
-        record = dict(preset=preset, device=args.device, dtype=args.dtype, vocab_size=args.vocab_size,
-                      seq_len=args.seq_len, batch=args.batch, machine=machine(),
-                      command=" ".join([os.path.basename(sys.executable), *sys.argv]) if argv is None
-                      else "memory.py " + " ".join(argv),
-                      methods=rows)
+        record = dict(
+            preset=preset,
+            device=args.device,
+            dtype=args.dtype,
+            vocab_size=args.vocab_size,
+            seq_len=args.seq_len,
+            batch=args.batch,
+            machine=machine(),
+            command=" ".join([os.path.basename(sys.executable), *sys.argv])
+            if argv is None
+            else "memory.py " + " ".join(argv),
+            methods=rows,
+        )
         with open(stem + ".json", "w") as fh:
             json.dump(record, fh, indent=2)
         with open(stem + ".md", "w") as fh:
-            fh.write(text + "\nMachine: " + json.dumps(record["machine"]) + "\n\nCommand: `" + record["command"]
-                     + f"` (device {args.device}, dtype {args.dtype}, vocab {args.vocab_size})\n")
+            fh.write(
+                text
+                + "\nMachine: "
+                + json.dumps(record["machine"])
+                + "\n\nCommand: `"
+                + record["command"]
+                + f"` (device {args.device}, dtype {args.dtype}, vocab {args.vocab_size})\n"
+            )
     return 1 if failed else 0
 
 

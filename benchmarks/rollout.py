@@ -72,10 +72,21 @@ def export_folder(args, workdir: str) -> str:
     if run is None:
         run = os.path.join(workdir, "run")
         max_len = max(512, args.prompt_len + args.new_tokens)
-        cli("pretrain", f"model.preset={args.preset}", f"model.max_seq_len={max_len}", "data.source=embedded",
-            "data.seq_len=64", f"data.vocab_size={args.vocab_size}", "train.steps=2", "train.micro_batch=2",
-            "train.global_batch=2", "parallel.zero_stage=0", "log.eval_every=0", "log.progress=false",
-            f"run.dir={run}")
+        cli(
+            "pretrain",
+            f"model.preset={args.preset}",
+            f"model.max_seq_len={max_len}",
+            "data.source=embedded",
+            "data.seq_len=64",
+            f"data.vocab_size={args.vocab_size}",
+            "train.steps=2",
+            "train.micro_batch=2",
+            "train.global_batch=2",
+            "parallel.zero_stage=0",
+            "log.eval_every=0",
+            "log.progress=false",
+            f"run.dir={run}",
+        )
     out = os.path.join(workdir, "hf")
     cli("export", run, "--output", out)
     return out
@@ -102,9 +113,15 @@ def run_megatrain(model, ids: torch.Tensor, new_tokens: int) -> list[list[int]]:
 
 def run_transformers(model, ids: torch.Tensor, new_tokens: int) -> list[list[int]]:
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=3)
-    return out[:, ids.shape[1]:].tolist()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=3,
+        )
+    return out[:, ids.shape[1] :].tolist()
 
 
 def measure(fn, model, ids, new_tokens, device) -> tuple[float, float, list[list[int]]]:
@@ -128,9 +145,12 @@ def main():
         ours = ours.to(dtype)
         theirs, hf_version = load_transformers(folder, device, dtype)
     if ours.config.max_seq_len < args.prompt_len + args.new_tokens:
-        sys.exit(f"rollout.py: the model's max_seq_len={ours.config.max_seq_len} is shorter than "
-                 f"--prompt-len + --new-tokens")
-    note = None if theirs is not None else "transformers is not installed (pip install megatrain[bench]): column skipped"
+        sys.exit(
+            f"rollout.py: the model's max_seq_len={ours.config.max_seq_len} is shorter than --prompt-len + --new-tokens"
+        )
+    note = (
+        None if theirs is not None else "transformers is not installed (pip install megatrain[bench]): column skipped"
+    )
     rows = []
     gen = torch.Generator().manual_seed(0)
     for batch in batches:
@@ -165,13 +185,21 @@ def main():
     info = {
         "benchmark": "rollout generation (greedy, KV cache, fixed length)",
         "command": "python " + " ".join(sys.argv),
-        "device": device_name, "device_type": device.type, "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "dtype": args.dtype,
+        "device": device_name,
+        "device_type": device.type,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "dtype": args.dtype,
         "load_average_1min": round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None,
         "model": {k: getattr(model_cfg, k) for k in ("dim", "layers", "heads", "kv_heads", "ffn_dim", "vocab_size")},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": hf_version, "megatrain": megatrain.__version__},
-        "note": note, "rows": rows,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": hf_version,
+            "megatrain": megatrain.__version__,
+        },
+        "note": note,
+        "rows": rows,
     }
     write_results(args, info)
 
@@ -182,28 +210,40 @@ def write_results(args, info) -> None:
     with open(os.path.join(args.out, stem + ".json"), "w") as fh:
         json.dump(info, fh, indent=1)
     m = info["model"]
-    lines = [f"# Rollout generation: megatrain.generate vs transformers generate ({info['device']})", "",
-             f"Greedy decoding of B random prompts of {args.prompt_len} tokens for exactly {args.new_tokens} new "
-             f"tokens, same weights (megatrain export -> LlamaForCausalLM), {info['dtype']}, "
-             f"{info['torch_threads']} torch threads on {info['cpu_count']} CPUs (load average "
-             f"{info['load_average_1min']} at the end). Model: dim {m['dim']}, "
-             f"{m['layers']} layers, {m['heads']} heads ({m['kv_heads']} KV), FFN {m['ffn_dim']}, vocab "
-             f"{m['vocab_size']}. Median of {args.repeats} alternating calls; prefill included.", "",
-             f"Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()), "",
-             f"Command: `{info['command']}`", ""]
+    lines = [
+        f"# Rollout generation: megatrain.generate vs transformers generate ({info['device']})",
+        "",
+        f"Greedy decoding of B random prompts of {args.prompt_len} tokens for exactly {args.new_tokens} new "
+        f"tokens, same weights (megatrain export -> LlamaForCausalLM), {info['dtype']}, "
+        f"{info['torch_threads']} torch threads on {info['cpu_count']} CPUs (load average "
+        f"{info['load_average_1min']} at the end). Model: dim {m['dim']}, "
+        f"{m['layers']} layers, {m['heads']} heads ({m['kv_heads']} KV), FFN {m['ffn_dim']}, vocab "
+        f"{m['vocab_size']}. Median of {args.repeats} alternating calls; prefill included.",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
+        "",
+        f"Command: `{info['command']}`",
+        "",
+    ]
     if info["note"]:
         lines += [f"Note: {info['note']}", ""]
         lines += ["| batch | megatrain tok/s | megatrain tok/CPU-s |", "|---:|---:|---:|"]
-        lines += [f"| {r['batch']} | {r['megatrain_tokens_per_s']:.0f} | {r['megatrain_tokens_per_cpu_s']:.0f} |"
-                  for r in info["rows"]]
+        lines += [
+            f"| {r['batch']} | {r['megatrain_tokens_per_s']:.0f} | {r['megatrain_tokens_per_cpu_s']:.0f} |"
+            for r in info["rows"]
+        ]
     else:
-        lines += ["| batch | megatrain tok/s | transformers tok/s | ratio | megatrain tok/CPU-s | "
-                  "transformers tok/CPU-s | CPU ratio | rows with equal tokens |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['batch']} | {r['megatrain_tokens_per_s']:.0f} | {r['transformers_tokens_per_s']:.0f} | "
-                  f"{r['ratio']:.2f}x | {r['megatrain_tokens_per_cpu_s']:.0f} | "
-                  f"{r['transformers_tokens_per_cpu_s']:.0f} | {r['cpu_ratio']:.2f}x | {r['rows_equal']:.0%} |"
-                  for r in info["rows"]]
+        lines += [
+            "| batch | megatrain tok/s | transformers tok/s | ratio | megatrain tok/CPU-s | "
+            "transformers tok/CPU-s | CPU ratio | rows with equal tokens |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['batch']} | {r['megatrain_tokens_per_s']:.0f} | {r['transformers_tokens_per_s']:.0f} | "
+            f"{r['ratio']:.2f}x | {r['megatrain_tokens_per_cpu_s']:.0f} | "
+            f"{r['transformers_tokens_per_cpu_s']:.0f} | {r['cpu_ratio']:.2f}x | {r['rows_equal']:.0%} |"
+            for r in info["rows"]
+        ]
     with open(os.path.join(args.out, stem + ".md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -40,20 +40,32 @@ def parse_args(argv=None):
     p.add_argument("--tag", default=None, help="results file name stem (default: throughput[-tp]-<device>)")
     p.add_argument("--tp", default=None, help="comma-separated TP sizes to compare (e.g. 1,2,4): TP mode")
     p.add_argument("--sequence-parallel", action="store_true", help="TP mode: with sequence parallelism")
-    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                   help="after timing, profile STEPS steps of each side with torch.profiler and write the "
-                        "op tables (self device time) next to the results")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="after timing, profile STEPS steps of each side with torch.profiler and write the "
+        "op tables (self device time) next to the results",
+    )
     p.add_argument("--plot", action="store_true", help="also draw tokens/s and memory per setting")
     p.add_argument("--no-baseline", action="store_true", help="leave out the HF LlamaForCausalLM + DeepSpeed side")
     return p.parse_args(argv)
 
 
 def bench_overrides(args) -> list[str]:
-    return [f"model.preset={args.preset}", f"model.max_seq_len={max(args.seq_len, 512)}", "data.source=embedded",
-            f"data.seq_len={args.seq_len}", f"data.vocab_size={args.vocab_size}",
-            f"train.micro_batch={args.micro_batch}", f"train.grad_accum={args.grad_accum}", "train.warmup_steps=10",
-            f"parallel.zero_stage={args.zero_stage}",
-            f"train.activation_checkpointing={str(args.activation_checkpointing).lower()}"]
+    return [
+        f"model.preset={args.preset}",
+        f"model.max_seq_len={max(args.seq_len, 512)}",
+        "data.source=embedded",
+        f"data.seq_len={args.seq_len}",
+        f"data.vocab_size={args.vocab_size}",
+        f"train.micro_batch={args.micro_batch}",
+        f"train.grad_accum={args.grad_accum}",
+        "train.warmup_steps=10",
+        f"parallel.zero_stage={args.zero_stage}",
+        f"train.activation_checkpointing={str(args.activation_checkpointing).lower()}",
+    ]
 
 
 def bench_settings(args) -> list[str]:
@@ -76,10 +88,20 @@ def main(argv=None) -> int:
     device = "gpu" if torch.cuda.is_available() else "cpu"
     stem = args.tag or (f"throughput-tp-{device}" if args.tp else f"throughput-{device}")
     try:
-        run_bench(None, bench_overrides(args), parse_settings(bench_settings(args)), out_dir=args.out, stem=stem,
-                  warmup=args.warmup, steps=args.steps, block=args.block, profile_steps=args.profile,
-                  baseline=not args.no_baseline, plot=args.plot,
-                  command="python benchmarks/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv))
+        run_bench(
+            None,
+            bench_overrides(args),
+            parse_settings(bench_settings(args)),
+            out_dir=args.out,
+            stem=stem,
+            warmup=args.warmup,
+            steps=args.steps,
+            block=args.block,
+            profile_steps=args.profile,
+            baseline=not args.no_baseline,
+            plot=args.plot,
+            command="python benchmarks/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        )
     except MegatrainError as exc:
         print(f"megatrain: error: {exc}", file=sys.stderr)
         return 2

@@ -47,6 +47,7 @@ def time_qttt_step(model, context, span, steps, device) -> float:
         with adapt(model, context, steps=n, span=span, lr=1e-5):
             _sync(device)
             return time.perf_counter() - start
+
     run(1)  # warm-up
     # Best of three of each on a shared machine: the difference isolates the steps from the prefill.
     return (min(run(steps) for _ in range(3)) - min(run(0) for _ in range(3))) / steps
@@ -94,28 +95,54 @@ def main() -> int:
         full = time_full_pass(model, ids.to(device), args.repeats, device)
         flops = qttt_flops(model.config, length, steps=1, span=args.span)
         full_flops = 3 * forward_flops(model.config, length)
-        rows.append({"length": length, "span": args.span, "qttt_step_s": step, "full_fwd_bwd_s": full,
-                     "time_ratio": step / full, "k_over_T": args.span / length,
-                     "flop_ratio": flops["qttt_step"] / full_flops})
+        rows.append(
+            {
+                "length": length,
+                "span": args.span,
+                "qttt_step_s": step,
+                "full_fwd_bwd_s": full,
+                "time_ratio": step / full,
+                "k_over_T": args.span / length,
+                "flop_ratio": flops["qttt_step"] / full_flops,
+            }
+        )
         r = rows[-1]
-        print(f"T={length:>6}  qTTT step {step * 1e3:8.1f} ms  full fwd+bwd {full * 1e3:8.1f} ms  "
-              f"ratio {r['time_ratio']:.3f}  (FLOPs {r['flop_ratio']:.3f}, k/T {r['k_over_T']:.3f})", flush=True)
+        print(
+            f"T={length:>6}  qTTT step {step * 1e3:8.1f} ms  full fwd+bwd {full * 1e3:8.1f} ms  "
+            f"ratio {r['time_ratio']:.3f}  (FLOPs {r['flop_ratio']:.3f}, k/T {r['k_over_T']:.3f})",
+            flush=True,
+        )
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
-    meta = {"device": device_name, "dtype": dtype, "preset": args.preset, "vocab": args.vocab,
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "steps_timed": args.steps,
-            "command": "python benchmarks/ttt.py " + " ".join(sys.argv[1:])}
-    prefix = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                      f"ttt-{'gpu' if device.type == 'cuda' else 'cpu'}")
+    meta = {
+        "device": device_name,
+        "dtype": dtype,
+        "preset": args.preset,
+        "vocab": args.vocab,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "steps_timed": args.steps,
+        "command": "python benchmarks/ttt.py " + " ".join(sys.argv[1:]),
+    }
+    prefix = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", f"ttt-{'gpu' if device.type == 'cuda' else 'cpu'}"
+    )
     os.makedirs(os.path.dirname(prefix), exist_ok=True)
     with open(prefix + ".json", "w", encoding="utf-8") as fh:
         json.dump({"meta": meta, "rows": rows}, fh, indent=1)
-    lines = [f"# qTTT step vs full forward+backward ({meta['device']}, {dtype}, preset {args.preset}, "
-             f"span k={args.span}, {meta['threads']} threads)", "",
-             f"`{meta['command']}`", "",
-             "| T | qTTT step (ms) | full fwd+bwd (ms) | time ratio | FLOP ratio | k/T |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# qTTT step vs full forward+backward ({meta['device']}, {dtype}, preset {args.preset}, "
+        f"span k={args.span}, {meta['threads']} threads)",
+        "",
+        f"`{meta['command']}`",
+        "",
+        "| T | qTTT step (ms) | full fwd+bwd (ms) | time ratio | FLOP ratio | k/T |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['length']} | {r['qttt_step_s'] * 1e3:.1f} | {r['full_fwd_bwd_s'] * 1e3:.1f} | "
-                     f"{r['time_ratio']:.3f} | {r['flop_ratio']:.3f} | {r['k_over_T']:.3f} |")
+        lines.append(
+            f"| {r['length']} | {r['qttt_step_s'] * 1e3:.1f} | {r['full_fwd_bwd_s'] * 1e3:.1f} | "
+            f"{r['time_ratio']:.3f} | {r['flop_ratio']:.3f} | {r['k_over_T']:.3f} |"
+        )
     with open(prefix + ".md", "w", encoding="utf-8") as fh:
         fh.write("\n".join(lines) + "\n")
     print(f"wrote {prefix}.md and {prefix}.json")

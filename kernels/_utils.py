@@ -26,9 +26,16 @@ def interpreting() -> bool:
     return env.triton_interpret()
 
 
-def check_tensor(op: str, name: str, t, *, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES,
-                 ndim: Optional[int] = None, min_ndim: Optional[int] = None,
-                 shape: Optional[Sequence[Optional[int]]] = None) -> None:
+def check_tensor(
+    op: str,
+    name: str,
+    t,
+    *,
+    dtypes: Sequence[torch.dtype] = FLOAT_DTYPES,
+    ndim: Optional[int] = None,
+    min_ndim: Optional[int] = None,
+    shape: Optional[Sequence[Optional[int]]] = None,
+) -> None:
     """Raise ValueError("op: argument 'name' ...") unless `t` is a tensor of an allowed dtype/rank/shape.
 
     In `shape`, None matches any size.
@@ -37,8 +44,7 @@ def check_tensor(op: str, name: str, t, *, dtypes: Sequence[torch.dtype] = FLOAT
         raise ValueError(f"{op}: argument '{name}' must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise ValueError(f"{op}: argument '{name}' has dtype {str(t.dtype).replace('torch.', '')} "
-                         f"(allowed: {allowed})")
+        raise ValueError(f"{op}: argument '{name}' has dtype {str(t.dtype).replace('torch.', '')} (allowed: {allowed})")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{op}: argument '{name}' must have {ndim} dims, got shape {tuple(t.shape)}")
     if min_ndim is not None and t.dim() < min_ndim:
@@ -63,8 +69,10 @@ def check_same(op: str, tensors: Iterable[tuple[str, Tensor]], *, device: bool =
 def check_device(op: str, t: Tensor) -> None:
     """Triton kernels need a CUDA tensor, or the interpreter for CPU tensors."""
     if not t.is_cuda and not interpreting():
-        raise ValueError(f"{op}: the Triton kernel got a {t.device.type} tensor; use a CUDA tensor, or set "
-                         f"TRITON_INTERPRET=1 to run the kernels on CPU through Triton's interpreter")
+        raise ValueError(
+            f"{op}: the Triton kernel got a {t.device.type} tensor; use a CUDA tensor, or set "
+            f"TRITON_INTERPRET=1 to run the kernels on CPU through Triton's interpreter"
+        )
 
 
 def next_power_of_2(n: int) -> int:

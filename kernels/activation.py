@@ -50,8 +50,10 @@ def cuda_launches(dtype: torch.dtype) -> list[KernelLaunch]:
     """Forward and backward launches on CUDA tensors of `dtype` (any size: the config is fixed)."""
     fwd = signature(_swiglu_fwd_kernel, {"G": dtype, "U": dtype, "Y": dtype}, ints64=("n",))
     bwd = signature(_swiglu_bwd_kernel, {n: dtype for n in ("DY", "G", "U", "DG", "DU")}, ints64=("n",))
-    return [KernelLaunch(_swiglu_fwd_kernel, fwd, launch_config(), True),
-            KernelLaunch(_swiglu_bwd_kernel, bwd, launch_config(), True)]
+    return [
+        KernelLaunch(_swiglu_fwd_kernel, fwd, launch_config(), True),
+        KernelLaunch(_swiglu_bwd_kernel, bwd, launch_config(), True),
+    ]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -31,16 +31,31 @@ from typing import Optional
 import torch
 import triton
 
-__all__ = ["LaunchConfig", "KernelLaunch", "CompileResult", "SHARED_MEMORY_LIMIT", "TARGETS", "triton_version",
-           "type_name", "signature", "ast_source", "compile_launch"]
+__all__ = [
+    "LaunchConfig",
+    "KernelLaunch",
+    "CompileResult",
+    "SHARED_MEMORY_LIMIT",
+    "TARGETS",
+    "triton_version",
+    "type_name",
+    "signature",
+    "ast_source",
+    "compile_launch",
+]
 
 # Largest dynamic shared memory one block may opt into, per compute capability (CUDA programming
 # guide, "Compute capabilities": 163 KB on sm_80, 227 KB on sm_90).
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 TARGETS = (80, 90)
 
-_TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
-               torch.int32: "i32"}
+_TYPE_NAMES = {
+    torch.float32: "fp32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.int64: "i64",
+    torch.int32: "i32",
+}
 
 
 @dataclass(frozen=True)
@@ -147,8 +162,9 @@ def signature(kernel, pointers: dict, floats: tuple = (), ints64: tuple = ()) ->
 
 def _params(kernel):
     if not hasattr(kernel, "params"):
-        raise TypeError(f"{kernel!r} is not a @triton.jit function; import the kernels with TRITON_INTERPRET unset "
-                        f"to compile them")
+        raise TypeError(
+            f"{kernel!r} is not a @triton.jit function; import the kernels with TRITON_INTERPRET unset to compile them"
+        )
     return kernel.params
 
 
@@ -211,5 +227,9 @@ def compile_launch(launch: KernelLaunch, capability: int) -> CompileResult:
     found = re.search(r"REG:(\d+)\s+STACK:(\d+)", usage)
     if found is None:
         raise RuntimeError(f"{launch.name}: cuobjdump -res-usage printed no REG/STACK line:\n{usage}")
-    return CompileResult(shared=int(compiled.metadata.shared), registers=int(found.group(1)),
-                         stack=int(found.group(2)), spill_stores=len(re.findall(r"\bSTL(?:\.\w+)*\b", sass)))
+    return CompileResult(
+        shared=int(compiled.metadata.shared),
+        registers=int(found.group(1)),
+        stack=int(found.group(2)),
+        spill_stores=len(re.findall(r"\bSTL(?:\.\w+)*\b", sass)),
+    )

@@ -50,6 +50,7 @@ PROMOTE = "promote"
 @dataclass(frozen=True)
 class AutocastRule:
     """policy: LOWER or PROMOTE; keep: names of floating arguments LOWER leaves uncast."""
+
     policy: str
     keep: tuple[str, ...] = ()
 
@@ -80,13 +81,19 @@ def cast_arguments(op: str, device_type: str, arguments: dict[str, Any]) -> dict
     if rule.policy == PROMOTE:
         return arguments
     dtype = torch.get_autocast_dtype(device_type)
-    return {name: (value.to(dtype) if name not in rule.keep and _castable(value, device_type, dtype) else value)
-            for name, value in arguments.items()}
+    return {
+        name: (value.to(dtype) if name not in rule.keep and _castable(value, device_type, dtype) else value)
+        for name, value in arguments.items()
+    }
 
 
 def _castable(value: Any, device_type: str, dtype: torch.dtype) -> bool:
-    return (isinstance(value, Tensor) and value.is_floating_point() and value.dtype not in (torch.float64, dtype)
-            and value.device.type == device_type)
+    return (
+        isinstance(value, Tensor)
+        and value.is_floating_point()
+        and value.dtype not in (torch.float64, dtype)
+        and value.device.type == device_type
+    )
 
 
 def with_autocast_rule(fn: Callable) -> Callable:

@@ -95,8 +95,19 @@ LOGITS_BUDGET_BYTES = 256 << 20
 
 
 @triton.jit
-def _flce_fwd_kernel(logits_ptr, stride_row, target_ptr, lse_ptr, target_logit_ptr, scale_ptr, n_cols, vocab_start,
-                     ignore_index, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+def _flce_fwd_kernel(
+    logits_ptr,
+    stride_row,
+    target_ptr,
+    lse_ptr,
+    target_logit_ptr,
+    scale_ptr,
+    n_cols,
+    vocab_start,
+    ignore_index,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     """One program per row of a [C, n_cols] logits block: the row's log-sum-exp and target logit and,
     with WRITE_GRAD, its gradient written in place.
 
@@ -152,8 +163,9 @@ def _write_logit_grad(row_ptr, n_cols, lse, local_target, counted, scale, BLOCK_
 
 
 @triton.jit
-def _flce_grad_kernel(logits_ptr, stride_row, target_ptr, lse_ptr, scale_ptr, n_cols, vocab_start, ignore_index,
-                      BLOCK_V: tl.constexpr):
+def _flce_grad_kernel(
+    logits_ptr, stride_row, target_ptr, lse_ptr, scale_ptr, n_cols, vocab_start, ignore_index, BLOCK_V: tl.constexpr
+):
     """Vocab-parallel phase 2, one program per row: z <- (exp(z - lse) - onehot(target - vocab_start)) * scale,
     in place.
 
@@ -164,8 +176,15 @@ def _flce_grad_kernel(logits_ptr, stride_row, target_ptr, lse_ptr, scale_ptr, n_
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
     target = tl.load(target_ptr + row).to(tl.int64)
-    _write_logit_grad(row_ptr, n_cols, tl.load(lse_ptr + row), target - vocab_start, target != ignore_index,
-                      tl.load(scale_ptr), BLOCK_V)
+    _write_logit_grad(
+        row_ptr,
+        n_cols,
+        tl.load(lse_ptr + row),
+        target - vocab_start,
+        target != ignore_index,
+        tl.load(scale_ptr),
+        BLOCK_V,
+    )
 
 
 # ---- launchers -----------------------------------------------------------------------------------
@@ -181,13 +200,25 @@ def cuda_launches(vocab_local: int, dtype: torch.dtype) -> list[KernelLaunch]:
     """Both kernels on CUDA for logits of `dtype` with vocab_local columns (V, or V / TP shard): the
     forward kernel with its gradient loop on (its heaviest variant) and the vocab-parallel phase 2."""
     config = launch_config(vocab_local)
-    fwd = signature(_flce_fwd_kernel, {"logits_ptr": dtype, "target_ptr": torch.int64, "lse_ptr": torch.float32,
-                                       "target_logit_ptr": torch.float32, "scale_ptr": torch.float32})
-    grad = signature(_flce_grad_kernel, {"logits_ptr": dtype, "target_ptr": torch.int64, "lse_ptr": torch.float32,
-                                         "scale_ptr": torch.float32})
+    fwd = signature(
+        _flce_fwd_kernel,
+        {
+            "logits_ptr": dtype,
+            "target_ptr": torch.int64,
+            "lse_ptr": torch.float32,
+            "target_logit_ptr": torch.float32,
+            "scale_ptr": torch.float32,
+        },
+    )
+    grad = signature(
+        _flce_grad_kernel,
+        {"logits_ptr": dtype, "target_ptr": torch.int64, "lse_ptr": torch.float32, "scale_ptr": torch.float32},
+    )
     note = f"V_local={vocab_local}"
-    return [KernelLaunch(_flce_fwd_kernel, fwd, config.replace(WRITE_GRAD=True), True, note),
-            KernelLaunch(_flce_grad_kernel, grad, config, True, note)]
+    return [
+        KernelLaunch(_flce_fwd_kernel, fwd, config.replace(WRITE_GRAD=True), True, note),
+        KernelLaunch(_flce_grad_kernel, grad, config, True, note),
+    ]
 
 
 def _row_stats(logits: Tensor, target: Tensor, vocab_start: int, ignore_index: int, grad_scale: Optional[Tensor]):
@@ -198,18 +229,38 @@ def _row_stats(logits: Tensor, target: Tensor, vocab_start: int, ignore_index: i
     lse = new_output((rows,), dtype=torch.float32, device=logits.device)
     target_logit = new_output((rows,), dtype=torch.float32, device=logits.device)
     write_grad = grad_scale is not None
-    _flce_fwd_kernel[(rows,)](logits, logits.stride(0), target, lse, target_logit,
-                              grad_scale if write_grad else lse, n_cols, vocab_start, ignore_index,
-                              WRITE_GRAD=write_grad, **launch_config(n_cols).kwargs())
+    _flce_fwd_kernel[(rows,)](
+        logits,
+        logits.stride(0),
+        target,
+        lse,
+        target_logit,
+        grad_scale if write_grad else lse,
+        n_cols,
+        vocab_start,
+        ignore_index,
+        WRITE_GRAD=write_grad,
+        **launch_config(n_cols).kwargs(),
+    )
     return lse, target_logit
 
 
-def _logits_to_grad_(logits: Tensor, target: Tensor, lse: Tensor, scale: Tensor, vocab_start: int,
-                     ignore_index: int) -> Tensor:
+def _logits_to_grad_(
+    logits: Tensor, target: Tensor, lse: Tensor, scale: Tensor, vocab_start: int, ignore_index: int
+) -> Tensor:
     """Vocab-parallel phase 2: overwrite logits [C, V_local] with their gradient (see _flce_grad_kernel)."""
     rows, n_cols = logits.shape
-    _flce_grad_kernel[(rows,)](logits, logits.stride(0), target, lse, scale, n_cols, vocab_start, ignore_index,
-                               **launch_config(n_cols).kwargs())
+    _flce_grad_kernel[(rows,)](
+        logits,
+        logits.stride(0),
+        target,
+        lse,
+        scale,
+        n_cols,
+        vocab_start,
+        ignore_index,
+        **launch_config(n_cols).kwargs(),
+    )
     return logits
 
 
@@ -244,8 +295,16 @@ def default_chunk_size(num_tokens: int, vocab: int, element_size: int) -> int:
     return max(1, min(rows, num_tokens))
 
 
-def _forward_chunks(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int, process_group,
-                    chunk_size: int, need_dh: bool, need_dw: bool):
+def _forward_chunks(
+    h: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    ignore_index: int,
+    process_group,
+    chunk_size: int,
+    need_dh: bool,
+    need_dw: bool,
+):
     """The chunk loop (see the module docstring). Returns (loss, dh or None, dweight or None)."""
     num_tokens = h.shape[0]
     vocab_local = weight.shape[0]
@@ -283,8 +342,9 @@ def _forward_chunks(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int
         row_loss = torch.where(keep & ~found, torch.full_like(lse, float("nan")), row_loss)
         loss_sum = loss_sum + row_loss.sum()
         if need_grad:
-            grad_logits = logits if fused else _logits_to_grad_(logits, target_chunk, lse, scale, vocab_start,
-                                                                ignore_index)
+            grad_logits = (
+                logits if fused else _logits_to_grad_(logits, target_chunk, lse, scale, vocab_start, ignore_index)
+            )
             if dh is not None:
                 torch.mm(grad_logits, weight, out=dh[start:stop])
             if dw is not None:
@@ -319,8 +379,16 @@ def _group(group_name: Optional[str]):
 
 
 @kernel_op("fused_linear_cross_entropy", autocast="fused_linear_cross_entropy")
-def _flce_op(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int, group_name: Optional[str],
-             chunk_size: int, need_dh: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _flce_op(
+    h: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    ignore_index: int,
+    group_name: Optional[str],
+    chunk_size: int,
+    need_dh: bool,
+    need_dw: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, dh, dweight): the gradients (of the loss itself, grad_output 1) are computed here, chunk
     by chunk, when asked for (empty otherwise); backward only scales them."""
     loss, dh, dw = _forward(h, weight, target, ignore_index, _group(group_name), chunk_size, need_dh, need_dw)
@@ -329,8 +397,11 @@ def _flce_op(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int, group
 
 @_flce_op.register_fake
 def _(h, weight, target, ignore_index, group_name, chunk_size, need_dh, need_dw):
-    return (h.new_empty((), dtype=torch.float32), h.new_empty(h.shape if need_dh else (0,)),
-            weight.new_empty(weight.shape if need_dw else (0,), dtype=h.dtype))
+    return (
+        h.new_empty((), dtype=torch.float32),
+        h.new_empty(h.shape if need_dh else (0,)),
+        weight.new_empty(weight.shape if need_dw else (0,), dtype=h.dtype),
+    )
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -348,9 +419,11 @@ def _setup_context(ctx, inputs, output) -> None:
 @once_differentiable
 def _backward(ctx, grad_loss, _ddh, _ddw):
     if ctx.consumed:
-        raise RuntimeError(f"{OP}: backward ran twice through one call; its gradients are computed in the "
-                           f"forward and scaled in place by the first backward (retain_graph=True is not "
-                           f"supported)")
+        raise RuntimeError(
+            f"{OP}: backward ran twice through one call; its gradients are computed in the "
+            f"forward and scaled in place by the first backward (retain_graph=True is not "
+            f"supported)"
+        )
     ctx.consumed = True
     dh, dw = ctx.saved_tensors
     need_dh, need_dw = ctx.needs_input_grad[:2]
@@ -379,8 +452,10 @@ def _check_inputs(h, weight, target, ignore_index, process_group, chunk_size) ->
     if isinstance(weight, Tensor) and weight.numel() == 0:
         # The usual cause: a ZeRO-3 partitioned head read outside its module's forward
         # (docs/architecture.md, "ZeRO-3").
-        raise ValueError(f"{OP}: argument 'weight' is empty (shape {tuple(weight.shape)}); a ZeRO-3 "
-                         f"partitioned weight must be read inside its owning module's forward")
+        raise ValueError(
+            f"{OP}: argument 'weight' is empty (shape {tuple(weight.shape)}); a ZeRO-3 "
+            f"partitioned weight must be read inside its owning module's forward"
+        )
     check_tensor(OP, "weight", weight, dtypes=FLOAT_DTYPES, ndim=2, shape=(None, h.shape[1]))
     check_same(OP, [("h", h), ("weight", weight)], dtype=True)
     check_tensor(OP, "target", target, dtypes=(torch.int64, torch.int32), shape=(h.shape[0],))
@@ -388,8 +463,7 @@ def _check_inputs(h, weight, target, ignore_index, process_group, chunk_size) ->
     check_device(OP, h)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"{OP}: argument 'ignore_index' must be an int, got {ignore_index!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{OP}: argument 'chunk_size' must be None or an int >= 1, got {chunk_size!r}")
     if process_group is not None and not (dist.is_available() and dist.is_initialized()):
         raise ValueError(f"{OP}: argument 'process_group' was given but torch.distributed is not initialised")
@@ -401,12 +475,20 @@ def _check_targets_on_cpu(target: Tensor, ignore_index: int, vocab_total: int) -
     bad = (target != ignore_index) & ((target < 0) | (target >= vocab_total))
     if bool(bad.any()):
         pos = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{OP}: argument 'target' has {int(target[pos])} at position {pos}, outside "
-                         f"[0, {vocab_total}) and not ignore_index={ignore_index}")
+        raise ValueError(
+            f"{OP}: argument 'target' has {int(target[pos])} at position {pos}, outside "
+            f"[0, {vocab_total}) and not ignore_index={ignore_index}"
+        )
 
 
-def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX,
-                               process_group=None, chunk_size: Optional[int] = None) -> Tensor:
+def fused_linear_cross_entropy(
+    h: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    process_group=None,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
     """Mean cross-entropy of h @ weight.T over the targets that are not ignore_index (Triton).
 
         loss = (1 / N) * sum_{t : target[t] != ignore_index} logsumexp(z_t) - z_t[target[t]],
@@ -429,8 +511,13 @@ def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore
         0-dim fp32 loss; exactly 0 (with zero gradients), not NaN, when every target is ignored.
         Gradients are computed during this call only when h or weight requires grad.
     """
-    if isinstance(weight, Tensor) and isinstance(h, Tensor) and weight.dtype != h.dtype \
-            and weight.is_floating_point() and h.is_floating_point():
+    if (
+        isinstance(weight, Tensor)
+        and isinstance(h, Tensor)
+        and weight.dtype != h.dtype
+        and weight.is_floating_point()
+        and h.is_floating_point()
+    ):
         weight = weight.to(h.dtype)
     _check_inputs(h, weight, target, ignore_index, process_group, chunk_size)
     world = 1 if process_group is None else dist.get_world_size(process_group)
@@ -442,5 +529,6 @@ def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore
     # statistics alone, no gradient kernel and no gradient matmuls.
     grad = torch.is_grad_enabled()
     group_name = None if process_group is None else process_group.group_name
-    return _flce_op(h, weight, target, ignore_index, group_name, chunk_size,
-                    grad and h.requires_grad, grad and weight.requires_grad)[0]
+    return _flce_op(
+        h, weight, target, ignore_index, group_name, chunk_size, grad and h.requires_grad, grad and weight.requires_grad
+    )[0]

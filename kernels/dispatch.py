@@ -26,9 +26,22 @@ from . import measured, reference
 from ._utils import check_device, interpreting
 from .autocast import with_autocast_rule
 
-__all__ = ["backend", "triton_needs_cuda", "kernel_paths", "reset_kernel_paths", "rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "lowrank_linear",
-           "sparse_lowrank_linear", "iha_attention", "projected_adam_update", "reference",
-           "apex_rms_norm"]
+__all__ = [
+    "backend",
+    "triton_needs_cuda",
+    "kernel_paths",
+    "reset_kernel_paths",
+    "rms_norm",
+    "rope",
+    "swiglu",
+    "fused_linear_cross_entropy",
+    "lowrank_linear",
+    "sparse_lowrank_linear",
+    "iha_attention",
+    "projected_adam_update",
+    "reference",
+    "apex_rms_norm",
+]
 
 ENV_VAR = "MEGATRAIN_KERNELS"
 BACKENDS = ("auto", "torch", "triton")  # megatrain.env.KERNEL_BACKENDS, which parses the variable
@@ -148,8 +161,9 @@ def _torch_path_dtype(*tensors: Tensor):
 
 
 @with_autocast_rule
-def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX,
-                               process_group=None) -> Tensor:
+def fused_linear_cross_entropy(
+    h: Tensor, weight: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX, process_group=None
+) -> Tensor:
     """Mean over non-ignored t of logsumexp(h[t] @ weight.T) - (h[t] @ weight.T)[target[t]].
 
     h [T, D], weight [V, D], target [T]; the [T, V] logits are never held at once. Returns a 0-dim
@@ -164,13 +178,20 @@ def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore
         from .cross_entropy import fused_linear_cross_entropy as triton_flce
 
         return triton_flce(h, weight, target, ignore_index, process_group=process_group)
-    return reference.fused_linear_cross_entropy(h, weight, target, ignore_index, process_group=process_group,
-                                                compute_dtype=_torch_path_dtype(h, weight))
+    return reference.fused_linear_cross_entropy(
+        h, weight, target, ignore_index, process_group=process_group, compute_dtype=_torch_path_dtype(h, weight)
+    )
 
 
 @with_autocast_rule
-def lowrank_linear(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor] = None,
-                   activation: Optional[str] = "silu", recompute: bool = False) -> Tensor:
+def lowrank_linear(
+    x: Tensor,
+    a: Tensor,
+    b: Tensor,
+    bias: Optional[Tensor] = None,
+    activation: Optional[str] = "silu",
+    recompute: bool = False,
+) -> Tensor:
     """act(x @ a) @ b + bias: CoLA's low-rank projection (activation None: plain low-rank).
 
     x [..., D_in], a [D_in, r], b [r, D_out], bias [D_out] or None; activation "silu" or None.
@@ -198,14 +219,25 @@ def sparse_lowrank_linear(x: Tensor, a: Tensor, b: Tensor, values: Tensor, index
         from .sparse_lowrank import sparse_lowrank_linear as triton_sparse_lowrank_linear
 
         return triton_sparse_lowrank_linear(x, a, b, values, index, scale)
-    return reference.sparse_lowrank_linear(x, a, b, values, index, scale,
-                                           compute_dtype=_torch_path_dtype(x, a, b, values))
+    return reference.sparse_lowrank_linear(
+        x, a, b, values, index, scale, compute_dtype=_torch_path_dtype(x, a, b, values)
+    )
 
 
 @with_autocast_rule
-def iha_attention(q: Tensor, k: Tensor, v: Tensor, mix_q: Tensor, mix_k: Tensor, mix_v: Tensor, collapse: Tensor,
-                  cos: Optional[Tensor] = None, sin: Optional[Tensor] = None, mask: str = "causal",
-                  window: Optional[int] = None) -> Tensor:
+def iha_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mix_q: Tensor,
+    mix_k: Tensor,
+    mix_v: Tensor,
+    collapse: Tensor,
+    cos: Optional[Tensor] = None,
+    sin: Optional[Tensor] = None,
+    mask: str = "causal",
+    window: Optional[int] = None,
+) -> Tensor:
     """Interleaved head attention: P pseudo-tokens per token, mixed across heads, attended, collapsed.
 
     q, k, v [B, H_in, N, d]; mix_q, mix_k, mix_v [H_in, H_out, P]: pseudo-token (n, p) of output
@@ -225,16 +257,31 @@ def iha_attention(q: Tensor, k: Tensor, v: Tensor, mix_q: Tensor, mix_k: Tensor,
         from .iha import iha_attention as triton_iha_attention
 
         return triton_iha_attention(q, k, v, mix_q, mix_k, mix_v, collapse, cos, sin, mask, window)
-    return reference.iha_attention(q, k, v, mix_q, mix_k, mix_v, collapse, cos, sin, mask, window,
-                                   compute_dtype=_torch_path_dtype(q, k, v))
+    return reference.iha_attention(
+        q, k, v, mix_q, mix_k, mix_v, collapse, cos, sin, mask, window, compute_dtype=_torch_path_dtype(q, k, v)
+    )
 
 
 @with_autocast_rule
-def projected_adam_update(weight: Tensor, proj: Tensor, low_rank_grad: Tensor, exp_avg: Tensor,
-                          exp_avg_sq: Tensor, *, side: str, beta1: float, beta2: float, eps: float,
-                          step_size: float, scale: float, decay: float, update_moments: bool = True,
-                          grad: Optional[Tensor] = None, residual_scale: Optional[Tensor] = None,
-                          residual_coef: float = 1.0) -> tuple[Tensor, Tensor]:
+def projected_adam_update(
+    weight: Tensor,
+    proj: Tensor,
+    low_rank_grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    side: str,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step_size: float,
+    scale: float,
+    decay: float,
+    update_moments: bool = True,
+    grad: Optional[Tensor] = None,
+    residual_scale: Optional[Tensor] = None,
+    residual_coef: float = 1.0,
+) -> tuple[Tensor, Tensor]:
     """GaLore / Fira inner step: Adam in the projected space, back-projection, decoupled decay.
 
     side "right": weight [M, N], proj [r, N], low_rank_grad / moments [M, r]; "left": proj [M, r],
@@ -244,15 +291,42 @@ def projected_adam_update(weight: Tensor, proj: Tensor, low_rank_grad: Tensor, e
     `weight` is updated in place; returns the moments after the step (keep the returned tensors:
     the Triton kernel writes new ones). Math and shapes: `reference.projected_adam_update`.
     """
-    if _use_triton("projected_adam_update", weight,
-                   lambda: (low_rank_grad.shape[1 if side == "right" else 0],)):
+    if _use_triton("projected_adam_update", weight, lambda: (low_rank_grad.shape[1 if side == "right" else 0],)):
         from .projected_adam import projected_adam_update as triton_projected_adam_update
 
-        return triton_projected_adam_update(weight, proj, low_rank_grad, exp_avg, exp_avg_sq, side=side,
-                                            beta1=beta1, beta2=beta2, eps=eps, step_size=step_size, scale=scale,
-                                            decay=decay, update_moments=update_moments, grad=grad,
-                                            residual_scale=residual_scale, residual_coef=residual_coef)
-    return reference.projected_adam_update(weight, proj, low_rank_grad, exp_avg, exp_avg_sq, side=side, beta1=beta1,
-                                           beta2=beta2, eps=eps, step_size=step_size, scale=scale, decay=decay,
-                                           update_moments=update_moments, grad=grad, residual_scale=residual_scale,
-                                           residual_coef=residual_coef)
+        return triton_projected_adam_update(
+            weight,
+            proj,
+            low_rank_grad,
+            exp_avg,
+            exp_avg_sq,
+            side=side,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            step_size=step_size,
+            scale=scale,
+            decay=decay,
+            update_moments=update_moments,
+            grad=grad,
+            residual_scale=residual_scale,
+            residual_coef=residual_coef,
+        )
+    return reference.projected_adam_update(
+        weight,
+        proj,
+        low_rank_grad,
+        exp_avg,
+        exp_avg_sq,
+        side=side,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        step_size=step_size,
+        scale=scale,
+        decay=decay,
+        update_moments=update_moments,
+        grad=grad,
+        residual_scale=residual_scale,
+        residual_coef=residual_coef,
+    )

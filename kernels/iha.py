@@ -200,8 +200,17 @@ def _phases(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _key_range(start_m, offs_m, L, P, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               TOKEN_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+def _key_range(
+    start_m,
+    offs_m,
+    L,
+    P,
+    window,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TOKEN_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+):
     """The keys of the query tile offs_m = start_m + [0, BLOCK_M): each row's bounds key_lo, key_hi
     (inclusive) and the key tiles of the loop, masked [lo, mid_lo), unmasked [mid_lo, mid_hi), masked
     [mid_hi, hi) (`_phases`)."""
@@ -217,8 +226,7 @@ def _key_range(start_m, offs_m, L, P, window, BLOCK_M: tl.constexpr, BLOCK_N: tl
 
 
 @triton.jit
-def _key_tile(start_n, L, P, stride_kn, stride_kp, stride_vn, stride_vp, BLOCK_N: tl.constexpr,
-              ALIGNED: tl.constexpr):
+def _key_tile(start_n, L, P, stride_kn, stride_kp, stride_vn, stride_vp, BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr):
     """The key tile start_n + [0, BLOCK_N) of a loop step: its keys offs_n, those below L (valid_n)
     and their row offsets in k and v."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -229,8 +237,9 @@ def _key_tile(start_n, L, P, stride_kn, stride_kp, stride_vn, stride_vp, BLOCK_N
 
 
 @triton.jit
-def _load_rows(base, rows, rows_valid, offs_d, mask_d, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr,
-               TRANSPOSED: tl.constexpr):
+def _load_rows(
+    base, rows, rows_valid, offs_d, mask_d, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr, TRANSPOSED: tl.constexpr
+):
     """Load the rows at offsets rows (`_row_offsets`) of the head at base, a [rows, BLOCK_D] tile
     ([BLOCK_D, rows] when TRANSPOSED), zero outside. Row checks only where a tile can pass the end
     (CHECK_ROWS), column checks only when d < BLOCK_D (EVEN_D false): a mask that varies along d would
@@ -269,15 +278,38 @@ def _store_rows(base, rows, value, rows_valid, offs_d, mask_d, EVEN_D: tl.conste
 
 
 @triton.jit
-def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kp, stride_vn, stride_vp,
-               start, end, key_lo, key_hi, L, P, qk_scale, offs_d, mask_d,
-               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, ALIGNED: tl.constexpr,
-               FP32_DOT: tl.constexpr):
+def _fwd_inner(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    stride_kn,
+    stride_kp,
+    stride_vn,
+    stride_vp,
+    start,
+    end,
+    key_lo,
+    key_hi,
+    L,
+    P,
+    qk_scale,
+    offs_d,
+    mask_d,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+):
     """Online softmax of the query tile over key tiles [start, end); elementwise mask when MASKED."""
     ELEM = q.dtype
     for start_n in range(start, end, BLOCK_N):
-        offs_n, valid_n, k_rows, v_rows = _key_tile(start_n, L, P, stride_kn, stride_kp, stride_vn, stride_vp,
-                                                    BLOCK_N, ALIGNED)
+        offs_n, valid_n, k_rows, v_rows = _key_tile(
+            start_n, L, P, stride_kn, stride_kp, stride_vn, stride_vp, BLOCK_N, ALIGNED
+        )
         k = _load_rows(k_base, k_rows, valid_n, offs_d, mask_d, MASKED, EVEN_D, False)
         s = _dot(q, tl.trans(k), FP32_DOT) * qk_scale
         if MASKED:
@@ -299,37 +331,136 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kp, stride_vn
 
 
 @triton.jit
-def _iha_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
-                         stride_qb, stride_qh, stride_qn, stride_qp,
-                         stride_kb, stride_kh, stride_kn, stride_kp,
-                         stride_vb, stride_vh, stride_vn, stride_vp,
-                         stride_ob, stride_oh, stride_on, stride_op,
-                         heads, L, P, head_dim, window, qk_scale,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         TOKEN_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, EVEN_D: tl.constexpr,
-                         ALIGNED: tl.constexpr, FP32_DOT: tl.constexpr):
+def _iha_attn_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    lse_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_qp,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kp,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vp,
+    stride_ob,
+    stride_oh,
+    stride_on,
+    stride_op,
+    heads,
+    L,
+    P,
+    head_dim,
+    window,
+    qk_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    TOKEN_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+):
     """o~ and the base-2 logsumexp of one tile of BLOCK_M virtual queries of head (b, h)."""
     start_m, bh, b, h, offs_m, offs_d, mask_d, valid_m = _program_tile(heads, L, head_dim, BLOCK_M, BLOCK_D)
     q_rows = _row_offsets(offs_m, P, stride_qn, stride_qp, ALIGNED)
-    q = _load_rows(_head_base(q_ptr, b, h, stride_qb, stride_qh, ALIGNED), q_rows, valid_m, offs_d, mask_d, True,
-                   EVEN_D, False)
+    q = _load_rows(
+        _head_base(q_ptr, b, h, stride_qb, stride_qh, ALIGNED), q_rows, valid_m, offs_d, mask_d, True, EVEN_D, False
+    )
     k_base = _head_base(k_ptr, b, h, stride_kb, stride_kh, ALIGNED)
     v_base = _head_base(v_ptr, b, h, stride_vb, stride_vh, ALIGNED)
-    key_lo, key_hi, lo, mid_lo, mid_hi, hi = _key_range(start_m, offs_m, L, P, window, BLOCK_M, BLOCK_N, TOKEN_CAUSAL,
-                                                        HAS_WINDOW)
+    key_lo, key_hi, lo, mid_lo, mid_hi, hi = _key_range(
+        start_m, offs_m, L, P, window, BLOCK_M, BLOCK_N, TOKEN_CAUSAL, HAS_WINDOW
+    )
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kp, stride_vn, stride_vp,
-                               lo, mid_lo, key_lo, key_hi, L, P, qk_scale, offs_d, mask_d,
-                               BLOCK_N, True, EVEN_D, ALIGNED, FP32_DOT)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kp, stride_vn, stride_vp,
-                               mid_lo, mid_hi, key_lo, key_hi, L, P, qk_scale, offs_d, mask_d,
-                               BLOCK_N, False, EVEN_D, ALIGNED, FP32_DOT)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kp, stride_vn, stride_vp,
-                               mid_hi, hi, key_lo, key_hi, L, P, qk_scale, offs_d, mask_d,
-                               BLOCK_N, True, EVEN_D, ALIGNED, FP32_DOT)
+    acc, m_i, l_i = _fwd_inner(
+        acc,
+        m_i,
+        l_i,
+        q,
+        k_base,
+        v_base,
+        stride_kn,
+        stride_kp,
+        stride_vn,
+        stride_vp,
+        lo,
+        mid_lo,
+        key_lo,
+        key_hi,
+        L,
+        P,
+        qk_scale,
+        offs_d,
+        mask_d,
+        BLOCK_N,
+        True,
+        EVEN_D,
+        ALIGNED,
+        FP32_DOT,
+    )
+    acc, m_i, l_i = _fwd_inner(
+        acc,
+        m_i,
+        l_i,
+        q,
+        k_base,
+        v_base,
+        stride_kn,
+        stride_kp,
+        stride_vn,
+        stride_vp,
+        mid_lo,
+        mid_hi,
+        key_lo,
+        key_hi,
+        L,
+        P,
+        qk_scale,
+        offs_d,
+        mask_d,
+        BLOCK_N,
+        False,
+        EVEN_D,
+        ALIGNED,
+        FP32_DOT,
+    )
+    acc, m_i, l_i = _fwd_inner(
+        acc,
+        m_i,
+        l_i,
+        q,
+        k_base,
+        v_base,
+        stride_kn,
+        stride_kp,
+        stride_vn,
+        stride_vp,
+        mid_hi,
+        hi,
+        key_lo,
+        key_hi,
+        L,
+        P,
+        qk_scale,
+        offs_d,
+        mask_d,
+        BLOCK_N,
+        True,
+        EVEN_D,
+        ALIGNED,
+        FP32_DOT,
+    )
     # Every valid row sees at least itself, so l_i > 0 there; padding rows are not stored.
     l_safe = tl.where(valid_m, l_i, 1.0)
     acc = acc / l_safe[:, None]
@@ -342,11 +473,26 @@ def _iha_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
 
 
 @triton.jit
-def _iha_attn_bwd_preprocess_kernel(o_ptr, do_ptr, delta_ptr,
-                                    stride_ob, stride_oh, stride_on, stride_op,
-                                    stride_dob, stride_doh, stride_don, stride_dop,
-                                    heads, L, P, head_dim,
-                                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ALIGNED: tl.constexpr):
+def _iha_attn_bwd_preprocess_kernel(
+    o_ptr,
+    do_ptr,
+    delta_ptr,
+    stride_ob,
+    stride_oh,
+    stride_on,
+    stride_op,
+    stride_dob,
+    stride_doh,
+    stride_don,
+    stride_dop,
+    heads,
+    L,
+    P,
+    head_dim,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
     """delta[b, h, i] = sum_d do~[b, h, i, d] * o~[b, h, i, d] (fp32), the softmax-backward row term."""
     start_m, bh, b, h, offs_m, offs_d, mask_d, valid_m = _program_tile(heads, L, head_dim, BLOCK_M, BLOCK_D)
     mask = valid_m[:, None] & mask_d[None, :]
@@ -360,10 +506,36 @@ def _iha_attn_bwd_preprocess_kernel(o_ptr, do_ptr, delta_ptr,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                stride_qn, stride_qp, stride_don, stride_dop, start, end, offs_n, L, P, window, qk_scale,
-                offs_d, mask_d, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, TOKEN_CAUSAL: tl.constexpr,
-                HAS_WINDOW: tl.constexpr, EVEN_D: tl.constexpr, ALIGNED: tl.constexpr, FP32_DOT: tl.constexpr):
+def _dkdv_inner(
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    lse_base,
+    delta_base,
+    stride_qn,
+    stride_qp,
+    stride_don,
+    stride_dop,
+    start,
+    end,
+    offs_n,
+    L,
+    P,
+    window,
+    qk_scale,
+    offs_d,
+    mask_d,
+    BLOCK_M: tl.constexpr,
+    MASKED: tl.constexpr,
+    TOKEN_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+):
     """Accumulate dk~, dv~ of the key tile over query tiles [start, end); elementwise mask when MASKED."""
     ELEM = k.dtype
     for start_m in range(start, end, BLOCK_M):
@@ -389,16 +561,51 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
 
 
 @triton.jit
-def _iha_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-                              stride_qb, stride_qh, stride_qn, stride_qp,
-                              stride_kb, stride_kh, stride_kn, stride_kp,
-                              stride_vb, stride_vh, stride_vn, stride_vp,
-                              stride_dob, stride_doh, stride_don, stride_dop,
-                              stride_dkb, stride_dkh, stride_dkn, stride_dkp,
-                              heads, L, P, head_dim, window, qk_scale, sm_scale,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                              TOKEN_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, EVEN_D: tl.constexpr,
-                              ALIGNED: tl.constexpr, FP32_DOT: tl.constexpr):
+def _iha_attn_bwd_dkdv_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dk_ptr,
+    dv_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_qp,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kp,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vp,
+    stride_dob,
+    stride_doh,
+    stride_don,
+    stride_dop,
+    stride_dkb,
+    stride_dkh,
+    stride_dkn,
+    stride_dkp,
+    heads,
+    L,
+    P,
+    head_dim,
+    window,
+    qk_scale,
+    sm_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    TOKEN_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+):
     """dk~, dv~ of one tile of BLOCK_N virtual keys of head (b, h). dk and dv share strides."""
     start_n, bh, b, h, offs_n, offs_d, mask_d, valid_n = _program_tile(heads, L, head_dim, BLOCK_N, BLOCK_D)
     k_rows = _row_offsets(offs_n, P, stride_kn, stride_kp, ALIGNED)
@@ -420,32 +627,145 @@ def _iha_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, d
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_qp, stride_don,
-                         stride_dop, lo, mid_lo, offs_n, L, P, window, qk_scale, offs_d, mask_d, BLOCK_M, True,
-                         TOKEN_CAUSAL, HAS_WINDOW, EVEN_D, ALIGNED, FP32_DOT)
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_qp, stride_don,
-                         stride_dop, mid_lo, mid_hi, offs_n, L, P, window, qk_scale, offs_d, mask_d, BLOCK_M, False,
-                         TOKEN_CAUSAL, HAS_WINDOW, EVEN_D, ALIGNED, FP32_DOT)
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_qp, stride_don,
-                         stride_dop, mid_hi, hi, offs_n, L, P, window, qk_scale, offs_d, mask_d, BLOCK_M, True,
-                         TOKEN_CAUSAL, HAS_WINDOW, EVEN_D, ALIGNED, FP32_DOT)
+    dk, dv = _dkdv_inner(
+        dk,
+        dv,
+        k,
+        v,
+        q_base,
+        do_base,
+        lse_base,
+        delta_base,
+        stride_qn,
+        stride_qp,
+        stride_don,
+        stride_dop,
+        lo,
+        mid_lo,
+        offs_n,
+        L,
+        P,
+        window,
+        qk_scale,
+        offs_d,
+        mask_d,
+        BLOCK_M,
+        True,
+        TOKEN_CAUSAL,
+        HAS_WINDOW,
+        EVEN_D,
+        ALIGNED,
+        FP32_DOT,
+    )
+    dk, dv = _dkdv_inner(
+        dk,
+        dv,
+        k,
+        v,
+        q_base,
+        do_base,
+        lse_base,
+        delta_base,
+        stride_qn,
+        stride_qp,
+        stride_don,
+        stride_dop,
+        mid_lo,
+        mid_hi,
+        offs_n,
+        L,
+        P,
+        window,
+        qk_scale,
+        offs_d,
+        mask_d,
+        BLOCK_M,
+        False,
+        TOKEN_CAUSAL,
+        HAS_WINDOW,
+        EVEN_D,
+        ALIGNED,
+        FP32_DOT,
+    )
+    dk, dv = _dkdv_inner(
+        dk,
+        dv,
+        k,
+        v,
+        q_base,
+        do_base,
+        lse_base,
+        delta_base,
+        stride_qn,
+        stride_qp,
+        stride_don,
+        stride_dop,
+        mid_hi,
+        hi,
+        offs_n,
+        L,
+        P,
+        window,
+        qk_scale,
+        offs_d,
+        mask_d,
+        BLOCK_M,
+        True,
+        TOKEN_CAUSAL,
+        HAS_WINDOW,
+        EVEN_D,
+        ALIGNED,
+        FP32_DOT,
+    )
     out_rows = _row_offsets(offs_n, P, stride_dkn, stride_dkp, ALIGNED)
-    _store_rows(_head_base(dk_ptr, b, h, stride_dkb, stride_dkh, ALIGNED), out_rows, dk * sm_scale, valid_n, offs_d,
-                mask_d, EVEN_D)
-    _store_rows(_head_base(dv_ptr, b, h, stride_dkb, stride_dkh, ALIGNED), out_rows, dv, valid_n, offs_d, mask_d,
-                EVEN_D)
+    _store_rows(
+        _head_base(dk_ptr, b, h, stride_dkb, stride_dkh, ALIGNED),
+        out_rows,
+        dk * sm_scale,
+        valid_n,
+        offs_d,
+        mask_d,
+        EVEN_D,
+    )
+    _store_rows(
+        _head_base(dv_ptr, b, h, stride_dkb, stride_dkh, ALIGNED), out_rows, dv, valid_n, offs_d, mask_d, EVEN_D
+    )
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kp, stride_vn, stride_vp,
-              start, end, key_lo, key_hi, L, P, qk_scale, offs_d, mask_d,
-              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, ALIGNED: tl.constexpr,
-              FP32_DOT: tl.constexpr):
+def _dq_inner(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    k_base,
+    v_base,
+    stride_kn,
+    stride_kp,
+    stride_vn,
+    stride_vp,
+    start,
+    end,
+    key_lo,
+    key_hi,
+    L,
+    P,
+    qk_scale,
+    offs_d,
+    mask_d,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+):
     """Accumulate dq~ of the query tile over key tiles [start, end); elementwise mask when MASKED."""
     ELEM = q.dtype
     for start_n in range(start, end, BLOCK_N):
-        offs_n, valid_n, k_rows, v_rows = _key_tile(start_n, L, P, stride_kn, stride_kp, stride_vn, stride_vp,
-                                                    BLOCK_N, ALIGNED)
+        offs_n, valid_n, k_rows, v_rows = _key_tile(
+            start_n, L, P, stride_kn, stride_kp, stride_vn, stride_vp, BLOCK_N, ALIGNED
+        )
         kT = _load_rows(k_base, k_rows, valid_n, offs_d, mask_d, MASKED, EVEN_D, True)
         vT = _load_rows(v_base, v_rows, valid_n, offs_d, mask_d, MASKED, EVEN_D, True)
         p = tl.exp2(_dot(q, kT, FP32_DOT) * qk_scale - lse[:, None])
@@ -459,41 +779,160 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kp, strid
 
 
 @triton.jit
-def _iha_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-                            stride_qb, stride_qh, stride_qn, stride_qp,
-                            stride_kb, stride_kh, stride_kn, stride_kp,
-                            stride_vb, stride_vh, stride_vn, stride_vp,
-                            stride_dob, stride_doh, stride_don, stride_dop,
-                            stride_dqb, stride_dqh, stride_dqn, stride_dqp,
-                            heads, L, P, head_dim, window, qk_scale, sm_scale,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                            TOKEN_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, EVEN_D: tl.constexpr,
-                            ALIGNED: tl.constexpr, FP32_DOT: tl.constexpr):
+def _iha_attn_bwd_dq_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dq_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_qp,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kp,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vp,
+    stride_dob,
+    stride_doh,
+    stride_don,
+    stride_dop,
+    stride_dqb,
+    stride_dqh,
+    stride_dqn,
+    stride_dqp,
+    heads,
+    L,
+    P,
+    head_dim,
+    window,
+    qk_scale,
+    sm_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    TOKEN_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+):
     """dq~ of one tile of BLOCK_M virtual queries of head (b, h)."""
     start_m, bh, b, h, offs_m, offs_d, mask_d, valid_m = _program_tile(heads, L, head_dim, BLOCK_M, BLOCK_D)
     q_rows = _row_offsets(offs_m, P, stride_qn, stride_qp, ALIGNED)
     do_rows = _row_offsets(offs_m, P, stride_don, stride_dop, ALIGNED)
-    q = _load_rows(_head_base(q_ptr, b, h, stride_qb, stride_qh, ALIGNED), q_rows, valid_m, offs_d, mask_d, True,
-                   EVEN_D, False)
-    do = _load_rows(_head_base(do_ptr, b, h, stride_dob, stride_doh, ALIGNED), do_rows, valid_m, offs_d, mask_d, True,
-                    EVEN_D, False)
+    q = _load_rows(
+        _head_base(q_ptr, b, h, stride_qb, stride_qh, ALIGNED), q_rows, valid_m, offs_d, mask_d, True, EVEN_D, False
+    )
+    do = _load_rows(
+        _head_base(do_ptr, b, h, stride_dob, stride_doh, ALIGNED), do_rows, valid_m, offs_d, mask_d, True, EVEN_D, False
+    )
     lse = tl.load(lse_ptr + bh.to(tl.int64) * L + offs_m, mask=valid_m, other=0.0)
     delta = tl.load(delta_ptr + bh.to(tl.int64) * L + offs_m, mask=valid_m, other=0.0)
     k_base = _head_base(k_ptr, b, h, stride_kb, stride_kh, ALIGNED)
     v_base = _head_base(v_ptr, b, h, stride_vb, stride_vh, ALIGNED)
-    key_lo, key_hi, lo, mid_lo, mid_hi, hi = _key_range(start_m, offs_m, L, P, window, BLOCK_M, BLOCK_N, TOKEN_CAUSAL,
-                                                        HAS_WINDOW)
+    key_lo, key_hi, lo, mid_lo, mid_hi, hi = _key_range(
+        start_m, offs_m, L, P, window, BLOCK_M, BLOCK_N, TOKEN_CAUSAL, HAS_WINDOW
+    )
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kp, stride_vn, stride_vp, lo, mid_lo,
-                   key_lo, key_hi, L, P, qk_scale, offs_d, mask_d, BLOCK_N, True, EVEN_D, ALIGNED, FP32_DOT)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kp, stride_vn, stride_vp, mid_lo,
-                   mid_hi, key_lo, key_hi, L, P, qk_scale, offs_d, mask_d, BLOCK_N, False, EVEN_D, ALIGNED, FP32_DOT)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kp, stride_vn, stride_vp, mid_hi, hi,
-                   key_lo, key_hi, L, P, qk_scale, offs_d, mask_d, BLOCK_N, True, EVEN_D, ALIGNED, FP32_DOT)
+    dq = _dq_inner(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        k_base,
+        v_base,
+        stride_kn,
+        stride_kp,
+        stride_vn,
+        stride_vp,
+        lo,
+        mid_lo,
+        key_lo,
+        key_hi,
+        L,
+        P,
+        qk_scale,
+        offs_d,
+        mask_d,
+        BLOCK_N,
+        True,
+        EVEN_D,
+        ALIGNED,
+        FP32_DOT,
+    )
+    dq = _dq_inner(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        k_base,
+        v_base,
+        stride_kn,
+        stride_kp,
+        stride_vn,
+        stride_vp,
+        mid_lo,
+        mid_hi,
+        key_lo,
+        key_hi,
+        L,
+        P,
+        qk_scale,
+        offs_d,
+        mask_d,
+        BLOCK_N,
+        False,
+        EVEN_D,
+        ALIGNED,
+        FP32_DOT,
+    )
+    dq = _dq_inner(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        k_base,
+        v_base,
+        stride_kn,
+        stride_kp,
+        stride_vn,
+        stride_vp,
+        mid_hi,
+        hi,
+        key_lo,
+        key_hi,
+        L,
+        P,
+        qk_scale,
+        offs_d,
+        mask_d,
+        BLOCK_N,
+        True,
+        EVEN_D,
+        ALIGNED,
+        FP32_DOT,
+    )
     dq_rows = _row_offsets(offs_m, P, stride_dqn, stride_dqp, ALIGNED)
-    _store_rows(_head_base(dq_ptr, b, h, stride_dqb, stride_dqh, ALIGNED), dq_rows, dq * sm_scale, valid_m, offs_d,
-                mask_d, EVEN_D)
+    _store_rows(
+        _head_base(dq_ptr, b, h, stride_dqb, stride_dqh, ALIGNED),
+        dq_rows,
+        dq * sm_scale,
+        valid_m,
+        offs_d,
+        mask_d,
+        EVEN_D,
+    )
 
 
 # ---- host side -----------------------------------------------------------------------------------
@@ -530,25 +969,40 @@ def launch_config(head_dim: int, dtype: torch.dtype, *, phase: str, interpret: O
     if interpret:
         (block_m, block_n), warps, stages = {"fwd": (16, 8), "bwd_dkdv": (8, 16), "bwd_dq": (16, 8)}[phase], 4, None
     elif fp32:
-        block_m, block_n, warps, stages = {"fwd": (16 if wide else 32, 16, 4, 2),
-                                           "bwd_dkdv": (16, 32, 8 if wide else 4, 1),
-                                           "bwd_dq": (32, 16, 8, 1)}[phase]
+        block_m, block_n, warps, stages = {
+            "fwd": (16 if wide else 32, 16, 4, 2),
+            "bwd_dkdv": (16, 32, 8 if wide else 4, 1),
+            "bwd_dq": (32, 16, 8, 1),
+        }[phase]
     else:
         masked_d = block_d != head_dim  # column masks cost registers: d = 96 needs a smaller dq tile
-        block_m, block_n, warps, stages = {"fwd": (128, 32 if wide else 64, 8, 3),
-                                           "bwd_dkdv": (32, 64, 8 if wide else 4, 2),
-                                           "bwd_dq": (32 if masked_d else 64, 64 if wide else 32, 8 if wide else 4,
-                                                      2)}[phase]
-    return LaunchConfig.of(num_warps=warps, num_stages=stages, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                           EVEN_D=block_d == head_dim, FP32_DOT=interpret or fp32)
+        block_m, block_n, warps, stages = {
+            "fwd": (128, 32 if wide else 64, 8, 3),
+            "bwd_dkdv": (32, 64, 8 if wide else 4, 2),
+            "bwd_dq": (32 if masked_d else 64, 64 if wide else 32, 8 if wide else 4, 2),
+        }[phase]
+    return LaunchConfig.of(
+        num_warps=warps,
+        num_stages=stages,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        EVEN_D=block_d == head_dim,
+        FP32_DOT=interpret or fp32,
+    )
 
 
-_KERNELS = {"fwd": _iha_attn_fwd_kernel, "bwd_preprocess": _iha_attn_bwd_preprocess_kernel,
-            "bwd_dkdv": _iha_attn_bwd_dkdv_kernel, "bwd_dq": _iha_attn_bwd_dq_kernel}
+_KERNELS = {
+    "fwd": _iha_attn_fwd_kernel,
+    "bwd_preprocess": _iha_attn_bwd_preprocess_kernel,
+    "bwd_dkdv": _iha_attn_bwd_dkdv_kernel,
+    "bwd_dq": _iha_attn_bwd_dq_kernel,
+}
 
 
-def cuda_launches(head_dim: int, dtype: torch.dtype, *, token_causal: bool = False,
-                  window: bool = True) -> list[KernelLaunch]:
+def cuda_launches(
+    head_dim: int, dtype: torch.dtype, *, token_causal: bool = False, window: bool = True
+) -> list[KernelLaunch]:
     """The four launches of one forward + backward on CUDA for heads of size head_dim in `dtype`
     (the pseudo-heads' dtype; logsumexp and delta are fp32). P does not change the compiled code."""
     f32 = torch.float32
@@ -556,20 +1010,46 @@ def cuda_launches(head_dim: int, dtype: torch.dtype, *, token_causal: bool = Fal
     types = {
         "fwd": {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "o_ptr": dtype, "lse_ptr": f32},
         "bwd_preprocess": {"o_ptr": dtype, "do_ptr": dtype, "delta_ptr": f32},
-        "bwd_dkdv": {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "do_ptr": dtype, "lse_ptr": f32,
-                     "delta_ptr": f32, "dk_ptr": dtype, "dv_ptr": dtype},
-        "bwd_dq": {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "do_ptr": dtype, "lse_ptr": f32,
-                   "delta_ptr": f32, "dq_ptr": dtype},
+        "bwd_dkdv": {
+            "q_ptr": dtype,
+            "k_ptr": dtype,
+            "v_ptr": dtype,
+            "do_ptr": dtype,
+            "lse_ptr": f32,
+            "delta_ptr": f32,
+            "dk_ptr": dtype,
+            "dv_ptr": dtype,
+        },
+        "bwd_dq": {
+            "q_ptr": dtype,
+            "k_ptr": dtype,
+            "v_ptr": dtype,
+            "do_ptr": dtype,
+            "lse_ptr": f32,
+            "delta_ptr": f32,
+            "dq_ptr": dtype,
+        },
     }
-    floats = {"fwd": ("qk_scale",), "bwd_preprocess": (), "bwd_dkdv": ("qk_scale", "sm_scale"),
-              "bwd_dq": ("qk_scale", "sm_scale")}
+    floats = {
+        "fwd": ("qk_scale",),
+        "bwd_preprocess": (),
+        "bwd_dkdv": ("qk_scale", "sm_scale"),
+        "bwd_dq": ("qk_scale", "sm_scale"),
+    }
     launches = []
     for phase in PHASES:
         config = launch_config(head_dim, dtype, phase=phase, interpret=False)
         config = config.replace(**(flags if phase != "bwd_preprocess" else dict(ALIGNED=True)))
         kernel = _KERNELS[phase]
-        launches.append(KernelLaunch(kernel, signature(kernel, types[phase], floats=floats[phase]), config,
-                                     phase == "bwd_preprocess", f"d={head_dim}"))
+        launches.append(
+            KernelLaunch(
+                kernel,
+                signature(kernel, types[phase], floats=floats[phase]),
+                config,
+                phase == "bwd_preprocess",
+                f"d={head_dim}",
+            )
+        )
     return launches
 
 
@@ -601,17 +1081,34 @@ def _attention_forward(q: Tensor, k: Tensor, v: Tensor, mask: str, window: Optio
     lse = new_output((batch, heads, L), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    config = launch_config(head_dim, q.dtype, phase="fwd").replace(**_mask_flags(mask, window),
-                                                                    ALIGNED=_aligned(q, k, v, out))
+    config = launch_config(head_dim, q.dtype, phase="fwd").replace(
+        **_mask_flags(mask, window), ALIGNED=_aligned(q, k, v, out)
+    )
     block_m = config.constexpr_dict()["BLOCK_M"]
     _iha_attn_fwd_kernel[(triton.cdiv(L, block_m), batch * heads)](
-        q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        heads, L, pseudo, head_dim, window or 0, head_dim ** -0.5 * LOG2E, **config.kwargs())
+        q,
+        k,
+        v,
+        out,
+        lse,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(out),
+        heads,
+        L,
+        pseudo,
+        head_dim,
+        window or 0,
+        head_dim**-0.5 * LOG2E,
+        **config.kwargs(),
+    )
     return out, lse
 
 
-def _attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, mask: str,
-                        window: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
+def _attention_backward(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, mask: str, window: Optional[int]
+) -> tuple[Tensor, Tensor, Tensor]:
     """dq~, dk~, dv~ [B, H, P, N, d] (contiguous, the inputs' dtype) from do~."""
     batch, heads, pseudo, seq_len, head_dim = q.shape
     L = seq_len * pseudo
@@ -622,16 +1119,19 @@ def _attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, 
     delta = new_output((batch, heads, L), dtype=torch.float32, device=q.device)
     pre = launch_config(head_dim, q.dtype, phase="bwd_preprocess").replace(ALIGNED=_aligned(o, do))
     _iha_attn_bwd_preprocess_kernel[(triton.cdiv(L, pre.constexpr_dict()["BLOCK_M"]), batch * heads)](
-        o, do, delta, *_strides(o), *_strides(do), heads, L, pseudo, head_dim, **pre.kwargs())
-    sm_scale = head_dim ** -0.5
+        o, do, delta, *_strides(o), *_strides(do), heads, L, pseudo, head_dim, **pre.kwargs()
+    )
+    sm_scale = head_dim**-0.5
     scalars = (heads, L, pseudo, head_dim, window or 0, sm_scale * LOG2E, sm_scale)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     dkdv = launch_config(head_dim, q.dtype, phase="bwd_dkdv").replace(**flags)
     _iha_attn_bwd_dkdv_kernel[(triton.cdiv(L, dkdv.constexpr_dict()["BLOCK_N"]), batch * heads)](
-        q, k, v, do, lse, delta, dk, dv, *strides, *_strides(dk), *scalars, **dkdv.kwargs())
+        q, k, v, do, lse, delta, dk, dv, *strides, *_strides(dk), *scalars, **dkdv.kwargs()
+    )
     dq_config = launch_config(head_dim, q.dtype, phase="bwd_dq").replace(**flags)
     _iha_attn_bwd_dq_kernel[(triton.cdiv(L, dq_config.constexpr_dict()["BLOCK_M"]), batch * heads)](
-        q, k, v, do, lse, delta, dq, *strides, *_strides(dq), *scalars, **dq_config.kwargs())
+        q, k, v, do, lse, delta, dq, *strides, *_strides(dq), *scalars, **dq_config.kwargs()
+    )
     return dq, dk, dv
 
 
@@ -649,8 +1149,9 @@ def _(q, k, v, mask, window):
 
 
 @kernel_op("iha_flash_attention_backward")
-def _attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, mask: str,
-                           window: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
+def _attention_backward_op(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, mask: str, window: Optional[int]
+) -> tuple[Tensor, Tensor, Tensor]:
     """FA2's backward: dq~, dk~, dv~ [B, H, P, N, d] (contiguous, q's dtype) from do~."""
     return _attention_backward(_unit_d(do.to(q.dtype)), _unit_d(q), _unit_d(k), _unit_d(v), o, lse, mask, window)
 
@@ -685,7 +1186,8 @@ def pseudo_heads(x: Tensor, mix: Tensor) -> Tensor:
     heads_out, pseudo = mix.shape[1], mix.shape[2]
     weights = mix.permute(1, 2, 0).reshape(heads_out * pseudo, heads_in).to(x.dtype)
     return torch.matmul(weights, x.reshape(batch, heads_in, seq_len * head_dim)).view(
-        batch, heads_out, pseudo, seq_len, head_dim)
+        batch, heads_out, pseudo, seq_len, head_dim
+    )
 
 
 def rotate_pseudo_heads(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -717,9 +1219,19 @@ def collapse_pseudo_heads(o: Tensor, collapse: Tensor) -> Tensor:
     return out.view(batch, heads, seq_len, head_dim)
 
 
-def iha_attention(q: Tensor, k: Tensor, v: Tensor, mix_q: Tensor, mix_k: Tensor, mix_v: Tensor, collapse: Tensor,
-                  cos: Optional[Tensor] = None, sin: Optional[Tensor] = None, mask: str = "causal",
-                  window: Optional[int] = None) -> Tensor:
+def iha_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mix_q: Tensor,
+    mix_k: Tensor,
+    mix_v: Tensor,
+    collapse: Tensor,
+    cos: Optional[Tensor] = None,
+    sin: Optional[Tensor] = None,
+    mask: str = "causal",
+    window: Optional[int] = None,
+) -> Tensor:
     """Interleaved head attention: GEMM mixing, rotary, the FlashAttention-2 Triton kernel, GEMM collapse.
 
     Same math, arguments and result as `reference.iha_attention` (see the module docstring):

@@ -110,8 +110,10 @@ def cuda_launches(rank: int, dtype: torch.dtype) -> list[KernelLaunch]:
     fwd = signature(_silu_fwd_kernel, {"Z": dtype, "S": dtype}, ints64=("n",))
     bwd = signature(_silu_bwd_kernel, {n: dtype for n in ("Z", "DS", "S", "DZ")}, ints64=("n",))
     note = f"r={rank}"
-    return [KernelLaunch(_silu_fwd_kernel, fwd, launch_config(), True, note),
-            KernelLaunch(_silu_bwd_kernel, bwd, launch_config(), True, note)]
+    return [
+        KernelLaunch(_silu_fwd_kernel, fwd, launch_config(), True, note),
+        KernelLaunch(_silu_bwd_kernel, bwd, launch_config(), True, note),
+    ]
 
 
 def _silu_(z: Tensor, out: Tensor) -> Tensor:
@@ -145,8 +147,9 @@ def _project_out(s: Tensor, b: Tensor, bias: Optional[Tensor]) -> Tensor:
 
 
 @kernel_op("lowrank_linear", autocast="lowrank_linear")
-def _lowrank_op(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor], silu: bool,
-                keep_z: bool) -> tuple[Tensor, Tensor]:
+def _lowrank_op(
+    x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor], silu: bool, keep_z: bool
+) -> tuple[Tensor, Tensor]:
     """(y [..., D_out], z = x @ a [T, r] when keep_z, else empty). x, a, b of one dtype."""
     shape = x.shape
     x2d = x.reshape(-1, shape[-1]).contiguous()
@@ -166,9 +169,18 @@ def _(x, a, b, bias, silu, keep_z):
 
 
 @kernel_op("lowrank_linear_backward")
-def _lowrank_backward_op(dy: Tensor, x: Tensor, a: Tensor, b: Tensor, z: Optional[Tensor], silu: bool,
-                         need_dx: bool, need_da: bool, need_db: bool,
-                         need_dbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _lowrank_backward_op(
+    dy: Tensor,
+    x: Tensor,
+    a: Tensor,
+    b: Tensor,
+    z: Optional[Tensor],
+    silu: bool,
+    need_dx: bool,
+    need_da: bool,
+    need_db: bool,
+    need_dbias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, da, db, dbias fp32), each empty unless asked for; z None recomputes x @ a (CoLA-M)."""
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
     a, b = a.contiguous(), b.contiguous()
@@ -195,8 +207,12 @@ def _(dy, x, a, b, z, silu, need_dx, need_da, need_db, need_dbias):
     def out(flag, shape, dtype=x.dtype):
         return x.new_empty(shape if flag else (0,), dtype=dtype)
 
-    return (out(need_dx, x.shape), out(need_da, a.shape), out(need_db, b.shape),
-            out(need_dbias, (b.shape[1],), torch.float32))
+    return (
+        out(need_dx, x.shape),
+        out(need_da, a.shape),
+        out(need_db, b.shape),
+        out(need_dbias, (b.shape[1],), torch.float32),
+    )
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -214,8 +230,14 @@ def _backward(ctx, dy: Tensor, _dz):
     x, a, b, z = ctx.saved_tensors
     need = ctx.needs_input_grad[:4]
     dx, da, db, dbias = _lowrank_backward_op(dy, x, a, b, z, ctx.silu, *need)
-    return (dx if need[0] else None, da if need[1] else None, db if need[2] else None,
-            dbias.to(ctx.bias_dtype) if need[3] else None, None, None)
+    return (
+        dx if need[0] else None,
+        da if need[1] else None,
+        db if need[2] else None,
+        dbias.to(ctx.bias_dtype) if need[3] else None,
+        None,
+        None,
+    )
 
 
 torch.library.register_autograd(_lowrank_op, _backward, setup_context=_setup_context)
@@ -236,16 +258,23 @@ def _validate(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor], activatio
     check_same(OP, [("x", x), ("a", a), ("b", b)] + ([("bias", bias)] if bias is not None else []))
     check_device(OP, x)
     if min(d_in, a.shape[1], b.shape[1]) == 0:
-        raise ValueError(f"{OP}: D_in, r and D_out must be >= 1, got x {tuple(x.shape)}, a {tuple(a.shape)}, "
-                         f"b {tuple(b.shape)}")
+        raise ValueError(
+            f"{OP}: D_in, r and D_out must be >= 1, got x {tuple(x.shape)}, a {tuple(a.shape)}, b {tuple(b.shape)}"
+        )
     if activation not in ACTIVATIONS:
         raise ValueError(f"{OP}: argument 'activation' must be one of {ACTIVATIONS}, got {activation!r}")
     if not isinstance(recompute, bool):
         raise ValueError(f"{OP}: argument 'recompute' must be a bool, got {recompute!r}")
 
 
-def lowrank_linear(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor] = None,
-                   activation: Optional[str] = "silu", recompute: bool = False) -> Tensor:
+def lowrank_linear(
+    x: Tensor,
+    a: Tensor,
+    b: Tensor,
+    bias: Optional[Tensor] = None,
+    activation: Optional[str] = "silu",
+    recompute: bool = False,
+) -> Tensor:
     """Low-rank projection act(x @ a) @ b + bias (CoLA; activation None = plain low-rank): cuBLAS
     matmuls with the SiLU (and its derivative) in one Triton pass each (see the module docstring).
 

@@ -41,8 +41,24 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-__all__ = ["Row", "TABLE", "TRITON", "TORCH", "CLASS_DIMS", "MODES", "ANY", "shape_class", "lookup", "device_arch",
-           "use_triton", "record", "clear_cache", "paths", "reset_paths", "grad_mode"]
+__all__ = [
+    "Row",
+    "TABLE",
+    "TRITON",
+    "TORCH",
+    "CLASS_DIMS",
+    "MODES",
+    "ANY",
+    "shape_class",
+    "lookup",
+    "device_arch",
+    "use_triton",
+    "record",
+    "clear_cache",
+    "paths",
+    "reset_paths",
+    "grad_mode",
+]
 
 TRITON = "triton"
 TORCH = "torch"
@@ -53,6 +69,7 @@ MODES = ("fwd", "fwd+bwd", "step")
 @dataclass(frozen=True)
 class Row:
     """One measurement: `choice` is "triton" when megatrain-triton's median <= the torch path's."""
+
     op: str
     arch: str
     shape_class: str
@@ -60,9 +77,9 @@ class Row:
     choice: str
     triton_ms: float
     torch_ms: float
-    shape: str          # the benchmark shape measured
-    source: str         # the result file (repository path) the medians come from
-    torch_impl: str = "torch-eager"   # the benchmark row timed as the torch path
+    shape: str  # the benchmark shape measured
+    source: str  # the result file (repository path) the medians come from
+    torch_impl: str = "torch-eager"  # the benchmark row timed as the torch path
 
 
 # The dims each op is classed by (the names benchmarks/kernels.py gives them in its shape dicts) and
@@ -101,22 +118,93 @@ TABLE: tuple[Row, ...] = (
     Row("rope", "sm_90", ANY, "fwd+bwd", TRITON, 0.606, 1.713, "B1 N8192 H32/8 d128", _H100),
     Row("swiglu", "sm_90", ANY, "fwd", TRITON, 0.466, 3.443, "B2 N8192 F14336", _H100),
     Row("swiglu", "sm_90", ANY, "fwd+bwd", TRITON, 1.242, 7.856, "B2 N8192 F14336", _H100),
-    Row("fused_linear_cross_entropy", "sm_90", "V65537-131072", "fwd", TORCH, 16.807, 15.002,
-        "T8192 D4096 V128256", _H100, _UNFUSED_FLCE),
-    Row("fused_linear_cross_entropy", "sm_90", "V65537-131072", "fwd+bwd", TORCH, 116.223, 44.760,
-        "T8192 D4096 V128256", _H100, _UNFUSED_FLCE),
-    Row("lowrank_linear", "sm_90", "r513-1024", "fwd", TORCH, 0.375, 0.216, "T8192 D4096x4096 r1024", _H100,
-        _UNFUSED_COLA),
-    Row("lowrank_linear", "sm_90", "r513-1024", "fwd+bwd", TORCH, 1.374, 0.651, "T8192 D4096x4096 r1024", _H100,
-        _UNFUSED_COLA),
-    Row("sparse_lowrank_linear", "sm_90", "Din1025-2048", "fwd", TORCH, 7.234, 0.131,
-        "T8192 D2048x2048 r512 delta0.03", _H100, _UNFUSED_SLTRAIN),
-    Row("sparse_lowrank_linear", "sm_90", "Din1025-2048", "fwd+bwd", TORCH, 23.792, 0.656,
-        "T8192 D2048x2048 r512 delta0.03", _H100, _UNFUSED_SLTRAIN),
-    Row("iha_attention", "sm_90", "d65-128 P2", "fwd", TORCH, 54.291, 4.646, "B1 N4096 H32 d128 P2", _H100,
-        _UNFUSED_IHA),
-    Row("iha_attention", "sm_90", "d65-128 P2", "fwd+bwd", TORCH, 202.011, 11.420, "B1 N4096 H32 d128 P2", _H100,
-        _UNFUSED_IHA),
+    Row(
+        "fused_linear_cross_entropy",
+        "sm_90",
+        "V65537-131072",
+        "fwd",
+        TORCH,
+        16.807,
+        15.002,
+        "T8192 D4096 V128256",
+        _H100,
+        _UNFUSED_FLCE,
+    ),
+    Row(
+        "fused_linear_cross_entropy",
+        "sm_90",
+        "V65537-131072",
+        "fwd+bwd",
+        TORCH,
+        116.223,
+        44.760,
+        "T8192 D4096 V128256",
+        _H100,
+        _UNFUSED_FLCE,
+    ),
+    Row(
+        "lowrank_linear",
+        "sm_90",
+        "r513-1024",
+        "fwd",
+        TORCH,
+        0.375,
+        0.216,
+        "T8192 D4096x4096 r1024",
+        _H100,
+        _UNFUSED_COLA,
+    ),
+    Row(
+        "lowrank_linear",
+        "sm_90",
+        "r513-1024",
+        "fwd+bwd",
+        TORCH,
+        1.374,
+        0.651,
+        "T8192 D4096x4096 r1024",
+        _H100,
+        _UNFUSED_COLA,
+    ),
+    Row(
+        "sparse_lowrank_linear",
+        "sm_90",
+        "Din1025-2048",
+        "fwd",
+        TORCH,
+        7.234,
+        0.131,
+        "T8192 D2048x2048 r512 delta0.03",
+        _H100,
+        _UNFUSED_SLTRAIN,
+    ),
+    Row(
+        "sparse_lowrank_linear",
+        "sm_90",
+        "Din1025-2048",
+        "fwd+bwd",
+        TORCH,
+        23.792,
+        0.656,
+        "T8192 D2048x2048 r512 delta0.03",
+        _H100,
+        _UNFUSED_SLTRAIN,
+    ),
+    Row(
+        "iha_attention", "sm_90", "d65-128 P2", "fwd", TORCH, 54.291, 4.646, "B1 N4096 H32 d128 P2", _H100, _UNFUSED_IHA
+    ),
+    Row(
+        "iha_attention",
+        "sm_90",
+        "d65-128 P2",
+        "fwd+bwd",
+        TORCH,
+        202.011,
+        11.420,
+        "B1 N4096 H32 d128 P2",
+        _H100,
+        _UNFUSED_IHA,
+    ),
     # NVIDIA H200, 2026-12-04, triton 3.6.0 (the log of the run that stopped at the adam op, and the
     # quick run of lowrank, sparse_lowrank and iha)
     Row("rms_norm", "sm_90", ANY, "fwd", TRITON, 0.117, 0.892, "B2 N8192 D4096", _H200_LOG),
@@ -125,22 +213,93 @@ TABLE: tuple[Row, ...] = (
     Row("rope", "sm_90", ANY, "fwd+bwd", TRITON, 0.856, 1.420, "B1 N8192 H32/8 d128", _H200_LOG),
     Row("swiglu", "sm_90", ANY, "fwd", TRITON, 0.326, 2.745, "B2 N8192 F14336", _H200_LOG),
     Row("swiglu", "sm_90", ANY, "fwd+bwd", TRITON, 0.869, 5.988, "B2 N8192 F14336", _H200_LOG),
-    Row("fused_linear_cross_entropy", "sm_90", "V65537-131072", "fwd", TORCH, 15.862, 14.119,
-        "T8192 D4096 V128256", _H200_LOG, _UNFUSED_FLCE),
-    Row("fused_linear_cross_entropy", "sm_90", "V65537-131072", "fwd+bwd", TORCH, 104.839, 42.184,
-        "T8192 D4096 V128256", _H200_LOG, _UNFUSED_FLCE),
-    Row("lowrank_linear", "sm_90", "r513-1024", "fwd", TORCH, 0.371, 0.213, "T8192 D4096x4096 r1024", _H200,
-        _UNFUSED_COLA),
-    Row("lowrank_linear", "sm_90", "r513-1024", "fwd+bwd", TORCH, 1.445, 0.612, "T8192 D4096x4096 r1024", _H200,
-        _UNFUSED_COLA),
-    Row("sparse_lowrank_linear", "sm_90", "Din1025-2048", "fwd", TORCH, 6.733, 0.130,
-        "T8192 D2048x2048 r512 delta0.03", _H200, _UNFUSED_SLTRAIN),
-    Row("sparse_lowrank_linear", "sm_90", "Din1025-2048", "fwd+bwd", TORCH, 23.091, 0.726,
-        "T8192 D2048x2048 r512 delta0.03", _H200, _UNFUSED_SLTRAIN),
-    Row("iha_attention", "sm_90", "d65-128 P2", "fwd", TORCH, 52.969, 3.638, "B1 N4096 H32 d128 P2", _H200,
-        _UNFUSED_IHA),
-    Row("iha_attention", "sm_90", "d65-128 P2", "fwd+bwd", TORCH, 198.945, 9.881, "B1 N4096 H32 d128 P2", _H200,
-        _UNFUSED_IHA),
+    Row(
+        "fused_linear_cross_entropy",
+        "sm_90",
+        "V65537-131072",
+        "fwd",
+        TORCH,
+        15.862,
+        14.119,
+        "T8192 D4096 V128256",
+        _H200_LOG,
+        _UNFUSED_FLCE,
+    ),
+    Row(
+        "fused_linear_cross_entropy",
+        "sm_90",
+        "V65537-131072",
+        "fwd+bwd",
+        TORCH,
+        104.839,
+        42.184,
+        "T8192 D4096 V128256",
+        _H200_LOG,
+        _UNFUSED_FLCE,
+    ),
+    Row(
+        "lowrank_linear",
+        "sm_90",
+        "r513-1024",
+        "fwd",
+        TORCH,
+        0.371,
+        0.213,
+        "T8192 D4096x4096 r1024",
+        _H200,
+        _UNFUSED_COLA,
+    ),
+    Row(
+        "lowrank_linear",
+        "sm_90",
+        "r513-1024",
+        "fwd+bwd",
+        TORCH,
+        1.445,
+        0.612,
+        "T8192 D4096x4096 r1024",
+        _H200,
+        _UNFUSED_COLA,
+    ),
+    Row(
+        "sparse_lowrank_linear",
+        "sm_90",
+        "Din1025-2048",
+        "fwd",
+        TORCH,
+        6.733,
+        0.130,
+        "T8192 D2048x2048 r512 delta0.03",
+        _H200,
+        _UNFUSED_SLTRAIN,
+    ),
+    Row(
+        "sparse_lowrank_linear",
+        "sm_90",
+        "Din1025-2048",
+        "fwd+bwd",
+        TORCH,
+        23.091,
+        0.726,
+        "T8192 D2048x2048 r512 delta0.03",
+        _H200,
+        _UNFUSED_SLTRAIN,
+    ),
+    Row(
+        "iha_attention", "sm_90", "d65-128 P2", "fwd", TORCH, 52.969, 3.638, "B1 N4096 H32 d128 P2", _H200, _UNFUSED_IHA
+    ),
+    Row(
+        "iha_attention",
+        "sm_90",
+        "d65-128 P2",
+        "fwd+bwd",
+        TORCH,
+        198.945,
+        9.881,
+        "B1 N4096 H32 d128 P2",
+        _H200,
+        _UNFUSED_IHA,
+    ),
 )
 
 
@@ -170,10 +329,10 @@ def shape_class(op: str, dims: Sequence[int]) -> str:
 
 
 def lookup(op: str, arch: Optional[str], cls: str, mode: str, table: Sequence[Row] = None) -> Optional[str]:
-    """"triton" or "torch" from the rows of (op, arch, cls, mode), else from (op, arch, "any", mode);
+    """ "triton" or "torch" from the rows of (op, arch, cls, mode), else from (op, arch, "any", mode);
     None when neither has a row (unmeasured). Several rows: triton only if every one says triton."""
     rows = TABLE if table is None else table
-    for wanted in ((cls, ANY) if cls != ANY else (ANY,)):
+    for wanted in (cls, ANY) if cls != ANY else (ANY,):
         found = [r.choice for r in rows if r.op == op and r.arch == arch and r.shape_class == wanted and r.mode == mode]
         if found:
             return TRITON if all(choice == TRITON for choice in found) else TORCH
@@ -181,7 +340,7 @@ def lookup(op: str, arch: Optional[str], cls: str, mode: str, table: Sequence[Ro
 
 
 def device_arch(index: int) -> Optional[str]:
-    """"sm_XY" of CUDA device `index` (torch's Tensor.get_device: -1 is the CPU), None for the CPU.
+    """ "sm_XY" of CUDA device `index` (torch's Tensor.get_device: -1 is the CPU), None for the CPU.
     Read once per index (`_ARCHS`); tests replace this function to fake a GPU."""
     if index < 0 or not torch.cuda.is_available():
         return None

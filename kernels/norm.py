@@ -52,10 +52,23 @@ MAX_D = 65536
 
 @triton.jit
 def _rms_norm_fwd_kernel(
-    X, R, W, Y, H, RSTD,            # X, R, Y, H [rows, D]; W [D]; RSTD [rows] fp32
-    stride_x, stride_r, stride_y, stride_h,
-    n_rows, D, eps,
-    HAS_RESIDUAL: tl.constexpr, STORE_RSTD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    X,
+    R,
+    W,
+    Y,
+    H,
+    RSTD,  # X, R, Y, H [rows, D]; W [D]; RSTD [rows] fp32
+    stride_x,
+    stride_r,
+    stride_y,
+    stride_h,
+    n_rows,
+    D,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    STORE_RSTD: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """One program normalises BLOCK_ROWS rows (one, except for rows narrower than a warp's share):
     y = h * rstd * w with h = x (+ r). rstd is stored only when backward will need it (STORE_RSTD).
@@ -89,10 +102,23 @@ def _rms_norm_fwd_kernel(
 
 @triton.jit
 def _rms_norm_bwd_kernel(
-    DY, H, W, RSTD, DH_OUT, DX, DW_PARTIAL,   # DY, H, DH_OUT, DX [rows, D]; W [D]; RSTD [rows];
-    stride_dy, stride_h, stride_dh_out, stride_dx,   # DW_PARTIAL [num_programs, D] fp32
-    n_rows, D, rows_per_program,
-    HAS_DH_OUT: tl.constexpr, COMPUTE_DW: tl.constexpr, BLOCK_D: tl.constexpr,
+    DY,
+    H,
+    W,
+    RSTD,
+    DH_OUT,
+    DX,
+    DW_PARTIAL,  # DY, H, DH_OUT, DX [rows, D]; W [D]; RSTD [rows];
+    stride_dy,
+    stride_h,
+    stride_dh_out,
+    stride_dx,  # DW_PARTIAL [num_programs, D] fp32
+    n_rows,
+    D,
+    rows_per_program,
+    HAS_DH_OUT: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """One program handles rows [pid * rows_per_program, ...) and writes its partial dw row.
 
@@ -166,15 +192,34 @@ def cuda_launches(d: int, dtype: torch.dtype, weight_dtype: Optional[torch.dtype
     or not (no grad), backward with and without the returned h's gradient."""
     weight_dtype = weight_dtype or dtype
     base = launch_config(d)
-    fwd = signature(_rms_norm_fwd_kernel, {"X": dtype, "R": dtype, "W": weight_dtype, "Y": dtype, "H": dtype,
-                                           "RSTD": torch.float32}, floats=("eps",))
-    bwd = signature(_rms_norm_bwd_kernel, {"DY": dtype, "H": dtype, "W": weight_dtype, "RSTD": torch.float32,
-                                           "DH_OUT": dtype, "DX": dtype, "DW_PARTIAL": torch.float32})
-    out = [KernelLaunch(_rms_norm_fwd_kernel, fwd, forward_config(d).replace(HAS_RESIDUAL=res, STORE_RSTD=store),
-                        True, f"D={d}")
-           for res in (False, True) for store in (True, False)]
-    out += [KernelLaunch(_rms_norm_bwd_kernel, bwd, base.replace(HAS_DH_OUT=dh, COMPUTE_DW=True), True, f"D={d}")
-            for dh in (False, True)]
+    fwd = signature(
+        _rms_norm_fwd_kernel,
+        {"X": dtype, "R": dtype, "W": weight_dtype, "Y": dtype, "H": dtype, "RSTD": torch.float32},
+        floats=("eps",),
+    )
+    bwd = signature(
+        _rms_norm_bwd_kernel,
+        {
+            "DY": dtype,
+            "H": dtype,
+            "W": weight_dtype,
+            "RSTD": torch.float32,
+            "DH_OUT": dtype,
+            "DX": dtype,
+            "DW_PARTIAL": torch.float32,
+        },
+    )
+    out = [
+        KernelLaunch(
+            _rms_norm_fwd_kernel, fwd, forward_config(d).replace(HAS_RESIDUAL=res, STORE_RSTD=store), True, f"D={d}"
+        )
+        for res in (False, True)
+        for store in (True, False)
+    ]
+    out += [
+        KernelLaunch(_rms_norm_bwd_kernel, bwd, base.replace(HAS_DH_OUT=dh, COMPUTE_DW=True), True, f"D={d}")
+        for dh in (False, True)
+    ]
     return out
 
 
@@ -226,8 +271,7 @@ def _rows(t: Tensor) -> Tensor:
     return t.contiguous().view(-1, t.shape[-1])
 
 
-def rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, residual: Optional[Tensor] = None,
-                 store_rstd: bool = True):
+def rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, residual: Optional[Tensor] = None, store_rstd: bool = True):
     """Forward launcher. x, residual [rows, D] contiguous (each of any float dtype); weight [D].
 
     Returns (y [rows, D], h [rows, D] or None, rstd [rows] fp32 or None), y and h in
@@ -250,18 +294,27 @@ def rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, residual: Optional[Tenso
     config = forward_config(d)
     grid = (triton.cdiv(n_rows, dict(config.constexprs)["BLOCK_ROWS"]),)
     _rms_norm_fwd_kernel[grid](
-        x, residual if residual is not None else x, weight, y, h if h is not None else y,
+        x,
+        residual if residual is not None else x,
+        weight,
+        y,
+        h if h is not None else y,
         rstd if rstd is not None else y,
-        x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
+        x.stride(0),
+        residual.stride(0) if residual is not None else 0,
+        y.stride(0),
         h.stride(0) if h is not None else 0,
-        n_rows, d, float(eps),
-        HAS_RESIDUAL=residual is not None, STORE_RSTD=store_rstd, **config.kwargs(),
+        n_rows,
+        d,
+        float(eps),
+        HAS_RESIDUAL=residual is not None,
+        STORE_RSTD=store_rstd,
+        **config.kwargs(),
     )
     return y, h, rstd
 
 
-def rms_norm_bwd(dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, dh_out: Optional[Tensor],
-                 compute_dw: bool):
+def rms_norm_bwd(dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, dh_out: Optional[Tensor], compute_dw: bool):
     """Backward launcher. dy, h, dh_out [rows, D] contiguous (h is x when there is no residual);
     weight [D]; rstd [rows] fp32.
 
@@ -279,11 +332,23 @@ def rms_norm_bwd(dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, dh_out: Op
         dw = torch.zeros(d, dtype=weight.dtype, device=weight.device) if compute_dw else None
         return dx, dw
     _rms_norm_bwd_kernel[(num_programs,)](
-        dy, h, weight.contiguous(), rstd, dh_out if dh_out is not None else dy, dx,
+        dy,
+        h,
+        weight.contiguous(),
+        rstd,
+        dh_out if dh_out is not None else dy,
+        dx,
         dw_partial if dw_partial is not None else rstd,
-        dy.stride(0), h.stride(0), dh_out.stride(0) if dh_out is not None else 0, dx.stride(0),
-        n_rows, d, rows_per_program,
-        HAS_DH_OUT=dh_out is not None, COMPUTE_DW=compute_dw, **launch_config(d).kwargs(),
+        dy.stride(0),
+        h.stride(0),
+        dh_out.stride(0) if dh_out is not None else 0,
+        dx.stride(0),
+        n_rows,
+        d,
+        rows_per_program,
+        HAS_DH_OUT=dh_out is not None,
+        COMPUTE_DW=compute_dw,
+        **launch_config(d).kwargs(),
     )
     dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
     return dx, dw
@@ -295,28 +360,37 @@ def rms_norm_bwd(dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, dh_out: Op
 
 
 @kernel_op("rms_norm", autocast="rms_norm")
-def _rms_norm_op(x: Tensor, weight: Tensor, residual: Optional[Tensor], eps: float,
-                 store_rstd: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _rms_norm_op(
+    x: Tensor, weight: Tensor, residual: Optional[Tensor], eps: float, store_rstd: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     """(y, h, rstd): y and h [..., D] (h empty without a residual), rstd [rows] fp32 (empty unless
     store_rstd: under no_grad, or with no input needing a gradient, there is no backward)."""
     shape = x.shape
-    y, h, rstd = rms_norm_fwd(_rows(x), weight, eps, _rows(residual) if residual is not None else None,
-                              store_rstd=store_rstd)
-    return (y.view(shape), h.view(shape) if h is not None else none_tensor(y),
-            rstd if rstd is not None else none_tensor(y))
+    y, h, rstd = rms_norm_fwd(
+        _rows(x), weight, eps, _rows(residual) if residual is not None else None, store_rstd=store_rstd
+    )
+    return (
+        y.view(shape),
+        h.view(shape) if h is not None else none_tensor(y),
+        rstd if rstd is not None else none_tensor(y),
+    )
 
 
 @_rms_norm_op.register_fake
 def _(x, weight, residual, eps, store_rstd):
     dtype = out_dtype(x, residual)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return (x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape if residual is not None else (0,), dtype=dtype),
-            x.new_empty((rows,) if store_rstd else (0,), dtype=torch.float32))
+    return (
+        x.new_empty(x.shape, dtype=dtype),
+        x.new_empty(x.shape if residual is not None else (0,), dtype=dtype),
+        x.new_empty((rows,) if store_rstd else (0,), dtype=torch.float32),
+    )
 
 
 @kernel_op("rms_norm_backward")
-def _rms_norm_backward_op(dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, dh_out: Optional[Tensor],
-                          compute_dw: bool) -> tuple[Tensor, Tensor]:
+def _rms_norm_backward_op(
+    dy: Tensor, h: Tensor, weight: Tensor, rstd: Tensor, dh_out: Optional[Tensor], compute_dw: bool
+) -> tuple[Tensor, Tensor]:
     """(dh [..., D] in h.dtype, dweight [D] or empty); dy, h, dh_out [..., D], any strides."""
     dy2d = _rows(dy.to(h.dtype))
     dh2d = _rows(dh_out.to(h.dtype)) if dh_out is not None else None
@@ -404,7 +478,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Optional[Te
         ValueError naming 'rms_norm' and the argument, for a wrong dtype, shape or device.
     """
     _validate(x, weight, residual, eps)
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                              or (residual is not None and residual.requires_grad))
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (residual is not None and residual.requires_grad)
+    )
     y, h, _ = _rms_norm_op(x, weight, residual, float(eps), needs_grad)
     return y if residual is None else (y, h)

@@ -54,13 +54,43 @@ OP = "projected_adam_update"
 
 @triton.jit
 def _projected_adam_update_kernel(
-    W, P, R, M1, V1, M1_OUT, V1_OUT, G, SCALE_A,        # W, G [A, B]; P [K, B]; R, M1, V1, *_OUT [A, K]; SCALE_A [A]
-    stride_wa, stride_wb, stride_pk, stride_pb, stride_ra, stride_rk,
-    stride_ma, stride_mk, stride_oa, stride_ok, stride_ga, stride_gb,
-    A, B, K,
-    beta1, beta2, eps, step_size, scale, keep, residual_coef,
-    UPDATE_MOMENTS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+    W,
+    P,
+    R,
+    M1,
+    V1,
+    M1_OUT,
+    V1_OUT,
+    G,
+    SCALE_A,  # W, G [A, B]; P [K, B]; R, M1, V1, *_OUT [A, K]; SCALE_A [A]
+    stride_wa,
+    stride_wb,
+    stride_pk,
+    stride_pb,
+    stride_ra,
+    stride_rk,
+    stride_ma,
+    stride_mk,
+    stride_oa,
+    stride_ok,
+    stride_ga,
+    stride_gb,
+    A,
+    B,
+    K,
+    beta1,
+    beta2,
+    eps,
+    step_size,
+    scale,
+    keep,
+    residual_coef,
+    UPDATE_MOMENTS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """One W tile: moments in rank space, psi @ P (and R @ P), then W <- (W - step * U) * keep."""
     pid_a = tl.program_id(0)
@@ -77,9 +107,15 @@ def _projected_adam_update_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         mask_ak = mask_a[:, None] & mask_k[None, :]
-        r = tl.load(R + offs_a[:, None] * stride_ra + offs_k[None, :] * stride_rk, mask=mask_ak, other=0.0).to(tl.float32)
-        m = tl.load(M1 + offs_a[:, None] * stride_ma + offs_k[None, :] * stride_mk, mask=mask_ak, other=0.0).to(tl.float32)
-        v = tl.load(V1 + offs_a[:, None] * stride_ma + offs_k[None, :] * stride_mk, mask=mask_ak, other=0.0).to(tl.float32)
+        r = tl.load(R + offs_a[:, None] * stride_ra + offs_k[None, :] * stride_rk, mask=mask_ak, other=0.0).to(
+            tl.float32
+        )
+        m = tl.load(M1 + offs_a[:, None] * stride_ma + offs_k[None, :] * stride_mk, mask=mask_ak, other=0.0).to(
+            tl.float32
+        )
+        v = tl.load(V1 + offs_a[:, None] * stride_ma + offs_k[None, :] * stride_mk, mask=mask_ak, other=0.0).to(
+            tl.float32
+        )
         if UPDATE_MOMENTS:
             m = beta1 * m + (1.0 - beta1) * r
             v = beta2 * v + (1.0 - beta2) * (r * r)
@@ -89,8 +125,11 @@ def _projected_adam_update_kernel(
                 tl.store(V1_OUT + offs_a[:, None] * stride_oa + offs_k[None, :] * stride_ok, v, mask=mask_ak)
         # Padding lanes would be 0 / eps (or 0 / 0 with eps = 0): force them to 0 before the dot.
         psi = tl.where(mask_ak, m / (tl.sqrt(v) + eps), 0.0)
-        p = tl.load(P + offs_k[:, None] * stride_pk + offs_b[None, :] * stride_pb,
-                    mask=mask_k[:, None] & mask_b[None, :], other=0.0).to(tl.float32)
+        p = tl.load(
+            P + offs_k[:, None] * stride_pk + offs_b[None, :] * stride_pb,
+            mask=mask_k[:, None] & mask_b[None, :],
+            other=0.0,
+        ).to(tl.float32)
         acc = tl.dot(psi, p, acc, input_precision=PRECISION)
         if HAS_RESIDUAL:
             acc_r = tl.dot(r, p, acc_r, input_precision=PRECISION)
@@ -100,7 +139,9 @@ def _projected_adam_update_kernel(
     w = tl.load(w_ptrs, mask=mask_ab, other=0.0).to(tl.float32)
     update = scale * acc
     if HAS_RESIDUAL:
-        g = tl.load(G + offs_a[:, None] * stride_ga + offs_b[None, :] * stride_gb, mask=mask_ab, other=0.0).to(tl.float32)
+        g = tl.load(G + offs_a[:, None] * stride_ga + offs_b[None, :] * stride_gb, mask=mask_ab, other=0.0).to(
+            tl.float32
+        )
         s = tl.load(SCALE_A + offs_a, mask=mask_a, other=0.0).to(tl.float32)
         update += s[:, None] * (g - residual_coef * acc_r)
     w = (w - step_size * update) * keep
@@ -128,20 +169,32 @@ def launch_configs(rank: int, device_type: str = "cuda") -> list[LaunchConfig]:
         # shapes span several tiles and rank chunks.
         return [LaunchConfig.of(num_warps=4, BLOCK_A=16, BLOCK_B=16, BLOCK_K=16)]
     block_k = min(64, max(16, next_power_of_2(rank)))
-    return [LaunchConfig.of(num_warps=warps, num_stages=2, BLOCK_A=a, BLOCK_B=b, BLOCK_K=block_k)
-            for a, b, warps in ((64, 64, 4), (128, 64, 8), (64, 128, 8))]
+    return [
+        LaunchConfig.of(num_warps=warps, num_stages=2, BLOCK_A=a, BLOCK_B=b, BLOCK_K=block_k)
+        for a, b, warps in ((64, 64, 4), (128, 64, 8), (64, 128, 8))
+    ]
 
 
 def cuda_launches(rank: int) -> list[KernelLaunch]:
     """Every candidate on CUDA for rank r, Fira's residual on (the heavier variant), fp32 tensors
     (GaLore and Fira keep fp32 master weights and moments), IEEE and TF32 dots."""
     f32 = torch.float32
-    types = signature(_projected_adam_update_kernel, {n: f32 for n in ("W", "P", "R", "M1", "V1", "M1_OUT", "V1_OUT",
-                                                                        "G", "SCALE_A")},
-                      floats=("beta1", "beta2", "eps", "step_size", "scale", "keep", "residual_coef"))
-    return [KernelLaunch(_projected_adam_update_kernel, types,
-                         config.replace(UPDATE_MOMENTS=True, HAS_RESIDUAL=True, PRECISION=precision), False, f"r={rank}")
-            for precision in ("ieee", "tf32") for config in launch_configs(rank)]
+    types = signature(
+        _projected_adam_update_kernel,
+        {n: f32 for n in ("W", "P", "R", "M1", "V1", "M1_OUT", "V1_OUT", "G", "SCALE_A")},
+        floats=("beta1", "beta2", "eps", "step_size", "scale", "keep", "residual_coef"),
+    )
+    return [
+        KernelLaunch(
+            _projected_adam_update_kernel,
+            types,
+            config.replace(UPDATE_MOMENTS=True, HAS_RESIDUAL=True, PRECISION=precision),
+            False,
+            f"r={rank}",
+        )
+        for precision in ("ieee", "tf32")
+        for config in launch_configs(rank)
+    ]
 
 
 def _validate(weight, proj, low_rank_grad, exp_avg, exp_avg_sq, side, grad, residual_scale):
@@ -158,8 +211,13 @@ def _validate(weight, proj, low_rank_grad, exp_avg, exp_avg_sq, side, grad, resi
         check_tensor(OP, name, t, dtypes=(torch.float32,), shape=low_shape)
     if exp_avg.stride() != exp_avg_sq.stride():
         raise ValueError(f"{OP}: exp_avg and exp_avg_sq must have the same strides")
-    tensors = [("weight", weight), ("proj", proj), ("low_rank_grad", low_rank_grad), ("exp_avg", exp_avg),
-               ("exp_avg_sq", exp_avg_sq)]
+    tensors = [
+        ("weight", weight),
+        ("proj", proj),
+        ("low_rank_grad", low_rank_grad),
+        ("exp_avg", exp_avg),
+        ("exp_avg_sq", exp_avg_sq),
+    ]
     if grad is not None:
         check_tensor(OP, "grad", grad, shape=(m, n))
         check_tensor(OP, "residual_scale", residual_scale, shape=(m if side == "right" else n,))
@@ -169,11 +227,25 @@ def _validate(weight, proj, low_rank_grad, exp_avg, exp_avg_sq, side, grad, resi
     return rank
 
 
-def projected_adam_update(weight: Tensor, proj: Tensor, low_rank_grad: Tensor, exp_avg: Tensor,
-                          exp_avg_sq: Tensor, *, side: str, beta1: float, beta2: float, eps: float,
-                          step_size: float, scale: float, decay: float, update_moments: bool = True,
-                          grad: Optional[Tensor] = None, residual_scale: Optional[Tensor] = None,
-                          residual_coef: float = 1.0) -> tuple[Tensor, Tensor]:
+def projected_adam_update(
+    weight: Tensor,
+    proj: Tensor,
+    low_rank_grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    side: str,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step_size: float,
+    scale: float,
+    decay: float,
+    update_moments: bool = True,
+    grad: Optional[Tensor] = None,
+    residual_scale: Optional[Tensor] = None,
+    residual_coef: float = 1.0,
+) -> tuple[Tensor, Tensor]:
     """Triton version of `megatrain.kernels.reference.projected_adam_update` (same contract), run as
     the custom op megatrain::projected_adam_update (which mutates `weight`).
 
@@ -184,17 +256,46 @@ def projected_adam_update(weight: Tensor, proj: Tensor, low_rank_grad: Tensor, e
     if (grad is None) != (residual_scale is None):
         raise ValueError(f"{OP}: grad and residual_scale go together (Fira's residual), got only one")
     _validate(weight, proj, low_rank_grad, exp_avg, exp_avg_sq, side, grad, residual_scale)
-    m_out, v_out = _projected_adam_op(weight, proj, low_rank_grad, exp_avg, exp_avg_sq, side, float(beta1),
-                                      float(beta2), float(eps), float(step_size), float(scale), float(decay),
-                                      update_moments, grad, residual_scale, float(residual_coef))
+    m_out, v_out = _projected_adam_op(
+        weight,
+        proj,
+        low_rank_grad,
+        exp_avg,
+        exp_avg_sq,
+        side,
+        float(beta1),
+        float(beta2),
+        float(eps),
+        float(step_size),
+        float(scale),
+        float(decay),
+        update_moments,
+        grad,
+        residual_scale,
+        float(residual_coef),
+    )
     return (m_out, v_out) if update_moments else (exp_avg, exp_avg_sq)
 
 
 @kernel_op("projected_adam_update", autocast="projected_adam_update", mutates_args=("weight",))
-def _projected_adam_op(weight: Tensor, proj: Tensor, low_rank_grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
-                       side: str, beta1: float, beta2: float, eps: float, step_size: float, scale: float,
-                       decay: float, update_moments: bool, grad: Optional[Tensor], residual_scale: Optional[Tensor],
-                       residual_coef: float) -> tuple[Tensor, Tensor]:
+def _projected_adam_op(
+    weight: Tensor,
+    proj: Tensor,
+    low_rank_grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    side: str,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step_size: float,
+    scale: float,
+    decay: float,
+    update_moments: bool,
+    grad: Optional[Tensor],
+    residual_scale: Optional[Tensor],
+    residual_coef: float,
+) -> tuple[Tensor, Tensor]:
     """Updates `weight` in place; returns the new moments, or two empty tensors without update_moments
     (a custom op may not return its inputs)."""
     rank = proj.shape[0] if side == "right" else proj.shape[1]
@@ -223,22 +324,62 @@ def _projected_adam_op(weight: Tensor, proj: Tensor, low_rank_grad: Tensor, exp_
     g = grad if has_residual else weight
     s = residual_scale.contiguous() if has_residual else weight
     # Tuning runs the kernel several times: W, updated in place, is restored after each run.
-    kernel, fixed = autotuned(_projected_adam_update_kernel, launch_configs(rank, weight.device.type),
-                              key=("A", "B", "K"), restore=("W",))
+    kernel, fixed = autotuned(
+        _projected_adam_update_kernel, launch_configs(rank, weight.device.type), key=("A", "B", "K"), restore=("W",)
+    )
     kernel[lambda meta: (triton.cdiv(a_size, meta["BLOCK_A"]), triton.cdiv(b_size, meta["BLOCK_B"]))](
-        weight, proj, low_rank_grad, exp_avg, exp_avg_sq, m_new, v_new, g, s,
-        *ab(weight), stride_pk, stride_pb, *ak(low_rank_grad), *ak(exp_avg), *ak(m_new), *ab(g),
-        a_size, b_size, rank,
-        float(beta1), float(beta2), float(eps), float(step_size), float(scale), float(1.0 - decay),
+        weight,
+        proj,
+        low_rank_grad,
+        exp_avg,
+        exp_avg_sq,
+        m_new,
+        v_new,
+        g,
+        s,
+        *ab(weight),
+        stride_pk,
+        stride_pb,
+        *ak(low_rank_grad),
+        *ak(exp_avg),
+        *ak(m_new),
+        *ab(g),
+        a_size,
+        b_size,
+        rank,
+        float(beta1),
+        float(beta2),
+        float(eps),
+        float(step_size),
+        float(scale),
+        float(1.0 - decay),
         float(residual_coef),
-        UPDATE_MOMENTS=update_moments, HAS_RESIDUAL=has_residual, PRECISION=_precision(torch.float32),
+        UPDATE_MOMENTS=update_moments,
+        HAS_RESIDUAL=has_residual,
+        PRECISION=_precision(torch.float32),
         **fixed,
     )
     return m_out, v_out
 
 
 @_projected_adam_op.register_fake
-def _(weight, proj, low_rank_grad, exp_avg, exp_avg_sq, side, beta1, beta2, eps, step_size, scale, decay,
-      update_moments, grad, residual_scale, residual_coef):
+def _(
+    weight,
+    proj,
+    low_rank_grad,
+    exp_avg,
+    exp_avg_sq,
+    side,
+    beta1,
+    beta2,
+    eps,
+    step_size,
+    scale,
+    decay,
+    update_moments,
+    grad,
+    residual_scale,
+    residual_coef,
+):
     shape = exp_avg.shape if update_moments else (0,)
     return exp_avg.new_empty(shape), exp_avg.new_empty(shape)

@@ -22,9 +22,20 @@ from torch.autograd.function import once_differentiable
 
 from megatrain.constants import IGNORE_INDEX
 
-__all__ = ["rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "lowrank_linear",
-           "sparse_lowrank_linear", "LOWRANK_ACTIVATIONS", "iha_attention", "iha_allowed", "iha_check_inputs",
-           "IHA_MASKS", "projected_adam_update"]
+__all__ = [
+    "rms_norm",
+    "rope",
+    "swiglu",
+    "fused_linear_cross_entropy",
+    "lowrank_linear",
+    "sparse_lowrank_linear",
+    "LOWRANK_ACTIVATIONS",
+    "iha_attention",
+    "iha_allowed",
+    "iha_check_inputs",
+    "IHA_MASKS",
+    "projected_adam_update",
+]
 
 
 def _f32(t: Tensor) -> Tensor:
@@ -170,13 +181,23 @@ def _check_targets(target: Tensor, ignore_index: int, vocab_total: int) -> None:
     if low.item() < 0 or high.item() >= vocab_total:
         bad = (target != ignore_index) & ((target < 0) | (target >= vocab_total))
         pos = int(bad.nonzero()[0, 0])
-        raise ValueError(f"fused_linear_cross_entropy: argument 'target' has {int(target[pos])} at position "
-                         f"{pos}, outside [0, {vocab_total}) and not ignore_index={ignore_index}")
+        raise ValueError(
+            f"fused_linear_cross_entropy: argument 'target' has {int(target[pos])} at position "
+            f"{pos}, outside [0, {vocab_total}) and not ignore_index={ignore_index}"
+        )
 
 
-def _linear_cross_entropy_chunks(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int,
-                                 chunk_size: int, grad_h: bool, grad_weight: bool, process_group=None,
-                                 compute_dtype: torch.dtype = torch.float32):
+def _linear_cross_entropy_chunks(
+    h: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    ignore_index: int,
+    chunk_size: int,
+    grad_h: bool,
+    grad_weight: bool,
+    process_group=None,
+    compute_dtype: torch.dtype = torch.float32,
+):
     """Loss (and, when asked, its gradients) of mean CE(h @ weight.T, target), chunk by chunk.
 
     Only one [chunk_size, V] block of logits exists at a time. The gradient of the summed loss with
@@ -252,9 +273,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, target, ignore_index, chunk_size, process_group, compute_dtype):
         loss, dh, dw = _linear_cross_entropy_chunks(
-            h, weight, target, ignore_index, chunk_size,
-            grad_h=ctx.needs_input_grad[0], grad_weight=ctx.needs_input_grad[1], process_group=process_group,
-            compute_dtype=compute_dtype)
+            h,
+            weight,
+            target,
+            ignore_index,
+            chunk_size,
+            grad_h=ctx.needs_input_grad[0],
+            grad_weight=ctx.needs_input_grad[1],
+            process_group=process_group,
+            compute_dtype=compute_dtype,
+        )
         ctx.save_for_backward(dh, dw)
         return loss
 
@@ -267,9 +295,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None, None
 
 
-def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX,
-                               chunk_size: int = 4096, process_group=None,
-                               compute_dtype: torch.dtype = torch.float32) -> Tensor:
+def fused_linear_cross_entropy(
+    h: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int = 4096,
+    process_group=None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """Mean cross-entropy of the logits h @ weight.T, without holding all [T, V] logits.
 
         loss = mean over {t : target[t] != ignore_index} of  logsumexp(z_t) - z_t[target[t]],
@@ -297,8 +331,10 @@ def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore
         with zero gradients) rather than NaN.
     """
     if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
-        raise ValueError(f"fused_linear_cross_entropy: need h [T, D] and weight [V, D], got "
-                         f"{tuple(h.shape)} and {tuple(weight.shape)}")
+        raise ValueError(
+            f"fused_linear_cross_entropy: need h [T, D] and weight [V, D], got "
+            f"{tuple(h.shape)} and {tuple(weight.shape)}"
+        )
     if target.shape != (h.shape[0],):
         raise ValueError(f"fused_linear_cross_entropy: target must be [T] = [{h.shape[0]}], got {tuple(target.shape)}")
     if chunk_size < 1:
@@ -306,16 +342,19 @@ def fused_linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore
     world = 1
     if process_group is not None:
         if not (dist.is_available() and dist.is_initialized()):
-            raise ValueError("fused_linear_cross_entropy: argument 'process_group' was given but "
-                             "torch.distributed is not initialised")
+            raise ValueError(
+                "fused_linear_cross_entropy: argument 'process_group' was given but "
+                "torch.distributed is not initialised"
+            )
         world = dist.get_world_size(process_group)
     if not torch.compiler.is_compiling():  # reads the data: a graph break under torch.compile
         _check_targets(target, ignore_index, weight.shape[0] * world)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(h, weight, target, ignore_index, chunk_size, process_group, compute_dtype)
     # Evaluation: skip the gradient work entirely.
-    return _linear_cross_entropy_chunks(h, weight, target, ignore_index, chunk_size, False, False,
-                                        process_group, compute_dtype)[0]
+    return _linear_cross_entropy_chunks(
+        h, weight, target, ignore_index, chunk_size, False, False, process_group, compute_dtype
+    )[0]
 
 
 LOWRANK_ACTIVATIONS = ("silu", None)
@@ -323,12 +362,20 @@ LOWRANK_ACTIVATIONS = ("silu", None)
 
 def _check_lowrank(op: str, x: Tensor, a: Tensor, b: Tensor) -> None:
     if x.dim() < 1 or a.dim() != 2 or b.dim() != 2 or x.shape[-1] != a.shape[0] or a.shape[1] != b.shape[0]:
-        raise ValueError(f"{op}: need x [..., D_in], a [D_in, r], b [r, D_out], got {tuple(x.shape)}, "
-                         f"{tuple(a.shape)}, {tuple(b.shape)}")
+        raise ValueError(
+            f"{op}: need x [..., D_in], a [D_in, r], b [r, D_out], got {tuple(x.shape)}, "
+            f"{tuple(a.shape)}, {tuple(b.shape)}"
+        )
 
 
-def _lowrank_linear_math(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor], activation: Optional[str],
-                         compute_dtype: torch.dtype = torch.float32) -> Tensor:
+def _lowrank_linear_math(
+    x: Tensor,
+    a: Tensor,
+    b: Tensor,
+    bias: Optional[Tensor],
+    activation: Optional[str],
+    compute_dtype: torch.dtype = torch.float32,
+) -> Tensor:
     z = x.to(compute_dtype) @ a.to(compute_dtype)
     if activation == "silu":
         z = F.silu(z)
@@ -338,9 +385,15 @@ def _lowrank_linear_math(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor]
     return y.to(x.dtype)
 
 
-def lowrank_linear(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor] = None,
-                   activation: Optional[str] = "silu", recompute: bool = False,
-                   compute_dtype: torch.dtype = torch.float32) -> Tensor:
+def lowrank_linear(
+    x: Tensor,
+    a: Tensor,
+    b: Tensor,
+    bias: Optional[Tensor] = None,
+    activation: Optional[str] = "silu",
+    recompute: bool = False,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """Low-rank projection with an activation between the factors (CoLA): act(x @ a) @ b + bias.
 
     Args:
@@ -359,7 +412,9 @@ def lowrank_linear(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor] = Non
     """
     _check_lowrank("lowrank_linear", x, a, b)
     if activation not in LOWRANK_ACTIVATIONS:
-        raise ValueError(f"lowrank_linear: argument 'activation' must be one of {LOWRANK_ACTIVATIONS}, got {activation!r}")
+        raise ValueError(
+            f"lowrank_linear: argument 'activation' must be one of {LOWRANK_ACTIVATIONS}, got {activation!r}"
+        )
     if bias is not None and bias.shape != (b.shape[1],):
         raise ValueError(f"lowrank_linear: argument 'bias' must have shape [{b.shape[1]}], got {tuple(bias.shape)}")
     if recompute and torch.is_grad_enabled():
@@ -369,25 +424,37 @@ def lowrank_linear(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor] = Non
     return _lowrank_linear_math(x, a, b, bias, activation, compute_dtype)
 
 
-def check_sparse_support(op: str, values: Tensor, index: Tensor, d_in: int, d_out: int,
-                         check_order: bool = True) -> None:
+def check_sparse_support(
+    op: str, values: Tensor, index: Tensor, d_in: int, d_out: int, check_order: bool = True
+) -> None:
     """ValueError unless values [nnz] and index [nnz] (int64, sorted, unique, in [0, d_in*d_out))
     describe a sparse [d_in, d_out] matrix. `check_order` reads the index on the host (a sync)."""
     if values.dim() != 1 or index.dim() != 1 or values.shape != index.shape:
-        raise ValueError(f"{op}: arguments 'values' and 'index' must be 1-D of one length [nnz], got "
-                         f"{tuple(values.shape)} and {tuple(index.shape)}")
+        raise ValueError(
+            f"{op}: arguments 'values' and 'index' must be 1-D of one length [nnz], got "
+            f"{tuple(values.shape)} and {tuple(index.shape)}"
+        )
     if index.dtype != torch.int64:
         raise ValueError(f"{op}: argument 'index' must be int64, got {str(index.dtype).replace('torch.', '')}")
     if check_order and index.numel():
         if int(index[0]) < 0 or int(index[-1]) >= d_in * d_out:
-            raise ValueError(f"{op}: argument 'index' must lie in [0, D_in*D_out) = [0, {d_in * d_out}), got "
-                             f"[{int(index.min())}, {int(index.max())}]")
+            raise ValueError(
+                f"{op}: argument 'index' must lie in [0, D_in*D_out) = [0, {d_in * d_out}), got "
+                f"[{int(index.min())}, {int(index.max())}]"
+            )
         if index.numel() > 1 and not bool((index[1:] > index[:-1]).all()):
             raise ValueError(f"{op}: argument 'index' must be sorted ascending without repeats")
 
 
-def sparse_lowrank_linear(x: Tensor, a: Tensor, b: Tensor, values: Tensor, index: Tensor, scale: float,
-                          compute_dtype: torch.dtype = torch.float32) -> Tensor:
+def sparse_lowrank_linear(
+    x: Tensor,
+    a: Tensor,
+    b: Tensor,
+    values: Tensor,
+    index: Tensor,
+    scale: float,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """Sparse plus low-rank projection (SLTrain): y = x @ (scale * a @ b + S).
 
     S is [D_in, D_out], zero except S.view(-1)[index] = values. This oracle builds the dense W (the
@@ -409,8 +476,9 @@ def sparse_lowrank_linear(x: Tensor, a: Tensor, b: Tensor, values: Tensor, index
     _check_lowrank("sparse_lowrank_linear", x, a, b)
     d_in, d_out = a.shape[0], b.shape[1]
     # The order and range check reads the index (a graph break under torch.compile): eager calls only.
-    check_sparse_support("sparse_lowrank_linear", values, index, d_in, d_out,
-                         check_order=not torch.compiler.is_compiling())
+    check_sparse_support(
+        "sparse_lowrank_linear", values, index, d_in, d_out, check_order=not torch.compiler.is_compiling()
+    )
     sparse = torch.zeros(d_in * d_out, dtype=compute_dtype, device=x.device)
     sparse = sparse.index_put((index,), values.to(compute_dtype)).view(d_in, d_out)
     weight = float(scale) * (a.to(compute_dtype) @ b.to(compute_dtype)) + sparse
@@ -420,17 +488,34 @@ def sparse_lowrank_linear(x: Tensor, a: Tensor, b: Tensor, values: Tensor, index
 IHA_MASKS = ("causal", "token_causal")
 
 
-def iha_check_inputs(q: Tensor, k: Tensor, v: Tensor, mix_q: Tensor, mix_k: Tensor, mix_v: Tensor,
-                     collapse: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], mask: str,
-                     window: Optional[int]) -> tuple[int, int, int, int, int, int, bool]:
+def iha_check_inputs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mix_q: Tensor,
+    mix_k: Tensor,
+    mix_v: Tensor,
+    collapse: Tensor,
+    cos: Optional[Tensor],
+    sin: Optional[Tensor],
+    mask: str,
+    window: Optional[int],
+) -> tuple[int, int, int, int, int, int, bool]:
     """Validate `iha_attention`'s arguments; returns (B, H_in, N, d, H_out, P, global_collapse).
 
     Raises one ValueError("iha_attention: argument '<name>' ...") naming what is wrong.
     """
     op = "iha_attention"
     floats = (torch.float32, torch.bfloat16, torch.float16)
-    for name, t in (("q", q), ("k", k), ("v", v), ("mix_q", mix_q), ("mix_k", mix_k), ("mix_v", mix_v),
-                    ("collapse", collapse)):
+    for name, t in (
+        ("q", q),
+        ("k", k),
+        ("v", v),
+        ("mix_q", mix_q),
+        ("mix_k", mix_k),
+        ("mix_v", mix_v),
+        ("collapse", collapse),
+    ):
         if not isinstance(t, Tensor) or t.dtype not in floats:
             got = type(t).__name__ if not isinstance(t, Tensor) else str(t.dtype)
             raise ValueError(f"{op}: argument '{name}' must be a float32/bfloat16/float16 tensor, got {got}")
@@ -443,22 +528,28 @@ def iha_check_inputs(q: Tensor, k: Tensor, v: Tensor, mix_q: Tensor, mix_k: Tens
         if t.dtype != q.dtype:
             raise ValueError(f"{op}: argument '{name}' has dtype {t.dtype} but 'q' has {q.dtype}")
     if mix_q.dim() != 3 or mix_q.shape[0] != heads_in or mix_q.shape[2] < 1:
-        raise ValueError(f"{op}: argument 'mix_q' must be [H_in, H_out, P] with H_in = {heads_in} and P >= 1, "
-                         f"got shape {tuple(mix_q.shape)}")
+        raise ValueError(
+            f"{op}: argument 'mix_q' must be [H_in, H_out, P] with H_in = {heads_in} and P >= 1, "
+            f"got shape {tuple(mix_q.shape)}"
+        )
     heads_out, pseudo = mix_q.shape[1], mix_q.shape[2]
     if heads_out < 1:
         raise ValueError(f"{op}: argument 'mix_q' must have H_out >= 1, got shape {tuple(mix_q.shape)}")
     for name, t in (("mix_k", mix_k), ("mix_v", mix_v)):
         if tuple(t.shape) != tuple(mix_q.shape):
-            raise ValueError(f"{op}: argument '{name}' must have mix_q's shape [H_in, H_out, P] = "
-                             f"{list(mix_q.shape)}, got {tuple(t.shape)}")
+            raise ValueError(
+                f"{op}: argument '{name}' must have mix_q's shape [H_in, H_out, P] = "
+                f"{list(mix_q.shape)}, got {tuple(t.shape)}"
+            )
     if tuple(collapse.shape) == (heads_out, pseudo):
         global_collapse = False
     elif tuple(collapse.shape) == (heads_out, heads_out * pseudo):
         global_collapse = True
     else:
-        raise ValueError(f"{op}: argument 'collapse' must be [H_out, P] = [{heads_out}, {pseudo}] (per head) or "
-                         f"[H_out, H_out*P] = [{heads_out}, {heads_out * pseudo}] (global), got {tuple(collapse.shape)}")
+        raise ValueError(
+            f"{op}: argument 'collapse' must be [H_out, P] = [{heads_out}, {pseudo}] (per head) or "
+            f"[H_out, H_out*P] = [{heads_out}, {heads_out * pseudo}] (global), got {tuple(collapse.shape)}"
+        )
     if (cos is None) != (sin is None):
         raise ValueError(f"{op}: arguments 'cos' and 'sin' must be given together or both be None")
     if cos is not None:
@@ -467,22 +558,26 @@ def iha_check_inputs(q: Tensor, k: Tensor, v: Tensor, mix_q: Tensor, mix_k: Tens
             if not isinstance(t, Tensor) or t.dtype not in floats:
                 raise ValueError(f"{op}: argument '{name}' must be a float tensor, got {type(t).__name__}")
             if head_dim % 2 or tuple(t.shape) != (seq_len * pseudo, half):
-                raise ValueError(f"{op}: argument '{name}' must be [N*P, d/2] = [{seq_len * pseudo}, {half}] "
-                                 f"(even d) for q {tuple(q.shape)} and P = {pseudo}, got {tuple(t.shape)}")
+                raise ValueError(
+                    f"{op}: argument '{name}' must be [N*P, d/2] = [{seq_len * pseudo}, {half}] "
+                    f"(even d) for q {tuple(q.shape)} and P = {pseudo}, got {tuple(t.shape)}"
+                )
     if mask not in IHA_MASKS:
         raise ValueError(f"{op}: argument 'mask' is {mask!r} (allowed: {', '.join(IHA_MASKS)})")
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1
-                               or window % pseudo):
-        raise ValueError(f"{op}: argument 'window' must be None or a positive multiple of P = {pseudo} "
-                         f"(virtual tokens), got {window!r}")
+    if window is not None and (
+        isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % pseudo
+    ):
+        raise ValueError(
+            f"{op}: argument 'window' must be None or a positive multiple of P = {pseudo} "
+            f"(virtual tokens), got {window!r}"
+        )
     devices = {t.device for t in (q, k, v, mix_q, mix_k, mix_v, collapse) + ((cos, sin) if cos is not None else ())}
     if len(devices) > 1:
         raise ValueError(f"{op}: all tensor arguments must be on one device, got {sorted(map(str, devices))}")
     return batch, heads_in, seq_len, head_dim, heads_out, pseudo, global_collapse
 
 
-def iha_allowed(seq_len: int, pseudo: int, mask: str = "causal", window: Optional[int] = None,
-                device=None) -> Tensor:
+def iha_allowed(seq_len: int, pseudo: int, mask: str = "causal", window: Optional[int] = None, device=None) -> Tensor:
     """[N*P, N*P] bool: which virtual key j each virtual query i attends to (True = attends).
 
     i = n*P + p, j = n'*P + p'. causal: j <= i. token_causal: n' <= n. With a window W (a multiple
@@ -503,10 +598,21 @@ def iha_allowed(seq_len: int, pseudo: int, mask: str = "causal", window: Optiona
     return allowed
 
 
-def iha_attention(q: Tensor, k: Tensor, v: Tensor, mix_q: Tensor, mix_k: Tensor, mix_v: Tensor,
-                  collapse: Tensor, cos: Optional[Tensor] = None, sin: Optional[Tensor] = None,
-                  mask: str = "causal", window: Optional[int] = None, *,
-                  compute_dtype: torch.dtype = torch.float32) -> Tensor:
+def iha_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mix_q: Tensor,
+    mix_k: Tensor,
+    mix_v: Tensor,
+    collapse: Tensor,
+    cos: Optional[Tensor] = None,
+    sin: Optional[Tensor] = None,
+    mask: str = "causal",
+    window: Optional[int] = None,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """Interleaved head attention, unfused: batched-GEMM mixing straight into the interleaved layout,
     rotary, SDPA (is_causal for the plain causal mask), collapse; no copies between the steps.
 
@@ -535,7 +641,8 @@ def iha_attention(q: Tensor, k: Tensor, v: Tensor, mix_q: Tensor, mix_k: Tensor,
         except cos and sin.
     """
     batch, _, seq_len, head_dim, heads_out, pseudo, global_collapse = iha_check_inputs(
-        q, k, v, mix_q, mix_k, mix_v, collapse, cos, sin, mask, window)
+        q, k, v, mix_q, mix_k, mix_v, collapse, cos, sin, mask, window
+    )
     ct = compute_dtype
     tokens = batch * seq_len
 
@@ -569,11 +676,25 @@ def iha_attention(q: Tensor, k: Tensor, v: Tensor, mix_q: Tensor, mix_k: Tensor,
     return out.transpose(1, 2).to(q.dtype)
 
 
-def projected_adam_update(weight: Tensor, proj: Tensor, low_rank_grad: Tensor, exp_avg: Tensor,
-                          exp_avg_sq: Tensor, *, side: str, beta1: float, beta2: float, eps: float,
-                          step_size: float, scale: float, decay: float, update_moments: bool = True,
-                          grad: Optional[Tensor] = None, residual_scale: Optional[Tensor] = None,
-                          residual_coef: float = 1.0) -> tuple[Tensor, Tensor]:
+def projected_adam_update(
+    weight: Tensor,
+    proj: Tensor,
+    low_rank_grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    side: str,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step_size: float,
+    scale: float,
+    decay: float,
+    update_moments: bool = True,
+    grad: Optional[Tensor] = None,
+    residual_scale: Optional[Tensor] = None,
+    residual_coef: float = 1.0,
+) -> tuple[Tensor, Tensor]:
     """One GaLore / Fira weight update from a projected gradient (the optimizer's inner step).
 
     side "right": weight [M, N], proj P [r, N], low_rank_grad R and moments [M, r], back(X) = X @ P.

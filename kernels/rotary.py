@@ -31,7 +31,7 @@ from ._utils import check_device, check_same, check_tensor, new_output, next_pow
 from .aot import KernelLaunch, LaunchConfig, signature
 from .library import kernel_op
 
-__all__ = ["rope", "RopeFunction"]
+__all__ = ["rope"]
 
 # Largest [heads, d/2] tile a program holds at once (elements of one half). With d = 128 that is 32
 # heads per step: enough independent loads in flight per program, few enough registers per thread.
@@ -39,11 +39,27 @@ _MAX_TILE = 2048
 
 
 @triton.jit
-def _rotate_heads(x_ptr, out_ptr, b, n, num_heads,
-                  stride_xb, stride_xh, stride_xn, stride_xd,
-                  stride_ob, stride_oh, stride_on, stride_od,
-                  cos, sin, offs_i, mask_i,
-                  HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+def _rotate_heads(
+    x_ptr,
+    out_ptr,
+    b,
+    n,
+    num_heads,
+    stride_xb,
+    stride_xh,
+    stride_xn,
+    stride_xd,
+    stride_ob,
+    stride_oh,
+    stride_on,
+    stride_od,
+    cos,
+    sin,
+    offs_i,
+    mask_i,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     """Rotate the d-vectors of all `num_heads` heads at position (b, n), BLOCK_H heads per step.
 
     cos, sin: [1, BLOCK_HALF] fp32 (already negated sin for the inverse rotation); offs_i, mask_i:
@@ -73,16 +89,44 @@ def _rotate_heads(x_ptr, out_ptr, b, n, num_heads,
 
 
 @triton.jit
-def _rope_fwd_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr,
-                     seq_len, num_q_heads, num_k_heads,
-                     stride_qb, stride_qh, stride_qn, stride_qd,
-                     stride_kb, stride_kh, stride_kn, stride_kd,
-                     stride_qob, stride_qoh, stride_qon, stride_qod,
-                     stride_kob, stride_koh, stride_kon, stride_kod,
-                     stride_cos_b, stride_cos_n, stride_cos_i,
-                     stride_sin_b, stride_sin_n, stride_sin_i,
-                     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, INVERSE: tl.constexpr):
+def _rope_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    cos_ptr,
+    sin_ptr,
+    seq_len,
+    num_q_heads,
+    num_k_heads,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_qob,
+    stride_qoh,
+    stride_qon,
+    stride_qod,
+    stride_kob,
+    stride_koh,
+    stride_kon,
+    stride_kod,
+    stride_cos_b,
+    stride_cos_n,
+    stride_cos_i,
+    stride_sin_b,
+    stride_sin_n,
+    stride_sin_i,
+    HALF: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    INVERSE: tl.constexpr,
+):
     """Program (b * N + n) writes q_out[b, :, n, :] and k_out[b, :, n, :].
 
     INVERSE=False: out = R(theta) x (forward). INVERSE=True: out = R(-theta) x, the backward pass,
@@ -97,23 +141,59 @@ def _rope_fwd_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr,
     offs_i = tl.arange(0, BLOCK_HALF)
     mask_i = offs_i < HALF
     offs_i64 = offs_i.to(tl.int64)
-    cos = tl.load(cos_ptr + b * stride_cos_b + n * stride_cos_n + offs_i64 * stride_cos_i,
-                  mask=mask_i, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + b * stride_sin_b + n * stride_sin_n + offs_i64 * stride_sin_i,
-                  mask=mask_i, other=0.0).to(tl.float32)
+    cos = tl.load(cos_ptr + b * stride_cos_b + n * stride_cos_n + offs_i64 * stride_cos_i, mask=mask_i, other=0.0).to(
+        tl.float32
+    )
+    sin = tl.load(sin_ptr + b * stride_sin_b + n * stride_sin_n + offs_i64 * stride_sin_i, mask=mask_i, other=0.0).to(
+        tl.float32
+    )
     if INVERSE:
         sin = -sin
     cos = cos[None, :]
     sin = sin[None, :]
 
-    _rotate_heads(q_ptr, q_out_ptr, b, n, num_q_heads,
-                  stride_qb, stride_qh, stride_qn, stride_qd,
-                  stride_qob, stride_qoh, stride_qon, stride_qod,
-                  cos, sin, offs_i, mask_i, HALF, BLOCK_HQ)
-    _rotate_heads(k_ptr, k_out_ptr, b, n, num_k_heads,
-                  stride_kb, stride_kh, stride_kn, stride_kd,
-                  stride_kob, stride_koh, stride_kon, stride_kod,
-                  cos, sin, offs_i, mask_i, HALF, BLOCK_HK)
+    _rotate_heads(
+        q_ptr,
+        q_out_ptr,
+        b,
+        n,
+        num_q_heads,
+        stride_qb,
+        stride_qh,
+        stride_qn,
+        stride_qd,
+        stride_qob,
+        stride_qoh,
+        stride_qon,
+        stride_qod,
+        cos,
+        sin,
+        offs_i,
+        mask_i,
+        HALF,
+        BLOCK_HQ,
+    )
+    _rotate_heads(
+        k_ptr,
+        k_out_ptr,
+        b,
+        n,
+        num_k_heads,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_kd,
+        stride_kob,
+        stride_koh,
+        stride_kon,
+        stride_kod,
+        cos,
+        sin,
+        offs_i,
+        mask_i,
+        HALF,
+        BLOCK_HK,
+    )
 
 
 def launch_config(head_dim: int, num_q_heads: int, num_k_heads: int) -> LaunchConfig:
@@ -127,20 +207,30 @@ def launch_config(head_dim: int, num_q_heads: int, num_k_heads: int) -> LaunchCo
     # Small tiles (short heads, few heads) waste warps; large ones want more of them.
     tile = max(block_hq, block_hk) * block_half
     num_warps = 1 if tile <= 256 else 2 if tile <= 512 else 4 if tile <= 2048 else 8
-    return LaunchConfig.of(num_warps=num_warps, HALF=half, BLOCK_HALF=block_half, BLOCK_HQ=block_hq,
-                           BLOCK_HK=block_hk)
+    return LaunchConfig.of(num_warps=num_warps, HALF=half, BLOCK_HALF=block_half, BLOCK_HQ=block_hq, BLOCK_HK=block_hk)
 
 
-def cuda_launches(head_dim: int, num_q_heads: int, num_k_heads: int, dtype: torch.dtype,
-                  table_dtype: torch.dtype = torch.float32) -> list[KernelLaunch]:
+def cuda_launches(
+    head_dim: int, num_q_heads: int, num_k_heads: int, dtype: torch.dtype, table_dtype: torch.dtype = torch.float32
+) -> list[KernelLaunch]:
     """Forward (rotate by +theta) and backward (-theta) launches for q/k of `dtype` on CUDA; the
     cos/sin tables in `table_dtype` (fp32 in the models)."""
-    types = signature(_rope_fwd_kernel, {"q_ptr": dtype, "k_ptr": dtype, "q_out_ptr": dtype, "k_out_ptr": dtype,
-                                         "cos_ptr": table_dtype, "sin_ptr": table_dtype})
+    types = signature(
+        _rope_fwd_kernel,
+        {
+            "q_ptr": dtype,
+            "k_ptr": dtype,
+            "q_out_ptr": dtype,
+            "k_out_ptr": dtype,
+            "cos_ptr": table_dtype,
+            "sin_ptr": table_dtype,
+        },
+    )
     base = launch_config(head_dim, num_q_heads, num_k_heads)
     note = f"d={head_dim} Hq={num_q_heads} Hk={num_k_heads}"
-    return [KernelLaunch(_rope_fwd_kernel, types, base.replace(INVERSE=inverse), True, note)
-            for inverse in (False, True)]
+    return [
+        KernelLaunch(_rope_fwd_kernel, types, base.replace(INVERSE=inverse), True, note) for inverse in (False, True)
+    ]
 
 
 def _check_inputs(q, k, cos, sin) -> None:
@@ -148,14 +238,17 @@ def _check_inputs(q, k, cos, sin) -> None:
     check_tensor("rope", "q", q, ndim=4)
     batch, _, seq_len, head_dim = q.shape
     if head_dim % 2 or head_dim == 0:
-        raise ValueError(f"rope: argument 'q' needs an even, non-zero head dim d (pairs of halves), "
-                         f"got shape {tuple(q.shape)}")
+        raise ValueError(
+            f"rope: argument 'q' needs an even, non-zero head dim d (pairs of halves), got shape {tuple(q.shape)}"
+        )
     check_tensor("rope", "k", k, ndim=4, shape=(batch, None, seq_len, head_dim))
     half = head_dim // 2
     check_tensor("rope", "cos", cos)
     if cos.dim() not in (2, 3) or cos.shape[-2:] != (seq_len, half) or (cos.dim() == 3 and cos.shape[0] != batch):
-        raise ValueError(f"rope: argument 'cos' must be [N, d/2] = [{seq_len}, {half}] or [B, N, d/2] = "
-                         f"[{batch}, {seq_len}, {half}] for q of shape {tuple(q.shape)}, got {tuple(cos.shape)}")
+        raise ValueError(
+            f"rope: argument 'cos' must be [N, d/2] = [{seq_len}, {half}] or [B, N, d/2] = "
+            f"[{batch}, {seq_len}, {half}] for q of shape {tuple(q.shape)}, got {tuple(cos.shape)}"
+        )
     check_tensor("rope", "sin", sin, shape=tuple(cos.shape))
     check_same("rope", (("q", q), ("k", k), ("cos", cos), ("sin", sin)))
     check_device("rope", q)
@@ -168,8 +261,9 @@ def _table_strides(table: Tensor) -> tuple[int, int, int]:
     return tuple(table.stride())
 
 
-def _rope_launch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, inverse: bool,
-                 q_dtype: torch.dtype, k_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _rope_launch(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, inverse: bool, q_dtype: torch.dtype, k_dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     """Rotate q [B, Hq, N, d] and k [B, Hk, N, d] (any strides) by +theta, or -theta if `inverse`.
 
     Returns new contiguous tensors of the same shapes in q_dtype and k_dtype.
@@ -187,11 +281,23 @@ def _rope_launch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, inverse: boo
         return q_out, k_out
 
     _rope_fwd_kernel[(batch * seq_len,)](
-        q, k, q_out, k_out, cos, sin,
-        seq_len, num_q_heads, num_k_heads,
-        *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(),
-        *_table_strides(cos), *_table_strides(sin),
-        INVERSE=inverse, **launch_config(head_dim, num_q_heads, num_k_heads).kwargs(),
+        q,
+        k,
+        q_out,
+        k_out,
+        cos,
+        sin,
+        seq_len,
+        num_q_heads,
+        num_k_heads,
+        *q.stride(),
+        *k.stride(),
+        *q_out.stride(),
+        *k_out.stride(),
+        *_table_strides(cos),
+        *_table_strides(sin),
+        INVERSE=inverse,
+        **launch_config(head_dim, num_q_heads, num_k_heads).kwargs(),
     )
     return q_out, k_out
 
@@ -230,9 +336,7 @@ def _backward(ctx, grad_q_rot, grad_k_rot):
     # The inverse rotation is the same op: the gradients have q's and k's shapes (their dtypes may
     # differ under autocast: the op writes q's and k's own).
     grad_q, grad_k = _rope_op(grad_q_rot.to(q_dtype), grad_k_rot.to(k_dtype), cos, sin, True)
-    return (grad_q if ctx.needs_input_grad[0] else None,
-            grad_k if ctx.needs_input_grad[1] else None,
-            None, None, None)
+    return (grad_q if ctx.needs_input_grad[0] else None, grad_k if ctx.needs_input_grad[1] else None, None, None, None)
 
 
 torch.library.register_autograd(_rope_op, _backward, setup_context=_setup_context)

@@ -114,8 +114,13 @@ def sparse_support(index: Tensor, d_in: int, d_out: int) -> SparseSupport:
 
     check_sparse_support(OP, index, index, d_in, d_out, check_order=True)
     support = SparseSupport(d_in=d_in, d_out=d_out, nnz=index.numel())
-    _SUPPORT_CACHE[key] = (weakref.ref(index, lambda _r, key=key: _SUPPORT_CACHE.pop(key, None)),
-                           index._version, d_in, d_out, support)
+    _SUPPORT_CACHE[key] = (
+        weakref.ref(index, lambda _r, key=key: _SUPPORT_CACHE.pop(key, None)),
+        index._version,
+        d_in,
+        d_out,
+        support,
+    )
     return support
 
 
@@ -165,9 +170,19 @@ def _(x, a, b, values, index, scale):
 
 
 @kernel_op("sparse_lowrank_linear_backward")
-def _sparse_lowrank_backward_op(dy: Tensor, x: Tensor, a: Tensor, b: Tensor, values: Tensor, index: Tensor,
-                                scale: float, need_dx: bool, need_da: bool, need_db: bool,
-                                need_dv: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _sparse_lowrank_backward_op(
+    dy: Tensor,
+    x: Tensor,
+    a: Tensor,
+    b: Tensor,
+    values: Tensor,
+    index: Tensor,
+    scale: float,
+    need_dx: bool,
+    need_da: bool,
+    need_db: bool,
+    need_dv: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, da, db, dvalues), each empty unless asked for. W is rebuilt for dx and freed before the
     weight gradient exists: one [D_in, D_out] transient at a time."""
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
@@ -191,8 +206,10 @@ def _sparse_lowrank_backward_op(dy: Tensor, x: Tensor, a: Tensor, b: Tensor, val
 
 @_sparse_lowrank_backward_op.register_fake
 def _(dy, x, a, b, values, index, scale, need_dx, need_da, need_db, need_dv):
-    return tuple(t.new_empty(t.shape if flag else (0,))
-                 for t, flag in ((x, need_dx), (a, need_da), (b, need_db), (values, need_dv)))
+    return tuple(
+        t.new_empty(t.shape if flag else (0,))
+        for t, flag in ((x, need_dx), (a, need_da), (b, need_db), (values, need_dv))
+    )
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -226,8 +243,9 @@ def _validate(x: Tensor, a: Tensor, b: Tensor, values: Tensor, index: Tensor, sc
     check_same(OP, [("x", x), ("a", a), ("b", b), ("values", values), ("index", index)])
     check_device(OP, x)
     if min(x.shape[-1], a.shape[1], b.shape[1]) == 0:
-        raise ValueError(f"{OP}: D_in, r and D_out must be >= 1, got x {tuple(x.shape)}, a {tuple(a.shape)}, "
-                         f"b {tuple(b.shape)}")
+        raise ValueError(
+            f"{OP}: D_in, r and D_out must be >= 1, got x {tuple(x.shape)}, a {tuple(a.shape)}, b {tuple(b.shape)}"
+        )
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise ValueError(f"{OP}: argument 'scale' must be a number, got {scale!r}")
 

@@ -24,8 +24,9 @@ from .aot import LaunchConfig
 __all__ = ["autotuned"]
 
 
-def autotuned(kernel, configs: Sequence[LaunchConfig], key: Sequence[str], restore: Sequence[str] = (),
-              reset: Sequence[str] = ()):
+def autotuned(
+    kernel, configs: Sequence[LaunchConfig], key: Sequence[str], restore: Sequence[str] = (), reset: Sequence[str] = ()
+):
     """(launchable, extra kwargs): the kernel and configs[0].kwargs() when there is one candidate,
     else a cached `triton.autotune` wrapper of `kernel` over `configs` and no extra kwargs."""
     configs = tuple(configs)
@@ -38,7 +39,12 @@ def autotuned(kernel, configs: Sequence[LaunchConfig], key: Sequence[str], resto
 
 @functools.lru_cache(maxsize=None)
 def _wrapper(kernel, configs: tuple, key: tuple, restore: tuple, reset: tuple):
-    candidates = [triton.Config(c.constexpr_dict(), num_warps=c.num_warps,
-                                **({} if c.num_stages is None else {"num_stages": c.num_stages})) for c in configs]
-    return triton.autotune(configs=candidates, key=list(key), restore_value=list(restore) or None,
-                           reset_to_zero=list(reset) or None)(kernel)
+    candidates = [
+        triton.Config(
+            c.constexpr_dict(), num_warps=c.num_warps, **({} if c.num_stages is None else {"num_stages": c.num_stages})
+        )
+        for c in configs
+    ]
+    return triton.autotune(
+        configs=candidates, key=list(key), restore_value=list(restore) or None, reset_to_zero=list(reset) or None
+    )(kernel)

@@ -30,13 +30,24 @@ class _Parser(argparse.ArgumentParser):
 def _add_pretrain(sub):
     p = sub.add_parser("pretrain", help="pretrain a model (one YAML config plus a.b=c overrides)")
     p.add_argument("--config", "-c", help="YAML run config (launch/configs/*.yaml)")
-    p.add_argument("--deepspeed", dest="deepspeed_json", help="DeepSpeed JSON merged into the config's deepspeed section")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from run.dir's latest checkpoint (a fresh start if it has none)")
-    p.add_argument("--resume-from", metavar="PATH", default=None,
-                   help="continue from this checkpoint directory (or this run directory's latest)")
-    p.add_argument("--nproc-per-node", type=int, default=None,
-                   help="processes to start on this machine (default: the number of GPUs, or 1 on CPU)")
+    p.add_argument(
+        "--deepspeed", dest="deepspeed_json", help="DeepSpeed JSON merged into the config's deepspeed section"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue from run.dir's latest checkpoint (a fresh start if it has none)"
+    )
+    p.add_argument(
+        "--resume-from",
+        metavar="PATH",
+        default=None,
+        help="continue from this checkpoint directory (or this run directory's latest)",
+    )
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        help="processes to start on this machine (default: the number of GPUs, or 1 on CPU)",
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.add_argument("overrides", nargs="*", help="config overrides such as train.steps=100 model.dim=256")
     return p
@@ -45,13 +56,23 @@ def _add_pretrain(sub):
 def _add_rl(sub):
     p = sub.add_parser("rl", help="RL / SFT / SFT->RL / parallel averaging from pretraining checkpoints (rl.* keys)")
     p.add_argument("--config", "-c", help="YAML run config (launch/configs/rl-*.yaml)")
-    p.add_argument("--deepspeed", dest="deepspeed_json", help="DeepSpeed JSON merged into the config's deepspeed section")
+    p.add_argument(
+        "--deepspeed", dest="deepspeed_json", help="DeepSpeed JSON merged into the config's deepspeed section"
+    )
     p.add_argument("--resume", action="store_true", help="continue the RL run in run.dir (finished sub-runs are kept)")
     p.add_argument("--resume-from", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--stop-after", type=int, default=None,
-                   help="stop each excursion after this many iterations with a checkpoint (preemptible jobs, tests)")
-    p.add_argument("--nproc-per-node", type=int, default=None,
-                   help="processes to start on this machine (default: the number of GPUs, or 1 on CPU)")
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop each excursion after this many iterations with a checkpoint (preemptible jobs, tests)",
+    )
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        help="processes to start on this machine (default: the number of GPUs, or 1 on CPU)",
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="config overrides such as rl.group_size=8 rl.init=runs/x")
 
@@ -100,8 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a run's weights as a Hugging Face Llama folder (safetensors)")
     p.add_argument("path", help="run directory or checkpoint directory")
     p.add_argument("--output", "-o", required=True, help="output folder (must not exist or be empty)")
-    p = sub.add_parser("reshard", help="convert a ZeRO 1/2 checkpoint to DeepSpeed's universal form, so it resumes "
-                                       "at any parallel.tensor and process count")
+    p = sub.add_parser(
+        "reshard",
+        help="convert a ZeRO 1/2 checkpoint to DeepSpeed's universal form, so it resumes "
+        "at any parallel.tensor and process count",
+    )
     p.add_argument("path", help="run directory (its latest checkpoint) or checkpoint directory")
     _add_generate(sub)
     _add_ttt(sub)
@@ -114,18 +138,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_analyze(sub):
-    p = sub.add_parser("analyze", help="research instruments on a run's checkpoints: spectra, loss landscape, "
-                                       "interpolation, CKA, exposure index (markdown + PNG + tensorboard)")
+    p = sub.add_parser(
+        "analyze",
+        help="research instruments on a run's checkpoints: spectra, loss landscape, "
+        "interpolation, CKA, exposure index (markdown + PNG + tensorboard)",
+    )
     p.add_argument("run", help="run directory")
     p.add_argument("--vs", metavar="OTHER_RUN", default=None, help="a second run to compare with")
-    p.add_argument("--only", default=None,
-                   help="comma-separated instruments (default all): spectra,landscape,interpolation,cka,exposure")
+    p.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated instruments (default all): spectra,landscape,interpolation,cka,exposure",
+    )
     p.add_argument("--checkpoint", default=None, help="step_N (or N, or a path) of RUN (default: its latest)")
     p.add_argument("--vs-checkpoint", default=None, help="step_N of OTHER_RUN (default: its latest)")
-    p.add_argument("--base", default="init", choices=["init", "first"],
-                   help="W_0 of the update spectra: init (rebuilt from the run's seed) or the first checkpoint")
-    p.add_argument("--phrases", default=None, help="exposure: file of phrases / evaluation items, one per line "
-                                                   "(.jsonl: a \"text\" field per line)")
+    p.add_argument(
+        "--base",
+        default="init",
+        choices=["init", "first"],
+        help="W_0 of the update spectra: init (rebuilt from the run's seed) or the first checkpoint",
+    )
+    p.add_argument(
+        "--phrases",
+        default=None,
+        help='exposure: file of phrases / evaluation items, one per line (.jsonl: a "text" field per line)',
+    )
     p.add_argument("--ngram", type=int, default=8, help="exposure: n-gram length of the index")
     p.add_argument("--directions", type=int, default=2, help="landscape: random filter-normalised directions")
     p.add_argument("--components", type=int, default=2, help="landscape: principal directions of the trajectory")
@@ -144,10 +181,22 @@ def _cmd_analyze(args) -> int:
     from megatrain.analysis.report import default_output, write_report
 
     only = tuple(x.strip() for x in args.only.split(",") if x.strip()) if args.only else INSTRUMENTS
-    opts = AnalyzeOptions(only=only, checkpoint=args.checkpoint, vs_checkpoint=args.vs_checkpoint, base=args.base,
-                          directions=args.directions, components=args.components, points=args.points,
-                          radius=args.radius, interp_points=args.interp_points, batches=args.batches, micro_batch=args.micro_batch, seed=args.seed,
-                          phrases=args.phrases, ngram=args.ngram)
+    opts = AnalyzeOptions(
+        only=only,
+        checkpoint=args.checkpoint,
+        vs_checkpoint=args.vs_checkpoint,
+        base=args.base,
+        directions=args.directions,
+        components=args.components,
+        points=args.points,
+        radius=args.radius,
+        interp_points=args.interp_points,
+        batches=args.batches,
+        micro_batch=args.micro_batch,
+        seed=args.seed,
+        phrases=args.phrases,
+        ngram=args.ngram,
+    )
     results = analyze(args.run, args.vs, opts)
     path = write_report(results, args.out or default_output(args.run, args.vs), tensorboard=not args.no_tensorboard)
     print(f"wrote {path}")
@@ -155,73 +204,132 @@ def _cmd_analyze(args) -> int:
 
 
 def _add_import(sub):
-    p = sub.add_parser("import", help="make a run directory from a local Hugging Face Llama folder (safetensors, "
-                                      "sharded or not) to continue pretraining, run RL or qTTT")
+    p = sub.add_parser(
+        "import",
+        help="make a run directory from a local Hugging Face Llama folder (safetensors, "
+        "sharded or not) to continue pretraining, run RL or qTTT",
+    )
     p.add_argument("path", help="Hugging Face folder: config.json, model.safetensors (or its index and shards)")
     p.add_argument("--output", "-o", required=True, help="run directory to create (must not exist or be empty)")
-    p.add_argument("--tokenizer", default=None, help="sentencepiece .model to use (default: the folder's "
-                                                     "tokenizer.model)")
+    p.add_argument(
+        "--tokenizer", default=None, help="sentencepiece .model to use (default: the folder's tokenizer.model)"
+    )
 
 
 def _cmd_import(args) -> int:
     from megatrain.engine.hf_import import import_hf_llama
 
     out = import_hf_llama(args.path, args.output, tokenizer=args.tokenizer)
-    print(f"wrote run directory {out}; continue with: megatrain pretrain --config {out}/config.yaml --resume "
-          f"(or rl.init={out}, ttt.init={out})")
+    print(
+        f"wrote run directory {out}; continue with: megatrain pretrain --config {out}/config.yaml --resume "
+        f"(or rl.init={out}, ttt.init={out})"
+    )
     return 0
 
 
 def _add_bench(sub):
-    p = sub.add_parser("bench", help="training throughput of a config over settings, against HF+DeepSpeed and plain "
-                                     "PyTorch on the same model and batches (docs/benchmarks.md)")
+    p = sub.add_parser(
+        "bench",
+        help="training throughput of a config over settings, against HF+DeepSpeed and plain "
+        "PyTorch on the same model and batches (docs/benchmarks.md)",
+    )
     p.add_argument("config", nargs="?", default=None, help="YAML run config (launch/configs/*.yaml); optional")
-    p.add_argument("overrides", nargs="*", help="config overrides for every setting, such as data.seq_len=256 "
-                                                "(before --settings)")
-    p.add_argument("--settings", nargs="+", action="extend", default=None, metavar="SETTING",
-                   help="settings to compare, each a comma list such as mb=4,zero=2,ac=1,compile=1,kernels=torch,tp=2 "
-                        "(or full config keys); default: the config as it is")
-    p.add_argument("--deepspeed", dest="deepspeed_json", help="DeepSpeed JSON merged into the config's deepspeed section")
+    p.add_argument(
+        "overrides", nargs="*", help="config overrides for every setting, such as data.seq_len=256 (before --settings)"
+    )
+    p.add_argument(
+        "--settings",
+        nargs="+",
+        action="extend",
+        default=None,
+        metavar="SETTING",
+        help="settings to compare, each a comma list such as mb=4,zero=2,ac=1,compile=1,kernels=torch,tp=2 "
+        "(or full config keys); default: the config as it is",
+    )
+    p.add_argument(
+        "--deepspeed", dest="deepspeed_json", help="DeepSpeed JSON merged into the config's deepspeed section"
+    )
     p.add_argument("--steps", type=int, default=20, help="measured steps per side and setting")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured steps per side first")
     p.add_argument("--block", type=int, default=5, help="steps per alternating measurement block")
-    p.add_argument("--breakdown-steps", type=int, default=2,
-                   help="profiled steps per side for the forward/backward/optimizer/communication breakdown (0: none)")
-    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                   help="also write torch.profiler op tables of STEPS steps per side next to the results")
+    p.add_argument(
+        "--breakdown-steps",
+        type=int,
+        default=2,
+        help="profiled steps per side for the forward/backward/optimizer/communication breakdown (0: none)",
+    )
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also write torch.profiler op tables of STEPS steps per side next to the results",
+    )
     p.add_argument("--no-baseline", action="store_true", help="leave out the HF LlamaForCausalLM + DeepSpeed side")
     p.add_argument("--no-plain", action="store_true", help="leave out the plain PyTorch side")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"), help="results folder")
     p.add_argument("--tag", default=None, help="results file stem (default: bench-CONFIG-cpu|gpu)")
     p.add_argument("--plot", action="store_true", help="also draw tokens/s and memory per setting (STEM.png)")
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="time steps by wall time, or by each process's CPU time (steadier on a shared CPU machine)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads per process (default: cores / processes)")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="time steps by wall time, or by each process's CPU time (steadier on a shared CPU machine)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads per process (default: cores / processes)"
+    )
 
 
 def _cmd_bench(args) -> int:
     from megatrain.bench import parse_settings, run_bench
 
     config, overrides = _config_slot(args.config, None, args.overrides, "bench")
-    run_bench(config, overrides, parse_settings(args.settings), out_dir=args.out, stem=args.tag, warmup=args.warmup,
-              steps=args.steps, block=args.block, breakdown_steps=args.breakdown_steps, profile_steps=args.profile,
-              baseline=not args.no_baseline, plain=not args.no_plain, plot=args.plot,
-              deepspeed_json=args.deepspeed_json, clock=args.clock, threads=args.threads,
-              command="megatrain " + " ".join(sys.argv[1:]))
+    run_bench(
+        config,
+        overrides,
+        parse_settings(args.settings),
+        out_dir=args.out,
+        stem=args.tag,
+        warmup=args.warmup,
+        steps=args.steps,
+        block=args.block,
+        breakdown_steps=args.breakdown_steps,
+        profile_steps=args.profile,
+        baseline=not args.no_baseline,
+        plain=not args.no_plain,
+        plot=args.plot,
+        deepspeed_json=args.deepspeed_json,
+        clock=args.clock,
+        threads=args.threads,
+        command="megatrain " + " ".join(sys.argv[1:]),
+    )
     return 0
 
 
 # ---- megatrain plan (per-rank memory plan; --build measures a real sharded build) -------------------
 def _add_plan(sub):
-    p = sub.add_parser("plan", help="per-rank memory plan of a layout (weights, gradients, optimizer, activations); "
-                                    "--build constructs the model on every rank and measures it")
+    p = sub.add_parser(
+        "plan",
+        help="per-rank memory plan of a layout (weights, gradients, optimizer, activations); "
+        "--build constructs the model on every rank and measures it",
+    )
     p.add_argument("config_path", nargs="?", default=None, metavar="CONFIG", help="YAML run config")
     p.add_argument("--config", "-c", dest="config_flag", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--deepspeed", dest="deepspeed_json", help="DeepSpeed JSON merged into the config's deepspeed section")
-    p.add_argument("--world", type=int, default=None,
-                   help="processes of the layout (default: the number of GPUs, or parallel.tensor on CPU)")
-    p.add_argument("--build", action="store_true",
-                   help="also build the model in --world processes (gloo on CPU) and print what each rank holds")
+    p.add_argument(
+        "--deepspeed", dest="deepspeed_json", help="DeepSpeed JSON merged into the config's deepspeed section"
+    )
+    p.add_argument(
+        "--world",
+        type=int,
+        default=None,
+        help="processes of the layout (default: the number of GPUs, or parallel.tensor on CPU)",
+    )
+    p.add_argument(
+        "--build",
+        action="store_true",
+        help="also build the model in --world processes (gloo on CPU) and print what each rank holds",
+    )
     p.add_argument("overrides", nargs="*", help="config overrides such as parallel.tensor=4 model.preset=1.3b")
 
 
@@ -254,8 +362,11 @@ def _cmd_plan(args) -> int:
 
 
 def _add_ttt(sub):
-    p = sub.add_parser("ttt", help="test-time context training (qTTT): accuracy with and without query-only updates "
-                                   "on the context, and the FLOP-matched thinking baseline")
+    p = sub.add_parser(
+        "ttt",
+        help="test-time context training (qTTT): accuracy with and without query-only updates "
+        "on the context, and the FLOP-matched thinking baseline",
+    )
     p.add_argument("--config", "-c", help="YAML run config (launch/configs/ttt-tiny-cpu.yaml)")
     p.add_argument("overrides", nargs="*", help="config overrides such as ttt.steps=16 ttt.init=runs/x")
 
@@ -337,8 +448,7 @@ def _config_slot(slot: Optional[str], flag: Optional[str], overrides: list[str],
     if slot is not None and "=" in slot and not os.path.isfile(slot):
         slot, overrides = None, [slot, *overrides]
     if slot is not None and flag is not None:
-        raise MegatrainError(f"{command}: give the YAML config once (as CONFIG or --config), not '{slot}' and "
-                             f"'{flag}'")
+        raise MegatrainError(f"{command}: give the YAML config once (as CONFIG or --config), not '{slot}' and '{flag}'")
     return flag if flag is not None else slot, overrides
 
 
@@ -359,10 +469,23 @@ def _spawn_torchrun(nproc: int, argv: list[str], run_dir: Optional[str] = None) 
     from megatrain.engine.resilience import LauncherStop
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    targs = get_args_parser().parse_args([
-        "--nnodes", "1", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-        "--master-port", str(_free_port()), "--signals-to-handle", LauncherStop.AGENT_SIGNALS,
-        "--module", "megatrain.cli", *argv])
+    targs = get_args_parser().parse_args(
+        [
+            "--nnodes",
+            "1",
+            "--nproc-per-node",
+            str(nproc),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(_free_port()),
+            "--signals-to-handle",
+            LauncherStop.AGENT_SIGNALS,
+            "--module",
+            "megatrain.cli",
+            *argv,
+        ]
+    )
     stop = LauncherStop().install()
     cut = False  # workers ended by the stop signal itself (it came before their loop handles it)
     try:
@@ -376,8 +499,12 @@ def _spawn_torchrun(nproc: int, argv: list[str], run_dir: Optional[str] = None) 
         received = stop.hard or exc.sigval
         if stop.signum:
             what = "a second SIGTERM" if received == signal.SIGTERM else _signal_name(received)
-            print(f"megatrain: {what} while the workers were stopping on {stop.name}: killed them"
-                  + (f"; {_last_checkpoint(run_dir)}" if run_dir is not None else ""), file=sys.stderr, flush=True)
+            print(
+                f"megatrain: {what} while the workers were stopping on {stop.name}: killed them"
+                + (f"; {_last_checkpoint(run_dir)}" if run_dir is not None else ""),
+                file=sys.stderr,
+                flush=True,
+            )
         else:
             line = "interrupted" if received == signal.SIGINT else f"stopped by {_signal_name(received)}"
             print(f"megatrain: {line}", file=sys.stderr, flush=True)
@@ -402,8 +529,10 @@ def _stopped_line(run_dir: str, name: str) -> str:
 
     found = newest_checkpoint(run_dir)
     if found is None:
-        return (f"megatrain: stopped on {name} before the first checkpoint of {run_dir}; run the same command "
-                f"again to start over")
+        return (
+            f"megatrain: stopped on {name} before the first checkpoint of {run_dir}; run the same command "
+            f"again to start over"
+        )
     step, path = found
     return f"megatrain: stopped at step {step} on {name}; checkpoint {path}; continue with --resume"
 
@@ -482,9 +611,18 @@ def _cmd_generate(args) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer, _ = load_for_inference(args.path, device=device)
     prompts = [tokenizer.encode(text) for text in args.prompt]
-    outputs = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                 top_p=args.top_p, top_k=args.top_k, stop=args.stop, eos_id=tokenizer.eos_id,
-                                 seed=args.seed, tokenizer=tokenizer)
+    outputs = generate(
+        model,
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        stop=args.stop,
+        eos_id=tokenizer.eos_id,
+        seed=args.seed,
+        tokenizer=tokenizer,
+    )
     for i, (text, new) in enumerate(zip(args.prompt, outputs)):
         if i:
             print()
@@ -494,19 +632,35 @@ def _cmd_generate(args) -> int:
 
 # --- sweep: scaling-law sweeps (megatrain/scaling/, docs/scaling.md) ---
 
+
 def _add_sweep(sub):
-    p = sub.add_parser("sweep", help="scaling-law sweep: run a sweep file's runs (grid or IsoFLOP), collect, fit "
-                                     "and plot; or emit them as a Slurm array / torchrun commands")
+    p = sub.add_parser(
+        "sweep",
+        help="scaling-law sweep: run a sweep file's runs (grid or IsoFLOP), collect, fit "
+        "and plot; or emit them as a Slurm array / torchrun commands",
+    )
     p.add_argument("sweep", nargs="?", help="sweep YAML (launch/configs/sweep-*.yaml)")
-    p.add_argument("--emit", choices=["slurm", "torchrun"], default=None,
-                   help="write the runs as a Slurm job array or torchrun commands into the sweep dir; run nothing")
+    p.add_argument(
+        "--emit",
+        choices=["slurm", "torchrun"],
+        default=None,
+        help="write the runs as a Slurm job array or torchrun commands into the sweep dir; run nothing",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan (runs, N, D, compute); write nothing")
     p.add_argument("--dir", default=None, help="sweep directory (default: the sweep file's dir key)")
     p.add_argument("--only", default=None, metavar="NAME", help="run this run only (a Slurm array task)")
-    p.add_argument("--nproc-per-node", type=int, default=None,
-                   help="processes per run (default: the sweep file's nproc_per_node, else 1)")
-    p.add_argument("--report", metavar="DIR", default=None,
-                   help="collect, fit and plot the sweep directory DIR (its sweep.yaml); run nothing")
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        help="processes per run (default: the sweep file's nproc_per_node, else 1)",
+    )
+    p.add_argument(
+        "--report",
+        metavar="DIR",
+        default=None,
+        help="collect, fit and plot the sweep directory DIR (its sweep.yaml); run nothing",
+    )
     p.add_argument("--no-report", action="store_true", help="do not write the report after running")
     p.add_argument("--quick", action="store_true", help="the file's quick variant (its 'quick' section: minutes)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, each with cores/jobs threads (default 1)")
@@ -542,8 +696,10 @@ def _cmd_sweep(args) -> int:
         print(f"{len(runs)} runs in {spec.dir} (mode {spec.mode}):")
         print(f"{'run':<40} {'method':<24} {'N':>10} {'steps':>7} {'D':>11} {'C=6ND':>9}")
         for r in runs:
-            print(f"{r.name:<40} {r.method:<24} {r.params_non_embedding:>10,} {r.steps:>7} {r.tokens:>11,} "
-                  f"{r.flops_6nd:>9.3g}")
+            print(
+                f"{r.name:<40} {r.method:<24} {r.params_non_embedding:>10,} {r.steps:>7} {r.tokens:>11,} "
+                f"{r.flops_6nd:>9.3g}"
+            )
         return 0
     if args.report is None and args.emit is not None:
         emit = emit_slurm if args.emit == "slurm" else emit_torchrun
@@ -567,8 +723,10 @@ def _run_study(spec, args) -> int:
     from megatrain.scaling.study import plan_study, run_study, split_stages, write_study_report
 
     if args.emit is not None or args.only is not None:
-        raise MegatrainError("a study (a sweep file with tune/seeds) runs locally: its second stage depends on the "
-                             "first one's results; --emit and --only are for plain sweeps")
+        raise MegatrainError(
+            "a study (a sweep file with tune/seeds) runs locally: its second stage depends on the "
+            "first one's results; --emit and --only are for plain sweeps"
+        )
     runs = plan_study(spec)
     if args.dry_run:
         stage1, stage2 = split_stages(spec, runs)
@@ -593,10 +751,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = list(args.overrides) + extra
-    handlers = {"pretrain": _cmd_pretrain, "rl": _cmd_rl, "ttt": _cmd_ttt, "tokenizer": _cmd_tokenizer,
-                "config": _cmd_config, "export": _cmd_export, "reshard": _cmd_reshard, "generate": _cmd_generate,
-                "analyze": _cmd_analyze, "import": _cmd_import, "bench": _cmd_bench, "sweep": _cmd_sweep,
-                "plan": _cmd_plan}
+    handlers = {
+        "pretrain": _cmd_pretrain,
+        "rl": _cmd_rl,
+        "ttt": _cmd_ttt,
+        "tokenizer": _cmd_tokenizer,
+        "config": _cmd_config,
+        "export": _cmd_export,
+        "reshard": _cmd_reshard,
+        "generate": _cmd_generate,
+        "analyze": _cmd_analyze,
+        "import": _cmd_import,
+        "bench": _cmd_bench,
+        "sweep": _cmd_sweep,
+        "plan": _cmd_plan,
+    }
     try:
         from megatrain.env import check_environment
 

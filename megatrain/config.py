@@ -45,8 +45,17 @@ from megatrain.models.layers import lowrank_options, projection_shapes
 from megatrain.parallel.checks import check_context_split, check_tensor_split, check_vocab_split
 from megatrain.parallel.pipeline import check_pipeline
 
-__all__ = ["Config", "ConfigError", "load_config", "parse_overrides", "validate", "config_reference", "save_config",
-           "register_section", "registered_sections"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "load_config",
+    "parse_overrides",
+    "validate",
+    "config_reference",
+    "save_config",
+    "register_section",
+    "registered_sections",
+]
 
 
 _f = config_field  # every key below is declared with it
@@ -56,8 +65,11 @@ OPTIMIZERS = ["adamw", "galore", "fira"]  # galore / fira: docs/galore-fira.md
 
 @dataclass
 class RunConfig:
-    dir: str = _f("runs/default", "Run directory: resolved config, metrics.jsonl, tb/, checkpoints/. "
-                  "Nothing is written outside it (except the shared token/tokenizer cache).")
+    dir: str = _f(
+        "runs/default",
+        "Run directory: resolved config, metrics.jsonl, tb/, checkpoints/. "
+        "Nothing is written outside it (except the shared token/tokenizer cache).",
+    )
 
     def path(self, *parts: str) -> str:
         """run.dir joined with `parts`, for writing. ConfigError when a part taken from a config (a sub-run
@@ -65,8 +77,10 @@ class RunConfig:
         root = os.path.realpath(self.dir)
         out = os.path.realpath(os.path.join(root, *[str(p) for p in parts]))
         if os.path.commonpath([root, out]) != root or out == root and parts:
-            raise ConfigError(f"'{os.path.join(*[str(p) for p in parts])}' leads outside run.dir '{self.dir}'; "
-                              f"every output of a run is written inside run.dir")
+            raise ConfigError(
+                f"'{os.path.join(*[str(p) for p in parts])}' leads outside run.dir '{self.dir}'; "
+                f"every output of a run is written inside run.dir"
+            )
         return os.path.join(self.dir, *[str(p) for p in parts])
 
 
@@ -74,50 +88,71 @@ class RunConfig:
 class TaskConfig:
     """`data.task.*`: sizes of the synthetic tasks (data.source=task:multikey or task:multihop;
     megatrain/data/tasks.py)."""
+
     pairs: int = _f(8, "Key-value pairs written in each context.")
     queries: int = _f(4, "multikey: keys queried after the context (a subset of the pairs, each answered).")
     hops: int = _f(2, "multihop: lookups chained from the query to the answer.")
     symbols: int = _f(60, "Distinct key/value symbols; the vocabulary is symbols + 4 special tokens.")
-    length: int = _f(0, "Tokens per sequence: a gap of <pad> tokens between the context and the queries "
-                     "stretches each sequence to this length (the context-length axis of the retrieval studies); "
-                     "0 = no gap.")
+    length: int = _f(
+        0,
+        "Tokens per sequence: a gap of <pad> tokens between the context and the queries "
+        "stretches each sequence to this length (the context-length axis of the retrieval studies); "
+        "0 = no gap.",
+    )
     train_size: int = _f(100000, "Training sequences (generated on the fly from data.task.seed).")
-    val_size: int = _f(256, "Validation sequences (a different random stream); exact-match accuracy is "
-                       "reported on them.")
+    val_size: int = _f(
+        256, "Validation sequences (a different random stream); exact-match accuracy is reported on them."
+    )
     seed: int = _f(0, "Seed of the task's generator (train and validation streams derive from it).")
 
 
 @dataclass
 class DataConfig:
-    source: str | list[str] = _f("embedded", "Training text: 'embedded' (the shipped Austen corpus), a file, a "
-                                 "glob, a directory, a list of these (.txt/.txt.gz/.jsonl/.json/.parquet), "
-                                 "'hf:NAME[:SPLIT]', or a synthetic task: 'task:multikey' or 'task:multihop' (sizes "
-                                 "in data.task.*).")
-    val_source: Optional[str | list[str]] = _f(None, "Validation text, same forms as source. Default: the held-out "
-                                               "novel for 'embedded'; otherwise the last val_fraction of the "
-                                               "training blocks.")
+    source: str | list[str] = _f(
+        "embedded",
+        "Training text: 'embedded' (the shipped Austen corpus), a file, a "
+        "glob, a directory, a list of these (.txt/.txt.gz/.jsonl/.json/.parquet), "
+        "'hf:NAME[:SPLIT]', or a synthetic task: 'task:multikey' or 'task:multihop' (sizes "
+        "in data.task.*).",
+    )
+    val_source: Optional[str | list[str]] = _f(
+        None,
+        "Validation text, same forms as source. Default: the held-out "
+        "novel for 'embedded'; otherwise the last val_fraction of the "
+        "training blocks.",
+    )
     val_fraction: float = _f(0.01, "Fraction of training blocks held out when val_source is not given.")
     text_field: str = _f("text", "Field holding the text in jsonl/parquet/hub records.")
     seq_len: int = _f(256, "Tokens per training sequence (blocks are packed, EOS between documents).")
-    tokenizer: str = _f("auto", "A sentencepiece .model file, or 'auto': train one on the training "
-                        "source once and cache it.")
+    tokenizer: str = _f(
+        "auto", "A sentencepiece .model file, or 'auto': train one on the training source once and cache it."
+    )
     vocab_size: int = _f(4096, "Vocabulary size when data.tokenizer is 'auto'.")
     tokenizer_type: str = _f("bpe", "Sentencepiece model type when training.", choices=["bpe", "unigram"])
-    cache_dir: Optional[str] = _f(None, "Cache for trained tokenizers and token arrays "
-                                  "(default: $MEGATRAIN_CACHE or ~/.cache/megatrain).")
+    cache_dir: Optional[str] = _f(
+        None, "Cache for trained tokenizers and token arrays (default: $MEGATRAIN_CACHE or ~/.cache/megatrain)."
+    )
     task: TaskConfig = field(default_factory=TaskConfig)
 
 
 @dataclass
 class ReLoRATrainConfig:
     """`train.relora.*`: ReLoRA's restarts (model.linear=relora only; docs/lowrank.md)."""
-    every: Optional[int] = _f(None, "Merge the adapters into W and restart every N optimizer steps "
-                              "(default: train.steps/10, ReLoRA's 2000 of 20000).")
-    prune: str = _f("magnitude", "At a restart, the adapters' Adam state is magnitude-pruned or reset to zero.",
-                    choices=["magnitude", "reset"])
+
+    every: Optional[int] = _f(
+        None,
+        "Merge the adapters into W and restart every N optimizer steps "
+        "(default: train.steps/10, ReLoRA's 2000 of 20000).",
+    )
+    prune: str = _f(
+        "magnitude",
+        "At a restart, the adapters' Adam state is magnitude-pruned or reset to zero.",
+        choices=["magnitude", "reset"],
+    )
     prune_ratio: float = _f(0.9, "Fraction of each adapter's Adam state zeroed by magnitude pruning, in [0, 1).")
-    restart_warmup: Optional[int] = _f(None, "Linear learning-rate re-warm-up steps after each restart "
-                                       "(default: every/20, ReLoRA's 100 of 2000).")
+    restart_warmup: Optional[int] = _f(
+        None, "Linear learning-rate re-warm-up steps after each restart (default: every/20, ReLoRA's 100 of 2000)."
+    )
     warm_start_steps: int = _f(0, "Train full-rank (W trainable, adapters off) for this many steps first.")
 
 
@@ -126,8 +161,9 @@ class TrainConfig:
     steps: int = _f(1000, "Optimizer steps in the schedule.")
     micro_batch: int = _f(8, "Sequences per process per micro-step.")
     grad_accum: Optional[int] = _f(None, "Micro-steps per optimizer step (default: derived from global_batch, else 1).")
-    global_batch: Optional[int] = _f(None, "Sequences per optimizer step = micro_batch x grad_accum x DP "
-                                     "(default: derived).")
+    global_batch: Optional[int] = _f(
+        None, "Sequences per optimizer step = micro_batch x grad_accum x DP (default: derived)."
+    )
     seed: int = _f(1234, "Seed for init, data order and RNG streams.")
     lr: float = _f(3e-4, "Peak learning rate.")
     min_lr_ratio: float = _f(0.1, "Final learning rate as a fraction of lr.")
@@ -136,27 +172,49 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0 disables).")
     dtype: str = _f("auto", "Training precision: auto = bf16 on GPU, fp32 on CPU.", choices=["auto", "fp32", "bf16"])
     activation_checkpointing: bool = _f(False, "Recompute each block's activations in backward.")
-    compile: bool = _f(False, "Compile the model with torch.compile (through DeepSpeed's engine.compile); the "
-                       "first steps pay for the compilation. megatrain's Triton kernels are torch custom ops, so "
-                       "the model compiles without graph breaks; the first step's log line counts them.")
-    compile_backend: str = _f("inductor", "torch.compile backend for train.compile: inductor (generated kernels), "
-                              "aot_eager (AOT autograd traced, eager kernels: tracing without code generation) or "
-                              "eager (dynamo's graphs run as they are).", choices=["inductor", "aot_eager", "eager"])
+    compile: bool = _f(
+        False,
+        "Compile the model with torch.compile (through DeepSpeed's engine.compile); the "
+        "first steps pay for the compilation. megatrain's Triton kernels are torch custom ops, so "
+        "the model compiles without graph breaks; the first step's log line counts them.",
+    )
+    compile_backend: str = _f(
+        "inductor",
+        "torch.compile backend for train.compile: inductor (generated kernels), "
+        "aot_eager (AOT autograd traced, eager kernels: tracing without code generation) or "
+        "eager (dynamo's graphs run as they are).",
+        choices=["inductor", "aot_eager", "eager"],
+    )
     stop_after: Optional[int] = _f(None, "Checkpoint and stop at this step without changing the schedule.")
     max_nonfinite: int = _f(5, "Abort after this many non-finite losses in a row (each such step is skipped).")
-    auto_resume: Optional[bool] = _f(None, "Resume from run.dir's latest checkpoint without --resume (a fresh start "
-                                     "when it has none). null = on under an elastic launch (torchrun --max-restarts "
-                                     "N > 0), so a restarted worker continues on its own; off otherwise.")
-    spike_window: int = _f(100, "Loss-spike detection: a step's loss is compared with the mean and standard "
-                           "deviation of the last N accepted losses (0 disables).")
-    spike_zscore: float = _f(6.0, "A loss more than this many standard deviations above the window's mean is a "
-                             "spike: logged (metrics.jsonl `spike_z`).")
-    spike_skip: bool = _f(False, "Also skip a spike's update on every rank (the batch is consumed, the weights "
-                          "and optimizer state do not change).")
-    init_from: Optional[str] = _f(None, "Start from these weights, with a fresh optimizer at step 0: a run, checkpoint "
-                                  "or export directory, or a Hugging Face Llama folder (docs/huggingface.md). model.* "
-                                  "must describe the same model and data.tokenizer name its tokenizer. Not used when "
-                                  "--resume finds a checkpoint.")
+    auto_resume: Optional[bool] = _f(
+        None,
+        "Resume from run.dir's latest checkpoint without --resume (a fresh start "
+        "when it has none). null = on under an elastic launch (torchrun --max-restarts "
+        "N > 0), so a restarted worker continues on its own; off otherwise.",
+    )
+    spike_window: int = _f(
+        100,
+        "Loss-spike detection: a step's loss is compared with the mean and standard "
+        "deviation of the last N accepted losses (0 disables).",
+    )
+    spike_zscore: float = _f(
+        6.0,
+        "A loss more than this many standard deviations above the window's mean is a "
+        "spike: logged (metrics.jsonl `spike_z`).",
+    )
+    spike_skip: bool = _f(
+        False,
+        "Also skip a spike's update on every rank (the batch is consumed, the weights "
+        "and optimizer state do not change).",
+    )
+    init_from: Optional[str] = _f(
+        None,
+        "Start from these weights, with a fresh optimizer at step 0: a run, checkpoint "
+        "or export directory, or a Hugging Face Llama folder (docs/huggingface.md). model.* "
+        "must describe the same model and data.tokenizer name its tokenizer. Not used when "
+        "--resume finds a checkpoint.",
+    )
     relora: ReLoRATrainConfig = field(default_factory=ReLoRATrainConfig)
 
 
@@ -167,40 +225,70 @@ class OptimConfig:
     beta1: float = _f(0.9, "Adam beta1.")
     beta2: float = _f(0.95, "Adam beta2.")
     eps: float = _f(1e-8, "Adam epsilon.")
-    fused: str = _f("auto", "Fused Adam: auto = apex FusedAdam if importable on GPU, else torch's fused AdamW "
-                    "on GPU, plain AdamW on CPU.", choices=["auto", "apex", "torch", "none"])
-    rank: int = _f(128, "galore/fira: rank r of the gradient projection of every attention and MLP weight "
-                   "(at most min(d_in, d_out) of each, of its local shard under tensor parallelism).")
+    fused: str = _f(
+        "auto",
+        "Fused Adam: auto = apex FusedAdam if importable on GPU, else torch's fused AdamW on GPU, plain AdamW on CPU.",
+        choices=["auto", "apex", "torch", "none"],
+    )
+    rank: int = _f(
+        128,
+        "galore/fira: rank r of the gradient projection of every attention and MLP weight "
+        "(at most min(d_in, d_out) of each, of its local shard under tensor parallelism).",
+    )
     update_proj_gap: int = _f(200, "galore/fira: steps between SVD refreshes of the projection (T).")
     scale: float = _f(0.25, "galore/fira: scale alpha of the back-projected update.")
-    proj_type: str = _f("std", "galore/fira: which side is projected: std = the smaller side, reverse_std = the "
-                        "larger, left, right, full = both (galore only).",
-                        choices=["std", "reverse_std", "left", "right", "full"])
-    fira_limiter: float = _f(1.01, "fira: norm-growth limiter gamma: the residual's norm may grow at most by this "
-                             "factor per step (>= 1).")
+    proj_type: str = _f(
+        "std",
+        "galore/fira: which side is projected: std = the smaller side, reverse_std = the "
+        "larger, left, right, full = both (galore only).",
+        choices=["std", "reverse_std", "left", "right", "full"],
+    )
+    fira_limiter: float = _f(
+        1.01, "fira: norm-growth limiter gamma: the residual's norm may grow at most by this factor per step (>= 1)."
+    )
 
 
 @dataclass
 class ParallelConfig:
     tensor: int = _f(1, "Tensor-parallel size: consecutive ranks split each layer (DP = world / tensor).")
-    sequence: bool = _f(False, "Megatron-style sequence parallelism inside the TP group (needs tensor > 1): "
-                        "norms and the residual stream hold N/tensor tokens per rank.")
+    sequence: bool = _f(
+        False,
+        "Megatron-style sequence parallelism inside the TP group (needs tensor > 1): "
+        "norms and the residual stream hold N/tensor tokens per rank.",
+    )
     zero_stage: int = _f(2, "DeepSpeed ZeRO stage.", choices=[0, 1, 2, 3])
-    context: int = _f(1, "Context-parallel size C (Ulysses, docs/parallelism.md): each sequence is split over C "
-                      "ranks everywhere but attention, where an all-to-all gives each rank the whole sequence for "
-                      "heads/C heads. DP = world / (tensor x context).")
-    pipeline: int = _f(1, "Pipeline-parallel stages S (DeepSpeed's pipeline engine, 1F1B schedule; "
-                       "docs/parallelism.md): stage s holds ranks [s world/S, (s+1) world/S). DP = world / (tensor x "
-                       "pipeline).")
-    microbatches: Optional[int] = _f(None, "Micro-batches per pipeline step (= train.grad_accum; default: from the "
-                                     "batch arithmetic, global_batch / (micro_batch x DP)).")
-    pipeline_partition: Optional[list[int]] = _f(None, "Decoder blocks per pipeline stage (the embedding goes with the "
-                                                 "first, the final norm and head with the last); default: balanced by "
-                                                 "parameters.")
-    backend: str = _f("auto", "torch.distributed backend: auto = nccl on GPU, gloo on CPU.", choices=["auto", "nccl", "gloo"])
-    timeout_s: float = _f(1800.0, "Seconds one phase of a step (forward, backward, optimizer step, checkpoint, "
-                          "evaluation, with their collectives) may take before the watchdog ends the job with a line "
-                          "naming the stalled rank and the operation; must exceed the longest checkpoint save.")
+    context: int = _f(
+        1,
+        "Context-parallel size C (Ulysses, docs/parallelism.md): each sequence is split over C "
+        "ranks everywhere but attention, where an all-to-all gives each rank the whole sequence for "
+        "heads/C heads. DP = world / (tensor x context).",
+    )
+    pipeline: int = _f(
+        1,
+        "Pipeline-parallel stages S (DeepSpeed's pipeline engine, 1F1B schedule; "
+        "docs/parallelism.md): stage s holds ranks [s world/S, (s+1) world/S). DP = world / (tensor x "
+        "pipeline).",
+    )
+    microbatches: Optional[int] = _f(
+        None,
+        "Micro-batches per pipeline step (= train.grad_accum; default: from the "
+        "batch arithmetic, global_batch / (micro_batch x DP)).",
+    )
+    pipeline_partition: Optional[list[int]] = _f(
+        None,
+        "Decoder blocks per pipeline stage (the embedding goes with the "
+        "first, the final norm and head with the last); default: balanced by "
+        "parameters.",
+    )
+    backend: str = _f(
+        "auto", "torch.distributed backend: auto = nccl on GPU, gloo on CPU.", choices=["auto", "nccl", "gloo"]
+    )
+    timeout_s: float = _f(
+        1800.0,
+        "Seconds one phase of a step (forward, backward, optimizer step, checkpoint, "
+        "evaluation, with their collectives) may take before the watchdog ends the job with a line "
+        "naming the stalled rank and the operation; must exceed the longest checkpoint save.",
+    )
 
 
 @dataclass
@@ -216,10 +304,16 @@ class LogConfig:
     eval_batches: int = _f(8, "Micro-batches per process per validation.")
     tensorboard: bool = _f(True, "Write tensorboard events under run.dir/tb.")
     progress: bool = _f(True, "Progress bar on rank 0.")
-    analyze_every: int = _f(0, "Spectra of the learned updates W_t - W_0 (effective and stable rank per projection "
-                            "kind, megatrain.analysis) every N steps into metrics.jsonl and tensorboard (0 disables).")
-    heartbeat_every: int = _f(100, "Every N steps the step's metrics record gets `heartbeat`: [{rank, "
-                              "since_last_step_s}] for every rank (0 disables).")
+    analyze_every: int = _f(
+        0,
+        "Spectra of the learned updates W_t - W_0 (effective and stable rank per projection "
+        "kind, megatrain.analysis) every N steps into metrics.jsonl and tensorboard (0 disables).",
+    )
+    heartbeat_every: int = _f(
+        100,
+        "Every N steps the step's metrics record gets `heartbeat`: [{rank, "
+        "since_last_step_s}] for every rank (0 disables).",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,8 +337,9 @@ def register_section(name: str, schema: type) -> None:
     if name in _CORE_SECTIONS:
         raise ValueError(f"config section '{name}' is built in and cannot be registered")
     if _SECTIONS.get(name, schema) is not schema:
-        raise ValueError(f"config section '{name}' is registered twice ({_SECTIONS[name].__qualname__} and "
-                         f"{schema.__qualname__})")
+        raise ValueError(
+            f"config section '{name}' is registered twice ({_SECTIONS[name].__qualname__} and {schema.__qualname__})"
+        )
     _SECTIONS[name] = schema
 
 
@@ -266,6 +361,7 @@ class Config:
     """The run's config: the built-in sections below, the registered ones (`register_section`: `rl`,
     `ttt`) after `log`, and the free-form `deepspeed` last, in that order everywhere (a saved
     config.yaml, `megatrain config --reference`)."""
+
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -274,8 +370,10 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    deepspeed: dict = field(default_factory=dict, metadata={
-        "help": "Raw DeepSpeed config merged over the generated one (or pass --deepspeed ds.json)."})
+    deepspeed: dict = field(
+        default_factory=dict,
+        metadata={"help": "Raw DeepSpeed config merged over the generated one (or pass --deepspeed ds.json)."},
+    )
 
     def __post_init__(self) -> None:
         for name, schema in registered_sections().items():
@@ -287,8 +385,10 @@ class Config:
         return [(name, getattr(self, name)) for name in names]
 
     def to_dict(self) -> dict:
-        return {name: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
-                for name, value in self.sections()}
+        return {
+            name: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+            for name, value in self.sections()
+        }
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Config) and self.to_dict() == other.to_dict()
@@ -314,9 +414,11 @@ class Config:
             self.train.relora.every, self.train.relora.restart_warmup = relora_periods(self.train)
         _check_projection_precision(self, bf16=self.train.dtype == "bf16" or (self.train.dtype == "auto" and cuda))
         if self.model.attention == "iha" and triton_needs_cuda and not cuda:
-            raise ConfigError("model.attention=iha with MEGATRAIN_KERNELS=triton needs a CUDA GPU (or "
-                              "TRITON_INTERPRET=1 to run the Triton kernel on CPU); unset MEGATRAIN_KERNELS "
-                              "to use the PyTorch reference")
+            raise ConfigError(
+                "model.attention=iha with MEGATRAIN_KERNELS=triton needs a CUDA GPU (or "
+                "TRITON_INTERPRET=1 to run the Triton kernel on CPU); unset MEGATRAIN_KERNELS "
+                "to use the PyTorch reference"
+            )
         return self
 
     def _resolve_batch(self, world_size: int) -> None:
@@ -325,8 +427,10 @@ class Config:
         if world_size % p.tensor:
             raise ConfigError(f"parallel.tensor={p.tensor} does not divide the world size {world_size}")
         if world_size % (p.tensor * p.context):
-            raise ConfigError(f"parallel.tensor x parallel.context = {p.tensor} x {p.context} does not divide the "
-                              f"world size {world_size}")
+            raise ConfigError(
+                f"parallel.tensor x parallel.context = {p.tensor} x {p.context} does not divide the "
+                f"world size {world_size}"
+            )
         dp = world_size // (p.tensor * p.context)
         if p.pipeline > 1:  # megatrain.parallel.pipeline: stages split the world before TP x DP does
             dp = _pipeline_dp(world_size, p, t)
@@ -338,13 +442,15 @@ class Config:
             if t.global_batch % (mb * dp):
                 raise ConfigError(
                     f"train.global_batch={t.global_batch} is not a multiple of train.micro_batch x DP = "
-                    f"{mb} x {dp} = {mb * dp}")
+                    f"{mb} x {dp} = {mb * dp}"
+                )
             t.grad_accum = t.global_batch // (mb * dp)
         elif t.global_batch != mb * t.grad_accum * dp:
             raise ConfigError(
                 f"train.global_batch={t.global_batch} != train.micro_batch x train.grad_accum x DP = "
                 f"{mb} x {t.grad_accum} x {dp} = {mb * t.grad_accum * dp} (world size {world_size}, "
-                f"parallel.tensor={p.tensor}" + (f", parallel.context={p.context})" if p.context > 1 else ")"))
+                f"parallel.tensor={p.tensor}" + (f", parallel.context={p.context})" if p.context > 1 else ")")
+            )
 
 
 def _pipeline_dp(world_size: int, p, t) -> int:
@@ -352,12 +458,16 @@ def _pipeline_dp(world_size: int, p, t) -> int:
     if p.context > 1:
         raise ConfigError("parallel.pipeline > 1 with parallel.context > 1 is not supported yet")
     if world_size % (p.tensor * p.pipeline):
-        raise ConfigError(f"parallel.tensor x parallel.pipeline = {p.tensor} x {p.pipeline} does not divide the world "
-                          f"size {world_size}")
+        raise ConfigError(
+            f"parallel.tensor x parallel.pipeline = {p.tensor} x {p.pipeline} does not divide the world "
+            f"size {world_size}"
+        )
     if p.microbatches is not None:
         if t.grad_accum is not None and t.grad_accum != p.microbatches:
-            raise ConfigError(f"parallel.microbatches={p.microbatches} disagrees with train.grad_accum={t.grad_accum}; "
-                              f"set one of them")
+            raise ConfigError(
+                f"parallel.microbatches={p.microbatches} disagrees with train.grad_accum={t.grad_accum}; "
+                f"set one of them"
+            )
         t.grad_accum = p.microbatches
     return world_size // (p.tensor * p.pipeline)
 
@@ -378,8 +488,13 @@ def relora_periods(train: TrainConfig) -> tuple[int, int]:
 # type checking / coercion
 
 
-_TYPE_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings"),
-               bool: ("true or false", "booleans"), dict: ("a mapping", "mappings")}
+_TYPE_NAMES = {
+    int: ("an integer", "integers"),
+    float: ("a number", "numbers"),
+    str: ("a string", "strings"),
+    bool: ("true or false", "booleans"),
+    dict: ("a mapping", "mappings"),
+}
 
 
 def _type_name(tp, plural: bool = False) -> str:
@@ -454,8 +569,10 @@ def _apply(obj, data: dict, prefix: str) -> None:
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in fields and key not in sections:
-            raise ConfigError(f"unknown config key '{full}' (allowed under '{prefix.rstrip('.') or 'top level'}': "
-                              f"{', '.join(allowed)})")
+            raise ConfigError(
+                f"unknown config key '{full}' (allowed under '{prefix.rstrip('.') or 'top level'}': "
+                f"{', '.join(allowed)})"
+            )
         tp = sections[key] if key in sections else hints[key]
         if dataclasses.is_dataclass(tp):
             if value is None:
@@ -511,7 +628,9 @@ def _read_structured(path: str, what: str) -> dict:
         data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{what} file '{path}' is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {first}") from None
+        raise ConfigError(
+            f"{what} file '{path}' is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {first}"
+        ) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -520,10 +639,12 @@ def _read_structured(path: str, what: str) -> dict:
 
 
 # DeepSpeed JSON keys that have a megatrain home; a `--deepspeed` file sets them there (not "auto").
-_DS_TO_CONFIG = {"train_micro_batch_size_per_gpu": ("train", "micro_batch"),
-                 "gradient_accumulation_steps": ("train", "grad_accum"),
-                 "train_batch_size": ("train", "global_batch"),
-                 "gradient_clipping": ("train", "grad_clip")}
+_DS_TO_CONFIG = {
+    "train_micro_batch_size_per_gpu": ("train", "micro_batch"),
+    "gradient_accumulation_steps": ("train", "grad_accum"),
+    "train_batch_size": ("train", "global_batch"),
+    "gradient_clipping": ("train", "grad_clip"),
+}
 
 
 def _settings_from_deepspeed(ds: dict) -> dict:
@@ -538,8 +659,9 @@ def _settings_from_deepspeed(ds: dict) -> dict:
     return out
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None,
-                deepspeed_json: Optional[str] = None) -> Config:
+def load_config(
+    path: Optional[str] = None, overrides: Optional[list[str]] = None, deepspeed_json: Optional[str] = None
+) -> Config:
     """Defaults <- YAML file <- `--deepspeed` JSON <- `a.b=c` overrides; validated."""
     cfg = Config()
     if path is not None:
@@ -589,13 +711,17 @@ def validate(cfg: Config) -> None:
     if t.max_nonfinite < 1:
         raise ConfigError(f"train.max_nonfinite must be >= 1, got {t.max_nonfinite}")
     if t.init_from is not None and d.tokenizer == "auto":
-        raise ConfigError(f"train.init_from='{t.init_from}' needs data.tokenizer: the sentencepiece model those "
-                          f"weights were trained with (a new 'auto' tokenizer would not match their embedding)")
+        raise ConfigError(
+            f"train.init_from='{t.init_from}' needs data.tokenizer: the sentencepiece model those "
+            f"weights were trained with (a new 'auto' tokenizer would not match their embedding)"
+        )
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 0:
         raise ConfigError("checkpoint.every and checkpoint.keep must be >= 0")
     if t.spike_window < 0 or not t.spike_zscore > 0 or not math.isfinite(t.spike_zscore):
-        raise ConfigError(f"train.spike_window must be >= 0 and train.spike_zscore a finite number > 0, got "
-                          f"{t.spike_window} and {t.spike_zscore}")
+        raise ConfigError(
+            f"train.spike_window must be >= 0 and train.spike_zscore a finite number > 0, got "
+            f"{t.spike_window} and {t.spike_zscore}"
+        )
     if not cfg.parallel.timeout_s > 0 or not math.isfinite(cfg.parallel.timeout_s):
         raise ConfigError(f"parallel.timeout_s must be a finite number > 0, got {cfg.parallel.timeout_s}")
     if cfg.log.heartbeat_every < 0:
@@ -629,12 +755,15 @@ def _validate_parallel(cfg: Config, m: ModelConfig) -> None:
     if m.vocab_size is None and cfg.data.tokenizer == "auto":  # the tokenizer will be trained to this size
         check_vocab_split(cfg.data.vocab_size, tp, f"data.vocab_size={cfg.data.vocab_size}")
     if p.sequence and cfg.data.seq_len % tp:
-        raise ConfigError(f"parallel.sequence=true needs data.seq_len={cfg.data.seq_len} divisible by "
-                          f"parallel.tensor={tp}")
+        raise ConfigError(
+            f"parallel.sequence=true needs data.seq_len={cfg.data.seq_len} divisible by parallel.tensor={tp}"
+        )
     if p.zero_stage == 3:
-        raise ConfigError("parallel.zero_stage=3 with parallel.tensor > 1 is not supported: megatrain's TP "
-                          "checkpoints (consolidated weights, resharding through DeepSpeed universal checkpoints) "
-                          "handle ZeRO 0-2 state only; use parallel.zero_stage=1 or 2 with tensor parallelism")
+        raise ConfigError(
+            "parallel.zero_stage=3 with parallel.tensor > 1 is not supported: megatrain's TP "
+            "checkpoints (consolidated weights, resharding through DeepSpeed universal checkpoints) "
+            "handle ZeRO 0-2 state only; use parallel.zero_stage=1 or 2 with tensor parallelism"
+        )
 
 
 def _validate_context(cfg: Config, m: ModelConfig) -> None:
@@ -646,14 +775,20 @@ def _validate_context(cfg: Config, m: ModelConfig) -> None:
         return
     check_context_split(m, p.context, p.tensor, cfg.data.seq_len)
     if p.sequence:
-        raise ConfigError("parallel.sequence=true with parallel.context > 1 is not supported (context parallelism "
-                          "already splits the sequence outside attention); use one of them")
+        raise ConfigError(
+            "parallel.sequence=true with parallel.context > 1 is not supported (context parallelism "
+            "already splits the sequence outside attention); use one of them"
+        )
     if m.attention == "iha" and p.tensor > 1:
-        raise ConfigError("model.attention=iha with parallel.context > 1 and parallel.tensor > 1 is not supported "
-                          "(IHA mixes every head on each context rank); use parallel.tensor=1 with context")
+        raise ConfigError(
+            "model.attention=iha with parallel.context > 1 and parallel.tensor > 1 is not supported "
+            "(IHA mixes every head on each context rank); use parallel.tensor=1 with context"
+        )
     if cfg.optim.name != "adamw":
-        raise ConfigError(f"optim.name={cfg.optim.name} with parallel.context > 1 is not supported (its projected "
-                          f"weights are reduced outside ZeRO, over data-parallel ranks only); use optim.name=adamw")
+        raise ConfigError(
+            f"optim.name={cfg.optim.name} with parallel.context > 1 is not supported (its projected "
+            f"weights are reduced outside ZeRO, over data-parallel ranks only); use optim.name=adamw"
+        )
 
 
 def _validate_task(cfg: Config, m: ModelConfig) -> None:
@@ -667,8 +802,9 @@ def _validate_task(cfg: Config, m: ModelConfig) -> None:
     kind.validate(cfg.data)  # data.source, data.task.*, data.seq_len: one line naming the key
     vocab, source = kind.vocab_size(cfg.data), cfg.data.source
     if m.vocab_size is not None and m.vocab_size < vocab:
-        raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than {source}'s vocabulary {vocab} "
-                          f"(data.task.symbols + 4)")
+        raise ConfigError(
+            f"model.vocab_size={m.vocab_size} is smaller than {source}'s vocabulary {vocab} (data.task.symbols + 4)"
+        )
     if m.vocab_size is None:
         check_vocab_split(vocab, cfg.parallel.tensor, f"{source}'s vocabulary {vocab}")
 
@@ -679,8 +815,9 @@ def _validate_lowrank_training(cfg: Config, m: ModelConfig) -> None:
     if kind != "relora":
         changed = [f.name for f in dataclasses.fields(relora) if getattr(relora, f.name) != f.default]
         if changed:
-            raise ConfigError(f"train.relora.{changed[0]} applies to model.linear=relora only (this run has "
-                              f"model.linear={kind})")
+            raise ConfigError(
+                f"train.relora.{changed[0]} applies to model.linear=relora only (this run has model.linear={kind})"
+            )
     if kind == "dense":
         return
     rank = lowrank_options(m).rank
@@ -689,28 +826,36 @@ def _validate_lowrank_training(cfg: Config, m: ModelConfig) -> None:
         # ReLoRA's restarts re-initialise the adapters and prune their Adam moments, which GaLore keeps in
         # its projected space, so those two do not combine.
         if kind in FROZEN_BASE_KINDS:
-            raise ConfigError(f"optim.name={cfg.optim.name} with model.linear={kind} is not supported: the adapters' "
-                              f"optimizer state is reset at restarts (allowed with galore/fira: model.linear=dense, "
-                              f"cola, sltrain)")
+            raise ConfigError(
+                f"optim.name={cfg.optim.name} with model.linear={kind} is not supported: the adapters' "
+                f"optimizer state is reset at restarts (allowed with galore/fira: model.linear=dense, "
+                f"cola, sltrain)"
+            )
         if cfg.optim.rank > rank:
-            raise ConfigError(f"optim.rank={cfg.optim.rank} exceeds model.lowrank.rank={rank}: galore/fira project "
-                              f"the {kind} factors, whose smaller side is the low rank (allowed: 1..{rank})")
+            raise ConfigError(
+                f"optim.rank={cfg.optim.rank} exceeds model.lowrank.rank={rank}: galore/fira project "
+                f"the {kind} factors, whose smaller side is the low rank (allowed: 1..{rank})"
+            )
     if kind != "relora":
         return
     if cfg.parallel.zero_stage == 3:
-        raise ConfigError("model.linear=relora with parallel.zero_stage=3 is not supported: the restarts merge "
-                          "whole matrices (allowed: parallel.zero_stage 0, 1 or 2)")
+        raise ConfigError(
+            "model.linear=relora with parallel.zero_stage=3 is not supported: the restarts merge "
+            "whole matrices (allowed: parallel.zero_stage 0, 1 or 2)"
+        )
     every, restart_warmup = relora_periods(t)
     if every < 1:
         raise ConfigError(f"train.relora.every must be >= 1, got {every}")
     if not 0 <= restart_warmup < every:
-        raise ConfigError(f"train.relora.restart_warmup must be in [0, train.relora.every={every}), got "
-                          f"{restart_warmup}")
+        raise ConfigError(
+            f"train.relora.restart_warmup must be in [0, train.relora.every={every}), got {restart_warmup}"
+        )
     if not 0.0 <= relora.prune_ratio < 1.0:
         raise ConfigError(f"train.relora.prune_ratio must be in [0, 1), got {relora.prune_ratio}")
     if not 0 <= relora.warm_start_steps < t.steps:
-        raise ConfigError(f"train.relora.warm_start_steps must be in [0, train.steps={t.steps}), got "
-                          f"{relora.warm_start_steps}")
+        raise ConfigError(
+            f"train.relora.warm_start_steps must be in [0, train.steps={t.steps}), got {relora.warm_start_steps}"
+        )
 
 
 def _validate_projection(cfg: Config, m: ModelConfig) -> None:
@@ -727,28 +872,35 @@ def _validate_projection(cfg: Config, m: ModelConfig) -> None:
     if not o.fira_limiter >= 1.0:
         raise ConfigError(f"optim.fira_limiter must be >= 1, got {o.fira_limiter}")
     if o.name == "fira" and o.proj_type == "full":
-        raise ConfigError("optim.proj_type=full is not supported by optim.name=fira (allowed: std, reverse_std, "
-                          "left, right)")
+        raise ConfigError(
+            "optim.proj_type=full is not supported by optim.name=fira (allowed: std, reverse_std, left, right)"
+        )
     if p.zero_stage == 3:
-        raise ConfigError(f"optim.name={o.name} needs whole weight matrices, which ZeRO-3 partitions; use "
-                          f"parallel.zero_stage 0, 1 or 2")
+        raise ConfigError(
+            f"optim.name={o.name} needs whole weight matrices, which ZeRO-3 partitions; use "
+            f"parallel.zero_stage 0, 1 or 2"
+        )
     tp, head_dim = p.tensor, m.head_dim
     for role, d_in, d_out in projection_shapes(m):
         if tp > 1 and role in ("attn.o", "mlp.down"):
-            d_in //= tp       # row-parallel: each rank holds a slice of the input dim
+            d_in //= tp  # row-parallel: each rank holds a slice of the input dim
         elif tp > 1:
             d_out = max(d_out // tp, head_dim) if role in ("attn.k", "attn.v") else d_out // tp
         if o.rank > min(d_in, d_out):
             where = f" (its local shard under parallel.tensor={tp})" if tp > 1 else ""
-            raise ConfigError(f"optim.rank={o.rank} exceeds min(d_in, d_out)={min(d_in, d_out)} of projection {role} "
-                              f"({d_in} -> {d_out}){where}; allowed: 1..{min(d_in, d_out)}")
+            raise ConfigError(
+                f"optim.rank={o.rank} exceeds min(d_in, d_out)={min(d_in, d_out)} of projection {role} "
+                f"({d_in} -> {d_out}){where}; allowed: 1..{min(d_in, d_out)}"
+            )
 
 
 def _check_projection_precision(cfg: Config, bf16: bool) -> None:
     """galore / fira at ZeRO stage 0 in bf16 (explicit here, train.dtype=auto on GPUs in `Config.resolve`)."""
     if cfg.optim.name != "adamw" and cfg.parallel.zero_stage == 0 and bf16:
-        raise ConfigError(f"optim.name={cfg.optim.name} with parallel.zero_stage=0 and bf16 is not supported "
-                          f"(DeepSpeed's stage-0 bf16 optimizer flattens the weights); use parallel.zero_stage=1 or 2")
+        raise ConfigError(
+            f"optim.name={cfg.optim.name} with parallel.zero_stage=0 and bf16 is not supported "
+            f"(DeepSpeed's stage-0 bf16 optimizer flattens the weights); use parallel.zero_stage=1 or 2"
+        )
 
 
 def save_config(cfg: Config, path: str) -> None:
@@ -778,7 +930,10 @@ def _reference_rows(obj, prefix: str, rows: list) -> None:
             continue
         text = f.metadata.get("help", "")
         if "choices" in f.metadata:
-            text += " One of: " + ", ".join(f"`{str(c).lower() if isinstance(c, bool) else c}`"
-                                            for c in f.metadata["choices"]) + "."
+            text += (
+                " One of: "
+                + ", ".join(f"`{str(c).lower() if isinstance(c, bool) else c}`" for c in f.metadata["choices"])
+                + "."
+            )
         shown = "null" if default is None else (str(default).lower() if isinstance(default, bool) else default)
         rows.append(f"| `{prefix}.{f.name}` | `{shown}` | {text} |")

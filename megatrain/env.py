@@ -19,7 +19,7 @@ exit 2 instead of a traceback from inside a rank.
 | MEGATRAIN_KERNELS_POISON | NaN-filled kernel outputs (tests) | 0, 1 |
 | TRITON_INTERPRET | Triton's CPU interpreter (Triton reads it too) | 1/true/yes/on or 0/false/no/off |
 | OMP_NUM_THREADS | CPU threads per process (set by `megatrain pretrain` when absent) | integer >= 1 |
-"""
+"""  # noqa: E501  (the table's rows)
 
 from __future__ import annotations
 
@@ -29,10 +29,31 @@ from typing import Optional
 
 from megatrain.errors import ConfigError
 
-__all__ = ["EnvironmentVariableError", "check_environment", "VARIABLES", "rank", "world_size", "local_rank",
-           "local_world_size", "master_addr", "master_port", "restart_count", "max_restarts", "uses_agent_store",
-           "crash_hook", "CRASH_POINTS", "CRASH_RANK0_POINTS", "CRASH_ACTIONS", "peak_flops", "cache_root",
-           "kernel_backend", "kernels_poison", "triton_interpret", "omp_threads", "KERNEL_BACKENDS"]
+__all__ = [
+    "EnvironmentVariableError",
+    "check_environment",
+    "VARIABLES",
+    "rank",
+    "world_size",
+    "local_rank",
+    "local_world_size",
+    "master_addr",
+    "master_port",
+    "restart_count",
+    "max_restarts",
+    "uses_agent_store",
+    "crash_hook",
+    "CRASH_POINTS",
+    "CRASH_RANK0_POINTS",
+    "CRASH_ACTIONS",
+    "peak_flops",
+    "cache_root",
+    "kernel_backend",
+    "kernels_poison",
+    "triton_interpret",
+    "omp_threads",
+    "KERNEL_BACKENDS",
+]
 
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 _TRUE, _FALSE = ("1", "true", "yes", "on", "y"), ("0", "false", "no", "off", "n")
@@ -49,8 +70,9 @@ def _raw(name: str) -> Optional[str]:
 
 
 def _bad(name: str, allowed: str) -> EnvironmentVariableError:
-    return EnvironmentVariableError(f"environment variable {name}={os.environ.get(name)!r} is not allowed "
-                                    f"(allowed: {allowed})")
+    return EnvironmentVariableError(
+        f"environment variable {name}={os.environ.get(name)!r} is not allowed (allowed: {allowed})"
+    )
 
 
 def _int(name: str, default: Optional[int], minimum: int, maximum: Optional[int] = None) -> Optional[int]:
@@ -146,8 +168,10 @@ def crash_hook() -> Optional[tuple[str, int, int, str]]:
     name, raw = "MEGATRAIN_TEST_CRASH_AT", _raw("MEGATRAIN_TEST_CRASH_AT")
     if raw is None:
         return None
-    allowed = (f"POINT:STEP[:RANK[:ACTION]] with POINT one of {', '.join(CRASH_POINTS)}, STEP >= 1, RANK >= 0 "
-               f"(0 for {', '.join(CRASH_RANK0_POINTS)}), ACTION one of {', '.join(CRASH_ACTIONS)}; a test-only hook")
+    allowed = (
+        f"POINT:STEP[:RANK[:ACTION]] with POINT one of {', '.join(CRASH_POINTS)}, STEP >= 1, RANK >= 0 "
+        f"(0 for {', '.join(CRASH_RANK0_POINTS)}), ACTION one of {', '.join(CRASH_ACTIONS)}; a test-only hook"
+    )
     parts = raw.split(":")
     if not 2 <= len(parts) <= 4 or parts[0] not in CRASH_POINTS:
         raise _bad(name, allowed)
@@ -202,12 +226,21 @@ def omp_threads() -> Optional[int]:
 
 
 VARIABLES = {
-    "RANK": rank, "WORLD_SIZE": world_size, "LOCAL_RANK": local_rank, "LOCAL_WORLD_SIZE": local_world_size,
-    "MASTER_ADDR": master_addr, "MASTER_PORT": master_port, "TORCHELASTIC_RESTART_COUNT": restart_count,
-    "TORCHELASTIC_MAX_RESTARTS": max_restarts, "TORCHELASTIC_USE_AGENT_STORE": uses_agent_store,
+    "RANK": rank,
+    "WORLD_SIZE": world_size,
+    "LOCAL_RANK": local_rank,
+    "LOCAL_WORLD_SIZE": local_world_size,
+    "MASTER_ADDR": master_addr,
+    "MASTER_PORT": master_port,
+    "TORCHELASTIC_RESTART_COUNT": restart_count,
+    "TORCHELASTIC_MAX_RESTARTS": max_restarts,
+    "TORCHELASTIC_USE_AGENT_STORE": uses_agent_store,
     "MEGATRAIN_TEST_CRASH_AT": crash_hook,
-    "MEGATRAIN_PEAK_FLOPS": peak_flops, "MEGATRAIN_CACHE": cache_root, "MEGATRAIN_KERNELS": kernel_backend,
-    "MEGATRAIN_KERNELS_POISON": kernels_poison, "TRITON_INTERPRET": triton_interpret,
+    "MEGATRAIN_PEAK_FLOPS": peak_flops,
+    "MEGATRAIN_CACHE": cache_root,
+    "MEGATRAIN_KERNELS": kernel_backend,
+    "MEGATRAIN_KERNELS_POISON": kernels_poison,
+    "TRITON_INTERPRET": triton_interpret,
     "OMP_NUM_THREADS": omp_threads,
 }
 

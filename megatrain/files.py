@@ -11,8 +11,9 @@ import os
 from typing import Callable, Optional
 
 
-def write_atomic(path: str, text: str, *, fsync: bool = False, before_replace: Optional[Callable[[], None]] = None
-                 ) -> None:
+def write_atomic(
+    path: str, text: str, *, fsync: bool = False, before_replace: Optional[Callable[[], None]] = None
+) -> None:
     """Write `text` to `path` through `path.tmp.PID` and `os.replace`.
 
     fsync: flush the file to disk before the replace and the folder after it (what a checkpoint's commit

@@ -55,11 +55,22 @@ __all__ = ["generate", "is_truncated"]
 StopItem = Union[str, int, Sequence[int]]
 
 
-def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, top_k: int = 0, stop: Optional[Union[StopItem, Sequence[StopItem]]] = None,
-             eos_id: Optional[Union[int, Sequence[int]]] = None, seed: Union[int, Sequence[int]] = 0,
-             return_logprobs: bool = False, tokenizer=None, cache: Optional[KVCache] = None,
-             cuda_graphs: Optional[bool] = None):
+def generate(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop: Optional[Union[StopItem, Sequence[StopItem]]] = None,
+    eos_id: Optional[Union[int, Sequence[int]]] = None,
+    seed: Union[int, Sequence[int]] = 0,
+    return_logprobs: bool = False,
+    tokenizer=None,
+    cache: Optional[KVCache] = None,
+    cuda_graphs: Optional[bool] = None,
+):
     """Continue each prompt by up to `max_new_tokens` tokens, in one batch with a KV cache.
 
     Args:
@@ -130,8 +141,8 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
     ids = torch.zeros(rows, width, dtype=torch.long)
     positions = torch.full((rows, width), pad_position, dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
-        positions[row, width - len(prompt):] = starts[row] + torch.arange(len(prompt))
+        ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
+        positions[row, width - len(prompt) :] = starts[row] + torch.arange(len(prompt))
     generators = [torch.Generator().manual_seed(s) for s in seeds] if temperature > 0 else None
 
     new_tokens: list[list[int]] = [[] for _ in range(rows)]
@@ -141,7 +152,8 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
     next_position = (starts + lengths).to(device)
     slots = (0 if cache is None else cache.length) + width + (max_new_tokens - 1) * multiple
     cache = (KVCache(cfg.layers) if cache is None else cache).static_copy(
-        rows, _round_up(slots, CAPACITY_BUCKET), pad_position, attend_all=graphs, device=device)
+        rows, _round_up(slots, CAPACITY_BUCKET), pad_position, attend_all=graphs, device=device
+    )
     decode = _DecodeStep(model, cache, graphs)
     lockstep = _needs_lockstep(model)
     alive = None  # [bucket, 1] bool on the device while some batch rows are finished, else None
@@ -164,15 +176,17 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
                 logprob_list = logprobs.tolist() if return_logprobs else None
                 if live_index is not None:  # finished rows feed token 0 (at pad_position: invisible)
                     tokens = torch.zeros(len(batch_rows), dtype=torch.long, device=device).index_copy_(
-                        0, live_index, tokens)
+                        0, live_index, tokens
+                    )
                 step += 1
                 for i, b in enumerate(live):
                     row = batch_rows[b]
                     new_tokens[row].append(token_list[i])
                     if return_logprobs:
                         new_logprobs[row].append(logprob_list[i])
-                    if step == max_new_tokens or _stopped(new_tokens[row], eos_ids, token_stops, text_stops,
-                                                          text_window, tokenizer):
+                    if step == max_new_tokens or _stopped(
+                        new_tokens[row], eos_ids, token_stops, text_stops, text_window, tokenizer
+                    ):
                         batch_rows[b] = None
                 running = [b for b, row in enumerate(batch_rows) if row is not None]
                 bucket = _bucket(len(running), len(batch_rows), graphs)
@@ -203,7 +217,8 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
                 pad = (len(batch_rows), multiple - 1)
                 step_ids = torch.cat((step_ids, torch.zeros(pad, dtype=torch.long, device=device)), dim=1)
                 step_positions = torch.cat(
-                    (step_positions, torch.full(pad, pad_position, dtype=torch.long, device=device)), dim=1)
+                    (step_positions, torch.full(pad, pad_position, dtype=torch.long, device=device)), dim=1
+                )
             cache.begin_write(multiple)
             logits = decode(step_ids, step_positions)
             next_position = next_position + 1
@@ -292,8 +307,9 @@ def _capture(step: _DecodeStep, ids: Tensor, positions: Tensor) -> _Graph:
     return _Graph(graph.replay, static_ids, static_positions, logits)
 
 
-def _sample(logits: Tensor, temperature: float, top_k: int, top_p: float, uniforms: Optional[Tensor],
-            with_logprobs: bool) -> tuple[Tensor, Optional[Tensor]]:
+def _sample(
+    logits: Tensor, temperature: float, top_k: int, top_p: float, uniforms: Optional[Tensor], with_logprobs: bool
+) -> tuple[Tensor, Optional[Tensor]]:
     """One token per row from fp32 logits [b, V]; returns (tokens [b], log-probabilities [b] or None).
 
     Greedy when `uniforms` is None; else inverse-CDF sampling of the truncated distribution with one
@@ -330,9 +346,14 @@ def _sample(logits: Tensor, temperature: float, top_k: int, top_p: float, unifor
     return tokens, torch.log_softmax(scaled, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def is_truncated(tokens: Sequence[int], max_new_tokens: int, *,
-                 stop: Optional[Union[StopItem, Sequence[StopItem]]] = None,
-                 eos_id: Optional[Union[int, Sequence[int]]] = None, tokenizer=None) -> bool:
+def is_truncated(
+    tokens: Sequence[int],
+    max_new_tokens: int,
+    *,
+    stop: Optional[Union[StopItem, Sequence[StopItem]]] = None,
+    eos_id: Optional[Union[int, Sequence[int]]] = None,
+    tokenizer=None,
+) -> bool:
     """Whether `generate` cut this row at `max_new_tokens` instead of the row ending by itself.
 
     `tokens` is one row of `generate`'s result and `max_new_tokens`, `stop`, `eos_id`, `tokenizer`
@@ -353,13 +374,19 @@ def _text_window(text_stops: list[str]) -> int:
     return max((len(s.encode("utf-8")) for s in text_stops), default=0) + 4
 
 
-def _stopped(tokens: list[int], eos_ids: frozenset, token_stops: list[list[int]], text_stops: list[str],
-             text_window: int, tokenizer) -> bool:
+def _stopped(
+    tokens: list[int],
+    eos_ids: frozenset,
+    token_stops: list[list[int]],
+    text_stops: list[str],
+    text_window: int,
+    tokenizer,
+) -> bool:
     """Whether a row whose new tokens are `tokens` ends here (EOS, a stop sequence or a stop string)."""
     if tokens[-1] in eos_ids:
         return True
     for seq in token_stops:
-        if len(tokens) >= len(seq) and tokens[-len(seq):] == seq:
+        if len(tokens) >= len(seq) and tokens[-len(seq) :] == seq:
             return True
     if text_stops:
         text = tokenizer.decode(tokens[-text_window:])
@@ -375,8 +402,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
     while not hasattr(model, "config") or not hasattr(getattr(model, "config"), "max_seq_len"):
         inner = getattr(model, "module", None)
         if not isinstance(inner, nn.Module):
-            raise ConfigError(f"generate: model {type(model).__name__} has no config.max_seq_len; pass a megatrain "
-                              f"Transformer (or the DeepSpeed engine's module)")
+            raise ConfigError(
+                f"generate: model {type(model).__name__} has no config.max_seq_len; pass a megatrain "
+                f"Transformer (or the DeepSpeed engine's module)"
+            )
         model = inner
     return model
 
@@ -434,7 +463,9 @@ def _prefix_lengths(cache: KVCache, rows: int, pad_position: int) -> list[int]:
     """Tokens each row of a prefilled cache holds: 1 + its last real position (pads sit at
     `pad_position`); a cache filled without explicit positions holds 0..S-1 in every row."""
     if not isinstance(cache, KVCache) or cache.length == 0:
-        raise ConfigError("generate: cache must be a KVCache holding a prefix (e.g. the one megatrain.ttt.adapt yields)")
+        raise ConfigError(
+            "generate: cache must be a KVCache holding a prefix (e.g. the one megatrain.ttt.adapt yields)"
+        )
     batch = cache.keys[0].shape[0]
     if batch != rows:
         raise ConfigError(f"generate: the cache holds {batch} rows but {rows} prompts were given (one per row)")
@@ -446,8 +477,9 @@ def _prefix_lengths(cache: KVCache, rows: int, pad_position: int) -> list[int]:
     return (torch.where(real, positions + 1, torch.zeros_like(positions)).amax(dim=1)).tolist()
 
 
-def _check_prompts(prompts, vocab_size: int, max_new_tokens, max_seq_len: int,
-                   prefix: Optional[list[int]] = None) -> None:
+def _check_prompts(
+    prompts, vocab_size: int, max_new_tokens, max_seq_len: int, prefix: Optional[list[int]] = None
+) -> None:
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ConfigError(f"generate: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
@@ -456,14 +488,18 @@ def _check_prompts(prompts, vocab_size: int, max_new_tokens, max_seq_len: int,
         before = prefix[i] if prefix is not None else 0
         longest = max_seq_len - max_new_tokens - before
         if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence) or not all(_is_int(t) for t in prompt):
-            raise ConfigError(f"generate: prompt {i} must be a list of token ids (ints); encode text with the tokenizer")
+            raise ConfigError(
+                f"generate: prompt {i} must be a list of token ids (ints); encode text with the tokenizer"
+            )
         if len(prompt) == 0:
             raise ConfigError(f"generate: prompt {i} is empty; give at least one token (a BOS token for no context)")
         if len(prompt) > longest:
             after = f" after a cached prefix of {before} tokens" if before else ""
-            raise ConfigError(f"generate: prompt {i} has {len(prompt)} tokens{after}; with max_new_tokens="
-                              f"{max_new_tokens} it may have at most model.max_seq_len - max_new_tokens"
-                              f"{' - prefix' if before else ''} = {longest}")
+            raise ConfigError(
+                f"generate: prompt {i} has {len(prompt)} tokens{after}; with max_new_tokens="
+                f"{max_new_tokens} it may have at most model.max_seq_len - max_new_tokens"
+                f"{' - prefix' if before else ''} = {longest}"
+            )
         if min(prompt) < 0 or max(prompt) >= vocab_size:
             raise ConfigError(f"generate: prompt {i} has a token id outside [0, model.vocab_size={vocab_size})")
 
@@ -513,11 +549,14 @@ def _split_stops(stop, tokenizer) -> tuple[list[list[int]], list[str]]:
         elif isinstance(item, Sequence) and len(item) > 0 and all(_is_int(t) for t in item):
             token_stops.append(list(item))
         else:
-            raise ConfigError(f"generate: each stop item must be a string, a token id or a non-empty token-id list, "
-                              f"got {item!r}")
+            raise ConfigError(
+                f"generate: each stop item must be a string, a token id or a non-empty token-id list, got {item!r}"
+            )
     if text_stops and not callable(getattr(tokenizer, "decode", None)):
-        raise ConfigError("generate: stop strings need tokenizer= (an object with decode(list[int]) -> str); "
-                          "or give stop sequences as token-id lists")
+        raise ConfigError(
+            "generate: stop strings need tokenizer= (an object with decode(list[int]) -> str); "
+            "or give stop sequences as token-id lists"
+        )
     return token_stops, text_stops
 
 

@@ -27,9 +27,20 @@ PLUGINS = REPO / "tests" / "plugins"
 
 # Small enough that a step takes milliseconds on 2 cores, large enough to learn something.
 TINY_JOB = [
-    "model.preset=tiny", "data.source=embedded", "data.seq_len=32", "data.vocab_size=512",
-    "train.steps=8", "train.micro_batch=4", "train.global_batch=8", "train.lr=3e-3", "train.warmup_steps=2",
-    "train.seed=7", "log.every=1", "log.eval_every=4", "log.eval_batches=2", "log.progress=false",
+    "model.preset=tiny",
+    "data.source=embedded",
+    "data.seq_len=32",
+    "data.vocab_size=512",
+    "train.steps=8",
+    "train.micro_batch=4",
+    "train.global_batch=8",
+    "train.lr=3e-3",
+    "train.warmup_steps=2",
+    "train.seed=7",
+    "log.every=1",
+    "log.eval_every=4",
+    "log.eval_batches=2",
+    "log.progress=false",
     "checkpoint.keep=0",
 ]
 
@@ -65,11 +76,19 @@ def child_env() -> dict:
 
 def run_cli(args: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
     """`python -m megatrain.cli ARGS` in a fresh process (as a user would run `megatrain ARGS`)."""
-    proc = subprocess.run([sys.executable, "-m", "megatrain.cli", *args], cwd=REPO, env=child_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatrain.cli", *args],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"megatrain {' '.join(args)} exited {proc.returncode}\n"
-                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"megatrain {' '.join(args)} exited {proc.returncode}\n"
+            f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -79,8 +98,9 @@ def tiny_run(tmp_path_factory) -> Path:
     steps 4 and 8) for tests that need a trained run: generation, RL and qTTT start from it.
     Treat it as read-only."""
     run_dir = tmp_path_factory.mktemp("tiny-run") / "run"
-    run_cli(["pretrain", *TINY_JOB, "log.eval_every=0", "parallel.zero_stage=0", "checkpoint.every=4",
-             f"run.dir={run_dir}"])
+    run_cli(
+        ["pretrain", *TINY_JOB, "log.eval_every=0", "parallel.zero_stage=0", "checkpoint.every=4", f"run.dir={run_dir}"]
+    )
     return run_dir
 
 
@@ -98,8 +118,15 @@ def start_launcher(args: list[str], env: dict | None = None) -> subprocess.Popen
     (so a failed test can end its workers with os.killpg), stdout and stderr captured."""
     full = child_env()
     full.update(env or {})
-    return subprocess.Popen([str(Path(sys.executable).parent / "megatrain"), *args], cwd=REPO, env=full,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "megatrain"), *args],
+        cwd=REPO,
+        env=full,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def signal_after_records(proc: subprocess.Popen, metrics, records: int, signum: int, timeout: float = 240):

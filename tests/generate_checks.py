@@ -40,8 +40,9 @@ def emulated_graphs(captures=None):
         logits = step.forward(static_ids, static_positions)
         if captures is not None:
             captures.append(ids.shape[0])
-        return gen._Graph(lambda: logits.copy_(step.forward(static_ids, static_positions)), static_ids,
-                          static_positions, logits)
+        return gen._Graph(
+            lambda: logits.copy_(step.forward(static_ids, static_positions)), static_ids, static_positions, logits
+        )
 
     saved = gen._use_graphs, gen._capture
     gen._use_graphs, gen._capture = (lambda setting, model, device: setting is not False), capture
@@ -55,8 +56,13 @@ def assert_same(out, ref, what):
     (tokens, logprobs), (ref_tokens, ref_logprobs) = out, ref
     assert tokens == ref_tokens, f"rank {dist.get_rank()}: {what}: {tokens} != {ref_tokens}"
     for row, (a, b) in enumerate(zip(logprobs, ref_logprobs)):
-        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-5,
-                                   msg=lambda m: f"rank {dist.get_rank()}: {what} row {row}: {m}")
+        torch.testing.assert_close(
+            torch.tensor(a),
+            torch.tensor(b),
+            rtol=1e-5,
+            atol=1e-5,
+            msg=lambda m: f"rank {dist.get_rank()}: {what} row {row}: {m}",
+        )
 
 
 def check_tp(groups):
@@ -94,11 +100,16 @@ def check_zero3(groups):
     model = Transformer(cfg)
     full = copy.deepcopy(model).eval()
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+        model=model,
+        optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
         # Threshold 0: even the tiny model's parameters are partitioned and gathered in every forward.
-        config={"train_micro_batch_size_per_gpu": 1,
-                "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-                "zero_allow_untested_optimizer": True, "steps_per_print": 2**31 - 1})
+        config={
+            "train_micro_batch_size_per_gpu": 1,
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**31 - 1,
+        },
+    )
     module = engine.module.eval()
     assert all(p.numel() == 0 for p in module.parameters()), "parameters not partitioned by ZeRO-3"
     rank = dist.get_rank()

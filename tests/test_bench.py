@@ -43,21 +43,42 @@ def test_bench_processes_get_the_users_config_and_overrides(monkeypatch, tmp_pat
     monkeypatch.setattr(bench_run, "_run_in_processes", caught)
     path = str(REPO / "launch/configs/tiny-cpu.yaml")
     overrides = ["model.preset=tiny", "data.seq_len=32", "data.vocab_size=512", "train.lr=1e-3", "train.micro_batch=2"]
-    assert cli.main(["bench", path, *overrides, "--settings", "procs=2,zero=1", "--no-baseline", "--no-plain",
-                     "--out", str(tmp_path)]) == 2
+    assert (
+        cli.main(
+            [
+                "bench",
+                path,
+                *overrides,
+                "--settings",
+                "procs=2,zero=1",
+                "--no-baseline",
+                "--no-plain",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert "every setting failed: procs=2,zero=1: not started in this test" in capsys.readouterr().err
     ((procs, spec, cfg),) = seen
     assert procs == 2 and spec["config"] == path and spec["overrides"] == overrides
-    expected = load_config(path, [*overrides, "parallel.zero_stage=1", f"run.dir={spec['run_dir']}",
-                                  "log.progress=false", "log.tensorboard=false"])
+    expected = load_config(
+        path,
+        [
+            *overrides,
+            "parallel.zero_stage=1",
+            f"run.dir={spec['run_dir']}",
+            "log.progress=false",
+            "log.tensorboard=false",
+        ],
+    )
     assert cfg.to_dict() == expected.to_dict()
     assert (cfg.model.preset, cfg.data.seq_len, cfg.train.micro_batch, cfg.parallel.zero_stage) == ("tiny", 32, 2, 1)
 
 
 def test_mfu_against_a_hand_computed_example(monkeypatch):
     # dim 64, 2 layers, 4 heads of 16 (2 KV heads), SwiGLU 176, vocabulary 512, untied head.
-    model = Transformer(ModelConfig(dim=64, layers=2, heads=4, kv_heads=2, ffn_dim=176, vocab_size=512,
-                                    max_seq_len=64))
+    model = Transformer(ModelConfig(dim=64, layers=2, heads=4, kv_heads=2, ffn_dim=176, vocab_size=512, max_seq_len=64))
     per_layer = 64 * 64 + 2 * (64 * 32) + 64 * 64 + 3 * (64 * 176) + 2 * 64  # q, k+v, o, gate+up+down, 2 norms
     non_embedding = 2 * per_layer + 64 + 512 * 64  # + final norm + head = 125,248
     assert non_embedding == 125_248 == model.num_params(non_embedding=True)
@@ -72,14 +93,25 @@ def test_mfu_against_a_hand_computed_example(monkeypatch):
 
 def test_settings_parse_short_keys_full_keys_and_run_options():
     s = parse_setting("mb=4,zero=2,ac=1,compile=off,tp=2,sp=yes,kernels=torch,procs=4,train.dtype=bf16")
-    assert s.overrides == ["train.micro_batch=4", "parallel.zero_stage=2", "train.activation_checkpointing=true",
-                           "train.compile=false", "parallel.tensor=2", "parallel.sequence=true", "train.dtype=bf16"]
+    assert s.overrides == [
+        "train.micro_batch=4",
+        "parallel.zero_stage=2",
+        "train.activation_checkpointing=true",
+        "train.compile=false",
+        "parallel.tensor=2",
+        "parallel.sequence=true",
+        "train.dtype=bf16",
+    ]
     assert (s.kernels, s.procs, s.process_count(2)) == ("torch", 4, 4)
     assert parse_setting("tp=2").process_count(2) == 2  # TP=T x DP=1 by default
     assert [x.label for x in parse_settings(["mb=4;mb=8", "zero=3"])] == ["mb=4", "mb=8", "zero=3"]
     assert [x.label for x in parse_settings(None)] == ["base"]
-    for bad, word in (("batch=4", "unknown key 'batch'"), ("mb", "not key=value"), ("kernels=cuda", "kernels=cuda"),
-                      ("procs=0", "procs=0")):
+    for bad, word in (
+        ("batch=4", "unknown key 'batch'"),
+        ("mb", "not key=value"),
+        ("kernels=cuda", "kernels=cuda"),
+        ("procs=0", "procs=0"),
+    ):
         with pytest.raises(ConfigError, match=word):
             parse_setting(bad)
     with pytest.raises(ConfigError, match="more than once"):
@@ -115,8 +147,9 @@ def test_hf_baseline_is_the_same_model(tie):
     with torch.no_grad():
         ours, theirs = model(x), hf(input_ids=x, use_cache=False).logits
         torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(hf(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss, model(x, labels=y),
-                                   rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            hf(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss, model(x, labels=y), rtol=1e-6, atol=1e-6
+        )
     hf.model.embed_tokens.weight.data.zero_()  # copies, not views: the megatrain model is untouched
     assert model.embed.weight.abs().sum() > 0
 
@@ -132,9 +165,11 @@ def test_hf_baseline_refuses_models_llama_cannot_hold():
 # train.compile=true goes through DeepSpeed's engine.compile (and nn.Module.compile for the plain loop) with
 # the default inductor backend, whose C++ build takes minutes on CPU; the test traces with dynamo's "eager"
 # backend instead, which checks that every side really compiles without building code.
-EAGER_COMPILE = ("import torch, deepspeed.runtime.engine as E; ds = E.DeepSpeedEngine.compile; "
-                 "E.DeepSpeedEngine.compile = lambda self, *a, **k: ds(self, backend='eager'); "
-                 "mc = torch.nn.Module.compile; torch.nn.Module.compile = lambda self, *a, **k: mc(self, backend='eager'); ")
+EAGER_COMPILE = (
+    "import torch, deepspeed.runtime.engine as E; ds = E.DeepSpeedEngine.compile; "
+    "E.DeepSpeedEngine.compile = lambda self, *a, **k: ds(self, backend='eager'); "
+    "mc = torch.nn.Module.compile; torch.nn.Module.compile = lambda self, *a, **k: mc(self, backend='eager'); "
+)
 
 
 def _bench(tmp_path, *args, hide_transformers=False, peak=None, eager_compile=False):
@@ -150,9 +185,33 @@ def _bench(tmp_path, *args, hide_transformers=False, peak=None, eager_compile=Fa
         env["PYTHONPATH"] = os.pathsep.join([str(shadow.parent), *filter(None, [env.get("PYTHONPATH")])])
     if peak is not None:
         env["MEGATRAIN_PEAK_FLOPS"] = str(peak)
-    proc = subprocess.run([sys.executable, "-c", code, "bench", *BENCH_JOB, *args, "--steps", "2", "--warmup", "1",
-                           "--block", "1", "--breakdown-steps", "1", "--out", str(out), "--tag", "t"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "bench",
+            *BENCH_JOB,
+            *args,
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--block",
+            "1",
+            "--breakdown-steps",
+            "1",
+            "--out",
+            str(out),
+            "--tag",
+            "t",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     with open(out / "t.json") as fh:
         info = json.load(fh)
@@ -162,8 +221,9 @@ def _bench(tmp_path, *args, hide_transformers=False, peak=None, eager_compile=Fa
 @pytest.mark.slow  # ~15 s: a fresh interpreter imports torch, deepspeed and transformers
 def test_bench_run_with_transformers_writes_table_json_and_plot(tmp_path):
     pytest.importorskip("transformers")
-    info, table, stdout, out = _bench(tmp_path, "--settings", "zero=1,ac=1", "mb=2,zero=0,compile=1", "--plot",
-                                      peak=1e12, eager_compile=True)
+    info, table, stdout, out = _bench(
+        tmp_path, "--settings", "zero=1,ac=1", "mb=2,zero=0,compile=1", "--plot", peak=1e12, eager_compile=True
+    )
     assert [s["label"] for s in info["settings"]] == ["zero=1,ac=1", "mb=2,zero=0,compile=1"]
     for s in info["settings"]:
         sides = s["sides"]
@@ -174,16 +234,19 @@ def test_bench_run_with_transformers_writes_table_json_and_plot(tmp_path):
         ours = sides["megatrain"]
         assert ours["mfu"] == pytest.approx(ours["tokens_per_s"] * s["flops_per_token"] / 1e12)
         assert s["ratios"]["megatrain_over_hf_deepspeed"] == pytest.approx(
-            ours["tokens_per_s"] / sides["hf_deepspeed"]["tokens_per_s"])
+            ours["tokens_per_s"] / sides["hf_deepspeed"]["tokens_per_s"]
+        )
         assert s["ratios"]["megatrain_over_hf_deepspeed_best_step"] == pytest.approx(
-            min(sides["hf_deepspeed"]["step_times_s"]) / min(ours["step_times_s"]))
+            min(sides["hf_deepspeed"]["step_times_s"]) / min(ours["step_times_s"])
+        )
         assert set(ours["breakdown_s"]) == {"step", "forward", "backward", "optimizer", "communication"}
         assert ours["breakdown_s"]["forward"] > 0 and len(ours["peak_memory_gib_per_rank"]) == 1
         for side in sides.values():  # host work per step, counted on CPU (no device kernels there)
             d = side["dispatch"]
             assert d["aten_ops"] > 50 and d["host_cpu_s"] > 0 and d["device_kernels"] is None, d
         assert s["ratios"]["aten_ops_megatrain_over_hf_deepspeed"] == pytest.approx(
-            ours["dispatch"]["aten_ops"] / sides["hf_deepspeed"]["dispatch"]["aten_ops"])
+            ours["dispatch"]["aten_ops"] / sides["hf_deepspeed"]["dispatch"]["aten_ops"]
+        )
     first, second = info["settings"]
     assert (first["zero_stage"], first["activation_checkpointing"], first["compile"]) == (1, True, False)
     assert (second["micro_batch"], second["grad_accum"], second["zero_stage"], second["compile"]) == (2, 4, 0, True)
@@ -215,12 +278,30 @@ def test_throughput_script_maps_its_flags_to_bench():
     spec = importlib.util.spec_from_file_location("throughput_script", REPO / "benchmarks" / "throughput.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    args = script.parse_args(["--preset", "tiny", "--seq-len", "64", "--tp", "1,2", "--sequence-parallel",
-                              "--zero-stage", "1", "--activation-checkpointing", "--profile", "2"])
+    args = script.parse_args(
+        [
+            "--preset",
+            "tiny",
+            "--seq-len",
+            "64",
+            "--tp",
+            "1,2",
+            "--sequence-parallel",
+            "--zero-stage",
+            "1",
+            "--activation-checkpointing",
+            "--profile",
+            "2",
+        ]
+    )
     assert script.bench_settings(args) == ["tp=1", "tp=2,sp=1"]
     overrides = script.bench_overrides(args)
-    assert {"model.preset=tiny", "data.seq_len=64", "parallel.zero_stage=1",
-            "train.activation_checkpointing=true"} <= set(overrides)
+    assert {
+        "model.preset=tiny",
+        "data.seq_len=64",
+        "parallel.zero_stage=1",
+        "train.activation_checkpointing=true",
+    } <= set(overrides)
     assert script.bench_settings(script.parse_args([])) == []
 
 
@@ -228,20 +309,46 @@ def test_report_of_a_partial_run_with_a_failed_setting_and_tp(tmp_path):
     """A long benchmark writes what it has after each setting; a failed setting is a row, TP gets its plan."""
     from megatrain.bench.report import render_markdown, write_results
 
-    side = {"median_step_s": 0.5, "tokens_per_s": 2048.0, "mfu": None, "peak_memory_gib_per_rank": [1.0, 1.25],
-            "step_memory_gib_per_rank": [0.25, 0.5], "breakdown_s": {"step": 0.6, "forward": 0.1, "backward": 0.2,
-                                                                     "optimizer": 0.05, "communication": 0.02},
-            "first_step_loss": 6.0, "step_times_s": [0.5], "compiled": False}
-    ok = {"label": "tp=2", "world_size": 2, "zero_stage": 1, "seq_len": 128, "global_batch": 8, "tokens_per_step": 1024,
-          "dtype": "fp32", "measured_steps": 1, "warmup_steps": 1, "block": 1, "memory": "peak RSS",
-          "sides": {"megatrain": side}, "ratios": {}, "skipped": {"hf_deepspeed": "no TP in the baseline"},
-          "tp_comm": {"per_layer": 2**20, "embedding_and_head": 2**19, "loss": 2**18, "per_step": 5 * 2**20},
-          "profiles": {"megatrain": "op table"}, "kernels": "auto",
-          "kernel_paths": {"fused_linear_cross_entropy": "torch", "rms_norm": "triton"}}
-    result = {"config_name": "x.yaml", "device": "CPU", "command": "megatrain bench x.yaml", "settings_planned": 3,
-              "versions": {"torch": "2", "transformers": None},
-              "model": {"description": "tiny", "params": 10**6, "flops_per_token": 6 * 10**6},
-              "settings": [ok, {"label": "zero=3", "procs": 2, "error": "the 2-process run exited 1: boom"}]}
+    side = {
+        "median_step_s": 0.5,
+        "tokens_per_s": 2048.0,
+        "mfu": None,
+        "peak_memory_gib_per_rank": [1.0, 1.25],
+        "step_memory_gib_per_rank": [0.25, 0.5],
+        "breakdown_s": {"step": 0.6, "forward": 0.1, "backward": 0.2, "optimizer": 0.05, "communication": 0.02},
+        "first_step_loss": 6.0,
+        "step_times_s": [0.5],
+        "compiled": False,
+    }
+    ok = {
+        "label": "tp=2",
+        "world_size": 2,
+        "zero_stage": 1,
+        "seq_len": 128,
+        "global_batch": 8,
+        "tokens_per_step": 1024,
+        "dtype": "fp32",
+        "measured_steps": 1,
+        "warmup_steps": 1,
+        "block": 1,
+        "memory": "peak RSS",
+        "sides": {"megatrain": side},
+        "ratios": {},
+        "skipped": {"hf_deepspeed": "no TP in the baseline"},
+        "tp_comm": {"per_layer": 2**20, "embedding_and_head": 2**19, "loss": 2**18, "per_step": 5 * 2**20},
+        "profiles": {"megatrain": "op table"},
+        "kernels": "auto",
+        "kernel_paths": {"fused_linear_cross_entropy": "torch", "rms_norm": "triton"},
+    }
+    result = {
+        "config_name": "x.yaml",
+        "device": "CPU",
+        "command": "megatrain bench x.yaml",
+        "settings_planned": 3,
+        "versions": {"torch": "2", "transformers": None},
+        "model": {"description": "tiny", "params": 10**6, "flops_per_token": 6 * 10**6},
+        "settings": [ok, {"label": "zero=3", "procs": 2, "error": "the 2-process run exited 1: boom"}],
+    }
     write_results(result, str(tmp_path), "p")
     table = (tmp_path / "p.md").read_text()
     assert "**Partial: 2 of 3 settings measured so far.**" in table
@@ -250,10 +357,14 @@ def test_report_of_a_partial_run_with_a_failed_setting_and_tp(tmp_path):
     assert "| tp=2 | 1.00 | 0.50 | 0.25 | 5.00 |" in table  # the computed TP plan, MiB
     assert "| tp=2 | megatrain | 500.0 | 600.0 | 100.0 | 200.0 | 50.0 | 20.0 | 250.0 |" in table  # other = 600-350
     assert "no HF+DeepSpeed column: no TP in the baseline" in table and "transformers not installed" in table
-    assert ("- tp=2: megatrain's kernels (MEGATRAIN_KERNELS=auto): fused_linear_cross_entropy torch, rms_norm triton"
-            in table)
+    assert (
+        "- tp=2: megatrain's kernels (MEGATRAIN_KERNELS=auto): fused_linear_cross_entropy torch, rms_norm triton"
+        in table
+    )
     assert (tmp_path / "p-profile-0-megatrain.txt").read_text().endswith("op table")
-    assert json.loads((tmp_path / "p.json").read_text())["profile_files"] == {"tp=2/megatrain": "p-profile-0-megatrain.txt"}
+    assert json.loads((tmp_path / "p.json").read_text())["profile_files"] == {
+        "tp=2/megatrain": "p-profile-0-megatrain.txt"
+    }
     assert "profiles" not in ok and render_markdown(result) == table
 
 

@@ -44,8 +44,14 @@ bench = _load_bench()
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the script would run the benchmarks")
 def test_kernels_script_without_gpu_exits_2_with_one_line():
-    proc = subprocess.run([sys.executable, str(KERNELS_SCRIPT), "--quick"], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    proc = subprocess.run(
+        [sys.executable, str(KERNELS_SCRIPT), "--quick"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
+    )
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert len(lines) == 1, lines
@@ -53,8 +59,13 @@ def test_kernels_script_without_gpu_exits_2_with_one_line():
 
 
 def test_kernels_script_rejects_unknown_op_by_name():
-    proc = subprocess.run([sys.executable, str(KERNELS_SCRIPT), "--ops", "rms_norm,softmax"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(KERNELS_SCRIPT), "--ops", "rms_norm,softmax"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "softmax" in proc.stderr and "rms_norm, rope, swiglu, flce, adam" in proc.stderr
 
@@ -66,8 +77,13 @@ def test_shell_script_parses(script):
 
 
 def test_gpu_suite_rejects_unknown_stage_before_doing_anything(tmp_path):
-    proc = subprocess.run(["bash", str(SHELL_SCRIPTS[1]), "benchmark-everything"], capture_output=True, text=True,
-                          timeout=60, env=dict(os.environ, OUT=str(tmp_path / "out"), SITE=str(tmp_path / "site")))
+    proc = subprocess.run(
+        ["bash", str(SHELL_SCRIPTS[1]), "benchmark-everything"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, OUT=str(tmp_path / "out"), SITE=str(tmp_path / "site")),
+    )
     assert proc.returncode == 2
     assert "unknown stage 'benchmark-everything'" in proc.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "site").exists()
@@ -84,39 +100,78 @@ def test_gpu_suite_setup_maps_megatrain_kernels_without_an_install(tmp_path):
     made = subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], capture_output=True, text=True)
     assert made.returncode == 0, made.stderr
     python = env_dir / "bin" / "python"
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     Path(purelib, "outer-packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     clean_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    control = subprocess.run([str(python), "-c", "import torch, megatrain.kernels"], cwd=tmp_path, env=clean_env,
-                             capture_output=True, text=True, timeout=120)
+    control = subprocess.run(
+        [str(python), "-c", "import torch, megatrain.kernels"],
+        cwd=tmp_path,
+        env=clean_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert control.returncode != 0 and "megatrain" in control.stderr, "the check below would prove nothing"
 
     site, out, wheels = tmp_path / "site", tmp_path / "out", tmp_path / "no-wheels"
     wheels.mkdir()
-    proc = subprocess.run(["bash", str(SHELL_SCRIPTS[1]), "setup"], capture_output=True, text=True, timeout=300,
-                          env=dict(clean_env, PYTHON=str(python), SITE=str(site), WHEELS=str(wheels), OUT=str(out)))
+    proc = subprocess.run(
+        ["bash", str(SHELL_SCRIPTS[1]), "setup"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(clean_env, PYTHON=str(python), SITE=str(site), WHEELS=str(wheels), OUT=str(out)),
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"megatrain.kernels -> {REPO / 'kernels' / '__init__.py'}" in proc.stdout
     assert (site / "sitecustomize.py").is_file()
     assert "megatrain.kernels ->" in (out / "suite.log").read_text()
 
     # Anywhere, not only from the repository root, with only the site on PYTHONPATH (never the root).
-    anywhere = subprocess.run([str(python), "-c", "import megatrain.kernels.reference as r, megatrain.models as m; "
-                               "print(r.__file__); print(m.__file__)"],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                              env=dict(clean_env, PYTHONPATH=str(site)))
+    anywhere = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "import megatrain.kernels.reference as r, megatrain.models as m; print(r.__file__); print(m.__file__)",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(clean_env, PYTHONPATH=str(site)),
+    )
     assert anywhere.returncode == 0, anywhere.stderr
-    assert anywhere.stdout.split() == [str(REPO / "kernels" / "reference.py"),
-                                       str(REPO / "megatrain" / "models" / "__init__.py")]
+    assert anywhere.stdout.split() == [
+        str(REPO / "kernels" / "reference.py"),
+        str(REPO / "megatrain" / "models" / "__init__.py"),
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
 # accounting
 
 
-_TINY_DIMS = dict(batch=1, seq=16, hidden=32, heads=4, kv_heads=2, head_dim=16, ffn=48, tokens=16, vocab=64,
-                 d_in=32, d_out=32, rank=8, rows=40, cols=24)
+_TINY_DIMS = dict(
+    batch=1,
+    seq=16,
+    hidden=32,
+    heads=4,
+    kv_heads=2,
+    head_dim=16,
+    ffn=48,
+    tokens=16,
+    vocab=64,
+    d_in=32,
+    d_out=32,
+    rank=8,
+    rows=40,
+    cols=24,
+)
 
 
 @pytest.mark.parametrize("op", bench.OPS)
@@ -217,18 +272,22 @@ def test_parse_ops():
 
 def test_memory_bound_targets_pass_and_fail_on_the_thresholds():
     copy_gbps, nbytes = 3000.0, 3 * 10**9  # 3 GB at 3000 GB/s takes 1 ms
-    at_90 = bench.judge_memory_bound("swiglu", "s", "fwd", triton_ms=1 / 0.90, compile_ms=1.2, nbytes=nbytes,
-                                     copy_gbps=copy_gbps, noise=0.02)
+    at_90 = bench.judge_memory_bound(
+        "swiglu", "s", "fwd", triton_ms=1 / 0.90, compile_ms=1.2, nbytes=nbytes, copy_gbps=copy_gbps, noise=0.02
+    )
     assert [t.ok for t in at_90] == [True, True]
     assert at_90[0].value == "90.0%"
-    at_80 = bench.judge_memory_bound("swiglu", "s", "fwd", triton_ms=1 / 0.80, compile_ms=1.0, nbytes=nbytes,
-                                     copy_gbps=copy_gbps, noise=0.02)
+    at_80 = bench.judge_memory_bound(
+        "swiglu", "s", "fwd", triton_ms=1 / 0.80, compile_ms=1.0, nbytes=nbytes, copy_gbps=copy_gbps, noise=0.02
+    )
     assert [t.ok for t in at_80] == [False, False]  # 80% of copy bandwidth; 25% slower than compile
-    within_noise = bench.judge_memory_bound("rope", "s", "fwd+bwd", triton_ms=1.01, compile_ms=1.0, nbytes=nbytes,
-                                            copy_gbps=copy_gbps, noise=0.02)
+    within_noise = bench.judge_memory_bound(
+        "rope", "s", "fwd+bwd", triton_ms=1.01, compile_ms=1.0, nbytes=nbytes, copy_gbps=copy_gbps, noise=0.02
+    )
     assert within_noise[1].ok is True
-    strict = bench.judge_memory_bound("rope", "s", "fwd+bwd", triton_ms=1.01, compile_ms=1.0, nbytes=nbytes,
-                                      copy_gbps=copy_gbps, noise=0.0)
+    strict = bench.judge_memory_bound(
+        "rope", "s", "fwd+bwd", triton_ms=1.01, compile_ms=1.0, nbytes=nbytes, copy_gbps=copy_gbps, noise=0.0
+    )
     assert strict[1].ok is False
 
 
@@ -244,7 +303,9 @@ def test_flce_targets():
     good = bench.judge_flce("s", "fwd+bwd", fused_ms=10.5, unfused_ms=10.0, fused_peak=gib, unfused_peak=12 * gib)
     assert [t.ok for t in good] == [True, True]  # 95% of the speed, 8% of the memory
     assert good[0].value == "95.2%" and good[1].value == "8.3%"
-    slow_fat = bench.judge_flce("s", "fwd+bwd", fused_ms=12.0, unfused_ms=10.0, fused_peak=2 * gib, unfused_peak=12 * gib)
+    slow_fat = bench.judge_flce(
+        "s", "fwd+bwd", fused_ms=12.0, unfused_ms=10.0, fused_peak=2 * gib, unfused_peak=12 * gib
+    )
     assert [t.ok for t in slow_fat] == [False, False]
     forward = bench.judge_flce("s", "fwd", fused_ms=1.0, unfused_ms=1.0)
     assert len(forward) == 1 and forward[0].ok is True  # memory is judged on training (fwd+bwd) only
@@ -262,10 +323,19 @@ def test_targets_for_reads_rows_of_every_shape_and_mode():
     rows = []
     for mode in bench.MODES:
         ideal_ms = nbytes[mode] / (copy * 1e9) * 1e3
-        rows.append(dict(op="rms_norm", shape=label, shape_params=shape, mode=mode, impl=bench.TRITON,
-                         median_ms=ideal_ms / 0.9))
-        rows.append(dict(op="rms_norm", shape=label, shape_params=shape, mode=mode, impl=bench.COMPILE,
-                         median_ms=ideal_ms / (0.8 if mode == "fwd" else 0.95)))
+        rows.append(
+            dict(op="rms_norm", shape=label, shape_params=shape, mode=mode, impl=bench.TRITON, median_ms=ideal_ms / 0.9)
+        )
+        rows.append(
+            dict(
+                op="rms_norm",
+                shape=label,
+                shape_params=shape,
+                mode=mode,
+                impl=bench.COMPILE,
+                median_ms=ideal_ms / (0.8 if mode == "fwd" else 0.95),
+            )
+        )
     targets = bench.targets_for("rms_norm", rows, dict(copy_gbps=copy), noise=0.0)
     assert [(t.mode, t.ok) for t in targets] == [("fwd", True), ("fwd", True), ("fwd+bwd", True), ("fwd+bwd", False)]
 
@@ -303,22 +373,54 @@ def test_rel_error():
 def _synthetic_report():
     targets = bench.judge_flce("T8192 D4096 V128256", "fwd+bwd", 11.0, 10.0, 2**30, 20 * 2**30)
     return dict(
-        environment=dict(device="NVIDIA H100 80GB HBM3", torch="2.11.0", triton="3.6.0", cuda="13.0", python="3.12.3",
-                         liger="0.8.5", apex="not importable"),
-        command="python benchmarks/kernels.py --quick", rtol=1e-2, noise=0.02,
+        environment=dict(
+            device="NVIDIA H100 80GB HBM3",
+            torch="2.11.0",
+            triton="3.6.0",
+            cuda="13.0",
+            python="3.12.3",
+            liger="0.8.5",
+            apex="not importable",
+        ),
+        command="python benchmarks/kernels.py --quick",
+        rtol=1e-2,
+        noise=0.02,
         ceilings=dict(copy_gbps=3000.0, copy_bytes=2 * 2**30, matmul_tflops=790.0, matmul_n=8192),
-        correctness=[dict(op="flce", shape="T8192 D4096 V128256", tensor="loss", rel_error=1e-4, max_abs_error=1e-3,
-                          ok=True),
-                     dict(op="flce", shape="T8192 D4096 V128256", tensor="dweight", rel_error=0.5, max_abs_error=1.0,
-                          ok=False)],
-        results=[dict(op="flce", shape="T8192 D4096 V128256", mode="fwd+bwd", impl=bench.TRITON, median_ms=11.0,
-                      p20_ms=10.9, p80_ms=11.2, tflops=600.0, matmul_fraction=0.76, peak_mem_bytes=2**30,
-                      speed_vs_unfused=0.909, mem_vs_unfused=0.05),
-                 dict(op="flce", shape="T8192 D4096 V128256", mode="fwd+bwd", impl="liger", error="OutOfMemoryError: x"),
-                 dict(op="adam", shape="1.3b (V32000)", mode="step", impl="torch-adamw-fused", median_ms=12.0,
-                      p20_ms=11.9, p80_ms=12.1, gbps=3100.0, copy_fraction=1.03)],
+        correctness=[
+            dict(op="flce", shape="T8192 D4096 V128256", tensor="loss", rel_error=1e-4, max_abs_error=1e-3, ok=True),
+            dict(op="flce", shape="T8192 D4096 V128256", tensor="dweight", rel_error=0.5, max_abs_error=1.0, ok=False),
+        ],
+        results=[
+            dict(
+                op="flce",
+                shape="T8192 D4096 V128256",
+                mode="fwd+bwd",
+                impl=bench.TRITON,
+                median_ms=11.0,
+                p20_ms=10.9,
+                p80_ms=11.2,
+                tflops=600.0,
+                matmul_fraction=0.76,
+                peak_mem_bytes=2**30,
+                speed_vs_unfused=0.909,
+                mem_vs_unfused=0.05,
+            ),
+            dict(op="flce", shape="T8192 D4096 V128256", mode="fwd+bwd", impl="liger", error="OutOfMemoryError: x"),
+            dict(
+                op="adam",
+                shape="1.3b (V32000)",
+                mode="step",
+                impl="torch-adamw-fused",
+                median_ms=12.0,
+                p20_ms=11.9,
+                p80_ms=12.1,
+                gbps=3100.0,
+                copy_fraction=1.03,
+            ),
+        ],
         targets=[dict(bench.dataclasses.asdict(t), verdict=t.verdict) for t in targets],
-        skipped={"adam": {"apex-fusedadam": "apex not importable"}})
+        skipped={"adam": {"apex-fusedadam": "apex not importable"}},
+    )
 
 
 def test_render_markdown_report():
@@ -327,8 +429,10 @@ def test_render_markdown_report():
     assert "copy 3000 GB/s (1 GiB bf16 copy_" in text and "bf16 matmul 790 TFLOP/s (8192^3" in text
     assert "Command: `python benchmarks/kernels.py --quick`" in text
     assert "| flce | T8192 D4096 V128256 | dweight | 5.00e-01 | 1.00e+00 | FAIL |" in text
-    assert ("| T8192 D4096 V128256 | fwd+bwd | megatrain-triton | 11.000 (10.900-11.200) | 600 | 76.0 | 0.91 | 1.00 "
-            "| 0.050 |") in text
+    assert (
+        "| T8192 D4096 V128256 | fwd+bwd | megatrain-triton | 11.000 (10.900-11.200) | 600 | 76.0 | 0.91 | 1.00 "
+        "| 0.050 |"
+    ) in text
     assert "error: OutOfMemoryError: x" in text
     assert "| 1.3b (V32000) | torch-adamw-fused | 12.000 (11.900-12.100) | 3100 | 103.0 |" in text
     assert "Not run: apex-fusedadam (apex not importable)" in text
@@ -387,10 +491,28 @@ def test_memory_measure_counts_each_storage_once():
 def test_memory_script_tiny_preset(tmp_path):
     """Four methods at the tiny preset; relora is given a key it refuses, so it fails with one line and
     the others are still measured and written (exit status 1)."""
-    proc = subprocess.run([sys.executable, str(MEMORY_SCRIPT), "--presets", "tiny", "--methods",
-                           "dense,cola,sltrain,relora", "--vocab-size", "512", "--seq-len", "8",
-                           "--set", "relora:model.lowrank.density=0.5", "--out", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(MEMORY_SCRIPT),
+            "--presets",
+            "tiny",
+            "--methods",
+            "dense,cola,sltrain,relora",
+            "--vocab-size",
+            "512",
+            "--seq-len",
+            "8",
+            "--set",
+            "relora:model.lowrank.density=0.5",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "not measured" in line]
     assert len(errors) == 1 and errors[0].startswith("tiny relora: not measured: ConfigError: "), proc.stderr
@@ -424,18 +546,23 @@ def test_auto_table_rows_compare_triton_with_the_torch_path():
     norm = dict(batch=2, seq=8192, hidden=4096)
     flce = dict(tokens=8192, hidden=4096, vocab=128256)
     cola = dict(tokens=8192, d_in=4096, d_out=4096, rank=1024)
-    results = [_timing("rms_norm", norm, "fwd+bwd", bench.TRITON, 0.5),
-               _timing("rms_norm", norm, "fwd+bwd", bench.EAGER, 2.9),
-               _timing("rms_norm", norm, "fwd", bench.TRITON, 0.2), _timing("rms_norm", norm, "fwd", bench.EAGER, 0.1),
-               # flce: torch-eager is the bf16 unfused form, not the torch path; megatrain-torch is
-               _timing("flce", flce, "fwd+bwd", bench.TRITON, 40.0), _timing("flce", flce, "fwd+bwd", bench.EAGER, 30.0),
-               _timing("flce", flce, "fwd+bwd", bench.TORCH_PATH, 400.0),
-               # lowrank from a file without megatrain-torch rows: unmeasured, no row
-               _timing("lowrank", cola, "fwd+bwd", bench.TRITON, 1.0),
-               _timing("lowrank", cola, "fwd+bwd", bench.EAGER, 0.6),
-               _timing("rms_norm", norm, "fwd", "liger", 0.1)]
-    report = dict(environment=dict(device="NVIDIA H200", date="2026-12-04", git_commit="abc", triton="3.6.0"),
-                  results=results)
+    results = [
+        _timing("rms_norm", norm, "fwd+bwd", bench.TRITON, 0.5),
+        _timing("rms_norm", norm, "fwd+bwd", bench.EAGER, 2.9),
+        _timing("rms_norm", norm, "fwd", bench.TRITON, 0.2),
+        _timing("rms_norm", norm, "fwd", bench.EAGER, 0.1),
+        # flce: torch-eager is the bf16 unfused form, not the torch path; megatrain-torch is
+        _timing("flce", flce, "fwd+bwd", bench.TRITON, 40.0),
+        _timing("flce", flce, "fwd+bwd", bench.EAGER, 30.0),
+        _timing("flce", flce, "fwd+bwd", bench.TORCH_PATH, 400.0),
+        # lowrank from a file without megatrain-torch rows: unmeasured, no row
+        _timing("lowrank", cola, "fwd+bwd", bench.TRITON, 1.0),
+        _timing("lowrank", cola, "fwd+bwd", bench.EAGER, 0.6),
+        _timing("rms_norm", norm, "fwd", "liger", 0.1),
+    ]
+    report = dict(
+        environment=dict(device="NVIDIA H200", date="2026-12-04", git_commit="abc", triton="3.6.0"), results=results
+    )
     text = bench.auto_table(report, "benchmarks/results/x.json")
     rows = [line.strip() for line in text.splitlines() if line.strip().startswith("Row(")]
     source = '"benchmarks/results/x.json"'
@@ -443,7 +570,8 @@ def test_auto_table_rows_compare_triton_with_the_torch_path():
         f'Row("rms_norm", "sm_90", "any", "fwd+bwd", TRITON, 0.500, 2.900, "B2 N8192 D4096", {source}),',
         f'Row("rms_norm", "sm_90", "any", "fwd", TORCH, 0.200, 0.100, "B2 N8192 D4096", {source}),',
         'Row("fused_linear_cross_entropy", "sm_90", "V65537-131072", "fwd+bwd", TRITON, 40.000, 400.000, '
-        f'"T8192 D4096 V128256", {source}, "megatrain-torch"),']
+        f'"T8192 D4096 V128256", {source}, "megatrain-torch"),',
+    ]
     assert "lowrank T8192 D4096x4096 r1024 fwd+bwd: no megatrain-torch row" in text
     # The printed rows are valid table source.
     table = eval("(" + "\n".join(rows) + ")", {"Row": measured.Row, "TRITON": "triton", "TORCH": "torch"})
@@ -455,11 +583,24 @@ def test_auto_table_rows_compare_triton_with_the_torch_path():
 def test_auto_table_command_reads_a_results_file(tmp_path):
     path = tmp_path / "kernels.json"
     norm = dict(batch=2, seq=8192, hidden=4096)
-    path.write_text(json.dumps(dict(environment=dict(device="NVIDIA A100-SXM4-80GB", arch="sm_80"),
-                                    results=[_timing("rms_norm", norm, "fwd", bench.TRITON, 0.1),
-                                             _timing("rms_norm", norm, "fwd", bench.EAGER, 0.3)])))
-    proc = subprocess.run([sys.executable, str(KERNELS_SCRIPT), "--auto-table", str(path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    path.write_text(
+        json.dumps(
+            dict(
+                environment=dict(device="NVIDIA A100-SXM4-80GB", arch="sm_80"),
+                results=[
+                    _timing("rms_norm", norm, "fwd", bench.TRITON, 0.1),
+                    _timing("rms_norm", norm, "fwd", bench.EAGER, 0.3),
+                ],
+            )
+        )
+    )
+    proc = subprocess.run(
+        [sys.executable, str(KERNELS_SCRIPT), "--auto-table", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert 'Row("rms_norm", "sm_80", "any", "fwd", TRITON, 0.100, 0.300, "B2 N8192 D4096"' in proc.stdout
 
@@ -474,8 +615,9 @@ def test_torch_path_row_runs_the_reference_through_the_dispatcher(monkeypatch):
     flce.impls[bench.TRITON] = lambda *inputs: seen.append(os.environ["MEGATRAIN_KERNELS"])
     bench.with_torch_path(flce).impls[bench.TORCH_PATH](*flce.inputs)
     assert seen == ["torch"] and os.environ["MEGATRAIN_KERNELS"] == "triton"
-    norm = bench.with_torch_path(bench.build_case("rms_norm", dict(batch=1, seq=4, hidden=8),
-                                                  {"liger": None, "apex_rms_norm": None}))
+    norm = bench.with_torch_path(
+        bench.build_case("rms_norm", dict(batch=1, seq=4, hidden=8), {"liger": None, "apex_rms_norm": None})
+    )
     assert bench.TORCH_PATH not in norm.impls
 
     case = bench.build_case("projected_adam", dict(rows=40, cols=24, rank=8), {"liger": None})
@@ -494,8 +636,31 @@ def test_iha_cpu_cost_script_tiny(tmp_path, monkeypatch):
     spec.loader.exec_module(module)
     threads = torch.get_num_threads()
     try:
-        assert module.main(["--dim", "32", "--layers", "1", "--heads", "2", "--seq-len", "8", "--batch", "1",
-                            "--vocab", "16", "--warmup", "0", "--repeats", "1", "--out", str(tmp_path / "cost")]) == 0
+        assert (
+            module.main(
+                [
+                    "--dim",
+                    "32",
+                    "--layers",
+                    "1",
+                    "--heads",
+                    "2",
+                    "--seq-len",
+                    "8",
+                    "--batch",
+                    "1",
+                    "--vocab",
+                    "16",
+                    "--warmup",
+                    "0",
+                    "--repeats",
+                    "1",
+                    "--out",
+                    str(tmp_path / "cost"),
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)
     data = json.loads((tmp_path / "cost.json").read_text())
@@ -513,8 +678,25 @@ def test_decode_ops_script_tiny(tmp_path):
     spec = importlib.util.spec_from_file_location("megatrain_bench_decode_ops", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.main(["--batch", "2", "--prompt-len", "3", "--short", "2", "--steps", "2", "--vocab", "32",
-                        "--out", str(tmp_path / "ops")]) == 0
+    assert (
+        module.main(
+            [
+                "--batch",
+                "2",
+                "--prompt-len",
+                "3",
+                "--short",
+                "2",
+                "--steps",
+                "2",
+                "--vocab",
+                "32",
+                "--out",
+                str(tmp_path / "ops"),
+            ]
+        )
+        == 0
+    )
     rows = json.loads((tmp_path / "ops.json").read_text())["rows"]
     assert [r["attention"] for r in rows] == ["MHA", "GQA", "IHA P=2"]
     for r in rows:

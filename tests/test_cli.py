@@ -40,12 +40,16 @@ def test_plan_build_workers_keep_every_override():
     assert [(rank, int(held.replace(",", ""))) for rank, _, held in rows] == [("0", planned), ("1", planned)]
 
 
-@pytest.mark.parametrize("argv", [
-    ["plan", "--config", "CONFIG", "parallel.tensor=2", *SMALL, "--world", "2"],
-    ["plan", "CONFIG", "parallel.tensor=2", "--world", "2", *SMALL],
-    ["plan", "--world", "2", "parallel.tensor=2", "--config", "CONFIG", *SMALL],
-    ["plan", "parallel.tensor=2", *SMALL, "--world", "2"],
-], ids=["flag-first", "positional", "override-before-flag", "no-yaml"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["plan", "--config", "CONFIG", "parallel.tensor=2", *SMALL, "--world", "2"],
+        ["plan", "CONFIG", "parallel.tensor=2", "--world", "2", *SMALL],
+        ["plan", "--world", "2", "parallel.tensor=2", "--config", "CONFIG", *SMALL],
+        ["plan", "parallel.tensor=2", *SMALL, "--world", "2"],
+    ],
+    ids=["flag-first", "positional", "override-before-flag", "no-yaml"],
+)
 def test_plan_keeps_the_first_override_in_every_spelling(argv, capsys):
     argv = [str(REPO / CONFIG) if a == "CONFIG" else a for a in argv]
     assert cli.main(argv) == 0
@@ -55,8 +59,9 @@ def test_plan_keeps_the_first_override_in_every_spelling(argv, capsys):
 def test_a_yaml_given_twice_is_one_line(capsys):
     path = str(REPO / CONFIG)
     assert cli.main(["plan", path, "--config", path]) == 2
-    assert capsys.readouterr().err == (f"megatrain: error: plan: give the YAML config once (as CONFIG or --config), "
-                                       f"not '{path}' and '{path}'\n")
+    assert capsys.readouterr().err == (
+        f"megatrain: error: plan: give the YAML config once (as CONFIG or --config), not '{path}' and '{path}'\n"
+    )
 
 
 def _capture(monkeypatch, module, name, seen, result=None):
@@ -78,12 +83,42 @@ def test_workers_get_the_command_line_as_typed_and_resolve_the_same_config(comma
     run_dir = str(tmp_path / "run")
     path = str(REPO / CONFIG)
     argv = {
-        "pretrain": ["pretrain", "train.steps=3", "--config", path, "--nproc-per-node", "2", *SMALL, "--resume",
-                     "train.lr=1e-3", f"run.dir={run_dir}"],
-        "rl": ["rl", "rl.steps=3", "--config", path, "--nproc-per-node", "2", "--stop-after", "1", *SMALL,
-               "rl.group_size=4", f"run.dir={run_dir}"],
-        "plan": ["plan", "--config", path, "parallel.tensor=2", "--world", "2", *SMALL, "--build",
-                 "parallel.zero_stage=1"],
+        "pretrain": [
+            "pretrain",
+            "train.steps=3",
+            "--config",
+            path,
+            "--nproc-per-node",
+            "2",
+            *SMALL,
+            "--resume",
+            "train.lr=1e-3",
+            f"run.dir={run_dir}",
+        ],
+        "rl": [
+            "rl",
+            "rl.steps=3",
+            "--config",
+            path,
+            "--nproc-per-node",
+            "2",
+            "--stop-after",
+            "1",
+            *SMALL,
+            "rl.group_size=4",
+            f"run.dir={run_dir}",
+        ],
+        "plan": [
+            "plan",
+            "--config",
+            path,
+            "parallel.tensor=2",
+            "--world",
+            "2",
+            *SMALL,
+            "--build",
+            "parallel.zero_stage=1",
+        ],
     }[command]
     launcher, workers, spawned = [], [], []
     _capture(monkeypatch, trainer, "preflight", launcher)
@@ -115,6 +150,6 @@ def test_config_reference_lists_the_jobs_sections():
     jobs = [*_section_keys(RLConfig, "rl"), *_section_keys(TTTConfig, "ttt")]
     assert "rl.pipeline" in jobs and "ttt.task.context_lengths" in jobs
     start = keys.index("rl.init")
-    assert keys[start:start + len(jobs)] == jobs and keys[-1] == "deepspeed"
+    assert keys[start : start + len(jobs)] == jobs and keys[-1] == "deepspeed"
     bad = run_cli(["config", "rl.eval.k=[1, x]"], check=False)
     assert (bad.returncode, bad.stderr) == (2, "megatrain: error: rl.eval.k[1] must be an integer, got 'x'\n")

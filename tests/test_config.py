@@ -33,24 +33,27 @@ def test_shipped_configs_load():
         assert cfg.model.resolved().dim > 0
 
 
-@pytest.mark.parametrize("override, fragment", [
-    (["train.stepz=3"], "unknown config key 'train.stepz'"),
-    (["trian.steps=3"], "unknown config key 'trian'"),
-    (["train.steps=abc"], "train.steps must be an integer"),
-    (["train.steps=1.5"], "train.steps must be an integer"),
-    (["train.lr=fast"], "train.lr must be a number"),
-    (["model.tie_embeddings=maybe"], "model.tie_embeddings must be true or false"),
-    (["parallel.zero_stage=4"], "parallel.zero_stage=4 is not allowed (allowed: 0, 1, 2, 3)"),
-    (["model.preset=huge"], "model.preset='huge' is not allowed"),
-    (["model.heads=5"], "model.heads=5 does not divide model.dim=64"),
-    (["model.kv_heads=3"], "model.kv_heads=3 does not divide model.heads=4"),
-    (["data.seq_len=1"], "data.seq_len must be >= 2"),
-    (["train.warmup_steps=-1"], "train.warmup_steps must be >= 0"),
-    (["train.stop_after=0"], "train.stop_after must be in [1"),
-    (["train.steps"], "is not of the form section.key=value"),
-    (["model.linear=sparse"], "model.linear='sparse' is not allowed"),
-    (["optim.name=lion"], "optim.name='lion' is not allowed"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        (["train.stepz=3"], "unknown config key 'train.stepz'"),
+        (["trian.steps=3"], "unknown config key 'trian'"),
+        (["train.steps=abc"], "train.steps must be an integer"),
+        (["train.steps=1.5"], "train.steps must be an integer"),
+        (["train.lr=fast"], "train.lr must be a number"),
+        (["model.tie_embeddings=maybe"], "model.tie_embeddings must be true or false"),
+        (["parallel.zero_stage=4"], "parallel.zero_stage=4 is not allowed (allowed: 0, 1, 2, 3)"),
+        (["model.preset=huge"], "model.preset='huge' is not allowed"),
+        (["model.heads=5"], "model.heads=5 does not divide model.dim=64"),
+        (["model.kv_heads=3"], "model.kv_heads=3 does not divide model.heads=4"),
+        (["data.seq_len=1"], "data.seq_len must be >= 2"),
+        (["train.warmup_steps=-1"], "train.warmup_steps must be >= 0"),
+        (["train.stop_after=0"], "train.stop_after must be in [1"),
+        (["train.steps"], "is not of the form section.key=value"),
+        (["model.linear=sparse"], "model.linear='sparse' is not allowed"),
+        (["optim.name=lion"], "optim.name='lion' is not allowed"),
+    ],
+)
 def test_bad_values_raise_one_line(override, fragment):
     with pytest.raises(ConfigError) as err:
         load_config(None, override)
@@ -69,11 +72,14 @@ def test_bad_files(tmp_path):
         load_config(write(tmp_path, "train: 3\n"))
 
 
-@pytest.mark.parametrize("world, kw, expect", [
-    (2, dict(micro_batch=4, global_batch=16), 2),
-    (1, dict(micro_batch=4, global_batch=16), 4),
-    (4, dict(micro_batch=2, grad_accum=3), 3),
-])
+@pytest.mark.parametrize(
+    "world, kw, expect",
+    [
+        (2, dict(micro_batch=4, global_batch=16), 2),
+        (1, dict(micro_batch=4, global_batch=16), 4),
+        (4, dict(micro_batch=2, grad_accum=3), 3),
+    ],
+)
 def test_batch_arithmetic(world, kw, expect):
     cfg = Config()
     for k, v in kw.items():
@@ -115,13 +121,16 @@ class _NoEnvironment(dict):
     __getitem__ = get = __contains__ = __iter__ = keys = items = _fail
 
 
-@pytest.mark.parametrize("overrides", [
-    ["train.micro_batch=2", "train.global_batch=8"],
-    ["model.linear=relora", "train.steps=300"],
-    ["model.attention=iha", "model.iha.schedule=flop_matched", "model.iha.window=8"],
-    ["optim.name=galore", "optim.rank=8", "parallel.zero_stage=0", "train.dtype=auto"],
-    ["parallel.tensor=2", "model.kv_heads=1", "data.source=task:multikey", "data.seq_len=64"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["train.micro_batch=2", "train.global_batch=8"],
+        ["model.linear=relora", "train.steps=300"],
+        ["model.attention=iha", "model.iha.schedule=flop_matched", "model.iha.window=8"],
+        ["optim.name=galore", "optim.rank=8", "parallel.zero_stage=0", "train.dtype=auto"],
+        ["parallel.tensor=2", "model.kv_heads=1", "data.source=task:multikey", "data.seq_len=64"],
+    ],
+)
 def test_validation_reads_no_environment_and_changes_nothing(monkeypatch, overrides):
     import megatrain.data.tasks  # noqa: F401  (imported first: importing reads the environment, validating must not)
 
@@ -156,8 +165,15 @@ def test_unknown_kernel_backend_is_one_config_error(monkeypatch):
 
 def test_deepspeed_section_and_json(tmp_path):
     ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "overlap_comm": True},
-                              "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": "auto"}))
+    ds.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {"stage": 3, "overlap_comm": True},
+                "train_micro_batch_size_per_gpu": 2,
+                "gradient_accumulation_steps": "auto",
+            }
+        )
+    )
     cfg = load_config(None, ["train.global_batch=8"], deepspeed_json=str(ds))
     assert cfg.parallel.zero_stage == 3 and cfg.train.micro_batch == 2
     cfg.resolve(2)
@@ -186,28 +202,53 @@ def test_parse_overrides_nested():
 
 def test_reference_lists_every_contract_key():
     ref = config_reference()
-    for key in ("run.dir", "model.preset", "model.dim", "model.layers", "model.heads", "model.kv_heads",
-                "model.vocab_size", "model.linear", "model.attention", "data.source", "data.seq_len",
-                "data.tokenizer", "train.steps", "train.micro_batch", "train.grad_accum", "train.global_batch",
-                "train.seed", "train.lr", "train.stop_after", "optim.name", "parallel.tensor",
-                "parallel.sequence", "parallel.zero_stage", "checkpoint.every", "checkpoint.keep"):
+    for key in (
+        "run.dir",
+        "model.preset",
+        "model.dim",
+        "model.layers",
+        "model.heads",
+        "model.kv_heads",
+        "model.vocab_size",
+        "model.linear",
+        "model.attention",
+        "data.source",
+        "data.seq_len",
+        "data.tokenizer",
+        "train.steps",
+        "train.micro_batch",
+        "train.grad_accum",
+        "train.global_batch",
+        "train.seed",
+        "train.lr",
+        "train.stop_after",
+        "optim.name",
+        "parallel.tensor",
+        "parallel.sequence",
+        "parallel.zero_stage",
+        "checkpoint.every",
+        "checkpoint.keep",
+    ):
         assert f"| `{key}` |" in ref, key
 
 
-@pytest.mark.parametrize("override, message", [
-    ("rl.eval.k=[1, x]", "rl.eval.k[1] must be an integer, got 'x'"),
-    ("rl.eval.k=8", "rl.eval.k must be a list of integers, got 8"),
-    ("rl.pipeline=[grpo, 3]", "rl.pipeline[1] must be a string, got 3"),
-    ("rl.pipeline=5", "rl.pipeline must be a string or a list of strings, got 5"),
-    ("rl.checkpoints=[step_5, 1.5]", "rl.checkpoints[1] must be a string or an integer, got 1.5"),
-    ("rl.checkpoints=7", "rl.checkpoints must be a string or a list of strings or integers, or null, got 7"),
-    ("rl.task.levels=[1, true]", "rl.task.levels[1] must be an integer, got True"),
-    ("rl.pretrain.overrides=[train.steps=2, 3]", "rl.pretrain.overrides[1] must be a string, got 3"),
-    ("ttt.task.context_lengths=[256, long]", "ttt.task.context_lengths[1] must be an integer, got 'long'"),
-    ("ttt.task.depths=[0.5, deep]", "ttt.task.depths[1] must be a number, got 'deep'"),
-    ("data.source=123", "data.source must be a string or a list of strings, got 123"),
-    ("data.val_source=[a.txt, {x: 1}]", "data.val_source[1] must be a string, got {'x': 1}"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("rl.eval.k=[1, x]", "rl.eval.k[1] must be an integer, got 'x'"),
+        ("rl.eval.k=8", "rl.eval.k must be a list of integers, got 8"),
+        ("rl.pipeline=[grpo, 3]", "rl.pipeline[1] must be a string, got 3"),
+        ("rl.pipeline=5", "rl.pipeline must be a string or a list of strings, got 5"),
+        ("rl.checkpoints=[step_5, 1.5]", "rl.checkpoints[1] must be a string or an integer, got 1.5"),
+        ("rl.checkpoints=7", "rl.checkpoints must be a string or a list of strings or integers, or null, got 7"),
+        ("rl.task.levels=[1, true]", "rl.task.levels[1] must be an integer, got True"),
+        ("rl.pretrain.overrides=[train.steps=2, 3]", "rl.pretrain.overrides[1] must be a string, got 3"),
+        ("ttt.task.context_lengths=[256, long]", "ttt.task.context_lengths[1] must be an integer, got 'long'"),
+        ("ttt.task.depths=[0.5, deep]", "ttt.task.depths[1] must be a number, got 'deep'"),
+        ("data.source=123", "data.source must be a string or a list of strings, got 123"),
+        ("data.val_source=[a.txt, {x: 1}]", "data.val_source[1] must be a string, got {'x': 1}"),
+    ],
+)
 def test_list_keys_check_every_element(override, message):
     """A typed list key (`rl.eval.k: list[int]`, `rl.pipeline: str | list[str]`, ...): a bad element or a
     value of the wrong shape is one line naming the key (the element's index) and what it may hold."""
@@ -217,8 +258,16 @@ def test_list_keys_check_every_element(override, message):
 
 
 def test_list_keys_accept_their_forms():
-    cfg = load_config(None, ["rl.pipeline=[grpo, sft]", "rl.checkpoints=[step_5, 500]", "ttt.task.depths=[0, 1]",
-                             "rl.eval.k=[1, '2']", "data.val_source=null"])
+    cfg = load_config(
+        None,
+        [
+            "rl.pipeline=[grpo, sft]",
+            "rl.checkpoints=[step_5, 500]",
+            "ttt.task.depths=[0, 1]",
+            "rl.eval.k=[1, '2']",
+            "data.val_source=null",
+        ],
+    )
     assert cfg.rl.pipeline == ["grpo", "sft"] and cfg.rl.checkpoints == ["step_5", 500]
     assert cfg.ttt.task.depths == [0.0, 1.0] and all(isinstance(d, float) for d in cfg.ttt.task.depths)
     assert cfg.rl.eval.k == [1, 2] and cfg.data.val_source is None
@@ -243,8 +292,12 @@ def test_no_config_key_is_loosely_typed():
             if any(p is typing.Any or p is list or p is dict for p in parts):
                 yield f"{prefix}.{f.name}"
 
-    bad = [key for name, section in Config().sections() if dataclasses.is_dataclass(section)
-           for key in loose(type(section), name)]
+    bad = [
+        key
+        for name, section in Config().sections()
+        if dataclasses.is_dataclass(section)
+        for key in loose(type(section), name)
+    ]
     assert bad == []
 
 
@@ -269,15 +322,26 @@ def test_the_jobs_own_their_sections_and_the_loader_knows_them():
     from megatrain.ttt.config import TTTConfig
 
     assert registered_sections() == {"rl": RLConfig, "ttt": TTTConfig}
-    assert [name for name, _ in Config().sections()] == ["run", "model", "data", "train", "optim", "parallel",
-                                                          "checkpoint", "log", "rl", "ttt", "deepspeed"]
+    assert [name for name, _ in Config().sections()] == [
+        "run",
+        "model",
+        "data",
+        "train",
+        "optim",
+        "parallel",
+        "checkpoint",
+        "log",
+        "rl",
+        "ttt",
+        "deepspeed",
+    ]
     assert list(Config().to_dict()) == [name for name, _ in Config().sections()]
     ref = config_reference().splitlines()
     keys = [line.split("`")[1] for line in ref[2:]]
     jobs = [*_section_keys(RLConfig, "rl"), *_section_keys(TTTConfig, "ttt")]
     assert len(jobs) > 50 and "rl.eval.k" in jobs and "ttt.task.depths" in jobs
     start = keys.index("rl.init")
-    assert keys[start:start + len(jobs)] == jobs and keys[start - 1].startswith("log.") and keys[-1] == "deepspeed"
+    assert keys[start : start + len(jobs)] == jobs and keys[start - 1].startswith("log.") and keys[-1] == "deepspeed"
     cfg = load_config(None, ["rl.eval.samples=4", "ttt.task.kind=needle"])
     assert isinstance(cfg.rl, RLConfig) and (cfg.rl.eval.samples, cfg.ttt.task.kind) == (4, "needle")
     assert cfg.to_dict()["rl"]["eval"]["samples"] == 4 and cfg != Config()

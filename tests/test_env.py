@@ -24,7 +24,10 @@ CASES = {
     "TORCHELASTIC_RESTART_COUNT": (["-1", "one"], ("2", 2)),
     "TORCHELASTIC_MAX_RESTARTS": (["-3", "1.0"], ("1", 1)),
     "TORCHELASTIC_USE_AGENT_STORE": (["maybe"], ("True", True)),
-    "MEGATRAIN_TEST_CRASH_AT": (["nowhere:3", "step:0", "latest:4:1"], ("ckpt_write:4:1:enospc", ("ckpt_write", 4, 1, "enospc"))),
+    "MEGATRAIN_TEST_CRASH_AT": (
+        ["nowhere:3", "step:0", "latest:4:1"],
+        ("ckpt_write:4:1:enospc", ("ckpt_write", 4, 1, "enospc")),
+    ),
     "MEGATRAIN_PEAK_FLOPS": (["abc", "nan", "inf", "-1", "0"], ("989e12", 989e12)),
     "MEGATRAIN_CACHE": ([__file__], ("/tmp", "/tmp")),  # an existing file is not a cache directory
     "MEGATRAIN_KERNELS": (["cuda"], ("Torch", "torch")),
@@ -88,12 +91,19 @@ def test_ranks_must_be_below_the_sizes(monkeypatch):
 def test_cli_refuses_before_any_process_starts(tmp_path):
     """A bad variable under `megatrain pretrain --nproc-per-node 2`: one line, exit 2, nothing written."""
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "megatrain.cli", "pretrain", "--nproc-per-node", "2", *TINY_JOB,
-                           f"run.dir={run_dir}"], cwd=REPO, env={**child_env(), "TORCHELASTIC_MAX_RESTARTS": "soon"},
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatrain.cli", "pretrain", "--nproc-per-node", "2", *TINY_JOB, f"run.dir={run_dir}"],
+        cwd=REPO,
+        env={**child_env(), "TORCHELASTIC_MAX_RESTARTS": "soon"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
-    assert proc.stderr == ("megatrain: error: environment variable TORCHELASTIC_MAX_RESTARTS='soon' is not allowed "
-                           "(allowed: an integer >= 0)\n")
+    assert proc.stderr == (
+        "megatrain: error: environment variable TORCHELASTIC_MAX_RESTARTS='soon' is not allowed "
+        "(allowed: an integer >= 0)\n"
+    )
     assert not run_dir.exists()
 
 

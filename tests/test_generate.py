@@ -44,7 +44,7 @@ def model():
 def recompute(model, prompt, new_tokens, temperature=1.0):
     """Log-probabilities log_softmax(logits / T) of `new_tokens` after `prompt`, from one full forward."""
     seq = torch.tensor([list(prompt) + list(new_tokens)])
-    logits = model(seq)[0, len(prompt) - 1:-1] / temperature
+    logits = model(seq)[0, len(prompt) - 1 : -1] / temperature
     return torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(new_tokens)[:, None]).squeeze(-1)
 
 
@@ -54,14 +54,14 @@ def greedy_by_recomputation(model, prompt, n):
     seq = list(prompt)
     for _ in range(n):
         seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def truncate_after(tokens, is_end):
     """tokens up to and including the first index i with is_end(tokens[:i + 1])."""
     for i in range(len(tokens)):
-        if is_end(tokens[:i + 1]):
-            return tokens[:i + 1]
+        if is_end(tokens[: i + 1]):
+            return tokens[: i + 1]
     return tokens
 
 
@@ -92,7 +92,8 @@ def test_eos_stops_only_its_row_and_finished_rows_leave_the_batch(model):
     running = [sum(len(t) > k for t in expected) for k in range(1, 10)]
     assert batch_sizes == [len(PROMPTS)] + [n for n in running if n]
     assert generate(model, PROMPTS, max_new_tokens=10, eos_id=[eos, 63]) == [
-        truncate_after(t, lambda s: s[-1] in (eos, 63)) for t in full]
+        truncate_after(t, lambda s: s[-1] in (eos, 63)) for t in full
+    ]
 
 
 def test_prefill_projects_only_the_last_position_to_the_vocabulary(model):
@@ -116,7 +117,8 @@ def test_stop_token_sequences(model):
     # A single token id is a one-token stop sequence.
     single = full[0][1]
     assert generate(model, PROMPTS, max_new_tokens=10, stop=single) == [
-        truncate_after(t, lambda s: s[-1] == single) for t in full]
+        truncate_after(t, lambda s: s[-1] == single) for t in full
+    ]
 
 
 class LetterTokenizer:
@@ -161,8 +163,9 @@ def test_is_truncated_tells_rows_cut_at_max_new_tokens_from_rows_that_ended(mode
 
 def test_top_k_1_and_tiny_top_p_are_greedy(model):
     greedy, greedy_lp = generate(model, PROMPTS, max_new_tokens=8, return_logprobs=True)
-    sampled, sampled_lp = generate(model, PROMPTS, max_new_tokens=8, temperature=1.0, top_k=1, seed=3,
-                                   return_logprobs=True)
+    sampled, sampled_lp = generate(
+        model, PROMPTS, max_new_tokens=8, temperature=1.0, top_k=1, seed=3, return_logprobs=True
+    )
     assert sampled == greedy
     torch.testing.assert_close(torch.tensor(sampled_lp), torch.tensor(greedy_lp))  # T = 1: the same distribution
     assert generate(model, PROMPTS, max_new_tokens=8, temperature=2.0, top_p=1e-6, seed=4) == greedy
@@ -196,8 +199,9 @@ def test_sampling_follows_temperature_top_k_top_p_distribution(model):
     keep = int((probs.cumsum(0) < top_p).sum()) + 1
     expected = dict(zip(order[:keep].tolist(), (probs[:keep] / probs[:keep].sum()).tolist()))
     assert 2 <= keep < top_k  # both truncations matter for this model and prompt
-    out = generate(model, [prompt] * n, max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p,
-                   seed=list(range(n)))
+    out = generate(
+        model, [prompt] * n, max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p, seed=list(range(n))
+    )
     counts = torch.bincount(torch.tensor([t[0] for t in out]), minlength=VOCAB)
     assert set(torch.nonzero(counts).flatten().tolist()) <= set(expected)
     for token, p in expected.items():
@@ -206,8 +210,9 @@ def test_sampling_follows_temperature_top_k_top_p_distribution(model):
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
 def test_logprobs_equal_log_softmax_of_a_recomputed_forward(model, temperature):
-    tokens, logprobs = generate(model, PROMPTS, max_new_tokens=9, temperature=temperature, top_k=20, seed=5,
-                                return_logprobs=True)
+    tokens, logprobs = generate(
+        model, PROMPTS, max_new_tokens=9, temperature=temperature, top_k=20, seed=5, return_logprobs=True
+    )
     for prompt, new, lps in zip(PROMPTS, tokens, logprobs):
         assert len(lps) == len(new) == 9
         expected = recompute(model, prompt, new, temperature=temperature or 1.0)
@@ -222,20 +227,27 @@ def test_bf16_model_generates_with_fp32_logprobs():
     assert all(0 <= t < VOCAB for row in tokens for t in row)
 
 
-@pytest.mark.parametrize("prompts, kwargs, message", [
-    ([], dict(max_new_tokens=4), "prompts must be a non-empty list"),
-    ([[1, 2]], dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
-    ([list(range(45))], dict(max_new_tokens=4), "prompt 0 has 45 tokens; with max_new_tokens=4 it may have at most"),
-    ([[1], []], dict(max_new_tokens=4), "prompt 1 is empty"),
-    ([[1, 64]], dict(max_new_tokens=4), "prompt 0 has a token id outside [0, model.vocab_size=64)"),
-    (["some text"], dict(max_new_tokens=4), "prompt 0 must be a list of token ids"),
-    ([[1]], dict(max_new_tokens=4, temperature=-1.0), "temperature must be >= 0"),
-    ([[1]], dict(max_new_tokens=4, top_p=0.0), "top_p must lie in (0, 1]"),
-    ([[1]], dict(max_new_tokens=4, top_k=-2), "top_k must be an integer >= 0"),
-    ([[1], [2]], dict(max_new_tokens=4, seed=[1]), "seed must be one int or a list of 2 ints"),
-    ([[1]], dict(max_new_tokens=4, eos_id="</s>"), "eos_id must be a token id"),
-    ([[1]], dict(max_new_tokens=4, stop=[[]]), "each stop item must be"),
-])
+@pytest.mark.parametrize(
+    "prompts, kwargs, message",
+    [
+        ([], dict(max_new_tokens=4), "prompts must be a non-empty list"),
+        ([[1, 2]], dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
+        (
+            [list(range(45))],
+            dict(max_new_tokens=4),
+            "prompt 0 has 45 tokens; with max_new_tokens=4 it may have at most",
+        ),
+        ([[1], []], dict(max_new_tokens=4), "prompt 1 is empty"),
+        ([[1, 64]], dict(max_new_tokens=4), "prompt 0 has a token id outside [0, model.vocab_size=64)"),
+        (["some text"], dict(max_new_tokens=4), "prompt 0 must be a list of token ids"),
+        ([[1]], dict(max_new_tokens=4, temperature=-1.0), "temperature must be >= 0"),
+        ([[1]], dict(max_new_tokens=4, top_p=0.0), "top_p must lie in (0, 1]"),
+        ([[1]], dict(max_new_tokens=4, top_k=-2), "top_k must be an integer >= 0"),
+        ([[1], [2]], dict(max_new_tokens=4, seed=[1]), "seed must be one int or a list of 2 ints"),
+        ([[1]], dict(max_new_tokens=4, eos_id="</s>"), "eos_id must be a token id"),
+        ([[1]], dict(max_new_tokens=4, stop=[[]]), "each stop item must be"),
+    ],
+)
 def test_bad_arguments_raise_one_line(model, prompts, kwargs, message):
     with pytest.raises(ConfigError) as info:
         generate(model, prompts, **kwargs)
@@ -252,15 +264,18 @@ def test_longest_allowed_prompt_fills_max_seq_len(model):
 def test_megatrain_generate_is_the_function_before_and_after_importing_the_module(model):
     # Here megatrain.generate (the submodule) is imported already: the package attribute is the module.
     assert megatrain.generate(model, PROMPTS, max_new_tokens=3) == generate(model, PROMPTS, max_new_tokens=3)
-    code = ("import sys, megatrain; assert 'torch' not in sys.modules, 'import megatrain is not light'; "
-            "f = megatrain.generate; import torch; from megatrain.config import ModelConfig; "
-            "from megatrain.models.transformer import Transformer; "
-            "m = Transformer(ModelConfig(preset='tiny', vocab_size=32)); "
-            "a = f(m, [[1, 2]], max_new_tokens=3); b = megatrain.generate(m, [[1, 2]], max_new_tokens=3); "
-            "import megatrain.generate; c = megatrain.generate(m, [[1, 2]], max_new_tokens=3); "
-            "assert a == b == c and len(a[0]) == 3, (a, b, c); print('ok')")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(), capture_output=True, text=True,
-                          timeout=120)
+    code = (
+        "import sys, megatrain; assert 'torch' not in sys.modules, 'import megatrain is not light'; "
+        "f = megatrain.generate; import torch; from megatrain.config import ModelConfig; "
+        "from megatrain.models.transformer import Transformer; "
+        "m = Transformer(ModelConfig(preset='tiny', vocab_size=32)); "
+        "a = f(m, [[1, 2]], max_new_tokens=3); b = megatrain.generate(m, [[1, 2]], max_new_tokens=3); "
+        "import megatrain.generate; c = megatrain.generate(m, [[1, 2]], max_new_tokens=3); "
+        "assert a == b == c and len(a[0]) == 3, (a, b, c); print('ok')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
@@ -268,28 +283,85 @@ def test_megatrain_generate_is_the_function_before_and_after_importing_the_modul
 def test_tensor_parallel_and_zero3_generation_match_one_process():
     env = child_env()
     env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-                           "tests/generate_checks.py", "tp", "zero3"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(free_port()),
+            "tests/generate_checks.py",
+            "tp",
+            "zero3",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     assert "ok: tp zero3" in proc.stdout
 
 
 def test_generate_command_prints_continuations(tiny_run):
     prompts = ["It is a truth universally acknowledged", "Emma"]
-    proc = run_cli(["generate", str(tiny_run), "--prompt", prompts[0], "--prompt", prompts[1],
-                    "--max-new-tokens", "12", "--device", "cpu"])
+    proc = run_cli(
+        [
+            "generate",
+            str(tiny_run),
+            "--prompt",
+            prompts[0],
+            "--prompt",
+            prompts[1],
+            "--max-new-tokens",
+            "12",
+            "--device",
+            "cpu",
+        ]
+    )
     model, tok, _ = megatrain.load(str(tiny_run))
     new = generate(model, [tok.encode(p) for p in prompts], max_new_tokens=12, eos_id=tok.eos_id)
     expected = "\n\n".join(p + tok.decode(t) for p, t in zip(prompts, new)) + "\n"
     assert proc.stdout == expected
     assert all(len(t) > 0 for t in new) and len(proc.stdout) > sum(len(p) for p in prompts) + 4
 
-    sampled = run_cli(["generate", str(tiny_run), "--prompt", "Emma", "--max-new-tokens", "12", "--temperature",
-                       "0.9", "--top-p", "0.9", "--top-k", "50", "--seed", "3", "--stop", "\n"])
-    new = generate(model, [tok.encode("Emma")], max_new_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=3,
-                   eos_id=tok.eos_id, stop="\n", tokenizer=tok)
+    sampled = run_cli(
+        [
+            "generate",
+            str(tiny_run),
+            "--prompt",
+            "Emma",
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "0.9",
+            "--top-p",
+            "0.9",
+            "--top-k",
+            "50",
+            "--seed",
+            "3",
+            "--stop",
+            "\n",
+        ]
+    )
+    new = generate(
+        model,
+        [tok.encode("Emma")],
+        max_new_tokens=12,
+        temperature=0.9,
+        top_p=0.9,
+        top_k=50,
+        seed=3,
+        eos_id=tok.eos_id,
+        stop="\n",
+        tokenizer=tok,
+    )
     assert sampled.stdout == "Emma" + tok.decode(new[0]) + "\n"
 
     bad = run_cli(["generate", str(tiny_run), "--prompt", "Emma", "--max-new-tokens", "0"], check=False)
@@ -304,11 +376,36 @@ def test_rollout_benchmark_writes_its_table(tiny_run, tmp_path, with_transformer
     if with_transformers:
         pytest.importorskip("transformers")
     hide = "" if with_transformers else "sys.modules['transformers'] = None; "  # import fails as if absent
-    code = (f"import runpy, sys; {hide}sys.argv = ['benchmarks/rollout.py'] + sys.argv[1:]; "
-            "runpy.run_path('benchmarks/rollout.py', run_name='__main__')")
-    proc = subprocess.run([sys.executable, "-c", code, "--run", str(tiny_run), "--batch", "1,3", "--prompt-len", "5",
-                           "--new-tokens", "4", "--repeats", "1", "--out", str(tmp_path), "--tag", "r"],
-                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    code = (
+        f"import runpy, sys; {hide}sys.argv = ['benchmarks/rollout.py'] + sys.argv[1:]; "
+        "runpy.run_path('benchmarks/rollout.py', run_name='__main__')"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "--run",
+            str(tiny_run),
+            "--batch",
+            "1,3",
+            "--prompt-len",
+            "5",
+            "--new-tokens",
+            "4",
+            "--repeats",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--tag",
+            "r",
+        ],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads((tmp_path / "r.json").read_text())
     assert [r["batch"] for r in info["rows"]] == [1, 3]

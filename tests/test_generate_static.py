@@ -61,15 +61,18 @@ def test_static_cache_equals_the_dynamic_cache_token_for_token(attention):
         # An EOS and a two-token stop sequence taken from the rows themselves: rows end at different steps.
         eos, stop = first[1][2], first[2][3:5]
         sampling = {k: v for k, v in kwargs.items() if k != "seed"}
-        expected = [dynamic_decode(model, p, 10, seed=s, eos=[eos], stops=[stop], **sampling)
-                    for p, s in zip(PROMPTS, row_seeds(kwargs))]
+        expected = [
+            dynamic_decode(model, p, 10, seed=s, eos=[eos], stops=[stop], **sampling)
+            for p, s in zip(PROMPTS, row_seeds(kwargs))
+        ]
         lengths = {len(t) for t, _ in expected}
         assert len(lengths) >= 2 and 10 in lengths, (attention, kwargs, lengths)
         captures = []
         for mode in ("eager", "graphs"):
             with emulated_graphs(captures) if mode == "graphs" else torch.no_grad():
-                tokens, logprobs = generate(model, PROMPTS, max_new_tokens=10, eos_id=eos, stop=[stop],
-                                            return_logprobs=True, **kwargs)
+                tokens, logprobs = generate(
+                    model, PROMPTS, max_new_tokens=10, eos_id=eos, stop=[stop], return_logprobs=True, **kwargs
+                )
             assert tokens == [t for t, _ in expected], (attention, kwargs, mode)
             for got, (_, want) in zip(logprobs, expected):
                 torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-5)
@@ -148,8 +151,11 @@ def test_static_kv_cache_writes_in_place_and_rejects_overflow():
 def test_cuda_graphs_argument():
     model = tiny_model()
     assert generate(model, PROMPTS, max_new_tokens=3, cuda_graphs=False) == generate(model, PROMPTS, max_new_tokens=3)
-    with pytest.raises(ConfigError, match=r"^generate: cuda_graphs=True needs a model on a CUDA device, not a model "
-                                          r"on cpu$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^generate: cuda_graphs=True needs a model on a CUDA device, not a model "
+        r"on cpu$",
+    ):
         generate(model, PROMPTS, max_new_tokens=3, cuda_graphs=True)
     with pytest.raises(ConfigError, match="cuda_graphs must be None, True or False"):
         generate(model, PROMPTS, max_new_tokens=3, cuda_graphs="yes")
@@ -161,10 +167,12 @@ def test_cuda_graph_steps_equal_eager_steps_in_fp32(attention):
     model = tiny_model(**ATTENTION[attention]).cuda()
     for kwargs in SETTINGS:
         eos = generate(model, PROMPTS, max_new_tokens=10, cuda_graphs=False, **kwargs)[1][2]
-        eager = generate(model, PROMPTS, max_new_tokens=10, eos_id=eos, return_logprobs=True, cuda_graphs=False,
-                         **kwargs)
-        graphs = generate(model, PROMPTS, max_new_tokens=10, eos_id=eos, return_logprobs=True, cuda_graphs=True,
-                          **kwargs)
+        eager = generate(
+            model, PROMPTS, max_new_tokens=10, eos_id=eos, return_logprobs=True, cuda_graphs=False, **kwargs
+        )
+        graphs = generate(
+            model, PROMPTS, max_new_tokens=10, eos_id=eos, return_logprobs=True, cuda_graphs=True, **kwargs
+        )
         assert graphs[0] == eager[0], (attention, kwargs)
         for got, want in zip(graphs[1], eager[1]):
             torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-5)

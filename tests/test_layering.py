@@ -23,8 +23,14 @@ ROOT = "megatrain"
 # ("Layers"): test_layers_match_the_architecture_doc compares the two. Units of packages that do not
 # exist yet (generate, rl, ttt, scaling, analysis) are declared so they land in their place.
 LAYERS: list[tuple[str, ...]] = [
-    ("megatrain.errors", "megatrain.constants", "megatrain.fields", "megatrain.distributed", "megatrain.env",
-     "megatrain.files"),
+    (
+        "megatrain.errors",
+        "megatrain.constants",
+        "megatrain.fields",
+        "megatrain.distributed",
+        "megatrain.env",
+        "megatrain.files",
+    ),
     ("megatrain.kernels",),
     ("megatrain.models",),
     ("megatrain.parallel", "megatrain.optim", "megatrain.data"),
@@ -61,7 +67,8 @@ def discover_modules(package_dirs: dict[str, Path]) -> dict[str, Path]:
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 class _ImportCollector(ast.NodeVisitor):
@@ -193,15 +200,17 @@ def unit_of(module: str, layers: list[tuple[str, ...]] = LAYERS) -> Optional[str
     return None
 
 
-def layer_violations(graph: dict[str, set[str]], layers: list[tuple[str, ...]] = LAYERS,
-                     peers: set[tuple[str, str]] = PEER_IMPORTS) -> list[str]:
+def layer_violations(
+    graph: dict[str, set[str]], layers: list[tuple[str, ...]] = LAYERS, peers: set[tuple[str, str]] = PEER_IMPORTS
+) -> list[str]:
     """One line per module outside every layer and per import that goes up or sideways."""
     level = {unit: i for i, layer in enumerate(layers) for unit in layer}
     problems = []
     for module in sorted(graph):
         if unit_of(module, layers) is None:
-            problems.append(f"{module} belongs to no layer: add its package to LAYERS here and to "
-                            f"docs/architecture.md (Layers)")
+            problems.append(
+                f"{module} belongs to no layer: add its package to LAYERS here and to docs/architecture.md (Layers)"
+            )
     for module in sorted(graph):
         src = unit_of(module, layers)
         for target in sorted(graph[module]):
@@ -209,11 +218,14 @@ def layer_violations(graph: dict[str, set[str]], layers: list[tuple[str, ...]] =
             if src is None or dst is None or src == dst:
                 continue
             if level[dst] > level[src]:
-                problems.append(f"{module} imports {target}: {dst} (layer {level[dst]}) is above {src} "
-                                f"(layer {level[src]})")
+                problems.append(
+                    f"{module} imports {target}: {dst} (layer {level[dst]}) is above {src} (layer {level[src]})"
+                )
             elif level[dst] == level[src] and (src, dst) not in peers:
-                problems.append(f"{module} imports {target}: {src} and {dst} share layer {level[src]} and "
-                                f"must not import each other (or declare the pair in PEER_IMPORTS)")
+                problems.append(
+                    f"{module} imports {target}: {src} and {dst} share layer {level[src]} and "
+                    f"must not import each other (or declare the pair in PEER_IMPORTS)"
+                )
     return problems
 
 
@@ -231,8 +243,15 @@ def graph() -> dict[str, set[str]]:
 
 
 def test_every_module_is_parsed(graph):
-    for name in ("megatrain", "megatrain.config", "megatrain.models.config", "megatrain.kernels",
-                 "megatrain.kernels.reference", "megatrain.engine.load", "megatrain.cli"):
+    for name in (
+        "megatrain",
+        "megatrain.config",
+        "megatrain.models.config",
+        "megatrain.kernels",
+        "megatrain.kernels.reference",
+        "megatrain.engine.load",
+        "megatrain.cli",
+    ):
         assert name in graph, name
     assert "megatrain.models.layers" in graph["megatrain.models.config"]
     assert "megatrain.kernels" in graph["megatrain.models.layers"]  # `from megatrain import kernels`
@@ -271,24 +290,39 @@ def test_layers_match_the_architecture_doc():
 
 
 def test_a_planted_cycle_is_found_and_printed():
-    graph = {"megatrain.models.a": {"megatrain.models.b"}, "megatrain.models.b": {"megatrain.models.c"},
-             "megatrain.models.c": {"megatrain.models.a", "megatrain.errors"}, "megatrain.errors": set()}
-    assert find_cycles(graph) == [["megatrain.models.a", "megatrain.models.b", "megatrain.models.c",
-                                   "megatrain.models.a"]]
+    graph = {
+        "megatrain.models.a": {"megatrain.models.b"},
+        "megatrain.models.b": {"megatrain.models.c"},
+        "megatrain.models.c": {"megatrain.models.a", "megatrain.errors"},
+        "megatrain.errors": set(),
+    }
+    assert find_cycles(graph) == [
+        ["megatrain.models.a", "megatrain.models.b", "megatrain.models.c", "megatrain.models.a"]
+    ]
     graph["megatrain.models.c"] = {"megatrain.errors"}
     assert find_cycles(graph) == []
 
 
 def test_a_planted_back_import_and_peer_import_are_refused():
-    graph = {"megatrain.models.transformer": {"megatrain.engine.checkpoint", "megatrain.kernels"},
-             "megatrain.engine.checkpoint": set(), "megatrain.kernels": set(),
-             "megatrain.data.sampler": {"megatrain.optim.galore"}, "megatrain.optim.galore": set(),
-             "megatrain.cli": {"megatrain.engine.checkpoint"}, "megatrain.extras.x": set()}
+    graph = {
+        "megatrain.models.transformer": {"megatrain.engine.checkpoint", "megatrain.kernels"},
+        "megatrain.engine.checkpoint": set(),
+        "megatrain.kernels": set(),
+        "megatrain.data.sampler": {"megatrain.optim.galore"},
+        "megatrain.optim.galore": set(),
+        "megatrain.cli": {"megatrain.engine.checkpoint"},
+        "megatrain.extras.x": set(),
+    }
     problems = layer_violations(graph)
     assert len(problems) == 3, problems
     assert any(p.startswith("megatrain.extras.x belongs to no layer") for p in problems)
-    assert any(p.startswith("megatrain.models.transformer imports megatrain.engine.checkpoint: megatrain.engine "
-                            "(layer 5) is above megatrain.models (layer 2)") for p in problems)
+    assert any(
+        p.startswith(
+            "megatrain.models.transformer imports megatrain.engine.checkpoint: megatrain.engine "
+            "(layer 5) is above megatrain.models (layer 2)"
+        )
+        for p in problems
+    )
     assert any(p.startswith("megatrain.data.sampler imports megatrain.optim.galore") for p in problems)
     allowed = layer_violations(graph, peers={("megatrain.data", "megatrain.optim")})
     assert len(allowed) == 2
@@ -305,9 +339,11 @@ def test_the_parser_on_a_planted_package(tmp_path):
         pkg / "config.py": "",
         pkg / "engine.py": "",
         pkg / "models" / "__init__.py": "",
-        pkg / "models" / "layers.py": ("import torch\nfrom typing import TYPE_CHECKING\nfrom megatrain import kernels\n"
-                                       "if TYPE_CHECKING:\n    from megatrain.config import Config\n"
-                                       "def f():\n    import megatrain.engine as e\n"),
+        pkg / "models" / "layers.py": (
+            "import torch\nfrom typing import TYPE_CHECKING\nfrom megatrain import kernels\n"
+            "if TYPE_CHECKING:\n    from megatrain.config import Config\n"
+            "def f():\n    import megatrain.engine as e\n"
+        ),
         pkg / "models" / "attention.py": "from . import layers\nfrom .layers import f\n",
         kern / "__init__.py": "from . import reference\nfrom ._utils import g\n",
         kern / "_utils.py": "def g():\n    pass\n",
@@ -321,5 +357,4 @@ def test_the_parser_on_a_planted_package(tmp_path):
     assert graph["megatrain.models.attention"] == {"megatrain.models.layers"}
     assert graph["megatrain.kernels"] == {"megatrain.kernels.reference", "megatrain.kernels._utils"}
     assert graph["megatrain.kernels.reference"] == {"megatrain.kernels._utils"}
-    assert [p.split(":")[0] for p in layer_violations(graph)] == [
-        "megatrain.models.layers imports megatrain.engine"]
+    assert [p.split(":")[0] for p in layer_violations(graph)] == ["megatrain.models.layers imports megatrain.engine"]

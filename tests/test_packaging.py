@@ -21,15 +21,18 @@ def test_every_package_folder_is_listed_in_pyproject():
         import tomli as tomllib
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {"megatrain.kernels"} | {
-        ".".join(init.parent.relative_to(REPO).parts) for init in (REPO / "megatrain").rglob("__init__.py")}
+        ".".join(init.parent.relative_to(REPO).parts) for init in (REPO / "megatrain").rglob("__init__.py")
+    }
     assert found - listed == set(), f"package folders missing from pyproject's packages: {sorted(found - listed)}"
     assert listed - found == set(), f"pyproject lists packages that do not exist: {sorted(listed - found)}"
 
 
 # The repository's kernels/ folder against Hugging Face's `kernels` package, which transformers >= 5.25
 # imports as soon as LlamaForCausalLM is touched (and the dev extra installs).
-_LLAMA_FROM_ROOT = ("import megatrain, transformers, kernels, megatrain.kernels as mk; transformers.LlamaForCausalLM; "
-                    "print(kernels.__file__); print(mk.__file__)")
+_LLAMA_FROM_ROOT = (
+    "import megatrain, transformers, kernels, megatrain.kernels as mk; transformers.LlamaForCausalLM; "
+    "print(kernels.__file__); print(mk.__file__)"
+)
 
 
 def test_import_kernels_is_hugging_face_s_package_in_the_test_process():
@@ -65,10 +68,12 @@ def test_without_the_package_it_shadows_kernels_is_an_empty_namespace_from_the_r
     a top-level package of megatrain's ops: it is what a plain folder is, an empty namespace without
     __file__, which transformers' availability check (it imports the name and looks for __file__)
     reads as not installed."""
-    probe = ("import sys; sys.path[:] = [p for p in sys.path if 'site-packages' not in p]\n"
-             "import kernels\n"
-             "print(kernels.__file__, [a for a in vars(kernels) if not a.startswith('__')], list(kernels.__path__))\n"
-             "try:\n    from kernels import rms_norm\nexcept ImportError:\n    print('no rms_norm')\n")
+    probe = (
+        "import sys; sys.path[:] = [p for p in sys.path if 'site-packages' not in p]\n"
+        "import kernels\n"
+        "print(kernels.__file__, [a for a in vars(kernels) if not a.startswith('__')], list(kernels.__path__))\n"
+        "try:\n    from kernels import rms_norm\nexcept ImportError:\n    print('no rms_norm')\n"
+    )
     proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["None [] []", "no rms_norm"], proc.stdout

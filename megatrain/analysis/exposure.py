@@ -44,7 +44,7 @@ def _hashes(tokens: np.ndarray, n: int) -> np.ndarray:
     h = np.zeros(count, dtype=np.uint64)
     with np.errstate(over="ignore"):
         for k in range(n):
-            h = h * _HASH_BASE + t[k:k + count]
+            h = h * _HASH_BASE + t[k : k + count]
     return h
 
 
@@ -56,8 +56,9 @@ class NgramIndex:
         hashes, positions: sorted hashes and the global token position of each n-gram.
     """
 
-    def __init__(self, tokens, seq_len: int, start_block: int, end_block: int, n: int,
-                 hashes: np.ndarray, positions: np.ndarray):
+    def __init__(
+        self, tokens, seq_len: int, start_block: int, end_block: int, n: int, hashes: np.ndarray, positions: np.ndarray
+    ):
         self.tokens, self.seq_len, self.n = tokens, int(seq_len), int(n)
         self.start_block, self.end_block = int(start_block), int(end_block)
         self.hashes, self.positions = hashes, positions
@@ -70,7 +71,7 @@ class NgramIndex:
         for first in range(start_block, end_block, _CHUNK_BLOCKS):
             last = min(end_block, first + _CHUNK_BLOCKS)
             base = first * seq_len
-            chunk = np.asarray(tokens[base:last * seq_len + 1])
+            chunk = np.asarray(tokens[base : last * seq_len + 1])
             h = _hashes(chunk, n)
             offsets = np.arange(len(h), dtype=np.int64)
             # keep n-grams that start in [first, last) blocks and end inside the same block
@@ -89,8 +90,18 @@ class NgramIndex:
         np.save(os.path.join(folder, "hashes.npy"), self.hashes)
         np.save(os.path.join(folder, "positions.npy"), self.positions)
         with open(os.path.join(folder, "index.json"), "w", encoding="utf-8") as fh:
-            json.dump({**source, "n": self.n, "seq_len": self.seq_len, "start_block": self.start_block,
-                       "end_block": self.end_block, "ngrams": int(len(self.hashes))}, fh, indent=1)
+            json.dump(
+                {
+                    **source,
+                    "n": self.n,
+                    "seq_len": self.seq_len,
+                    "start_block": self.start_block,
+                    "end_block": self.end_block,
+                    "ngrams": int(len(self.hashes)),
+                },
+                fh,
+                indent=1,
+            )
 
     @classmethod
     def load(cls, folder: str, tokens, source: dict) -> Optional["NgramIndex"]:
@@ -111,8 +122,11 @@ class NgramIndex:
     def _fits(self, positions: np.ndarray, length: int) -> np.ndarray:
         """Training-block index (relative to start_block) of each occurrence, -1 where it crosses a boundary."""
         block = positions // self.seq_len
-        ok = (positions - block * self.seq_len + length - 1 <= self.seq_len) & (block >= self.start_block) & (
-            block < self.end_block)
+        ok = (
+            (positions - block * self.seq_len + length - 1 <= self.seq_len)
+            & (block >= self.start_block)
+            & (block < self.end_block)
+        )
         return np.where(ok, block - self.start_block, -1)
 
     def occurrences(self, ids: Sequence[int]) -> np.ndarray:
@@ -124,12 +138,12 @@ class NgramIndex:
             return np.zeros(0, dtype=np.int64)
         lo, hi = self.start_block * self.seq_len, self.end_block * self.seq_len + 1
         if length >= self.n:
-            key = _hashes(ids[:self.n], self.n)[0]
+            key = _hashes(ids[: self.n], self.n)[0]
             left, right = np.searchsorted(self.hashes, key, "left"), np.searchsorted(self.hashes, key, "right")
             candidates = np.asarray(self.positions[left:right], dtype=np.int64)
             candidates = candidates[candidates + length <= hi]
         else:  # shorter than the index's n-grams: scan the token array
-            candidates = np.flatnonzero(np.asarray(self.tokens[lo:hi - length + 1]) == ids[0]).astype(np.int64) + lo
+            candidates = np.flatnonzero(np.asarray(self.tokens[lo : hi - length + 1]) == ids[0]).astype(np.int64) + lo
         if len(candidates):
             windows = np.asarray(self.tokens[candidates[:, None] + np.arange(length)[None]])
             candidates = candidates[(windows == ids[None]).all(axis=1)]
@@ -142,7 +156,7 @@ class NgramIndex:
     def ngrams_of(self, ids: Sequence[int]) -> list[np.ndarray]:
         """For each n-gram of `ids`, the training blocks holding it (one entry per occurrence)."""
         ids = list(ids)
-        return [self.occurrences(ids[i:i + self.n]) for i in range(len(ids) - self.n + 1)]
+        return [self.occurrences(ids[i : i + self.n]) for i in range(len(ids) - self.n + 1)]
 
 
 class TrainingOrder:
@@ -192,15 +206,23 @@ class ExposureIndex:
         self.ngrams, self.order = ngrams, order
 
     @classmethod
-    def for_blocks(cls, blocks, global_batch: int, seed: int, n: int = DEFAULT_NGRAM,
-                   cache: Optional[str] = None) -> "ExposureIndex":
+    def for_blocks(
+        cls, blocks, global_batch: int, seed: int, n: int = DEFAULT_NGRAM, cache: Optional[str] = None
+    ) -> "ExposureIndex":
         """From the run's training PackedBlocks (a token-cache source), reusing the index saved under `cache`."""
         if not all(hasattr(blocks, a) for a in ("tokens", "seq_len", "start_block", "end_block")):
-            raise DataError("the exposure index needs a training set cut from a token array (a file or hub "
-                            "source, or the embedded corpus); generated task: sources have none")
-        source = {"tokens": os.path.basename(getattr(blocks.tokens, "path", "")) or "array",
-                  "num_tokens": int(len(blocks.tokens)), "n": n, "seq_len": blocks.seq_len,
-                  "start_block": blocks.start_block, "end_block": blocks.end_block}
+            raise DataError(
+                "the exposure index needs a training set cut from a token array (a file or hub "
+                "source, or the embedded corpus); generated task: sources have none"
+            )
+        source = {
+            "tokens": os.path.basename(getattr(blocks.tokens, "path", "")) or "array",
+            "num_tokens": int(len(blocks.tokens)),
+            "n": n,
+            "seq_len": blocks.seq_len,
+            "start_block": blocks.start_block,
+            "end_block": blocks.end_block,
+        }
         index = NgramIndex.load(cache, blocks.tokens, source) if cache else None
         if index is None:
             index = NgramIndex.build(blocks.tokens, blocks.seq_len, blocks.start_block, blocks.end_block, n)
@@ -211,8 +233,12 @@ class ExposureIndex:
     def exposure(self, ids: Sequence[int], by_step: int) -> dict:
         """{"seen", "count" (times the whole sequence went through training by step), "first_step", "steps"}."""
         steps = self.order.steps_of(self.ngrams.occurrences(ids), by_step)
-        return {"seen": bool(len(steps)), "count": int(len(steps)),
-                "first_step": int(steps[0]) if len(steps) else None, "steps": steps.tolist()}
+        return {
+            "seen": bool(len(steps)),
+            "count": int(len(steps)),
+            "first_step": int(steps[0]) if len(steps) else None,
+            "steps": steps.tolist(),
+        }
 
     def ngram_overlap(self, ids: Sequence[int], by_step: int) -> Optional[float]:
         """Share of the n-grams of `ids` seen by step `by_step` (None if ids is shorter than n)."""

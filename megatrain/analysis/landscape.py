@@ -20,8 +20,16 @@ from torch import Tensor, nn
 
 from megatrain.analysis.weights import Batches, fill_model, mean_loss
 
-__all__ = ["filter_dim", "filter_normalize", "RandomDirection", "TrajectoryPCA", "loss_curve", "sharpness",
-           "interpolation_curve", "barrier_height"]
+__all__ = [
+    "filter_dim",
+    "filter_normalize",
+    "RandomDirection",
+    "TrajectoryPCA",
+    "loss_curve",
+    "sharpness",
+    "interpolation_curve",
+    "barrier_height",
+]
 
 # Low-rank factors are stored [D_in, D_out] (x @ a @ b): their filters (one per output unit) are columns.
 _INPUT_MAJOR = (".cola_a", ".cola_b", ".lora_a", ".lora_b")
@@ -37,8 +45,10 @@ def filter_normalize(direction: Tensor, weight: Tensor, dim: int = 0, eps: float
     """Li et al. (2018) filter normalisation: each filter of `direction` (slice along `dim`) rescaled to
     the norm of the same filter of `weight`. direction, weight: the same shape (>= 2-D)."""
     if direction.shape != weight.shape or direction.dim() < 2:
-        raise ValueError(f"filter_normalize needs two tensors of one shape with >= 2 dims, got "
-                         f"{tuple(direction.shape)} and {tuple(weight.shape)}")
+        raise ValueError(
+            f"filter_normalize needs two tensors of one shape with >= 2 dims, got "
+            f"{tuple(direction.shape)} and {tuple(weight.shape)}"
+        )
     reduce = [d for d in range(direction.dim()) if d != dim]
     d_norm = direction.norm(dim=reduce, keepdim=True)
     w_norm = weight.norm(dim=reduce, keepdim=True)
@@ -128,8 +138,9 @@ def _set_point(model: nn.Module, base: Callable[[str], Tensor], directions, alph
     fill_model(model, value)
 
 
-def loss_curve(model: nn.Module, base: Callable[[str], Tensor], direction, alphas: Sequence[float],
-               batches: Batches) -> list[float]:
+def loss_curve(
+    model: nn.Module, base: Callable[[str], Tensor], direction, alphas: Sequence[float], batches: Batches
+) -> list[float]:
     """Loss on the fixed batches at theta + alpha * d for each alpha (the model ends at theta)."""
     losses = []
     for alpha in alphas:
@@ -155,8 +166,9 @@ def sharpness(alphas: Sequence[float], losses: Sequence[float], radius: float) -
     return {"loss_at_0": at0, "curvature": curvature, "radius": float(radius), "rise_at_radius": rise}
 
 
-def interpolation_curve(model: nn.Module, a: Callable[[str], Tensor], b: Callable[[str], Tensor],
-                        alphas: Sequence[float], batches: Batches) -> list[float]:
+def interpolation_curve(
+    model: nn.Module, a: Callable[[str], Tensor], b: Callable[[str], Tensor], alphas: Sequence[float], batches: Batches
+) -> list[float]:
     """Loss on the fixed batches at (1 - alpha) * theta_a + alpha * theta_b for each alpha. Integer buffers
     (SLTrain's support) come from a."""
     losses = []

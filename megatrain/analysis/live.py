@@ -33,9 +33,12 @@ class _LiveWeights:
 
         module = trainer.engine.module
         self.params = dict(module.named_parameters())
-        self.buffers = {f"{m}.{b}" if m else b: buf for m, mod in module.named_modules()
-                        for b, buf in mod.named_buffers(recurse=False)
-                        if buf is not None and b not in mod._non_persistent_buffers_set}
+        self.buffers = {
+            f"{m}.{b}" if m else b: buf
+            for m, mod in module.named_modules()
+            for b, buf in mod.named_buffers(recurse=False)
+            if buf is not None and b not in mod._non_persistent_buffers_set
+        }
         self.names = sorted(set(self.params) | set(self.buffers))
         self.dtypes = {name: p.dtype for name, p in self.params.items()}
         self.groups = trainer.groups
@@ -78,9 +81,14 @@ class UpdateSpectra:
             _, w0 = next(base)
             summary = matrix_summary(singular_values(matrix - w0))
             norm = float(matrix.norm())
-            rows.append({"kind": spec.kind, "update_effective_rank": summary["effective_rank"],
-                         "update_stable_rank": summary["stable_rank"],
-                         "update_relative_norm": summary["fro_norm"] / norm if norm > 0 else 0.0})
+            rows.append(
+                {
+                    "kind": spec.kind,
+                    "update_effective_rank": summary["effective_rank"],
+                    "update_stable_rank": summary["stable_rank"],
+                    "update_relative_norm": summary["fro_norm"] / norm if norm > 0 else 0.0,
+                }
+            )
         out = {}
         for key in METRICS:
             for kind, value in kind_means(rows, key).items():

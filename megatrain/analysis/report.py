@@ -1,10 +1,10 @@
 """Writes the results of `megatrain.analysis.analyze.analyze` to a folder:
 
-  report.md          tables and the plots below, with what each number means
-  analysis.json      every number (singular values in spectra.npz instead)
-  spectra.npz        singular values of every matrix and update ("<run>/<matrix>/weight|update")
-  *.png              spectra_ranks, spectra_values, landscape, interpolation, cka
-  tb/                the same scalars and figures as tensorboard events
+report.md          tables and the plots below, with what each number means
+analysis.json      every number (singular values in spectra.npz instead)
+spectra.npz        singular values of every matrix and update ("<run>/<matrix>/weight|update")
+*.png              spectra_ranks, spectra_values, landscape, interpolation, cka
+tb/                the same scalars and figures as tensorboard events
 """
 
 from __future__ import annotations
@@ -63,28 +63,74 @@ def _kinds(rows: list[dict]) -> list[str]:
 
 
 def _spectra_md(sections: list[dict]) -> str:
-    out = ["## Spectra", "",
-           "Effective rank = exp(entropy of the L1-normalised singular values); stable rank = "
-           "||M||_F^2 / ||M||_2^2; energy topk = share of ||M||_F^2 in the top k singular directions. "
-           "The update is W_t - W_0. Low-rank layers are merged to their dense equivalent [D_out, D_in] first.", ""]
+    out = [
+        "## Spectra",
+        "",
+        "Effective rank = exp(entropy of the L1-normalised singular values); stable rank = "
+        "||M||_F^2 / ||M||_2^2; energy topk = share of ||M||_F^2 in the top k singular directions. "
+        "The update is W_t - W_0. Low-rank layers are merged to their dense equivalent [D_out, D_in] first.",
+        "",
+    ]
     for sec in sections:
         out += [f"### {sec['label']} (step {sec['step']}, model.linear={sec['linear']}; W_0: {sec['base']})", ""]
         notes = sorted({r["note"] for r in sec["rows"] if r["note"]})
         out += [f"- {n}" for n in notes] + ([""] if notes else [])
         means = sec["kind_means"]
         out.append("Mean over layers, per projection kind:\n")
-        out.append(_table(["kind", "weight eff. rank", "weight stable rank", "update eff. rank", "update stable rank",
-                           "|update| / |W|"],
-                          [[k, means["weight_effective_rank"].get(k), means["weight_stable_rank"].get(k),
-                            means["update_effective_rank"].get(k), means["update_stable_rank"].get(k),
-                            means["update_relative_norm"].get(k)] for k in _kinds(sec["rows"])]))
+        out.append(
+            _table(
+                [
+                    "kind",
+                    "weight eff. rank",
+                    "weight stable rank",
+                    "update eff. rank",
+                    "update stable rank",
+                    "|update| / |W|",
+                ],
+                [
+                    [
+                        k,
+                        means["weight_effective_rank"].get(k),
+                        means["weight_stable_rank"].get(k),
+                        means["update_effective_rank"].get(k),
+                        means["update_stable_rank"].get(k),
+                        means["update_relative_norm"].get(k),
+                    ]
+                    for k in _kinds(sec["rows"])
+                ],
+            )
+        )
         out += ["", "Every matrix:", ""]
-        head = ["matrix", "shape", "W eff. rank", "W stable rank", "update eff. rank", "update stable rank",
-                *[f"update energy top{k}" for k in ENERGY_KS], "update sigma_1", "|update| / |W|"]
-        out.append(_table(head, [[r["name"], "x".join(map(str, r["shape"])), r["weight_effective_rank"],
-                                  r["weight_stable_rank"], r.get("update_effective_rank"), r.get("update_stable_rank"),
-                                  *[r.get(f"update_energy_top{k}") for k in ENERGY_KS], r.get("update_spectral_norm"),
-                                  r.get("update_relative_norm")] for r in sec["rows"]]))
+        head = [
+            "matrix",
+            "shape",
+            "W eff. rank",
+            "W stable rank",
+            "update eff. rank",
+            "update stable rank",
+            *[f"update energy top{k}" for k in ENERGY_KS],
+            "update sigma_1",
+            "|update| / |W|",
+        ]
+        out.append(
+            _table(
+                head,
+                [
+                    [
+                        r["name"],
+                        "x".join(map(str, r["shape"])),
+                        r["weight_effective_rank"],
+                        r["weight_stable_rank"],
+                        r.get("update_effective_rank"),
+                        r.get("update_stable_rank"),
+                        *[r.get(f"update_energy_top{k}") for k in ENERGY_KS],
+                        r.get("update_spectral_norm"),
+                        r.get("update_relative_norm"),
+                    ]
+                    for r in sec["rows"]
+                ],
+            )
+        )
         out.append("")
     out += ["![ranks per layer](spectra_ranks.png)", "", "![update spectra](spectra_values.png)", ""]
     return "\n".join(out)
@@ -101,10 +147,12 @@ def _plot_spectra(sections: list[dict], folder: str) -> list[tuple[str, object]]
             if not rows or "update_effective_rank" not in rows[0]:
                 continue
             layers = [r["layer"] for r in rows]
-            axes[0][0].plot(layers, [r["update_effective_rank"] for r in rows], style, marker="o",
-                            label=f"{sec['label']} {kind}")
-            axes[0][1].plot(layers, [r["update_stable_rank"] for r in rows], style, marker="o",
-                            label=f"{sec['label']} {kind}")
+            axes[0][0].plot(
+                layers, [r["update_effective_rank"] for r in rows], style, marker="o", label=f"{sec['label']} {kind}"
+            )
+            axes[0][1].plot(
+                layers, [r["update_stable_rank"] for r in rows], style, marker="o", label=f"{sec['label']} {kind}"
+            )
     axes[0][0].set_title("effective rank of W_t - W_0")
     axes[0][1].set_title("stable rank of W_t - W_0")
     from matplotlib.ticker import MaxNLocator
@@ -140,13 +188,17 @@ def _plot_spectra(sections: list[dict], folder: str) -> list[tuple[str, object]]
 
 
 def _landscape_md(sec: dict) -> str:
-    out = ["## Loss landscape", "",
-           f"Loss on the fixed held-out batch at theta + alpha * d around step {sec['step']}. Random directions are "
-           "Gaussian with each filter scaled to the norm of the weights' filter (Li et al., 2018; norm gains and "
-           "biases not moved); alpha = 1 is a move as large as the weights. Principal directions are unit vectors "
-           "of the PCA of the saved checkpoints minus the end point (alpha in parameter-space distance). "
-           "Curvature: second derivative at 0 of a parabola through the 5 nearest grid points; rise: mean loss "
-           "at +-radius minus the loss at 0 (radius scaled by the curve's extent for principal directions).", ""]
+    out = [
+        "## Loss landscape",
+        "",
+        f"Loss on the fixed held-out batch at theta + alpha * d around step {sec['step']}. Random directions are "
+        "Gaussian with each filter scaled to the norm of the weights' filter (Li et al., 2018; norm gains and "
+        "biases not moved); alpha = 1 is a move as large as the weights. Principal directions are unit vectors "
+        "of the PCA of the saved checkpoints minus the end point (alpha in parameter-space distance). "
+        "Curvature: second derivative at 0 of a parabola through the 5 nearest grid points; rise: mean loss "
+        "at +-radius minus the loss at 0 (radius scaled by the curve's extent for principal directions).",
+        "",
+    ]
     rows = []
     for c in sec["curves"]:
         s = c["sharpness"]
@@ -181,13 +233,22 @@ def _interpolation_md(sec: dict) -> str:
     if "losses" not in sec:
         return f"## Interpolation\n\nSkipped: {sec['note']}.\n"
     init = "from the same seed (same init)" if sec["same_init"] else "from different seeds (different inits)"
-    return "\n".join([
-        "## Interpolation", "",
-        f"Loss on the fixed batch along (1 - alpha) * A + alpha * B, A = {sec['a']} (step {sec['a_step']}), "
-        f"B = {sec['b']} (step {sec['b_step']}), {init}. Barrier = max over alpha of the loss above the straight "
-        f"line between the end losses.", "",
-        _table(["alpha", *[_fmt(a, 3) for a in sec["alphas"]]], [["loss", *sec["losses"]]]), "",
-        f"**Barrier height: {_fmt(sec['barrier'])}**", "", "![interpolation](interpolation.png)", ""])
+    return "\n".join(
+        [
+            "## Interpolation",
+            "",
+            f"Loss on the fixed batch along (1 - alpha) * A + alpha * B, A = {sec['a']} (step {sec['a_step']}), "
+            f"B = {sec['b']} (step {sec['b_step']}), {init}. Barrier = max over alpha of the loss above the straight "
+            f"line between the end losses.",
+            "",
+            _table(["alpha", *[_fmt(a, 3) for a in sec["alphas"]]], [["loss", *sec["losses"]]]),
+            "",
+            f"**Barrier height: {_fmt(sec['barrier'])}**",
+            "",
+            "![interpolation](interpolation.png)",
+            "",
+        ]
+    )
 
 
 def _plot_interpolation(sec: dict, folder: str):
@@ -205,13 +266,20 @@ def _plot_interpolation(sec: dict, folder: str):
 
 
 def _cka_md(sec: dict) -> str:
-    return "\n".join([
-        "## Representations (linear CKA)", "",
-        f"Linear CKA of the residual stream (after the embedding and after each block) of {sec['a']} against "
-        f"{sec['b']} on the same {sec['samples']} held-out tokens; 1 = the same representation up to rotation "
-        "and scale.", "",
-        _table(["layer", "CKA"], [[name, v] for name, v in zip(sec["layers"], sec["per_layer"])]), "",
-        "![cka](cka.png)", ""])
+    return "\n".join(
+        [
+            "## Representations (linear CKA)",
+            "",
+            f"Linear CKA of the residual stream (after the embedding and after each block) of {sec['a']} against "
+            f"{sec['b']} on the same {sec['samples']} held-out tokens; 1 = the same representation up to rotation "
+            "and scale.",
+            "",
+            _table(["layer", "CKA"], [[name, v] for name, v in zip(sec["layers"], sec["per_layer"])]),
+            "",
+            "![cka](cka.png)",
+            "",
+        ]
+    )
 
 
 def _plot_cka(sec: dict, folder: str):
@@ -234,18 +302,35 @@ def _exposure_md(sections: list[dict]) -> str:
         if "note" in sec:
             out += [f"### {sec['label']} by step {sec['step']}", "", f"Skipped: {sec['note']}.", ""]
             continue
-        out += [f"### {sec['label']} by step {sec['step']}", "",
-                f"{sec['ngrams']} indexed {sec['n']}-grams over {sec['train_blocks']} training blocks; "
-                f"global batch {sec['global_batch']}, so {sec['epochs_by_step']:.3g} epochs consumed by this step. "
-                "An item is seen when its whole token sequence lay inside a training sequence the sampler had "
-                "handed out by then; count = how many times; overlap = share of its n-grams seen.", ""]
+        out += [
+            f"### {sec['label']} by step {sec['step']}",
+            "",
+            f"{sec['ngrams']} indexed {sec['n']}-grams over {sec['train_blocks']} training blocks; "
+            f"global batch {sec['global_batch']}, so {sec['epochs_by_step']:.3g} epochs consumed by this step. "
+            "An item is seen when its whole token sequence lay inside a training sequence the sampler had "
+            "handed out by then; count = how many times; overlap = share of its n-grams seen.",
+            "",
+        ]
         if not sec["items"]:
             out += ["No items queried (pass --phrases FILE).", ""]
             continue
         out += [f"**{sec['seen']} seen, {sec['unseen']} unseen.**", ""]
-        out.append(_table(["item", "tokens", "seen", "count", "first step", "n-gram overlap"],
-                          [[i["text"][:60].replace("|", "\\|"), i["tokens"], "yes" if i["seen"] else "no", i["count"],
-                            i["first_step"], i["ngram_overlap"]] for i in sec["items"]]))
+        out.append(
+            _table(
+                ["item", "tokens", "seen", "count", "first step", "n-gram overlap"],
+                [
+                    [
+                        i["text"][:60].replace("|", "\\|"),
+                        i["tokens"],
+                        "yes" if i["seen"] else "no",
+                        i["count"],
+                        i["first_step"],
+                        i["ngram_overlap"],
+                    ]
+                    for i in sec["items"]
+                ],
+            )
+        )
         out.append("")
     return "\n".join(out)
 
@@ -290,8 +375,11 @@ def write_report(results: dict, folder: str, tensorboard: bool = True) -> str:
     plt = _plt()
     figures = []
     title = results["label"] if not results.get("vs_label") else f"{results['label']} vs {results['vs_label']}"
-    md = [f"# Analysis: {title}", "",
-          f"- run: `{results['run']}`, checkpoint `{results['checkpoint']}` (step {results['step']})"]
+    md = [
+        f"# Analysis: {title}",
+        "",
+        f"- run: `{results['run']}`, checkpoint `{results['checkpoint']}` (step {results['step']})",
+    ]
     if results.get("vs"):
         md.append(f"- vs: `{results['vs']}`, checkpoint `{results['vs_checkpoint']}`")
     if results.get("batch"):
@@ -300,8 +388,10 @@ def write_report(results: dict, folder: str, tensorboard: bool = True) -> str:
     if "spectra" in results:
         md.append(_spectra_md(results["spectra"]))
         figures += _plot_spectra(results["spectra"], folder)
-        np.savez(os.path.join(folder, "spectra.npz"),
-                 **{f"{sec['label']}/{k}": v for sec in results["spectra"] for k, v in sec["singular_values"].items()})
+        np.savez(
+            os.path.join(folder, "spectra.npz"),
+            **{f"{sec['label']}/{k}": v for sec in results["spectra"] for k, v in sec["singular_values"].items()},
+        )
     if "landscape" in results:
         md.append(_landscape_md(results["landscape"]))
         figures += _plot_landscape(results["landscape"], folder)
@@ -318,10 +408,17 @@ def write_report(results: dict, folder: str, tensorboard: bool = True) -> str:
         _tensorboard(results, figures, folder)
     for _, fig in figures:
         plt.close(fig)
-    serialisable = json.loads(json.dumps(
-        {**results, "spectra": [{k: v for k, v in sec.items() if k != "singular_values"}
-                                for sec in results.get("spectra", [])]},
-        default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+    serialisable = json.loads(
+        json.dumps(
+            {
+                **results,
+                "spectra": [
+                    {k: v for k, v in sec.items() if k != "singular_values"} for sec in results.get("spectra", [])
+                ],
+            },
+            default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o),
+        )
+    )
     if "spectra" not in results:
         serialisable.pop("spectra")
     with open(os.path.join(folder, "analysis.json"), "w", encoding="utf-8") as fh:

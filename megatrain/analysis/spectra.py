@@ -25,8 +25,17 @@ from torch import Tensor
 
 from megatrain.models.layers import lora_dense_weight, sltrain_dense_weight
 
-__all__ = ["singular_values", "effective_rank", "stable_rank", "top_k_energy", "matrix_summary", "MatrixSpec",
-           "model_matrices", "ENERGY_KS", "KIND_ORDER"]
+__all__ = [
+    "singular_values",
+    "effective_rank",
+    "stable_rank",
+    "top_k_energy",
+    "matrix_summary",
+    "MatrixSpec",
+    "model_matrices",
+    "ENERGY_KS",
+    "KIND_ORDER",
+]
 
 # Top-k energies reported for every matrix (clipped to the matrix's rank).
 ENERGY_KS = (1, 8, 32)
@@ -66,7 +75,7 @@ def stable_rank(m: Tensor) -> float:
     s = _as_values(m)
     if s.numel() == 0 or s.max() <= 0:
         return 0.0
-    return float((s ** 2).sum() / s.max() ** 2)
+    return float((s**2).sum() / s.max() ** 2)
 
 
 def top_k_energy(m: Tensor, k: int) -> float:
@@ -83,8 +92,13 @@ def top_k_energy(m: Tensor, k: int) -> float:
 def matrix_summary(s: Tensor) -> dict:
     """The scalars reported per matrix, from its singular values s (descending)."""
     s = s.to(torch.float64)
-    out = {"fro_norm": float(s.pow(2).sum().sqrt()), "spectral_norm": float(s.max()) if s.numel() else 0.0,
-           "effective_rank": effective_rank(s), "stable_rank": stable_rank(s), "max_rank": int(s.numel())}
+    out = {
+        "fro_norm": float(s.pow(2).sum().sqrt()),
+        "spectral_norm": float(s.max()) if s.numel() else 0.0,
+        "effective_rank": effective_rank(s),
+        "stable_rank": stable_rank(s),
+        "max_rank": int(s.numel()),
+    }
     for k in ENERGY_KS:
         out[f"energy_top{k}"] = top_k_energy(s, min(k, max(1, s.numel())))
     return out
@@ -94,6 +108,7 @@ def matrix_summary(s: Tensor) -> dict:
 class MatrixSpec:
     """One matrix of a model: `name` (its module or tensor name), `layer` (block index, None for the
     embedding / head), `kind` (a KIND_ORDER entry), and `note` (how it was formed, for the report)."""
+
     name: str
     layer: Optional[int]
     kind: str
@@ -103,24 +118,50 @@ class MatrixSpec:
 
 def _classify(names: set[str]) -> list[MatrixSpec]:
     specs = []
-    prefixes = sorted({n.rsplit(".", 1)[0] for n in names if "." in n},
-                      key=lambda p: [int(t) if t.isdigit() else t for t in p.split(".")])
+    prefixes = sorted(
+        {n.rsplit(".", 1)[0] for n in names if "." in n},
+        key=lambda p: [int(t) if t.isdigit() else t for t in p.split(".")],
+    )
     for prefix in prefixes:
         match = _PROJ.match(prefix)
         if not match:
             continue
         layer, kind = int(match.group(1)), f"{match.group(2)}.{match.group(3)}"
-        has = {suffix for suffix in ("weight", "lora_a", "lora_b", "sparse_values", "sparse_index", "cola_a", "cola_b")
-               if f"{prefix}.{suffix}" in names}
+        has = {
+            suffix
+            for suffix in ("weight", "lora_a", "lora_b", "sparse_values", "sparse_index", "cola_a", "cola_b")
+            if f"{prefix}.{suffix}" in names
+        }
         if {"cola_a", "cola_b"} <= has:
-            specs.append(MatrixSpec(prefix, layer, kind, "cola: the product a @ b without the SiLU between its "
-                                    "factors (CoLA has no exact dense equivalent)", [f"{prefix}.cola_a", f"{prefix}.cola_b"]))
+            specs.append(
+                MatrixSpec(
+                    prefix,
+                    layer,
+                    kind,
+                    "cola: the product a @ b without the SiLU between its factors (CoLA has no exact dense equivalent)",
+                    [f"{prefix}.cola_a", f"{prefix}.cola_b"],
+                )
+            )
         elif {"lora_a", "lora_b", "sparse_values", "sparse_index"} <= has:
-            specs.append(MatrixSpec(prefix, layer, kind, "sltrain: alpha/r * a @ b + S",
-                                    [f"{prefix}.{s}" for s in ("lora_a", "lora_b", "sparse_values", "sparse_index")]))
+            specs.append(
+                MatrixSpec(
+                    prefix,
+                    layer,
+                    kind,
+                    "sltrain: alpha/r * a @ b + S",
+                    [f"{prefix}.{s}" for s in ("lora_a", "lora_b", "sparse_values", "sparse_index")],
+                )
+            )
         elif {"weight", "lora_a", "lora_b"} <= has:
-            specs.append(MatrixSpec(prefix, layer, kind, "lora/relora: W + alpha/r * a @ b",
-                                    [f"{prefix}.{s}" for s in ("weight", "lora_a", "lora_b")]))
+            specs.append(
+                MatrixSpec(
+                    prefix,
+                    layer,
+                    kind,
+                    "lora/relora: W + alpha/r * a @ b",
+                    [f"{prefix}.{s}" for s in ("weight", "lora_a", "lora_b")],
+                )
+            )
         elif "weight" in has:
             specs.append(MatrixSpec(prefix, layer, kind, "", [f"{prefix}.weight"]))
     if "embed.weight" in names:

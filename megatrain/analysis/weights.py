@@ -21,9 +21,20 @@ from torch import Tensor, nn
 from megatrain.engine.checkpoint import WEIGHTS_FILE, checkpoint_root, read_meta, resolve_checkpoint_dir
 from megatrain.errors import CheckpointError, ConfigError
 
-__all__ = ["CheckpointWeights", "ModuleWeights", "list_checkpoints", "checkpoint_dir", "build_model",
-           "initial_weights", "fill_model", "run_config", "heldout_batches", "mean_loss", "same_model",
-           "same_tokenizer"]
+__all__ = [
+    "CheckpointWeights",
+    "ModuleWeights",
+    "list_checkpoints",
+    "checkpoint_dir",
+    "build_model",
+    "initial_weights",
+    "fill_model",
+    "run_config",
+    "heldout_batches",
+    "mean_loss",
+    "same_model",
+    "same_tokenizer",
+]
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
@@ -57,8 +68,10 @@ def checkpoint_dir(run: str, checkpoint: Optional[str] = None) -> str:
         return path
     path = resolve_checkpoint_dir(os.path.normpath(run))
     if not os.path.isfile(os.path.join(path, WEIGHTS_FILE)):
-        raise CheckpointError(f"'{run}' is not a megatrain run or checkpoint directory with {WEIGHTS_FILE} "
-                              f"(a run needs at least one saved checkpoint)")
+        raise CheckpointError(
+            f"'{run}' is not a megatrain run or checkpoint directory with {WEIGHTS_FILE} "
+            f"(a run needs at least one saved checkpoint)"
+        )
     return path
 
 
@@ -77,11 +90,11 @@ class CheckpointWeights:
         self._alias = {}
         if self.model_cfg.tie_embeddings and "embed.weight" not in stored and "head.weight" in stored:
             self._alias["embed.weight"] = "head.weight"  # safetensors keeps a shared tensor under one name
-        self.names = sorted((stored - {"head.weight"} if self.model_cfg.tie_embeddings else stored)
-                            | set(self._alias))
+        self.names = sorted((stored - {"head.weight"} if self.model_cfg.tie_embeddings else stored) | set(self._alias))
         # the stored precision of each tensor (bf16 runs save bf16 weights), see ModuleWeights
-        self.dtypes = {n: _SAFETENSORS_DTYPES.get(self._file.get_slice(self._alias.get(n, n)).get_dtype())
-                       for n in self.names}
+        self.dtypes = {
+            n: _SAFETENSORS_DTYPES.get(self._file.get_slice(self._alias.get(n, n)).get_dtype()) for n in self.names
+        }
 
     def get(self, name: str) -> Tensor:
         tensor = self._file.get_tensor(self._alias.get(name, name))
@@ -131,8 +144,9 @@ def initial_weights(meta: dict, dtypes: Optional[dict] = None) -> ModuleWeights:
     """W_0 of the run a checkpoint's megatrain.json `meta` belongs to, rebuilt from its seed (rounded to
     `dtypes`, the precision the checkpoint stores, see ModuleWeights)."""
     if "seed" not in meta:
-        raise CheckpointError("the checkpoint's megatrain.json records no seed: use the first checkpoint as the "
-                              "base (--base first)")
+        raise CheckpointError(
+            "the checkpoint's megatrain.json records no seed: use the first checkpoint as the base (--base first)"
+        )
     return ModuleWeights(build_model(_model_config(meta), int(meta["seed"])), dtypes)
 
 
@@ -154,8 +168,9 @@ def same_model(a, b, what: str) -> None:
 
     for key in MODEL_KEYS:
         if getattr(a, key) != getattr(b, key):
-            raise ConfigError(f"{what}: the two models differ in model.{key} ({getattr(a, key)!r} vs "
-                              f"{getattr(b, key)!r})")
+            raise ConfigError(
+                f"{what}: the two models differ in model.{key} ({getattr(a, key)!r} vs {getattr(b, key)!r})"
+            )
 
 
 def run_config(run_dir: str, checkpoint: Optional[str] = None):
@@ -182,13 +197,16 @@ def same_tokenizer(a: str, b: str, what: str) -> None:
     if all(os.path.isfile(p) for p in paths):
         with open(paths[0], "rb") as fa, open(paths[1], "rb") as fb:
             if fa.read() != fb.read():
-                raise ConfigError(f"{what}: '{a}' and '{b}' use different tokenizers, so the same held-out batch "
-                                  f"means different text to them")
+                raise ConfigError(
+                    f"{what}: '{a}' and '{b}' use different tokenizers, so the same held-out batch "
+                    f"means different text to them"
+                )
 
 
 @dataclass
 class Batches:
     """A fixed held-out set: micro-batches of (inputs, labels), each int64 [B, seq_len]; `source` says whence."""
+
     items: list
     source: str
 

@@ -132,8 +132,11 @@ class PhaseClock:
         attr = "self_device_time_total" if self.cuda else "self_cpu_time_total"
         if self.cuda and not hasattr(averages[0] if len(averages) else None, attr):
             attr = "self_cuda_time_total"  # torch < 2.5
-        out["communication"] = sum(getattr(a, attr, 0.0) for a in averages
-                                   if COMM_OPS.search(a.key) and not a.key.startswith("bench/")) / 1e6 / steps
+        out["communication"] = (
+            sum(getattr(a, attr, 0.0) for a in averages if COMM_OPS.search(a.key) and not a.key.startswith("bench/"))
+            / 1e6
+            / steps
+        )
         return out
 
 
@@ -152,18 +155,26 @@ def dispatch_counts(prof, steps: int, host_cpu_s: float, wall_s: float, cuda: bo
     if cuda:
         device_events = [a for a in averages if str(getattr(a, "device_type", "")).endswith("CUDA")]
         kernels = sum(a.count for a in device_events)
-        busy = sum(getattr(a, "self_device_time_total", getattr(a, "self_cuda_time_total", 0.0))
-                   for a in device_events) / 1e6 / steps
-    return {"aten_ops": aten / steps, "aten_ops_by_name": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
-            "device_kernels": None if kernels is None else kernels / steps,
-            "host_cpu_s": host_cpu_s / steps, "device_busy_s": busy,
-            "device_idle_s": None if busy is None else max(0.0, wall_s / steps - busy)}
+        busy = (
+            sum(getattr(a, "self_device_time_total", getattr(a, "self_cuda_time_total", 0.0)) for a in device_events)
+            / 1e6
+            / steps
+        )
+    return {
+        "aten_ops": aten / steps,
+        "aten_ops_by_name": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
+        "device_kernels": None if kernels is None else kernels / steps,
+        "host_cpu_s": host_cpu_s / steps,
+        "device_busy_s": busy,
+        "device_idle_s": None if busy is None else max(0.0, wall_s / steps - busy),
+    }
 
 
 def _timed(fn, clock: PhaseClock, phase: str):
     def wrapper(*args, **kwargs):
         with clock.phase(phase):
             return fn(*args, **kwargs)
+
     return wrapper
 
 
@@ -217,8 +228,9 @@ def _initial_model(cfg, model_cfg, device):
 def _sampler(cfg, data, dp_rank: int, dp_size: int):
     from megatrain.data.sampler import ResumableSampler
 
-    return ResumableSampler(len(data.train), cfg.train.global_batch, cfg.train.micro_batch, dp_rank, dp_size,
-                            cfg.train.seed)
+    return ResumableSampler(
+        len(data.train), cfg.train.global_batch, cfg.train.micro_batch, dp_rank, dp_size, cfg.train.seed
+    )
 
 
 class HFDeepSpeedSide:
@@ -280,8 +292,13 @@ class PlainSide:
         self.bf16 = use_bf16(cfg)  # fp32 weights, bf16 autocast: the usual eager mixed precision
         if cfg.train.compile:
             self.model.compile(backend=cfg.train.compile_backend)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                                     weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda" or None)
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=cfg.train.lr,
+            betas=(cfg.optim.beta1, cfg.optim.beta2),
+            weight_decay=cfg.optim.weight_decay,
+            fused=device.type == "cuda" or None,
+        )
         self.cfg, self.data, self.device = cfg, trainer.data, device
         self.sampler = _sampler(cfg, trainer.data, 0, 1)
         self.clock: Optional[PhaseClock] = None
@@ -375,9 +392,20 @@ def _gather(value, world_size: int) -> list:
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def measure_setting(cfg, env, *, warmup: int, steps: int, block: int, breakdown_steps: int = 2,
-                    profile_steps: int = 0, baseline: bool = True, plain: bool = True, clock: str = "wall",
-                    threads: Optional[int] = None) -> dict:
+def measure_setting(
+    cfg,
+    env,
+    *,
+    warmup: int,
+    steps: int,
+    block: int,
+    breakdown_steps: int = 2,
+    profile_steps: int = 0,
+    baseline: bool = True,
+    plain: bool = True,
+    clock: str = "wall",
+    threads: Optional[int] = None,
+) -> dict:
     """Time `cfg` on this process group (collective: every rank calls it). Returns the setting's record
     (the same on every rank): per side the median step time, tokens/s, MFU, peak memory per rank,
     the breakdown, and the first step's loss; `profiles` holds the op tables when profile_steps > 0.
@@ -449,8 +477,7 @@ def measure_setting(cfg, env, *, warmup: int, steps: int, block: int, breakdown_
                 dispatch[side.name] = dispatch_counts(prof, profiled, host, wall, device.type == "cuda")
                 if profile_steps:
                     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-                    profiles[side.name] = prof.key_averages().table(sort_by=key, row_limit=60,
-                                                                    max_name_column_width=70)
+                    profiles[side.name] = prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=70)
     finally:
         for side in sides:
             side.close()
@@ -463,13 +490,16 @@ def measure_setting(cfg, env, *, warmup: int, steps: int, block: int, breakdown_
         median = statistics.median(times[side.name])
         tps = tokens / median
         records[side.name] = {
-            "median_step_s": median, "tokens_per_s": tps,
+            "median_step_s": median,
+            "tokens_per_s": tps,
             "mfu": mfu(tps, trainer.flops_per_token, env.world_size, peak_flops),
             "peak_memory_gib_per_rank": _gather(peaks[side.name], env.world_size),
             "step_memory_gib_per_rank": _gather(transients[side.name], env.world_size),
-            "breakdown_s": breakdown.get(side.name), "dispatch": dispatch.get(side.name),
+            "breakdown_s": breakdown.get(side.name),
+            "dispatch": dispatch.get(side.name),
             "first_step_loss": first_loss.get(side.name),
-            "step_times_s": times[side.name], "compiled": side.compiled(),
+            "step_times_s": times[side.name],
+            "compiled": side.compiled(),
         }
     ratios = {}
     for other in ("hf_deepspeed", "plain"):
@@ -477,25 +507,47 @@ def measure_setting(cfg, env, *, warmup: int, steps: int, block: int, breakdown_
             ratios[f"megatrain_over_{other}"] = records["megatrain"]["tokens_per_s"] / records[other]["tokens_per_s"]
             ratios[f"megatrain_over_{other}_best_step"] = min(times[other]) / min(times["megatrain"])
             if other in dispatch and dispatch[other]["aten_ops"]:
-                ratios[f"aten_ops_megatrain_over_{other}"] = dispatch["megatrain"]["aten_ops"] / dispatch[other]["aten_ops"]
+                ratios[f"aten_ops_megatrain_over_{other}"] = (
+                    dispatch["megatrain"]["aten_ops"] / dispatch[other]["aten_ops"]
+                )
     result = {
-        "world_size": env.world_size, "tensor": cfg.parallel.tensor, "data_parallel": trainer.dp_size,
-        "sequence_parallel": cfg.parallel.sequence, "zero_stage": cfg.parallel.zero_stage,
-        "micro_batch": cfg.train.micro_batch, "grad_accum": cfg.train.grad_accum,
-        "global_batch": cfg.train.global_batch, "seq_len": cfg.data.seq_len, "tokens_per_step": tokens,
-        "dtype": "bf16" if use_bf16(cfg) else "fp32", "activation_checkpointing": cfg.train.activation_checkpointing,
-        "compile": cfg.train.compile, "kernels": kernels.backend(), "kernel_paths": kernel_paths,
+        "world_size": env.world_size,
+        "tensor": cfg.parallel.tensor,
+        "data_parallel": trainer.dp_size,
+        "sequence_parallel": cfg.parallel.sequence,
+        "zero_stage": cfg.parallel.zero_stage,
+        "micro_batch": cfg.train.micro_batch,
+        "grad_accum": cfg.train.grad_accum,
+        "global_batch": cfg.train.global_batch,
+        "seq_len": cfg.data.seq_len,
+        "tokens_per_step": tokens,
+        "dtype": "bf16" if use_bf16(cfg) else "fp32",
+        "activation_checkpointing": cfg.train.activation_checkpointing,
+        "compile": cfg.train.compile,
+        "kernels": kernels.backend(),
+        "kernel_paths": kernel_paths,
         "params": trainer.num_params,
-        "flops_per_token": trainer.flops_per_token, "peak_flops": peak_flops,
-        "memory": ("peak: max allocated (torch.cuda) while the side ran; step: that peak minus what was allocated "
-                   "before its steps" if device.type == "cuda" else
-                   "peak: the process's peak resident set while the side ran; step: that peak minus the resident set "
-                   "before its steps" + ("" if resettable else " (peak not resettable here: process peak)")) +
-                  "; all sides live in one process, so the peak includes the other sides' weights and optimizer "
-                  "state, the step figure is this side's own activations and temporaries",
-        "warmup_steps": warmup, "measured_steps": steps, "block": block, "breakdown_steps": profiled,
-        "clock": clock, "threads": torch.get_num_threads(),
-        "sides": records, "skipped": skipped, "ratios": ratios, "profiles": profiles,
+        "flops_per_token": trainer.flops_per_token,
+        "peak_flops": peak_flops,
+        "memory": (
+            "peak: max allocated (torch.cuda) while the side ran; step: that peak minus what was allocated "
+            "before its steps"
+            if device.type == "cuda"
+            else "peak: the process's peak resident set while the side ran; step: that peak minus the resident set "
+            "before its steps" + ("" if resettable else " (peak not resettable here: process peak)")
+        )
+        + "; all sides live in one process, so the peak includes the other sides' weights and optimizer "
+        "state, the step figure is this side's own activations and temporaries",
+        "warmup_steps": warmup,
+        "measured_steps": steps,
+        "block": block,
+        "breakdown_steps": profiled,
+        "clock": clock,
+        "threads": torch.get_num_threads(),
+        "sides": records,
+        "skipped": skipped,
+        "ratios": ratios,
+        "profiles": profiles,
         "vocab_size": trainer.model_cfg.vocab_size,
     }
     del sides, trainer
@@ -504,6 +556,7 @@ def measure_setting(cfg, env, *, warmup: int, steps: int, block: int, breakdown_
 
 def kernels_env(choice: Optional[str]):
     """Context: MEGATRAIN_KERNELS=choice while inside (None: unchanged)."""
+
     @contextlib.contextmanager
     def scope():
         if choice is None:
@@ -517,4 +570,5 @@ def kernels_env(choice: Optional[str]):
             os.environ.pop("MEGATRAIN_KERNELS", None)
             if old is not None:
                 os.environ.update(MEGATRAIN_KERNELS=old)
+
     return scope()

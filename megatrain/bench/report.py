@@ -35,8 +35,9 @@ def _memory(side: Optional[dict]) -> str:
     if side is None:
         return "n/a"
     steps = side.get("step_memory_gib_per_rank") or [None] * len(side["peak_memory_gib_per_rank"])
-    return ", ".join(f"{m:.2f}" + ("" if t is None else f" ({t:.2f})")
-                     for m, t in zip(side["peak_memory_gib_per_rank"], steps))
+    return ", ".join(
+        f"{m:.2f}" + ("" if t is None else f" ({t:.2f})") for m, t in zip(side["peak_memory_gib_per_rank"], steps)
+    )
 
 
 def best_step_ratio(ours: dict, other: dict) -> Optional[float]:
@@ -50,18 +51,28 @@ def best_step_ratio(ours: dict, other: dict) -> Optional[float]:
 def _dispatch_table(result: dict) -> list[str]:
     """Host work per step (the profiled steps): ATen ops dispatched, device kernels, host CPU time and the
     device's busy and idle time, per side; n/a where a side has no record or the device is a CPU."""
-    rows = [(s["label"], name, side["dispatch"]) for s in result["settings"]
-            for name, side in s.get("sides", {}).items() if side.get("dispatch")]
+    rows = [
+        (s["label"], name, side["dispatch"])
+        for s in result["settings"]
+        for name, side in s.get("sides", {}).items()
+        if side.get("dispatch")
+    ]
     if not rows:
         return []
-    lines = ["", "Host work per step, from the profiled steps (ATen ops: every operator the dispatcher ran, nested "
-             "ones included; kernels: device kernels of every kind; idle: profiled wall step minus the kernels' "
-             "device time):", "",
-             "| setting | side | ATen ops | device kernels | host CPU (ms) | device busy (ms) | device idle (ms) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "Host work per step, from the profiled steps (ATen ops: every operator the dispatcher ran, nested "
+        "ones included; kernels: device kernels of every kind; idle: profiled wall step minus the kernels' "
+        "device time):",
+        "",
+        "| setting | side | ATen ops | device kernels | host CPU (ms) | device busy (ms) | device idle (ms) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for label, name, d in rows:
-        lines.append(f"| {label} | {SIDE_TITLES[name]} | {d['aten_ops']:.0f} | {_num(d['device_kernels'], '.0f')} | "
-                     f"{_ms(d['host_cpu_s'])} | {_ms(d['device_busy_s'])} | {_ms(d['device_idle_s'])} |")
+        lines.append(
+            f"| {label} | {SIDE_TITLES[name]} | {d['aten_ops']:.0f} | {_num(d['device_kernels'], '.0f')} | "
+            f"{_ms(d['host_cpu_s'])} | {_ms(d['device_busy_s'])} | {_ms(d['device_idle_s'])} |"
+        )
     return lines
 
 
@@ -70,24 +81,34 @@ def render_markdown(result: dict) -> str:
     per side, the TP communication plan where TP > 1, then skipped columns, device and versions."""
     model = result["model"]
     first_ok = next((s for s in result["settings"] if "error" not in s), None)
-    lines = [f"# Training throughput: {result['config_name']}", "",
-             f"{model['description']} ({model['params'] / 1e6:.2f}M parameters, {model['flops_per_token']:,} FLOPs "
-             f"per token), on {result['device']}."]
+    lines = [
+        f"# Training throughput: {result['config_name']}",
+        "",
+        f"{model['description']} ({model['params'] / 1e6:.2f}M parameters, {model['flops_per_token']:,} FLOPs "
+        f"per token), on {result['device']}.",
+    ]
     if first_ok is not None:
-        lines[-1] += (f" Sequence length {first_ok['seq_len']}, global batch {first_ok['global_batch']} "
-                      f"({first_ok['tokens_per_step']:,} tokens per step), {first_ok['dtype']}; median of "
-                      f"{first_ok['measured_steps']} steps per side after {first_ok['warmup_steps']} warm-up steps, "
-                      f"in alternating blocks of {first_ok['block']}.")
+        lines[-1] += (
+            f" Sequence length {first_ok['seq_len']}, global batch {first_ok['global_batch']} "
+            f"({first_ok['tokens_per_step']:,} tokens per step), {first_ok['dtype']}; median of "
+            f"{first_ok['measured_steps']} steps per side after {first_ok['warmup_steps']} warm-up steps, "
+            f"in alternating blocks of {first_ok['block']}."
+        )
         if first_ok.get("clock") == "cpu":
-            lines[-1] += (f" Steps timed by CPU time of the process ({first_ok['threads']} thread(s)), not wall "
-                          f"time: tokens/s means tokens per CPU-second of a rank.")
+            lines[-1] += (
+                f" Steps timed by CPU time of the process ({first_ok['threads']} thread(s)), not wall "
+                f"time: tokens/s means tokens per CPU-second of a rank."
+            )
     planned = result.get("settings_planned", len(result["settings"]))
     if planned > len(result["settings"]):
         lines += ["", f"**Partial: {len(result['settings'])} of {planned} settings measured so far.**"]
-    lines += ["", "| setting | procs | ZeRO | megatrain tok/s | HF+DeepSpeed tok/s | **megatrain / HF+DS** | "
-              "best steps: megatrain / HF+DS | plain tok/s | megatrain / plain | MFU | "
-              "memory per rank, peak (step), megatrain / HF+DS (GiB) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| setting | procs | ZeRO | megatrain tok/s | HF+DeepSpeed tok/s | **megatrain / HF+DS** | "
+        "best steps: megatrain / HF+DS | plain tok/s | megatrain / plain | MFU | "
+        "memory per rank, peak (step), megatrain / HF+DS (GiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for s in result["settings"]:
         if "error" in s:
             lines.append(f"| {s['label']} | {s.get('procs', '')} | | failed: {s['error']} | | | | | | | |")
@@ -98,37 +119,56 @@ def render_markdown(result: dict) -> str:
         memory = _memory(ours) + (f" / {_memory(hf)}" if hf else "")
         lines.append(
             f"| {s['label']} | {s['world_size']} | {s['zero_stage']} | {ours['tokens_per_s']:,.0f} | "
-            f"{_num(hf and hf['tokens_per_s'], ',.0f')} | **{_num(ratios.get('megatrain_over_hf_deepspeed'), '.3f')}** | "
+            f"{_num(hf and hf['tokens_per_s'], ',.0f')} | "
+            f"**{_num(ratios.get('megatrain_over_hf_deepspeed'), '.3f')}** | "
             f"{_num(hf and best_step_ratio(ours, hf), '.3f')} | "
             f"{_num(plain and plain['tokens_per_s'], ',.0f')} | {_num(ratios.get('megatrain_over_plain'), '.3f')} | "
-            f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | {memory} |")
-    lines += ["", "Time per step by phase, from separate profiled steps (ms; communication is the collectives' time "
-              "inside backward and optimizer; other = profiled step - forward - backward - optimizer: data, schedule, "
-              "loss reduction, Python" + ("; the breakdown is wall time even with --clock cpu, so on a loaded "
-                                           "machine the profiled step exceeds the CPU-time step" if
-                                           first_ok is not None and first_ok.get("clock") == "cpu" else "") + "):", "",
-              "| setting | side | timed step (median) | profiled step | forward | backward | optimizer | "
-              "of which communication | other |",
-              "|---|---|---|---|---|---|---|---|---|"]
+            f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | {memory} |"
+        )
+    lines += [
+        "",
+        "Time per step by phase, from separate profiled steps (ms; communication is the collectives' time "
+        "inside backward and optimizer; other = profiled step - forward - backward - optimizer: data, schedule, "
+        "loss reduction, Python"
+        + (
+            "; the breakdown is wall time even with --clock cpu, so on a loaded "
+            "machine the profiled step exceeds the CPU-time step"
+            if first_ok is not None and first_ok.get("clock") == "cpu"
+            else ""
+        )
+        + "):",
+        "",
+        "| setting | side | timed step (median) | profiled step | forward | backward | optimizer | "
+        "of which communication | other |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for s in result["settings"]:
         for name, side in s.get("sides", {}).items():
             b = side["breakdown_s"]
             if b is None:
                 continue
             other = b["step"] - b["forward"] - b["backward"] - b["optimizer"]
-            lines.append(f"| {s['label']} | {SIDE_TITLES[name]} | {_ms(side['median_step_s'])} | {_ms(b['step'])} | "
-                         f"{_ms(b['forward'])} | "
-                         f"{_ms(b['backward'])} | {_ms(b['optimizer'])} | {_ms(b['communication'])} | {_ms(other)} |")
+            lines.append(
+                f"| {s['label']} | {SIDE_TITLES[name]} | {_ms(side['median_step_s'])} | {_ms(b['step'])} | "
+                f"{_ms(b['forward'])} | "
+                f"{_ms(b['backward'])} | {_ms(b['optimizer'])} | {_ms(b['communication'])} | {_ms(other)} |"
+            )
     lines += _dispatch_table(result)
     plans = [(s["label"], s["tp_comm"]) for s in result["settings"] if s.get("tp_comm")]
     if plans:
-        lines += ["", "Computed tensor-parallel communication per rank and step (forward + backward, ring collectives; "
-                  "`megatrain.parallel.parallelize.tp_comm_volume`):", "",
-                  "| setting | per layer (MiB) | embedding + head (MiB) | loss (MiB) | per step (MiB) |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Computed tensor-parallel communication per rank and step (forward + backward, ring collectives; "
+            "`megatrain.parallel.parallelize.tp_comm_volume`):",
+            "",
+            "| setting | per layer (MiB) | embedding + head (MiB) | loss (MiB) | per step (MiB) |",
+            "|---|---|---|---|---|",
+        ]
         for label, v in plans:
-            lines.append(f"| {label} | {v['per_layer'] / 2**20:.2f} | {v['embedding_and_head'] / 2**20:.2f} | "
-                         f"{v['loss'] / 2**20:.2f} | {v['per_step'] / 2**20:.2f} |")
+            lines.append(
+                f"| {label} | {v['per_layer'] / 2**20:.2f} | {v['embedding_and_head'] / 2**20:.2f} | "
+                f"{v['loss'] / 2**20:.2f} | {v['per_step'] / 2**20:.2f} |"
+            )
     notes = []
     for s in result["settings"]:
         for name, reason in s.get("skipped", {}).items():
@@ -142,13 +182,25 @@ def render_markdown(result: dict) -> str:
             notes.append(f"- {s['label']}: first-step loss (same weights, same batch) {shown}")
     if first_ok is not None:
         notes.append(f"- memory: {first_ok['memory']}")
-    notes.append("- megatrain / HF+DS is the ratio of median step times; best steps is the ratio of each side's "
-                 "fastest step, which other jobs on a shared machine disturb least")
-    notes.append("- MFU = tokens/s x FLOPs per token / (peak FLOP/s x processes); FLOPs per token = 6N + 12·L·H·Q·T "
-                 "(megatrain.engine.metrics; n/a where the device has no peak in its table, e.g. CPU)")
-    lines += ["", "Notes:", "", *notes, "", f"Command: `{result['command']}`", "",
-              "Versions: " + ", ".join(f"{k} {v if v is not None else 'not installed'}"
-                                       for k, v in result["versions"].items())]
+    notes.append(
+        "- megatrain / HF+DS is the ratio of median step times; best steps is the ratio of each side's "
+        "fastest step, which other jobs on a shared machine disturb least"
+    )
+    notes.append(
+        "- MFU = tokens/s x FLOPs per token / (peak FLOP/s x processes); FLOPs per token = 6N + 12·L·H·Q·T "
+        "(megatrain.engine.metrics; n/a where the device has no peak in its table, e.g. CPU)"
+    )
+    lines += [
+        "",
+        "Notes:",
+        "",
+        *notes,
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        "Versions: "
+        + ", ".join(f"{k} {v if v is not None else 'not installed'}" for k, v in result["versions"].items()),
+    ]
     return "\n".join(lines) + "\n"
 
 

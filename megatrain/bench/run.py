@@ -32,8 +32,13 @@ from megatrain.errors import ConfigError, MegatrainError
 _FIXED = ["log.progress=false", "log.tensorboard=false"]
 
 
-def setting_config(config_path: Optional[str], overrides: list[str], setting: Setting, run_dir: str,
-                   deepspeed_json: Optional[str] = None):
+def setting_config(
+    config_path: Optional[str],
+    overrides: list[str],
+    setting: Setting,
+    run_dir: str,
+    deepspeed_json: Optional[str] = None,
+):
     """The setting's Config: the base YAML, the user's overrides, the setting's, then the scratch run dir."""
     return load_config(config_path, [*overrides, *setting.overrides, f"run.dir={run_dir}", *_FIXED], deepspeed_json)
 
@@ -53,14 +58,21 @@ def versions() -> dict:
         megatrain_version = metadata.version("megatrain")
     except metadata.PackageNotFoundError:  # a checkout on sys.path, not installed
         megatrain_version = None
-    return {"megatrain": megatrain_version, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-            "transformers": transformers_version(), "python": platform.python_version()}
+    return {
+        "megatrain": megatrain_version,
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "transformers": transformers_version(),
+        "python": platform.python_version(),
+    }
 
 
 def _model_description(cfg) -> str:
     m = cfg.model.resolved()
-    return (f"{cfg.model.preset or 'custom'} model: dim {m.dim}, {m.layers} layers, {m.heads} heads ({m.kv_heads} KV), "
-            f"FFN {m.ffn_dim}, {m.linear} / {m.attention}")
+    return (
+        f"{cfg.model.preset or 'custom'} model: dim {m.dim}, {m.layers} layers, {m.heads} heads ({m.kv_heads} KV), "
+        f"FFN {m.ffn_dim}, {m.linear} / {m.attention}"
+    )
 
 
 def _tp_comm(cfg, record: dict) -> Optional[dict]:
@@ -70,9 +82,13 @@ def _tp_comm(cfg, record: dict) -> Optional[dict]:
 
     model_cfg = cfg.model.resolved()
     model_cfg.vocab_size = record["vocab_size"]
-    return tp_comm_volume(model_cfg, record["tokens_per_step"], cfg.parallel.tensor,
-                          sequence_parallel=cfg.parallel.sequence,
-                          bytes_per_element=2 if record["dtype"] == "bf16" else 4)
+    return tp_comm_volume(
+        model_cfg,
+        record["tokens_per_step"],
+        cfg.parallel.tensor,
+        sequence_parallel=cfg.parallel.sequence,
+        bytes_per_element=2 if record["dtype"] == "bf16" else 4,
+    )
 
 
 def _child_env(setting: Setting, procs: int) -> dict:
@@ -93,9 +109,23 @@ def _run_in_processes(spec: dict, setting: Setting, procs: int, scratch: str) ->
     out_path = os.path.join(scratch, "record.json")
     with open(spec_path, "w") as fh:
         json.dump(spec, fh)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(procs),
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "megatrain.bench.worker",
-           spec_path, out_path]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(procs),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "megatrain.bench.worker",
+        spec_path,
+        out_path,
+    ]
     proc = subprocess.run(cmd, env=_child_env(setting, procs), capture_output=True, text=True)
     if proc.returncode != 0 or not os.path.exists(out_path):
         errors = [line for line in proc.stderr.splitlines() if line.startswith("megatrain: error")]
@@ -105,19 +135,40 @@ def _run_in_processes(spec: dict, setting: Setting, procs: int, scratch: str) ->
         return json.load(fh)
 
 
-def run_bench(config_path: Optional[str], overrides: list[str], settings: list[Setting], *, out_dir: str,
-              stem: Optional[str] = None, warmup: int = 3, steps: int = 20, block: int = 5, breakdown_steps: int = 2,
-              profile_steps: int = 0, baseline: bool = True, plain: bool = True, plot: bool = False,
-              deepspeed_json: Optional[str] = None, command: Optional[str] = None, echo: bool = True,
-              clock: str = "wall", threads: Optional[int] = None) -> dict:
+def run_bench(
+    config_path: Optional[str],
+    overrides: list[str],
+    settings: list[Setting],
+    *,
+    out_dir: str,
+    stem: Optional[str] = None,
+    warmup: int = 3,
+    steps: int = 20,
+    block: int = 5,
+    breakdown_steps: int = 2,
+    profile_steps: int = 0,
+    baseline: bool = True,
+    plain: bool = True,
+    plot: bool = False,
+    deepspeed_json: Optional[str] = None,
+    command: Optional[str] = None,
+    echo: bool = True,
+    clock: str = "wall",
+    threads: Optional[int] = None,
+) -> dict:
     """Time every setting; write STEM.json / STEM.md (/ STEM.png) under out_dir; returns the result dict
     (with `paths`). Raises ConfigError (one line) for a bad option, config or setting before timing."""
     from megatrain.data import check_sources
     from megatrain.engine.deepspeed import check_deepspeed_for, init_distributed
     from megatrain.engine.trainer import resolve_config
 
-    for name, value, least in (("--steps", steps, 1), ("--warmup", warmup, 1), ("--block", block, 1),
-                               ("--breakdown-steps", breakdown_steps, 0), ("--profile", profile_steps, 0)):
+    for name, value, least in (
+        ("--steps", steps, 1),
+        ("--warmup", warmup, 1),
+        ("--block", block, 1),
+        ("--breakdown-steps", breakdown_steps, 0),
+        ("--profile", profile_steps, 0),
+    ):
         if value < least:
             raise ConfigError(f"{name} must be >= {least}, got {value}")
     if clock not in ("wall", "cpu"):
@@ -143,17 +194,36 @@ def run_bench(config_path: Optional[str], overrides: list[str], settings: list[S
         config_name = os.path.basename(config_path) if config_path else "defaults"
         device_kind = "gpu" if torch.cuda.is_available() else "cpu"
         stem = stem or f"bench-{os.path.splitext(config_name)[0]}-{device_kind}"
-        result = {"config": config_path, "config_name": config_name,
-                  "overrides": list(overrides), "device": device_name(), "versions": versions(),
-                  "command": command or "megatrain bench", "model": {"description": _model_description(base_cfg)},
-                  "base_config": base_cfg.to_dict(), "settings": []}
-        options = dict(warmup=warmup, steps=steps, block=block, breakdown_steps=breakdown_steps,
-                       profile_steps=profile_steps, baseline=baseline, plain=plain, clock=clock, threads=threads)
+        result = {
+            "config": config_path,
+            "config_name": config_name,
+            "overrides": list(overrides),
+            "device": device_name(),
+            "versions": versions(),
+            "command": command or "megatrain bench",
+            "model": {"description": _model_description(base_cfg)},
+            "base_config": base_cfg.to_dict(),
+            "settings": [],
+        }
+        options = dict(
+            warmup=warmup,
+            steps=steps,
+            block=block,
+            breakdown_steps=breakdown_steps,
+            profile_steps=profile_steps,
+            baseline=baseline,
+            plain=plain,
+            clock=clock,
+            threads=threads,
+        )
         env = None
         for i, (setting, cfg, procs, run_dir) in enumerate(planned):
             if echo:
-                print(f"bench: setting {i + 1}/{len(planned)} '{setting.label}' ({procs} process"
-                      f"{'es' if procs > 1 else ''})", flush=True)
+                print(
+                    f"bench: setting {i + 1}/{len(planned)} '{setting.label}' ({procs} process"
+                    f"{'es' if procs > 1 else ''})",
+                    flush=True,
+                )
             if procs == 1:
                 try:
                     with kernels_env(setting.kernels):
@@ -167,8 +237,14 @@ def run_bench(config_path: Optional[str], overrides: list[str], settings: list[S
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
             else:
-                spec = {"config": config_path, "overrides": list(overrides), "setting": setting.to_dict(),
-                        "run_dir": run_dir, "deepspeed": deepspeed_json, "options": options}
+                spec = {
+                    "config": config_path,
+                    "overrides": list(overrides),
+                    "setting": setting.to_dict(),
+                    "run_dir": run_dir,
+                    "deepspeed": deepspeed_json,
+                    "options": options,
+                }
                 scratch = os.path.join(scratch_root, f"spec-{i}")
                 os.makedirs(scratch)
                 record = _run_in_processes(spec, setting, procs, scratch)
@@ -183,8 +259,9 @@ def run_bench(config_path: Optional[str], overrides: list[str], settings: list[S
                 # What is measured so far, on disk: a long benchmark stopped midway still leaves its table.
                 write_results(result, out_dir, stem)
         if "params" not in result["model"]:
-            raise MegatrainError("every setting failed: " + "; ".join(
-                f"{s['label']}: {s['error']}" for s in result["settings"]))
+            raise MegatrainError(
+                "every setting failed: " + "; ".join(f"{s['label']}: {s['error']}" for s in result["settings"])
+            )
         result["paths"] = write_results(result, out_dir, stem, plot=plot)
         if echo:
             print(render_markdown(result), end="")

@@ -27,8 +27,16 @@ ALIASES: dict[str, str] = {
     "dtype": "train.dtype",
 }
 KERNEL_CHOICES = ("auto", "torch", "triton")
-_TRUE = {"1": "true", "true": "true", "yes": "true", "on": "true", "0": "false", "false": "false", "no": "false",
-         "off": "false"}
+_TRUE = {
+    "1": "true",
+    "true": "true",
+    "yes": "true",
+    "on": "true",
+    "0": "false",
+    "false": "false",
+    "no": "false",
+    "off": "false",
+}
 
 
 @dataclass
@@ -78,8 +86,10 @@ def parse_setting(text: str) -> Setting:
         elif "." in key:
             full = key
         else:
-            raise ConfigError(f"--settings '{text}': unknown key '{key}' (allowed: {', '.join(ALIASES)}, kernels, "
-                              f"procs, or a full config key such as train.dtype)")
+            raise ConfigError(
+                f"--settings '{text}': unknown key '{key}' (allowed: {', '.join(ALIASES)}, kernels, "
+                f"procs, or a full config key such as train.dtype)"
+            )
         overrides.append(f"{full}={value}")
     return Setting(label=text, overrides=overrides, kernels=kernels, procs=procs)
 

@@ -21,8 +21,9 @@ def worker_config(spec: dict):
     from megatrain.bench.run import setting_config
     from megatrain.bench.settings import Setting
 
-    return setting_config(spec["config"], spec["overrides"], Setting(**spec["setting"]), spec["run_dir"],
-                          spec["deepspeed"])
+    return setting_config(
+        spec["config"], spec["overrides"], Setting(**spec["setting"]), spec["run_dir"], spec["deepspeed"]
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -42,8 +43,11 @@ def main(argv: list[str]) -> int:
         record = measure_setting(cfg, env, **spec["options"])
     except MegatrainError as exc:
         rank = env_rank()
-        print("megatrain: error: " + str(exc) if rank == 0 else f"megatrain: error (rank {rank}): {exc}",
-              file=sys.stderr, flush=True)
+        print(
+            "megatrain: error: " + str(exc) if rank == 0 else f"megatrain: error (rank {rank}): {exc}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 2
     if env.is_main:
         with open(out_path + ".tmp", "w") as fh:

@@ -32,7 +32,13 @@ from typing import Any, Optional
 import megatrain.data.tasks  # noqa: F401  (registers the task:NAME source kind with sources)
 from megatrain.data.sampler import PackedBlocks
 from megatrain.data.sources import (
-    HubSource, Source, cache_dir, check_files, import_datasets, resolve_sources, source_kind,
+    HubSource,
+    Source,
+    cache_dir,
+    check_files,
+    import_datasets,
+    resolve_sources,
+    source_kind,
 )
 from megatrain.data.token_cache import TokenArray, build_token_cache, open_token_cache
 from megatrain.data.tokenizer import get_tokenizer
@@ -78,8 +84,9 @@ def check_sources(cfg) -> tuple[Optional[Source], Optional[Source]]:
     if val is not None:
         check_files(val, "data.val_source")
     if cfg.data.tokenizer != "auto" and not os.path.isfile(cfg.data.tokenizer):
-        raise DataError(f"data.tokenizer: file '{cfg.data.tokenizer}' does not exist (give a sentencepiece "
-                        f".model file or 'auto')")
+        raise DataError(
+            f"data.tokenizer: file '{cfg.data.tokenizer}' does not exist (give a sentencepiece .model file or 'auto')"
+        )
     return train, val
 
 

@@ -35,8 +35,17 @@ import numpy as np
 
 from megatrain.errors import DataError
 
-__all__ = ["RETRIEVAL_KINDS", "LongContextExample", "haystack_tokens", "retrieval_examples", "retrieval_document",
-           "load_jsonl", "jsonl_examples", "answer_correct", "CHOICE_LETTERS"]
+__all__ = [
+    "RETRIEVAL_KINDS",
+    "LongContextExample",
+    "haystack_tokens",
+    "retrieval_examples",
+    "retrieval_document",
+    "load_jsonl",
+    "jsonl_examples",
+    "answer_correct",
+    "CHOICE_LETTERS",
+]
 
 RETRIEVAL_KINDS = ("needle", "passkey", "multikey")
 CHOICE_LETTERS = "ABCDEFGHIJ"
@@ -94,11 +103,17 @@ def _needle(kind: str, rng: np.random.Generator, key: Optional[str] = None) -> t
     """(needle sentence, question, answer) texts."""
     if kind == "passkey":
         value = "".join(str(d) for d in rng.integers(0, 10, size=5))
-        return (f" The pass key is {value}. Remember it. {value} is the pass key.",
-                " What is the pass key? The pass key is", value)
+        return (
+            f" The pass key is {value}. Remember it. {value} is the pass key.",
+            " What is the pass key? The pass key is",
+            value,
+        )
     value = "".join(str(d) for d in rng.integers(0, 10, size=6))
-    return (f" The special magic number for the {key} is {value}.",
-            f" What is the special magic number for the {key}? The special magic number for the {key} is", value)
+    return (
+        f" The special magic number for the {key} is {value}.",
+        f" What is the special magic number for the {key}? The special magic number for the {key} is",
+        value,
+    )
 
 
 def _keys(rng: np.random.Generator, count: int) -> list[str]:
@@ -106,8 +121,16 @@ def _keys(rng: np.random.Generator, count: int) -> list[str]:
     return [f"{_COLOURS[i // len(_THINGS)]} {_THINGS[i % len(_THINGS)]}" for i in picks]
 
 
-def _compose(tokenizer, kind: str, rng: np.random.Generator, hay: np.ndarray, length: int, depth: float,
-             keys: int, min_filler: int = 0) -> tuple[list, list, str]:
+def _compose(
+    tokenizer,
+    kind: str,
+    rng: np.random.Generator,
+    hay: np.ndarray,
+    length: int,
+    depth: float,
+    keys: int,
+    min_filler: int = 0,
+) -> tuple[list, list, str]:
     """(context ids of exactly `length` tokens, question ids, answer) for one retrieval example
     (longer when the needles leave fewer than `min_filler` filler tokens)."""
     names = _keys(rng, keys if kind == "multikey" else 1) if kind != "passkey" else [None]
@@ -115,27 +138,30 @@ def _compose(tokenizer, kind: str, rng: np.random.Generator, hay: np.ndarray, le
     needle_ids = [tokenizer.encode(text) for text, _, _ in needles]
     filler = max(length - sum(len(ids) for ids in needle_ids), min_filler)
     if filler < 1:
-        raise DataError(f"ttt.task.context_lengths: {length} tokens cannot hold the {kind} needle(s) "
-                        f"({length - filler} tokens); use longer contexts")
+        raise DataError(
+            f"ttt.task.context_lengths: {length} tokens cannot hold the {kind} needle(s) "
+            f"({length - filler} tokens); use longer contexts"
+        )
     if filler >= len(hay):
         raise DataError(f"ttt.task.context_lengths: {length} tokens exceed the haystack ({len(hay)} tokens)")
     start = int(rng.integers(0, len(hay) - filler))
-    text = hay[start:start + filler].tolist()
+    text = hay[start : start + filler].tolist()
     # The queried needle (index 0) at `depth`; multikey distractors at random depths.
     depths = [depth] + [float(rng.random()) for _ in needle_ids[1:]]
     cuts = [int(round(d * filler)) for d in depths]
     order = sorted(range(len(needle_ids)), key=lambda i: (cuts[i], i))
     context, previous = [], 0
     for i in order:
-        context += text[previous:cuts[i]] + needle_ids[i]
+        context += text[previous : cuts[i]] + needle_ids[i]
         previous = cuts[i]
     context += text[previous:]
     _, question, answer = needles[0]
     return context, tokenizer.encode(question), answer
 
 
-def retrieval_examples(kind: str, tokenizer, *, length: int, depth: float, count: int, seed: int = 0,
-                       keys: int = 4, split: str = "val") -> list[LongContextExample]:
+def retrieval_examples(
+    kind: str, tokenizer, *, length: int, depth: float, count: int, seed: int = 0, keys: int = 4, split: str = "val"
+) -> list[LongContextExample]:
     """`count` retrieval examples of `kind` (needle | passkey | multikey) with contexts of exactly
     `length` tokens, the queried needle at `depth` in [0, 1], from the held-out novel (split "val").
 
@@ -143,7 +169,9 @@ def retrieval_examples(kind: str, tokenizer, *, length: int, depth: float, count
     i), so it does not depend on the other cells or on how many examples are asked for.
     """
     if kind not in RETRIEVAL_KINDS:
-        raise DataError(f"ttt.task.kind={kind!r} is not a retrieval task (allowed: {', '.join(RETRIEVAL_KINDS)}, jsonl)")
+        raise DataError(
+            f"ttt.task.kind={kind!r} is not a retrieval task (allowed: {', '.join(RETRIEVAL_KINDS)}, jsonl)"
+        )
     if not 0.0 <= depth <= 1.0:
         raise DataError(f"ttt.task.depths: {depth} is not in [0, 1]")
     hay = haystack_tokens(tokenizer, split)
@@ -155,8 +183,9 @@ def retrieval_examples(kind: str, tokenizer, *, length: int, depth: float, count
     return out
 
 
-def retrieval_document(kind: str, tokenizer, rng: np.random.Generator, length: int, keys: int = 4,
-                       split: str = "train") -> str:
+def retrieval_document(
+    kind: str, tokenizer, rng: np.random.Generator, length: int, keys: int = 4, split: str = "train"
+) -> str:
     """One training document for a retrieval task: a context of `length` tokens of the training
     novels (split "train": the held-out novel stays unseen) with the needle(s) at a random depth,
     then the question and its answer, as text (for pretraining through a jsonl source). The context
@@ -166,8 +195,14 @@ def retrieval_document(kind: str, tokenizer, rng: np.random.Generator, length: i
     return tokenizer.decode(context + question) + " " + answer + "."
 
 
-def load_jsonl(path: str, *, context_field: str = "context", question_field: str = "question",
-               answer_field: str = "answer", choices_field: Optional[str] = "choices") -> list[dict]:
+def load_jsonl(
+    path: str,
+    *,
+    context_field: str = "context",
+    question_field: str = "question",
+    answer_field: str = "answer",
+    choices_field: Optional[str] = "choices",
+) -> list[dict]:
     """Records {context, question, answer, choices (list or None)} of a jsonl file, one per line.
 
     Raises DataError naming the file, the line and the missing field (ttt.task.*_field keys).
@@ -176,17 +211,29 @@ def load_jsonl(path: str, *, context_field: str = "context", question_field: str
 
     out = []
     for number, record in read_jsonl_records(path, "ttt.task.path"):
-        for key, name in (("context_field", context_field), ("question_field", question_field),
-                          ("answer_field", answer_field)):
+        for key, name in (
+            ("context_field", context_field),
+            ("question_field", question_field),
+            ("answer_field", answer_field),
+        ):
             if name not in record:
-                raise DataError(f"ttt.task.{key}: '{path}' line {number} has no field '{name}' (fields: "
-                                f"{', '.join(record)})")
+                raise DataError(
+                    f"ttt.task.{key}: '{path}' line {number} has no field '{name}' (fields: {', '.join(record)})"
+                )
         choices = record.get(choices_field) if choices_field else None
         if choices is not None and (not isinstance(choices, list) or not 2 <= len(choices) <= len(CHOICE_LETTERS)):
-            raise DataError(f"ttt.task.choices_field: '{path}' line {number}: '{choices_field}' must be a list of "
-                            f"2..{len(CHOICE_LETTERS)} options")
-        out.append({"context": str(record[context_field]), "question": str(record[question_field]),
-                    "answer": record[answer_field], "choices": [str(c) for c in choices] if choices else None})
+            raise DataError(
+                f"ttt.task.choices_field: '{path}' line {number}: '{choices_field}' must be a list of "
+                f"2..{len(CHOICE_LETTERS)} options"
+            )
+        out.append(
+            {
+                "context": str(record[context_field]),
+                "question": str(record[question_field]),
+                "answer": record[answer_field],
+                "choices": [str(c) for c in choices] if choices else None,
+            }
+        )
     return out
 
 
@@ -194,13 +241,15 @@ def _choice_letter(answer, choices: list, where: str) -> str:
     if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
         return CHOICE_LETTERS[answer]
     text = str(answer).strip()
-    letters = CHOICE_LETTERS[:len(choices)]
+    letters = CHOICE_LETTERS[: len(choices)]
     if len(text) == 1 and text.upper() in letters:
         return text.upper()
     if text in choices:
         return letters[choices.index(text)]
-    raise DataError(f"ttt.task.answer_field: {where}: answer {answer!r} is neither a letter {letters[0]}-{letters[-1]}, "
-                    f"an option index nor one of the options")
+    raise DataError(
+        f"ttt.task.answer_field: {where}: answer {answer!r} is neither a letter {letters[0]}-{letters[-1]}, "
+        f"an option index nor one of the options"
+    )
 
 
 def jsonl_examples(records: Sequence[dict], tokenizer, length: int) -> list[LongContextExample]:
@@ -211,7 +260,7 @@ def jsonl_examples(records: Sequence[dict], tokenizer, length: int) -> list[Long
         ids = tokenizer.encode(record["context"])
         if len(ids) > length:
             head = length // 2
-            ids = ids[:head] + ids[len(ids) - (length - head):]
+            ids = ids[:head] + ids[len(ids) - (length - head) :]
         question = "\n\nQuestion: " + record["question"].strip()
         choices, answer = record["choices"], str(record["answer"]).strip()
         if choices:

@@ -47,12 +47,15 @@ class PackedBlocks:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         total = self.num_blocks_in(len(tokens), self.seq_len)
         if total < 1:
-            raise DataError(f"data.seq_len={self.seq_len} needs at least {self.seq_len + 1} tokens for one "
-                            f"block, but the token array has {len(tokens)}")
+            raise DataError(
+                f"data.seq_len={self.seq_len} needs at least {self.seq_len + 1} tokens for one "
+                f"block, but the token array has {len(tokens)}"
+            )
         end_block = total if end_block is None else end_block
         if not 0 <= start_block < end_block <= total:
-            raise ValueError(f"block range [{start_block}, {end_block}) is empty or outside the "
-                             f"{total} blocks of the token array")
+            raise ValueError(
+                f"block range [{start_block}, {end_block}) is empty or outside the {total} blocks of the token array"
+            )
         self.start_block = start_block
         self.end_block = end_block
 
@@ -70,7 +73,7 @@ class PackedBlocks:
         if not 0 <= index < len(self):
             raise IndexError(f"block {index} out of range for {len(self)} blocks")
         start = (self.start_block + index) * self.seq_len
-        return torch.from_numpy(np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int64))
+        return torch.from_numpy(np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int64))
 
     def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """`(inputs, labels)`, both int64 `[B, seq_len]`; labels are the inputs shifted left by one."""
@@ -100,18 +103,29 @@ class ResumableSampler:
         ValueError: GB not a multiple of micro_batch x dp_size, or out-of-range arguments.
     """
 
-    def __init__(self, num_blocks: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
-                 seed: int, consumed_samples: int = 0):
+    def __init__(
+        self,
+        num_blocks: int,
+        global_batch: int,
+        micro_batch: int,
+        dp_rank: int,
+        dp_size: int,
+        seed: int,
+        consumed_samples: int = 0,
+    ):
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         if micro_batch < 1 or dp_size < 1 or global_batch < 1:
-            raise ValueError(f"global_batch, micro_batch and dp_size must be >= 1, got "
-                             f"{global_batch}, {micro_batch}, {dp_size}")
+            raise ValueError(
+                f"global_batch, micro_batch and dp_size must be >= 1, got {global_batch}, {micro_batch}, {dp_size}"
+            )
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} is not in [0, dp_size={dp_size})")
         if global_batch % (micro_batch * dp_size):
-            raise ValueError(f"global_batch={global_batch} is not a multiple of micro_batch x dp_size = "
-                             f"{micro_batch} x {dp_size} = {micro_batch * dp_size}")
+            raise ValueError(
+                f"global_batch={global_batch} is not a multiple of micro_batch x dp_size = "
+                f"{micro_batch} x {dp_size} = {micro_batch * dp_size}"
+            )
         if consumed_samples < 0:
             raise ValueError(f"consumed_samples must be >= 0, got {consumed_samples}")
         self.num_blocks = int(num_blocks)
@@ -149,7 +163,7 @@ class ResumableSampler:
         while position < end:
             epoch, offset = divmod(position, self.num_blocks)
             take = min(end - position, self.num_blocks - offset)
-            out.extend(self._order(epoch)[offset:offset + take].tolist())
+            out.extend(self._order(epoch)[offset : offset + take].tolist())
             position += take
         return out
 
@@ -158,7 +172,7 @@ class ResumableSampler:
         per_rank = self.global_batch // self.dp_size
         mine = self.stream(self.consumed_samples + self.dp_rank * per_rank, per_rank)
         self.consumed_samples += self.global_batch
-        return [mine[i * self.micro_batch:(i + 1) * self.micro_batch] for i in range(self.grad_accum)]
+        return [mine[i * self.micro_batch : (i + 1) * self.micro_batch] for i in range(self.grad_accum)]
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples, "seed": self.seed, "num_blocks": self.num_blocks}
@@ -171,9 +185,11 @@ class ResumableSampler:
             DataError: the saved num_blocks differs (the training data or seq_len changed).
         """
         if int(state["num_blocks"]) != self.num_blocks:
-            raise DataError(f"checkpoint data position was saved for {state['num_blocks']} training blocks "
-                            f"but the data now has {self.num_blocks}: data.source, data.seq_len or the "
-                            f"tokenizer changed since the checkpoint")
+            raise DataError(
+                f"checkpoint data position was saved for {state['num_blocks']} training blocks "
+                f"but the data now has {self.num_blocks}: data.source, data.seq_len or the "
+                f"tokenizer changed since the checkpoint"
+            )
         self.seed = int(state["seed"])
         self.consumed_samples = int(state["consumed_samples"])
         self._orders.clear()

@@ -36,15 +36,31 @@ from typing import Any, Iterator, Optional, Protocol, Union
 from megatrain.errors import DataError
 
 __all__ = [
-    "HubSource", "Source", "SUPPORTED_EXTENSIONS", "GeneratedSourceKind", "register_source_kind", "source_kind",
-    "cache_dir", "resolve_sources", "check_files", "source_fingerprint", "describe_source", "import_datasets",
+    "HubSource",
+    "Source",
+    "SUPPORTED_EXTENSIONS",
+    "GeneratedSourceKind",
+    "register_source_kind",
+    "source_kind",
+    "cache_dir",
+    "resolve_sources",
+    "check_files",
+    "source_fingerprint",
+    "describe_source",
+    "import_datasets",
     "load_documents",
 ]
 
 SUPPORTED_EXTENSIONS = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".json", ".parquet")
 _TEXT_EXTENSIONS = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".json")  # checked for UTF-8
-_BUILDER_BY_EXTENSION = {".txt": "text", ".txt.gz": "text", ".jsonl": "json", ".jsonl.gz": "json",
-                         ".json": "json", ".parquet": "parquet"}
+_BUILDER_BY_EXTENSION = {
+    ".txt": "text",
+    ".txt.gz": "text",
+    ".jsonl": "json",
+    ".jsonl.gz": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+}
 _READ_CHUNK_BYTES = 1 << 20
 
 
@@ -178,7 +194,7 @@ def _embedded_files(key: str) -> list[str]:
 
 
 def _parse_hub(spec: str, key: str) -> HubSource:
-    parts = spec[len("hf:"):].split(":")
+    parts = spec[len("hf:") :].split(":")
     if not parts[0] or len(parts) > 2 or (len(parts) == 2 and not parts[1]):
         raise DataError(f"{key}: '{spec}' is not of the form hf:NAME or hf:NAME:SPLIT")
     return HubSource(parts[0], parts[1] if len(parts) == 2 else "train")
@@ -192,14 +208,17 @@ def _resolve_one(spec: str, key: str) -> list[str]:
             raise DataError(f"{key}: '{spec}' matches no files")
         bad = [p for p in matches if _extension(p) is None]
         if bad:
-            raise DataError(f"{key}: '{bad[0]}' (matched by '{spec}') has an unsupported extension "
-                            f"(allowed: {_allowed()})")
+            raise DataError(
+                f"{key}: '{bad[0]}' (matched by '{spec}') has an unsupported extension (allowed: {_allowed()})"
+            )
         return [os.path.abspath(p) for p in matches]
     if os.path.isdir(path):
         # Only the directory's own files: a directory tree is read with an explicit 'dir/**/*.jsonl'.
-        files = sorted(os.path.join(path, name) for name in os.listdir(path)
-                       if not name.startswith(".") and _extension(name) is not None
-                       and os.path.isfile(os.path.join(path, name)))
+        files = sorted(
+            os.path.join(path, name)
+            for name in os.listdir(path)
+            if not name.startswith(".") and _extension(name) is not None and os.path.isfile(os.path.join(path, name))
+        )
         if not files:
             raise DataError(f"{key}: directory '{spec}' has no {_allowed()} files")
         return files
@@ -230,8 +249,10 @@ def resolve_sources(source: Any, key: str = "data.source") -> Source:
     files: list[str] = []
     for item in items:
         if not isinstance(item, (str, os.PathLike)):
-            raise DataError(f"{key}: {item!r} is not a path (expected 'embedded', a file, a glob, a "
-                            f"directory, a list of these, or 'hf:NAME[:SPLIT]')")
+            raise DataError(
+                f"{key}: {item!r} is not a path (expected 'embedded', a file, a glob, a "
+                f"directory, a list of these, or 'hf:NAME[:SPLIT]')"
+            )
         item = os.fspath(item)
         if item.startswith("hf:"):
             raise DataError(f"{key}: a hub dataset ('{item}') cannot be mixed with other sources in a list")
@@ -387,20 +408,24 @@ def _load_group(datasets, builder: str, files: list[str], hf_cache: str):
 
 def _texts(ds, text_field: str, origin: str) -> Iterator[str]:
     if text_field not in ds.column_names:
-        raise DataError(f"field '{text_field}' (data.text_field) is not in {origin} "
-                        f"(fields present: {', '.join(ds.column_names) or 'none'})")
+        raise DataError(
+            f"field '{text_field}' (data.text_field) is not in {origin} "
+            f"(fields present: {', '.join(ds.column_names) or 'none'})"
+        )
     dtype = getattr(ds.features[text_field], "dtype", None)
     if dtype not in ("string", "large_string"):
-        raise DataError(f"field '{text_field}' (data.text_field) of {origin} holds {dtype or 'non-text'} "
-                        f"values, not text")
+        raise DataError(
+            f"field '{text_field}' (data.text_field) of {origin} holds {dtype or 'non-text'} values, not text"
+        )
     for batch in ds.select_columns([text_field]).iter(batch_size=256):
         for text in batch[text_field]:
             if text:
                 yield text
 
 
-def load_documents(source: Union[Source, str], text_field: str = "text",
-                   cache_root: Optional[str] = None) -> Iterator[str]:
+def load_documents(
+    source: Union[Source, str], text_field: str = "text", cache_root: Optional[str] = None
+) -> Iterator[str]:
     """Yield the documents of a source, in order, through the `datasets` library.
 
     A .txt/.txt.gz file is one document (the "text" builder with sample_by="document"; `\\r\\n`

@@ -43,9 +43,25 @@ from megatrain.constants import IGNORE_INDEX
 from megatrain.data.sources import register_source_kind
 from megatrain.errors import ConfigError
 
-__all__ = ["TASKS", "PREFIX", "PAD", "BOS", "SEP", "QUERY", "NUM_SPECIAL", "task_name", "task_vocab_size",
-           "required_seq_len", "generate", "TaskTokenizer", "TaskBlocks", "TaskSources", "TASK_SOURCES",
-           "exact_match_counts", "evaluate_exact_match"]
+__all__ = [
+    "TASKS",
+    "PREFIX",
+    "PAD",
+    "BOS",
+    "SEP",
+    "QUERY",
+    "NUM_SPECIAL",
+    "task_name",
+    "task_vocab_size",
+    "required_seq_len",
+    "generate",
+    "TaskTokenizer",
+    "TaskBlocks",
+    "TaskSources",
+    "TASK_SOURCES",
+    "exact_match_counts",
+    "evaluate_exact_match",
+]
 
 TASKS = ("multikey", "multihop")
 PAD, BOS, SEP, QUERY = 0, 1, 2, 3
@@ -60,7 +76,7 @@ def _allowed_sources() -> str:
 
 def task_name(source: str) -> str:
     """'task:multikey' -> 'multikey' (ValueError for anything that is not a known task)."""
-    name = source[len(PREFIX) + 1:] if isinstance(source, str) and source.startswith(PREFIX + ":") else ""
+    name = source[len(PREFIX) + 1 :] if isinstance(source, str) and source.startswith(PREFIX + ":") else ""
     if name not in TASKS:
         raise ValueError(f"{source!r} is not a synthetic task (allowed: {_allowed_sources()})")
     return name
@@ -120,8 +136,9 @@ def generate(name: str, task_cfg, split: int, index: int) -> tuple[np.ndarray, n
         values = np.concatenate([chain[1:], rng.integers(0, symbols, size=pairs - hops)])
         order = rng.permutation(pairs)
         context = np.stack([keys[order], values[order]], axis=1).reshape(-1) + NUM_SPECIAL
-        tokens = np.concatenate([[BOS], context, _gap(name, task_cfg),
-                                 [QUERY, chain[0] + NUM_SPECIAL, chain[hops] + NUM_SPECIAL]])
+        tokens = np.concatenate(
+            [[BOS], context, _gap(name, task_cfg), [QUERY, chain[0] + NUM_SPECIAL, chain[hops] + NUM_SPECIAL]]
+        )
         return tokens.astype(np.int64), np.array([len(tokens) - 2], dtype=np.int64)
     raise ValueError(f"unknown task {name!r} (allowed: {', '.join(TASKS)})")
 
@@ -148,7 +165,9 @@ class TaskTokenizer:
         out = []
         for piece in text.split():
             if piece not in self._ids:
-                raise KeyError(f"'{piece}' is not in the task vocabulary (<pad> <bos> <sep> <query> s0..s{self.symbols - 1})")
+                raise KeyError(
+                    f"'{piece}' is not in the task vocabulary (<pad> <bos> <sep> <query> s0..s{self.symbols - 1})"
+                )
             out.append(self._ids[piece])
         return out
 
@@ -186,7 +205,7 @@ class TaskBlocks:
         """Sequence `index` as int64 [seq_len + 1], padded with <pad>."""
         tokens, _ = generate(self.name, self.task_cfg, self.split, self._check(index))
         block = np.full(self.seq_len + 1, PAD, dtype=np.int64)
-        block[:len(tokens)] = tokens
+        block[: len(tokens)] = tokens
         return torch.from_numpy(block)
 
     def batch(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
@@ -195,7 +214,7 @@ class TaskBlocks:
         labels = np.full((len(indices), self.seq_len), IGNORE_INDEX, dtype=np.int64)
         for row, index in enumerate(indices):
             tokens, answer_at = generate(self.name, self.task_cfg, self.split, self._check(index))
-            inputs[row, :len(tokens) - 1] = tokens[:-1]
+            inputs[row, : len(tokens) - 1] = tokens[:-1]
             labels[row, answer_at] = tokens[answer_at + 1]
         return torch.from_numpy(inputs), torch.from_numpy(labels)
 
@@ -204,7 +223,6 @@ class TaskBlocks:
         """Validation extras of a task split: `exact_match_counts` (the trainer reports
         val_exact_match and val_answer_acc from them)."""
         return exact_match_counts(logits, labels)
-
 
 
 class TaskSources:
@@ -224,8 +242,9 @@ class TaskSources:
         try:
             name = task_name(source)
         except ValueError:
-            raise ConfigError(f"data.source={source!r} is not a synthetic task (allowed: "
-                              f"{_allowed_sources()})") from None
+            raise ConfigError(
+                f"data.source={source!r} is not a synthetic task (allowed: {_allowed_sources()})"
+            ) from None
         for key in ("pairs", "queries", "hops", "symbols", "train_size", "val_size"):
             if getattr(t, key) < 1:
                 raise ConfigError(f"data.task.{key} must be >= 1, got {getattr(t, key)}")
@@ -235,8 +254,10 @@ class TaskSources:
             if t.queries > t.pairs:
                 raise ConfigError(f"data.task.queries={t.queries} exceeds data.task.pairs={t.pairs}")
             if t.symbols < 2 * t.pairs:
-                raise ConfigError(f"data.task.symbols={t.symbols} must be >= 2 x data.task.pairs={2 * t.pairs} "
-                                  f"(keys and values come from separate halves; keys are distinct)")
+                raise ConfigError(
+                    f"data.task.symbols={t.symbols} must be >= 2 x data.task.pairs={2 * t.pairs} "
+                    f"(keys and values come from separate halves; keys are distinct)"
+                )
         else:
             if t.hops > t.pairs:
                 raise ConfigError(f"data.task.hops={t.hops} exceeds data.task.pairs={t.pairs}")
@@ -244,8 +265,10 @@ class TaskSources:
                 raise ConfigError(f"data.task.symbols={t.symbols} must be > data.task.pairs={t.pairs}")
         need = required_seq_len(name, t)
         if data_cfg.seq_len < need:
-            raise ConfigError(f"data.seq_len={data_cfg.seq_len} is too short for {source} with these data.task "
-                              f"sizes: it needs >= {need}")
+            raise ConfigError(
+                f"data.seq_len={data_cfg.seq_len} is too short for {source} with these data.task "
+                f"sizes: it needs >= {need}"
+            )
 
     def vocab_size(self, data_cfg) -> int:
         return task_vocab_size(data_cfg.task)
@@ -279,8 +302,9 @@ def exact_match_counts(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate_exact_match(model, blocks: TaskBlocks, batch_size: int = 64, limit: Optional[int] = None,
-                         device=None) -> dict:
+def evaluate_exact_match(
+    model, blocks: TaskBlocks, batch_size: int = 64, limit: Optional[int] = None, device=None
+) -> dict:
     """Exact-match accuracy of `model` (input_ids [B, N] -> logits [B, N, V]) on `blocks`.
 
     Returns {"exact_match": fraction of sequences with every answer right, "answer_acc": fraction
@@ -298,5 +322,8 @@ def evaluate_exact_match(model, blocks: TaskBlocks, batch_size: int = 64, limit:
         total += exact_match_counts(model(inputs), labels).cpu()
     if was_training:
         model.train()
-    return {"exact_match": (total[0] / total[1]).item(), "answer_acc": (total[2] / total[3]).item(),
-            "sequences": int(total[1].item())}
+    return {
+        "exact_match": (total[0] / total[1]).item(),
+        "answer_acc": (total[2] / total[3]).item(),
+        "sequences": int(total[1].item()),
+    }

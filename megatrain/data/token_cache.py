@@ -35,8 +35,7 @@ def _token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def token_cache_path(source_files: Source, tokenizer: Tokenizer, cache_root: str,
-                     text_field: str = "text") -> str:
+def token_cache_path(source_files: Source, tokenizer: Tokenizer, cache_root: str, text_field: str = "text") -> str:
     """`<cache_root>/tokens/<key>.bin` for this source and tokenizer (whether or not it exists yet).
 
     key = sha256 of (the files' paths, sizes and mtimes in the order given, since order decides the
@@ -135,8 +134,7 @@ def _encoded_documents(documents: Iterator[str], tokenizer: Tokenizer) -> Iterat
         yield flush()
 
 
-def build_token_cache(source_files: Source, tokenizer: Tokenizer, cache_root: str,
-                      text_field: str = "text") -> str:
+def build_token_cache(source_files: Source, tokenizer: Tokenizer, cache_root: str, text_field: str = "text") -> str:
     """Tokenise every document of the source into a flat token array; return its `.bin` path.
 
     Writes `<cache_root>/tokens/<key>.bin` (uint16 when the vocabulary fits, else uint32; EOS after
@@ -151,8 +149,7 @@ def build_token_cache(source_files: Source, tokenizer: Tokenizer, cache_root: st
         DataError: the source yields no text, or the tokenizer has no EOS id.
     """
     if tokenizer.eos_id < 0:
-        raise DataError(f"tokenizer '{tokenizer.path}' has no EOS piece, which token arrays need "
-                        f"between documents")
+        raise DataError(f"tokenizer '{tokenizer.path}' has no EOS piece, which token arrays need between documents")
     bin_path = token_cache_path(source_files, tokenizer, cache_root, text_field)
     if _read_valid_meta(bin_path) is not None:
         return bin_path
@@ -221,8 +218,9 @@ class TokenArray:
         return f"TokenArray('{self.path}', num_tokens={len(self)}, dtype={self.dtype.name})"
 
 
-def open_token_cache(source_files: Source, tokenizer: Tokenizer, cache_root: str, text_field: str = "text",
-                     key: str = "data.source") -> TokenArray:
+def open_token_cache(
+    source_files: Source, tokenizer: Tokenizer, cache_root: str, text_field: str = "text", key: str = "data.source"
+) -> TokenArray:
     """The TokenArray `build_token_cache` wrote for this source and tokenizer (cheap, every rank).
 
     Raises:
@@ -230,6 +228,5 @@ def open_token_cache(source_files: Source, tokenizer: Tokenizer, cache_root: str
     """
     path = token_cache_path(source_files, tokenizer, cache_root, text_field)
     if _read_valid_meta(path) is None:
-        raise DataError(f"{key}: no token cache at '{path}'; run data preparation "
-                        f"(megatrain.data.prepare_data) first")
+        raise DataError(f"{key}: no token cache at '{path}'; run data preparation (megatrain.data.prepare_data) first")
     return TokenArray(path)

@@ -133,19 +133,23 @@ def _training_sentences(documents: Iterator[str]) -> Iterator[str]:
             if not line.strip():
                 continue
             for start in range(0, len(line), _TRAIN_LINE_CHARS):
-                yield line[start:start + _TRAIN_LINE_CHARS]
+                yield line[start : start + _TRAIN_LINE_CHARS]
 
 
 def _vocab_error(message: str, vocab_size: int) -> Optional[DataError]:
     """Sentencepiece's complaint about the vocabulary size, as one line for the user (None if other)."""
     too_high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message)
     if too_high:
-        return DataError(f"tokenizer vocab_size={vocab_size} is too large for the training text "
-                         f"(it supports at most {too_high.group(2)}); lower data.vocab_size or add text")
+        return DataError(
+            f"tokenizer vocab_size={vocab_size} is too large for the training text "
+            f"(it supports at most {too_high.group(2)}); lower data.vocab_size or add text"
+        )
     too_low = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", message)
     if too_low:
-        return DataError(f"tokenizer vocab_size={vocab_size} is too small for the training text "
-                         f"(it needs at least {too_low.group(2)}); raise data.vocab_size")
+        return DataError(
+            f"tokenizer vocab_size={vocab_size} is too small for the training text "
+            f"(it needs at least {too_low.group(2)}); raise data.vocab_size"
+        )
     return None
 
 
@@ -165,9 +169,14 @@ def _write_atomically(path: str, data: bytes) -> None:
             os.remove(tmp)
 
 
-def train_tokenizer(files: Source, model_prefix: str, vocab_size: int,
-                    model_type: str = "bpe", text_field: str = "text",
-                    cache_root: Optional[str] = None) -> str:
+def train_tokenizer(
+    files: Source,
+    model_prefix: str,
+    vocab_size: int,
+    model_type: str = "bpe",
+    text_field: str = "text",
+    cache_root: Optional[str] = None,
+) -> str:
     """Train a sentencepiece model on the documents of `files` and return the `.model` path.
 
     Args:
@@ -206,7 +215,10 @@ def train_tokenizer(files: Source, model_prefix: str, vocab_size: int,
             model_prefix="",  # trained in memory; keeps temp names out of the model's bytes
             vocab_size=vocab_size,
             model_type=model_type,
-            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=PAD_ID,
             byte_fallback=True,
             character_coverage=0.9995,  # rare characters become bytes instead of taking pieces
             normalization_rule_name="identity",
@@ -222,14 +234,15 @@ def train_tokenizer(files: Source, model_prefix: str, vocab_size: int,
         )
     except RuntimeError as exc:
         message = str(exc)
-        raise (_vocab_error(message, vocab_size)
-               or DataError(f"tokenizer training failed: {message.strip().splitlines()[-1]}")) from None
+        raise (
+            _vocab_error(message, vocab_size)
+            or DataError(f"tokenizer training failed: {message.strip().splitlines()[-1]}")
+        ) from None
 
     proto = model.getvalue()
     processor = spm.SentencePieceProcessor()
     processor.LoadFromSerializedProto(proto)
-    vocab = "".join(f"{processor.IdToPiece(i)}\t{processor.GetScore(i):g}\n"
-                    for i in range(processor.GetPieceSize()))
+    vocab = "".join(f"{processor.IdToPiece(i)}\t{processor.GetScore(i):g}\n" for i in range(processor.GetPieceSize()))
     model_prefix = os.path.abspath(os.path.expanduser(model_prefix))
     os.makedirs(os.path.dirname(model_prefix), exist_ok=True)
     _write_atomically(model_prefix + ".vocab", vocab.encode("utf-8"))
@@ -255,8 +268,7 @@ def tokenizer_cache_path(data_cfg, train_files: Source) -> str:
     return os.path.join(cache_dir(data_cfg), "tokenizers", f"{key}.model")
 
 
-def get_tokenizer(data_cfg, train_files: Source, *,
-                  allow_train: bool = True) -> Tokenizer:
+def get_tokenizer(data_cfg, train_files: Source, *, allow_train: bool = True) -> Tokenizer:
     """The run's tokenizer: data.tokenizer's file, or for "auto" the cached one trained on train_files.
 
     With "auto", the tokenizer is trained once and cached (see `tokenizer_cache_path`); later calls
@@ -267,9 +279,16 @@ def get_tokenizer(data_cfg, train_files: Source, *,
     path = tokenizer_cache_path(data_cfg, train_files)
     if not os.path.isfile(path):
         if not allow_train:
-            raise DataError(f"data.tokenizer=auto: no tokenizer trained yet for data.source (expected "
-                            f"'{path}'); run data preparation (megatrain.data.prepare_data) first")
-        train_tokenizer(train_files, path[: -len(".model")], data_cfg.vocab_size,
-                        model_type=data_cfg.tokenizer_type, text_field=data_cfg.text_field,
-                        cache_root=cache_dir(data_cfg))
+            raise DataError(
+                f"data.tokenizer=auto: no tokenizer trained yet for data.source (expected "
+                f"'{path}'); run data preparation (megatrain.data.prepare_data) first"
+            )
+        train_tokenizer(
+            train_files,
+            path[: -len(".model")],
+            data_cfg.vocab_size,
+            model_type=data_cfg.tokenizer_type,
+            text_field=data_cfg.text_field,
+            cache_root=cache_dir(data_cfg),
+        )
     return Tokenizer(path)

@@ -37,7 +37,9 @@ def model_counts(model_cfg, seq_len: int) -> tuple[int, int]:
     return model.num_params(non_embedding=False), model.flops_per_token(seq_len)
 
 
-def build_model(cfg, model_cfg, groups, initial_state: Optional[dict] = None, source: Optional[str] = None) -> Transformer:
+def build_model(
+    cfg, model_cfg, groups, initial_state: Optional[dict] = None, source: Optional[str] = None
+) -> Transformer:
     """This rank's part of the run's model (`cfg`: the run Config; `model_cfg`: its resolved ModelConfig
     with vocab_size set; `groups`: megatrain.parallel.groups.ParallelGroups). Collective.
 
@@ -69,11 +71,17 @@ def _check_initial_state(meta_model: Transformer, state: dict, source: Optional[
     expected = {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k} {tuple(state[k].shape)} != {expected[k]}" for k in expected if k in state
-             and tuple(state[k].shape) != expected[k]]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {expected[k]}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != expected[k]
+    ]
     if missing or unexpected or wrong:
-        parts = [f"{what}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
-                 for what, items in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)) if items]
+        parts = [
+            f"{what}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+            for what, items in (("missing", missing), ("unexpected", unexpected), ("shape", wrong))
+            if items
+        ]
         raise CheckpointError(f"'{source}' does not match the model config ({'; '.join(parts)})")
 
 
@@ -140,9 +148,11 @@ def _full_size_stand_in(module: torch.nn.Module) -> torch.nn.Module:
     It shares the module's buffers and children; only `_parameters` is its own."""
     stand_in = copy.copy(module)
     stand_in.__dict__["_parameters"] = {
-        key: None if p is None else torch.nn.Parameter(torch.empty(p.ds_shape, dtype=torch.float32),
-                                                       requires_grad=False)
-        for key, p in module._parameters.items()}
+        key: None
+        if p is None
+        else torch.nn.Parameter(torch.empty(p.ds_shape, dtype=torch.float32), requires_grad=False)
+        for key, p in module._parameters.items()
+    }
     return stand_in
 
 
@@ -155,10 +165,14 @@ def _keep_partition(param: torch.nn.Parameter, full: torch.Tensor) -> None:
     import torch.distributed as dist
 
     part = param.ds_tensor
-    if getattr(param, "ds_secondary_tensor", None) is not None or part.numel() * dist.get_world_size(
-            group=param.ds_process_group) < param.ds_numel:
-        raise RuntimeError("ZeRO-3 build: unexpected partition layout (hierarchical partitioning or offload "
-                           "to NVMe is not configured by megatrain)")
+    if (
+        getattr(param, "ds_secondary_tensor", None) is not None
+        or part.numel() * dist.get_world_size(group=param.ds_process_group) < param.ds_numel
+    ):
+        raise RuntimeError(
+            "ZeRO-3 build: unexpected partition layout (hierarchical partitioning or offload "
+            "to NVMe is not configured by megatrain)"
+        )
     flat = full.reshape(-1)
     start = part.numel() * dist.get_rank(group=param.ds_process_group)
     count = max(0, min(part.numel(), param.ds_numel - start))

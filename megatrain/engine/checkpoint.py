@@ -48,8 +48,7 @@ PARTIAL_SUFFIX = ".partial"  # a checkpoint being written; never named by `lates
 
 # Model-config keys that must match for a checkpoint to load into a model.
 # The model keys a checkpoint must share with the run that loads it (the rest may differ).
-MODEL_KEYS = ("dim", "layers", "heads", "kv_heads", "vocab_size", "ffn_dim", "tie_embeddings", "linear",
-               "attention")
+MODEL_KEYS = ("dim", "layers", "heads", "kv_heads", "vocab_size", "ffn_dim", "tie_embeddings", "linear", "attention")
 
 
 def checkpoint_root(run_dir: str) -> str:
@@ -102,8 +101,11 @@ def newest_checkpoint(run_dir: str) -> Optional[tuple[int, str]]:
 def _is_own_file(rel: str) -> bool:
     """megatrain's own files of a checkpoint (checksummed); DeepSpeed's are checked by size only."""
     name = os.path.basename(rel)
-    return rel == WEIGHTS_FILE or rel == "tokenizer.model" or (name.startswith("rng_rank") and name.endswith(".pt")
-                                                               and os.path.dirname(rel) == "")
+    return (
+        rel == WEIGHTS_FILE
+        or rel == "tokenizer.model"
+        or (name.startswith("rng_rank") and name.endswith(".pt") and os.path.dirname(rel) == "")
+    )
 
 
 def _manifest(path: str) -> tuple[dict, dict]:
@@ -140,7 +142,8 @@ def find_resume_checkpoint(run_dir: str, resume) -> Optional[str]:
         if tag is not None:
             raise CheckpointError(
                 f"run.dir '{run_dir}' already holds checkpoints (latest: {tag}); pass --resume to continue "
-                f"it or choose another run.dir")
+                f"it or choose another run.dir"
+            )
         return None
     if resume is True:
         tag = read_latest(root)
@@ -166,7 +169,9 @@ def read_meta(path: str, checksums: bool = False) -> dict:
         with open(meta_path, encoding="utf-8") as fh:
             meta = json.load(fh)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"checkpoint '{path}' is corrupt: {META_FILE} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
+        raise CheckpointError(
+            f"checkpoint '{path}' is corrupt: {META_FILE} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})"
+        ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint '{path}' has an unknown format (expected megatrain format {FORMAT_VERSION})")
     for rel, size in meta.get("files", {}).items():
@@ -174,13 +179,16 @@ def read_meta(path: str, checksums: bool = False) -> dict:
         if not os.path.isfile(full):
             raise CheckpointError(f"checkpoint '{path}' is incomplete: file '{rel}' is missing{_fallback_hint(path)}")
         if os.path.getsize(full) != size:
-            raise CheckpointError(f"checkpoint '{path}' is corrupt: file '{rel}' has {os.path.getsize(full)} bytes, "
-                                  f"expected {size}{_fallback_hint(path)}")
+            raise CheckpointError(
+                f"checkpoint '{path}' is corrupt: file '{rel}' has {os.path.getsize(full)} bytes, "
+                f"expected {size}{_fallback_hint(path)}"
+            )
     if checksums:
         for rel, digest in meta.get("checksums", {}).items():
             if sha256_file(os.path.join(path, rel)) != digest:
-                raise CheckpointError(f"checkpoint '{path}' is corrupt: file '{rel}' fails its sha256 check"
-                                      f"{_fallback_hint(path)}")
+                raise CheckpointError(
+                    f"checkpoint '{path}' is corrupt: file '{rel}' fails its sha256 check{_fallback_hint(path)}"
+                )
     return meta
 
 
@@ -213,8 +221,9 @@ def _step_dirs(root: str) -> list:
     return sorted((step, name) for step, name in found if step is not None and os.path.isdir(os.path.join(root, name)))
 
 
-def needs_reshard(meta: dict, path: str, model_cfg, zero_stage: int, dp_size: int, tensor: int,
-                  pipeline: int = 1) -> bool:
+def needs_reshard(
+    meta: dict, path: str, model_cfg, zero_stage: int, dp_size: int, tensor: int, pipeline: int = 1
+) -> bool:
     """Whether checkpoint `path` (its megatrain.json `meta`) must be resharded to load into this run.
 
     True when its layout (parallel.tensor, or the data-parallel size under ZeRO) differs from this
@@ -224,17 +233,26 @@ def needs_reshard(meta: dict, path: str, model_cfg, zero_stage: int, dp_size: in
     check_model(meta, path, model_cfg)
     layout = meta["layout"]
     if layout["zero_stage"] != zero_stage:
-        raise CheckpointError(f"checkpoint '{path}' was written with parallel.zero_stage={layout['zero_stage']}, this "
-                              f"run has {zero_stage}; resume with the same ZeRO stage")
+        raise CheckpointError(
+            f"checkpoint '{path}' was written with parallel.zero_stage={layout['zero_stage']}, this "
+            f"run has {zero_stage}; resume with the same ZeRO stage"
+        )
     if layout.get("pipeline", 1) != pipeline:
-        raise CheckpointError(f"checkpoint '{path}' was written with parallel.pipeline={layout.get('pipeline', 1)}, "
-                              f"this run has {pipeline}; resume with the same number of pipeline stages")
+        raise CheckpointError(
+            f"checkpoint '{path}' was written with parallel.pipeline={layout.get('pipeline', 1)}, "
+            f"this run has {pipeline}; resume with the same number of pipeline stages"
+        )
     reshard = layout["tensor"] != tensor or (zero_stage > 0 and layout["dp"] != dp_size)
     if reshard and zero_stage not in (1, 2):
-        change = (f"parallel.tensor={layout['tensor']} to {tensor}" if layout["tensor"] != tensor
-                  else f"{layout['dp']} to {dp_size} data-parallel ranks")
-        raise CheckpointError(f"checkpoint '{path}' was written at ZeRO stage {zero_stage}; changing the layout "
-                              f"({change}) needs parallel.zero_stage=1 or 2 (DeepSpeed universal checkpoints)")
+        change = (
+            f"parallel.tensor={layout['tensor']} to {tensor}"
+            if layout["tensor"] != tensor
+            else f"{layout['dp']} to {dp_size} data-parallel ranks"
+        )
+        raise CheckpointError(
+            f"checkpoint '{path}' was written at ZeRO stage {zero_stage}; changing the layout "
+            f"({change}) needs parallel.zero_stage=1 or 2 (DeepSpeed universal checkpoints)"
+        )
     return reshard
 
 
@@ -245,17 +263,23 @@ def check_model(meta: dict, path: str, model_cfg) -> None:
     current = dataclasses.asdict(model_cfg)
     for key in MODEL_KEYS:
         if saved.get(key) != current.get(key):
-            raise CheckpointError(f"checkpoint '{path}' was written with model.{key}={saved.get(key)!r} but this run "
-                                  f"has model.{key}={current.get(key)!r}")
+            raise CheckpointError(
+                f"checkpoint '{path}' was written with model.{key}={saved.get(key)!r} but this run "
+                f"has model.{key}={current.get(key)!r}"
+            )
     for key, value in (saved.get("lowrank") or {}).items():  # model.lowrank.* (absent in older checkpoints)
         if value != current.get("lowrank", {}).get(key):
-            raise CheckpointError(f"checkpoint '{path}' was written with model.lowrank.{key}={value!r} but this run "
-                                  f"has model.lowrank.{key}={current.get('lowrank', {}).get(key)!r}")
+            raise CheckpointError(
+                f"checkpoint '{path}' was written with model.lowrank.{key}={value!r} but this run "
+                f"has model.lowrank.{key}={current.get('lowrank', {}).get(key)!r}"
+            )
     if saved.get("attention") == "iha":  # model.iha.* that change the model's math (tp_mode does not)
         for key, value in (saved.get("iha") or {}).items():
             if key != "tp_mode" and value != current.get("iha", {}).get(key):
-                raise CheckpointError(f"checkpoint '{path}' was written with model.iha.{key}={value!r} but this run "
-                                      f"has model.iha.{key}={current.get('iha', {}).get(key)!r}")
+                raise CheckpointError(
+                    f"checkpoint '{path}' was written with model.iha.{key}={value!r} but this run "
+                    f"has model.iha.{key}={current.get('iha', {}).get(key)!r}"
+                )
 
 
 def check_tokenizer(data_tokenizer: str, tokenizer_file: Optional[str], source: str) -> None:
@@ -272,16 +296,24 @@ def checkpoint_meta(model_cfg, layout: dict, *, seq_len: int, seed: int, tokeniz
     """megatrain.json's description of a checkpoint (save_checkpoint adds step, format and the manifest):
     the model config, the parallel `layout` ({world_size, dp, tensor, zero_stage}), the sequence length,
     the seed, the tokenizer's path, and what the job adds (`extra`: the data position, the RL start)."""
-    return {"model": dataclasses.asdict(model_cfg), "layout": dict(layout), "seq_len": seq_len, "seed": seed,
-            "tokenizer": tokenizer, **extra}
+    return {
+        "model": dataclasses.asdict(model_cfg),
+        "layout": dict(layout),
+        "seq_len": seq_len,
+        "seed": seed,
+        "tokenizer": tokenizer,
+        **extra,
+    }
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(),
-             "python": torch.tensor(list(random.getstate()[1]), dtype=torch.int64),
-             "python_pos": random.getstate()[2],
-             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-             "numpy_pos": int(np.random.get_state()[2])}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": torch.tensor(list(random.getstate()[1]), dtype=torch.int64),
+        "python_pos": random.getstate()[2],
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": int(np.random.get_state()[2]),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -295,8 +327,19 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(engine, *, run_dir: str, step: int, client_state: dict, meta: dict, keep: int,
-                    rank: int, tokenizer_path: Optional[str] = None, groups=None, model_cfg=None) -> str:
+def save_checkpoint(
+    engine,
+    *,
+    run_dir: str,
+    step: int,
+    client_state: dict,
+    meta: dict,
+    keep: int,
+    rank: int,
+    tokenizer_path: Optional[str] = None,
+    groups=None,
+    model_cfg=None,
+) -> str:
     """Collective: every rank calls it. Returns the checkpoint directory.
 
     With tensor parallelism (`groups`, `model_cfg`), model.safetensors holds the joined full weights.
@@ -336,16 +379,21 @@ def save_checkpoint(engine, *, run_dir: str, step: int, client_state: dict, meta
     if rank == 0:
         try:
             sizes, checksums = _manifest(partial)
-            write_atomic(os.path.join(partial, META_FILE),
-                         json.dumps({**meta, "format": FORMAT_VERSION, "step": step, "files": sizes,
-                                     "checksums": checksums}, indent=1), fsync=True)
+            write_atomic(
+                os.path.join(partial, META_FILE),
+                json.dumps(
+                    {**meta, "format": FORMAT_VERSION, "step": step, "files": sizes, "checksums": checksums}, indent=1
+                ),
+                fsync=True,
+            )
             if os.path.isdir(path):
                 shutil.rmtree(path)  # written by a run that crashed before naming it `latest`
             os.replace(partial, path)
             fsync_path(root)
             fault_point("ckpt_commit", step, rank)
-            write_atomic(os.path.join(root, "latest"), tag, fsync=True,
-                         before_replace=lambda: fault_point("latest", step, rank))
+            write_atomic(
+                os.path.join(root, "latest"), tag, fsync=True, before_replace=lambda: fault_point("latest", step, rank)
+            )
         except OSError as exc:
             if read_latest(root) != tag:  # not committed: the previous checkpoint stays latest
                 error = exc
@@ -375,8 +423,10 @@ def _raise_if_any_failed(error: Optional[OSError], rank: int, tag: str, root: st
     previous = read_latest(root)
     kept = f"'{os.path.join(root, previous)}' is kept as latest" if previous else "no earlier checkpoint exists"
     r, m = failed[0]
-    exc = CheckpointError(f"saving checkpoint {tag} failed on rank {r} ({m}); {kept}; free space or fix "
-                          f"permissions under '{root}' and resume with --resume")
+    exc = CheckpointError(
+        f"saving checkpoint {tag} failed on rank {r} ({m}); {kept}; free space or fix "
+        f"permissions under '{root}' and resume with --resume"
+    )
     exc.same_on_every_rank = True  # the CLI prints it once, on rank 0
     raise exc
 
@@ -414,7 +464,9 @@ def _full_tensors(module: torch.nn.Module) -> dict:
     for mod_name, mod in module.named_modules():  # persistent buffers too (SLTrain's sparse support)
         for buf_name, buf in mod.named_buffers(recurse=False):
             if buf is not None and buf_name not in mod._non_persistent_buffers_set:
-                tensors[f"{mod_name}.{buf_name}" if mod_name else buf_name] = buf.detach().to("cpu", copy=True).contiguous()
+                tensors[f"{mod_name}.{buf_name}" if mod_name else buf_name] = (
+                    buf.detach().to("cpu", copy=True).contiguous()
+                )
     return tensors
 
 
@@ -449,8 +501,10 @@ def _gather_pipeline(module: torch.nn.Module, rank: int, groups, model_cfg) -> O
 
             params = {transformer_name(k, layers): p for k, p in module.named_parameters()}
             specs = shard_specs(list(local), model_cfg, groups.tp_size)
-            local = {name: t if specs[name][0] is None else join_tensor_parallel(params[name], *specs[name], groups)
-                     for name, t in local.items()}
+            local = {
+                name: t if specs[name][0] is None else join_tensor_parallel(params[name], *specs[name], groups)
+                for name, t in local.items()
+            }
         stage = local if groups.tp_rank == 0 else None
     parts = [None] * dist.get_world_size() if rank == 0 else None
     dist.gather_object(stage, parts, dst=0)
@@ -497,8 +551,9 @@ def load_checkpoint(engine, path: str, rank: int) -> dict:
     """Load DeepSpeed state and this rank's RNG from checkpoint dir `path`; returns the client state."""
     root, tag = os.path.split(os.path.normpath(path))
     try:
-        load_path, client_state = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
-                                                         load_lr_scheduler_states=False)
+        load_path, client_state = engine.load_checkpoint(
+            root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
     except CheckpointError:
         raise
     except Exception as exc:  # DeepSpeed raises many types for truncated/garbled files
@@ -511,5 +566,7 @@ def load_checkpoint(engine, path: str, rank: int) -> dict:
         try:
             _set_rng_state(torch.load(rng_path, weights_only=True))
         except Exception as exc:
-            raise CheckpointError(f"checkpoint '{path}': '{os.path.basename(rng_path)}' is corrupt ({type(exc).__name__})") from None
+            raise CheckpointError(
+                f"checkpoint '{path}': '{os.path.basename(rng_path)}' is corrupt ({type(exc).__name__})"
+            ) from None
     return client_state or {}

@@ -22,9 +22,24 @@ class Checkpointer:
     Collective: every rank calls `save` at the same steps.
     """
 
-    def __init__(self, engine, *, run_dir: str, every: int, keep: int, env, groups, model_cfg, parallel,
-                 seq_len: int, seed: int, tokenizer_path: Optional[str], state: Callable[[], dict],
-                 meta: Callable[[], dict] = dict, watchdog=None):
+    def __init__(
+        self,
+        engine,
+        *,
+        run_dir: str,
+        every: int,
+        keep: int,
+        env,
+        groups,
+        model_cfg,
+        parallel,
+        seq_len: int,
+        seed: int,
+        tokenizer_path: Optional[str],
+        state: Callable[[], dict],
+        meta: Callable[[], dict] = dict,
+        watchdog=None,
+    ):
         self.engine, self.run_dir, self.every, self.keep = engine, run_dir, every, keep
         self.env, self.groups, self.model_cfg, self.parallel = env, groups, model_cfg, parallel
         self.seq_len, self.seed, self.tokenizer_path = seq_len, seed, tokenizer_path
@@ -39,12 +54,26 @@ class Checkpointer:
             return None
         if self.watchdog is not None:
             self.watchdog.phase("checkpoint save", step)
-        layout = {"world_size": self.env.world_size, "dp": self.groups.dp_size, "tensor": self.parallel.tensor,
-                  "zero_stage": self.parallel.zero_stage}
+        layout = {
+            "world_size": self.env.world_size,
+            "dp": self.groups.dp_size,
+            "tensor": self.parallel.tensor,
+            "zero_stage": self.parallel.zero_stage,
+        }
         if getattr(self.parallel, "pipeline", 1) > 1:
             layout["pipeline"] = self.parallel.pipeline
-        meta = checkpoint_meta(self.model_cfg, layout, seq_len=self.seq_len, seed=self.seed,
-                               tokenizer=self.tokenizer_path, **self.meta())
-        return save_checkpoint(self.engine, run_dir=self.run_dir, step=step, client_state=self.state(), meta=meta,
-                               keep=self.keep, rank=self.env.rank, tokenizer_path=self.tokenizer_path,
-                               groups=self.groups, model_cfg=self.model_cfg)
+        meta = checkpoint_meta(
+            self.model_cfg, layout, seq_len=self.seq_len, seed=self.seed, tokenizer=self.tokenizer_path, **self.meta()
+        )
+        return save_checkpoint(
+            self.engine,
+            run_dir=self.run_dir,
+            step=step,
+            client_state=self.state(),
+            meta=meta,
+            keep=self.keep,
+            rank=self.env.rank,
+            tokenizer_path=self.tokenizer_path,
+            groups=self.groups,
+            model_cfg=self.model_cfg,
+        )

@@ -17,8 +17,11 @@ from megatrain.engine.health import process_group_timeout
 from megatrain.errors import ConfigError
 
 # Keys megatrain derives from `train.*`; a user DeepSpeed section may repeat them only with equal values.
-_BATCH_KEYS = {"train_micro_batch_size_per_gpu": "micro_batch", "gradient_accumulation_steps": "grad_accum",
-               "train_batch_size": "global_batch"}
+_BATCH_KEYS = {
+    "train_micro_batch_size_per_gpu": "micro_batch",
+    "gradient_accumulation_steps": "grad_accum",
+    "train_batch_size": "global_batch",
+}
 
 
 @dataclass
@@ -63,18 +66,24 @@ def build_ds_config(cfg) -> dict:
     user = copy.deepcopy(cfg.deepspeed)
     for key in ("optimizer", "scheduler"):
         if key in user:
-            raise ConfigError(f"deepspeed.{key} is not used: megatrain builds the optimizer from optim.* and the "
-                              f"schedule from train.lr/warmup_steps/schedule; remove deepspeed.{key}")
+            raise ConfigError(
+                f"deepspeed.{key} is not used: megatrain builds the optimizer from optim.* and the "
+                f"schedule from train.lr/warmup_steps/schedule; remove deepspeed.{key}"
+            )
     if user.get("fp16", {}).get("enabled") is True:
         raise ConfigError("deepspeed.fp16.enabled=true is not supported (allowed: train.dtype=bf16 or fp32)")
     for ds_key, train_key in _BATCH_KEYS.items():
         if ds_key in user and user[ds_key] != "auto" and user[ds_key] != getattr(t, train_key):
-            raise ConfigError(f"deepspeed.{ds_key}={user[ds_key]} disagrees with train.{train_key}="
-                              f"{getattr(t, train_key)}; set it in one place")
+            raise ConfigError(
+                f"deepspeed.{ds_key}={user[ds_key]} disagrees with train.{train_key}="
+                f"{getattr(t, train_key)}; set it in one place"
+            )
     stage = user.get("zero_optimization", {}).get("stage", cfg.parallel.zero_stage)
     if stage != cfg.parallel.zero_stage:
-        raise ConfigError(f"deepspeed.zero_optimization.stage={stage} disagrees with parallel.zero_stage="
-                          f"{cfg.parallel.zero_stage}; set it in one place")
+        raise ConfigError(
+            f"deepspeed.zero_optimization.stage={stage} disagrees with parallel.zero_stage="
+            f"{cfg.parallel.zero_stage}; set it in one place"
+        )
     if cfg.parallel.pipeline > 1:
         # Stages pass (MLP output, stream): DeepSpeed splits only a single grad-carrying tensor over the TP ranks,
         # so each TP rank sends its own copy (with parallel.sequence, its N / T tokens).
@@ -146,12 +155,21 @@ def init_distributed(cfg) -> DistEnv:
             # attempt that died; a restarted rank could read its peer's stale one (gloo: "connection
             # refused"). A prefix per attempt keeps each attempt's keys apart.
             agent_store = dist.TCPStore(env.master_addr(), env.master_port(), is_master=False, timeout=timeout)
-            dist.init_process_group(backend, store=dist.PrefixStore(f"megatrain/attempt_{env.restart_count()}",
-                                                                    agent_store),
-                                    rank=env.rank(), world_size=env.world_size(), timeout=timeout)
+            dist.init_process_group(
+                backend,
+                store=dist.PrefixStore(f"megatrain/attempt_{env.restart_count()}", agent_store),
+                rank=env.rank(),
+                world_size=env.world_size(),
+                timeout=timeout,
+            )
         deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
-    return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
-                   local_world_size=local_world, device=device)
+    return DistEnv(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        local_world_size=local_world,
+        device=device,
+    )
 
 
 def _free_port() -> int:
@@ -191,8 +209,11 @@ def module_grad_norm(module: torch.nn.Module, groups) -> float:
     """
     import math
 
-    grads = [p.grad.detach() for p in module.parameters()
-             if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or groups.tp_rank == 0)]
+    grads = [
+        p.grad.detach()
+        for p in module.parameters()
+        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or groups.tp_rank == 0)
+    ]
     device = next(module.parameters()).device
     total = torch.zeros((), dtype=torch.float64, device=device)
     for g in grads:

@@ -61,14 +61,26 @@ def hf_name(name: str) -> str:
 
 def hf_config(model: dict, dtype: str) -> dict:
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": model["dim"], "intermediate_size": model["ffn_dim"],
-        "num_hidden_layers": model["layers"], "num_attention_heads": model["heads"],
-        "num_key_value_heads": model["kv_heads"], "head_dim": model["dim"] // model["heads"],
-        "vocab_size": model["vocab_size"], "max_position_embeddings": model["max_seq_len"],
-        "rms_norm_eps": model["norm_eps"], "rope_theta": model["rope_theta"], "hidden_act": "silu",
-        "tie_word_embeddings": bool(model["tie_embeddings"]), "attention_bias": False, "mlp_bias": False,
-        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "torch_dtype": dtype,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": model["dim"],
+        "intermediate_size": model["ffn_dim"],
+        "num_hidden_layers": model["layers"],
+        "num_attention_heads": model["heads"],
+        "num_key_value_heads": model["kv_heads"],
+        "head_dim": model["dim"] // model["heads"],
+        "vocab_size": model["vocab_size"],
+        "max_position_embeddings": model["max_seq_len"],
+        "rms_norm_eps": model["norm_eps"],
+        "rope_theta": model["rope_theta"],
+        "hidden_act": "silu",
+        "tie_word_embeddings": bool(model["tie_embeddings"]),
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 3,
+        "torch_dtype": dtype,
     }
 
 
@@ -84,11 +96,15 @@ def export_hf_llama(path: str, output: str) -> str:
     model = meta["model"]
     linear = model.get("linear", "dense")
     if linear == "cola":
-        raise CheckpointError(f"'{ckpt}' holds a model.linear=cola model: silu(x @ a) @ b has no dense weight, so it "
-                              f"cannot export to Llama (dense, sltrain, relora and lora models can)")
+        raise CheckpointError(
+            f"'{ckpt}' holds a model.linear=cola model: silu(x @ a) @ b has no dense weight, so it "
+            f"cannot export to Llama (dense, sltrain, relora and lora models can)"
+        )
     if linear not in ("dense", "sltrain", "relora", "lora") or model.get("attention", "mha") != "mha":
-        raise CheckpointError(f"'{ckpt}' holds a model.linear={linear} / model.attention="
-                              f"{model.get('attention')} model; only dense MHA/GQA models export to Llama")
+        raise CheckpointError(
+            f"'{ckpt}' holds a model.linear={linear} / model.attention="
+            f"{model.get('attention')} model; only dense MHA/GQA models export to Llama"
+        )
     if os.path.exists(output) and os.listdir(output):
         raise CheckpointError(f"--output '{output}' exists and is not empty; choose a new folder")
     state = {}
@@ -117,8 +133,11 @@ def export_hf_llama(path: str, output: str) -> str:
         json.dump(hf_config(model, dtype), fh, indent=2)
     shutil.copyfile(os.path.join(ckpt, "tokenizer.model"), os.path.join(tmp, "tokenizer.model"))
     with open(os.path.join(tmp, "megatrain.json"), "w") as fh:
-        json.dump({"export": "hf-llama", "source_checkpoint": os.path.abspath(ckpt), "step": meta["step"],
-                   "model": model}, fh, indent=1)
+        json.dump(
+            {"export": "hf-llama", "source_checkpoint": os.path.abspath(ckpt), "step": meta["step"], "model": model},
+            fh,
+            indent=1,
+        )
     if os.path.exists(output):
         os.rmdir(output)
     os.replace(tmp, output)

@@ -58,8 +58,9 @@ def default_store():
 class Watchdog:
     """Per-rank watchdog of the step's phases; see the module docstring."""
 
-    def __init__(self, timeout_s: float, rank: int, world_size: int, store=None,
-                 on_timeout: Optional[Callable[[], None]] = None):
+    def __init__(
+        self, timeout_s: float, rank: int, world_size: int, store=None, on_timeout: Optional[Callable[[], None]] = None
+    ):
         self.timeout_s = timeout_s
         self.rank, self.world_size = rank, world_size
         self.store = store
@@ -90,8 +91,12 @@ class Watchdog:
         self.started = time.monotonic()
 
     def _state(self) -> dict:
-        return {"phase": self.name, "step": self.step, "seq": self.seq,
-                "age": round(time.monotonic() - self.started, 3)}
+        return {
+            "phase": self.name,
+            "step": self.step,
+            "seq": self.seq,
+            "age": round(time.monotonic() - self.started, 3),
+        }
 
     def _publish(self) -> None:
         if self.store is not None:
@@ -115,7 +120,7 @@ class Watchdog:
 
     def verdict(self, peers: dict) -> str:
         """The one line: this rank's phase, and which ranks the others wait for."""
-        head = (f"'{self.name}' of step {self.step} exceeded parallel.timeout_s={self.timeout_s:g}")
+        head = f"'{self.name}' of step {self.step} exceeded parallel.timeout_s={self.timeout_s:g}"
         if not peers:
             return head + " (the other ranks' state is unknown)"
         peers = dict(peers)

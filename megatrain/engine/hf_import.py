@@ -55,6 +55,7 @@ class HFLlama:
     model: `ModelConfig` fields (dict); state: megatrain tensor name -> tensor, in the folder's dtype
     (a tied head stored once, as `embed.weight`); tokenizer: path of the sentencepiece model or None.
     """
+
     model: dict
     state: dict
     tokenizer: Optional[str]
@@ -62,9 +63,11 @@ class HFLlama:
 
 def is_hf_folder(path: str) -> bool:
     """A Hugging Face folder (config.json) that is not one of megatrain's own directories."""
-    return (os.path.isfile(os.path.join(path, "config.json"))
-            and not os.path.isfile(os.path.join(path, META_FILE))
-            and not os.path.isdir(checkpoint_root(path)))
+    return (
+        os.path.isfile(os.path.join(path, "config.json"))
+        and not os.path.isfile(os.path.join(path, META_FILE))
+        and not os.path.isdir(checkpoint_root(path))
+    )
 
 
 def _read_json(path: str, what: str) -> dict:
@@ -88,8 +91,10 @@ def _rope(cfg: dict, where: str) -> float:
             raise CheckpointError(f"{where}: rope_parameters / rope_scaling must be an object")
         kind = source.get("rope_type", source.get("type", "default"))
         if kind != "default":
-            raise CheckpointError(f"{where}: RoPE scaling '{kind}' is not supported (megatrain implements plain "
-                                  f"RoPE only: rope_type 'default')")
+            raise CheckpointError(
+                f"{where}: RoPE scaling '{kind}' is not supported (megatrain implements plain "
+                f"RoPE only: rope_type 'default')"
+            )
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
     if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not theta > 0:
         raise CheckpointError(f"{where}: rope_theta must be a positive number, got {theta!r}")
@@ -99,16 +104,23 @@ def _rope(cfg: dict, where: str) -> float:
 def _model_config(cfg: dict, where: str) -> dict:
     """ModelConfig fields from a Llama config.json; refuses what megatrain's model cannot express."""
     if cfg.get("model_type") != "llama":
-        raise CheckpointError(f"{where}: model_type {cfg.get('model_type')!r} is not supported (megatrain imports "
-                              f"model_type 'llama' only)")
+        raise CheckpointError(
+            f"{where}: model_type {cfg.get('model_type')!r} is not supported (megatrain imports "
+            f"model_type 'llama' only)"
+        )
     for key, (allowed, why) in _REQUIRED_VALUES.items():
         value = cfg.get(key, allowed)
         if value != allowed and not (allowed is None and value == {}):
             raise CheckpointError(f"{where}: {key}={value!r} is not supported ({why})")
     sizes = {}
-    for ours, theirs in (("dim", "hidden_size"), ("layers", "num_hidden_layers"), ("heads", "num_attention_heads"),
-                         ("ffn_dim", "intermediate_size"), ("vocab_size", "vocab_size"),
-                         ("max_seq_len", "max_position_embeddings")):
+    for ours, theirs in (
+        ("dim", "hidden_size"),
+        ("layers", "num_hidden_layers"),
+        ("heads", "num_attention_heads"),
+        ("ffn_dim", "intermediate_size"),
+        ("vocab_size", "vocab_size"),
+        ("max_seq_len", "max_position_embeddings"),
+    ):
         value = cfg.get(theirs)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise CheckpointError(f"{where}: {theirs} must be a positive integer, got {value!r}")
@@ -116,15 +128,23 @@ def _model_config(cfg: dict, where: str) -> dict:
     kv_heads = cfg.get("num_key_value_heads") or sizes["heads"]
     head_dim = cfg.get("head_dim") or sizes["dim"] // sizes["heads"]
     if sizes["dim"] % sizes["heads"] or head_dim != sizes["dim"] // sizes["heads"]:
-        raise CheckpointError(f"{where}: head_dim={head_dim} is not supported (megatrain's head dim is hidden_size / "
-                              f"num_attention_heads = {sizes['dim']}/{sizes['heads']})")
+        raise CheckpointError(
+            f"{where}: head_dim={head_dim} is not supported (megatrain's head dim is hidden_size / "
+            f"num_attention_heads = {sizes['dim']}/{sizes['heads']})"
+        )
     eps = cfg.get("rms_norm_eps", 1e-6)
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
         raise CheckpointError(f"{where}: rms_norm_eps must be a positive number, got {eps!r}")
     from megatrain.models.config import ModelConfig
 
-    model = ModelConfig(preset=None, kv_heads=int(kv_heads), norm_eps=float(eps), rope_theta=_rope(cfg, where),
-                        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), **sizes)
+    model = ModelConfig(
+        preset=None,
+        kv_heads=int(kv_heads),
+        norm_eps=float(eps),
+        rope_theta=_rope(cfg, where),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        **sizes,
+    )
     from megatrain.errors import ConfigError
 
     try:
@@ -152,8 +172,10 @@ def _weight_files(path: str) -> list[str]:
         return [single]
     pickles = sorted(n for n in os.listdir(path) if n.endswith(PICKLE_SUFFIXES))
     if pickles:
-        raise CheckpointError(f"'{path}' holds pickled weights ({pickles[0]}); megatrain reads safetensors only, "
-                              f"never unpickling: save the model with safe_serialization (model.safetensors)")
+        raise CheckpointError(
+            f"'{path}' holds pickled weights ({pickles[0]}); megatrain reads safetensors only, "
+            f"never unpickling: save the model with safe_serialization (model.safetensors)"
+        )
     raise CheckpointError(f"'{path}' has no {WEIGHTS_FILE} or {INDEX_FILE}")
 
 
@@ -172,8 +194,10 @@ def _read_state(path: str, tied: bool, where: str) -> dict:
                     try:
                         ours = megatrain_name(name)
                     except CheckpointError:
-                        raise CheckpointError(f"{where}: tensor '{name}' has no counterpart in megatrain's Llama "
-                                              f"(embed, q/k/v/o, gate/up/down, norms, lm_head)") from None
+                        raise CheckpointError(
+                            f"{where}: tensor '{name}' has no counterpart in megatrain's Llama "
+                            f"(embed, q/k/v/o, gate/up/down, norms, lm_head)"
+                        ) from None
                     state[ours] = fh.get_tensor(name)
         except CheckpointError:
             raise
@@ -183,13 +207,16 @@ def _read_state(path: str, tied: bool, where: str) -> dict:
         import torch
 
         if "embed.weight" in state and not torch.equal(state["head.weight"], state["embed.weight"]):
-            raise CheckpointError(f"{where}: tie_word_embeddings=true but lm_head.weight differs from "
-                                  f"embed_tokens.weight (a tied head must be the embedding)")
+            raise CheckpointError(
+                f"{where}: tie_word_embeddings=true but lm_head.weight differs from "
+                f"embed_tokens.weight (a tied head must be the embedding)"
+            )
         state.setdefault("embed.weight", state["head.weight"])
         del state["head.weight"]
     if "head.weight" not in state and not tied:
-        raise CheckpointError(f"{where}: tie_word_embeddings=false but there is no lm_head.weight (an untied "
-                              f"model needs its own head)")
+        raise CheckpointError(
+            f"{where}: tie_word_embeddings=false but there is no lm_head.weight (an untied model needs its own head)"
+        )
     return state
 
 
@@ -221,8 +248,10 @@ def read_hf_llama(path: str, tokenizer: Optional[str] = None) -> HFLlama:
         raise CheckpointError(f"{where}: tensor {missing[0]} is missing from its weights")
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(f"{where}: tensor {name} has shape {tuple(tensor.shape)}, config.json implies "
-                                  f"{tuple(expected[name].shape)}")
+            raise CheckpointError(
+                f"{where}: tensor {name} has shape {tuple(tensor.shape)}, config.json implies "
+                f"{tuple(expected[name].shape)}"
+            )
         if not tensor.is_floating_point():
             raise CheckpointError(f"{where}: tensor {name} has dtype {tensor.dtype}; megatrain needs floating weights")
     if tokenizer is None:
@@ -234,8 +263,9 @@ def read_hf_llama(path: str, tokenizer: Optional[str] = None) -> HFLlama:
 
         vocab = Tokenizer(tokenizer).vocab_size  # DataError (one line) unless it is a sentencepiece model
         if vocab > model["vocab_size"]:
-            raise CheckpointError(f"tokenizer '{tokenizer}' has {vocab} pieces, more than the model's vocab_size "
-                                  f"{model['vocab_size']}")
+            raise CheckpointError(
+                f"tokenizer '{tokenizer}' has {vocab} pieces, more than the model's vocab_size {model['vocab_size']}"
+            )
     return HFLlama(model=model, state=state, tokenizer=tokenizer)
 
 
@@ -252,19 +282,30 @@ def import_hf_llama(path: str, output: str, tokenizer: Optional[str] = None) -> 
         raise CheckpointError(f"--output '{output}' exists and is not empty; choose a new folder")
     hf = read_hf_llama(path, tokenizer)
     if hf.tokenizer is None:
-        raise CheckpointError(f"'{path}' has no sentencepiece {TOKENIZER_FILE} (megatrain reads sentencepiece "
-                              f"tokenizers only); pass --tokenizer FILE.model")
+        raise CheckpointError(
+            f"'{path}' has no sentencepiece {TOKENIZER_FILE} (megatrain reads sentencepiece "
+            f"tokenizers only); pass --tokenizer FILE.model"
+        )
     tmp = output + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     ckpt = os.path.join(checkpoint_root(tmp), "step_0")
     os.makedirs(ckpt)
-    save_file({name: t.contiguous() for name, t in hf.state.items()}, os.path.join(ckpt, WEIGHTS_FILE),
-              metadata={"format": "pt"})
+    save_file(
+        {name: t.contiguous() for name, t in hf.state.items()},
+        os.path.join(ckpt, WEIGHTS_FILE),
+        metadata={"format": "pt"},
+    )
     shutil.copyfile(hf.tokenizer, os.path.join(ckpt, TOKENIZER_FILE))
     shutil.copyfile(hf.tokenizer, os.path.join(tmp, TOKENIZER_FILE))
     files = {name: os.path.getsize(os.path.join(ckpt, name)) for name in (WEIGHTS_FILE, TOKENIZER_FILE)}
-    meta = {"format": FORMAT_VERSION, "step": 0, "weights_only": True, "model": hf.model,
-            "imported_from": os.path.abspath(path), "files": files}
+    meta = {
+        "format": FORMAT_VERSION,
+        "step": 0,
+        "weights_only": True,
+        "model": hf.model,
+        "imported_from": os.path.abspath(path),
+        "files": files,
+    }
     # Plain writes: the whole folder is built under `tmp` and only renamed to `output` when complete.
     with open(os.path.join(ckpt, META_FILE), "w", encoding="utf-8") as fh:
         json.dump(meta, fh, indent=1)

@@ -33,8 +33,10 @@ def source_model(path: str):
         tokenizer = os.path.join(path, TOKENIZER_FILE)
         return ModelConfig.from_dict(hf_model_config(path)), tokenizer if os.path.isfile(tokenizer) else None
     if not os.path.isfile(os.path.join(path, META_FILE)):
-        raise CheckpointError(f"'{path}' is not a megatrain run, checkpoint or export directory nor a Hugging "
-                              f"Face Llama folder (no {META_FILE}, no config.json)")
+        raise CheckpointError(
+            f"'{path}' is not a megatrain run, checkpoint or export directory nor a Hugging "
+            f"Face Llama folder (no {META_FILE}, no config.json)"
+        )
     with open(os.path.join(path, META_FILE), encoding="utf-8") as fh:
         meta = json.load(fh)
     if meta.get("export") != "hf-llama":
@@ -61,8 +63,10 @@ def read_weights(path: str):
     else:
         meta_path = os.path.join(path, META_FILE)
         if not os.path.isfile(meta_path):
-            raise CheckpointError(f"'{path}' is not a megatrain run, checkpoint or export directory nor a Hugging "
-                                  f"Face Llama folder (no {META_FILE}, no config.json)")
+            raise CheckpointError(
+                f"'{path}' is not a megatrain run, checkpoint or export directory nor a Hugging "
+                f"Face Llama folder (no {META_FILE}, no config.json)"
+            )
         with open(meta_path, encoding="utf-8") as fh:
             meta = json.load(fh)
         exported = meta.get("export") == "hf-llama"
@@ -103,8 +107,9 @@ def load_for_inference(path: str, device="cpu"):
 
     model_cfg, state, tok_path = read_weights(path)
     if tok_path is None:
-        raise CheckpointError(f"'{path}' has no sentencepiece tokenizer.model (megatrain reads sentencepiece "
-                              f"tokenizers only)")
+        raise CheckpointError(
+            f"'{path}' has no sentencepiece tokenizer.model (megatrain reads sentencepiece tokenizers only)"
+        )
     model = Transformer(model_cfg)
     load_into(model, state, path)
     model.to(device).eval()

@@ -15,11 +15,11 @@ data-parallel ranks, rounded up as DeepSpeed pads them). The rest is the usual a
 | transient | model.linear=sltrain: the dense W = scale a b + S [D_in, D_out] (/ TP) of the largest projection, built per call in the activations' dtype (2 / 4) and freed after its matmul; in backward W (for dx) and then dW = x^T dy, never both at once (kernels/sparse_lowrank.py) |
 
 The optimizer figures count the tensors an optimizer holds (moments, projections, masters), not
-its 0-dim scalars (step counters, Fira's limiter norm). ReLoRA/LoRA's frozen W has no gradient and no optimizer state (unless
-train.relora.warm_start_steps > 0, when it trains first). Not counted: DeepSpeed's communication
-buckets (`reduce_bucket_size`, `allgather_bucket_size`), the CUDA context and allocator slack, the
-data pipeline.
-"""
+its 0-dim scalars (step counters, Fira's limiter norm). ReLoRA/LoRA's frozen W has no gradient and no
+optimizer state (unless train.relora.warm_start_steps > 0, when it trains first). Not counted: DeepSpeed's
+communication buckets (`reduce_bucket_size`, `allgather_bucket_size`), the CUDA context and allocator
+slack, the data pipeline.
+"""  # noqa: E501  (the table's rows)
 
 from __future__ import annotations
 
@@ -33,10 +33,17 @@ import torch
 
 from megatrain.errors import ConfigError
 
-__all__ = ["RankMemory", "plan_memory", "plan_model_config", "measure_build", "format_plan", "check_fits",
-           "device_memory_bytes"]
+__all__ = [
+    "RankMemory",
+    "plan_memory",
+    "plan_model_config",
+    "measure_build",
+    "format_plan",
+    "check_fits",
+    "device_memory_bytes",
+]
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 @dataclass
@@ -45,19 +52,19 @@ class RankMemory:
 
     world_size: int
     tensor: int
-    dp: int                         # data-parallel ranks (world / (tensor x context))
+    dp: int  # data-parallel ranks (world / (tensor x context))
     zero_stage: int
     dtype: str
-    context: int = 1                # parallel.context: ZeRO partitions over dp x context ranks
-    params: int = 0                 # parameters on this rank (weights)
+    context: int = 1  # parallel.context: ZeRO partitions over dp x context ranks
+    params: int = 0  # parameters on this rank (weights)
     param_bytes: int = 0
     grad_bytes: int = 0
     master_bytes: int = 0
     optimizer_bytes: int = 0
-    activation_bytes: int = 0       # per micro-batch, nothing recomputed
+    activation_bytes: int = 0  # per micro-batch, nothing recomputed
     activation_bytes_checkpointed: int = 0  # per micro-batch, train.activation_checkpointing=true
     activation_checkpointing: bool = False
-    transient_bytes: int = 0        # SLTrain: one projection's dense W (or dW), alive during its matmuls
+    transient_bytes: int = 0  # SLTrain: one projection's dense W (or dW), alive during its matmuls
 
     @property
     def model_state_bytes(self) -> int:
@@ -104,8 +111,9 @@ def plan_memory(cfg, world_size: int, model_cfg=None) -> RankMemory:
     p = cfg.parallel
     context = getattr(p, "context", 1)
     if world_size < 1 or world_size % (p.tensor * context):
-        raise ConfigError(f"--world {world_size} is not a multiple of parallel.tensor x parallel.context = "
-                          f"{p.tensor} x {context}")
+        raise ConfigError(
+            f"--world {world_size} is not a multiple of parallel.tensor x parallel.context = {p.tensor} x {context}"
+        )
     m = model_cfg if model_cfg is not None else plan_model_config(cfg)
     # ZeRO shards over the data x context ranks (they hold the same parameters; megatrain.parallel.groups)
     tp, dp, stage = p.tensor, world_size // p.tensor, p.zero_stage
@@ -116,9 +124,15 @@ def plan_memory(cfg, world_size: int, model_cfg=None) -> RankMemory:
     specs = shard_specs([n for n, _ in named], m, tp)
     warm = m.linear == "relora" and cfg.train.relora.warm_start_steps > 0
     projected_kind = cfg.optim.name in ("galore", "fira")
-    out = RankMemory(world_size=world_size, tensor=tp, dp=dp // context, zero_stage=stage,
-                     dtype="bf16" if bf16 else "fp32", activation_checkpointing=cfg.train.activation_checkpointing,
-                     context=context)
+    out = RankMemory(
+        world_size=world_size,
+        tensor=tp,
+        dp=dp // context,
+        zero_stage=stage,
+        dtype="bf16" if bf16 else "fp32",
+        activation_checkpointing=cfg.train.activation_checkpointing,
+        context=context,
+    )
     zero_partitioned, projected_grads, projected_state = 0, 0, 0
     for name, param in named:
         dim, replicas = specs[name]
@@ -130,14 +144,16 @@ def plan_memory(cfg, world_size: int, model_cfg=None) -> RankMemory:
         trainable = param.requires_grad or (warm and getattr(param, "relora_base", False))
         if not trainable:
             continue
-        projected = (projected_kind and len(shape) == 2
-                     and any(part in PROJECTED_MODULES for part in name.split(".")))
+        projected = projected_kind and len(shape) == 2 and any(part in PROJECTED_MODULES for part in name.split("."))
         if projected:
             rows, cols = shape
             r = cfg.optim.rank
             side = projection_side(cfg.optim.proj_type, shape)
-            low, proj = {"right": (rows * r, r * cols), "left": (r * cols, rows * r),
-                         "full": (r * r, rows * r + r * cols)}[side]
+            low, proj = {
+                "right": (rows * r, r * cols),
+                "left": (r * cols, rows * r),
+                "full": (r * r, rows * r + r * cols),
+            }[side]
             projected_state += 4 * (2 * low + proj + (numel if bf16 else 0))
             projected_grads += numel
         else:
@@ -236,10 +252,12 @@ def check_fits(cfg, world_size: int, local_world: Optional[int] = None) -> Optio
     what, available = device_memory_bytes(local_world or world_size if not torch.cuda.is_available() else 1)
     if available is None or plan.total_bytes <= available:
         return None
-    return (f"megatrain: warning: the plan for this layout (parallel.tensor={plan.tensor} x {plan.dp} data-parallel, "
-            f"ZeRO-{plan.zero_stage}, {plan.dtype}) needs about {plan.total_bytes / GIB:.1f} GiB per rank but "
-            f"{what} allows {available / GIB:.1f} GiB; see `megatrain plan` (more TP/ZeRO, "
-            f"train.activation_checkpointing, a smaller train.micro_batch)")
+    return (
+        f"megatrain: warning: the plan for this layout (parallel.tensor={plan.tensor} x {plan.dp} data-parallel, "
+        f"ZeRO-{plan.zero_stage}, {plan.dtype}) needs about {plan.total_bytes / GIB:.1f} GiB per rank but "
+        f"{what} allows {available / GIB:.1f} GiB; see `megatrain plan` (more TP/ZeRO, "
+        f"train.activation_checkpointing, a smaller train.micro_batch)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- measured
@@ -287,39 +305,52 @@ def measure_build(cfg, model_cfg, groups) -> dict:
         held = getattr(param, "ds_tensor", param)
         params += held.numel()
         param_bytes += held.numel() * held.element_size()
-    return {"params": params, "param_bytes": param_bytes, "host_rss_before_bytes": (before or 0) * 1024,
-            "host_peak_bytes": (peak or 0) * 1024,
-            "gpu_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None}
+    return {
+        "params": params,
+        "param_bytes": param_bytes,
+        "host_rss_before_bytes": (before or 0) * 1024,
+        "host_peak_bytes": (peak or 0) * 1024,
+        "gpu_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+    }
 
 
 def format_plan(plan: RankMemory, measured: Optional[list[dict]] = None) -> str:
     """A plain-text table of the plan (and, after `--build`, each rank's measurements)."""
+
     def gib(b: float) -> str:
         return f"{b / GIB:10.3f} GiB" if b >= GIB else f"{b / 2**20:10.3f} MiB"
 
     context = f"x {plan.context} context " if plan.context > 1 else ""
-    lines = [f"layout: world {plan.world_size} = parallel.tensor {plan.tensor} {context}x {plan.dp} data-parallel, "
-             f"ZeRO-{plan.zero_stage}, {plan.dtype}",
-             f"parameters per rank: {plan.params:,}",
-             "per rank:",
-             f"  weights                                      {gib(plan.param_bytes)}",
-             f"  gradients                                    {gib(plan.grad_bytes)}",
-             f"  fp32 master weights                          {gib(plan.master_bytes)}",
-             f"  optimizer state                              {gib(plan.optimizer_bytes)}",
-             f"  model states                                 {gib(plan.model_state_bytes)}",
-             f"  activations per micro-batch, no checkpointing{gib(plan.activation_bytes)}",
-             f"  activations per micro-batch, checkpointing   {gib(plan.activation_bytes_checkpointed)}",
-             f"  transient per call (SLTrain's dense W)       {gib(plan.transient_bytes)}",
-             f"  total (activation_checkpointing={str(plan.activation_checkpointing).lower():5})     "
-             f"{gib(plan.total_bytes)}"]
+    lines = [
+        f"layout: world {plan.world_size} = parallel.tensor {plan.tensor} {context}x {plan.dp} data-parallel, "
+        f"ZeRO-{plan.zero_stage}, {plan.dtype}",
+        f"parameters per rank: {plan.params:,}",
+        "per rank:",
+        f"  weights                                      {gib(plan.param_bytes)}",
+        f"  gradients                                    {gib(plan.grad_bytes)}",
+        f"  fp32 master weights                          {gib(plan.master_bytes)}",
+        f"  optimizer state                              {gib(plan.optimizer_bytes)}",
+        f"  model states                                 {gib(plan.model_state_bytes)}",
+        f"  activations per micro-batch, no checkpointing{gib(plan.activation_bytes)}",
+        f"  activations per micro-batch, checkpointing   {gib(plan.activation_bytes_checkpointed)}",
+        f"  transient per call (SLTrain's dense W)       {gib(plan.transient_bytes)}",
+        f"  total (activation_checkpointing={str(plan.activation_checkpointing).lower():5})     "
+        f"{gib(plan.total_bytes)}",
+    ]
     if measured:
         lines.append("measured while building (megatrain plan --build):")
-        lines.append("  (weights as built: fp32 on the host, or ZeRO-3 partitions in the run's dtype; DeepSpeed casts "
-                     "the rest at start-up)")
-        lines.append("  rank | parameters planned | parameters held | weights held | host RSS before | "
-                     "host peak while building | GPU peak")
+        lines.append(
+            "  (weights as built: fp32 on the host, or ZeRO-3 partitions in the run's dtype; DeepSpeed casts "
+            "the rest at start-up)"
+        )
+        lines.append(
+            "  rank | parameters planned | parameters held | weights held | host RSS before | "
+            "host peak while building | GPU peak"
+        )
         for rank, m in enumerate(measured):
             gpu = "-" if m["gpu_peak_bytes"] is None else gib(m["gpu_peak_bytes"])
-            lines.append(f"  {rank:4d} | {plan.params:18,} | {m['params']:15,} | {gib(m['param_bytes'])} | "
-                         f"{gib(m['host_rss_before_bytes'])} | {gib(m['host_peak_bytes'])} | {gpu}")
+            lines.append(
+                f"  {rank:4d} | {plan.params:18,} | {m['params']:15,} | {gib(m['param_bytes'])} | "
+                f"{gib(m['host_rss_before_bytes'])} | {gib(m['host_peak_bytes'])} | {gpu}"
+            )
     return "\n".join(lines)

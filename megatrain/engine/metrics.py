@@ -1,4 +1,5 @@
-"""MFU accounting (FLOPs per token come from Transformer.flops_per_token) and the three log sinks: metrics.jsonl, tensorboard, the progress bar.
+"""MFU accounting (FLOPs per token come from Transformer.flops_per_token) and the three log sinks:
+metrics.jsonl, tensorboard, the progress bar.
 
 Only rank 0 writes. `MetricsLogger.log` takes one dict per logged step; keys that every record has:
 step, loss, lr, grad_norm, tokens_per_s, mfu (null where the device has no known peak), and
@@ -75,16 +76,21 @@ def compile_stats() -> dict:
     from torch._dynamo.utils import counters
 
     reasons = dict(counters["graph_break"])
-    return {"graphs": int(counters["stats"]["unique_graphs"]), "graph_breaks": sum(reasons.values()),
-            "break_reasons": reasons}
+    return {
+        "graphs": int(counters["stats"]["unique_graphs"]),
+        "graph_breaks": sum(reasons.values()),
+        "break_reasons": reasons,
+    }
 
 
 def compile_line(backend: str) -> str:
     """One line after the first compiled step, e.g. "compile (inductor): 1 graph, 0 graph breaks"; with
     breaks, the most frequent reason (first line, shortened)."""
     stats = compile_stats()
-    line = (f"compile ({backend}): {stats['graphs']} graph{'s' * (stats['graphs'] != 1)}, "
-            f"{stats['graph_breaks']} graph break{'s' * (stats['graph_breaks'] != 1)}")
+    line = (
+        f"compile ({backend}): {stats['graphs']} graph{'s' * (stats['graphs'] != 1)}, "
+        f"{stats['graph_breaks']} graph break{'s' * (stats['graph_breaks'] != 1)}"
+    )
     if stats["break_reasons"]:
         reason = max(stats["break_reasons"], key=stats["break_reasons"].get)
         line += f" (most often: {str(reason).splitlines()[0][:160]})"
@@ -114,8 +120,9 @@ class Throughput:
     """Tokens per second and MFU over a window of steps: `add_step` after each step, `measure` at a logging
     step, `reset` where the next window starts (after evaluations and checkpoints, which it leaves out)."""
 
-    def __init__(self, tokens_per_step: int, flops_per_token: float, devices: int, peak: Optional[float],
-                 device: torch.device):
+    def __init__(
+        self, tokens_per_step: int, flops_per_token: float, devices: int, peak: Optional[float], device: torch.device
+    ):
         self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
         self.devices, self.peak, self.device = devices, peak, device
         self.reset()
@@ -132,15 +139,28 @@ class Throughput:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - self.start
         tps = self.tokens / elapsed if elapsed > 0 else 0.0
-        return {"tokens_per_s": tps, "mfu": mfu(tps, self.flops_per_token, self.devices, self.peak),
-                "tokens": step * self.tokens_per_step}
+        return {
+            "tokens_per_s": tps,
+            "mfu": mfu(tps, self.flops_per_token, self.devices, self.peak),
+            "tokens": step * self.tokens_per_step,
+        }
 
 
 class MetricsLogger:
     """Rank-0 sink for metrics.jsonl, tensorboard events and a tqdm progress bar."""
 
-    def __init__(self, run_dir: str, *, enabled: bool, tensorboard: bool, progress: bool,
-                 total_steps: int, start_step: int, every: int = 1, tb_prefix: Optional[str] = None):
+    def __init__(
+        self,
+        run_dir: str,
+        *,
+        enabled: bool,
+        tensorboard: bool,
+        progress: bool,
+        total_steps: int,
+        start_step: int,
+        every: int = 1,
+        tb_prefix: Optional[str] = None,
+    ):
         self.enabled = enabled
         self.every = every  # log.every: the steps `should_log` names
         self.tb_prefix = tb_prefix  # with one, tensorboard gets every other float of a record as PREFIX/key
@@ -159,8 +179,7 @@ class MetricsLogger:
         if progress:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
-                            mininterval=1.0)
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0)
 
     def should_log(self, step: int, last_step: bool = False) -> bool:
         """Whether `step` is a logging step of its own (every `every` steps, and the last one)."""
@@ -173,10 +192,17 @@ class MetricsLogger:
         self._write_line(record)
         step = record["step"]
         if self.tb is not None:
-            names = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
-                     "tokens_per_s": "perf/tokens_per_s", "mfu": "perf/mfu", "val_loss": "val/loss",
-                     "val_ppl": "val/perplexity", "val_exact_match": "val/exact_match",
-                     "val_answer_acc": "val/answer_acc"}
+            names = {
+                "loss": "train/loss",
+                "lr": "train/lr",
+                "grad_norm": "train/grad_norm",
+                "tokens_per_s": "perf/tokens_per_s",
+                "mfu": "perf/mfu",
+                "val_loss": "val/loss",
+                "val_ppl": "val/perplexity",
+                "val_exact_match": "val/exact_match",
+                "val_answer_acc": "val/answer_acc",
+            }
             for key, tag in names.items():
                 value = record.get(key)
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -192,8 +218,9 @@ class MetricsLogger:
                 shown["mfu"] = record["mfu"]
             if record.get("val_ppl") is not None:
                 shown["val_ppl"] = record["val_ppl"]
-            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in shown.items()},
-                                 refresh=False)
+            self.bar.set_postfix(
+                {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in shown.items()}, refresh=False
+            )
 
     def _write_line(self, record: dict) -> None:
         data = (json.dumps(record) + "\n").encode("utf-8")

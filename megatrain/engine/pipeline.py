@@ -25,8 +25,13 @@ def build_pipeline_model(cfg, model_cfg, groups, initial_state: Optional[dict] =
     """This stage's PipelineModule (collective): only its layers are ever materialised."""
     from megatrain.models.transformer import Transformer
     from megatrain.parallel.parallelize import parallelize
-    from megatrain.parallel.pipeline import (drop_other_stages, layer_weights, pipeline_module, stage_bounds,
-                                             stage_layers)
+    from megatrain.parallel.pipeline import (
+        drop_other_stages,
+        layer_weights,
+        pipeline_module,
+        stage_bounds,
+        stage_layers,
+    )
 
     p = cfg.parallel
     model = Transformer(model_cfg, seed=cfg.train.seed, device="meta")
@@ -35,8 +40,9 @@ def build_pipeline_model(cfg, model_cfg, groups, initial_state: Optional[dict] =
     drop_other_stages(model, stage_layers(bounds, groups.pp_rank))
     parallelize(model, groups, sequence_parallel=p.sequence)  # materialises (and TP-splits) this stage's modules
     model.initial_state = None
-    return pipeline_module(model, groups, bounds, checkpointed=cfg.train.activation_checkpointing,
-                           seq_factor=p.tensor if p.sequence else 1)
+    return pipeline_module(
+        model, groups, bounds, checkpointed=cfg.train.activation_checkpointing, seq_factor=p.tensor if p.sequence else 1
+    )
 
 
 class PipelineSteps:
@@ -94,7 +100,9 @@ class PipelineEvaluator:
 
     def __call__(self, inputs: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         if labels is None:
-            raise ConfigError("logits of a pipelined model are not available during training (parallel.pipeline "
-                              "> 1 computes the loss on the last stage only); validate on loss")
+            raise ConfigError(
+                "logits of a pipelined model are not available during training (parallel.pipeline "
+                "> 1 computes the loss on the last stage only); validate on loss"
+            )
         loss = self.engine.eval_batch(iter([(inputs, labels)]), num_micro_batches=1)
         return loss.reshape(()).to(inputs.device)

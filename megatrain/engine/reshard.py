@@ -43,8 +43,7 @@ _DONE = "megatrain-universal.json"
 
 
 def _tensor_files(param_dir: str) -> list[str]:
-    return [os.path.join(param_dir, f) for f in sorted(os.listdir(param_dir))
-            if f.endswith(".pt") and f != "step.pt"]
+    return [os.path.join(param_dir, f) for f in sorted(os.listdir(param_dir)) if f.endswith(".pt") and f != "step.pt"]
 
 
 def _map_kv_tensors(zero_dir: str, fn) -> None:
@@ -80,19 +79,30 @@ def convert_to_universal(checkpoint: str, out: str = None) -> str:
         return out
     meta = read_meta(checkpoint)
     if meta.get("weights_only"):
-        raise CheckpointError(f"checkpoint '{checkpoint}' holds weights only (megatrain import): it has no ZeRO state "
-                              f"to convert and starts a run at any parallel.tensor and process count as it is")
+        raise CheckpointError(
+            f"checkpoint '{checkpoint}' holds weights only (megatrain import): it has no ZeRO state "
+            f"to convert and starts a run at any parallel.tensor and process count as it is"
+        )
     layout, model = meta["layout"], meta["model"]
     if layout["zero_stage"] not in (1, 2):
-        raise CheckpointError(f"checkpoint '{checkpoint}' was written with parallel.zero_stage={layout['zero_stage']}; "
-                              f"changing parallel.tensor or the number of data-parallel ranks needs ZeRO stage 1 or 2 "
-                              f"(DeepSpeed universal checkpoints)")
+        raise CheckpointError(
+            f"checkpoint '{checkpoint}' was written with parallel.zero_stage={layout['zero_stage']}; "
+            f"changing parallel.tensor or the number of data-parallel ranks needs ZeRO stage 1 or 2 "
+            f"(DeepSpeed universal checkpoints)"
+        )
     from deepspeed.checkpoint import ds_to_universal
 
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    args = argparse.Namespace(input_folder=checkpoint, output_folder=tmp, num_extract_workers=1, num_merge_workers=1,
-                              keep_temp_folder=False, strict=True, inject_missing_state=False)
+    args = argparse.Namespace(
+        input_folder=checkpoint,
+        output_folder=tmp,
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=False,
+    )
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):  # its prints and progress bars
@@ -100,8 +110,10 @@ def convert_to_universal(checkpoint: str, out: str = None) -> str:
     except Exception as exc:  # the converter raises assorted types on damaged input
         shutil.rmtree(tmp, ignore_errors=True)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise CheckpointError(f"checkpoint '{checkpoint}' could not be converted to a universal checkpoint "
-                              f"({type(exc).__name__}: {first})") from None
+        raise CheckpointError(
+            f"checkpoint '{checkpoint}' could not be converted to a universal checkpoint "
+            f"({type(exc).__name__}: {first})"
+        ) from None
     replicas = kv_replicas(model["kv_heads"], layout["tensor"])
     if replicas > 1:
         # Every KV head was saved by `replicas` TP ranks; keep one copy of each.

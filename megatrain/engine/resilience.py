@@ -30,10 +30,21 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatrain import env
-from megatrain.errors import ConfigError, MegatrainError
+from megatrain.errors import MegatrainError
 
-__all__ = ["RunLock", "RunLockError", "check_run_lock", "StopRequest", "LauncherStop", "worker_pids",
-           "auto_resume_enabled", "elastic_restart_count", "FAULT_ENV", "fault_spec", "fault_point"]
+__all__ = [
+    "RunLock",
+    "RunLockError",
+    "check_run_lock",
+    "StopRequest",
+    "LauncherStop",
+    "worker_pids",
+    "auto_resume_enabled",
+    "elastic_restart_count",
+    "FAULT_ENV",
+    "fault_spec",
+    "fault_point",
+]
 
 LOCK_FILE = "megatrain.lock"
 
@@ -50,7 +61,7 @@ def _process_start(pid: int) -> Optional[int]:
     except OSError:
         return None
     # The command name (field 2) may hold spaces and parentheses: split after its closing one.
-    fields = stat[stat.rfind(")") + 2:].split()
+    fields = stat[stat.rfind(")") + 2 :].split()
     try:
         return int(fields[19])
     except (IndexError, ValueError):
@@ -122,8 +133,12 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         os.makedirs(self.run_dir, exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid()),
-              "time": time.time()}
+        me = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "start": _process_start(os.getpid()),
+            "time": time.time(),
+        }
         mine = f"{self.path}.{me['host']}.{me['pid']}"
         with open(mine, "w", encoding="utf-8") as fh:
             json.dump(me, fh)
@@ -149,7 +164,10 @@ class RunLock:
                 except FileNotFoundError:
                     continue
                 moved = _read_holder(stale)
-                same = moved is not None and (moved.get("pid"), moved.get("host")) == (holder.get("pid"), holder.get("host"))
+                same = moved is not None and (moved.get("pid"), moved.get("host")) == (
+                    holder.get("pid"),
+                    holder.get("host"),
+                )
                 if same:
                     os.unlink(stale)
                 else:  # another job took it over between our read and the rename: give it back
@@ -221,7 +239,7 @@ class LauncherStop(StopRequest):
 
     def __init__(self):
         super().__init__()  # signum: the stop signal passed on (first SIGTERM / SIGUSR1), 0 while none came
-        self.hard = 0       # the signal that made the launcher stop the workers at once
+        self.hard = 0  # the signal that made the launcher stop the workers at once
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT or (signum == signal.SIGTERM and self.signum):

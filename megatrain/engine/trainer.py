@@ -20,13 +20,25 @@ from megatrain.config import Config, save_config
 from megatrain.distributed import all_reduce_sum, barrier
 from megatrain.engine import checkpoint as ckpt
 from megatrain.engine.checkpointer import Checkpointer
-from megatrain.engine.deepspeed import (DistEnv, check_deepspeed_for, init_distributed, initialize, module_grad_norm,
-                                        step_grad_norm)
+from megatrain.engine.deepspeed import (
+    DistEnv,
+    check_deepspeed_for,
+    init_distributed,
+    initialize,
+    module_grad_norm,
+    step_grad_norm,
+)
 from megatrain.engine.health import LossSpikeDetector, Watchdog, default_store
 from megatrain.engine.metrics import MetricsLogger, Throughput, compile_line, device_peak_flops, kernel_paths_line
 from megatrain.engine.validate import Validator
-from megatrain.engine.resilience import (RunLock, StopRequest, auto_resume_enabled, check_run_lock, fault_point,
-                                         fault_spec)
+from megatrain.engine.resilience import (
+    RunLock,
+    StopRequest,
+    auto_resume_enabled,
+    check_run_lock,
+    fault_point,
+    fault_spec,
+)
 from megatrain.env import local_world_size as env_local_world
 from megatrain.env import rank as env_rank
 from megatrain.env import world_size as env_world
@@ -97,12 +109,20 @@ def preflight(cfg: Config, resume, world_size: int, verify: Optional[bool] = Non
         if meta.get("weights_only"):  # `megatrain import`: weights, no optimizer or layout to match
             ckpt.check_model(meta, path, model_cfg)
         else:
-            ckpt.needs_reshard(meta, path, model_cfg, cfg.parallel.zero_stage,
-                               world_size // (cfg.parallel.tensor * cfg.parallel.pipeline), cfg.parallel.tensor,
-                               pipeline=cfg.parallel.pipeline)
+            ckpt.needs_reshard(
+                meta,
+                path,
+                model_cfg,
+                cfg.parallel.zero_stage,
+                world_size // (cfg.parallel.tensor * cfg.parallel.pipeline),
+                cfg.parallel.tensor,
+                pipeline=cfg.parallel.pipeline,
+            )
         if meta["step"] >= cfg.train.steps:
-            raise CheckpointError(f"checkpoint '{path}' is at step {meta['step']}, the run has "
-                                       f"train.steps={cfg.train.steps}: nothing left to train")
+            raise CheckpointError(
+                f"checkpoint '{path}' is at step {meta['step']}, the run has "
+                f"train.steps={cfg.train.steps}: nothing left to train"
+            )
     elif cfg.train.init_from is not None:
         _check_init_from(cfg)
     return path
@@ -126,8 +146,15 @@ class Trainer:
     last step, a stop), `validator` (log.eval_every, train.steps), `logger` (log.every), the analysis hook
     (log.analyze_every) and the heartbeat (log.heartbeat_every); `fit` runs `train_step` and asks them."""
 
-    def __init__(self, cfg: Config, env: DistEnv, resume_path: Optional[str], instruments=None,
-                 watchdog: Optional[Watchdog] = None, resume_hint: str = "continue with --resume"):
+    def __init__(
+        self,
+        cfg: Config,
+        env: DistEnv,
+        resume_path: Optional[str],
+        instruments=None,
+        watchdog: Optional[Watchdog] = None,
+        resume_hint: str = "continue with --resume",
+    ):
         from megatrain.parallel.groups import build_groups
 
         self.cfg, self.env = cfg, env
@@ -162,14 +189,24 @@ class Trainer:
         self._build_components()
         if resume_path is not None and not weights_only:
             self._resume(resume_path)
-        self.logger = MetricsLogger(cfg.run.dir, enabled=env.is_main, tensorboard=cfg.log.tensorboard,
-                                    progress=cfg.log.progress, total_steps=cfg.train.steps, start_step=self.step,
-                                    every=cfg.log.every)
+        self.logger = MetricsLogger(
+            cfg.run.dir,
+            enabled=env.is_main,
+            tensorboard=cfg.log.tensorboard,
+            progress=cfg.log.progress,
+            total_steps=cfg.train.steps,
+            start_step=self.step,
+            every=cfg.log.every,
+        )
         if init_path is not None:
             self.logger.message(f"started from the weights of {init_path} (fresh optimizer, step 0)")
         elif resume_path is not None:
-            how = (f" (resharded to parallel.tensor={cfg.parallel.tensor} x {self.dp_size} data-parallel ranks through "
-                   f"DeepSpeed's universal checkpoint)" if self.universal else "")
+            how = (
+                f" (resharded to parallel.tensor={cfg.parallel.tensor} x {self.dp_size} data-parallel ranks through "
+                f"DeepSpeed's universal checkpoint)"
+                if self.universal
+                else ""
+            )
             self.logger.message(f"resumed from {resume_path} at step {self.step}{how}")
 
     def _open_data(self):
@@ -187,11 +224,16 @@ class Trainer:
         if model_cfg.vocab_size is None:
             model_cfg.vocab_size = self.data.vocab_size
         elif model_cfg.vocab_size < self.data.vocab_size:
-            raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
-                              f"{self.data.vocab_size}")
-        check_vocab_split(model_cfg.vocab_size, cfg.parallel.tensor,
-                          f"model.vocab_size={model_cfg.vocab_size}" if cfg.model.vocab_size is not None
-                          else f"the tokenizer's vocabulary {model_cfg.vocab_size}")
+            raise ConfigError(
+                f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {self.data.vocab_size}"
+            )
+        check_vocab_split(
+            model_cfg.vocab_size,
+            cfg.parallel.tensor,
+            f"model.vocab_size={model_cfg.vocab_size}"
+            if cfg.model.vocab_size is not None
+            else f"the tokenizer's vocabulary {model_cfg.vocab_size}",
+        )
         return model_cfg
 
     def _build_engine(self, resume_path: Optional[str], weights_only: bool, init_path: Optional[str]) -> None:
@@ -203,14 +245,23 @@ class Trainer:
         cfg, model_cfg = self.cfg, self.model_cfg
         self.universal = False
         if resume_path is not None and not weights_only:
-            self.universal = ckpt.needs_reshard(ckpt.read_meta(resume_path), resume_path, model_cfg,
-                                                cfg.parallel.zero_stage, self.dp_size, cfg.parallel.tensor,
-                                                pipeline=cfg.parallel.pipeline)
+            self.universal = ckpt.needs_reshard(
+                ckpt.read_meta(resume_path),
+                resume_path,
+                model_cfg,
+                cfg.parallel.zero_stage,
+                self.dp_size,
+                cfg.parallel.tensor,
+                pipeline=cfg.parallel.pipeline,
+            )
         # A reshard restores what the optimizer holds from DeepSpeed's universal checkpoint; frozen weights
         # (ReLoRA/LoRA's W) have no optimizer state there, so they come from the checkpoint's full
         # model.safetensors, each rank keeping its slice (the trainable ones are then overwritten).
-        state_from = init_path if init_path is not None else (
-            resume_path if self.universal and model_cfg.linear in FROZEN_BASE_KINDS else None)
+        state_from = (
+            init_path
+            if init_path is not None
+            else (resume_path if self.universal and model_cfg.linear in FROZEN_BASE_KINDS else None)
+        )
         initial_state = None
         if state_from is not None:  # an imported run or train.init_from: full weights, each rank keeps its share
             from megatrain.engine.load import read_weights
@@ -225,7 +276,8 @@ class Trainer:
         # The universal-checkpoint patterns name only what the optimizer holds (a frozen W has no ZeRO state).
         if cfg.parallel.pipeline == 1:  # a pipeline stage carries its own (megatrain.parallel.pipeline)
             model.universal_checkpoint_info = universal_checkpoint_info(
-                model, held={id(p) for group in self.optimizer.param_groups for p in group["params"]})
+                model, held={id(p) for group in self.optimizer.param_groups for p in group["params"]}
+            )
         # A PipelineModule brings DeepSpeed its own topology (DP x PP x TP) as the mpu.
         split = cfg.parallel.tensor > 1 or cfg.parallel.context > 1  # TP and Ulysses: the mpu's groups
         mpu = self.groups if split and cfg.parallel.pipeline == 1 else None
@@ -239,24 +291,51 @@ class Trainer:
 
         cfg, t = self.cfg, self.cfg.train
         # The ranks of a context group (parallel.context) read the same blocks: data_rank, not dp_rank.
-        self.sampler = ResumableSampler(len(self.data.train), t.global_batch, t.micro_batch, self.groups.data_rank,
-                                        self.groups.data_size, t.seed)
+        self.sampler = ResumableSampler(
+            len(self.data.train), t.global_batch, t.micro_batch, self.groups.data_rank, self.groups.data_size, t.seed
+        )
         self.step = 0
         self.nonfinite_streak = 0
         self.checkpointer = Checkpointer(
-            self.engine, run_dir=cfg.run.dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep, env=self.env,
-            groups=self.groups, model_cfg=self.model_cfg, parallel=cfg.parallel, seq_len=cfg.data.seq_len,
-            seed=t.seed, tokenizer_path=self.data.tokenizer.path, state=self._client_state,
-            meta=lambda: {"consumed_samples": self.sampler.state_dict()["consumed_samples"]}, watchdog=self.watchdog)
-        self.validator = Validator(self.data.val, micro_batch=t.micro_batch, batches=cfg.log.eval_batches,
-                                   dp_rank=self.groups.data_rank, dp_size=self.groups.data_size, device=self.env.device,
-                                   every=cfg.log.eval_every, last_step=t.steps, context=cfg.parallel.context)
-        self.throughput = Throughput(t.global_batch * cfg.data.seq_len, self.flops_per_token, self.env.world_size,
-                                     device_peak_flops(self.env.device), self.env.device)
+            self.engine,
+            run_dir=cfg.run.dir,
+            every=cfg.checkpoint.every,
+            keep=cfg.checkpoint.keep,
+            env=self.env,
+            groups=self.groups,
+            model_cfg=self.model_cfg,
+            parallel=cfg.parallel,
+            seq_len=cfg.data.seq_len,
+            seed=t.seed,
+            tokenizer_path=self.data.tokenizer.path,
+            state=self._client_state,
+            meta=lambda: {"consumed_samples": self.sampler.state_dict()["consumed_samples"]},
+            watchdog=self.watchdog,
+        )
+        self.validator = Validator(
+            self.data.val,
+            micro_batch=t.micro_batch,
+            batches=cfg.log.eval_batches,
+            dp_rank=self.groups.data_rank,
+            dp_size=self.groups.data_size,
+            device=self.env.device,
+            every=cfg.log.eval_every,
+            last_step=t.steps,
+            context=cfg.parallel.context,
+        )
+        self.throughput = Throughput(
+            t.global_batch * cfg.data.seq_len,
+            self.flops_per_token,
+            self.env.world_size,
+            device_peak_flops(self.env.device),
+            self.env.device,
+        )
         analyze = cfg.log.analyze_every if self.instruments is not None else 0
-        self.hooks = [StepHook(self.validator.should_validate, self.evaluate, skip_on_abort=True),
-                      StepHook(every(analyze), lambda: self.instruments(self)),
-                      StepHook(every(cfg.log.heartbeat_every), self._heartbeat)]
+        self.hooks = [
+            StepHook(self.validator.should_validate, self.evaluate, skip_on_abort=True),
+            StepHook(every(analyze), lambda: self.instruments(self)),
+            StepHook(every(cfg.log.heartbeat_every), self._heartbeat),
+        ]
 
     def _resume(self, resume_path: str) -> None:
         """Load the checkpoint to continue from (converted first when it was written at another layout)."""
@@ -378,9 +457,11 @@ class Trainer:
         if self.env.is_main:
             try:
                 folder = reshard.find_universal(checkpoint) or reshard.convert_to_universal(
-                    checkpoint, os.path.join(scratch, "universal"))
-                folder = reshard.universal_for_layout(folder, self.cfg.parallel.tensor, self.model_cfg.kv_heads,
-                                                      os.path.join(scratch, "view"))
+                    checkpoint, os.path.join(scratch, "universal")
+                )
+                folder = reshard.universal_for_layout(
+                    folder, self.cfg.parallel.tensor, self.model_cfg.kv_heads, os.path.join(scratch, "view")
+                )
             except MegatrainError as exc:
                 error = str(exc)
         shared = [error, folder]
@@ -392,8 +473,12 @@ class Trainer:
 
     def _client_state(self) -> dict:
         """What a checkpoint carries for this loop to continue: step, data position, the health state."""
-        client = {"step": self.step, "sampler": self.sampler.state_dict(), "nonfinite_streak": self.nonfinite_streak,
-                  "loss_window": self.spikes.state_dict()}
+        client = {
+            "step": self.step,
+            "sampler": self.sampler.state_dict(),
+            "nonfinite_streak": self.nonfinite_streak,
+            "loss_window": self.spikes.state_dict(),
+        }
         if getattr(self.optimizer, "projected", None) is not None:  # GaLore / Fira weights live outside ZeRO
             client["projected_optimizer"] = self.optimizer.projected.state_dict()
         return client
@@ -428,7 +513,8 @@ class Trainer:
                 if abort:
                     raise NonFiniteLossError(
                         f"{self.nonfinite_streak} non-finite losses in a row at step {self.step} "
-                        f"(train.max_nonfinite={t.max_nonfinite}); lower train.lr or check the data")
+                        f"(train.max_nonfinite={t.max_nonfinite}); lower train.lr or check the data"
+                    )
                 if self._checkpoint(final):
                     break
         finally:
@@ -440,12 +526,15 @@ class Trainer:
         """Say what went wrong in the step (a skipped update, a loss spike); True when the run must abort."""
         t = self.cfg.train
         if record["skipped"]:
-            self.logger.message(f"step {self.step}: non-finite loss, update skipped "
-                                f"({self.nonfinite_streak} in a row, limit {t.max_nonfinite})")
+            self.logger.message(
+                f"step {self.step}: non-finite loss, update skipped "
+                f"({self.nonfinite_streak} in a row, limit {t.max_nonfinite})"
+            )
         if "spike_z" in record:
-            self.logger.message(f"step {self.step}: loss spike {record['loss']:.4g} (z={record['spike_z']:.1f} "
-                                f"over the last {len(self.spikes.history)} losses)"
-                                + (", update skipped" if t.spike_skip else ""))
+            self.logger.message(
+                f"step {self.step}: loss spike {record['loss']:.4g} (z={record['spike_z']:.1f} "
+                f"over the last {len(self.spikes.history)} losses)" + (", update skipped" if t.spike_skip else "")
+            )
         return record["skipped"] and self.nonfinite_streak >= t.max_nonfinite
 
     def _log_step(self, record: dict, final: bool, abort: bool) -> Optional[dict]:
@@ -453,8 +542,7 @@ class Trainer:
         component with something to add (validator, analysis hook, heartbeat) asks for it. Returns the
         record logged, or None."""
         due = [hook for hook in self.hooks if hook.due(self.step) and not (abort and hook.skip_on_abort)]
-        if not (self.logger.should_log(self.step, last_step=final) or due or record["skipped"]
-                or "spike_z" in record):
+        if not (self.logger.should_log(self.step, last_step=final) or due or record["skipped"] or "spike_z" in record):
             return None
         record.update(self.throughput.measure(self.step))
         for hook in due:
@@ -486,13 +574,17 @@ class Trainer:
         if dist.is_initialized() and self.env.world_size > 1:
             parts = [torch.zeros_like(mine) for _ in range(self.env.world_size)]
             dist.all_gather(parts, mine)
-        return {"heartbeat": [{"rank": rank, "since_last_step_s": round(seconds.item(), 4)}
-                              for rank, seconds in enumerate(parts)]}
+        return {
+            "heartbeat": [
+                {"rank": rank, "since_last_step_s": round(seconds.item(), 4)} for rank, seconds in enumerate(parts)
+            ]
+        }
 
 
 @dataclasses.dataclass
 class StepHook:
     """A source of metrics for some steps' records: `due(step)` is its own timing, `run()` what it adds."""
+
     due: Callable[[int], bool]
     run: Callable[[], Optional[dict]]
     skip_on_abort: bool = False  # not run at a step that ends the run (too many non-finite losses)
@@ -512,8 +604,9 @@ def _load_projected_state(optimizer, state: dict, path: str, resharded: bool) ->
         # Projections of other TP shards do not apply: the new layout starts them afresh.
         return
     if "projected_optimizer" not in state:
-        raise CheckpointError(f"checkpoint '{path}' holds no GaLore/Fira optimizer state (was it written with "
-                              f"another optim.name?)")
+        raise CheckpointError(
+            f"checkpoint '{path}' holds no GaLore/Fira optimizer state (was it written with another optim.name?)"
+        )
     projected.load_state_dict(state["projected_optimizer"])
 
 
@@ -527,8 +620,10 @@ def pretrain(cfg: Config, resume=None, instruments=None, resume_hint: str = "con
     stop signal (the end of the "stopped at step N" line).
     """
     if cfg.log.analyze_every > 0 and instruments is None:
-        raise ConfigError("log.analyze_every needs the analysis instruments: run `megatrain pretrain`, or pass "
-                          "instruments=megatrain.analysis.live.training_instruments(cfg) to pretrain()")
+        raise ConfigError(
+            "log.analyze_every needs the analysis instruments: run `megatrain pretrain`, or pass "
+            "instruments=megatrain.analysis.live.training_instruments(cfg) to pretrain()"
+        )
     world = env_world()
     is_rank0 = env_rank() == 0
     resume_path = preflight(cfg, resume, world)
@@ -537,8 +632,13 @@ def pretrain(cfg: Config, resume=None, instruments=None, resume_hint: str = "con
     try:
         env = init_distributed(cfg)
         if env.world_size > 1:
-            watchdog = Watchdog(cfg.parallel.timeout_s, env.rank, env.world_size, store=default_store(),
-                                on_timeout=lock.release if lock is not None else None).start()
+            watchdog = Watchdog(
+                cfg.parallel.timeout_s,
+                env.rank,
+                env.world_size,
+                store=default_store(),
+                on_timeout=lock.release if lock is not None else None,
+            ).start()
         trainer = Trainer(cfg, env, resume_path, instruments=instruments, watchdog=watchdog, resume_hint=resume_hint)
         return trainer.fit()
     finally:

@@ -24,8 +24,20 @@ class Validator:
     are parts that sum to one micro-batch's loss (context parallelism, megatrain.parallel.context_parallel).
     """
 
-    def __init__(self, blocks, *, micro_batch: int, batches: int, dp_rank: int, dp_size: int, device,
-                 every: int = 0, last_step: Optional[int] = None, group=None, context: int = 1):
+    def __init__(
+        self,
+        blocks,
+        *,
+        micro_batch: int,
+        batches: int,
+        dp_rank: int,
+        dp_size: int,
+        device,
+        every: int = 0,
+        last_step: Optional[int] = None,
+        group=None,
+        context: int = 1,
+    ):
         self.context = context
         self.blocks, self.micro_batch, self.batches = blocks, micro_batch, batches
         self.dp_rank, self.dp_size, self.device = dp_rank, dp_size, device

@@ -18,8 +18,15 @@ from megatrain import kernels
 from megatrain.models.config import check_head_layout
 from megatrain.models.layers import make_linear
 
-__all__ = ["KVCache", "AttentionProjections", "Attention", "position_mask", "InterleavedHeadAttention",
-           "iha_position_mask", "iha_rope_positions"]
+__all__ = [
+    "KVCache",
+    "AttentionProjections",
+    "Attention",
+    "position_mask",
+    "InterleavedHeadAttention",
+    "iha_position_mask",
+    "iha_rope_positions",
+]
 
 
 class KVCache:
@@ -110,10 +117,12 @@ class KVCache:
         if self.static is not None:
             layout = self.static
             if positions.shape[1] != layout.index.numel():
-                raise ValueError(f"KVCache: a static cache got {positions.shape[1]} new positions but begin_write "
-                                 f"chose {layout.index.numel()} slots")
+                raise ValueError(
+                    f"KVCache: a static cache got {positions.shape[1]} new positions but begin_write "
+                    f"chose {layout.index.numel()} slots"
+                )
             self.positions.index_copy_(1, layout.index, positions.expand(self.positions.shape[0], -1))
-            return self.positions if layout.attend_all else self.positions[:, :layout.filled]
+            return self.positions if layout.attend_all else self.positions[:, : layout.filled]
         past = self.positions
         if past is None and self.length:
             past = torch.arange(self.length, device=positions.device)[None]
@@ -168,8 +177,9 @@ class KVCache:
             out.static.index = None if self.static.index is None else self.static.index.clone()
         return out
 
-    def static_copy(self, batch: int, capacity: int, pad_position: int, *, attend_all: bool = False,
-                    device=None) -> "KVCache":
+    def static_copy(
+        self, batch: int, capacity: int, pad_position: int, *, attend_all: bool = False, device=None
+    ) -> "KVCache":
         """A static copy (same class and attributes) of this cache with room for `capacity` slots.
 
         batch: rows (a cache that holds a prefix must hold that many). The prefix, if any, fills
@@ -211,8 +221,9 @@ class KVCache:
             raise ValueError("KVCache.begin_write needs a static cache (KVCache.static_copy)")
         start, end = layout.filled, layout.filled + n
         if end > layout.capacity:
-            raise ValueError(f"KVCache: {n} more positions do not fit a static cache of capacity {layout.capacity} "
-                             f"holding {start}")
+            raise ValueError(
+                f"KVCache: {n} more positions do not fit a static cache of capacity {layout.capacity} holding {start}"
+            )
         if layout.index is not None and layout.index.numel() == n and layout.index_start == start - n:
             layout.index.add_(n)
         else:
@@ -223,18 +234,21 @@ class KVCache:
         """`update` of a static cache: k, v into the slots of `begin_write`."""
         layout = self.static
         if layout.index is None or k.shape[2] != layout.index.numel():
-            raise ValueError(f"KVCache: a static cache got {k.shape[2]} new keys but begin_write chose "
-                             f"{0 if layout.index is None else layout.index.numel()} slots")
+            raise ValueError(
+                f"KVCache: a static cache got {k.shape[2]} new keys but begin_write chose "
+                f"{0 if layout.index is None else layout.index.numel()} slots"
+            )
         if self.keys[layer_idx] is None:
             batch = self.positions.shape[0]
             self.keys[layer_idx], self.values[layer_idx] = (
-                t.new_zeros(batch, t.shape[1], layout.capacity, t.shape[3]) for t in (k, v))
+                t.new_zeros(batch, t.shape[1], layout.capacity, t.shape[3]) for t in (k, v)
+            )
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         keys.index_copy_(2, layout.index, k)
         values.index_copy_(2, layout.index, v)
         if layout.attend_all:
             return keys, values
-        return keys[:, :, :layout.filled], values[:, :, :layout.filled]
+        return keys[:, :, : layout.filled], values[:, :, : layout.filled]
 
     def freeze(self) -> None:
         """Detach the stored tensors and stop storing new ones."""
@@ -274,7 +288,7 @@ def position_mask(query_positions: Tensor, key_positions: Tensor) -> Tensor:
     Returns:
         [max(Bq, Bk), 1, N, S], True where attention is allowed (broadcasts over heads).
     """
-    return (key_positions[:, None, None, :] <= query_positions[:, None, :, None])
+    return key_positions[:, None, None, :] <= query_positions[:, None, :, None]
 
 
 class AttentionProjections(nn.Module):
@@ -324,8 +338,16 @@ class Attention(AttentionProjections):
     o_proj -> [B, N, D]. Each group of H / Hkv query heads shares one key/value head.
     """
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, *, mask: Optional[Tensor] = None,
-                cache: Optional[KVCache] = None, layer_idx: int = 0) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        *,
+        mask: Optional[Tensor] = None,
+        cache: Optional[KVCache] = None,
+        layer_idx: int = 0,
+    ) -> Tensor:
         """Attend from the N new tokens to the cached and new keys.
 
         Args:
@@ -350,7 +372,7 @@ class Attention(AttentionProjections):
         if mask is None and total != n:
             # New tokens sit after the cached ones; is_causal would align the triangle to the top-left.
             key_positions = torch.arange(total, device=x.device)[None]
-            mask = position_mask(key_positions[:, total - n:], key_positions)
+            mask = position_mask(key_positions[:, total - n :], key_positions)
         gqa = {}
         if self.kv_heads != self.heads:
             if mask is None or not q.is_cuda:
@@ -400,8 +422,9 @@ def iha_rope_positions(positions: Tensor, pseudo: int, mode: str = "virtual") ->
     return positions.repeat_interleave(pseudo, dim=-1)
 
 
-def iha_position_mask(query_positions: Tensor, key_positions: Tensor, pseudo: int, mask: str = "causal",
-                      window: Optional[int] = None) -> Tensor:
+def iha_position_mask(
+    query_positions: Tensor, key_positions: Tensor, pseudo: int, mask: str = "causal", window: Optional[int] = None
+) -> Tensor:
     """Boolean mask over virtual tokens from token positions; the rule of `kernels.reference.iha_allowed`.
 
     Query pseudo-token (a, p) sees key pseudo-token (b, p') when, with i = a*P + p and j = b*P + p':
@@ -467,17 +490,28 @@ class InterleavedHeadAttention(AttentionProjections):
     The parameters always keep their full [H, H, P] / [H, P] shapes (replicated over TP ranks).
     """
 
-    def __init__(self, dim: int, heads: int, kv_heads: Optional[int] = None, *, linear: str = "dense",
-                 pseudo_heads: int = 2, mask: str = "causal", collapse: str = "per_head",
-                 window: Optional[int] = None, head_groups: int = 1):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        kv_heads: Optional[int] = None,
+        *,
+        linear: str = "dense",
+        pseudo_heads: int = 2,
+        mask: str = "causal",
+        collapse: str = "per_head",
+        window: Optional[int] = None,
+        head_groups: int = 1,
+    ):
         super().__init__(dim, heads, kv_heads, linear=linear)
         if pseudo_heads < 1:
             raise ValueError(f"InterleavedHeadAttention: pseudo_heads must be >= 1, got {pseudo_heads}")
         if mask not in ("causal", "token_causal") or collapse not in ("per_head", "global"):
             raise ValueError(f"InterleavedHeadAttention: mask={mask!r} / collapse={collapse!r} not supported")
         if window is not None and (window < 1 or window % pseudo_heads):
-            raise ValueError(f"InterleavedHeadAttention: window={window} must be a positive multiple of "
-                             f"pseudo_heads={pseudo_heads}")
+            raise ValueError(
+                f"InterleavedHeadAttention: window={window} must be a positive multiple of pseudo_heads={pseudo_heads}"
+            )
         if head_groups < 1 or heads % head_groups:
             raise ValueError(f"InterleavedHeadAttention: head_groups={head_groups} must divide heads={heads}")
         self.pseudo_heads, self.mask, self.window = pseudo_heads, mask, window
@@ -506,8 +540,10 @@ class InterleavedHeadAttention(AttentionProjections):
             self.collapse.copy_((eye[:, :, None] / pseudo).expand(heads, heads, pseudo).reshape(heads, -1))
 
     def extra_repr(self) -> str:
-        return (f"pseudo_heads={self.pseudo_heads}, mask={self.mask}, collapse={self.collapse_kind}, "
-                f"window={self.window}, head_groups={self.head_groups}")
+        return (
+            f"pseudo_heads={self.pseudo_heads}, mask={self.mask}, collapse={self.collapse_kind}, "
+            f"window={self.window}, head_groups={self.head_groups}"
+        )
 
     def _group_mask(self, mix: Tensor) -> Tensor:
         """Zero the cross-group entries of a [..., H, H, P] tensor (head_groups > 1)."""
@@ -534,9 +570,20 @@ class InterleavedHeadAttention(AttentionProjections):
             collapse = blocks[out, out].reshape(self.heads, self.heads * pseudo)
         return (*mixes, collapse)
 
-    def mix_and_attend(self, q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], *,
-                       mask: Optional[Tensor] = None, cache: Optional[KVCache] = None, layer_idx: int = 0,
-                       positions: Optional[Tensor] = None, key_positions: Optional[Tensor] = None) -> Tensor:
+    def mix_and_attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        cos: Optional[Tensor],
+        sin: Optional[Tensor],
+        *,
+        mask: Optional[Tensor] = None,
+        cache: Optional[KVCache] = None,
+        layer_idx: int = 0,
+        positions: Optional[Tensor] = None,
+        key_positions: Optional[Tensor] = None,
+    ) -> Tensor:
         """The head mixing, attention and collapse: q, k, v [B, H_local, N, d] -> o [B, H_local, N, d].
 
         Runs `gather_heads` first when it is set (tensor parallelism, tp_mode=exact). cos, sin:
@@ -554,12 +601,15 @@ class InterleavedHeadAttention(AttentionProjections):
         shared_mixes = all(m.dim() == 3 for m in (mix_q, mix_k, mix_v))
         if full_sequence and self.context_attention is not None:
             if not shared_mixes or gathered:
-                raise ValueError("InterleavedHeadAttention: context parallelism needs shared mixes and no "
-                                 "tensor-parallel head gather")
+                raise ValueError(
+                    "InterleavedHeadAttention: context parallelism needs shared mixes and no "
+                    "tensor-parallel head gather"
+                )
             return self._context_parallel(q, k, v, mix_q, mix_k, mix_v, collapse, cos, sin)
         if full_sequence and shared_mixes and (cos is None or cos.dim() == 2):
-            return kernels.iha_attention(q, k, v, mix_q, mix_k, mix_v, collapse, cos, sin, mask=self.mask,
-                                         window=self.window)
+            return kernels.iha_attention(
+                q, k, v, mix_q, mix_k, mix_v, collapse, cos, sin, mask=self.mask, window=self.window
+            )
 
         # Unfused path (decoding, explicit positions): the math of kernels.reference.iha_attention with
         # queries and keys of different lengths and a mask built from token positions.
@@ -571,14 +621,15 @@ class InterleavedHeadAttention(AttentionProjections):
         if cos is not None:
             pq, pk = kernels.rope(pq, pk, cos, sin)
         if cache is not None:
-            pk, pv = cache.update(layer_idx, pk.reshape(batch, heads, n, pseudo * d),
-                                  pv.reshape(batch, heads, n, pseudo * d))
+            pk, pv = cache.update(
+                layer_idx, pk.reshape(batch, heads, n, pseudo * d), pv.reshape(batch, heads, n, pseudo * d)
+            )
             pk, pv = (t.reshape(batch, heads, t.shape[2] * pseudo, d) for t in (pk, pv))
         total = pk.shape[2] // pseudo
         if key_positions is None:
             key_positions = torch.arange(total, device=q.device)[None]
         if positions is None:
-            positions = key_positions[:, total - n:]
+            positions = key_positions[:, total - n :]
         allowed = iha_position_mask(positions, key_positions, pseudo, self.mask, self.window)
         if mask is not None:  # a caller's token-level mask [B or 1, 1, N, S] restricts further
             allowed = allowed & mask.repeat_interleave(pseudo, dim=-2).repeat_interleave(pseudo, dim=-1)
@@ -588,8 +639,18 @@ class InterleavedHeadAttention(AttentionProjections):
             return torch.einsum("bhnpd,hp->bhnd", o, collapse.to(o.dtype))
         return torch.einsum("bmnpd,hmp->bhnd", o, collapse.to(o.dtype).reshape(heads, heads, pseudo))
 
-    def _context_parallel(self, q: Tensor, k: Tensor, v: Tensor, mix_q: Tensor, mix_k: Tensor, mix_v: Tensor,
-                          collapse: Tensor, cos: Optional[Tensor], sin: Optional[Tensor]) -> Tensor:
+    def _context_parallel(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mix_q: Tensor,
+        mix_k: Tensor,
+        mix_v: Tensor,
+        collapse: Tensor,
+        cos: Optional[Tensor],
+        sin: Optional[Tensor],
+    ) -> Tensor:
         """IHA under Ulysses context parallelism: q, k, v [B, H, N/C, d] (this rank's slice, every head) ->
         [B, H, N/C, d].
 
@@ -625,12 +686,22 @@ class InterleavedHeadAttention(AttentionProjections):
             positions = torch.arange(n, device=q.device)[None]
             allowed = iha_position_mask(positions, positions, pseudo, self.mask, self.window)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-        return o.transpose(1, 2).reshape(batch, n, pseudo, heads, d).transpose(2, 3).reshape(
-            batch, n, heads, pseudo * d)
+        return (
+            o.transpose(1, 2).reshape(batch, n, pseudo, heads, d).transpose(2, 3).reshape(batch, n, heads, pseudo * d)
+        )
 
-    def forward(self, x: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], *, mask: Optional[Tensor] = None,
-                cache: Optional[KVCache] = None, layer_idx: int = 0, positions: Optional[Tensor] = None,
-                key_positions: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Optional[Tensor],
+        sin: Optional[Tensor],
+        *,
+        mask: Optional[Tensor] = None,
+        cache: Optional[KVCache] = None,
+        layer_idx: int = 0,
+        positions: Optional[Tensor] = None,
+        key_positions: Optional[Tensor] = None,
+    ) -> Tensor:
         """Attend from the N new tokens to the cached and new pseudo-tokens; x [B, N, D] -> [B, N, D].
 
         Same contract as `Attention.forward`, except that cos and sin are the tables at the
@@ -642,6 +713,16 @@ class InterleavedHeadAttention(AttentionProjections):
         if self.kv_heads != self.heads:
             repeat = self.heads // self.kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        out = self.mix_and_attend(q, k, v, cos, sin, mask=mask, cache=cache, layer_idx=layer_idx,
-                                  positions=positions, key_positions=key_positions)
+        out = self.mix_and_attend(
+            q,
+            k,
+            v,
+            cos,
+            sin,
+            mask=mask,
+            cache=cache,
+            layer_idx=layer_idx,
+            positions=positions,
+            key_positions=key_positions,
+        )
         return self.project_out(out)

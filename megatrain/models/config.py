@@ -16,7 +16,15 @@ from megatrain.errors import ConfigError
 from megatrain.fields import config_field
 from megatrain.models.layers import LINEAR_KINDS, LOWRANK_KINDS, lowrank_options, projection_shapes
 
-__all__ = ["ModelConfig", "LowRankConfig", "IHAConfig", "PRESETS", "ATTENTION_KINDS", "FROZEN_BASE_KINDS", "check_head_layout"]
+__all__ = [
+    "ModelConfig",
+    "LowRankConfig",
+    "IHAConfig",
+    "PRESETS",
+    "ATTENTION_KINDS",
+    "FROZEN_BASE_KINDS",
+    "check_head_layout",
+]
 
 # name -> (dim, layers, heads, kv_heads, ffn_dim). ffn_dim None = 8/3*dim rounded to multiple_of.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -36,78 +44,125 @@ ATTENTION_KINDS = ("mha", "iha")  # iha: interleaved head attention (docs/iha.md
 class LowRankConfig:
     """`model.lowrank.*`: settings of the low-rank projection kinds (docs/lowrank.md). None = the
     method's default; a key that the chosen `model.linear` does not use is refused."""
-    rank: Optional[int] = config_field(None, "Rank r of every low-rank projection (cola, sltrain, relora, lora); "
-                                       "default model.dim/4 (CoLA and SLTrain pretraining scripts).")
-    alpha: Optional[float] = config_field(None, "Scale numerator: the low-rank term is multiplied by alpha/r "
-                                          "(sltrain, relora, lora); default 32 (ReLoRA and SLTrain scripts).")
-    density: Optional[float] = config_field(None, "SLTrain: fraction delta of each matrix held by the sparse part "
-                                            "S, in (0, 1]; default 0.03.")
-    recompute: Optional[bool] = config_field(None, "CoLA-M: recompute the [.., r] intermediate in backward instead "
-                                             "of storing it (cola); default false.")
-    dropout: Optional[float] = config_field(None, "Dropout on the adapter input (relora, lora), in [0, 1); default "
-                                            "0.1 (ReLoRA).")
+
+    rank: Optional[int] = config_field(
+        None,
+        "Rank r of every low-rank projection (cola, sltrain, relora, lora); "
+        "default model.dim/4 (CoLA and SLTrain pretraining scripts).",
+    )
+    alpha: Optional[float] = config_field(
+        None,
+        "Scale numerator: the low-rank term is multiplied by alpha/r "
+        "(sltrain, relora, lora); default 32 (ReLoRA and SLTrain scripts).",
+    )
+    density: Optional[float] = config_field(
+        None, "SLTrain: fraction delta of each matrix held by the sparse part S, in (0, 1]; default 0.03."
+    )
+    recompute: Optional[bool] = config_field(
+        None, "CoLA-M: recompute the [.., r] intermediate in backward instead of storing it (cola); default false."
+    )
+    dropout: Optional[float] = config_field(
+        None, "Dropout on the adapter input (relora, lora), in [0, 1); default 0.1 (ReLoRA)."
+    )
 
 
 # model.linear kinds whose base weight W is frozen (no gradient, no optimizer state): adapters on W
 FROZEN_BASE_KINDS = ("relora", "lora")
 
 # model.lowrank.* key -> the model.linear kinds that use it
-_LOWRANK_KEY_KINDS = {"rank": LOWRANK_KINDS, "alpha": ("sltrain", "relora", "lora"),
-                      "density": ("sltrain",), "recompute": ("cola",), "dropout": FROZEN_BASE_KINDS}
+_LOWRANK_KEY_KINDS = {
+    "rank": LOWRANK_KINDS,
+    "alpha": ("sltrain", "relora", "lora"),
+    "density": ("sltrain",),
+    "recompute": ("cola",),
+    "dropout": FROZEN_BASE_KINDS,
+}
 
 
 @dataclass
 class IHAConfig:
     """`model.iha.*`: interleaved head attention (model.attention=iha; docs/iha.md)."""
-    pseudo_heads: int = config_field(2, "P: pseudo-tokens per token, each a learned mix of all heads (P = heads "
-                                     "allowed).")
-    mask: str = config_field("causal", "Causal order over the N*P virtual tokens, or token_causal: the P "
-                             "pseudo-tokens of one position also see each other.", choices=["causal", "token_causal"])
-    collapse: str = config_field("per_head", "How the P outputs of a head become one: per_head (weights [H, P]) or "
-                                 "global (weights R [H, H*P] over every head's outputs).",
-                                 choices=["per_head", "global"])
-    rope: str = config_field("virtual", "RoPE position of pseudo-token (n, p): virtual = n*P + p, original = n.",
-                             choices=["virtual", "original"])
-    window: Optional[int] = config_field(None, "Sliding window in virtual tokens (a positive multiple of "
-                                         "pseudo_heads) for every layer (schedule=uniform; null = full) or the "
-                                         "short layers (flop_matched; null = N/(2P) for N = model.max_seq_len, "
-                                         "rounded down to a multiple of P).")
-    schedule: str = config_field("uniform", "Layer schedule: uniform (every layer uses window) or flop_matched "
-                                 "(window on all layers but every full_every-th, which attends fully; window N/(2P) "
-                                 "matches MHA's attention FLOPs at sequence length N, the default).",
-                                 choices=["uniform", "flop_matched"])
+
+    pseudo_heads: int = config_field(
+        2, "P: pseudo-tokens per token, each a learned mix of all heads (P = heads allowed)."
+    )
+    mask: str = config_field(
+        "causal",
+        "Causal order over the N*P virtual tokens, or token_causal: the P "
+        "pseudo-tokens of one position also see each other.",
+        choices=["causal", "token_causal"],
+    )
+    collapse: str = config_field(
+        "per_head",
+        "How the P outputs of a head become one: per_head (weights [H, P]) or "
+        "global (weights R [H, H*P] over every head's outputs).",
+        choices=["per_head", "global"],
+    )
+    rope: str = config_field(
+        "virtual",
+        "RoPE position of pseudo-token (n, p): virtual = n*P + p, original = n.",
+        choices=["virtual", "original"],
+    )
+    window: Optional[int] = config_field(
+        None,
+        "Sliding window in virtual tokens (a positive multiple of "
+        "pseudo_heads) for every layer (schedule=uniform; null = full) or the "
+        "short layers (flop_matched; null = N/(2P) for N = model.max_seq_len, "
+        "rounded down to a multiple of P).",
+    )
+    schedule: str = config_field(
+        "uniform",
+        "Layer schedule: uniform (every layer uses window) or flop_matched "
+        "(window on all layers but every full_every-th, which attends fully; window N/(2P) "
+        "matches MHA's attention FLOPs at sequence length N, the default).",
+        choices=["uniform", "flop_matched"],
+    )
     full_every: int = config_field(2, "flop_matched: layers full_every-1, 2*full_every-1, ... attend fully.")
-    head_groups: int = config_field(1, "Mix heads only within this many contiguous groups of heads (block-diagonal "
-                                    "mixing; 1 = all heads mix).")
-    tp_mode: str = config_field("exact", "Tensor parallelism: exact (all-gather q/k/v heads in the TP group for the "
-                                "mixing) or local (no extra communication; needs head_groups a multiple of "
-                                "parallel.tensor, so each rank mixes only its own heads).", choices=["exact", "local"])
+    head_groups: int = config_field(
+        1, "Mix heads only within this many contiguous groups of heads (block-diagonal mixing; 1 = all heads mix)."
+    )
+    tp_mode: str = config_field(
+        "exact",
+        "Tensor parallelism: exact (all-gather q/k/v heads in the TP group for the "
+        "mixing) or local (no extra communication; needs head_groups a multiple of "
+        "parallel.tensor, so each rank mixes only its own heads).",
+        choices=["exact", "local"],
+    )
 
 
 @dataclass
 class ModelConfig:
     """`model.*`. Size keys left None come from the preset (`resolved()`)."""
+
     preset: Optional[str] = config_field("tiny", "Size preset; explicit dims below override it.", choices=PRESETS)
     dim: Optional[int] = config_field(None, "Hidden size (default: from preset).")
     layers: Optional[int] = config_field(None, "Number of decoder blocks (default: from preset).")
     heads: Optional[int] = config_field(None, "Attention heads (default: from preset).")
     kv_heads: Optional[int] = config_field(None, "Key/value heads for grouped-query attention; must divide heads.")
     vocab_size: Optional[int] = config_field(None, "Vocabulary size (default: the tokenizer's).")
-    ffn_dim: Optional[int] = config_field(None, "SwiGLU hidden size (default: from preset, or 8/3*dim rounded up to "
-                                          "multiple_of).")
+    ffn_dim: Optional[int] = config_field(
+        None, "SwiGLU hidden size (default: from preset, or 8/3*dim rounded up to multiple_of)."
+    )
     multiple_of: int = config_field(64, "Rounding for a derived ffn_dim.")
     norm_eps: float = config_field(1e-5, "RMSNorm epsilon.")
     rope_theta: float = config_field(10000.0, "RoPE base.")
     max_seq_len: int = config_field(4096, "Longest position the RoPE tables cover.")
     tie_embeddings: bool = config_field(False, "Share the input embedding with the output head.")
     init_std: float = config_field(0.02, "Init std; output projections (o, down) use init_std/sqrt(2*layers).")
-    embed_init_std: Optional[float] = config_field(None, "Init std of the input embedding (default: init_std). "
-                                                   "Small synthetic-task models learn associative recall far "
-                                                   "sooner with 1.0 (benchmarks/results/study-iha.md).")
+    embed_init_std: Optional[float] = config_field(
+        None,
+        "Init std of the input embedding (default: init_std). "
+        "Small synthetic-task models learn associative recall far "
+        "sooner with 1.0 (benchmarks/results/study-iha.md).",
+    )
     # The projection kinds registered in models/layers.py (docs/lowrank.md), read live from the registry.
     linear: str = config_field("dense", "Projection kind built by models/layers.py.", choices=LINEAR_KINDS)
-    attention: str = config_field("mha", "Attention kind: mha (multi-head / grouped-query through torch SDPA) or iha "
-                                  "(interleaved head attention, settings in model.iha.*).", choices=ATTENTION_KINDS)
+    attention: str = config_field(
+        "mha",
+        "Attention kind: mha (multi-head / grouped-query through torch SDPA) or iha "
+        "(interleaved head attention, settings in model.iha.*).",
+        choices=ATTENTION_KINDS,
+    )
     lowrank: LowRankConfig = field(default_factory=LowRankConfig)
     iha: IHAConfig = field(default_factory=IHAConfig)
 
@@ -162,8 +217,9 @@ class ModelConfig:
         if m.vocab_size is not None and m.vocab_size < 8:
             raise ConfigError(f"model.vocab_size must be >= 8, got {m.vocab_size}")
         if m.linear not in LINEAR_KINDS:
-            raise ConfigError(f"model.linear={m.linear!r} is not a known projection kind (allowed: "
-                              f"{', '.join(LINEAR_KINDS)})")
+            raise ConfigError(
+                f"model.linear={m.linear!r} is not a known projection kind (allowed: {', '.join(LINEAR_KINDS)})"
+            )
         _validate_lowrank(m)
         _validate_iha(m, seq_len)
 
@@ -181,8 +237,9 @@ def _validate_lowrank(m: ModelConfig) -> None:
     kind, lr = m.linear, m.lowrank
     for key, kinds in _LOWRANK_KEY_KINDS.items():
         if getattr(lr, key) is not None and kind not in kinds:
-            raise ConfigError(f"model.lowrank.{key} does not apply to model.linear={kind} (it applies to: "
-                              f"{', '.join(kinds)})")
+            raise ConfigError(
+                f"model.lowrank.{key} does not apply to model.linear={kind} (it applies to: {', '.join(kinds)})"
+            )
     if kind == "dense":
         return
     if lr.rank is not None and lr.rank < 1:
@@ -197,8 +254,10 @@ def _validate_lowrank(m: ModelConfig) -> None:
     smallest = min(min(d_in, d_out) for _, d_in, d_out in shapes)
     for role, d_in, d_out in shapes:
         if rank > min(d_in, d_out):
-            raise ConfigError(f"model.lowrank.rank={rank} exceeds min(d_in, d_out)={min(d_in, d_out)} of projection "
-                              f"{role} ({d_in} -> {d_out}); allowed: 1..{smallest}")
+            raise ConfigError(
+                f"model.lowrank.rank={rank} exceeds min(d_in, d_out)={min(d_in, d_out)} of projection "
+                f"{role} ({d_in} -> {d_out}); allowed: 1..{smallest}"
+            )
 
 
 def _validate_iha(m: ModelConfig, seq_len: Optional[int]) -> None:
@@ -207,15 +266,18 @@ def _validate_iha(m: ModelConfig, seq_len: Optional[int]) -> None:
     if m.attention != "iha":
         changed = [f.name for f in dataclasses.fields(iha) if getattr(iha, f.name) != f.default]
         if changed:
-            raise ConfigError(f"model.iha.{changed[0]} applies to model.attention=iha only, but model.attention="
-                              f"{m.attention}")
+            raise ConfigError(
+                f"model.iha.{changed[0]} applies to model.attention=iha only, but model.attention={m.attention}"
+            )
         return
     pseudo = iha.pseudo_heads
     if pseudo < 1:
         raise ConfigError(f"model.iha.pseudo_heads must be >= 1, got {pseudo}")
     if iha.window is not None and (iha.window < 1 or iha.window % pseudo):
-        raise ConfigError(f"model.iha.window={iha.window} must be a positive multiple of model.iha.pseudo_heads="
-                          f"{pseudo} (it counts virtual tokens), or null")
+        raise ConfigError(
+            f"model.iha.window={iha.window} must be a positive multiple of model.iha.pseudo_heads="
+            f"{pseudo} (it counts virtual tokens), or null"
+        )
     if iha.full_every < 1:
         raise ConfigError(f"model.iha.full_every must be >= 1, got {iha.full_every}")
     if iha.head_groups < 1 or m.heads % iha.head_groups:

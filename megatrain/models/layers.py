@@ -21,9 +21,23 @@ from torch import Tensor, nn
 from megatrain import kernels
 from megatrain.errors import ConfigError
 
-__all__ = ["LINEAR_KINDS", "LinearBuilder", "make_linear", "register_linear", "init_linear", "LOWRANK_KINDS",
-           "LowRankOptions", "lowrank_options", "linear_options", "projection_shapes", "CoLALinear", "SLTrainLinear",
-           "LoRALinear", "sample_sparse_support", "dense_state_dict"]
+__all__ = [
+    "LINEAR_KINDS",
+    "LinearBuilder",
+    "make_linear",
+    "register_linear",
+    "init_linear",
+    "LOWRANK_KINDS",
+    "LowRankOptions",
+    "lowrank_options",
+    "linear_options",
+    "projection_shapes",
+    "CoLALinear",
+    "SLTrainLinear",
+    "LoRALinear",
+    "sample_sparse_support",
+    "dense_state_dict",
+]
 
 
 class LinearBuilder(Protocol):
@@ -44,8 +58,9 @@ def register_linear(kind: str, builder: LinearBuilder) -> None:
     LINEAR_KINDS[kind] = builder
 
 
-def make_linear(in_features: int, out_features: int, *, bias: bool = False, kind: str = "dense",
-                role: str = "") -> nn.Module:
+def make_linear(
+    in_features: int, out_features: int, *, bias: bool = False, kind: str = "dense", role: str = ""
+) -> nn.Module:
     """Build a projection [..., in_features] -> [..., out_features] of the given kind.
 
     Args:
@@ -96,6 +111,7 @@ DEFAULT_DROPOUT = 0.1  # ReLoRA's pretraining script (hard-coded lora_dropout)
 @dataclass
 class LowRankOptions:
     """Resolved `model.lowrank.*` values. rank None (outside a model) = min(d_in, d_out) // 4."""
+
     rank: Optional[int] = None
     alpha: float = DEFAULT_ALPHA
     density: float = DEFAULT_DENSITY
@@ -112,11 +128,13 @@ _OPTIONS: list[LowRankOptions] = []
 def lowrank_options(model_cfg) -> LowRankOptions:
     """The LowRankOptions a (resolved) ModelConfig asks for; rank defaults to model.dim / 4."""
     lr = model_cfg.lowrank
-    return LowRankOptions(rank=lr.rank if lr.rank is not None else max(1, model_cfg.dim // 4),
-                          alpha=DEFAULT_ALPHA if lr.alpha is None else float(lr.alpha),
-                          density=DEFAULT_DENSITY if lr.density is None else float(lr.density),
-                          recompute=bool(lr.recompute),
-                          dropout=DEFAULT_DROPOUT if lr.dropout is None else float(lr.dropout))
+    return LowRankOptions(
+        rank=lr.rank if lr.rank is not None else max(1, model_cfg.dim // 4),
+        alpha=DEFAULT_ALPHA if lr.alpha is None else float(lr.alpha),
+        density=DEFAULT_DENSITY if lr.density is None else float(lr.density),
+        recompute=bool(lr.recompute),
+        dropout=DEFAULT_DROPOUT if lr.dropout is None else float(lr.dropout),
+    )
 
 
 @contextlib.contextmanager
@@ -137,14 +155,23 @@ def projection_shapes(model_cfg) -> list[tuple[str, int, int]]:
     """(role, d_in, d_out) of every projection in a Llama block of a resolved ModelConfig."""
     d, hd = model_cfg.dim, model_cfg.dim // model_cfg.heads
     q, kv, f = model_cfg.heads * hd, model_cfg.kv_heads * hd, model_cfg.ffn_dim
-    return [("attn.q", d, q), ("attn.k", d, kv), ("attn.v", d, kv), ("attn.o", q, d),
-            ("mlp.gate", d, f), ("mlp.up", d, f), ("mlp.down", f, d)]
+    return [
+        ("attn.q", d, q),
+        ("attn.k", d, kv),
+        ("attn.v", d, kv),
+        ("attn.o", q, d),
+        ("mlp.gate", d, f),
+        ("mlp.up", d, f),
+        ("mlp.down", f, d),
+    ]
 
 
 def _check_rank(kind: str, rank: int, in_features: int, out_features: int, role: str) -> None:
     if not 1 <= rank <= min(in_features, out_features):
-        raise ConfigError(f"model.lowrank.rank={rank} is outside 1..min(d_in, d_out)={min(in_features, out_features)} "
-                          f"for the {kind} projection {role or '?'} ({in_features} -> {out_features})")
+        raise ConfigError(
+            f"model.lowrank.rank={rank} is outside 1..min(d_in, d_out)={min(in_features, out_features)} "
+            f"for the {kind} projection {role or '?'} ({in_features} -> {out_features})"
+        )
 
 
 def _kaiming_uniform_(t: Tensor, fan_in: int, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -175,23 +202,27 @@ class CoLALinear(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float) -> None:
-        scale = self.rank ** -0.25 * (self.in_features + self.out_features) ** -0.25
+        scale = self.rank**-0.25 * (self.in_features + self.out_features) ** -0.25
         nn.init.normal_(self.cola_a, mean=0.0, std=scale)
         nn.init.normal_(self.cola_b, mean=0.0, std=scale)
         nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """x [..., D_in] -> [..., D_out]."""
-        return kernels.lowrank_linear(x, self.cola_a, self.cola_b, self.bias, activation="silu",
-                                      recompute=self.recompute)
+        return kernels.lowrank_linear(
+            x, self.cola_a, self.cola_b, self.bias, activation="silu", recompute=self.recompute
+        )
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"recompute={self.recompute}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"recompute={self.recompute}"
+        )
 
 
-def sample_sparse_support(in_features: int, out_features: int, density: float,
-                          generator: Optional[torch.Generator] = None) -> Tensor:
+def sample_sparse_support(
+    in_features: int, out_features: int, density: float, generator: Optional[torch.Generator] = None
+) -> Tensor:
     """Sorted unique flat row-major positions (int64) of int(density * d_in * d_out) entries (>= 1)."""
     total = in_features * out_features
     nnz = sparse_support_size(in_features, out_features, density)
@@ -216,8 +247,9 @@ class SLTrainLinear(nn.Module):
     of S ~ U(+-1/sqrt(d_in)); `init_weights(std)` follows the paper and does not use std.
     """
 
-    def __init__(self, in_features: int, out_features: int, rank: int, *, alpha: float, density: float,
-                 bias: bool = False):
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, *, alpha: float, density: float, bias: bool = False
+    ):
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.alpha, self.density = alpha, density
@@ -242,8 +274,9 @@ class SLTrainLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x [..., D_in] -> [..., D_out]."""
-        y = kernels.sparse_lowrank_linear(x, self.lora_a, self.lora_b, self.sparse_values, self.sparse_index,
-                                          self.scale)
+        y = kernels.sparse_lowrank_linear(
+            x, self.lora_a, self.lora_b, self.sparse_values, self.sparse_index, self.scale
+        )
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def dense_weight(self) -> Tensor:
@@ -251,8 +284,10 @@ class SLTrainLinear(nn.Module):
         return sltrain_dense_weight(self.lora_a, self.lora_b, self.sparse_values, self.sparse_index, self.scale)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"alpha={self.alpha}, density={self.density}, nnz={self.sparse_index.numel()}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"alpha={self.alpha}, density={self.density}, nnz={self.sparse_index.numel()}"
+        )
 
 
 def sltrain_dense_weight(a: Tensor, b: Tensor, values: Tensor, index: Tensor, scale: float) -> Tensor:
@@ -273,8 +308,17 @@ class LoRALinear(nn.Module):
     `adapters_enabled` False (ReLoRA's full-rank warm start) computes x @ W.T only.
     """
 
-    def __init__(self, in_features: int, out_features: int, rank: int, *, alpha: float, dropout: float,
-                 bias: bool = False, restarts: bool = False):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        *,
+        alpha: float,
+        dropout: float,
+        bias: bool = False,
+        restarts: bool = False,
+    ):
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.alpha, self.scale, self.restarts = alpha, alpha / rank, restarts
@@ -312,8 +356,10 @@ class LoRALinear(nn.Module):
         return lora_dense_weight(self.weight, self.lora_a, self.lora_b, self.scale)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"alpha={self.alpha}, restarts={self.restarts}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"alpha={self.alpha}, restarts={self.restarts}"
+        )
 
 
 def lora_dense_weight(weight: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
@@ -344,8 +390,9 @@ def _lora_builder(restarts: bool):
         opts = _options()
         rank = opts.rank_for(in_features, out_features)
         _check_rank(kind, rank, in_features, out_features, role)
-        return LoRALinear(in_features, out_features, rank, alpha=opts.alpha, dropout=opts.dropout, bias=bias,
-                          restarts=restarts)
+        return LoRALinear(
+            in_features, out_features, rank, alpha=opts.alpha, dropout=opts.dropout, bias=bias, restarts=restarts
+        )
 
     return build
 
@@ -365,8 +412,10 @@ def dense_state_dict(state: dict[str, Tensor], linear: str, options: LowRankOpti
     if linear == "dense":
         return dict(state)
     if linear == "cola":
-        raise ValueError("model.linear=cola has a SiLU between its factors (silu(x @ a) @ b), so it has no dense "
-                         "equivalent to export; only dense, sltrain, relora and lora models export to Llama")
+        raise ValueError(
+            "model.linear=cola has a SiLU between its factors (silu(x @ a) @ b), so it has no dense "
+            "equivalent to export; only dense, sltrain, relora and lora models export to Llama"
+        )
     out: dict[str, Tensor] = {}
     prefixes = sorted({k[: -len(".lora_a")] for k in state if k.endswith(".lora_a")})
     consumed = set()

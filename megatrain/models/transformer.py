@@ -20,13 +20,28 @@ from megatrain import kernels
 from megatrain.constants import IGNORE_INDEX
 from megatrain.errors import ConfigError
 from megatrain.models.attention import (
-    Attention, InterleavedHeadAttention, KVCache, iha_rope_positions, position_mask,
+    Attention,
+    InterleavedHeadAttention,
+    KVCache,
+    iha_rope_positions,
+    position_mask,
 )
 from megatrain.models.config import ModelConfig
 from megatrain.models.layers import init_linear, linear_options, lowrank_options, make_linear
 
-__all__ = ["RMSNorm", "MLP", "Block", "LMHead", "Transformer", "build_model", "rope_tables", "make_attention",
-           "iha_layer_windows", "init_seed_for", "seeded_init"]
+__all__ = [
+    "RMSNorm",
+    "MLP",
+    "Block",
+    "LMHead",
+    "Transformer",
+    "build_model",
+    "rope_tables",
+    "make_attention",
+    "iha_layer_windows",
+    "init_seed_for",
+    "seeded_init",
+]
 
 
 def init_seed_for(seed: int, name: str) -> int:
@@ -103,9 +118,17 @@ def make_attention(cfg: ModelConfig, layer_idx: int = 0) -> nn.Module:
     """The attention module of layer `layer_idx` for a resolved config (model.attention, model.iha.*)."""
     if cfg.attention == "iha":
         iha = cfg.iha
-        return InterleavedHeadAttention(cfg.dim, cfg.heads, cfg.kv_heads, linear=cfg.linear,
-                                        pseudo_heads=iha.pseudo_heads, mask=iha.mask, collapse=iha.collapse,
-                                        window=iha_layer_windows(cfg)[layer_idx], head_groups=iha.head_groups)
+        return InterleavedHeadAttention(
+            cfg.dim,
+            cfg.heads,
+            cfg.kv_heads,
+            linear=cfg.linear,
+            pseudo_heads=iha.pseudo_heads,
+            mask=iha.mask,
+            collapse=iha.collapse,
+            window=iha_layer_windows(cfg)[layer_idx],
+            head_groups=iha.head_groups,
+        )
     return Attention(cfg.dim, cfg.heads, cfg.kv_heads, linear=cfg.linear)
 
 
@@ -119,9 +142,19 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg.dim, cfg.ffn_dim, linear=cfg.linear)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, *, mask: Optional[Tensor] = None,
-                cache: Optional[KVCache] = None, layer_idx: int = 0, residual: Optional[Tensor] = None,
-                carry_residual: bool = False, **attn_kwargs):
+    def forward(
+        self,
+        h: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        *,
+        mask: Optional[Tensor] = None,
+        cache: Optional[KVCache] = None,
+        layer_idx: int = 0,
+        residual: Optional[Tensor] = None,
+        carry_residual: bool = False,
+        **attn_kwargs,
+    ):
         """h [B, N, D]; cos, sin and mask as in `Attention.forward`; attn_kwargs (IHA's positions,
         key_positions) go to the attention module. Returns the new residual stream [B, N, D].
 
@@ -160,8 +193,9 @@ class LMHead(nn.Module):
         """
         if labels is None:
             return h @ self.weight.T
-        return kernels.fused_linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.weight, labels.reshape(-1),
-                                                  ignore_index=IGNORE_INDEX)
+        return kernels.fused_linear_cross_entropy(
+            h.reshape(-1, h.shape[-1]), self.weight, labels.reshape(-1), ignore_index=IGNORE_INDEX
+        )
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[Tensor, Tensor]:
@@ -256,8 +290,9 @@ class Transformer(nn.Module):
         """Recompute the fp32 RoPE tables on their device (after a conversion, or a construction context
         such as deepspeed.zero.Init that creates tensors in the model's dtype and would round them)."""
         cfg = self.config
-        self.rope_cos, self.rope_sin = rope_tables(cfg.head_dim, self._rope_len(), cfg.rope_theta,
-                                                   device=self.rope_cos.device)
+        self.rope_cos, self.rope_sin = rope_tables(
+            cfg.head_dim, self._rope_len(), cfg.rope_theta, device=self.rope_cos.device
+        )
 
     def _rope_len(self) -> int:
         """Rows of the RoPE tables: max_seq_len, times P for IHA's virtual positions n*P + p."""
@@ -274,7 +309,9 @@ class Transformer(nn.Module):
             if not name or (name == "head" and self.config.tie_embeddings):
                 continue
             own = [p for p in module._parameters.values() if p is not None]
-            own += [b for k, b in module._buffers.items() if b is not None and k not in module._non_persistent_buffers_set]
+            own += [
+                b for k, b in module._buffers.items() if b is not None and k not in module._non_persistent_buffers_set
+            ]
             if own:
                 names.append(name)
         return names
@@ -312,8 +349,9 @@ class Transformer(nn.Module):
             elif isinstance(module, RMSNorm) or hasattr(module, "reset_parameters"):
                 module.reset_parameters()
             else:
-                raise TypeError(f"Transformer.init_module: no initialisation rule for module '{name}' "
-                                f"({type(module).__name__})")
+                raise TypeError(
+                    f"Transformer.init_module: no initialisation rule for module '{name}' ({type(module).__name__})"
+                )
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -331,8 +369,9 @@ class Transformer(nn.Module):
         fresh = False
         for key, param in list(module._parameters.items()):
             if param is not None and param.is_meta:
-                new = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device),
-                                   requires_grad=param.requires_grad)
+                new = nn.Parameter(
+                    torch.empty(param.shape, dtype=param.dtype, device=device), requires_grad=param.requires_grad
+                )
                 new.__dict__.update(param.__dict__)
                 module._parameters[key] = new
                 fresh = True
@@ -352,8 +391,7 @@ class Transformer(nn.Module):
             self.materialize_module(name, device)
         return self
 
-    def _positions(self, batch: int, n: int, cache: Optional[KVCache], positions: Optional[Tensor],
-                   device) -> Tensor:
+    def _positions(self, batch: int, n: int, cache: Optional[KVCache], positions: Optional[Tensor], device) -> Tensor:
         """Query positions as [1 or B, N] long."""
         if positions is None:
             start = self._default_start(cache, n)
@@ -371,8 +409,13 @@ class Transformer(nn.Module):
             return cache.length
         return self.sequence_shard[0] * n if self.sequence_shard is not None else 0
 
-    def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None, cache: Optional[KVCache] = None,
-                positions: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Optional[Tensor] = None,
+        cache: Optional[KVCache] = None,
+        positions: Optional[Tensor] = None,
+    ) -> Tensor:
         """Run the decoder on N new tokens.
 
         Args:
@@ -397,8 +440,12 @@ class Transformer(nn.Module):
             end = self._default_start(cache, n) + n
             out_of_range = isinstance(end, int) and end > self.config.max_seq_len
         else:
-            out_of_range = (positions.device.type != "cuda" and not torch.compiler.is_compiling() and n > 0
-                            and bool(positions.min() < 0 or positions.max() >= self.config.max_seq_len))
+            out_of_range = (
+                positions.device.type != "cuda"
+                and not torch.compiler.is_compiling()
+                and n > 0
+                and bool(positions.min() < 0 or positions.max() >= self.config.max_seq_len)
+            )
         if out_of_range:
             raise ValueError(f"positions must lie in [0, model.max_seq_len={self.config.max_seq_len})")
         iha = self.config.attention == "iha"
@@ -421,18 +468,42 @@ class Transformer(nn.Module):
                 mask = position_mask(positions, key_positions)
 
         # Recomputing a block in backward would append to a live cache a second time.
-        checkpointed = (self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-                        and (cache is None or cache.frozen))
+        checkpointed = (
+            self.gradient_checkpointing
+            and self.training
+            and torch.is_grad_enabled()
+            and (cache is None or cache.frozen)
+        )
         # Blocks pass (last MLP output, stream before it) on, so each residual add is fused into the
         # next norm (Block.forward), the last one into the final norm.
         h, residual = self.embed(input_ids), None
         for idx, block in enumerate(self.blocks):
             if checkpointed:
-                h, residual = checkpoint(block, h, cos, sin, mask=mask, cache=cache, layer_idx=idx, residual=residual,
-                                         carry_residual=True, use_reentrant=False, **attn_kwargs)
+                h, residual = checkpoint(
+                    block,
+                    h,
+                    cos,
+                    sin,
+                    mask=mask,
+                    cache=cache,
+                    layer_idx=idx,
+                    residual=residual,
+                    carry_residual=True,
+                    use_reentrant=False,
+                    **attn_kwargs,
+                )
             else:
-                h, residual = block(h, cos, sin, mask=mask, cache=cache, layer_idx=idx, residual=residual,
-                                    carry_residual=True, **attn_kwargs)
+                h, residual = block(
+                    h,
+                    cos,
+                    sin,
+                    mask=mask,
+                    cache=cache,
+                    layer_idx=idx,
+                    residual=residual,
+                    carry_residual=True,
+                    **attn_kwargs,
+                )
         normed = self.norm(h) if residual is None else self.norm(h, residual=residual)[0]
         return self.head(normed, labels)
 
@@ -470,8 +541,12 @@ class Transformer(nn.Module):
             attn = block.attn
             iha_params = sum(p.numel() for p in (attn.mix_q, attn.mix_k, attn.mix_v, attn.collapse))
             keys = virtual if attn.window is None else min(2 * attn.window, virtual)
-            total += (-6 * iha_params + 18 * heads * heads * pseudo * head_dim + 6 * attn.collapse.numel() * head_dim
-                      + 12 * heads * head_dim * pseudo * keys)
+            total += (
+                -6 * iha_params
+                + 18 * heads * heads * pseudo * head_dim
+                + 6 * attn.collapse.numel() * head_dim
+                + 12 * heads * head_dim * pseudo * keys
+            )
         return total
 
 

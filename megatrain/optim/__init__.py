@@ -16,7 +16,10 @@ from megatrain.errors import ConfigError
 from megatrain.optim.fira import FiraAdamW
 from megatrain.optim.galore import GaLoreAdamW
 from megatrain.optim.skippable import (
-    SkippableAdamW, SkippableFiraAdamW, SkippableGaLoreAdamW, skippable_apex_fused_adam,
+    SkippableAdamW,
+    SkippableFiraAdamW,
+    SkippableGaLoreAdamW,
+    skippable_apex_fused_adam,
 )
 
 log = logging.getLogger(__name__)
@@ -72,12 +75,16 @@ def _build_projected(optim_cfg, model: torch.nn.Module, lr: float) -> torch.opti
     cls = GaLoreAdamW if optim_cfg.name == "galore" else FiraAdamW
     targets = projection_targets(model)
     if not targets:
-        raise ConfigError(f"optim.name={optim_cfg.name}: the model has no trainable attention/MLP projection "
-                          f"weights to project (use optim.name=adamw)")
+        raise ConfigError(
+            f"optim.name={optim_cfg.name}: the model has no trainable attention/MLP projection "
+            f"weights to project (use optim.name=adamw)"
+        )
     for name, p in targets:  # local shapes: a tensor-parallel shard is projected on its own
         if optim_cfg.rank > min(p.shape):
-            raise ConfigError(f"optim.rank={optim_cfg.rank} exceeds min(d_in, d_out)={min(p.shape)} of {name} "
-                              f"(local shape {list(p.shape)}); allowed: 1..{min(p.shape)}")
+            raise ConfigError(
+                f"optim.rank={optim_cfg.rank} exceeds min(d_in, d_out)={min(p.shape)} of {name} "
+                f"(local shape {list(p.shape)}); allowed: 1..{min(p.shape)}"
+            )
     target_ids = {id(p) for _, p in targets}
     decay, no_decay = [], []
     for p in model.parameters():
@@ -86,9 +93,21 @@ def _build_projected(optim_cfg, model: torch.nn.Module, lr: float) -> torch.opti
     common = dict(lr=lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps)
     extra = {"limiter": optim_cfg.fira_limiter} if cls is FiraAdamW else {}
     client_cls = SkippableGaLoreAdamW if cls is GaLoreAdamW else SkippableFiraAdamW
-    client = client_cls([{"params": decay, "weight_decay": optim_cfg.weight_decay},
-                        {"params": no_decay, "weight_decay": 0.0}], **common)
-    client.projected = cls([{"params": [p for _, p in targets], "weight_decay": optim_cfg.weight_decay,
-                             "rank": optim_cfg.rank, "update_proj_gap": optim_cfg.update_proj_gap,
-                             "scale": optim_cfg.scale, "proj_type": optim_cfg.proj_type, **extra}], **common)
+    client = client_cls(
+        [{"params": decay, "weight_decay": optim_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], **common
+    )
+    client.projected = cls(
+        [
+            {
+                "params": [p for _, p in targets],
+                "weight_decay": optim_cfg.weight_decay,
+                "rank": optim_cfg.rank,
+                "update_proj_gap": optim_cfg.update_proj_gap,
+                "scale": optim_cfg.scale,
+                "proj_type": optim_cfg.proj_type,
+                **extra,
+            }
+        ],
+        **common,
+    )
     return client

@@ -56,9 +56,21 @@ from megatrain.errors import MegatrainError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TESTED_DEEPSPEED", "ZERO_STEP", "RELORA", "DeepSpeedInternalsError", "check_deepspeed_internals",
-           "is_zero_1_2_optimizer", "extend_zero_step", "keeps_fp32_master", "optimizer_state_linked",
-           "relink_optimizer_state", "client_optimizer", "PIPELINE", "before_pipeline_step"]
+__all__ = [
+    "TESTED_DEEPSPEED",
+    "ZERO_STEP",
+    "RELORA",
+    "DeepSpeedInternalsError",
+    "check_deepspeed_internals",
+    "is_zero_1_2_optimizer",
+    "extend_zero_step",
+    "keeps_fp32_master",
+    "optimizer_state_linked",
+    "relink_optimizer_state",
+    "client_optimizer",
+    "PIPELINE",
+    "before_pipeline_step",
+]
 
 # Keep equal to the deepspeed requirement in pyproject.toml (tests/optim/test_deepspeed_adapter.py checks).
 TESTED_DEEPSPEED = ">=0.16,<0.20"
@@ -72,18 +84,24 @@ _ZERO_MODULE = "deepspeed.runtime.zero.stage_1_and_2"
 
 # feature -> [(module, attribute path)] that must exist on the installed DeepSpeed (class level).
 _REQUIRED = {
-    ZERO_STEP: [(_ZERO_MODULE, "DeepSpeedZeroOptimizer.step"),
-                (_ZERO_MODULE, "DeepSpeedZeroOptimizer.scaled_global_norm"),
-                (_ZERO_MODULE, "DeepSpeedZeroOptimizer.loss_scale")],
-    RELORA: [("deepspeed.utils", "lazy_init_hp_params_optimizer_state"),
-             ("deepspeed.utils", "safe_get_full_fp32_param"),
-             ("deepspeed.utils", "safe_set_full_fp32_param"),
-             ("deepspeed.utils", "safe_get_full_optimizer_state"),
-             ("deepspeed.utils", "safe_set_full_optimizer_state"),
-             ("deepspeed.utils.tensor_fragment", "tensor_fragment.optim_fragment")],
-    PIPELINE: [("deepspeed.runtime.pipe.engine", "PipelineEngine._INSTRUCTION_MAP"),
-               ("deepspeed.runtime.pipe.engine", "PipelineEngine._exec_optimizer_step"),
-               ("deepspeed.runtime.pipe.schedule", "OptimizerStep")],
+    ZERO_STEP: [
+        (_ZERO_MODULE, "DeepSpeedZeroOptimizer.step"),
+        (_ZERO_MODULE, "DeepSpeedZeroOptimizer.scaled_global_norm"),
+        (_ZERO_MODULE, "DeepSpeedZeroOptimizer.loss_scale"),
+    ],
+    RELORA: [
+        ("deepspeed.utils", "lazy_init_hp_params_optimizer_state"),
+        ("deepspeed.utils", "safe_get_full_fp32_param"),
+        ("deepspeed.utils", "safe_set_full_fp32_param"),
+        ("deepspeed.utils", "safe_get_full_optimizer_state"),
+        ("deepspeed.utils", "safe_set_full_optimizer_state"),
+        ("deepspeed.utils.tensor_fragment", "tensor_fragment.optim_fragment"),
+    ],
+    PIPELINE: [
+        ("deepspeed.runtime.pipe.engine", "PipelineEngine._INSTRUCTION_MAP"),
+        ("deepspeed.runtime.pipe.engine", "PipelineEngine._exec_optimizer_step"),
+        ("deepspeed.runtime.pipe.schedule", "OptimizerStep"),
+    ],
 }
 # Instance attributes of the ZeRO 1/2 optimizer that extend_zero_step reads or replaces.
 _ZERO_INSTANCE = ("step", "scaled_global_norm", "loss_scale", "overflow", "_global_grad_norm", "clip_grad")
@@ -105,7 +123,8 @@ def _missing(what: str, feature: str) -> DeepSpeedInternalsError:
     return DeepSpeedInternalsError(
         f"DeepSpeed {_version()} has no {what}, which megatrain uses for {feature} "
         f"(megatrain.optim.deepspeed_adapter is tested with deepspeed{TESTED_DEEPSPEED}; "
-        f"install one of those: pip install 'deepspeed{TESTED_DEEPSPEED}')")
+        f"install one of those: pip install 'deepspeed{TESTED_DEEPSPEED}')"
+    )
 
 
 def _has_member(owner, name: str) -> bool:
@@ -152,8 +171,12 @@ def check_deepspeed_internals(features: Iterable[str] = (ZERO_STEP, RELORA)) -> 
             _check(module_name, path, feature)
     version = _version()
     if _in_tested_range(version) is False:
-        log.warning("DeepSpeed %s is outside the versions megatrain is tested with (deepspeed%s); the internals "
-                    "it relies on are present, but their behaviour is not verified", version, TESTED_DEEPSPEED)
+        log.warning(
+            "DeepSpeed %s is outside the versions megatrain is tested with (deepspeed%s); the internals "
+            "it relies on are present, but their behaviour is not verified",
+            version,
+            TESTED_DEEPSPEED,
+        )
 
 
 def _require(obj, names: Iterable[str], feature: str) -> None:
@@ -172,8 +195,11 @@ def is_zero_1_2_optimizer(optimizer) -> bool:
     return isinstance(optimizer, DeepSpeedZeroOptimizer)
 
 
-def extend_zero_step(zero_opt, before_step: Callable[[], Optional[torch.Tensor]],
-                     after_step: Callable[[bool, Optional[torch.Tensor], float], None]) -> None:
+def extend_zero_step(
+    zero_opt,
+    before_step: Callable[[], Optional[torch.Tensor]],
+    after_step: Callable[[bool, Optional[torch.Tensor], float], None],
+) -> None:
     """Make the ZeRO 1/2 optimizer `zero_opt` run megatrain's work around its own step.
 
     `before_step()` runs first and returns the squared L2 norm (unscaled fp32 scalar, or None) of
@@ -246,8 +272,11 @@ def relink_optimizer_state(optimizer) -> None:
             pairs = zip(getattr(optimizer, lp_name), getattr(optimizer, flat_name))
             break
     else:
-        raise _missing(f"flat parameter groups ({' or '.join('/'.join(pair) for pair in _FLAT_GROUPS)}) on its "
-                       f"{type(optimizer).__name__}", RELORA)
+        raise _missing(
+            f"flat parameter groups ({' or '.join('/'.join(pair) for pair in _FLAT_GROUPS)}) on its "
+            f"{type(optimizer).__name__}",
+            RELORA,
+        )
     state = client_optimizer(optimizer).state
     for lp_params, flat in pairs:
         if flat in state and state[flat]:

@@ -56,14 +56,38 @@ class FiraAdamW(ProjectedAdamW):
 
     _fira = True
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-6, weight_decay: float = 0.0, correct_bias: bool = True, *,
-                 rank: Optional[int] = None, update_proj_gap: int = 200, scale: float = 0.25,
-                 proj_type: str = "std", limiter: float = 1.01, residual: str = "orthogonal",
-                 no_deprecation_warning: bool = False):
-        super().__init__(params, lr, betas, eps, weight_decay, correct_bias, rank=rank,
-                         update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
-                         no_deprecation_warning=no_deprecation_warning, limiter=limiter, residual=residual)
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        *,
+        rank: Optional[int] = None,
+        update_proj_gap: int = 200,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        limiter: float = 1.01,
+        residual: str = "orthogonal",
+        no_deprecation_warning: bool = False,
+    ):
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            correct_bias,
+            rank=rank,
+            update_proj_gap=update_proj_gap,
+            scale=scale,
+            proj_type=proj_type,
+            no_deprecation_warning=no_deprecation_warning,
+            limiter=limiter,
+            residual=residual,
+        )
 
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)
@@ -72,17 +96,20 @@ class FiraAdamW(ProjectedAdamW):
         if not group["limiter"] >= 1.0:
             raise ValueError(f"FiraAdamW: limiter (gamma) must be >= 1, got {group['limiter']!r}")
         if group["residual"] not in RESIDUALS:
-            raise ValueError(f"FiraAdamW: residual={group['residual']!r} is not known (allowed: {', '.join(RESIDUALS)})")
+            raise ValueError(
+                f"FiraAdamW: residual={group['residual']!r} is not known (allowed: {', '.join(RESIDUALS)})"
+            )
 
-    def _one_sided_update(self, weight: Tensor, state: dict, grad32: Tensor, low_rank: Tensor, group: dict,
-                          step_size: float, decay: float) -> None:
+    def _one_sided_update(
+        self, weight: Tensor, state: dict, grad32: Tensor, low_rank: Tensor, group: dict, step_size: float, decay: float
+    ) -> None:
         beta1, beta2 = group["betas"]
         side = state["side"]
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         exp_avg.mul_(beta1).add_(low_rank, alpha=1.0 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(low_rank, low_rank, value=1.0 - beta2)
         psi = exp_avg / (exp_avg_sq.sqrt() + group["eps"])
-        rank_dim = 1 if side == "right" else 0   # reduce over the rank axis: one value per kept index
+        rank_dim = 1 if side == "right" else 0  # reduce over the rank axis: one value per kept index
         psi_norm = torch.linalg.vector_norm(psi, dim=rank_dim)
         r_sq = low_rank.pow(2).sum(dim=rank_dim)
         phi = psi_norm / (r_sq.sqrt() + 1e-8)
@@ -97,7 +124,21 @@ class FiraAdamW(ProjectedAdamW):
             phi = phi / limit
             s_norm = s_norm / limit
         state["limiter_norm"] = s_norm
-        kernels.projected_adam_update(weight, state["proj"], low_rank, exp_avg, exp_avg_sq, side=side, beta1=beta1,
-                                      beta2=beta2, eps=group["eps"], step_size=step_size, scale=group["scale"],
-                                      decay=decay, update_moments=False, grad=grad32, residual_scale=phi,
-                                      residual_coef=coef)
+        kernels.projected_adam_update(
+            weight,
+            state["proj"],
+            low_rank,
+            exp_avg,
+            exp_avg_sq,
+            side=side,
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            step_size=step_size,
+            scale=group["scale"],
+            decay=decay,
+            update_moments=False,
+            grad=grad32,
+            residual_scale=phi,
+            residual_coef=coef,
+        )

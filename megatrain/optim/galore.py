@@ -106,10 +106,22 @@ class ProjectedAdamW(torch.optim.Optimizer):
 
     _fira = False  # FiraAdamW adds the scaled residual
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-6, weight_decay: float = 0.0, correct_bias: bool = True, *,
-                 rank: Optional[int] = None, update_proj_gap: int = 200, scale: float = 0.25,
-                 proj_type: str = "std", no_deprecation_warning: bool = False, **extra_defaults):
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        *,
+        rank: Optional[int] = None,
+        update_proj_gap: int = 200,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        no_deprecation_warning: bool = False,
+        **extra_defaults,
+    ):
         if lr < 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         for i, b in enumerate(betas):
@@ -117,9 +129,18 @@ class ProjectedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"betas[{i}] must be in [0, 1), got {b}")
         if eps < 0.0:
             raise ValueError(f"eps must be >= 0, got {eps}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
-                        rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
-                        **extra_defaults)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            correct_bias=correct_bias,
+            rank=rank,
+            update_proj_gap=update_proj_gap,
+            scale=scale,
+            proj_type=proj_type,
+            **extra_defaults,
+        )
         self.svd_failures = 0
         super().__init__(params, defaults)
 
@@ -129,8 +150,10 @@ class ProjectedAdamW(torch.optim.Optimizer):
         group = dict(param_group)
         if "alpha" in group:  # Fira's name for the scale
             if "scale" in group and group["scale"] != group["alpha"]:
-                raise ValueError(f"param group sets both scale={group['scale']} and alpha={group['alpha']}; "
-                                 f"they are the same setting, give one")
+                raise ValueError(
+                    f"param group sets both scale={group['scale']} and alpha={group['alpha']}; "
+                    f"they are the same setting, give one"
+                )
             group["scale"] = group.pop("alpha")
         if group.get("proj_quant"):
             raise ValueError("proj_quant=True (int4 projections) is not supported; leave proj_quant unset or False")
@@ -152,17 +175,25 @@ class ProjectedAdamW(torch.optim.Optimizer):
         if not group["scale"] > 0:
             raise ValueError(f"{name}: scale must be > 0, got {group['scale']!r}")
         if group["proj_type"] not in PROJ_TYPES:
-            raise ValueError(f"{name}: proj_type={group['proj_type']!r} is not known (allowed: {', '.join(PROJ_TYPES)})")
+            raise ValueError(
+                f"{name}: proj_type={group['proj_type']!r} is not known (allowed: {', '.join(PROJ_TYPES)})"
+            )
         if self._fira and group["proj_type"] == "full":
-            raise ValueError(f"{name}: proj_type='full' is not supported by Fira (its residual scaling is per "
-                             f"row or column of a one-sided projection); use std, reverse_std, left or right")
+            raise ValueError(
+                f"{name}: proj_type='full' is not supported by Fira (its residual scaling is per "
+                f"row or column of a one-sided projection); use std, reverse_std, left or right"
+            )
         for p in group["params"]:
             if p.dim() != 2:
-                raise ValueError(f"{name}: a group with rank={rank} holds a parameter of shape {tuple(p.shape)}; "
-                                 f"projected groups take 2-D weights only (put it in a group without rank)")
+                raise ValueError(
+                    f"{name}: a group with rank={rank} holds a parameter of shape {tuple(p.shape)}; "
+                    f"projected groups take 2-D weights only (put it in a group without rank)"
+                )
             if rank > min(p.shape):
-                raise ValueError(f"{name}: rank={rank} exceeds min(d_in, d_out)={min(p.shape)} of a parameter of "
-                                 f"shape {tuple(p.shape)}")
+                raise ValueError(
+                    f"{name}: rank={rank} exceeds min(d_in, d_out)={min(p.shape)} of a parameter of "
+                    f"shape {tuple(p.shape)}"
+                )
 
     # ------------------------------------------------------------------ step
 
@@ -189,7 +220,7 @@ class ProjectedAdamW(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         if not group["correct_bias"]:
             return group["lr"]
-        return group["lr"] * math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
+        return group["lr"] * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
 
     def _adamw_step(self, p: Tensor, group: dict) -> None:
         """The reference AdamW rule, elementwise (so it also runs on ZeRO's flat partitions)."""
@@ -223,10 +254,20 @@ class ProjectedAdamW(torch.optim.Optimizer):
                 state["proj_right"] = proj_right
             return
         self.svd_failures += 1
-        fallback = ("keeping the previous projection" if state.get("proj") is not None
-                    else "no projection yet, so this parameter is not updated this step (retried next step)")
-        log.warning("%s: SVD of a %s gradient failed at step %d (%s); %s [%d failure(s) so far]",
-                    type(self).__name__, list(grad32.shape), step + 1, reason, fallback, self.svd_failures)
+        fallback = (
+            "keeping the previous projection"
+            if state.get("proj") is not None
+            else "no projection yet, so this parameter is not updated this step (retried next step)"
+        )
+        log.warning(
+            "%s: SVD of a %s gradient failed at step %d (%s); %s [%d failure(s) so far]",
+            type(self).__name__,
+            list(grad32.shape),
+            step + 1,
+            reason,
+            fallback,
+            self.svd_failures,
+        )
 
     def _projected_step(self, p: Tensor, group: dict) -> None:
         state = self.state[p]
@@ -257,8 +298,9 @@ class ProjectedAdamW(torch.optim.Optimizer):
         if weight is not p:
             p.copy_(weight)
 
-    def _full_step(self, weight: Tensor, state: dict, low_rank: Tensor, group: dict, step_size: float,
-                   decay: float) -> None:
+    def _full_step(
+        self, weight: Tensor, state: dict, low_rank: Tensor, group: dict, step_size: float, decay: float
+    ) -> None:
         """proj_type "full": both sides projected, r x r moments (plain torch; no fused kernel)."""
         beta1, beta2 = group["betas"]
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
@@ -269,14 +311,26 @@ class ProjectedAdamW(torch.optim.Optimizer):
         weight.add_(update, alpha=-step_size * group["scale"])
         weight.mul_(1.0 - decay)
 
-    def _one_sided_update(self, weight: Tensor, state: dict, grad32: Tensor, low_rank: Tensor, group: dict,
-                          step_size: float, decay: float) -> None:
+    def _one_sided_update(
+        self, weight: Tensor, state: dict, grad32: Tensor, low_rank: Tensor, group: dict, step_size: float, decay: float
+    ) -> None:
         """One-sided projection: Adam in the r-dim space, back-projection, scale and decay in one fused
         pass. FiraAdamW overrides it to add the scaled out-of-subspace residual."""
         beta1, beta2 = group["betas"]
         state["exp_avg"], state["exp_avg_sq"] = kernels.projected_adam_update(
-            weight, state["proj"], low_rank, state["exp_avg"], state["exp_avg_sq"], side=state["side"], beta1=beta1,
-            beta2=beta2, eps=group["eps"], step_size=step_size, scale=group["scale"], decay=decay)
+            weight,
+            state["proj"],
+            low_rank,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            side=state["side"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            step_size=step_size,
+            scale=group["scale"],
+            decay=decay,
+        )
 
     # ------------------------------------------------------------------ state
 
@@ -292,8 +346,9 @@ class ProjectedAdamW(torch.optim.Optimizer):
         self.svd_failures = int(state_dict.pop("svd_failures", 0))
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"loaded state has {len(saved_groups)} parameter groups, the optimizer has "
-                             f"{len(self.param_groups)}")
+            raise ValueError(
+                f"loaded state has {len(saved_groups)} parameter groups, the optimizer has {len(self.param_groups)}"
+            )
         id_map = {}
         for saved, group in zip(saved_groups, self.param_groups):
             if len(saved["params"]) != len(group["params"]):
@@ -311,8 +366,8 @@ class ProjectedAdamW(torch.optim.Optimizer):
 class GaLoreAdamW(ProjectedAdamW):
     """GaLore AdamW (Zhao et al., 2024). Drop-in for `galore_torch.GaLoreAdamW`:
 
-        param_groups = [{"params": other_params},
-                        {"params": galore_params, "rank": 128, "update_proj_gap": 200,
-                         "scale": 0.25, "proj_type": "std"}]
-        optimizer = GaLoreAdamW(param_groups, lr=0.01)
+    param_groups = [{"params": other_params},
+                    {"params": galore_params, "rank": 128, "update_proj_gap": 200,
+                     "scale": 0.25, "proj_type": "std"}]
+    optimizer = GaLoreAdamW(param_groups, lr=0.01)
     """

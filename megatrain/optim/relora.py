@@ -43,7 +43,10 @@ import torch
 from megatrain.errors import ConfigError
 from megatrain.models.layers import LoRALinear
 from megatrain.optim.deepspeed_adapter import (
-    client_optimizer, keeps_fp32_master, optimizer_state_linked, relink_optimizer_state,
+    client_optimizer,
+    keeps_fp32_master,
+    optimizer_state_linked,
+    relink_optimizer_state,
 )
 from megatrain.optim.schedules import last_restart
 
@@ -132,13 +135,18 @@ class ReLoRA:
     def __init__(self, cfg, model: torch.nn.Module):
         rl = cfg.train.relora
         if rl.every is None or rl.restart_warmup is None:
-            raise ConfigError("train.relora.every / train.relora.restart_warmup are not resolved: call "
-                              "Config.resolve (the trainer's preflight does) before building the model's ReLoRA")
+            raise ConfigError(
+                "train.relora.every / train.relora.restart_warmup are not resolved: call "
+                "Config.resolve (the trainer's preflight does) before building the model's ReLoRA"
+            )
         self.every, self.warm_start = rl.every, rl.warm_start_steps
         self.prune, self.prune_ratio, self.seed = rl.prune, rl.prune_ratio, cfg.train.seed
         # LoRALinear, or its tensor-parallel forms (which carry `restarts` and `reset_adapters` too)
-        self.layers = [m for m in model.modules()
-                       if isinstance(m, LoRALinear) or (getattr(m, "restarts", False) and hasattr(m, "reset_adapters"))]
+        self.layers = [
+            m
+            for m in model.modules()
+            if isinstance(m, LoRALinear) or (getattr(m, "restarts", False) and hasattr(m, "reset_adapters"))
+        ]
         if not self.layers:
             raise ConfigError("model.linear=relora but the model holds no ReLoRA projections")
         if self.warm_start > 0:

@@ -11,8 +11,9 @@ import math
 from typing import Optional
 
 
-def lr_at(step: int, *, lr: float, steps: int, warmup_steps: int, min_lr_ratio: float,
-          schedule: str = "cosine") -> float:
+def lr_at(
+    step: int, *, lr: float, steps: int, warmup_steps: int, min_lr_ratio: float, schedule: str = "cosine"
+) -> float:
     """Learning rate for optimizer step `step` (0-based).
 
     Linear warm-up from lr/warmup to lr over `warmup_steps`, then `schedule` decay to
@@ -36,11 +37,25 @@ def lr_for_config(train_cfg, step: int) -> float:
     train.relora.every is set (`Config.resolve` sets it for model.linear=relora only)."""
     relora = getattr(train_cfg, "relora", None)
     if relora is not None and relora.every:
-        return lr_with_restarts(step, lr=train_cfg.lr, steps=train_cfg.steps, warmup_steps=train_cfg.warmup_steps,
-                                min_lr_ratio=train_cfg.min_lr_ratio, schedule=train_cfg.schedule, every=relora.every,
-                                restart_warmup=relora.restart_warmup or 0, warm_start_steps=relora.warm_start_steps)
-    return lr_at(step, lr=train_cfg.lr, steps=train_cfg.steps, warmup_steps=train_cfg.warmup_steps,
-                 min_lr_ratio=train_cfg.min_lr_ratio, schedule=train_cfg.schedule)
+        return lr_with_restarts(
+            step,
+            lr=train_cfg.lr,
+            steps=train_cfg.steps,
+            warmup_steps=train_cfg.warmup_steps,
+            min_lr_ratio=train_cfg.min_lr_ratio,
+            schedule=train_cfg.schedule,
+            every=relora.every,
+            restart_warmup=relora.restart_warmup or 0,
+            warm_start_steps=relora.warm_start_steps,
+        )
+    return lr_at(
+        step,
+        lr=train_cfg.lr,
+        steps=train_cfg.steps,
+        warmup_steps=train_cfg.warmup_steps,
+        min_lr_ratio=train_cfg.min_lr_ratio,
+        schedule=train_cfg.schedule,
+    )
 
 
 def last_restart(step: int, *, every: int, warm_start_steps: int = 0) -> Optional[int]:
@@ -57,8 +72,18 @@ def last_restart(step: int, *, every: int, warm_start_steps: int = 0) -> Optiona
     return k * every if k >= 1 else None
 
 
-def lr_with_restarts(step: int, *, lr: float, steps: int, warmup_steps: int, min_lr_ratio: float,
-                     schedule: str = "cosine", every: int, restart_warmup: int, warm_start_steps: int = 0) -> float:
+def lr_with_restarts(
+    step: int,
+    *,
+    lr: float,
+    steps: int,
+    warmup_steps: int,
+    min_lr_ratio: float,
+    schedule: str = "cosine",
+    every: int,
+    restart_warmup: int,
+    warm_start_steps: int = 0,
+) -> float:
     """ReLoRA's jagged schedule: `lr_at`, except that after every restart point p (`last_restart`) the
     rate re-warms linearly over `restart_warmup` steps, reaching the underlying schedule's value at
     p + restart_warmup: lr(p + i) = lr_at(p + restart_warmup) * (i + 1) / restart_warmup.

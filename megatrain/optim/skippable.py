@@ -21,8 +21,7 @@ import torch
 from megatrain.optim.fira import FiraAdamW
 from megatrain.optim.galore import GaLoreAdamW
 
-__all__ = ["SkipStepMixin", "SkippableAdamW", "SkippableGaLoreAdamW", "SkippableFiraAdamW",
-           "skippable_apex_fused_adam"]
+__all__ = ["SkipStepMixin", "SkippableAdamW", "SkippableGaLoreAdamW", "SkippableFiraAdamW", "skippable_apex_fused_adam"]
 
 
 class SkipStepMixin:

@@ -86,7 +86,7 @@ class _ZeroBridge:
                     flat.div_(world)
                     offset = 0
                     for q in bucket:
-                        q.grad.copy_(flat[offset:offset + q.numel()].view_as(q.grad))
+                        q.grad.copy_(flat[offset : offset + q.numel()].view_as(q.grad))
                         offset += q.numel()
                     bucket, size = [], 0
         device = self.params[0].device if self.params else torch.device("cpu")
@@ -133,8 +133,10 @@ def attach_projected(engine, client, mpu=None) -> None:
         client.after_step = step_projected
         return
     if not is_zero_1_2_optimizer(ds_opt):
-        raise ConfigError(f"optim.name=galore/fira cannot run under DeepSpeed's {type(ds_opt).__name__} "
-                          f"(allowed: parallel.zero_stage 1 or 2, or 0 with train.dtype=fp32)")
+        raise ConfigError(
+            f"optim.name=galore/fira cannot run under DeepSpeed's {type(ds_opt).__name__} "
+            f"(allowed: parallel.zero_stage 1 or 2, or 0 with train.dtype=fp32)"
+        )
     # The groups DeepSpeed's ZeRO partitions over: the mpu's data-parallel group, else the world.
     dp_group = mpu.get_data_parallel_group() if mpu is not None else None
     tp_group = mpu.get_model_parallel_group() if mpu is not None else None

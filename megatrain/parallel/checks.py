@@ -14,8 +14,10 @@ def check_vocab_split(vocab_size: int, tp: int, what: str) -> None:
     "the tokenizer's vocabulary 4097"; the fix is always a model.vocab_size that `tp` divides.
     """
     if vocab_size % tp:
-        raise ConfigError(f"parallel.tensor={tp} does not divide {what}; set model.vocab_size to a multiple of {tp} "
-                          f"(e.g. {-(-vocab_size // tp) * tp})")
+        raise ConfigError(
+            f"parallel.tensor={tp} does not divide {what}; set model.vocab_size to a multiple of {tp} "
+            f"(e.g. {-(-vocab_size // tp) * tp})"
+        )
 
 
 def check_tensor_split(m, tp: int) -> None:
@@ -31,8 +33,10 @@ def check_tensor_split(m, tp: int) -> None:
     if m.heads % tp:
         raise ConfigError(f"parallel.tensor={tp} does not divide model.heads={m.heads}")
     if m.kv_heads % tp and tp % m.kv_heads:
-        raise ConfigError(f"parallel.tensor={tp} and model.kv_heads={m.kv_heads}: one must divide the other "
-                          f"(fewer KV heads than TP ranks are replicated)")
+        raise ConfigError(
+            f"parallel.tensor={tp} and model.kv_heads={m.kv_heads}: one must divide the other "
+            f"(fewer KV heads than TP ranks are replicated)"
+        )
     if m.ffn_dim % tp:
         raise ConfigError(f"parallel.tensor={tp} does not divide model.ffn_dim={m.ffn_dim}")
     if m.vocab_size is not None:
@@ -40,13 +44,17 @@ def check_tensor_split(m, tp: int) -> None:
     if m.attention == "iha":
         iha = m.iha
         if iha.tp_mode == "local" and iha.head_groups % tp:
-            raise ConfigError(f"model.iha.tp_mode=local mixes heads only inside each tensor-parallel rank: set "
-                              f"model.iha.head_groups to a multiple of parallel.tensor={tp} (got "
-                              f"{iha.head_groups}), or use model.iha.tp_mode=exact")
+            raise ConfigError(
+                f"model.iha.tp_mode=local mixes heads only inside each tensor-parallel rank: set "
+                f"model.iha.head_groups to a multiple of parallel.tensor={tp} (got "
+                f"{iha.head_groups}), or use model.iha.tp_mode=exact"
+            )
         if iha.collapse == "global" and iha.head_groups % tp:
-            raise ConfigError(f"model.iha.collapse=global with parallel.tensor={tp} needs model.iha.head_groups a "
-                              f"multiple of {tp} (the collapse must not cross ranks), got {iha.head_groups}; or use "
-                              f"model.iha.collapse=per_head")
+            raise ConfigError(
+                f"model.iha.collapse=global with parallel.tensor={tp} needs model.iha.head_groups a "
+                f"multiple of {tp} (the collapse must not cross ranks), got {iha.head_groups}; or use "
+                f"model.iha.collapse=per_head"
+            )
 
 
 def check_context_split(m, context: int, tensor: int = 1, seq_len: int | None = None) -> None:
@@ -59,11 +67,15 @@ def check_context_split(m, context: int, tensor: int = 1, seq_len: int | None = 
     split = tensor * context
     what = f"parallel.context={context}" if tensor == 1 else f"parallel.tensor x parallel.context = {split}"
     if m.heads % split:
-        raise ConfigError(f"{what} does not divide model.heads={m.heads} (each context rank attends with "
-                          f"heads / (tensor x context) heads)")
+        raise ConfigError(
+            f"{what} does not divide model.heads={m.heads} (each context rank attends with "
+            f"heads / (tensor x context) heads)"
+        )
     if m.kv_heads % split and split % m.kv_heads:
-        raise ConfigError(f"{what} and model.kv_heads={m.kv_heads}: one must divide the other (fewer KV heads "
-                          f"than ranks are replicated)")
+        raise ConfigError(
+            f"{what} and model.kv_heads={m.kv_heads}: one must divide the other (fewer KV heads "
+            f"than ranks are replicated)"
+        )
     if seq_len is not None and seq_len % context:
         raise ConfigError(f"parallel.context={context} does not divide data.seq_len={seq_len}")
 
@@ -74,5 +86,6 @@ def check_pretraining_only_layouts(cfg, job: str) -> None:
     for key, what in (("context", "context parallelism"), ("pipeline", "pipeline parallelism")):
         value = getattr(cfg.parallel, key, 1)
         if value != 1:
-            raise ConfigError(f"parallel.{key}={value}: {what} runs in pretraining only; the {job} job needs "
-                              f"parallel.{key}=1")
+            raise ConfigError(
+                f"parallel.{key}={value}: {what} runs in pretraining only; the {job} job needs parallel.{key}=1"
+            )

@@ -115,8 +115,10 @@ def _slice_inputs(size: int, rank: int):
         ids = bound["input_ids"]
         n = ids.shape[1]
         if n % size:
-            raise ValueError(f"context parallelism over {size} ranks: a sequence of {n} tokens does not split "
-                             f"evenly (data.seq_len must be a multiple of parallel.context)")
+            raise ValueError(
+                f"context parallelism over {size} ranks: a sequence of {n} tokens does not split "
+                f"evenly (data.seq_len must be a multiple of parallel.context)"
+            )
         local = n // size
         bound["input_ids"] = ids.narrow(1, rank * local, local)
         if bound.get("labels") is not None:

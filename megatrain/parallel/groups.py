@@ -44,10 +44,12 @@ def context_layout(world_size: int, tensor: int, context: int) -> list[list[int]
     """The context-parallel groups as rank lists: C ranks of stride `tensor` inside each block of C x T."""
     block = tensor * context
     if context < 1 or world_size % block:
-        raise ConfigError(f"parallel.tensor x parallel.context = {tensor} x {context} does not divide the world "
-                          f"size {world_size}")
-    return [list(range(start + tp, start + block, tensor)) for start in range(0, world_size, block)
-            for tp in range(tensor)]
+        raise ConfigError(
+            f"parallel.tensor x parallel.context = {tensor} x {context} does not divide the world size {world_size}"
+        )
+    return [
+        list(range(start + tp, start + block, tensor)) for start in range(0, world_size, block) for tp in range(tensor)
+    ]
 
 
 def kv_replicas(kv_heads: int, tensor: int) -> int:
@@ -164,7 +166,17 @@ def build_groups(tensor: int, context: int = 1) -> ParallelGroups:
         group = dist.new_group(ranks)
         if rank in ranks:
             cp_group, data_group = (group, data_group) if ranks in cp_groups else (cp_group, group)
-    return ParallelGroups(rank=rank, world_size=world, tp_rank=rank % tensor, tp_size=tensor,
-                          dp_rank=rank // tensor, dp_size=world // tensor, tp_group=tp_group, dp_group=dp_group,
-                          cp_rank=(rank // tensor) % context, cp_size=context, cp_group=cp_group,
-                          data_group=data_group)
+    return ParallelGroups(
+        rank=rank,
+        world_size=world,
+        tp_rank=rank % tensor,
+        tp_size=tensor,
+        dp_rank=rank // tensor,
+        dp_size=world // tensor,
+        tp_group=tp_group,
+        dp_group=dp_group,
+        cp_rank=(rank // tensor) % context,
+        cp_size=context,
+        cp_group=cp_group,
+        data_group=data_group,
+    )

@@ -35,11 +35,22 @@ from torch import Tensor, nn
 from megatrain import kernels
 from megatrain.models.layers import CoLALinear, LoRALinear, SLTrainLinear, _kaiming_uniform_
 from megatrain.parallel.tensor_parallel import (
-    copy_to_tp, mark_split, reduce_from_tp, reduce_scatter_sequence,
+    copy_to_tp,
+    mark_split,
+    reduce_from_tp,
+    reduce_scatter_sequence,
 )
 
-__all__ = ["parallel_lowrank", "ColumnParallelCoLA", "RowParallelCoLA", "ColumnParallelSLTrain", "RowParallelSLTrain",
-           "ColumnParallelLoRA", "RowParallelLoRA", "LOWRANK_TYPES"]
+__all__ = [
+    "parallel_lowrank",
+    "ColumnParallelCoLA",
+    "RowParallelCoLA",
+    "ColumnParallelSLTrain",
+    "RowParallelSLTrain",
+    "ColumnParallelLoRA",
+    "RowParallelLoRA",
+    "LOWRANK_TYPES",
+]
 
 LOWRANK_TYPES = (CoLALinear, SLTrainLinear, LoRALinear)
 
@@ -91,8 +102,9 @@ class ColumnParallelCoLA(_ColumnBase):
 
     def forward(self, x: Tensor) -> Tensor:
         b, bias = self._split_grads(self.cola_b, self.bias)
-        return kernels.lowrank_linear(x, copy_to_tp(self.cola_a, self.group), b, bias, activation="silu",
-                                      recompute=self.recompute)
+        return kernels.lowrank_linear(
+            x, copy_to_tp(self.cola_a, self.group), b, bias, activation="silu", recompute=self.recompute
+        )
 
 
 class RowParallelCoLA(nn.Module):
@@ -134,8 +146,9 @@ class ColumnParallelSLTrain(_ColumnBase):
         self.lora_b = _part(full.lora_b, 1, rank, parts)
         self.sparse_values = _whole(full.sparse_values)
         self.register_buffer("sparse_index", full.sparse_index.clone(), persistent=True)
-        positions, local = _sparse_positions(full.sparse_index, full.out_features, dim=1,
-                                             start=rank * self.out_features, size=self.out_features)
+        positions, local = _sparse_positions(
+            full.sparse_index, full.out_features, dim=1, start=rank * self.out_features, size=self.out_features
+        )
         self.register_buffer("local_positions", positions, persistent=False)
         self.register_buffer("local_index", local, persistent=False)
         self.bias = None if full.bias is None else _part(full.bias, 0, rank, parts)
@@ -146,8 +159,9 @@ class ColumnParallelSLTrain(_ColumnBase):
     def forward(self, x: Tensor) -> Tensor:
         b, bias = self._split_grads(self.lora_b, self.bias)
         values = copy_to_tp(self.sparse_values, self.group)[self.local_positions]
-        y = kernels.sparse_lowrank_linear(x, copy_to_tp(self.lora_a, self.group), b, values, self.local_index,
-                                          self.scale)
+        y = kernels.sparse_lowrank_linear(
+            x, copy_to_tp(self.lora_a, self.group), b, values, self.local_index, self.scale
+        )
         return y if bias is None else y + bias.to(y.dtype)
 
 
@@ -164,8 +178,9 @@ class RowParallelSLTrain(nn.Module):
         self.lora_b = _whole(full.lora_b)
         self.sparse_values = _whole(full.sparse_values)
         self.register_buffer("sparse_index", full.sparse_index.clone(), persistent=True)
-        positions, local = _sparse_positions(full.sparse_index, full.out_features, dim=0,
-                                             start=rank * self.in_features, size=self.in_features)
+        positions, local = _sparse_positions(
+            full.sparse_index, full.out_features, dim=0, start=rank * self.in_features, size=self.in_features
+        )
         self.register_buffer("local_positions", positions, persistent=False)
         self.register_buffer("local_index", local, persistent=False)
         self.bias = _whole(full.bias)
@@ -173,8 +188,9 @@ class RowParallelSLTrain(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         values = copy_to_tp(self.sparse_values, self.group)[self.local_positions]
-        partial = kernels.sparse_lowrank_linear(x, self.lora_a, copy_to_tp(self.lora_b, self.group), values,
-                                                self.local_index, self.scale)
+        partial = kernels.sparse_lowrank_linear(
+            x, self.lora_a, copy_to_tp(self.lora_b, self.group), values, self.local_index, self.scale
+        )
         return _row_output(partial, self.bias, self.group, self.sequence_parallel)
 
 
@@ -250,8 +266,9 @@ class ColumnParallelLoRA(_ColumnBase, _ReLoRAShard):
         y = F.linear(x, weight, bias)
         if not self.adapters_enabled:
             return y
-        return y + self.scale * kernels.lowrank_linear(self.dropout(x), copy_to_tp(self.lora_a, self.group), b,
-                                                       activation=None)
+        return y + self.scale * kernels.lowrank_linear(
+            self.dropout(x), copy_to_tp(self.lora_a, self.group), b, activation=None
+        )
 
 
 class RowParallelLoRA(nn.Module, _ReLoRAShard):
@@ -277,7 +294,8 @@ class RowParallelLoRA(nn.Module, _ReLoRAShard):
         partial = F.linear(x, self.weight)
         if self.adapters_enabled:
             partial = partial + self.scale * kernels.lowrank_linear(
-                self.dropout(x), self.lora_a, copy_to_tp(self.lora_b, self.group), activation=None)
+                self.dropout(x), self.lora_a, copy_to_tp(self.lora_b, self.group), activation=None
+            )
         return _row_output(partial, self.bias, self.group, self.sequence_parallel)
 
 
@@ -295,10 +313,18 @@ _COLUMN = {CoLALinear: ColumnParallelCoLA, SLTrainLinear: ColumnParallelSLTrain,
 _ROW = {CoLALinear: RowParallelCoLA, SLTrainLinear: RowParallelSLTrain, LoRALinear: RowParallelLoRA}
 
 
-def parallel_lowrank(full: nn.Module, role: str, group, *, rank: int, parts: int, grad_group=None,
-                     counted: bool = True, sequence_parallel: bool = False) -> nn.Module:
+def parallel_lowrank(
+    full: nn.Module,
+    role: str,
+    group,
+    *,
+    rank: int,
+    parts: int,
+    grad_group=None,
+    counted: bool = True,
+    sequence_parallel: bool = False,
+) -> nn.Module:
     """The TP form of low-rank module `full` for `role` ("column" or "row"), keeping rank `rank` of `parts`."""
     if role == "column":
         return _COLUMN[type(full)](full, group, rank=rank, parts=parts, grad_group=grad_group, counted=counted)
     return _ROW[type(full)](full, group, rank=rank, parts=parts, sequence_parallel=sequence_parallel)
-

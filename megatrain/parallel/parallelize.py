@@ -38,8 +38,14 @@ from megatrain.parallel.groups import ParallelGroups, kv_replicas
 from megatrain.parallel.lowrank_parallel import LOWRANK_TYPES, parallel_lowrank
 from megatrain.parallel.plan import TP_PLAN, Role, TPPlan, shard_specs, universal_checkpoint_info
 from megatrain.parallel.tensor_parallel import (
-    ColumnParallelLinear, RowParallelLinear, SequenceParallelRMSNorm, VocabParallelEmbedding, VocabParallelLMHead,
-    copy_to_tp, gather_sequence, mark_split,
+    ColumnParallelLinear,
+    RowParallelLinear,
+    SequenceParallelRMSNorm,
+    VocabParallelEmbedding,
+    VocabParallelLMHead,
+    copy_to_tp,
+    gather_sequence,
+    mark_split,
 )
 
 __all__ = ["parallelize", "apply_plan", "SplitContext", "tp_comm_volume"]
@@ -83,8 +89,14 @@ def parallelize(model: nn.Module, groups: ParallelGroups, *, sequence_parallel: 
     tp = groups.tp_size
     check_tensor_split(cfg, tp)
     if tp > 1:
-        ctx = SplitContext(cfg, tp, groups.tp_rank, groups.tp_group, sequence_parallel=sequence_parallel,
-                           kv_grad_group=_kv_grad_group(groups, kv_replicas(cfg.kv_heads, tp)))
+        ctx = SplitContext(
+            cfg,
+            tp,
+            groups.tp_rank,
+            groups.tp_group,
+            sequence_parallel=sequence_parallel,
+            kv_grad_group=_kv_grad_group(groups, kv_replicas(cfg.kv_heads, tp)),
+        )
         apply_plan(model, ctx)
         model.tensor_parallel = (tp, groups.tp_rank)
     model.materialize()  # whatever is still on the meta device (everything at TP=1)
@@ -104,7 +116,7 @@ def _kv_grad_group(groups: ParallelGroups, replicas: int):
     found = None
     tp_ranks = [groups.rank - groups.tp_rank + r for r in range(groups.tp_size)]
     for start in range(0, groups.tp_size, replicas):
-        members = tp_ranks[start:start + replicas]
+        members = tp_ranks[start : start + replicas]
         created = dist.new_group(members)
         if groups.rank in members:
             found = created
@@ -125,8 +137,10 @@ def apply_plan(model: nn.Module, ctx: SplitContext, plan: TPPlan = TP_PLAN) -> n
                 continue
             apply = _APPLY.get(entry.role.name)
             if apply is None:
-                raise ValueError(f"tensor-parallel plan: role '{entry.role.name}' (module '{name}') has no "
-                                 f"tensor-parallel layer in parallelize yet")
+                raise ValueError(
+                    f"tensor-parallel plan: role '{entry.role.name}' (module '{name}') has no "
+                    f"tensor-parallel layer in parallelize yet"
+                )
             # Meta-device model: this module full-size now, only this rank's part after the swap.
             module = model.materialize_module(name) if isinstance(model, Transformer) else model.get_submodule(name)
             swapped = apply(module, entry.role, ctx)
@@ -138,8 +152,9 @@ def apply_plan(model: nn.Module, ctx: SplitContext, plan: TPPlan = TP_PLAN) -> n
 
 def _vocab(module: nn.Module, role: Role, ctx: SplitContext):
     if isinstance(module, nn.Embedding):
-        layer = VocabParallelEmbedding.from_full(module, ctx.group, rank=ctx.rank, parts=ctx.tp,
-                                                 sequence_parallel=ctx.sequence_parallel)
+        layer = VocabParallelEmbedding.from_full(
+            module, ctx.group, rank=ctx.rank, parts=ctx.tp, sequence_parallel=ctx.sequence_parallel
+        )
         ctx.split_params[id(module.weight)] = layer.weight
         return layer
     if isinstance(module, LMHead):
@@ -160,8 +175,12 @@ def _column(module: nn.Module, role: Role, ctx: SplitContext):
 
 def _kv_column(module: nn.Module, role: Role, ctx: SplitContext):
     replicas = ctx.kv_replicas
-    kwargs = dict(rank=ctx.rank // replicas, parts=ctx.tp // replicas, grad_group=ctx.kv_grad_group,
-                  counted=(ctx.rank % replicas == 0))
+    kwargs = dict(
+        rank=ctx.rank // replicas,
+        parts=ctx.tp // replicas,
+        grad_group=ctx.kv_grad_group,
+        counted=(ctx.rank % replicas == 0),
+    )
     if isinstance(module, LOWRANK_TYPES):
         return parallel_lowrank(module, "column", ctx.group, **kwargs)
     return ColumnParallelLinear.from_full(module, ctx.group, **kwargs)
@@ -169,10 +188,12 @@ def _kv_column(module: nn.Module, role: Role, ctx: SplitContext):
 
 def _row(module: nn.Module, role: Role, ctx: SplitContext):
     if isinstance(module, LOWRANK_TYPES):
-        return parallel_lowrank(module, "row", ctx.group, rank=ctx.rank, parts=ctx.tp,
-                                sequence_parallel=ctx.sequence_parallel)
-    return RowParallelLinear.from_full(module, ctx.group, rank=ctx.rank, parts=ctx.tp,
-                                       sequence_parallel=ctx.sequence_parallel)
+        return parallel_lowrank(
+            module, "row", ctx.group, rank=ctx.rank, parts=ctx.tp, sequence_parallel=ctx.sequence_parallel
+        )
+    return RowParallelLinear.from_full(
+        module, ctx.group, rank=ctx.rank, parts=ctx.tp, sequence_parallel=ctx.sequence_parallel
+    )
 
 
 def _replicated(module: nn.Module, role: Role, ctx: SplitContext):
@@ -198,8 +219,13 @@ def _region(module: nn.Module, role: Role, ctx: SplitContext):
 
 
 _APPLY: dict[str, Callable[[nn.Module, Role, SplitContext], Optional[nn.Module]]] = {
-    "vocab": _vocab, "column": _column, "kv_column": _kv_column, "row": _row, "replicated": _replicated,
-    "heads": _heads, "region": _region,
+    "vocab": _vocab,
+    "column": _column,
+    "kv_column": _kv_column,
+    "row": _row,
+    "replicated": _replicated,
+    "heads": _heads,
+    "region": _region,
 }
 
 
@@ -236,8 +262,9 @@ def _all_reduce_grad(grad: Tensor, group) -> Tensor:
     return grad
 
 
-def tp_comm_volume(model_cfg, tokens: int, tp: int, *, sequence_parallel: bool = False,
-                   bytes_per_element: int = 2) -> dict:
+def tp_comm_volume(
+    model_cfg, tokens: int, tp: int, *, sequence_parallel: bool = False, bytes_per_element: int = 2
+) -> dict:
     """Bytes each rank sends in the tensor-parallel collectives of one forward + backward over
     `tokens` tokens (ring algorithms: an all-reduce of S bytes sends 2 (T-1)/T S, an all-gather or a
     reduce-scatter (T-1)/T S of the full tensor), for planning multi-GPU runs.
@@ -270,7 +297,8 @@ def tp_comm_volume(model_cfg, tokens: int, tp: int, *, sequence_parallel: bool =
     per_layer = 2 * 2 * (2 * ring * act)  # 2 regions x (forward + backward) x one all-reduce-equivalent
     if m.linear != "dense":
         per_layer += _lowrank_comm(m, tokens, ring, bytes_per_element, sequence_parallel) - (
-            2 * 2 * ring * act if m.linear == "cola" else 0)
+            2 * 2 * ring * act if m.linear == "cola" else 0
+        )
     if m.attention == "iha" and m.iha.tp_mode == "exact":
         per_layer += 2 * 3 * ring * tokens * m.heads * m.head_dim * bytes_per_element
     if sequence_parallel:
@@ -280,8 +308,12 @@ def tp_comm_volume(model_cfg, tokens: int, tp: int, *, sequence_parallel: bool =
     else:
         embedding_and_head = 2 * ring * act
     loss = 2 * ring * act + 2 * ring * 4 * tokens * 4
-    return {"per_layer": per_layer, "embedding_and_head": embedding_and_head, "loss": loss,
-            "per_step": m.layers * per_layer + embedding_and_head + loss}
+    return {
+        "per_layer": per_layer,
+        "embedding_and_head": embedding_and_head,
+        "loss": loss,
+        "per_step": m.layers * per_layer + embedding_and_head + loss,
+    }
 
 
 def _lowrank_comm(m, tokens: int, ring: float, bytes_per_element: int, sequence_parallel: bool) -> float:

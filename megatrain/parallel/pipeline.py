@@ -36,9 +36,22 @@ from megatrain.errors import ConfigError
 from megatrain.models.attention import iha_rope_positions
 from megatrain.models.transformer import Transformer
 
-__all__ = ["build_pipeline_groups", "pipeline_layout", "EmbedLayer", "BlockLayer", "HeadLayer", "check_pipeline",
-           "layer_weights", "stage_bounds", "stage_layers", "pipeline_layers", "transformer_name", "pipeline_name",
-           "drop_other_stages", "pipeline_module"]
+__all__ = [
+    "build_pipeline_groups",
+    "pipeline_layout",
+    "EmbedLayer",
+    "BlockLayer",
+    "HeadLayer",
+    "check_pipeline",
+    "layer_weights",
+    "stage_bounds",
+    "stage_layers",
+    "pipeline_layers",
+    "transformer_name",
+    "pipeline_name",
+    "drop_other_stages",
+    "pipeline_module",
+]
 
 
 def check_pipeline(parallel, m, train=None, optim_name: Optional[str] = None) -> None:
@@ -52,19 +65,25 @@ def check_pipeline(parallel, m, train=None, optim_name: Optional[str] = None) ->
     if parallel.pipeline_partition is not None:
         part = list(parallel.pipeline_partition)
         if len(part) != stages or sum(part) != m.layers or min(part) < 0:
-            raise ConfigError(f"parallel.pipeline_partition={part} must list the decoder blocks of each of the "
-                              f"parallel.pipeline={stages} stages, summing to model.layers={m.layers}")
+            raise ConfigError(
+                f"parallel.pipeline_partition={part} must list the decoder blocks of each of the "
+                f"parallel.pipeline={stages} stages, summing to model.layers={m.layers}"
+            )
     if stages == 1:
         return
     if stages > m.layers:
         raise ConfigError(f"parallel.pipeline={stages} is more stages than model.layers={m.layers}")
     refused = []
     if parallel.zero_stage in (2, 3):
-        refused.append(f"parallel.zero_stage={parallel.zero_stage} (DeepSpeed's pipeline engine allows ZeRO 0 or 1; "
-                       f"use parallel.zero_stage=1)")
+        refused.append(
+            f"parallel.zero_stage={parallel.zero_stage} (DeepSpeed's pipeline engine allows ZeRO 0 or 1; "
+            f"use parallel.zero_stage=1)"
+        )
     elif parallel.zero_stage == 0:
-        refused.append("parallel.zero_stage=0 (DeepSpeed's stage-0 gradient clipping counts the replicated weights of "
-                       "the first stage only; use parallel.zero_stage=1)")
+        refused.append(
+            "parallel.zero_stage=0 (DeepSpeed's stage-0 gradient clipping counts the replicated weights of "
+            "the first stage only; use parallel.zero_stage=1)"
+        )
     if m.tie_embeddings:
         refused.append("model.tie_embeddings=true (the embedding and the head sit on different stages)")
     if m.linear == "relora":
@@ -82,12 +101,16 @@ def pipeline_layout(world_size: int, tensor: int, stages: int) -> tuple[list[lis
     ranks [s * world / S, (s + 1) * world / S), TP groups are consecutive ranks inside it and a DP group
     takes one rank of each TP group of one stage."""
     if tensor < 1 or stages < 1 or world_size % (tensor * stages):
-        raise ConfigError(f"parallel.tensor x parallel.pipeline = {tensor} x {stages} does not divide the world "
-                          f"size {world_size}")
+        raise ConfigError(
+            f"parallel.tensor x parallel.pipeline = {tensor} x {stages} does not divide the world size {world_size}"
+        )
     per_stage = world_size // stages
     tp_groups = [list(range(start, start + tensor)) for start in range(0, world_size, tensor)]
-    dp_groups = [list(range(stage * per_stage + offset, (stage + 1) * per_stage, tensor))
-                 for stage in range(stages) for offset in range(tensor)]
+    dp_groups = [
+        list(range(stage * per_stage + offset, (stage + 1) * per_stage, tensor))
+        for stage in range(stages)
+        for offset in range(tensor)
+    ]
     return tp_groups, dp_groups
 
 
@@ -106,9 +129,18 @@ def build_pipeline_groups(tensor: int, stages: int):
             if rank in ranks:
                 found[kind] = group
     per_stage = world // stages
-    return ParallelGroups(rank=rank, world_size=world, tp_rank=rank % tensor, tp_size=tensor,
-                          dp_rank=(rank % per_stage) // tensor, dp_size=per_stage // tensor, tp_group=found["tp"],
-                          dp_group=found["dp"], pp_rank=rank // per_stage, pp_size=stages)
+    return ParallelGroups(
+        rank=rank,
+        world_size=world,
+        tp_rank=rank % tensor,
+        tp_size=tensor,
+        dp_rank=(rank % per_stage) // tensor,
+        dp_size=per_stage // tensor,
+        tp_group=found["tp"],
+        dp_group=found["dp"],
+        pp_rank=rank // per_stage,
+        pp_size=stages,
+    )
 
 
 def layer_weights(model: Transformer) -> list[int]:
@@ -196,8 +228,16 @@ class BlockLayer(nn.Module):
         h, residual = (x, None) if isinstance(x, Tensor) else x
         cos, sin = self.rope(h.shape[1])
         if self.checkpointed and self.training and torch.is_grad_enabled():
-            return checkpoint(self.block, h, cos, sin, layer_idx=self.layer_idx, residual=residual,
-                              carry_residual=True, use_reentrant=False)
+            return checkpoint(
+                self.block,
+                h,
+                cos,
+                sin,
+                layer_idx=self.layer_idx,
+                residual=residual,
+                carry_residual=True,
+                use_reentrant=False,
+            )
         return self.block(h, cos, sin, layer_idx=self.layer_idx, residual=residual, carry_residual=True)
 
 
@@ -216,8 +256,9 @@ class HeadLayer(nn.Module):
         return self.head(normed, labels)
 
 
-def pipeline_layers(model: Transformer, *, checkpointed: bool = False, seq_factor: int = 1,
-                    keep: Optional[range] = None) -> list[nn.Module]:
+def pipeline_layers(
+    model: Transformer, *, checkpointed: bool = False, seq_factor: int = 1, keep: Optional[range] = None
+) -> list[nn.Module]:
     """The pipeline layers over `model`'s own modules (layers outside `keep` are nn.Identity stand-ins:
     DeepSpeed never builds them on this stage). seq_factor: sequence-parallel TP size (the stream holds
     N / T tokens per rank, the rotary positions cover N)."""
@@ -274,8 +315,9 @@ def drop_other_stages(model: Transformer, keep: range) -> None:
         del model.norm, model.head
 
 
-def pipeline_module(model: Transformer, groups, bounds: Sequence[int], *, checkpointed: bool = False,
-                    seq_factor: int = 1):
+def pipeline_module(
+    model: Transformer, groups, bounds: Sequence[int], *, checkpointed: bool = False, seq_factor: int = 1
+):
     """DeepSpeed's PipelineModule over this stage's part of `model` (already materialised and split;
     `drop_other_stages` first), on the DP x PP x TP topology of `groups`. Collective."""
     from deepspeed.pipe import PipelineModule
@@ -294,8 +336,12 @@ def pipeline_module(model: Transformer, groups, bounds: Sequence[int], *, checkp
     head = layers[-1]
     topology = PipeModelDataParallelTopology(num_pp=groups.pp_size, num_mp=groups.tp_size, num_dp=groups.dp_size)
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its seed settings on rank 0
-        pipe = TransformerPipe(layers, topology=topology, loss_fn=head.loss if isinstance(head, HeadLayer) else None,
-                               partition_method="uniform")
+        pipe = TransformerPipe(
+            layers,
+            topology=topology,
+            loss_fn=head.loss if isinstance(head, HeadLayer) else None,
+            partition_method="uniform",
+        )
     pipe.model_config = model.config
     pipe.stage_bounds = list(bounds)
     pipe.universal_checkpoint_info = getattr(model, "universal_checkpoint_info", None)

@@ -44,8 +44,23 @@ from typing import Mapping, Optional
 
 from megatrain.parallel.groups import kv_replicas
 
-__all__ = ["Role", "PlanEntry", "TPPlan", "TP_PLAN", "COLUMN", "KV_COLUMN", "ROW", "VOCAB", "REPLICATED", "HEADS",
-           "REGION", "ShardSpec", "shard_specs", "universal_checkpoint_info", "is_kv_split"]
+__all__ = [
+    "Role",
+    "PlanEntry",
+    "TPPlan",
+    "TP_PLAN",
+    "COLUMN",
+    "KV_COLUMN",
+    "ROW",
+    "VOCAB",
+    "REPLICATED",
+    "HEADS",
+    "REGION",
+    "ShardSpec",
+    "shard_specs",
+    "universal_checkpoint_info",
+    "is_kv_split",
+]
 
 
 @dataclass(frozen=True)
@@ -99,8 +114,10 @@ class TPPlan:
         """The role of module `module_name`, None when no entry matches; ValueError when several do."""
         found = [e for e in self.entries if e.matches(module_name)]
         if len(found) > 1:
-            raise ValueError(f"tensor-parallel plan: module '{module_name}' matches several entries: "
-                             f"{', '.join(e.pattern for e in found)}")
+            raise ValueError(
+                f"tensor-parallel plan: module '{module_name}' matches several entries: "
+                f"{', '.join(e.pattern for e in found)}"
+            )
         return found[0].role if found else None
 
     def role_of_parameter(self, name: str) -> Role:
@@ -108,24 +125,28 @@ class TPPlan:
         module_name, _, _ = name.rpartition(".")
         role = self.role_of(module_name)
         if role is None:
-            raise ValueError(f"tensor-parallel plan: no entry for module '{module_name}' (parameter '{name}'); "
-                             f"add it to megatrain.parallel.plan.TP_PLAN")
+            raise ValueError(
+                f"tensor-parallel plan: no entry for module '{module_name}' (parameter '{name}'); "
+                f"add it to megatrain.parallel.plan.TP_PLAN"
+            )
         return role
 
 
-TP_PLAN = TPPlan((
-    PlanEntry(r"embed", VOCAB),
-    PlanEntry(r"head", VOCAB),
-    PlanEntry(r"blocks\.\d+\.attn", HEADS),
-    PlanEntry(r"blocks\.\d+\.attn\.q_proj", COLUMN),
-    PlanEntry(r"blocks\.\d+\.attn\.[kv]_proj", KV_COLUMN),
-    PlanEntry(r"blocks\.\d+\.attn\.o_proj", ROW),
-    PlanEntry(r"blocks\.\d+\.mlp", REGION),
-    PlanEntry(r"blocks\.\d+\.mlp\.(gate|up)_proj", COLUMN),
-    PlanEntry(r"blocks\.\d+\.mlp\.down_proj", ROW),
-    PlanEntry(r"blocks\.\d+\.(attn|mlp)_norm", REPLICATED),
-    PlanEntry(r"norm", REPLICATED),
-))
+TP_PLAN = TPPlan(
+    (
+        PlanEntry(r"embed", VOCAB),
+        PlanEntry(r"head", VOCAB),
+        PlanEntry(r"blocks\.\d+\.attn", HEADS),
+        PlanEntry(r"blocks\.\d+\.attn\.q_proj", COLUMN),
+        PlanEntry(r"blocks\.\d+\.attn\.[kv]_proj", KV_COLUMN),
+        PlanEntry(r"blocks\.\d+\.attn\.o_proj", ROW),
+        PlanEntry(r"blocks\.\d+\.mlp", REGION),
+        PlanEntry(r"blocks\.\d+\.mlp\.(gate|up)_proj", COLUMN),
+        PlanEntry(r"blocks\.\d+\.mlp\.down_proj", ROW),
+        PlanEntry(r"blocks\.\d+\.(attn|mlp)_norm", REPLICATED),
+        PlanEntry(r"norm", REPLICATED),
+    )
+)
 
 
 class ShardSpec(tuple):
@@ -173,7 +194,9 @@ def universal_checkpoint_info(model, plan: TPPlan = TP_PLAN, held: Optional[set]
     match nothing. held: the ids of the parameters the optimizer holds (default: every parameter); a
     frozen one (ReLoRA/LoRA's W) has no ZeRO state to merge, so it gets no pattern."""
     from deepspeed.checkpoint.constants import (
-        PARAMETER_WITH_ROW_PARALLELISM_PATTERNS, TP_REPLICATED_PARAMETER_PATTERNS, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        PARAMETER_WITH_ROW_PARALLELISM_PATTERNS,
+        TP_REPLICATED_PARAMETER_PATTERNS,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
         UNIVERSAL_CHECKPOINT_VERSION_VALUE,
     )
 

@@ -29,7 +29,7 @@ starts from exactly the weights a single process would have):
 Split parameters carry Megatron's attributes (`tensor_model_parallel=True`, `partition_dim`), which
 DeepSpeed reads to count them once per TP group in the gradient norm. gloo has no reduce-scatter, so
 it is an all-reduce followed by a slice there.
-"""
+"""  # noqa: E501  (the table's rows)
 
 from __future__ import annotations
 
@@ -44,9 +44,18 @@ from megatrain import kernels
 from megatrain.constants import IGNORE_INDEX
 
 __all__ = [
-    "copy_to_tp", "reduce_from_tp", "gather_from_tp", "gather_sequence", "gather_sequence_for_replicated_grad",
-    "reduce_scatter_sequence", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
-    "VocabParallelLMHead", "SequenceParallelRMSNorm", "mark_split",
+    "copy_to_tp",
+    "reduce_from_tp",
+    "gather_from_tp",
+    "gather_sequence",
+    "gather_sequence_for_replicated_grad",
+    "reduce_scatter_sequence",
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+    "VocabParallelLMHead",
+    "SequenceParallelRMSNorm",
+    "mark_split",
 ]
 
 
@@ -101,8 +110,10 @@ def _reduce_scatter(x: Tensor, dim: int, group) -> Tensor:
     if world == 1:
         return x
     if x.shape[dim] % world:
-        raise ValueError(f"sequence parallel: sequence length {x.shape[dim]} does not split into {world} parts; "
-                         f"it must be a multiple of parallel.tensor")
+        raise ValueError(
+            f"sequence parallel: sequence length {x.shape[dim]} does not split into {world} parts; "
+            f"it must be a multiple of parallel.tensor"
+        )
     _count("reduce_scatter", x.numel() * x.element_size(), world)
     if dist.get_backend(group) == "nccl":
         moved = x.movedim(dim, 0).contiguous()
@@ -236,8 +247,7 @@ class ColumnParallelLinear(nn.Module):
     are fewer KV heads than TP ranks), their weight gradient is summed over that group.
     """
 
-    def __init__(self, weight: Tensor, bias: Optional[Tensor], group, *, gather_output: bool = False,
-                 grad_group=None):
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], group, *, gather_output: bool = False, grad_group=None):
         super().__init__()
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(bias) if bias is not None else None
@@ -245,15 +255,25 @@ class ColumnParallelLinear(nn.Module):
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     @classmethod
-    def from_full(cls, full: nn.Linear, group, *, rank: int, parts: int, gather_output: bool = False,
-                  grad_group=None, counted: bool = True) -> "ColumnParallelLinear":
+    def from_full(
+        cls,
+        full: nn.Linear,
+        group,
+        *,
+        rank: int,
+        parts: int,
+        gather_output: bool = False,
+        grad_group=None,
+        counted: bool = True,
+    ) -> "ColumnParallelLinear":
         """Keep rows [rank * F/parts, (rank+1) * F/parts) of `full` (F = full.out_features)."""
         if not isinstance(full, nn.Linear):
             raise TypeError(f"ColumnParallelLinear.from_full needs nn.Linear, got {type(full).__name__}")
         size = full.out_features // parts
         bias = None if full.bias is None else _slice_rows(full.bias, rank * size, size)
-        layer = cls(_slice_rows(full.weight, rank * size, size), bias, group, gather_output=gather_output,
-                    grad_group=grad_group)
+        layer = cls(
+            _slice_rows(full.weight, rank * size, size), bias, group, gather_output=gather_output, grad_group=grad_group
+        )
         mark_split(layer.weight, 0, counted)
         if layer.bias is not None:
             mark_split(layer.bias, 0, counted)
@@ -286,8 +306,9 @@ class RowParallelLinear(nn.Module):
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     @classmethod
-    def from_full(cls, full: nn.Linear, group, *, rank: int, parts: int,
-                  sequence_parallel: bool = False) -> "RowParallelLinear":
+    def from_full(
+        cls, full: nn.Linear, group, *, rank: int, parts: int, sequence_parallel: bool = False
+    ) -> "RowParallelLinear":
         """Keep columns [rank * D_in/parts, (rank+1) * D_in/parts) of `full`; the bias stays whole."""
         if not isinstance(full, nn.Linear):
             raise TypeError(f"RowParallelLinear.from_full needs nn.Linear, got {type(full).__name__}")
@@ -325,11 +346,11 @@ class VocabParallelEmbedding(nn.Module):
         mark_split(self.weight, 0)
 
     @classmethod
-    def from_full(cls, full: nn.Embedding, group, *, rank: int, parts: int,
-                  sequence_parallel: bool = False) -> "VocabParallelEmbedding":
+    def from_full(
+        cls, full: nn.Embedding, group, *, rank: int, parts: int, sequence_parallel: bool = False
+    ) -> "VocabParallelEmbedding":
         size = full.num_embeddings // parts
-        return cls(_slice_rows(full.weight, rank * size, size), rank * size, group,
-                   sequence_parallel=sequence_parallel)
+        return cls(_slice_rows(full.weight, rank * size, size), rank * size, group, sequence_parallel=sequence_parallel)
 
     def forward(self, input_ids: Tensor) -> Tensor:
         outside = (input_ids < self.vocab_start) | (input_ids >= self.vocab_end)
@@ -359,8 +380,13 @@ class VocabParallelLMHead(nn.Module):
         if self.sequence_parallel:
             # The cross-entropy all-reduces the gradient of h itself, so the gather's backward must not.
             h = gather_sequence_for_replicated_grad(h, self.group)
-        return kernels.fused_linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.weight, labels.reshape(-1),
-                                                  ignore_index=IGNORE_INDEX, process_group=self.group)
+        return kernels.fused_linear_cross_entropy(
+            h.reshape(-1, h.shape[-1]),
+            self.weight,
+            labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            process_group=self.group,
+        )
 
 
 class SequenceParallelRMSNorm(nn.Module):
@@ -376,4 +402,3 @@ class SequenceParallelRMSNorm(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
-

@@ -60,8 +60,8 @@ class PairAdamW(torch.optim.Optimizer):
                 t = float(state[f"step_{phase}"])
                 m.lerp_(grad, 1.0 - b1)
                 v.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
-                denom = (v / (1.0 - b2 ** t)).sqrt_().add_(group["eps"])
-                delta = torch.addcdiv(p * group["weight_decay"], m, denom, value=1.0 / (1.0 - b1 ** t))
+                denom = (v / (1.0 - b2**t)).sqrt_().add_(group["eps"])
+                delta = torch.addcdiv(p * group["weight_decay"], m, denom, value=1.0 / (1.0 - b1**t))
                 delta.mul_(-group["lr"])
                 if phase == "a":
                     state["delta_a"].copy_(delta)

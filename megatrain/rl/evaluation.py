@@ -14,8 +14,9 @@ from megatrain.rl.rollout import STOP
 from megatrain.rl.tasks import Problem
 
 
-def evaluate(model, tokenizer, held_out: list[Problem], cfg: Config, groups, env,
-             perplexity: bool = True) -> list[dict]:
+def evaluate(
+    model, tokenizer, held_out: list[Problem], cfg: Config, groups, env, perplexity: bool = True
+) -> list[dict]:
     """pass@k for every k of rl.eval.k (rows), each with mean_reward and (with `perplexity`) val_loss /
     val_ppl. The problems are split over DP ranks; every sample has a fixed seed, so two models are
     compared on the same random numbers."""
@@ -27,8 +28,20 @@ def evaluate(model, tokenizer, held_out: list[Problem], cfg: Config, groups, env
     seeds = [(rl.seed + 7) * 1_000_003 + i * e.samples + s for i in mine for s in range(e.samples)]
     was_training = model.training
     model.eval()
-    completions = generate(model, rows, max_new_tokens=rl.max_new_tokens, temperature=e.temperature, stop=STOP,
-                           eos_id=tokenizer.eos_id, seed=seeds, tokenizer=tokenizer) if rows else []
+    completions = (
+        generate(
+            model,
+            rows,
+            max_new_tokens=rl.max_new_tokens,
+            temperature=e.temperature,
+            stop=STOP,
+            eos_id=tokenizer.eos_id,
+            seed=seeds,
+            tokenizer=tokenizer,
+        )
+        if rows
+        else []
+    )
     correct = torch.zeros(count, dtype=torch.float64)
     reward_sum = torch.zeros(1, dtype=torch.float64)
     for n, completion in enumerate(completions):
@@ -62,8 +75,17 @@ def validation_loss(model, tokenizer, cfg: Config, groups, env) -> dict:
     if env.local_rank == 0:
         build_token_cache(files, tokenizer, root, d.text_field)
     barrier()
-    blocks = PackedBlocks(open_token_cache(files, tokenizer, root, d.text_field, "data.val_source"),
-                          min(d.seq_len, model.config.max_seq_len))
-    validator = Validator(blocks, micro_batch=cfg.rl.micro_batch, batches=cfg.log.eval_batches,
-                          dp_rank=groups.dp_rank, dp_size=groups.dp_size, device=env.device, group=groups.dp_group)
+    blocks = PackedBlocks(
+        open_token_cache(files, tokenizer, root, d.text_field, "data.val_source"),
+        min(d.seq_len, model.config.max_seq_len),
+    )
+    validator = Validator(
+        blocks,
+        micro_batch=cfg.rl.micro_batch,
+        batches=cfg.log.eval_batches,
+        dp_rank=groups.dp_rank,
+        dp_size=groups.dp_size,
+        device=env.device,
+        group=groups.dp_group,
+    )
     return validator.validate(model)

@@ -70,14 +70,32 @@ class Excursion:
             os.makedirs(run_dir, exist_ok=True)
             save_config(cfg, os.path.join(run_dir, "config.yaml"))
         self.checkpointer = Checkpointer(
-            self.engine, run_dir=run_dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep, env=env,
-            groups=groups, model_cfg=self.model_cfg, parallel=cfg.parallel, seq_len=cfg.data.seq_len,
-            seed=cfg.rl.seed, tokenizer_path=self.tokenizer.path, state=lambda: {"step": self.it},
-            meta=lambda: {"rl": {"start": os.path.abspath(start.path), "start_step": start.step,
-                                 "pipeline": self.pipeline}})
-        self.logger = MetricsLogger(run_dir, enabled=env.is_main, tensorboard=cfg.log.tensorboard,
-                                    progress=cfg.log.progress, total_steps=self.iterations, start_step=self.it,
-                                    every=cfg.log.every, tb_prefix="rl")
+            self.engine,
+            run_dir=run_dir,
+            every=cfg.checkpoint.every,
+            keep=cfg.checkpoint.keep,
+            env=env,
+            groups=groups,
+            model_cfg=self.model_cfg,
+            parallel=cfg.parallel,
+            seq_len=cfg.data.seq_len,
+            seed=cfg.rl.seed,
+            tokenizer_path=self.tokenizer.path,
+            state=lambda: {"step": self.it},
+            meta=lambda: {
+                "rl": {"start": os.path.abspath(start.path), "start_step": start.step, "pipeline": self.pipeline}
+            },
+        )
+        self.logger = MetricsLogger(
+            run_dir,
+            enabled=env.is_main,
+            tensorboard=cfg.log.tensorboard,
+            progress=cfg.log.progress,
+            total_steps=self.iterations,
+            start_step=self.it,
+            every=cfg.log.every,
+            tb_prefix="rl",
+        )
         if resume_path is not None:
             self.logger.message(f"resumed {pipeline} from {resume_path} at iteration {self.it}")
 
@@ -124,13 +142,19 @@ class Excursion:
             return None
         meta = ckpt.read_meta(path)
         if meta.get("rl", {}).get("start") != os.path.abspath(self.start.path) or meta["model"] != dataclasses.asdict(
-                self.model_cfg):
-            raise CheckpointError(f"checkpoint '{path}' was written from another start checkpoint or model "
-                                  f"({meta.get('rl', {}).get('start')}) than '{self.start.path}'")
-        if ckpt.needs_reshard(meta, path, self.model_cfg, self.cfg.parallel.zero_stage, self.dp_size,
-                              self.cfg.parallel.tensor):
-            raise CheckpointError(f"checkpoint '{path}' was written at another parallel layout "
-                                  f"({meta['layout']}); resume an RL run at the layout it started with")
+            self.model_cfg
+        ):
+            raise CheckpointError(
+                f"checkpoint '{path}' was written from another start checkpoint or model "
+                f"({meta.get('rl', {}).get('start')}) than '{self.start.path}'"
+            )
+        if ckpt.needs_reshard(
+            meta, path, self.model_cfg, self.cfg.parallel.zero_stage, self.dp_size, self.cfg.parallel.tensor
+        ):
+            raise CheckpointError(
+                f"checkpoint '{path}' was written at another parallel layout "
+                f"({meta['layout']}); resume an RL run at the layout it started with"
+            )
         self.it = int(ckpt.load_checkpoint(self.engine, path, self.env.rank)["step"])
         return path
 
@@ -149,8 +173,14 @@ class Excursion:
         from megatrain.optim.schedules import lr_at
 
         t = self.cfg.train
-        lr = lr_at(update, lr=t.lr, steps=max(1, self.total_updates), warmup_steps=t.warmup_steps,
-                   min_lr_ratio=t.min_lr_ratio, schedule=t.schedule)
+        lr = lr_at(
+            update,
+            lr=t.lr,
+            steps=max(1, self.total_updates),
+            warmup_steps=t.warmup_steps,
+            min_lr_ratio=t.min_lr_ratio,
+            schedule=t.schedule,
+        )
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -223,17 +253,18 @@ class Excursion:
         masks = []
         for m in micro_indices:
             ids, mask = roll.ids_masks[m]
-            keep = roll.keep[m * self.micro:(m + 1) * self.micro].to(mask)
+            keep = roll.keep[m * self.micro : (m + 1) * self.micro].to(mask)
             masks.append(mask * keep[:, None])
         norm = torch.tensor([sum(grpo.loss_normalizer(mk, rl.loss_agg) for mk in masks)], dtype=torch.float64)
         all_reduce_sum(norm)
         normalizer = max(norm.item(), 1.0)
         for position, (m, mask) in enumerate(zip(micro_indices, masks)):
             ids, _ = roll.ids_masks[m]
-            adv = roll.advantages[m * self.micro:(m + 1) * self.micro].to(ids.device, torch.float32)
+            adv = roll.advantages[m * self.micro : (m + 1) * self.micro].to(ids.device, torch.float32)
             logp, entropy = self.logprobs(self.engine, ids)
-            pg, clipped = grpo.clipped_objective(logp, roll.old_logp[m], adv, clip_low=rl.clip_low,
-                                                 clip_high=rl.clip_high, dual_clip=rl.dual_clip)
+            pg, clipped = grpo.clipped_objective(
+                logp, roll.old_logp[m], adv, clip_low=rl.clip_low, clip_high=rl.clip_high, dual_clip=rl.dual_clip
+            )
             per_token, kl = pg, None
             if self.ref_model is not None:
                 with torch.no_grad():
@@ -245,10 +276,15 @@ class Excursion:
             loss = self.strategy.loss(self, loss, update, position)
             self.engine.backward(loss * self._scale())
             with torch.no_grad():
-                stats += torch.stack([
-                    loss.detach().double(), (entropy * mask).sum().double(), (clipped * mask).sum().double(),
-                    (kl * mask).sum().double() if kl is not None else torch.zeros((), dtype=torch.float64),
-                    mask.sum().double()]).cpu()
+                stats += torch.stack(
+                    [
+                        loss.detach().double(),
+                        (entropy * mask).sum().double(),
+                        (clipped * mask).sum().double(),
+                        (kl * mask).sum().double() if kl is not None else torch.zeros((), dtype=torch.float64),
+                        mask.sum().double(),
+                    ]
+                ).cpu()
             self.engine.step()
 
     _rl_minibatch = rl_step  # the name tests/rl/test_loss_mix.py drives
@@ -257,13 +293,16 @@ class Excursion:
         """This rank's SFT micro-batches for SFT update number `update` (rl.mini_batch problems) and the
         mini-batch's token count (all ranks)."""
         if getattr(self, "_sft_cache", (None,))[0] != update:
-            indices = self.stream(update * self.mini, self.mini)[self.dp_rank * self.local_mini:
-                                                                  (self.dp_rank + 1) * self.local_mini]
+            indices = self.stream(update * self.mini, self.mini)[
+                self.dp_rank * self.local_mini : (self.dp_rank + 1) * self.local_mini
+            ]
             probs = [self.train_problems[i] for i in indices]
             prompts = [self.tokenizer.encode(p.prompt) for p in probs]
             targets = [self.tokenizer.encode(" " + p.solution) + [self.tokenizer.eos_id] for p in probs]
-            micro = [self.sequences(prompts[s:s + self.micro], targets[s:s + self.micro])
-                     for s in range(0, len(probs), self.micro)]
+            micro = [
+                self.sequences(prompts[s : s + self.micro], targets[s : s + self.micro])
+                for s in range(0, len(probs), self.micro)
+            ]
             tokens = torch.tensor([sum(float(mk.sum()) for _, mk in micro)], dtype=torch.float64)
             all_reduce_sum(tokens)
             self._sft_cache = (update, micro, max(tokens.item(), 1.0))
@@ -315,17 +354,21 @@ class Excursion:
             for j in range(updates):
                 record["lr"] = self._set_lr(update)
                 micro = list(range(j * self.gas, (j + 1) * self.gas))
-                extra = self.strategy.update(self, roll, micro, update,
-                                             stats if epoch == 0 else torch.zeros(5, dtype=torch.float64))
+                extra = self.strategy.update(
+                    self, roll, micro, update, stats if epoch == 0 else torch.zeros(5, dtype=torch.float64)
+                )
                 for key, value in extra.items():
                     sums[key] = sums.get(key, 0.0) + value
                 update += 1
         record["update_s"] = time.perf_counter() - t0
         all_reduce_sum(stats)
         tokens = max(stats[4].item(), 1.0)
-        record.update(loss=stats[0].item() / max(1, updates), entropy=stats[1].item() / tokens,
-                      clip_frac=stats[2].item() / tokens,
-                      grad_norm=step_grad_norm(self.engine, self.cfg.parallel.zero_stage))
+        record.update(
+            loss=stats[0].item() / max(1, updates),
+            entropy=stats[1].item() / tokens,
+            clip_frac=stats[2].item() / tokens,
+            grad_norm=step_grad_norm(self.engine, self.cfg.parallel.zero_stage),
+        )
         if self.ref_model is not None:
             record["kl"] = stats[3].item() / tokens
         record.update({key: value / self.updates_per_rl_iteration for key, value in sums.items()})
@@ -342,9 +385,20 @@ class Excursion:
                 self.it += 1
                 stopping = stop_agreed(stop, self.env) and self.it < end
                 if every and self.it % every == 0 and self.it < self.iterations:
-                    record.update({f"pass@{r['k']}": r["pass_at_k"] for r in
-                                   evaluate(self.engine.module, self.tokenizer, self.held_out, self.cfg, self.groups,
-                                            self.env, perplexity=False)})
+                    record.update(
+                        {
+                            f"pass@{r['k']}": r["pass_at_k"]
+                            for r in evaluate(
+                                self.engine.module,
+                                self.tokenizer,
+                                self.held_out,
+                                self.cfg,
+                                self.groups,
+                                self.env,
+                                perplexity=False,
+                            )
+                        }
+                    )
                 last = self.it == end or stopping
                 if self.logger.should_log(self.it, last_step=last):
                     self.logger.log(record)
@@ -352,8 +406,10 @@ class Excursion:
                 path = self.checkpointer.save(self.it, last_step=last)
                 if stopping:
                     why = f"{stop.name} received" if stop.signum else "a stop signal on another rank"
-                    self.logger.message(f"stopped {self.pipeline} from {self.start.name} at iteration {self.it} "
-                                        f"({why}); checkpoint {path}; continue with --resume")
+                    self.logger.message(
+                        f"stopped {self.pipeline} from {self.start.name} at iteration {self.it} "
+                        f"({why}); checkpoint {path}; continue with --resume"
+                    )
                     break
         finally:
             self.logger.close()

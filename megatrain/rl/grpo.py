@@ -79,8 +79,9 @@ def aggregate(values: Tensor, mask: Tensor, mode: str, normalizer: Optional[floa
     return per_seq.sum() / (normalizer if normalizer is not None else seqs.clamp(min=1))
 
 
-def sequence_weights(flat_groups: Tensor, truncated: Tensor, group_size: int, *, dynamic_filter: bool,
-                     mask_truncated: bool) -> Tensor:
+def sequence_weights(
+    flat_groups: Tensor, truncated: Tensor, group_size: int, *, dynamic_filter: bool, mask_truncated: bool
+) -> Tensor:
     """Loss weight (0 or 1) [B] of each sequence, B = groups x group_size, from `flat_groups` [groups]
     (bool: the group's rewards are all equal) and `truncated` [B] (bool: cut at max new tokens).
 
@@ -105,8 +106,15 @@ def loss_normalizer(mask: Tensor, mode: str) -> float:
     return float((mask.sum(dim=1) > 0).sum())
 
 
-def clipped_objective(logp: Tensor, old_logp: Tensor, advantages: Tensor, *, clip_low: float = 0.2,
-                      clip_high: float = 0.2, dual_clip: Optional[float] = None) -> tuple[Tensor, Tensor]:
+def clipped_objective(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: Optional[float] = None,
+) -> tuple[Tensor, Tensor]:
     """Per-token PPO/GRPO loss [B, T] and a clipped-token indicator [B, T].
 
     ratio = exp(logp - old_logp); loss = max(-A ratio, -A clamp(ratio, 1 - clip_low, 1 + clip_high));

@@ -32,8 +32,18 @@ from megatrain.rl.config import pipelines, validate_rl
 from megatrain.rl.evaluation import evaluate
 from megatrain.rl.excursion import Excursion, stop_agreed
 from megatrain.rl.rewards import load_reward
-from megatrain.rl.starts import (Start, check_hf_init, check_start, cfg_has_mix, import_hf_init, mix_count,
-                                 pretrain_config, pretrain_done, resolve_starts, with_mix_placeholder)
+from megatrain.rl.starts import (
+    Start,
+    check_hf_init,
+    check_start,
+    cfg_has_mix,
+    import_hf_init,
+    mix_count,
+    pretrain_config,
+    pretrain_done,
+    resolve_starts,
+    with_mix_placeholder,
+)
 from megatrain.rl.tasks import task_splits, write_pretraining_mix
 
 __all__ = ["rl", "preflight", "Excursion", "Start", "resolve_starts", "evaluate"]
@@ -50,9 +60,10 @@ def preflight(cfg: Config, resume, world_size: int) -> Optional[Config]:
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise ConfigError(f"run.dir '{run_dir}' exists and is not a directory")
     if os.path.isdir(run_dir) and os.listdir(run_dir) and not resume:
-        raise CheckpointError(f"run.dir '{run_dir}' already holds an RL run; pass --resume to continue it or choose "
-                              f"another run.dir")
-    task_splits(cfg.rl.task)                      # a missing, empty or malformed task file
+        raise CheckpointError(
+            f"run.dir '{run_dir}' already holds an RL run; pass --resume to continue it or choose another run.dir"
+        )
+    task_splits(cfg.rl.task)  # a missing, empty or malformed task file
     load_reward(cfg.rl.reward, cfg.rl.format_score)
     init = cfg.rl.init
     if init is None:
@@ -105,8 +116,9 @@ def rl(cfg: Config, resume=False, stop_after: Optional[int] = None) -> list[dict
             stop.restore()
 
 
-def _rl_stages(cfg: Config, env, pre: Optional[Config], stop: Optional[StopRequest],
-               stop_after: Optional[int]) -> list[dict]:
+def _rl_stages(
+    cfg: Config, env, pre: Optional[Config], stop: Optional[StopRequest], stop_after: Optional[int]
+) -> list[dict]:
     """rl()'s stages in order: pretraining (rl.init null), each start's base evaluation, each excursion,
     the results. Returns [] when it stopped early (stop_after, or a stop signal)."""
     from megatrain.parallel.groups import build_groups
@@ -131,8 +143,10 @@ def _rl_stages(cfg: Config, env, pre: Optional[Config], stop: Optional[StopReque
             found = _excursion(cfg, env, start, pipeline, problems, groups, stop, stop_after)
             if found is None:
                 return []
-            rows += [{"checkpoint": os.path.basename(start.path), "pretrain_step": start.step,
-                      "pipeline": pipeline, **r} for r in found]
+            rows += [
+                {"checkpoint": os.path.basename(start.path), "pretrain_step": start.step, "pipeline": pipeline, **r}
+                for r in found
+            ]
             barrier()
     if env.is_main:
         from megatrain.rl.study import write_results
@@ -149,8 +163,12 @@ def _pretrain(cfg: Config, env, pre: Config) -> Optional[str]:
         from megatrain.engine.trainer import pretrain
 
         if cfg_has_mix(pre) and env.local_rank == 0 and not os.path.isfile(pre.data.source[-1]):
-            write_pretraining_mix(pre.data.source[-1], cfg.rl.task.seed, mix_count(
-                pre, cfg.rl.pretrain.task_fraction, cfg.rl.task.levels), list(cfg.rl.task.levels))
+            write_pretraining_mix(
+                pre.data.source[-1],
+                cfg.rl.task.seed,
+                mix_count(pre, cfg.rl.pretrain.task_fraction, cfg.rl.task.levels),
+                list(cfg.rl.task.levels),
+            )
         barrier()
         pretrain(pre, resume=True)  # its own stop handling: a signal checkpoints and returns
         barrier()
@@ -172,12 +190,21 @@ def _base_rows(cfg: Config, env, start: Start, problems, groups) -> list[dict]:
         if env.is_main:
             os.makedirs(folder, exist_ok=True)
             _write_json(base_file, base)
-    return [{"checkpoint": os.path.basename(start.path), "pretrain_step": start.step, "pipeline": "none", **r}
-            for r in base]
+    return [
+        {"checkpoint": os.path.basename(start.path), "pretrain_step": start.step, "pipeline": "none", **r} for r in base
+    ]
 
 
-def _excursion(cfg: Config, env, start: Start, pipeline: str, problems, groups, stop: Optional[StopRequest],
-               stop_after: Optional[int]) -> Optional[list[dict]]:
+def _excursion(
+    cfg: Config,
+    env,
+    start: Start,
+    pipeline: str,
+    problems,
+    groups,
+    stop: Optional[StopRequest],
+    stop_after: Optional[int],
+) -> Optional[list[dict]]:
     """One sub-run's evaluation rows: from its eval.json when it finished before, else run (or resume) it
     and evaluate the result. None when it stopped early (stop_after, or a stop signal)."""
     sub = cfg.run.path(start.name, pipeline)
@@ -186,8 +213,11 @@ def _excursion(cfg: Config, env, start: Start, pipeline: str, problems, groups, 
         return _read_json(result)
     if stop_agreed(stop, env):
         if env.is_main:
-            print(f"stopped before {pipeline} from {start.name} ({stop.name or 'a stop signal'}); the "
-                  f"finished parts are kept; continue with --resume", flush=True)
+            print(
+                f"stopped before {pipeline} from {start.name} ({stop.name or 'a stop signal'}); the "
+                f"finished parts are kept; continue with --resume",
+                flush=True,
+            )
         return None
     job = Excursion(cfg, env, start, pipeline, sub, problems, groups)
     job.run(stop_after, stop)

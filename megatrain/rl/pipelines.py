@@ -43,8 +43,8 @@ class Pipeline:
     `optimizer`, `rl` (the rl.* config), `gas` (micro-batches per update).
     """
 
-    name: str = ""           # the name in rl.pipeline (the sub-run folder RUN/from_step_N/NAME)
-    rollouts: bool = True    # takes RL iterations (and a frozen KL reference model when rl.kl_coef > 0)
+    name: str = ""  # the name in rl.pipeline (the sub-run folder RUN/from_step_N/NAME)
+    rollouts: bool = True  # takes RL iterations (and a frozen KL reference model when rl.kl_coef > 0)
 
     def check(self, cfg, world_size: int) -> None:
         """Refuse a config this pipeline cannot run: ConfigError, one line naming the key."""
@@ -122,8 +122,10 @@ def _import_pipeline(path: str) -> type[Pipeline]:
         raise ConfigError(f"rl.pipeline={path!r}: cannot import module '{module_name}' ({exc}) {allowed}") from None
     cls = getattr(module, attr, None)
     if not (isinstance(cls, type) and issubclass(cls, Pipeline)):
-        raise ConfigError(f"rl.pipeline={path!r}: '{attr}' of module '{module_name}' is not a Pipeline subclass "
-                          f"(megatrain.rl.pipelines.Pipeline)")
+        raise ConfigError(
+            f"rl.pipeline={path!r}: '{attr}' of module '{module_name}' is not a Pipeline subclass "
+            f"(megatrain.rl.pipelines.Pipeline)"
+        )
     return cls
 
 
@@ -169,8 +171,10 @@ class ParallelAverage(Pipeline):
 
     def check(self, cfg, world_size: int) -> None:
         if cfg.parallel.zero_stage == 3:
-            raise ConfigError(f"rl.pipeline={self.name} supports parallel.zero_stage 0, 1 or 2 (its pair optimizer "
-                              f"runs on ZeRO 1/2 partitions)")
+            raise ConfigError(
+                f"rl.pipeline={self.name} supports parallel.zero_stage 0, 1 or 2 (its pair optimizer "
+                f"runs on ZeRO 1/2 partitions)"
+            )
 
     def build_optimizer(self, cfg, model: torch.nn.Module, on_cuda: bool) -> torch.optim.Optimizer:
         from megatrain.optim import param_groups

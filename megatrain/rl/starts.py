@@ -21,9 +21,10 @@ from megatrain.files import sha256_file
 @dataclasses.dataclass
 class Start:
     """A checkpoint an excursion starts from."""
-    path: str           # checkpoint directory
-    step: int           # its pretraining step
-    name: str           # sub-run folder: from_step_N
+
+    path: str  # checkpoint directory
+    step: int  # its pretraining step
+    name: str  # sub-run folder: from_step_N
 
 
 def pretrain_config(cfg: Config) -> Config:
@@ -80,9 +81,11 @@ def resolve_starts(rl_cfg, init: str) -> list[Start]:
         paths = [first]
     else:
         root = os.path.dirname(first)
-        available = sorted((int(n[5:]), n) for n in os.listdir(root)
-                           if n.startswith("step_") and n[5:].isdigit()
-                           and os.path.isfile(os.path.join(root, n, ckpt.META_FILE)))
+        available = sorted(
+            (int(n[5:]), n)
+            for n in os.listdir(root)
+            if n.startswith("step_") and n[5:].isdigit() and os.path.isfile(os.path.join(root, n, ckpt.META_FILE))
+        )
         if chosen == "all":
             paths = [os.path.join(root, n) for _, n in available]
         else:
@@ -91,8 +94,10 @@ def resolve_starts(rl_cfg, init: str) -> list[Start]:
             for item in chosen:
                 name = f"step_{item}" if isinstance(item, int) or str(item).isdigit() else str(item)
                 if name not in names:
-                    raise CheckpointError(f"rl.checkpoints: '{name}' is not a complete checkpoint of '{root}' "
-                                          f"(available: {', '.join(n for _, n in available) or 'none'})")
+                    raise CheckpointError(
+                        f"rl.checkpoints: '{name}' is not a complete checkpoint of '{root}' "
+                        f"(available: {', '.join(n for _, n in available) or 'none'})"
+                    )
                 paths.append(os.path.join(root, name))
     starts = []
     first_meta = ckpt.read_meta(first)
@@ -111,14 +116,17 @@ def _tokenizer_sha(path: str) -> str:
 def check_start(cfg: Config, start: Start) -> None:
     """A start checkpoint must fit the run: data.tokenizer (when given) and model.* (when set) agree."""
     if cfg.data.tokenizer != "auto":
-        ckpt.check_tokenizer(cfg.data.tokenizer, os.path.join(start.path, "tokenizer.model"),
-                             f"checkpoint '{start.path}'")
+        ckpt.check_tokenizer(
+            cfg.data.tokenizer, os.path.join(start.path, "tokenizer.model"), f"checkpoint '{start.path}'"
+        )
     saved = ckpt.read_meta(start.path)["model"]
     defaults = dataclasses.asdict(type(cfg.model)())
     for key, value in dataclasses.asdict(cfg.model).items():
         if key in ckpt.MODEL_KEYS and value != defaults.get(key) and value != saved.get(key):
-            raise CheckpointError(f"checkpoint '{start.path}' was written with model.{key}={saved.get(key)!r} but "
-                                  f"this run sets model.{key}={value!r}")
+            raise CheckpointError(
+                f"checkpoint '{start.path}' was written with model.{key}={saved.get(key)!r} but "
+                f"this run sets model.{key}={value!r}"
+            )
 
 
 def check_hf_init(cfg: Config, folder: str) -> None:
@@ -126,12 +134,16 @@ def check_hf_init(cfg: Config, folder: str) -> None:
     from megatrain.engine.load import source_model
 
     if cfg.rl.checkpoints is not None:
-        raise ConfigError(f"rl.checkpoints needs rl.init to be a megatrain run (a series of checkpoints); "
-                          f"'{folder}' is a Hugging Face folder")
+        raise ConfigError(
+            f"rl.checkpoints needs rl.init to be a megatrain run (a series of checkpoints); "
+            f"'{folder}' is a Hugging Face folder"
+        )
     _, tokenizer = source_model(folder)
     if tokenizer is None:
-        raise CheckpointError(f"rl.init: '{folder}' has no sentencepiece tokenizer.model (megatrain reads "
-                              f"sentencepiece tokenizers only; megatrain import --tokenizer can add one)")
+        raise CheckpointError(
+            f"rl.init: '{folder}' has no sentencepiece tokenizer.model (megatrain reads "
+            f"sentencepiece tokenizers only; megatrain import --tokenizer can add one)"
+        )
 
 
 def import_hf_init(cfg: Config, folder: str, env) -> str:

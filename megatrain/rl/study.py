@@ -49,8 +49,19 @@ def table(rows: list[dict]) -> str:
                 continue
             any_row = next(iter(cells.values()))
             ppl = any_row.get("val_ppl")
-            lines.append("| " + " | ".join([str(step), p, *[f"{cells[k]['pass_at_k']:.3f}" if k in cells else "" for k in ks],
-                                             f"{any_row['mean_reward']:.3f}", f"{ppl:.1f}" if ppl is not None else ""]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        str(step),
+                        p,
+                        *[f"{cells[k]['pass_at_k']:.3f}" if k in cells else "" for k in ks],
+                        f"{any_row['mean_reward']:.3f}",
+                        f"{ppl:.1f}" if ppl is not None else "",
+                    ]
+                )
+                + " |"
+            )
     return "\n".join(lines)
 
 
@@ -67,8 +78,13 @@ def plot(rows: list[dict], path: str) -> None:
     for ax, k in zip(axes[0], ks):
         for p in pipelines:
             xs = [s for s in steps if k in grid.get((s, p), {})]
-            ax.plot(xs, [grid[(s, p)][k]["pass_at_k"] for s in xs], marker="o", label=p,
-                    linestyle="--" if p == "none" else "-")
+            ax.plot(
+                xs,
+                [grid[(s, p)][k]["pass_at_k"] for s in xs],
+                marker="o",
+                label=p,
+                linestyle="--" if p == "none" else "-",
+            )
         ax.set_title(f"pass@{k}")
         ax.set_xlabel("pretraining step")
         ax.set_ylim(-0.02, 1.02)

@@ -32,8 +32,8 @@ _ITEMS = ["apples", "letters", "ribbons", "books", "coins", "cakes", "flowers", 
 @dataclass(frozen=True)
 class Problem:
     question: str
-    answer: str       # the exact answer as text ("42")
-    solution: str     # step-by-step reference, ending "#### 42"
+    answer: str  # the exact answer as text ("42")
+    solution: str  # step-by-step reference, ending "#### 42"
 
     @property
     def prompt(self) -> str:
@@ -79,8 +79,13 @@ def embedded_problems(seed: int, split: int, count: int, levels: list[int]) -> l
     return [arithmetic_problem(seed, split, i, levels) for i in range(count)]
 
 
-def load_jsonl(path: str, question_field: str = "question", answer_field: str = "answer",
-               solution_field: Optional[str] = "solution", key: str = "rl.task.source") -> list[Problem]:
+def load_jsonl(
+    path: str,
+    question_field: str = "question",
+    answer_field: str = "answer",
+    solution_field: Optional[str] = "solution",
+    key: str = "rl.task.source",
+) -> list[Problem]:
     """Problems from a jsonl file; DataError (one line naming the file and line) when it is missing,
     empty, not JSON, or a record lacks a field."""
     from megatrain.data.sources import read_jsonl_records
@@ -89,8 +94,10 @@ def load_jsonl(path: str, question_field: str = "question", answer_field: str = 
     for line_no, record in read_jsonl_records(path, key):
         for field in (question_field, answer_field):
             if field not in record or not isinstance(record[field], (str, int, float)):
-                raise DataError(f"{key}: '{path}' line {line_no} has no '{field}' field (set "
-                                f"rl.task.question_field / rl.task.answer_field to the names it uses)")
+                raise DataError(
+                    f"{key}: '{path}' line {line_no} has no '{field}' field (set "
+                    f"rl.task.question_field / rl.task.answer_field to the names it uses)"
+                )
         answer = str(record[answer_field]).strip()
         solution = record.get(solution_field) if solution_field else None
         if not isinstance(solution, str) or not solution.strip():
@@ -104,13 +111,17 @@ def task_splits(task_cfg) -> tuple[list[Problem], list[Problem]]:
     are held out."""
     t = task_cfg
     if t.source == "embedded":
-        return (embedded_problems(t.seed, TRAIN, t.train_size, list(t.levels)),
-                embedded_problems(t.seed, HELD_OUT, t.held_out, list(t.levels)))
+        return (
+            embedded_problems(t.seed, TRAIN, t.train_size, list(t.levels)),
+            embedded_problems(t.seed, HELD_OUT, t.held_out, list(t.levels)),
+        )
     problems = load_jsonl(t.source, t.question_field, t.answer_field, t.solution_field)
     if len(problems) <= t.held_out:
-        raise DataError(f"rl.task.source: '{t.source}' has {len(problems)} records, not more than "
-                        f"rl.task.held_out={t.held_out}; lower rl.task.held_out or add records")
-    return problems[:-t.held_out], problems[-t.held_out:]
+        raise DataError(
+            f"rl.task.source: '{t.source}' has {len(problems)} records, not more than "
+            f"rl.task.held_out={t.held_out}; lower rl.task.held_out or add records"
+        )
+    return problems[: -t.held_out], problems[-t.held_out :]
 
 
 def write_pretraining_mix(path: str, seed: int, count: int, levels: list[int]) -> str:

@@ -16,10 +16,36 @@ from megatrain.scaling.spec import SweepRun, SweepSpec, linked_keys, model_count
 __all__ = ["COLUMNS", "collect", "write_table"]
 
 # The table's fixed columns, in order; one `axis:<key>` column per sweep axis follows them.
-COLUMNS = ("name", "status", "error", "method", "budget", "size", "dim", "layers", "heads", "params",
-           "params_non_embedding", "steps", "tokens", "flops", "flops_6nd", "final_loss", "final_val_loss",
-           "best_val_loss", "final_val_ppl", "best_val_ppl", "final_val_exact_match", "final_val_answer_acc",
-           "best_val_exact_match", "optimizer_bytes", "model_state_bytes", "train_s", "wall_s", "cpu_s")
+COLUMNS = (
+    "name",
+    "status",
+    "error",
+    "method",
+    "budget",
+    "size",
+    "dim",
+    "layers",
+    "heads",
+    "params",
+    "params_non_embedding",
+    "steps",
+    "tokens",
+    "flops",
+    "flops_6nd",
+    "final_loss",
+    "final_val_loss",
+    "best_val_loss",
+    "final_val_ppl",
+    "best_val_ppl",
+    "final_val_exact_match",
+    "final_val_answer_acc",
+    "best_val_exact_match",
+    "optimizer_bytes",
+    "model_state_bytes",
+    "train_s",
+    "wall_s",
+    "cpu_s",
+)
 
 
 def _vocab_size(path: str, config) -> int:
@@ -85,19 +111,31 @@ def collect(spec: SweepSpec, runs: list[SweepRun]) -> list[dict]:
         tokens = run.tokens
         status = _read_status(path)
         nan = float("nan")
-        row = {"name": run.name, "status": state, "error": error, "method": run.method,
-               "budget": run.budget if run.budget is not None else nan, "size": run.size, "dim": model.dim,
-               "layers": model.layers, "heads": model.heads, "params": counts["params"],
-               "params_non_embedding": counts["params_non_embedding"], "steps": run.steps, "tokens": tokens,
-               "flops": float(counts["flops_per_token"]) * tokens,
-               "flops_6nd": 6.0 * counts["params_non_embedding"] * tokens,
-               "final_loss": losses[-1] if state == "finished" and losses else nan,
-               "final_val_loss": vals[-1] if state == "finished" and vals else nan,
-               "best_val_loss": min(vals) if state == "finished" and vals else nan,
-               "train_s": _train_seconds(records, tokens // run.steps) if state == "finished" else nan,
-               "wall_s": status.get("wall_s", nan) if state == "finished" else nan,
-               "cpu_s": (status.get("cpu_s") if status.get("cpu_s") is not None else nan) if state == "finished" else nan,
-               "optimizer_bytes": memory.optimizer_bytes, "model_state_bytes": memory.model_state_bytes}
+        row = {
+            "name": run.name,
+            "status": state,
+            "error": error,
+            "method": run.method,
+            "budget": run.budget if run.budget is not None else nan,
+            "size": run.size,
+            "dim": model.dim,
+            "layers": model.layers,
+            "heads": model.heads,
+            "params": counts["params"],
+            "params_non_embedding": counts["params_non_embedding"],
+            "steps": run.steps,
+            "tokens": tokens,
+            "flops": float(counts["flops_per_token"]) * tokens,
+            "flops_6nd": 6.0 * counts["params_non_embedding"] * tokens,
+            "final_loss": losses[-1] if state == "finished" and losses else nan,
+            "final_val_loss": vals[-1] if state == "finished" and vals else nan,
+            "best_val_loss": min(vals) if state == "finished" and vals else nan,
+            "train_s": _train_seconds(records, tokens // run.steps) if state == "finished" else nan,
+            "wall_s": status.get("wall_s", nan) if state == "finished" else nan,
+            "cpu_s": (status.get("cpu_s") if status.get("cpu_s") is not None else nan) if state == "finished" else nan,
+            "optimizer_bytes": memory.optimizer_bytes,
+            "model_state_bytes": memory.model_state_bytes,
+        }
         done = state == "finished"
         row["final_val_ppl"] = math.exp(min(vals[-1], 50.0)) if done and vals else nan
         row["best_val_ppl"] = math.exp(min(min(vals), 50.0)) if done and vals else nan
@@ -116,14 +154,18 @@ def write_table(rows: list[dict], out_dir: str) -> tuple[str, str]:
     import pandas as pd
 
     os.makedirs(out_dir, exist_ok=True)
-    frame = pd.DataFrame([{k: v for k, v in row.items() if k != "keys"}
-                          | {f"key:{k}": v for k, v in row.get("keys", {}).items()} for row in rows])
+    frame = pd.DataFrame(
+        [
+            {k: v for k, v in row.items() if k != "keys"} | {f"key:{k}": v for k, v in row.get("keys", {}).items()}
+            for row in rows
+        ]
+    )
     ordered = [c for c in COLUMNS if c in frame.columns] + [c for c in frame.columns if c not in COLUMNS]
     frame = frame[ordered]
     csv_path, parquet_path = os.path.join(out_dir, "runs.csv"), os.path.join(out_dir, "runs.parquet")
     frame.to_csv(csv_path, index=False)
     # Axis columns mix types across sweeps (a size label, a learning rate): parquet wants one type a column.
-    frame.astype({c: str for c in frame.columns if c.startswith("axis:") and frame[c].dtype == object}) \
-        .to_parquet(parquet_path, index=False)
+    frame.astype({c: str for c in frame.columns if c.startswith("axis:") and frame[c].dtype == object}).to_parquet(
+        parquet_path, index=False
+    )
     return csv_path, parquet_path
-

@@ -18,8 +18,14 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["fit_chinchilla", "chinchilla_init_grid", "chinchilla_loss", "compute_optimal", "isoflop_minima",
-           "power_law_exponent"]
+__all__ = [
+    "fit_chinchilla",
+    "chinchilla_init_grid",
+    "chinchilla_loss",
+    "compute_optimal",
+    "isoflop_minima",
+    "power_law_exponent",
+]
 
 HUBER_DELTA = 1e-3
 PARAM_NAMES = ("E", "A", "B", "alpha", "beta")
@@ -40,8 +46,9 @@ def chinchilla_loss(params: dict, N, D) -> np.ndarray:
     return params["E"] + params["A"] / N ** params["alpha"] + params["B"] / D ** params["beta"]
 
 
-def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_loss: np.ndarray,
-               delta: float) -> tuple[float, np.ndarray]:
+def _objective(
+    theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_loss: np.ndarray, delta: float
+) -> tuple[float, np.ndarray]:
     """Summed Huber loss of the log-space residuals and its gradient over theta = (a, b, e, alpha, beta).
 
     log_n, log_d, log_loss: `[P]` over the P runs. The residual r = LSE(...) - log L; Huber's derivative
@@ -65,7 +72,7 @@ def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_loss
 
 def _objective_at_grid(grid: np.ndarray, log_n, log_d, log_loss, delta: float) -> np.ndarray:
     """The objective at every row of `grid` `[S, 5]` at once -> `[S]` (screening the starts)."""
-    a, b, e, alpha, beta = (grid[:, i:i + 1] for i in range(5))
+    a, b, e, alpha, beta = (grid[:, i : i + 1] for i in range(5))
     terms = np.stack([a - alpha * log_n, b - beta * log_d, np.broadcast_to(e, (len(grid), len(log_n)))])
     top = terms.max(axis=0)
     r = top + np.log(np.exp(terms - top).sum(axis=0)) - log_loss
@@ -117,9 +124,17 @@ def _distinct(results: list[tuple[float, np.ndarray]], count: int) -> np.ndarray
     return np.array(kept)
 
 
-def fit_chinchilla(N: Sequence[float], D: Sequence[float], loss: Sequence[float], bootstrap: int = 0, *,
-                   max_starts: Optional[int] = None, confidence: float = 0.95, seed: int = 0,
-                   delta: float = HUBER_DELTA) -> dict:
+def fit_chinchilla(
+    N: Sequence[float],
+    D: Sequence[float],
+    loss: Sequence[float],
+    bootstrap: int = 0,
+    *,
+    max_starts: Optional[int] = None,
+    confidence: float = 0.95,
+    seed: int = 0,
+    delta: float = HUBER_DELTA,
+) -> dict:
     """Fit L(N, D) = E + A/N^alpha + B/D^beta to runs with N parameters, D tokens and final loss `loss`.
 
     Args:
@@ -139,20 +154,20 @@ def fit_chinchilla(N: Sequence[float], D: Sequence[float], loss: Sequence[float]
     """
     from megatrain.errors import ConfigError
 
-    n, d, l = (np.asarray(x, dtype=np.float64).ravel() for x in (N, D, loss))
-    if not (len(n) == len(d) == len(l)):
-        raise ConfigError(f"fit_chinchilla: N, D and loss must have the same length, got {len(n)}, {len(d)}, {len(l)}")
+    n, d, y = (np.asarray(x, dtype=np.float64).ravel() for x in (N, D, loss))
+    if not (len(n) == len(d) == len(y)):
+        raise ConfigError(f"fit_chinchilla: N, D and loss must have the same length, got {len(n)}, {len(d)}, {len(y)}")
     if len(n) < 5:
         raise ConfigError(f"fit_chinchilla: the law has 5 parameters; give at least 5 runs, got {len(n)}")
-    if not (np.all(n > 0) and np.all(d > 0) and np.all(l > 0) and np.all(np.isfinite(l))):
+    if not (np.all(n > 0) and np.all(d > 0) and np.all(y > 0) and np.all(np.isfinite(y))):
         raise ConfigError("fit_chinchilla: N, D and loss must be finite and > 0")
     started = time.perf_counter()
-    args = (np.log(n), np.log(d), np.log(l), delta)
+    args = (np.log(n), np.log(d), np.log(y), delta)
     grid = chinchilla_init_grid()
     if max_starts is not None and max_starts < len(grid):
         with np.errstate(over="ignore", invalid="ignore"):
             screen = _objective_at_grid(grid, *args)
-        grid = grid[np.argsort(np.nan_to_num(screen, nan=np.inf))[:max(1, max_starts)]]
+        grid = grid[np.argsort(np.nan_to_num(screen, nan=np.inf))[: max(1, max_starts)]]
     results = _minimize_from(grid, args)
     if not results:
         raise ConfigError("fit_chinchilla: no L-BFGS-B run converged to a finite loss")
@@ -210,15 +225,24 @@ def isoflop_minima(budget, N, loss) -> list[dict]:
     for C in np.unique(budget):
         mask = budget == C
         x, y = np.log(N[mask]), loss[mask]
-        row = {"C": float(C), "N_opt": float("nan"), "loss_opt": float("nan"), "coeffs": None,
-               "runs": int(mask.sum()), "inside": False}
+        row = {
+            "C": float(C),
+            "N_opt": float("nan"),
+            "loss_opt": float("nan"),
+            "coeffs": None,
+            "runs": int(mask.sum()),
+            "inside": False,
+        }
         if mask.sum() >= 3 and len(np.unique(x)) >= 3:
             c2, c1, c0 = np.polyfit(x, y, 2)
             row["coeffs"] = (float(c2), float(c1), float(c0))
             if c2 > 0:
                 x_opt = -c1 / (2 * c2)
-                row.update(N_opt=float(np.exp(x_opt)), loss_opt=float(c0 - c1 * c1 / (4 * c2)),
-                           inside=bool(x.min() <= x_opt <= x.max()))
+                row.update(
+                    N_opt=float(np.exp(x_opt)),
+                    loss_opt=float(c0 - c1 * c1 / (4 * c2)),
+                    inside=bool(x.min() <= x_opt <= x.max()),
+                )
         out.append(row)
     return out
 

@@ -14,8 +14,14 @@ from typing import Optional
 import numpy as np
 
 from megatrain.scaling.collect import collect, write_table
-from megatrain.scaling.fit import (chinchilla_loss, compute_optimal, fit_chinchilla, isoflop_minima, optimal_n,
-                                   power_law_exponent)
+from megatrain.scaling.fit import (
+    chinchilla_loss,
+    compute_optimal,
+    fit_chinchilla,
+    isoflop_minima,
+    optimal_n,
+    power_law_exponent,
+)
 from megatrain.scaling.spec import SweepRun, SweepSpec
 
 __all__ = ["fit_methods", "pareto_frontier", "write_report"]
@@ -44,8 +50,11 @@ def fit_methods(rows: list[dict], *, bootstrap: int, max_starts: Optional[int], 
     """
     out = {}
     for method in dict.fromkeys(r["method"] for r in rows):
-        done = [r for r in rows if r["method"] == method and r["status"] == "finished"
-                and math.isfinite(r["final_val_loss"])]
+        done = [
+            r
+            for r in rows
+            if r["method"] == method and r["status"] == "finished" and math.isfinite(r["final_val_loss"])
+        ]
         entry: dict = {"runs": len(done)}
         N = np.array([r["params_non_embedding"] for r in done], dtype=float)
         D = np.array([r["tokens"] for r in done], dtype=float)
@@ -65,8 +74,12 @@ def fit_methods(rows: list[dict], *, bootstrap: int, max_starts: Optional[int], 
             found = [m for m in minima if math.isfinite(m["N_opt"])]
             a, _ = power_law_exponent([m["C"] for m in found], [m["N_opt"] for m in found])
             b, _ = power_law_exponent([m["C"] for m in found], [m["C"] / (6 * m["N_opt"]) for m in found])
-            entry["isoflop_exponents"] = {"a": a, "b": b, "budgets": len(found),
-                                          "inside": sum(m["inside"] for m in found)}
+            entry["isoflop_exponents"] = {
+                "a": a,
+                "b": b,
+                "budgets": len(found),
+                "inside": sum(m["inside"] for m in found),
+            }
         out[method] = entry
     return out
 
@@ -109,8 +122,15 @@ def _plots(rows: list[dict], fits: dict, out_dir: str, isoflop: bool) -> list[tu
 
     # loss against compute, with the frontier and the law's compute-optimal loss
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    sc = ax.scatter([r["flops_6nd"] for r in done], [r["final_val_loss"] for r in done], c=log_n, cmap=size_map,
-                    norm=norm, s=28, zorder=3)
+    sc = ax.scatter(
+        [r["flops_6nd"] for r in done],
+        [r["final_val_loss"] for r in done],
+        c=log_n,
+        cmap=size_map,
+        norm=norm,
+        s=28,
+        zorder=3,
+    )
     fig.colorbar(sc, ax=ax, label="log10 N (non-embedding parameters)")
     for i, method in enumerate(methods):
         mine = [r for r in done if r["method"] == method]
@@ -121,10 +141,16 @@ def _plots(rows: list[dict], fits: dict, out_dir: str, isoflop: bool) -> list[tu
         if "alpha" in fit and math.isfinite(compute_optimal(fit)["G"]):
             C = np.geomspace(min(r["flops_6nd"] for r in mine), max(r["flops_6nd"] for r in mine), 100)
             n_opt = optimal_n(fit, C)
-            ax.plot(C, chinchilla_loss(fit, n_opt, C / (6 * n_opt)), ls="--", color=colors(i),
-                    label="fitted law at N*(C)" if len(methods) == 1 else f"law {method}")
-    ax.set(xscale="log", xlabel="compute C = 6 N D (FLOPs)", ylabel="final validation loss",
-           title="Loss against compute")
+            ax.plot(
+                C,
+                chinchilla_loss(fit, n_opt, C / (6 * n_opt)),
+                ls="--",
+                color=colors(i),
+                label="fitted law at N*(C)" if len(methods) == 1 else f"law {method}",
+            )
+    ax.set(
+        xscale="log", xlabel="compute C = 6 N D (FLOPs)", ylabel="final validation loss", title="Loss against compute"
+    )
     ax.legend(fontsize=8)
     figures.append(("Loss against compute", _save(fig, out_dir, "loss_vs_compute")))
     plt.close(fig)
@@ -146,8 +172,12 @@ def _plots(rows: list[dict], fits: dict, out_dir: str, isoflop: bool) -> list[tu
                     ax.plot(np.exp(xs), np.polyval(m["coeffs"], xs), "-", color=color, lw=1)
                     if math.isfinite(m["N_opt"]):
                         ax.plot(m["N_opt"], m["loss_opt"], "*", color=color, ms=12, mec="k")
-            ax.set(xscale="log", xlabel="N (non-embedding parameters)", ylabel="final validation loss",
-                   title="IsoFLOP curves" + ("" if len(methods) == 1 else f": {method}"))
+            ax.set(
+                xscale="log",
+                xlabel="N (non-embedding parameters)",
+                ylabel="final validation loss",
+                title="IsoFLOP curves" + ("" if len(methods) == 1 else f": {method}"),
+            )
             ax.legend(fontsize=8)
         figures.append(("IsoFLOP curves (stars: the parabola minima)", _save(fig, out_dir, "isoflop")))
         plt.close(fig)
@@ -164,8 +194,14 @@ def _plots(rows: list[dict], fits: dict, out_dir: str, isoflop: bool) -> list[tu
                 color = size_map(norm(np.log10(n)))
                 ax.plot(*zip(*pts), "o" if i == 0 else "s", color=color)
                 D = np.geomspace(pts[0][0] / 1.5, pts[-1][0] * 1.5, 60)
-                ax.plot(D, chinchilla_loss(fit, n, D), "-" if i == 0 else ":", color=color, lw=1,
-                        label=f"N = {n:.3g}" if i == 0 else None)
+                ax.plot(
+                    D,
+                    chinchilla_loss(fit, n, D),
+                    "-" if i == 0 else ":",
+                    color=color,
+                    lw=1,
+                    label=f"N = {n:.3g}" if i == 0 else None,
+                )
             obs = np.array([r["final_val_loss"] for r in mine])
             pred = chinchilla_loss(fit, [r["params_non_embedding"] for r in mine], [r["tokens"] for r in mine])
             ax2.plot(obs, pred, "o", color=colors(i), label=method)
@@ -192,13 +228,25 @@ def _plots(rows: list[dict], fits: dict, out_dir: str, isoflop: bool) -> list[tu
             ax2.plot(C, optimal_n(fit, C), "-", color=colors(i), label=f"{method}: law")
         found = [m for m in fits[method].get("isoflop", []) if math.isfinite(m["N_opt"])]
         if found:
-            ax2.plot([m["C"] for m in found], [m["N_opt"] for m in found], "*", color=colors(i), ms=10,
-                     label=f"{method}: IsoFLOP minima")
-    ax.set(xscale="log", xlabel="compute C = 6 N D (FLOPs)", ylabel="final validation loss",
-           title="Frontier per method")
+            ax2.plot(
+                [m["C"] for m in found],
+                [m["N_opt"] for m in found],
+                "*",
+                color=colors(i),
+                ms=10,
+                label=f"{method}: IsoFLOP minima",
+            )
+    ax.set(
+        xscale="log", xlabel="compute C = 6 N D (FLOPs)", ylabel="final validation loss", title="Frontier per method"
+    )
     ax.legend(fontsize=8)
-    ax2.set(xscale="log", yscale="log", xlabel="compute C (FLOPs)", ylabel="compute-optimal N*",
-            title="Compute-optimal size per method")
+    ax2.set(
+        xscale="log",
+        yscale="log",
+        xlabel="compute C (FLOPs)",
+        ylabel="compute-optimal N*",
+        title="Compute-optimal size per method",
+    )
     if ax2.get_legend_handles_labels()[0]:
         ax2.legend(fontsize=8)
     figures.append(("Methods side by side", _save(fig, out_dir, "methods")))
@@ -206,8 +254,9 @@ def _plots(rows: list[dict], fits: dict, out_dir: str, isoflop: bool) -> list[tu
     return figures
 
 
-def write_report(spec: SweepSpec, runs: list[SweepRun], *, bootstrap: Optional[int] = None,
-                 max_starts: Optional[int] = -1) -> str:
+def write_report(
+    spec: SweepSpec, runs: list[SweepRun], *, bootstrap: Optional[int] = None, max_starts: Optional[int] = -1
+) -> str:
     """Collect, fit, plot; write `<sweep dir>/report/` and return the path of report.md.
 
     bootstrap / max_starts default to the sweep's `fit:` settings (max_starts -1 = the sweep's)."""
@@ -215,50 +264,91 @@ def write_report(spec: SweepSpec, runs: list[SweepRun], *, bootstrap: Optional[i
     rows = collect(spec, runs)
     csv_path, _ = write_table(rows, out_dir)
     isoflop = spec.mode == "isoflop"
-    fits = fit_methods(rows, bootstrap=spec.bootstrap if bootstrap is None else bootstrap,
-                       max_starts=spec.max_starts if max_starts == -1 else max_starts, isoflop=isoflop)
+    fits = fit_methods(
+        rows,
+        bootstrap=spec.bootstrap if bootstrap is None else bootstrap,
+        max_starts=spec.max_starts if max_starts == -1 else max_starts,
+        isoflop=isoflop,
+    )
     with open(os.path.join(out_dir, "fits.json"), "w", encoding="utf-8") as fh:
         json.dump(fits, fh, indent=1, default=float)
     figures = _plots(rows, fits, out_dir, isoflop)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("finished", "failed", "pending")}
-    lines = [f"# Sweep report: {spec.dir}", "",
-             f"Mode {spec.mode}; {len(rows)} runs: {counts['finished']} finished, {counts['failed']} failed, "
-             f"{counts['pending']} not run. N = non-embedding parameters (without the embedding and output "
-             f"head), D = training tokens, loss = final validation loss; compute C = 6 N D. Table: "
-             f"[runs.csv]({os.path.basename(csv_path)}) (and runs.parquet), fits: fits.json.", ""]
-    lines += ["## Fits per method", "",
-              "Parametric law L(N, D) = E + A/N^alpha + B/D^beta (log-sum-exp form, Huber delta 1e-3 on log L, "
-              "L-BFGS-B from a grid of starts; brackets: bootstrap interval). a, b: exponents of N*(C) ~ C^a and "
-              "D*(C) ~ C^b, from the law and, for IsoFLOP sweeps, from the parabola minima (approach 2).", "",
-              "| method | runs | E | A | alpha | B | beta | a (law) | b (law) | a (IsoFLOP) | b (IsoFLOP) | "
-              "rms log residual | fit s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Sweep report: {spec.dir}",
+        "",
+        f"Mode {spec.mode}; {len(rows)} runs: {counts['finished']} finished, {counts['failed']} failed, "
+        f"{counts['pending']} not run. N = non-embedding parameters (without the embedding and output "
+        f"head), D = training tokens, loss = final validation loss; compute C = 6 N D. Table: "
+        f"[runs.csv]({os.path.basename(csv_path)}) (and runs.parquet), fits: fits.json.",
+        "",
+    ]
+    lines += [
+        "## Fits per method",
+        "",
+        "Parametric law L(N, D) = E + A/N^alpha + B/D^beta (log-sum-exp form, Huber delta 1e-3 on log L, "
+        "L-BFGS-B from a grid of starts; brackets: bootstrap interval). a, b: exponents of N*(C) ~ C^a and "
+        "D*(C) ~ C^b, from the law and, for IsoFLOP sweeps, from the parabola minima (approach 2).",
+        "",
+        "| method | runs | E | A | alpha | B | beta | a (law) | b (law) | a (IsoFLOP) | b (IsoFLOP) | "
+        "rms log residual | fit s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for method, entry in fits.items():
         fit, opt = entry["parametric"], entry.get("optimal", {})
         iso = entry.get("isoflop_exponents", {})
         if "error" in fit:
             params = [f"no fit: {fit['error']}"] + [""] * 4 + ["–", "–"]
         else:
-            params = [_interval(fit, k) for k in ("E", "A", "alpha", "B", "beta")] + [_fmt(opt.get("a")),
-                                                                                   _fmt(opt.get("b"))]
-        lines.append("| " + " | ".join([method, str(entry["runs"]), *params, _fmt(iso.get("a")), _fmt(iso.get("b")),
-                                        _fmt(fit.get("rms_log_residual")), _fmt(fit.get("seconds"), 3)]) + " |")
+            params = [_interval(fit, k) for k in ("E", "A", "alpha", "B", "beta")] + [
+                _fmt(opt.get("a")),
+                _fmt(opt.get("b")),
+            ]
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    method,
+                    str(entry["runs"]),
+                    *params,
+                    _fmt(iso.get("a")),
+                    _fmt(iso.get("b")),
+                    _fmt(fit.get("rms_log_residual")),
+                    _fmt(fit.get("seconds"), 3),
+                ]
+            )
+            + " |"
+        )
     if isoflop:
-        lines += ["", "## IsoFLOP minima (approach 2)", "",
-                  "| method | C | runs | N* | loss at N* | vertex inside the sizes trained |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## IsoFLOP minima (approach 2)",
+            "",
+            "| method | C | runs | N* | loss at N* | vertex inside the sizes trained |",
+            "|---|---|---|---|---|---|",
+        ]
         for method, entry in fits.items():
             for m in entry.get("isoflop", []):
-                lines.append(f"| {method} | {m['C']:.3g} | {m['runs']} | {_fmt(m['N_opt'])} | {_fmt(m['loss_opt'])} "
-                             f"| {'yes' if m['inside'] else 'no'} |")
+                lines.append(
+                    f"| {method} | {m['C']:.3g} | {m['runs']} | {_fmt(m['N_opt'])} | {_fmt(m['loss_opt'])} "
+                    f"| {'yes' if m['inside'] else 'no'} |"
+                )
     for title, png in figures:
         lines += ["", f"## {title}", "", f"![{title}]({png})"]
-    lines += ["", "## Runs", "", "| run | method | N | D | C = 6ND | final val loss | best val loss | wall s | status |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Runs",
+        "",
+        "| run | method | N | D | C = 6ND | final val loss | best val loss | wall s | status |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         status = r["status"] if not r["error"] else f"{r['status']}: {r['error']}"
-        lines.append(f"| {r['name']} | {r['method']} | {_fmt(r['params_non_embedding'])} | {_fmt(r['tokens'])} | "
-                     f"{r['flops_6nd']:.3g} | {_fmt(r['final_val_loss'])} | {_fmt(r['best_val_loss'])} | "
-                     f"{_fmt(r['wall_s'], 3)} | {status.replace('|', '/')} |")
+        lines.append(
+            f"| {r['name']} | {r['method']} | {_fmt(r['params_non_embedding'])} | {_fmt(r['tokens'])} | "
+            f"{r['flops_6nd']:.3g} | {_fmt(r['final_val_loss'])} | {_fmt(r['best_val_loss'])} | "
+            f"{_fmt(r['wall_s'], 3)} | {status.replace('|', '/')} |"
+        )
     path = os.path.join(out_dir, "report.md")
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("\n".join(lines) + "\n")

@@ -26,10 +26,10 @@ from megatrain.scaling.spec import SweepRun, SweepSpec
 
 __all__ = ["write_plan", "run_local", "run_state", "emit_slurm", "emit_torchrun", "STATUS_FILE", "PLAN_FILE"]
 
-STATUS_FILE = "sweep_status.json"   # in each run directory, written by the local runner
-LOG_FILE = "sweep.log"              # the run's stdout and stderr, in its run directory
-PLAN_FILE = "plan.json"             # in the sweep directory: every run's name, axes, N, D, budget
-SPEC_FILE = "sweep.yaml"            # in the sweep directory: the sweep, self-contained (base inlined)
+STATUS_FILE = "sweep_status.json"  # in each run directory, written by the local runner
+LOG_FILE = "sweep.log"  # the run's stdout and stderr, in its run directory
+PLAN_FILE = "plan.json"  # in the sweep directory: every run's name, axes, N, D, budget
+SPEC_FILE = "sweep.yaml"  # in the sweep directory: the sweep, self-contained (base inlined)
 
 
 def run_dir(spec: SweepSpec, run: SweepRun) -> str:
@@ -86,15 +86,28 @@ def write_plan(spec: SweepSpec, runs: list[SweepRun]) -> None:
             with open(path, encoding="utf-8") as fh:
                 old = yaml.safe_load(fh)
             if old != run.config:
-                raise ConfigError(f"sweep dir '{spec.dir}': run {run.name} finished with other settings than the "
-                                  f"sweep now gives it; use a new dir (or delete {run_dir(spec, run)})")
+                raise ConfigError(
+                    f"sweep dir '{spec.dir}': run {run.name} finished with other settings than the "
+                    f"sweep now gives it; use a new dir (or delete {run_dir(spec, run)})"
+                )
     os.makedirs(os.path.join(spec.dir, "configs"), exist_ok=True)
     os.makedirs(os.path.join(spec.dir, "runs"), exist_ok=True)
     _write_yaml(os.path.join(spec.dir, SPEC_FILE), spec.to_dict())
     for run in runs:
         _write_yaml(config_path(spec, run), run.config)
-    plan = [{"name": r.name, "method": r.method, "size": r.size, "axes": r.axes, "budget": r.budget,
-             "steps": r.steps, "tokens": r.tokens, "params_non_embedding": r.params_non_embedding} for r in runs]
+    plan = [
+        {
+            "name": r.name,
+            "method": r.method,
+            "size": r.size,
+            "axes": r.axes,
+            "budget": r.budget,
+            "steps": r.steps,
+            "tokens": r.tokens,
+            "params_non_embedding": r.params_non_embedding,
+        }
+        for r in runs
+    ]
     _write_text(os.path.join(spec.dir, PLAN_FILE), json.dumps(plan, indent=1) + "\n")
 
 
@@ -112,8 +125,17 @@ def _write_text(path: str, text: str) -> None:
 
 def pretrain_command(spec: SweepSpec, run: SweepRun, nproc: int) -> list[str]:
     """The child process of one run: the same path as `megatrain pretrain` (resuming if it was cut short)."""
-    return [sys.executable, "-m", "megatrain.cli", "pretrain", "--config", config_path(spec, run), "--resume",
-            "--nproc-per-node", str(nproc)]
+    return [
+        sys.executable,
+        "-m",
+        "megatrain.cli",
+        "pretrain",
+        "--config",
+        config_path(spec, run),
+        "--resume",
+        "--nproc-per-node",
+        str(nproc),
+    ]
 
 
 def _error_line(log_path: str, start: int, returncode: int) -> str:
@@ -132,10 +154,17 @@ def _error_line(log_path: str, start: int, returncode: int) -> str:
     return f"exit code {returncode}" + (f": {tail}" if tail else "")
 
 
-def run_local(spec: SweepSpec, runs: list[SweepRun], *, nproc: int = 1, only: Optional[str] = None,
-              echo: Callable[[str], None] = print,
-              launch: Optional[Callable[[list[str], str], int]] = None, jobs: int = 1,
-              planned: bool = False) -> dict:
+def run_local(
+    spec: SweepSpec,
+    runs: list[SweepRun],
+    *,
+    nproc: int = 1,
+    only: Optional[str] = None,
+    echo: Callable[[str], None] = print,
+    launch: Optional[Callable[[list[str], str], int]] = None,
+    jobs: int = 1,
+    planned: bool = False,
+) -> dict:
     """Run the sweep's runs in child processes, `jobs` at a time; returns {name: state} after it.
 
     only: run just this one (a Slurm array task). launch(command, log_path) -> exit code starts one child
@@ -153,13 +182,17 @@ def run_local(spec: SweepSpec, runs: list[SweepRun], *, nproc: int = 1, only: Op
     launch = launch or _child_launcher(None if jobs == 1 else max(1, (os.cpu_count() or 1) // (jobs * nproc)))
     todo = [r for r in runs if only is None or r.name == only]
     if jobs == 1:
-        return {run.name: _run_one(spec, run, f"[{i}/{len(todo)}] {run.name}", nproc, launch, echo)
-                for i, run in enumerate(todo, 1)}
+        return {
+            run.name: _run_one(spec, run, f"[{i}/{len(todo)}] {run.name}", nproc, launch, echo)
+            for i, run in enumerate(todo, 1)
+        }
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {run.name: pool.submit(_run_one, spec, run, f"[{i}/{len(todo)}] {run.name}", nproc, launch, echo)
-                   for i, run in enumerate(todo, 1)}
+        futures = {
+            run.name: pool.submit(_run_one, spec, run, f"[{i}/{len(todo)}] {run.name}", nproc, launch, echo)
+            for i, run in enumerate(todo, 1)
+        }
         return {name: future.result() for name, future in futures.items()}
 
 
@@ -181,8 +214,14 @@ def _run_one(spec: SweepSpec, run: SweepRun, prefix: str, nproc: int, launch, ec
     if code != 0 or state != "finished":
         state, error = "failed", _error_line(log_path, start, code)
     cpu = getattr(launch, "cpu_seconds", {}).pop(log_path, None)  # a custom launcher may not measure it
-    status = {"status": "ok" if state == "finished" else "failed", "error": error, "wall_s": wall,
-              "cpu_s": cpu, "returncode": code, "command": shlex.join(pretrain_command(spec, run, nproc))}
+    status = {
+        "status": "ok" if state == "finished" else "failed",
+        "error": error,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "returncode": code,
+        "command": shlex.join(pretrain_command(spec, run, nproc)),
+    }
     _write_text(os.path.join(path, STATUS_FILE), json.dumps(status, indent=1) + "\n")
     echo(f"{prefix}: {'done' if error is None else 'FAILED: ' + error} ({wall:.0f} s)")
     return state
@@ -191,6 +230,7 @@ def _run_one(spec: SweepSpec, run: SweepRun, prefix: str, nproc: int, launch, ec
 def _child_launcher(threads: Optional[int]):
     """The default launcher: one child with stdout and stderr appended to the run's log, OMP_NUM_THREADS=threads
     when given; each child's own CPU time (os.wait4) lands in launch.cpu_seconds[log_path]."""
+
     def launch(command: list[str], log_path: str) -> int:
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -216,7 +256,7 @@ def emit_slurm(spec: SweepSpec, runs: list[SweepRun], nproc: int) -> str:
     names = "\n".join(f"  {shlex.quote(r.name)}" for r in runs)
     text = f"""#!/bin/bash
 # megatrain sweep {spec.dir}: one Slurm array task per run ({len(runs)} runs).
-#   sbatch {os.path.join(spec.dir, 'sweep.sbatch')}
+#   sbatch {os.path.join(spec.dir, "sweep.sbatch")}
 # Each task trains one run through `megatrain sweep --only NAME` (finished runs are skipped, a failure is
 # recorded in the run's {STATUS_FILE}); afterwards: megatrain sweep --report {spec.dir}
 #SBATCH --job-name=megatrain-sweep
@@ -255,11 +295,13 @@ def emit_torchrun(spec: SweepSpec, runs: list[SweepRun], nproc: int) -> str:
     for run in runs:
         metrics = shlex.quote(os.path.join(run_dir(spec, run), "metrics.jsonl"))
         finished = f"grep -q '^{{\"step\": {run.steps},' {metrics} 2>/dev/null"
-        command = (f"torchrun --nnodes \"$NNODES\" --nproc-per-node {nproc} --rdzv-backend c10d "
-                   f"--rdzv-endpoint \"$MASTER\" --rdzv-id {shlex.quote(run.name)} -m megatrain.cli pretrain "
-                   f"--config {shlex.quote(config_path(spec, run))} --resume")
+        command = (
+            f'torchrun --nnodes "$NNODES" --nproc-per-node {nproc} --rdzv-backend c10d '
+            f'--rdzv-endpoint "$MASTER" --rdzv-id {shlex.quote(run.name)} -m megatrain.cli pretrain '
+            f"--config {shlex.quote(config_path(spec, run))} --resume"
+        )
         lines.append(f"# run {run.name}")
-        lines.append(f"{finished} || {command} || echo \"run {run.name} failed\" >&2")
+        lines.append(f'{finished} || {command} || echo "run {run.name} failed" >&2')
     path = os.path.join(spec.dir, "sweep_torchrun.sh")
     _write_text(path, "\n".join(lines) + "\n")
     return path

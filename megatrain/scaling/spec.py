@@ -44,13 +44,43 @@ import yaml
 from megatrain.config import Config, _read_structured, load_config
 from megatrain.errors import ConfigError
 
-__all__ = ["SweepSpec", "SweepRun", "load_sweep", "parse_sweep", "plan_runs", "check_overrides_kept", "model_counts",
-           "size_for_params", "isoflop_points", "SPECIAL_AXES", "linked_keys", "apply_quick", "parse_study", "METRIC_GOALS"]
+__all__ = [
+    "SweepSpec",
+    "SweepRun",
+    "load_sweep",
+    "parse_sweep",
+    "plan_runs",
+    "check_overrides_kept",
+    "model_counts",
+    "size_for_params",
+    "isoflop_points",
+    "SPECIAL_AXES",
+    "linked_keys",
+    "apply_quick",
+    "parse_study",
+    "METRIC_GOALS",
+]
 
 SPECIAL_AXES = ("size", "tokens")
 MODES = ("grid", "isoflop")
-_SPEC_KEYS = ("base", "overrides", "dir", "mode", "axes", "budgets", "sizes", "size_rule", "warmup_fraction",
-              "min_steps", "nproc_per_node", "fit", "tune", "seeds", "study", "quick")
+_SPEC_KEYS = (
+    "base",
+    "overrides",
+    "dir",
+    "mode",
+    "axes",
+    "budgets",
+    "sizes",
+    "size_rule",
+    "warmup_fraction",
+    "min_steps",
+    "nproc_per_node",
+    "fit",
+    "tune",
+    "seeds",
+    "study",
+    "quick",
+)
 VARIANT_AXIS = "variant"  # axes.variant: [{name: LABEL, key: value, ...}, ...]
 TUNE_VALUES = "tune_values"  # in a linked axis' value: that value's own grid of tune.key (a study)
 _SIZE_RULE_KEYS = ("aspect", "head_dim")
@@ -61,6 +91,7 @@ _SIZE_KEYS = ("dim", "layers", "heads", "kv_heads", "ffn_dim")
 @dataclass
 class SweepSpec:
     """A parsed sweep file. `base` is the base run config as a mapping (a path is read)."""
+
     path: Optional[str]
     base: dict
     dir: str
@@ -69,10 +100,10 @@ class SweepSpec:
     axes: dict = field(default_factory=dict)  # config key (or size/tokens) -> list of values
     budgets: list = field(default_factory=list)
     sizes: list = field(default_factory=list)
-    aspect: float = 32.0      # width/depth rule: dim / layers
-    head_dim: int = 32        # width/depth rule: dim = heads x head_dim
+    aspect: float = 32.0  # width/depth rule: dim / layers
+    head_dim: int = 32  # width/depth rule: dim = heads x head_dim
     warmup_fraction: Optional[float] = None  # train.warmup_steps = this x the run's steps
-    min_steps: int = 1        # isoflop points with fewer steps are dropped
+    min_steps: int = 1  # isoflop points with fewer steps are dropped
     nproc_per_node: int = 1
     bootstrap: int = 100
     max_starts: Optional[int] = None
@@ -80,10 +111,17 @@ class SweepSpec:
 
     def to_dict(self) -> dict:
         """The spec as a self-contained sweep file (the base inlined), written into the sweep directory."""
-        out = {"base": self.base, "overrides": self.overrides, "dir": self.dir, "mode": self.mode, "axes": self.axes,
-               "size_rule": {"aspect": self.aspect, "head_dim": self.head_dim}, "min_steps": self.min_steps,
-               "nproc_per_node": self.nproc_per_node,
-               "fit": {"bootstrap": self.bootstrap, "max_starts": self.max_starts}}
+        out = {
+            "base": self.base,
+            "overrides": self.overrides,
+            "dir": self.dir,
+            "mode": self.mode,
+            "axes": self.axes,
+            "size_rule": {"aspect": self.aspect, "head_dim": self.head_dim},
+            "min_steps": self.min_steps,
+            "nproc_per_node": self.nproc_per_node,
+            "fit": {"bootstrap": self.bootstrap, "max_starts": self.max_starts},
+        }
         if self.mode == "isoflop":
             out.update(budgets=self.budgets, sizes=self.sizes)
         if self.warmup_fraction is not None:
@@ -95,13 +133,14 @@ class SweepSpec:
 @dataclass
 class SweepRun:
     """One point of the sweep: a normal pretraining run in `<sweep dir>/runs/<name>`."""
+
     name: str
-    config: dict             # the full run config mapping (base + overrides + this point), run.dir set
-    axes: dict               # axis -> the value of this point (size as its label)
-    method: str              # the non-size, non-token axes' values ("base" when there are none)
-    size: str                # label of the model size (preset, dNlM, or "base")
+    config: dict  # the full run config mapping (base + overrides + this point), run.dir set
+    axes: dict  # axis -> the value of this point (size as its label)
+    method: str  # the non-size, non-token axes' values ("base" when there are none)
+    size: str  # label of the model size (preset, dNlM, or "base")
     steps: int
-    tokens: int              # D: steps x global batch x seq_len
+    tokens: int  # D: steps x global batch x seq_len
     params_non_embedding: int
     budget: Optional[float] = None  # isoflop: the compute budget C the point belongs to
 
@@ -135,12 +174,17 @@ def apply_quick(data: dict, path: Optional[str] = None) -> dict:
     if not isinstance(quick, dict) or not quick:
         raise ConfigError(f"{where}: --quick needs a 'quick' section (top-level keys of the quick variant)")
     if "quick" in quick or "base" in quick:
-        raise ConfigError(f"{where}: quick.{'quick' if 'quick' in quick else 'base'} is not allowed (the quick "
-                          f"variant changes keys of the same base)")
+        raise ConfigError(
+            f"{where}: quick.{'quick' if 'quick' in quick else 'base'} is not allowed (the quick "
+            f"variant changes keys of the same base)"
+        )
     out = {k: copy.deepcopy(v) for k, v in data.items() if k != "quick"}
     for key, value in quick.items():
-        if key in ("overrides", "axes", "tune", "seeds", "study") and isinstance(value, dict) \
-                and isinstance(out.get(key), dict):
+        if (
+            key in ("overrides", "axes", "tune", "seeds", "study")
+            and isinstance(value, dict)
+            and isinstance(out.get(key), dict)
+        ):
             merged = dict(_flatten(out[key])) if key == "overrides" else dict(out[key])
             merged.update(_flatten(value) if key == "overrides" else value)
             out[key] = merged
@@ -175,8 +219,10 @@ def parse_sweep(data: dict, path: Optional[str] = None) -> SweepSpec:
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{where}: axes.{key} must be a non-empty list of values")
         if key in ("run.dir", "train.steps") or key.startswith("run."):
-            raise ConfigError(f"{where}: axes.{key} cannot vary (the sweep sets it per run; use the 'tokens' axis "
-                              f"for the token budget)")
+            raise ConfigError(
+                f"{where}: axes.{key} cannot vary (the sweep sets it per run; use the 'tokens' axis "
+                f"for the token budget)"
+            )
         if key == VARIANT_AXIS or (key not in SPECIAL_AXES and any(isinstance(v, dict) for v in values)):  # linked
             axes[key] = [_check_variant(v, f"{where}: axes.{key}") for v in values]
     spec.axes = axes
@@ -212,8 +258,10 @@ def parse_sweep(data: dict, path: Optional[str] = None) -> SweepSpec:
         spec.budgets = [_number(c, f"{where}: budgets", positive=True) for c in budgets]
         sizes = data.get("sizes")
         if not isinstance(sizes, list) or not sizes:
-            raise ConfigError(f"{where}: mode isoflop needs 'sizes', a list of target parameter counts, "
-                              f"{{dim, layers}} mappings or preset names")
+            raise ConfigError(
+                f"{where}: mode isoflop needs 'sizes', a list of target parameter counts, "
+                f"{{dim, layers}} mappings or preset names"
+            )
         spec.sizes = [_check_size(s, f"{where}: sizes") for s in sizes]
     else:
         for key in ("budgets", "sizes"):
@@ -238,8 +286,10 @@ def _check_variant(entry, what: str) -> dict:
     if TUNE_VALUES in entry:
         values = entry[TUNE_VALUES]
         if not isinstance(values, list) or not values:
-            raise ConfigError(f"{what}: variant {entry['name']!r}: {TUNE_VALUES} must be a non-empty list (this "
-                              f"variant's own values of tune.key)")
+            raise ConfigError(
+                f"{what}: variant {entry['name']!r}: {TUNE_VALUES} must be a non-empty list (this "
+                f"variant's own values of tune.key)"
+            )
         out[TUNE_VALUES] = list(values)
     return out
 
@@ -306,13 +356,16 @@ def _check_size(entry, what: str):
             return _number(entry, what, positive=True)  # "1e5" written as a string
         except ConfigError:
             if entry not in PRESETS:
-                raise ConfigError(f"{what}: '{entry}' is neither a preset ({', '.join(PRESETS)}) nor a number") from None
+                raise ConfigError(
+                    f"{what}: '{entry}' is neither a preset ({', '.join(PRESETS)}) nor a number"
+                ) from None
             return entry
     if isinstance(entry, dict):
         unknown = [k for k in entry if k not in _SIZE_KEYS]
         if unknown or "dim" not in entry or "layers" not in entry:
-            raise ConfigError(f"{what}: a size mapping needs dim and layers (optional heads, kv_heads, ffn_dim), "
-                              f"got {entry}")
+            raise ConfigError(
+                f"{what}: a size mapping needs dim and layers (optional heads, kv_heads, ffn_dim), got {entry}"
+            )
         return {k: int(_number(v, f"{what}.{k}", positive=True)) for k, v in entry.items()}
     return _number(entry, what, positive=True)
 
@@ -355,14 +408,21 @@ def model_counts(model_cfg, seq_len: int) -> dict:
 
     model = Transformer(model_cfg, seed=0, device="meta")
     head = 0 if model.head.weight is model.embed.weight else model.head.weight.numel()
-    return {"params": model.num_params(non_embedding=False),
-            "params_non_embedding": model.num_params(non_embedding=True) - head,
-            "flops_per_token": model.flops_per_token(seq_len)}
+    return {
+        "params": model.num_params(non_embedding=False),
+        "params_non_embedding": model.num_params(non_embedding=True) - head,
+        "flops_per_token": model.flops_per_token(seq_len),
+    }
 
 
 def _size_overrides(dim: int, layers: int, heads: int, kv_heads: int, ffn_dim: int) -> dict:
-    return {"model.dim": dim, "model.layers": layers, "model.heads": heads, "model.kv_heads": kv_heads,
-            "model.ffn_dim": ffn_dim}
+    return {
+        "model.dim": dim,
+        "model.layers": layers,
+        "model.heads": heads,
+        "model.kv_heads": kv_heads,
+        "model.ffn_dim": ffn_dim,
+    }
 
 
 def _derived_ffn(dim: int, multiple_of: int) -> int:
@@ -467,11 +527,13 @@ def plan_runs(spec: SweepSpec) -> list[SweepRun]:
         tokens_per_step = _tokens_per_step(method_cfg, spec.nproc_per_node)
         if spec.mode == "isoflop":
             sizes = [_size_point(s, model, seq_len, spec) for s in spec.sizes]
-            for C, i, steps, tokens in isoflop_points(spec.budgets, [n for _, _, n in sizes], tokens_per_step,
-                                                      spec.min_steps):
+            for C, i, steps, tokens in isoflop_points(
+                spec.budgets, [n for _, _, n in sizes], tokens_per_step, spec.min_steps
+            ):
                 label, size_overrides, n = sizes[i]
-                runs.append(_run(spec, combo, method, label, size_overrides, n, steps, tokens, C,
-                                 [f"C{_fmt(C)}", label]))
+                runs.append(
+                    _run(spec, combo, method, label, size_overrides, n, steps, tokens, C, [f"C{_fmt(C)}", label])
+                )
         else:
             size_entries = spec.axes.get("size", [None])
             token_entries = spec.axes.get("tokens", [None])
@@ -481,17 +543,24 @@ def plan_runs(spec: SweepSpec) -> list[SweepRun]:
                     n = model_counts(model, seq_len)["params_non_embedding"]
                 else:
                     label, size_overrides, n = _size_point(size_entry, model, seq_len, spec)
-                steps = (max(1, round(token_budget / tokens_per_step)) if token_budget is not None
-                         else method_cfg.train.steps)
+                steps = (
+                    max(1, round(token_budget / tokens_per_step))
+                    if token_budget is not None
+                    else method_cfg.train.steps
+                )
                 parts = ([label] if size_entry is not None else []) + (
-                    [f"T{_fmt(float(token_budget))}"] if token_budget is not None else [])
-                runs.append(_run(spec, combo, method, label, size_overrides, n, steps, steps * tokens_per_step,
-                                 None, parts))
+                    [f"T{_fmt(float(token_budget))}"] if token_budget is not None else []
+                )
+                runs.append(
+                    _run(spec, combo, method, label, size_overrides, n, steps, steps * tokens_per_step, None, parts)
+                )
     names = [r.name for r in runs]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
-        raise ConfigError(f"sweep: two points are both named '{duplicate}' (repeated axis values or sizes "
-                          f"that round to the same model)")
+        raise ConfigError(
+            f"sweep: two points are both named '{duplicate}' (repeated axis values or sizes "
+            f"that round to the same model)"
+        )
     if not runs:
         raise ConfigError(f"sweep: no runs (every isoflop point has fewer than min_steps={spec.min_steps} steps)")
     return runs
@@ -511,9 +580,11 @@ def check_overrides_kept(runs: list[SweepRun], overrides: Optional[list[str]]) -
             got = _flatten(run.config).get(key, missing)
             if got != value:
                 shown = "nothing" if got is missing else repr(got)
-                raise ConfigError(f"sweep: the override {key}={value!r} would not reach run {run.name}, where the "
-                                  f"sweep sets {shown} (an axis, a size, the steps of a budget, warmup_fraction or "
-                                  f"run.dir); change the sweep file (or --dir) instead")
+                raise ConfigError(
+                    f"sweep: the override {key}={value!r} would not reach run {run.name}, where the "
+                    f"sweep sets {shown} (an axis, a size, the steps of a budget, warmup_fraction or "
+                    f"run.dir); change the sweep file (or --dir) instead"
+                )
 
 
 def _tokens_per_step(cfg: Config, nproc: int) -> int:
@@ -531,8 +602,13 @@ def _size_point(entry, model, seq_len: int, spec: SweepSpec) -> tuple[str, dict,
     elif isinstance(entry, dict):
         dim = entry["dim"]
         heads = entry.get("heads", max(1, dim // spec.head_dim))
-        overrides = _size_overrides(dim, entry["layers"], heads, entry.get("kv_heads", heads),
-                                    entry.get("ffn_dim", _derived_ffn(dim, model.multiple_of)))
+        overrides = _size_overrides(
+            dim,
+            entry["layers"],
+            heads,
+            entry.get("kv_heads", heads),
+            entry.get("ffn_dim", _derived_ffn(dim, model.multiple_of)),
+        )
     else:
         overrides = size_for_params(entry, model, seq_len, spec.aspect, spec.head_dim)
     try:
@@ -542,8 +618,18 @@ def _size_point(entry, model, seq_len: int, spec: SweepSpec) -> tuple[str, dict,
     return _size_label(entry, overrides), overrides, n
 
 
-def _run(spec: SweepSpec, combo: dict, method: str, label: str, size_overrides: dict, n: int, steps: int,
-         tokens: int, budget: Optional[float], name_parts: list) -> SweepRun:
+def _run(
+    spec: SweepSpec,
+    combo: dict,
+    method: str,
+    label: str,
+    size_overrides: dict,
+    n: int,
+    steps: int,
+    tokens: int,
+    budget: Optional[float],
+    name_parts: list,
+) -> SweepRun:
     point = {**_expand_point(combo), **size_overrides, "train.steps": steps}
     if spec.warmup_fraction is not None:
         point["train.warmup_steps"] = int(spec.warmup_fraction * steps)
@@ -558,19 +644,41 @@ def _run(spec: SweepSpec, combo: dict, method: str, label: str, size_overrides: 
             axes["size"] = label
         if "tokens" in spec.axes:
             axes["tokens"] = tokens
-    return SweepRun(name=name, config=config, axes=axes, method=method, size=label, steps=steps, tokens=tokens,
-                    params_non_embedding=n, budget=budget)
+    return SweepRun(
+        name=name,
+        config=config,
+        axes=axes,
+        method=method,
+        size=label,
+        steps=steps,
+        tokens=tokens,
+        params_non_embedding=n,
+        budget=budget,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # study sections (tune, seeds, study; run by megatrain.scaling.study)
 
 # Columns a study may tune on or report (the collected table's numeric results; megatrain.scaling.collect).
-METRIC_GOALS = {"best_val_loss": "min", "final_val_loss": "min", "final_val_ppl": "min", "best_val_ppl": "min",
-                "final_loss": "min", "final_val_exact_match": "max", "final_val_answer_acc": "max",
-                "best_val_exact_match": "max", "train_s": "min", "wall_s": "min", "params": None,
-                "params_non_embedding": None, "optimizer_bytes": None, "model_state_bytes": None, "tokens": None,
-                "flops": None}
+METRIC_GOALS = {
+    "best_val_loss": "min",
+    "final_val_loss": "min",
+    "final_val_ppl": "min",
+    "best_val_ppl": "min",
+    "final_loss": "min",
+    "final_val_exact_match": "max",
+    "final_val_answer_acc": "max",
+    "best_val_exact_match": "max",
+    "train_s": "min",
+    "wall_s": "min",
+    "params": None,
+    "params_non_embedding": None,
+    "optimizer_bytes": None,
+    "model_state_bytes": None,
+    "tokens": None,
+    "flops": None,
+}
 _TUNE_KEYS = ("key", "values", "metric", "goal")
 _SEED_KEYS = ("key", "values")
 _STUDY_KEYS = ("title", "metrics", "baseline", "plots", "notes")
@@ -618,8 +726,9 @@ def parse_study(data: dict, where: str, axes: dict) -> dict:
         if section in out:
             key = out[section]["key"]
             if key in axes:
-                raise ConfigError(f"{where}: {section}.key={key} is also an axis; a key is either tuned, seeded "
-                                  f"or an axis")
+                raise ConfigError(
+                    f"{where}: {section}.key={key} is also an axis; a key is either tuned, seeded or an axis"
+                )
             if key in ("run.dir", "train.steps") or key.startswith("run."):
                 raise ConfigError(f"{where}: {section}.key={key} cannot vary (the sweep sets it per run)")
     if "tune" in out and "seeds" in out and out["tune"]["key"] == out["seeds"]["key"]:
@@ -629,17 +738,25 @@ def parse_study(data: dict, where: str, axes: dict) -> dict:
         metrics = study.get("metrics", ["best_val_loss"])
         if not isinstance(metrics, list) or not metrics:
             raise ConfigError(f"{where}: study.metrics must be a non-empty list of result columns")
-        checked = {"title": str(study.get("title") or "Study"), "notes": str(study.get("notes") or ""),
-                   "metrics": [_metric(m, f"{where}: study.metrics") for m in metrics], "plots": []}
+        checked = {
+            "title": str(study.get("title") or "Study"),
+            "notes": str(study.get("notes") or ""),
+            "metrics": [_metric(m, f"{where}: study.metrics") for m in metrics],
+            "plots": [],
+        }
         baseline = _mapping(study.get("baseline"), f"{where}: study.baseline")
         if baseline:
             _unknown(baseline, _BASELINE_KEYS, f"{where}: study.baseline")
             if baseline.get("axis") not in axes:
-                raise ConfigError(f"{where}: study.baseline.axis={baseline.get('axis')!r} is not an axis of the "
-                                  f"sweep (axes: {', '.join(axes) or 'none'})")
-            checked["baseline"] = {"axis": baseline["axis"], "value": baseline.get("value"),
-                                   "metric": _metric(baseline.get("metric", checked["metrics"][0]),
-                                                     f"{where}: study.baseline.metric")}
+                raise ConfigError(
+                    f"{where}: study.baseline.axis={baseline.get('axis')!r} is not an axis of the "
+                    f"sweep (axes: {', '.join(axes) or 'none'})"
+                )
+            checked["baseline"] = {
+                "axis": baseline["axis"],
+                "value": baseline.get("value"),
+                "metric": _metric(baseline.get("metric", checked["metrics"][0]), f"{where}: study.baseline.metric"),
+            }
         plots = study.get("plots") or []
         if not isinstance(plots, list):
             raise ConfigError(f"{where}: study.plots must be a list of {{x, y, group, panel}} mappings")

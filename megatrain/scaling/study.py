@@ -33,10 +33,20 @@ import os
 from typing import Callable, Optional
 
 from megatrain.errors import ConfigError
-from megatrain.scaling.spec import METRIC_GOALS, TUNE_VALUES, parse_study
+from megatrain.scaling.spec import METRIC_GOALS, TUNE_VALUES
 
-__all__ = ["is_study", "study_spec", "plan_study", "split_stages", "select_best", "run_study",
-           "aggregate", "write_study_report", "METRIC_GOALS"]
+__all__ = [
+    "is_study",
+    "study_spec",
+    "plan_study",
+    "split_stages",
+    "select_best",
+    "run_study",
+    "aggregate",
+    "write_study_report",
+    "METRIC_GOALS",
+]
+
 
 def is_study(spec) -> bool:
     return bool(spec.study)
@@ -137,8 +147,10 @@ def run_study(spec, *, jobs: int = 1, echo: Callable[[str], None] = print, launc
     rows = {row["name"]: row for row in collect(spec, stage1)}
     best = select_best(spec, stage1, rows)
     todo = chosen_runs(spec, stage2, best)
-    echo(f"study {spec.dir}: stage 2, {len(todo)} runs at the chosen "
-         f"{spec.study['tune']['key'] if spec.study.get('tune') else 'settings'}")
+    echo(
+        f"study {spec.dir}: stage 2, {len(todo)} runs at the chosen "
+        f"{spec.study['tune']['key'] if spec.study.get('tune') else 'settings'}"
+    )
     if todo:
         run_local(spec, todo, nproc=spec.nproc_per_node, echo=echo, launch=launch, jobs=jobs, planned=True)
     return runs, best
@@ -167,8 +179,12 @@ def aggregate(spec, runs: list, rows: list[dict]) -> list[dict]:
     by_name = {row["name"]: row for row in rows}
     stage1, _ = split_stages(spec, runs)
     best = select_best(spec, stage1, by_name)
-    metrics = list(dict.fromkeys(spec.study.get("study", {}).get("metrics", ["best_val_loss"])
-                                 + [p["y"] for p in spec.study.get("study", {}).get("plots", []) if p["y"] != "gap"]))
+    metrics = list(
+        dict.fromkeys(
+            spec.study.get("study", {}).get("metrics", ["best_val_loss"])
+            + [p["y"] for p in spec.study.get("study", {}).get("plots", []) if p["y"] != "gap"]
+        )
+    )
     baseline = spec.study.get("study", {}).get("baseline")
     if baseline and baseline["metric"] not in metrics:
         metrics.append(baseline["metric"])
@@ -179,10 +195,14 @@ def aggregate(spec, runs: list, rows: list[dict]) -> list[dict]:
     for point, members in points.items():
         done = [by_name[r.name] for r in members if by_name[r.name]["status"] == "finished"]
         first = members[0]
-        record = {"point": dict(point),
-                  "axes": {k: v for k, v in first.axes.items() if k != spec.study["seeds"]["key"]},
-                  "tuned": best[point], "seeds": len(done), "runs": [r.name for r in members],
-                  "plan": {"params_non_embedding": first.params_non_embedding, "tokens": first.tokens}}
+        record = {
+            "point": dict(point),
+            "axes": {k: v for k, v in first.axes.items() if k != spec.study["seeds"]["key"]},
+            "tuned": best[point],
+            "seeds": len(done),
+            "runs": [r.name for r in members],
+            "plan": {"params_non_embedding": first.params_non_embedding, "tokens": first.tokens},
+        }
         for metric in metrics:
             mean, std, n = _mean_std([row.get(metric) for row in done])
             record[metric] = {"mean": mean, "std": std, "n": n}
@@ -190,14 +210,21 @@ def aggregate(spec, runs: list, rows: list[dict]) -> list[dict]:
         out.append(record)
     if baseline:
         axis, metric = baseline["axis"], baseline["metric"]
-        index = {tuple((k, v) for k, v in r["point"].items() if k != axis): r for r in out
-                 if str(r["point"].get(axis)) == str(baseline["value"])}
+        index = {
+            tuple((k, v) for k, v in r["point"].items() if k != axis): r
+            for r in out
+            if str(r["point"].get(axis)) == str(baseline["value"])
+        }
         for record in out:
             base = index.get(tuple((k, v) for k, v in record["point"].items() if k != axis))
             if base is not None and base[metric]["n"]:
                 gap = record[metric]["mean"] - base[metric]["mean"]
-                record["gap"] = {"metric": metric, "abs": gap, "rel": gap / base[metric]["mean"],
-                                 "std": math.sqrt(record[metric]["std"] ** 2 + base[metric]["std"] ** 2)}
+                record["gap"] = {
+                    "metric": metric,
+                    "abs": gap,
+                    "rel": gap / base[metric]["mean"],
+                    "std": math.sqrt(record[metric]["std"] ** 2 + base[metric]["std"] ** 2),
+                }
     return out
 
 
@@ -250,13 +277,15 @@ def write_plots(spec, records: list[dict], out_dir: str) -> list[str]:
         chosen = [r for r in records if _matches(r, plot.get("where"))]
         if not chosen:
             continue
-        panels = sorted({str(_axis_value(r, plot["panel"])) for r in chosen}, key=_sort_key) if plot.get("panel") \
-            else [None]
+        panels = (
+            sorted({str(_axis_value(r, plot["panel"])) for r in chosen}, key=_sort_key) if plot.get("panel") else [None]
+        )
         fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
         for ax, panel in zip(axes[0], panels):
             members = [r for r in chosen if panel is None or str(_axis_value(r, plot["panel"])) == panel]
-            groups = sorted({str(_axis_value(r, plot["group"])) if plot.get("group") else "" for r in members},
-                            key=_sort_key)
+            groups = sorted(
+                {str(_axis_value(r, plot["group"])) if plot.get("group") else "" for r in members}, key=_sort_key
+            )
             for group in groups:
                 line = [r for r in members if not plot.get("group") or str(_axis_value(r, plot["group"])) == group]
                 pts = []
@@ -274,8 +303,14 @@ def write_plots(spec, records: list[dict], out_dir: str) -> list[str]:
                         pts.append((x, y, err))
                 pts.sort()
                 if pts:
-                    ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
-                                capsize=3, label=group or None)
+                    ax.errorbar(
+                        [p[0] for p in pts],
+                        [p[1] for p in pts],
+                        yerr=[p[2] for p in pts],
+                        marker="o",
+                        capsize=3,
+                        label=group or None,
+                    )
             ax.set_xlabel(plot["x"])
             ax.set_ylabel("gap to baseline (%)" if plot["y"] == "gap" else plot["y"])
             if plot.get("logx"):
@@ -312,8 +347,10 @@ def tuning_table(spec, runs: list, rows: list[dict]) -> list[str]:
     best = select_best(spec, stage1, by_name)
     values = study_spec(spec).axes[tune["key"]]
     values = sorted(values, key=lambda v: _sort_key(str(v)))
-    out = [f"| point | " + " | ".join(f"{tune['key']}={v}" for v in values) + " | chosen |",
-           "|---|" + "---|" * (len(values) + 1)]
+    out = [
+        "| point | " + " | ".join(f"{tune['key']}={v}" for v in values) + " | chosen |",
+        "|---|" + "---|" * (len(values) + 1),
+    ]
     points: dict = {}
     for run in stage1:
         points.setdefault(_point(run, spec), {})[str(_tuned(run, spec))] = by_name[run.name]
@@ -326,15 +363,18 @@ def tuning_table(spec, runs: list, rows: list[dict]) -> list[str]:
             if not any(str(v) == str(o) for o in own):
                 row.append("")
             else:
-                row.append("failed" if r is None or r["status"] != "finished" else _fmt(r.get(tune["metric"]), tune["metric"]))
+                row.append(
+                    "failed" if r is None or r["status"] != "finished" else _fmt(r.get(tune["metric"]), tune["metric"])
+                )
         chosen = best.get(point, "none")
         edge = " (edge of the grid)" if len(own) > 2 and str(chosen) in (str(own[0]), str(own[-1])) else ""
         out.append(f"| {label} | " + " | ".join(row) + f" | {chosen}{edge} |")
     return out
 
 
-def study_markdown(spec, runs: list, rows: list[dict], records: list[dict], plots: list[str],
-                   cpu_seconds: float) -> str:
+def study_markdown(
+    spec, runs: list, rows: list[dict], records: list[dict], plots: list[str], cpu_seconds: float
+) -> str:
     study = spec.study.get("study", {})
     metrics = study.get("metrics", ["best_val_loss"])
     seeds = spec.study["seeds"]
@@ -346,16 +386,26 @@ def study_markdown(spec, runs: list, rows: list[dict], records: list[dict], plot
     out = [f"# {study.get('title', 'Study')}", ""]
     if study.get("notes"):
         out += [study["notes"].strip(), ""]
-    out += [f"Sweep directory `{spec.dir}`: {finished} of {len(rows)} runs finished; "
-            f"{sum(r.get('wall_s') or 0 for r in rows if r['status'] == 'finished'):.0f} s of run wall time "
-            f"(children), {cpu_seconds:.0f} s of CPU time.", ""]
+    out += [
+        f"Sweep directory `{spec.dir}`: {finished} of {len(rows)} runs finished; "
+        f"{sum(r.get('wall_s') or 0 for r in rows if r['status'] == 'finished'):.0f} s of run wall time "
+        f"(children), {cpu_seconds:.0f} s of CPU time.",
+        "",
+    ]
     if tune:
-        own = [f"{v['name']}: {v[TUNE_VALUES]}" for values in spec.axes.values() for v in values
-               if isinstance(v, dict) and TUNE_VALUES in v]
+        own = [
+            f"{v['name']}: {v[TUNE_VALUES]}"
+            for values in spec.axes.values()
+            for v in values
+            if isinstance(v, dict) and TUNE_VALUES in v
+        ]
         grid = f"{tune['values']}" + (f" ({'; '.join(own)})" if own else "")
-        out += [f"Tuned per point: `{tune['key']}` over {grid} at the first seed, by "
-                f"`{tune['metric']}` ({tune['goal']}); then `{seeds['key']}` in {seeds['values']} at the chosen "
-                f"value. Mean ± sample standard deviation over seeds (n = seeds finished).", ""]
+        out += [
+            f"Tuned per point: `{tune['key']}` over {grid} at the first seed, by "
+            f"`{tune['metric']}` ({tune['goal']}); then `{seeds['key']}` in {seeds['values']} at the chosen "
+            f"value. Mean ± sample standard deviation over seeds (n = seeds finished).",
+            "",
+        ]
     axes = [k for k in spec.axes]
     header = axes + ([tune["key"]] if tune else []) + ["n"] + metrics
     baseline = study.get("baseline")

@@ -45,8 +45,7 @@ from torch import Tensor, nn
 from megatrain.errors import ConfigError
 from megatrain.models.attention import InterleavedHeadAttention, KVCache
 
-__all__ = ["adapt", "AdaptedCache", "ExampleQuery", "TARGETS", "OPTIMIZERS", "check_adapt_args", "span_view",
-           "prefill"]
+__all__ = ["adapt", "AdaptedCache", "ExampleQuery", "TARGETS", "OPTIMIZERS", "check_adapt_args", "span_view", "prefill"]
 
 TARGETS = ("q", "q_lora")
 OPTIMIZERS = ("adamw", "sgd")
@@ -94,10 +93,16 @@ class ExampleQuery(nn.Module):
         else:
             out_features, in_features = weight.shape
             bound = 1.0 / math.sqrt(in_features)
-            a = torch.stack([torch.empty(in_features, rank, dtype=torch.float32).uniform_(-bound, bound, generator=g)
-                             for g in generators])
+            a = torch.stack(
+                [
+                    torch.empty(in_features, rank, dtype=torch.float32).uniform_(-bound, bound, generator=g)
+                    for g in generators
+                ]
+            )
             self.lora_a = nn.Parameter(a.to(device=weight.device, dtype=weight.dtype))
-            self.lora_b = nn.Parameter(torch.zeros(examples, rank, out_features, dtype=weight.dtype, device=weight.device))
+            self.lora_b = nn.Parameter(
+                torch.zeros(examples, rank, out_features, dtype=weight.dtype, device=weight.device)
+            )
 
     def _rows(self, batch: int, device) -> Tensor:
         if self.rows is not None:
@@ -105,8 +110,10 @@ class ExampleQuery(nn.Module):
                 raise ValueError(f"adapted queries: {self.rows.numel()} cache rows but a batch of {batch}")
             return self.rows.to(device)
         if batch != self.examples:
-            raise ValueError(f"inside megatrain.ttt.adapt the model runs on its adapted cache or on a batch of all "
-                             f"{self.examples} examples, got a batch of {batch}")
+            raise ValueError(
+                f"inside megatrain.ttt.adapt the model runs on its adapted cache or on a batch of all "
+                f"{self.examples} examples, got a batch of {batch}"
+            )
         return torch.arange(batch, device=device)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -119,8 +126,9 @@ class ExampleQuery(nn.Module):
         return self.base(x) + delta
 
 
-def check_adapt_args(model: nn.Module, context_lengths: Sequence[int], *, steps, span, lr, target, lora_rank,
-                     optimizer) -> None:
+def check_adapt_args(
+    model: nn.Module, context_lengths: Sequence[int], *, steps, span, lr, target, lora_rank, optimizer
+) -> None:
     """ConfigError (one line naming the ttt.* key) for arguments `adapt` cannot run with."""
     cfg = model.config
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
@@ -134,24 +142,36 @@ def check_adapt_args(model: nn.Module, context_lengths: Sequence[int], *, steps,
     if optimizer not in OPTIMIZERS:
         raise ConfigError(f"ttt.optimizer={optimizer!r} is not allowed (allowed: {', '.join(OPTIMIZERS)})")
     if span + 1 > cfg.max_seq_len - 1:
-        raise ConfigError(f"ttt.span={span} is longer than the model allows: a span and its next token need "
-                          f"ttt.span + 1 <= model.max_seq_len - 1 = {cfg.max_seq_len - 1}")
+        raise ConfigError(
+            f"ttt.span={span} is longer than the model allows: a span and its next token need "
+            f"ttt.span + 1 <= model.max_seq_len - 1 = {cfg.max_seq_len - 1}"
+        )
     for i, length in enumerate(context_lengths):
         if length < span + 1:
-            raise ConfigError(f"context {i} has {length} tokens, shorter than ttt.span + 1 = {span + 1} (a span of "
-                              f"ttt.span tokens and the token after it); lower ttt.span or give a longer context")
+            raise ConfigError(
+                f"context {i} has {length} tokens, shorter than ttt.span + 1 = {span + 1} (a span of "
+                f"ttt.span tokens and the token after it); lower ttt.span or give a longer context"
+            )
         if length > cfg.max_seq_len - 1:
-            raise ConfigError(f"context {i} has {length} tokens; model.max_seq_len={cfg.max_seq_len} allows at most "
-                              f"{cfg.max_seq_len - 1}")
+            raise ConfigError(
+                f"context {i} has {length} tokens; model.max_seq_len={cfg.max_seq_len} allows at most "
+                f"{cfg.max_seq_len - 1}"
+            )
     if getattr(getattr(model, "head", None), "sequence_parallel", False):
         raise ConfigError("megatrain.ttt.adapt does not support sequence parallelism (parallel.sequence=false)")
     for idx, block in enumerate(model.blocks):
         q_proj = block.attn.q_proj
-        if not isinstance(getattr(q_proj, "weight", None), nn.Parameter) or q_proj.weight.dim() != 2 \
-                or hasattr(q_proj, "lora_a") or hasattr(q_proj, "cola_a"):
-            raise ConfigError(f"ttt.target={target} needs dense query projections (model.linear=dense); layer {idx}'s "
-                              f"q_proj is {type(q_proj).__name__} (model.linear={cfg.linear}), which has no single "
-                              f"W_Q to adapt")
+        if (
+            not isinstance(getattr(q_proj, "weight", None), nn.Parameter)
+            or q_proj.weight.dim() != 2
+            or hasattr(q_proj, "lora_a")
+            or hasattr(q_proj, "cola_a")
+        ):
+            raise ConfigError(
+                f"ttt.target={target} needs dense query projections (model.linear=dense); layer {idx}'s "
+                f"q_proj is {type(q_proj).__name__} (model.linear={cfg.linear}), which has no single "
+                f"W_Q to adapt"
+            )
     if target == "q_lora":
         width = min(model.blocks[0].attn.q_proj.weight.shape)
         if not isinstance(lora_rank, int) or isinstance(lora_rank, bool) or not 1 <= lora_rank <= width:
@@ -164,8 +184,8 @@ def _left_padded(contexts: Sequence[Sequence[int]], pad_position: int, device) -
     ids = torch.zeros(len(contexts), width, dtype=torch.long)
     positions = torch.full((len(contexts), width), pad_position, dtype=torch.long)
     for row, context in enumerate(contexts):
-        ids[row, width - len(context):] = torch.as_tensor(list(context), dtype=torch.long)
-        positions[row, width - len(context):] = torch.arange(len(context))
+        ids[row, width - len(context) :] = torch.as_tensor(list(context), dtype=torch.long)
+        positions[row, width - len(context) :] = torch.arange(len(context))
     return ids.to(device), positions.to(device)
 
 
@@ -262,6 +282,7 @@ class _Swap:
             if mix is not None:
                 index = query._rows(args[0].shape[0], mix.device)
                 object.__setattr__(module, "mix_q", mix.index_select(0, index))
+
         return hook
 
     def restore(self) -> None:
@@ -288,16 +309,29 @@ def _normalise(context_ids) -> list[list[int]]:
     for i, c in enumerate(context_ids):
         if isinstance(c, Tensor):
             c = c.tolist()
-        if isinstance(c, (str, bytes)) or not isinstance(c, Sequence) or \
-                not all(isinstance(t, int) and not isinstance(t, bool) for t in c):
+        if (
+            isinstance(c, (str, bytes))
+            or not isinstance(c, Sequence)
+            or not all(isinstance(t, int) and not isinstance(t, bool) for t in c)
+        ):
             raise ConfigError(f"megatrain.ttt.adapt: context {i} must be a list of token ids (ints)")
         out.append(list(c))
     return out
 
 
 @contextlib.contextmanager
-def adapt(model: nn.Module, context_ids, *, steps: int = 32, span: int = 128, lr: float = 1e-5, target: str = "q",
-          seed: int = 0, lora_rank: int = 8, optimizer: str = "adamw") -> Iterator[AdaptedCache]:
+def adapt(
+    model: nn.Module,
+    context_ids,
+    *,
+    steps: int = 32,
+    span: int = 128,
+    lr: float = 1e-5,
+    target: str = "q",
+    seed: int = 0,
+    lora_rank: int = 8,
+    optimizer: str = "adamw",
+) -> Iterator[AdaptedCache]:
     """Adapt the model's query projections to a context (qTTT); yields the context's filled cache.
 
     Args:
@@ -323,15 +357,33 @@ def adapt(model: nn.Module, context_ids, *, steps: int = 32, span: int = 128, lr
     """
     model = _unwrap(model)
     contexts = _normalise(context_ids)
-    check_adapt_args(model, [len(c) for c in contexts], steps=steps, span=span, lr=lr, target=target,
-                     lora_rank=lora_rank, optimizer=optimizer)
+    check_adapt_args(
+        model,
+        [len(c) for c in contexts],
+        steps=steps,
+        span=span,
+        lr=lr,
+        target=target,
+        lora_rank=lora_rank,
+        optimizer=optimizer,
+    )
     device = next(model.parameters()).device
     cache = prefill(model, contexts)
     swap = _Swap(model, len(contexts), target, lora_rank, seed)
     try:
         if steps:
-            _train(model, contexts, cache, swap.params, steps=steps, span=span, lr=lr, seed=seed,
-                   optimizer=optimizer, device=device)
+            _train(
+                model,
+                contexts,
+                cache,
+                swap.params,
+                steps=steps,
+                span=span,
+                lr=lr,
+                seed=seed,
+                optimizer=optimizer,
+                device=device,
+            )
         yield cache
     finally:
         swap.restore()
@@ -347,7 +399,9 @@ def _train(model, contexts, cache: AdaptedCache, params, *, steps, span, lr, see
     offsets = torch.arange(span + 1)
     with torch.enable_grad():
         for _ in range(steps):
-            starts = torch.stack([torch.randint(0, len(c) - span, (), generator=g) for c, g in zip(contexts, generators)])
+            starts = torch.stack(
+                [torch.randint(0, len(c) - span, (), generator=g) for c, g in zip(contexts, generators)]
+            )
             windows = torch.stack([t[s + offsets] for t, s in zip(tokens, starts)]).to(device)  # [B, k+1]
             positions = (starts[:, None] + offsets[None, :span]).to(device)
             view = span_view(cache, starts.to(device), model.config.max_seq_len)

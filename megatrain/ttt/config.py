@@ -24,8 +24,13 @@ __all__ = ["TTTConfig", "TTTTaskConfig", "validate_ttt", "check_against_model", 
 @dataclass
 class TTTTaskConfig:
     """`ttt.task.*`: what qTTT is evaluated on (megatrain/data/longcontext.py)."""
-    kind: str = _f("passkey", "needle / passkey / multikey retrieval in the held-out novel, or jsonl (a real "
-                   "long-context set at ttt.task.path).", choices=["needle", "passkey", "multikey", "jsonl"])
+
+    kind: str = _f(
+        "passkey",
+        "needle / passkey / multikey retrieval in the held-out novel, or jsonl (a real "
+        "long-context set at ttt.task.path).",
+        choices=["needle", "passkey", "multikey", "jsonl"],
+    )
     path: Optional[str] = _f(None, "jsonl: the file, one record per line.")
     context_field: str = _f("context", "jsonl: field of the context text.")
     question_field: str = _f("question", "jsonl: field of the question.")
@@ -41,14 +46,21 @@ class TTTTaskConfig:
 @dataclass
 class TTTConfig:
     """`ttt.*`: query-only test-time training (megatrain/ttt; docs in megatrain/ttt/adapt.py)."""
-    init: Optional[str] = _f(None, "Run, checkpoint, export or Hugging Face Llama folder to evaluate; null = first "
-                             "pretrain a model on the "
-                             "retrieval task with this config's model/data/train sections into RUN/pretrain.")
+
+    init: Optional[str] = _f(
+        None,
+        "Run, checkpoint, export or Hugging Face Llama folder to evaluate; null = first "
+        "pretrain a model on the "
+        "retrieval task with this config's model/data/train sections into RUN/pretrain.",
+    )
     steps: int = _f(32, "qTTT gradient steps N per example.")
     span: int = _f(128, "Tokens k per sampled span.")
     lr: float = _f(1e-5, "qTTT learning rate.")
-    target: str = _f("q", "Trained parameters: q = every layer's W_Q (IHA: and mix_q), q_lora = a rank-r adapter "
-                     "on W_Q.", choices=["q", "q_lora"])
+    target: str = _f(
+        "q",
+        "Trained parameters: q = every layer's W_Q (IHA: and mix_q), q_lora = a rank-r adapter on W_Q.",
+        choices=["q", "q_lora"],
+    )
     lora_rank: int = _f(8, "Adapter rank for ttt.target=q_lora.")
     optimizer: str = _f("adamw", "qTTT optimizer (AdamW without weight decay, or plain SGD).", choices=["adamw", "sgd"])
     batch: int = _f(8, "Examples adapted at once (each keeps its own queries).")
@@ -92,8 +104,10 @@ def validate_ttt(cfg) -> None:
     for length in lengths:
         _int(length, "ttt.task.context_lengths (each)", 1)
         if length < t.span + 1:
-            raise ConfigError(f"ttt.task.context_lengths: a context of {length} tokens is shorter than ttt.span + 1 = "
-                              f"{t.span + 1} (a span and the token after it); lower ttt.span or lengthen the contexts")
+            raise ConfigError(
+                f"ttt.task.context_lengths: a context of {length} tokens is shorter than ttt.span + 1 = "
+                f"{t.span + 1} (a span and the token after it); lower ttt.span or lengthen the contexts"
+            )
     depths = task.depths
     if not isinstance(depths, list) or not depths:
         raise ConfigError(f"ttt.task.depths must be a non-empty list of numbers in [0, 1], got {depths!r}")
@@ -109,8 +123,10 @@ def validate_ttt(cfg) -> None:
         if not os.path.isfile(task.path):
             raise ConfigError(f"ttt.task.path: file '{task.path}' does not exist")
         if t.init is None:
-            raise ConfigError("ttt.task.kind=jsonl needs ttt.init (a run, checkpoint or export to evaluate); "
-                              "only the retrieval tasks can pretrain their own model")
+            raise ConfigError(
+                "ttt.task.kind=jsonl needs ttt.init (a run, checkpoint or export to evaluate); "
+                "only the retrieval tasks can pretrain their own model"
+            )
     elif task.path is not None:
         raise ConfigError(f"ttt.task.path applies to ttt.task.kind=jsonl only (this run has ttt.task.kind={task.kind})")
 
@@ -120,22 +136,32 @@ def check_against_model(cfg, model_cfg, question_tokens: int = QUESTION_MARGIN) 
     t = cfg.ttt
     limit = model_cfg.max_seq_len
     if t.span + 1 > limit - 1:
-        raise ConfigError(f"ttt.span={t.span} is longer than the model allows: ttt.span + 1 must be <= "
-                          f"model.max_seq_len - 1 = {limit - 1}")
+        raise ConfigError(
+            f"ttt.span={t.span} is longer than the model allows: ttt.span + 1 must be <= "
+            f"model.max_seq_len - 1 = {limit - 1}"
+        )
     if model_cfg.linear != "dense":
-        raise ConfigError(f"ttt.target={t.target} needs dense query projections (model.linear=dense); the model has "
-                          f"model.linear={model_cfg.linear}, which has no single W_Q to adapt")
+        raise ConfigError(
+            f"ttt.target={t.target} needs dense query projections (model.linear=dense); the model has "
+            f"model.linear={model_cfg.linear}, which has no single W_Q to adapt"
+        )
     if t.target == "q_lora" and t.lora_rank > min(model_cfg.dim, model_cfg.heads * model_cfg.head_dim):
-        raise ConfigError(f"ttt.lora_rank={t.lora_rank} exceeds the query projection's smaller side "
-                          f"{min(model_cfg.dim, model_cfg.heads * model_cfg.head_dim)}")
+        raise ConfigError(
+            f"ttt.lora_rank={t.lora_rank} exceeds the query projection's smaller side "
+            f"{min(model_cfg.dim, model_cfg.heads * model_cfg.head_dim)}"
+        )
     longest = max(cfg.ttt.task.context_lengths)
     need = longest + question_tokens + t.max_new_tokens
     if need > limit:
-        raise ConfigError(f"ttt.task.context_lengths: {longest} tokens + the question (~{question_tokens}) + "
-                          f"ttt.max_new_tokens={t.max_new_tokens} exceed model.max_seq_len={limit}")
+        raise ConfigError(
+            f"ttt.task.context_lengths: {longest} tokens + the question (~{question_tokens}) + "
+            f"ttt.max_new_tokens={t.max_new_tokens} exceed model.max_seq_len={limit}"
+        )
     if t.think:
         need += think_tokens(t.steps, t.span) + question_tokens
         if need > limit:
-            raise ConfigError(f"ttt.think=true: the thinking baseline decodes 2 x ttt.steps x ttt.span = "
-                              f"{think_tokens(t.steps, t.span)} tokens after a {longest}-token context, {need} in all, "
-                              f"beyond model.max_seq_len={limit}; set ttt.think=false or use a longer model.max_seq_len")
+            raise ConfigError(
+                f"ttt.think=true: the thinking baseline decodes 2 x ttt.steps x ttt.span = "
+                f"{think_tokens(t.steps, t.span)} tokens after a {longest}-token context, {need} in all, "
+                f"beyond model.max_seq_len={limit}; set ttt.think=false or use a longer model.max_seq_len"
+            )

@@ -98,8 +98,9 @@ def qttt_step_flops(cfg, span: int, prefix: int, target: str = "q", lora_rank: i
     return 2 * (forward + adapter) + span_keys + weight_grad
 
 
-def qttt_flops(cfg, context: int, *, steps: int, span: int, target: str = "q", lora_rank: int = 8,
-               question: int = 0) -> dict:
+def qttt_flops(
+    cfg, context: int, *, steps: int, span: int, target: str = "q", lora_rank: int = 8, question: int = 0
+) -> dict:
     """Per-example FLOPs of qTTT and of the FLOP-matched baselines for a context of `context` tokens.
 
     Span starts are uniform over [0, context - span - 1]: the step cost is averaged over them.
@@ -117,9 +118,21 @@ def qttt_flops(cfg, context: int, *, steps: int, span: int, target: str = "q", l
     hd = cfg.heads * cfg.head_dim
     # Decoding T tokens one at a time: projections and head per token, attention to all earlier keys.
     decode = _projection_flops(cfg, 1) * cfg.layers * tokens + 2 * cfg.dim * cfg.vocab_size * tokens
-    decode += sum(4 * hd * sum(attention_pairs(cfg, w, base + t, 1) for t in range(tokens)) for w in _windows(cfg)) \
-        if cfg.attention == "iha" else 4 * hd * cfg.layers * (tokens * base + tokens * (tokens + 1) // 2)
+    decode += (
+        sum(4 * hd * sum(attention_pairs(cfg, w, base + t, 1) for t in range(tokens)) for w in _windows(cfg))
+        if cfg.attention == "iha"
+        else 4 * hd * cfg.layers * (tokens * base + tokens * (tokens + 1) // 2)
+    )
     qttt = prefill + steps * step
     think = prefill + decode
-    return {"context": context, "steps": steps, "span": span, "prefill": prefill, "qttt_step": step, "qttt": qttt,
-            "think_tokens": tokens, "think": think, "ratio": qttt / think}
+    return {
+        "context": context,
+        "steps": steps,
+        "span": span,
+        "prefill": prefill,
+        "qttt_step": step,
+        "qttt": qttt,
+        "think_tokens": tokens,
+        "think": think,
+        "ratio": qttt / think,
+    }

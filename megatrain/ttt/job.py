@@ -72,8 +72,9 @@ def pretrain_for_ttt(cfg, log=print) -> str:
     high = max(low + 1, cfg.data.seq_len - 48)
     with open(docs + ".tmp", "w", encoding="utf-8") as fh:
         for _ in range(cfg.ttt.pretrain_documents):
-            text = retrieval_document(cfg.ttt.task.kind, tokenizer, rng, int(rng.integers(low, high)),
-                                      keys=cfg.ttt.task.keys)
+            text = retrieval_document(
+                cfg.ttt.task.kind, tokenizer, rng, int(rng.integers(low, high)), keys=cfg.ttt.task.keys
+            )
             fh.write(json.dumps({"text": text}) + "\n")
     os.replace(docs + ".tmp", docs)
     pre = copy.deepcopy(cfg)
@@ -87,14 +88,21 @@ def pretrain_for_ttt(cfg, log=print) -> str:
 
 def markdown_table(records: list[dict], methods) -> str:
     """Accuracy per cell and the FLOPs of each method per example."""
-    head = ["length", "depth"] + [f"{m} acc" for m in methods] + ["qTTT GFLOP", "think tokens", "think GFLOP",
-                                                                  "plain GFLOP"]
+    head = (
+        ["length", "depth"]
+        + [f"{m} acc" for m in methods]
+        + ["qTTT GFLOP", "think tokens", "think GFLOP", "plain GFLOP"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         depth = "-" if r["depth"] is None else f"{r['depth']:.2f}"
         cells = [str(r["length"]), depth] + [f"{r[f'{m}_acc']:.3f}" for m in methods]
-        cells += [f"{r['flops_qttt'] / 1e9:.3f}", str(r["think_tokens"]), f"{r['flops_think'] / 1e9:.3f}",
-                  f"{r['flops_prefill'] / 1e9:.3f}"]
+        cells += [
+            f"{r['flops_qttt'] / 1e9:.3f}",
+            str(r["think_tokens"]),
+            f"{r['flops_think'] / 1e9:.3f}",
+            f"{r['flops_prefill'] / 1e9:.3f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -108,8 +116,7 @@ def heatmap(records: list[dict], methods, path: str, title: str = "") -> None:
 
     lengths = sorted({r["length"] for r in records})
     depths = sorted({r["depth"] for r in records if r["depth"] is not None}) or [None]
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods) + 1, 0.5 * len(depths) + 2.2),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods) + 1, 0.5 * len(depths) + 2.2), squeeze=False)
     for ax, method in zip(axes[0], methods):
         grid = np.full((len(depths), len(lengths)), np.nan)
         for r in records:
@@ -118,8 +125,15 @@ def heatmap(records: list[dict], methods, path: str, title: str = "") -> None:
         for i in range(len(depths)):
             for j in range(len(lengths)):
                 if not np.isnan(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="white" if grid[i, j] < 0.6 else "black",
-                            fontsize=8)
+                    ax.text(
+                        j,
+                        i,
+                        f"{grid[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        color="white" if grid[i, j] < 0.6 else "black",
+                        fontsize=8,
+                    )
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
         ax.set_yticks(range(len(depths)), ["-" if d is None else f"{d:.2f}" for d in depths])
         ax.set_xlabel("context length (tokens)")
@@ -159,8 +173,10 @@ def run_ttt(cfg, log=print) -> list[dict]:
         init = pretrain_for_ttt(cfg, log)
         done = resolve_checkpoint_dir(init)
         if os.path.basename(done) != f"step_{cfg.train.steps}":  # the trainer stopped on SIGTERM / SIGUSR1
-            log(f"megatrain: stopped the qTTT job's pretraining at {os.path.basename(done)}; run the same command "
-                f"again to continue it")
+            log(
+                f"megatrain: stopped the qTTT job's pretraining at {os.path.basename(done)}; run the same command "
+                f"again to continue it"
+            )
             return []
     model, tokenizer, model_cfg = load_for_inference(init)
     check_against_model(cfg, model_cfg)
@@ -168,8 +184,10 @@ def run_ttt(cfg, log=print) -> list[dict]:
     save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
     methods = [m for m in METHODS if m != "think" or cfg.ttt.think]
     t = cfg.ttt
-    title = (f"qTTT on {t.task.kind}: steps {t.steps} x span {t.span}, lr {t.lr:g}, target {t.target}, "
-             f"{t.optimizer}; thinking baseline {2 * t.steps * t.span} tokens; model {init}")
+    title = (
+        f"qTTT on {t.task.kind}: steps {t.steps} x span {t.span}, lr {t.lr:g}, target {t.target}, "
+        f"{t.optimizer}; thinking baseline {2 * t.steps * t.span} tokens; model {init}"
+    )
     log(title)
     stop = StopRequest()
     try:
@@ -182,8 +200,10 @@ def run_ttt(cfg, log=print) -> list[dict]:
         stop.restore()
     if stop.signum:
         cells = len(t.task.context_lengths) * (1 if t.task.kind == "jsonl" else len(t.task.depths))
-        log(f"megatrain: stopped the qTTT evaluation on {stop.name} after {len(records)} of {cells} cells; nothing "
-            f"of it is written (the model it evaluates is kept); run the same command again to evaluate")
+        log(
+            f"megatrain: stopped the qTTT evaluation on {stop.name} after {len(records)} of {cells} cells; nothing "
+            f"of it is written (the model it evaluates is kept); run the same command again to evaluate"
+        )
         return []
     write_outputs(cfg.run.dir, records, methods, title)
     log(f"wrote {os.path.join(cfg.run.dir, 'ttt.jsonl')}, ttt.md and ttt.png ({time.perf_counter() - start:.0f}s)")

@@ -29,25 +29,53 @@ def analysed(tiny_run, tmp_path_factory):
     tokens = data.train[block].tolist()
     phrase = None
     for start in range(0, len(tokens) - 12):  # a window whose text encodes back to the same ids
-        text = data.tokenizer.decode(tokens[start:start + 12])
-        if "\n" not in text and data.tokenizer.encode(text) == tokens[start:start + 12]:
+        text = data.tokenizer.decode(tokens[start : start + 12])
+        if "\n" not in text and data.tokenizer.encode(text) == tokens[start : start + 12]:
             phrase = text
             break
     assert phrase is not None
     phrases = root / "phrases.txt"
     phrases.write_text(f"{phrase}\nzebra quantum marmalade xylophone cathedral\n")
     out = root / "out"
-    proc = run_cli(["analyze", str(run_dir), "--vs", str(run_dir), "--vs-checkpoint", "4", "--points", "7",
-                    "--directions", "1", "--components", "1", "--interp-points", "5", "--batches", "1",
-                    "--phrases", str(phrases), "--out", str(out)])
+    proc = run_cli(
+        [
+            "analyze",
+            str(run_dir),
+            "--vs",
+            str(run_dir),
+            "--vs-checkpoint",
+            "4",
+            "--points",
+            "7",
+            "--directions",
+            "1",
+            "--components",
+            "1",
+            "--interp-points",
+            "5",
+            "--batches",
+            "1",
+            "--phrases",
+            str(phrases),
+            "--out",
+            str(out),
+        ]
+    )
     assert proc.stdout.strip() == f"wrote {out / 'report.md'}"
     return run_dir, out, json.loads((out / "analysis.json").read_text())
 
 
 def test_report_files(analysed):
     _, out, results = analysed
-    for name in ("report.md", "spectra.npz", "spectra_ranks.png", "spectra_values.png", "landscape.png",
-                 "interpolation.png", "cka.png"):
+    for name in (
+        "report.md",
+        "spectra.npz",
+        "spectra_ranks.png",
+        "spectra_values.png",
+        "landscape.png",
+        "interpolation.png",
+        "cka.png",
+    ):
         assert os.path.getsize(out / name) > 0, name
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tb"))
     report = (out / "report.md").read_text()
@@ -85,14 +113,20 @@ def test_update_spectra_instrument_on_a_planted_update():
         for block in model.blocks:
             w = block.attn.q_proj.weight
             w += 0.3 * torch.randn(w.shape[0], 1, generator=g) @ torch.randn(1, w.shape[1], generator=g)
-    trainer = SimpleNamespace(engine=SimpleNamespace(module=model), groups=None, model_cfg=model_cfg,
-                              env=SimpleNamespace(is_main=True),
-                              cfg=SimpleNamespace(train=SimpleNamespace(seed=5), parallel=SimpleNamespace(zero_stage=0)))
+    trainer = SimpleNamespace(
+        engine=SimpleNamespace(module=model),
+        groups=None,
+        model_cfg=model_cfg,
+        env=SimpleNamespace(is_main=True),
+        cfg=SimpleNamespace(train=SimpleNamespace(seed=5), parallel=SimpleNamespace(zero_stage=0)),
+    )
     metrics = UpdateSpectra()(trainer)
     # fp32 weights: W_t - W_0 carries rounding at ~1e-7 of the update besides the planted direction
     assert metrics["analysis/update_effective_rank/attn.q"] == pytest.approx(1.0, abs=1e-4)
     assert metrics["analysis/update_stable_rank/attn.q"] == pytest.approx(1.0, abs=1e-6)
-    assert metrics["analysis/update_effective_rank/mlp.up"] == 0.0 and metrics["analysis/update_relative_norm/head"] == 0.0
+    assert (
+        metrics["analysis/update_effective_rank/mlp.up"] == 0.0 and metrics["analysis/update_relative_norm/head"] == 0.0
+    )
     assert len(metrics) == 3 * 9
     # a bf16 model that has not moved: W_0 is rounded like it, so no update at all (not the init's rounding)
     untouched = build_model(model_cfg, seed=5).to(torch.bfloat16)
@@ -145,8 +179,20 @@ def test_analyze_every_under_tensor_parallelism_logs_what_analyze_reports(analys
     data), and nothing on the other steps."""
     _, _, results = analysed
     tp_dir = tmp_path / "tp2"
-    run_cli(["pretrain", *TINY_JOB, "log.eval_every=0", "parallel.zero_stage=1", "parallel.tensor=2",
-             "--nproc-per-node", "2", "train.stop_after=4", "log.analyze_every=4", f"run.dir={tp_dir}"])
+    run_cli(
+        [
+            "pretrain",
+            *TINY_JOB,
+            "log.eval_every=0",
+            "parallel.zero_stage=1",
+            "parallel.tensor=2",
+            "--nproc-per-node",
+            "2",
+            "train.stop_after=4",
+            "log.analyze_every=4",
+            f"run.dir={tp_dir}",
+        ]
+    )
     logged = {r["step"]: r for r in read_metrics(tp_dir)}
     assert not any(k.startswith("analysis/") for k in logged[3])
     step4 = results["spectra"][1]

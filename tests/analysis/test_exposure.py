@@ -30,11 +30,11 @@ def planted():
     rng = np.random.default_rng(0)
     tokens = rng.integers(100, 5000, size=NUM_BLOCKS * SEQ_LEN + 1).astype(np.uint16)
     phrase = np.array([1, 2, 3, 4, 5, 6, 7], dtype=np.uint16)
-    tokens[13 * SEQ_LEN + 4:13 * SEQ_LEN + 11] = phrase
+    tokens[13 * SEQ_LEN + 4 : 13 * SEQ_LEN + 11] = phrase
     # block 5 holds tokens [5 * SEQ_LEN, 6 * SEQ_LEN] inclusive, block 6 starts at 6 * SEQ_LEN: 9, 8, 7 lie in
     # block 5 and 7, 6, 5, 4 in block 6, no block holds all six
     straddle = np.array([9, 8, 7, 6, 5, 4], dtype=np.uint16)
-    tokens[6 * SEQ_LEN - 2:6 * SEQ_LEN + 4] = straddle
+    tokens[6 * SEQ_LEN - 2 : 6 * SEQ_LEN + 4] = straddle
     blocks = PackedBlocks(tokens, SEQ_LEN)
     return blocks, phrase.tolist(), straddle.tolist()
 
@@ -77,9 +77,13 @@ def test_index_agrees_with_a_brute_force_scan_and_reloads(planted, tmp_path):
     order = TrainingOrder(NUM_BLOCKS, GLOBAL_BATCH, SEED)
     tokens = np.asarray(blocks.tokens)
     for start in (0, 17, 100, 6 * SEQ_LEN - 1, 230):
-        query = tokens[start:start + 5].tolist()
-        expected = sorted(b for b in range(NUM_BLOCKS) for o in range(SEQ_LEN + 1 - 4)
-                          if tokens[b * SEQ_LEN + o:b * SEQ_LEN + o + 5].tolist() == query)
+        query = tokens[start : start + 5].tolist()
+        expected = sorted(
+            b
+            for b in range(NUM_BLOCKS)
+            for o in range(SEQ_LEN + 1 - 4)
+            if tokens[b * SEQ_LEN + o : b * SEQ_LEN + o + 5].tolist() == query
+        )
         assert sorted(loaded.occurrences(query).tolist()) == expected
     # the global batch of a step is what the DP=2 ranks took together, in rank order
     ranks = [ResumableSampler(NUM_BLOCKS, GLOBAL_BATCH, 2, r, 2, SEED) for r in range(2)]

@@ -10,7 +10,13 @@ import torch
 
 from megatrain.analysis import effective_rank, linear_cka, stable_rank, top_k_energy
 from megatrain.analysis.landscape import (
-    RandomDirection, TrajectoryPCA, barrier_height, filter_dim, filter_normalize, interpolation_curve, loss_curve,
+    RandomDirection,
+    TrajectoryPCA,
+    barrier_height,
+    filter_dim,
+    filter_normalize,
+    interpolation_curve,
+    loss_curve,
     sharpness,
 )
 from megatrain.analysis.spectra import model_matrices, singular_values
@@ -125,7 +131,7 @@ def test_loss_curve_restores_the_base_and_sharpness_of_a_parabola():
     assert mean_loss(model, batches) == pytest.approx(before, abs=1e-6)
     assert losses[0] != losses[2]
     alphas = np.linspace(-1, 1, 21)
-    summary = sharpness(alphas, 3.0 * alphas ** 2 + 1.0, radius=0.2)
+    summary = sharpness(alphas, 3.0 * alphas**2 + 1.0, radius=0.2)
     assert summary["curvature"] == pytest.approx(6.0) and summary["rise_at_radius"] == pytest.approx(0.12)
 
 
@@ -148,8 +154,10 @@ def test_trajectory_pca_recovers_a_straight_trajectory():
     assert coords[0] / coords[2] == pytest.approx(3.0, rel=1e-6)
 
 
-@pytest.mark.parametrize("layer_cls, kwargs", [
-    (LoRALinear, dict(alpha=8.0, dropout=0.0)), (SLTrainLinear, dict(alpha=8.0, density=0.1)), (CoLALinear, {})])
+@pytest.mark.parametrize(
+    "layer_cls, kwargs",
+    [(LoRALinear, dict(alpha=8.0, dropout=0.0)), (SLTrainLinear, dict(alpha=8.0, density=0.1)), (CoLALinear, {})],
+)
 def test_lowrank_layers_are_merged_to_their_dense_equivalent(layer_cls, kwargs):
     torch.manual_seed(0)
     layer = layer_cls(24, 16, 4, **kwargs)

@@ -2,9 +2,11 @@
 
 import random
 
-WORDS = ("the of and to a in was her it that she had not be his with as you he for but at on "
-         "said Elizabeth Darcy sister letter house garden morning walked quickly very could would "
-         "Mr. Mrs. Bennet Jane ball evening happy family towards answered replied").split()
+WORDS = (
+    "the of and to a in was her it that she had not be his with as you he for but at on "
+    "said Elizabeth Darcy sister letter house garden morning walked quickly very could would "
+    "Mr. Mrs. Bennet Jane ball evening happy family towards answered replied"
+).split()
 
 
 def english_like(seed: int, lines: int) -> str:
@@ -26,11 +28,13 @@ def write_sources(root):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    docs = {"a.txt": ["Elizabeth walked.\nThe garden was quiet.\n"],
-            "b.txt.gz": ["Café – naïve 日本.\nJane answered.\n"],
-            "c.jsonl": ["first record", "second record, café"],
-            "d.parquet": ["parquet one", "parquet two"],
-            "e.json": ["json array one", "json array two"]}
+    docs = {
+        "a.txt": ["Elizabeth walked.\nThe garden was quiet.\n"],
+        "b.txt.gz": ["Café – naïve 日本.\nJane answered.\n"],
+        "c.jsonl": ["first record", "second record, café"],
+        "d.parquet": ["parquet one", "parquet two"],
+        "e.json": ["json array one", "json array two"],
+    }
     (root / "a.txt").write_text(docs["a.txt"][0], encoding="utf-8")
     with gzip.open(root / "b.txt.gz", "wt", encoding="utf-8") as fh:
         fh.write(docs["b.txt.gz"][0])

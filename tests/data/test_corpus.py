@@ -43,6 +43,7 @@ STEMS = [stem for stem, _, _ in NOVELS]
 # The shipped files
 # ------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def texts() -> dict:
     out = {}
@@ -53,8 +54,14 @@ def texts() -> dict:
 
 
 def test_novel_list_matches_build_mapping():
-    assert STEMS == ["sense_and_sensibility", "pride_and_prejudice", "mansfield_park",
-                     "emma", "northanger_abbey", "persuasion"]
+    assert STEMS == [
+        "sense_and_sensibility",
+        "pride_and_prejudice",
+        "mansfield_park",
+        "emma",
+        "northanger_abbey",
+        "persuasion",
+    ]
     assert sorted(R_NAMES.values()) == sorted(STEMS)
 
 
@@ -102,6 +109,7 @@ def test_train_and_val_split():
 # ------------------------------------------------------------------------------------
 # Hand-built R serializations
 # ------------------------------------------------------------------------------------
+
 
 def ints(*values: int) -> bytes:
     return struct.pack(f">{len(values)}i", *values)
@@ -162,7 +170,8 @@ def test_unserialize_numeric_logical_and_attributes():
         header(3)
         + ints(0x213, 3)  # named list of three
         + ints(13, 3, 7, na, -2)  # integer c(7, NA, -2)
-        + ints(14, 2) + struct.pack(">2d", 1.5, float("nan"))  # double c(1.5, NaN)
+        + ints(14, 2)
+        + struct.pack(">2d", 1.5, float("nan"))  # double c(1.5, NaN)
         + ints(10, 3, 1, 0, na)  # logical c(TRUE, FALSE, NA)
         + names_attr(["i", "d", "l"], symbol("names"))
     )
@@ -181,8 +190,10 @@ def test_unserialize_latin1_string_and_reference():
     ser = (
         header(2)
         + ints(0x213, 2)
-        + ints(16, 1) + latin1
-        + ints(0x213, 0) + names_attr([], symbol("names"))
+        + ints(16, 1)
+        + latin1
+        + ints(0x213, 0)
+        + names_attr([], symbol("names"))
         + names_attr(["a", "b"], ints(0xFF) + ints(1))
     )
     value = unserialize(ser)
@@ -191,21 +202,30 @@ def test_unserialize_latin1_string_and_reference():
     assert value[1].names == []
 
 
-@pytest.mark.parametrize("bad, message", [
-    (b"not R at all", "no 'X"),
-    (b"A\n" + ints(2), "ASCII"),
-    (b"X\n" + ints(4, 0, 0), "version 4"),
-    (header(2) + ints(16, 5) + charsxp("only one"), "truncated"),
-    (header(2) + ints(21, 0), "unsupported"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (b"not R at all", "no 'X"),
+        (b"A\n" + ints(2), "ASCII"),
+        (b"X\n" + ints(4, 0, 0), "version 4"),
+        (header(2) + ints(16, 5) + charsxp("only one"), "truncated"),
+        (header(2) + ints(21, 0), "unsupported"),
+    ],
+)
 def test_unserialize_rejects_bad_input(bad, message):
     with pytest.raises(DataError, match=message):
         unserialize(bad)
 
 
-@pytest.mark.parametrize("kind, compress", [
-    (b"Z", zlib.compress), (b"2", bz2.compress), (b"X", lzma.compress), (b"0", bytes),
-])
+@pytest.mark.parametrize(
+    "kind, compress",
+    [
+        (b"Z", zlib.compress),
+        (b"2", bz2.compress),
+        (b"X", lzma.compress),
+        (b"0", bytes),
+    ],
+)
 def test_decode_record_typed_compression(kind, compress):
     ser = header(2) + strsxp(["x"])
     blob = struct.pack(">I", len(ser)) + kind + compress(ser)
@@ -224,6 +244,7 @@ def test_decode_record_rejects_unknown_compression_and_bad_length():
 # A tiny lazy-load database
 # ------------------------------------------------------------------------------------
 
+
 def write_db(directory, objects: dict) -> None:
     """Write Rdata.rdb/.rdx holding `objects` (name -> serialized bytes), like R does."""
     rdb, positions = b"", []
@@ -237,7 +258,8 @@ def write_db(directory, objects: dict) -> None:
         header(3)
         + ints(0x213, 3)
         + variables
-        + ints(0x213, 0) + names_attr([], ints(0x1FF))  # references: empty named list
+        + ints(0x213, 0)
+        + names_attr([], ints(0x1FF))  # references: empty named list
         + ints(10, 1, 1)  # compressed = TRUE
         + names_attr(["variables", "references", "compressed"], ints(0x1FF))
     )
@@ -246,10 +268,13 @@ def write_db(directory, objects: dict) -> None:
 
 
 def test_read_lazyload_db_round_trip(tmp_path):
-    write_db(tmp_path, {
-        "first": header(2) + strsxp(["One line", "", "Zwei \u00fc"]),
-        "second": header(3) + ints(13, 2, 41, 42),
-    })
+    write_db(
+        tmp_path,
+        {
+            "first": header(2) + strsxp(["One line", "", "Zwei \u00fc"]),
+            "second": header(3) + ints(13, 2, 41, 42),
+        },
+    )
     db = read_lazyload_db(tmp_path / "Rdata.rdb", tmp_path / "Rdata.rdx")
     assert list(db) == ["first", "second"]
     assert db["first"] == ["One line", "", "Zwei ü"]

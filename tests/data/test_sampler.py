@@ -36,7 +36,7 @@ def test_every_token_is_a_label_exactly_once():
     _, labels = blocks.batch(range(len(blocks)))
     flat = labels.flatten().tolist()
     assert len(flat) == len(set(flat))
-    assert flat == tokens[1:1 + len(blocks) * 8].tolist()
+    assert flat == tokens[1 : 1 + len(blocks) * 8].tolist()
 
 
 def test_block_ranges_split_one_array():
@@ -115,7 +115,7 @@ def test_epochs_are_permutations_and_steps_cross_them():
     n, gb = 10, 4
     sampler = ResumableSampler(n, gb, 2, 0, 1, seed=5)
     stream = [i for step in take(sampler, 10) for i in flat(step)]  # 40 positions = 4 epochs
-    epochs = [stream[e * n:(e + 1) * n] for e in range(4)]
+    epochs = [stream[e * n : (e + 1) * n] for e in range(4)]
     assert all(sorted(e) == list(range(n)) for e in epochs)
     assert len({tuple(e) for e in epochs}) == 4  # each epoch reshuffles
     assert sampler.epoch == 4
@@ -139,5 +139,3 @@ def test_val_batches_shard_and_wrap():
     assert per_rank[1] == [[2, 3], [6, 0], [3, 4]]
     blocks = PackedBlocks(np.arange(100), 9)
     assert val_batches(blocks, 3, 0, 1, 2) == [[0, 1, 2], [3, 4, 5]]
-
-

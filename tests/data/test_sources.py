@@ -10,7 +10,13 @@ import megatrain.data
 from megatrain.config import Config, DataConfig
 from megatrain.data import sources
 from megatrain.data.sources import (
-    HubSource, cache_dir, check_files, load_documents, register_source_kind, resolve_sources, source_kind,
+    HubSource,
+    cache_dir,
+    check_files,
+    load_documents,
+    register_source_kind,
+    resolve_sources,
+    source_kind,
 )
 from megatrain.data.tasks import TASK_SOURCES
 from megatrain.errors import DataError
@@ -68,14 +74,19 @@ def test_resolve_directory_glob_list_and_hub(tmp_path):
     assert resolve_sources("hf:org/name:validation") == HubSource("org/name", "validation")
 
 
-@pytest.mark.parametrize("make, pattern", [
-    (lambda d: str(d / "missing.txt"), r"data.source: file '.*missing\.txt' does not exist"),
-    (lambda d: str(d / "nothing*.jsonl"), r"data.source: '.*nothing\*\.jsonl' matches no files"),
-    (lambda d: (d / "table.csv").write_text("a,b") and str(d / "table.csv"),
-     r"table\.csv' has an unsupported extension \(allowed: .txt, .txt.gz, .jsonl"),
-    (lambda d: (d / "empty_dir").mkdir() or str(d / "empty_dir"), r"empty_dir' has no"),
-    (lambda d: "hf:", r"not of the form hf:NAME"),
-])
+@pytest.mark.parametrize(
+    "make, pattern",
+    [
+        (lambda d: str(d / "missing.txt"), r"data.source: file '.*missing\.txt' does not exist"),
+        (lambda d: str(d / "nothing*.jsonl"), r"data.source: '.*nothing\*\.jsonl' matches no files"),
+        (
+            lambda d: (d / "table.csv").write_text("a,b") and str(d / "table.csv"),
+            r"table\.csv' has an unsupported extension \(allowed: .txt, .txt.gz, .jsonl",
+        ),
+        (lambda d: (d / "empty_dir").mkdir() or str(d / "empty_dir"), r"empty_dir' has no"),
+        (lambda d: "hf:", r"not of the form hf:NAME"),
+    ],
+)
 def test_resolve_errors(tmp_path, make, pattern):
     with pytest.raises(DataError, match=pattern):
         resolve_sources(make(tmp_path))
@@ -158,8 +169,9 @@ def test_cache_dir_precedence(tmp_path, monkeypatch):
 # generated sources: the registry
 
 
-@pytest.mark.parametrize("spec", ["embedded", "hf:org/name", "books/*.txt", "C:\\data\\a.txt", "other:x",
-                                  ["task:multikey"], None, 3])
+@pytest.mark.parametrize(
+    "spec", ["embedded", "hf:org/name", "books/*.txt", "C:\\data\\a.txt", "other:x", ["task:multikey"], None, 3]
+)
 def test_text_sources_have_no_kind(spec):
     assert source_kind(spec) is None
 
@@ -189,11 +201,13 @@ def test_read_jsonl_records_names_the_key_file_and_line(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text('{"a": 1}\n\n{"a": 2}\n', encoding="utf-8")
     assert list(read_jsonl_records(str(good), "x.path")) == [(1, {"a": 1}), (3, {"a": 2})]
-    cases = {"missing.jsonl": (None, "x.path: file .* does not exist"),
-             "empty.jsonl": ("\n  \n", "x.path: .* holds no records"),
-             "list.jsonl": ('{"a": 1}\n[1, 2]\n', "line 2 is not a JSON object"),
-             "broken.jsonl": ('{"a": 1}\n{"a": \n', "line 2 is not valid JSON"),
-             "latin1.jsonl": (b'{"a": "caf\xe9"}\n', "is not UTF-8 text")}
+    cases = {
+        "missing.jsonl": (None, "x.path: file .* does not exist"),
+        "empty.jsonl": ("\n  \n", "x.path: .* holds no records"),
+        "list.jsonl": ('{"a": 1}\n[1, 2]\n', "line 2 is not a JSON object"),
+        "broken.jsonl": ('{"a": 1}\n{"a": \n', "line 2 is not valid JSON"),
+        "latin1.jsonl": (b'{"a": "caf\xe9"}\n', "is not UTF-8 text"),
+    }
     for name, (content, message) in cases.items():
         path = tmp_path / name
         if isinstance(content, bytes):

@@ -20,8 +20,14 @@ ALLOWED = {
     "tasks": {"megatrain.errors", "megatrain.constants", "megatrain.data.sources"},
     # long-context evaluation tasks of the qTTT job (read by megatrain.ttt, not by the pipeline)
     "longcontext": {"megatrain.errors", "megatrain.data.corpus", "megatrain.data.sources"},
-    "__init__": {"megatrain.errors", "megatrain.data.sources", "megatrain.data.tokenizer",
-                 "megatrain.data.token_cache", "megatrain.data.sampler", "megatrain.data.tasks"},
+    "__init__": {
+        "megatrain.errors",
+        "megatrain.data.sources",
+        "megatrain.data.tokenizer",
+        "megatrain.data.token_cache",
+        "megatrain.data.sampler",
+        "megatrain.data.tasks",
+    },
 }
 
 

@@ -9,8 +9,19 @@ import torch
 from megatrain.config import DataConfig, TaskConfig, load_config
 from megatrain.constants import IGNORE_INDEX
 from megatrain.data.tasks import (
-    BOS, NUM_SPECIAL, PAD, QUERY, SEP, TASK_SOURCES, TaskBlocks, TaskTokenizer, evaluate_exact_match,
-    exact_match_counts, generate, required_seq_len, task_vocab_size,
+    BOS,
+    NUM_SPECIAL,
+    PAD,
+    QUERY,
+    SEP,
+    TASK_SOURCES,
+    TaskBlocks,
+    TaskTokenizer,
+    evaluate_exact_match,
+    exact_match_counts,
+    generate,
+    required_seq_len,
+    task_vocab_size,
 )
 from megatrain.errors import ConfigError
 from tests.conftest import read_metrics, run_cli
@@ -23,8 +34,11 @@ def test_generators_are_deterministic_and_splits_differ():
         b, at_b = generate(name, cfg, 0, 17)
         assert torch.equal(torch.from_numpy(a), torch.from_numpy(b)) and (at_a == at_b).all()
         assert len(a) == required_seq_len(name, cfg) + 1
-        others = [generate(name, cfg, 1, 17)[0], generate(name, cfg, 0, 18)[0],
-                  generate(name, TaskConfig(pairs=6, queries=3, hops=3, symbols=40, seed=6), 0, 17)[0]]
+        others = [
+            generate(name, cfg, 1, 17)[0],
+            generate(name, cfg, 0, 18)[0],
+            generate(name, TaskConfig(pairs=6, queries=3, hops=3, symbols=40, seed=6), 0, 17)[0],
+        ]
         assert all(not (o == a).all() for o in others)
         assert a.min() >= 0 and a.max() < task_vocab_size(cfg)
     blocks = TaskBlocks("multikey", cfg, 20, 0)
@@ -67,11 +81,11 @@ def test_batch_labels_only_at_answers_and_padding():
     inputs, labels = blocks.batch([0, 1])
     assert inputs.shape == labels.shape == (2, 16)
     tokens, answer_at = generate("multikey", cfg, 0, 1)
-    assert inputs[1, :len(tokens) - 1].tolist() == tokens[:-1].tolist()
-    assert (inputs[1, len(tokens) - 1:] == PAD).all()
+    assert inputs[1, : len(tokens) - 1].tolist() == tokens[:-1].tolist()
+    assert (inputs[1, len(tokens) - 1 :] == PAD).all()
     assert (labels[1] != IGNORE_INDEX).nonzero().flatten().tolist() == answer_at.tolist()
     assert labels[1, answer_at].tolist() == tokens[answer_at + 1].tolist()
-    assert torch.equal(blocks[1][:len(tokens)], torch.from_numpy(tokens))
+    assert torch.equal(blocks[1][: len(tokens)], torch.from_numpy(tokens))
     assert len(blocks) == cfg.train_size and len(TaskBlocks("multikey", cfg, 16, 1)) == cfg.val_size
 
 
@@ -98,8 +112,11 @@ def test_evaluate_with_an_oracle_and_a_wrong_model():
                     logits[b, t, table[row[t]]] = 1.0
         return logits
 
-    assert evaluate_exact_match(oracle, blocks, batch_size=3) == {"exact_match": 1.0, "answer_acc": 1.0,
-                                                                  "sequences": 10}
+    assert evaluate_exact_match(oracle, blocks, batch_size=3) == {
+        "exact_match": 1.0,
+        "answer_acc": 1.0,
+        "sequences": 10,
+    }
     wrong = evaluate_exact_match(lambda x: torch.zeros(*x.shape, task_vocab_size(cfg)), blocks)
     assert wrong["exact_match"] == 0.0
 
@@ -112,32 +129,54 @@ def test_tokenizer_round_trip():
         tok.encode("s12")
 
 
-@pytest.mark.parametrize("overrides, fragment", [
-    (["data.source=task:retrieval"], "data.source='task:retrieval' is not a synthetic task (allowed: task:multikey"),
-    (["data.source=task:multikey", "data.seq_len=16"], "data.seq_len=16 is too short for task:multikey"),
-    (["data.source=task:multikey", "data.task.queries=9"], "data.task.queries=9 exceeds data.task.pairs=8"),
-    (["data.source=task:multihop", "data.task.hops=0"], "data.task.hops must be >= 1"),
-    (["data.source=task:multikey", "data.task.symbols=10"], "data.task.symbols=10 must be >= 2 x data.task.pairs"),
-    (["data.source=task:multikey", "model.vocab_size=32"], "model.vocab_size=32 is smaller than task:multikey's"),
-])
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (
+            ["data.source=task:retrieval"],
+            "data.source='task:retrieval' is not a synthetic task (allowed: task:multikey",
+        ),
+        (["data.source=task:multikey", "data.seq_len=16"], "data.seq_len=16 is too short for task:multikey"),
+        (["data.source=task:multikey", "data.task.queries=9"], "data.task.queries=9 exceeds data.task.pairs=8"),
+        (["data.source=task:multihop", "data.task.hops=0"], "data.task.hops must be >= 1"),
+        (["data.source=task:multikey", "data.task.symbols=10"], "data.task.symbols=10 must be >= 2 x data.task.pairs"),
+        (["data.source=task:multikey", "model.vocab_size=32"], "model.vocab_size=32 is smaller than task:multikey's"),
+    ],
+)
 def test_task_config_errors(overrides, fragment):
     with pytest.raises(ConfigError) as info:
         load_config(None, overrides)
     assert fragment in str(info.value) and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("source, task, seq_len, message", [
-    ("task:retrieval", {}, 64, "data.source='task:retrieval' is not a synthetic task (allowed: task:multikey, "
-                               "task:multihop)"),
-    ("task:multikey", {}, 16, "data.seq_len=16 is too short for task:multikey with these data.task sizes: it "
-                              "needs >= 25"),
-    ("task:multikey", {"queries": 9}, 64, "data.task.queries=9 exceeds data.task.pairs=8"),
-    ("task:multihop", {"hops": 0}, 64, "data.task.hops must be >= 1, got 0"),
-    ("task:multihop", {"hops": 9}, 64, "data.task.hops=9 exceeds data.task.pairs=8"),
-    ("task:multihop", {"symbols": 8}, 64, "data.task.symbols=8 must be > data.task.pairs=8"),
-    ("task:multikey", {"symbols": 10}, 64, "data.task.symbols=10 must be >= 2 x data.task.pairs=16 (keys and "
-                                           "values come from separate halves; keys are distinct)"),
-])
+@pytest.mark.parametrize(
+    "source, task, seq_len, message",
+    [
+        (
+            "task:retrieval",
+            {},
+            64,
+            "data.source='task:retrieval' is not a synthetic task (allowed: task:multikey, task:multihop)",
+        ),
+        (
+            "task:multikey",
+            {},
+            16,
+            "data.seq_len=16 is too short for task:multikey with these data.task sizes: it needs >= 25",
+        ),
+        ("task:multikey", {"queries": 9}, 64, "data.task.queries=9 exceeds data.task.pairs=8"),
+        ("task:multihop", {"hops": 0}, 64, "data.task.hops must be >= 1, got 0"),
+        ("task:multihop", {"hops": 9}, 64, "data.task.hops=9 exceeds data.task.pairs=8"),
+        ("task:multihop", {"symbols": 8}, 64, "data.task.symbols=8 must be > data.task.pairs=8"),
+        (
+            "task:multikey",
+            {"symbols": 10},
+            64,
+            "data.task.symbols=10 must be >= 2 x data.task.pairs=16 (keys and "
+            "values come from separate halves; keys are distinct)",
+        ),
+    ],
+)
 def test_the_task_kind_validates_the_data_section(source, task, seq_len, message):
     data = DataConfig(source=source, seq_len=seq_len, task=TaskConfig(**task))
     with pytest.raises(ConfigError) as info:
@@ -162,11 +201,30 @@ def test_the_task_kind_reports_vocabulary_and_length():
 @pytest.mark.slow
 def test_pretrain_on_task_with_iha_loss_falls_and_logs_accuracy(tmp_path):
     run_dir = tmp_path / "run"
-    run_cli(["pretrain", "model.preset=tiny", "model.attention=iha", "model.iha.pseudo_heads=2",
-             "data.source=task:multikey", "data.seq_len=26", "train.steps=12", "train.micro_batch=16",
-             "train.lr=3e-3", "train.warmup_steps=2", "train.seed=7", "log.every=1", "log.eval_every=12",
-             "log.eval_batches=2", "log.progress=false", "log.tensorboard=false", "checkpoint.keep=0",
-             "parallel.zero_stage=0", f"run.dir={run_dir}"], timeout=300)
+    run_cli(
+        [
+            "pretrain",
+            "model.preset=tiny",
+            "model.attention=iha",
+            "model.iha.pseudo_heads=2",
+            "data.source=task:multikey",
+            "data.seq_len=26",
+            "train.steps=12",
+            "train.micro_batch=16",
+            "train.lr=3e-3",
+            "train.warmup_steps=2",
+            "train.seed=7",
+            "log.every=1",
+            "log.eval_every=12",
+            "log.eval_batches=2",
+            "log.progress=false",
+            "log.tensorboard=false",
+            "checkpoint.keep=0",
+            "parallel.zero_stage=0",
+            f"run.dir={run_dir}",
+        ],
+        timeout=300,
+    )
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == list(range(1, 13))
     first, last = records[0]["loss"], records[-1]["loss"]
@@ -186,8 +244,8 @@ def test_length_stretches_a_sequence_with_a_pad_gap_before_the_queries(name):
     assert len(b) == 40 and required_seq_len(name, long) == 39
     gap = len(b) - len(a)
     context = 1 + 2 * short.pairs
-    assert (a[:context] == b[:context]).all() and (b[context:context + gap] == PAD).all()
-    assert (a[context:] == b[context + gap:]).all()
+    assert (a[:context] == b[:context]).all() and (b[context : context + gap] == PAD).all()
+    assert (a[context:] == b[context + gap :]).all()
     assert (at_b == at_a + gap).all() and (b[at_b + 1] == a[at_a + 1]).all()
     blocks = TaskBlocks(name, long, 39, 0)
     inputs, labels = blocks.batch([5])

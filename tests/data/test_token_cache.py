@@ -24,8 +24,7 @@ def tokenizer(tmp_path_factory):
     root = tmp_path_factory.mktemp("tok")
     text = root / "train.txt"
     text.write_text(english_like(0, 800), encoding="utf-8")
-    return Tokenizer(train_tokenizer([str(text)], str(root / "tok"), vocab_size=400,
-                                     cache_root=str(root / "cache")))
+    return Tokenizer(train_tokenizer([str(text)], str(root / "tok"), vocab_size=400, cache_root=str(root / "cache")))
 
 
 def test_token_cache_is_documents_with_eos(tmp_path, tokenizer):
@@ -41,7 +40,7 @@ def test_token_cache_is_documents_with_eos(tmp_path, tokenizer):
     assert tokens.meta["sources"] == paths
     # the token stream decodes back to the documents
     eos = [i for i, t in enumerate(expected) if t == tokenizer.eos_id]
-    assert tokenizer.decode(expected[eos[0] + 1:eos[1]]) == docs[1]
+    assert tokenizer.decode(expected[eos[0] + 1 : eos[1]]) == docs[1]
 
 
 def test_chunked_encoding_equals_whole_documents(tmp_path, tokenizer, monkeypatch):
@@ -60,9 +59,14 @@ def test_tokenizer_with_dummy_prefix_encodes_documents_whole(tmp_path, monkeypat
     # spurious space at each chunk boundary.
     import sentencepiece as spm
 
-    spm.SentencePieceTrainer.Train(sentence_iterator=iter(english_like(3, 300).splitlines()),
-                                   model_prefix=str(tmp_path / "user"), vocab_size=120, minloglevel=2,
-                                   normalization_rule_name="identity", remove_extra_whitespaces=False)
+    spm.SentencePieceTrainer.Train(
+        sentence_iterator=iter(english_like(3, 300).splitlines()),
+        model_prefix=str(tmp_path / "user"),
+        vocab_size=120,
+        minloglevel=2,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+    )
     user = Tokenizer(str(tmp_path / "user.model"))
     doc = english_like(4, 30)
     assert user.encode(doc) != [t for line in doc.splitlines(keepends=True) for t in user.encode(line)]
@@ -81,7 +85,8 @@ def test_token_cache_is_reused_and_keyed_by_content(tmp_path, tokenizer):
     assert second == first
     assert (os.stat(second).st_mtime_ns, os.stat(second[:-4] + ".json").st_mtime_ns) == stamps
     assert sorted(os.listdir(os.path.dirname(first))) == sorted(
-        os.path.basename(p) for p in (first, first[:-4] + ".json"))  # no temporary files left
+        os.path.basename(p) for p in (first, first[:-4] + ".json")
+    )  # no temporary files left
     # other text field, other files or edited files: another entry
     assert build_token_cache(paths[:1], tokenizer, root) != first
     with open(paths[0], "a", encoding="utf-8") as fh:
@@ -102,8 +107,9 @@ def test_concurrent_builds_agree(tmp_path, tokenizer):
     root = str(tmp_path / "shared")
     ctx = multiprocessing.get_context("fork")
     barrier, results = ctx.Barrier(3), ctx.Queue()
-    procs = [ctx.Process(target=_build_after_barrier, args=(barrier, paths, tokenizer, root, results))
-             for _ in range(3)]
+    procs = [
+        ctx.Process(target=_build_after_barrier, args=(barrier, paths, tokenizer, root, results)) for _ in range(3)
+    ]
     for proc in procs:
         proc.start()
     for proc in procs:
@@ -150,7 +156,11 @@ def test_cache_key_recipe_is_stable(tmp_path):
     path.write_text("some text\n", encoding="utf-8")
     os.utime(path, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
     fake_tokenizer = SimpleNamespace(sha256="ab" * 32)
-    material = {"version": 1, "sources": [[str(path), 10, 1_700_000_000_000_000_000]],
-                "tokenizer_sha256": "ab" * 32, "text_field": "body"}
+    material = {
+        "version": 1,
+        "sources": [[str(path), 10, 1_700_000_000_000_000_000]],
+        "tokenizer_sha256": "ab" * 32,
+        "text_field": "body",
+    }
     key = hashlib.sha256(json.dumps(material, sort_keys=True).encode("utf-8")).hexdigest()
     assert token_cache_path([str(path)], fake_tokenizer, "/c", "body") == os.path.join("/c", "tokens", key + ".bin")

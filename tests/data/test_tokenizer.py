@@ -45,15 +45,18 @@ def test_train_writes_model_and_vocab(trained):
     assert sorted(os.listdir(os.path.dirname(trained.path))) == ["small.model", "small.vocab"]
 
 
-@pytest.mark.parametrize("text", [
-    "Elizabeth walked quickly towards the garden.",
-    "  leading spaces, trailing spaces  ",
-    "tabs\tand\n\nnewlines\r\n and   runs of   spaces",
-    "café – naïve 日本",
-    "emoji 🙂 and math ∑x² ≠ 0, Ωμέγα, привет",
-    "digits 1234567890 and 3.14159",
-    "",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Elizabeth walked quickly towards the garden.",
+        "  leading spaces, trailing spaces  ",
+        "tabs\tand\n\nnewlines\r\n and   runs of   spaces",
+        "café – naïve 日本",
+        "emoji 🙂 and math ∑x² ≠ 0, Ωμέγα, привет",
+        "digits 1234567890 and 3.14159",
+        "",
+    ],
+)
 def test_round_trip_is_exact(trained, text):
     ids = trained.encode(text)
     assert trained.decode(ids) == text
@@ -123,10 +126,11 @@ def test_cache_key_follows_settings_and_files(corpus, tmp_path):
     cfg = DataConfig(vocab_size=320, cache_dir=str(tmp_path / "c"))
     base = tokenizer_cache_path(cfg, corpus)
     assert tokenizer_cache_path(DataConfig(vocab_size=330, cache_dir=cfg.cache_dir), corpus) != base
-    assert tokenizer_cache_path(DataConfig(vocab_size=320, tokenizer_type="unigram",
-                                           cache_dir=cfg.cache_dir), corpus) != base
-    assert tokenizer_cache_path(DataConfig(vocab_size=320, text_field="body", cache_dir=cfg.cache_dir),
-                                corpus) != base
+    assert (
+        tokenizer_cache_path(DataConfig(vocab_size=320, tokenizer_type="unigram", cache_dir=cfg.cache_dir), corpus)
+        != base
+    )
+    assert tokenizer_cache_path(DataConfig(vocab_size=320, text_field="body", cache_dir=cfg.cache_dir), corpus) != base
     edited = tmp_path / "edited.txt"
     edited.write_text("one version\n", encoding="utf-8")
     before = tokenizer_cache_path(cfg, [str(edited)])
@@ -167,7 +171,12 @@ def test_cache_key_recipe_is_stable(tmp_path):
         os.utime(path, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
         paths.append(str(path))
     cfg = DataConfig(vocab_size=320, tokenizer_type="unigram", text_field="body", cache_dir=str(tmp_path / "c"))
-    material = {"trainer_version": 1, "vocab_size": 320, "tokenizer_type": "unigram", "text_field": "body",
-                "sources": [[paths[1], 10, 1_600_000_000_000_000_000], [paths[0], 7, 1_600_000_000_000_000_000]]}
+    material = {
+        "trainer_version": 1,
+        "vocab_size": 320,
+        "tokenizer_type": "unigram",
+        "text_field": "body",
+        "sources": [[paths[1], 10, 1_600_000_000_000_000_000], [paths[0], 7, 1_600_000_000_000_000_000]],
+    }
     key = hashlib.sha256(json.dumps(material, sort_keys=True).encode("utf-8")).hexdigest()
     assert tokenizer_cache_path(cfg, paths) == str(tmp_path / "c" / "tokenizers" / f"{key}.model")

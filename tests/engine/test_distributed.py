@@ -66,8 +66,9 @@ def test_zero_two_processes_match_single_process(runs, stage):
     assert_close(single, dist, rtol=1e-5)
 
 
-@pytest.mark.parametrize("layout", [["parallel.tensor=2", "parallel.zero_stage=1"], ["parallel.zero_stage=3"]],
-                         ids=["tp2-zero1", "zero3"])
+@pytest.mark.parametrize(
+    "layout", [["parallel.tensor=2", "parallel.zero_stage=1"], ["parallel.zero_stage=3"]], ids=["tp2-zero1", "zero3"]
+)
 def test_compiled_training_matches_eager(runs, tmp_path, layout):
     """train.compile through AOT autograd (backend aot_eager: the tracing torch.compile does, without code
     generation) on 2 processes gives the one-process eager losses, and the first step reports the graphs:
@@ -75,8 +76,18 @@ def test_compiled_training_matches_eager(runs, tmp_path, layout):
     (DeepSpeed's) break it, which the line says."""
     single = losses(runs("single", 1, "parallel.zero_stage=0"))
     run_dir = tmp_path / "compiled"
-    proc = run_cli(["pretrain", "--nproc-per-node", "2", *TINY_JOB, f"run.dir={run_dir}", *layout,
-                    "train.compile=true", "train.compile_backend=aot_eager"])
+    proc = run_cli(
+        [
+            "pretrain",
+            "--nproc-per-node",
+            "2",
+            *TINY_JOB,
+            f"run.dir={run_dir}",
+            *layout,
+            "train.compile=true",
+            "train.compile_backend=aot_eager",
+        ]
+    )
     assert_close(single, losses(str(run_dir)), rtol=1e-5)
     (line,) = [line for line in proc.stdout.splitlines() if line.startswith("compile (aot_eager): ")]
     if "parallel.tensor=2" in layout:
@@ -125,13 +136,34 @@ def test_two_node_torchrun_on_loopback(runs, tmp_path):
     for node_rank in (0, 1):
         # On one machine both agents match the endpoint's address and would race to host the c10d
         # store (two can end up hosting, each waiting forever); on a cluster only one host matches.
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-               "--node-rank", str(node_rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-               "--rdzv-conf", f"is_host={'true' if node_rank == 0 else 'false'}",
-               "--rdzv-id", "megatrain-test", "launch/pretrain.py", *TINY_JOB, f"run.dir={run_dir}",
-               "parallel.zero_stage=2"]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--nproc-per-node",
+            "1",
+            "--node-rank",
+            str(node_rank),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"127.0.0.1:{port}",
+            "--rdzv-conf",
+            f"is_host={'true' if node_rank == 0 else 'false'}",
+            "--rdzv-id",
+            "megatrain-test",
+            "launch/pretrain.py",
+            *TINY_JOB,
+            f"run.dir={run_dir}",
+            "parallel.zero_stage=2",
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-5000:]
@@ -142,8 +174,14 @@ def test_activation_checkpointing_keep_k_and_tensorboard(runs):
     """Recomputing activations changes nothing in fp32; keep=2 leaves the last two checkpoints;
     tensorboard has every scalar the README lists."""
     single = losses(runs("single", 1, "parallel.zero_stage=0"))
-    run_dir = runs("ac", 1, "parallel.zero_stage=0", "train.activation_checkpointing=true",
-                   "checkpoint.every=2", "checkpoint.keep=2")
+    run_dir = runs(
+        "ac",
+        1,
+        "parallel.zero_stage=0",
+        "train.activation_checkpointing=true",
+        "checkpoint.every=2",
+        "checkpoint.keep=2",
+    )
     assert_close(single, losses(run_dir), rtol=1e-6)
     ckpts = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
     assert ckpts == ["latest", "step_6", "step_8"]

@@ -32,12 +32,15 @@ def tree_digest(path) -> dict:
     return out
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["train.stepz=3"], "unknown config key 'train.stepz'"),
-    (["train.steps=many"], "train.steps must be an integer"),
-    (["train.micro_batch=3", "train.global_batch=8"], "not a multiple of train.micro_batch x DP"),
-    (["--config", "no/such.yaml"], "config file 'no/such.yaml' does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["train.stepz=3"], "unknown config key 'train.stepz'"),
+        (["train.steps=many"], "train.steps must be an integer"),
+        (["train.micro_batch=3", "train.global_batch=8"], "not a multiple of train.micro_batch x DP"),
+        (["--config", "no/such.yaml"], "config file 'no/such.yaml' does not exist"),
+    ],
+)
 def test_config_errors_before_any_process_group(tmp_path, args, fragment):
     run_dir = tmp_path / "run"
     proc = run_cli(["pretrain", "--nproc-per-node", "2", *args, f"run.dir={run_dir}"], check=False, timeout=120)
@@ -53,25 +56,33 @@ def test_data_file_errors(tmp_path):
     gz = tmp_path / "bad.txt.gz"
     with gzip.open(gz, "wb") as fh:
         fh.write(b"fine text\n" * 50 + b"\xff\xfe broken\n")
-    for source, fragment in [(tmp_path / "missing.txt", "missing.txt"), (empty, "empty.txt"),
-                             (latin, "latin1.txt"), (gz, "bad.txt.gz")]:
-        proc = run_cli(["pretrain", "--nproc-per-node", "2", *TINY_JOB, f"data.source={source}",
-                        f"run.dir={tmp_path / 'run'}"], check=False, timeout=120)
+    for source, fragment in [
+        (tmp_path / "missing.txt", "missing.txt"),
+        (empty, "empty.txt"),
+        (latin, "latin1.txt"),
+        (gz, "bad.txt.gz"),
+    ]:
+        proc = run_cli(
+            ["pretrain", "--nproc-per-node", "2", *TINY_JOB, f"data.source={source}", f"run.dir={tmp_path / 'run'}"],
+            check=False,
+            timeout=120,
+        )
         one_line_error(proc, fragment)
     assert "UTF-8" in proc.stderr
 
 
 def test_existing_run_refused_and_checkpoint_errors(tmp_path):
     run_dir = tmp_path / "run"
-    job = ["pretrain", *TINY_JOB, "train.steps=2", "log.eval_every=0", f"run.dir={run_dir}",
-           "parallel.zero_stage=0"]
+    job = ["pretrain", *TINY_JOB, "train.steps=2", "log.eval_every=0", f"run.dir={run_dir}", "parallel.zero_stage=0"]
     run_cli(job)
     before = tree_digest(run_dir)
 
     # A second start without --resume must not touch the run.
     one_line_error(run_cli(job, check=False), "already holds checkpoints")
     # A different model cannot load these weights.
-    one_line_error(run_cli([*job, "--resume", "model.dim=128"], check=False), "model.dim=64 but this run has model.dim=128")
+    one_line_error(
+        run_cli([*job, "--resume", "model.dim=128"], check=False), "model.dim=64 but this run has model.dim=128"
+    )
     # Nothing left to do at the final step.
     one_line_error(run_cli([*job, "--resume"], check=False), "nothing left to train")
     assert tree_digest(run_dir) == before
@@ -90,8 +101,7 @@ def test_existing_run_refused_and_checkpoint_errors(tmp_path):
 def test_corrupt_shard_with_intact_size_fails_cleanly(tmp_path):
     """Garbage of the right size gets past the manifest; DeepSpeed's load error becomes one line."""
     run_dir = tmp_path / "run"
-    job = ["pretrain", *TINY_JOB, "train.steps=2", "log.eval_every=0", f"run.dir={run_dir}",
-           "parallel.zero_stage=0"]
+    job = ["pretrain", *TINY_JOB, "train.steps=2", "log.eval_every=0", f"run.dir={run_dir}", "parallel.zero_stage=0"]
     run_cli(job)
     ckpt = run_dir / "checkpoints" / "step_2"
     victim = next(p for p in sorted(ckpt.iterdir()) if p.name.endswith("model_states.pt"))
@@ -127,10 +137,24 @@ def test_nonfinite_loss_skips_then_aborts(tmp_path, poison, expect_code):
     script.write_text(NAN_SCRIPT.replace("POISON", repr(poison)))
     run_dir = tmp_path / "run"
     # grad_accum 2 in one process: micro-batch 3 is the first of step 2, 5 the first of step 3.
-    proc = subprocess.run([sys.executable, str(script), "pretrain", *TINY_JOB, "train.steps=6",
-                           "train.max_nonfinite=2", "log.eval_every=0", f"run.dir={run_dir}",
-                           "parallel.zero_stage=2"], cwd=REPO, env=child_env(), capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "pretrain",
+            *TINY_JOB,
+            "train.steps=6",
+            "train.max_nonfinite=2",
+            "log.eval_every=0",
+            f"run.dir={run_dir}",
+            "parallel.zero_stage=2",
+        ],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     records = read_metrics(run_dir)
     if expect_code == 0:
         assert proc.returncode == 0, proc.stderr[-4000:]

@@ -37,8 +37,12 @@ def test_export_hf_llama_round_trip(trained_run, tmp_path):
     run_cli(["export", str(trained_run), "--output", str(out)])
     config = json.load(open(out / "config.json"))
     assert config["architectures"] == ["LlamaForCausalLM"]
-    assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"],
-            config["num_key_value_heads"]) == (64, 2, 4, 2)
+    assert (
+        config["hidden_size"],
+        config["num_hidden_layers"],
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+    ) == (64, 2, 4, 2)
     assert os.path.isfile(out / "tokenizer.model")
     with safe_open(str(out / "model.safetensors"), framework="pt") as fh:
         names = set(fh.keys())
@@ -58,15 +62,20 @@ def test_export_hf_llama_round_trip(trained_run, tmp_path):
 
 def test_tokenizer_command(tmp_path):
     text = tmp_path / "t.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog\n" * 200 + "pack my box with five dozen liquor jugs\n" * 200)
+    text.write_text(
+        "the quick brown fox jumps over the lazy dog\n" * 200 + "pack my box with five dozen liquor jugs\n" * 200
+    )
     prefix = tmp_path / "tok" / "sp"
-    proc = run_cli(["tokenizer", "--input", str(text), "--vocab-size", "290", "--type", "unigram",
-                    "--output", str(prefix)])
+    proc = run_cli(
+        ["tokenizer", "--input", str(text), "--vocab-size", "290", "--type", "unigram", "--output", str(prefix)]
+    )
     assert "vocab 290" in proc.stdout
     from megatrain.data.tokenizer import Tokenizer
 
     tok = Tokenizer(str(prefix) + ".model")
     assert tok.decode(tok.encode("the lazy fox")) == "the lazy fox"
-    bad = run_cli(["tokenizer", "--input", str(tmp_path / "nope.txt"), "--vocab-size", "300",
-                   "--output", str(prefix)], check=False)
+    bad = run_cli(
+        ["tokenizer", "--input", str(tmp_path / "nope.txt"), "--vocab-size", "300", "--output", str(prefix)],
+        check=False,
+    )
     assert bad.returncode == 2 and bad.stderr.startswith("megatrain: error: ") and "nope.txt" in bad.stderr

@@ -28,10 +28,20 @@ transformers = pytest.importorskip("transformers")
 SHORT = ["train.steps=2", "log.eval_every=0", "train.warmup_steps=1"]
 # Runs that export to Llama, besides the session's dense GQA tiny_run: (extra overrides, processes).
 RUNS = {
-    "tied-sltrain": (["model.tie_embeddings=true", "model.linear=sltrain", "model.lowrank.density=0.05",
-                      "parallel.zero_stage=0"], 1),
-    "relora": (["model.linear=relora", "train.steps=3", "train.relora.every=2", "train.relora.restart_warmup=1",
-                "parallel.zero_stage=0"], 1),
+    "tied-sltrain": (
+        ["model.tie_embeddings=true", "model.linear=sltrain", "model.lowrank.density=0.05", "parallel.zero_stage=0"],
+        1,
+    ),
+    "relora": (
+        [
+            "model.linear=relora",
+            "train.steps=3",
+            "train.relora.every=2",
+            "train.relora.restart_warmup=1",
+            "parallel.zero_stage=0",
+        ],
+        1,
+    ),
     "tp2": (["parallel.tensor=2", "parallel.zero_stage=1"], 2),
 }
 
@@ -81,9 +91,17 @@ def test_export_loads_in_transformers_with_equal_logits(runs, tmp_path, name):
 
 def _tiny_llama(tied=False, seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
-                                      max_position_embeddings=128, tie_word_embeddings=tied, rms_norm_eps=1e-5)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=128,
+        tie_word_embeddings=tied,
+        rms_norm_eps=1e-5,
+    )
     return transformers.LlamaForCausalLM(config).to(dtype).eval()
 
 
@@ -138,8 +156,17 @@ def test_import_export_round_trip_is_bit_exact(hf_folders, tmp_path):
     for name in original:
         assert original[name].dtype == back[name].dtype and torch.equal(original[name], back[name]), name
     a, b = json.load(open(folder / "config.json")), json.load(open(os.path.join(out, "config.json")))
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "vocab_size", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings"):
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+    ):
         assert a[key] == b[key], key
     # A bf16 folder keeps its dtype through the round trip.
     bf16 = tmp_path / "bf16"
@@ -154,8 +181,16 @@ def test_imported_run_continues_pretraining_and_starts_rl_and_ttt(hf_folders, tm
     folder, model = hf_folders["single"]
     run_dir = import_hf_llama(str(folder), str(tmp_path / "run"))
     config = os.path.join(run_dir, "config.yaml")
-    short = ["train.steps=2", "train.warmup_steps=1", "train.micro_batch=2", "train.global_batch=2",
-             "data.seq_len=32", "log.eval_every=0", "log.progress=false", "parallel.zero_stage=0"]
+    short = [
+        "train.steps=2",
+        "train.warmup_steps=1",
+        "train.micro_batch=2",
+        "train.global_batch=2",
+        "data.seq_len=32",
+        "log.eval_every=0",
+        "log.progress=false",
+        "parallel.zero_stage=0",
+    ]
     proc = run_cli(["pretrain", "--config", config, "--resume", *short])
     assert "started from the weights of" in proc.stdout + proc.stderr
     # The first log line after step 1 names each kernel op's path: the reference for CPU tensors under auto.
@@ -190,8 +225,9 @@ def test_imported_run_continues_pretraining_and_starts_rl_and_ttt(hf_folders, tm
     hf_cfg = load_config(None, [f"rl.init={folder}", f"run.dir={tmp_path / 'rl-hf'}"])
     assert rl_preflight(hf_cfg, False, 1) is None  # checked without reading tensors; rl() imports into RUN/init
     with pytest.raises(ConfigError, match="rl.checkpoints needs rl.init to be a megatrain run"):
-        rl_preflight(load_config(None, [f"rl.init={folder}", "rl.checkpoints=all", f"run.dir={tmp_path / 'x'}"]),
-                     False, 1)
+        rl_preflight(
+            load_config(None, [f"rl.init={folder}", "rl.checkpoints=all", f"run.dir={tmp_path / 'x'}"]), False, 1
+        )
 
     from megatrain.ttt.job import preflight
 
@@ -222,8 +258,11 @@ REFUSALS = [
     (_set(attention_bias=True), None, "attention_bias=True is not supported"),
     (_set(mlp_bias=True), None, "mlp_bias=True is not supported"),
     (_set(hidden_act="gelu"), None, "hidden_act='gelu' is not supported"),
-    (_set(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}), None,
-     "RoPE scaling 'yarn' is not supported"),
+    (
+        _set(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}),
+        None,
+        "RoPE scaling 'yarn' is not supported",
+    ),
     (_set(rope_scaling={"type": "linear", "factor": 2.0}), None, "RoPE scaling 'linear' is not supported"),
     (_set(head_dim=32), None, "head_dim=32 is not supported"),
     (_set(attention_dropout=0.1), None, "attention_dropout=0.1 is not supported"),
@@ -282,13 +321,26 @@ def test_init_from_refusals(hf_folders, tmp_path, tiny_run):
     from megatrain.engine.trainer import preflight
 
     folder, _ = hf_folders["single"]
-    model = ["model.preset=null", "model.dim=64", "model.layers=2", "model.heads=4", "model.kv_heads=2",
-             "model.ffn_dim=176", "model.vocab_size=512", "model.norm_eps=1e-5", "model.max_seq_len=128",
-             "data.seq_len=32"]
+    model = [
+        "model.preset=null",
+        "model.dim=64",
+        "model.layers=2",
+        "model.heads=4",
+        "model.kv_heads=2",
+        "model.ffn_dim=176",
+        "model.vocab_size=512",
+        "model.norm_eps=1e-5",
+        "model.max_seq_len=128",
+        "data.seq_len=32",
+    ]
     with pytest.raises(ConfigError, match="train.init_from=.* needs data.tokenizer"):
         load_config(None, [*model, f"train.init_from={folder}"])
-    good = [*model, f"train.init_from={folder}", f"data.tokenizer={folder / 'tokenizer.model'}",
-            f"run.dir={tmp_path / 'run'}"]
+    good = [
+        *model,
+        f"train.init_from={folder}",
+        f"data.tokenizer={folder / 'tokenizer.model'}",
+        f"run.dir={tmp_path / 'run'}",
+    ]
     assert preflight(load_config(None, good), False, 1) is None
     with pytest.raises(CheckpointError, match="model.ffn_dim=176 but this run has model.ffn_dim=192"):
         preflight(load_config(None, [*good, "model.ffn_dim=192"]), False, 1)
@@ -306,8 +358,24 @@ def test_rl_starts_from_a_hugging_face_folder(hf_folders, tmp_path):
 
     folder, _ = hf_folders["single"]
     run_dir = tmp_path / "rl"
-    run_cli(["rl", *RL_JOB, f"run.dir={run_dir}", f"rl.init={folder}", "rl.group_size=2", "rl.prompts_per_step=2",
-             "rl.micro_batch=4", "rl.steps=2", "rl.eval.samples=2", "rl.eval.k=[1]", "rl.eval.problems=1",
-             "log.eval_batches=1", "data.seq_len=32", "--stop-after", "1"])
+    run_cli(
+        [
+            "rl",
+            *RL_JOB,
+            f"run.dir={run_dir}",
+            f"rl.init={folder}",
+            "rl.group_size=2",
+            "rl.prompts_per_step=2",
+            "rl.micro_batch=4",
+            "rl.steps=2",
+            "rl.eval.samples=2",
+            "rl.eval.k=[1]",
+            "rl.eval.problems=1",
+            "log.eval_batches=1",
+            "data.seq_len=32",
+            "--stop-after",
+            "1",
+        ]
+    )
     assert json.load(open(run_dir / "init" / "checkpoints" / "step_0" / "megatrain.json"))["weights_only"]
     assert (run_dir / "from_step_0" / "grpo" / "checkpoints" / "step_1" / "model.safetensors").is_file()

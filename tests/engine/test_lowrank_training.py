@@ -18,15 +18,33 @@ from tests.conftest import read_metrics, run_cli
 pytestmark = pytest.mark.slow
 
 STEPS, SAVE_AT = 60, 30
-JOB = ["model.preset=tiny", "data.source=embedded", "data.seq_len=32", "data.vocab_size=512",
-       f"train.steps={STEPS}", "train.micro_batch=4", "train.global_batch=8", "train.lr=3e-3",
-       "train.warmup_steps=5", "train.seed=7", "log.every=1", "log.eval_every=0", "log.progress=false",
-       "checkpoint.keep=0", f"checkpoint.every={SAVE_AT}", "parallel.zero_stage=2"]
+JOB = [
+    "model.preset=tiny",
+    "data.source=embedded",
+    "data.seq_len=32",
+    "data.vocab_size=512",
+    f"train.steps={STEPS}",
+    "train.micro_batch=4",
+    "train.global_batch=8",
+    "train.lr=3e-3",
+    "train.warmup_steps=5",
+    "train.seed=7",
+    "log.every=1",
+    "log.eval_every=0",
+    "log.progress=false",
+    "checkpoint.keep=0",
+    f"checkpoint.every={SAVE_AT}",
+    "parallel.zero_stage=2",
+]
 KINDS = {
     "cola": ["model.linear=cola"],
     "sltrain": ["model.linear=sltrain", "model.lowrank.density=0.05"],
-    "relora": ["model.linear=relora", "train.relora.every=12", "train.relora.restart_warmup=3",
-               "train.relora.warm_start_steps=6"],
+    "relora": [
+        "model.linear=relora",
+        "train.relora.every=12",
+        "train.relora.restart_warmup=3",
+        "train.relora.warm_start_steps=6",
+    ],
     "lora": ["model.linear=lora"],
 }
 
@@ -41,8 +59,14 @@ def runs(tmp_path_factory):
             straight, resumed = str(root / kind), str(root / f"{kind}-resumed")
             common = ["pretrain", "--nproc-per-node", "2", *JOB, *KINDS[kind]]
             run_cli([*common, f"run.dir={straight}"])
-            run_cli([*common, f"run.dir={resumed}", "--resume-from",
-                     os.path.join(straight, "checkpoints", f"step_{SAVE_AT}")])
+            run_cli(
+                [
+                    *common,
+                    f"run.dir={resumed}",
+                    "--resume-from",
+                    os.path.join(straight, "checkpoints", f"step_{SAVE_AT}"),
+                ]
+            )
             done[kind] = (straight, resumed)
         return done[kind]
 

@@ -36,8 +36,7 @@ def held_optimizer_bytes(optimizer) -> int:
         if opt is None:
             continue
         for state in opt.state.values():
-            total += sum(v.numel() * v.element_size() for k, v in state.items()
-                         if torch.is_tensor(v) and v.dim() > 0)
+            total += sum(v.numel() * v.element_size() for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0)
     return total
 
 
@@ -96,9 +95,16 @@ def test_sltrain_plan_counts_the_transient_dense_weight(monkeypatch):
     monkeypatch.setattr(sparse_lowrank, "build_weight", counting_build_weight)
     cfg = load_config(None, [*TINY_JOB, "parallel.zero_stage=0", "train.dtype=fp32", "model.linear=sltrain"])
     m = plan_model_config(cfg)
-    plan, plan_tp2 = plan_memory(cfg, 1), plan_memory(load_config(None, [*TINY_JOB, "parallel.zero_stage=0",
-                                                                          "train.dtype=fp32", "model.linear=sltrain",
-                                                                          "parallel.tensor=2"]), 2)
+    plan, plan_tp2 = (
+        plan_memory(cfg, 1),
+        plan_memory(
+            load_config(
+                None,
+                [*TINY_JOB, "parallel.zero_stage=0", "train.dtype=fp32", "model.linear=sltrain", "parallel.tensor=2"],
+            ),
+            2,
+        ),
+    )
     assert plan.transient_bytes == 4 * m.dim * m.ffn_dim and plan_tp2.transient_bytes == plan.transient_bytes // 2
     assert plan.total_bytes == plan.model_state_bytes + plan.activation_bytes + plan.transient_bytes
     assert plan_memory(load_config(None, [*TINY_JOB, "model.linear=cola"]), 1).transient_bytes == 0
@@ -117,7 +123,7 @@ def test_plan_command_prints_the_plan_and_refuses_bad_splits(tmp_path):
     assert "world 4 = parallel.tensor 2 x 2 data-parallel" in proc.stdout
     assert re.search(r"optimizer state\s+\d", proc.stdout)
     proc = run_cli(["plan", *TINY_JOB, "parallel.tensor=8", "--world", "8"], check=False)
-    lines = [l for l in proc.stderr.splitlines() if l.startswith("megatrain: error")]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("megatrain: error")]
     assert proc.returncode == 2 and len(lines) == 1 and "does not divide model.heads=4" in lines[0], proc.stderr
 
 
@@ -125,14 +131,31 @@ def test_plan_command_prints_the_plan_and_refuses_bad_splits(tmp_path):
 def test_build_700m_at_tp4_peaks_under_a_third_of_the_fp32_model():
     """4 gloo ranks build the 760m preset (704M parameters with an 8192 vocabulary) through the engine;
     each holds its quarter, and its host memory grows by less than a third of the full fp32 model."""
-    proc = run_cli(["plan", *TINY_JOB, "model.preset=760m", "model.vocab_size=8192", "parallel.tensor=4",
-                    "--world", "4", "--build"], timeout=600)
-    full = Transformer(plan_model_config(load_config(None, [*TINY_JOB, "model.preset=760m",
-                                                            "model.vocab_size=8192"])), seed=0, device="meta")
+    proc = run_cli(
+        [
+            "plan",
+            *TINY_JOB,
+            "model.preset=760m",
+            "model.vocab_size=8192",
+            "parallel.tensor=4",
+            "--world",
+            "4",
+            "--build",
+        ],
+        timeout=600,
+    )
+    full = Transformer(
+        plan_model_config(load_config(None, [*TINY_JOB, "model.preset=760m", "model.vocab_size=8192"])),
+        seed=0,
+        device="meta",
+    )
     full_bytes = 4 * full.num_params(non_embedding=False)
     assert full_bytes >= 4 * 700e6
-    rows = re.findall(r"^\s+(\d) \|\s+([\d,]+) \|\s+([\d,]+) \|.*?\|\s+([\d.]+) (MiB|GiB) \|\s+([\d.]+) (MiB|GiB) \|",
-                      proc.stdout, flags=re.M)
+    rows = re.findall(
+        r"^\s+(\d) \|\s+([\d,]+) \|\s+([\d,]+) \|.*?\|\s+([\d.]+) (MiB|GiB) \|\s+([\d.]+) (MiB|GiB) \|",
+        proc.stdout,
+        flags=re.M,
+    )
     assert len(rows) == 4, proc.stdout
     unit = {"MiB": 2**20, "GiB": 2**30}
     for _, planned, held, before, bu, peak, pu in rows:
@@ -151,11 +174,17 @@ def test_zero3_build_peaks_at_the_partition_plus_one_module():
     proc = run_cli(["plan", *shape, "parallel.zero_stage=3", "--world", "2", "--build"], timeout=600)
     full = Transformer(plan_model_config(load_config(None, shape)), seed=0, device="meta")
     full_bytes = 4 * full.num_params(non_embedding=False)
-    largest = max(4 * sum(p.numel() for p in full.get_submodule(name)._parameters.values() if p is not None)
-                  for name in full.init_module_names())
+    largest = max(
+        4 * sum(p.numel() for p in full.get_submodule(name)._parameters.values() if p is not None)
+        for name in full.init_module_names()
+    )
     unit = {"MiB": 2**20, "GiB": 2**30}
-    rows = re.findall(r"^\s+(\d) \|\s+([\d,]+) \|\s+([\d,]+) \|\s+([\d.]+) (MiB|GiB) \|\s+([\d.]+) (MiB|GiB) \|"
-                      r"\s+([\d.]+) (MiB|GiB) \|", proc.stdout, flags=re.M)
+    rows = re.findall(
+        r"^\s+(\d) \|\s+([\d,]+) \|\s+([\d,]+) \|\s+([\d.]+) (MiB|GiB) \|\s+([\d.]+) (MiB|GiB) \|"
+        r"\s+([\d.]+) (MiB|GiB) \|",
+        proc.stdout,
+        flags=re.M,
+    )
     assert len(rows) == 2, proc.stdout
     for _, planned, held, weights, wu, before, bu, peak, pu in rows:
         assert planned == held
@@ -180,11 +209,18 @@ def test_iha_plan_counts_what_the_kernel_path_saves(monkeypatch, tp_mode, tp):
     heads, head_dim, pseudo, batch, seq = 4, 16, 2, 2, 24
     heads_out = heads // tp
     heads_in = heads if tp_mode == "exact" else heads_out
-    m = SimpleNamespace(dim=heads * head_dim, heads=heads, kv_heads=heads, head_dim=head_dim,
-                        iha=SimpleNamespace(pseudo_heads=pseudo, tp_mode=tp_mode))
+    m = SimpleNamespace(
+        dim=heads * head_dim,
+        heads=heads,
+        kv_heads=heads,
+        head_dim=head_dim,
+        iha=SimpleNamespace(pseudo_heads=pseudo, tp_mode=tp_mode),
+    )
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(batch, seq, heads_in, head_dim, generator=gen).to(torch.bfloat16).transpose(1, 2)
-               .requires_grad_() for _ in range(3))
+    q, k, v = (
+        torch.randn(batch, seq, heads_in, head_dim, generator=gen).to(torch.bfloat16).transpose(1, 2).requires_grad_()
+        for _ in range(3)
+    )
     mixes = [torch.randn(heads_in, heads_out, pseudo, generator=gen, requires_grad=True) for _ in range(3)]
     collapse = torch.randn(heads_out, pseudo, generator=gen, requires_grad=True)
     angles = torch.rand(seq * pseudo, head_dim // 2, generator=gen)

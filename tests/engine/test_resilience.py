@@ -25,23 +25,37 @@ from megatrain.config import load_config
 from megatrain.engine import checkpoint as ckpt
 from megatrain.engine.health import LossSpikeDetector, Watchdog
 from megatrain.engine.metrics import MetricsLogger, read_metrics
-from megatrain.engine.resilience import (FAULT_ENV, RunLock, RunLockError, auto_resume_enabled, check_run_lock,
-                                         fault_spec)
+from megatrain.engine.resilience import (
+    FAULT_ENV,
+    RunLock,
+    RunLockError,
+    auto_resume_enabled,
+    check_run_lock,
+    fault_spec,
+)
 from megatrain.errors import ConfigError
 from tests.conftest import REPO, TINY_JOB, child_env, free_port, signal_after_records, start_launcher
 
 STEPS = 8
 # 2 processes, ZeRO-1 (sharded optimizer state: one file per rank), a checkpoint every 2 steps.
-JOB = [*TINY_JOB, f"train.steps={STEPS}", "log.eval_every=0", "log.tensorboard=false", "parallel.zero_stage=1",
-       "checkpoint.every=2", "log.heartbeat_every=4"]
+JOB = [
+    *TINY_JOB,
+    f"train.steps={STEPS}",
+    "log.eval_every=0",
+    "log.tensorboard=false",
+    "parallel.zero_stage=1",
+    "checkpoint.every=2",
+    "log.heartbeat_every=4",
+]
 
 
 def run(cmd: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `cmd` in its own process group, so a timeout ends its workers too."""
     full = child_env()
     full.update(env or {})
-    proc = subprocess.Popen(cmd, cwd=REPO, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -56,8 +70,10 @@ def cli(args: list[str], env: dict | None = None, timeout: int = 300) -> subproc
 
 
 def pretrain2(run_dir, *extra: str, env: dict | None = None, resume: bool = True) -> subprocess.CompletedProcess:
-    return cli(["pretrain", "--nproc-per-node", "2", *JOB, f"run.dir={run_dir}", *(["--resume"] if resume else []),
-                *extra], env=env)
+    return cli(
+        ["pretrain", "--nproc-per-node", "2", *JOB, f"run.dir={run_dir}", *(["--resume"] if resume else []), *extra],
+        env=env,
+    )
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -99,8 +115,13 @@ def test_kill9_at_seeded_moments_then_resume_matches_uninterrupted(baseline, tmp
     rng = random.Random(15)
     run_dir = tmp_path / "chain"
     # (point, candidate steps, candidate ranks): the step and rank of each moment come from the seed.
-    plan = [("step", [2, 3], [0, 1]), ("ckpt_write", [4], [0, 1]), ("ckpt_commit", [4], [0]), ("latest", [6], [0]),
-            ("ckpt_write", [6], [0, 1])]
+    plan = [
+        ("step", [2, 3], [0, 1]),
+        ("ckpt_write", [4], [0, 1]),
+        ("ckpt_commit", [4], [0]),
+        ("latest", [6], [0]),
+        ("ckpt_write", [6], [0, 1]),
+    ]
     expect_latest = [None, 2, 2, 4, 4]  # `latest` after each kill
     moments = [(point, rng.choice(steps), rng.choice(ranks)) for point, steps, ranks in plan]
     if moments[0][1] == 2:  # killed inside step 2: no checkpoint yet
@@ -124,17 +145,32 @@ def test_kill9_at_seeded_moments_then_resume_matches_uninterrupted(baseline, tmp
     assert step_losses(run_dir) == baseline  # bit-for-bit: data position, optimizer, RNG all restored
     leftovers = [n for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.endswith(ckpt.PARTIAL_SUFFIX)]
     assert leftovers == []
-    beats = {r["step"]: r["heartbeat"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "heartbeat" in r}
+    beats = {
+        r["step"]: r["heartbeat"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "heartbeat" in r
+    }
     assert sorted(beats) == [4, 8]
-    assert all([b["rank"] for b in beat] == [0, 1] and all(b["since_last_step_s"] > 0 for b in beat)
-               for beat in beats.values())
+    assert all(
+        [b["rank"] for b in beat] == [0, 1] and all(b["since_last_step_s"] > 0 for b in beat) for beat in beats.values()
+    )
 
 
 # The launcher as a user starts it: the console command, a YAML file and overrides after it (the run's
 # config.yaml, written by rank 0 of the workers, must hold every one of them), long enough to be signalled.
-LAUNCHER_OVERRIDES = ["model.preset=tiny", "data.seq_len=32", "data.vocab_size=512", "train.micro_batch=4",
-                      "train.global_batch=8", "train.steps=500", "train.seed=7", "log.every=1", "log.eval_every=0",
-                      "log.progress=false", "log.tensorboard=false", "checkpoint.every=0", "parallel.zero_stage=1"]
+LAUNCHER_OVERRIDES = [
+    "model.preset=tiny",
+    "data.seq_len=32",
+    "data.vocab_size=512",
+    "train.micro_batch=4",
+    "train.global_batch=8",
+    "train.steps=500",
+    "train.seed=7",
+    "log.every=1",
+    "log.eval_every=0",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "checkpoint.every=0",
+    "parallel.zero_stage=1",
+]
 
 
 @pytest.mark.slow
@@ -146,8 +182,7 @@ def test_stop_signal_to_the_launcher_checkpoints_and_exits_0(tmp_path, signum):
     workers ran what the user typed: every override is in their config.yaml (~15 s each)."""
     run_dir = tmp_path / "stopped"
     overrides = [*LAUNCHER_OVERRIDES, f"run.dir={run_dir}"]
-    proc = start_launcher(["pretrain", "--config", "launch/configs/tiny-cpu.yaml", "--nproc-per-node", "2",
-                           *overrides])
+    proc = start_launcher(["pretrain", "--config", "launch/configs/tiny-cpu.yaml", "--nproc-per-node", "2", *overrides])
     out, err = signal_after_records(proc, os.path.join(run_dir, "metrics.jsonl"), 3, signum)
     assert proc.returncode == 0, (out[-2000:], err[-4000:])
     name = signal.Signals(signum).name
@@ -156,8 +191,9 @@ def test_stop_signal_to_the_launcher_checkpoints_and_exits_0(tmp_path, signum):
     assert assert_latest_complete(run_dir) == last
     checkpoint = os.path.join(run_dir, "checkpoints", f"step_{last}")
     lines = [line for line in err.splitlines() if line.startswith("megatrain:")]
-    assert lines == [f"megatrain: stopped at step {last} on {name}; checkpoint {checkpoint}; continue with "
-                     f"--resume"], err[-4000:]
+    assert lines == [f"megatrain: stopped at step {last} on {name}; checkpoint {checkpoint}; continue with --resume"], (
+        err[-4000:]
+    )
     assert "Traceback" not in out + err and "SignalException" not in out + err
     with open(run_dir / "config.yaml") as fh:
         saved = yaml.safe_load(fh)
@@ -173,9 +209,19 @@ def test_second_sigterm_to_the_launcher_kills_the_workers(tmp_path):
     to the launcher kills both workers through torchrun's agent: exit 143, one line naming the last complete
     checkpoint, no process of the job left (~12 s)."""
     run_dir = tmp_path / "stalled"
-    proc = start_launcher(["pretrain", "--config", "launch/configs/tiny-cpu.yaml", "--nproc-per-node", "2",
-                           *LAUNCHER_OVERRIDES, "checkpoint.every=2", f"run.dir={run_dir}"],
-                          env={FAULT_ENV: "step:5:1:stall"})
+    proc = start_launcher(
+        [
+            "pretrain",
+            "--config",
+            "launch/configs/tiny-cpu.yaml",
+            "--nproc-per-node",
+            "2",
+            *LAUNCHER_OVERRIDES,
+            "checkpoint.every=2",
+            f"run.dir={run_dir}",
+        ],
+        env={FAULT_ENV: "step:5:1:stall"},
+    )
     try:
         metrics, deadline = os.path.join(run_dir, "metrics.jsonl"), time.monotonic() + 240
         while not (os.path.exists(metrics) and len(read_metrics(metrics)) >= 4):
@@ -192,9 +238,11 @@ def test_second_sigterm_to_the_launcher_kills_the_workers(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 128 + signal.SIGTERM, (out[-2000:], err[-4000:])
     lines = [line for line in err.splitlines() if line.startswith("megatrain:")]
-    assert lines == [f"megatrain: a second SIGTERM while the workers were stopping on SIGTERM: killed them; the "
-                     f"last complete checkpoint is {run_dir / 'checkpoints' / 'step_4'} (step 4); continue with "
-                     f"--resume"], err[-4000:]
+    assert lines == [
+        f"megatrain: a second SIGTERM while the workers were stopping on SIGTERM: killed them; the "
+        f"last complete checkpoint is {run_dir / 'checkpoints' / 'step_4'} (step 4); continue with "
+        f"--resume"
+    ], err[-4000:]
     assert "Traceback" not in err and assert_latest_complete(run_dir) == 4
     with pytest.raises(ProcessLookupError):
         os.killpg(proc.pid, 0)  # nothing left in the job's session
@@ -221,8 +269,10 @@ def test_stalled_rank_is_named_by_the_watchdog(tmp_path):
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if "exceeded parallel.timeout_s=4" in line]
     assert lines, proc.stderr[-3000:]
-    assert any(line.startswith("megatrain: error (rank 0)") and "stalled: rank 1 (in 'forward' of step 3)" in line
-               for line in lines), lines
+    assert any(
+        line.startswith("megatrain: error (rank 0)") and "stalled: rank 1 (in 'forward' of step 3)" in line
+        for line in lines
+    ), lines
     assert time.monotonic() - start < 120  # not the process group's own (much longer) timeout
 
 
@@ -231,10 +281,33 @@ def test_torchrun_max_restarts_resumes_on_its_own(baseline, tmp_path):
     """torchrun restarts the group after rank 1 dies inside step 5; train.auto_resume (on under an
     elastic launch) continues from step_4 without --resume, and the trajectory is the straight one."""
     run_dir = tmp_path / "elastic"
-    proc = ok(run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-                   "--max-restarts", "1", "--monitor-interval", "0.2", "--master-addr", "127.0.0.1",
-                   "--master-port", str(free_port()), "--module", "megatrain.cli", "pretrain", *JOB,
-                   f"run.dir={run_dir}"], env={FAULT_ENV: "step:5:1"}))
+    proc = ok(
+        run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "1",
+                "--nproc-per-node",
+                "2",
+                "--max-restarts",
+                "1",
+                "--monitor-interval",
+                "0.2",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(free_port()),
+                "--module",
+                "megatrain.cli",
+                "pretrain",
+                *JOB,
+                f"run.dir={run_dir}",
+            ],
+            env={FAULT_ENV: "step:5:1"},
+        )
+    )
     assert "resumed from" in proc.stdout and "step_4 at step 4" in proc.stdout
     assert step_losses(run_dir) == baseline
 
@@ -245,11 +318,13 @@ def test_second_job_on_a_live_run_dir_is_refused(tmp_path):
     lock = RunLock(str(run_dir)).acquire()  # this test process plays the live job
     try:
         proc = cli(["pretrain", "--nproc-per-node", "2", *JOB, f"run.dir={run_dir}"])
-        since = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(json.load(open(lock.path))["time"]))
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(json.load(open(lock.path))["time"]))
         assert proc.returncode == 2
-        assert proc.stderr.strip() == (f"megatrain: error: run.dir '{run_dir}' is in use by another job (host "
-                                       f"{socket.gethostname()} pid {os.getpid()} since {since}): wait for it to "
-                                       f"finish or stop it")
+        assert proc.stderr.strip() == (
+            f"megatrain: error: run.dir '{run_dir}' is in use by another job (host "
+            f"{socket.gethostname()} pid {os.getpid()} since {since}): wait for it to "
+            f"finish or stop it"
+        )
     finally:
         lock.release()
     assert not os.path.exists(lock.path)
@@ -339,13 +414,17 @@ def test_watchdog_verdict_names_the_ranks_behind():
     dog.phase("forward", 3)
     dog.phase("backward", 3)
     dog.phase("optimizer step", 3)
-    peers = {1: {"phase": "forward", "step": 3, "seq": 1, "age": 6.0},
-             2: {"phase": "optimizer step", "step": 3, "seq": 3, "age": 6.0}}
+    peers = {
+        1: {"phase": "forward", "step": 3, "seq": 1, "age": 6.0},
+        2: {"phase": "optimizer step", "step": 3, "seq": 3, "age": 6.0},
+    }
     line = dog.verdict(peers)
     assert line == "'optimizer step' of step 3 exceeded parallel.timeout_s=5; stalled: rank 1 (in 'forward' of step 3)"
     assert "rank 2 (never reported)" in dog.verdict({1: {"phase": "optimizer step", "step": 3, "seq": 3, "age": 1}})
-    even = {1: {"phase": "optimizer step", "step": 3, "seq": 3, "age": 6.0},
-            2: {"phase": "optimizer step", "step": 3, "seq": 3, "age": 6.0}}
+    even = {
+        1: {"phase": "optimizer step", "step": 3, "seq": 3, "age": 6.0},
+        2: {"phase": "optimizer step", "step": 3, "seq": 3, "age": 6.0},
+    }
     assert "no rank is behind" in dog.verdict(even)
 
 
@@ -388,8 +467,14 @@ def test_watchdog_stop_waits_for_its_thread_so_exit_is_clean():
     """A daemon thread inside a torch store call when the interpreter finalizes aborts the process
     ("terminate called without an active exception", pytorch#38228): a rank failed that way at exit after a
     clean `train.stop_after` run in CI. stop() waits for the thread, so the process exits 0."""
-    proc = subprocess.run([sys.executable, "-c", _SLOW_STORE_WATCHDOG], cwd=REPO, env=child_env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SLOW_STORE_WATCHDOG],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "stopped" in proc.stdout
     assert "terminate called" not in proc.stderr
@@ -510,9 +595,26 @@ entry(sys.argv[1:])
 @pytest.mark.slow
 def test_loss_spike_logged_and_skipped(tmp_path):
     run_dir = tmp_path / "spike"
-    proc = ok(run([sys.executable, "-c", SPIKE_SCRIPT, "pretrain", *TINY_JOB, "log.eval_every=0",
-                   "log.tensorboard=false", "parallel.zero_stage=0", "train.global_batch=4", "train.steps=4",
-                   "train.spike_window=4", "train.spike_zscore=20", "train.spike_skip=true", f"run.dir={run_dir}"]))
+    proc = ok(
+        run(
+            [
+                sys.executable,
+                "-c",
+                SPIKE_SCRIPT,
+                "pretrain",
+                *TINY_JOB,
+                "log.eval_every=0",
+                "log.tensorboard=false",
+                "parallel.zero_stage=0",
+                "train.global_batch=4",
+                "train.steps=4",
+                "train.spike_window=4",
+                "train.spike_zscore=20",
+                "train.spike_skip=true",
+                f"run.dir={run_dir}",
+            ]
+        )
+    )
     records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     spikes = [r for r in records if "spike_z" in r]
     assert [r["step"] for r in spikes] == [4], records
@@ -530,10 +632,10 @@ SHIMS = {
     # torchrun: a shell (whose default action on SIGUSR1 is to die) starting one worker that waits for
     # a stop signal through megatrain's handler and records the arguments it was given.
     "torchrun": 'echo "$@" > "$SHIM_DIR/argv"\n"$PYTHON" - <<PY\n'
-                'import os, time\nfrom megatrain.engine.resilience import StopRequest\n'
-                'stop = StopRequest().install()\nopen(os.path.join(os.environ["SHIM_DIR"], "ready"), "w").close()\n'
-                'while not stop.signum:\n    time.sleep(0.05)\n'
-                'open(os.path.join(os.environ["SHIM_DIR"], "stopped"), "w").write(stop.name)\nPY\n',
+    "import os, time\nfrom megatrain.engine.resilience import StopRequest\n"
+    'stop = StopRequest().install()\nopen(os.path.join(os.environ["SHIM_DIR"], "ready"), "w").close()\n'
+    "while not stop.signum:\n    time.sleep(0.05)\n"
+    'open(os.path.join(os.environ["SHIM_DIR"], "stopped"), "w").write(stop.name)\nPY\n',
 }
 
 
@@ -547,14 +649,28 @@ def test_slurm_script_forwards_the_signal_and_requeues(tmp_path):
         path = shim_dir / name
         path.write_text("#!/usr/bin/env bash\n" + body)
         path.chmod(0o755)
-    env = {"PATH": f"{shim_dir}:{os.environ['PATH']}", "SHIM_DIR": str(shim_dir), "PYTHON": sys.executable,
-           "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "megatrain", "SLURM_JOB_NODELIST": "n1",
-           "SLURM_JOB_NUM_NODES": "1", "SLURM_GPUS_PER_NODE": "gpu:1", "SLURM_SUBMIT_DIR": str(REPO)}
+    env = {
+        "PATH": f"{shim_dir}:{os.environ['PATH']}",
+        "SHIM_DIR": str(shim_dir),
+        "PYTHON": sys.executable,
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "megatrain",
+        "SLURM_JOB_NODELIST": "n1",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_GPUS_PER_NODE": "gpu:1",
+        "SLURM_SUBMIT_DIR": str(REPO),
+    }
     full = child_env()
     full.update(env)
     script = str(REPO / "launch" / "slurm.sbatch")
-    job = subprocess.Popen(["bash", script, "launch/configs/tiny-cpu.yaml", "train.steps=9"], env=full,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    job = subprocess.Popen(
+        ["bash", script, "launch/configs/tiny-cpu.yaml", "train.steps=9"],
+        env=full,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while not (shim_dir / "ready").exists():
@@ -597,9 +713,11 @@ def test_manifest_checksums_catch_same_size_damage_and_name_the_previous_checkpo
     ckpt.read_meta(newest)  # sizes still agree
     with pytest.raises(ckpt.CheckpointError) as err:
         ckpt.read_meta(newest, checksums=True)
-    assert str(err.value) == (f"checkpoint '{newest}' is corrupt: file 'model.safetensors' fails its sha256 check; "
-                              f"the previous complete checkpoint is '{os.path.join(root, 'step_2')}' (resume with "
-                              f"--resume-from it)")
+    assert str(err.value) == (
+        f"checkpoint '{newest}' is corrupt: file 'model.safetensors' fails its sha256 check; "
+        f"the previous complete checkpoint is '{os.path.join(root, 'step_2')}' (resume with "
+        f"--resume-from it)"
+    )
 
 
 def test_prune_drops_partials_and_an_abandoned_future(tmp_path):

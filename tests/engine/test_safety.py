@@ -28,8 +28,13 @@ class _Payload:
 def _calls(tree, dotted: str):
     owner, name = dotted.rsplit(".", 1)
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == name
-                and isinstance(node.func.value, ast.Name) and node.func.value.id == owner):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == name
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == owner
+        ):
             yield node
 
 
@@ -42,8 +47,9 @@ def test_no_unsafe_loader_in_the_source():
             tree = ast.parse(path.read_text(encoding="utf-8"))
             for call in _calls(tree, "torch.load"):
                 flags = {k.arg: k.value for k in call.keywords}
-                assert isinstance(flags.get("weights_only"), ast.Constant) and flags["weights_only"].value is True, \
+                assert isinstance(flags.get("weights_only"), ast.Constant) and flags["weights_only"].value is True, (
                     f"{path}:{call.lineno}: torch.load without weights_only=True"
+                )
                 checked += 1
             for unsafe in ("yaml.load", "yaml.unsafe_load", "yaml.full_load", "pickle.load", "pickle.loads"):
                 found = [c.lineno for c in _calls(tree, unsafe)]

@@ -18,8 +18,21 @@ from torch.overrides import TorchFunctionMode
 
 TEST_DEVICE = os.environ.get("MEGATRAIN_TEST_DEVICE", "cpu")
 
-_FACTORIES = {torch.randn, torch.rand, torch.randint, torch.randperm, torch.empty, torch.zeros, torch.ones,
-              torch.full, torch.arange, torch.tensor, torch.eye, torch.linspace, torch.as_tensor}
+_FACTORIES = {
+    torch.randn,
+    torch.rand,
+    torch.randint,
+    torch.randperm,
+    torch.empty,
+    torch.zeros,
+    torch.ones,
+    torch.full,
+    torch.arange,
+    torch.tensor,
+    torch.eye,
+    torch.linspace,
+    torch.as_tensor,
+}
 
 
 class _FactoriesOn(TorchFunctionMode):

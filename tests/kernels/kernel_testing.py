@@ -22,8 +22,8 @@ def triton_backend(monkeypatch):
 
 
 def fresh_seed() -> int:
-    """A non-negative int64 seed (with room for seed + 1). By default the seed is derived from the test's id, so a run (CI's
-    included) is reproducible; KERNEL_TEST_SEED=random draws fresh seeds (explore more inputs), and
+    """A non-negative int64 seed (with room for seed + 1). By default the seed is derived from the test's id,
+    so a run (CI's included) is reproducible; KERNEL_TEST_SEED=random draws fresh seeds (explore more inputs), and
     KERNEL_TEST_SEED=N reproduces a failure's printed seed."""
     chosen = os.environ.get("KERNEL_TEST_SEED", "")
     if chosen == "random":
@@ -50,8 +50,13 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dt
     """actual (computed in `dtype`) against the fp32 reference, atol scaled by the reference's max."""
     rtol, atol = TOLERANCE[dtype]
     scale = expected.float().abs().max().item() if expected.numel() else 1.0
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol * max(scale, 1e-6),
-                               msg=lambda m: f"{what} (seed {seed}): {m}")
+    torch.testing.assert_close(
+        actual.float(),
+        expected.float(),
+        rtol=rtol,
+        atol=atol * max(scale, 1e-6),
+        msg=lambda m: f"{what} (seed {seed}): {m}",
+    )
 
 
 def autograd_node_names(root) -> set[str]:

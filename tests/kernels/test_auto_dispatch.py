@@ -67,8 +67,10 @@ def test_measured_faster_takes_triton_unmeasured_arch_and_cpu_take_torch(monkeyp
 def test_unmeasured_op_and_shape_class_take_torch(monkeypatch):
     monkeypatch.setenv("MEGATRAIN_KERNELS", "auto")
     _fake_arch(monkeypatch, "sm_90")
-    table = (_row("fused_linear_cross_entropy", "V33-64", "fwd+bwd", "triton"),
-             _row("rms_norm", "any", "fwd+bwd", "triton"))
+    table = (
+        _row("fused_linear_cross_entropy", "V33-64", "fwd+bwd", "triton"),
+        _row("rms_norm", "any", "fwd+bwd", "triton"),
+    )
     monkeypatch.setattr(measured, "TABLE", table)
     h = torch.randn(6, 16, requires_grad=True)
     target = torch.randint(0, 64, (6,))
@@ -83,8 +85,9 @@ def test_unmeasured_op_and_shape_class_take_torch(monkeypatch):
 def test_the_mode_picks_the_rows_fwd_under_no_grad(monkeypatch):
     monkeypatch.setenv("MEGATRAIN_KERNELS", "auto")
     _fake_arch(monkeypatch, "sm_90")
-    monkeypatch.setattr(measured, "TABLE", (_row("rms_norm", "any", "fwd+bwd", "triton"),
-                                            _row("rms_norm", "any", "fwd", "torch")))
+    monkeypatch.setattr(
+        measured, "TABLE", (_row("rms_norm", "any", "fwd+bwd", "triton"), _row("rms_norm", "any", "fwd", "torch"))
+    )
     x, w = torch.randn(3, 16, requires_grad=True), torch.ones(16)
     assert _norm_is_triton(x, w)
     with torch.no_grad():
@@ -94,10 +97,13 @@ def test_the_mode_picks_the_rows_fwd_under_no_grad(monkeypatch):
 
 
 def test_lookup_rules():
-    rows = (_row("lowrank_linear", "any", "fwd+bwd", "triton"),
-            _row("lowrank_linear", "r513-1024", "fwd+bwd", "torch"),
-            _row("rope", "any", "fwd", "triton"), _row("rope", "any", "fwd", "torch"),  # two files disagree
-            _row("swiglu", "any", "fwd", "triton", arch="sm_80"))
+    rows = (
+        _row("lowrank_linear", "any", "fwd+bwd", "triton"),
+        _row("lowrank_linear", "r513-1024", "fwd+bwd", "torch"),
+        _row("rope", "any", "fwd", "triton"),
+        _row("rope", "any", "fwd", "torch"),  # two files disagree
+        _row("swiglu", "any", "fwd", "triton", arch="sm_80"),
+    )
     assert measured.lookup("lowrank_linear", "sm_90", "r513-1024", "fwd+bwd", rows) == "torch"  # own class wins
     assert measured.lookup("lowrank_linear", "sm_90", "r129-256", "fwd+bwd", rows) == "triton"  # "any" row
     assert measured.lookup("lowrank_linear", "sm_90", "r129-256", "fwd", rows) is None
@@ -177,8 +183,10 @@ def test_torch_path_of_matmul_ops_computes_in_the_input_dtype(monkeypatch):
     gen = torch.Generator().manual_seed(0)
     x, a, b = (torch.randn(*s, generator=gen).bfloat16() for s in ((12, 16), (16, 4), (4, 8)))
     assert torch.equal(kernels.lowrank_linear(x, a, b), F.silu(x @ a) @ b)
-    assert torch.equal(kernels.lowrank_linear(x.float(), a.float(), b.float()),
-                       reference.lowrank_linear(x.float(), a.float(), b.float()))
+    assert torch.equal(
+        kernels.lowrank_linear(x.float(), a.float(), b.float()),
+        reference.lowrank_linear(x.float(), a.float(), b.float()),
+    )
     index = torch.tensor([1, 5, 40, 77], dtype=torch.int64)
     values = torch.randn(4, generator=gen).bfloat16()
     dense = torch.zeros(16 * 8, dtype=torch.bfloat16).index_put((index,), values).view(16, 8)

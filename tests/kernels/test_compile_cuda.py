@@ -41,8 +41,9 @@ def _env() -> dict:
 
 def _python(code: str, cache_dir: Path, timeout: int = 600) -> str:
     env = dict(_env(), TRITON_CACHE_DIR=str(cache_dir))
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -69,11 +70,23 @@ def test_every_launch_compiles_and_fits(report):
     kernels = {row["kernel"] for row in rows}
     assert len(rows) >= len(kernels) * (int(SAMPLE) if SAMPLE else 3)
     # every @triton.jit kernel of the package is covered
-    assert kernels == {"_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel",
-                       "_rope_fwd_kernel", "_flce_fwd_kernel", "_flce_grad_kernel", "_silu_fwd_kernel",
-                       "_silu_bwd_kernel", "_scatter_add_kernel", "_iha_attn_fwd_kernel",
-                       "_iha_attn_bwd_preprocess_kernel", "_iha_attn_bwd_dkdv_kernel", "_iha_attn_bwd_dq_kernel",
-                       "_projected_adam_update_kernel"}
+    assert kernels == {
+        "_rms_norm_fwd_kernel",
+        "_rms_norm_bwd_kernel",
+        "_swiglu_fwd_kernel",
+        "_swiglu_bwd_kernel",
+        "_rope_fwd_kernel",
+        "_flce_fwd_kernel",
+        "_flce_grad_kernel",
+        "_silu_fwd_kernel",
+        "_silu_bwd_kernel",
+        "_scatter_add_kernel",
+        "_iha_attn_fwd_kernel",
+        "_iha_attn_bwd_preprocess_kernel",
+        "_iha_attn_bwd_dkdv_kernel",
+        "_iha_attn_bwd_dq_kernel",
+        "_projected_adam_update_kernel",
+    }
     if not SAMPLE:
         assert {row["dtype"] for row in rows if row["kernel"] == "_rms_norm_fwd_kernel"} == {"bf16", "fp16", "fp32"}
     problems = [f"{row['kernel']} {row['dtype']} {row['config']}: {p}" for row in rows for p in row["problems"]]
@@ -100,8 +113,10 @@ def test_committed_report_is_current(report):
 
         assert launches(report["markdown"]) == launches(DOC.read_text())
         return
-    assert not report["compiled"], (f"{len(report['compiled'])} launches are not in docs/kernels-compiled.json; run "
-                                    f"python benchmarks/compile_report.py --write docs/kernels-compiled.md")
+    assert not report["compiled"], (
+        f"{len(report['compiled'])} launches are not in docs/kernels-compiled.json; run "
+        f"python benchmarks/compile_report.py --write docs/kernels-compiled.md"
+    )
     assert report["markdown"] == DOC.read_text(), "docs/kernels-compiled.md is stale: regenerate it (see its header)"
 
 
@@ -109,7 +124,8 @@ def test_an_oversized_tile_fails_the_shared_memory_check(tmp_path):
     """The GaLore/Fira update kernel with 256 x 256 fp32 weight tiles, K tiles of 64 and 3 stages needs
     640 KB of shared memory on sm_90 (Triton 3.9), over the 227 KB limit: the check used on every
     launch above must refuse it."""
-    out = _python(f"""
+    out = _python(
+        f"""
 import importlib.util, torch
 spec = importlib.util.spec_from_file_location("compile_report", {str(SCRIPT)!r})
 report = importlib.util.module_from_spec(spec); spec.loader.exec_module(report)
@@ -121,7 +137,9 @@ big = aot.KernelLaunch(launch.kernel, launch.arg_types, config, False)
 result = aot.compile_launch(big, 90)
 print(result.shared)
 print(report.violations(big, 90, result))
-""", tmp_path)
+""",
+        tmp_path,
+    )
     shared, problems = out.strip().splitlines()[-2:]
     assert int(shared) > 227 * 1024
     assert "shared memory" in problems and "> 227 KB" in problems
@@ -147,8 +165,14 @@ def test_launchers_take_their_config_from_the_exposed_functions(monkeypatch):
 
         monkeypatch.setattr(module, name, wrapper)
 
-    for module, name in ((norm, "launch_config"), (activation, "launch_config"), (rotary, "launch_config"),
-                         (cross_entropy, "launch_config"), (iha, "launch_config"), (projected_adam, "launch_configs")):
+    for module, name in (
+        (norm, "launch_config"),
+        (activation, "launch_config"),
+        (rotary, "launch_config"),
+        (cross_entropy, "launch_config"),
+        (iha, "launch_config"),
+        (projected_adam, "launch_configs"),
+    ):
         spy(module, name)
     spy(lowrank, "launch_config", "lowrank.launch_config")
     spy(norm, "forward_config", "norm.forward_config")
@@ -167,18 +191,31 @@ def test_launchers_take_their_config_from_the_exposed_functions(monkeypatch):
     kernels.iha_attention(q, q, q, mix, mix, mix, torch.randn(2, 2, generator=gen))
     weight, proj = torch.randn(6, 9, generator=gen), torch.randn(4, 9, generator=gen)
     moments = torch.zeros(6, 4)
-    kernels.projected_adam_update(weight, proj, torch.randn(6, 4, generator=gen), moments, moments.clone(),
-                                  side="right", beta1=0.9, beta2=0.99, eps=1e-8, step_size=1e-3, scale=1.0, decay=0.0)
+    kernels.projected_adam_update(
+        weight,
+        proj,
+        torch.randn(6, 4, generator=gen),
+        moments,
+        moments.clone(),
+        side="right",
+        beta1=0.9,
+        beta2=0.99,
+        eps=1e-8,
+        step_size=1e-3,
+        scale=1.0,
+        decay=0.0,
+    )
     index = torch.tensor([0, 7, 41, 100])
-    kernels.sparse_lowrank_linear(x, a, b, torch.randn(4, generator=gen, requires_grad=True), index[index < 280],
-                                  1.0).sum().backward()
+    kernels.sparse_lowrank_linear(
+        x, a, b, torch.randn(4, generator=gen, requires_grad=True), index[index < 280], 1.0
+    ).sum().backward()
     seen = {(name, args) for name, args in calls}
-    assert ("launch_config", (40,)) in seen                      # rms_norm, D = 40
-    assert ("norm.forward_config", (40,)) in seen                # rms_norm's forward
-    assert ("launch_config", ()) in seen                         # swiglu
-    assert ("launch_config", (8, 2, 2)) in seen                  # rope: d, Hq, Hk
-    assert ("launch_config", (50,)) in seen                      # cross-entropy: V
-    assert ("lowrank.launch_config", ()) in seen                 # lowrank's SiLU passes
-    assert ("launch_config", (8, torch.float32)) in seen        # iha: d, dtype
-    assert ("launch_configs", (4, "cpu")) in seen                # projected adam: r
-    assert ("sparse_lowrank.launch_config", ()) in seen          # sparse_lowrank's scatter
+    assert ("launch_config", (40,)) in seen  # rms_norm, D = 40
+    assert ("norm.forward_config", (40,)) in seen  # rms_norm's forward
+    assert ("launch_config", ()) in seen  # swiglu
+    assert ("launch_config", (8, 2, 2)) in seen  # rope: d, Hq, Hk
+    assert ("launch_config", (50,)) in seen  # cross-entropy: V
+    assert ("lowrank.launch_config", ()) in seen  # lowrank's SiLU passes
+    assert ("launch_config", (8, torch.float32)) in seen  # iha: d, dtype
+    assert ("launch_configs", (4, "cpu")) in seen  # projected adam: r
+    assert ("sparse_lowrank.launch_config", ()) in seen  # sparse_lowrank's scatter

@@ -44,7 +44,7 @@ def make_inputs(seed: int, tokens: int, hidden: int, vocab: int, dtype=torch.flo
     """h [T, D], weight [V, D] (logits of std ~2), target [T] with ~1/4 ignored, at least one of each."""
     gen = torch.Generator().manual_seed(seed)
     h = torch.randn(tokens, hidden, generator=gen)
-    weight = torch.randn(vocab, hidden, generator=gen) * (2.0 / hidden ** 0.5)
+    weight = torch.randn(vocab, hidden, generator=gen) * (2.0 / hidden**0.5)
     target = torch.randint(0, vocab, (tokens,), generator=gen)
     target[torch.rand(tokens, generator=gen) < 0.25] = IGNORE
     target[0] = int(torch.randint(0, vocab, (1,), generator=gen))
@@ -80,13 +80,18 @@ def assert_close(actual, expected, rtol, what, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("tokens, hidden, vocab, max_block_v, logits_budget_rows", [
-    (7, 33, 1000, 4096, None),        # one chunk, each row in one 1024-wide tile
-    (7, 33, 1000, 256, None),         # 4 column tiles, the last one partial: the online max/sum
-    (130, 33, 517, 128, 48),          # 5 tiles per row; the default rule picks 32 rows: 5 chunks, last of 2
-], ids=["T7-V1000", "T7-V1000-tiled", "T130-V517-tiled-chunked"])
-def test_matches_cross_entropy_and_reference(monkeypatch, tokens, hidden, vocab, max_block_v, logits_budget_rows,
-                                             dtype):
+@pytest.mark.parametrize(
+    "tokens, hidden, vocab, max_block_v, logits_budget_rows",
+    [
+        (7, 33, 1000, 4096, None),  # one chunk, each row in one 1024-wide tile
+        (7, 33, 1000, 256, None),  # 4 column tiles, the last one partial: the online max/sum
+        (130, 33, 517, 128, 48),  # 5 tiles per row; the default rule picks 32 rows: 5 chunks, last of 2
+    ],
+    ids=["T7-V1000", "T7-V1000-tiled", "T130-V517-tiled-chunked"],
+)
+def test_matches_cross_entropy_and_reference(
+    monkeypatch, tokens, hidden, vocab, max_block_v, logits_budget_rows, dtype
+):
     # Tests use small vocabularies, so the column-tile width is lowered to make rows span several tiles.
     monkeypatch.setattr(cross_entropy, "MAX_BLOCK_V", max_block_v)
     if logits_budget_rows is not None:
@@ -96,12 +101,15 @@ def test_matches_cross_entropy_and_reference(monkeypatch, tokens, hidden, vocab,
     h, weight, target = make_inputs(seed, tokens, hidden, vocab, dtype)
 
     loss, grad_h, grad_w = loss_and_grads(
-        lambda a, b, t: kernels.fused_linear_cross_entropy(a, b, t, IGNORE), h, weight, target)
+        lambda a, b, t: kernels.fused_linear_cross_entropy(a, b, t, IGNORE), h, weight, target
+    )
     assert loss.dim() == 0 and loss.dtype == torch.float32
     assert grad_h.dtype == dtype and grad_w.dtype == dtype
 
-    for name, fn in (("F.cross_entropy", torch_cross_entropy),
-                     ("reference", lambda a, b, t: reference.fused_linear_cross_entropy(a, b, t, IGNORE))):
+    for name, fn in (
+        ("F.cross_entropy", torch_cross_entropy),
+        ("reference", lambda a, b, t: reference.fused_linear_cross_entropy(a, b, t, IGNORE)),
+    ):
         exp_loss, exp_h, exp_w = loss_and_grads(fn, h, weight, target)
         assert_close(loss, exp_loss, RTOL[dtype], f"loss vs {name}", seed)
         assert_close(grad_h, exp_h, GRAD_RTOL[dtype], f"grad h vs {name}", seed)
@@ -113,8 +121,9 @@ def test_chunk_size_does_not_change_the_result(chunk_size):
     seed = fresh_seed()
     h, weight, target = make_inputs(seed, 13, 24, 77)
     expected = loss_and_grads(torch_cross_entropy, h, weight, target)
-    got = loss_and_grads(lambda a, b, t: cross_entropy.fused_linear_cross_entropy(a, b, t, chunk_size=chunk_size),
-                         h, weight, target)
+    got = loss_and_grads(
+        lambda a, b, t: cross_entropy.fused_linear_cross_entropy(a, b, t, chunk_size=chunk_size), h, weight, target
+    )
     for what, a, e in zip(("loss", "grad h", "grad weight"), got, expected):
         assert_close(a, e, 1e-5, f"{what}, chunk_size={chunk_size}", seed)
 
@@ -122,7 +131,7 @@ def test_chunk_size_does_not_change_the_result(chunk_size):
 def test_default_chunk_size_rule():
     # A [C, V] block within LOGITS_BUDGET_BYTES, C a power of two, at least 1, at most T.
     budget = cross_entropy.LOGITS_BUDGET_BYTES
-    for tokens, vocab, size in ((16384, 128256, 2), (8, 50000, 4), (3, 10, 2), (100000, 32000, 2), (4096, 2 ** 27, 4)):
+    for tokens, vocab, size in ((16384, 128256, 2), (8, 50000, 4), (3, 10, 2), (100000, 32000, 2), (4096, 2**27, 4)):
         rows = cross_entropy.default_chunk_size(tokens, vocab, size)
         assert 1 <= rows <= tokens
         assert rows == tokens or rows & (rows - 1) == 0
@@ -184,16 +193,18 @@ def test_an_outer_autocast_region_runs_the_op_in_its_dtype():
     fp32, exactly as a call on bf16 inputs outside autocast, and within bf16 tolerance of fp32."""
     seed = fresh_seed()
     h, weight, target = make_inputs(seed, 10, 16, 60)
-    on_bf16 = loss_and_grads(lambda a, b, t: kernels.fused_linear_cross_entropy(a.bfloat16(), b.bfloat16(), t),
-                             h, weight, target)
+    on_bf16 = loss_and_grads(
+        lambda a, b, t: kernels.fused_linear_cross_entropy(a.bfloat16(), b.bfloat16(), t), h, weight, target
+    )
     fp32 = loss_and_grads(torch_cross_entropy, h, weight, target)
 
     def under_autocast(a, b, t):
         with torch.autocast(device_type=a.device.type, dtype=torch.bfloat16):
             return kernels.fused_linear_cross_entropy(a, b, t)
 
-    for what, got, exp, exp32 in zip(("loss", "grad h", "grad weight"),
-                                     loss_and_grads(under_autocast, h, weight, target), on_bf16, fp32):
+    for what, got, exp, exp32 in zip(
+        ("loss", "grad h", "grad weight"), loss_and_grads(under_autocast, h, weight, target), on_bf16, fp32
+    ):
         assert got.dtype == torch.float32
         assert_close(got, exp, 0.0, f"{what} under autocast", seed)
         assert_close(got, exp32, GRAD_RTOL[torch.bfloat16], f"{what} under autocast vs fp32", seed)
@@ -264,7 +275,7 @@ def _vocab_parallel_worker(rank: int, world: int, port: int, seed: int, out_path
     try:
         h, weight, target = make_inputs(seed, PARALLEL_TOKENS, PARALLEL_HIDDEN, PARALLEL_VOCAB, device="cpu")
         rows = PARALLEL_VOCAB // world
-        shard = weight[rank * rows:(rank + 1) * rows]
+        shard = weight[rank * rows : (rank + 1) * rows]
         group = dist.group.WORLD
         cross_entropy.MAX_BLOCK_V = 128  # 5 column tiles per 517-wide shard row
         variants = {
@@ -272,10 +283,18 @@ def _vocab_parallel_worker(rank: int, world: int, port: int, seed: int, out_path
             "triton": ("triton", lambda a, b, t: kernels.fused_linear_cross_entropy(a, b, t, IGNORE, group)),
             "torch": ("torch", lambda a, b, t: kernels.fused_linear_cross_entropy(a, b, t, IGNORE, group)),
             # ... and directly, in chunks of 16 rows (3 chunks, so per-chunk communication is exercised).
-            "triton-chunked": ("triton", lambda a, b, t: cross_entropy.fused_linear_cross_entropy(
-                a, b, t, IGNORE, process_group=group, chunk_size=16)),
-            "reference-chunked": ("torch", lambda a, b, t: reference.fused_linear_cross_entropy(
-                a, b, t, IGNORE, chunk_size=16, process_group=group)),
+            "triton-chunked": (
+                "triton",
+                lambda a, b, t: cross_entropy.fused_linear_cross_entropy(
+                    a, b, t, IGNORE, process_group=group, chunk_size=16
+                ),
+            ),
+            "reference-chunked": (
+                "torch",
+                lambda a, b, t: reference.fused_linear_cross_entropy(
+                    a, b, t, IGNORE, chunk_size=16, process_group=group
+                ),
+            ),
         }
         results = {}
         for name, (backend, fn) in variants.items():
@@ -295,12 +314,21 @@ def test_vocab_parallel_two_gloo_processes_match_one_process(tmp_path):
     env = child_env()
     # The children hold CPU tensors (gloo), so Triton runs through the interpreter there even on a GPU box.
     env.update(TRITON_INTERPRET="1", MEGATRAIN_KERNELS="triton", MEGATRAIN_KERNELS_POISON="1")
-    code = ("import sys; from tests.kernels.test_cross_entropy import _vocab_parallel_worker as run; "
-            "run(*map(int, sys.argv[1:5]), sys.argv[5])")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(rank), str(world), str(port), str(seed),
-                               str(tmp_path / f"rank{rank}.pt")], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in range(world)]
+    code = (
+        "import sys; from tests.kernels.test_cross_entropy import _vocab_parallel_worker as run; "
+        "run(*map(int, sys.argv[1:5]), sys.argv[5])"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(rank), str(world), str(port), str(seed), str(tmp_path / f"rank{rank}.pt")],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(world)
+    ]
     logs = []
     for proc in procs:
         try:
@@ -325,7 +353,9 @@ def test_vocab_parallel_two_gloo_processes_match_one_process(tmp_path):
             assert_close(got["loss"], exp_loss, 1e-5, f"{what}: loss", seed)
             assert_close(got["no_grad_loss"], exp_loss, 1e-5, f"{what}: no-grad loss", seed)
             assert_close(got["grad_h"], exp_h, 1e-5, f"{what}: grad h", seed)
-            assert_close(got["grad_w"], exp_w[rank * rows:(rank + 1) * rows], 1e-5, f"{what}: grad weight shard", seed)
+            assert_close(
+                got["grad_w"], exp_w[rank * rows : (rank + 1) * rows], 1e-5, f"{what}: grad weight shard", seed
+            )
 
 
 def test_fp32_weight_with_bf16_activations_is_cast(monkeypatch):

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch._dynamo
 
-from megatrain import kernels
 from megatrain.kernels import activation, cross_entropy, iha, lowrank, norm, projected_adam, rotary, sparse_lowrank
 from megatrain.models.config import ModelConfig
 from megatrain.models.transformer import Transformer
@@ -20,16 +19,25 @@ pytestmark = pytest.mark.cpu_tensors  # meta tensors, CPU autocast and the inter
 
 # Every custom op, with the kernel file that defines it.
 OPS = {
-    "rms_norm": norm, "rms_norm_backward": norm, "rope": rotary, "swiglu": activation,
-    "swiglu_backward": activation, "fused_linear_cross_entropy": cross_entropy, "lowrank_linear": lowrank,
-    "lowrank_linear_backward": lowrank, "sparse_lowrank_linear": sparse_lowrank,
-    "sparse_lowrank_linear_backward": sparse_lowrank, "iha_flash_attention": iha,
-    "iha_flash_attention_backward": iha, "projected_adam_update": projected_adam,
+    "rms_norm": norm,
+    "rms_norm_backward": norm,
+    "rope": rotary,
+    "swiglu": activation,
+    "swiglu_backward": activation,
+    "fused_linear_cross_entropy": cross_entropy,
+    "lowrank_linear": lowrank,
+    "lowrank_linear_backward": lowrank,
+    "sparse_lowrank_linear": sparse_lowrank,
+    "sparse_lowrank_linear_backward": sparse_lowrank,
+    "iha_flash_attention": iha,
+    "iha_flash_attention_backward": iha,
+    "projected_adam_update": projected_adam,
 }
 
 
 def _samples(gen) -> dict[str, tuple]:
     """Small arguments for each forward op, by op name (inputs that take gradients require them)."""
+
     def leaf(shape, dtype=torch.float32, scale=1.0):
         return randn(gen, shape, dtype, scale).requires_grad_()
 
@@ -43,14 +51,37 @@ def _samples(gen) -> dict[str, tuple]:
         "rms_norm": (x, leaf((16,)), leaf((2, 5, 16)), 1e-6, True),
         "rope": (q, k, angles.cos(), angles.sin(), False),
         "swiglu": (leaf((3, 7)), leaf((3, 7))),
-        "fused_linear_cross_entropy": (leaf((9, 16)), leaf((40, 16), scale=0.3),
-                                       torch.randint(0, 40, (9,), generator=gen), -100, None, 4, True, True),
+        "fused_linear_cross_entropy": (
+            leaf((9, 16)),
+            leaf((40, 16), scale=0.3),
+            torch.randint(0, 40, (9,), generator=gen),
+            -100,
+            None,
+            4,
+            True,
+            True,
+        ),
         "lowrank_linear": (x, leaf((16, 4), scale=0.5), leaf((4, 12), scale=0.5), leaf((12,)), True, True),
         "sparse_lowrank_linear": (x, leaf((16, 4), scale=0.5), leaf((4, 12), scale=0.5), leaf((20,)), index, 0.5),
         "iha_flash_attention": (*pseudo, "causal", None),
-        "projected_adam_update": (weight, randn(gen, (4, 16)), randn(gen, (12, 4)), randn(gen, (12, 4)),
-                                  randn(gen, (12, 4)).abs(), "right", 0.9, 0.999, 1e-8, 1e-3, 0.25, 0.0, True,
-                                  None, None, 1.0),
+        "projected_adam_update": (
+            weight,
+            randn(gen, (4, 16)),
+            randn(gen, (12, 4)),
+            randn(gen, (12, 4)),
+            randn(gen, (12, 4)).abs(),
+            "right",
+            0.9,
+            0.999,
+            1e-8,
+            1e-3,
+            0.25,
+            0.0,
+            True,
+            None,
+            None,
+            1.0,
+        ),
     }
 
 
@@ -72,8 +103,10 @@ def test_opcheck(op, triton_backend):  # noqa: F811
 def test_ops_take_meta_tensors():
     """On the meta device an op returns its outputs' shapes and dtypes without running a kernel (the
     fake implementation), so a model built on `meta` traces through the Triton path."""
-    meta = {name: tuple(a.detach().to("meta") if isinstance(a, torch.Tensor) else a for a in args)
-            for name, args in _samples(torch.Generator().manual_seed(1)).items()}
+    meta = {
+        name: tuple(a.detach().to("meta") if isinstance(a, torch.Tensor) else a for a in args)
+        for name, args in _samples(torch.Generator().manual_seed(1)).items()
+    }
     y, h, rstd = torch.ops.megatrain.rms_norm(*meta["rms_norm"])
     assert (y.device.type, y.shape, h.shape, rstd.shape) == ("meta", (2, 5, 16), (2, 5, 16), (10,))
     q_rot, k_rot = torch.ops.megatrain.rope(*meta["rope"])
@@ -104,8 +137,11 @@ def test_op_autocast_rules(triton_backend):  # noqa: F811
 
 # Models covering every kernel: the four projection kinds with kernels, MHA with GQA, IHA.
 MODELS = {
-    "dense-gqa": dict(kv_heads=2), "cola": dict(linear="cola"), "sltrain": dict(linear="sltrain"),
-    "lora": dict(linear="lora"), "iha": dict(attention="iha"),
+    "dense-gqa": dict(kv_heads=2),
+    "cola": dict(linear="cola"),
+    "sltrain": dict(linear="sltrain"),
+    "lora": dict(linear="lora"),
+    "iha": dict(attention="iha"),
 }
 
 
@@ -130,8 +166,12 @@ def test_compiled_model_has_no_graph_breaks(name, backend, monkeypatch):
     ours = {t for t in targets if t.startswith("megatrain.")}
     if backend == "triton":
         attention = "megatrain.iha_flash_attention.default" if name == "iha" else "megatrain.rope.default"
-        assert {"megatrain.rms_norm.default", "megatrain.swiglu.default", attention,
-                "megatrain.fused_linear_cross_entropy.default"} <= ours, sorted(targets)
+        assert {
+            "megatrain.rms_norm.default",
+            "megatrain.swiglu.default",
+            attention,
+            "megatrain.fused_linear_cross_entropy.default",
+        } <= ours, sorted(targets)
     else:
         assert not ours, ours
 

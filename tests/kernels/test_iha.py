@@ -46,16 +46,17 @@ def _tables(gen, seq_len, pseudo, head_dim, rope):
     return angles.cos(), angles.sin()
 
 
-def _inputs(gen, *, batch, heads_in, heads_out, seq_len, head_dim, pseudo, dtype, rope, global_collapse,
-            transposed=False):
+def _inputs(
+    gen, *, batch, heads_in, heads_out, seq_len, head_dim, pseudo, dtype, rope, global_collapse, transposed=False
+):
     """q, k, v, mixes, collapse (+ cos, sin or None). Mixes near the identity-ish scale of a trained layer."""
     if transposed:  # [B, N, H, d] projections viewed as [B, H, N, d], as the attention module passes them
         q, k, v = (randn(gen, (batch, seq_len, heads_in, head_dim), dtype).transpose(1, 2) for _ in range(3))
     else:
         q, k, v = (randn(gen, (batch, heads_in, seq_len, head_dim), dtype) for _ in range(3))
-    mixes = [randn(gen, (heads_in, heads_out, pseudo), scale=heads_in ** -0.5) for _ in range(3)]
+    mixes = [randn(gen, (heads_in, heads_out, pseudo), scale=heads_in**-0.5) for _ in range(3)]
     collapse_shape = (heads_out, heads_out * pseudo) if global_collapse else (heads_out, pseudo)
-    collapse = randn(gen, collapse_shape, scale=pseudo ** -0.5)
+    collapse = randn(gen, collapse_shape, scale=pseudo**-0.5)
     cos, sin = _tables(gen, seq_len, pseudo, head_dim, rope)
     return [q, k, v, *mixes, collapse], cos, sin
 
@@ -70,8 +71,9 @@ def _run(fn, tensors, cos, sin, mask, window, grad_out):
 def _check(seed, tensors, cos, sin, mask, window, dtype):
     upcast = [t.float() if t.dtype == torch.bfloat16 else t for t in tensors]
     # The reference sees the kernel's own inputs: the bf16-rounded grad_out too.
-    grad_out = randn(torch.Generator().manual_seed(seed + 1),
-                     (tensors[0].shape[0], tensors[3].shape[1], *tensors[0].shape[2:])).to(dtype)
+    grad_out = randn(
+        torch.Generator().manual_seed(seed + 1), (tensors[0].shape[0], tensors[3].shape[1], *tensors[0].shape[2:])
+    ).to(dtype)
     expected, expected_grads = _run(reference.iha_attention, upcast, cos, sin, mask, window, grad_out.float())
     actual, actual_grads = _run(kernels.iha_attention, tensors, cos, sin, mask, window, grad_out)
     assert actual.dtype == dtype and actual.shape == expected.shape
@@ -80,9 +82,13 @@ def _check(seed, tensors, cos, sin, mask, window, dtype):
         assert got is not None and got.shape == want.shape, name
         if dtype == torch.bfloat16:
             scale = 4e-2 if name.startswith("mix") else 2e-2
-            torch.testing.assert_close(got.float(), want.float(), rtol=2e-2,
-                                       atol=scale * want.abs().max().item(),
-                                       msg=lambda m, name=name: f"grad {name} (seed {seed}): {m}")
+            torch.testing.assert_close(
+                got.float(),
+                want.float(),
+                rtol=2e-2,
+                atol=scale * want.abs().max().item(),
+                msg=lambda m, name=name: f"grad {name} (seed {seed}): {m}",
+            )
         else:
             assert_matches(got, want, dtype, f"grad {name}", seed)
 
@@ -95,10 +101,18 @@ def test_fp32_matches_reference(triton_backend, pseudo, mask_id):  # noqa: F811
     seed, gen = fresh_generator()
     mask, window_units = MASKS[mask_id]
     window = None if window_units is None else window_units * pseudo
-    tensors, cos, sin = _inputs(gen, batch=2 if pseudo < 3 else 1, heads_in=2, heads_out=3 if pseudo % 2 else 2,
-                                seq_len=13 if pseudo < 4 else 11, head_dim=16, pseudo=pseudo, dtype=torch.float32,
-                                rope={1: None, 2: "virtual", 3: "original", 4: "virtual"}[pseudo],
-                                global_collapse=False)
+    tensors, cos, sin = _inputs(
+        gen,
+        batch=2 if pseudo < 3 else 1,
+        heads_in=2,
+        heads_out=3 if pseudo % 2 else 2,
+        seq_len=13 if pseudo < 4 else 11,
+        head_dim=16,
+        pseudo=pseudo,
+        dtype=torch.float32,
+        rope={1: None, 2: "virtual", 3: "original", 4: "virtual"}[pseudo],
+        global_collapse=False,
+    )
     _check(seed, tensors, cos, sin, mask, window, torch.float32)
 
 
@@ -108,21 +122,46 @@ def test_bf16_matches_reference(triton_backend, pseudo, mask_id):  # noqa: F811
     seed, gen = fresh_generator()
     mask, window_units = MASKS[mask_id]
     window = None if window_units is None else window_units * pseudo
-    tensors, cos, sin = _inputs(gen, batch=1, heads_in=2 + 2 * (pseudo == 2), heads_out=3, seq_len=13, head_dim=32,
-                                pseudo=pseudo, dtype=torch.bfloat16, rope="original" if pseudo == 3 else "virtual",
-                                global_collapse=False)
+    tensors, cos, sin = _inputs(
+        gen,
+        batch=1,
+        heads_in=2 + 2 * (pseudo == 2),
+        heads_out=3,
+        seq_len=13,
+        head_dim=32,
+        pseudo=pseudo,
+        dtype=torch.bfloat16,
+        rope="original" if pseudo == 3 else "virtual",
+        global_collapse=False,
+    )
     _check(seed, tensors, cos, sin, mask, window, torch.bfloat16)
 
 
-@pytest.mark.parametrize("dtype,pseudo,mask_id", [(torch.float32, 2, "causal"), (torch.float32, 3, "causal_window"),
-                                                  (torch.float32, 4, "token_causal"),
-                                                  (torch.bfloat16, 2, "token_causal")])
+@pytest.mark.parametrize(
+    "dtype,pseudo,mask_id",
+    [
+        (torch.float32, 2, "causal"),
+        (torch.float32, 3, "causal_window"),
+        (torch.float32, 4, "token_causal"),
+        (torch.bfloat16, 2, "token_causal"),
+    ],
+)
 def test_global_collapse_matches_reference(triton_backend, dtype, pseudo, mask_id):  # noqa: F811
     seed, gen = fresh_generator()
     mask, window_units = MASKS[mask_id]
     window = None if window_units is None else window_units * pseudo
-    tensors, cos, sin = _inputs(gen, batch=1, heads_in=2, heads_out=3, seq_len=11, head_dim=16, pseudo=pseudo,
-                                dtype=dtype, rope="virtual", global_collapse=True)
+    tensors, cos, sin = _inputs(
+        gen,
+        batch=1,
+        heads_in=2,
+        heads_out=3,
+        seq_len=11,
+        head_dim=16,
+        pseudo=pseudo,
+        dtype=dtype,
+        rope="virtual",
+        global_collapse=True,
+    )
     _check(seed, tensors, cos, sin, mask, window, dtype)
 
 
@@ -132,16 +171,37 @@ def test_window_smaller_than_a_tile(triton_backend, mask):  # noqa: F811
     tile skips the first key tiles and the first key tile skips the last query tiles, so wrong skip
     bounds drop real keys."""
     seed, gen = fresh_generator()
-    tensors, cos, sin = _inputs(gen, batch=1, heads_in=2, heads_out=2, seq_len=21, head_dim=16, pseudo=2,
-                                dtype=torch.float32, rope="virtual", global_collapse=False)
+    tensors, cos, sin = _inputs(
+        gen,
+        batch=1,
+        heads_in=2,
+        heads_out=2,
+        seq_len=21,
+        head_dim=16,
+        pseudo=2,
+        dtype=torch.float32,
+        rope="virtual",
+        global_collapse=False,
+    )
     _check(seed, tensors, cos, sin, mask, 2, torch.float32)
 
 
 def test_strided_inputs_and_odd_head_dim(triton_backend):  # noqa: F811
     """Transposed q/k/v views and an odd d = 33 (a 64-wide tile with masked columns) without rotary."""
     seed, gen = fresh_generator()
-    tensors, cos, sin = _inputs(gen, batch=1, heads_in=2, heads_out=2, seq_len=7, head_dim=33, pseudo=2,
-                                dtype=torch.float32, rope=None, global_collapse=False, transposed=True)
+    tensors, cos, sin = _inputs(
+        gen,
+        batch=1,
+        heads_in=2,
+        heads_out=2,
+        seq_len=7,
+        head_dim=33,
+        pseudo=2,
+        dtype=torch.float32,
+        rope=None,
+        global_collapse=False,
+        transposed=True,
+    )
     assert not tensors[0].is_contiguous()
     _check(seed, tensors, cos, sin, "causal", None, torch.float32)
 
@@ -205,8 +265,11 @@ def test_attention_kernel_reads_interleaved_views_of_any_layout(triton_backend):
     flat = [t.reshape(batch, heads, seq_len * pseudo, d).clone().requires_grad_() for t in dense]
     want = F.scaled_dot_product_attention(*flat, is_causal=True)
     want_grads = torch.autograd.grad(want, flat, grad)
-    layouts = {"BHNPd": lambda t: t, "BHPNd": lambda t: t.transpose(2, 3).contiguous().transpose(2, 3),
-               "BNHPd": lambda t: t.permute(0, 2, 1, 3, 4).contiguous().permute(0, 2, 1, 3, 4)}
+    layouts = {
+        "BHNPd": lambda t: t,
+        "BHPNd": lambda t: t.transpose(2, 3).contiguous().transpose(2, 3),
+        "BNHPd": lambda t: t.permute(0, 2, 1, 3, 4).contiguous().permute(0, 2, 1, 3, 4),
+    }
     for name, layout in layouts.items():
         leaves = [layout(t).transpose(2, 3).detach().requires_grad_() for t in dense]  # as [B, H, P, N, d]
         out = torch.ops.megatrain.iha_flash_attention(*leaves, "causal", None)[0]
@@ -220,8 +283,18 @@ def test_attention_kernel_reads_interleaved_views_of_any_layout(triton_backend):
 def test_backward_is_deterministic(triton_backend):  # noqa: F811
     """No atomics: two backward passes give bitwise equal gradients."""
     seed, gen = fresh_generator()
-    tensors, cos, sin = _inputs(gen, batch=1, heads_in=2, heads_out=2, seq_len=13, head_dim=16, pseudo=2,
-                                dtype=torch.float32, rope="virtual", global_collapse=False)
+    tensors, cos, sin = _inputs(
+        gen,
+        batch=1,
+        heads_in=2,
+        heads_out=2,
+        seq_len=13,
+        head_dim=16,
+        pseudo=2,
+        dtype=torch.float32,
+        rope="virtual",
+        global_collapse=False,
+    )
     grad_out = randn(gen, (1, 2, 13, 16))
     first = _run(kernels.iha_attention, tensors, cos, sin, "causal", 4, grad_out)[1]
     second = _run(kernels.iha_attention, tensors, cos, sin, "causal", 4, grad_out)[1]
@@ -233,7 +306,13 @@ def test_launch_configs_fit_the_conventions():
     """The host heuristic: FlashAttention-2 tiles on a GPU for 16-bit inputs (128 x 32 forward at d = 128),
     smaller for fp32, d padded to a power of two >= 16; the interpreter's small tiles."""
     fwd = iha.launch_config(128, torch.bfloat16, phase="fwd", interpret=False).constexpr_dict()
-    assert (fwd["BLOCK_M"], fwd["BLOCK_N"], fwd["BLOCK_D"], fwd["EVEN_D"], fwd["FP32_DOT"]) == (128, 32, 128, True, False)
+    assert (fwd["BLOCK_M"], fwd["BLOCK_N"], fwd["BLOCK_D"], fwd["EVEN_D"], fwd["FP32_DOT"]) == (
+        128,
+        32,
+        128,
+        True,
+        False,
+    )
     fp32 = iha.launch_config(96, torch.float32, phase="bwd_dkdv", interpret=False).constexpr_dict()
     assert fp32["BLOCK_M"] * fp32["BLOCK_N"] < 64 * 64 and fp32["BLOCK_D"] == 128 and not fp32["EVEN_D"]
     assert fp32["FP32_DOT"]
@@ -246,10 +325,22 @@ def test_mask_rule():
     """The visibility rule the kernels and the reference share, on a small case written out by hand."""
     causal = reference.iha_allowed(3, 2, "causal", window=4)
     token = reference.iha_allowed(3, 2, "token_causal", window=4)
-    assert causal.tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
-                               [1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
-    assert token.tolist() == [[1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0],
-                              [1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]]
+    assert causal.tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [0, 1, 1, 1, 1, 0],
+        [0, 0, 1, 1, 1, 1],
+    ]
+    assert token.tolist() == [
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [0, 0, 1, 1, 1, 1],
+        [0, 0, 1, 1, 1, 1],
+    ]
     # Without a window the causal rule is lower-triangular and token_causal is block lower-triangular.
     assert torch.equal(reference.iha_allowed(4, 3), torch.ones(12, 12, dtype=torch.bool).tril())
     assert reference.iha_allowed(4, 3, "token_causal").sum().item() == 9 * (1 + 2 + 3 + 4)
@@ -262,20 +353,23 @@ def _valid_args():
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("change,needle", [
-    (dict(q=torch.randn(2, 5, 8)), "'q'"),
-    (dict(k=torch.randn(1, 2, 6, 8)), "'k'"),
-    (dict(v=torch.randn(1, 2, 5, 8, dtype=torch.float64)), "'v'"),
-    (dict(mix_q=torch.randn(3, 3, 2)), "'mix_q'"),
-    (dict(mix_v=torch.randn(2, 3, 3)), "'mix_v'"),
-    (dict(mix_q=torch.randn(2, 3, 0), mix_k=torch.randn(2, 3, 0), mix_v=torch.randn(2, 3, 0)), "P >= 1"),
-    (dict(collapse=torch.randn(3, 3)), "'collapse'"),
-    (dict(mask="bidirectional"), "'mask'"),
-    (dict(window=3), "'window'"),
-    (dict(window=0), "'window'"),
-    (dict(cos=torch.randn(10, 4)), "'cos' and 'sin'"),
-    (dict(cos=torch.randn(5, 4), sin=torch.randn(5, 4)), "'cos'"),
-])
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        (dict(q=torch.randn(2, 5, 8)), "'q'"),
+        (dict(k=torch.randn(1, 2, 6, 8)), "'k'"),
+        (dict(v=torch.randn(1, 2, 5, 8, dtype=torch.float64)), "'v'"),
+        (dict(mix_q=torch.randn(3, 3, 2)), "'mix_q'"),
+        (dict(mix_v=torch.randn(2, 3, 3)), "'mix_v'"),
+        (dict(mix_q=torch.randn(2, 3, 0), mix_k=torch.randn(2, 3, 0), mix_v=torch.randn(2, 3, 0)), "P >= 1"),
+        (dict(collapse=torch.randn(3, 3)), "'collapse'"),
+        (dict(mask="bidirectional"), "'mask'"),
+        (dict(window=3), "'window'"),
+        (dict(window=0), "'window'"),
+        (dict(cos=torch.randn(10, 4)), "'cos' and 'sin'"),
+        (dict(cos=torch.randn(5, 4), sin=torch.randn(5, 4)), "'cos'"),
+    ],
+)
 def test_invalid_inputs_raise(monkeypatch, backend, change, needle):
     monkeypatch.setenv("MEGATRAIN_KERNELS", backend)
     args = {**_valid_args(), **change}
@@ -293,8 +387,9 @@ def test_benchmark_case_runs_on_cpu(triton_backend):  # noqa: F811
 
     name = "megatrain_bench_kernels"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[2] / "benchmarks"
-                                                      / "kernels.py")
+        spec = importlib.util.spec_from_file_location(
+            name, Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)

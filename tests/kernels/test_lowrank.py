@@ -1,4 +1,5 @@
-"""The low-rank projection (kernels/lowrank.py: cuBLAS matmuls, Triton SiLU passes) against kernels.reference, forward and backward.
+"""The low-rank projection (kernels/lowrank.py: cuBLAS matmuls, Triton SiLU passes) against kernels.reference,
+forward and backward.
 
 Without a GPU the kernels run through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1
 before anything imports them). Every test draws a fresh seed and prints it on failure; kernel outputs
@@ -12,8 +13,8 @@ import torch
 
 from megatrain import kernels
 from megatrain.kernels import reference
+
 # Imported at collection time, while TRITON_INTERPRET=1, so the kernels are built for the interpreter.
-from megatrain.kernels import lowrank as triton_lowrank
 
 from tests.kernels.kernel_testing import assert_matches, fresh_generator, randn, ran_kernel
 
@@ -28,8 +29,13 @@ def assert_grad_matches(actual, expected, dtype, what, seed):
     implementation's would): 2e-2 instead of 1e-2. fp32 keeps the ~1e-5 bound."""
     if dtype == torch.bfloat16:
         scale = expected.float().abs().max().item() if expected.numel() else 1.0
-        torch.testing.assert_close(actual.float(), expected.float(), rtol=2e-2, atol=2e-2 * max(scale, 1e-6),
-                                   msg=lambda m: f"{what} (seed {seed}): {m}")
+        torch.testing.assert_close(
+            actual.float(),
+            expected.float(),
+            rtol=2e-2,
+            atol=2e-2 * max(scale, 1e-6),
+            msg=lambda m: f"{what} (seed {seed}): {m}",
+        )
     else:
         assert_matches(actual, expected, dtype, what, seed)
 
@@ -37,8 +43,8 @@ def assert_grad_matches(actual, expected, dtype, what, seed):
 def make_inputs(gen, lead, d_in, rank, d_out, dtype, bias):
     # a scaled so z = x @ a is O(1): both the linear and the saturated parts of SiLU are exercised.
     x = randn(gen, (*lead, d_in), dtype)
-    a = randn(gen, (d_in, rank), dtype, scale=2.0 / d_in ** 0.5)
-    b = randn(gen, (rank, d_out), dtype, scale=1.0 / rank ** 0.5)
+    a = randn(gen, (d_in, rank), dtype, scale=2.0 / d_in**0.5)
+    b = randn(gen, (rank, d_out), dtype, scale=1.0 / rank**0.5)
     bias_t = randn(gen, (d_out,), dtype) if bias else None
     dy = randn(gen, (*lead, d_out), dtype)
     return x, a, b, bias_t, dy
@@ -121,8 +127,12 @@ def test_lowrank_non_contiguous_x_and_mixed_dtypes():
     assert ours.dtype == torch.bfloat16
     assert_matches(ours, ref, torch.bfloat16, "output", seed)
     dy = randn(gen, ours.shape)
-    for name, t, g, g_ref in zip("x a b bias".split(), ours_in, torch.autograd.grad(ours, ours_in, dy.bfloat16()),
-                                 torch.autograd.grad(ref, ref_in, dy)):
+    for name, t, g, g_ref in zip(
+        "x a b bias".split(),
+        ours_in,
+        torch.autograd.grad(ours, ours_in, dy.bfloat16()),
+        torch.autograd.grad(ref, ref_in, dy),
+    ):
         assert g.dtype == t.dtype, f"d{name} dtype {g.dtype}"
         assert_grad_matches(g, g_ref, torch.bfloat16, f"d{name}", seed)
 
@@ -176,8 +186,9 @@ def _bad(name):
     return cases[name]
 
 
-@pytest.mark.parametrize("case", ["a_shape", "b_shape", "bias_shape", "x_int", "a_float64", "b_other_device",
-                                  "activation", "zero_rank"])
+@pytest.mark.parametrize(
+    "case", ["a_shape", "b_shape", "bias_shape", "x_int", "a_float64", "b_other_device", "activation", "zero_rank"]
+)
 def test_lowrank_bad_inputs_raise(case):
     args, kwargs, argument = _bad(case)
     pattern = r"^lowrank_linear: D_in, r and D_out" if case == "zero_rank" else rf"^lowrank_linear: .*'{argument}'"

@@ -13,6 +13,7 @@ import torch
 
 from megatrain import kernels
 from megatrain.kernels import reference
+
 # Imported at collection time, while TRITON_INTERPRET=1, so the kernels are built for the interpreter
 # even though one test below switches the variable off.
 from megatrain.kernels import norm as triton_norm
@@ -45,10 +46,12 @@ def check_against_reference(seed: int, inputs: dict, call, upstream: dict, dtype
         assert_matches(o, r, dtype, f"output {i}", seed)
 
     used = sorted(upstream)
-    grads_ours = torch.autograd.grad([ours[i] for i in used], list(ours_in.values()),
-                                     [upstream[i] for i in used], allow_unused=True)
-    grads_ref = torch.autograd.grad([ref[i] for i in used], list(ref_in.values()),
-                                    [upstream[i].float() for i in used], allow_unused=True)
+    grads_ours = torch.autograd.grad(
+        [ours[i] for i in used], list(ours_in.values()), [upstream[i] for i in used], allow_unused=True
+    )
+    grads_ref = torch.autograd.grad(
+        [ref[i] for i in used], list(ref_in.values()), [upstream[i].float() for i in used], allow_unused=True
+    )
     for (name, t), g, g_ref in zip(ours_in.items(), grads_ours, grads_ref):
         assert g is not None, f"no gradient for {name} (seed {seed})"
         assert g.dtype == t.dtype and g.shape == t.shape, f"d{name}: {g.dtype} {tuple(g.shape)} (seed {seed})"
@@ -65,9 +68,11 @@ def check_against_reference(seed: int, inputs: dict, call, upstream: dict, dtype
 
 def make_inputs(gen, shape, dtype, weight_dtype, residual: bool, scale: float = 1.0):
     d = shape[-1]
-    inputs = {"x": randn(gen, shape, dtype, scale),
-              # Weights spread around 1 (as trained norms are), so every column's dw is distinct.
-              "weight": (1.0 + 0.5 * torch.randn(d, generator=gen)).to(weight_dtype)}
+    inputs = {
+        "x": randn(gen, shape, dtype, scale),
+        # Weights spread around 1 (as trained norms are), so every column's dw is distinct.
+        "weight": (1.0 + 0.5 * torch.randn(d, generator=gen)).to(weight_dtype),
+    }
     if residual:
         inputs["residual"] = randn(gen, shape, dtype, scale)
     return inputs
@@ -110,16 +115,22 @@ def test_rms_norm_fp32_weight_with_bf16_x(residual):
     assert all(o.dtype == torch.bfloat16 for o in ours)
 
 
-@pytest.mark.parametrize("x_dtype,residual_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16)],
-                         ids=["bf16_x_fp32_residual", "fp32_x_fp16_residual"])
+@pytest.mark.parametrize(
+    "x_dtype,residual_dtype",
+    [(torch.bfloat16, torch.float32), (torch.float32, torch.float16)],
+    ids=["bf16_x_fp32_residual", "fp32_x_fp16_residual"],
+)
 def test_rms_norm_mixed_x_and_residual_dtypes_promote(x_dtype, residual_dtype):
     """A bf16 branch output added to an fp32 stream (what autocast hands the fused add + norm): each
     input is loaded in its own dtype, y and h come back in the promoted dtype (fp32), each input's
     gradient in its own dtype."""
     seed, gen = fresh_generator()
     shape = (3, 5, 40)
-    inputs = {"x": randn(gen, shape, x_dtype), "weight": 1.0 + 0.5 * torch.randn(shape[-1], generator=gen),
-              "residual": randn(gen, shape, residual_dtype)}
+    inputs = {
+        "x": randn(gen, shape, x_dtype),
+        "weight": 1.0 + 0.5 * torch.randn(shape[-1], generator=gen),
+        "residual": randn(gen, shape, residual_dtype),
+    }
     upstream = [randn(gen, shape), randn(gen, shape)]
     ours_in = {k: v.clone().requires_grad_() for k, v in inputs.items()}
     ref_in = {k: v.float().requires_grad_() for k, v in inputs.items()}
@@ -138,9 +149,11 @@ def test_rms_norm_mixed_x_and_residual_dtypes_promote(x_dtype, residual_dtype):
 def test_rms_norm_non_contiguous_inputs():
     seed, gen = fresh_generator()
     rows, d = 9, 33
-    inputs = {"x_t": randn(gen, (d, rows)),                 # used transposed: strides (1, rows)
-              "weight_wide": randn(gen, (2 * d,)),           # used as weight[::2]: stride 2
-              "residual_wide": randn(gen, (rows, d + 5))}   # used sliced: row stride d + 5
+    inputs = {
+        "x_t": randn(gen, (d, rows)),  # used transposed: strides (1, rows)
+        "weight_wide": randn(gen, (2 * d,)),  # used as weight[::2]: stride 2
+        "residual_wide": randn(gen, (rows, d + 5)),
+    }  # used sliced: row stride d + 5
 
     def call(fn, t):
         return fn(t["x_t"].transpose(0, 1), t["weight_wide"][::2], residual=t["residual_wide"][:, :d])
@@ -214,8 +227,18 @@ def _bad(name):
     return cases[name]
 
 
-@pytest.mark.parametrize("case", ["weight_wrong_size", "weight_2d", "weight_int", "x_int", "residual_shape",
-                                  "residual_dtype", "weight_other_device"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "weight_wrong_size",
+        "weight_2d",
+        "weight_int",
+        "x_int",
+        "residual_shape",
+        "residual_dtype",
+        "weight_other_device",
+    ],
+)
 def test_rms_norm_bad_inputs_raise(case):
     args, kwargs, argument = _bad(case)
     with pytest.raises(ValueError, match=rf"^rms_norm: .*'{argument}'"):
@@ -242,12 +265,16 @@ def test_rms_norm_forward_tiles_of_several_rows(rows, d, monkeypatch):
     assert config["BLOCK_ROWS"] == max(1, 256 // config["BLOCK_D"])
     seed, gen = fresh_generator()
     inputs = {"x": randn(gen, (rows, d)), "weight": randn(gen, (d,)), "residual": randn(gen, (rows, d))}
-    check_against_reference(seed, inputs, lambda fn, t: fn(t["x"], t["weight"], 1e-6, t["residual"]),
-                            {0: randn(gen, (rows, d)), 1: randn(gen, (rows, d))}, torch.float32)
+    check_against_reference(
+        seed,
+        inputs,
+        lambda fn, t: fn(t["x"], t["weight"], 1e-6, t["residual"]),
+        {0: randn(gen, (rows, d)), 1: randn(gen, (rows, d))},
+        torch.float32,
+    )
     stored = []
     real = triton_norm.rms_norm_fwd
-    monkeypatch.setattr(triton_norm, "rms_norm_fwd",
-                        lambda *a, **k: stored.append(k["store_rstd"]) or real(*a, **k))
+    monkeypatch.setattr(triton_norm, "rms_norm_fwd", lambda *a, **k: stored.append(k["store_rstd"]) or real(*a, **k))
     with torch.no_grad():
         y = kernels.rms_norm(inputs["x"], inputs["weight"])
     kernels.rms_norm(inputs["x"].clone().requires_grad_(), inputs["weight"])

@@ -14,7 +14,7 @@ from tests.kernels.kernel_testing import assert_matches, fresh_generator, randn,
 CASES = [  # (M, N, rank, side)
     (37, 21, 5, "right"),
     (13, 40, 6, "left"),
-    (45, 33, 19, "right"),   # rank > one 16-wide chunk
+    (45, 33, 19, "right"),  # rank > one 16-wide chunk
     (17, 50, 17, "left"),
 ]
 
@@ -46,13 +46,25 @@ def test_matches_reference(triton_backend, case, dtype, fira):  # noqa: F811
         kwargs.update(update_moments=False, residual_coef=0.25)
     w_ref, m_ref, v_ref = weight.float().clone(), exp_avg.clone(), exp_avg_sq.clone()
     m_ref, v_ref = reference.projected_adam_update(
-        w_ref, proj, low_rank, m_ref, v_ref, **kwargs,
-        **({"grad": grad.float(), "residual_scale": residual_scale} if fira else {}))
+        w_ref,
+        proj,
+        low_rank,
+        m_ref,
+        v_ref,
+        **kwargs,
+        **({"grad": grad.float(), "residual_scale": residual_scale} if fira else {}),
+    )
     w_tri = weight.clone()
     m_in, v_in = exp_avg.clone(), exp_avg_sq.clone()
     m_tri, v_tri = kernels.projected_adam_update(
-        w_tri, proj, low_rank, m_in, v_in, **kwargs,
-        **({"grad": grad, "residual_scale": residual_scale} if fira else {}))
+        w_tri,
+        proj,
+        low_rank,
+        m_in,
+        v_in,
+        **kwargs,
+        **({"grad": grad, "residual_scale": residual_scale} if fira else {}),
+    )
     assert w_tri.dtype == dtype
     assert_matches(w_tri, w_ref, dtype, f"weight {case}", seed)
     assert_matches(m_tri, m_ref, torch.float32, f"exp_avg {case}", seed)
@@ -73,7 +85,9 @@ def test_transposed_views_and_bad_inputs(triton_backend):  # noqa: F811
     kernels.projected_adam_update(w_t, proj, low_rank, exp_avg.clone(), exp_avg_sq.clone(), side="right", **kwargs)
     assert_matches(w_t, w_ref, torch.float32, "transposed weight", seed)
     with pytest.raises(ValueError, match="low_rank_grad"):
-        kernels.projected_adam_update(weight, proj, low_rank.T.contiguous(), exp_avg, exp_avg_sq, side="right", **kwargs)
+        kernels.projected_adam_update(
+            weight, proj, low_rank.T.contiguous(), exp_avg, exp_avg_sq, side="right", **kwargs
+        )
     with pytest.raises(ValueError, match="exp_avg"):
         kernels.projected_adam_update(weight, proj, low_rank, exp_avg.double(), exp_avg_sq, side="right", **kwargs)
     with pytest.raises(ValueError, match="side"):

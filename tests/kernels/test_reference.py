@@ -63,8 +63,10 @@ def test_rope_is_a_complex_rotation_of_half_split_pairs():
     theta = torch.rand(2, 5, 6) * 2 * math.pi  # per-row tables [B, N, d/2]
     q_rot, k_rot = reference.rope(q, k, theta.cos(), theta.sin())
     for x, x_rot in ((q, q_rot), (k, k_rot)):
-        z = torch.complex(x[..., :6].double(), x[..., 6:].double()) * torch.polar(
-            torch.ones_like(theta, dtype=torch.float64), theta.double())[:, None]
+        z = (
+            torch.complex(x[..., :6].double(), x[..., 6:].double())
+            * torch.polar(torch.ones_like(theta, dtype=torch.float64), theta.double())[:, None]
+        )
         torch.testing.assert_close(x_rot.double(), torch.cat((z.real, z.imag), dim=-1), rtol=1e-5, atol=1e-5)
 
 
@@ -175,8 +177,7 @@ def test_torch_backend_runs_every_op(monkeypatch):
     torch.testing.assert_close(q_rot, q)
     torch.testing.assert_close(kernels.swiglu(x, x), F.silu(x) * x)
     target = torch.tensor([1, 2, 3])
-    torch.testing.assert_close(kernels.fused_linear_cross_entropy(x, torch.eye(8), target),
-                               F.cross_entropy(x, target))
+    torch.testing.assert_close(kernels.fused_linear_cross_entropy(x, torch.eye(8), target), F.cross_entropy(x, target))
 
 
 @pytest.mark.cpu_tensors

@@ -49,7 +49,7 @@ def _heads_tensor(batch, heads, n, d, layout, dtype, gen):
         return torch.randn(batch, n, heads, d, generator=gen).to(dtype).transpose(1, 2)
     if layout == "strided":
         wide = torch.randn(batch, heads + 1, n + 2, 2 * d + 4, generator=gen).to(dtype)
-        return wide[:, 1:, 1:n + 1, 3:3 + 2 * d:2]
+        return wide[:, 1:, 1 : n + 1, 3 : 3 + 2 * d : 2]
     raise AssertionError(layout)
 
 
@@ -85,11 +85,13 @@ def _check_against_reference(q, k, cos, sin, seed):
     gen, _ = _generator(seed + 1)
     q, k = q.detach().requires_grad_(), k.detach().requires_grad_()
     q_rot, k_rot = kernels.rope(q, k, cos, sin)
-    assert ran_kernel(q_rot, "rope"), \
+    assert ran_kernel(q_rot, "rope"), (
         f"kernels.rope did not route to the Triton kernel (grad_fn {q_rot.grad_fn}); seed={seed}"
+    )
     for name, out, x in (("q_rot", q_rot, q), ("k_rot", k_rot, k)):
-        assert out.shape == x.shape and out.dtype == x.dtype and out.is_contiguous(), \
+        assert out.shape == x.shape and out.dtype == x.dtype and out.is_contiguous(), (
             f"{name}: shape {tuple(out.shape)} dtype {out.dtype}; seed={seed}"
+        )
 
     q32, k32 = q.detach().float().requires_grad_(), k.detach().float().requires_grad_()
     q_ref, k_ref = reference.rope(q32, k32, cos.float(), sin.float())
@@ -119,8 +121,11 @@ CASES = [
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("batch,hq,hk,n,d,table_shape,table_kind,layout", CASES,
-                         ids=[f"B{c[0]}-Hq{c[1]}-Hk{c[2]}-N{c[3]}-d{c[4]}-{c[5]}-{c[6]}-{c[7]}" for c in CASES])
+@pytest.mark.parametrize(
+    "batch,hq,hk,n,d,table_shape,table_kind,layout",
+    CASES,
+    ids=[f"B{c[0]}-Hq{c[1]}-Hk{c[2]}-N{c[3]}-d{c[4]}-{c[5]}-{c[6]}-{c[7]}" for c in CASES],
+)
 def test_matches_reference(batch, hq, hk, n, d, table_shape, table_kind, layout, dtype):
     gen, seed = _generator()
     q = _heads_tensor(batch, hq, n, d, layout, dtype, gen)
@@ -140,8 +145,9 @@ def test_bf16_tables_and_mixed_q_k_dtypes():
     q_ref, k_ref = reference.rope(q, k, cos, sin)
     assert q_rot.dtype == torch.float32 and k_rot.dtype == torch.bfloat16
     torch.testing.assert_close(q_rot, q_ref, **TOLERANCES[torch.float32], msg=lambda m: f"seed={seed}: {m}")
-    torch.testing.assert_close(k_rot.float(), k_ref.float(), **TOLERANCES[torch.bfloat16],
-                               msg=lambda m: f"seed={seed}: {m}")
+    torch.testing.assert_close(
+        k_rot.float(), k_ref.float(), **TOLERANCES[torch.bfloat16], msg=lambda m: f"seed={seed}: {m}"
+    )
 
 
 def test_positions_matter():
@@ -161,8 +167,13 @@ def test_positions_matter():
     shifted = _rope_angles(n, d // 2, start=3)
     q_shift, _ = kernels.rope(q, k, shifted.cos(), shifted.sin())
     assert not torch.allclose(q_shift, q_rot), f"a different table gave the same output; seed={seed}"
-    torch.testing.assert_close(q_shift[:, :, :n - 3], q_rot[:, :, 3:], rtol=1e-5, atol=1e-6,
-                               msg=lambda m: f"start=3 must equal positions 3.. of start=0; seed={seed}: {m}")
+    torch.testing.assert_close(
+        q_shift[:, :, : n - 3],
+        q_rot[:, :, 3:],
+        rtol=1e-5,
+        atol=1e-6,
+        msg=lambda m: f"start=3 must equal positions 3.. of start=0; seed={seed}: {m}",
+    )
 
     per_row = torch.stack((_rope_angles(n, d // 2), _rope_angles(n, d // 2, start=5)))
     q_rows, _ = kernels.rope(q, k, per_row.cos(), per_row.sin())
@@ -198,8 +209,9 @@ def test_without_grad_and_empty_sequence():
     with torch.no_grad():
         q_rot, k_rot = kernels.rope(q, k, theta.cos(), theta.sin())
     assert not q_rot.requires_grad
-    torch.testing.assert_close(q_rot, reference.rope(q, k, theta.cos(), theta.sin())[0],
-                               msg=lambda m: f"seed={seed}: {m}")
+    torch.testing.assert_close(
+        q_rot, reference.rope(q, k, theta.cos(), theta.sin())[0], msg=lambda m: f"seed={seed}: {m}"
+    )
     q_rot, k_rot = kernels.rope(q[:, :, :0], k[:, :, :0], theta[:0].cos(), theta[:0].sin())
     assert q_rot.shape == (1, 2, 0, 6) and k_rot.shape == (1, 1, 0, 6)
 
@@ -209,20 +221,50 @@ def _bad_inputs():
     q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8)
     cos, sin = torch.ones(5, 4), torch.zeros(5, 4)
     return [
-        ("odd d", torch.randn(2, 4, 5, 7), torch.randn(2, 2, 5, 7), torch.ones(5, 3), torch.zeros(5, 3),
-         r"rope: argument 'q' .*even.*\(2, 4, 5, 7\)"),
+        (
+            "odd d",
+            torch.randn(2, 4, 5, 7),
+            torch.randn(2, 2, 5, 7),
+            torch.ones(5, 3),
+            torch.zeros(5, 3),
+            r"rope: argument 'q' .*even.*\(2, 4, 5, 7\)",
+        ),
         ("q not 4-D", q[0], k, cos, sin, r"rope: argument 'q' must have 4 dims, got shape \(4, 5, 8\)"),
-        ("k batch", q, torch.randn(3, 2, 5, 8), cos, sin,
-         r"rope: argument 'k' must have shape \[2, \*, 5, 8\], got \(3, 2, 5, 8\)"),
+        (
+            "k batch",
+            q,
+            torch.randn(3, 2, 5, 8),
+            cos,
+            sin,
+            r"rope: argument 'k' must have shape \[2, \*, 5, 8\], got \(3, 2, 5, 8\)",
+        ),
         ("k positions", q, torch.randn(2, 2, 6, 8), cos, sin, r"rope: argument 'k' .*\(2, 2, 6, 8\)"),
         ("k head dim", q, torch.randn(2, 2, 5, 6), cos, sin, r"rope: argument 'k' .*\(2, 2, 5, 6\)"),
-        ("cos pairs", q, k, torch.ones(5, 8), torch.zeros(5, 8),
-         r"rope: argument 'cos' must be \[N, d/2\] = \[5, 4\].*got \(5, 8\)"),
+        (
+            "cos pairs",
+            q,
+            k,
+            torch.ones(5, 8),
+            torch.zeros(5, 8),
+            r"rope: argument 'cos' must be \[N, d/2\] = \[5, 4\].*got \(5, 8\)",
+        ),
         ("cos positions", q, k, torch.ones(4, 4), torch.zeros(4, 4), r"rope: argument 'cos' .*got \(4, 4\)"),
-        ("cos batch", q, k, torch.ones(3, 5, 4), torch.zeros(3, 5, 4),
-         r"rope: argument 'cos' .*\[2, 5, 4\].*got \(3, 5, 4\)"),
-        ("sin shape", q, k, cos, torch.zeros(2, 5, 4),
-         r"rope: argument 'sin' must have shape \[5, 4\], got \(2, 5, 4\)"),
+        (
+            "cos batch",
+            q,
+            k,
+            torch.ones(3, 5, 4),
+            torch.zeros(3, 5, 4),
+            r"rope: argument 'cos' .*\[2, 5, 4\].*got \(3, 5, 4\)",
+        ),
+        (
+            "sin shape",
+            q,
+            k,
+            cos,
+            torch.zeros(2, 5, 4),
+            r"rope: argument 'sin' must have shape \[5, 4\], got \(2, 5, 4\)",
+        ),
         ("int q", q.long(), k, cos, sin, r"rope: argument 'q' has dtype int64"),
         ("int cos", q, k, cos.int(), sin, r"rope: argument 'cos' has dtype int32"),
         ("cos device", q, k, cos.to("meta"), sin, r"rope: argument 'cos' is on meta but 'q' is on (cpu|cuda)"),
@@ -253,5 +295,6 @@ def test_rotation_preserves_norms_with_real_tables():
     q = torch.randn(2, 3, 9, 20, generator=gen)
     theta = torch.rand(2, 9, 10, generator=gen) * 2 * math.pi
     q_rot, _ = kernels.rope(q, q[:, :1], theta.cos(), theta.sin())
-    torch.testing.assert_close(q_rot.norm(dim=-1), q.norm(dim=-1), rtol=1e-5, atol=1e-5,
-                               msg=lambda m: f"seed={seed}: {m}")
+    torch.testing.assert_close(
+        q_rot.norm(dim=-1), q.norm(dim=-1), rtol=1e-5, atol=1e-5, msg=lambda m: f"seed={seed}: {m}"
+    )

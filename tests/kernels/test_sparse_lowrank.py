@@ -12,6 +12,7 @@ import torch
 
 from megatrain import kernels
 from megatrain.kernels import reference
+
 # Imported at collection time, while TRITON_INTERPRET=1, so the kernels are built for the interpreter.
 from megatrain.kernels import sparse_lowrank as triton_sparse
 
@@ -30,8 +31,8 @@ def random_support(gen, d_in, d_out, density):
 
 def make_inputs(gen, lead, d_in, rank, d_out, density, dtype):
     x = randn(gen, (*lead, d_in), dtype)
-    a = randn(gen, (d_in, rank), dtype, scale=1.0 / d_in ** 0.5)
-    b = randn(gen, (rank, d_out), dtype, scale=1.0 / rank ** 0.5)
+    a = randn(gen, (d_in, rank), dtype, scale=1.0 / d_in**0.5)
+    b = randn(gen, (rank, d_out), dtype, scale=1.0 / rank**0.5)
     index = random_support(gen, d_in, d_out, density)
     values = randn(gen, (index.numel(),), dtype)
     dy = randn(gen, (*lead, d_out), dtype)
@@ -102,8 +103,9 @@ def test_sparse_lowrank_partial_grads(wanted):
     ours_in = [t.clone().requires_grad_(n == wanted) for n, t in zip(names, (x, a, b, values))]
     ref_in = [t.clone().requires_grad_(n == wanted) for n, t in zip(names, (x, a, b, values))]
     (g,) = torch.autograd.grad(kernels.sparse_lowrank_linear(*ours_in, index, 0.5), ours_in[names.index(wanted)], dy)
-    (g_ref,) = torch.autograd.grad(reference.sparse_lowrank_linear(*ref_in, index, 0.5), ref_in[names.index(wanted)],
-                                   dy)
+    (g_ref,) = torch.autograd.grad(
+        reference.sparse_lowrank_linear(*ref_in, index, 0.5), ref_in[names.index(wanted)], dy
+    )
     assert_matches(g, g_ref, torch.float32, f"d{wanted} only", seed)
 
 
@@ -136,8 +138,9 @@ def _bad(name):
     return cases[name]
 
 
-@pytest.mark.parametrize("case", ["unsorted", "repeated", "out_of_range", "negative", "index_int32", "lengths",
-                                  "a_shape", "values_2d"])
+@pytest.mark.parametrize(
+    "case", ["unsorted", "repeated", "out_of_range", "negative", "index_int32", "lengths", "a_shape", "values_2d"]
+)
 def test_sparse_lowrank_bad_inputs_raise(case):
     args, what = _bad(case)
     with pytest.raises(ValueError, match=rf"^sparse_lowrank_linear: .*{what}"):
@@ -150,6 +153,7 @@ def test_sparse_lowrank_bad_inputs_raise(case):
 def test_sparse_lowrank_auto_backend_on_cpu_is_reference(monkeypatch):
     monkeypatch.setenv("MEGATRAIN_KERNELS", "auto")
     x = torch.randn(4, D_IN, requires_grad=True)
-    y = kernels.sparse_lowrank_linear(x, torch.randn(D_IN, RANK), torch.randn(RANK, D_OUT), torch.randn(2),
-                                      torch.tensor([0, 5]), 1.0)
+    y = kernels.sparse_lowrank_linear(
+        x, torch.randn(D_IN, RANK), torch.randn(RANK, D_OUT), torch.randn(2), torch.tensor([0, 5]), 1.0
+    )
     assert not ran_kernel(y, "sparse_lowrank_linear")

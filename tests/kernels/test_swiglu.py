@@ -13,6 +13,7 @@ import torch
 
 from megatrain import kernels
 from megatrain.kernels import reference
+
 # Imported at collection time, while TRITON_INTERPRET=1, so the kernels are built for the interpreter
 # even though one test below switches the variable off.
 from megatrain.kernels import activation as triton_activation
@@ -72,8 +73,9 @@ def test_swiglu_mixed_dtypes_promote():
     assert ran_kernel(ours, "swiglu"), ours.grad_fn
     assert ours.dtype == reference.swiglu(gate, up).dtype == torch.float32
     assert_matches(ours, ref, torch.float32, "output", seed)
-    for name, t, g, g_ref in zip(("gate", "up"), ours_in, torch.autograd.grad(ours, ours_in, dy),
-                                 torch.autograd.grad(ref, ref_in, dy)):
+    for name, t, g, g_ref in zip(
+        ("gate", "up"), ours_in, torch.autograd.grad(ours, ours_in, dy), torch.autograd.grad(ref, ref_in, dy)
+    ):
         assert g.dtype == t.dtype, f"d{name}: {g.dtype} (seed {seed})"
         assert_matches(g, g_ref, t.dtype, f"d{name}", seed)
 
@@ -123,8 +125,9 @@ def _bad(name):
     return cases[name]
 
 
-@pytest.mark.parametrize("case", ["up_shape", "up_broadcastable", "up_float64", "gate_int", "gate_float64",
-                                  "up_other_device"])
+@pytest.mark.parametrize(
+    "case", ["up_shape", "up_broadcastable", "up_float64", "gate_int", "gate_float64", "up_other_device"]
+)
 def test_swiglu_bad_inputs_raise(case):
     args, argument = _bad(case)
     with pytest.raises(ValueError, match=rf"^swiglu: .*'{argument}'"):

@@ -40,9 +40,17 @@ GRAD_RTOL = {torch.bfloat16: 8e-2, torch.float16: 1.5e-2}
 def build(attention: str, linear: str) -> Transformer:
     """A 2-layer dim-64 model whose every parameter is perturbed from its init (so LoRA's and SLTrain's
     zero factors and IHA's identity mixes carry gradient through every path)."""
-    cfg = ModelConfig(dim=64, layers=2, heads=4, kv_heads=4 if attention == "mha" else 2, ffn_dim=176,
-                      vocab_size=VOCAB, max_seq_len=32, linear=linear,
-                      attention="iha" if attention == "iha" else "mha")
+    cfg = ModelConfig(
+        dim=64,
+        layers=2,
+        heads=4,
+        kv_heads=4 if attention == "mha" else 2,
+        ffn_dim=176,
+        vocab_size=VOCAB,
+        max_seq_len=32,
+        linear=linear,
+        attention="iha" if attention == "iha" else "mha",
+    )
     if linear in ("relora", "lora"):
         cfg.lowrank.dropout = 0.0  # the two runs must see the same function
     model = Transformer(cfg, seed=0)
@@ -64,8 +72,10 @@ def loss_and_grads(model: Transformer, ids, labels, dtype=None):
     block's un-added MLP output and residual stream, then the final norm's (y, h)."""
     model.zero_grad(set_to_none=True)
     streams = []
-    hooks = [m.register_forward_hook(lambda mod, args, out: streams.append((out[0].dtype, out[1].dtype)))
-             for m in (*model.blocks, model.norm)]
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out: streams.append((out[0].dtype, out[1].dtype)))
+        for m in (*model.blocks, model.norm)
+    ]
     try:
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             loss = model(ids, labels=labels)
@@ -100,10 +110,18 @@ def check_model(monkeypatch, backend: str, attention: str, linear: str, dtype, r
     assert streams32 == [(torch.float32, torch.float32)] * (layers + 1)
     assert streams == [(dtype, torch.float32)] * layers + [(torch.float32, torch.float32)], streams
     if backend == "triton":  # each kernel's custom op is in the autograd graph
-        ops = ["rms_norm", "swiglu", "fused_linear_cross_entropy",
-               "iha_flash_attention" if attention == "iha" else "rope"]
-        projection = {"cola": "lowrank_linear", "relora": "lowrank_linear", "lora": "lowrank_linear",
-                      "sltrain": "sparse_lowrank_linear"}.get(linear)
+        ops = [
+            "rms_norm",
+            "swiglu",
+            "fused_linear_cross_entropy",
+            "iha_flash_attention" if attention == "iha" else "rope",
+        ]
+        projection = {
+            "cola": "lowrank_linear",
+            "relora": "lowrank_linear",
+            "lora": "lowrank_linear",
+            "sltrain": "sparse_lowrank_linear",
+        }.get(linear)
         ops += [projection] if projection is not None else []
         for op in ops:
             assert kernel_node_name(op) in nodes, f"{op} did not run the Triton kernel"
@@ -120,8 +138,9 @@ def test_model_under_autocast_matches_fp32(monkeypatch, attention, linear, dtype
 TRITON_CASES = [("mha", "cola", torch.bfloat16), ("gqa", "sltrain", torch.float16), ("iha", "lora", torch.bfloat16)]
 
 
-@pytest.mark.parametrize("attention,linear,dtype", TRITON_CASES, ids=["mha-cola-bf16", "gqa-sltrain-fp16",
-                                                                     "iha-lora-bf16"])
+@pytest.mark.parametrize(
+    "attention,linear,dtype", TRITON_CASES, ids=["mha-cola-bf16", "gqa-sltrain-fp16", "iha-lora-bf16"]
+)
 def test_model_under_autocast_matches_fp32_triton(monkeypatch, attention, linear, dtype):
     check_model(monkeypatch, "triton", attention, linear, dtype, rows=1)
 
@@ -136,22 +155,44 @@ def _randn(gen, *shape, scale=1.0):
 def lower_case(op: str, gen):
     """(fp32 / int arguments, names of the arguments the rule casts) for a matmul-shaped op."""
     if op == "fused_linear_cross_entropy":
-        return dict(h=_randn(gen, 9, 16), weight=_randn(gen, 24, 16, scale=0.3),
-                    target=torch.randint(0, 24, (9,), generator=gen)), {"h", "weight"}
+        return dict(
+            h=_randn(gen, 9, 16),
+            weight=_randn(gen, 24, 16, scale=0.3),
+            target=torch.randint(0, 24, (9,), generator=gen),
+        ), {"h", "weight"}
     if op == "lowrank_linear":
-        return dict(x=_randn(gen, 2, 5, 16), a=_randn(gen, 16, 4, scale=0.3), b=_randn(gen, 4, 12, scale=0.3),
-                    bias=_randn(gen, 12)), {"x", "a", "b", "bias"}
+        return dict(
+            x=_randn(gen, 2, 5, 16),
+            a=_randn(gen, 16, 4, scale=0.3),
+            b=_randn(gen, 4, 12, scale=0.3),
+            bias=_randn(gen, 12),
+        ), {"x", "a", "b", "bias"}
     if op == "sparse_lowrank_linear":
         index = torch.sort(torch.randperm(16 * 12, generator=gen)[:20]).values
-        return dict(x=_randn(gen, 2, 5, 16), a=_randn(gen, 16, 4, scale=0.3), b=_randn(gen, 4, 12, scale=0.3),
-                    values=_randn(gen, 20), index=index, scale=0.5), {"x", "a", "b", "values"}
+        return dict(
+            x=_randn(gen, 2, 5, 16),
+            a=_randn(gen, 16, 4, scale=0.3),
+            b=_randn(gen, 4, 12, scale=0.3),
+            values=_randn(gen, 20),
+            index=index,
+            scale=0.5,
+        ), {"x", "a", "b", "values"}
     if op == "iha_attention":
         heads, pseudo, n, d = 3, 2, 5, 8
         angles = torch.arange(n * pseudo)[:, None] * 0.3 ** torch.arange(d // 2)[None]
         q, k, v = (_randn(gen, 1, heads, n, d) for _ in range(3))
         mix_q, mix_k, mix_v = (_randn(gen, heads, heads, pseudo, scale=0.5) for _ in range(3))
-        args = dict(q=q, k=k, v=v, mix_q=mix_q, mix_k=mix_k, mix_v=mix_v,
-                    collapse=_randn(gen, heads, pseudo, scale=0.5), cos=angles.cos(), sin=angles.sin())
+        args = dict(
+            q=q,
+            k=k,
+            v=v,
+            mix_q=mix_q,
+            mix_k=mix_k,
+            mix_v=mix_v,
+            collapse=_randn(gen, heads, pseudo, scale=0.5),
+            cos=angles.cos(),
+            sin=angles.sin(),
+        )
         return args, {"q", "k", "v", "mix_q", "mix_k", "mix_v", "collapse"}  # cos, sin stay fp32
     raise KeyError(op)
 
@@ -238,16 +279,29 @@ def test_norm_and_elementwise_ops_keep_their_inputs_and_promote(monkeypatch, dty
         assert [t.dtype for t in got] == dtypes, (op, [t.dtype for t in got])
         for o, e, r in zip(got, outside, ref):
             torch.testing.assert_close(o, e, rtol=0, atol=0, msg=op)
-            torch.testing.assert_close(o.float(), r, rtol=1e-5 if o.dtype == torch.float32 else 1e-2,
-                                       atol=1e-5 if o.dtype == torch.float32 else 1e-2, msg=op)
+            torch.testing.assert_close(
+                o.float(),
+                r,
+                rtol=1e-5 if o.dtype == torch.float32 else 1e-2,
+                atol=1e-5 if o.dtype == torch.float32 else 1e-2,
+                msg=op,
+            )
         upstream = [_randn(gen, *o.shape).to(o.dtype) for o in got]
         for name, g in _grads(got, leaves, upstream).items():
             assert g.dtype == leaves[name].dtype, (op, name, g.dtype)
 
 
 def test_every_dispatched_op_has_one_autocast_rule():
-    ops = {"rms_norm", "rope", "swiglu", "fused_linear_cross_entropy", "lowrank_linear", "sparse_lowrank_linear",
-           "iha_attention", "projected_adam_update"}
+    ops = {
+        "rms_norm",
+        "rope",
+        "swiglu",
+        "fused_linear_cross_entropy",
+        "lowrank_linear",
+        "sparse_lowrank_linear",
+        "iha_attention",
+        "projected_adam_update",
+    }
     assert set(kernel_autocast.RULES) == ops
     assert {op for op, rule in kernel_autocast.RULES.items() if rule.policy == kernel_autocast.LOWER} == set(LOWER_OPS)
     for op in ops:

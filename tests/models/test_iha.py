@@ -85,8 +85,10 @@ def test_init_starts_as_mha():
     assert iha_model(pseudo_heads=2).num_params() - mha_params == 2 * (3 * 4 * 4 * 2 + 4 * 2)
 
 
-@pytest.mark.parametrize("pseudo, mask, window", [(1, "causal", None), (2, "causal", 4), (3, "token_causal", 6),
-                                                  (2, "token_causal", None), (3, "causal", 3)])
+@pytest.mark.parametrize(
+    "pseudo, mask, window",
+    [(1, "causal", None), (2, "causal", 4), (3, "token_causal", 6), (2, "token_causal", None), (3, "causal", 3)],
+)
 def test_position_mask_matches_kernel_rule(pseudo, mask, window):
     n = 7
     pos = torch.arange(n)[None]
@@ -97,8 +99,13 @@ def test_position_mask_matches_kernel_rule(pseudo, mask, window):
 
 
 def test_window_and_flop_matched_schedule_wiring():
-    cfg = ModelConfig(preset="tiny", layers=5, vocab_size=VOCAB, attention="iha",
-                      iha=IHAConfig(pseudo_heads=2, window=8, schedule="flop_matched", full_every=2)).resolved()
+    cfg = ModelConfig(
+        preset="tiny",
+        layers=5,
+        vocab_size=VOCAB,
+        attention="iha",
+        iha=IHAConfig(pseudo_heads=2, window=8, schedule="flop_matched", full_every=2),
+    ).resolved()
     assert iha_layer_windows(cfg) == [8, None, 8, None, 8]
     model = Transformer(cfg)
     assert [b.attn.window for b in model.blocks] == [8, None, 8, None, 8]
@@ -126,12 +133,15 @@ def test_rope_virtual_tables_cover_n_times_p():
     assert torch.isfinite(model(ids, positions=last)).all()
 
 
-@pytest.mark.parametrize("iha", [
-    dict(pseudo_heads=2),
-    dict(pseudo_heads=3, mask="token_causal", collapse="global", window=6),
-    dict(pseudo_heads=2, rope="original", window=4, schedule="flop_matched"),
-    dict(pseudo_heads=4, head_groups=2),
-])
+@pytest.mark.parametrize(
+    "iha",
+    [
+        dict(pseudo_heads=2),
+        dict(pseudo_heads=3, mask="token_causal", collapse="global", window=6),
+        dict(pseudo_heads=2, rope="original", window=4, schedule="flop_matched"),
+        dict(pseudo_heads=4, head_groups=2),
+    ],
+)
 def test_cache_decoding_equals_full_forward(iha):
     seed, gen = fresh_generator()
     model = iha_model(seed=1, **iha)
@@ -139,7 +149,7 @@ def test_cache_decoding_equals_full_forward(iha):
     ids = torch.randint(0, VOCAB, (2, 12), generator=gen)
     full = model(ids)
     cache = KVCache(len(model.blocks))
-    steps = [model(ids[:, :5], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(5, 12)]
+    steps = [model(ids[:, :5], cache=cache)] + [model(ids[:, i : i + 1], cache=cache) for i in range(5, 12)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
     assert cache.length == 12 and cache.keys[0].shape == (2, 4, 12, iha["pseudo_heads"] * 16)
     # Explicit positions without a cache, and a frozen cache queried by a later span (qTTT's path).
@@ -163,8 +173,10 @@ def test_gradients_reach_mixing_and_respect_groups():
     assert torch.equal(cross, torch.zeros_like(cross))
 
 
-@pytest.mark.parametrize("collapse, groups, gather", [("per_head", 1, True), ("global", 2, True),
-                                                       ("per_head", 2, False), ("global", 4, False)])
+@pytest.mark.parametrize(
+    "collapse, groups, gather",
+    [("per_head", 1, True), ("global", 2, True), ("per_head", 2, False), ("global", 4, False)],
+)
 def test_tensor_parallel_hook_contract(collapse, groups, gather):
     """Two simulated TP ranks: local heads + gather_heads (exact) or block mixing (local) = full."""
     torch.manual_seed(0)
@@ -197,9 +209,17 @@ def test_flops_count_p_squared_attention_and_window():
 
 def test_config_reference_lists_iha_keys():
     ref = config_reference()
-    for key in ("model.iha.pseudo_heads", "model.iha.mask", "model.iha.collapse", "model.iha.rope",
-                "model.iha.window", "model.iha.schedule", "model.iha.full_every", "model.iha.tp_mode",
-                "data.task.pairs"):
+    for key in (
+        "model.iha.pseudo_heads",
+        "model.iha.mask",
+        "model.iha.collapse",
+        "model.iha.rope",
+        "model.iha.window",
+        "model.iha.schedule",
+        "model.iha.full_every",
+        "model.iha.tp_mode",
+        "data.task.pairs",
+    ):
         assert f"`{key}`" in ref
 
 
@@ -207,24 +227,38 @@ def test_flop_matched_window_defaults_to_n_over_2p():
     """schedule=flop_matched without a window: N/(2P) virtual tokens for N = model.max_seq_len."""
     from megatrain.models.transformer import iha_layer_windows
 
-    cfg = load_config(None, ["model.attention=iha", "model.iha.schedule=flop_matched", "model.max_seq_len=64",
-                             "data.seq_len=64", "model.layers=4"]).model.resolved()
+    cfg = load_config(
+        None,
+        [
+            "model.attention=iha",
+            "model.iha.schedule=flop_matched",
+            "model.max_seq_len=64",
+            "data.seq_len=64",
+            "model.layers=4",
+        ],
+    ).model.resolved()
     assert iha_layer_windows(cfg) == [16, None, 16, None]
     cfg.max_seq_len, cfg.iha.pseudo_heads = 33, 2
     assert iha_layer_windows(cfg) == [8, None, 8, None]  # 33 // 4 = 8, a multiple of P
 
 
-@pytest.mark.parametrize("overrides, fragment", [
-    (["model.iha.pseudo_heads=0"], "model.iha.pseudo_heads must be >= 1"),
-    (["model.iha.window=3"], "model.iha.window=3 must be a positive multiple of model.iha.pseudo_heads=2"),
-    (["model.iha.window=0"], "model.iha.window=0 must be a positive multiple"),
-    (["model.iha.mask=sliding"], "model.iha.mask='sliding' is not allowed (allowed: causal, token_causal)"),
-    (["model.iha.head_groups=3"], "model.iha.head_groups=3 must be >= 1 and divide model.heads=4"),
-    (["parallel.tensor=2", "model.iha.tp_mode=local"], "set model.iha.head_groups to a multiple of parallel.tensor=2"),
-    (["parallel.tensor=2", "model.iha.collapse=global"], "model.iha.collapse=global with parallel.tensor=2"),
-    (["parallel.tensor=3"], "parallel.tensor=3 does not divide model.heads=4"),
-    (["model.iha.pseudo_headz=2"], "unknown config key 'model.iha.pseudo_headz'"),
-])
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["model.iha.pseudo_heads=0"], "model.iha.pseudo_heads must be >= 1"),
+        (["model.iha.window=3"], "model.iha.window=3 must be a positive multiple of model.iha.pseudo_heads=2"),
+        (["model.iha.window=0"], "model.iha.window=0 must be a positive multiple"),
+        (["model.iha.mask=sliding"], "model.iha.mask='sliding' is not allowed (allowed: causal, token_causal)"),
+        (["model.iha.head_groups=3"], "model.iha.head_groups=3 must be >= 1 and divide model.heads=4"),
+        (
+            ["parallel.tensor=2", "model.iha.tp_mode=local"],
+            "set model.iha.head_groups to a multiple of parallel.tensor=2",
+        ),
+        (["parallel.tensor=2", "model.iha.collapse=global"], "model.iha.collapse=global with parallel.tensor=2"),
+        (["parallel.tensor=3"], "parallel.tensor=3 does not divide model.heads=4"),
+        (["model.iha.pseudo_headz=2"], "unknown config key 'model.iha.pseudo_headz'"),
+    ],
+)
 def test_config_errors_name_the_key(overrides, fragment):
     with pytest.raises(ConfigError) as info:
         load_config(None, ["model.attention=iha", *overrides])
@@ -249,8 +283,18 @@ def test_iha_keys_refused_without_iha_and_backend_check(monkeypatch):
 
 
 def test_cli_reports_iha_error_in_one_line(tmp_path):
-    proc = run_cli(["pretrain", "--nproc-per-node", "2", "model.attention=iha", "model.iha.window=5",
-                    f"run.dir={tmp_path / 'run'}"], check=False, timeout=120)
+    proc = run_cli(
+        [
+            "pretrain",
+            "--nproc-per-node",
+            "2",
+            "model.attention=iha",
+            "model.iha.window=5",
+            f"run.dir={tmp_path / 'run'}",
+        ],
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("megatrain: error")]
     assert len(lines) == 1 and "model.iha.window=5" in lines[0] and "Traceback" not in proc.stderr
@@ -263,8 +307,9 @@ def test_checkpoint_meta_round_trip_and_resume_check():
     from megatrain.engine.checkpoint import needs_reshard
     from megatrain.errors import CheckpointError
 
-    cfg = ModelConfig(preset="tiny", vocab_size=VOCAB, attention="iha",
-                      iha=IHAConfig(pseudo_heads=3, window=6, collapse="global")).resolved()
+    cfg = ModelConfig(
+        preset="tiny", vocab_size=VOCAB, attention="iha", iha=IHAConfig(pseudo_heads=3, window=6, collapse="global")
+    ).resolved()
     saved = dataclasses.asdict(cfg)
     rebuilt = ModelConfig.from_dict(saved)
     assert rebuilt == cfg and isinstance(rebuilt.iha, IHAConfig)

@@ -11,8 +11,15 @@ import torch
 from megatrain.config import load_config
 from megatrain.models.config import ModelConfig
 from megatrain.errors import ConfigError
-from megatrain.models.layers import (CoLALinear, LoRALinear, LowRankOptions, SLTrainLinear, dense_state_dict,
-                                     linear_options, make_linear)
+from megatrain.models.layers import (
+    CoLALinear,
+    LoRALinear,
+    LowRankOptions,
+    SLTrainLinear,
+    dense_state_dict,
+    linear_options,
+    make_linear,
+)
 from megatrain.models.transformer import Transformer
 from megatrain.optim.relora import magnitude_prune, merge_and_reinit
 from megatrain.optim.schedules import last_restart, lr_at, lr_with_restarts
@@ -56,7 +63,7 @@ def test_every_projection_is_replaced_and_trains(kind):
 def test_cola_init_statistics_and_recompute():
     torch.manual_seed(0)
     layer = CoLALinear(384, 256, 32)
-    expected = 32 ** -0.25 * (384 + 256) ** -0.25
+    expected = 32**-0.25 * (384 + 256) ** -0.25
     for t in (layer.cola_a, layer.cola_b):
         assert abs(t.std().item() / expected - 1) < 0.03
         assert abs(t.mean().item()) < 0.05 * expected
@@ -187,10 +194,20 @@ def test_restart_schedule_is_jagged_and_pure():
     # The trainer's entry point uses it when train.relora.every is set (model.linear=relora only).
     from megatrain.optim.schedules import lr_for_config
 
-    cfg = load_config(None, ["model.linear=relora", "train.steps=100", "train.warmup_steps=10",
-                             "train.relora.every=25", "train.relora.restart_warmup=5", "train.lr=1.0"])
-    assert lr_for_config(cfg.train, 26) == pytest.approx(lr_with_restarts(26, **{**kw, "lr": 1.0}, every=25,
-                                                                          restart_warmup=5))
+    cfg = load_config(
+        None,
+        [
+            "model.linear=relora",
+            "train.steps=100",
+            "train.warmup_steps=10",
+            "train.relora.every=25",
+            "train.relora.restart_warmup=5",
+            "train.lr=1.0",
+        ],
+    )
+    assert lr_for_config(cfg.train, 26) == pytest.approx(
+        lr_with_restarts(26, **{**kw, "lr": 1.0}, every=25, restart_warmup=5)
+    )
     dense = load_config(None, ["train.steps=100"])
     assert dense.train.relora.every is None
 
@@ -202,7 +219,9 @@ def test_relora_defaults_are_filled():
     assert cfg.train.relora.every == 200 and cfg.train.relora.restart_warmup == 10
     cfg = load_config(None, ["model.linear=relora", "train.steps=2000", "train.relora.every=100"]).resolve(1)
     assert cfg.train.relora.every == 100 and cfg.train.relora.restart_warmup == 5
-    with pytest.raises(ConfigError, match=r"train.relora.restart_warmup must be in \[0, train.relora.every=20\), got 25"):
+    with pytest.raises(
+        ConfigError, match=r"train.relora.restart_warmup must be in \[0, train.relora.every=20\), got 25"
+    ):
         load_config(None, ["model.linear=relora", "train.steps=200", "train.relora.restart_warmup=25"])
 
 
@@ -212,20 +231,28 @@ def test_rank_default_and_explicit():
     assert make_linear(40, 30, kind="lora", role="x").rank == 7  # outside a model: min(d_in, d_out) // 4
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (["model.linear=cola", "model.lowrank.rank=40"], "model.lowrank.rank=40 exceeds min(d_in, d_out)=32"),
-    (["model.linear=sltrain", "model.lowrank.density=0"], "model.lowrank.density must be in (0, 1]"),
-    (["model.linear=sltrain", "model.lowrank.density=1.5"], "model.lowrank.density must be in (0, 1]"),
-    (["model.linear=cola", "model.lowrank.density=0.1"], "model.lowrank.density does not apply to model.linear=cola"),
-    (["model.linear=dense", "model.lowrank.rank=8"], "model.lowrank.rank does not apply to model.linear=dense"),
-    (["model.linear=lora", "train.relora.every=10"], "train.relora.every applies to model.linear=relora only"),
-    (["model.linear=relora", "train.relora.prune_ratio=1.0"], "train.relora.prune_ratio must be in [0, 1)"),
-    (["model.linear=relora", "train.relora.every=10", "train.relora.restart_warmup=10"],
-     "train.relora.restart_warmup must be in [0, train.relora.every=10)"),
-    (["model.linear=relora", "parallel.zero_stage=3"], "parallel.zero_stage=3 is not supported"),
-    (["model.linear=lora", "model.lowrank.dropout=1"], "model.lowrank.dropout must be in [0, 1)"),
-    (["model.linear=sltrain", "model.lowrank.recompute=true"], "model.lowrank.recompute does not apply"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["model.linear=cola", "model.lowrank.rank=40"], "model.lowrank.rank=40 exceeds min(d_in, d_out)=32"),
+        (["model.linear=sltrain", "model.lowrank.density=0"], "model.lowrank.density must be in (0, 1]"),
+        (["model.linear=sltrain", "model.lowrank.density=1.5"], "model.lowrank.density must be in (0, 1]"),
+        (
+            ["model.linear=cola", "model.lowrank.density=0.1"],
+            "model.lowrank.density does not apply to model.linear=cola",
+        ),
+        (["model.linear=dense", "model.lowrank.rank=8"], "model.lowrank.rank does not apply to model.linear=dense"),
+        (["model.linear=lora", "train.relora.every=10"], "train.relora.every applies to model.linear=relora only"),
+        (["model.linear=relora", "train.relora.prune_ratio=1.0"], "train.relora.prune_ratio must be in [0, 1)"),
+        (
+            ["model.linear=relora", "train.relora.every=10", "train.relora.restart_warmup=10"],
+            "train.relora.restart_warmup must be in [0, train.relora.every=10)",
+        ),
+        (["model.linear=relora", "parallel.zero_stage=3"], "parallel.zero_stage=3 is not supported"),
+        (["model.linear=lora", "model.lowrank.dropout=1"], "model.lowrank.dropout must be in [0, 1)"),
+        (["model.linear=sltrain", "model.lowrank.recompute=true"], "model.lowrank.recompute does not apply"),
+    ],
+)
 def test_bad_input_is_one_line_naming_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:
         load_config(None, ["model.preset=tiny", *overrides])
@@ -233,8 +260,11 @@ def test_bad_input_is_one_line_naming_the_key(overrides, key):
 
 
 def test_bad_input_through_the_cli(tmp_path):
-    proc = run_cli(["pretrain", *TINY_JOB, f"run.dir={tmp_path / 'run'}", "model.linear=relora",
-                    "model.lowrank.rank=100"], check=False, timeout=120)
+    proc = run_cli(
+        ["pretrain", *TINY_JOB, f"run.dir={tmp_path / 'run'}", "model.linear=relora", "model.lowrank.rank=100"],
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "model.lowrank.rank=100 exceeds" in lines[0], proc.stderr

@@ -118,7 +118,7 @@ def test_incremental_decoding_matches_full_forward(kv_heads):
     pieces = [model(x[:, :5], cache=cache)]
     assert cache.length == 5
     for i in range(5, 13):
-        pieces.append(model(x[:, i:i + 1], cache=cache))
+        pieces.append(model(x[:, i : i + 1], cache=cache))
     assert cache.length == 13
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
 
@@ -199,14 +199,14 @@ def test_preallocated_cache_and_row_selection_match_concatenation(capacity):
     cache = KVCache(model.config.layers, capacity=capacity)
     pieces = [model(x[:, :5], cache=cache)]
     for i in range(5, 9):
-        pieces.append(model(x[:, i:i + 1], cache=cache))
+        pieces.append(model(x[:, i : i + 1], cache=cache))
     torch.testing.assert_close(torch.cat(pieces, dim=1), full[:, :9], rtol=0, atol=1e-5)
     # Keep rows 2 and 0 (in that order): they continue as if decoded alone.
     cache.select(torch.tensor([2, 0]))
     assert cache.length == 9 and cache.keys[0].shape[0] == 2 and cache.positions.shape[0] in (1, 2)
     for i in range(9, 13):
-        step = model(x[[2, 0], i:i + 1], cache=cache)
-        torch.testing.assert_close(step, full[[2, 0], i:i + 1], rtol=0, atol=1e-5)
+        step = model(x[[2, 0], i : i + 1], cache=cache)
+        torch.testing.assert_close(step, full[[2, 0], i : i + 1], rtol=0, atol=1e-5)
     assert cache.length == 13
     if capacity is not None:
         assert all(k.data_ptr() == buf[0].data_ptr() for k, buf in zip(cache.keys, cache._buffers))
@@ -304,7 +304,10 @@ def test_flops_per_token():
 def test_make_linear_dense_and_unknown_kind():
     layer = make_linear(8, 4, role="attn.q")
     assert isinstance(layer, nn.Linear) and layer.bias is None and layer.weight.shape == (4, 8)
-    with pytest.raises(ConfigError, match=r"model.linear='nope' is not a known projection kind \(allowed: dense, cola, sltrain, relora, lora\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.linear='nope' is not a known projection kind \(allowed: dense, cola, sltrain, relora, lora\)",
+    ):
         make_linear(8, 4, kind="nope")
     with pytest.raises(ConfigError, match="model.linear"):
         Transformer(tiny(linear="nope"))

@@ -15,15 +15,30 @@ import torch
 
 
 class SlowProjected:
-    def __init__(self, weight, *, rank, gap, scale, proj_type="std", lr, betas, eps, wd, fira=False,
-                 limiter=1.01, residual="orthogonal"):
+    def __init__(
+        self,
+        weight,
+        *,
+        rank,
+        gap,
+        scale,
+        proj_type="std",
+        lr,
+        betas,
+        eps,
+        wd,
+        fira=False,
+        limiter=1.01,
+        residual="orthogonal",
+    ):
         self.w = weight.detach().double().clone()
         self.rank, self.gap, self.scale, self.lr, self.eps, self.wd = rank, gap, scale, lr, eps, wd
         self.b1, self.b2 = betas
         self.fira, self.gamma, self.residual = fira, limiter, residual
         m, n = weight.shape
         self.side = {"std": "right" if m >= n else "left", "reverse_std": "left" if m >= n else "right"}.get(
-            proj_type, proj_type)
+            proj_type, proj_type
+        )
         self.t = 0
         self.P = None
         self.m = self.v = None
@@ -42,17 +57,17 @@ class SlowProjected:
         t = self.t
         self.m = self.b1 * self.m + (1 - self.b1) * R
         self.v = self.b2 * self.v + (1 - self.b2) * R * R
-        c1, c2 = 1 - self.b1 ** t, 1 - self.b2 ** t
+        c1, c2 = 1 - self.b1**t, 1 - self.b2**t
         m_hat, v_hat = self.m / c1, self.v / c2
         eps_hat = self.eps / math.sqrt(c2)
-        n_hat = m_hat / (v_hat.sqrt() + eps_hat)                 # = sqrt(c2)/c1 * m / (sqrt(v) + eps)
+        n_hat = m_hat / (v_hat.sqrt() + eps_hat)  # = sqrt(c2)/c1 * m / (sqrt(v) + eps)
 
         def back(x):
             return x @ P if self.side == "right" else P @ x
 
         update = self.scale * back(n_hat)
         if self.fira:
-            psi = self.m / (self.v.sqrt() + self.eps)             # uncorrected, as the reference
+            psi = self.m / (self.v.sqrt() + self.eps)  # uncorrected, as the reference
             dim = 1 if self.side == "right" else 0
             phi = psi.norm(dim=dim) / (R.norm(dim=dim) + 1e-8)
             phi = phi[:, None] if self.side == "right" else phi[None, :]
@@ -63,7 +78,7 @@ class SlowProjected:
                 S = S * (self.gamma * (self.prev_norm + 1e-8) / norm)
                 norm = S.norm()
             self.prev_norm = norm
-            update = update + math.sqrt(c2) / c1 * S          # the step size multiplies S too
+            update = update + math.sqrt(c2) / c1 * S  # the step size multiplies S too
         self.w = self.w - self.lr * update
         self.w = self.w - self.lr * self.wd * self.w
 
@@ -84,6 +99,6 @@ class SlowAdamW:
         self.t += 1
         self.m = self.b1 * self.m + (1 - self.b1) * g
         self.v = self.b2 * self.v + (1 - self.b2) * g * g
-        size = self.lr * math.sqrt(1 - self.b2 ** self.t) / (1 - self.b1 ** self.t)
+        size = self.lr * math.sqrt(1 - self.b2**self.t) / (1 - self.b1**self.t)
         self.w = self.w - size * self.m / (self.v.sqrt() + self.eps)
         self.w = self.w - self.lr * self.wd * self.w

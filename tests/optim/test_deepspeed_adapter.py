@@ -15,7 +15,11 @@ import torch
 
 from megatrain.optim import deepspeed_adapter as adapter
 from megatrain.optim.deepspeed_adapter import (
-    RELORA, TESTED_DEEPSPEED, ZERO_STEP, DeepSpeedInternalsError, check_deepspeed_internals,
+    RELORA,
+    TESTED_DEEPSPEED,
+    ZERO_STEP,
+    DeepSpeedInternalsError,
+    check_deepspeed_internals,
 )
 from tests.conftest import REPO, child_env, free_port
 
@@ -45,12 +49,15 @@ def test_pyproject_pins_the_tested_range():
     assert "<" in TESTED_DEEPSPEED  # an upper bound: internals move between minor versions
 
 
-@pytest.mark.parametrize("module_name, path, feature", [
-    ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer.scaled_global_norm", ZERO_STEP),
-    ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer.step", ZERO_STEP),
-    ("deepspeed.utils", "lazy_init_hp_params_optimizer_state", RELORA),
-    ("deepspeed.utils", "safe_set_full_optimizer_state", RELORA),
-])
+@pytest.mark.parametrize(
+    "module_name, path, feature",
+    [
+        ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer.scaled_global_norm", ZERO_STEP),
+        ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer.step", ZERO_STEP),
+        ("deepspeed.utils", "lazy_init_hp_params_optimizer_state", RELORA),
+        ("deepspeed.utils", "safe_set_full_optimizer_state", RELORA),
+    ],
+)
 def test_missing_internal_fails_loudly(monkeypatch, module_name, path, feature):
     import importlib
 
@@ -148,15 +155,21 @@ def _zero2_worker(port: int, out_path: str) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
     client = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 0.5,
-              "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
-              "steps_per_print": 2**31 - 1}
+    config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.5,
+        "zero_optimization": {"stage": 2},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+    }
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config)
     zero_opt = engine.optimizer
     result = {"is_zero": adapter.is_zero_1_2_optimizer(zero_opt), "calls": []}
     extra_sq = torch.tensor(9.0)
-    adapter.extend_zero_step(zero_opt, lambda: extra_sq,
-                             lambda applied, norm, clip: result["calls"].append([applied, float(norm), clip]))
+    adapter.extend_zero_step(
+        zero_opt, lambda: extra_sq, lambda applied, norm, clip: result["calls"].append([applied, float(norm), clip])
+    )
     x, y = torch.randn(4, 6), torch.randn(4, 3)
     loss = torch.nn.functional.mse_loss(engine(x), y)
     engine.backward(loss)
@@ -185,10 +198,18 @@ def _zero2_worker(port: int, out_path: str) -> None:
 @pytest.mark.slow
 def test_adapter_on_a_real_zero2_engine(tmp_path):
     out = tmp_path / "result.json"
-    code = ("import sys; from tests.optim.test_deepspeed_adapter import _zero2_worker as run; "
-            "run(int(sys.argv[1]), sys.argv[2])")
-    proc = subprocess.run([sys.executable, "-c", code, str(free_port()), str(out)], cwd=REPO, env=child_env(),
-                          capture_output=True, text=True, timeout=300)
+    code = (
+        "import sys; from tests.optim.test_deepspeed_adapter import _zero2_worker as run; "
+        "run(int(sys.argv[1]), sys.argv[2])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(free_port()), str(out)],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["is_zero"] and result["keeps_master"] and result["state_linked"] and result["client_is_ours"]

@@ -17,7 +17,7 @@ LR, BETAS, EPS, WD = 0.05, (0.9, 0.99), 1e-6, 0.05
 def _growing_grads(shapes, steps, seed):
     """Gradients whose norm grows 1.5x per step, so the 1.01 limiter must act."""
     gen = torch.Generator().manual_seed(seed)
-    return [[1.5 ** t * torch.randn(s, generator=gen) for s in shapes] for t in range(steps)]
+    return [[1.5**t * torch.randn(s, generator=gen) for s in shapes] for t in range(steps)]
 
 
 @pytest.mark.parametrize("residual", ["orthogonal", "reference"])
@@ -25,11 +25,38 @@ def _growing_grads(shapes, steps, seed):
 def test_matches_slow_reference(residual, proj_type):
     torch.manual_seed(0)
     tall, wide = torch.nn.Parameter(torch.randn(18, 8)), torch.nn.Parameter(torch.randn(6, 13))
-    opt = FiraAdamW([{"params": [tall, wide], "rank": 3, "update_proj_gap": 3, "alpha": 0.25,
-                      "proj_type": proj_type, "residual": residual}],
-                    lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
-    slow = [SlowProjected(w, rank=3, gap=3, scale=0.25, proj_type=proj_type, lr=LR, betas=BETAS, eps=EPS, wd=WD,
-                          fira=True, residual=residual) for w in (tall, wide)]
+    opt = FiraAdamW(
+        [
+            {
+                "params": [tall, wide],
+                "rank": 3,
+                "update_proj_gap": 3,
+                "alpha": 0.25,
+                "proj_type": proj_type,
+                "residual": residual,
+            }
+        ],
+        lr=LR,
+        betas=BETAS,
+        eps=EPS,
+        weight_decay=WD,
+    )
+    slow = [
+        SlowProjected(
+            w,
+            rank=3,
+            gap=3,
+            scale=0.25,
+            proj_type=proj_type,
+            lr=LR,
+            betas=BETAS,
+            eps=EPS,
+            wd=WD,
+            fira=True,
+            residual=residual,
+        )
+        for w in (tall, wide)
+    ]
     limited = 0
     for grads in _growing_grads([tall.shape, wide.shape], steps=7, seed=1):
         for p, ref, g in zip((tall, wide), slow, grads):

@@ -24,13 +24,25 @@ def _grads(shapes, steps, seed):
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right"])
 def test_matches_slow_reference_across_refreshes(proj_type):
     torch.manual_seed(0)
-    tall, wide, bias = (torch.nn.Parameter(torch.randn(20, 9)), torch.nn.Parameter(torch.randn(7, 15)),
-                        torch.nn.Parameter(torch.randn(9)))
-    opt = GaLoreAdamW([{"params": [bias]},
-                       {"params": [tall, wide], "rank": 4, "update_proj_gap": 3, "scale": 0.25, "proj_type": proj_type}],
-                      lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
-    slow = [SlowProjected(w, rank=4, gap=3, scale=0.25, proj_type=proj_type, lr=LR, betas=BETAS, eps=EPS, wd=WD)
-            for w in (tall, wide)] + [SlowAdamW(bias, lr=LR, betas=BETAS, eps=EPS, wd=WD)]
+    tall, wide, bias = (
+        torch.nn.Parameter(torch.randn(20, 9)),
+        torch.nn.Parameter(torch.randn(7, 15)),
+        torch.nn.Parameter(torch.randn(9)),
+    )
+    opt = GaLoreAdamW(
+        [
+            {"params": [bias]},
+            {"params": [tall, wide], "rank": 4, "update_proj_gap": 3, "scale": 0.25, "proj_type": proj_type},
+        ],
+        lr=LR,
+        betas=BETAS,
+        eps=EPS,
+        weight_decay=WD,
+    )
+    slow = [
+        SlowProjected(w, rank=4, gap=3, scale=0.25, proj_type=proj_type, lr=LR, betas=BETAS, eps=EPS, wd=WD)
+        for w in (tall, wide)
+    ] + [SlowAdamW(bias, lr=LR, betas=BETAS, eps=EPS, wd=WD)]
     params = (tall, wide, bias)
     for grads in _grads([p.shape for p in params], steps=8, seed=1):  # refreshes before steps 1, 4, 7
         for p, ref, g in zip(params, slow, grads):
@@ -54,7 +66,7 @@ def test_full_projection_keeps_r_by_r_moments():
     st = opt.state[w]
     assert st["exp_avg"].shape == (3, 3) and st["proj"].shape == (12, 3) and st["proj_right"].shape == (3, 10)
     # The update lies in span(U_r) x span(V_r): projecting it out leaves nothing.
-    delta = (w.detach() - before)
+    delta = w.detach() - before
     u, vh = st["proj"], st["proj_right"]
     torch.testing.assert_close(u @ (u.T @ delta @ vh.T) @ vh, delta, rtol=1e-4, atol=1e-6)
 
@@ -102,8 +114,11 @@ def test_svd_failure_keeps_previous_projection(monkeypatch, caplog):
     assert not torch.equal(w.detach(), before) and torch.isfinite(w).all()
 
     # Non-finite singular vectors count as a failure too.
-    monkeypatch.setattr(galore_module, "_svd", lambda m: tuple(torch.full_like(x, float("nan"))
-                                                                for x in torch.linalg.svd(m, full_matrices=False)))
+    monkeypatch.setattr(
+        galore_module,
+        "_svd",
+        lambda m: tuple(torch.full_like(x, float("nan")) for x in torch.linalg.svd(m, full_matrices=False)),
+    )
     fresh = torch.nn.Parameter(torch.randn(10, 6))
     start = fresh.detach().clone()
     opt2 = GaLoreAdamW([{"params": [fresh], "rank": 2}], lr=0.1)
@@ -133,8 +148,9 @@ def test_state_dict_round_trip_is_exact(dtype):
     grads = _grads([t.shape for t in init], steps=7, seed=7)
 
     def factory(ps):
-        return GaLoreAdamW([{"params": ps[2:]}, {"params": ps[:2], "rank": 3, "update_proj_gap": 2}], lr=0.05,
-                           weight_decay=0.1)
+        return GaLoreAdamW(
+            [{"params": ps[2:]}, {"params": ps[:2], "rank": 3, "update_proj_gap": 2}], lr=0.05, weight_decay=0.1
+        )
 
     straight = [torch.nn.Parameter(t.to(dtype, copy=True)) for t in init]
     _run(factory, straight, grads)

@@ -24,11 +24,29 @@ def _close(a, b, rtol=1e-5):
 @pytest.mark.parametrize("name", ["galore", "fira"])
 def test_zero2_two_processes_with_resume_match_single_process(tmp_path, name):
     single = str(tmp_path / "single")
-    run_cli(["pretrain", "--nproc-per-node", "1", *TINY_JOB, f"run.dir={single}", "parallel.zero_stage=0",
-             f"optim.name={name}", *PROJECTED])
+    run_cli(
+        [
+            "pretrain",
+            "--nproc-per-node",
+            "1",
+            *TINY_JOB,
+            f"run.dir={single}",
+            "parallel.zero_stage=0",
+            f"optim.name={name}",
+            *PROJECTED,
+        ]
+    )
     resumed = str(tmp_path / "zero2")
-    common = ["pretrain", "--nproc-per-node", "2", *TINY_JOB, f"run.dir={resumed}", "parallel.zero_stage=2",
-              f"optim.name={name}", *PROJECTED]
+    common = [
+        "pretrain",
+        "--nproc-per-node",
+        "2",
+        *TINY_JOB,
+        f"run.dir={resumed}",
+        "parallel.zero_stage=2",
+        f"optim.name={name}",
+        *PROJECTED,
+    ]
     run_cli([*common, "train.stop_after=4"])
     run_cli([*common, "--resume"])
     ref, got = read_metrics(single), read_metrics(resumed)

@@ -14,7 +14,11 @@ import torch
 from megatrain.config import Config
 from megatrain.optim import FiraAdamW, GaLoreAdamW, build_optimizer
 from megatrain.optim.skippable import (
-    SkippableAdamW, SkippableFiraAdamW, SkippableGaLoreAdamW, SkipStepMixin, skippable_apex_fused_adam,
+    SkippableAdamW,
+    SkippableFiraAdamW,
+    SkippableGaLoreAdamW,
+    SkipStepMixin,
+    skippable_apex_fused_adam,
 )
 
 CASES = {

@@ -68,14 +68,23 @@ def test_bad_context_layouts_refused_before_any_process_group(tmp_path):
         (2, ["parallel.context=3"], "parallel.context=3 does not divide model.heads=4"),
         (2, ["parallel.context=2", "data.seq_len=33"], "parallel.context=2 does not divide data.seq_len=33"),
         (2, ["parallel.context=4"], "parallel.tensor x parallel.context = 1 x 4 does not divide the world size 2"),
-        (4, ["parallel.context=2", "parallel.tensor=2", "parallel.sequence=true"],
-         "parallel.sequence=true with parallel.context > 1 is not supported"),
-        (4, ["parallel.context=2", "parallel.tensor=2", "model.attention=iha"],
-         "model.attention=iha with parallel.context > 1 and parallel.tensor > 1 is not supported"),
+        (
+            4,
+            ["parallel.context=2", "parallel.tensor=2", "parallel.sequence=true"],
+            "parallel.sequence=true with parallel.context > 1 is not supported",
+        ),
+        (
+            4,
+            ["parallel.context=2", "parallel.tensor=2", "model.attention=iha"],
+            "model.attention=iha with parallel.context > 1 and parallel.tensor > 1 is not supported",
+        ),
     ]
     for nproc, extra, fragment in cases:
-        proc = run_cli(["pretrain", "--nproc-per-node", str(nproc), *TINY_JOB, *extra, f"run.dir={tmp_path / 'r'}"],
-                       check=False, timeout=120)
+        proc = run_cli(
+            ["pretrain", "--nproc-per-node", str(nproc), *TINY_JOB, *extra, f"run.dir={tmp_path / 'r'}"],
+            check=False,
+            timeout=120,
+        )
         assert proc.returncode == 2, proc.stderr[-3000:]
         lines = [line for line in proc.stderr.splitlines() if line.startswith("megatrain: error")]
         assert len(lines) == 1 and fragment in lines[0], proc.stderr[-3000:]

@@ -43,14 +43,17 @@ def test_pipeline_names_map_to_transformer_names():
     assert {pipeline_name(transformer_name(n, 2), 2) for n in pipe} == pipe
 
 
-@pytest.mark.parametrize("extra, fragment", [
-    (["parallel.pipeline=3"], "parallel.pipeline=3 is more stages than model.layers=2"),
-    (["parallel.pipeline=2", "parallel.zero_stage=2"], "parallel.pipeline=2 with parallel.zero_stage=2"),
-    (["parallel.pipeline=2", "parallel.zero_stage=0"], "parallel.pipeline=2 with parallel.zero_stage=0"),
-    (["parallel.pipeline=2", "model.tie_embeddings=true"], "with model.tie_embeddings=true"),
-    (["parallel.pipeline=2", "parallel.pipeline_partition=[2,1]"], "parallel.pipeline_partition=[2, 1] must list"),
-    (["parallel.pipeline=2", "parallel.microbatches=3", "train.grad_accum=2"], "parallel.microbatches=3 disagrees"),
-])
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["parallel.pipeline=3"], "parallel.pipeline=3 is more stages than model.layers=2"),
+        (["parallel.pipeline=2", "parallel.zero_stage=2"], "parallel.pipeline=2 with parallel.zero_stage=2"),
+        (["parallel.pipeline=2", "parallel.zero_stage=0"], "parallel.pipeline=2 with parallel.zero_stage=0"),
+        (["parallel.pipeline=2", "model.tie_embeddings=true"], "with model.tie_embeddings=true"),
+        (["parallel.pipeline=2", "parallel.pipeline_partition=[2,1]"], "parallel.pipeline_partition=[2, 1] must list"),
+        (["parallel.pipeline=2", "parallel.microbatches=3", "train.grad_accum=2"], "parallel.microbatches=3 disagrees"),
+    ],
+)
 def test_bad_pipeline_configs_are_one_line(extra, fragment):
     with pytest.raises(ConfigError) as info:
         load_config(None, [*TINY_JOB, "parallel.zero_stage=1", *extra]).resolve(2)
@@ -60,8 +63,10 @@ def test_bad_pipeline_configs_are_one_line(extra, fragment):
 def test_microbatches_default_from_the_batch_arithmetic():
     cfg = load_config(None, [*TINY_JOB, "parallel.zero_stage=1", "parallel.pipeline=2"]).resolve(4)
     assert cfg.train.grad_accum == 1  # global 8 = micro 4 x 1 x DP 2
-    cfg = load_config(None, [*TINY_JOB, "parallel.zero_stage=1", "parallel.pipeline=2", "train.micro_batch=2",
-                             "parallel.microbatches=4"]).resolve(2)
+    cfg = load_config(
+        None,
+        [*TINY_JOB, "parallel.zero_stage=1", "parallel.pipeline=2", "train.micro_batch=2", "parallel.microbatches=4"],
+    ).resolve(2)
     assert cfg.train.grad_accum == 4
 
 
@@ -88,13 +93,33 @@ def test_pipeline_2_matches_one_process_and_resumes_exactly(single, tmp_path):
 
     single_losses, single_dir = single
     run_dir = tmp_path / "pp2"
-    run_cli(["pretrain", "--nproc-per-node", "2", *TINY_JOB, *STEPS, f"run.dir={run_dir}", "parallel.pipeline=2",
-             "train.stop_after=3"])
+    run_cli(
+        [
+            "pretrain",
+            "--nproc-per-node",
+            "2",
+            *TINY_JOB,
+            *STEPS,
+            f"run.dir={run_dir}",
+            "parallel.pipeline=2",
+            "train.stop_after=3",
+        ]
+    )
     step3 = run_dir / "checkpoints" / "step_3"
     for layer in range(4):  # embedding, 2 blocks, norm + head: one file each, written by their stage
         assert (step3 / f"layer_{layer:02d}-model_00-model_states.pt").is_file()
-    proc = run_cli(["pretrain", "--nproc-per-node", "2", *TINY_JOB, *STEPS, f"run.dir={run_dir}",
-                    "parallel.pipeline=2", "--resume"])
+    proc = run_cli(
+        [
+            "pretrain",
+            "--nproc-per-node",
+            "2",
+            *TINY_JOB,
+            *STEPS,
+            f"run.dir={run_dir}",
+            "parallel.pipeline=2",
+            "--resume",
+        ]
+    )
     assert "resumed from" in proc.stdout + proc.stderr
     assert_close(single_losses, losses(run_dir))
 
@@ -107,30 +132,39 @@ def test_pipeline_2_matches_one_process_and_resumes_exactly(single, tmp_path):
     ids = torch.arange(8)[None]
     assert model(ids).shape == (1, 8, model.config.vocab_size)
 
-    proc = run_cli(["pretrain", *TINY_JOB, *STEPS, "train.steps=8", f"run.dir={run_dir}", "--resume"],
-                   check=False, timeout=120)
+    proc = run_cli(
+        ["pretrain", *TINY_JOB, *STEPS, "train.steps=8", f"run.dir={run_dir}", "--resume"], check=False, timeout=120
+    )
     assert proc.returncode == 2 and "parallel.pipeline=2, this run has 1" in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [
-    ["parallel.tensor=2", "parallel.sequence=true"],     # PP=2 x TP=2 (sequence parallel)
-    ["train.activation_checkpointing=true"],             # PP=2 x DP=2, ZeRO-1, recomputation per stage
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["parallel.tensor=2", "parallel.sequence=true"],  # PP=2 x TP=2 (sequence parallel)
+        ["train.activation_checkpointing=true"],  # PP=2 x DP=2, ZeRO-1, recomputation per stage
+    ],
+)
 def test_pipeline_composes_with_tensor_and_data_parallel(single, tmp_path, extra):
     run_dir = tmp_path / "run"
-    run_cli(["pretrain", "--nproc-per-node", "4", *TINY_JOB, *STEPS, f"run.dir={run_dir}", "parallel.pipeline=2",
-             *extra])
+    run_cli(
+        ["pretrain", "--nproc-per-node", "4", *TINY_JOB, *STEPS, f"run.dir={run_dir}", "parallel.pipeline=2", *extra]
+    )
     assert_close(single[0], losses(run_dir))
 
 
 @pytest.mark.slow
 def test_bad_pipeline_layouts_refused_before_any_process_group(tmp_path):
-    for extra, fragment in [(["parallel.pipeline=3"], "parallel.pipeline=3 is more stages than model.layers=2"),
-                            (["parallel.pipeline=2", "parallel.zero_stage=2"],
-                             "parallel.pipeline=2 with parallel.zero_stage=2")]:
-        proc = run_cli(["pretrain", "--nproc-per-node", "2", *TINY_JOB, *extra, f"run.dir={tmp_path / 'r'}"],
-                       check=False, timeout=120)
+    for extra, fragment in [
+        (["parallel.pipeline=3"], "parallel.pipeline=3 is more stages than model.layers=2"),
+        (["parallel.pipeline=2", "parallel.zero_stage=2"], "parallel.pipeline=2 with parallel.zero_stage=2"),
+    ]:
+        proc = run_cli(
+            ["pretrain", "--nproc-per-node", "2", *TINY_JOB, *extra, f"run.dir={tmp_path / 'r'}"],
+            check=False,
+            timeout=120,
+        )
         assert proc.returncode == 2, proc.stderr[-3000:]
         lines = [line for line in proc.stderr.splitlines() if line.startswith("megatrain: error")]
         assert len(lines) == 1 and fragment in lines[0], proc.stderr[-3000:]

@@ -18,7 +18,15 @@ from megatrain.models.transformer import Transformer
 from megatrain.parallel.groups import kv_replicas
 from megatrain.parallel.parallelize import SplitContext, apply_plan
 from megatrain.parallel.plan import (
-    KV_COLUMN, ROW, TP_PLAN, PlanEntry, Role, TPPlan, is_kv_split, shard_specs, universal_checkpoint_info,
+    KV_COLUMN,
+    ROW,
+    TP_PLAN,
+    PlanEntry,
+    Role,
+    TPPlan,
+    is_kv_split,
+    shard_specs,
+    universal_checkpoint_info,
 )
 
 MODELS = {
@@ -27,8 +35,12 @@ MODELS = {
     "gqa_kv1": dict(kv_heads=1),
     "mha": dict(kv_heads=4),
     "iha_exact": dict(attention="iha", iha=IHAConfig(pseudo_heads=2)),
-    "iha_local": dict(attention="iha", kv_heads=1, tie_embeddings=True,
-                      iha=IHAConfig(pseudo_heads=2, tp_mode="local", head_groups=2, mask="token_causal")),
+    "iha_local": dict(
+        attention="iha",
+        kv_heads=1,
+        tie_embeddings=True,
+        iha=IHAConfig(pseudo_heads=2, tp_mode="local", head_groups=2, mask="token_causal"),
+    ),
     "iha_global": dict(attention="iha", iha=IHAConfig(pseudo_heads=2, collapse="global", head_groups=2)),
 }
 
@@ -85,15 +97,26 @@ def test_every_plan_entry_is_used():
         assert any(entry.matches(m) for m in modules), f"plan entry {entry.pattern} matches no module"
 
 
-@pytest.mark.parametrize("model, tp, sequence_parallel", [
-    ("tiny", 2, False), ("tiny_tied", 2, True), ("gqa_kv1", 2, False), ("gqa_kv1", 4, True), ("mha", 4, False),
-    ("tiny", 4, False), ("iha_exact", 2, True), ("iha_local", 2, False), ("iha_global", 2, False),
-])
+@pytest.mark.parametrize(
+    "model, tp, sequence_parallel",
+    [
+        ("tiny", 2, False),
+        ("tiny_tied", 2, True),
+        ("gqa_kv1", 2, False),
+        ("gqa_kv1", 4, True),
+        ("mha", 4, False),
+        ("tiny", 4, False),
+        ("iha_exact", 2, True),
+        ("iha_local", 2, False),
+        ("iha_global", 2, False),
+    ],
+)
 def test_derived_checkpoint_patterns_agree_with_parallelize(model, tp, sequence_parallel):
     full = build(model)
     for rank in range(tp):
-        split = apply_plan(copy.deepcopy(full), SplitContext(full.config, tp, rank, None,
-                                                               sequence_parallel=sequence_parallel))
+        split = apply_plan(
+            copy.deepcopy(full), SplitContext(full.config, tp, rank, None, sequence_parallel=sequence_parallel)
+        )
         check_split(full, split, rank, tp)
 
 
@@ -129,9 +152,11 @@ def test_universal_checkpoint_info_is_pinned():
     info = universal_checkpoint_info(build("tiny"))
     assert info[PARAMETER_WITH_ROW_PARALLELISM_PATTERNS] == names(*per_layer_row(0), *per_layer_row(1))
     assert info[TP_REPLICATED_PARAMETER_PATTERNS] == names(*norms(0), *norms(1), "norm.weight")
-    mixing = lambda i: (f"blocks.{i}.attn_norm.weight", *(f"blocks.{i}.attn.{m}" for m in
-                                                          ("mix_q", "mix_k", "mix_v", "collapse")),
-                        f"blocks.{i}.mlp_norm.weight")
+    mixing = lambda i: (
+        f"blocks.{i}.attn_norm.weight",
+        *(f"blocks.{i}.attn.{m}" for m in ("mix_q", "mix_k", "mix_v", "collapse")),
+        f"blocks.{i}.mlp_norm.weight",
+    )
     info = universal_checkpoint_info(build("iha_exact"))
     assert info[TP_REPLICATED_PARAMETER_PATTERNS] == names(*mixing(0), *mixing(1), "norm.weight")
 
@@ -144,8 +169,12 @@ def test_lowrank_factors_follow_the_plan(linear, tp, kv_heads):
     full = build("tiny", linear=linear, kv_heads=kv_heads)
     names = [n for n, _ in full.named_parameters()]
     specs = shard_specs(names + ["blocks.0.attn.q_proj.sparse_index"], full.config, tp)
-    factor = {"cola": ("cola_a", "cola_b"), "sltrain": ("lora_a", "lora_b"), "lora": ("lora_a", "lora_b"),
-              "relora": ("lora_a", "lora_b")}[linear]
+    factor = {
+        "cola": ("cola_a", "cola_b"),
+        "sltrain": ("lora_a", "lora_b"),
+        "lora": ("lora_a", "lora_b"),
+        "relora": ("lora_a", "lora_b"),
+    }[linear]
     assert specs[f"blocks.0.attn.q_proj.{factor[0]}"] == (None, 1)
     assert specs[f"blocks.0.attn.q_proj.{factor[1]}"] == (1, 1)
     assert specs[f"blocks.0.mlp.down_proj.{factor[0]}"] == (0, 1)
@@ -157,12 +186,21 @@ def test_lowrank_factors_follow_the_plan(linear, tp, kv_heads):
         check_split(full, split, rank, tp)
 
 
-@pytest.mark.parametrize("overrides, fragment", [
-    (["parallel.tensor=8"], "does not divide model.heads=4"),
-    (["parallel.tensor=2", "model.heads=8", "model.kv_heads=8", "model.ffn_dim=177"], "does not divide model.ffn_dim=177"),
-    (["parallel.tensor=4", "model.heads=12", "model.dim=96", "model.kv_heads=6"], "model.kv_heads=6: one must divide"),
-    (["parallel.tensor=2", "model.vocab_size=65"], "does not divide model.vocab_size=65"),
-])
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["parallel.tensor=8"], "does not divide model.heads=4"),
+        (
+            ["parallel.tensor=2", "model.heads=8", "model.kv_heads=8", "model.ffn_dim=177"],
+            "does not divide model.ffn_dim=177",
+        ),
+        (
+            ["parallel.tensor=4", "model.heads=12", "model.dim=96", "model.kv_heads=6"],
+            "model.kv_heads=6: one must divide",
+        ),
+        (["parallel.tensor=2", "model.vocab_size=65"], "does not divide model.vocab_size=65"),
+    ],
+)
 def test_bad_splits_fail_in_config_naming_the_dimension(overrides, fragment):
     """Every split a layout needs is checked from the config alone (before any process group); the
     low-rank rank r is never split, so any r works (checked by the plan tests above)."""

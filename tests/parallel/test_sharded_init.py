@@ -93,6 +93,9 @@ def test_given_weights_that_do_not_fit_are_one_line():
     state = Transformer(cfg, seed=SEED).state_dict()
     state.pop("norm.weight")
     state["blocks.0.attn.q_proj.weight"] = state["blocks.0.attn.q_proj.weight"][:, :-1]
-    with pytest.raises(CheckpointError, match=r"^'runs/x' does not match the model config \(missing: norm.weight; "
-                                              r"shape: blocks.0.attn.q_proj.weight"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"^'runs/x' does not match the model config \(missing: norm.weight; "
+        r"shape: blocks.0.attn.q_proj.weight",
+    ):
         _check_initial_state(Transformer(cfg, seed=0, device="meta"), state, "runs/x")

@@ -21,10 +21,34 @@ pytestmark = pytest.mark.slow
 def test_tensor_parallel_layers_match_single_process():
     env = child_env()
     env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-                           os.path.join("tests", "parallel", "tp_checks.py"),
-                           "cross_entropy", "linear_embedding", "sequence_parallel_norm", "model", "iha", "comm_volume", "lowrank", "relora"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(free_port()),
+            os.path.join("tests", "parallel", "tp_checks.py"),
+            "cross_entropy",
+            "linear_embedding",
+            "sequence_parallel_norm",
+            "model",
+            "iha",
+            "comm_volume",
+            "lowrank",
+            "relora",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
-    assert "ok: cross_entropy linear_embedding sequence_parallel_norm model iha comm_volume lowrank relora" in proc.stdout
+    assert (
+        "ok: cross_entropy linear_embedding sequence_parallel_norm model iha comm_volume lowrank relora" in proc.stdout
+    )

@@ -22,8 +22,14 @@ from megatrain.parallel.groups import build_groups
 from megatrain.parallel.parallelize import parallelize
 from megatrain.parallel.plan import shard_specs
 from megatrain.parallel.tensor_parallel import (
-    ColumnParallelLinear, RowParallelLinear, SequenceParallelRMSNorm, VocabParallelEmbedding, VocabParallelLMHead,
-    copy_to_tp, gather_sequence, reduce_scatter_sequence,
+    ColumnParallelLinear,
+    RowParallelLinear,
+    SequenceParallelRMSNorm,
+    VocabParallelEmbedding,
+    VocabParallelLMHead,
+    copy_to_tp,
+    gather_sequence,
+    reduce_scatter_sequence,
 )
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -74,11 +80,13 @@ def check_linear_embedding(groups):
     ref.square().sum().backward()
     for sequence_parallel in (False, True):
         g = groups.tp_group
-        p_embed = VocabParallelEmbedding.from_full(embed, g, rank=groups.tp_rank, parts=groups.tp_size,
-                                                   sequence_parallel=sequence_parallel)
+        p_embed = VocabParallelEmbedding.from_full(
+            embed, g, rank=groups.tp_rank, parts=groups.tp_size, sequence_parallel=sequence_parallel
+        )
         p_up = ColumnParallelLinear.from_full(up, g, rank=groups.tp_rank, parts=groups.tp_size)
-        p_down = RowParallelLinear.from_full(down, g, rank=groups.tp_rank, parts=groups.tp_size,
-                                             sequence_parallel=sequence_parallel)
+        p_down = RowParallelLinear.from_full(
+            down, g, rank=groups.tp_rank, parts=groups.tp_size, sequence_parallel=sequence_parallel
+        )
         x = p_embed(ids)
         x = gather_sequence(x, g) if sequence_parallel else copy_to_tp(x, g)
         out = p_down(F.silu(p_up(x)))
@@ -154,12 +162,17 @@ def check_comm_volume(groups):
 
     from megatrain.models.config import LowRankConfig
 
-    lowrank = [dict(linear="cola", lowrank=LowRankConfig(rank=8)),
-               dict(linear="sltrain", lowrank=LowRankConfig(rank=8, density=0.1)),
-               dict(linear="lora", lowrank=LowRankConfig(rank=8, dropout=0.0))]
-    for sequence_parallel, extra in [(False, {}), (True, {}),
-                                     (False, dict(attention="iha", iha=IHAConfig(pseudo_heads=2))),
-                                     *[(sp, kind) for kind in lowrank for sp in (False, True)]]:
+    lowrank = [
+        dict(linear="cola", lowrank=LowRankConfig(rank=8)),
+        dict(linear="sltrain", lowrank=LowRankConfig(rank=8, density=0.1)),
+        dict(linear="lora", lowrank=LowRankConfig(rank=8, dropout=0.0)),
+    ]
+    for sequence_parallel, extra in [
+        (False, {}),
+        (True, {}),
+        (False, dict(attention="iha", iha=IHAConfig(pseudo_heads=2))),
+        *[(sp, kind) for kind in lowrank for sp in (False, True)],
+    ]:
         cfg = ModelConfig(preset="tiny", vocab_size=64, **extra)
         model = parallelize(Transformer(cfg), groups, sequence_parallel=sequence_parallel)
         ids = torch.randint(0, 64, (2, 8))
@@ -167,8 +180,7 @@ def check_comm_volume(groups):
             tensor_parallel.COMM_BYTES[key] = 0.0
         model(ids, ids).backward()
         counted = sum(tensor_parallel.COMM_BYTES.values())
-        expected = tp_comm_volume(cfg, 16, groups.tp_size, sequence_parallel=sequence_parallel,
-                                  bytes_per_element=4)
+        expected = tp_comm_volume(cfg, 16, groups.tp_size, sequence_parallel=sequence_parallel, bytes_per_element=4)
         computed = expected["per_step"] - expected["loss"]  # the loss kernel's collectives are not counted
         assert abs(counted - computed) < 1e-6 * computed, (sequence_parallel, extra, counted, expected)
 
@@ -182,8 +194,14 @@ def check_iha(groups):
     for backend in ("torch", "triton"):
         os.environ["MEGATRAIN_KERNELS"] = backend
         _model_check(groups, False, 2, False, attention="iha", iha=IHAConfig(pseudo_heads=2, tp_mode="exact"))
-        _model_check(groups, True, 1, False, attention="iha",
-                     iha=IHAConfig(pseudo_heads=2, tp_mode="local", head_groups=2, mask="token_causal"))
+        _model_check(
+            groups,
+            True,
+            1,
+            False,
+            attention="iha",
+            iha=IHAConfig(pseudo_heads=2, tp_mode="local", head_groups=2, mask="token_causal"),
+        )
     os.environ["MEGATRAIN_KERNELS"] = "auto"
 
 
@@ -211,8 +229,9 @@ def check_relora(groups):
     relora = SimpleNamespace(every=2, restart_warmup=1, warm_start_steps=0, prune="magnitude", prune_ratio=0.5)
     run_cfg = SimpleNamespace(train=SimpleNamespace(relora=relora, seed=7))
     for sequence_parallel, kv_heads in [(False, 2), (True, 1)]:
-        cfg = ModelConfig(preset="tiny", vocab_size=64, kv_heads=kv_heads, linear="relora",
-                          lowrank=LowRankConfig(rank=8, dropout=0.0))
+        cfg = ModelConfig(
+            preset="tiny", vocab_size=64, kv_heads=kv_heads, linear="relora", lowrank=LowRankConfig(rank=8, dropout=0.0)
+        )
         torch.manual_seed(3)
         full = Transformer(cfg)
         torch.manual_seed(3)
@@ -221,8 +240,7 @@ def check_relora(groups):
         models = {"full": full, "split": split}
         drivers = {k: ReLoRA(run_cfg, m) for k, m in models.items()}
         assert len(drivers["split"].layers) == len(drivers["full"].layers) == 14, what
-        opts = {k: torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-3)
-                for k, m in models.items()}
+        opts = {k: torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-3) for k, m in models.items()}
         torch.manual_seed(4)
         batches = [(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8))) for _ in range(3)]
         for step, (ids, labels) in enumerate(batches):
@@ -251,13 +269,24 @@ def _compare_restart(split, full, opts, groups, what):
         close(param.detach(), part(full_params[name].detach()), f"{what} {name}")
         if param.requires_grad:
             for key in ("exp_avg", "exp_avg_sq"):
-                close(opts["split"].state[param][key], part(opts["full"].state[full_params[name]][key]),
-                      f"{what} {key} of {name}")
+                close(
+                    opts["split"].state[param][key],
+                    part(opts["full"].state[full_params[name]][key]),
+                    f"{what} {key} of {name}",
+                )
     assert any(n.endswith("lora_b") and (p == 0).all() for n, p in split.named_parameters()), what
 
 
-CHECKS = {"relora": check_relora, "lowrank": check_lowrank, "iha": check_iha, "comm_volume": check_comm_volume, "cross_entropy": check_cross_entropy, "linear_embedding": check_linear_embedding,
-          "sequence_parallel_norm": check_sequence_parallel_norm, "model": check_model}
+CHECKS = {
+    "relora": check_relora,
+    "lowrank": check_lowrank,
+    "iha": check_iha,
+    "comm_volume": check_comm_volume,
+    "cross_entropy": check_cross_entropy,
+    "linear_embedding": check_linear_embedding,
+    "sequence_parallel_norm": check_sequence_parallel_norm,
+    "model": check_model,
+}
 
 
 def main(names):

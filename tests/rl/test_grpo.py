@@ -8,8 +8,14 @@ import torch
 
 from megatrain.errors import ConfigError
 from megatrain.rl import group_advantages
-from megatrain.rl.grpo import (aggregate, clipped_objective, kl_estimate, loss_normalizer, sequence_weights,
-                               token_logprobs)
+from megatrain.rl.grpo import (
+    aggregate,
+    clipped_objective,
+    kl_estimate,
+    loss_normalizer,
+    sequence_weights,
+    token_logprobs,
+)
 
 
 def test_group_advantages_by_hand():
@@ -34,20 +40,24 @@ def _ratios(values):
     return logp, old
 
 
-@pytest.mark.parametrize("adv, dual, want_loss, want_grad, want_clipped", [
-    # A = +1: ratio 0.5 unclipped (-0.5); 1.0 inside; 1.5 clipped at 1 + clip_high = 1.2 (no gradient).
-    (1.0, None, [-0.5, -1.0, -1.2], [-0.5, -1.0, 0.0], [0, 0, 1]),
-    # A = -1: ratio 0.5 clipped at 1 - clip_low = 0.8 (no gradient); 1.5 unclipped (loss 1.5, grad 1.5).
-    (-1.0, None, [0.8, 1.0, 1.5], [0.0, 1.0, 1.5], [1, 0, 0]),
-    # Dual clip c = 1.4 bounds the A < 0 token at ratio 1.5 to -A c = 1.4, with no gradient.
-    (-1.0, 1.4, [0.8, 1.0, 1.4], [0.0, 1.0, 0.0], [1, 0, 1]),
-    # Dual clip leaves A > 0 alone.
-    (1.0, 1.4, [-0.5, -1.0, -1.2], [-0.5, -1.0, 0.0], [0, 0, 1]),
-])
+@pytest.mark.parametrize(
+    "adv, dual, want_loss, want_grad, want_clipped",
+    [
+        # A = +1: ratio 0.5 unclipped (-0.5); 1.0 inside; 1.5 clipped at 1 + clip_high = 1.2 (no gradient).
+        (1.0, None, [-0.5, -1.0, -1.2], [-0.5, -1.0, 0.0], [0, 0, 1]),
+        # A = -1: ratio 0.5 clipped at 1 - clip_low = 0.8 (no gradient); 1.5 unclipped (loss 1.5, grad 1.5).
+        (-1.0, None, [0.8, 1.0, 1.5], [0.0, 1.0, 1.5], [1, 0, 0]),
+        # Dual clip c = 1.4 bounds the A < 0 token at ratio 1.5 to -A c = 1.4, with no gradient.
+        (-1.0, 1.4, [0.8, 1.0, 1.4], [0.0, 1.0, 0.0], [1, 0, 1]),
+        # Dual clip leaves A > 0 alone.
+        (1.0, 1.4, [-0.5, -1.0, -1.2], [-0.5, -1.0, 0.0], [0, 0, 1]),
+    ],
+)
 def test_clipped_objective_by_hand(adv, dual, want_loss, want_grad, want_clipped):
     logp, old = _ratios([0.5, 1.0, 1.5])
-    loss, clipped = clipped_objective(logp, old, torch.tensor([adv], dtype=torch.float64), clip_low=0.2,
-                                      clip_high=0.2, dual_clip=dual)
+    loss, clipped = clipped_objective(
+        logp, old, torch.tensor([adv], dtype=torch.float64), clip_low=0.2, clip_high=0.2, dual_clip=dual
+    )
     assert torch.allclose(loss, torch.tensor([want_loss], dtype=torch.float64))
     assert clipped.tolist() == [want_clipped]
     loss.sum().backward()
@@ -88,7 +98,7 @@ def test_aggregation_modes_by_hand():
 
 
 def test_sequence_weights_drop_truncated_completions_and_flat_groups():
-    flat = torch.tensor([False, True])               # group 1 (sequences 2, 3) has all-equal rewards
+    flat = torch.tensor([False, True])  # group 1 (sequences 2, 3) has all-equal rewards
     truncated = torch.tensor([False, True, False, True])
     weights = lambda **kw: sequence_weights(flat, truncated, 2, **kw).tolist()
     assert weights(dynamic_filter=False, mask_truncated=False) == [1, 1, 1, 1]
@@ -103,13 +113,14 @@ def test_masked_truncated_completion_gets_no_loss_and_no_gradient():
     logp = torch.log(torch.tensor([[0.5, 0.9, 0.2], [0.4, 0.7, 0.6]], dtype=torch.float64)).requires_grad_(True)
     adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
     mask = torch.ones(2, 3, dtype=torch.float64)
-    weights = sequence_weights(torch.tensor([False]), torch.tensor([False, True]), 2, dynamic_filter=False,
-                               mask_truncated=True)
+    weights = sequence_weights(
+        torch.tensor([False]), torch.tensor([False, True]), 2, dynamic_filter=False, mask_truncated=True
+    )
     masked = mask * weights[:, None]
     loss, _ = clipped_objective(logp, logp.detach(), adv)
     total = aggregate(loss, masked, "token-mean", loss_normalizer(masked, "token-mean"))
     total.backward()
-    assert total.item() == pytest.approx(-1.0)                    # row 0 alone: mean of -A * ratio (= 1)
+    assert total.item() == pytest.approx(-1.0)  # row 0 alone: mean of -A * ratio (= 1)
     assert torch.equal(logp.grad[1], torch.zeros(3, dtype=torch.float64))
     assert torch.allclose(logp.grad[0], torch.full((3,), -1 / 3, dtype=torch.float64))  # 3 tokens, not 6
 
@@ -119,7 +130,7 @@ def test_kl_estimators_match_formulas():
     ref = torch.tensor([-1.5, -1.0, -0.5])
     log_r = ref - logp
     assert torch.allclose(kl_estimate(logp, ref, "k1"), -log_r)
-    assert torch.allclose(kl_estimate(logp, ref, "k2"), 0.5 * log_r ** 2)
+    assert torch.allclose(kl_estimate(logp, ref, "k2"), 0.5 * log_r**2)
     assert torch.allclose(kl_estimate(logp, ref, "k3"), torch.exp(log_r) - 1 - log_r)
     with pytest.raises(ConfigError, match="kl_estimator"):
         kl_estimate(logp, ref, "k4")

@@ -76,8 +76,10 @@ def test_loss_mix_gradient_is_weighted_sum_of_rl_and_sft_gradients(loss_agg):
     rl.mix_weight, rl.kl_coef, rl.kl_estimator, rl.loss_agg = 0.3, 0.05, "k3", loss_agg
     rl.clip_low, rl.clip_high = 0.2, 0.28
     micro, gas = 2, 2
-    problems = [Problem(question=f"{a}+{a + 3}", answer=str(2 * a + 3), solution=f"{a}+{a + 3}={2 * a + 3} #### {2 * a + 3}")
-                for a in range(micro * gas)]
+    problems = [
+        Problem(question=f"{a}+{a + 3}", answer=str(2 * a + 3), solution=f"{a}+{a + 3}={2 * a + 3} #### {2 * a + 3}")
+        for a in range(micro * gas)
+    ]
     ex = _excursion(model, ref_model, rl, problems, micro, gas)
 
     # A hand-built rollout: 4 completions of different lengths (one empty-masked by its weight),
@@ -91,12 +93,15 @@ def test_loss_mix_gradient_is_weighted_sum_of_rl_and_sft_gradients(loss_agg):
     with torch.no_grad():
         logp0, _ = grpo.token_logprobs(model(full_ids)[:, :-1], full_ids[:, 1:])
         old_full = logp0 + 0.3 * torch.randn(logp0.shape)
-    ids_masks = [ex._sequences(prompts[s:s + micro], completions[s:s + micro]) for s in range(0, 4, micro)]
+    ids_masks = [ex._sequences(prompts[s : s + micro], completions[s : s + micro]) for s in range(0, 4, micro)]
     # Right padding: a micro-batch's columns are the first columns of the full batch.
-    old_logp = [old_full[s:s + micro, :ids.shape[1] - 1] for s, (ids, _) in zip(range(0, 4, micro), ids_masks)]
-    roll = dict(ids_masks=ids_masks, old_logp=old_logp,
-                advantages=torch.tensor([1.2, -0.7, -1.5, 0.4], dtype=torch.float64),
-                keep=torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64))  # the last one masked (truncated)
+    old_logp = [old_full[s : s + micro, : ids.shape[1] - 1] for s, (ids, _) in zip(range(0, 4, micro), ids_masks)]
+    roll = dict(
+        ids_masks=ids_masks,
+        old_logp=old_logp,
+        advantages=torch.tensor([1.2, -0.7, -1.5, 0.4], dtype=torch.float64),
+        keep=torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64),
+    )  # the last one masked (truncated)
 
     model.zero_grad()
     ex._rl_minibatch(roll, list(range(gas)), update=0, stats=torch.zeros(5, dtype=torch.float64))

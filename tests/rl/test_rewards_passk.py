@@ -12,25 +12,28 @@ from megatrain.rl.rewards import RewardError, extract_answer, load_reward, math_
 from megatrain.rl.tasks import arithmetic_problem, load_jsonl, embedded_problems
 
 
-@pytest.mark.parametrize("completion, answer, want", [
-    ("3 + 4 = 7. #### 7", "7", 1.0),
-    ("#### 7\n", "7", 1.0),
-    ("####7", "7", 1.0),
-    ("The answer is \\boxed{42}.", "42", 1.0),
-    ("\\boxed{ 42 }", "42", 1.0),
-    ("#### 1,234", "1234", 1.0),
-    ("#### 3.50", "3.5", 1.0),
-    ("#### -5", "-5", 1.0),
-    ("#### 8", "7", 0.1),            # well-formed, wrong
-    ("#### 72", "7", 0.1),           # a longer number is not the answer
-    ("#### 7.5", "7", 0.1),
-    ("#### 8 then #### 7", "7", 0.1),  # the first marker counts
-    ("\\boxed{7} #### 8", "7", 1.0),
-    ("the answer is 7", "7", 0.0),   # no marker
-    ("#### seven", "7", 0.0),
-    ("\\boxed{}", "7", 0.0),
-    ("", "7", 0.0),
-])
+@pytest.mark.parametrize(
+    "completion, answer, want",
+    [
+        ("3 + 4 = 7. #### 7", "7", 1.0),
+        ("#### 7\n", "7", 1.0),
+        ("####7", "7", 1.0),
+        ("The answer is \\boxed{42}.", "42", 1.0),
+        ("\\boxed{ 42 }", "42", 1.0),
+        ("#### 1,234", "1234", 1.0),
+        ("#### 3.50", "3.5", 1.0),
+        ("#### -5", "-5", 1.0),
+        ("#### 8", "7", 0.1),  # well-formed, wrong
+        ("#### 72", "7", 0.1),  # a longer number is not the answer
+        ("#### 7.5", "7", 0.1),
+        ("#### 8 then #### 7", "7", 0.1),  # the first marker counts
+        ("\\boxed{7} #### 8", "7", 1.0),
+        ("the answer is 7", "7", 0.0),  # no marker
+        ("#### seven", "7", 0.0),
+        ("\\boxed{}", "7", 0.0),
+        ("", "7", 0.0),
+    ],
+)
 def test_math_reward_parsing(completion, answer, want):
     assert math_reward("q", completion, answer) == want
 
@@ -54,8 +57,10 @@ def _returns_nan(prompt, completion, answer):
     return float("nan")
 
 
-@pytest.mark.parametrize("fn, match", [(_raises, "raised ValueError: boom"), (_returns_text, "returned '1.0'"),
-                                       (_returns_nan, "returned nan")])
+@pytest.mark.parametrize(
+    "fn, match",
+    [(_raises, "raised ValueError: boom"), (_returns_text, "returned '1.0'"), (_returns_nan, "returned nan")],
+)
 def test_bad_reward_is_one_line_naming_function_and_sample(fn, match):
     with pytest.raises(RewardError, match=match) as info:
         score(fn, "Question: 2+2?\nAnswer:", " #### 4", "4", name="my.fn")
@@ -87,7 +92,12 @@ def test_embedded_problems_are_exact_seeded_and_solved():
 
 def test_load_jsonl(tmp_path):
     good = tmp_path / "t.jsonl"
-    good.write_text(json.dumps({"q": "1+1?", "a": 2}) + "\n\n" + json.dumps({"q": "2+2?", "a": "4", "solution": "2+2=4 #### 4"}) + "\n")
+    good.write_text(
+        json.dumps({"q": "1+1?", "a": 2})
+        + "\n\n"
+        + json.dumps({"q": "2+2?", "a": "4", "solution": "2+2=4 #### 4"})
+        + "\n"
+    )
     probs = load_jsonl(str(good), "q", "a")
     assert [p.answer for p in probs] == ["2", "4"] and probs[0].solution == "#### 2"
     empty = tmp_path / "e.jsonl"

@@ -14,16 +14,35 @@ from safetensors.torch import load_file
 from tests.conftest import read_metrics, run_cli
 
 # The reward is the share of the letter 'e': dense, so a few iterations of a tiny model raise it.
-RL_JOB = ["rl.reward=toy_rewards.letter_e", "rl.max_new_tokens=8", "rl.eval.k=[1,2]", "rl.eval.samples=2",
-          "rl.eval.problems=2", "log.progress=false", "log.eval_batches=1", "train.lr=2e-2", "train.warmup_steps=0",
-          "train.schedule=constant", "optim.weight_decay=0.0", "parallel.zero_stage=2", "rl.kl_coef=0.01"]
+RL_JOB = [
+    "rl.reward=toy_rewards.letter_e",
+    "rl.max_new_tokens=8",
+    "rl.eval.k=[1,2]",
+    "rl.eval.samples=2",
+    "rl.eval.problems=2",
+    "log.progress=false",
+    "log.eval_batches=1",
+    "train.lr=2e-2",
+    "train.warmup_steps=0",
+    "train.schedule=constant",
+    "optim.weight_decay=0.0",
+    "parallel.zero_stage=2",
+    "rl.kl_coef=0.01",
+]
 # Learning: 4 prompts x 8 samples per iteration, one optimizer step per rollout.
 LEARN_JOB = ["rl.group_size=8", "rl.prompts_per_step=4", "rl.micro_batch=16", "rl.steps=10", "checkpoint.every=0"]
 # Resume and parity: 4 prompts x 4 samples, 2 optimizer steps per rollout (mini-batches of 8), 2
 # iterations. rl.micro_batch=4 makes one process run the same micro-batches (2 per step, gradients
 # accumulated) that 2 processes run one each, so both sum the same numbers in the same order.
-PARITY_JOB = ["rl.pipeline=[grpo,parallel_avg]", "rl.group_size=4", "rl.prompts_per_step=4", "rl.mini_batch=8",
-              "rl.micro_batch=4", "rl.steps=2", "checkpoint.every=1"]
+PARITY_JOB = [
+    "rl.pipeline=[grpo,parallel_avg]",
+    "rl.group_size=4",
+    "rl.prompts_per_step=4",
+    "rl.mini_batch=8",
+    "rl.micro_batch=4",
+    "rl.steps=2",
+    "checkpoint.every=1",
+]
 METRICS = ("reward_mean", "loss", "entropy", "kl", "grad_norm", "truncated")
 
 
@@ -141,10 +160,22 @@ def test_sigterm_to_the_rl_launcher_checkpoints_the_iteration_and_exits_0(tiny_r
     from tests.conftest import REPO, signal_after_records, start_launcher
 
     run = tmp_path / "rl"
-    overrides = [f"rl.init={tiny_run}", "rl.max_new_tokens=8", "rl.eval.k=[1,2]", "rl.eval.samples=2",
-                 "rl.eval.problems=2", "log.progress=false", "log.eval_batches=1", "log.tensorboard=false",
-                 "rl.group_size=4", "rl.prompts_per_step=4", "rl.micro_batch=8", "rl.steps=200",
-                 "checkpoint.every=0", f"run.dir={run}"]
+    overrides = [
+        f"rl.init={tiny_run}",
+        "rl.max_new_tokens=8",
+        "rl.eval.k=[1,2]",
+        "rl.eval.samples=2",
+        "rl.eval.problems=2",
+        "log.progress=false",
+        "log.eval_batches=1",
+        "log.tensorboard=false",
+        "rl.group_size=4",
+        "rl.prompts_per_step=4",
+        "rl.micro_batch=8",
+        "rl.steps=200",
+        "checkpoint.every=0",
+        f"run.dir={run}",
+    ]
     proc = start_launcher(["rl", "--config", "launch/configs/rl-tiny-cpu.yaml", "--nproc-per-node", "2", *overrides])
     sub = run / "from_step_8" / "grpo"
     out, err = signal_after_records(proc, sub / "metrics.jsonl", 2, signal.SIGTERM)
@@ -154,8 +185,9 @@ def test_sigterm_to_the_rl_launcher_checkpoints_the_iteration_and_exits_0(tiny_r
     assert 2 <= last < 200 and (sub / "checkpoints" / "latest").read_text().strip() == f"step_{last}"
     assert f"stopped grpo from from_step_8 at iteration {last} (SIGTERM received); checkpoint {checkpoint}" in out
     lines = [line for line in err.splitlines() if line.startswith("megatrain:")]
-    assert lines == [f"megatrain: stopped at step {last} on SIGTERM; checkpoint {checkpoint}; continue with "
-                     f"--resume"], err[-3000:]
+    assert lines == [
+        f"megatrain: stopped at step {last} on SIGTERM; checkpoint {checkpoint}; continue with --resume"
+    ], err[-3000:]
     assert "Traceback" not in out + err and "SignalException" not in out + err
     assert not (run / "eval.jsonl").exists()
     expected = load_config(str(REPO / "launch/configs/rl-tiny-cpu.yaml"), overrides).to_dict()
@@ -165,7 +197,14 @@ def test_sigterm_to_the_rl_launcher_checkpoints_the_iteration_and_exits_0(tiny_r
 def test_bad_inputs(tiny_run, tmp_path, capsys):
     init = f"rl.init={tiny_run}"
     _bad(tmp_path, capsys, init, "rl.group_size=1", match="rl.group_size must be >= 2")
-    _bad(tmp_path, capsys, init, "rl.eval.samples=4", "rl.eval.k=[1,8]", match="rl.eval.k=8 is larger than rl.eval.samples=4")
+    _bad(
+        tmp_path,
+        capsys,
+        init,
+        "rl.eval.samples=4",
+        "rl.eval.k=[1,8]",
+        match="rl.eval.k=8 is larger than rl.eval.samples=4",
+    )
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     _bad(tmp_path, capsys, init, f"rl.task.source={empty}", match="holds no records")
@@ -182,8 +221,20 @@ def test_bad_inputs(tiny_run, tmp_path, capsys):
     _bad(tmp_path, capsys, init, "parallel.context=2", match="context parallelism runs in pretraining only; the rl")
     _bad(tmp_path, capsys, init, "rl.reward=no_such_module_xyz.fn", match="cannot import")
     # A reward returning a non-number stops the run with one line naming it; an existing run is refused.
-    proc = run_cli(["rl", *RL_JOB, init, f"run.dir={tmp_path / 'bad'}", "rl.reward=toy_rewards.broken",
-                    "rl.steps=1", "rl.group_size=2", "rl.prompts_per_step=1", "rl.micro_batch=2"], check=False)
+    proc = run_cli(
+        [
+            "rl",
+            *RL_JOB,
+            init,
+            f"run.dir={tmp_path / 'bad'}",
+            "rl.reward=toy_rewards.broken",
+            "rl.steps=1",
+            "rl.group_size=2",
+            "rl.prompts_per_step=1",
+            "rl.micro_batch=2",
+        ],
+        check=False,
+    )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("megatrain: error")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
     assert "rl.reward toy_rewards.broken returned None" in errors[0] and "Traceback" not in proc.stderr
@@ -197,12 +248,33 @@ def test_rl_step_benchmark_reports_the_generation_share(tiny_run, tmp_path):
 
     from tests.conftest import REPO, child_env
 
-    subprocess.run([sys.executable, "benchmarks/rl_step.py", "--init", str(tiny_run), "--steps", "2", "--out",
-                    str(tmp_path), "--tag", "t", "rl.group_size=2", "rl.prompts_per_step=2", "rl.max_new_tokens=4"],
-                   cwd=REPO, env=child_env(), check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/rl_step.py",
+            "--init",
+            str(tiny_run),
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--tag",
+            "t",
+            "rl.group_size=2",
+            "rl.prompts_per_step=2",
+            "rl.max_new_tokens=4",
+        ],
+        cwd=REPO,
+        env=child_env(),
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     result = json.loads((tmp_path / "rl-step-t.json").read_text())
     assert result["measured_iterations"] == 2 and result["rollout"]["group_size"] == 2
     assert sum(result["share"].values()) == pytest.approx(1.0)
     assert 0 < result["generation_share"] == result["share"]["generate_s"] < 1
     assert result["versions"]["torch"] == torch.__version__ and result["device"]
-    assert f"Generation share of the step: **{result['generation_share']:.1%}**" in (tmp_path / "rl-step-t.md").read_text()
+    assert (
+        f"Generation share of the step: **{result['generation_share']:.1%}**" in (tmp_path / "rl-step-t.md").read_text()
+    )

@@ -7,8 +7,7 @@ from scipy.optimize import check_grad
 
 from megatrain.errors import ConfigError
 from megatrain.scaling import compute_optimal, fit_chinchilla, isoflop_minima
-from megatrain.scaling.fit import (_objective, chinchilla_init_grid, chinchilla_loss, optimal_n,
-                                   power_law_exponent)
+from megatrain.scaling.fit import _objective, chinchilla_init_grid, chinchilla_loss, optimal_n, power_law_exponent
 
 TRUE = {"E": 1.7, "A": 400.0, "alpha": 0.34, "B": 410.0, "beta": 0.28}
 

@@ -8,27 +8,39 @@ import os
 import pytest
 
 from megatrain.errors import ConfigError
-from megatrain.scaling.spec import apply_quick, load_sweep, parse_sweep, plan_runs
+from megatrain.scaling.spec import apply_quick, load_sweep, parse_sweep
 from megatrain.scaling.study import aggregate, plan_study, select_best, split_stages
 
 from ..conftest import REPO, run_cli
 
-BASE = {"model": {"preset": "tiny", "max_seq_len": 64},
-        "data": {"source": "embedded", "seq_len": 32, "vocab_size": 512},
-        "train": {"micro_batch": 4, "global_batch": 8, "warmup_steps": 1},
-        "parallel": {"zero_stage": 0}, "checkpoint": {"keep": 1},
-        "log": {"every": 1, "eval_every": 0, "eval_batches": 2, "progress": False, "tensorboard": False}}
+BASE = {
+    "model": {"preset": "tiny", "max_seq_len": 64},
+    "data": {"source": "embedded", "seq_len": 32, "vocab_size": 512},
+    "train": {"micro_batch": 4, "global_batch": 8, "warmup_steps": 1},
+    "parallel": {"zero_stage": 0},
+    "checkpoint": {"keep": 1},
+    "log": {"every": 1, "eval_every": 0, "eval_batches": 2, "progress": False, "tensorboard": False},
+}
 
 
 def study(tmp_path, **extra):
-    data = {"base": BASE, "dir": str(tmp_path / "study"), "mode": "grid",
-            "axes": {"tokens": [2048, 4096],
-                     "variant": [{"name": "dense"}, {"name": "cola", "model.linear": "cola", "model.lowrank.rank": 8}]},
-            "tune": {"key": "train.lr", "values": [1e-3, 1e-2], "metric": "best_val_loss"},
-            "seeds": {"key": "train.seed", "values": [1, 2, 3]},
-            "study": {"metrics": ["final_val_ppl", "optimizer_bytes"],
-                      "baseline": {"axis": "variant", "value": "dense", "metric": "final_val_ppl"},
-                      "plots": [{"x": "tokens", "y": "gap", "group": "variant"}]}, **extra}
+    data = {
+        "base": BASE,
+        "dir": str(tmp_path / "study"),
+        "mode": "grid",
+        "axes": {
+            "tokens": [2048, 4096],
+            "variant": [{"name": "dense"}, {"name": "cola", "model.linear": "cola", "model.lowrank.rank": 8}],
+        },
+        "tune": {"key": "train.lr", "values": [1e-3, 1e-2], "metric": "best_val_loss"},
+        "seeds": {"key": "train.seed", "values": [1, 2, 3]},
+        "study": {
+            "metrics": ["final_val_ppl", "optimizer_bytes"],
+            "baseline": {"axis": "variant", "value": "dense", "metric": "final_val_ppl"},
+            "plots": [{"x": "tokens", "y": "gap", "group": "variant"}],
+        },
+        **extra,
+    }
     return parse_sweep(data)
 
 
@@ -61,10 +73,19 @@ def test_bad_study_sections_are_one_line(tmp_path):
 
 
 def test_quick_section_replaces_and_merges_keys():
-    data = {"base": BASE, "dir": "runs/full", "axes": {"tokens": [1, 2], "train.lr": [1e-3]},
-            "overrides": {"train.micro_batch": 4}, "seeds": {"key": "train.seed", "values": [1, 2, 3]},
-            "quick": {"dir": "runs/quick", "axes": {"tokens": [1]}, "overrides": {"log": {"every": 5}},
-                      "seeds": {"values": [1]}}}
+    data = {
+        "base": BASE,
+        "dir": "runs/full",
+        "axes": {"tokens": [1, 2], "train.lr": [1e-3]},
+        "overrides": {"train.micro_batch": 4},
+        "seeds": {"key": "train.seed", "values": [1, 2, 3]},
+        "quick": {
+            "dir": "runs/quick",
+            "axes": {"tokens": [1]},
+            "overrides": {"log": {"every": 5}},
+            "seeds": {"values": [1]},
+        },
+    }
     out = apply_quick(data)
     assert out["dir"] == "runs/quick" and "quick" not in out
     assert out["axes"] == {"tokens": [1], "train.lr": [1e-3]}
@@ -73,8 +94,16 @@ def test_quick_section_replaces_and_merges_keys():
 
 
 def _rows(runs, score):
-    return [{"name": r.name, "status": "finished", "final_val_ppl": score(r), "best_val_loss": math.log(score(r)),
-             "optimizer_bytes": 100.0} for r in runs]
+    return [
+        {
+            "name": r.name,
+            "status": "finished",
+            "final_val_ppl": score(r),
+            "best_val_loss": math.log(score(r)),
+            "optimizer_bytes": 100.0,
+        }
+        for r in runs
+    ]
 
 
 def test_tuning_picks_each_points_best_value_and_seeds_follow_it(tmp_path):
@@ -114,8 +143,9 @@ def test_shipped_study_files_plan(tmp_path):
 def test_lowrank_study_quick_runs_end_to_end(tmp_path):
     """The low-rank study's quick variant: both stages, then the table, the gap to dense and the plots."""
     out = tmp_path / "lowrank"
-    proc = run_cli(["sweep", "launch/configs/study-lowrank.yaml", "--quick", "--jobs", "2", "--dir", str(out)],
-                   timeout=900)
+    proc = run_cli(
+        ["sweep", "launch/configs/study-lowrank.yaml", "--quick", "--jobs", "2", "--dir", str(out)], timeout=900
+    )
     assert "stage 2" in proc.stdout
     report = (out / "report" / "study.md").read_text()
     data = json.loads((out / "report" / "study.json").read_text())
@@ -154,9 +184,16 @@ def test_iha_study_quick_mha_learns_multikey(tmp_path):
 
 
 def test_a_variant_may_carry_its_own_tune_values(tmp_path):
-    spec = study(tmp_path, axes={"tokens": [2048], "variant": [
-        {"name": "dense"}, {"name": "cola", "model.linear": "cola", "model.lowrank.rank": 8,
-                            "tune_values": [3e-4, 1e-3]}]})
+    spec = study(
+        tmp_path,
+        axes={
+            "tokens": [2048],
+            "variant": [
+                {"name": "dense"},
+                {"name": "cola", "model.linear": "cola", "model.lowrank.rank": 8, "tune_values": [3e-4, 1e-3]},
+            ],
+        },
+    )
     runs = plan_study(spec)
     lrs = {v: sorted({r.axes["train.lr"] for r in runs if r.axes["variant"] == v}) for v in ("dense", "cola")}
     assert lrs == {"dense": [1e-3, 1e-2], "cola": [3e-4, 1e-3]}

@@ -17,17 +17,27 @@ from megatrain.scaling.spec import isoflop_points, model_counts, parse_sweep, pl
 
 from ..conftest import REPO, child_env
 
-BASE = {"model": {"preset": "tiny", "multiple_of": 16, "max_seq_len": 64},
-        "data": {"source": "embedded", "seq_len": 32, "vocab_size": 512},
-        "train": {"micro_batch": 4, "global_batch": 8, "lr": 3e-3, "warmup_steps": 1, "seed": 7},
-        "parallel": {"zero_stage": 0}, "checkpoint": {"keep": 1},
-        "log": {"every": 1, "eval_every": 0, "eval_batches": 2, "progress": False, "tensorboard": False}}
+BASE = {
+    "model": {"preset": "tiny", "multiple_of": 16, "max_seq_len": 64},
+    "data": {"source": "embedded", "seq_len": 32, "vocab_size": 512},
+    "train": {"micro_batch": 4, "global_batch": 8, "lr": 3e-3, "warmup_steps": 1, "seed": 7},
+    "parallel": {"zero_stage": 0},
+    "checkpoint": {"keep": 1},
+    "log": {"every": 1, "eval_every": 0, "eval_batches": 2, "progress": False, "tensorboard": False},
+}
 
 
 def isoflop_spec(tmp_path, **extra):
-    data = {"base": BASE, "dir": str(tmp_path / "sweep"), "mode": "isoflop", "budgets": [1e10, 4e10],
-            "sizes": [2e4, 1e5, {"dim": 96, "layers": 3}, "tiny"], "size_rule": {"aspect": 32, "head_dim": 16},
-            "min_steps": 2, **extra}
+    data = {
+        "base": BASE,
+        "dir": str(tmp_path / "sweep"),
+        "mode": "isoflop",
+        "budgets": [1e10, 4e10],
+        "sizes": [2e4, 1e5, {"dim": 96, "layers": 3}, "tiny"],
+        "size_rule": {"aspect": 32, "head_dim": 16},
+        "min_steps": 2,
+        **extra,
+    }
     return parse_sweep(data)
 
 
@@ -64,8 +74,9 @@ def test_size_rule_hits_the_target_and_counts_exclude_vocab(tmp_path):
     base = ModelConfig(preset=None, dim=64, layers=1, heads=1, vocab_size=512, multiple_of=16)
     for target in (1e5, 1e6):
         sizes = size_for_params(target, base, 64, aspect=32, head_dim=16)
-        model = ModelConfig(preset=None, vocab_size=512, multiple_of=16,
-                            **{k.split(".")[1]: v for k, v in sizes.items()})
+        model = ModelConfig(
+            preset=None, vocab_size=512, multiple_of=16, **{k.split(".")[1]: v for k, v in sizes.items()}
+        )
         counts = model_counts(model, 64)
         assert 0.7 < counts["params_non_embedding"] / target < 1.4
         assert sizes["model.dim"] % 16 == 0 and sizes["model.heads"] == sizes["model.dim"] // 16
@@ -74,9 +85,14 @@ def test_size_rule_hits_the_target_and_counts_exclude_vocab(tmp_path):
 
 
 def test_grid_plan(tmp_path):
-    spec = parse_sweep({"base": BASE, "dir": str(tmp_path / "g"), "mode": "grid",
-                        "axes": {"train.lr": [1e-3, 3e-3], "size": [{"dim": 32, "layers": 1}, "tiny"],
-                                 "tokens": [2560, 5120]}})
+    spec = parse_sweep(
+        {
+            "base": BASE,
+            "dir": str(tmp_path / "g"),
+            "mode": "grid",
+            "axes": {"train.lr": [1e-3, 3e-3], "size": [{"dim": 32, "layers": 1}, "tiny"], "tokens": [2560, 5120]},
+        }
+    )
     runs = plan_runs(spec)
     assert len(runs) == 8
     assert {r.steps for r in runs} == {10, 20}
@@ -84,16 +100,19 @@ def test_grid_plan(tmp_path):
     assert runs[0].axes == {"train.lr": 1e-3, "size": "d32l1", "tokens": 2560}
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"mode": "grid", "budgets": [1]}, "'budgets' is for mode isoflop"),
-    ({"mode": "isoflop", "sizes": [1e5]}, "needs 'budgets'"),
-    ({"mode": "spiral"}, "mode='spiral' is not allowed"),
-    ({"colour": 1}, "unknown key 'colour'"),
-    ({"axes": {"train.lr": []}}, "axes.train.lr must be a non-empty list"),
-    ({"axes": {"train.bogus": [1]}}, "unknown config key 'train.bogus'"),
-    ({"axes": {"model.linear": ["dense", "sparse"]}}, "model.linear='sparse' is not allowed"),
-    ({"mode": "isoflop", "budgets": [1e10], "sizes": ["huge"]}, "neither a preset"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"mode": "grid", "budgets": [1]}, "'budgets' is for mode isoflop"),
+        ({"mode": "isoflop", "sizes": [1e5]}, "needs 'budgets'"),
+        ({"mode": "spiral"}, "mode='spiral' is not allowed"),
+        ({"colour": 1}, "unknown key 'colour'"),
+        ({"axes": {"train.lr": []}}, "axes.train.lr must be a non-empty list"),
+        ({"axes": {"train.bogus": [1]}}, "unknown config key 'train.bogus'"),
+        ({"axes": {"model.linear": ["dense", "sparse"]}}, "model.linear='sparse' is not allowed"),
+        ({"mode": "isoflop", "budgets": [1e10], "sizes": ["huge"]}, "neither a preset"),
+    ],
+)
 def test_bad_sweep_files_are_one_line(tmp_path, capsys, data, message):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"base": BASE, "dir": str(tmp_path / "s"), **data}))
@@ -105,8 +124,14 @@ def test_bad_sweep_files_are_one_line(tmp_path, capsys, data, message):
 
 def test_dry_run_lists_every_run_and_writes_nothing(tmp_path, capsys):
     path = tmp_path / "sweep.yaml"
-    spec_data = {"base": BASE, "dir": str(tmp_path / "s"), "mode": "isoflop", "budgets": [1e10],
-                 "sizes": [2e4, 1e5], "size_rule": {"head_dim": 16}}
+    spec_data = {
+        "base": BASE,
+        "dir": str(tmp_path / "s"),
+        "mode": "isoflop",
+        "budgets": [1e10],
+        "sizes": [2e4, 1e5],
+        "size_rule": {"head_dim": 16},
+    }
     path.write_text(yaml.safe_dump(spec_data))
     assert main(["sweep", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -134,13 +159,23 @@ def test_emitted_scripts_parse_and_name_every_run(tmp_path):
 
 def test_resume_skips_finished_runs_and_records_failures(tmp_path):
     # two real runs of 3 steps through `megatrain sweep`: one trains, one has a missing corpus file
-    sweep = {"base": BASE, "dir": str(tmp_path / "sweep"), "mode": "grid",
-             "overrides": {"train.steps": 3, "log.eval_every": 3},
-             "axes": {"data.source": ["embedded", str(tmp_path / "missing.txt")]}}
+    sweep = {
+        "base": BASE,
+        "dir": str(tmp_path / "sweep"),
+        "mode": "grid",
+        "overrides": {"train.steps": 3, "log.eval_every": 3},
+        "axes": {"data.source": ["embedded", str(tmp_path / "missing.txt")]},
+    }
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(sweep))
-    proc = subprocess.run([sys.executable, "-m", "megatrain.cli", "sweep", str(path), "--no-report"], cwd=REPO,
-                          env=child_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatrain.cli", "sweep", str(path), "--no-report"],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     spec = parse_sweep(sweep, str(path))
     runs = plan_runs(spec)
@@ -169,7 +204,7 @@ def test_resume_skips_finished_runs_and_records_failures(tmp_path):
     assert "skipped" in lines[0] and "RuntimeError: out of memory" in lines[1]
 
     rows = collect(spec, runs)
-    assert list(rows[0])[:len(COLUMNS)] == list(COLUMNS) and "axis:data.source" in rows[0]
+    assert list(rows[0])[: len(COLUMNS)] == list(COLUMNS) and "axis:data.source" in rows[0]
     good = rows[0]
     assert good["status"] == "finished" and good["error"] is None and good["steps"] == 3
     assert good["tokens"] == 3 * 8 * 32 and good["final_val_loss"] == good["best_val_loss"] > 0
@@ -183,8 +218,7 @@ def test_resume_skips_finished_runs_and_records_failures(tmp_path):
     assert list(table.columns) == list(pd.read_csv(csv_path).columns) and len(table) == 2
 
     # a finished run whose settings change is refused, not silently reused
-    changed = parse_sweep({**sweep, "overrides": {"train.steps": 3, "log.eval_every": 3, "train.lr": 1e-2}},
-                          str(path))
+    changed = parse_sweep({**sweep, "overrides": {"train.steps": 3, "log.eval_every": 3, "train.lr": 1e-2}}, str(path))
     with pytest.raises(ConfigError, match="finished with other settings"):
         run_local(changed, plan_runs(changed), launch=crash, echo=lines.append)
     assert len(started) == 1

@@ -85,10 +85,14 @@ def test_context_kv_projections_run_once_per_example():
     def count(name):
         def hook(module, args):
             seen.setdefault(name, []).append(tuple(args[0].shape[:2]))
+
         return hook
 
-    handles = [getattr(b.attn, proj).register_forward_pre_hook(count(f"{i}.{proj}"))
-               for i, b in enumerate(model.blocks) for proj in ("k_proj", "v_proj")]
+    handles = [
+        getattr(b.attn, proj).register_forward_pre_hook(count(f"{i}.{proj}"))
+        for i, b in enumerate(model.blocks)
+        for proj in ("k_proj", "v_proj")
+    ]
     steps, span, width = 5, 8, max(len(c) for c in ctx)
     with megatrain.ttt.adapt(model, ctx, steps=steps, span=span, lr=1e-3) as cache:
         # The prefill over the whole (padded) context once, then only the k span tokens per step.
@@ -111,12 +115,12 @@ def test_span_over_cached_prefix_equals_full_recomputation(attention):
     cache = prefill(model, ctx)
     span = 9
     starts = torch.tensor([0, 13, 40])
-    windows = torch.stack([torch.tensor(c[s:s + span]) for c, s in zip(ctx, starts.tolist())])
+    windows = torch.stack([torch.tensor(c[s : s + span]) for c, s in zip(ctx, starts.tolist())])
     positions = starts[:, None] + torch.arange(span)
     with torch.no_grad():
         got = model(windows, cache=span_view(cache, starts, model.config.max_seq_len), positions=positions)
         for row, (c, s) in enumerate(zip(ctx, starts.tolist())):
-            full = model(torch.tensor([c[:s + span]]))[0, s:]
+            full = model(torch.tensor([c[: s + span]]))[0, s:]
             torch.testing.assert_close(got[row], full, rtol=1e-5, atol=1e-5)
     # The cache was only read.
     assert cache.frozen and cache.length == max(len(c) for c in ctx)
@@ -146,8 +150,9 @@ def test_adapted_answer_equals_a_model_with_the_adapted_weights():
     is the adapted one, except that the context K/V stay those of the original weights: checked on
     a one-layer model, where the context's keys and values do not depend on W_Q at all."""
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(dim=32, layers=1, heads=4, kv_heads=2, ffn_dim=64, vocab_size=VOCAB,
-                                    max_seq_len=96, init_std=0.1)).eval()
+    model = Transformer(
+        ModelConfig(dim=32, layers=1, heads=4, kv_heads=2, ffn_dim=64, vocab_size=VOCAB, max_seq_len=96, init_std=0.1)
+    ).eval()
     ctx = contexts((40, 29))
     prompts = [[5, 9], [11]]
     with megatrain.ttt.adapt(model, ctx, steps=3, span=8, lr=1e-2) as cache:
@@ -174,8 +179,9 @@ def test_generate_with_prefilled_cache_equals_plain_generation():
     cache = prefill(model, ctx)
     for kwargs in (dict(), dict(temperature=0.9, seed=[1, 2, 3])):
         got = megatrain.generate(model, prompts, max_new_tokens=6, cache=cache, return_logprobs=True, **kwargs)
-        ref = megatrain.generate(model, [c + p for c, p in zip(ctx, prompts)], max_new_tokens=6,
-                                 return_logprobs=True, **kwargs)
+        ref = megatrain.generate(
+            model, [c + p for c, p in zip(ctx, prompts)], max_new_tokens=6, return_logprobs=True, **kwargs
+        )
         assert got[0] == ref[0]
         for a, b in zip(got[1], ref[1]):
             torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-5)
@@ -197,7 +203,7 @@ def test_span_loss_falls_on_a_tiny_model():
     span = 16
 
     def probe_loss(cache):
-        windows = torch.stack([torch.tensor(ctx[s:s + span + 1]) for s in probe.tolist()])
+        windows = torch.stack([torch.tensor(ctx[s : s + span + 1]) for s in probe.tolist()])
         view = span_view(cache, probe, model.config.max_seq_len)
         view.keys = [k.expand(len(probe), -1, -1, -1) for k in view.keys]  # every probe reads example 0
         view.values = [v.expand(len(probe), -1, -1, -1) for v in view.values]
@@ -259,8 +265,24 @@ def test_tensor_parallel_two_processes_match_one():
     from tests.conftest import REPO, child_env, free_port
 
     env = child_env()
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                           "127.0.0.1", "--master-port", str(free_port()), "tests/ttt/ttt_checks.py"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(free_port()),
+            "tests/ttt/ttt_checks.py",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     assert "ok: ttt tp" in proc.stdout

@@ -12,13 +12,27 @@ import pytest
 
 import megatrain
 from megatrain.data.longcontext import (
-    _corpus_text, answer_correct, haystack_tokens, jsonl_examples, load_jsonl, retrieval_document, retrieval_examples,
+    _corpus_text,
+    answer_correct,
+    haystack_tokens,
+    jsonl_examples,
+    load_jsonl,
+    retrieval_document,
+    retrieval_examples,
 )
 from megatrain.errors import DataError
 from tests.conftest import REPO, read_metrics, run_cli, signal_after_records, start_launcher
 
-TINY_TTT = ["ttt.steps=2", "ttt.span=16", "ttt.lr=1e-3", "ttt.batch=4", "ttt.max_new_tokens=6",
-            "ttt.task.context_lengths=[64,96]", "ttt.task.depths=[0.2,0.8]", "ttt.task.examples=2"]
+TINY_TTT = [
+    "ttt.steps=2",
+    "ttt.span=16",
+    "ttt.lr=1e-3",
+    "ttt.batch=4",
+    "ttt.max_new_tokens=6",
+    "ttt.task.context_lengths=[64,96]",
+    "ttt.task.depths=[0.2,0.8]",
+    "ttt.task.examples=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +49,20 @@ def test_retrieval_examples_place_the_needle_in_the_held_out_novel(tokenizer, ki
         assert len(e.context) == 300 and e.length == 300 and e.depth == 0.5
         text = tokenizer.decode(e.context)
         assert e.answer in text and e.answer.isdigit()
-        assert text.count("special magic number" if kind != "passkey" else "pass key is") == (3 if kind == "multikey" else 1)
+        assert text.count("special magic number" if kind != "passkey" else "pass key is") == (
+            3 if kind == "multikey" else 1
+        )
         # The needle starts half-way through the filler.
-        needle = text.index(" The pass key" if kind == "passkey" else "The special magic number for the "
-                            + tokenizer.decode(e.question).split("for the ")[1].split("?")[0])
+        needle = text.index(
+            " The pass key"
+            if kind == "passkey"
+            else "The special magic number for the " + tokenizer.decode(e.question).split("for the ")[1].split("?")[0]
+        )
         assert 0.3 < needle / len(text) < 0.7
         # The filler is running text of the held-out novel (needles cut out, ends trimmed to whole tokens).
-        pieces = re.split(r" ?The (?:pass key|special magic number)[^.]*\.(?: Remember it\. \d+ is the pass key\.)?", text)
+        pieces = re.split(
+            r" ?The (?:pass key|special magic number)[^.]*\.(?: Remember it\. \d+ is the pass key\.)?", text
+        )
         longest = max(pieces, key=len)[8:-8]
         assert len(longest) > 100 and longest in novel
         assert answer_correct(" " + e.answer + ". Remember", e) and not answer_correct(" 1" + e.answer, e)
@@ -53,8 +74,10 @@ def test_retrieval_examples_place_the_needle_in_the_held_out_novel(tokenizer, ki
 
 def test_jsonl_loader_fields_choices_and_truncation(tmp_path, tokenizer):
     path = tmp_path / "set.jsonl"
-    rows = [{"doc": "Anne walked. " * 200, "q": "Who walked?", "a": "Anne"},
-            {"doc": "It rained.", "q": "What happened?", "a": 1, "opts": ["sun", "rain", "snow"]}]
+    rows = [
+        {"doc": "Anne walked. " * 200, "q": "Who walked?", "a": "Anne"},
+        {"doc": "It rained.", "q": "What happened?", "a": 1, "opts": ["sun", "rain", "snow"]},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     records = load_jsonl(str(path), context_field="doc", question_field="q", answer_field="a", choices_field="opts")
     examples = jsonl_examples(records, tokenizer, length=50)
@@ -73,8 +96,9 @@ def test_jsonl_loader_fields_choices_and_truncation(tmp_path, tokenizer):
 
 def test_job_from_a_trained_run_writes_table_jsonl_and_heatmap(tiny_run, tmp_path):
     run = tmp_path / "ttt"
-    proc = run_cli(["ttt", "--config", "launch/configs/ttt-tiny-cpu.yaml", f"ttt.init={tiny_run}", f"run.dir={run}",
-                    *TINY_TTT])
+    proc = run_cli(
+        ["ttt", "--config", "launch/configs/ttt-tiny-cpu.yaml", f"ttt.init={tiny_run}", f"run.dir={run}", *TINY_TTT]
+    )
     records = [json.loads(line) for line in (run / "ttt.jsonl").read_text().splitlines()]
     assert [(r["length"], r["depth"]) for r in records] == [(64, 0.2), (64, 0.8), (96, 0.2), (96, 0.8)]
     for r in records:
@@ -94,18 +118,32 @@ def test_job_pretrains_its_own_model_without_init(tmp_path):
     console command) checkpoints it and exits 0 without evaluating a half-trained model; the same command
     again continues the pretraining from that checkpoint, then evaluates. ~15 s."""
     run = tmp_path / "ttt"
-    args = ["ttt", "--config", "launch/configs/ttt-tiny-cpu.yaml", f"run.dir={run}", "train.steps=60", "log.every=1",
-            "train.micro_batch=4", "ttt.pretrain_documents=40", "data.seq_len=128", "ttt.think=false", *TINY_TTT]
+    args = [
+        "ttt",
+        "--config",
+        "launch/configs/ttt-tiny-cpu.yaml",
+        f"run.dir={run}",
+        "train.steps=60",
+        "log.every=1",
+        "train.micro_batch=4",
+        "ttt.pretrain_documents=40",
+        "data.seq_len=128",
+        "ttt.think=false",
+        *TINY_TTT,
+    ]
     proc = start_launcher(args)
     out, err = signal_after_records(proc, run / "pretrain" / "metrics.jsonl", 3, signal.SIGTERM)
     assert proc.returncode == 0 and "Traceback" not in err, (out[-2000:], err[-3000:])
     stopped = read_metrics(run / "pretrain")[-1]["step"]
     checkpoint = run / "pretrain" / "checkpoints" / f"step_{stopped}"
     assert 3 <= stopped < 60 and checkpoint.is_dir()
-    assert (f"stopped at step {stopped} (SIGTERM received); checkpoint {checkpoint}; run the same megatrain ttt "
-            f"command again to continue") in out
-    assert (f"megatrain: stopped the qTTT job's pretraining at step_{stopped}; run the same command again to "
-            f"continue it") in out
+    assert (
+        f"stopped at step {stopped} (SIGTERM received); checkpoint {checkpoint}; run the same megatrain ttt "
+        f"command again to continue"
+    ) in out
+    assert (
+        f"megatrain: stopped the qTTT job's pretraining at step_{stopped}; run the same command again to continue it"
+    ) in out
     assert not (run / "ttt.jsonl").exists()
     proc = run_cli(args)
     assert f"resumed from {checkpoint} at step {stopped}" in proc.stdout
@@ -115,24 +153,30 @@ def test_job_pretrains_its_own_model_without_init(tmp_path):
     assert len(records) == 4 and "think_acc" not in records[0]
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["ttt.span=100"], "a context of 64 tokens is shorter than ttt.span + 1 = 101"),
-    (["ttt.span=1400", "ttt.task.context_lengths=[1401]"], "ttt.span=1400 is longer than the model allows"),
-    (["model.linear=cola", "ttt.target=q_lora"], "ttt.target=q_lora needs dense query projections"),
-    (["ttt.target=k"], "ttt.target='k' is not allowed"),
-    (["ttt.task.kind=jsonl"], "ttt.task.kind=jsonl needs ttt.task.path"),
-    (["ttt.task.depths=[1.5]"], "ttt.task.depths: 1.5 is not a number in"),
-    (["ttt.init=/nonexistent/run"], "ttt.init: '/nonexistent/run' is not a run"),
-    (["parallel.context=2"], "parallel.context=2: context parallelism runs in pretraining only; the ttt job"),
-    (["parallel.pipeline=2", "parallel.zero_stage=1"], "parallel.pipeline=2: pipeline parallelism runs in pretraining "
-     "only; the ttt job"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["ttt.span=100"], "a context of 64 tokens is shorter than ttt.span + 1 = 101"),
+        (["ttt.span=1400", "ttt.task.context_lengths=[1401]"], "ttt.span=1400 is longer than the model allows"),
+        (["model.linear=cola", "ttt.target=q_lora"], "ttt.target=q_lora needs dense query projections"),
+        (["ttt.target=k"], "ttt.target='k' is not allowed"),
+        (["ttt.task.kind=jsonl"], "ttt.task.kind=jsonl needs ttt.task.path"),
+        (["ttt.task.depths=[1.5]"], "ttt.task.depths: 1.5 is not a number in"),
+        (["ttt.init=/nonexistent/run"], "ttt.init: '/nonexistent/run' is not a run"),
+        (["parallel.context=2"], "parallel.context=2: context parallelism runs in pretraining only; the ttt job"),
+        (
+            ["parallel.pipeline=2", "parallel.zero_stage=1"],
+            "parallel.pipeline=2: pipeline parallelism runs in pretraining only; the ttt job",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_with_exit_code_2(tmp_path, capsys, overrides, message):
     from megatrain.cli import main
 
     run = tmp_path / "run"
-    code = main(["ttt", "--config", str(REPO / "launch/configs/ttt-tiny-cpu.yaml"), f"run.dir={run}", *TINY_TTT,
-                 *overrides])
+    code = main(
+        ["ttt", "--config", str(REPO / "launch/configs/ttt-tiny-cpu.yaml"), f"run.dir={run}", *TINY_TTT, *overrides]
+    )
     err = capsys.readouterr().err
     assert code == 2, err
     lines = err.strip().splitlines()
@@ -141,12 +185,15 @@ def test_bad_input_is_one_line_with_exit_code_2(tmp_path, capsys, overrides, mes
 
 
 def test_bad_input_through_the_real_command(tmp_path):
-    proc = run_cli(["ttt", "--config", "launch/configs/ttt-tiny-cpu.yaml", f"run.dir={tmp_path / 'run'}",
-                    "ttt.span=300"], check=False)
+    proc = run_cli(
+        ["ttt", "--config", "launch/configs/ttt-tiny-cpu.yaml", f"run.dir={tmp_path / 'run'}", "ttt.span=300"],
+        check=False,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert [line for line in proc.stderr.splitlines() if line.startswith("megatrain")] == [
-        "megatrain: error: ttt.task.context_lengths: a context of 128 tokens is shorter than ttt.span + 1 = 301 (a span "
-        "and the token after it); lower ttt.span or lengthen the contexts"]
+        "megatrain: error: ttt.task.context_lengths: a context of 128 tokens is shorter than ttt.span + 1 = 301 "
+        "(a span and the token after it); lower ttt.span or lengthen the contexts"
+    ]
 
 
 def test_cola_checkpoint_refuses_q_lora(tmp_path):

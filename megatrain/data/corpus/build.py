@@ -55,6 +55,7 @@ R_NAMES: dict[str, str] = {
 # R objects as Python values
 # --------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class RSymbol:
     """An R symbol (a name such as an attribute tag)."""
@@ -138,9 +139,19 @@ _SINGLETONS = {
 }
 _PAIRLIST_TYPES = (LISTSXP, LANGSXP, CLOSXP, PROMSXP, DOTSXP)
 _TYPE_NAMES = {
-    3: "closure", 4: "environment", 5: "promise", 6: "language", 17: "dots", 18: "any",
-    21: "bytecode", 22: "external pointer", 23: "weak reference", 238: "ALTREP",
-    246: "class reference", 245: "generic reference", 244: "bytecode reference",
+    3: "closure",
+    4: "environment",
+    5: "promise",
+    6: "language",
+    17: "dots",
+    18: "any",
+    21: "bytecode",
+    22: "external pointer",
+    23: "weak reference",
+    238: "ALTREP",
+    246: "class reference",
+    245: "generic reference",
+    244: "bytecode reference",
 }
 
 # Flag word layout: low byte = type; bit 8 = is-object; bit 9 = has attributes;
@@ -162,7 +173,7 @@ class _Stream:
         end = self.pos + n
         if n < 0 or end > len(self.data):
             raise DataError(f"R serialization is truncated (wanted {n} bytes at offset {self.pos})")
-        chunk = self.data[self.pos:end]
+        chunk = self.data[self.pos : end]
         self.pos = end
         return chunk
 
@@ -373,6 +384,7 @@ def unserialize(data: bytes) -> Any:
 # Lazy-load databases (.rdb/.rdx)
 # --------------------------------------------------------------------------------------
 
+
 def decode_record(blob: bytes, compressed: int = 1) -> bytes:
     """Undo the compression of one .rdb record and return the raw serialization.
 
@@ -463,7 +475,7 @@ def read_lazyload_db(rdb_path, rdx_path) -> dict[str, object]:
         if offset < 0 or length < 0 or offset + length > len(rdb):
             raise DataError(f"{rdb_path}: variable {name!r} lies outside the file")
         try:
-            out[name] = unserialize(decode_record(rdb[offset:offset + length], compressed))
+            out[name] = unserialize(decode_record(rdb[offset : offset + length], compressed))
         except DataError as e:
             raise DataError(f"{rdb_path}: variable {name!r}: {e}") from None
     return out
@@ -472,6 +484,7 @@ def read_lazyload_db(rdb_path, rdx_path) -> dict[str, object]:
 # --------------------------------------------------------------------------------------
 # Building the corpus files
 # --------------------------------------------------------------------------------------
+
 
 class FileStats(NamedTuple):
     lines: int
@@ -524,7 +537,7 @@ def _run(cmd: list[str], cwd=None) -> str:
         raise DataError(f"`{cmd[0]}` is not available; pass --deb or --rdb-dir instead")
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0:
-        lines = [l for l in (proc.stderr or proc.stdout).splitlines() if l.strip() and not l.startswith("W:")]
+        lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip() and not ln.startswith("W:")]
         raise DataError(f"`{' '.join(cmd)}` failed: {lines[-1] if lines else f'exit {proc.returncode}'}")
     return proc.stdout
 
