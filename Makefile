@@ -17,7 +17,7 @@ COMPAT_TRITON ?= 3.6.0
 COMPAT_VENV   ?= /tmp/megatrain-compat-triton-$(COMPAT_TRITON)
 COMPAT_SAMPLE ?= 1
 
-.PHONY: install demo test test-fast bench compat clean
+.PHONY: install demo test test-fast lint bench compat clean
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,12 @@ test: install
 
 test-fast: install
 	$(BIN)/pytest -q $(PYTEST_JOBS) -m "not slow"
+
+# ruff (pyproject's [tool.ruff]: line length 120, pycodestyle + pyflakes): lint and formatting, checked only.
+# `$(BIN)/ruff format . && $(BIN)/ruff check --fix .` applies them.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 compat: install
 	rm -rf $(COMPAT_VENV)
