@@ -357,6 +357,22 @@ def save_checkpoint(
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)  # left by a crash mid-write
     barrier()
+    error = _write_partial(engine, root, partial_tag, client_state, step, rank, tokenizer_path, groups, model_cfg)
+    _raise_if_any_failed(error, rank, tag, root, partial)
+    error = _commit(root, tag, meta, step) if rank == 0 else None
+    _raise_if_any_failed(error, rank, tag, root, partial)
+    if rank == 0:
+        _prune(root, keep, current=tag)
+    return path
+
+
+def _write_partial(
+    engine, root: str, partial_tag: str, client_state: dict, step: int, rank: int, tokenizer_path, groups, model_cfg
+) -> Optional[OSError]:
+    """Collective: this rank's part of the checkpoint into root/partial_tag (DeepSpeed's states, this
+    rank's RNG, the consolidated weights where this rank writes them, the tokenizer on rank 0). Returns
+    the OSError a write raised, or None; the consolidation's collectives run either way."""
+    partial = os.path.join(root, partial_tag)
     error = None
     try:
         engine.save_checkpoint(root, tag=partial_tag, client_state=client_state, save_latest=False)
@@ -373,35 +389,31 @@ def save_checkpoint(
                 shutil.copyfile(tokenizer_path, os.path.join(partial, "tokenizer.model"))
         except OSError as exc:
             error = exc
-    del tensors
-    _raise_if_any_failed(error, rank, tag, root, partial)
-    error = None
-    if rank == 0:
-        try:
-            sizes, checksums = _manifest(partial)
-            write_atomic(
-                os.path.join(partial, META_FILE),
-                json.dumps(
-                    {**meta, "format": FORMAT_VERSION, "step": step, "files": sizes, "checksums": checksums}, indent=1
-                ),
-                fsync=True,
-            )
-            if os.path.isdir(path):
-                shutil.rmtree(path)  # written by a run that crashed before naming it `latest`
-            os.replace(partial, path)
-            fsync_path(root)
-            fault_point("ckpt_commit", step, rank)
-            write_atomic(
-                os.path.join(root, "latest"), tag, fsync=True, before_replace=lambda: fault_point("latest", step, rank)
-            )
-        except OSError as exc:
-            if read_latest(root) != tag:  # not committed: the previous checkpoint stays latest
-                error = exc
-                shutil.rmtree(path, ignore_errors=True)
-    _raise_if_any_failed(error, rank, tag, root, partial)
-    if rank == 0:
-        _prune(root, keep, current=tag)
-    return path
+    return error
+
+
+def _commit(root: str, tag: str, meta: dict, step: int) -> Optional[OSError]:
+    """Rank 0: the manifest into the complete partial folder, the folder renamed to its step, then
+    `latest` pointed at it (each step atomic and synced). Returns the OSError that stopped it, or None
+    once committed (a failure after `latest` names the step leaves the checkpoint in place)."""
+    partial, path = os.path.join(root, tag + PARTIAL_SUFFIX), os.path.join(root, tag)
+    try:
+        sizes, checksums = _manifest(partial)
+        record = {**meta, "format": FORMAT_VERSION, "step": step, "files": sizes, "checksums": checksums}
+        write_atomic(os.path.join(partial, META_FILE), json.dumps(record, indent=1), fsync=True)
+        if os.path.isdir(path):
+            shutil.rmtree(path)  # written by a run that crashed before naming it `latest`
+        os.replace(partial, path)
+        fsync_path(root)
+        fault_point("ckpt_commit", step, 0)
+        write_atomic(
+            os.path.join(root, "latest"), tag, fsync=True, before_replace=lambda: fault_point("latest", step, 0)
+        )
+    except OSError as exc:
+        if read_latest(root) != tag:  # not committed: the previous checkpoint stays latest
+            shutil.rmtree(path, ignore_errors=True)
+            return exc
+    return None
 
 
 def _raise_if_any_failed(error: Optional[OSError], rank: int, tag: str, root: str, partial: str) -> None:

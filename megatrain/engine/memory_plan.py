@@ -105,7 +105,6 @@ def plan_memory(cfg, world_size: int, model_cfg=None) -> RankMemory:
     """The per-rank memory of `cfg` run on `world_size` processes (validated like a launch would be)."""
     from megatrain.models.transformer import Transformer
     from megatrain.optim.zero_bridge import PROJECTED_MODULES
-    from megatrain.optim.galore import projection_side
     from megatrain.parallel.plan import shard_specs
 
     p = cfg.parallel
@@ -129,9 +128,9 @@ def plan_memory(cfg, world_size: int, model_cfg=None) -> RankMemory:
         tensor=tp,
         dp=dp // context,
         zero_stage=stage,
+        context=context,
         dtype="bf16" if bf16 else "fp32",
         activation_checkpointing=cfg.train.activation_checkpointing,
-        context=context,
     )
     zero_partitioned, projected_grads, projected_state = 0, 0, 0
     for name, param in named:
@@ -146,15 +145,7 @@ def plan_memory(cfg, world_size: int, model_cfg=None) -> RankMemory:
             continue
         projected = projected_kind and len(shape) == 2 and any(part in PROJECTED_MODULES for part in name.split("."))
         if projected:
-            rows, cols = shape
-            r = cfg.optim.rank
-            side = projection_side(cfg.optim.proj_type, shape)
-            low, proj = {
-                "right": (rows * r, r * cols),
-                "left": (r * cols, rows * r),
-                "full": (r * r, rows * r + r * cols),
-            }[side]
-            projected_state += 4 * (2 * low + proj + (numel if bf16 else 0))
+            projected_state += _projected_state_bytes(cfg.optim, shape, bf16)
             projected_grads += numel
         else:
             zero_partitioned += numel
@@ -163,14 +154,32 @@ def plan_memory(cfg, world_size: int, model_cfg=None) -> RankMemory:
     out.grad_bytes = width * ((math.ceil(zero_partitioned / dp) if stage >= 2 else zero_partitioned) + projected_grads)
     out.master_bytes = 4 * sharded(zero_partitioned) if bf16 else 0
     out.optimizer_bytes = 8 * sharded(zero_partitioned) + projected_state
+    _count_activations(out, cfg, m, width)
+    return out
+
+
+def _count_activations(out: RankMemory, cfg, m, width: int) -> None:
+    """The activation and transient bytes of one micro-batch on a rank of `out`'s layout."""
     # Context parallelism: a rank holds N/C tokens of each sequence outside attention, and inside it the whole
     # sequence for H/C heads, the same number of elements: every activation is 1/C.
-    tokens = cfg.train.micro_batch * cfg.data.seq_len / context
-    full, checkpointed = activation_elements(m, tp, p.sequence, cfg)
+    tokens = cfg.train.micro_batch * cfg.data.seq_len / out.context
+    full, checkpointed = activation_elements(m, out.tensor, cfg.parallel.sequence, cfg)
     out.activation_bytes = round(tokens * full * width)
     out.activation_bytes_checkpointed = round(tokens * checkpointed * width)
-    out.transient_bytes = transient_elements(m, tp) * width
-    return out
+    out.transient_bytes = transient_elements(m, out.tensor) * width
+
+
+def _projected_state_bytes(optim, shape: list[int], bf16: bool) -> int:
+    """GaLore/Fira's state of one [rows, cols] weight: fp32 moments of the projected gradient, the
+    projection, and with bf16 its own fp32 master (they stay out of ZeRO)."""
+    from megatrain.optim.galore import projection_side
+
+    rows, cols = shape
+    r = optim.rank
+    low, proj = {"right": (rows * r, r * cols), "left": (r * cols, rows * r), "full": (r * r, rows * r + r * cols)}[
+        projection_side(optim.proj_type, shape)
+    ]
+    return 4 * (2 * low + proj + (rows * cols if bf16 else 0))
 
 
 def transient_elements(m, tp: int) -> int:

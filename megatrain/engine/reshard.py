@@ -90,9 +90,31 @@ def convert_to_universal(checkpoint: str, out: str = None) -> str:
             f"changing parallel.tensor or the number of data-parallel ranks needs ZeRO stage 1 or 2 "
             f"(DeepSpeed universal checkpoints)"
         )
+    tmp = out + ".tmp"
+    _run_ds_to_universal(checkpoint, tmp)
+    replicas = kv_replicas(model["kv_heads"], layout["tensor"])
+    if replicas > 1:
+        # Every KV head was saved by `replicas` TP ranks; keep one copy of each.
+        def dedupe(t: torch.Tensor, dim: int) -> torch.Tensor:
+            return torch.cat(t.chunk(layout["tensor"], dim=dim)[::replicas], dim=dim)
+
+        _map_kv_tensors(os.path.join(tmp, "zero"), dedupe)
+    # DeepSpeed's loader reads the client state (step, data position) from the model-state files.
+    for name in os.listdir(checkpoint):
+        if re.fullmatch(r"mp_rank_\d+_model_states\.pt", name):
+            shutil.copyfile(os.path.join(checkpoint, name), os.path.join(tmp, name))
+    with open(os.path.join(tmp, _DONE), "w", encoding="utf-8") as fh:
+        json.dump({"source_layout": layout, "kv_heads": model["kv_heads"]}, fh)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def _run_ds_to_universal(checkpoint: str, tmp: str) -> None:
+    """DeepSpeed's converter from `checkpoint` into a fresh `tmp`, its output captured; a failure removes
+    tmp and is one CheckpointError line."""
     from deepspeed.checkpoint import ds_to_universal
 
-    tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     args = argparse.Namespace(
         input_folder=checkpoint,
@@ -114,22 +136,6 @@ def convert_to_universal(checkpoint: str, out: str = None) -> str:
             f"checkpoint '{checkpoint}' could not be converted to a universal checkpoint "
             f"({type(exc).__name__}: {first})"
         ) from None
-    replicas = kv_replicas(model["kv_heads"], layout["tensor"])
-    if replicas > 1:
-        # Every KV head was saved by `replicas` TP ranks; keep one copy of each.
-        def dedupe(t: torch.Tensor, dim: int) -> torch.Tensor:
-            return torch.cat(t.chunk(layout["tensor"], dim=dim)[::replicas], dim=dim)
-
-        _map_kv_tensors(os.path.join(tmp, "zero"), dedupe)
-    # DeepSpeed's loader reads the client state (step, data position) from the model-state files.
-    for name in os.listdir(checkpoint):
-        if re.fullmatch(r"mp_rank_\d+_model_states\.pt", name):
-            shutil.copyfile(os.path.join(checkpoint, name), os.path.join(tmp, name))
-    with open(os.path.join(tmp, _DONE), "w", encoding="utf-8") as fh:
-        json.dump({"source_layout": layout, "kv_heads": model["kv_heads"]}, fh)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
 
 
 def universal_for_layout(universal: str, tensor: int, kv_heads: int, scratch: str) -> str:

@@ -155,8 +155,6 @@ class Trainer:
         watchdog: Optional[Watchdog] = None,
         resume_hint: str = "continue with --resume",
     ):
-        from megatrain.parallel.groups import build_groups
-
         self.cfg, self.env = cfg, env
         # log.analyze_every: a callable trainer -> metrics (megatrain.analysis.live, above this layer)
         self.instruments = instruments
@@ -166,12 +164,7 @@ class Trainer:
         self.stop_agreed = False
         self.spikes = LossSpikeDetector(cfg.train.spike_window, cfg.train.spike_zscore)
         self.last_step_end = time.monotonic()
-        if cfg.parallel.pipeline > 1:  # DeepSpeed's pipe x data x model topology (megatrain.parallel.pipeline)
-            from megatrain.parallel.pipeline import build_pipeline_groups
-
-            self.groups = build_pipeline_groups(cfg.parallel.tensor, cfg.parallel.pipeline)
-        else:
-            self.groups = build_groups(cfg.parallel.tensor, context=cfg.parallel.context)
+        self.groups = self._build_groups()
         self.dp_size, self.dp_rank = self.groups.dp_size, self.groups.dp_rank
         if env.is_main:
             os.makedirs(cfg.run.dir, exist_ok=True)
@@ -198,12 +191,27 @@ class Trainer:
             start_step=self.step,
             every=cfg.log.every,
         )
+        self._say_where_it_started(resume_path, init_path)
+
+    def _build_groups(self):
+        """TP x context x DP process groups, or DeepSpeed's pipe x data x model topology when pipelined
+        (megatrain.parallel.groups, megatrain.parallel.pipeline)."""
+        p = self.cfg.parallel
+        if p.pipeline > 1:
+            from megatrain.parallel.pipeline import build_pipeline_groups
+
+            return build_pipeline_groups(p.tensor, p.pipeline)
+        from megatrain.parallel.groups import build_groups
+
+        return build_groups(p.tensor, context=p.context)
+
+    def _say_where_it_started(self, resume_path: Optional[str], init_path: Optional[str]) -> None:
         if init_path is not None:
             self.logger.message(f"started from the weights of {init_path} (fresh optimizer, step 0)")
         elif resume_path is not None:
             how = (
-                f" (resharded to parallel.tensor={cfg.parallel.tensor} x {self.dp_size} data-parallel ranks through "
-                f"DeepSpeed's universal checkpoint)"
+                f" (resharded to parallel.tensor={self.cfg.parallel.tensor} x {self.dp_size} data-parallel ranks "
+                f"through DeepSpeed's universal checkpoint)"
                 if self.universal
                 else ""
             )

@@ -84,8 +84,8 @@ class RLConfig:
     )
     pipeline: str | list[str] = _f(
         "grpo",
-        "grpo, sft, sft_rl, parallel_avg or loss_mix, or a list of them (each its "
-        "own sub-run RUN/from_step_N/PIPELINE).",
+        "grpo, sft, sft_rl, parallel_avg or loss_mix, a Pipeline class of your own as package.module.Class "
+        "(docs/rl.md), or a list of them (each its own sub-run RUN/from_step_N/PIPELINE).",
     )
     mix_weight: float = _f(0.5, "loss_mix: loss = w L_RL + (1 - w) L_SFT.")
     reward: str = _f("megatrain.rl.rewards.math_reward", "reward(prompt, completion, answer) -> float, by dotted path.")
@@ -162,6 +162,15 @@ def validate_rl(cfg, world_size: int = 1) -> None:
     if len(set(names)) != len(names):
         raise ConfigError(f"rl.pipeline lists a pipeline twice: {names}")
     check_pipelines(cfg, world_size, names)
+    _validate_sampling(rl)
+    _validate_batches(rl, max(1, world_size // cfg.parallel.tensor))
+    _validate_task(rl.task)
+    _validate_eval(rl)
+    _validate_start(rl)
+
+
+def _validate_sampling(rl) -> None:
+    """Group size, step counts, the sampling, clipping and loss settings."""
     if rl.group_size < 2:
         raise ConfigError(f"rl.group_size must be >= 2 (GRPO compares samples within a group), got {rl.group_size}")
     for key in ("prompts_per_step", "max_new_tokens", "ppo_epochs", "micro_batch", "steps"):
@@ -191,7 +200,10 @@ def validate_rl(cfg, world_size: int = 1) -> None:
         raise ConfigError(f"rl.mix_weight must be in [0, 1], got {rl.mix_weight}")
     if not math.isfinite(rl.format_score):
         raise ConfigError(f"rl.format_score must be a finite number, got {rl.format_score}")
-    dp = max(1, world_size // cfg.parallel.tensor)
+
+
+def _validate_batches(rl, dp: int) -> None:
+    """The rollout, mini-batch and micro-batch arithmetic over `dp` data-parallel ranks."""
     if rl.prompts_per_step % dp:
         raise ConfigError(
             f"rl.prompts_per_step={rl.prompts_per_step} must be a multiple of the data-parallel size {dp}"
@@ -210,9 +222,6 @@ def validate_rl(cfg, world_size: int = 1) -> None:
             f"rl.micro_batch={rl.micro_batch} must divide the sequences per process per optimizer "
             f"step ({local} = rl.mini_batch / data-parallel size)"
         )
-    _validate_task(rl.task)
-    _validate_eval(rl)
-    _validate_start(rl)
 
 
 def _validate_task(t) -> None:
