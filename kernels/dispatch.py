@@ -292,27 +292,10 @@ def projected_adam_update(
     the Triton kernel writes new ones). Math and shapes: `reference.projected_adam_update`.
     """
     if _use_triton("projected_adam_update", weight, lambda: (low_rank_grad.shape[1 if side == "right" else 0],)):
-        from .projected_adam import projected_adam_update as triton_projected_adam_update
-
-        return triton_projected_adam_update(
-            weight,
-            proj,
-            low_rank_grad,
-            exp_avg,
-            exp_avg_sq,
-            side=side,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            step_size=step_size,
-            scale=scale,
-            decay=decay,
-            update_moments=update_moments,
-            grad=grad,
-            residual_scale=residual_scale,
-            residual_coef=residual_coef,
-        )
-    return reference.projected_adam_update(
+        from .projected_adam import projected_adam_update as update
+    else:
+        update = reference.projected_adam_update
+    return update(
         weight,
         proj,
         low_rank_grad,
