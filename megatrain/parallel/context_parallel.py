@@ -18,6 +18,9 @@ adds around it (each attention kind's `context_attention` hook, models/attention
   exchange then moves pseudo-heads: [B, N/C * P, H, d] -> [B, N * P, H/C, d] virtual tokens; the P outputs
   of each token come back and are collapsed on the sequence slice.
 
+A forward with a KV cache or explicit positions (decoding, qTTT's span steps) runs whole on every rank of the
+group; `context_prefill` splits the one that fills a fresh cache with a long context (qTTT's prefill).
+
 The model (`Transformer.sequence_shard`) places its default positions at the slice; the hooks here cut the
 slice out of the full [B, N] ids and labels the sampler gives every rank of the group, weight the loss and
 gather logits.
@@ -40,7 +43,7 @@ from torch import Tensor
 
 from megatrain.constants import IGNORE_INDEX
 
-__all__ = ["UlyssesExchange", "apply_context_parallel", "context_comm_volume"]
+__all__ = ["UlyssesExchange", "apply_context_parallel", "context_comm_volume", "context_size", "context_prefill"]
 
 _FORWARD_ARGS = ("input_ids", "labels", "cache", "positions")
 
@@ -143,6 +146,73 @@ def _combine_outputs(group, size: int, rank: int):
         return output * weight.to(output.dtype)
 
     return hook
+
+
+def context_size(model) -> int:
+    """C of a model `apply_context_parallel` made context-parallel, else 1."""
+    return getattr(model, "context_parallel", (1, 0))[0]
+
+
+@torch.no_grad()
+def context_prefill(model, input_ids: Tensor, positions: Tensor, cache) -> Tensor:
+    """Fill a fresh KVCache with a whole sequence split over the context group (qTTT's context prefill).
+
+    input_ids, positions: [B, N] (positions may be [1, N]; left padding sits at a position no query
+    reaches), the same on every rank of the group, N divisible by C. Rank c runs tokens [c N/C, (c+1) N/C)
+    through the model at their given positions; in every layer its keys and values (after RoPE; IHA: its
+    rotated pseudo keys and values) are all-gathered over the group before they enter `cache`, so this
+    rank's queries attend to the whole sequence under the position mask and every rank's cache ends with
+    the full K/V of the sequence, as one process would hold it. The all-gather the cache needs anyway
+    replaces the Ulysses all-to-alls here (docs/parallelism.md). No gradient (the gather has none).
+
+    Returns this rank's output of the model (the logits of its slice of the sequence)."""
+    size, rank = model.context_parallel
+    group = _exchange(model).group
+    n = input_ids.shape[1]
+    if n % size:
+        raise ValueError(f"context_prefill over {size} ranks: {n} tokens do not split evenly (pad to a multiple)")
+    if cache.length or cache.frozen or cache.static is not None or cache.capacity is not None:
+        raise ValueError("context_prefill fills a fresh, growing KVCache (nothing cached, not frozen or static)")
+    local = n // size
+    view = _GatheringCache(cache, group, size)
+    return model(
+        input_ids.narrow(1, rank * local, local), cache=view, positions=positions.narrow(1, rank * local, local)
+    )
+
+
+def _exchange(model) -> UlyssesExchange:
+    from megatrain.models.attention import AttentionProjections
+
+    for module in model.modules():
+        if isinstance(module, AttentionProjections) and isinstance(module.context_attention, UlyssesExchange):
+            return module.context_attention
+    raise ValueError("the model is not context-parallel (megatrain.parallel.context_parallel.apply_context_parallel)")
+
+
+class _GatheringCache:
+    """A KVCache as the model sees it during `context_prefill`: what a rank adds (its slice's positions
+    [1 or B, N/C], each layer's keys and values [B, h, N/C, e]) is all-gathered along the sequence over the
+    context group first, so the cache stores, and attention reads, the whole sequence."""
+
+    frozen = False
+
+    def __init__(self, cache, group, size: int):
+        self.cache, self.group, self.size = cache, group, size
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def append_positions(self, positions: Tensor) -> Tensor:
+        return self.cache.append_positions(self._gather(positions, 1))
+
+    def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return self.cache.update(layer_idx, self._gather(k, 2), self._gather(v, 2))
+
+    def _gather(self, x: Tensor, dim: int) -> Tensor:
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=dim)
 
 
 class _GatherSequence(torch.autograd.Function):

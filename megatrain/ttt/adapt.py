@@ -28,6 +28,10 @@ W_Q (target "q_lora"); for interleaved head attention the query mixing tensor mi
 and AdamW / SGD act elementwise, so adapting a batch equals adapting each example alone. Rows follow
 `KVCache.select` (generation drops finished rows) through the cache's `rows`.
 
+Context parallelism (parallel.context = C): only the prefill is split over the context group (each
+rank runs 1/C of the context; the cache every rank ends with holds the whole context's K/V), the
+span steps and the answers run whole on every rank of the group, which therefore adapt alike.
+
 Tensor parallelism: q_proj is column-parallel, so each rank adapts its slice of W_Q (its heads)
 and the cache holds its heads' K/V; q_lora's A and IHA's per-example mix_q are replicated and their
 gradients summed over the TP group, as `megatrain.parallel.parallelize` does for the model's mixes.
@@ -72,6 +76,13 @@ class AdaptedCache(KVCache):
     def select(self, rows: Tensor) -> None:
         super().select(rows)
         self.rows = self.rows.index_select(0, rows.to(self.rows.device))
+
+    def drop_left(self, count: int) -> None:
+        """Forget the first `count` cached positions of every row (padding that every row has)."""
+        if count:
+            self.keys = [k[:, :, count:] for k in self.keys]
+            self.values = [v[:, :, count:] for v in self.values]
+            self.positions = self.positions[:, count:]
 
 
 class ExampleQuery(nn.Module):
@@ -178,9 +189,12 @@ def check_adapt_args(
             raise ConfigError(f"ttt.lora_rank must be an integer in 1..{width}, got {lora_rank!r}")
 
 
-def _left_padded(contexts: Sequence[Sequence[int]], pad_position: int, device) -> tuple[Tensor, Tensor]:
-    """ids, positions [B, W]: row b's tokens at the right end at positions 0..L_b-1, pads at pad_position."""
-    width = max(len(c) for c in contexts)
+def _left_padded(
+    contexts: Sequence[Sequence[int]], pad_position: int, device, multiple: int = 1
+) -> tuple[Tensor, Tensor]:
+    """ids, positions [B, W]: row b's tokens at the right end at positions 0..L_b-1, pads at pad_position;
+    W the longest context rounded up to a multiple of `multiple`."""
+    width = -(-max(len(c) for c in contexts) // multiple) * multiple
     ids = torch.zeros(len(contexts), width, dtype=torch.long)
     positions = torch.full((len(contexts), width), pad_position, dtype=torch.long)
     for row, context in enumerate(contexts):
@@ -191,14 +205,27 @@ def _left_padded(contexts: Sequence[Sequence[int]], pad_position: int, device) -
 
 @torch.no_grad()
 def prefill(model: nn.Module, contexts: Sequence[Sequence[int]]) -> AdaptedCache:
-    """Run the contexts through the model once and return their frozen cache (every layer's K, V)."""
+    """Run the contexts through the model once and return their frozen cache (every layer's K, V).
+
+    On a context-parallel model (parallel.context = C) the prefill is split over the context group
+    (`megatrain.parallel.context_parallel.context_prefill`: each rank runs 1/C of the left-padded
+    contexts, widened to a multiple of C with more padding, dropped again from the cache, and every
+    rank's cache ends with all of it)."""
     from megatrain.generate import _last_position_logits
+    from megatrain.parallel.context_parallel import context_prefill, context_size
 
     device = next(model.parameters()).device
-    ids, positions = _left_padded(contexts, model.config.max_seq_len - 1, device)
+    split = context_size(model)
+    ids, positions = _left_padded(contexts, model.config.max_seq_len - 1, device, multiple=split)
     cache = AdaptedCache(model.config.layers, torch.arange(len(contexts), device=device))
     with _last_position_logits(model, True):  # the context's logits are not needed
-        model(ids, cache=cache, positions=positions)
+        if split > 1:
+            context_prefill(model, ids, positions, cache)
+        else:
+            model(ids, cache=cache, positions=positions)
+    # The pads added for the split (left of every row) go: the cache has one process's width, so what
+    # attends to it later runs on the same shapes (the pads' keys are hidden from every query anyway).
+    cache.drop_left(ids.shape[1] - max(len(c) for c in contexts))
     cache.freeze()
     cache.context_lengths = [len(c) for c in contexts]
     return cache

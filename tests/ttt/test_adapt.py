@@ -257,8 +257,7 @@ def test_bad_inputs_are_one_line_config_errors():
     assert all(not isinstance(b.attn.q_proj, ExampleQuery) for b in model.blocks)
 
 
-@pytest.mark.slow
-def test_tensor_parallel_two_processes_match_one():
+def _run_two_processes(script: str, ok: str) -> None:
     import subprocess
     import sys
 
@@ -276,7 +275,7 @@ def test_tensor_parallel_two_processes_match_one():
             "127.0.0.1",
             "--master-port",
             str(free_port()),
-            "tests/ttt/ttt_checks.py",
+            script,
         ],
         cwd=REPO,
         env=env,
@@ -285,4 +284,16 @@ def test_tensor_parallel_two_processes_match_one():
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
-    assert "ok: ttt tp" in proc.stdout
+    assert ok in proc.stdout
+
+
+@pytest.mark.slow
+def test_tensor_parallel_two_processes_match_one():
+    _run_two_processes("tests/ttt/ttt_checks.py", "ok: ttt tp")
+
+
+@pytest.mark.slow
+def test_context_parallel_prefill_two_processes_match_one():
+    """parallel.context=2: the context prefill split over 2 ranks fills the one-process cache; adaptation
+    and answers over it equal one process's (tests/ttt/ttt_context_checks.py). ~15 s."""
+    _run_two_processes("tests/ttt/ttt_context_checks.py", "ok: ttt context")
