@@ -62,6 +62,8 @@ class Checkpointer:
         }
         if getattr(self.parallel, "pipeline", 1) > 1:
             layout["pipeline"] = self.parallel.pipeline
+        if getattr(self.parallel, "context", 1) > 1:  # dp above counts data x context ranks (ZeRO's partitions)
+            layout["context"] = self.parallel.context
         meta = checkpoint_meta(
             self.model_cfg, layout, seq_len=self.seq_len, seed=self.seed, tokenizer=self.tokenizer_path, **self.meta()
         )
