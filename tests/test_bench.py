@@ -104,6 +104,11 @@ def test_settings_parse_short_keys_full_keys_and_run_options():
     ]
     assert (s.kernels, s.procs, s.process_count(2)) == ("torch", 4, 4)
     assert parse_setting("tp=2").process_count(2) == 2  # TP=T x DP=1 by default
+    assert parse_setting("pp=2,cp=2").overrides == ["parallel.pipeline=2", "parallel.context=2"]
+    assert parse_setting("pp=2").process_count(2, 2) == 4  # TP x PP x C, DP=1
+    assert parse_setting("procs=8").process_count(1, 2, 2) == 8
+    with pytest.raises(ConfigError, match="procs=6 is not a multiple of parallel.tensor=1 x parallel.pipeline=2 x"):
+        parse_setting("procs=6").process_count(1, 2, 4)
     assert [x.label for x in parse_settings(["mb=4;mb=8", "zero=3"])] == ["mb=4", "mb=8", "zero=3"]
     assert [x.label for x in parse_settings(None)] == ["base"]
     for bad, word in (
@@ -257,6 +262,23 @@ def test_bench_run_with_transformers_writes_table_json_and_plot(tmp_path):
     assert "Host work per step" in table and "| zero=1,ac=1 | HF+DeepSpeed |" in table
     assert "| zero=1,ac=1 | 1 | 1 |" in stdout  # the console table
     assert (out / "t.png").stat().st_size > 1000
+
+
+@pytest.mark.slow  # ~25 s: two pipeline stages under torchrun
+def test_bench_times_a_pipelined_setting_by_phase(tmp_path):
+    """`--settings pp=2`: two processes (one per stage), the 1F1B schedule's forward / backward / optimizer
+    instructions timed as the phases, the tokens of one global batch per step, no baseline column."""
+    info, table, _, _ = _bench(tmp_path, "--settings", "pp=2,zero=1", "--no-plain")
+    (s,) = info["settings"]
+    assert s.get("error") is None, s
+    assert s["procs"] == 2 and s["tokens_per_step"] == 8 * 32
+    ours = s["sides"]["megatrain"]
+    phases = ours["breakdown_s"]
+    assert phases["forward"] > 0 and phases["backward"] > 0 and phases["optimizer"] > 0, phases
+    assert phases["step"] >= phases["forward"] + phases["backward"] + phases["optimizer"]
+    assert len(ours["peak_memory_gib_per_rank"]) == 2
+    assert "pipeline or context parallelism" in s["skipped"]["hf_deepspeed"]
+    assert "| pp=2,zero=1 | 2 | 1 |" in table
 
 
 @pytest.mark.slow  # ~10 s: a fresh interpreter

@@ -192,6 +192,33 @@ def instrumented_engine(engine, clock: PhaseClock):
             object.__delattr__(engine, attr)
 
 
+@contextlib.contextmanager
+def instrumented_pipeline_engine(engine, clock: PhaseClock):
+    """The same phases for DeepSpeed's pipeline engine, whose 1F1B schedule calls its instructions through
+    `_INSTRUCTION_MAP` (bound per call): a copy of the engine's map with the forward / backward / optimizer
+    instructions wrapped, the engine's own map put back afterwards. The sends, receives and waits of the schedule (the
+    bubble) stay outside the phases, in "other"."""
+    from deepspeed.runtime.pipe import schedule
+
+    phases = {
+        schedule.ForwardPass: "forward",
+        schedule.BackwardPass: "backward",
+        schedule.OptimizerStep: "optimizer",
+    }
+    own = vars(engine).get("_INSTRUCTION_MAP")  # the trainer's map (optim.deepspeed_adapter.before_pipeline_step)
+    table = dict(engine._INSTRUCTION_MAP)
+    for instruction, phase in phases.items():
+        table[instruction] = _timed(table[instruction], clock, phase)
+    object.__setattr__(engine, "_INSTRUCTION_MAP", table)
+    try:
+        yield
+    finally:
+        if own is None:
+            object.__delattr__(engine, "_INSTRUCTION_MAP")
+        else:
+            object.__setattr__(engine, "_INSTRUCTION_MAP", own)
+
+
 # ------------------------------------------------------------------------------------------------
 # the sides
 
@@ -206,6 +233,8 @@ class MegatrainSide:
         return self.trainer.train_step()["loss"]
 
     def instrumented(self, clock: PhaseClock):
+        if self.trainer.pipeline is not None:
+            return instrumented_pipeline_engine(self.trainer.engine, clock)
         return instrumented_engine(self.trainer.engine, clock)
 
     def compiled(self) -> bool:
@@ -353,6 +382,8 @@ def side_plan(cfg, trainer: Trainer, *, baseline: bool, plain: bool) -> tuple[li
         reason = NO_TRANSFORMERS
     elif cfg.parallel.tensor > 1:
         reason = "the baseline has no tensor parallelism (DeepSpeed data parallelism only)"
+    elif cfg.parallel.pipeline > 1 or cfg.parallel.context > 1:
+        reason = "the baseline has no pipeline or context parallelism (DeepSpeed data parallelism only)"
     elif cfg.optim.name != "adamw":
         reason = f"optim.name={cfg.optim.name} needs megatrain's layer names (the baseline runs adamw only)"
     else:

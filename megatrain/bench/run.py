@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import platform
 import shutil
 import subprocess
@@ -128,7 +129,10 @@ def _run_in_processes(spec: dict, setting: Setting, procs: int, scratch: str) ->
     ]
     proc = subprocess.run(cmd, env=_child_env(setting, procs), capture_output=True, text=True)
     if proc.returncode != 0 or not os.path.exists(out_path):
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("megatrain: error")]
+        lines = proc.stderr.splitlines()
+        errors = [line for line in lines if line.startswith("megatrain: error")]
+        # else the last exception line of a traceback (torchrun's failure summary follows it)
+        errors = errors or [line for line in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception)\b", line)][-1:]
         tail = errors[0] if errors else (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return {"error": f"the {procs}-process run exited {proc.returncode}: {tail}"}
     with open(out_path) as fh:
@@ -182,7 +186,7 @@ def run_bench(
             run_dir = os.path.join(scratch_root, f"setting-{i}")
             with kernels_env(setting.kernels):
                 cfg = setting_config(config_path, overrides, setting, run_dir, deepspeed_json)
-                procs = setting.process_count(cfg.parallel.tensor)
+                procs = setting.process_count(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.context)
                 try:
                     resolve_config(cfg, procs)
                 except ConfigError as exc:

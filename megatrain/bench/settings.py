@@ -3,7 +3,8 @@
 A setting is written `mb=4,zero=2,ac=1` (comma-separated; several settings are separate arguments or
 separated by `;`). Short keys name the knobs people compare; any full config key (`train.dtype=bf16`)
 works too. `kernels` is not a config key: it sets MEGATRAIN_KERNELS for that setting's run.
-`procs` is the number of processes (default: parallel.tensor, i.e. TP=T x DP=1).
+`procs` is the number of processes (default: parallel.tensor x parallel.pipeline x parallel.context, i.e.
+DP=1; `pp=2` alone runs two pipeline stages on two processes).
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ ALIASES: dict[str, str] = {
     "zero": "parallel.zero_stage",
     "zero_stage": "parallel.zero_stage",
     "tp": "parallel.tensor",
+    "pp": "parallel.pipeline",
+    "pipeline": "parallel.pipeline",
+    "cp": "parallel.context",
+    "context": "parallel.context",
     "sp": "parallel.sequence",
     "ac": "train.activation_checkpointing",
     "activation_checkpointing": "train.activation_checkpointing",
@@ -46,12 +51,23 @@ class Setting:
     label: str
     overrides: list[str] = field(default_factory=list)
     kernels: Optional[str] = None  # MEGATRAIN_KERNELS for this setting (None: leave the environment alone)
-    procs: Optional[int] = None  # processes (None: parallel.tensor)
+    procs: Optional[int] = None  # processes (None: one data-parallel rank of the model-parallel layout)
 
-    def process_count(self, tensor: int) -> int:
-        procs = self.procs if self.procs is not None else tensor
-        if procs % tensor:
-            raise ConfigError(f"setting '{self.label}': procs={procs} is not a multiple of parallel.tensor={tensor}")
+    def process_count(self, tensor: int, pipeline: int = 1, context: int = 1) -> int:
+        """The processes this setting runs on: `procs`, else tensor x pipeline x context (DP = 1)."""
+        model_parallel = tensor * pipeline * context
+        procs = self.procs if self.procs is not None else model_parallel
+        if procs % model_parallel:
+            what = " x ".join(
+                f"{key}={value}"
+                for key, value in (
+                    ("parallel.tensor", tensor),
+                    ("parallel.pipeline", pipeline),
+                    ("parallel.context", context),
+                )
+                if value > 1 or key == "parallel.tensor"
+            )
+            raise ConfigError(f"setting '{self.label}': procs={procs} is not a multiple of {what}")
         return procs
 
     def to_dict(self) -> dict:
