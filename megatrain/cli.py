@@ -1,7 +1,7 @@
 """`megatrain {pretrain,rl,ttt,sweep,generate,bench,tokenizer,config,export,import,reshard,analyze,plan}`.
 
 User errors (MegatrainError) end as one line on stderr and exit code 2; no traceback.
-`megatrain pretrain` (and `rl`, `plan --build`) runs in this process for one process, or starts
+`megatrain pretrain` (and `rl`, `ttt`, `plan --build`) runs in this process for one process, or starts
 torchrun's elastic agent for several, whose workers run the command line exactly as typed; under a
 launcher (torchrun / deepspeed set WORLD_SIZE) it runs the worker directly. The launcher passes
 SIGTERM / SIGUSR1 on to its workers and exits 0 once they have checkpointed (_spawn_torchrun).
@@ -368,15 +368,29 @@ def _add_ttt(sub):
         "on the context, and the FLOP-matched thinking baseline",
     )
     p.add_argument("--config", "-c", help="YAML run config (launch/configs/ttt-tiny-cpu.yaml)")
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        help="processes to start on this machine: parallel.context (the default), each context prefill split over them",
+    )
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="config overrides such as ttt.steps=16 ttt.init=runs/x")
 
 
 def _cmd_ttt(args) -> int:
     from megatrain.config import load_config
-    from megatrain.ttt.job import run_ttt
+    from megatrain.ttt.job import preflight, run_ttt
 
-    run_ttt(load_config(args.config, args.overrides))
-    return 0
+    cfg = load_config(args.config, args.overrides)
+    nproc = args.nproc_per_node if args.nproc_per_node is not None else cfg.parallel.context
+    if _under_launcher() or nproc == 1:
+        run_ttt(cfg)
+        return 0
+    if nproc < 1:
+        raise MegatrainError(f"--nproc-per-node must be >= 1, got {nproc}")
+    preflight(cfg, nproc)  # a bad config is one line, not N
+    return _spawn_torchrun(nproc, args.argv, run_dir=cfg.run.dir)
 
 
 def _add_generate(sub):

@@ -80,12 +80,19 @@ def check_context_split(m, context: int, tensor: int = 1, seq_len: int | None = 
         raise ConfigError(f"parallel.context={context} does not divide data.seq_len={seq_len}")
 
 
+# The jobs other than pretraining that run a layout: the qTTT job splits its context prefill over
+# parallel.context ranks (megatrain.parallel.context_parallel.context_prefill).
+_JOB_LAYOUTS = {"ttt": ("context",), "rl": ()}
+
+
 def check_pretraining_only_layouts(cfg, job: str) -> None:
     """ConfigError (one line) when `job` (rl, ttt), which builds its own groups and loops, is given a layout
-    only pretraining supports: context parallelism (parallel.context) or pipeline stages (parallel.pipeline)."""
+    it does not run: pipeline stages (parallel.pipeline) anywhere, context parallelism (parallel.context)
+    outside the ttt job."""
     for key, what in (("context", "context parallelism"), ("pipeline", "pipeline parallelism")):
         value = getattr(cfg.parallel, key, 1)
-        if value != 1:
+        if value != 1 and key not in _JOB_LAYOUTS.get(job, ()):
+            where = "pretraining and the ttt job" if key == "context" else "pretraining"
             raise ConfigError(
-                f"parallel.{key}={value}: {what} runs in pretraining only; the {job} job needs parallel.{key}=1"
+                f"parallel.{key}={value}: {what} runs in {where} only; the {job} job needs parallel.{key}=1"
             )

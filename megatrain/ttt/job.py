@@ -4,6 +4,11 @@ preflight (config, run dir, the model to load) -> without ttt.init, pretrain a m
 retrieval task through the pretraining recipe into RUN/pretrain -> load it -> accuracy per
 (context length, depth) with and without qTTT and the thinking baseline -> RUN/ttt.jsonl (one
 record per cell), RUN/ttt.md (table) and RUN/ttt.png (heat maps depth x length).
+
+With parallel.context = C (`megatrain ttt --nproc-per-node C ... parallel.context=C ttt.init=RUN`) the job runs
+in one context group of C processes: each context prefill is split over them (every rank ends with the
+whole cache), the adaptation and the answers run whole on every rank, so all compute the same records;
+rank 0 logs and writes the outputs.
 """
 
 from __future__ import annotations
@@ -21,9 +26,9 @@ from megatrain.errors import CheckpointError, ConfigError
 __all__ = ["run_ttt", "preflight", "write_outputs", "markdown_table", "heatmap"]
 
 
-def preflight(cfg) -> Optional[str]:
-    """Every check that needs no training: ttt.*, the run directory, ttt.init. Returns the path to
-    load (None: pretrain first)."""
+def preflight(cfg, world_size: int = 1) -> Optional[str]:
+    """Every check that needs no training: ttt.*, the run directory, ttt.init, the layout of `world_size`
+    processes. Returns the path to load (None: pretrain first)."""
     from megatrain.config import validate
     from megatrain.ttt.config import check_against_model, validate_ttt
 
@@ -35,10 +40,39 @@ def preflight(cfg) -> Optional[str]:
         validate(cfg)
         model_cfg = cfg.model.resolved()
         check_against_model(cfg, model_cfg)
-        return None
-    if not os.path.isdir(init):
+    elif not os.path.isdir(init):
         raise CheckpointError(f"ttt.init: '{init}' is not a run, checkpoint or export directory")
+    check_layout(cfg, world_size, init)
     return init
+
+
+def check_layout(cfg, world_size: int, init: Optional[str]) -> None:
+    """ConfigError (one line) unless the job runs in one process, or in one context group: parallel.context = C
+    processes that split each context prefill (megatrain.parallel.context_parallel.context_prefill) and run the
+    adaptation and the answers whole, each of them (no data or tensor parallelism)."""
+    from megatrain.engine.load import source_model
+    from megatrain.parallel.checks import check_context_split
+
+    context = cfg.parallel.context
+    if context == 1 and world_size == 1:
+        return
+    if cfg.parallel.tensor != 1:
+        raise ConfigError(
+            f"parallel.tensor={cfg.parallel.tensor}: the ttt job runs in one process or one context group "
+            f"(parallel.context); it needs parallel.tensor=1"
+        )
+    if world_size != context:
+        raise ConfigError(
+            f"the ttt job runs in one context group: {world_size} processes (--nproc-per-node) with "
+            f"parallel.context={context}; start parallel.context processes"
+        )
+    if init is None:
+        raise ConfigError(
+            f"parallel.context={context}: the ttt job needs ttt.init (a model to evaluate) to run context-parallel; "
+            f"its own pretraining runs in one process (or pretrain with megatrain pretrain parallel.context={context})"
+        )
+    model_cfg = source_model(init)[0].resolved()
+    check_context_split(model_cfg, context)
 
 
 def _embedded_tokenizer(data_cfg):
@@ -164,11 +198,17 @@ def run_ttt(cfg, log=print) -> list[dict]:
     from megatrain.engine.checkpoint import resolve_checkpoint_dir
     from megatrain.engine.load import load_for_inference
     from megatrain.engine.resilience import StopRequest
+    from megatrain.env import world_size
     from megatrain.ttt.config import check_against_model
     from megatrain.ttt.evaluate import METHODS, evaluate_cells
 
-    init = preflight(cfg)
+    world = world_size()
+    init = preflight(cfg, world)
     start = time.perf_counter()
+    groups, device = None, "cpu"
+    if world > 1:  # one context group (check_layout): every rank runs the job, rank 0 writes and talks
+        groups, device, main = _context_group(cfg)
+        log = log if main else _quiet
     if init is None:
         init = pretrain_for_ttt(cfg, log)
         done = resolve_checkpoint_dir(init)
@@ -178,10 +218,16 @@ def run_ttt(cfg, log=print) -> list[dict]:
                 f"again to continue it"
             )
             return []
-    model, tokenizer, model_cfg = load_for_inference(init)
+    model, tokenizer, model_cfg = load_for_inference(init, device=device)
     check_against_model(cfg, model_cfg)
-    os.makedirs(cfg.run.dir, exist_ok=True)
-    save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
+    writer = groups is None or groups.rank == 0
+    if groups is not None:
+        from megatrain.parallel.context_parallel import apply_context_parallel
+
+        apply_context_parallel(model, groups)  # what it splits here: each context prefill
+    if writer:
+        os.makedirs(cfg.run.dir, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
     methods = [m for m in METHODS if m != "think" or cfg.ttt.think]
     t = cfg.ttt
     title = (
@@ -195,7 +241,9 @@ def run_ttt(cfg, log=print) -> list[dict]:
     except ValueError:
         pass  # not the main thread (an embedding application): it handles signals itself
     try:
-        records = evaluate_cells(model, tokenizer, cfg, log=log, methods=methods, should_stop=lambda: stop.signum != 0)
+        records = evaluate_cells(
+            model, tokenizer, cfg, log=log, methods=methods, should_stop=_stop_check(stop, groups, device)
+        )
     finally:
         stop.restore()
     if stop.signum:
@@ -205,6 +253,31 @@ def run_ttt(cfg, log=print) -> list[dict]:
             f"of it is written (the model it evaluates is kept); run the same command again to evaluate"
         )
         return []
-    write_outputs(cfg.run.dir, records, methods, title)
+    if writer:
+        write_outputs(cfg.run.dir, records, methods, title)
     log(f"wrote {os.path.join(cfg.run.dir, 'ttt.jsonl')}, ttt.md and ttt.png ({time.perf_counter() - start:.0f}s)")
     return records
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log of the ranks other than 0."""
+
+
+def _context_group(cfg):
+    """Start the process group of a context-parallel job (check_layout: world = parallel.context, tensor 1).
+    Returns (groups, device, whether this is rank 0)."""
+    from megatrain.engine.deepspeed import init_distributed
+    from megatrain.parallel.groups import build_groups
+
+    env = init_distributed(cfg)
+    return build_groups(1, context=cfg.parallel.context), env.device, env.is_main
+
+
+def _stop_check(stop, groups, device):
+    """Asked before each cell: a stop signal on any rank stops every rank of a context group before the same
+    cell (one all-reduce), so none waits in a collective the others left."""
+    if groups is None:
+        return lambda: stop.signum != 0
+    from megatrain.generate import _any_rank
+
+    return lambda: _any_rank(stop.signum != 0, device)

@@ -218,7 +218,7 @@ def test_bad_inputs(tiny_run, tmp_path, capsys):
     _bad(tmp_path, capsys, f"rl.init={tmp_path}", match="is not a megatrain run or checkpoint")
     _bad(tmp_path, capsys, init, "rl.checkpoints=[step_5]", match="'step_5' is not a complete checkpoint")
     _bad(tmp_path, capsys, init, "rl.pipeline=ppo", match="rl.pipeline='ppo' is not allowed")
-    _bad(tmp_path, capsys, init, "parallel.context=2", match="context parallelism runs in pretraining only; the rl")
+    _bad(tmp_path, capsys, init, "parallel.context=2", match="in pretraining and the ttt job only; the rl")
     _bad(tmp_path, capsys, init, "rl.reward=no_such_module_xyz.fn", match="cannot import")
     # A reward returning a non-number stops the run with one line naming it; an existing run is refused.
     proc = run_cli(

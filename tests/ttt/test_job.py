@@ -163,7 +163,7 @@ def test_job_pretrains_its_own_model_without_init(tmp_path):
         (["ttt.task.kind=jsonl"], "ttt.task.kind=jsonl needs ttt.task.path"),
         (["ttt.task.depths=[1.5]"], "ttt.task.depths: 1.5 is not a number in"),
         (["ttt.init=/nonexistent/run"], "ttt.init: '/nonexistent/run' is not a run"),
-        (["parallel.context=2"], "parallel.context=2: context parallelism runs in pretraining only; the ttt job"),
+        (["parallel.context=2"], "parallel.context=2: the ttt job needs ttt.init (a model to evaluate)"),
         (
             ["parallel.pipeline=2", "parallel.zero_stage=1"],
             "parallel.pipeline=2: pipeline parallelism runs in pretraining only; the ttt job",
@@ -177,6 +177,56 @@ def test_bad_input_is_one_line_with_exit_code_2(tmp_path, capsys, overrides, mes
     code = main(
         ["ttt", "--config", str(REPO / "launch/configs/ttt-tiny-cpu.yaml"), f"run.dir={run}", *TINY_TTT, *overrides]
     )
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("megatrain: error: ") and message in lines[0], err
+    assert not run.exists()
+
+
+@pytest.mark.slow
+def test_job_with_context_parallel_two_equals_one_process(tiny_run, tmp_path):
+    """parallel.context=2 on 2 processes: each context prefill split over the two ranks (odd lengths: the
+    split pads and drops a column), adaptation and answers whole on each; the records equal one process's
+    (accuracies, answers, FLOPs exactly, span losses to rtol 1e-5); rank 0 alone logs and writes. ~20 s."""
+    common = [
+        "ttt",
+        "--config",
+        "launch/configs/ttt-tiny-cpu.yaml",
+        f"ttt.init={tiny_run}",
+        *TINY_TTT,
+        "ttt.task.context_lengths=[63,96]",
+    ]
+    run_cli([*common, f"run.dir={tmp_path / 'one'}"])
+    proc = run_cli(["ttt", "--nproc-per-node", "2", *common[1:], "parallel.context=2", f"run.dir={tmp_path / 'two'}"])
+    one, two = (
+        [json.loads(line) for line in (tmp_path / r / "ttt.jsonl").read_text().splitlines()] for r in ("one", "two")
+    )
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two):
+        for key in a:
+            if key.startswith("qttt_loss"):
+                assert b[key] == pytest.approx(a[key], rel=1e-5), (key, a, b)
+            elif key != "seconds":
+                assert b[key] == a[key], (key, a, b)
+    assert proc.stdout.count("length     63  depth 0.20") == 1 and (tmp_path / "two" / "ttt.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "nproc, overrides, message",
+    [
+        (3, ["parallel.context=3"], "parallel.context=3 does not divide model.heads=4"),
+        (4, ["parallel.context=2"], "the ttt job runs in one context group: 4 processes (--nproc-per-node)"),
+        (2, ["parallel.context=2", "parallel.tensor=2"], "parallel.tensor=2: the ttt job runs in one process or one"),
+        (2, ["parallel.pipeline=2", "parallel.zero_stage=1"], "pipeline parallelism runs in pretraining only"),
+    ],
+)
+def test_bad_context_layouts_are_one_line_before_any_process(tiny_run, tmp_path, capsys, nproc, overrides, message):
+    from megatrain.cli import main
+
+    run = tmp_path / "run"
+    args = ["ttt", "--nproc-per-node", str(nproc), "--config", str(REPO / "launch/configs/ttt-tiny-cpu.yaml")]
+    code = main([*args, f"ttt.init={tiny_run}", f"run.dir={run}", *TINY_TTT, *overrides])
     err = capsys.readouterr().err
     assert code == 2, err
     lines = err.strip().splitlines()
