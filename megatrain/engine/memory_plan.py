@@ -12,6 +12,7 @@ data-parallel ranks, rounded up as DeepSpeed pads them). The rest is the usual a
 | master weights | bf16 runs: 4 per trainable parameter, / DP with ZeRO 1-3 (DeepSpeed's fp32 copy) |
 | optimizer | AdamW: 8 per trainable parameter (two fp32 moments), / DP with ZeRO 1-3. GaLore/Fira weights: fp32 moments of the projected gradient (r x n or m x r) plus the projection, whole on every DP rank (their own fp32 master in bf16) |
 | activations | per micro-batch (micro_batch x seq_len tokens), saved for backward, see `activation_elements` |
+| pipeline (parallel.pipeline = S) | each stage holds only its layers' weights and state (the stage bounds the run uses, `stage_bounds`); ZeRO-1 partitions over the stage's DP ranks; its activations are those of its layers for each micro-batch in flight, min(S - s, micro-batches) on stage s under 1F1B (DeepSpeed's `TrainSchedule.num_pipe_buffers`), plus the residual stream it receives (2 D per token) on stages after the first |
 | transient | model.linear=sltrain: the dense W = scale a b + S [D_in, D_out] (/ TP) of the largest projection, built per call in the activations' dtype (2 / 4) and freed after its matmul; in backward W (for dx) and then dW = x^T dy, never both at once (kernels/sparse_lowrank.py) |
 
 The optimizer figures count the tensors an optimizer holds (moments, projections, masters), not
@@ -36,6 +37,7 @@ from megatrain.errors import ConfigError
 __all__ = [
     "RankMemory",
     "plan_memory",
+    "plan_stages",
     "plan_model_config",
     "measure_build",
     "format_plan",
@@ -65,6 +67,10 @@ class RankMemory:
     activation_bytes_checkpointed: int = 0  # per micro-batch, train.activation_checkpointing=true
     activation_checkpointing: bool = False
     transient_bytes: int = 0  # SLTrain: one projection's dense W (or dW), alive during its matmuls
+    pipeline: int = 1  # parallel.pipeline stages; the fields above are then one rank of stage `stage`
+    stage: int = 0
+    stage_layers: str = ""  # the pipeline layers this stage runs, e.g. "embedding, blocks 0-1"
+    in_flight: int = 1  # micro-batches whose activations the stage holds at once (1F1B)
 
     @property
     def model_state_bytes(self) -> int:
@@ -102,36 +108,94 @@ def _bf16(cfg) -> bool:
 
 
 def plan_memory(cfg, world_size: int, model_cfg=None) -> RankMemory:
-    """The per-rank memory of `cfg` run on `world_size` processes (validated like a launch would be)."""
+    """The per-rank memory of `cfg` run on `world_size` processes (validated like a launch would be). With
+    parallel.pipeline > 1: a rank of the stage that needs the most (`plan_stages` gives every stage)."""
+    stages = plan_stages(cfg, world_size, model_cfg)
+    return max(stages, key=lambda plan: plan.total_bytes)
+
+
+def plan_stages(cfg, world_size: int, model_cfg=None) -> list[RankMemory]:
+    """One RankMemory per pipeline stage (one entry without pipelining): the bytes a rank of that stage holds."""
     from megatrain.models.transformer import Transformer
+    from megatrain.parallel.pipeline import layer_weights, stage_bounds
+
+    p = cfg.parallel
+    context, stages = getattr(p, "context", 1), getattr(p, "pipeline", 1)
+    if world_size < 1 or world_size % (p.tensor * context * stages):
+        what = "parallel.tensor x parallel.context" + (" x parallel.pipeline" if stages > 1 else "")
+        sizes = f"{p.tensor} x {context}" + (f" x {stages}" if stages > 1 else "")
+        raise ConfigError(f"--world {world_size} is not a multiple of {what} = {sizes}")
+    m = model_cfg if model_cfg is not None else plan_model_config(cfg)
+    model = Transformer(m, seed=0, device="meta")
+    if stages == 1:
+        return [_plan_rank(cfg, world_size, m, model, None)]
+    if stages > m.layers:
+        raise ConfigError(f"parallel.pipeline={stages} is more stages than model.layers={m.layers}")
+    bounds = stage_bounds(layer_weights(model), stages, p.pipeline_partition)
+    micro_batches = max(1, cfg.train.grad_accum or p.microbatches or 1)
+    return [
+        _plan_rank(cfg, world_size, m, model, (s, stages, bounds[s], bounds[s + 1], micro_batches))
+        for s in range(stages)
+    ]
+
+
+def _pipeline_layer(name: str, layers: int) -> int:
+    """The pipeline layer (megatrain.parallel.pipeline: 0 embedding, 1..L blocks, L + 1 norm and head) that holds
+    Transformer parameter `name`."""
+    if name.startswith("embed."):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return layers + 1
+
+
+def _describe_layers(first: int, end: int, layers: int) -> str:
+    parts = ["embedding"] if first == 0 else []
+    blocks = [i - 1 for i in range(first, end) if 1 <= i <= layers]
+    if blocks:
+        parts.append(f"block {blocks[0]}" if len(blocks) == 1 else f"blocks {blocks[0]}-{blocks[-1]}")
+    if end == layers + 2:
+        parts.append("norm + head")
+    return ", ".join(parts)
+
+
+def _plan_rank(cfg, world_size: int, m, model, stage: Optional[tuple]) -> RankMemory:
+    """A rank's RankMemory; `stage` (s, S, first layer, end layer, micro-batches) restricts it to one stage."""
     from megatrain.optim.zero_bridge import PROJECTED_MODULES
     from megatrain.parallel.plan import shard_specs
 
     p = cfg.parallel
     context = getattr(p, "context", 1)
-    if world_size < 1 or world_size % (p.tensor * context):
-        raise ConfigError(
-            f"--world {world_size} is not a multiple of parallel.tensor x parallel.context = {p.tensor} x {context}"
-        )
-    m = model_cfg if model_cfg is not None else plan_model_config(cfg)
+    stages = 1 if stage is None else stage[1]
     # ZeRO shards over the data x context ranks (they hold the same parameters; megatrain.parallel.groups)
-    tp, dp, stage = p.tensor, world_size // p.tensor, p.zero_stage
+    tp, dp, zero = p.tensor, world_size // (p.tensor * stages), p.zero_stage
     bf16 = _bf16(cfg)
     width = 2 if bf16 else 4
-    model = Transformer(m, seed=0, device="meta")
     named = list(model.named_parameters())  # each shared (tied) parameter once
     specs = shard_specs([n for n, _ in named], m, tp)
+    if stage is not None:
+        first, end = stage[2], stage[3]
+        held = lambda name: first <= _pipeline_layer(name, m.layers) < end  # noqa: E731
+        if m.tie_embeddings and end == m.layers + 2:  # the last stage's head holds the tied embedding too
+            named = [(n, q) for n, q in named if held(n) or n.startswith("embed.")]
+        else:
+            named = [(n, q) for n, q in named if held(n)]
     warm = m.linear == "relora" and cfg.train.relora.warm_start_steps > 0
     projected_kind = cfg.optim.name in ("galore", "fira")
     out = RankMemory(
         world_size=world_size,
         tensor=tp,
         dp=dp // context,
-        zero_stage=stage,
+        zero_stage=zero,
         context=context,
         dtype="bf16" if bf16 else "fp32",
         activation_checkpointing=cfg.train.activation_checkpointing,
     )
+    if stage is not None:
+        s, stages, first, end, micro_batches = stage
+        out.pipeline, out.stage = stages, s
+        out.stage_layers = _describe_layers(first, end, m.layers)
+        out.in_flight = min(stages - s, micro_batches)
     zero_partitioned, projected_grads, projected_state = 0, 0, 0
     for name, param in named:
         dim, replicas = specs[name]
@@ -139,7 +203,7 @@ def plan_memory(cfg, world_size: int, model_cfg=None) -> RankMemory:
         if dim is not None:
             shape[dim] //= tp // replicas
         numel = math.prod(shape)
-        out.params += math.ceil(numel / dp) if stage == 3 else numel
+        out.params += math.ceil(numel / dp) if zero == 3 else numel
         trainable = param.requires_grad or (warm and getattr(param, "relora_base", False))
         if not trainable:
             continue
@@ -150,20 +214,24 @@ def plan_memory(cfg, world_size: int, model_cfg=None) -> RankMemory:
         else:
             zero_partitioned += numel
     out.param_bytes = out.params * width
-    sharded = (lambda n: math.ceil(n / dp)) if stage >= 1 else (lambda n: n)
-    out.grad_bytes = width * ((math.ceil(zero_partitioned / dp) if stage >= 2 else zero_partitioned) + projected_grads)
+    sharded = (lambda n: math.ceil(n / dp)) if zero >= 1 else (lambda n: n)
+    out.grad_bytes = width * ((math.ceil(zero_partitioned / dp) if zero >= 2 else zero_partitioned) + projected_grads)
     out.master_bytes = 4 * sharded(zero_partitioned) if bf16 else 0
     out.optimizer_bytes = 8 * sharded(zero_partitioned) + projected_state
-    _count_activations(out, cfg, m, width)
+    _count_activations(out, cfg, m, width, None if stage is None else (stage[2], stage[3]))
     return out
 
 
-def _count_activations(out: RankMemory, cfg, m, width: int) -> None:
-    """The activation and transient bytes of one micro-batch on a rank of `out`'s layout."""
+def _count_activations(out: RankMemory, cfg, m, width: int, span: Optional[tuple[int, int]] = None) -> None:
+    """The activation and transient bytes on a rank of `out`'s layout: one micro-batch, or with a pipeline
+    stage's layer span [first, end) its micro-batches in flight."""
     # Context parallelism: a rank holds N/C tokens of each sequence outside attention, and inside it the whole
     # sequence for H/C heads, the same number of elements: every activation is 1/C.
     tokens = cfg.train.micro_batch * cfg.data.seq_len / out.context
-    full, checkpointed = activation_elements(m, out.tensor, cfg.parallel.sequence, cfg)
+    if span is None:
+        full, checkpointed = activation_elements(m, out.tensor, cfg.parallel.sequence, cfg)
+    else:
+        full, checkpointed = stage_activation_elements(m, out.tensor, cfg.parallel.sequence, cfg, *span, out.in_flight)
     out.activation_bytes = round(tokens * full * width)
     out.activation_bytes_checkpointed = round(tokens * checkpointed * width)
     out.transient_bytes = transient_elements(m, out.tensor) * width
@@ -218,6 +286,35 @@ def activation_elements(m, tp: int, sequence_parallel: bool, cfg) -> tuple[float
     embedding output and the final norm's output. With activation checkpointing a layer keeps only its
     input (D, / TP with SP) and one layer is live again during its recomputation.
     """
+    per_layer, outside, kept = _layer_elements(m, tp, sequence_parallel, cfg)
+    full = m.layers * per_layer + outside
+    checkpointed = m.layers * kept + per_layer + outside
+    return full, checkpointed
+
+
+def stage_activation_elements(
+    m, tp: int, sequence_parallel: bool, cfg, first: int, end: int, in_flight: int
+) -> tuple[float, float]:
+    """`activation_elements` for the pipeline stage running layers [first, end) (0 the embedding, 1..L the
+    blocks, L + 1 the norm and head) with `in_flight` micro-batches' activations held at once (1F1B): its
+    blocks' and its share of the embedding / final norm outputs per micro-batch in flight, plus the residual
+    stream a later stage receives (the MLP output and the stream before it, 2 D per token, / TP with SP);
+    with activation checkpointing a block keeps its input, that same pair (`BlockLayer`), and one block is
+    live again during its recomputation."""
+    per_layer, outside, _ = _layer_elements(m, tp, sequence_parallel, cfg)
+    seq_split = tp if sequence_parallel else 1
+    kept = 2 * m.dim / seq_split
+    blocks = sum(1 for i in range(first, end) if 1 <= i <= m.layers)
+    ends = (outside / 2) * ((first == 0) + (end == m.layers + 2))
+    received = 2 * m.dim / seq_split if first > 0 else 0.0
+    full = in_flight * (blocks * per_layer + ends + received)
+    checkpointed = in_flight * (blocks * kept + ends + received) + (per_layer if blocks else 0.0)
+    return full, checkpointed
+
+
+def _layer_elements(m, tp: int, sequence_parallel: bool, cfg) -> tuple[float, float, float]:
+    """(elements per token saved by one decoder layer, by the embedding + final norm outputs, by one
+    checkpointed layer) on one rank (`activation_elements` says what is counted)."""
     d, f, kv = m.dim, m.ffn_dim, m.kv_heads * m.head_dim
     seq_split = tp if sequence_parallel else 1
     per_layer = 4 * d / seq_split + (2 * d + 2 * kv + 3 * f) / tp
@@ -233,9 +330,7 @@ def activation_elements(m, tp: int, sequence_parallel: bool, cfg) -> tuple[float
         elif m.linear in FROZEN_BASE_KINDS:
             per_layer += 7 * opts.rank + (7 * d if opts.dropout > 0 else 0)
     outside = 2 * d / seq_split
-    full = m.layers * per_layer + outside
-    checkpointed = m.layers * d / seq_split + per_layer + outside
-    return full, checkpointed
+    return per_layer, outside, d / seq_split
 
 
 def device_memory_bytes(local_world: int = 1) -> tuple[str, Optional[int]]:
@@ -301,13 +396,20 @@ def measure_build(cfg, model_cfg, groups) -> dict:
 
     import gc
 
+    pipelined = cfg.parallel.pipeline > 1
+
     gc.collect()
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     reset = _reset_peak_rss()
     before = _status_kib("VmRSS")
-    model = build_model(cfg, model_cfg, groups)
+    if pipelined:  # this stage's layers only (megatrain.engine.pipeline)
+        from megatrain.engine.pipeline import build_pipeline_model
+
+        model = build_pipeline_model(cfg, model_cfg, groups)
+    else:
+        model = build_model(cfg, model_cfg, groups)
     peak = _status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     params, param_bytes = 0, 0
     for param in model.parameters():  # each shared (tied) parameter once
@@ -320,14 +422,22 @@ def measure_build(cfg, model_cfg, groups) -> dict:
         "host_rss_before_bytes": (before or 0) * 1024,
         "host_peak_bytes": (peak or 0) * 1024,
         "gpu_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+        "stage": groups.pp_rank if pipelined else 0,
     }
 
 
-def format_plan(plan: RankMemory, measured: Optional[list[dict]] = None) -> str:
-    """A plain-text table of the plan (and, after `--build`, each rank's measurements)."""
+def _gib(b: float) -> str:
+    return f"{b / GIB:10.3f} GiB" if b >= GIB else f"{b / 2**20:10.3f} MiB"
 
-    def gib(b: float) -> str:
-        return f"{b / GIB:10.3f} GiB" if b >= GIB else f"{b / 2**20:10.3f} MiB"
+
+def format_plan(plan, measured: Optional[list[dict]] = None) -> str:
+    """A plain-text table of the plan (a RankMemory, or `plan_stages`' list: one row per pipeline stage), and
+    after `--build` each rank's measurements."""
+    if isinstance(plan, list):
+        if len(plan) > 1:
+            return _format_stages(plan, measured)
+        plan = plan[0]
+    gib = _gib
 
     context = f"x {plan.context} context " if plan.context > 1 else ""
     lines = [
@@ -356,10 +466,52 @@ def format_plan(plan: RankMemory, measured: Optional[list[dict]] = None) -> str:
             "  rank | parameters planned | parameters held | weights held | host RSS before | "
             "host peak while building | GPU peak"
         )
-        for rank, m in enumerate(measured):
-            gpu = "-" if m["gpu_peak_bytes"] is None else gib(m["gpu_peak_bytes"])
-            lines.append(
-                f"  {rank:4d} | {plan.params:18,} | {m['params']:15,} | {gib(m['param_bytes'])} | "
-                f"{gib(m['host_rss_before_bytes'])} | {gib(m['host_peak_bytes'])} | {gpu}"
-            )
+        lines += _measured_rows(measured, [plan])
+    return "\n".join(lines)
+
+
+def _measured_rows(measured: list[dict], stages: list[RankMemory]) -> list[str]:
+    rows = []
+    for rank, m in enumerate(measured):
+        gpu = "-" if m["gpu_peak_bytes"] is None else _gib(m["gpu_peak_bytes"])
+        planned = stages[m.get("stage", 0)].params
+        rows.append(
+            f"  {rank:4d} | {planned:18,} | {m['params']:15,} | {_gib(m['param_bytes'])} | "
+            f"{_gib(m['host_rss_before_bytes'])} | {_gib(m['host_peak_bytes'])} | {gpu}"
+        )
+    return rows
+
+
+def _format_stages(stages: list[RankMemory], measured: Optional[list[dict]] = None) -> str:
+    """The plan of a pipelined layout: one row per stage (every rank of a stage holds the same)."""
+    head = stages[0]
+    largest = max(stages, key=lambda plan: plan.total_bytes)
+    micro = max(plan.in_flight for plan in stages)
+    lines = [
+        f"layout: world {head.world_size} = parallel.pipeline {head.pipeline} x parallel.tensor {head.tensor} "
+        f"x {head.dp} data-parallel, ZeRO-{head.zero_stage}, {head.dtype}; 1F1B holds up to {micro} "
+        f"micro-batch(es) in flight (stage s: min(stages - s, micro-batches))",
+        "per rank of each stage:",
+        "  stage | layers                          |   parameters |   weights      |   gradients    | "
+        "fp32 master    |  optimizer     | in flight | activations    | checkpointed   | total",
+    ]
+    for plan in stages:
+        lines.append(
+            f"  {plan.stage:5d} | {plan.stage_layers:31} | {plan.params:12,} | {_gib(plan.param_bytes)} | "
+            f"{_gib(plan.grad_bytes)} | {_gib(plan.master_bytes)} | {_gib(plan.optimizer_bytes)} | "
+            f"{plan.in_flight:9d} | {_gib(plan.activation_bytes)} | {_gib(plan.activation_bytes_checkpointed)} | "
+            f"{_gib(plan.total_bytes)}"
+        )
+    lines.append(
+        f"largest: stage {largest.stage}, {_gib(largest.total_bytes).strip()} per rank "
+        f"(activations as train.activation_checkpointing={str(largest.activation_checkpointing).lower()}; "
+        f"SLTrain's transient W {_gib(largest.transient_bytes).strip()} included)"
+    )
+    if measured:
+        lines.append("measured while building (megatrain plan --build), each rank against its stage's plan:")
+        lines.append(
+            "  rank | parameters planned | parameters held | weights held | host RSS before | "
+            "host peak while building | GPU peak"
+        )
+        lines += _measured_rows(measured, stages)
     return "\n".join(lines)

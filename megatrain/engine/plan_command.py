@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from megatrain.engine.memory_plan import check_fits, format_plan, measure_build, plan_memory, plan_model_config
+from megatrain.engine.memory_plan import check_fits, format_plan, measure_build, plan_model_config, plan_stages
 from megatrain.env import world_size
 
 __all__ = ["plan_report", "build_report"]
@@ -17,7 +17,7 @@ def plan_report(cfg, world_size: int) -> str:
     from megatrain.engine.trainer import resolve_config
 
     resolve_config(cfg, world_size)
-    text = format_plan(plan_memory(cfg, world_size))
+    text = format_plan(plan_stages(cfg, world_size))
     warning = check_fits(cfg, world_size)
     return text if warning is None else f"{text}\n{warning}"
 
@@ -34,9 +34,15 @@ def build_report(cfg) -> Optional[str]:
     world = world_size()
     resolve_config(cfg, world)
     model_cfg = plan_model_config(cfg)
-    plan = plan_memory(cfg, world, model_cfg)
+    plan = plan_stages(cfg, world, model_cfg)
     env = init_distributed(cfg)
-    measured = measure_build(cfg, model_cfg, build_groups(cfg.parallel.tensor, context=cfg.parallel.context))
+    if cfg.parallel.pipeline > 1:  # DeepSpeed's pipe x data x model topology
+        from megatrain.parallel.pipeline import build_pipeline_groups
+
+        groups = build_pipeline_groups(cfg.parallel.tensor, cfg.parallel.pipeline)
+    else:
+        groups = build_groups(cfg.parallel.tensor, context=cfg.parallel.context)
+    measured = measure_build(cfg, model_cfg, groups)
     gathered = [None] * env.world_size
     if env.world_size > 1:
         dist.all_gather_object(gathered, measured)

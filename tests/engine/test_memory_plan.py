@@ -239,3 +239,50 @@ def test_iha_plan_counts_what_the_kernel_path_saves(monkeypatch, tp_mode, tp):
     mha_qkv = (m.dim + 2 * m.kv_heads * head_dim) / tp  # MHA's q, k, v, which the plan already counts
     planned = batch * seq * (iha_extra_elements(m, tp, 2) + mha_qkv) * 2
     assert sum(saved.values()) == planned
+
+
+PIPELINED = [*TINY_JOB, "model.layers=4", "parallel.zero_stage=1", "parallel.pipeline=2"]
+
+
+def test_pipeline_plan_per_stage_splits_the_model_and_counts_1f1b_micro_batches():
+    """parallel.pipeline=2 on 2 ranks (DP 1, 2 micro-batches of 4): each stage holds the layers the run's
+    stage bounds give it, the stages' parameters add up to the model, stage 0 holds 2 micro-batches'
+    activations and stage 1 one (1F1B), and what the stages hold per micro-batch is the whole model's
+    activations plus the residual stream stage 1 receives; `plan_memory` is the largest stage."""
+    from megatrain.engine.memory_plan import format_plan, plan_stages
+    from megatrain.parallel.pipeline import layer_weights, stage_bounds
+
+    cfg = load_config(None, PIPELINED).resolve(2)
+    stages = plan_stages(cfg, 2)
+    whole = plan_memory(load_config(None, [*PIPELINED, "parallel.pipeline=1"]).resolve(1), 1)
+    model_cfg = plan_model_config(cfg)
+    weights = layer_weights(Transformer(model_cfg, seed=0, device="meta"))
+    bounds = stage_bounds(weights, 2)
+    assert [s.params for s in stages] == [sum(weights[bounds[i] : bounds[i + 1]]) for i in range(2)]
+    assert sum(s.params for s in stages) == whole.params
+    assert sum(s.optimizer_bytes for s in stages) == whole.optimizer_bytes  # ZeRO-1 over one DP rank
+    assert [s.in_flight for s in stages] == [2, 1] and cfg.train.grad_accum == 2
+    assert stages[0].stage_layers.startswith("embedding") and stages[1].stage_layers.endswith("norm + head")
+    received = cfg.train.micro_batch * cfg.data.seq_len * 2 * model_cfg.dim * 4  # fp32 residual pair
+    per_micro = stages[0].activation_bytes / 2 + stages[1].activation_bytes
+    assert per_micro == pytest.approx(whole.activation_bytes + received, abs=2)
+    assert plan_memory(cfg, 2).total_bytes == max(s.total_bytes for s in stages)
+    text = format_plan(stages)
+    assert re.search(r"^\s+0 \| embedding, blocks 0-1 .*\|\s+2 \|", text, flags=re.M), text
+    assert "largest: stage 0" in text
+    tied = plan_stages(load_config(None, [*PIPELINED, "model.tie_embeddings=true"]), 2)
+    embedding = model_cfg.vocab_size * model_cfg.dim
+    assert tied[1].params == stages[1].params  # the head's own weight becomes the tied one: same size
+    assert tied[0].params == stages[0].params
+    whole_tied = plan_memory(load_config(None, [*PIPELINED, "parallel.pipeline=1", "model.tie_embeddings=true"]), 1)
+    assert sum(s.params for s in tied) == whole_tied.params + embedding  # the first and last stage both hold it
+
+
+@pytest.mark.slow
+def test_pipeline_build_holds_each_stages_planned_parameters():
+    """`megatrain plan --build` on 2 pipeline stages: each rank builds only its stage (DeepSpeed's
+    PipelineModule) and holds exactly the parameters planned for that stage."""
+    proc = run_cli(["plan", *PIPELINED, "--world", "2", "--build"], timeout=300)
+    rows = re.findall(r"^\s+(\d) \|\s+([\d,]+) \|\s+([\d,]+) \|", proc.stdout, flags=re.M)
+    assert len(rows) == 2, proc.stdout
+    assert all(planned == held for _, planned, held in rows) and rows[0][1] != rows[1][1], proc.stdout
