@@ -34,6 +34,25 @@ def test_shipped_configs_load():
 
 
 @pytest.mark.parametrize(
+    "name, world, layout",
+    [
+        ("7b-tp8", 32, (8, 1, 1, 4)),  # TP 8 per node x 4 nodes
+        ("7b-pp2-tp8", 16, (8, 2, 1, 1)),  # 2 nodes: PP=2 across them, TP=8 inside each
+        ("long-context-c8", 8, (1, 1, 8, 1)),  # one node: a 32k sequence over 8 ranks
+    ],
+)
+def test_multi_node_configs_resolve_at_their_world_size(name, world, layout):
+    """The large layouts pass every check a launch makes at their world size (the batch arithmetic, heads and
+    layers split by TP / C / PP), and the plan holds them well inside an 80 GB GPU in bf16."""
+    from megatrain.engine.memory_plan import plan_memory
+
+    cfg = load_config(f"launch/configs/{name}.yaml", ["train.dtype=bf16"]).resolve(world)
+    p = cfg.parallel
+    assert (p.tensor, p.pipeline, p.context, world // (p.tensor * p.pipeline * p.context)) == layout
+    assert plan_memory(cfg, world).total_bytes < 40 * 2**30
+
+
+@pytest.mark.parametrize(
     "override, fragment",
     [
         (["train.stepz=3"], "unknown config key 'train.stepz'"),

@@ -353,11 +353,14 @@ def check_fits(cfg, world_size: int, local_world: Optional[int] = None) -> Optio
         plan = plan_memory(cfg, world_size)
     except ConfigError:
         return None  # the launch's own checks report it
+    pipeline = f"stage {plan.stage} of parallel.pipeline={plan.pipeline}, " if plan.pipeline > 1 else ""
+    pipeline += f"parallel.context={plan.context}, " if plan.context > 1 else ""
     what, available = device_memory_bytes(local_world or world_size if not torch.cuda.is_available() else 1)
     if available is None or plan.total_bytes <= available:
         return None
     return (
-        f"megatrain: warning: the plan for this layout (parallel.tensor={plan.tensor} x {plan.dp} data-parallel, "
+        f"megatrain: warning: the plan for this layout ({pipeline}parallel.tensor={plan.tensor} x {plan.dp} "
+        f"data-parallel, "
         f"ZeRO-{plan.zero_stage}, {plan.dtype}) needs about {plan.total_bytes / GIB:.1f} GiB per rank but "
         f"{what} allows {available / GIB:.1f} GiB; see `megatrain plan` (more TP/ZeRO, "
         f"train.activation_checkpointing, a smaller train.micro_batch)"
