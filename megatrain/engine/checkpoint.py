@@ -8,7 +8,7 @@ Layout of `run.dir/checkpoints/step_N/`:
   megatrain.json         step, data position, model config, layout, and the manifest: every file's size
                          and the sha256 of megatrain's own files (rng, weights, tokenizer)
 
-  universal/             written on demand when a run resumes at another TP x DP layout (or by
+  universal/             written on demand when a run resumes at another PP x TP x DP layout (or by
                          `megatrain reshard`): DeepSpeed's universal form of the ZeRO state
 
 The protocol that makes a crash of any rank at any moment harmless (docs/architecture.md):
@@ -226,8 +226,8 @@ def needs_reshard(
 ) -> bool:
     """Whether checkpoint `path` (its megatrain.json `meta`) must be resharded to load into this run.
 
-    True when its layout (parallel.tensor, or the data-parallel size under ZeRO) differs from this
-    run's, so it loads through a DeepSpeed universal checkpoint (megatrain.engine.reshard). Raises
+    True when its layout (parallel.pipeline, parallel.tensor, or the data-parallel size under ZeRO) differs
+    from this run's, so it loads through a DeepSpeed universal checkpoint (megatrain.engine.reshard). Raises
     CheckpointError (one line) when its model or its ZeRO state cannot load into this run at all.
     """
     check_model(meta, path, model_cfg)
@@ -237,15 +237,13 @@ def needs_reshard(
             f"checkpoint '{path}' was written with parallel.zero_stage={layout['zero_stage']}, this "
             f"run has {zero_stage}; resume with the same ZeRO stage"
         )
-    if layout.get("pipeline", 1) != pipeline:
-        raise CheckpointError(
-            f"checkpoint '{path}' was written with parallel.pipeline={layout.get('pipeline', 1)}, "
-            f"this run has {pipeline}; resume with the same number of pipeline stages"
-        )
-    reshard = layout["tensor"] != tensor or (zero_stage > 0 and layout["dp"] != dp_size)
+    stages = layout.get("pipeline", 1)
+    reshard = stages != pipeline or layout["tensor"] != tensor or (zero_stage > 0 and layout["dp"] != dp_size)
     if reshard and zero_stage not in (1, 2):
         change = (
-            f"parallel.tensor={layout['tensor']} to {tensor}"
+            f"parallel.pipeline={stages} to {pipeline}"
+            if stages != pipeline
+            else f"parallel.tensor={layout['tensor']} to {tensor}"
             if layout["tensor"] != tensor
             else f"{layout['dp']} to {dp_size} data-parallel ranks"
         )

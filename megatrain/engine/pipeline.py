@@ -37,6 +37,8 @@ def build_pipeline_model(cfg, model_cfg, groups, initial_state: Optional[dict] =
     model = Transformer(model_cfg, seed=cfg.train.seed, device="meta")
     model.initial_state = initial_state
     bounds = stage_bounds(layer_weights(model), p.pipeline, p.pipeline_partition)
+    if model_cfg.tie_embeddings:  # the tied head is a layer of its own, on the stage of the final norm
+        bounds[-1] += 1
     drop_other_stages(model, stage_layers(bounds, groups.pp_rank))
     parallelize(model, groups, sequence_parallel=p.sequence)  # materialises (and TP-splits) this stage's modules
     model.initial_state = None

@@ -1,6 +1,6 @@
-"""Resharding checkpoints between tensor-parallel and data-parallel layouts.
+"""Resharding checkpoints between tensor-parallel, data-parallel and pipeline layouts.
 
-A checkpoint written at one layout (TP x DP, ZeRO 1 or 2) resumes at another through DeepSpeed's
+A checkpoint written at one layout (PP x TP x DP, ZeRO 1 or 2) resumes at another through DeepSpeed's
 universal checkpoint format: `convert_to_universal` runs DeepSpeed's converter
 (deepspeed.checkpoint.ds_to_universal), which gathers each parameter's fp32 master weight and Adam
 moments from the ZeRO shards of every DP rank and merges the TP slices with the patterns
@@ -15,6 +15,14 @@ slice is held by TP/kv_heads ranks. The converter concatenates all copies; `conv
 keeps one of each, and `universal_for_layout` writes a view for a target layout that replicates KV
 heads again, where DeepSpeed's loader expects it (the other parameter folders are symlinked).
 Which parameters are split by KV head comes from the same plan (`is_kv_split`).
+
+Pipeline stages (parallel.pipeline): DeepSpeed's converter reads a pipelined checkpoint's per-stage files
+and names each parameter as the PipelineModule does (`3.block.attn.q_proj.weight`,
+`tied_modules.embed.weight`; megatrain.parallel.pipeline). `convert_to_universal` stores every
+parameter's folder under the Transformer's name (`blocks.2.attn.q_proj.weight`), whatever the source's
+pipeline size, and adds the pipeline's name of each as a relative symlink to it: DeepSpeed's loader
+looks a parameter up by the name the run's engine gives it, so one universal folder loads at any
+pipeline size (with a tied head, its pipeline name and `embed.weight` are the same folder).
 
 `megatrain reshard CHECKPOINT` runs the conversion ahead of time (it is otherwise done on resume).
 """
@@ -34,6 +42,7 @@ import torch
 from megatrain.engine.checkpoint import read_meta
 from megatrain.errors import CheckpointError
 from megatrain.parallel.groups import kv_replicas
+from megatrain.parallel.pipeline import pipeline_name, transformer_name
 from megatrain.parallel.plan import TP_PLAN, is_kv_split
 
 __all__ = ["UNIVERSAL_DIR", "find_universal", "convert_to_universal", "universal_for_layout"]
@@ -52,8 +61,8 @@ def _map_kv_tensors(zero_dir: str, fn) -> None:
     from deepspeed.checkpoint.constants import PARAM
 
     for name in sorted(os.listdir(zero_dir)):
-        if not is_kv_split(name):
-            continue
+        if os.path.islink(os.path.join(zero_dir, name)) or not is_kv_split(name):
+            continue  # a pipeline name (an alias of a Transformer name) or not split by KV head
         dim = TP_PLAN.role_of_parameter(name).split[name.rpartition(".")[2]]
         for path in _tensor_files(os.path.join(zero_dir, name)):
             state = torch.load(path, weights_only=True)  # tensors, ints and flags only: nothing to unpickle
@@ -92,13 +101,17 @@ def convert_to_universal(checkpoint: str, out: str = None) -> str:
         )
     tmp = out + ".tmp"
     _run_ds_to_universal(checkpoint, tmp)
+    zero = os.path.join(tmp, "zero")
+    if layout.get("pipeline", 1) > 1:
+        _rename_to_transformer(zero, model["layers"])
     replicas = kv_replicas(model["kv_heads"], layout["tensor"])
     if replicas > 1:
         # Every KV head was saved by `replicas` TP ranks; keep one copy of each.
         def dedupe(t: torch.Tensor, dim: int) -> torch.Tensor:
             return torch.cat(t.chunk(layout["tensor"], dim=dim)[::replicas], dim=dim)
 
-        _map_kv_tensors(os.path.join(tmp, "zero"), dedupe)
+        _map_kv_tensors(zero, dedupe)
+    _link_pipeline_names(zero, model["layers"], model.get("tie_embeddings", False))
     # DeepSpeed's loader reads the client state (step, data position) from the model-state files.
     for name in os.listdir(checkpoint):
         if re.fullmatch(r"mp_rank_\d+_model_states\.pt", name):
@@ -108,6 +121,37 @@ def convert_to_universal(checkpoint: str, out: str = None) -> str:
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
+
+
+def _parameter_dirs(zero_dir: str) -> list[str]:
+    """The per-parameter folders of a universal `zero/` folder (not optimizer_state.pt, not aliases)."""
+    return [
+        name
+        for name in sorted(os.listdir(zero_dir))
+        if os.path.isdir(os.path.join(zero_dir, name)) and not os.path.islink(os.path.join(zero_dir, name))
+    ]
+
+
+def _rename_to_transformer(zero_dir: str, layers: int) -> None:
+    """Rename the per-parameter folders DeepSpeed's converter named after a PipelineModule's parameters to
+    the Transformer's names."""
+    for name in _parameter_dirs(zero_dir):
+        try:
+            target = transformer_name(name, layers)
+        except ValueError:
+            raise CheckpointError(
+                f"universal checkpoint: '{name}' is not a parameter of the pipelined Transformer"
+            ) from None
+        os.replace(os.path.join(zero_dir, name), os.path.join(zero_dir, target))
+
+
+def _link_pipeline_names(zero_dir: str, layers: int, tied: bool) -> None:
+    """Each Transformer-named parameter folder under its pipeline name too, a relative symlink (what a
+    pipelined run's engine looks up)."""
+    for name in _parameter_dirs(zero_dir):
+        alias = os.path.join(zero_dir, pipeline_name(name, layers, tied))
+        if not os.path.lexists(alias):
+            os.symlink(name, alias)
 
 
 def _run_ds_to_universal(checkpoint: str, tmp: str) -> None:
@@ -156,7 +200,9 @@ def universal_for_layout(universal: str, tensor: int, kv_heads: int, scratch: st
     zero_src = os.path.join(universal, "zero")
     for name in os.listdir(zero_src):
         src = os.path.join(zero_src, name)
-        if is_kv_split(name):
+        if os.path.islink(src):  # a pipeline name: the same relative link to its folder in the view
+            os.symlink(os.readlink(src), os.path.join(scratch, "zero", name))
+        elif is_kv_split(name):
             shutil.copytree(src, os.path.join(scratch, "zero", name))
         else:
             os.symlink(os.path.abspath(src), os.path.join(scratch, "zero", name))

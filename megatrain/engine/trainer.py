@@ -211,7 +211,7 @@ class Trainer:
         elif resume_path is not None:
             how = (
                 f" (resharded to parallel.tensor={self.cfg.parallel.tensor} x {self.dp_size} data-parallel ranks "
-                f"through DeepSpeed's universal checkpoint)"
+                f"x {self.cfg.parallel.pipeline} pipeline stages through DeepSpeed's universal checkpoint)"
                 if self.universal
                 else ""
             )

@@ -5,16 +5,25 @@ layers DeepSpeed's `PipelineModule` runs one after another:
 
     0: EmbedLayer (model.embed)   1..L: BlockLayer (model.blocks[i])   L+1: HeadLayer (model.norm, model.head)
 
-and the loss is `HeadLayer.loss`, which calls the head's own forward with the labels (the fused
-cross-entropy stays inside `LMHead.forward`). Between stages the activations are the residual stream
-as the blocks carry it (`Block.forward(carry_residual=True)`: the MLP output and the stream before
-it), so every residual add is fused into the next norm exactly as in one process, and the losses
-equal the single-process ones.
+and the pipeline's loss_fn calls the head's own forward with the labels (the fused
+cross-entropy stays inside `LMHead.forward`). With a tied head (model.tie_embeddings) the embedding and
+the head are DeepSpeed `TiedLayerSpec`s under one key, `embed`:
+
+    0: tied_layer (model.embed)   1..L: BlockLayer   L+1: HeadLayer (model.norm)   L+2: tied_layer (model.head)
+
+the first stage holds the embedding, the last the head, each with its own copy of the one weight
+(`tied_modules.embed.weight`); DeepSpeed broadcasts it from the first stage at the start and all-reduces
+its gradient between the two stages before every optimizer step, so both copies take the same updates.
+
+Between stages the activations are the residual stream as the blocks carry it
+(`Block.forward(carry_residual=True)`: the MLP output and the stream before it), so every residual add
+is fused into the next norm exactly as in one process, and the losses equal the single-process ones.
 
 A stage holds only its own layers: the other stages' modules are dropped from the meta-device model
 before `parallelize` materialises (and tensor-splits) what is left. Parameter names inside the
-pipeline are DeepSpeed's (`<layer index>.<wrapper attribute>.<name>`); `transformer_name` maps them
-back to the Transformer's names, which checkpoints' model.safetensors, export and `megatrain.load` use.
+pipeline are DeepSpeed's (`<layer index>.<wrapper attribute>.<name>`, `tied_modules.embed.weight`);
+`transformer_name` maps them back to the Transformer's names, which checkpoints' model.safetensors, export,
+`megatrain.load` and the universal checkpoints of `megatrain reshard` use.
 
 Ranks are laid out as DeepSpeed's `PipeModelDataParallelTopology` (axes pipe, data, model): TP groups
 are consecutive ranks, DP groups take one rank of each TP group inside a stage, and stage s holds the
@@ -42,6 +51,7 @@ __all__ = [
     "EmbedLayer",
     "BlockLayer",
     "HeadLayer",
+    "tied_layer",
     "check_pipeline",
     "layer_weights",
     "stage_bounds",
@@ -49,6 +59,7 @@ __all__ = [
     "pipeline_layers",
     "transformer_name",
     "pipeline_name",
+    "pipeline_universal_info",
     "drop_other_stages",
     "pipeline_module",
 ]
@@ -84,8 +95,6 @@ def check_pipeline(parallel, m, train=None, optim_name: Optional[str] = None) ->
             "parallel.zero_stage=0 (DeepSpeed's stage-0 gradient clipping counts the replicated weights of "
             "the first stage only; use parallel.zero_stage=1)"
         )
-    if m.tie_embeddings:
-        refused.append("model.tie_embeddings=true (the embedding and the head sit on different stages)")
     if m.linear == "relora":
         refused.append("model.linear=relora (its restarts merge whole layers outside the pipeline schedule)")
     if optim_name in ("galore", "fira"):
@@ -242,42 +251,70 @@ class BlockLayer(nn.Module):
 
 
 class HeadLayer(nn.Module):
-    """The final norm (the last residual add fused into it); `loss` runs the head's forward with the labels."""
+    """The final norm (the last residual add fused into it); the head, when untied, is held here and run by
+    the pipeline's loss_fn (tied: it is a layer of its own, see `tied_layer`)."""
 
-    def __init__(self, norm: nn.Module, head: nn.Module):
+    def __init__(self, norm: nn.Module, head: Optional[nn.Module]):
         super().__init__()
-        self.norm, self.head = norm, head
+        self.norm = norm
+        if head is not None:
+            self.head = head
 
     def forward(self, x) -> Tensor:
         h, residual = (x, None) if isinstance(x, Tensor) else x
         return self.norm(h) if residual is None else self.norm(h, residual=residual)[0]
 
-    def loss(self, normed: Tensor, labels: Tensor) -> Tensor:
-        return self.head(normed, labels)
+
+def tied_layer(key: str, module: Optional[nn.Module], forward_fn=None):
+    """DeepSpeed's TiedLayerSpec over a module that already exists (`module`; None on a stage that does not
+    build it): the embedding on the first stage, the head on the last, sharing `weight` under `key`."""
+    from deepspeed.pipe import TiedLayerSpec
+
+    class TiedLayer(TiedLayerSpec):
+        def build(self, log=False):
+            return module
+
+    return TiedLayer(key, type(module) if module is not None else nn.Module, forward_fn=forward_fn)
+
+
+def _pass_normed(head: nn.Module, normed: Tensor) -> Tensor:
+    """The tied head's layer: the normed stream goes on to the pipeline's loss_fn, which runs the head."""
+    return normed
 
 
 def pipeline_layers(
     model: Transformer, *, checkpointed: bool = False, seq_factor: int = 1, keep: Optional[range] = None
-) -> list[nn.Module]:
-    """The pipeline layers over `model`'s own modules (layers outside `keep` are nn.Identity stand-ins:
-    DeepSpeed never builds them on this stage). seq_factor: sequence-parallel TP size (the stream holds
-    N / T tokens per rank, the rotary positions cover N)."""
-    keep = range(len(model.blocks) + 2) if keep is None else keep
+) -> list:
+    """The pipeline layers over `model`'s own modules (layers outside `keep` are nn.Identity stand-ins, or a
+    TiedLayer without a module: DeepSpeed never builds them on this stage). seq_factor: sequence-parallel TP
+    size (the stream holds N / T tokens per rank, the rotary positions cover N). A tied head adds a layer
+    (see the module docstring)."""
+    tied = model.config.tie_embeddings
+    last = len(model.blocks) + 1
+    keep = range(last + 1 + tied) if keep is None else keep
     rope = _Rope(model, seq_factor)
-    layers: list[nn.Module] = [EmbedLayer(model.embed) if 0 in keep else nn.Identity()]
+    if tied:
+        layers: list = [tied_layer("embed", model.embed if 0 in keep else None)]
+    else:
+        layers = [EmbedLayer(model.embed) if 0 in keep else nn.Identity()]
     for i, block in enumerate(model.blocks):
         layers.append(BlockLayer(block, i, rope, checkpointed) if i + 1 in keep else nn.Identity())
-    last = len(model.blocks) + 1
-    layers.append(HeadLayer(model.norm, model.head) if last in keep else nn.Identity())
+    layers.append(HeadLayer(model.norm, None if tied else model.head) if last in keep else nn.Identity())
+    if tied:
+        layers.append(tied_layer("embed", model.head if last + 1 in keep else None, forward_fn=_pass_normed))
     return layers
 
 
 _PIPE_NAME = re.compile(r"^(\d+)\.(embed|block|norm|head)\.(.*)$")
+_TIED_PREFIX = "tied_modules.embed."
 
 
 def transformer_name(name: str, layers: int) -> str:
     """The Transformer's name of pipeline parameter `name` (`3.block.attn.q_proj.weight` ->
-    `blocks.2.attn.q_proj.weight`) for a model of `layers` blocks; ValueError for an unknown name."""
+    `blocks.2.attn.q_proj.weight`, a tied `tied_modules.embed.weight` -> `embed.weight`) for a model of
+    `layers` blocks; ValueError for an unknown name."""
+    if name.startswith(_TIED_PREFIX):
+        return "embed." + name[len(_TIED_PREFIX) :]
     match = _PIPE_NAME.match(name)
     if match is None:
         raise ValueError(f"not a pipeline parameter name: {name!r}")
@@ -289,30 +326,56 @@ def transformer_name(name: str, layers: int) -> str:
     raise ValueError(f"pipeline parameter {name!r} does not fit a model of {layers} layers")
 
 
-def pipeline_name(name: str, layers: int) -> str:
-    """The inverse of `transformer_name`."""
+def pipeline_name(name: str, layers: int, tied: bool = False) -> str:
+    """The inverse of `transformer_name` (tied: model.tie_embeddings, the embedding is a TiedLayer)."""
     head, _, rest = name.partition(".")
     if head == "blocks":
         index, _, rest = rest.partition(".")
         return f"{int(index) + 1}.block.{rest}"
     if head == "embed":
-        return f"0.embed.{rest}"
+        return _TIED_PREFIX + rest if tied else f"0.embed.{rest}"
     if head in ("norm", "head"):
         return f"{layers + 1}.{head}.{rest}"
     raise ValueError(f"not a Transformer parameter name: {name!r}")
 
 
+def pipeline_universal_info(model_cfg) -> dict:
+    """What DeepSpeed's universal-checkpoint converter needs from a pipelined run: the tensor-parallel merge
+    patterns of the whole model (`megatrain.parallel.plan.universal_checkpoint_info`, which every stage's
+    files carry alike) under the pipeline's names, and the tied weight, which every stage but the first
+    skips (its copy on the last stage is the same tensor)."""
+    from deepspeed.checkpoint.constants import PIPELINE_REPLICATED_PARAMETER_PATTERNS
+
+    from megatrain.parallel.plan import universal_checkpoint_info
+
+    full = Transformer(model_cfg, seed=0, device="meta")
+    info = universal_checkpoint_info(full, held={id(p) for p in full.parameters() if p.requires_grad})
+    tied = model_cfg.tie_embeddings
+    rename = {
+        re.escape(n) + "$": re.escape(pipeline_name(n, model_cfg.layers, tied)) + "$"
+        for n, _ in full.named_parameters()
+    }
+    out = {key: [rename[p] for p in value] if isinstance(value, list) else value for key, value in info.items()}
+    if tied:
+        out[PIPELINE_REPLICATED_PARAMETER_PATTERNS] = [re.escape(_TIED_PREFIX + "weight") + "$"]
+    return out
+
+
 def drop_other_stages(model: Transformer, keep: range) -> None:
     """Replace the modules of layers outside `keep` by parameter-less stand-ins, so that materialising and
-    tensor-splitting `model` touches only this stage's share."""
+    tensor-splitting `model` touches only this stage's share. With a tied head, the first and the last stage
+    keep both the embedding and the head module: they hold one tensor, the weight they share."""
     last = len(model.blocks) + 1
-    if 0 not in keep:
+    tied_here = model.config.tie_embeddings and (0 in keep or last in keep)
+    if 0 not in keep and not tied_here:
         del model.embed
     for i in range(len(model.blocks)):
         if i + 1 not in keep:
             model.blocks[i] = nn.Identity()
     if last not in keep:
-        del model.norm, model.head
+        del model.norm
+        if not tied_here:
+            del model.head
 
 
 def pipeline_module(
@@ -333,16 +396,29 @@ def pipeline_module(
 
     keep = stage_layers(bounds, groups.pp_rank)
     layers = pipeline_layers(model, checkpointed=checkpointed, seq_factor=seq_factor, keep=keep)
-    head = layers[-1]
+    loss_fn = None
+    if len(model.blocks) + 1 in keep:  # the last stage: the head's forward with the labels is the loss
+        loss_fn = _HeadLoss(model.head)
     topology = PipeModelDataParallelTopology(num_pp=groups.pp_size, num_mp=groups.tp_size, num_dp=groups.dp_size)
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its seed settings on rank 0
         pipe = TransformerPipe(
             layers,
             topology=topology,
-            loss_fn=head.loss if isinstance(head, HeadLayer) else None,
+            loss_fn=loss_fn,
             partition_method="uniform",
         )
     pipe.model_config = model.config
     pipe.stage_bounds = list(bounds)
-    pipe.universal_checkpoint_info = getattr(model, "universal_checkpoint_info", None)
+    pipe.universal_checkpoint_info = pipeline_universal_info(model.config)
     return pipe
+
+
+class _HeadLoss:
+    """The pipeline's loss_fn: (normed stream, labels) -> the head's forward with the labels (the fused
+    cross-entropy inside `LMHead.forward`), the head being untied or the last stage's tied copy."""
+
+    def __init__(self, head: nn.Module):
+        self.head = head
+
+    def __call__(self, normed: Tensor, labels: Tensor) -> Tensor:
+        return self.head(normed, labels)
