@@ -5,10 +5,10 @@ retrieval task through the pretraining recipe into RUN/pretrain -> load it -> ac
 (context length, depth) with and without qTTT and the thinking baseline -> RUN/ttt.jsonl (one
 record per cell), RUN/ttt.md (table) and RUN/ttt.png (heat maps depth x length).
 
-With parallel.context = C (`megatrain ttt --nproc-per-node C ... parallel.context=C ttt.init=RUN`) the job runs
-in one context group of C processes: each context prefill is split over them (every rank ends with the
-whole cache), the adaptation and the answers run whole on every rank, so all compute the same records;
-rank 0 logs and writes the outputs.
+With parallel.context = C (`megatrain ttt --nproc-per-node C ... parallel.context=C`) the job runs in one
+context group of C processes: its pretraining (without ttt.init) is context-parallel, each context prefill is
+split over them (every rank ends with the whole cache), the adaptation and the answers run whole on every
+rank, so all compute the same records; rank 0 logs and writes the outputs.
 """
 
 from __future__ import annotations
@@ -66,13 +66,10 @@ def check_layout(cfg, world_size: int, init: Optional[str]) -> None:
             f"the ttt job runs in one context group: {world_size} processes (--nproc-per-node) with "
             f"parallel.context={context}; start parallel.context processes"
         )
-    if init is None:
-        raise ConfigError(
-            f"parallel.context={context}: the ttt job needs ttt.init (a model to evaluate) to run context-parallel; "
-            f"its own pretraining runs in one process (or pretrain with megatrain pretrain parallel.context={context})"
-        )
-    model_cfg = source_model(init)[0].resolved()
-    check_context_split(model_cfg, context)
+    if init is None:  # the job pretrains its model first, context-parallel as well
+        check_context_split(cfg.model.resolved(), context, seq_len=cfg.data.seq_len)
+        return
+    check_context_split(source_model(init)[0].resolved(), context)
 
 
 def _embedded_tokenizer(data_cfg):
@@ -82,25 +79,48 @@ def _embedded_tokenizer(data_cfg):
     return get_tokenizer(data_cfg, resolve_sources("embedded"))
 
 
-def pretrain_for_ttt(cfg, log=print) -> str:
+def pretrain_for_ttt(cfg, log=print, groups=None) -> str:
     """Pretrain this config's model on retrieval documents (training novels as haystack) into
     RUN/pretrain; reuse it when a finished run is already there, continue it from its latest checkpoint
-    when one stopped on a signal. Returns the run directory."""
-    from megatrain.data.longcontext import retrieval_document
+    when one stopped on a signal. Returns the run directory.
+
+    `groups` (a context-parallel job, parallel.context = C processes): every rank calls this; rank 0 trains
+    the tokenizer and writes the documents, then the C ranks pretrain together, context-parallel."""
     from megatrain.engine.checkpoint import resolve_checkpoint_dir
     from megatrain.engine.trainer import pretrain
 
+    first = groups is None or groups.rank == 0
+    sync = _barrier if groups is not None else lambda: None
     run = os.path.join(cfg.run.dir, "pretrain")
+    sync()  # every rank decides on what is there before rank 0 writes anything
     if os.path.isdir(run):
         if os.path.basename(resolve_checkpoint_dir(run)) == f"step_{cfg.train.steps}":
             log(f"reusing the pretrained model in {run}")
             return run
     data = copy.deepcopy(cfg.data)
     data.source = "embedded"
-    tokenizer = _embedded_tokenizer(data)
-    docs_dir = cfg.run.path("pretrain-data")
-    os.makedirs(docs_dir, exist_ok=True)
     docs = cfg.run.path("pretrain-data", f"{cfg.ttt.task.kind}.jsonl")
+    if first:
+        tokenizer = _embedded_tokenizer(data)  # trained once, cached
+        _write_documents(cfg, tokenizer, docs)
+    sync()
+    if not first:
+        tokenizer = _embedded_tokenizer(data)
+    pre = copy.deepcopy(cfg)
+    pre.run.dir = run
+    pre.data.source, pre.data.val_source, pre.data.tokenizer = docs, None, tokenizer.path
+    log(f"pretraining on {cfg.ttt.pretrain_documents} {cfg.ttt.task.kind} documents into {run}")
+    # resume=True continues a pretraining a stop signal cut short (a fresh start when there is none)
+    pretrain(pre, resume=True, resume_hint="run the same megatrain ttt command again to continue")
+    sync()  # rank 0 has committed the last checkpoint
+    return run
+
+
+def _write_documents(cfg, tokenizer, docs: str) -> None:
+    """ttt.pretrain_documents retrieval documents of ttt.task.kind as jsonl at `docs` (atomically)."""
+    from megatrain.data.longcontext import retrieval_document
+
+    os.makedirs(os.path.dirname(docs), exist_ok=True)
     rng = np.random.default_rng([cfg.train.seed, 7])
     low = max(16, cfg.data.seq_len // 4)
     high = max(low + 1, cfg.data.seq_len - 48)
@@ -111,13 +131,6 @@ def pretrain_for_ttt(cfg, log=print) -> str:
             )
             fh.write(json.dumps({"text": text}) + "\n")
     os.replace(docs + ".tmp", docs)
-    pre = copy.deepcopy(cfg)
-    pre.run.dir = run
-    pre.data.source, pre.data.val_source, pre.data.tokenizer = docs, None, tokenizer.path
-    log(f"pretraining on {cfg.ttt.pretrain_documents} {cfg.ttt.task.kind} documents into {run}")
-    # resume=True continues a pretraining a stop signal cut short (a fresh start when there is none)
-    pretrain(pre, resume=True, resume_hint="run the same megatrain ttt command again to continue")
-    return run
 
 
 def markdown_table(records: list[dict], methods) -> str:
@@ -210,7 +223,7 @@ def run_ttt(cfg, log=print) -> list[dict]:
         groups, device, main = _context_group(cfg)
         log = log if main else _quiet
     if init is None:
-        init = pretrain_for_ttt(cfg, log)
+        init = pretrain_for_ttt(cfg, log, groups)
         done = resolve_checkpoint_dir(init)
         if os.path.basename(done) != f"step_{cfg.train.steps}":  # the trainer stopped on SIGTERM / SIGUSR1
             log(
@@ -271,6 +284,12 @@ def _context_group(cfg):
 
     env = init_distributed(cfg)
     return build_groups(1, context=cfg.parallel.context), env.device, env.is_main
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
 
 
 def _stop_check(stop, groups, device):

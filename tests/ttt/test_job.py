@@ -163,7 +163,7 @@ def test_job_pretrains_its_own_model_without_init(tmp_path):
         (["ttt.task.kind=jsonl"], "ttt.task.kind=jsonl needs ttt.task.path"),
         (["ttt.task.depths=[1.5]"], "ttt.task.depths: 1.5 is not a number in"),
         (["ttt.init=/nonexistent/run"], "ttt.init: '/nonexistent/run' is not a run"),
-        (["parallel.context=2"], "parallel.context=2: the ttt job needs ttt.init (a model to evaluate)"),
+        (["parallel.context=2", "data.seq_len=129"], "parallel.context=2 does not divide data.seq_len=129"),
         (
             ["parallel.pipeline=2", "parallel.zero_stage=1"],
             "parallel.pipeline=2: pipeline parallelism runs in pretraining only; the ttt job",
@@ -185,20 +185,28 @@ def test_bad_input_is_one_line_with_exit_code_2(tmp_path, capsys, overrides, mes
 
 
 @pytest.mark.slow
-def test_job_with_context_parallel_two_equals_one_process(tiny_run, tmp_path):
-    """parallel.context=2 on 2 processes: each context prefill split over the two ranks (odd lengths: the
-    split pads and drops a column), adaptation and answers whole on each; the records equal one process's
-    (accuracies, answers, FLOPs exactly, span losses to rtol 1e-5); rank 0 alone logs and writes. ~20 s."""
+def test_job_with_context_parallel_two_equals_one_process(tmp_path):
+    """parallel.context=2 on 2 processes, without ttt.init: the job's pretraining runs context-parallel, then
+    each context prefill is split over the two ranks (63 tokens: the split pads and drops a column), adaptation
+    and answers run whole on each. The pretraining losses (rtol 1e-5) and the records equal one process's
+    (accuracies, answers, FLOPs exactly, span losses to rtol 1e-5); rank 0 alone logs and writes. ~45 s."""
     common = [
-        "ttt",
         "--config",
         "launch/configs/ttt-tiny-cpu.yaml",
-        f"ttt.init={tiny_run}",
+        "train.steps=4",
+        "log.every=1",
+        "train.micro_batch=4",
+        "ttt.pretrain_documents=20",
+        "data.seq_len=128",
         *TINY_TTT,
         "ttt.task.context_lengths=[63,96]",
     ]
-    run_cli([*common, f"run.dir={tmp_path / 'one'}"])
-    proc = run_cli(["ttt", "--nproc-per-node", "2", *common[1:], "parallel.context=2", f"run.dir={tmp_path / 'two'}"])
+    run_cli(["ttt", *common, f"run.dir={tmp_path / 'one'}"])
+    proc = run_cli(["ttt", "--nproc-per-node", "2", *common, "parallel.context=2", f"run.dir={tmp_path / 'two'}"])
+    one, two = (read_metrics(tmp_path / r / "pretrain") for r in ("one", "two"))
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (one, two)
     one, two = (
         [json.loads(line) for line in (tmp_path / r / "ttt.jsonl").read_text().splitlines()] for r in ("one", "two")
     )
