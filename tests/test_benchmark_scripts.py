@@ -702,3 +702,51 @@ def test_decode_ops_script_tiny(tmp_path):
     for r in rows:
         assert 0 < r["graph_step"] < 20 < r["static_forward"] < r["eager_step"], r
     assert "| IHA P=2 | 2 |" in (tmp_path / "ops.md").read_text()
+
+
+def test_layouts_script_plans_each_layout_and_divides_by_one_process():
+    """benchmarks/layouts.py without running anything: ZeRO-1 added to each layout, each layout's plan at its
+    process count (a pipeline's largest stage), and the rows' ratios to the first layout on synthetic bench
+    records; a failed layout keeps its row."""
+    script = REPO / "benchmarks" / "layouts.py"
+    spec = importlib.util.spec_from_file_location("megatrain_bench_layouts", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from tests.conftest import TINY_JOB
+
+    job = [a for a in TINY_JOB if not a.startswith("log.")] + ["model.layers=4"]
+    settings = module.layout_settings("base;pp=2;cp=2,zero=2")
+    assert [s.overrides[-1] for s in settings] == ["parallel.zero_stage=1"] * 2 + ["parallel.zero_stage=2"]
+    plans = {s.label: module.planned(None, job, s, 2 if s.label != "base" else 1) for s in settings}
+    assert plans["pp=2"]["layout"] == {"tensor": 1, "pipeline": 2, "context": 1, "data": 1}
+    assert len(plans["pp=2"]["stages"]) == 2 and plans["pp=2"]["in_flight"] == 2
+    assert plans["cp=2,zero=2"]["activation_bytes"] * 2 == pytest.approx(plans["base"]["activation_bytes"], abs=2)
+
+    def record(label, procs, step):
+        return {
+            "label": label,
+            "procs": procs,
+            "tokens_per_step": 256,
+            "sides": {
+                "megatrain": {
+                    "tokens_per_s": 256 / step,
+                    "peak_memory_gib_per_rank": [0.5] * procs,
+                    "step_memory_gib_per_rank": [0.01] * procs,
+                    "first_step_loss": 6.2,
+                    "step_times_s": [step],
+                }
+            },
+        }
+
+    result = {
+        "settings": [
+            record("base", 1, 0.2),
+            record("pp=2", 2, 0.3),
+            {"label": "cp=2,zero=2", "procs": 2, "error": "boom"},
+        ]
+    }
+    base, pp, cp = module.rows(result, plans)
+    assert base["step_ratio"] == base["plan_ratio"] == 1.0
+    assert pp["step_ratio"] == pytest.approx(1.5)
+    assert pp["plan_ratio"] == pytest.approx(plans["pp=2"]["total_bytes"] / plans["base"]["total_bytes"])
+    assert pp["plan_ratio"] < 1.0 and cp["error"] == "boom"
