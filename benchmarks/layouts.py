@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 
 # Run as a script, this folder comes first on sys.path, and its kernels.py would then answer the
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from megatrain.bench import run_bench
 
-    command = "python benchmarks/layouts.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python " + shlex.join(["benchmarks/layouts.py", *(sys.argv[1:] if argv is None else argv)])
     try:
         settings = layout_settings(args.layouts)
         plans = {}
