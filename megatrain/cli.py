@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "reshard",
         help="convert a ZeRO 1/2 checkpoint to DeepSpeed's universal form, so it resumes "
-        "at any parallel.tensor and process count",
+        "at any parallel.tensor, parallel.pipeline, parallel.context and process count",
     )
     p.add_argument("path", help="run directory (its latest checkpoint) or checkpoint directory")
     _add_generate(sub)
@@ -610,7 +610,10 @@ def _cmd_reshard(args) -> int:
     if not os.path.isdir(path):
         raise CheckpointError(f"'{args.path}' is not a run or checkpoint directory")
     out = convert_to_universal(path)
-    print(f"wrote {out}; resume from {path} at any parallel.tensor / process count (same ZeRO stage)")
+    print(
+        f"wrote {out}; resume from {path} at any parallel.tensor / parallel.pipeline / parallel.context / "
+        f"process count (same ZeRO stage)"
+    )
     return 0
 
 
