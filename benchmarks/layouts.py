@@ -150,12 +150,33 @@ def markdown(result: dict, table: list[dict], command: str) -> str:
         "are most of it at this size); step memory: that peak minus what was resident before the timed steps.",
         "- the same first-step loss in every layout: the same model, seed and batch (fp32).",
         "",
-        f"Versions: torch {v.get('torch')}, deepspeed {v.get('deepspeed')}, python {v.get('python')}.",
+        "- 4-process layouts on a machine with fewer cores share them (the step time then includes the "
+        "oversubscription); `--clock cpu` times rank 0's CPU time instead, which leaves out waits (a pipeline's "
+        "bubble among them).",
+        "",
+        f"Versions: torch {v.get('torch')}, deepspeed {v.get('deepspeed')}, python {v.get('python')}; "
+        f"commit {result.get('commit') or 'unknown'}.",
         "",
         f"Command: `{command}`",
         "",
     ]
     return "\n".join(lines)
+
+
+def _commit():
+    """The checkout's commit (with `-dirty` when it has changes), or None outside a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "-C", HERE, "describe", "--always", "--dirty", "--abbrev=12"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip() or None
 
 
 def main(argv=None) -> int:
@@ -194,6 +215,7 @@ def main(argv=None) -> int:
     for path in result["paths"].values():
         os.remove(path)
     os.rmdir(scratch)
+    result["commit"] = _commit()
     table = rows(result, plans)
     device = "gpu" if "cuda" in result["device"].lower() or "nvidia" in result["device"].lower() else "cpu"
     stem = args.tag or f"layouts-{device}"
@@ -207,6 +229,7 @@ def main(argv=None) -> int:
                 "device": result["device"],
                 "versions": result["versions"],
                 "command": command,
+                "commit": result["commit"],
                 "model": result["model"],
                 "rows": table,
                 "bench": result["settings"],
