@@ -808,13 +808,9 @@ def _close_process_group() -> None:
     jobs keep using the group between their stages, so it is closed here, once, at the process's end."""
     if "torch" not in sys.modules:  # a command that never loaded torch has no group
         return
-    import torch.distributed as dist
+    from megatrain.distributed import close_process_group
 
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 - best effort at exit; the command's own result stands
-            pass
+    close_process_group()
 
 
 def entry(argv: Optional[list[str]] = None) -> None:

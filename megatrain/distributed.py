@@ -11,6 +11,17 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def close_process_group() -> None:
+    """Destroy this process's group before the interpreter exits: a gloo group left to the exit handlers
+    can abort a rank at exit ("terminate called without an active exception") after a clean run. Best
+    effort: a failure here leaves the process's own result standing."""
+    if is_distributed():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - at exit, nothing is left to report it to
+            pass
+
+
 def barrier() -> None:
     """Wait for every rank of the default group; nothing to wait for in a single process."""
     if is_distributed():

@@ -131,8 +131,9 @@ def _run_in_processes(spec: dict, setting: Setting, procs: int, scratch: str) ->
     if proc.returncode != 0 or not os.path.exists(out_path):
         lines = proc.stderr.splitlines()
         errors = [line for line in lines if line.startswith("megatrain: error")]
-        # else the last exception line of a traceback (torchrun's failure summary follows it)
-        errors = errors or [line for line in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception)\b", line)][-1:]
+        # else a rank's exception line ("[rank1]: RuntimeError: ..."), else the last one (torchrun's summary)
+        raised = [line for line in lines if re.match(r"(\[rank\d+\]:\s*)?[A-Za-z_][\w.]*(Error|Exception)\b", line)]
+        errors = errors or [line for line in raised if line.startswith("[rank")][:1] or raised[-1:]
         tail = errors[0] if errors else (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return {"error": f"the {procs}-process run exited {proc.returncode}: {tail}"}
     with open(out_path) as fh:

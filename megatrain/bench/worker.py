@@ -28,6 +28,7 @@ def worker_config(spec: dict):
 
 def main(argv: list[str]) -> int:
     from megatrain.bench.measure import measure_setting
+    from megatrain.distributed import close_process_group
     from megatrain.engine.deepspeed import init_distributed
     from megatrain.engine.trainer import resolve_config
     from megatrain.env import rank as env_rank
@@ -41,6 +42,10 @@ def main(argv: list[str]) -> int:
         resolve_config(cfg, world_size())
         env = init_distributed(cfg)
         record = measure_setting(cfg, env, **spec["options"])
+        if env.is_main:
+            with open(out_path + ".tmp", "w") as fh:
+                json.dump(record, fh)
+            os.replace(out_path + ".tmp", out_path)
     except MegatrainError as exc:
         rank = env_rank()
         print(
@@ -49,10 +54,8 @@ def main(argv: list[str]) -> int:
             flush=True,
         )
         return 2
-    if env.is_main:
-        with open(out_path + ".tmp", "w") as fh:
-            json.dump(record, fh)
-        os.replace(out_path + ".tmp", out_path)
+    finally:
+        close_process_group()  # a gloo group left to the exit handlers can abort a rank after a clean run
     return 0
 
 
