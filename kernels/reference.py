@@ -80,14 +80,16 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Optional[Te
     return y, _as(h, out_dtype)
 
 
-def _broadcast_table(table: Tensor, x: Tensor, name: str) -> Tensor:
-    """cos/sin [N, d/2] or [B, N, d/2] -> fp32, broadcastable against [B, H, N, d/2]."""
+def _widened_table(table: Tensor, x: Tensor, name: str) -> Tensor:
+    """cos/sin [N, d/2] or [B, N, d/2] -> [c, c] in fp32 over the full head dim, broadcastable against
+    [B, H, N, d]: [N, d] as it is, [B, 1, N, d] for per-row tables (one cat, at most one view)."""
     n, half = x.shape[-2], x.shape[-1] // 2
     if table.dim() not in (2, 3) or table.shape[-2:] != (n, half):
         raise ValueError(f"rope: {name} must be [N, d/2] or [B, N, d/2] = [..., {n}, {half}], got {tuple(table.shape)}")
     table = _f32(table)
-    # A head axis is inserted so one table serves every head (and both the q and the k head counts).
-    return table[None, None] if table.dim() == 2 else table[:, None]
+    wide = torch.cat((table, table), dim=-1)
+    # A per-row table gets a head axis, so one table serves every head (and both the q and the k head counts).
+    return wide if wide.dim() == 2 else wide[:, None]
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -156,8 +158,7 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor
         raise ValueError(f"rope: q and k need the same even head dim, got {q.shape[-1]} and {k.shape[-1]}")
     if q.shape[-2] != k.shape[-2]:
         raise ValueError(f"rope: q has {q.shape[-2]} positions but k has {k.shape[-2]}")
-    cos, sin = _broadcast_table(cos, q, "cos"), _broadcast_table(sin, q, "sin")
-    cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)  # once for q and k
+    cos, sin = _widened_table(cos, q, "cos"), _widened_table(sin, q, "sin")  # once for q and k
     return _as(_rotate(q, cos, sin), q.dtype), _as(_rotate(k, cos, sin), k.dtype)
 
 
@@ -232,20 +233,26 @@ def _linear_cross_entropy_chunks(
         # Ignored and not-owned rows may hold any id: point them at column 0 (masked out below).
         safe_target = torch.where(owned, local_target, 0)[:, None]
         logits = (h_chunk @ weight_c.T).float()  # [C, V_local]
-        target_logit = logits.gather(1, safe_target).squeeze(1) * owned
         if process_group is None:
-            lse = torch.logsumexp(logits, dim=-1)
+            # log softmax in one fused pass; the row losses are its negated target entries, and exp of it is
+            # the softmax the gradient starts from.
+            log_probs = torch.log_softmax(logits, dim=-1)
+            del logits
+            row_loss = log_probs.gather(1, safe_target).squeeze(1).neg()
         else:
+            target_logit = logits.gather(1, safe_target).squeeze(1) * owned
             row_max = logits.max(dim=-1).values
             dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=process_group)
             sum_exp = torch.exp(logits - row_max[:, None]).sum(dim=-1)
             dist.all_reduce(sum_exp, op=dist.ReduceOp.SUM, group=process_group)
             dist.all_reduce(target_logit, op=dist.ReduceOp.SUM, group=process_group)
             lse = row_max + torch.log(sum_exp)
-        loss_sum = loss_sum + torch.where(keep, lse - target_logit, torch.zeros_like(lse)).sum()
+            row_loss = lse - target_logit
+            log_probs = logits.sub_(lse[:, None])  # reusing the logits' memory
+        loss_sum = loss_sum + torch.where(keep, row_loss, 0.0).sum()
         if dh is None and dw is None:
             continue
-        grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, reusing the logits' memory
+        grad_logits = log_probs.exp_()  # softmax
         grad_logits.scatter_add_(1, safe_target, -owned.float()[:, None])
         grad_logits.mul_(keep[:, None])
         grad_c = grad_logits.to(compute_dtype)

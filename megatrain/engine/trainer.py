@@ -391,19 +391,22 @@ class Trainer:
         micro = self.sampler.next_step()
         if self.pipeline is not None:  # DeepSpeed's 1F1B schedule runs every micro-batch and the step
             return self._step_record(lr, *self.pipeline.train_step(micro))
-        # [sum of losses, non-finite count, ranks asked to stop (SIGTERM / SIGUSR1)]
-        local = torch.zeros(3, dtype=torch.float64, device=self.env.device)
+        losses = []
         for i, indices in enumerate(micro):
-            loss = self.forward_backward_step(*self._batch(self.data.train, indices), first=i == 0).double()
-            finite = torch.isfinite(loss)
-            # Tensor ops only: no host sync per micro-batch; one host read after the all-reduce below.
-            local[0] += torch.where(finite, loss, torch.zeros_like(loss))
-            local[1] += (~finite).double()
+            losses.append(self.forward_backward_step(*self._batch(self.data.train, indices), first=i == 0))
             if i == len(micro) - 1:
-                agreed = self._agree_before_step(local, len(micro))
+                agreed = self._agree_before_step(self._loss_sums(losses), len(micro))
             self._phase("optimizer step")
             engine.step()
         return self._step_record(lr, *agreed)
+
+    def _loss_sums(self, losses: list) -> torch.Tensor:
+        """[sum of the finite micro-batch losses, non-finite count, 0 (the stop flag, set later)] in fp64, from
+        the step's 0-dim losses at once: tensor ops only, no host sync (one host read after the all-reduce)."""
+        stacked = torch.stack(losses).double()
+        finite = torch.isfinite(stacked)
+        counts = torch.stack((stacked.where(finite, 0.0).sum(), finite.logical_not().sum().double()))
+        return torch.cat((counts, counts.new_zeros(1)))
 
     def _agree_before_step(self, local: torch.Tensor, micro_batches: int) -> tuple:
         """Before the last micro-batch's (collective) step, every DP rank agrees whether to apply it and all

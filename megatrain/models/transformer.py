@@ -432,6 +432,11 @@ class Transformer(nn.Module):
         """
         batch, n = input_ids.shape
         explicit = positions is not None
+        iha = self.config.attention == "iha"
+        if not explicit and cache is None and not iha:
+            # A training forward: the default positions are one contiguous run, so the tables are a slice.
+            cos, sin = self._table_slice(n)
+            return self._run_blocks(input_ids, labels, cache, cos, sin, None, {})
         positions = self._positions(batch, n, cache, positions, input_ids.device)
         # Default positions end at cache.length + N, known on the host. Given ones are checked by reading
         # them: skipped on CUDA (it would force a sync) and under torch.compile (a graph break), where an
@@ -448,7 +453,6 @@ class Transformer(nn.Module):
             )
         if out_of_range:
             raise ValueError(f"positions must lie in [0, model.max_seq_len={self.config.max_seq_len})")
-        iha = self.config.attention == "iha"
         rope_positions = positions
         if iha:  # IHA rotates its N*P pseudo-tokens: tables at n*P + p (or n, model.iha.rope=original)
             rope_positions = iha_rope_positions(positions, self.config.iha.pseudo_heads, self.config.iha.rope)
@@ -466,7 +470,20 @@ class Transformer(nn.Module):
                 attn_kwargs = {"positions": positions, "key_positions": key_positions}
             else:
                 mask = position_mask(positions, key_positions)
+        return self._run_blocks(input_ids, labels, cache, cos, sin, mask, attn_kwargs)
 
+    def _table_slice(self, n: int) -> tuple[Tensor, Tensor]:
+        """The rotary tables [N, d/2] of n new tokens at the default positions without a cache: rows
+        [start, start + n), start 0 (or this rank's slice of the sequence under context parallelism)."""
+        start = self._default_start(None, n)
+        if start + n > self.config.max_seq_len:
+            raise ValueError(f"positions must lie in [0, model.max_seq_len={self.config.max_seq_len})")
+        return self.rope_cos[start : start + n], self.rope_sin[start : start + n]
+
+    def _run_blocks(
+        self, input_ids: Tensor, labels: Optional[Tensor], cache: Optional[KVCache], cos, sin, mask, attn_kwargs
+    ) -> Tensor:
+        """Embedding, the decoder blocks (checkpointed when set), the final norm and the head."""
         # Recomputing a block in backward would append to a live cache a second time.
         checkpointed = (
             self.gradient_checkpointing
