@@ -190,25 +190,27 @@ def initialize(cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, mp
     """
     import deepspeed
 
+    from megatrain.optim.deepspeed_adapter import lean_bf16_config, lean_zero_step
+    from megatrain.optim.zero_bridge import attach_projected
+
     ds_config = build_ds_config(cfg)
     if load_universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    check_norm = lean_bf16_config(ds_config, cfg.deepspeed)  # the per-gradient bf16 overflow scan off ...
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
-    from megatrain.optim.zero_bridge import attach_projected
-
     attach_projected(engine, optimizer, mpu)  # GaLore / Fira weights kept out of ZeRO (docs/galore-fira.md)
+    lean_zero_step(engine.optimizer, check_norm)  # ... and the norm check in its place (after attach_projected)
     return engine
 
 
-def module_grad_norm(module: torch.nn.Module, groups) -> float:
-    """L2 norm of the (already DP-averaged) gradients, for ZeRO stage 0 where DeepSpeed reports none.
+def module_grad_norm(module: torch.nn.Module, groups) -> torch.Tensor:
+    """L2 norm of the (already DP-averaged) gradients, for ZeRO stage 0 where DeepSpeed reports none, as an
+    fp64 scalar on the device (no host read: the logger reads it at a logging step).
 
     DeepSpeed's rule: a tensor-parallel slice counts on its own rank, anything else (replicated
     weights, the extra copies of replicated KV heads) on TP rank 0 only; then one sum over the TP
-    group. Accumulated on the device: one host sync per step.
+    group. One multi-tensor norm in fp64 (no fp64 copies of the gradients).
     """
-    import math
-
     grads = [
         p.grad.detach()
         for p in module.parameters()
@@ -216,16 +218,19 @@ def module_grad_norm(module: torch.nn.Module, groups) -> float:
     ]
     device = next(module.parameters()).device
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for g in grads:
-        total += g.double().pow(2).sum()
+    if grads:
+        total = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).pow(2).sum()
     if groups.tp_size > 1:
         dist.all_reduce(total, group=groups.tp_group)
-    return math.sqrt(total.item())
+    return total.sqrt()
 
 
-def step_grad_norm(engine, zero_stage: int, measured=None):
-    """The global gradient norm of the optimizer step `engine` just took, as a float: DeepSpeed's own under
-    ZeRO 1-3; at stage 0, where DeepSpeed keeps none, `measured` (`module_grad_norm` taken before the
-    step), None when the job did not measure it."""
+def step_grad_norm(engine, zero_stage: int, measured=None, *, read: bool = True):
+    """The global gradient norm of the optimizer step `engine` just took: DeepSpeed's own under ZeRO 1-3; at
+    stage 0, where DeepSpeed keeps none, `measured` (`module_grad_norm` taken before the step), None when the
+    job did not measure it. A float (one host read), or with `read=False` as it is kept (a device scalar, a
+    float or None), which the training loop leaves in its records until the logger reads a logged step's."""
     norm = engine.get_global_grad_norm() if zero_stage != 0 else measured
+    if not read:
+        return norm
     return norm.item() if isinstance(norm, torch.Tensor) else norm

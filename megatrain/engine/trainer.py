@@ -442,7 +442,8 @@ class Trainer:
             else:
                 record["spike_z"] = spike_z
             if applied:
-                record["grad_norm"] = step_grad_norm(self.engine, self.cfg.parallel.zero_stage, measured)
+                # Kept on the device: read only if this step is logged (no host sync after the step).
+                record["grad_norm"] = step_grad_norm(self.engine, self.cfg.parallel.zero_stage, measured, read=False)
         now = time.monotonic()
         self.step_seconds, self.last_step_end = now - self.last_step_end, now
         return record
@@ -555,6 +556,8 @@ class Trainer:
         due = [hook for hook in self.hooks if hook.due(self.step) and not (abort and hook.skip_on_abort)]
         if not (self.logger.should_log(self.step, last_step=final) or due or record["skipped"] or "spike_z" in record):
             return None
+        if isinstance(record["grad_norm"], torch.Tensor):
+            record["grad_norm"] = record["grad_norm"].item()
         record.update(self.throughput.measure(self.step))
         for hook in due:
             record.update(hook.run() or {})

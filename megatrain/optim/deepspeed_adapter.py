@@ -36,6 +36,26 @@ after its first step (not after a resumed run's load_state_dict). For those, thi
   optimizer's flat groups: `bit16_groups` / `single_partition_of_fp32_groups` (ZeRO 1/2),
   `bf16_groups` / `fp32_groups_flat_partition` (bf16 at stage 0), and `.optimizer` (the client).
 
+The lean ZeRO 1/2 step (`lean_zero_step`, applied to every run's ZeRO 1/2 optimizer by
+megatrain.engine.deepspeed). DeepSpeed's step spends a handful of small ops per parameter tensor
+outside the optimizer's own math: in bf16 it first scans every gradient for inf/NaN (amax, amin,
+isfinite, logical ops, an all-reduce and a host read), then takes each gradient's norm on an fp64
+copy of it. Both are replaced on the instance, keeping DeepSpeed's rules and results:
+
+- `DeepSpeedZeroOptimizer.get_grad_norm_direct(gradients, params, norm_type)`: the L2 norm from one
+  `torch._foreach_norm` in fp64 (no fp64 copy of the gradients; equal to DeepSpeed's per-tensor
+  norms bit for bit on a CPU), over the same gradients (tensor-parallel slices on their own rank,
+  the rest on TP rank 0, pipeline-replicated ones skipped), the same sums over the data- and
+  model-parallel groups and the same -1 for a non-finite result; any other norm type goes to
+  DeepSpeed's own;
+- in bf16, the per-gradient scan is turned off in the config (`bf16.check_grad_overflow: false`,
+  `lean_bf16_config`) and `scaled_global_norm` is wrapped to drop the step when the global norm is
+  not finite: the rule DeepSpeed applies to fp32 and fp16 ZeRO 1/2 and to bf16 ZeRO-3, since a
+  non-finite gradient anywhere makes the all-reduced norm non-finite on every rank.
+
+It reads the instance attributes `dp_process_group`, `model_parallel_rank`, `device` and the method
+`_model_parallel_all_reduce`. A DeepSpeed without them keeps its own step (a log line says so).
+
 `check_deepspeed_internals()` verifies at start-up (megatrain.engine.deepspeed) that the installed
 DeepSpeed still has every class-level piece a run's features need; the instance attributes are
 checked where the instances are handed in. Either failure is one line naming what moved and the
@@ -70,6 +90,8 @@ __all__ = [
     "client_optimizer",
     "PIPELINE",
     "before_pipeline_step",
+    "lean_bf16_config",
+    "lean_zero_step",
 ]
 
 # Keep equal to the deepspeed requirement in pyproject.toml (tests/optim/test_deepspeed_adapter.py checks).
@@ -306,3 +328,96 @@ def before_pipeline_step(engine, fn: Callable[[Optional[torch.Tensor]], None]) -
         return original(self, **kwargs)
 
     engine._INSTRUCTION_MAP = {**table, schedule.OptimizerStep: optimizer_step}
+
+
+# ---- The lean ZeRO 1/2 step ----------------------------------------------------------------------
+
+# Instance attributes of the ZeRO 1/2 optimizer that lean_zero_step reads or replaces.
+_LEAN_INSTANCE = (
+    "get_grad_norm_direct",
+    "scaled_global_norm",
+    "overflow",
+    "dp_process_group",
+    "model_parallel_rank",
+    "device",
+    "_model_parallel_all_reduce",
+)
+
+
+def lean_bf16_config(ds_config: dict, user: dict) -> bool:
+    """Turn DeepSpeed's per-gradient bf16 overflow scan off in `ds_config` (a generated DeepSpeed config, edited
+    in place) when `lean_zero_step` can stand in for it: bf16 at ZeRO stage 1 or 2, the gradient norm computed,
+    no optimizer offload, the installed DeepSpeed has the key, and the user's `deepspeed` section (`user`)
+    does not set `bf16.check_grad_overflow` itself. Returns whether it did (pass that to `lean_zero_step`)."""
+    if not ds_config.get("bf16", {}).get("enabled"):
+        return False
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("stage") not in (1, 2) or zero.get("offload_optimizer") or zero.get("compute_grad_norm") is False:
+        return False
+    if "check_grad_overflow" in (user.get("bf16") or {}):
+        return False
+    try:
+        from deepspeed.runtime.precision_config import DeepSpeedBF16Config
+    except ImportError:
+        return False
+    if "check_grad_overflow" not in getattr(DeepSpeedBF16Config, "model_fields", {}):
+        return False
+    ds_config["bf16"]["check_grad_overflow"] = False
+    return True
+
+
+def lean_zero_step(optimizer, check_norm: bool) -> bool:
+    """Replace the per-parameter bookkeeping of DeepSpeed's ZeRO 1/2 `optimizer` (an engine's `.optimizer`) on the
+    instance (this module's docstring). `check_norm` (what `lean_bf16_config` returned) also drops the step when
+    the global gradient norm is not finite. Returns False, leaving DeepSpeed's step as it is, for any other
+    optimizer or a DeepSpeed without the attributes it needs."""
+    if not is_zero_1_2_optimizer(optimizer):
+        return False
+    missing = [name for name in _LEAN_INSTANCE if not hasattr(optimizer, name)]
+    try:
+        from deepspeed import comm as ds_comm
+        from deepspeed.runtime.utils import is_model_parallel_parameter, mask_nan_or_inf_with_val_inplace
+        from deepspeed.runtime.zero.utils import get_norm_dtype
+    except ImportError as exc:
+        missing.append(str(exc))
+    if missing:
+        if check_norm:  # the scan was turned off for this step: it must have its stand-in
+            raise _missing(f"{', '.join(missing)} on its ZeRO 1/2 optimizer", "the bf16 ZeRO 1/2 step")
+        log.info("DeepSpeed %s: ZeRO 1/2 keeps its own step (no %s)", _version(), ", ".join(missing))
+        return False
+    zero_norm, zero_direct = optimizer.scaled_global_norm, optimizer.get_grad_norm_direct
+
+    def get_grad_norm_direct(gradients, params, norm_type=2):
+        if float(norm_type) != 2.0:
+            return zero_direct(gradients, params, norm_type)
+        counted = []
+        # DeepSpeed's pairing: padding gradients are left out of the gradients only.
+        kept = (g for g in gradients if not getattr(g, "_zero_padding", False))
+        for g, p in zip(kept, params):
+            if getattr(p, "ds_pipe_replicated", False):  # a pipeline's copy of a tied weight: counted once
+                continue
+            if is_model_parallel_parameter(p) or optimizer.model_parallel_rank == 0:
+                counted.append(g.detach())
+        if counted:
+            norms = torch._foreach_norm(counted, 2, dtype=get_norm_dtype())
+            total = torch.stack(norms).pow(2).sum().float()
+        else:
+            total = torch.zeros((), dtype=torch.float32, device=optimizer.device)
+        ds_comm.all_reduce(total, op=ds_comm.ReduceOp.SUM, group=optimizer.dp_process_group)
+        optimizer._model_parallel_all_reduce(tensor=total, op=ds_comm.ReduceOp.SUM)
+        total = total.pow(0.5)
+        mask_nan_or_inf_with_val_inplace(total, device=optimizer.device)
+        return total
+
+    optimizer.get_grad_norm_direct = get_grad_norm_direct
+    if check_norm:
+
+        def scaled_global_norm(norm_type=2):
+            norm = zero_norm(norm_type)
+            # DeepSpeed's invalid norm is -1 or inf; step() reads overflow right after this returns.
+            if bool((~torch.isfinite(norm) | (norm < 0)).any()):
+                optimizer.overflow = True
+            return norm
+
+        optimizer.scaled_global_norm = scaled_global_norm
+    return True

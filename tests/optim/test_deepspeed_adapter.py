@@ -220,3 +220,124 @@ def test_adapter_on_a_real_zero2_engine(tmp_path):
     applied, norm, clip = result["calls"][0]
     assert applied and norm == pytest.approx(expected, rel=1e-5) and clip == 0.5
     assert "attribute 'overflow'" in result["missing"] and TESTED_DEEPSPEED in result["missing"]
+
+
+# ---- the lean ZeRO 1/2 step against DeepSpeed's own (one gloo process, bf16) ----------------------
+
+
+def _lean_worker(port: int, out_path: str) -> None:
+    """Runs in a child process: for ZeRO 1 and 2 in bf16, DeepSpeed's stock step and the lean one
+    (lean_bf16_config + lean_zero_step) from the same weights and batches, with one gradient made
+    NaN (the loss stays finite) at step 3; weights, norms, skips and the ops of each step."""
+    import copy
+    import os
+
+    import deepspeed
+    from torch.profiler import ProfilerActivity, profile
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(6)])
+    batches = [(torch.randn(4, 16), torch.randn(4, 16)) for _ in range(5)]
+    result = {}
+    for stage in (1, 2):
+        for lean in (False, True):
+            model = copy.deepcopy(base)
+            config = {
+                "train_micro_batch_size_per_gpu": 4,
+                "gradient_accumulation_steps": 1,
+                "gradient_clipping": 0.05,  # small: every step clips, so the norm matters
+                "zero_optimization": {"stage": stage},
+                "bf16": {"enabled": True},
+                "zero_allow_untested_optimizer": True,
+                "steps_per_print": 2**31 - 1,
+            }
+            check = adapter.lean_bf16_config(config, {}) if lean else False
+            client = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config)
+            installed = adapter.lean_zero_step(engine.optimizer, check) if lean else False
+            norms, skipped, ops = [], [], []
+            for i, (x, y) in enumerate(batches):
+                handle = None
+                if i == 2:
+                    handle = model[3].weight.register_hook(lambda g: g * float("nan"))
+                loss = torch.nn.functional.mse_loss(engine(x.bfloat16()).float(), y)
+                engine.backward(loss)
+                if handle is not None:
+                    handle.remove()
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    engine.step()
+                ops.append(sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")))
+                skipped.append(bool(engine.optimizer.overflow))
+                norms.append(float(engine.get_global_grad_norm()))
+            weights = [p.detach().float().flatten().tolist() for p in model.parameters()]
+            result[f"{stage}-{'lean' if lean else 'stock'}"] = {
+                "config_check": config["bf16"].get("check_grad_overflow"),
+                "installed": installed,
+                "norms": norms,
+                "skipped": skipped,
+                "ops": ops,
+                "weights": weights,
+                "loss_finite": bool(torch.isfinite(loss)),
+            }
+    with open(out_path, "w") as fh:
+        json.dump(result, fh)
+
+
+@pytest.mark.slow
+def test_lean_zero_step_matches_deepspeed_with_fewer_ops(tmp_path):
+    out = tmp_path / "result.json"
+    code = (
+        "import sys; from tests.optim.test_deepspeed_adapter import _lean_worker as run; "
+        "run(int(sys.argv[1]), sys.argv[2])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(free_port()), str(out)],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for stage in (1, 2):
+        stock, lean = result[f"{stage}-stock"], result[f"{stage}-lean"]
+        assert stock["config_check"] is None and lean["config_check"] is False and lean["installed"]
+        # The NaN gradient of step 3 drops that step on both paths (DeepSpeed reports its norm as inf) ...
+        assert stock["skipped"] == lean["skipped"] == [False, False, True, False, False], (stage, stock, lean)
+        assert stock["norms"][2] == lean["norms"][2] == float("inf")
+        # ... and every other step is the same step: the same norms (fp64 on both), the same weights.
+        assert lean["norms"] == stock["norms"]
+        assert lean["weights"] == stock["weights"]
+        assert stock["loss_finite"]
+        # DeepSpeed's scan and fp64 copies are per gradient tensor (12 here): the lean step dispatches fewer ops.
+        assert all(a < b for a, b in zip(lean["ops"], stock["ops"])), (stage, lean["ops"], stock["ops"])
+
+
+@pytest.mark.parametrize(
+    "bf16, zero, user, turned_off",
+    [
+        (True, {"stage": 1}, {}, True),
+        (True, {"stage": 2}, {}, True),
+        (False, {"stage": 2}, {}, False),  # fp32: DeepSpeed scans nothing, its norm check stays
+        (True, {"stage": 3}, {}, False),  # ZeRO-3 in bf16 already checks by the norm only
+        (True, {"stage": 0}, {}, False),
+        (True, {"stage": 2}, {"bf16": {"check_grad_overflow": True}}, False),  # the user's word wins
+        (True, {"stage": 2, "offload_optimizer": {"device": "cpu"}}, {}, False),
+        (True, {"stage": 2, "compute_grad_norm": False}, {}, False),  # no norm to check by
+    ],
+)
+def test_lean_bf16_config_turns_the_scan_off_only_where_the_norm_check_replaces_it(bf16, zero, user, turned_off):
+    config = {"bf16": {"enabled": bf16}, "zero_optimization": dict(zero)}
+    assert adapter.lean_bf16_config(config, user) is turned_off
+    assert ("check_grad_overflow" in config["bf16"]) is turned_off
+    if turned_off:
+        assert config["bf16"]["check_grad_overflow"] is False
+
+
+def test_lean_zero_step_leaves_other_optimizers_alone():
+    plain = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    assert adapter.lean_zero_step(plain, check_norm=False) is False
+    assert adapter.lean_zero_step(plain, check_norm=True) is False
