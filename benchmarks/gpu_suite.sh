@@ -2,7 +2,7 @@
 # The GPU suite: the one command to run on the lent GPU machine, from the repository root.
 #
 #   bash benchmarks/gpu_suite.sh                    # setup, then the default stages: bench kernels (~10 min)
-#   bash benchmarks/gpu_suite.sh tests compile      # setup, then only these stages (any of the six below)
+#   bash benchmarks/gpu_suite.sh tests compile      # setup, then only these stages (any of the seven below)
 #
 # Through the device tool: run(command="bash benchmarks/gpu_suite.sh", carry=[".whl"], timeout_s=600),
 # after `bash benchmarks/gpu_wheels.sh` here has filled .whl/. Everything printed goes to
@@ -30,6 +30,8 @@
 # kernels (default): python benchmarks/kernels.py $KERNELS_ARGS (default --quick: one shape per op).
 # throughput: python benchmarks/throughput.py $THROUGHPUT_ARGS (default: the 125m preset, seq 2048,
 #   micro-batch 8, 20 steps).
+# zero: python benchmarks/zero_step.py (the 125m preset's 111 tensors, ZeRO 1/2, bf16/fp32): DeepSpeed's
+#   stock optimizer step against megatrain's lean one, ATen ops, CUDA kernels, host and wall ms (~1 min).
 #
 # A failing stage does not stop the later ones; the script exits non-zero at the end if any failed.
 # One device-tool call may run 10 minutes: if the whole suite does not fit, split the stages over
@@ -44,7 +46,7 @@ WHEELS=${WHEELS:-$REPO/.whl}
 LOG_DIR=${OUT:-$REPO/runs/gpu-suite}
 KERNELS_ARGS=${KERNELS_ARGS---quick}
 THROUGHPUT_ARGS=${THROUGHPUT_ARGS:---preset 125m --seq-len 2048 --micro-batch 8 --steps 20}
-ALL_STAGES=(tests compile bench kernels throughput)
+ALL_STAGES=(tests compile bench kernels throughput zero)
 DEFAULT_STAGES=(bench kernels)
 export PYTHONUNBUFFERED=1
 
@@ -54,7 +56,7 @@ if (( ${#stages[@]} == 0 )); then
 fi
 for stage in "${stages[@]}"; do
     case "$stage" in
-        setup|tests|compile|bench|kernels|throughput) ;;
+        setup|tests|compile|bench|kernels|throughput|zero) ;;
         *) echo "gpu_suite.sh: unknown stage '$stage' (stages: setup ${ALL_STAGES[*]})" >&2; exit 2 ;;
     esac
 done
@@ -261,6 +263,7 @@ main() {
             kernels) run_stage kernels "$PYTHON" benchmarks/kernels.py $KERNELS_ARGS ;;
             # shellcheck disable=SC2086
             throughput) run_stage throughput "$PYTHON" benchmarks/throughput.py $THROUGHPUT_ARGS ;;
+            zero) run_stage zero "$PYTHON" benchmarks/zero_step.py ;;
         esac
     done
     echo

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import child_env, free_port
+
 REPO = Path(__file__).resolve().parents[1]
 KERNELS_SCRIPT = REPO / "benchmarks" / "kernels.py"
 SHELL_SCRIPTS = [REPO / "benchmarks" / "gpu_wheels.sh", REPO / "benchmarks" / "gpu_suite.sh"]
@@ -750,3 +752,28 @@ def test_layouts_script_plans_each_layout_and_divides_by_one_process():
     assert pp["step_ratio"] == pytest.approx(1.5)
     assert pp["plan_ratio"] == pytest.approx(plans["pp=2"]["total_bytes"] / plans["base"]["total_bytes"])
     assert pp["plan_ratio"] < 1.0 and cp["error"] == "boom"
+
+
+def test_zero_step_script_tiny(tmp_path):
+    """benchmarks/zero_step.py end to end at the tiny preset (its own process: it starts a process group): per
+    stage and dtype the lean step dispatches fewer ops than DeepSpeed's stock one and ends at the same weights."""
+    env = {**child_env(), "MASTER_PORT": str(free_port())}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "zero_step.py"), "--preset", "tiny", "--steps", "1"]
+        + ["--out", str(tmp_path / "zero")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "zero.json").read_text())["rows"]
+    assert [(r["dtype"], r["zero"]) for r in rows] == [("bf16", 1), ("bf16", 2), ("fp32", 1), ("fp32", 2)]
+    for r in rows:
+        assert r["max_weight_diff"] == 0.0, r
+        assert r["lean"]["aten_ops"] < r["stock"]["aten_ops"], r
+        assert r["stock"]["tensors"] == r["lean"]["tensors"] > 0
+    bf16 = rows[0]
+    assert bf16["lean"]["aten_ops"] < 0.6 * bf16["stock"]["aten_ops"]  # the per-gradient scan is gone
+    assert "| bf16 | 1 |" in (tmp_path / "zero.md").read_text()
