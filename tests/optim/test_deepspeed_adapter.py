@@ -225,21 +225,27 @@ def test_adapter_on_a_real_zero2_engine(tmp_path):
 # ---- the lean ZeRO 1/2 step against DeepSpeed's own (one gloo process, bf16) ----------------------
 
 
-def _lean_worker(port: int, out_path: str) -> None:
-    """Runs in a child process: for ZeRO 1 and 2 in bf16, DeepSpeed's stock step and the lean one
-    (lean_bf16_config + lean_zero_step) from the same weights and batches, with one gradient made
-    NaN (the loss stays finite) at step 3; weights, norms, skips and the ops of each step."""
+def _lean_worker(port: int, out_path: str, rank: int = 0, world: int = 1) -> None:
+    """Runs in a child process (rank `rank` of `world`): for ZeRO 1 and 2 in bf16, DeepSpeed's stock step
+    and the lean one (lean_bf16_config + lean_zero_step) from the same weights and batches, with one
+    gradient made NaN on rank 0 only (the loss stays finite) at step 3; weights, norms, skips and the
+    ops of each step."""
     import copy
     import os
 
     import deepspeed
     from torch.profiler import ProfilerActivity, profile
 
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     torch.manual_seed(0)
     base = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(6)])
-    batches = [(torch.randn(4, 16), torch.randn(4, 16)) for _ in range(5)]
+    rows = slice(4 * rank, 4 * rank + 4)  # this rank's share of each batch
+    batches = [
+        (x[rows], y[rows]) for x, y in ((torch.randn(4 * world, 16), torch.randn(4 * world, 16)) for _ in range(5))
+    ]
     result = {}
     for stage in (1, 2):
         for lean in (False, True):
@@ -260,7 +266,7 @@ def _lean_worker(port: int, out_path: str) -> None:
             norms, skipped, ops = [], [], []
             for i, (x, y) in enumerate(batches):
                 handle = None
-                if i == 2:
+                if i == 2 and rank == 0:
                     handle = model[3].weight.register_hook(lambda g: g * float("nan"))
                 loss = torch.nn.functional.mse_loss(engine(x.bfloat16()).float(), y)
                 engine.backward(loss)
@@ -286,22 +292,36 @@ def _lean_worker(port: int, out_path: str) -> None:
 
 
 @pytest.mark.slow
-def test_lean_zero_step_matches_deepspeed_with_fewer_ops(tmp_path):
-    out = tmp_path / "result.json"
+@pytest.mark.parametrize("world", [1, 2])
+def test_lean_zero_step_matches_deepspeed_with_fewer_ops(tmp_path, world):
     code = (
         "import sys; from tests.optim.test_deepspeed_adapter import _lean_worker as run; "
-        "run(int(sys.argv[1]), sys.argv[2])"
+        "run(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(free_port()), str(out)],
-        cwd=REPO,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(port), str(tmp_path / f"rank{rank}.json"), str(rank), str(world)],
+            cwd=REPO,
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(world)
+    ]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:]
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(world)]
+    for key in results[0]:  # ZeRO gathers the updated partitions: every rank holds the same weights
+        assert all(r[key]["weights"] == results[0][key]["weights"] for r in results), key
+    for result in results:
+        _check_lean_against_stock(result)
+
+
+def _check_lean_against_stock(result: dict) -> None:
+    """One rank's result of `_lean_worker`."""
     for stage in (1, 2):
         stock, lean = result[f"{stage}-stock"], result[f"{stage}-lean"]
         assert stock["config_check"] is None and lean["config_check"] is False and lean["installed"]
