@@ -164,7 +164,7 @@ def _backward(ctx, dy: Tensor):
     return (dgate if ctx.needs_input_grad[0] else None), (dup if ctx.needs_input_grad[1] else None)
 
 
-torch.library.register_autograd(_swiglu_op, _backward, setup_context=_setup_context)
+_swiglu_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------

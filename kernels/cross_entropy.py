@@ -441,7 +441,7 @@ def _scaled(grad: Tensor, grad_loss: Tensor, in_place: bool) -> Tensor:
     return grad.mul_(factor) if in_place else grad * factor
 
 
-torch.library.register_autograd(_flce_op, _backward, setup_context=_setup_context)
+_flce_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---- validation and the public entry point -------------------------------------------------------

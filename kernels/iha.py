@@ -1176,7 +1176,7 @@ def _backward(ctx, grad_out: Tensor, _dlse):
     return dq, dk, dv, None, None
 
 
-torch.library.register_autograd(_attention_op, _backward, setup_context=_setup_context)
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def pseudo_heads(x: Tensor, mix: Tensor) -> Tensor:

@@ -240,7 +240,7 @@ def _backward(ctx, dy: Tensor, _dz):
     )
 
 
-torch.library.register_autograd(_lowrank_op, _backward, setup_context=_setup_context)
+_lowrank_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------

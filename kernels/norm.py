@@ -443,7 +443,7 @@ def _backward(ctx, dy: Optional[Tensor], dh_out: Optional[Tensor], _drstd):
     return dx_out, dw, dr_out, None, None
 
 
-torch.library.register_autograd(_rms_norm_op, _backward, setup_context=_setup_context)
+_rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _as(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:

@@ -339,7 +339,7 @@ def _backward(ctx, grad_q_rot, grad_k_rot):
     return (grad_q if ctx.needs_input_grad[0] else None, grad_k if ctx.needs_input_grad[1] else None, None, None, None)
 
 
-torch.library.register_autograd(_rope_op, _backward, setup_context=_setup_context)
+_rope_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:

@@ -226,7 +226,7 @@ def _backward(ctx, dy: Tensor):
     return (*(g if flag else None for g, flag in zip(grads, need)), None, None)
 
 
-torch.library.register_autograd(_sparse_lowrank_op, _backward, setup_context=_setup_context)
+_sparse_lowrank_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -777,3 +777,20 @@ def test_zero_step_script_tiny(tmp_path):
     bf16 = rows[0]
     assert bf16["lean"]["aten_ops"] < 0.6 * bf16["stock"]["aten_ops"]  # the per-gradient scan is gone
     assert "| bf16 | 1 |" in (tmp_path / "zero.md").read_text()
+
+
+def test_op_overhead_script_tiny(tmp_path):
+    """benchmarks/op_overhead.py end to end with few calls: a row per forward kernel op, both paths timed, both
+    modes, and the kernels' real implementations back in place afterwards."""
+    script = REPO / "benchmarks" / "op_overhead.py"
+    spec = importlib.util.spec_from_file_location("megatrain_bench_op_overhead", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--calls", "20", "--repeats", "1", "--out", str(tmp_path / "ovh")]) == 0
+    rows = json.loads((tmp_path / "ovh.json").read_text())["rows"]
+    assert [r["op"] for r in rows] == list(module.samples())
+    for r in rows:
+        assert all(r[k] > 0 for k in ("op_grad_us", "fast_grad_us", "op_nograd_us", "fast_nograd_us")), r
+    for kernel, _ in module.samples().values():
+        assert kernel._fn is not kernel.op._abstract_fn and kernel.op._backend_fns[None] is not kernel.op._abstract_fn
+    assert "| rms_norm |" in (tmp_path / "ovh.md").read_text()

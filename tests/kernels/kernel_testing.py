@@ -73,12 +73,13 @@ def autograd_node_names(root) -> set[str]:
     return names
 
 
-def kernel_node_name(op: str) -> str:
-    """The class name of the autograd node that custom op megatrain::`op` records (torch's
-    register_autograd names it after the op), e.g. for `rms_norm`."""
-    return f"GeneratedBackwardFor_megatrain_{op}_defaultBackward"
+def kernel_node_names(op: str) -> set[str]:
+    """The class names of the autograd node that the Triton kernel's op megatrain::`op` records: the
+    custom op's (torch's register_autograd names it after the op; torch.ops calls, autocast,
+    torch.compile) and the eager fast path's autograd.Function (kernels/library.py), e.g. for `rms_norm`."""
+    return {f"GeneratedBackwardFor_megatrain_{op}_defaultBackward", f"{op}_eagerBackward"}
 
 
 def ran_kernel(t: torch.Tensor, op: str) -> bool:
-    """Whether tensor `t` came straight out of the Triton kernel's custom op megatrain::`op`."""
-    return t.grad_fn is not None and type(t.grad_fn).__name__ == kernel_node_name(op)
+    """Whether tensor `t` came straight out of the Triton kernel's op megatrain::`op` (either path)."""
+    return t.grad_fn is not None and type(t.grad_fn).__name__ in kernel_node_names(op)

@@ -195,3 +195,57 @@ def test_compiled_training_step_matches_eager(name, backend, monkeypatch):
     torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=1e-6)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, eager[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+# The KernelOp of each forward op with an autograd formula (the object the public functions call).
+EAGER_OPS = {
+    "rms_norm": lambda: norm._rms_norm_op,
+    "rope": lambda: rotary._rope_op,
+    "swiglu": lambda: activation._swiglu_op,
+    "fused_linear_cross_entropy": lambda: cross_entropy._flce_op,
+    "lowrank_linear": lambda: lowrank._lowrank_op,
+    "sparse_lowrank_linear": lambda: sparse_lowrank._sparse_lowrank_op,
+    "iha_flash_attention": lambda: iha._attention_op,
+}
+
+
+def _run_and_differentiate(fn, args: tuple) -> tuple[list, list, list]:
+    """Call fn on fresh leaf copies of args; backward of a fixed random weighting of every floating output;
+    returns (outputs, input gradients, grad_fn names)."""
+    leaves = tuple(
+        a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args
+    )
+    out = fn(*leaves)
+    outs = list(out) if isinstance(out, (tuple, list)) else [out]
+    weights = torch.Generator().manual_seed(7)
+    total = 0.0
+    for o in outs:
+        if o.requires_grad and o.is_floating_point() and o.numel():
+            total = total + (o.float() * torch.randn(o.shape, generator=weights)).sum()
+    total.backward()
+    grads = [a.grad for a in leaves if isinstance(a, torch.Tensor) and a.requires_grad]
+    names = [o.grad_fn.name() for o in outs if o.grad_fn is not None]
+    return [o.detach() for o in outs], grads, names
+
+
+@pytest.mark.parametrize("op", sorted(EAGER_OPS))
+def test_eager_fast_path_equals_the_op(op, triton_backend):  # noqa: F811
+    """In eager mode a KernelOp runs its implementation under an autograd.Function (kernels/library.py),
+    not through torch's dispatcher: the same outputs and every input gradient as the op, bit for bit;
+    torch.ops.megatrain.* and autocast still go through the op."""
+    _, gen = fresh_generator()
+    args = _samples(gen)[op]
+    kernel = EAGER_OPS[op]()
+    fast_out, fast_grads, fast_names = _run_and_differentiate(kernel, args)
+    op_out, op_grads, op_names = _run_and_differentiate(getattr(torch.ops.megatrain, op), args)
+    assert len(fast_out) == len(op_out) and len(fast_grads) == len(op_grads) > 0
+    for a, b in zip(fast_out + fast_grads, op_out + op_grads):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    assert fast_names and all(name.endswith("_eagerBackward") for name in fast_names), fast_names
+    assert not any(name.endswith("_eagerBackward") for name in op_names), op_names
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the op's autocast rule applies: the op path
+        _, _, names = _run_and_differentiate(kernel, args)
+    assert not any(name.endswith("_eagerBackward") for name in names), names
+    with torch.no_grad():  # nothing to differentiate: the implementation, no graph
+        out = kernel(*args)
+    assert all(o.grad_fn is None for o in (out if isinstance(out, (tuple, list)) else [out]))

@@ -8,7 +8,7 @@ import torch
 
 from megatrain.models.config import ModelConfig
 from megatrain.models.transformer import Transformer
-from tests.kernels.kernel_testing import autograd_node_names, kernel_node_name
+from tests.kernels.kernel_testing import autograd_node_names, kernel_node_names
 
 
 def train_losses(monkeypatch, backend: str, steps: int = 20) -> list[float]:
@@ -45,7 +45,7 @@ def test_triton_path_is_really_taken(monkeypatch):
     loss = model(ids, labels=ids)
     names = autograd_node_names(loss.grad_fn)
     for op in ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy"):
-        assert kernel_node_name(op) in names, (op, sorted(names))
+        assert kernel_node_names(op) & names, (op, sorted(names))
 
 
 def _autograd_nodes(root) -> list:
@@ -67,7 +67,7 @@ def test_block_norms_take_the_fused_residual_variant(monkeypatch):
     model = Transformer(ModelConfig(preset="tiny", vocab_size=97, max_seq_len=64))
     ids = torch.randint(0, 97, (1, 5))
     loss = model(ids, labels=ids)
-    norms = [node for node in _autograd_nodes(loss.grad_fn) if type(node).__name__ == kernel_node_name("rms_norm")]
+    norms = [node for node in _autograd_nodes(loss.grad_fn) if type(node).__name__ in kernel_node_names("rms_norm")]
     layers = len(model.blocks)
     assert sum(bool(node.has_residual) for node in norms) == 2 * layers
     assert sum(not node.has_residual for node in norms) == 1
