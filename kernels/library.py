@@ -17,11 +17,12 @@ their kernel file is first imported (lazily, by the dispatcher's first Triton ca
 Eager fast path. A call through torch's dispatcher costs a custom op tens of microseconds of Python
 on the host (the known overhead of `torch.library.custom_op`, pytorch/pytorch#176592), and a training
 step calls these ops a few hundred times: benchmarks/results/op-overhead-cpu.md measures 43-80 us per
-call with autograd through the op against 21-36 us on the fast path, the kernel left out. `kernel_op` therefore returns a `KernelOp`: called in
-plain eager mode (no torch.compile tracing, no autocast, no Python dispatch or function mode, no
-functorch transform, plain tensors off the meta device) it runs the same implementation under a
-`torch.autograd.Function` made from the same backward and setup_context that `register_autograd`
-gives the op; in every other case it calls the op. The two paths run the same code, so their results
+call with autograd through the op against 21-36 us on the fast path, the kernel left out.
+`kernel_op` therefore returns a `KernelOp`: called in plain eager mode (no torch.compile tracing, no
+autocast, no Python dispatch or function mode, no functorch transform, plain tensors off the meta
+device) it runs the same implementation under a `torch.autograd.Function` made from the same
+backward and setup_context that `register_autograd` gives the op (or the implementation itself when
+no gradient can be needed); in every other case it calls the op. The two paths run the same code, so their results
 and gradients are the same bit for bit (tests/kernels/test_custom_ops.py).
 
 Schema conventions: no argument has a default (the dispatcher drops arguments equal to their
