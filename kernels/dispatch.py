@@ -173,6 +173,9 @@ def fused_linear_cross_entropy(
     [rank * V_local, (rank + 1) * V_local) of the full head), `target` holds global ids and `h` is
     the same on every rank: the max, the sum of exponentials and the target logit are all-reduced
     over the group, and the gradient for `h` is all-reduced too, so the op is complete on its own.
+
+    A target that is neither ignore_index nor a vocabulary id raises ValueError for a CPU tensor. On a GPU
+    both paths leave the targets unread (a host read would stall every step) and return a NaN loss instead.
     """
     if _use_triton("fused_linear_cross_entropy", h, lambda: (weight.shape[0],)):
         from .cross_entropy import fused_linear_cross_entropy as triton_flce

@@ -176,6 +176,11 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return _as(F.silu(_f32(gate)) * _f32(up), _promoted(gate.dtype, up.dtype))
 
 
+def _targets_readable(target: Tensor) -> bool:
+    """Whether reading `target` on the host is free: a CPU tensor in an eager call."""
+    return target.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _check_targets(target: Tensor, ignore_index: int, vocab_total: int) -> None:
     """ValueError for a target outside [0, vocab_total) that is not ignore_index (syncs: fine here)."""
     low, high = torch.where(target == ignore_index, 0, target).aminmax()  # one host sync for both
@@ -198,6 +203,7 @@ def _linear_cross_entropy_chunks(
     grad_weight: bool,
     process_group=None,
     compute_dtype: torch.dtype = torch.float32,
+    checked: bool = True,
 ):
     """Loss (and, when asked, its gradients) of mean CE(h @ weight.T, target), chunk by chunk.
 
@@ -211,11 +217,18 @@ def _linear_cross_entropy_chunks(
 
     The three matmuls take their operands in `compute_dtype` (accumulating in fp32 wherever the backend
     does); the softmax, the loss and the gradient sums are fp32 whatever it is.
+
+    `checked` False (targets not read on the host): a counted row whose id is outside [0, V_total) gets a NaN
+    loss, so the returned loss is NaN, as on the Triton path; True leaves that mask out.
     """
     num_tokens, vocab_local = h.shape[0], weight.shape[0]
     vocab_start = 0 if process_group is None else dist.get_rank(process_group) * vocab_local
     weight_c = weight.to(compute_dtype)
     counted = target != ignore_index
+    invalid = None  # counted rows whose id is outside the whole vocabulary (unchecked targets only): NaN below
+    if not checked:
+        vocab_total = vocab_local * (1 if process_group is None else dist.get_world_size(process_group))
+        invalid = counted & ((target < 0) | (target >= vocab_total))
     # Clamped so an all-ignored batch gives a loss (and gradients) of exactly 0 instead of 0/0.
     scale = 1.0 / counted.sum().clamp(min=1).float()
     loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -225,8 +238,8 @@ def _linear_cross_entropy_chunks(
         stop = min(start + chunk_size, num_tokens)
         h_chunk = h[start:stop].to(compute_dtype)
         keep = counted[start:stop]
-        if process_group is None:  # every counted row's target lives here (targets are checked)
-            local_target, owned = target[start:stop], keep
+        if process_group is None:  # every valid counted row's target lives here
+            local_target, owned = target[start:stop], keep if invalid is None else keep & ~invalid[start:stop]
         else:  # rows whose target column lives in this rank's shard
             local_target = target[start:stop] - vocab_start
             owned = keep & (local_target >= 0) & (local_target < vocab_local)
@@ -249,6 +262,8 @@ def _linear_cross_entropy_chunks(
             lse = row_max + torch.log(sum_exp)
             row_loss = lse - target_logit
             log_probs = logits.sub_(lse[:, None])  # reusing the logits' memory
+        if invalid is not None:
+            row_loss = torch.where(invalid[start:stop], float("nan"), row_loss)
         loss_sum = loss_sum + torch.where(keep, row_loss, 0.0).sum()
         if dh is None and dw is None:
             continue
@@ -278,7 +293,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Autograd wrapper: gradients are computed in forward (chunked), scaled in backward."""
 
     @staticmethod
-    def forward(ctx, h, weight, target, ignore_index, chunk_size, process_group, compute_dtype):
+    def forward(ctx, h, weight, target, ignore_index, chunk_size, process_group, compute_dtype, checked):
         loss, dh, dw = _linear_cross_entropy_chunks(
             h,
             weight,
@@ -289,6 +304,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_weight=ctx.needs_input_grad[1],
             process_group=process_group,
             compute_dtype=compute_dtype,
+            checked=checked,
         )
         ctx.save_for_backward(dh, dw)
         return loss
@@ -299,7 +315,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dh, dw = ctx.saved_tensors
         grad_h = None if dh is None else dh * grad_loss.to(dh.dtype)
         grad_w = None if dw is None else dw * grad_loss.to(dw.dtype)
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -323,7 +339,8 @@ def fused_linear_cross_entropy(
     Args:
         h: [T, D] hidden states (any float dtype).
         weight: [V, D] output projection.
-        target: [T] class indices in [0, V), or ignore_index.
+        target: [T] class indices in [0, V), or ignore_index. Another id raises ValueError for a CPU
+            tensor; elsewhere (no host read, see below) it makes the loss NaN.
         ignore_index: targets with this value add no loss and are not counted in the mean.
         chunk_size: rows of logits materialised at once.
         process_group: vocab-parallel group, or None. With a group, weight is this rank's [V_local, D]
@@ -354,13 +371,19 @@ def fused_linear_cross_entropy(
                 "torch.distributed is not initialised"
             )
         world = dist.get_world_size(process_group)
-    if not torch.compiler.is_compiling():  # reads the data: a graph break under torch.compile
+    # Reading the targets is free for a CPU tensor; on an accelerator it would be a device-to-host sync in
+    # the middle of every training step, and under torch.compile a graph break. There (as in the Triton
+    # path) a target outside [0, V_total) makes its row's loss, and so the returned loss, NaN instead.
+    checked = _targets_readable(target)
+    if checked:
         _check_targets(target, ignore_index, weight.shape[0] * world)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(h, weight, target, ignore_index, chunk_size, process_group, compute_dtype)
+        return _LinearCrossEntropy.apply(
+            h, weight, target, ignore_index, chunk_size, process_group, compute_dtype, checked
+        )
     # Evaluation: skip the gradient work entirely.
     return _linear_cross_entropy_chunks(
-        h, weight, target, ignore_index, chunk_size, False, False, process_group, compute_dtype
+        h, weight, target, ignore_index, chunk_size, False, False, process_group, compute_dtype, checked
     )[0]
 
 

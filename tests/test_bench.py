@@ -177,7 +177,7 @@ EAGER_COMPILE = (
 )
 
 
-def _bench(tmp_path, *args, hide_transformers=False, peak=None, eager_compile=False):
+def _bench(tmp_path, *args, hide_transformers=False, peak=None, eager_compile=False, warmup=1):
     out = tmp_path / "results"
     code = f"import sys; {EAGER_COMPILE if eager_compile else ''}from megatrain.cli import entry; entry()"
     env = child_env()
@@ -201,7 +201,7 @@ def _bench(tmp_path, *args, hide_transformers=False, peak=None, eager_compile=Fa
             "--steps",
             "2",
             "--warmup",
-            "1",
+            str(warmup),
             "--block",
             "1",
             "--breakdown-steps",
@@ -227,7 +227,14 @@ def _bench(tmp_path, *args, hide_transformers=False, peak=None, eager_compile=Fa
 def test_bench_run_with_transformers_writes_table_json_and_plot(tmp_path):
     pytest.importorskip("transformers")
     info, table, stdout, out = _bench(
-        tmp_path, "--settings", "zero=1,ac=1", "mb=2,zero=0,compile=1", "--plot", peak=1e12, eager_compile=True
+        tmp_path,
+        "--settings",
+        "zero=1,ac=1",
+        "mb=2,zero=0,compile=1",
+        "--plot",
+        peak=1e12,
+        eager_compile=True,
+        warmup=2,  # host reads are counted in the warm-up steps after the first
     )
     assert [s["label"] for s in info["settings"]] == ["zero=1,ac=1", "mb=2,zero=0,compile=1"]
     for s in info["settings"]:
@@ -253,13 +260,23 @@ def test_bench_run_with_transformers_writes_table_json_and_plot(tmp_path):
             ours["dispatch"]["aten_ops"] / sides["hf_deepspeed"]["dispatch"]["aten_ops"]
         )
     first, second = info["settings"]
+    # Host reads: counted without compile (a function mode would be traced), by the code that read.
+    assert all(side["dispatch"]["host_reads"] is None for side in second["sides"].values())
+    ours, hf = first["sides"]["megatrain"]["dispatch"], first["sides"]["hf_deepspeed"]["dispatch"]
+    assert ours["host_reads"] == sum(ours["host_reads_by_site"].values()) > 0, ours
+    # ZeRO-1 in fp32: DeepSpeed's stock step (the HF side) reads the norm and the clip factor per parameter
+    # group; megatrain's lean step reads the norm once.
+    in_deepspeed = [
+        sum(n for site, n in d["host_reads_by_site"].items() if site.startswith("deepspeed/")) for d in (ours, hf)
+    ]
+    assert in_deepspeed[0] == 1 < in_deepspeed[1], (ours, hf)
     assert (first["zero_stage"], first["activation_checkpointing"], first["compile"]) == (1, True, False)
     assert (second["micro_batch"], second["grad_accum"], second["zero_stage"], second["compile"]) == (2, 4, 0, True)
     assert [side["compiled"] for side in first["sides"].values()] == [False] * 3
     assert [side["compiled"] for side in second["sides"].values()] == [True] * 3
     assert info["versions"]["transformers"] and info["device"] and info["base_config"]["data"]["seq_len"] == 32
     assert "| zero=1,ac=1 | 1 | 1 |" in table and "megatrain / HF+DS" in table and "Time per step by phase" in table
-    assert "Host work per step" in table and "| zero=1,ac=1 | HF+DeepSpeed |" in table
+    assert "Host work per step" in table and "| zero=1,ac=1 | HF+DeepSpeed |" in table and "host reads" in table
     assert "| zero=1,ac=1 | 1 | 1 |" in stdout  # the console table
     assert (out / "t.png").stat().st_size > 1000
 

@@ -17,16 +17,19 @@ the profiler saw, which happens inside backward and optimizer, so it is an "of w
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import re
 import resource
 import statistics
+import sys
 import time
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from megatrain.bench.baseline import baseline_unsupported, hf_llama_from, transformers_version
@@ -138,6 +141,55 @@ class PhaseClock:
             / steps
         )
         return out
+
+
+_READS = (
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.Tensor.__bool__,
+    torch.Tensor.__float__,
+    torch.Tensor.__int__,
+    torch.Tensor.__index__,
+)
+# torch's own frames between a read and the code that made it (Tensor methods, torch_function handling).
+_DISPATCH_FILES = tuple(os.path.join(os.path.dirname(torch.__file__), name) for name in ("_tensor.py", "overrides.py"))
+_REPO_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) + os.sep
+
+
+def _site(filename: str, line: int) -> str:
+    """'package/module.py:line' of a frame: the path after site-packages/ or the repository root."""
+    for root in ("site-packages" + os.sep, "dist-packages" + os.sep):
+        if root in filename:
+            return f"{filename.split(root)[-1]}:{line}"
+    return f"{filename[len(_REPO_DIR) :] if filename.startswith(_REPO_DIR) else filename}:{line}"
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the values the host reads out of tensors on `device` (`item`, `tolist`, `bool`, `float`, `int`,
+    `index`) while active. On a GPU each such read copies from the device and waits for every kernel queued
+    before it: a host sync, which leaves the GPU idle until the host has launched the next kernels. On a CPU
+    every tensor counts, so the figure includes reads of host-side tensors (the sampler's order, optimizer
+    step counters) that are no sync on a GPU; `sites` (a Counter of 'package/module.py:line' of the code that
+    read) tells them apart; with `trace`, `order` lists the sites read by read."""
+
+    def __init__(self, device: torch.device, trace: bool = False):
+        super().__init__()
+        self.device_type = torch.device(device).type
+        self.count = 0
+        self.sites: collections.Counter = collections.Counter()
+        self.order: Optional[list[str]] = [] if trace else None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _READS and args and isinstance(args[0], torch.Tensor) and args[0].device.type == self.device_type:
+            self.count += 1
+            frame = sys._getframe(1)
+            while frame is not None and frame.f_code.co_filename in _DISPATCH_FILES:
+                frame = frame.f_back
+            site = "?" if frame is None else _site(frame.f_code.co_filename, frame.f_lineno)
+            self.sites[site] += 1
+            if self.order is not None:
+                self.order.append(site)
+        return func(*args, **(kwargs or {}))
 
 
 def dispatch_counts(prof, steps: int, host_cpu_s: float, wall_s: float, cuda: bool) -> dict:
@@ -462,11 +514,15 @@ def measure_setting(
     first_loss = {}
     try:
         kernel_paths = {}
+        reads: dict[str, HostReads] = {}  # counted over the warm-up steps after the first (not under compile)
         for side in sides:
             if side.name == "megatrain":
                 kernels.reset_kernel_paths()
+            if warmup > 1 and not cfg.train.compile:
+                reads[side.name] = HostReads(device)
             for i in range(warmup):
-                loss = side.step()
+                with reads[side.name] if i > 0 and side.name in reads else contextlib.nullcontext():
+                    loss = side.step()
                 if i == 0:
                     first_loss[side.name] = _world_mean(loss, env.world_size)
             if side.name == "megatrain":  # the path each kernel op took in megatrain's warm-up steps
@@ -506,6 +562,11 @@ def measure_setting(
                 # The phases against the profiled steps' own wall time (profiling slows steps down a little).
                 breakdown[side.name] = {"step": wall / profiled, **phase_clock.seconds(prof, profiled)}
                 dispatch[side.name] = dispatch_counts(prof, profiled, host, wall, device.type == "cuda")
+                counted = reads.get(side.name)
+                dispatch[side.name]["host_reads"] = None if counted is None else counted.count / (warmup - 1)
+                dispatch[side.name]["host_reads_by_site"] = (
+                    None if counted is None else {site: n / (warmup - 1) for site, n in counted.sites.most_common(12)}
+                )
                 if profile_steps:
                     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
                     profiles[side.name] = prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=70)

@@ -63,15 +63,19 @@ def _dispatch_table(result: dict) -> list[str]:
         "",
         "Host work per step, from the profiled steps (ATen ops: every operator the dispatcher ran, nested "
         "ones included; kernels: device kernels of every kind; idle: profiled wall step minus the kernels' "
-        "device time):",
+        "device time; host reads: values read out of tensors on the device in a warm-up step, each a host "
+        "sync on a GPU, while on a CPU the count includes host-side tensors too, see the JSON's "
+        "`host_reads_by_site`):",
         "",
-        "| setting | side | ATen ops | device kernels | host CPU (ms) | device busy (ms) | device idle (ms) |",
-        "|---|---|---|---|---|---|---|",
+        "| setting | side | ATen ops | device kernels | host reads | host CPU (ms) | device busy (ms) | "
+        "device idle (ms) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for label, name, d in rows:
         lines.append(
             f"| {label} | {SIDE_TITLES[name]} | {d['aten_ops']:.0f} | {_num(d['device_kernels'], '.0f')} | "
-            f"{_ms(d['host_cpu_s'])} | {_ms(d['device_busy_s'])} | {_ms(d['device_idle_s'])} |"
+            f"{_num(d.get('host_reads'), '.0f')} | {_ms(d['host_cpu_s'])} | {_ms(d['device_busy_s'])} | "
+            f"{_ms(d['device_idle_s'])} |"
         )
     return lines
 

@@ -168,16 +168,24 @@ class LossSpikeDetector:
         self.window, self.zscore = window, zscore
         self.history: deque = deque(maxlen=max(window, 1))
 
-    def score(self, loss: float) -> Optional[float]:
-        """The z-score of `loss` when it is a spike, else None (also while the window fills)."""
-        if self.window <= 0 or len(self.history) < max(2, self.window // 2) or not math.isfinite(loss):
+    def stats(self) -> Optional[tuple[float, float]]:
+        """(mean, std) of the window when it scores losses, else None (disabled, filling, or flat)."""
+        if self.window <= 0 or len(self.history) < max(2, self.window // 2):
             return None
         n = len(self.history)
         mean = sum(self.history) / n
         std = math.sqrt(sum((x - mean) ** 2 for x in self.history) / (n - 1))
         if std <= 1e-12 * max(1.0, abs(mean)):
             return None
-        z = (loss - mean) / std
+        return mean, std
+
+    def score(self, loss: float) -> Optional[float]:
+        """The z-score of `loss` when it is a spike (z = (loss - mean) / std > zscore), else None (also while
+        the window fills)."""
+        stats = self.stats()
+        if stats is None or not math.isfinite(loss):
+            return None
+        z = (loss - stats[0]) / stats[1]
         return z if z > self.zscore else None
 
     def accept(self, loss: float) -> None:

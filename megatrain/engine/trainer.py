@@ -44,6 +44,7 @@ from megatrain.env import rank as env_rank
 from megatrain.env import world_size as env_world
 from megatrain.errors import CheckpointError, ConfigError, MegatrainError
 from megatrain.optim import build_optimizer
+from megatrain.optim.deepspeed_adapter import drop_step_on_device
 from megatrain.optim.relora import relora_controller
 from megatrain.optim.schedules import lr_for_config
 from megatrain.models.config import FROZEN_BASE_KINDS
@@ -163,6 +164,7 @@ class Trainer:
         self.stop = StopRequest()
         self.stop_agreed = False
         self.spikes = LossSpikeDetector(cfg.train.spike_window, cfg.train.spike_zscore)
+        self._host_sums: Optional[torch.Tensor] = None  # pinned: the step's loss sums, read after a CUDA step
         self.last_step_end = time.monotonic()
         self.groups = self._build_groups()
         self.dp_size, self.dp_rank = self.groups.dp_size, self.groups.dp_rank
@@ -392,13 +394,16 @@ class Trainer:
         if self.pipeline is not None:  # DeepSpeed's 1F1B schedule runs every micro-batch and the step
             return self._step_record(lr, *self.pipeline.train_step(micro))
         losses = []
+        # A lean ZeRO 1/2 step takes the skip decision on the device, and the host reads it after the step;
+        # any other optimizer gets it on the host before the step.
+        agree = self._agree_on_device if getattr(engine.optimizer, "megatrain_device_drop", False) else None
         for i, indices in enumerate(micro):
             losses.append(self.forward_backward_step(*self._batch(self.data.train, indices), first=i == 0))
             if i == len(micro) - 1:
-                agreed = self._agree_before_step(self._loss_sums(losses), len(micro))
+                agreed = (agree or self._agree_before_step)(self._loss_sums(losses), len(micro))
             self._phase("optimizer step")
             engine.step()
-        return self._step_record(lr, *agreed)
+        return self._step_record(lr, *(agreed() if agree else agreed))
 
     def _loss_sums(self, losses: list) -> torch.Tensor:
         """[sum of the finite micro-batch losses, non-finite count, 0 (the stop flag, set later)] in fp64, from
@@ -426,9 +431,51 @@ class Trainer:
             measured = module_grad_norm(self.engine.module, self.groups)
         return loss_value, nonfinite, spike_z, measured
 
-    def _step_record(self, lr: float, loss_value: float, nonfinite: float, spike_z, measured) -> dict:
-        """After the step: the step's metrics, the non-finite streak and the loss-spike window."""
-        applied = not self.optimizer.skip_next_step
+    def _agree_on_device(self, local: torch.Tensor, micro_batches: int) -> Callable[[], tuple]:
+        """What `_agree_before_step` agrees on, without its host read before the step: after the all-reduce,
+        the decision to drop the update (a non-finite loss anywhere, or a loss spike with train.spike_skip)
+        is a device tensor handed to the lean ZeRO 1/2 optimizer, which folds it into the gradient norm it
+        reads anyway (megatrain.optim.deepspeed_adapter.drop_step_on_device). The sums and the decision
+        are copied to the host without blocking; the callable returned reads them after `engine.step()`
+        and gives `_agree_before_step`'s tuple plus whether the update was applied."""
+        self._phase("all-reduce of the loss")
+        local[2] = 1.0 if self.stop.signum else 0.0
+        all_reduce_sum(local)
+        # The loss as _agree_before_step computes it on the host (the same fp64 operations, in the same order).
+        loss = local[0] * self.cfg.parallel.context / (micro_batches * self.env.world_size)
+        drop = local[1] > 0
+        stats = self.spikes.stats() if self.cfg.train.spike_skip else None
+        if stats is not None:
+            mean, std = stats
+            drop = drop | ((loss - mean) / std > self.spikes.zscore)
+        drop_step_on_device(self.engine.optimizer, drop)
+        sums = torch.cat((local, drop.double().reshape(1)))
+        ready = None
+        if sums.device.type == "cuda":  # to pinned memory behind the step's work: read once the step has synced
+            if self._host_sums is None:
+                self._host_sums = torch.empty(4, dtype=torch.float64, pin_memory=True)
+            sums = self._host_sums.copy_(sums, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+
+        def after_step() -> tuple:
+            if ready is not None:
+                ready.synchronize()  # long done: the step read its gradient norm after this copy
+            loss_sum, nonfinite, stop, dropped = sums.tolist()
+            loss_value = loss_sum * self.cfg.parallel.context / (micro_batches * self.env.world_size)
+            self.stop_agreed = stop > 0
+            spike_z = None if nonfinite else self.spikes.score(loss_value)
+            return loss_value, nonfinite, spike_z, None, not dropped
+
+        return after_step
+
+    def _step_record(
+        self, lr: float, loss_value: float, nonfinite: float, spike_z, measured, applied: Optional[bool] = None
+    ) -> dict:
+        """After the step: the step's metrics, the non-finite streak and the loss-spike window. `applied`: whether
+        the update was applied, when the device decided it (else the host's `skip_next_step` says)."""
+        if applied is None:
+            applied = not self.optimizer.skip_next_step
         self.optimizer.skip_next_step = False
         self.step += 1
         record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": None, "skipped": nonfinite > 0}

@@ -51,10 +51,19 @@ copy of it. Both are replaced on the instance, keeping DeepSpeed's rules and res
 - in bf16, the per-gradient scan is turned off in the config (`bf16.check_grad_overflow: false`,
   `lean_bf16_config`) and `scaled_global_norm` is wrapped to drop the step when the global norm is
   not finite: the rule DeepSpeed applies to fp32 and fp16 ZeRO 1/2 and to bf16 ZeRO-3, since a
-  non-finite gradient anywhere makes the all-reduced norm non-finite on every rank.
+  non-finite gradient anywhere makes the all-reduced norm non-finite on every rank;
+- `DeepSpeedZeroOptimizer.unscale_and_clip_grads(grad_groups_flat, total_norm)`: the same clip factor
+  (an invalid norm clips as inf) computed on the device, without DeepSpeed's host read per group;
+- `drop_step_on_device(optimizer, flag)`: the trainer's skip decision (a non-finite loss anywhere, a
+  loss spike) as a 0-dim bool tensor, folded into the global norm as DeepSpeed's invalid norm -1, so the
+  one host read that decides the skip (the norm check above, or DeepSpeed's own in fp32) decides it too.
+  `step` is wrapped to forget the flag after each step. Offered for fp32 and bf16 steps that compute
+  the norm and act on an invalid one (`megatrain_device_drop`); an fp16 loss scale would shrink on it.
 
-It reads the instance attributes `dp_process_group`, `model_parallel_rank`, `device` and the method
-`_model_parallel_all_reduce`. A DeepSpeed without them keeps its own step (a log line says so).
+It reads the instance attributes `dp_process_group`, `model_parallel_rank`, `device`, `dtype`,
+`clip_grad`, `loss_scale`, the methods `_model_parallel_all_reduce`, `unscale_and_clip_grads` and
+`step`, and, where present, `check_grad_overflow`, `compute_grad_norm` and `dynamic_loss_scale`. A
+DeepSpeed without the required ones keeps its own step (a log line says so).
 
 `check_deepspeed_internals()` verifies at start-up (megatrain.engine.deepspeed) that the installed
 DeepSpeed still has every class-level piece a run's features need; the instance attributes are
@@ -92,6 +101,7 @@ __all__ = [
     "before_pipeline_step",
     "lean_bf16_config",
     "lean_zero_step",
+    "drop_step_on_device",
 ]
 
 # Keep equal to the deepspeed requirement in pyproject.toml (tests/optim/test_deepspeed_adapter.py checks).
@@ -336,6 +346,11 @@ def before_pipeline_step(engine, fn: Callable[[Optional[torch.Tensor]], None]) -
 _LEAN_INSTANCE = (
     "get_grad_norm_direct",
     "scaled_global_norm",
+    "unscale_and_clip_grads",
+    "step",
+    "dtype",
+    "clip_grad",
+    "loss_scale",
     "overflow",
     "dp_process_group",
     "model_parallel_rank",
@@ -410,14 +425,68 @@ def lean_zero_step(optimizer, check_norm: bool) -> bool:
         return total
 
     optimizer.get_grad_norm_direct = get_grad_norm_direct
-    if check_norm:
+    zero_clip = optimizer.unscale_and_clip_grads
 
-        def scaled_global_norm(norm_type=2):
-            norm = zero_norm(norm_type)
-            # DeepSpeed's invalid norm is -1 or inf; step() reads overflow right after this returns.
-            if bool((~torch.isfinite(norm) | (norm < 0)).any()):
-                optimizer.overflow = True
-            return norm
+    def unscale_and_clip_grads(grad_groups_flat, total_norm):
+        if not torch.is_tensor(total_norm):
+            return zero_clip(grad_groups_flat, total_norm)
+        clip_grad, loss_scale = optimizer.clip_grad, optimizer.loss_scale
+        if clip_grad == 0.0 and loss_scale == 1.0:
+            return None
+        combined_scale = loss_scale
+        if clip_grad > 0.0:
+            # DeepSpeed's rule (an invalid norm clips as inf) on the device, without its host read per group.
+            clip_norm = torch.where(torch.isfinite(total_norm) & (total_norm >= 0), total_norm, float("inf"))
+            clip = torch.clamp(((clip_norm / loss_scale) + 1e-6) / clip_grad, min=1.0)
+            combined_scale = clip * loss_scale
+        for grad in grad_groups_flat:
+            for g in grad if isinstance(grad, list) else (grad,):
+                g.data.mul_(1.0 / combined_scale)
+        return None
 
-        optimizer.scaled_global_norm = scaled_global_norm
+    optimizer.unscale_and_clip_grads = unscale_and_clip_grads
+    # Whether step() drops the update on an invalid norm: DeepSpeed checks it for fp32 (and for bf16 when its
+    # scan is kept on); for bf16 without the scan the wrapper below does. A dynamic (fp16) loss scale would
+    # shrink on a dropped step, so it takes no device-side drop.
+    drops_on_invalid = optimizer.dtype != torch.bfloat16 or bool(getattr(optimizer, "check_grad_overflow", True))
+    optimizer.megatrain_device_drop = (
+        (check_norm or drops_on_invalid)
+        and getattr(optimizer, "compute_grad_norm", True)
+        and not getattr(optimizer, "dynamic_loss_scale", False)
+        and optimizer.dtype in (torch.float32, torch.bfloat16)
+    )
+    optimizer.megatrain_drop = None
+
+    def scaled_global_norm(norm_type=2):
+        norm = zero_norm(norm_type)
+        drop, optimizer.megatrain_drop = optimizer.megatrain_drop, None
+        if drop is not None:  # the trainer's decision, on the device: DeepSpeed's invalid-norm sentinel drops it
+            norm = torch.where(drop, -1.0, norm)
+        # DeepSpeed's invalid norm is -1 or inf; step() reads overflow right after this returns.
+        if check_norm and bool((~torch.isfinite(norm) | (norm < 0)).any()):
+            optimizer.overflow = True
+        return norm
+
+    optimizer.scaled_global_norm = scaled_global_norm
+    zero_step = optimizer.step
+
+    def step(*args, **kwargs):
+        try:
+            return zero_step(*args, **kwargs)
+        finally:  # a flag is for one step (an earlier overflow check may have dropped it without the norm)
+            optimizer.megatrain_drop = None
+
+    optimizer.step = step
+    return True
+
+
+def drop_step_on_device(optimizer, drop: torch.Tensor) -> bool:
+    """Have the next `step()` of a lean ZeRO 1/2 `optimizer` drop its update where the 0-dim bool tensor `drop`
+    is true, decided on the device: the flag is folded into the global gradient norm (as DeepSpeed's invalid
+    norm -1), so the step's one host read of the norm, which it makes anyway, decides both. Returns False,
+    setting nothing, for an optimizer that cannot take it (not lean, no norm computed, fp16, or bf16 with
+    the checks turned off by the user): the caller then decides on the host (`skip_next_step`)."""
+    if not getattr(optimizer, "megatrain_device_drop", False):
+        return False
+    optimizer.megatrain_drop = drop
     return True

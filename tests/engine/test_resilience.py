@@ -593,7 +593,9 @@ entry(sys.argv[1:])
 
 
 @pytest.mark.slow
-def test_loss_spike_logged_and_skipped(tmp_path):
+@pytest.mark.parametrize("zero", [0, 2])
+def test_loss_spike_logged_and_skipped(tmp_path, zero):
+    """ZeRO-0 skips on the host before the step; the lean ZeRO-2 step drops it on the device."""
     run_dir = tmp_path / "spike"
     proc = ok(
         run(
@@ -605,7 +607,7 @@ def test_loss_spike_logged_and_skipped(tmp_path):
                 *TINY_JOB,
                 "log.eval_every=0",
                 "log.tensorboard=false",
-                "parallel.zero_stage=0",
+                f"parallel.zero_stage={zero}",
                 "train.global_batch=4",
                 "train.steps=4",
                 "train.spike_window=4",

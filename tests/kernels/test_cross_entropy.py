@@ -235,6 +235,33 @@ def test_target_outside_the_vocabulary_without_the_check_makes_the_loss_nan(monk
     assert torch.isnan(kernels.fused_linear_cross_entropy(h, weight, target))
 
 
+@pytest.mark.parametrize("grad", [True, False])
+def test_reference_path_without_the_host_check_makes_the_loss_nan(monkeypatch, grad):
+    """The torch path on a GPU (where reading the targets would stall the step) leaves them unread: valid
+    targets give the checked path's loss and gradients bit for bit, an id outside the vocabulary a NaN loss."""
+    h, weight, target = make_inputs(fresh_seed(), 9, 8, 20)
+    h.requires_grad_(grad)
+    weight.requires_grad_(grad)
+    checked = reference.fused_linear_cross_entropy(h, weight, target, chunk_size=4)
+    if grad:
+        checked.backward()
+        grads = h.grad.clone(), weight.grad.clone()
+        h.grad = weight.grad = None
+    monkeypatch.setattr(reference, "_targets_readable", lambda target: False)
+    unchecked = reference.fused_linear_cross_entropy(h, weight, target, chunk_size=4)
+    assert torch.equal(checked, unchecked)
+    if grad:
+        unchecked.backward()
+        assert torch.equal(h.grad, grads[0]) and torch.equal(weight.grad, grads[1])
+    for bad in (-1, 20):
+        poisoned = target.clone()
+        poisoned[5] = bad
+        loss = reference.fused_linear_cross_entropy(h, weight, poisoned, chunk_size=4)
+        assert torch.isnan(loss), bad
+        if grad:
+            loss.backward()  # no out-of-range gather
+
+
 def _bad_inputs():
     h, weight, target = make_inputs(0, 4, 8, 10)
     return [

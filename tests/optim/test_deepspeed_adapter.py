@@ -236,6 +236,9 @@ def _lean_worker(port: int, out_path: str, rank: int = 0, world: int = 1) -> Non
     import deepspeed
     from torch.profiler import ProfilerActivity, profile
 
+    from megatrain.bench.measure import HostReads
+    from megatrain.optim.skippable import SkippableAdamW
+
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
@@ -247,8 +250,11 @@ def _lean_worker(port: int, out_path: str, rank: int = 0, world: int = 1) -> Non
         (x[rows], y[rows]) for x, y in ((torch.randn(4 * world, 16), torch.randn(4 * world, 16)) for _ in range(5))
     ]
     result = {}
+    # "skip": step 4 skipped by the client optimizer's skip_next_step (the host decision, stock DeepSpeed);
+    # "drop": the same step dropped by a device flag through drop_step_on_device (the lean step).
+    variants = ((False, None), (True, None), (False, "skip"), (True, "drop"))
     for stage in (1, 2):
-        for lean in (False, True):
+        for lean, skip4 in variants:
             model = copy.deepcopy(base)
             config = {
                 "train_micro_batch_size_per_gpu": 4,
@@ -260,10 +266,10 @@ def _lean_worker(port: int, out_path: str, rank: int = 0, world: int = 1) -> Non
                 "steps_per_print": 2**31 - 1,
             }
             check = adapter.lean_bf16_config(config, {}) if lean else False
-            client = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            client = SkippableAdamW(model.parameters(), lr=1e-2)  # megatrain's client: AdamW + skip_next_step
             engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config)
             installed = adapter.lean_zero_step(engine.optimizer, check) if lean else False
-            norms, skipped, ops = [], [], []
+            norms, skipped, ops, reads = [], [], [], []
             for i, (x, y) in enumerate(batches):
                 handle = None
                 if i == 2 and rank == 0:
@@ -272,19 +278,29 @@ def _lean_worker(port: int, out_path: str, rank: int = 0, world: int = 1) -> Non
                 engine.backward(loss)
                 if handle is not None:
                     handle.remove()
-                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                if i == 3 and skip4 == "skip":
+                    client.skip_next_step = True
+                if i == 3 and skip4 == "drop":
+                    assert adapter.drop_step_on_device(engine.optimizer, torch.tensor(True))
+                counter = HostReads(torch.device("cpu"))
+                with profile(activities=[ProfilerActivity.CPU]) as prof, counter:
                     engine.step()
+                client.skip_next_step = False
                 ops.append(sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")))
+                reads.append(dict(counter.sites))
                 skipped.append(bool(engine.optimizer.overflow))
                 norms.append(float(engine.get_global_grad_norm()))
             weights = [p.detach().float().flatten().tolist() for p in model.parameters()]
-            result[f"{stage}-{'lean' if lean else 'stock'}"] = {
+            state = [t.flatten().tolist() for st in client.state.values() for t in st.values() if t.dim() > 0]
+            result[f"{stage}-{'lean' if lean else 'stock'}{'-' + skip4 if skip4 else ''}"] = {
                 "config_check": config["bf16"].get("check_grad_overflow"),
                 "installed": installed,
                 "norms": norms,
                 "skipped": skipped,
                 "ops": ops,
+                "reads": reads,
                 "weights": weights,
+                "adam_state": state,
                 "loss_finite": bool(torch.isfinite(loss)),
             }
     with open(out_path, "w") as fh:
@@ -334,6 +350,25 @@ def _check_lean_against_stock(result: dict) -> None:
         assert stock["loss_finite"]
         # DeepSpeed's scan and fp64 copies are per gradient tensor (12 here): the lean step dispatches fewer ops.
         assert all(a < b for a, b in zip(lean["ops"], stock["ops"])), (stage, lean["ops"], stock["ops"])
+
+        # Host reads of a tensor (each a sync on a GPU) per step, leaving out torch's own (its CPU step
+        # counters): DeepSpeed's applied step reads its scan, the norm and the clip (3 here); the lean step
+        # reads the norm once, in the adapter, which decides the skip, and nothing else.
+        def reads(step_reads: dict) -> dict:
+            return {site: n for site, n in step_reads.items() if not site.startswith("torch/")}
+
+        assert [sum(reads(r).values()) for r in stock["reads"]] == [3, 3, 1, 3, 3], stock["reads"]
+        for step_reads in lean["reads"] + result[f"{stage}-lean-drop"]["reads"]:
+            (site,) = reads(step_reads)
+            assert site.startswith("megatrain/optim/deepspeed_adapter.py:") and step_reads[site] == 1, step_reads
+        # A finite step dropped by the device flag is the step the client's skip_next_step skips: the same
+        # weights and Adam moments after it, bit for bit; DeepSpeed reports the dropped one's norm as inf.
+        host, device = result[f"{stage}-stock-skip"], result[f"{stage}-lean-drop"]
+        assert device["skipped"] == [False, False, True, True, False] and host["skipped"][3] is False
+        assert device["norms"][3] == float("inf") and host["norms"][3] == lean["norms"][3]
+        assert device["norms"][:3] == host["norms"][:3] and device["norms"][4] == host["norms"][4]
+        assert device["weights"] == host["weights"] and device["adam_state"] == host["adam_state"]
+        assert device["weights"] != lean["weights"]  # the dropped step was a real one
 
 
 @pytest.mark.parametrize(
