@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import os
 import subprocess
 import sys
@@ -274,9 +275,11 @@ def test_bench_run_with_transformers_writes_table_json_and_plot(tmp_path):
     assert (second["micro_batch"], second["grad_accum"], second["zero_stage"], second["compile"]) == (2, 4, 0, True)
     assert [side["compiled"] for side in first["sides"].values()] == [False] * 3
     assert [side["compiled"] for side in second["sides"].values()] == [True] * 3
+    assert re.fullmatch(r"[0-9a-f]{12}(\+dirty)?", info["versions"]["commit"] or "")  # the tests run in a checkout
     assert info["versions"]["transformers"] and info["device"] and info["base_config"]["data"]["seq_len"] == 32
     assert "| zero=1,ac=1 | 1 | 1 |" in table and "megatrain / HF+DS" in table and "Time per step by phase" in table
     assert "Host work per step" in table and "| zero=1,ac=1 | HF+DeepSpeed |" in table and "host reads" in table
+    assert "Where the host reads, per step" in table and "- zero=1,ac=1, megatrain: `" in table
     assert "| zero=1,ac=1 | 1 | 1 |" in stdout  # the console table
     assert (out / "t.png").stat().st_size > 1000
 

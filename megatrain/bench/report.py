@@ -77,6 +77,12 @@ def _dispatch_table(result: dict) -> list[str]:
             f"{_num(d.get('host_reads'), '.0f')} | {_ms(d['host_cpu_s'])} | {_ms(d['device_busy_s'])} | "
             f"{_ms(d['device_idle_s'])} |"
         )
+    sited = [(label, name, d["host_reads_by_site"]) for label, name, d in rows if d.get("host_reads_by_site")]
+    if sited:
+        lines += ["", "Where the host reads, per step (the code that read; `file:line` x reads):", ""]
+        for label, name, sites in sited:
+            where = ", ".join(f"`{site}` x{n:g}" for site, n in sites.items())
+            lines.append(f"- {label}, {SIDE_TITLES[name]}: {where}")
     return lines
 
 

@@ -50,6 +50,25 @@ def device_name() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def source_commit() -> Optional[str]:
+    """The git commit megatrain runs from ('+dirty' with uncommitted changes to tracked files), or None when
+    its source is not a git checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode != 0 or not head.stdout.strip():
+            return None
+        status = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip()[:12] + ("+dirty" if status.stdout.strip() else "")
+
+
 def versions() -> dict:
     from importlib import metadata
 
@@ -61,6 +80,7 @@ def versions() -> dict:
         megatrain_version = None
     return {
         "megatrain": megatrain_version,
+        "commit": source_commit(),
         "torch": torch.__version__,
         "deepspeed": deepspeed.__version__,
         "transformers": transformers_version(),
