@@ -1,23 +1,29 @@
-"""DeepSpeed's ZeRO 1/2 optimizer step, stock against megatrain's lean step: ops, kernels and host time.
+"""DeepSpeed's optimizer step, stock against megatrain's lean step: ops, host reads, kernels and host time.
 
-    python benchmarks/zero_step.py                              # the 125m preset, ZeRO 1 and 2, bf16 and fp32
+    python benchmarks/zero_step.py                              # the 125m preset, ZeRO 0 (bf16), 1 and 2
     python benchmarks/zero_step.py --preset tiny --steps 3      # a quick look
 
 The lean step (megatrain.optim.deepspeed_adapter.lean_zero_step, docs/architecture.md "The DeepSpeed
 seam") takes the gradient norm with one multi-tensor fp64 norm and, in bf16, drops DeepSpeed's
-per-gradient inf/NaN scan for a check of that norm. Its cost does not depend on the model's width
-but on its number of parameter tensors, so a preset's real parameter list (125m: 111 tensors) shows
-what a GPU step pays, even on a CPU. For each ZeRO stage and dtype, one process builds the preset
-twice from the same seed under `deepspeed.initialize` (megatrain's generated config: clipping 1.0,
-AdamW), stock and lean, and runs forward + backward on a short random batch and then `engine.step()`
---steps times. Per step of `engine.step()` alone:
+per-gradient inf/NaN scan for a check of that norm; the clip factor stays on the device. Without ZeRO
+(stage 0, bf16 only: in fp32 DeepSpeed steps the client optimizer directly) DeepSpeed's unfused bf16
+optimizer gets `lean_stage0_step`: the same rules with one norm and one host read. Its cost does not
+depend on the model's width but on its number of parameter tensors, so a preset's real parameter list
+(125m: 111 tensors) shows what a GPU step pays, even on a CPU. For each ZeRO stage and dtype, one
+process builds the preset twice from the same seed under `deepspeed.initialize` (megatrain's generated
+config: clipping 1.0, AdamW), stock and lean, and runs forward + backward on a short random batch and
+then `engine.step()` --steps times. Per step of `engine.step()` alone:
 - ATen ops: every operator the dispatcher ran (torch.profiler, nested calls included, as
   `megatrain bench` counts them);
+- host reads: values read out of tensors (megatrain.bench.measure.HostReads), each a sync on a GPU;
+  on a CPU the reads torch's own optimizer makes of its CPU step counters are left out (host tensors
+  on a GPU too);
 - kernels: device kernels launched (GPU only);
 - host ms: the process's CPU time in the call (median; one torch thread on a CPU), what the host
   spends on it, which bounds a host-bound step;
 - wall ms: its wall time, synchronised on a GPU (median).
-The two paths must end with the same weights (checked: the maximum difference is printed).
+The two paths must end with the same weights (checked: the maximum difference is printed; at stage 0
+the fp64 norm may move the clip factor, and so the weights, in the last bits).
 Writes benchmarks/results/zero-step-<cpu|gpu>.{md,json} (or --out).
 """
 
@@ -38,6 +44,7 @@ import torch
 # `import kernels` that transformers makes (Hugging Face's package). megatrain is imported installed.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
 
+from megatrain.bench.measure import HostReads  # noqa: E402
 from megatrain.bench.report import cpu_name, write_table  # noqa: E402
 from megatrain.models.config import ModelConfig  # noqa: E402
 from megatrain.models.transformer import Transformer  # noqa: E402
@@ -55,7 +62,7 @@ def parse_args(argv=None):
         help="hidden size instead of the preset's (its layers, so its tensors, stay): with a small width the "
         "optimizer's own math is negligible and the host time is the per-tensor bookkeeping, as on a GPU",
     )
-    p.add_argument("--stages", default="1,2", help="comma-separated ZeRO stages (1, 2)")
+    p.add_argument("--stages", default="0,1,2", help="comma-separated ZeRO stages (0: bf16 only, 1, 2)")
     p.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp32")
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per path (after one warm-up)")
     p.add_argument("--seq-len", type=int, default=16)
@@ -84,22 +91,24 @@ def run_path(base: Transformer, stage: int, bf16: bool, lean: bool, args, device
     check = adapter.lean_bf16_config(config, {}) if lean else False
     client = torch.optim.AdamW(model.parameters(), lr=1e-4)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config)
-    if lean and not adapter.lean_zero_step(engine.optimizer, check):
+    install = adapter.lean_stage0_step if stage == 0 else (lambda opt: adapter.lean_zero_step(opt, check))
+    if lean and not install(engine.optimizer):
         raise SystemExit(f"zero_step.py: the lean step did not install on {type(engine.optimizer).__name__}")
     generator = torch.Generator().manual_seed(1)
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    ops, kernels, host, wall = [], [], [], []
+    ops, reads, kernels, host, wall = [], [], [], [], []
     for step in range(1 + 2 * args.steps):  # a warm-up step, then counted and timed steps alternating
         ids = torch.randint(0, args.vocab, (1, args.seq_len), generator=generator).to(device)
         engine.backward(engine(ids, labels=ids))
         if cuda:
             torch.cuda.synchronize()
         if step % 2 == 1:  # counted steps (the profiler's own overhead stays out of the timed ones)
-            with profile(activities=activities) as prof:
+            with profile(activities=activities) as prof, HostReads(device) as counter:
                 engine.step()
             events = prof.key_averages()
             ops.append(sum(e.count for e in events if e.key.startswith("aten::")))
+            reads.append(sum(n for site, n in counter.sites.items() if cuda or not site.startswith("torch/")))
             if cuda:
                 kernels.append(sum(e.count for e in prof.events() if e.device_type.name == "CUDA"))
             continue
@@ -114,6 +123,7 @@ def run_path(base: Transformer, stage: int, bf16: bool, lean: bool, args, device
     weights = torch.cat([p.detach().float().flatten().cpu() for p in model.parameters()])
     result = {
         "aten_ops": statistics.median(ops),
+        "host_reads": statistics.median(reads),
         "kernels": statistics.median(kernels) if kernels else None,
         "host_ms": statistics.median(host) if host else None,
         "wall_ms": statistics.median(wall) if wall else None,
@@ -143,6 +153,8 @@ def main(argv=None) -> None:
     rows, record = [], {"preset": args.preset, "rows": []}
     for dtype in args.dtypes.split(","):
         for stage in (int(s) for s in args.stages.split(",")):
+            if stage == 0 and dtype != "bf16":
+                continue  # fp32 without ZeRO: DeepSpeed steps the client optimizer itself, nothing to make lean
             stock = run_path(base, stage, dtype == "bf16", False, args, device)
             lean = run_path(base, stage, dtype == "bf16", True, args, device)
             diff = float((stock.pop("weights") - lean.pop("weights")).abs().max())
@@ -155,7 +167,8 @@ def main(argv=None) -> None:
 
             rows.append(
                 f"| {dtype} | {stage} | {stock['tensors']} | {fmt(stock['aten_ops'])} | {fmt(lean['aten_ops'])} | "
-                f"{ratio:.2f}x | {fmt(stock['kernels'])} | {fmt(lean['kernels'])} | "
+                f"{ratio:.2f}x | {fmt(stock['host_reads'])} | {fmt(lean['host_reads'])} | "
+                f"{fmt(stock['kernels'])} | {fmt(lean['kernels'])} | "
                 f"{fmt(stock['host_ms'], '.1f')} | {fmt(lean['host_ms'], '.1f')} | "
                 f"{fmt(stock['wall_ms'], '.1f')} | {fmt(lean['wall_ms'], '.1f')} | {diff:.1e} |"
             )
@@ -164,13 +177,18 @@ def main(argv=None) -> None:
         f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, python {platform.python_version()}, on {where}"
     )
     table = (
-        f"# DeepSpeed's ZeRO 1/2 optimizer step: stock vs megatrain's lean step ({args.preset} preset"
+        f"# DeepSpeed's optimizer step: stock vs megatrain's lean step ({args.preset} preset"
         f"{'' if args.dim is None else f', dim {args.dim}'})\n\n"
         f"Per `engine.step()` call, one process, {args.steps} steps per path (medians), the preset's parameter "
         f"tensors at vocabulary {args.vocab}. {versions}.\n\n"
-        "| dtype | ZeRO | tensors | ATen ops stock | ATen ops lean | lean / stock | kernels stock | kernels lean "
-        "| host ms stock | host ms lean | wall ms stock | wall ms lean | max weight diff |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
+        "| dtype | ZeRO | tensors | ATen ops stock | ATen ops lean | lean / stock | host reads stock | host reads lean "
+        "| kernels stock | kernels lean | host ms stock | host ms lean | wall ms stock | wall ms lean "
+        "| max weight diff |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
+        "Host reads: values read out of tensors in `engine.step()` (a sync each on a GPU); on a CPU, reads by "
+        "torch's own optimizer of its CPU step counters are left out. ZeRO 0 (bf16): DeepSpeed's unfused bf16 "
+        "optimizer against `lean_stage0_step`, whose fp64 norm may move the clip factor, so the weights, in the "
+        "last bits.\n\n"
         f"Command: `python benchmarks/zero_step.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
     )
     record.update(versions=versions, command=sys.argv)

@@ -769,13 +769,22 @@ def test_zero_step_script_tiny(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads((tmp_path / "zero.json").read_text())["rows"]
-    assert [(r["dtype"], r["zero"]) for r in rows] == [("bf16", 1), ("bf16", 2), ("fp32", 1), ("fp32", 2)]
+    assert [(r["dtype"], r["zero"]) for r in rows] == [
+        ("bf16", 0),
+        ("bf16", 1),
+        ("bf16", 2),
+        ("fp32", 1),
+        ("fp32", 2),
+    ]
     for r in rows:
-        assert r["max_weight_diff"] == 0.0, r
+        # ZeRO 0: DeepSpeed's norm is fp32 and the lean one fp64, which may move the clip in the last bits
+        assert r["max_weight_diff"] == 0.0 if r["zero"] else r["max_weight_diff"] < 1e-2, r
         assert r["lean"]["aten_ops"] < r["stock"]["aten_ops"], r
+        assert r["lean"]["host_reads"] == 1 < r["stock"]["host_reads"], r  # the skip decision only
         assert r["stock"]["tensors"] == r["lean"]["tensors"] > 0
-    bf16 = rows[0]
+    stage0, bf16 = rows[0], rows[1]
     assert bf16["lean"]["aten_ops"] < 0.6 * bf16["stock"]["aten_ops"]  # the per-gradient scan is gone
+    assert stage0["stock"]["host_reads"] > stage0["stock"]["tensors"]  # DeepSpeed reads every gradient
     assert "| bf16 | 1 |" in (tmp_path / "zero.md").read_text()
 
 

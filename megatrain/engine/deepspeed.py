@@ -190,7 +190,7 @@ def initialize(cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, mp
     """
     import deepspeed
 
-    from megatrain.optim.deepspeed_adapter import lean_bf16_config, lean_zero_step
+    from megatrain.optim.deepspeed_adapter import lean_bf16_config, lean_stage0_step, lean_zero_step
     from megatrain.optim.zero_bridge import attach_projected
 
     ds_config = build_ds_config(cfg)
@@ -199,7 +199,8 @@ def initialize(cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, mp
     check_norm = lean_bf16_config(ds_config, cfg.deepspeed)  # the per-gradient bf16 overflow scan off ...
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
     attach_projected(engine, optimizer, mpu)  # GaLore / Fira weights kept out of ZeRO (docs/galore-fira.md)
-    lean_zero_step(engine.optimizer, check_norm)  # ... and the norm check in its place (after attach_projected)
+    # ... and the norm check in its place (after attach_projected); bf16 without ZeRO: DeepSpeed's unfused step
+    lean_zero_step(engine.optimizer, check_norm) or lean_stage0_step(engine.optimizer)
     return engine
 
 
@@ -226,11 +227,13 @@ def module_grad_norm(module: torch.nn.Module, groups) -> torch.Tensor:
 
 
 def step_grad_norm(engine, zero_stage: int, measured=None, *, read: bool = True):
-    """The global gradient norm of the optimizer step `engine` just took: DeepSpeed's own under ZeRO 1-3; at
-    stage 0, where DeepSpeed keeps none, `measured` (`module_grad_norm` taken before the step), None when the
-    job did not measure it. A float (one host read), or with `read=False` as it is kept (a device scalar, a
-    float or None), which the training loop leaves in its records until the logger reads a logged step's."""
-    norm = engine.get_global_grad_norm() if zero_stage != 0 else measured
+    """The global gradient norm of the optimizer step `engine` just took: DeepSpeed's own under ZeRO 1-3 and
+    at stage 0 in bf16; at stage 0 in fp32, where DeepSpeed keeps none, `measured` (`module_grad_norm` taken
+    before the step), None when the job did not measure it. A float (one host read), or with `read=False` as
+    it is kept (a device scalar, a float or None), which the training loop leaves in its records until the
+    logger reads a logged step's."""
+    # At stage 0 in bf16 DeepSpeed's optimizer keeps one (the trainer then measures none).
+    norm = engine.get_global_grad_norm() if zero_stage != 0 or measured is None else measured
     if not read:
         return norm
     return norm.item() if isinstance(norm, torch.Tensor) else norm

@@ -60,7 +60,14 @@ copy of it. Both are replaced on the instance, keeping DeepSpeed's rules and res
   `step` is wrapped to forget the flag after each step. Offered for fp32 and bf16 steps that compute
   the norm and act on an invalid one (`megatrain_device_drop`); an fp16 loss scale would shrink on it.
 
-It reads the instance attributes `dp_process_group`, `model_parallel_rank`, `device`, `dtype`,
+Without ZeRO, DeepSpeed runs bf16 through its `FP16_UnfusedOptimizer` (fp32 master per tensor), whose step
+reads the device once per gradient tensor (an inf/NaN check each) and twice per group (the norm):
+`lean_stage0_step` replaces that `step` on the instance with the same rules, one fp64 multi-tensor norm and
+one host read (taking `drop_step_on_device`'s flag too), for bf16 with the static loss scale 1 only. It
+reads `fp16_groups`, `fp32_groups`, `optimizer`, `clip_grad`, `loss_scale_config`, `low_precision_dtype`,
+`fused_lamb_legacy`, `mpu` and calls `zero_grad` and `_update_scale`.
+
+The ZeRO 1/2 step reads the instance attributes `dp_process_group`, `model_parallel_rank`, `device`, `dtype`,
 `clip_grad`, `loss_scale`, the methods `_model_parallel_all_reduce`, `unscale_and_clip_grads` and
 `step`, and, where present, `check_grad_overflow`, `compute_grad_norm` and `dynamic_loss_scale`. A
 DeepSpeed without the required ones keeps its own step (a log line says so).
@@ -101,6 +108,7 @@ __all__ = [
     "before_pipeline_step",
     "lean_bf16_config",
     "lean_zero_step",
+    "lean_stage0_step",
     "drop_step_on_device",
 ]
 
@@ -477,6 +485,111 @@ def lean_zero_step(optimizer, check_norm: bool) -> bool:
             optimizer.megatrain_drop = None
 
     optimizer.step = step
+    return True
+
+
+# Instance attributes of DeepSpeed's stage-0 bf16 optimizer (FP16_UnfusedOptimizer) that lean_stage0_step uses.
+_STAGE0_INSTANCE = (
+    "fp16_groups",
+    "fp32_groups",
+    "optimizer",
+    "clip_grad",
+    "loss_scale_config",
+    "low_precision_dtype",
+    "fused_lamb_legacy",
+    "mpu",
+    "overflow",
+    "_global_grad_norm",
+    "zero_grad",
+    "_update_scale",
+    "step",
+)
+
+
+def lean_stage0_step(optimizer) -> bool:
+    """Replace the step of DeepSpeed's bf16 optimizer without ZeRO (`FP16_UnfusedOptimizer`, which DeepSpeed
+    wraps around a client that is not its FusedAdam at `zero_optimization.stage` 0) on the instance. Its own
+    step reads the device once per gradient tensor (an inf/NaN check each) and twice per parameter group (the
+    norm), and casts, clips and copies tensor by tensor. The lean step keeps its rules (skip on a non-finite
+    gradient or norm, the norm over tensor-parallel slices on their own rank and the rest on TP rank 0 summed
+    over the model-parallel group, pipeline-replicated weights left out, the clip factor, the fp32 masters
+    copied back to the bf16 weights) with one fp64 multi-tensor norm, one host read (which also takes
+    `drop_step_on_device`'s flag), and multi-tensor clip and copy. The norm is fp64 where DeepSpeed's is
+    fp32, so the clip factor, and the weights, may differ from DeepSpeed's in the last bits. Returns False,
+    leaving DeepSpeed's step, for any other optimizer, a dynamic or non-1 loss scale, fp16, or a
+    DeepSpeed without the attributes it needs."""
+    if type(optimizer).__name__ != "FP16_UnfusedOptimizer":
+        return False
+    missing = [name for name in _STAGE0_INSTANCE if not hasattr(optimizer, name)]
+    try:
+        from deepspeed import comm as ds_comm
+        from deepspeed.runtime.utils import is_model_parallel_parameter
+        from deepspeed.utils.bwc import bwc_tensor_model_parallel_rank
+    except ImportError as exc:
+        missing.append(str(exc))
+    if missing:
+        log.info("DeepSpeed %s: the stage-0 bf16 optimizer keeps its own step (no %s)", _version(), ", ".join(missing))
+        return False
+    scale = optimizer.loss_scale_config
+    if (
+        optimizer.low_precision_dtype != torch.bfloat16
+        or optimizer.fused_lamb_legacy
+        or getattr(scale, "dynamic_loss_scale", True)
+        or getattr(scale, "cur_scale", None) != 1.0
+        or getattr(optimizer, "custom_loss_scaler", False)
+    ):
+        return False
+    mpu = optimizer.mpu
+    tp_rank = bwc_tensor_model_parallel_rank(mpu=mpu)
+
+    def step(closure=None):
+        drop, optimizer.megatrain_drop = optimizer.megatrain_drop, None
+        pairs = [pair for lp, hp in zip(optimizer.fp16_groups, optimizer.fp32_groups) for pair in zip(lp, hp)]
+        counted = [
+            lp.grad.detach()
+            for lp, _ in pairs
+            if lp.grad is not None
+            and not getattr(lp, "ds_pipe_replicated", False)
+            and (tp_rank == 0 or is_model_parallel_parameter(lp))
+        ]
+        device = pairs[0][0].device if pairs else torch.device("cpu")
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        if counted:
+            total = torch.stack(torch._foreach_norm(counted, 2, dtype=torch.float64)).pow(2).sum()
+        if mpu is not None:
+            ds_comm.all_reduce(total, op=ds_comm.ReduceOp.SUM, group=mpu.get_model_parallel_group())
+        norm = total.sqrt()
+        invalid = ~torch.isfinite(norm)  # a non-finite gradient anywhere makes the norm non-finite
+        if drop is not None:
+            invalid = invalid | drop
+        if bool(invalid):  # the step's one host read
+            optimizer.overflow = True
+            optimizer._global_grad_norm = float("inf")
+            optimizer._update_scale(True)
+            optimizer.zero_grad(set_to_none=True)
+            for _, hp in pairs:
+                hp.grad = None
+            return True
+        optimizer.overflow = False
+        optimizer._global_grad_norm = norm
+        optimizer._update_scale(False)
+        hp_grads = []
+        for lp, hp in pairs:  # the fp32 gradients, alive only inside the step (as DeepSpeed's)
+            hp.grad = torch.zeros_like(hp) if lp.grad is None else lp.grad.to(hp.dtype)
+            hp_grads.append(hp.grad)
+        if optimizer.clip_grad > 0.0 and hp_grads:
+            clip = torch.clamp((norm + 1e-6) / optimizer.clip_grad, min=1.0)
+            torch._foreach_mul_(hp_grads, (1.0 / clip).float())  # as DeepSpeed: times the reciprocal, in fp32
+        optimizer.optimizer.step()
+        for _, hp in pairs:
+            hp.grad = None
+        if pairs:
+            torch._foreach_copy_([lp.data for lp, _ in pairs], [hp.data for _, hp in pairs])
+        return False
+
+    optimizer.step = step
+    optimizer.megatrain_device_drop = True
+    optimizer.megatrain_drop = None
     return True
 
 

@@ -226,8 +226,8 @@ def test_adapter_on_a_real_zero2_engine(tmp_path):
 
 
 def _lean_worker(port: int, out_path: str, rank: int = 0, world: int = 1) -> None:
-    """Runs in a child process (rank `rank` of `world`): for ZeRO 1 and 2 in bf16, DeepSpeed's stock step
-    and the lean one (lean_bf16_config + lean_zero_step) from the same weights and batches, with one
+    """Runs in a child process (rank `rank` of `world`): for ZeRO 0, 1 and 2 in bf16, DeepSpeed's stock step
+    and the lean one (lean_bf16_config + lean_zero_step; lean_stage0_step) from the same weights and batches, with one
     gradient made NaN on rank 0 only (the loss stays finite) at step 3; weights, norms, skips and the
     ops of each step."""
     import copy
@@ -253,8 +253,8 @@ def _lean_worker(port: int, out_path: str, rank: int = 0, world: int = 1) -> Non
     # "skip": step 4 skipped by the client optimizer's skip_next_step (the host decision, stock DeepSpeed);
     # "drop": the same step dropped by a device flag through drop_step_on_device (the lean step).
     variants = ((False, None), (True, None), (False, "skip"), (True, "drop"))
-    for stage in (1, 2):
-        for lean, skip4 in variants:
+    for stage in (0, 1, 2):  # 0: DeepSpeed's unfused bf16 optimizer, its lean step lean_stage0_step
+        for lean, skip4 in variants + (((True, "skip"),) if stage == 0 else ()):
             model = copy.deepcopy(base)
             config = {
                 "train_micro_batch_size_per_gpu": 4,
@@ -268,7 +268,12 @@ def _lean_worker(port: int, out_path: str, rank: int = 0, world: int = 1) -> Non
             check = adapter.lean_bf16_config(config, {}) if lean else False
             client = SkippableAdamW(model.parameters(), lr=1e-2)  # megatrain's client: AdamW + skip_next_step
             engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config)
-            installed = adapter.lean_zero_step(engine.optimizer, check) if lean else False
+            if not lean:
+                installed = False
+            elif stage == 0:
+                installed = adapter.lean_stage0_step(engine.optimizer)
+            else:
+                installed = adapter.lean_zero_step(engine.optimizer, check)
             norms, skipped, ops, reads = [], [], [], []
             for i, (x, y) in enumerate(batches):
                 handle = None
@@ -338,6 +343,7 @@ def test_lean_zero_step_matches_deepspeed_with_fewer_ops(tmp_path, world):
 
 def _check_lean_against_stock(result: dict) -> None:
     """One rank's result of `_lean_worker`."""
+    _check_lean_stage0(result)
     for stage in (1, 2):
         stock, lean = result[f"{stage}-stock"], result[f"{stage}-lean"]
         assert stock["config_check"] is None and lean["config_check"] is False and lean["installed"]
@@ -369,6 +375,36 @@ def _check_lean_against_stock(result: dict) -> None:
         assert device["norms"][:3] == host["norms"][:3] and device["norms"][4] == host["norms"][4]
         assert device["weights"] == host["weights"] and device["adam_state"] == host["adam_state"]
         assert device["weights"] != lean["weights"]  # the dropped step was a real one
+
+
+def _check_lean_stage0(result: dict) -> None:
+    """Stage 0 in bf16: DeepSpeed's FP16_UnfusedOptimizer against lean_stage0_step."""
+    stock, lean = result["0-stock"], result["0-lean"]
+    assert lean["installed"] and not stock["installed"]
+    # The NaN gradient of step 3 drops it on both; the others are the same steps up to the norm's precision
+    # (fp64 here, fp32 in DeepSpeed's), which moves the clip factor in its last bits.
+    assert stock["skipped"] == lean["skipped"] == [False, False, True, False, False], (stock, lean)
+    assert stock["norms"][2] == lean["norms"][2] == float("inf")
+    for a, b in zip(stock["norms"], lean["norms"]):
+        assert a == pytest.approx(b, rel=1e-5), (stock["norms"], lean["norms"])
+    for a, b in zip(stock["weights"], lean["weights"]):
+        assert a == pytest.approx(b, rel=1e-2, abs=1e-2)  # bf16 weights: one ulp apart at most
+    assert sum(x != y for a, b in zip(stock["weights"], lean["weights"]) for x, y in zip(a, b)) <= 5
+    assert all(a < b for a, b in zip(lean["ops"], stock["ops"])), (lean["ops"], stock["ops"])
+
+    def reads(step_reads: dict) -> dict:
+        return {site: n for site, n in step_reads.items() if not site.startswith("torch/")}
+
+    # DeepSpeed reads every gradient's inf/NaN check (12 tensors) and the norm; the lean step reads once.
+    assert all(sum(reads(r).values()) > 12 for i, r in enumerate(stock["reads"]) if i != 2), stock["reads"]
+    for step_reads in lean["reads"] + result["0-lean-drop"]["reads"]:
+        (site,) = reads(step_reads)
+        assert site.startswith("megatrain/optim/deepspeed_adapter.py:") and step_reads[site] == 1, step_reads
+    # The device flag drops a finite step exactly as the client's skip_next_step skips it.
+    host, device = result["0-lean-skip"], result["0-lean-drop"]
+    assert device["skipped"] == [False, False, True, True, False] and device["norms"][3] == float("inf")
+    assert device["weights"] == host["weights"] and device["adam_state"] == host["adam_state"]
+    assert device["weights"] != lean["weights"]
 
 
 @pytest.mark.parametrize(
