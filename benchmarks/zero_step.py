@@ -45,7 +45,7 @@ import torch
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
 
 from megatrain.bench.measure import HostReads  # noqa: E402
-from megatrain.bench.report import cpu_name, write_table  # noqa: E402
+from megatrain.bench.report import cpu_name, source_commit, write_table  # noqa: E402
 from megatrain.models.config import ModelConfig  # noqa: E402
 from megatrain.models.transformer import Transformer  # noqa: E402
 from megatrain.optim import deepspeed_adapter as adapter  # noqa: E402
@@ -174,7 +174,8 @@ def main(argv=None) -> None:
             )
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu_name()})"
     versions = (
-        f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, python {platform.python_version()}, on {where}"
+        f"megatrain commit {source_commit()}, torch {torch.__version__}, deepspeed {deepspeed.__version__}, "
+        f"python {platform.python_version()}, on {where}"
     )
     table = (
         f"# DeepSpeed's optimizer step: stock vs megatrain's lean step ({args.preset} preset"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 from typing import Optional
 
 SIDE_TITLES = {"megatrain": "megatrain", "hf_deepspeed": "HF+DeepSpeed", "plain": "plain PyTorch"}
@@ -20,6 +21,25 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "cpu"
+
+
+def source_commit() -> Optional[str]:
+    """The git commit megatrain runs from ('+dirty' with uncommitted changes to tracked files), or None when
+    its source is not a git checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode != 0 or not head.stdout.strip():
+            return None
+        status = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip()[:12] + ("+dirty" if status.stdout.strip() else "")
 
 
 def _num(value: Optional[float], fmt: str) -> str:

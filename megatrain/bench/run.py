@@ -24,7 +24,7 @@ import torch
 
 from megatrain.bench.baseline import transformers_version
 from megatrain.bench.measure import kernels_env, measure_setting
-from megatrain.bench.report import render_markdown, write_results
+from megatrain.bench.report import render_markdown, source_commit, write_results
 from megatrain.bench.settings import Setting
 from megatrain.config import load_config
 from megatrain.errors import ConfigError, MegatrainError
@@ -48,25 +48,6 @@ def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def source_commit() -> Optional[str]:
-    """The git commit megatrain runs from ('+dirty' with uncommitted changes to tracked files), or None when
-    its source is not a git checkout."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if head.returncode != 0 or not head.stdout.strip():
-            return None
-        status = subprocess.run(
-            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head.stdout.strip()[:12] + ("+dirty" if status.stdout.strip() else "")
 
 
 def versions() -> dict:
