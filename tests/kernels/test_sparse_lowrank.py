@@ -149,6 +149,28 @@ def test_sparse_lowrank_bad_inputs_raise(case):
         reference.sparse_lowrank_linear(*args, 1.0)
 
 
+def test_reference_reads_a_support_once():
+    """The torch path reads the index on the host (a sync on a GPU) on its first use only, and again after an
+    in-place write; a new tensor is read again."""
+    from megatrain.bench.measure import HostReads
+
+    x, a, b = torch.randn(4, D_IN), torch.randn(D_IN, RANK), torch.randn(RANK, D_OUT)
+    values, index = torch.randn(3), torch.tensor([3, 20, 41])
+
+    def reads(idx) -> int:
+        with HostReads(torch.device("cpu")) as counter:
+            reference.sparse_lowrank_linear(x, a, b, values, idx, 1.0)
+        return counter.count
+
+    assert reads(index) > 0 and reads(index) == 0
+    index[0] = 2  # written in place: read (and checked) again
+    assert reads(index) > 0 and reads(index) == 0
+    assert reads(index.clone()) > 0
+    index[1] = 1  # now unsorted: the next call must see it
+    with pytest.raises(ValueError, match="sorted"):
+        reference.sparse_lowrank_linear(x, a, b, values, index, 1.0)
+
+
 @pytest.mark.cpu_tensors
 def test_sparse_lowrank_auto_backend_on_cpu_is_reference(monkeypatch):
     monkeypatch.setenv("MEGATRAIN_KERNELS", "auto")
