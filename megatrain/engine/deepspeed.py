@@ -190,7 +190,7 @@ def initialize(cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, mp
     """
     import deepspeed
 
-    from megatrain.optim.deepspeed_adapter import lean_bf16_config, lean_stage0_step, lean_zero_step
+    from megatrain.optim.deepspeed_adapter import lean_bf16_config, lean_stage0_step, lean_zero3_step, lean_zero_step
     from megatrain.optim.zero_bridge import attach_projected
 
     ds_config = build_ds_config(cfg)
@@ -199,8 +199,10 @@ def initialize(cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, mp
     check_norm = lean_bf16_config(ds_config, cfg.deepspeed)  # the per-gradient bf16 overflow scan off ...
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
     attach_projected(engine, optimizer, mpu)  # GaLore / Fira weights kept out of ZeRO (docs/galore-fira.md)
-    # ... and the norm check in its place (after attach_projected); bf16 without ZeRO: DeepSpeed's unfused step
-    lean_zero_step(engine.optimizer, check_norm) or lean_stage0_step(engine.optimizer)
+    # ... and the norm check in its place (after attach_projected). Without ZeRO in bf16: DeepSpeed's unfused
+    # step made lean. ZeRO-3: its own skip decision takes the trainer's device flag.
+    lean = lean_zero_step(engine.optimizer, check_norm) or lean_stage0_step(engine.optimizer)
+    lean or lean_zero3_step(engine.optimizer)
     return engine
 
 

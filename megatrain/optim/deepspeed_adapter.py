@@ -67,6 +67,10 @@ one host read (taking `drop_step_on_device`'s flag too), for bf16 with the stati
 reads `fp16_groups`, `fp32_groups`, `optimizer`, `clip_grad`, `loss_scale_config`, `low_precision_dtype`,
 `fused_lamb_legacy`, `mpu` and calls `zero_grad` and `_update_scale`.
 
+ZeRO-3's step reads its combined gradient norm once anyway: `lean_zero3_step` wraps its `_get_norm_groups`
+(and `step`) on the instance so that the flag makes the first group's norm NaN, for fp32 and bf16 without
+optimizer offload.
+
 The ZeRO 1/2 step reads the instance attributes `dp_process_group`, `model_parallel_rank`, `device`, `dtype`,
 `clip_grad`, `loss_scale`, the methods `_model_parallel_all_reduce`, `unscale_and_clip_grads` and
 `step`, and, where present, `check_grad_overflow`, `compute_grad_norm` and `dynamic_loss_scale`. A
@@ -109,6 +113,7 @@ __all__ = [
     "lean_bf16_config",
     "lean_zero_step",
     "lean_stage0_step",
+    "lean_zero3_step",
     "drop_step_on_device",
 ]
 
@@ -588,6 +593,45 @@ def lean_stage0_step(optimizer) -> bool:
         return False
 
     optimizer.step = step
+    optimizer.megatrain_device_drop = True
+    optimizer.megatrain_drop = None
+    return True
+
+
+def lean_zero3_step(optimizer) -> bool:
+    """Let DeepSpeed's ZeRO-3 optimizer (`DeepSpeedZeroOptimizer_Stage3`) take `drop_step_on_device`'s flag: its
+    step already reads the combined gradient norm once to decide a skip, so `_get_norm_groups` is wrapped on
+    the instance to make the first group's norm NaN where the flag is set (NaN stays invalid however the
+    groups are combined) and `step` to forget the flag after each step. fp32 and bf16 without optimizer
+    offload (whose norms live on the host) only. Returns whether it did."""
+    if type(optimizer).__name__ != "DeepSpeedZeroOptimizer_Stage3":
+        return False
+    if any(not hasattr(optimizer, name) for name in ("_get_norm_groups", "step", "dtype")):
+        log.info("DeepSpeed %s: ZeRO-3 decides its skips on its own (no _get_norm_groups)", _version())
+        return False
+    if (
+        getattr(optimizer, "offload_optimizer", True)
+        or getattr(optimizer, "dynamic_loss_scale", True)
+        or optimizer.dtype not in (torch.float32, torch.bfloat16)
+    ):
+        return False
+    zero_groups, zero_step = optimizer._get_norm_groups, optimizer.step
+
+    def _get_norm_groups():
+        groups = list(zero_groups())
+        drop, optimizer.megatrain_drop = optimizer.megatrain_drop, None
+        if drop is not None and groups:
+            first = torch.as_tensor(groups[0], dtype=torch.float32, device=drop.device)
+            groups[0] = torch.where(drop, float("nan"), first)
+        return groups
+
+    def step(*args, **kwargs):
+        try:
+            return zero_step(*args, **kwargs)
+        finally:
+            optimizer.megatrain_drop = None
+
+    optimizer._get_norm_groups, optimizer.step = _get_norm_groups, step
     optimizer.megatrain_device_drop = True
     optimizer.megatrain_drop = None
     return True

@@ -253,8 +253,11 @@ def _lean_worker(port: int, out_path: str, rank: int = 0, world: int = 1) -> Non
     # "skip": step 4 skipped by the client optimizer's skip_next_step (the host decision, stock DeepSpeed);
     # "drop": the same step dropped by a device flag through drop_step_on_device (the lean step).
     variants = ((False, None), (True, None), (False, "skip"), (True, "drop"))
-    for stage in (0, 1, 2):  # 0: DeepSpeed's unfused bf16 optimizer, its lean step lean_stage0_step
-        for lean, skip4 in variants + (((True, "skip"),) if stage == 0 else ()):
+    extra = {0: ((True, "skip"),), 3: ()}
+    for stage in (0, 1, 2, 3):  # 0: DeepSpeed's unfused bf16 optimizer (lean_stage0_step); 3: lean_zero3_step
+        for lean, skip4 in (((True, None), (False, "skip"), (True, "drop")) if stage == 3 else variants) + extra.get(
+            stage, ()
+        ):
             model = copy.deepcopy(base)
             config = {
                 "train_micro_batch_size_per_gpu": 4,
@@ -272,6 +275,8 @@ def _lean_worker(port: int, out_path: str, rank: int = 0, world: int = 1) -> Non
                 installed = False
             elif stage == 0:
                 installed = adapter.lean_stage0_step(engine.optimizer)
+            elif stage == 3:
+                installed = adapter.lean_zero3_step(engine.optimizer)
             else:
                 installed = adapter.lean_zero_step(engine.optimizer, check)
             norms, skipped, ops, reads = [], [], [], []
@@ -295,7 +300,8 @@ def _lean_worker(port: int, out_path: str, rank: int = 0, world: int = 1) -> Non
                 reads.append(dict(counter.sites))
                 skipped.append(bool(engine.optimizer.overflow))
                 norms.append(float(engine.get_global_grad_norm()))
-            weights = [p.detach().float().flatten().tolist() for p in model.parameters()]
+            with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=stage == 3):
+                weights = [p.detach().float().flatten().tolist() for p in model.parameters()]
             state = [t.flatten().tolist() for st in client.state.values() for t in st.values() if t.dim() > 0]
             result[f"{stage}-{'lean' if lean else 'stock'}{'-' + skip4 if skip4 else ''}"] = {
                 "config_check": config["bf16"].get("check_grad_overflow"),
@@ -344,6 +350,7 @@ def test_lean_zero_step_matches_deepspeed_with_fewer_ops(tmp_path, world):
 def _check_lean_against_stock(result: dict) -> None:
     """One rank's result of `_lean_worker`."""
     _check_lean_stage0(result)
+    _check_lean_zero3(result)
     for stage in (1, 2):
         stock, lean = result[f"{stage}-stock"], result[f"{stage}-lean"]
         assert stock["config_check"] is None and lean["config_check"] is False and lean["installed"]
@@ -375,6 +382,19 @@ def _check_lean_against_stock(result: dict) -> None:
         assert device["norms"][:3] == host["norms"][:3] and device["norms"][4] == host["norms"][4]
         assert device["weights"] == host["weights"] and device["adam_state"] == host["adam_state"]
         assert device["weights"] != lean["weights"]  # the dropped step was a real one
+
+
+def _check_lean_zero3(result: dict) -> None:
+    """ZeRO-3: a finite step dropped by the device flag is the step the client's skip_next_step skips."""
+    host, device = result["3-stock-skip"], result["3-lean-drop"]
+    assert device["installed"]
+    assert host["skipped"] == [False, False, True, False, False], host  # the NaN gradient of step 3
+    assert device["skipped"] == [False, False, True, True, False], device
+    assert device["norms"][3] == float("inf") and device["norms"][:3] == host["norms"][:3]
+    assert device["norms"][4] == host["norms"][4]
+    assert device["weights"] == host["weights"] and device["adam_state"] == host["adam_state"]
+    assert device["weights"] != result["3-lean"]["weights"]  # the dropped step was a real one
+    assert result["3-lean"]["skipped"] == host["skipped"]
 
 
 def _check_lean_stage0(result: dict) -> None:
