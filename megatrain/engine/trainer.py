@@ -394,8 +394,8 @@ class Trainer:
         if self.pipeline is not None:  # DeepSpeed's 1F1B schedule runs every micro-batch and the step
             return self._step_record(lr, *self.pipeline.train_step(micro))
         losses = []
-        # A lean ZeRO 1/2 step takes the skip decision on the device, and the host reads it after the step;
-        # any other optimizer gets it on the host before the step.
+        # A lean DeepSpeed step (megatrain_device_drop: every ZeRO stage without offload, stage 0 in bf16) takes
+        # the skip decision on the device and the host reads it after the step; any other gets it before.
         agree = self._agree_on_device if getattr(engine.optimizer, "megatrain_device_drop", False) else None
         for i, indices in enumerate(micro):
             losses.append(self.forward_backward_step(*self._batch(self.data.train, indices), first=i == 0))
@@ -413,16 +413,24 @@ class Trainer:
         counts = torch.stack((stacked.where(finite, 0.0).sum(), finite.logical_not().sum().double()))
         return torch.cat((counts, counts.new_zeros(1)))
 
-    def _agree_before_step(self, local: torch.Tensor, micro_batches: int) -> tuple:
-        """Before the last micro-batch's (collective) step, every DP rank agrees whether to apply it and all
-        ranks whether to stop after it: one all-reduce. Returns (loss, non-finite count, spike z, grad norm)."""
+    def _all_reduce_sums(self, local: torch.Tensor) -> None:
+        """Set this rank's stop flag in `local` ([loss sum, non-finite count, stop]) and sum it over the world."""
         self._phase("all-reduce of the loss")
         local[2] = 1.0 if self.stop.signum else 0.0
         all_reduce_sum(local)
+
+    def _global_loss(self, loss_sum, micro_batches: int):
+        """The step's loss from the world's sum (a float, or a device tensor: the same fp64 operations in the same
+        order). Summed over the world: the TP ranks of a group hold the same loss, so divide by all ranks; the
+        ranks of a context group hold parts that sum to one loss (megatrain.parallel.context_parallel)."""
+        return loss_sum * self.cfg.parallel.context / (micro_batches * self.env.world_size)
+
+    def _agree_before_step(self, local: torch.Tensor, micro_batches: int) -> tuple:
+        """Before the last micro-batch's (collective) step, every DP rank agrees whether to apply it and all
+        ranks whether to stop after it: one all-reduce. Returns (loss, non-finite count, spike z, grad norm)."""
+        self._all_reduce_sums(local)
         loss_sum, nonfinite, stop = local.tolist()
-        # Summed over the world: the TP ranks of a group hold the same loss, so divide by all ranks; the
-        # ranks of a context group hold parts that sum to one loss (megatrain.parallel.context_parallel).
-        loss_value = loss_sum * self.cfg.parallel.context / (micro_batches * self.env.world_size)
+        loss_value = self._global_loss(loss_sum, micro_batches)
         self.stop_agreed = stop > 0
         spike_z = None if nonfinite else self.spikes.score(loss_value)
         self.optimizer.skip_next_step = nonfinite > 0 or (spike_z is not None and self.cfg.train.spike_skip)
@@ -434,15 +442,12 @@ class Trainer:
     def _agree_on_device(self, local: torch.Tensor, micro_batches: int) -> Callable[[], tuple]:
         """What `_agree_before_step` agrees on, without its host read before the step: after the all-reduce,
         the decision to drop the update (a non-finite loss anywhere, or a loss spike with train.spike_skip)
-        is a device tensor handed to the lean ZeRO 1/2 optimizer, which folds it into the gradient norm it
+        is a device tensor handed to the lean DeepSpeed optimizer, which folds it into the gradient norm it
         reads anyway (megatrain.optim.deepspeed_adapter.drop_step_on_device). The sums and the decision
         are copied to the host without blocking; the callable returned reads them after `engine.step()`
         and gives `_agree_before_step`'s tuple plus whether the update was applied."""
-        self._phase("all-reduce of the loss")
-        local[2] = 1.0 if self.stop.signum else 0.0
-        all_reduce_sum(local)
-        # The loss as _agree_before_step computes it on the host (the same fp64 operations, in the same order).
-        loss = local[0] * self.cfg.parallel.context / (micro_batches * self.env.world_size)
+        self._all_reduce_sums(local)
+        loss = self._global_loss(local[0], micro_batches)  # on the device, as the host computes it below
         drop = local[1] > 0
         stats = self.spikes.stats() if self.cfg.train.spike_skip else None
         if stats is not None:
@@ -462,7 +467,7 @@ class Trainer:
             if ready is not None:
                 ready.synchronize()  # long done: the step read its gradient norm after this copy
             loss_sum, nonfinite, stop, dropped = sums.tolist()
-            loss_value = loss_sum * self.cfg.parallel.context / (micro_batches * self.env.world_size)
+            loss_value = self._global_loss(loss_sum, micro_batches)
             self.stop_agreed = stop > 0
             spike_z = None if nonfinite else self.spikes.score(loss_value)
             return loss_value, nonfinite, spike_z, None, not dropped
